@@ -1,0 +1,4 @@
+from lmforge.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""Files shipped inside the package: the stories260K model (MIT, see stories260K/LICENSE)."""
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent
+STORIES260K = ASSETS / "stories260K" / "stories260K.bin"
+STORIES260K_TOKENIZER = ASSETS / "stories260K" / "tok512.bin"

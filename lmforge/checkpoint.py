@@ -1,0 +1,133 @@
+"""lmforge checkpoints (a directory: config.json, model.safetensors, tokenizer files) and loading any model path.
+
+Nothing here unpickles: weights are safetensors, or ``torch.load(weights_only=True)`` for legacy HF ``.bin``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LMForgeError
+from lmforge.model import Decoder
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+
+
+def model_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
+    """Parameters to save: tied output weights and non-persistent buffers are left out."""
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def is_lmforge_dir(path: Path) -> bool:
+    if not (path / CONFIG).is_file():
+        return False
+    try:
+        d = json.loads((path / CONFIG).read_text())
+    except ValueError:
+        return False
+    return "n_layer" in d and "norm_placement" in d
+
+
+def save_checkpoint(model: Decoder, path: str | Path, tokenizer=None) -> Path:
+    """Write an lmforge checkpoint directory atomically (a temp dir beside it, then a rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.cfg.save(tmp / CONFIG)
+        save_file(model_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(str(tmp))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> Decoder:
+    """A Decoder with ``sd`` loaded, checking names and shapes with one-line errors."""
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    expected = model_state_dict(model)
+    for k, v in expected.items():
+        if k not in sd:
+            raise LMForgeError(f"{source}: tensor {k!r} is missing from the weights")
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise LMForgeError(f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)} but the config needs "
+                               f"{tuple(v.shape)}; does the config match the weights?")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise LMForgeError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unused)")
+    model = model.to_empty(device="cpu")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=False)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    _reinit_buffers(model)
+    return model.eval()
+
+
+def _reinit_buffers(model: Decoder) -> None:
+    """Non-persistent buffers (rotary tables, ALiBi slopes) are not in the weights: recompute them."""
+    from lmforge.model.positions import Rotary, alibi_slopes
+
+    cfg = model.cfg
+    if hasattr(model, "rotary"):
+        r = Rotary(cfg.rotary_dim, cfg.block_size, cfg.rope_theta, cfg.rope_interleaved)
+        model.rotary.cos, model.rotary.sin = r.cos, r.sin
+    if hasattr(model, "alibi"):
+        model.alibi = alibi_slopes(cfg.n_head)
+
+
+def load_checkpoint(path: str | Path) -> Decoder:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = ModelConfig.load(path / CONFIG)
+    try:
+        sd = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise LMForgeError(f"{path / WEIGHTS}: cannot read safetensors: {e}") from None
+    return build_model(cfg, sd, str(path / WEIGHTS))
+
+
+def load_model(path: str | Path) -> Decoder:
+    """Load an lmforge checkpoint, a Hugging Face checkpoint directory or a llama2.c ``.bin``."""
+    path = Path(path)
+    if not path.exists():
+        raise LMForgeError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if is_lmforge_dir(path):
+            return load_checkpoint(path)
+        if (path / CONFIG).is_file():
+            from lmforge.interop.hf import read_hf_dir
+
+            cfg, sd = read_hf_dir(path)
+            return build_model(cfg, sd, str(path))
+        raise LMForgeError(f"{path}: not a checkpoint directory (no config.json)")
+    if path.suffix == ".bin":
+        from lmforge.interop.llama2c import read_llama2c
+
+        cfg, sd = read_llama2c(path)
+        return build_model(cfg, sd, str(path))
+    raise LMForgeError(f"{path}: unknown model format (expected a checkpoint directory or a llama2.c .bin)")

@@ -1,0 +1,53 @@
+"""Helpers shared by commands that take ``--model``: loading a model with its tokenizer, choosing a device."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import LMForgeError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="lmforge checkpoint dir, Hugging Face dir or llama2.c .bin "
+                                   "(default: the bundled stories260K)")
+    p.add_argument("--tokenizer", help="tokenizer path (default: found with the model)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise LMForgeError(f"--device {name!r}: {e}") from None
+
+
+def find_tokenizer_path(model_path: Path, vocab_size: int) -> Path | None:
+    """Tokenizer beside a model: the checkpoint dir itself, or llama2.c's tokenizer.bin / tok{vocab}.bin."""
+    if model_path.is_dir():
+        return model_path
+    for name in ("tokenizer.bin", f"tok{vocab_size}.bin", "tokenizer.model"):
+        if (model_path.parent / name).exists():
+            return model_path.parent / name
+    return None
+
+
+def load_model_and_tokenizer(model: str | None, tokenizer: str | None, device: str = "auto"):
+    from lmforge.assets import STORIES260K
+    from lmforge.checkpoint import load_model
+    from lmforge.tokenizer import load_tokenizer
+
+    path = Path(model) if model else STORIES260K
+    m = load_model(path)
+    tok_path = Path(tokenizer) if tokenizer else find_tokenizer_path(path, m.cfg.vocab_size)
+    if tok_path is None:
+        raise LMForgeError(f"{path}: no tokenizer found beside the model; pass --tokenizer PATH")
+    tok = load_tokenizer(str(tok_path))
+    if tok.vocab_size > m.cfg.vocab_size:
+        raise LMForgeError(f"{tok_path}: tokenizer has {tok.vocab_size} tokens but the model only "
+                           f"{m.cfg.vocab_size}")
+    return m.to(pick_device(device)), tok

@@ -1,0 +1,78 @@
+"""`lmforge convert`: checkpoints between lmforge, Hugging Face and llama2.c formats."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from lmforge.errors import LMForgeError
+
+FORMATS = ("hf", "llama2c", "lmforge")
+
+
+def add_parser(sub, name: str, help_: str) -> None:
+    p = sub.add_parser(name, help=help_, description="Convert a checkpoint. hf = a transformers directory "
+                       "(config.json + safetensors), llama2c = a llama2.c .bin file (tokenizer.bin beside it), "
+                       "lmforge = an lmforge checkpoint directory.")
+    p.add_argument("src", help="source checkpoint")
+    p.add_argument("dst", help="destination path")
+    p.add_argument("--from", dest="src_format", choices=FORMATS, required=True)
+    p.add_argument("--to", dest="dst_format", choices=FORMATS, required=True)
+    p.add_argument("--tokenizer", help="tokenizer to carry along (default: found with the source)")
+    p.set_defaults(func=run)
+
+
+def _read(fmt: str, src: Path):
+    from lmforge.checkpoint import build_model, is_lmforge_dir, load_checkpoint
+
+    if fmt == "lmforge":
+        if not is_lmforge_dir(src):
+            raise LMForgeError(f"{src}: not an lmforge checkpoint directory (config.json with lmforge fields)")
+        return load_checkpoint(src)
+    if fmt == "hf":
+        from lmforge.interop.hf import read_hf_dir
+
+        if not src.is_dir():
+            raise LMForgeError(f"{src}: a Hugging Face checkpoint is a directory")
+        cfg, sd = read_hf_dir(src)
+        return build_model(cfg, sd, str(src))
+    from lmforge.interop.llama2c import read_llama2c
+
+    cfg, sd = read_llama2c(src)
+    return build_model(cfg, sd, str(src))
+
+
+def run(args) -> None:
+    from lmforge.checkpoint import model_state_dict, save_checkpoint
+    from lmforge.commands.common import find_tokenizer_path
+    from lmforge.tokenizer import load_tokenizer
+
+    src, dst = Path(args.src), Path(args.dst)
+    if not src.exists():
+        raise LMForgeError(f"{src}: no such file or directory")
+    model = _read(args.src_format, src)
+    tok_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer_path(src, model.cfg.vocab_size)
+    tok = load_tokenizer(str(tok_path)) if tok_path is not None else None
+    if args.dst_format == "lmforge":
+        save_checkpoint(model, dst, tok)
+    elif args.dst_format == "hf":
+        from lmforge.interop.hf import write_hf_dir
+
+        write_hf_dir(dst, model.cfg, dict(model.state_dict()))
+        if tok is not None:
+            tok.save(str(dst))
+    else:
+        from lmforge.interop.llama2c import write_llama2c
+
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_llama2c(dst, model.cfg, model_state_dict(model) | {"lm_head.weight": model.lm_head.weight})
+        if tok is not None:
+            tok_dir = dst.parent / f".{dst.stem}.tok"
+            tok_dir.mkdir(exist_ok=True)
+            tok.save(str(tok_dir))
+            if (tok_dir / "tokenizer.bin").exists():
+                shutil.move(str(tok_dir / "tokenizer.bin"), dst.parent / "tokenizer.bin")
+            shutil.rmtree(tok_dir, ignore_errors=True)
+    print(f"wrote {dst} ({args.src_format} -> {args.dst_format}, {model.num_params():,} parameters)",
+          file=sys.stderr)

@@ -1,0 +1,192 @@
+"""ModelConfig: every model family in lmforge is one of these, fed to the one decoder in `lmforge.model`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from lmforge.errors import LMForgeError
+
+NORMS = ("layernorm", "rmsnorm")
+NORM_PLACEMENTS = ("pre", "post", "sandwich", "deepnorm")
+MLPS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh", "reglu")
+POSITIONS = ("learned", "rope", "alibi", "glm2d", "none")
+GLM2D_KINDS = ("learned", "rotary")
+ATTN_PATTERNS = ("dense", "alternating")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and switches of a decoder-only transformer. Defaults give a small LLaMA-like model."""
+
+    name: str = "custom"
+    family: str = "llama"
+    vocab_size: int = 32000
+    block_size: int = 2048  # maximum sequence length (context)
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 12
+    n_kv_head: int | None = None  # None: = n_head (MHA); 1: multi-query; else grouped-query
+    head_dim: int | None = None  # None: n_embd // n_head
+    # MLP
+    mlp: Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh", "reglu"] = "swiglu"
+    intermediate_size: int | None = None  # None: 4*d for plain MLPs, LLaMA's 2/3*4d rule for gated ones
+    multiple_of: int = 256  # LLaMA rounding of the gated hidden size
+    ffn_dim_multiplier: float | None = None
+    # norms
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm bias
+    norm_placement: Literal["pre", "post", "sandwich", "deepnorm"] = "pre"
+    final_norm: bool = True
+    rmsnorm_unit_offset: bool = False  # weight stored as w-1 (Gemma style); kept off for every preset
+    # positions
+    position: Literal["learned", "rope", "alibi", "glm2d", "none"] = "rope"
+    rope_theta: float = 10000.0
+    rotary_fraction: float = 1.0  # fraction of head_dim rotated (GPT-NeoX rotary_pct, GPT-J rotary_dim)
+    rope_interleaved: bool = False  # True: rotate (x0,x1),(x2,x3).. pairs (GPT-J, GLM); False: rotate halves
+    glm2d: Literal["learned", "rotary"] = "learned"  # GLM: two learned tables; ChatGLM-6B: two rotary halves
+    # block
+    parallel_block: bool = False  # x + attn(norm(x)) + mlp(norm(x)) (GPT-J, NeoX, PaLM, Falcon)
+    parallel_shared_norm: bool = True  # one norm feeds both branches (GPT-J, PaLM, Falcon-7B); False: NeoX
+    # attention
+    attn_pattern: Literal["dense", "alternating"] = "dense"  # GPT-3: alternate dense and locally banded layers
+    local_window: int = 256
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim)
+    # biases
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
+    # embeddings
+    tie_embeddings: bool = False
+    embedding_norm: bool = False  # BLOOM: LayerNorm right after the token embedding
+    embedding_grad_shrink: float = 1.0  # GLM-130B: x*a + x.detach()*(1-a); 1.0 = off
+    embedding_scale: float = 1.0  # multiply token embeddings (1.0 = off)
+    # DeepNorm (decoder-only): alpha = (2M)^(1/4), beta = (8M)^(-1/4), M = n_layer; None = computed
+    deepnorm_alpha: float | None = None
+    deepnorm_beta: float | None = None
+    # regularisation and init
+    dropout: float = 0.0
+    init_std: float = 0.02
+    scaled_residual_init: bool = True  # output projections get std / sqrt(2 * n_layer) (GPT-2)
+    # tokens
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # family-specific notes (e.g. published size)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived quantities -------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
+
+    @property
+    def gated(self) -> bool:
+        return self.mlp in ("swiglu", "geglu", "geglu_tanh", "reglu")
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the MLP's inner layer (per branch for gated MLPs)."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        if not self.gated:
+            return 4 * self.n_embd
+        hidden = int(2 * 4 * self.n_embd / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @property
+    def rotary_dim(self) -> int:
+        if self.position == "glm2d" and self.glm2d == "rotary":
+            return self.head_size // 2
+        dim = int(self.head_size * self.rotary_fraction)
+        return dim - dim % 2
+
+    @property
+    def alpha(self) -> float:
+        """DeepNorm residual scale."""
+        if self.deepnorm_alpha is not None:
+            return self.deepnorm_alpha
+        return (2 * self.n_layer) ** 0.25
+
+    @property
+    def beta(self) -> float:
+        """DeepNorm init gain."""
+        if self.deepnorm_beta is not None:
+            return self.deepnorm_beta
+        return (8 * self.n_layer) ** -0.25
+
+    def layer_is_local(self, layer: int) -> bool:
+        """GPT-3's alternating pattern: even layers dense, odd layers locally banded."""
+        return self.attn_pattern == "alternating" and layer % 2 == 1
+
+    # ---- checks and (de)serialisation ---------------------------------------------------------
+    def validate(self) -> None:
+        choices = {
+            "mlp": MLPS,
+            "norm": NORMS,
+            "norm_placement": NORM_PLACEMENTS,
+            "position": POSITIONS,
+            "glm2d": GLM2D_KINDS,
+            "attn_pattern": ATTN_PATTERNS,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise LMForgeError(f"config field {key}={getattr(self, key)!r}: allowed values are {list(allowed)}")
+        for key in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+                raise LMForgeError(f"config field {key}={getattr(self, key)!r}: must be a positive integer")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise LMForgeError(f"config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise LMForgeError(f"config: n_head={self.n_head} is not divisible by n_kv_head={self.kv_heads}")
+        if self.position == "rope" and self.rotary_dim == 0:
+            raise LMForgeError("config: rotary_fraction leaves no dimension to rotate")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LMForgeError(f"{source}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            text = path.read_text()
+            d = json.loads(text) if path.suffix == ".json" else _load_yaml(text)
+        except (OSError, ValueError) as e:
+            raise LMForgeError(f"{path}: cannot read model config: {e}") from None
+        if not isinstance(d, dict):
+            raise LMForgeError(f"{path}: a model config must be a mapping")
+        return cls.from_dict(d, source=str(path))
+
+
+def _load_yaml(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)

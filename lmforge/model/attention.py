@@ -1,0 +1,66 @@
+"""Causal self-attention with multi-head, grouped-query and multi-query variants, via PyTorch's SDPA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.model.cache import KVCache
+from lmforge.model.positions import rotate
+
+
+class Attention(nn.Module):
+    """One fused [Q | K | V] projection, rotary (optional), SDPA, output projection."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_size
+        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv) * self.hd, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(self.n_head * self.hd, cfg.n_embd, bias=cfg.attn_out_bias)
+        self.dropout = cfg.dropout
+        self.scale = cfg.attn_scale
+        self.interleaved = cfg.rope_interleaved
+        self.glm2d_rotary = cfg.position == "glm2d" and cfg.glm2d == "rotary"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, ...] | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if rope is not None:
+            q, k = self._rotate(q, rope), self._rotate(k, rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if self.n_kv != self.n_head:
+            rep = self.n_head // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        causal = mask is None and T > 1 and k.shape[2] == T
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal,
+            scale=self.scale,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+    def _rotate(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if self.glm2d_rotary:  # ChatGLM-6B: first half by position, second half by block position
+            cos, sin, cos_b, sin_b = rope
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat((rotate(x1, cos, sin, self.interleaved), rotate(x2, cos_b, sin_b, self.interleaved)), -1)
+        cos, sin = rope
+        return rotate(x, cos, sin, self.interleaved)

@@ -1,0 +1,228 @@
+"""The one decoder: every family in lmforge is this module with a different ``ModelConfig``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lmforge.config import ModelConfig
+from lmforge.model.attention import Attention
+from lmforge.model.cache import KVCache
+from lmforge.model.mlp import MLP
+from lmforge.model.norms import make_norm
+from lmforge.model.positions import Rotary, alibi_slopes
+
+
+class Block(nn.Module):
+    """Attention + MLP with the residual/norm arrangement chosen by the config."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.placement = cfg.norm_placement
+        self.parallel = cfg.parallel_block
+        self.alpha = cfg.alpha if cfg.norm_placement == "deepnorm" else 1.0
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        if not (self.parallel and cfg.parallel_shared_norm):
+            self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        if self.placement == "sandwich":
+            self.norm1_out = make_norm(cfg)
+            self.norm2_out = make_norm(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope, mask, cache) -> torch.Tensor:
+        if self.parallel:
+            h = self.norm1(x)
+            h2 = self.norm2(x) if hasattr(self, "norm2") else h
+            return x + self.drop(self.attn(h, rope, mask, cache)) + self.drop(self.mlp(h2))
+        if self.placement == "pre":
+            x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache))
+            return x + self.drop(self.mlp(self.norm2(x)))
+        if self.placement == "sandwich":
+            x = x + self.drop(self.norm1_out(self.attn(self.norm1(x), rope, mask, cache)))
+            return x + self.drop(self.norm2_out(self.mlp(self.norm2(x))))
+        # post-LN (GPT-1, BERT) and DeepNorm (post-LN with the residual scaled by alpha)
+        x = self.norm1(self._scaled(x) + self.drop(self.attn(x, rope, mask, cache)))
+        return self.norm2(self._scaled(x) + self.drop(self.mlp(x)))
+
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.alpha if self.alpha != 1.0 else x
+
+
+class Decoder(nn.Module):
+    """Decoder-only transformer language model.
+
+    forward(input_ids) -> logits (B, T, vocab). Optional inputs:
+      position_ids  (B, T), or (B, 2, T) for GLM's 2D positions (position, block position);
+      prefix_len    (B,) tokens of bidirectional prefix (prefix LM / GLM part A);
+      key_mask      (B, S) bool, False for padding keys (S = cached + new positions);
+      cache         a KVCache: keys/values are appended and ``cache.pos`` advanced.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gradient_checkpointing = False
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.position == "learned" or (cfg.position == "glm2d" and cfg.glm2d == "learned"):
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.position == "glm2d" and cfg.glm2d == "learned":
+            self.wpe_block = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.embedding_norm:
+            self.emb_norm = make_norm(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        if cfg.final_norm:
+            self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if cfg.position == "rope" or (cfg.position == "glm2d" and cfg.glm2d == "rotary"):
+            self.rotary = Rotary(cfg.rotary_dim, cfg.block_size, cfg.rope_theta, cfg.rope_interleaved)
+        if cfg.position == "alibi":
+            self.register_buffer("alibi", alibi_slopes(cfg.n_head), persistent=False)
+        self.reset_parameters()
+
+    # ---- initialisation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        cfg = self.cfg
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=cfg.init_std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=cfg.init_std)
+            elif hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 1:  # norms
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for b in self.blocks:
+            if cfg.norm_placement == "deepnorm":  # DeepNet: xavier, gain beta on v, out, ffn; gain 1 on q, k
+                d, nq, nkv, hd = cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_size
+                w = b.attn.qkv.weight
+                _xavier(w[: nq * hd], d, nq * hd, 1.0)
+                _xavier(w[nq * hd : (nq + nkv) * hd], d, nkv * hd, 1.0)
+                _xavier(w[(nq + nkv) * hd :], d, nkv * hd, cfg.beta)
+                for lin in (b.attn.proj, b.mlp.fc1, b.mlp.fc2):
+                    nn.init.xavier_normal_(lin.weight, gain=cfg.beta)
+            elif cfg.scaled_residual_init:
+                std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+                nn.init.normal_(b.attn.proj.weight, std=std)
+                nn.init.normal_(b.mlp.fc2.weight, std=std)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        prefix_len: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, position_ids, prefix_len, key_mask, cache))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        prefix_len: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (after the final norm), shape (B, T, n_embd)."""
+        cfg = self.cfg
+        B, T = input_ids.shape
+        offset = cache.pos if cache is not None else 0
+        if offset + T > cfg.block_size and cfg.position in ("learned", "rope", "glm2d"):
+            raise ValueError(f"sequence of {offset + T} positions exceeds block_size {cfg.block_size}")
+        if position_ids is None:
+            pos = torch.arange(offset, offset + T, device=input_ids.device)
+            position_ids = pos[None] if cfg.position != "glm2d" else torch.stack([pos, torch.zeros_like(pos)])[None]
+
+        x = self.wte(input_ids)
+        if cfg.embedding_scale != 1.0:
+            x = x * cfg.embedding_scale
+        if cfg.position == "learned":
+            x = x + self.wpe(position_ids)
+        elif cfg.position == "glm2d" and cfg.glm2d == "learned":
+            x = x + self.wpe(position_ids[:, 0]) + self.wpe_block(position_ids[:, 1])
+        if cfg.embedding_norm:
+            x = self.emb_norm(x)
+        if cfg.embedding_grad_shrink != 1.0:
+            a = cfg.embedding_grad_shrink
+            x = x * a + x.detach() * (1 - a)
+        x = self.drop(x)
+
+        rope = None
+        if cfg.position == "rope":
+            rope = self.rotary(position_ids)
+        elif cfg.position == "glm2d" and cfg.glm2d == "rotary":
+            rope = (*self.rotary(position_ids[:, 0]), *self.rotary(position_ids[:, 1]))
+
+        masks = self._masks(B, T, offset, prefix_len, key_mask, x.device, x.dtype)
+        for i, block in enumerate(self.blocks):
+            mask = masks[cfg.layer_is_local(i)]
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, rope, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.norm_f(x) if cfg.final_norm else x
+
+    def _masks(self, B, T, offset, prefix_len, key_mask, device, dtype) -> dict[bool, torch.Tensor | None]:
+        """Additive attention masks for dense (False) and local (True) layers; None = plain causal in SDPA."""
+        cfg = self.cfg
+        S = offset + T
+        plain = prefix_len is None and key_mask is None and cfg.position != "alibi"
+        if plain and (offset == 0 or T == 1):
+            need_local = cfg.attn_pattern == "alternating" and S > 1
+            if not need_local:
+                return {False: None, True: None}
+        q_pos = torch.arange(offset, S, device=device)[:, None]  # (T, 1)
+        k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+        allowed = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+        if prefix_len is not None:  # bidirectional attention inside the prefix
+            in_prefix = k_pos[None, None] < prefix_len.to(device).view(-1, 1, 1, 1)
+            allowed = allowed | in_prefix
+        if key_mask is not None:
+            allowed = allowed & key_mask.to(device).bool()[:, None, None, :]
+        neg = torch.finfo(dtype).min
+        bias = None
+        if cfg.position == "alibi":  # slope * (key - query): 0 on the diagonal, more negative further back
+            bias = self.alibi.to(dtype).view(1, -1, 1, 1) * (k_pos - q_pos).to(dtype)[None, None]
+        out = {}
+        for local in (False, True):
+            ok = allowed & (k_pos > q_pos - cfg.local_window)[None, None] if local else allowed
+            m = torch.zeros(ok.shape, device=device, dtype=dtype).masked_fill(~ok, neg)
+            out[local] = m if bias is None else (m + bias).clamp_min(neg)
+            if cfg.attn_pattern != "alternating":
+                out[True] = out[False]
+                break
+        return out
+
+    # ---- utilities ----------------------------------------------------------------------------
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.wte.weight.numel()
+            if hasattr(self, "wpe"):
+                n -= self.wpe.weight.numel()
+        return n
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, **kw) -> torch.Tensor:
+        """Mean next-token cross-entropy; ``targets`` are already shifted, -100 marks ignored positions."""
+        logits = self(input_ids, **kw)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+
+
+def _xavier(w: torch.Tensor, fan_in: int, fan_out: int, gain: float) -> None:
+    std = gain * math.sqrt(2.0 / (fan_in + fan_out))
+    w.normal_(0.0, std)

@@ -1,0 +1,26 @@
+"""The interface every lmforge tokenizer implements."""
+
+from __future__ import annotations
+
+
+class Tokenizer:
+    """Text <-> token ids. Subclasses set the attributes and implement encode/decode."""
+
+    vocab_size: int
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """Raw bytes of ``ids`` (for streaming: a partial UTF-8 character is not lost)."""
+        return self.decode(ids).encode("utf-8")
+
+    def save(self, directory: str) -> None:
+        """Write the tokenizer files into a checkpoint directory."""
+        raise NotImplementedError
