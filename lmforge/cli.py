@@ -17,6 +17,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("models", "lmforge.commands.models", "list model presets with parameter counts"),
     ("generate", "lmforge.commands.generate", "generate text from a model"),
     ("convert", "lmforge.commands.convert", "convert checkpoints between lmforge, Hugging Face and llama2.c"),
+    ("pretrain", "lmforge.commands.pretrain", "pretrain a model from a YAML config or a named recipe"),
     ("tokenizer", "lmforge.commands.tokenizer", "train, encode and decode with tokenizers"),
     ("data", "lmforge.commands.data", "clean and prepare corpora"),
 ]
@@ -45,7 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     first = next((a for a in argv if not a.startswith("-")), None)
     known = {c[0] for c in COMMANDS}
     parser = build_parser(first if first in known else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
     if not getattr(args, "func", None):
         parser.print_help()
         sys.exit(0 if args.command is None else 2)

@@ -5,3 +5,5 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent
 STORIES260K = ASSETS / "stories260K" / "stories260K.bin"
 STORIES260K_TOKENIZER = ASSETS / "stories260K" / "tok512.bin"
+TINYSHAKESPEARE = ASSETS / "tinyshakespeare.txt"  # public domain text, via karpathy/char-rnn (MIT)
+RECIPES = ASSETS.parent / "recipes"

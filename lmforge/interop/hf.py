@@ -550,7 +550,10 @@ def guess_arch(cfg: ModelConfig) -> Arch:
 
 
 def check_exportable(cfg: ModelConfig, arch: Arch) -> None:
-    back = arch.to_lm(arch.to_hf(cfg))
+    try:
+        back = arch.to_lm(arch.to_hf(cfg))
+    except (KeyError, LMForgeError) as e:
+        raise LMForgeError(f"cannot export {cfg.name!r} as HF {arch.model_type}: no equivalent for {e}") from None
     diff = [f"{k}={getattr(cfg, k)!r} (HF {arch.model_type} gives {getattr(back, k)!r})"
             for k in _SHAPE_FIELDS if getattr(cfg, k) != getattr(back, k)]
     if diff:

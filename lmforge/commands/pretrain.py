@@ -1,0 +1,65 @@
+"""`lmforge pretrain`: train a model from a YAML config or a named recipe, with ``--section.key value`` overrides."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lmforge.errors import LMForgeError
+
+
+def add_parser(sub, name: str, help_: str) -> None:
+    p = sub.add_parser(
+        name, help=help_,
+        description="Pretrain a model. Settings come from --recipe or --config, then any --section.key value "
+                    "override (sections: model, data, train; e.g. --train.lr 3e-4 --model.n_layer 6). "
+                    "Run the same command under `torchrun --nproc-per-node N -m lmforge pretrain ...` for DDP "
+                    "(or --train.distributed fsdp).")
+    p.add_argument("--config", help="YAML run config (sections model, data, train, out)")
+    p.add_argument("--recipe", help="a named recipe (see --list-recipes)")
+    p.add_argument("--list-recipes", action="store_true", help="list the named recipes and exit")
+    p.add_argument("--out", help="run directory: checkpoints, metrics.jsonl, loss.png")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--save-interval", type=int, help="write a checkpoint every N steps (the last step always is)")
+    p.add_argument("--max-iters", type=int, help="optimizer steps")
+    p.add_argument("--eval-interval", type=int, help="evaluate every N steps")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.set_defaults(func=run, accepts_overrides=True)
+
+
+def recipes() -> dict[str, Path]:
+    from lmforge.assets import RECIPES
+
+    return {p.stem: p for p in sorted(RECIPES.glob("*.yaml"))}
+
+
+def run(args) -> None:
+    from lmforge.stages.pretrain import run_pretrain
+    from lmforge.train.config import load_run_config, merge, parse_overrides, read_yaml
+
+    if args.list_recipes:
+        for name, path in recipes().items():
+            first = next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+            print(f"{name:28s} {first}")
+        return
+    if args.recipe and args.config:
+        raise LMForgeError("give either --recipe or --config, not both")
+    d: dict = {}
+    source = "defaults"
+    if args.recipe:
+        known = recipes()
+        if args.recipe not in known:
+            raise LMForgeError(f"--recipe {args.recipe!r}: unknown; known recipes: {sorted(known)}")
+        d, source = read_yaml(known[args.recipe]), f"recipe {args.recipe}"
+    elif args.config:
+        d, source = read_yaml(args.config), args.config
+    flags = {"out": args.out, "train": {"save_interval": args.save_interval, "max_iters": args.max_iters,
+                                        "eval_interval": args.eval_interval, "seed": args.seed}}
+    flags = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
+             for k, v in flags.items() if v is not None}
+    d = merge(merge(d, flags), parse_overrides(getattr(args, "overrides", [])))
+    cfg = load_run_config(d, where=source)
+    result = run_pretrain(cfg, resume=args.resume)
+    summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
+                        if k in ("step", "train_loss", "val_loss", "best_val", "tokens_per_s", "mfu") and v is not None)
+    print(f"done: {summary}; run directory {cfg.out}", file=sys.stderr)

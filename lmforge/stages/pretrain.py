@@ -1,0 +1,153 @@
+"""Pretraining: next-token prediction (causal LM) or prefix LM on a token stream, then the shared Trainer."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LMForgeError
+from lmforge.model import Decoder
+from lmforge.train import distributed as D
+from lmforge.train.batches import RandomWindows
+from lmforge.train.config import RunConfig
+from lmforge.train.loop import Trainer
+
+OBJECTIVES = ("causal", "prefix")
+
+
+def resolve_path(spec: str) -> Path:
+    if spec.startswith("builtin:"):
+        from lmforge import assets
+
+        name = spec.split(":", 1)[1]
+        path = assets.ASSETS / f"{name}.txt"
+        if not path.exists():
+            raise LMForgeError(f"data.path={spec!r}: no built-in corpus {name!r} (built in: tinyshakespeare)")
+        return path
+    path = Path(spec)
+    if not path.exists():
+        raise LMForgeError(f"data.path={spec!r}: no such file or directory")
+    return path
+
+
+def build_tokenizer(spec: str, text_path: Path, out: Path):
+    """'char' (vocabulary from the corpus), 'train:KIND:VOCAB' (train on the corpus), or a tokenizer path."""
+    from lmforge.tokenizer import load_tokenizer
+
+    if spec == "char" or spec.startswith("train:"):
+        from lmforge.tokenizer.train import train_tokenizer
+
+        kind, vocab = ("char", 0) if spec == "char" else (spec.split(":")[1], int(spec.split(":")[2]))
+        tok_dir = out / "tokenizer"
+        if (tok_dir / "tokenizer_config.json").exists():
+            return load_tokenizer(str(tok_dir))
+        return train_tokenizer([str(text_path)], vocab_size=vocab, kind=kind, output=str(tok_dir))
+    if not spec:
+        raise LMForgeError("data.tokenizer is empty: give a tokenizer path, 'char' or 'train:KIND:VOCAB'")
+    return load_tokenizer(spec)
+
+
+def load_tokens(run: RunConfig, out: Path):
+    """(tokenizer, train tokens, val tokens) from a text file (split at the tail like nanoGPT) or prepared shards."""
+    path = resolve_path(run.data.path)
+    if path.is_dir():
+        from lmforge.data.dataset import load_prepared
+
+        tok, train, val = load_prepared(path)
+        return tok, train, val
+    tok = build_tokenizer(run.data.tokenizer, path, out)
+    text = path.read_text(encoding="utf-8")
+    ids = np.asarray(tok.encode(text), dtype=np.uint16 if tok.vocab_size < 65536 else np.uint32)
+    n_val = int(len(ids) * run.data.val_fraction)
+    return tok, ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+
+
+def build_model_config(model: dict[str, Any], vocab_size: int, block_size: int) -> ModelConfig:
+    fields = dict(model)
+    if "preset" in fields:
+        from lmforge.presets import get_preset
+
+        name = fields.pop("preset")
+        fields.setdefault("vocab_size", vocab_size)
+        fields.setdefault("block_size", block_size)
+        return get_preset(name, **fields)
+    fields.setdefault("vocab_size", vocab_size)
+    fields.setdefault("block_size", block_size)
+    fields.setdefault("name", fields.get("family", "custom"))
+    return ModelConfig.from_dict(fields, source="model section")
+
+
+def causal_loss(model, batch):
+    logits = model(batch["input_ids"])
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["targets"].reshape(-1), ignore_index=-100)
+    return loss, int((batch["targets"] != -100).sum())
+
+
+def prefix_loss(model, batch):
+    """Prefix LM: a random prefix per sequence is attended bidirectionally and not scored."""
+    x, y = batch["input_ids"], batch["targets"].clone()
+    B, T = x.shape
+    g = torch.Generator().manual_seed(int(x[:, 0].sum()))  # deterministic given the batch
+    prefix = torch.randint(1, T, (B,), generator=g).to(x.device)
+    y[torch.arange(T, device=x.device)[None, :] < (prefix[:, None] - 1)] = -100
+    logits = model(x, prefix_len=prefix)
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100)
+    return loss, int((y != -100).sum())
+
+
+def run_pretrain(run: RunConfig, resume: bool = False) -> dict[str, Any]:
+    from lmforge.commands.common import pick_device
+
+    out = Path(run.out)
+    device = pick_device(run.train.device)
+    dist = D.init(device)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    if run.data.objective not in OBJECTIVES:
+        raise LMForgeError(f"data.objective={run.data.objective!r}: allowed values are {list(OBJECTIVES)}")
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+    D.barrier(dist)
+    tok, train_ids, val_ids = load_tokens(run, out) if dist.main else (None, None, None)
+    if dist.enabled:  # rank 0 tokenized (and maybe trained the tokenizer); the others load the result
+        D.barrier(dist)
+        if not dist.main:
+            tok, train_ids, val_ids = load_tokens(run, out)
+    cfg = build_model_config(run.model, tok.vocab_size, run.data.block_size)
+    if tok.vocab_size > cfg.vocab_size:
+        raise LMForgeError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {cfg.vocab_size}")
+    if run.data.block_size > cfg.block_size:
+        raise LMForgeError(f"data.block_size={run.data.block_size} exceeds the model's block_size {cfg.block_size}")
+    torch.manual_seed(run.train.seed)
+    model = Decoder(cfg)
+    t = run.train
+    train = RandomWindows(train_ids, run.data.block_size, t.batch_size, seed=t.seed, rank=dist.rank, world=dist.world)
+    val = RandomWindows(val_ids, run.data.block_size, t.batch_size, seed=t.seed + 1, rank=dist.rank, world=dist.world)
+    if dist.main:
+        print(f"model {cfg.name}: {model.num_params():,} parameters; {len(train_ids):,} train / {len(val_ids):,} "
+              f"val tokens; device {device}", file=sys.stderr)
+    loss_fn = causal_loss if run.data.objective == "causal" else prefix_loss
+    trainer = Trainer(model, t, train, loss_fn, out, val_data=val, tokenizer=tok, run_config=run.to_dict(),
+                      sample_fn=lambda m: sample_text(m, tok), device=device, dist=dist)
+    try:
+        return trainer.fit(resume=resume)
+    finally:
+        D.cleanup(dist)
+
+
+def sample_text(model: Decoder, tok, n: int = 80) -> str:
+    from lmforge.infer.generate import generate
+    from lmforge.infer.sampling import SamplingParams
+
+    start = [tok.bos_id] if tok.bos_id is not None else tok.encode("\n")[:1] or [0]
+    was = model.training
+    model.eval()
+    ids = generate(model, start, SamplingParams(temperature=0.8, top_k=50, max_new_tokens=n, seed=0))
+    model.train(was)
+    return tok.decode(ids)

@@ -1,0 +1,164 @@
+"""Training run configuration: YAML files, named recipes and ``--section.key value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.errors import LMForgeError
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 1000
+    batch_size: int = 8  # sequences per micro-batch (per process)
+    grad_accum: int = 1
+    lr: float = 3e-4
+    schedule: str = "cosine"  # cosine | constant | linear | wsd
+    warmup_iters: int = 100
+    decay_iters: int | None = None  # None: max_iters
+    min_lr_ratio: float = 0.1  # cosine floor: 10 % of peak (LLaMA)
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 1337
+    device: str = "auto"
+    distributed: str = "auto"  # auto (DDP under torchrun) | ddp | fsdp | none
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    save_interval: int = 500
+    keep_last: int = 2
+    spike_guard: bool = True  # roll back to the last good checkpoint on a loss spike (PaLM)
+    spike_factor: float = 3.0  # spike: loss > running mean + factor * running std (or non-finite)
+    spike_window: int = 50
+    spike_skip: int = 1  # batches to skip after a rollback (the offending ones and beyond)
+    max_rollbacks: int = 5
+    tensorboard: bool = False
+    wandb: bool = False
+    sample_every: int = 0  # print a sample every N evals (0 = off)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a prepared shard directory (lmforge data prepare) or a text file
+    tokenizer: str = ""  # for text files: a tokenizer path or "char"
+    block_size: int = 256
+    val_fraction: float = 0.1
+    objective: str = "causal"  # causal | prefix | glm
+
+
+@dataclass
+class RunConfig:
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny-llama"})
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str = "runs/pretrain"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if typ is Any or value is None and (type(None) in args):
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if typ in (int, float, str, bool) and not (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
+        raise LMForgeError(f"{where}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _fill(cls: type, d: dict[str, Any], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise LMForgeError(f"{where}: expected a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for k, v in d.items():
+        if k not in names:
+            raise LMForgeError(f"{where}: unknown key {k!r}; allowed: {names}")
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            kwargs[k] = _fill(t, v, f"{where}.{k}")
+        else:
+            kwargs[k] = _coerce(v, t, f"{where}.{k}")
+    return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['--train.lr', '3e-4', '--out', 'x'] -> {'train': {'lr': 3e-4}, 'out': 'x'}; values parsed as YAML."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(items):
+        key = items[i]
+        if not key.startswith("--"):
+            raise LMForgeError(f"unexpected argument {key!r}: overrides look like --section.key value")
+        key = key[2:].replace("-", "_")
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(items):
+                raise LMForgeError(f"--{key} needs a value")
+            raw = items[i + 1]
+            i += 2
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in "eE.") and value[0] in "0123456789.-" else value
+            except ValueError:
+                pass
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_run_config(d: dict[str, Any], where: str = "config") -> RunConfig:
+    return _fill(RunConfig, d, where)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise LMForgeError(f"{path}: cannot read: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise LMForgeError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(d, dict):
+        raise LMForgeError(f"{path}: a run config must be a mapping of sections")
+    return d

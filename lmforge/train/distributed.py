@@ -1,0 +1,103 @@
+"""Data parallel (DDP) and fully-sharded (FSDP) training through PyTorch's own engine, activated by torchrun."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lmforge.errors import LMForgeError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return Dist(rank, world, local)
+
+
+def wrap(model: nn.Module, d: Dist, mode: str, device: torch.device) -> nn.Module:
+    """DDP (replicated weights, averaged gradients) or FSDP (ZeRO-3: parameters, gradients and optimizer state
+    sharded across ranks, gathered per block for compute)."""
+    if not d.enabled or mode == "none":
+        return model
+    if mode in ("auto", "ddp"):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise LMForgeError(f"train.distributed={mode!r}: allowed values are ['auto', 'ddp', 'fsdp', 'none']")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def mean(value: float, d: Dist) -> float:
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / d.world
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist):
+    """Unsharded model and optimizer state dicts on CPU (every rank calls; rank 0 writes)."""
+    if not d.enabled:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(unwrap(model), optimizer, options=opts)
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, msd, osd, d: Dist) -> None:
+    if not d.enabled:
+        unwrap(model).load_state_dict(msd, strict=False)
+        optimizer.load_state_dict(osd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False, strict=False)
+    set_state_dict(unwrap(model), optimizer, model_state_dict=msd, optim_state_dict=osd, options=opts)
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def cleanup(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,310 @@
+"""The one training loop shared by every stage (pretrain, sft, reward, ppo, dpo).
+
+A stage supplies the model, batch sources and a loss function ``loss_fn(model, batch) -> (loss, n_tokens)``; the
+Trainer does the rest: AdamW + schedule, accumulation, clipping, precision, checkpointing and exact resume,
+loss-spike rollback, evaluation, metrics (JSONL, TensorBoard/W&B), progress bar, loss curve PNG, and DDP/FSDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.errors import LMForgeError
+from lmforge.train import distributed as D
+from lmforge.train.config import TrainConfig
+from lmforge.train.metrics import MetricsWriter, model_flops_per_token, plot_losses
+from lmforge.train.optim import lr_at, make_optimizer
+from lmforge.train.state import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    prune,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for plain fp32. ``auto``: bf16 on CUDA (fp16 if bf16 is unsupported) and on CPUs
+    with AMX bf16 units; fp32 elsewhere (on CPUs without them bf16 matmul is ~100x slower than fp32)."""
+    if name == "fp32":
+        return None
+    if name in ("bf16", "fp16"):
+        return torch.bfloat16 if name == "bf16" else torch.float16
+    if name != "auto":
+        raise LMForgeError(f"train.precision={name!r}: allowed values are ['auto', 'fp32', 'bf16', 'fp16']")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else ""
+    return torch.bfloat16 if "AMX" in str(cap).upper() else None
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, train_data, loss_fn: LossFn, out_dir: str | Path,
+                 val_data=None, tokenizer=None, run_config: dict[str, Any] | None = None,
+                 sample_fn: Callable[[nn.Module], str] | None = None, device: torch.device | None = None,
+                 dist: D.Dist | None = None, log=None) -> None:
+        self.cfg = cfg
+        self.device = device or torch.device("cpu")
+        self.dist = dist or D.Dist()
+        self.out = Path(out_dir)
+        self.train_data, self.val_data = train_data, val_data
+        self.loss_fn, self.sample_fn = loss_fn, sample_fn
+        self.tokenizer = tokenizer
+        self.run_config = run_config or {}
+        self.log = log or (lambda msg: print(msg, file=sys.stderr) if self.dist.main else None)
+        self.raw_model = model.to(self.device)
+        if cfg.gradient_checkpointing:
+            self.raw_model.gradient_checkpointing = True
+        self.model = D.wrap(self.raw_model, self.dist, cfg.distributed, self.device)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = make_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
+                                        cfg.decay_embeddings, self.device.type)
+        self.amp_dtype = pick_precision(cfg.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.step = 0
+        self.best_val = math.inf
+        self.recent: deque[float] = deque(maxlen=cfg.spike_window)
+        self.rollbacks = 0
+        self.last_ckpt: Path | None = None
+
+    # ---- state --------------------------------------------------------------------------------
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "best_val": self.best_val, "recent": list(self.recent),
+                "rollbacks": self.rollbacks, "train_data": self.train_data.state_dict(),
+                "run_config": self.run_config}
+
+    def save(self) -> Path | None:
+        msd, osd = D.full_state(self.model, self.optimizer, self.dist)
+        path = None
+        if self.dist.main:
+            msd = {k: v for k, v in msd.items() if not (self.raw_model.cfg.tie_embeddings and k == "lm_head.weight")}
+            path = save_training_checkpoint(self.out, self.step, msd, self.raw_model.cfg, osd, self.trainer_state(),
+                                            self.tokenizer)
+            protect = {path.name}
+            best = self.out / "best"
+            if best.exists():
+                protect.add(best.read_text().strip())
+            prune(self.out, self.cfg.keep_last, protect)
+        D.barrier(self.dist)
+        self.last_ckpt = self.out / f"ckpt-{self.step:07d}"
+        return path
+
+    def restore(self, ckpt: Path) -> None:
+        s = load_training_checkpoint(ckpt)
+        msd = s["model"]
+        if self.raw_model.cfg.tie_embeddings:
+            msd["lm_head.weight"] = msd["wte.weight"]
+        D.load_full_state(self.model, self.optimizer, msd, s["optimizer"], self.dist)
+        set_rng_state(s["rng"])
+        t = s["trainer"]
+        self.step, self.best_val, self.rollbacks = t["step"], t["best_val"], t["rollbacks"]
+        self.recent = deque(t["recent"], maxlen=self.cfg.spike_window)
+        self.train_data.load_state_dict(t["train_data"])
+        self.last_ckpt = ckpt
+
+    def resume(self) -> bool:
+        ckpt = latest_checkpoint(self.out, warn=self.log)
+        if ckpt is None:
+            self.log(f"no complete checkpoint in {self.out}: starting from scratch")
+            return False
+        self.restore(ckpt)
+        self.log(f"resumed from {ckpt} at step {self.step}")
+        return True
+
+    # ---- one optimizer step -------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _micro(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with self._autocast():
+            return self.loss_fn(self.model, batch)
+
+    def train_step(self) -> tuple[float, float, int]:
+        """Forward/backward over grad_accum micro-batches, clip; returns (loss, grad norm, tokens). No update."""
+        cfg = self.cfg
+        total, tokens = 0.0, 0
+        for i in range(cfg.grad_accum):
+            batch = self.train_data.next_batch()
+            sync = i == cfg.grad_accum - 1
+            ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext()
+            with ctx:
+                loss, n = self._micro(batch)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+            tokens += n
+        self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in self.raw_model.parameters() if p.grad is not None]))
+        return D.mean(total, self.dist), float(norm), tokens * self.dist.world
+
+    def is_spike(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return True
+        if len(self.recent) < self.recent.maxlen:
+            return False
+        mean = sum(self.recent) / len(self.recent)
+        std = (sum((x - mean) ** 2 for x in self.recent) / len(self.recent)) ** 0.5
+        return loss > mean + self.cfg.spike_factor * max(std, 0.02 * abs(mean))
+
+    def rollback(self, loss: float) -> None:
+        """PaLM's remedy: restart from the last good checkpoint and skip the batches that led to the spike."""
+        self.rollbacks += 1
+        if self.rollbacks > self.cfg.max_rollbacks:
+            raise LMForgeError(f"loss spike at step {self.step} (loss {loss:.4g}) after {self.cfg.max_rollbacks} "
+                               "rollbacks: giving up; lower train.lr or raise train.max_rollbacks")
+        position = self.train_data.state_dict()
+        spike_step = self.step
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.last_ckpt is not None and self.last_ckpt.exists():
+            rollbacks = self.rollbacks
+            self.restore(self.last_ckpt)
+            self.rollbacks = rollbacks
+        self.train_data.load_state_dict(position)  # resume the data *after* the offending batches...
+        self.train_data.skip(self.cfg.spike_skip * self.cfg.grad_accum)  # ...and skip some more
+        self.log(f"loss spike at step {spike_step} (loss {loss:.4g}): rolled back to step {self.step}, "
+                 f"skipping {self.cfg.spike_skip} batch(es) past the spike")
+        self.metrics.write({"step": spike_step, "event": "rollback", "loss": loss, "to_step": self.step})
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_data is None or self.cfg.eval_iters <= 0:
+            return None
+        self.model.eval()
+        losses = [self._micro(b)[0].item() for b in self.val_data.fixed_batches(self.cfg.eval_iters, seed=1234)]
+        self.model.train()
+        return D.mean(sum(losses) / len(losses), self.dist)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        if resume:
+            self.resume()
+        self.metrics = MetricsWriter(self.out, enabled=self.dist.main, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                                     run_config=self.run_config, truncate_after=self.step)
+        flops_tok = model_flops_per_token(self.raw_model)
+        peak = _peak_flops(self.device) * self.dist.world
+        total = cfg.decay_iters or cfg.max_iters
+        self.model.train()
+        bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not self.dist.main, file=sys.stderr,
+                   dynamic_ncols=True, desc="train")
+        last = {"step": self.step}
+        t0 = time.perf_counter()
+        try:
+            while self.step < cfg.max_iters:
+                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
+                    self._eval_and_log(last)
+                lr = lr_at(self.step, cfg.lr, cfg.schedule, cfg.warmup_iters, total, cfg.min_lr_ratio)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                at_start = (self.train_data.state_dict(), rng_state())  # an interrupt mid-step rewinds to here
+                loss, norm, tokens = self.train_step()
+                if cfg.spike_guard and self.is_spike(loss):
+                    self.rollback(loss)
+                    bar.n = self.step
+                    bar.refresh()
+                    continue
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.recent.append(loss)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                tps = tokens / dt
+                last = {"step": self.step, "train_loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
+                        "mfu": tps * flops_tok / peak if peak else None}
+                if self.step % cfg.log_interval == 0 and not (self.step == cfg.max_iters and self.val_data):
+                    self.metrics.write(last)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                if self.step % cfg.save_interval == 0 and self.step < cfg.max_iters:
+                    self.save()
+            self._eval_and_log(last, final=True)
+            self.save()
+        except KeyboardInterrupt:
+            self.log(f"interrupted at step {self.step}: writing a final checkpoint")
+            if "at_start" in locals():
+                self.train_data.load_state_dict(at_start[0])
+                set_rng_state(at_start[1])
+            self.optimizer.zero_grad(set_to_none=True)
+            self.save()
+            raise
+        finally:
+            bar.close()
+            self.metrics.close()
+        if self.dist.main:
+            plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+        return {**last, "best_val": self.best_val}
+
+    def _eval_and_log(self, last: dict[str, Any], final: bool = False) -> None:
+        val = self.evaluate()
+        if val is None:
+            return
+        rec = {"step": self.step, "val_loss": val}
+        if "train_loss" in last and last["step"] == self.step:
+            rec = {**last, "val_loss": val}
+        self.metrics.write(rec)
+        self.log(f"step {self.step}: val loss {val:.4f}" + (f", train loss {last['train_loss']:.4f}"
+                                                          if "train_loss" in last else ""))
+        if val < self.best_val:
+            self.best_val = val
+            if self.dist.main and self.step > 0:
+                (self.out / "best").write_text(f"ckpt-{self.step:07d}\n")
+        if self.sample_fn is not None and self.dist.main and (final or self.step == 0):
+            self.log(f"sample at step {self.step}: {self.sample_fn(self.raw_model)!r}")
+
+
+_PEAK: dict[str, float] = {}
+
+
+def _peak_flops(device: torch.device) -> float:
+    """Measured fp32 matmul peak of this device (FLOP/s), used for MFU."""
+    key = str(device)
+    if key not in _PEAK:
+        n = 1024
+        g = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG (exact resume)
+        a, b = (torch.randn(n, n, device=device, generator=g) for _ in range(2))
+        for _ in range(2):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t, reps = time.perf_counter(), 0
+        while time.perf_counter() - t < 0.3:
+            a @ b
+            reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        _PEAK[key] = 2 * n**3 * reps / (time.perf_counter() - t)
+    return _PEAK[key]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

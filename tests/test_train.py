@@ -1,0 +1,138 @@
+"""The shared training core: schedules, parameter groups, exact resume after SIGKILL, spike rollback, torchrun."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.config import ModelConfig
+from lmforge.model import Decoder
+from lmforge.stages.pretrain import causal_loss
+from lmforge.train.batches import RandomWindows
+from lmforge.train.config import TrainConfig, load_run_config, parse_overrides
+from lmforge.train.loop import Trainer
+from lmforge.train.optim import lr_at, param_groups
+from lmforge.train.state import latest_checkpoint, verify
+
+SCRIPT = Path(__file__).with_name("train_script.py")
+sys.path.insert(0, str(SCRIPT.parent))
+from train_script import tokens  # noqa: E402
+
+
+def run_script(*args: str, torchrun: int = 0) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT), *args]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun),
+               str(SCRIPT), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in rows if r.get("train_loss") is not None}
+
+
+def test_cosine_schedule_matches_formula():
+    peak, warm, total = 1e-3, 10, 110
+    assert lr_at(0, peak, "cosine", warm, total) == pytest.approx(peak / 10)
+    assert lr_at(9, peak, "cosine", warm, total) == pytest.approx(peak)
+    for s in (10, 35, 60, 85, 109):
+        expect = 0.1 * peak + 0.5 * 0.9 * peak * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+        assert lr_at(s, peak, "cosine", warm, total) == pytest.approx(expect)
+    assert lr_at(500, peak, "cosine", warm, total) == pytest.approx(0.1 * peak)  # LLaMA: floor at 10 %
+    assert lr_at(50, peak, "constant", warm, total) == peak
+    assert lr_at(50, peak, "wsd", warm, total) == peak and lr_at(109, peak, "wsd", warm, total) < 0.2 * peak
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    m = Decoder(ModelConfig(vocab_size=50, block_size=8, n_layer=1, n_embd=16, n_head=2, qkv_bias=True,
+                            norm="layernorm", position="learned", multiple_of=16))
+    decay, no_decay = param_groups(m, 0.1)
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {
+        "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight",
+        "lm_head.weight"}
+    assert "wte.weight" in {names[id(p)] for p in no_decay["params"]} and no_decay["weight_decay"] == 0.0
+
+
+def test_overrides_and_config_errors():
+    d = parse_overrides(["--train.lr", "3e-4", "--model.n_layer", "6", "--out", "x", "--train.spike_guard", "false"])
+    assert d == {"train": {"lr": 3e-4, "spike_guard": False}, "model": {"n_layer": 6}, "out": "x"}
+    cfg = load_run_config(d)
+    assert cfg.train.lr == 3e-4 and cfg.model == {"n_layer": 6}
+    from lmforge.errors import LMForgeError
+
+    with pytest.raises(LMForgeError, match="unknown key 'lrr'"):
+        load_run_config({"train": {"lrr": 1}})
+    with pytest.raises(LMForgeError, match="train.max_iters: expected int"):
+        load_run_config({"train": {"max_iters": "many"}})
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run_script(str(full), "12").returncode == 0
+    r = run_script(str(cut), "12", "--kill-at", "10")
+    assert r.returncode != 0  # killed
+    assert latest_checkpoint(cut).name == "ckpt-0000008"
+    r = run_script(str(cut), "12", "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stderr
+    a = load_file(str(full / "ckpt-0000012" / "model.safetensors"))
+    b = load_file(str(cut / "ckpt-0000012" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(full) == losses(cut)
+
+
+def test_corrupt_checkpoint_is_skipped_on_resume(tmp_path):
+    run = tmp_path / "run"
+    assert run_script(str(run), "8").returncode == 0
+    newest = run / "ckpt-0000008"
+    with open(newest / "model.safetensors", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\0" * 8)
+    assert "checksum" in verify(newest)
+    half = run / "ckpt-0000009"  # a directory without its manifest, as a crash mid-write could leave
+    shutil.copytree(run / "ckpt-0000004", half)
+    (half / "MANIFEST.json").unlink()
+    assert latest_checkpoint(run, warn=lambda m: None).name == "ckpt-0000004"
+
+
+def test_loss_spike_rolls_back_and_skips_batches(tmp_path):
+    cfg = ModelConfig(vocab_size=61, block_size=16, n_layer=1, n_embd=32, n_head=4, multiple_of=16)
+    torch.manual_seed(0)
+    data = tokens()
+    train = RandomWindows(data[:4000], 16, 4, seed=1)
+    t = TrainConfig(max_iters=30, batch_size=4, lr=3e-3, warmup_iters=2, eval_interval=100, eval_iters=0,
+                    log_interval=1, save_interval=5, spike_window=8, spike_factor=3.0, spike_skip=2)
+    seen = []
+
+    def loss_fn(m, batch):
+        loss, n = causal_loss(m, batch)
+        seen.append(train.batches)
+        return (loss * 50 if train.batches == 13 else loss), n  # the 13th batch is poisoned
+
+    trainer = Trainer(Decoder(cfg), t, train, loss_fn, tmp_path / "run")
+    out = trainer.fit()
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in rows if r.get("event") == "rollback"]
+    assert len(events) == 1 and events[0]["step"] == 12 and events[0]["to_step"] == 10
+    assert seen.count(13) == 1 and 14 not in seen and 15 not in seen  # spike batch and the next 2 skipped
+    assert out["step"] == 30 and math.isfinite(out["train_loss"])
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(tmp_path, mode):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_script(str(one), "6", "--batch-size", "4", "--dropout", "0").returncode == 0
+    r = run_script(str(two), "6", "--batch-size", "2", "--dropout", "0", "--distributed", mode, torchrun=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = losses(one), losses(two)
+    assert a.keys() == b.keys() and len(a) == 6
+    assert all(abs(a[k] - b[k]) < 1e-4 for k in a)
