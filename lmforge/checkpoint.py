@@ -117,6 +117,10 @@ def load_model(path: str | Path) -> Decoder:
     if not path.exists():
         raise LMForgeError(f"{path}: no such file or directory")
     if path.is_dir():
+        if (path / "quantization.json").is_file():  # lmforge quantize output
+            from lmforge.infer.quant import load_quantized
+
+            return load_quantized(path)
         if is_lmforge_dir(path):
             return load_checkpoint(path)
         if (path / CONFIG).is_file():
@@ -130,4 +134,8 @@ def load_model(path: str | Path) -> Decoder:
 
         cfg, sd = read_llama2c(path)
         return build_model(cfg, sd, str(path))
-    raise LMForgeError(f"{path}: unknown model format (expected a checkpoint directory or a llama2.c .bin)")
+    if path.suffix == ".gguf":
+        from lmforge.interop.gguf import load_gguf_model
+
+        return load_gguf_model(path)
+    raise LMForgeError(f"{path}: unknown model format (expected a checkpoint directory, a llama2.c .bin or a .gguf)")

@@ -28,7 +28,7 @@ def pick_device(name: str) -> torch.device:
 
 def find_tokenizer_path(model_path: Path, vocab_size: int) -> Path | None:
     """Tokenizer beside a model: the checkpoint dir itself, or llama2.c's tokenizer.bin / tok{vocab}.bin."""
-    if model_path.is_dir():
+    if model_path.is_dir() or model_path.suffix == ".gguf":  # GGUF files carry their tokenizer
         return model_path
     for name in ("tokenizer.bin", f"tok{vocab_size}.bin", "tokenizer.model"):
         if (model_path.parent / name).exists():

@@ -61,6 +61,7 @@ class Decoder(nn.Module):
       position_ids  (B, T), or (B, 2, T) for GLM's 2D positions (position, block position);
       prefix_len    (B,) tokens of bidirectional prefix (prefix LM / GLM part A);
       key_mask      (B, S) bool, False for padding keys (S = cached + new positions);
+      segment_ids   (B, T) packed documents: a token attends only within its own segment (no cache);
       cache         a KVCache: keys/values are appended and ``cache.pos`` advanced.
     """
 
@@ -125,8 +126,9 @@ class Decoder(nn.Module):
         prefix_len: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, position_ids, prefix_len, key_mask, cache))
+        return self.lm_head(self.hidden_states(input_ids, position_ids, prefix_len, key_mask, cache, segment_ids))
 
     def hidden_states(
         self,
@@ -135,6 +137,7 @@ class Decoder(nn.Module):
         prefix_len: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (after the final norm), shape (B, T, n_embd)."""
         cfg = self.cfg
@@ -166,7 +169,7 @@ class Decoder(nn.Module):
         elif cfg.position == "glm2d" and cfg.glm2d == "rotary":
             rope = (*self.rotary(position_ids[:, 0]), *self.rotary(position_ids[:, 1]))
 
-        masks = self._masks(B, T, offset, prefix_len, key_mask, x.device, x.dtype)
+        masks = self._masks(B, T, offset, prefix_len, key_mask, segment_ids, x.device, x.dtype)
         for i, block in enumerate(self.blocks):
             mask = masks[cfg.layer_is_local(i)]
             if self.gradient_checkpointing and self.training:
@@ -177,11 +180,11 @@ class Decoder(nn.Module):
             cache.pos += T
         return self.norm_f(x) if cfg.final_norm else x
 
-    def _masks(self, B, T, offset, prefix_len, key_mask, device, dtype) -> dict[bool, torch.Tensor | None]:
+    def _masks(self, B, T, offset, prefix_len, key_mask, segment_ids, device, dtype) -> dict[bool, torch.Tensor | None]:
         """Additive attention masks for dense (False) and local (True) layers; None = plain causal in SDPA."""
         cfg = self.cfg
         S = offset + T
-        plain = prefix_len is None and key_mask is None and cfg.position != "alibi"
+        plain = prefix_len is None and key_mask is None and segment_ids is None and cfg.position != "alibi"
         if plain and (offset == 0 or T == 1):
             need_local = cfg.attn_pattern == "alternating" and S > 1
             if not need_local:
@@ -194,6 +197,9 @@ class Decoder(nn.Module):
             allowed = allowed | in_prefix
         if key_mask is not None:
             allowed = allowed & key_mask.to(device).bool()[:, None, None, :]
+        if segment_ids is not None:  # packed documents do not see each other
+            seg = segment_ids.to(device)
+            allowed = allowed & (seg[:, None, :, None] == seg[:, None, None, :])
         neg = torch.finfo(dtype).min
         bias = None
         if cfg.position == "alibi":  # slope * (key - query): 0 on the diagonal, more negative further back
@@ -221,6 +227,16 @@ class Decoder(nn.Module):
         """Mean next-token cross-entropy; ``targets`` are already shifted, -100 marks ignored positions."""
         logits = self(input_ids, **kw)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions restarting at 0 at each segment start: (B, T) -> (B, T)."""
+    T = segment_ids.shape[1]
+    idx = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)
+    new = torch.ones_like(segment_ids, dtype=torch.bool)
+    new[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start = torch.cummax(torch.where(new, idx, torch.zeros_like(idx)), dim=1).values
+    return idx - start
 
 
 def _xavier(w: torch.Tensor, fan_in: int, fan_out: int, gain: float) -> None:

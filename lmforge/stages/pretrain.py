@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
 from lmforge.model import Decoder
+from lmforge.model.decoder import segment_positions
 from lmforge.train import distributed as D
 from lmforge.train.batches import RandomWindows
 from lmforge.train.config import RunConfig
@@ -37,17 +38,28 @@ def resolve_path(spec: str) -> Path:
 
 
 def build_tokenizer(spec: str, text_path: Path, out: Path):
-    """'char' (vocabulary from the corpus), 'train:KIND:VOCAB' (train on the corpus), or a tokenizer path."""
+    """'char' (vocabulary from the corpus), 'train:KIND:VOCAB' (train on the corpus), or a tokenizer path.
+    A tokenizer built for a run is saved in ``out/tokenizer`` and reused when the run resumes."""
+    tok_dir = out / "tokenizer"
+    if spec == "char":
+        from lmforge.tokenizer.char import VOCAB_FILE, CharTokenizer
+
+        if (tok_dir / VOCAB_FILE).exists():
+            return CharTokenizer.load(str(tok_dir))
+        tok = CharTokenizer.from_text(text_path.read_text(encoding="utf-8"))
+        tok.save(str(tok_dir))
+        return tok
     from lmforge.tokenizer import load_tokenizer
 
-    if spec == "char" or spec.startswith("train:"):
+    if spec.startswith("train:"):
         from lmforge.tokenizer.train import train_tokenizer
 
-        kind, vocab = ("char", 0) if spec == "char" else (spec.split(":")[1], int(spec.split(":")[2]))
-        tok_dir = out / "tokenizer"
+        parts = spec.split(":")
+        if len(parts) != 3 or not parts[2].isdigit():
+            raise LMForgeError(f"data.tokenizer={spec!r}: expected train:KIND:VOCAB, e.g. train:bytelevel-bpe:1024")
         if (tok_dir / "tokenizer_config.json").exists():
             return load_tokenizer(str(tok_dir))
-        return train_tokenizer([str(text_path)], vocab_size=vocab, kind=kind, output=str(tok_dir))
+        return train_tokenizer([str(text_path)], vocab_size=int(parts[2]), kind=parts[1], output=str(tok_dir))
     if not spec:
         raise LMForgeError("data.tokenizer is empty: give a tokenizer path, 'char' or 'train:KIND:VOCAB'")
     return load_tokenizer(spec)
@@ -64,7 +76,7 @@ def load_tokens(run: RunConfig, out: Path):
     tok = build_tokenizer(run.data.tokenizer, path, out)
     text = path.read_text(encoding="utf-8")
     ids = np.asarray(tok.encode(text), dtype=np.uint16 if tok.vocab_size < 65536 else np.uint32)
-    n_val = int(len(ids) * run.data.val_fraction)
+    n_val = len(ids) - int(len(ids) * (1 - run.data.val_fraction))  # nanoGPT: train = int(n * 0.9)
     return tok, ids[: len(ids) - n_val], ids[len(ids) - n_val :]
 
 
@@ -83,8 +95,14 @@ def build_model_config(model: dict[str, Any], vocab_size: int, block_size: int) 
     return ModelConfig.from_dict(fields, source="model section")
 
 
+def document_segments(x: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Segment ids for packed documents: EOS ends a document (and belongs to it)."""
+    ends = (x == eos_id).long()
+    return ends.cumsum(dim=1) - ends
+
+
 def causal_loss(model, batch):
-    logits = model(batch["input_ids"])
+    logits = model(batch["input_ids"], **batch.get("model_kwargs", {}))
     loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["targets"].reshape(-1), ignore_index=-100)
     return loss, int((batch["targets"] != -100).sum())
 
@@ -96,7 +114,7 @@ def prefix_loss(model, batch):
     g = torch.Generator().manual_seed(int(x[:, 0].sum()))  # deterministic given the batch
     prefix = torch.randint(1, T, (B,), generator=g).to(x.device)
     y[torch.arange(T, device=x.device)[None, :] < (prefix[:, None] - 1)] = -100
-    logits = model(x, prefix_len=prefix)
+    logits = model(x, prefix_len=prefix, **batch.get("model_kwargs", {}))
     loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100)
     return loss, int((y != -100).sum())
 
@@ -133,6 +151,16 @@ def run_pretrain(run: RunConfig, resume: bool = False) -> dict[str, Any]:
         print(f"model {cfg.name}: {model.num_params():,} parameters; {len(train_ids):,} train / {len(val_ids):,} "
               f"val tokens; device {device}", file=sys.stderr)
     loss_fn = causal_loss if run.data.objective == "causal" else prefix_loss
+    if run.data.isolate_documents:
+        if tok.eos_id is None:
+            raise LMForgeError("data.isolate_documents needs a tokenizer with an EOS token")
+        base_loss, eos = loss_fn, tok.eos_id
+
+        def loss_fn(model, batch):
+            seg = document_segments(batch["input_ids"], eos)
+            kwargs = {"segment_ids": seg, "position_ids": segment_positions(seg)}
+            return base_loss(model, {**batch, "model_kwargs": kwargs})
+
     trainer = Trainer(model, t, train, loss_fn, out, val_data=val, tokenizer=tok, run_config=run.to_dict(),
                       sample_fn=lambda m: sample_text(m, tok), device=device, dist=dist)
     try:

@@ -42,6 +42,7 @@ class TrainConfig:
     keep_last: int = 2
     spike_guard: bool = True  # roll back to the last good checkpoint on a loss spike (PaLM)
     spike_factor: float = 3.0  # spike: loss > running mean + factor * running std (or non-finite)
+    spike_min_jump: float = 0.25  # ...and by at least this fraction of the mean (small-batch noise is no spike)
     spike_window: int = 50
     spike_skip: int = 1  # batches to skip after a rollback (the offending ones and beyond)
     max_rollbacks: int = 5
@@ -57,6 +58,7 @@ class DataConfig:
     block_size: int = 256
     val_fraction: float = 0.1
     objective: str = "causal"  # causal | prefix | glm
+    isolate_documents: bool = False  # packed documents (split at EOS) do not attend to each other
 
 
 @dataclass

@@ -165,7 +165,7 @@ class Trainer:
             return False
         mean = sum(self.recent) / len(self.recent)
         std = (sum((x - mean) ** 2 for x in self.recent) / len(self.recent)) ** 0.5
-        return loss > mean + self.cfg.spike_factor * max(std, 0.02 * abs(mean))
+        return loss > mean + max(self.cfg.spike_factor * std, self.cfg.spike_min_jump * abs(mean))
 
     def rollback(self, loss: float) -> None:
         """PaLM's remedy: restart from the last good checkpoint and skip the batches that led to the spike."""

@@ -1,0 +1,44 @@
+"""Character-level tokenizer (nanoGPT's shakespeare_char): the vocabulary is the sorted set of characters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.errors import LMForgeError
+from lmforge.tokenizer.base import Tokenizer
+
+VOCAB_FILE = "char_vocab.json"
+
+
+class CharTokenizer(Tokenizer):
+    kind = "char"
+
+    def __init__(self, chars: list[str]) -> None:
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls(sorted(set(text)))
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise LMForgeError(f"character {e.args[0]!r} is not in the {self.vocab_size}-character vocabulary") from None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def save(self, directory: str) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / VOCAB_FILE).write_text(json.dumps(self.chars, ensure_ascii=False) + "\n", encoding="utf-8")
+        meta = {"kind": "char", "bos_id": None, "eos_id": None, "pad_id": None, "vocab_size": self.vocab_size}
+        (d / "tokenizer_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str) -> CharTokenizer:
+        return cls(json.loads((Path(directory) / VOCAB_FILE).read_text(encoding="utf-8")))

@@ -1,0 +1,40 @@
+"""Pick a tokenizer reader by what the path holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.errors import LMForgeError
+from lmforge.tokenizer.base import Tokenizer
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    p = Path(path)
+    if not p.exists():
+        raise LMForgeError(f"{p}: no such tokenizer file or directory")
+    if p.suffix == ".gguf":
+        from lmforge.interop.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(p)
+    if p.is_dir():
+        kind = None
+        if (p / "tokenizer_config.json").is_file():
+            try:
+                kind = json.loads((p / "tokenizer_config.json").read_text()).get("kind")
+            except ValueError:
+                raise LMForgeError(f"{p / 'tokenizer_config.json'}: not valid JSON") from None
+        if kind == "char" or (p / "char_vocab.json").is_file():
+            from lmforge.tokenizer.char import CharTokenizer
+
+            return CharTokenizer.load(str(p))
+        if (p / "tokenizer.bin").is_file():
+            from lmforge.tokenizer.llama2c import Llama2cTokenizer
+
+            return Llama2cTokenizer.load(p / "tokenizer.bin")
+        raise LMForgeError(f"{p}: no tokenizer files found (tokenizer.bin, char_vocab.json)")
+    if p.suffix == ".bin":
+        from lmforge.tokenizer.llama2c import Llama2cTokenizer
+
+        return Llama2cTokenizer.load(p)
+    raise LMForgeError(f"{p}: unknown tokenizer format")

@@ -1,0 +1,106 @@
+"""`lmforge pretrain`: recipes, overrides, outputs, resume, Ctrl-C, config errors, packed-document isolation."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.model import Decoder
+from lmforge.model.decoder import segment_positions
+from lmforge.stages.pretrain import document_segments
+
+SMALL = ["--recipe", "baby-gpt-shakespeare", "--model.n_layer", "1", "--model.n_embd", "32", "--model.n_head", "2",
+         "--train.eval_iters", "2", "--train.log_interval", "1"]
+
+
+def lmforge(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=300)
+
+
+def rows(run) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_recipe_run_writes_metrics_plot_checkpoints_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    r = lmforge("pretrain", *SMALL, "--out", str(out), "--max-iters", "20", "--eval-interval", "10",
+                "--save-interval", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = rows(out)
+    assert all("step" in x for x in recs)
+    assert [x["step"] for x in recs if "val_loss" in x] == [0, 10, 20]
+    assert {x["step"] for x in recs if "train_loss" in x} >= set(range(1, 21))
+    assert (out / "loss.png").stat().st_size > 1000
+    ckpts = sorted(p.name for p in out.glob("ckpt-*"))
+    assert ckpts == ["ckpt-0000016", "ckpt-0000020"]  # keep_last 2; the last step is always saved
+    assert (out / "ckpt-0000020" / "model.safetensors").exists() and (out / "ckpt-0000020" / "optimizer.pt").exists()
+    first_val = recs[0]["val_loss"]
+    assert recs[-1]["val_loss"] < first_val  # it learns
+    r = lmforge("pretrain", *SMALL, "--out", str(out), "--max-iters", "25", "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stderr and "step 20" in r.stderr
+    assert max(x["step"] for x in rows(out)) == 25
+    # the run's checkpoint is an lmforge model: generate from it
+    g = lmforge("generate", "--model", str(out / "ckpt-0000025"), "--prompt", "ROMEO:", "--max-new-tokens", "20",
+                "--seed", "1")
+    assert g.returncode == 0 and g.stdout.startswith("ROMEO:"), g.stderr
+
+
+def test_ctrl_c_writes_a_final_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "lmforge", "pretrain", *SMALL, "--out", str(out), "--max-iters",
+                          "100000", "--save-interval", "100000"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any("train_loss" in ln for ln in _lines(out / "metrics.jsonl")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-1500:]
+    ckpts = list(out.glob("ckpt-*"))
+    assert len(ckpts) == 1 and "interrupted at step" in err
+    state = json.loads((ckpts[0] / "trainer_state.json").read_text())
+    assert state["step"] == int(ckpts[0].name.split("-")[1]) > 0
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1\n")
+    for args, needle in [
+        (["--recipe", "baby-gpt-shakespeare", "--train.lrr", "1"], "unknown key 'lrr'"),
+        (["--recipe", "baby-gpt-shakespeare", "--train.precision", "fp8", "--out", str(tmp_path / "o")],
+         "train.precision='fp8'"),
+        (["--recipe", "baby-gpt-shakespeare", "--data.path", str(tmp_path / "nope.txt")], "no such file"),
+        (["--config", str(bad)], "bad.yaml:"),
+        (["--recipe", "baby-gpt-shakespeare", "--model.vocab_size", "10", "--out", str(tmp_path / "v")],
+         "tokenizer has 65 tokens but model.vocab_size is 10"),
+    ]:
+        r = lmforge("pretrain", *args)
+        assert r.returncode == 1 and needle in r.stderr, (args, r.stderr[-800:])
+        assert len(r.stderr.strip().splitlines()) <= 2 and "Traceback" not in r.stderr
+
+
+def test_packed_documents_do_not_leak_attention():
+    eos = 0
+    cfg = ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_embd=32, n_head=4, multiple_of=16)
+    torch.manual_seed(0)
+    m = Decoder(cfg).eval()
+    a, b = torch.randint(1, 40, (1, 6)), torch.randint(1, 40, (1, 9))
+    a[0, -1] = eos
+    x = torch.cat([a, b], 1)
+    seg = document_segments(x, eos)
+    assert seg.tolist() == [[0] * 6 + [1] * 9]
+    with torch.no_grad():
+        packed = m(x, segment_ids=seg, position_ids=segment_positions(seg))
+        assert torch.allclose(packed[:, :6], m(a), atol=1e-5) and torch.allclose(packed[:, 6:], m(b), atol=1e-5)
+        leaky = m(x)
+        assert not torch.allclose(leaky[:, 6:], m(b), atol=1e-3)
