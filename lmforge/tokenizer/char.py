@@ -27,7 +27,8 @@ class CharTokenizer(Tokenizer):
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
-            raise LMForgeError(f"character {e.args[0]!r} is not in the {self.vocab_size}-character vocabulary") from None
+            n = self.vocab_size
+            raise LMForgeError(f"character {e.args[0]!r} is not in the {n}-character vocabulary") from None
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
