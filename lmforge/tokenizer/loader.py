@@ -28,11 +28,15 @@ def load_tokenizer(path: str) -> Tokenizer:
             from lmforge.tokenizer.char import CharTokenizer
 
             return CharTokenizer.load(str(p))
+        if (p / "tokenizer.json").is_file():
+            from lmforge.tokenizer.hf import HFTokenizer
+
+            return HFTokenizer.load(p)
         if (p / "tokenizer.bin").is_file():
             from lmforge.tokenizer.llama2c import Llama2cTokenizer
 
             return Llama2cTokenizer.load(p / "tokenizer.bin")
-        raise LMForgeError(f"{p}: no tokenizer files found (tokenizer.bin, char_vocab.json)")
+        raise LMForgeError(f"{p}: no tokenizer files found (tokenizer.json, tokenizer.bin, char_vocab.json)")
     if p.suffix == ".bin":
         from lmforge.tokenizer.llama2c import Llama2cTokenizer
 

@@ -1,0 +1,57 @@
+"""Tokenizers backed by Hugging Face `tokenizers` (a ``tokenizer.json``), with lmforge's metadata beside it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.errors import LMForgeError
+from lmforge.tokenizer.base import Tokenizer
+
+META = "tokenizer_config.json"
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, tok, kind: str, bos: str | None = None, eos: str | None = None, pad: str | None = None,
+                 chat_template: str | None = None) -> None:
+        self.tok, self.kind, self.chat_template = tok, kind, chat_template
+        self.vocab_size = tok.get_vocab_size()
+        self.bos_id = tok.token_to_id(bos) if bos else None
+        self.eos_id = tok.token_to_id(eos) if eos else None
+        self.pad_id = tok.token_to_id(pad) if pad else None
+        self.special_ids = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + (
+            [self.eos_id] if eos and self.eos_id is not None else [])
+
+    def decode(self, ids: list[int]) -> str:
+        # byte-fallback tokens (<0xXX>) are registered as special: skip only the real specials
+        return self.tok.decode([i for i in ids if i not in self.special_ids], skip_special_tokens=False)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return self.decode(ids).encode("utf-8")
+
+    def save(self, directory: str) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(d / "tokenizer.json"))
+        inv = {i: self.tok.id_to_token(i) for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+        meta = {"kind": self.kind, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
+                "bos_token": inv.get(self.bos_id), "eos_token": inv.get(self.eos_id),
+                "pad_token": inv.get(self.pad_id), "vocab_size": self.vocab_size, "chat_template": self.chat_template}
+        (d / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> HFTokenizer:
+        from tokenizers import Tokenizer as RawTokenizer
+
+        d = Path(directory)
+        try:
+            tok = RawTokenizer.from_file(str(d / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - the library raises bare Exceptions for bad files
+            raise LMForgeError(f"{d / 'tokenizer.json'}: cannot read: {e}") from None
+        meta = json.loads((d / META).read_text()) if (d / META).is_file() else {}
+        return cls(tok, meta.get("kind", "hf"), meta.get("bos_token"), meta.get("eos_token"), meta.get("pad_token"),
+                   meta.get("chat_template"))

@@ -1,0 +1,64 @@
+"""Tokenizer training (byte-level BPE, LLaMA-style BPE, char) and the `lmforge tokenizer` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lmforge.assets import STORIES260K_TOKENIZER, TINYSHAKESPEARE
+from lmforge.tokenizer import load_tokenizer
+from lmforge.tokenizer.train import train_tokenizer
+
+TEXTS = ["ROMEO: wherefore art thou 1234?", "红楼梦 满纸荒唐言 🤖", " leading space", "tab\there\n\nnl", ""]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    p = tmp_path_factory.mktemp("c") / "c.txt"
+    p.write_text(TINYSHAKESPEARE.read_text()[:200_000])
+    return p
+
+
+@pytest.mark.parametrize("kind", ["bytelevel-bpe", "llama-bpe", "char"])
+def test_train_save_load_roundtrip(kind, corpus, tmp_path):
+    tok = train_tokenizer([str(corpus)], 600, kind, str(tmp_path / kind))
+    again = load_tokenizer(str(tmp_path / kind))
+    assert again.vocab_size == tok.vocab_size
+    texts = TEXTS if kind != "char" else ["ROMEO: wherefore art thou?"]
+    for t in texts:
+        assert again.encode(t) == tok.encode(t)
+        assert again.decode(again.encode(t)) == t
+    if kind == "llama-bpe":
+        raw = again.tok.encode("in 2024 and 99").tokens  # digits split into single digits (or their bytes)
+        assert [t for t in raw if t.strip("▁").isdigit() or t.startswith("<0x3")] == [
+            t for t in raw if any(c.isdigit() for c in t)] and len([t for t in raw if "0x3" in t or t.isdigit()]) == 6
+        assert again.bos_id == again.tok.token_to_id("<s>")
+    if kind == "bytelevel-bpe":
+        assert tok.vocab_size == 600
+
+
+def cli(*args, stdin=""):
+    return subprocess.run([sys.executable, "-m", "lmforge", "tokenizer", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_train_encode_decode(corpus, tmp_path):
+    r = cli("train", "--input", str(corpus), "--vocab-size", "500", "--kind", "bytelevel-bpe", "--output",
+            str(tmp_path / "t"))
+    assert r.returncode == 0, r.stderr
+    text = "First Citizen: 你好!"
+    enc = cli("encode", "--tokenizer", str(tmp_path / "t"), stdin=text)
+    ids = json.loads(enc.stdout)
+    assert ids == load_tokenizer(str(tmp_path / "t")).encode(text)
+    dec = cli("decode", "--tokenizer", str(tmp_path / "t"), stdin=json.dumps(ids))
+    assert dec.stdout == text
+    enc2 = cli("encode", "--tokenizer", str(STORIES260K_TOKENIZER), stdin="Lily")
+    assert json.loads(enc2.stdout) == load_tokenizer(str(STORIES260K_TOKENIZER)).encode("Lily")
+    bad = cli("decode", "--tokenizer", str(tmp_path / "t"), stdin="[1, 2")
+    assert bad.returncode == 1 and "not a JSON array" in bad.stderr
+    missing = cli("train", "--input", str(tmp_path / "nope.txt"), "--vocab-size", "300", "--kind", "char",
+                  "--output", str(tmp_path / "x"))
+    assert missing.returncode == 1 and "nope.txt" in missing.stderr
