@@ -104,3 +104,14 @@ def test_packed_documents_do_not_leak_attention():
         assert torch.allclose(packed[:, :6], m(a), atol=1e-5) and torch.allclose(packed[:, 6:], m(b), atol=1e-5)
         leaky = m(x)
         assert not torch.allclose(leaky[:, 6:], m(b), atol=1e-3)
+
+
+def test_glm_blank_infilling_objective_runs(tmp_path):
+    out = tmp_path / "glm"
+    r = lmforge("pretrain", *SMALL, "--out", str(out), "--max-iters", "6", "--eval-interval", "3",
+                "--data.objective", "glm", "--model.position", "glm2d", "--model.glm2d", "rotary")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((out / "ckpt-0000006" / "config.json").read_text())
+    assert cfg["vocab_size"] == 65 + 5 and cfg["position"] == "glm2d"
+    vals = [x["val_loss"] for x in rows(out) if "val_loss" in x]
+    assert len(vals) == 3 and all(v == v and v < 6 for v in vals)

@@ -19,7 +19,7 @@ from lmforge.train.batches import RandomWindows
 from lmforge.train.config import RunConfig
 from lmforge.train.loop import Trainer
 
-OBJECTIVES = ("causal", "prefix")
+OBJECTIVES = ("causal", "prefix", "glm")
 
 
 def resolve_path(spec: str) -> Path:
@@ -119,6 +119,29 @@ def prefix_loss(model, batch):
     return loss, int((y != -100).sum())
 
 
+def glm_loss_fn(vocab: int, block_size: int, glm2d: bool):
+    """GLM blank infilling on each window: spans -> [MASK]/[gMASK] (GLM-130B's 30/70 mix), part B generated
+    autoregressively with 2D positions; the five special tokens take ids vocab..vocab+4."""
+    import random
+
+    from lmforge.data.infill import InfillTokens, collate, corrupt
+
+    tok = InfillTokens(mask=vocab, gmask=vocab + 1, smask=vocab + 2, sop=vocab + 3, eop=vocab + 4)
+    doc_len = int(block_size / 1.35)  # part B adds two tokens per span (<= 15 % of tokens are span starts)
+
+    def loss_fn(model, batch):
+        x = batch["input_ids"]
+        rng = random.Random(int(x[:, :8].sum()) * 1_000_003 + int(x[:, -8:].sum()))  # deterministic per batch
+        samples = [corrupt(row[:doc_len], tok, rng) for row in x.tolist()]
+        b = {k: v.to(x.device) for k, v in collate(samples, pad_id=0).items()}
+        pos = b["position_ids"] if glm2d else b["position_ids"][:, 0]
+        logits = model(b["input_ids"], position_ids=pos, prefix_len=b["prefix_len"])
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), b["targets"].view(-1), ignore_index=-100)
+        return loss, int((b["targets"] != -100).sum())
+
+    return loss_fn
+
+
 def run_pretrain(run: RunConfig, resume: bool = False) -> dict[str, Any]:
     from lmforge.commands.common import pick_device
 
@@ -137,9 +160,11 @@ def run_pretrain(run: RunConfig, resume: bool = False) -> dict[str, Any]:
         D.barrier(dist)
         if not dist.main:
             tok, train_ids, val_ids = load_tokens(run, out)
-    cfg = build_model_config(run.model, tok.vocab_size, run.data.block_size)
-    if tok.vocab_size > cfg.vocab_size:
-        raise LMForgeError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {cfg.vocab_size}")
+    extra = 5 if run.data.objective == "glm" else 0  # [MASK] [gMASK] [sMASK] [S] [E]
+    cfg = build_model_config(run.model, tok.vocab_size + extra, run.data.block_size)
+    if tok.vocab_size + extra > cfg.vocab_size:
+        need = f"{tok.vocab_size}" + (" + 5 infilling tokens" if extra else "")
+        raise LMForgeError(f"tokenizer has {need} tokens but model.vocab_size is {cfg.vocab_size}")
     if run.data.block_size > cfg.block_size:
         raise LMForgeError(f"data.block_size={run.data.block_size} exceeds the model's block_size {cfg.block_size}")
     torch.manual_seed(run.train.seed)
@@ -150,7 +175,9 @@ def run_pretrain(run: RunConfig, resume: bool = False) -> dict[str, Any]:
     if dist.main:
         print(f"model {cfg.name}: {model.num_params():,} parameters; {len(train_ids):,} train / {len(val_ids):,} "
               f"val tokens; device {device}", file=sys.stderr)
-    loss_fn = causal_loss if run.data.objective == "causal" else prefix_loss
+    loss_fn = {"causal": causal_loss, "prefix": prefix_loss}.get(run.data.objective)
+    if run.data.objective == "glm":
+        loss_fn = glm_loss_fn(tok.vocab_size, run.data.block_size, cfg.position == "glm2d")
     if run.data.isolate_documents:
         if tok.eos_id is None:
             raise LMForgeError("data.isolate_documents needs a tokenizer with an EOS token")
@@ -178,4 +205,4 @@ def sample_text(model: Decoder, tok, n: int = 80) -> str:
     model.eval()
     ids = generate(model, start, SamplingParams(temperature=0.8, top_k=50, max_new_tokens=n, seed=0))
     model.train(was)
-    return tok.decode(ids)
+    return tok.decode([i for i in ids if i < tok.vocab_size])  # drop model-only special tokens (e.g. GLM's)
