@@ -24,6 +24,15 @@ def load_tokenizer(path: str) -> Tokenizer:
                 kind = json.loads((p / "tokenizer_config.json").read_text()).get("kind")
             except ValueError:
                 raise LMForgeError(f"{p / 'tokenizer_config.json'}: not valid JSON") from None
+        if (p / "tokenizer.tiktoken").is_file():
+            from lmforge.tokenizer.external import TiktokenTokenizer
+
+            return TiktokenTokenizer.from_tiktoken_file(p / "tokenizer.tiktoken", json.loads(
+                (p / "tokenizer_config.json").read_text()).get("encoding") if kind else None)
+        if (p / "encoder.json").is_file() and (p / "vocab.bpe").is_file():
+            from lmforge.tokenizer.external import TiktokenTokenizer
+
+            return TiktokenTokenizer.from_gpt2_files(p)
         if kind == "char" or (p / "char_vocab.json").is_file():
             from lmforge.tokenizer.char import CharTokenizer
 
@@ -32,6 +41,10 @@ def load_tokenizer(path: str) -> Tokenizer:
             from lmforge.tokenizer.hf import HFTokenizer
 
             return HFTokenizer.load(p)
+        if (p / "tokenizer.model").is_file():
+            from lmforge.tokenizer.external import SentencePieceTokenizer
+
+            return SentencePieceTokenizer(p / "tokenizer.model")
         if (p / "tokenizer.bin").is_file():
             from lmforge.tokenizer.llama2c import Llama2cTokenizer
 
@@ -41,4 +54,12 @@ def load_tokenizer(path: str) -> Tokenizer:
         from lmforge.tokenizer.llama2c import Llama2cTokenizer
 
         return Llama2cTokenizer.load(p)
-    raise LMForgeError(f"{p}: unknown tokenizer format")
+    if p.suffix == ".model":
+        from lmforge.tokenizer.external import SentencePieceTokenizer
+
+        return SentencePieceTokenizer(p)
+    if p.suffix == ".tiktoken":
+        from lmforge.tokenizer.external import TiktokenTokenizer
+
+        return TiktokenTokenizer.from_tiktoken_file(p)
+    raise LMForgeError(f"{p}: unknown tokenizer format (expected a directory, .bin, .model, .tiktoken or .gguf)")
