@@ -38,6 +38,9 @@ def test_train_save_load_roundtrip(kind, corpus, tmp_path):
         assert again.bos_id == again.tok.token_to_id("<s>")
     if kind == "bytelevel-bpe":
         assert tok.vocab_size == 600
+        assert again.fast is not None  # encoded by tiktoken from the same ranks: ids equal the tokenizers engine
+        sample = TINYSHAKESPEARE.read_text()[-30_000:] + "红楼梦 满纸荒唐言 🤖\n\n  x\t1234 don't"
+        assert again.encode(sample) == again.tok.encode(sample, add_special_tokens=False).ids
 
 
 def cli(*args, stdin=""):

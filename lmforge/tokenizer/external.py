@@ -36,8 +36,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.sp.encode(text)
-        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + (
-            [self.eos_id] if eos and self.eos_id is not None else [])
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(list(ids))
@@ -104,7 +107,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.enc.encode_ordinary(text)
-        return ids + ([self.eos_id] if eos and self.eos_id is not None else [])
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         return self.enc.decode_bytes(list(ids))

@@ -20,11 +20,18 @@ class HFTokenizer(Tokenizer):
         self.eos_id = tok.token_to_id(eos) if eos else None
         self.pad_id = tok.token_to_id(pad) if pad else None
         self.special_ids = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+        self.fast = _tiktoken_engine(tok) if kind == "bytelevel-bpe" else None
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + (
-            [self.eos_id] if eos and self.eos_id is not None else [])
+        if self.fast is not None:  # same ids (tests check), ~10x faster
+            ids = self.fast.encode_ordinary(text)
+        else:
+            ids = self.tok.encode(text, add_special_tokens=False).ids
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         # byte-fallback tokens (<0xXX>) are registered as special: skip only the real specials
@@ -55,3 +62,32 @@ class HFTokenizer(Tokenizer):
         meta = json.loads((d / META).read_text()) if (d / META).is_file() else {}
         return cls(tok, meta.get("kind", "hf"), meta.get("bos_token"), meta.get("eos_token"), meta.get("pad_token"),
                    meta.get("chat_template"))
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-ins for bytes, inverted (the byte-level BPE vocabulary is written in them)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _tiktoken_engine(tok):
+    """A tiktoken Encoding with the same ranks as a GPT-2-style byte-level BPE (ids are assigned in merge order,
+    so rank order is merge priority), or None when tiktoken is missing."""
+    try:
+        import tiktoken
+        import tiktoken_ext.openai_public as op
+    except ImportError:
+        return None
+    dec = _byte_decoder()
+    added = {t.content for t in tok.get_added_tokens_decoder().values()}
+    try:
+        ranks = {bytes(dec[ch] for ch in s): i for s, i in tok.get_vocab().items() if s not in added}
+    except KeyError:  # not a byte-level vocabulary
+        return None
+    return tiktoken.Encoding("lmforge-bpe", pat_str=op.r50k_pat_str, mergeable_ranks=ranks, special_tokens={})
