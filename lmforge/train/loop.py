@@ -212,7 +212,7 @@ class Trainer:
         total = cfg.decay_iters or cfg.max_iters
         self.model.train()
         bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not self.dist.main, file=sys.stderr,
-                   dynamic_ncols=True, desc="train")
+                   dynamic_ncols=True, desc="train", mininterval=0.1 if sys.stderr.isatty() else 10.0)
         last = {"step": self.step}
         t0 = time.perf_counter()
         try:
