@@ -1,151 +1,495 @@
-"""Tokenize a corpus into memory-mapped shards: ``train.bin`` / ``val.bin`` (uint16 when the vocabulary fits,
-else uint32), document offsets, the tokenizer, and ``index.json``. Written to a temp directory, then renamed."""
+"""Tokenize a corpus into memory-mapped shards (``lmforge data prepare``).
+
+Output directory (written to a temporary sibling directory, then renamed into place)::
+
+    train.bin, val.bin                 token ids, raw little-endian uint16 (vocabulary <= 65,536) or uint32
+    train.offsets.bin, val.offsets.bin int64 start offset of every document in the split's token stream
+    tokenizer/                         a copy of the tokenizer (its sha256 is checked when the data is opened)
+    index.json                         dtype, token/document counts per split, sources, tokenizer hash and path
+
+Documents are packed back to back: ``[BOS] doc [EOS]`` (by default BOS/EOS when the tokenizer has them). The
+validation split is either whole documents chosen by a seeded hash of their text (``split_mode="doc"``: the same
+document always lands in the same split, whatever the order, worker count or duplicates), or the last fraction of
+the token stream (``split_mode="tail"``: nanoGPT's ``train = data[:int(n * 0.9)]``).
+"""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
 import sys
 import tempfile
+from array import array
 from collections.abc import Iterator
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lmforge.errors import LMForgeError
 
 INDEX = "index.json"
+FORMAT = "lmforge-tokens-v1"
+SPLITS = ("train", "val")
+SPLIT_MODES = ("doc", "tail")
+CHUNK = 1 << 22  # characters read at a time when splitting a text file on a separator
 
 
-def read_documents(paths: list[str], skip_bad: bool = False, field: str = "text") -> Iterator[str]:
-    """Documents from .txt (a whole file is one document), .jsonl (``field`` of each line) or .parquet files."""
-    bad = 0
-    for p in map(Path, paths):
-        if not p.is_file():
-            raise LMForgeError(f"{p}: no such input file")
-        if p.suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise LMForgeError(f"{p}: reading parquet needs `pip install pyarrow`") from None
-            yield from (t for t in pq.read_table(p, columns=[field]).column(field).to_pylist() if t)
+# ---- reading documents ---------------------------------------------------------------------------------------
+# TODO: switch to lmforge.data.io.iter_documents once the cleaning engineer's reader lands (same formats/errors).
+
+def _kind(p: Path) -> str:
+    """Format of an input file by its suffix, ignoring a trailing ``.gz``."""
+    suffixes = [s.lower() for s in p.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    last = suffixes[-1] if suffixes else ""
+    return {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}.get(last, "text")
+
+
+class _Source:
+    """One input file opened as bytes; ``consumed()`` is the number of (compressed) bytes read since last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.raw = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self.f: Any = gzip.GzipFile(fileobj=self.raw) if path.suffix.lower() == ".gz" else self.raw
+        self._last = 0
+
+    def consumed(self) -> int:
+        now = self.raw.tell()
+        delta, self._last = now - self._last, now
+        return delta
+
+    def close(self) -> None:
+        self.f.close()
+        self.raw.close()
+
+
+class BadRecords:
+    """Counts records skipped with ``skip_bad`` (reported once at the end)."""
+
+    def __init__(self, skip: bool) -> None:
+        self.skip, self.count, self.first = skip, 0, ""
+
+    def __call__(self, where: str, what: str) -> None:
+        if not self.skip:
+            raise LMForgeError(f"{where}: {what} (use --skip-bad to skip such records)")
+        self.count += 1
+        self.first = self.first or f"{where}: {what}"
+
+
+def _record_text(rec: Any, field: str) -> str:
+    if not isinstance(rec, dict):
+        raise ValueError(f"not a JSON object (got {type(rec).__name__})")
+    if field not in rec:
+        raise ValueError(f"field {field!r} missing")
+    text = rec[field]
+    if not isinstance(text, str):
+        raise ValueError(f"field {field!r} is not a string (got {type(text).__name__})")
+    return text
+
+
+def _read_jsonl(src: _Source, field: str, bad: BadRecords) -> Iterator[str]:
+    for n, line in enumerate(src.f, 1):  # binary lines: only b"\n" ends a record (U+2028 may appear in strings)
+        if not line.strip():
             continue
         try:
-            text = p.read_text(encoding="utf-8")
+            rec = json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))
         except UnicodeDecodeError as e:
-            raise LMForgeError(f"{p}: not UTF-8 text (byte {e.start})") from None
-        if p.suffix != ".jsonl":
-            yield text
+            bad(f"{src.path}:{n}", f"not UTF-8 (byte {e.start} of the line)")
             continue
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        except ValueError as e:
+            bad(f"{src.path}:{n}", f"invalid JSON ({e.args[0].split(':')[0]})")
+            continue
+        try:
+            text = _record_text(rec, field)
+        except ValueError as e:
+            bad(f"{src.path}:{n}", str(e))
+            continue
+        yield text
+
+
+def _read_json(src: _Source, field: str, bad: BadRecords) -> Iterator[str]:
+    try:
+        data = json.loads(src.f.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LMForgeError(f"{src.path}: not a UTF-8 JSON file ({e})") from None
+    if not isinstance(data, list):
+        raise LMForgeError(f"{src.path}: expected a JSON array of objects with a {field!r} field")
+    for n, rec in enumerate(data):
+        try:
+            yield _record_text(rec, field)
+        except ValueError as e:
+            bad(f"{src.path}: record {n}", str(e))
+
+
+def _read_text(src: _Source, separator: str | None) -> Iterator[str]:
+    reader = io.TextIOWrapper(src.f, encoding="utf-8-sig", newline="")  # keep \r\n exactly; drop a leading BOM
+    try:
+        if separator is None:
+            yield reader.read()
+            return
+        rest = ""
+        while chunk := reader.read(CHUNK):
+            parts = (rest + chunk).split(separator)
+            rest = parts.pop()
+            yield from parts
+        yield rest
+    except UnicodeDecodeError as e:
+        raise LMForgeError(f"{src.path}: not UTF-8 text ({e.reason})") from None
+    finally:
+        reader.detach()
+
+
+def _read_parquet(path: Path, field: str, bad: BadRecords) -> Iterator[tuple[str | None, int]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LMForgeError(f"{path}: reading parquet needs pyarrow (`pip install pyarrow`)") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own error types
+        raise LMForgeError(f"{path}: not a parquet file ({e})") from None
+    names = pf.schema_arrow.names
+    if field not in names:
+        raise LMForgeError(f"{path}: no column {field!r} (columns: {', '.join(names)}; choose one with --field)")
+    size, rows, row = path.stat().st_size, max(1, pf.metadata.num_rows), 0
+    for batch in pf.iter_batches(columns=[field], batch_size=4096):
+        values = batch.column(0).to_pylist()
+        for v in values:
+            if not isinstance(v, str):
+                bad(f"{path}: row {row}", f"column {field!r} is {'null' if v is None else type(v).__name__}")
+            else:
+                yield v, 0
+            row += 1
+        yield None, size * len(values) // rows
+
+
+def read_documents(paths: list[str], skip_bad: bool = False, field: str = "text", separator: str | None = None,
+                   bad: BadRecords | None = None) -> Iterator[tuple[str | None, int, int]]:
+    """``(text, source index, bytes read)`` for every document; ``text`` is None for progress-only items.
+
+    .txt (and any other suffix): the whole file is one document, or one per piece between ``separator``s;
+    .jsonl: ``field`` of each line's object; .json: an array of objects; .parquet: column ``field``. A ``.gz``
+    suffix is decompressed. Empty and whitespace-only documents are dropped. Malformed records raise
+    ``LMForgeError("file:line: ...")`` unless ``skip_bad`` (then they are counted in ``bad``)."""
+    bad = bad if bad is not None else BadRecords(skip_bad)
+    for i, p in enumerate(map(Path, paths)):
+        if not p.is_file():
+            raise LMForgeError(f"{p}: no such input file")
+        kind = _kind(p)
+        if kind == "parquet":
+            for text, n in _read_parquet(p, field, bad):
+                yield (text if text and text.strip() else None), i, n
+            continue
+        src = _Source(p)
+        try:
+            if kind == "jsonl":
+                docs = _read_jsonl(src, field, bad)
+            elif kind == "json":
+                docs = _read_json(src, field, bad)
+            else:
+                docs = _read_text(src, separator)
             try:
-                rec = json.loads(line)
-                doc = rec[field]
-                if not isinstance(doc, str):
-                    raise TypeError
-            except (ValueError, KeyError, TypeError) as e:
-                if skip_bad:
-                    bad += 1
-                    continue
-                what = "invalid JSON" if isinstance(e, ValueError) else f"field {field!r} missing or not a string"
-                raise LMForgeError(f"{p}:{n}: {what} (use --skip-bad to skip such records)") from None
-            if doc:
-                yield doc
-    if bad:
-        print(f"skipped {bad} bad record(s)", file=sys.stderr)
+                for text in docs:
+                    yield (text if text.strip() else None), i, src.consumed()
+            except (OSError, EOFError) as e:  # e.g. a truncated .gz
+                raise LMForgeError(f"{p}: cannot read ({e})") from None
+            yield None, i, src.consumed()
+        finally:
+            src.close()
 
 
-_TOK = None
+# ---- tokenizing (in worker processes) --------------------------------------------------------------------------
+
+_TOK: Any = None
+_CFG: dict[str, Any] = {}
 
 
-def _init(tok_path: str) -> None:
-    global _TOK
+def _init(tok_path: str, cfg: dict[str, Any]) -> None:
+    global _TOK, _CFG
     from lmforge.tokenizer import load_tokenizer
 
-    _TOK = load_tokenizer(tok_path)
+    _TOK, _CFG = load_tokenizer(tok_path), cfg
 
 
-def _encode(args: tuple[str, bool, bool]) -> np.ndarray:
-    text, bos, eos = args
-    return np.asarray(_TOK.encode(text, bos=bos, eos=eos), dtype=np.int64)
+def _set_tokenizer(tok: Any, cfg: dict[str, Any]) -> None:
+    global _TOK, _CFG
+    _TOK, _CFG = tok, cfg
 
 
-def tokenizer_hash(tok_dir: Path) -> str:
+def split_hash(text: str, seed: int) -> float:
+    """A number uniform in [0, 1) from the document's text and the seed (the doc split's coin)."""
+    digest = hashlib.sha256(seed.to_bytes(8, "little", signed=True) + text.encode("utf-8", "surrogatepass"))
+    return int.from_bytes(digest.digest()[:8], "big") / 2**64
+
+
+def _encode_one(text: str, src: int) -> np.ndarray:
+    c = _CFG
+    try:
+        ids = np.asarray(_TOK.encode(text, bos=c["bos"], eos=c["eos"]), dtype=np.int64)
+    except LMForgeError as e:  # e.g. a character outside a char-level vocabulary
+        raise LMForgeError(f"{c['paths'][src]}: {e}") from None
+    if ids.size and (ids.min() < 0 or ids.max() >= c["vocab_size"]):
+        bad = int(ids.max() if ids.max() >= c["vocab_size"] else ids.min())
+        raise LMForgeError(f"{c['paths'][src]}: the tokenizer produced id {bad}, outside its vocabulary of "
+                           f"{c['vocab_size']}")
+    return ids.astype(c["dtype"])
+
+
+def _encode_batch(batch: list[tuple[str | None, int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                                     int]:
+    """Tokenize a batch of documents: (all ids concatenated, ids per document, split coin per document, source per
+    document, bytes read). One result per batch keeps the inter-process traffic small."""
+    parts, lengths, coins, srcs, nbytes = [], [], [], [], 0
+    for text, src, n in batch:
+        nbytes += n
+        if text is None:
+            continue
+        ids = _encode_one(text, src)
+        if not len(ids):
+            continue
+        parts.append(ids)
+        lengths.append(len(ids))
+        coins.append(split_hash(text, _CFG["seed"]) if _CFG["hash"] else 0.0)
+        srcs.append(src)
+    ids = np.concatenate(parts) if parts else np.zeros(0, _CFG["dtype"])
+    return ids, np.asarray(lengths, np.int64), np.asarray(coins, np.float64), np.asarray(srcs, np.int64), nbytes
+
+
+def _batches(items: Iterator[tuple[str | None, int, int]], max_chars: int = 1 << 20, max_docs: int = 4096
+             ) -> Iterator[list[tuple[str | None, int, int]]]:
+    batch, chars = [], 0
+    for item in items:
+        batch.append(item)
+        chars += len(item[0]) if item[0] else 0
+        if chars >= max_chars or len(batch) >= max_docs:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+# ---- the prepared directory ------------------------------------------------------------------------------------
+
+def tokenizer_hash(path: str | Path) -> str:
+    """sha256 over a tokenizer directory's files (sorted name + bytes), or of a single tokenizer file."""
+    path = Path(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in tok_dir.iterdir() if p.is_file()):
+    if path.is_file():
+        h.update(path.read_bytes())
+        return h.hexdigest()
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()
 
 
-def prepare(inputs: list[str], tokenizer: str, output: str, val_fraction: float = 0.001, split_mode: str = "doc",
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path) / INDEX).is_file()
+
+
+def _settings(index: dict[str, Any]) -> dict[str, Any]:
+    """What a rerun must match to reuse an existing output."""
+    keys = ("tokenizer_source_sha256", "split_mode", "val_fraction", "seed", "bos", "eos", "field", "separator")
+    out = {k: index.get(k) for k in keys}
+    out["sources"] = [(s["path"], s["bytes"]) for s in index.get("sources", []) if isinstance(s, dict)]
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move ``tmp`` to ``out``; an existing ``out`` is set aside first and removed only after the move."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _Writer:
+    """Appends one split's tokens to ``NAME.bin`` and its document starts to memory (8 bytes per document)."""
+
+    def __init__(self, path: Path) -> None:
+        self.f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.tokens = 0
+        self.offsets = array("q")
+
+    def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents: their ids concatenated, and the length of each."""
+        if not len(lengths):
+            return
+        starts = self.tokens + np.concatenate([[0], np.cumsum(lengths[:-1])])
+        self.offsets.extend(starts.tolist())
+        self.f.write(ids.tobytes())
+        self.tokens += len(ids)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _split_tail(tmp: Path, w: _Writer, dtype: np.dtype, val_fraction: float) -> dict[str, tuple[int, np.ndarray]]:
+    """Cut the one written stream at ``int(n * (1 - val_fraction))`` into train.bin and val.bin."""
+    n = w.tokens
+    n_train = int(n * (1 - val_fraction)) if val_fraction > 0 else n
+    starts = np.frombuffer(w.offsets, dtype=np.int64) if len(w.offsets) else np.zeros(0, np.int64)
+    size = np.dtype(dtype).itemsize
+    with open(tmp / "train.bin", "rb+") as f, open(tmp / "val.bin", "wb") as v:
+        f.seek(n_train * size)
+        shutil.copyfileobj(f, v, 1 << 24)
+        f.truncate(n_train * size)
+    val_starts = starts[starts >= n_train] - n_train
+    if n > n_train and (len(val_starts) == 0 or val_starts[0] != 0):
+        val_starts = np.concatenate([[0], val_starts])  # the split begins inside a document
+    return {"train": (n_train, starts[starts < n_train]), "val": (n - n_train, val_starts.astype(np.int64))}
+
+
+def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float = 0.001, split_mode: str = "doc",
             bos: bool | None = None, eos: bool | None = None, workers: int = 0, seed: int = 0,
-            overwrite: bool = False, skip_bad: bool = False, field: str = "text") -> dict:
+            overwrite: bool = False, skip_bad: bool = False, field: str = "text", separator: str | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Tokenize ``inputs`` into ``output`` (see the module docstring) and return its index.
+
+    ``tokenizer`` is a path ``load_tokenizer`` reads, or a Tokenizer object (then encoding runs in this process
+    unless the object can ``save()`` itself). ``bos``/``eos`` None: add them when the tokenizer has them.
+    ``workers`` 0: min(2, CPUs). An existing complete output with the same sources and settings is returned as is
+    (with a note on stderr); with different ones it is an error unless ``overwrite``."""
     from tqdm import tqdm
 
     from lmforge.tokenizer import load_tokenizer
 
-    out = Path(output)
-    if (out / INDEX).is_file() and not overwrite:
-        print(f"{out} is already prepared (use --overwrite to redo it)", file=sys.stderr)
-        return json.loads((out / INDEX).read_text())
+    if not inputs:
+        raise LMForgeError("no input files")
     if not 0 <= val_fraction < 1:
         raise LMForgeError(f"--val-fraction {val_fraction}: must be in [0, 1)")
-    if split_mode not in ("doc", "tail"):
-        raise LMForgeError(f"--split-mode {split_mode!r}: allowed values are ['doc', 'tail']")
-    tok = load_tokenizer(tokenizer)
+    if split_mode not in SPLIT_MODES:
+        raise LMForgeError(f"--split-mode {split_mode!r}: allowed values are {list(SPLIT_MODES)}")
+    if separator == "":
+        raise LMForgeError("--doc-separator: must not be empty")
+    for p in map(Path, inputs):
+        if not p.is_file():
+            raise LMForgeError(f"{p}: no such input file")
+    tok_obj = not isinstance(tokenizer, (str, os.PathLike))
+    tok = tokenizer if tok_obj else load_tokenizer(str(tokenizer))
     bos = (tok.bos_id is not None) if bos is None else bos
     eos = (tok.eos_id is not None) if eos is None else eos
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    if bos and tok.bos_id is None:
+        raise LMForgeError("--bos: the tokenizer has no BOS token")
+    if eos and tok.eos_id is None:
+        raise LMForgeError("--eos: the tokenizer has no EOS token")
+    dtype = np.dtype("<u2" if tok.vocab_size <= 1 << 16 else "<u4")  # little-endian on every machine
+    sources = [{"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size} for p in inputs]
+    index: dict[str, Any] = {
+        "format": FORMAT, "dtype": dtype.name, "vocab_size": int(tok.vocab_size),
+        "bos": bos, "eos": eos, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+        "tokenizer": None, "tokenizer_sha256": None,
+        "tokenizer_source": None if tok_obj else str(Path(tokenizer).resolve()),
+        "tokenizer_source_sha256": None if tok_obj else tokenizer_hash(tokenizer),
+        "split_mode": split_mode, "val_fraction": val_fraction, "seed": seed, "field": field,
+        "separator": separator, "sources": sources,
+    }
+
+    out = Path(output).resolve()
+    if is_prepared(out):
+        old = json.loads((out / INDEX).read_text())
+        if not overwrite:
+            if _settings(old) == _settings(index):
+                print(f"{out}: already prepared (use --overwrite to redo it)", file=sys.stderr)
+                return old
+            diff = [k for k, v in _settings(index).items() if _settings(old).get(k) != v]
+            raise LMForgeError(f"{out}: already prepared from different {', '.join(diff)} (use --overwrite to "
+                               "replace it, or another --output)")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LMForgeError(f"{out}: exists and is not a prepared dataset (no {INDEX}); refusing to replace it")
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output gets ordinary permissions
+    pool = None
     try:
-        tok.save(str(tmp / "tokenizer"))
+        tok_dir = None
+        try:
+            tok.save(str(tmp / "tokenizer"))
+            tok_dir = tmp / "tokenizer"
+            index["tokenizer"], index["tokenizer_sha256"] = "tokenizer", tokenizer_hash(tok_dir)
+        except NotImplementedError:  # a Tokenizer object that cannot be written: no copy, encode in-process
+            print("note: the tokenizer cannot save itself; no copy is stored with the data", file=sys.stderr)
+        cfg = {"bos": bos, "eos": eos, "seed": seed, "vocab_size": int(tok.vocab_size), "dtype": dtype,
+               "hash": split_mode == "doc" and val_fraction > 0, "paths": [str(p) for p in inputs]}
         workers = workers or min(2, os.cpu_count() or 1)
-        docs = read_documents(inputs, skip_bad, field)
-        jobs = ((d, bos, eos) for d in docs)
-        if workers > 1:
-            pool = get_context("spawn").Pool(workers, initializer=_init, initargs=(str(tmp / "tokenizer"),))
-            encoded = pool.imap(_encode, jobs, chunksize=16)
+        one_doc = separator is None and len(inputs) == 1 and _kind(Path(inputs[0])) == "text"
+        bad = BadRecords(skip_bad)
+        items = read_documents(inputs, skip_bad, field, separator, bad)
+        if workers > 1 and tok_dir is not None and not one_doc:
+            pool = get_context("spawn").Pool(workers, initializer=_init, initargs=(str(tok_dir), cfg))
+            encoded = pool.imap(_encode_batch, _batches(items))
         else:
-            _init(str(tmp / "tokenizer"))
-            pool, encoded = None, map(_encode, jobs)
-        chunks: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-        for i, ids in enumerate(tqdm(encoded, desc="tokenize", unit="doc", file=sys.stderr)):
-            digest = hashlib.sha256(f"{seed}:{i}".encode()).digest()
-            is_val = split_mode == "doc" and int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
-            chunks["val" if is_val else "train"].append(ids)
+            _set_tokenizer(tok, cfg)
+            encoded = map(_encode_batch, _batches(items))
+        streams = ("train",) if split_mode == "tail" else SPLITS
+        writers = {s: _Writer(tmp / f"{s}.bin") for s in streams}
+        docs_per_source = [0] * len(inputs)
+        total = sum(s["bytes"] for s in sources)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, disable=not progress,
+                   mininterval=0.2 if sys.stderr.isatty() else 10.0)
+        try:
+            for ids, lengths, coins, srcs, nbytes in encoded:
+                bar.update(nbytes)
+                for src in srcs.tolist():
+                    docs_per_source[src] += 1
+                if not cfg["hash"]:
+                    writers["train"].add(ids, lengths)
+                    continue
+                is_val = coins < val_fraction
+                per_token = np.repeat(is_val, lengths)
+                writers["train"].add(ids[~per_token], lengths[~is_val])
+                writers["val"].add(ids[per_token], lengths[is_val])
+        finally:
+            bar.close()
+            for w in writers.values():
+                w.close()
         if pool is not None:
             pool.close()
             pool.join()
-        if split_mode == "tail":  # the last fraction of the token stream (nanoGPT's split)
-            flat = np.concatenate(chunks["train"]) if chunks["train"] else np.zeros(0, np.int64)
-            n_train = int(len(flat) * (1 - val_fraction))
-            ends = np.cumsum([len(c) for c in chunks["train"]])
-            chunks = {"train": [flat[:n_train]], "val": [flat[n_train:]]}
-            offsets = {"train": np.concatenate([[0], ends[ends < n_train]]), "val": np.array([0])}
+            pool = None
+        if split_mode == "tail":
+            splits = _split_tail(tmp, writers["train"], dtype, val_fraction)
         else:
-            offsets = {k: np.concatenate([[0], np.cumsum([len(c) for c in v])[:-1]]) if v else np.zeros(0, np.int64)
-                       for k, v in chunks.items()}
-        index = {"format": "lmforge-tokens-v1", "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
-                 "tokenizer": "tokenizer", "tokenizer_source": str(tokenizer),
-                 "tokenizer_sha256": tokenizer_hash(tmp / "tokenizer"), "bos": bos, "eos": eos,
-                 "sources": [str(p) for p in inputs], "split_mode": split_mode, "val_fraction": val_fraction,
-                 "splits": {}}
-        for split, parts in chunks.items():
-            arr = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
-            arr.tofile(tmp / f"{split}.bin")
-            offsets[split].astype(np.int64).tofile(tmp / f"{split}.offsets.bin")
-            index["splits"][split] = {"file": f"{split}.bin", "tokens": int(len(arr)),
-                                      "documents": int(len(offsets[split])), "offsets": f"{split}.offsets.bin"}
-        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            splits = {s: (w.tokens, np.frombuffer(w.offsets, dtype=np.int64) if len(w.offsets) else
+                          np.zeros(0, np.int64)) for s, w in writers.items()}
+        index["splits"] = {}
+        for s, (n, offsets) in splits.items():
+            offsets.astype("<i8").tofile(tmp / f"{s}.offsets.bin")
+            index["splits"][s] = {"file": f"{s}.bin", "tokens": int(n), "documents": int(len(offsets)),
+                                  "offsets": f"{s}.offsets.bin"}
+        for s, n in zip(sources, docs_per_source):
+            s["documents"] = n
+        index["skipped_bad_records"] = bad.count
+        if bad.count:
+            print(f"skipped {bad.count} bad record(s) (first: {bad.first})", file=sys.stderr)
+        if not splits["train"][0]:
+            raise LMForgeError("no tokens for the train split (empty inputs, or --val-fraction too large)")
+        if val_fraction > 0 and not splits["val"][0]:
+            print(f"warning: no document fell into the validation split (val-fraction {val_fraction} of "
+                  f"{sum(docs_per_source)} documents); try --split-mode tail", file=sys.stderr)
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")  # written last: marks the output complete
+        _replace_dir(tmp, out)
     finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
         shutil.rmtree(tmp, ignore_errors=True)
     return index

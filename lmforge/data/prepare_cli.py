@@ -2,35 +2,55 @@
 
 from __future__ import annotations
 
-import sys
+import argparse
+
+DESCRIPTION = """Tokenize .txt/.jsonl/.json/.parquet files (optionally .gz) into train.bin/val.bin (raw uint16, or
+uint32 for vocabularies over 65,536, memory-mappable with numpy), per-document offsets, a copy of the tokenizer and
+index.json. A .txt file is one document unless --doc-separator is given. Documents are packed back to back with BOS
+before / EOS after each one (default: whichever the tokenizer has). The output is written to a temporary directory
+and renamed into place."""
 
 
 def add_parser(sub, name: str, help_: str) -> None:
-    p = sub.add_parser(name, help=help_, description="Tokenize .txt/.jsonl/.parquet files into train.bin/val.bin "
-                       "(uint16 or uint32 memmaps), document offsets, the tokenizer and index.json.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.add_argument("--tokenizer", required=True, help="any tokenizer path lmforge reads")
-    p.add_argument("--output", required=True)
-    p.add_argument("--val-fraction", type=float, default=0.001, help="fraction held out (default 0.001)")
+    p = sub.add_parser(name, help=help_, description=DESCRIPTION)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt, .jsonl, .json or .parquet files")
+    p.add_argument("--tokenizer", required=True, help="any tokenizer path lmforge reads (file or directory)")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--val-fraction", type=float, default=0.001, metavar="F",
+                   help="fraction held out for validation (default 0.001)")
     p.add_argument("--split-mode", choices=["doc", "tail"], default="doc",
-                   help="doc: whole documents by seeded hash; tail: the last fraction of the token stream (nanoGPT)")
-    p.add_argument("--bos", action=__import__("argparse").BooleanOptionalAction, default=None,
+                   help="doc: whole documents chosen by a seeded hash of their text; tail: the last F of the token "
+                   "stream, as nanoGPT splits shakespeare_char (default doc)")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="BOS before each document (default: when the tokenizer has one)")
-    p.add_argument("--eos", action=__import__("argparse").BooleanOptionalAction, default=None,
+    p.add_argument("--eos", action=argparse.BooleanOptionalAction, default=None,
                    help="EOS after each document (default: when the tokenizer has one)")
-    p.add_argument("--field", default="text", help="JSONL/parquet text field (default: text)")
-    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: min(2, CPUs))")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
-    p.add_argument("--overwrite", action="store_true", help="redo an already prepared output")
+    p.add_argument("--field", default="text", help="JSON/parquet field holding the text (default: text)")
+    p.add_argument("--doc-separator", default=None, metavar="STR",
+                   help="split .txt files into documents on STR (escapes like \\n are decoded, e.g. '\\n\\n' or "
+                   "'<|endoftext|>'); default: a whole file is one document")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="tokenizer processes (default: min(2, CPUs))")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document split hash (default 0)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared output")
     p.set_defaults(func=run)
 
 
 def run(args) -> None:
     from lmforge.data.prepare import prepare
+    from lmforge.errors import LMForgeError
 
-    idx = prepare(args.inputs, args.tokenizer, args.output, args.val_fraction, args.split_mode, args.bos, args.eos,
-                  args.workers, args.seed, args.overwrite, args.skip_bad, args.field)
+    sep = args.doc_separator
+    if sep is not None:
+        try:
+            sep = sep.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            raise LMForgeError(f"--doc-separator {args.doc_separator!r}: bad escape sequence") from None
+    if args.workers < 0:
+        raise LMForgeError(f"--workers {args.workers}: must be >= 0")
+    idx = prepare(args.inputs, args.tokenizer, args.output, val_fraction=args.val_fraction,
+                  split_mode=args.split_mode, bos=args.bos, eos=args.eos, workers=args.workers, seed=args.seed,
+                  overwrite=args.overwrite, skip_bad=args.skip_bad, field=args.field, separator=sep)
     s = idx["splits"]
-    print(f"{args.output}: train {s['train']['tokens']:,} tokens ({s['train']['documents']:,} docs), "
-          f"val {s['val']['tokens']:,} tokens, {idx['dtype']}", file=sys.stderr)
+    print(f"{args.output}: train {s['train']['tokens']:,} tokens ({s['train']['documents']:,} documents), "
+          f"val {s['val']['tokens']:,} tokens ({s['val']['documents']:,} documents), {idx['dtype']}")
