@@ -78,8 +78,9 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> D
     extra = sorted(set(sd) - set(expected))
     if extra:
         raise LMForgeError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unused)")
-    model = model.to_empty(device="cpu")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=False)
+    # assign: the loaded tensors become the parameters (no second copy of the weights in memory)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=False,
+                          assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     _reinit_buffers(model)

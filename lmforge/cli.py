@@ -18,6 +18,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("generate", "lmforge.commands.generate", "generate text from a model"),
     ("convert", "lmforge.commands.convert", "convert checkpoints between lmforge, Hugging Face and llama2.c"),
     ("pretrain", "lmforge.commands.pretrain", "pretrain a model from a YAML config or a named recipe"),
+    ("quantize", "lmforge.commands.quantize", "weight-only int8/int4 quantization of a model's linear layers"),
     ("tokenizer", "lmforge.commands.tokenizer", "train, encode and decode with tokenizers"),
     ("data", "lmforge.commands.data", "clean and prepare corpora"),
 ]

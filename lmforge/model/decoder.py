@@ -111,8 +111,11 @@ class Decoder(nn.Module):
                 _xavier(w[: nq * hd], d, nq * hd, 1.0)
                 _xavier(w[nq * hd : (nq + nkv) * hd], d, nkv * hd, 1.0)
                 _xavier(w[(nq + nkv) * hd :], d, nkv * hd, cfg.beta)
-                for lin in (b.attn.proj, b.mlp.fc1, b.mlp.fc2):
+                for lin in (b.attn.proj, b.mlp.fc2):
                     nn.init.xavier_normal_(lin.weight, gain=cfg.beta)
+                h = cfg.hidden_size  # a gated fc1 is two (h, d) matrices side by side: each gets its own xavier
+                for part in b.mlp.fc1.weight.split(h) if cfg.gated else [b.mlp.fc1.weight]:
+                    _xavier(part, d, h, cfg.beta)
             elif cfg.scaled_residual_init:
                 std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
                 nn.init.normal_(b.attn.proj.weight, std=std)
@@ -149,18 +152,20 @@ class Decoder(nn.Module):
             pos = torch.arange(offset, offset + T, device=input_ids.device)
             position_ids = pos[None] if cfg.position != "glm2d" else torch.stack([pos, torch.zeros_like(pos)])[None]
 
+        if cfg.position == "glm2d" and position_ids.dim() != 3:
+            raise ValueError("glm2d models take position_ids of shape (B, 2, T): positions and block positions")
         x = self.wte(input_ids)
         if cfg.embedding_scale != 1.0:
             x = x * cfg.embedding_scale
+        if cfg.embedding_grad_shrink != 1.0:  # GLM-130B: shrink the gradient reaching the word embeddings
+            a = cfg.embedding_grad_shrink
+            x = x * a + x.detach() * (1 - a)
         if cfg.position == "learned":
             x = x + self.wpe(position_ids)
         elif cfg.position == "glm2d" and cfg.glm2d == "learned":
             x = x + self.wpe(position_ids[:, 0]) + self.wpe_block(position_ids[:, 1])
         if cfg.embedding_norm:
             x = self.emb_norm(x)
-        if cfg.embedding_grad_shrink != 1.0:
-            a = cfg.embedding_grad_shrink
-            x = x * a + x.detach() * (1 - a)
         x = self.drop(x)
 
         rope = None

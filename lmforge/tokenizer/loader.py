@@ -37,6 +37,10 @@ def load_tokenizer(path: str) -> Tokenizer:
             from lmforge.tokenizer.char import CharTokenizer
 
             return CharTokenizer.load(str(p))
+        if kind == "gguf" or (p / "tokenizer.gguf").is_file():
+            from lmforge.interop.gguf import load_gguf_tokenizer
+
+            return load_gguf_tokenizer(p)
         if (p / "tokenizer.json").is_file():
             from lmforge.tokenizer.hf import HFTokenizer
 

@@ -1,0 +1,116 @@
+"""`lmforge quantize`: weight-only int8 / int4 quantization of a model's linear layers into a loadable directory."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lmforge.errors import LMForgeError
+
+
+def add_parser(sub, name: str, help_: str) -> None:
+    p = sub.add_parser(
+        name, help=help_,
+        description="Quantize the linear layers of a model (weights only; embeddings, norms and biases stay float32): "
+        "int8 with one scale per output channel, or int4 in groups of 32/64/128 columns (symmetric or asymmetric). "
+        "int4 uses GPTQ by default, calibrated on --calibration text or, without it, on samples the model writes "
+        "itself. The output directory (config.json, quantization.json, model.safetensors, tokenizer files) loads "
+        "anywhere a model path is accepted, e.g. `lmforge generate --model DIR`.")
+    p.add_argument("--model", help="lmforge checkpoint dir, Hugging Face dir, llama2.c .bin or .gguf "
+                                   "(default: the bundled stories260K)")
+    p.add_argument("--tokenizer", help="tokenizer path (default: found with the model)")
+    p.add_argument("--bits", type=int, choices=(8, 4), required=True, help="8 or 4")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 32)")
+    p.add_argument("--asymmetric", action="store_true", help="int4 with a per-group offset (min..max levels)")
+    p.add_argument("--lm-head", action="store_true", help="also quantize the output projection (round to nearest)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default=None,
+                   help="rtn = round to nearest; gptq = error-compensating (int4 only; default for int4)")
+    p.add_argument("--calibration", help="text file to calibrate GPTQ on (default: text sampled from the model)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed for self-generated calibration (default 0)")
+    p.add_argument("--output", required=True, help="output directory")
+    p.set_defaults(func=run)
+
+
+def _load_tokenizer(model_path: Path, tok_arg: str | None, vocab_size: int):
+    """(tokenizer object or None, raw tokenizer file to copy or None)."""
+    from lmforge.commands.common import find_tokenizer_path
+
+    if tok_arg is None and model_path.suffix == ".gguf":
+        from lmforge.interop.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(model_path), None
+    tok_path = Path(tok_arg) if tok_arg else find_tokenizer_path(model_path, vocab_size)
+    if tok_path is None:
+        return None, None
+    try:
+        from lmforge.tokenizer import load_tokenizer
+
+        return load_tokenizer(str(tok_path)), None
+    except ImportError as e:  # tokenizer formats not available in this build: carry the file along
+        print(f"lmforge quantize: warning: cannot load the tokenizer ({e}); copying {tok_path} instead",
+              file=sys.stderr)
+        return None, tok_path if tok_path.is_file() else None
+
+
+def _calibration_ids(args, tok, model):
+    import torch
+
+    if not args.calibration:
+        return None
+    if tok is None:
+        raise LMForgeError(f"--calibration {args.calibration}: needs a tokenizer (pass --tokenizer)")
+    try:
+        text = Path(args.calibration).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LMForgeError(f"--calibration {args.calibration}: cannot read: {e}") from None
+    ids = tok.encode(text, bos=True)
+    n = min(args.calib_len, model.cfg.block_size)
+    chunks = [ids[i : i + n] for i in range(0, len(ids) - n + 1, n)][: args.calib_samples]
+    if not chunks:
+        raise LMForgeError(f"--calibration {args.calibration}: {len(ids)} tokens, fewer than --calib-len {n}")
+    return torch.tensor(chunks)
+
+
+def run(args) -> None:
+    from lmforge.assets import STORIES260K
+    from lmforge.checkpoint import load_model
+    from lmforge.infer.quant import (
+        QuantConfig,
+        QuantLinear,
+        quantize_model,
+        save_quantized,
+        self_calibration,
+        weight_bytes,
+    )
+
+    if args.bits == 4 and args.group_size is None:
+        args.group_size = 32
+    method = args.method or ("gptq" if args.bits == 4 else "rtn")
+    qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
+                       lm_head=args.lm_head, method=method)
+    qcfg.validate()
+    if args.calib_samples <= 0 or args.calib_len < 2:
+        raise LMForgeError("--calib-samples must be > 0 and --calib-len >= 2")
+    path = Path(args.model) if args.model else STORIES260K
+    model = load_model(path)
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise LMForgeError(f"{path}: the model is already quantized")
+    before = weight_bytes(model)
+    tok, raw_tok = _load_tokenizer(path, args.tokenizer, model.cfg.vocab_size)
+    calib = None
+    if method == "gptq":
+        calib = _calibration_ids(args, tok, model)
+        if calib is None:
+            print(f"lmforge quantize: sampling {args.calib_samples} x {args.calib_len} calibration tokens from the "
+                  f"model", file=sys.stderr)
+            start = tok.bos_id if tok is not None and tok.bos_id is not None else None
+            calib = self_calibration(model, args.calib_samples, args.calib_len, args.seed, start)
+    model = quantize_model(model, qcfg, calib, progress=True)
+    out = save_quantized(model, args.output, tok, [raw_tok] if raw_tok is not None else None)
+    after = weight_bytes(model)
+    n_layers = sum(isinstance(m, QuantLinear) for m in model.modules())
+    kind = f"int{qcfg.bits}" + (f"-g{qcfg.group_size}{'' if qcfg.symmetric else '-asym'}" if qcfg.bits == 4 else "")
+    print(f"{out}: {n_layers} linear layers as {kind} ({method}); weights {before / 1e6:.2f} MB -> "
+          f"{after / 1e6:.2f} MB ({before / after:.2f}x smaller)")

@@ -1,0 +1,588 @@
+"""Weight-only quantization of the decoder's linear layers: int8 per output channel, int4 group-wise.
+
+Formats (what ``quantization.json`` documents and ``model.safetensors`` holds for each quantized layer ``L``):
+
+* int8, symmetric, per output channel: ``L.qweight`` int8 (N, K), ``L.scales`` float32 (N,);
+  ``s = max|W[n]| / 127``, ``q = clamp(round(W / s), -127, 127)``, ``W ~ q * s``.
+* int4, group-wise (group size G along K; K is zero-padded up to Kp, a multiple of G):
+  ``L.qweight`` uint8 (N, Kp/2) with two values per byte (column 2j in the low nibble, 2j+1 in the high one),
+  ``L.scales`` float32 (N, Kp/G) and, when asymmetric, ``L.zeros`` float32 (N, Kp/G). Dequantized:
+  ``W[n, k] ~ (q[n, k] - 8) * scales[n, k // G] + zeros[n, k // G]`` (zeros = 0 when symmetric), with
+  symmetric ``s = max|W_g| / 7.5`` (levels -8..7) and asymmetric ``s = (max W_g - min W_g) / 15``,
+  ``zero = min W_g + 8 s`` (levels min .. max, like llama.cpp's Q4_1). Every element is within ``s / 2``.
+
+Biases, norms and embeddings stay float32. Forward uses PyTorch's CPU kernels ``_weight_int8pack_mm`` and
+``_weight_int4pack_mm_for_cpu`` (see ``COMPUTE_MODES``) or dequantize + matmul.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import LMForgeError
+
+QUANT_FILE = "quantization.json"
+FORMAT = "lmforge-weight-only"
+VERSION = 1
+GROUP_SIZES = (32, 64, 128)
+METHODS = ("rtn", "gptq")
+# float32:  PyTorch's packed kernels with float32 activations (matches dequantize + F.linear to ~1e-6);
+# bfloat16: the same kernels with bfloat16 activations and output (fast on AVX512 CPUs, ~3e-3 relative error);
+# dequant:  dequantize the weight on each call, then F.linear (int8: scale after the matmul);
+# auto:     dequant for int8 (the fastest exact path on CPU); int4: the float32 kernel for 1-2 rows (decoding),
+#           dequant for more (prefill, scoring); dequant off the CPU.
+COMPUTE_MODES = ("auto", "float32", "bfloat16", "dequant")
+_EPS = 1e-12
+
+
+# ---- formulas -----------------------------------------------------------------------------------
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (int8 q (N, K), float32 scales (N,)): symmetric, one scale per output channel."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(_EPS)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return q.float() * scales[:, None]
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) integers in [0, 15], K even -> uint8 (N, K/2): column 2j low nibble, 2j+1 high nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K/2) -> uint8 (N, K) values in [0, 15]."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def padded_k(k: int, group_size: int) -> int:
+    return math.ceil(k / group_size) * group_size
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(N, K) float -> (packed uint8 (N, Kp/2), scales (N, Kp/G), zeros (N, Kp/G) or None); see the module doc."""
+    w = w.detach().float()
+    n, k = w.shape
+    kp = padded_k(k, group_size)
+    if kp != k:
+        w = F.pad(w, (0, kp - k))
+    g = w.view(n, kp // group_size, group_size)
+    if symmetric:
+        scale = (g.abs().amax(dim=-1) / 7.5).clamp_min(_EPS)
+        q = torch.round(g / scale[..., None]).clamp_(-8, 7) + 8
+        zeros = None
+    else:
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scale = ((hi - lo) / 15.0).clamp_min(_EPS)
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15)
+        zeros = lo + 8 * scale
+    return pack_int4(q.view(n, kp)), scale, zeros
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    in_features: int | None = None) -> torch.Tensor:
+    """Inverse of ``quantize_int4`` up to rounding: float32 (N, K) (padding columns dropped)."""
+    n, ng = scales.shape
+    q = unpack_int4(packed).view(n, ng, -1).float() - 8
+    w = q * scales[..., None]
+    if zeros is not None:
+        w = w + zeros[..., None]
+    w = w.view(n, -1)
+    return w if in_features is None else w[:, :in_features]
+
+
+# ---- the layer ----------------------------------------------------------------------------------
+
+
+def _default_compute() -> str:
+    mode = os.environ.get("LMFORGE_QUANT_COMPUTE", "auto")
+    if mode not in COMPUTE_MODES:
+        raise LMForgeError(f"LMFORGE_QUANT_COMPUTE={mode!r}: allowed values are {list(COMPUTE_MODES)}")
+    return mode
+
+
+class QuantLinear(nn.Module):
+    """A drop-in for ``nn.Linear`` holding an int8 or int4 weight (see the module doc for the format)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None,
+                 symmetric: bool = True, bias: bool = False, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise LMForgeError(f"bits={bits}: weight-only quantization supports 8 and 4")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.symmetric = bits, symmetric
+        self.compute = _default_compute()
+        n, k = out_features, in_features
+        if bits == 8:
+            self.group_size = None
+            self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.ones(n, device=device))
+            self.zeros = None
+        else:
+            if group_size is None or group_size <= 0 or group_size % 2:
+                raise LMForgeError(f"group_size={group_size}: int4 needs a positive even group size (32/64/128)")
+            self.group_size = group_size
+            kp = padded_k(k, group_size)
+            self.register_buffer("qweight", torch.zeros(n, kp // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.ones(n, kp // group_size, device=device))
+            if symmetric:
+                self.zeros = None
+            else:
+                self.register_buffer("zeros", torch.zeros(n, kp // group_size, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(n, device=device))
+        else:
+            self.bias = None
+        self._kernel: dict[str, Any] | None = None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, bits: int, group_size: int | None = None,
+                    symmetric: bool = True) -> QuantLinear:
+        m = cls(lin.in_features, lin.out_features, bits, group_size, symmetric, lin.bias is not None)
+        m.set_weight(lin.weight)
+        if lin.bias is not None:
+            m.bias = lin.bias.detach().float().clone()
+        return m
+
+    @torch.no_grad()
+    def set_weight(self, w: torch.Tensor) -> None:
+        if self.bits == 8:
+            self.qweight, self.scales = quantize_int8(w)
+        else:
+            self.qweight, self.scales, zeros = quantize_int4(w, self.group_size, self.symmetric)
+            if zeros is not None:
+                self.zeros = zeros
+        self._kernel = None
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (N, K) this layer computes with."""
+        if self.bits == 8:
+            return dequantize_int8(self.qweight, self.scales)
+        return dequantize_int4(self.qweight, self.scales, self.zeros, self.in_features)
+
+    def extra_repr(self) -> str:
+        kind = f"int{self.bits}" + (f", group_size={self.group_size}" if self.bits == 4 else ", per-channel")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
+                f"symmetric={self.symmetric}, bias={self.bias is not None}, compute={self.compute}")
+
+    def _apply(self, fn, recurse=True):  # moving or casting the module invalidates the kernel layout
+        self._kernel = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _mode(self, x: torch.Tensor) -> str:
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+            return "dequant"
+        mode = self.compute
+        if mode == "auto":  # the float32 int4 kernel wins only for a few rows (decoding); prefill dequantizes
+            rows = x.numel() // max(x.shape[-1], 1)
+            mode = "dequant" if self.bits == 8 or rows > 2 else "float32"
+        if x.dtype == torch.bfloat16 and mode == "float32":
+            mode = "bfloat16"
+        return mode
+
+    def _int8_bf16_kernel(self) -> dict[str, Any]:
+        if self._kernel is None:
+            k_pad = -self.in_features % 32
+            q = F.pad(self.qweight, (0, k_pad)) if k_pad else self.qweight
+            self._kernel = {"q": q.contiguous(), "s": self.scales.bfloat16(), "k": self.in_features + k_pad}
+        return self._kernel
+
+    def _int4_kernel(self) -> dict[str, Any]:
+        """The weight in ``_weight_int4pack_mm_for_cpu``'s layout (N padded to a multiple of 16)."""
+        if self._kernel is None:
+            n, ng = self.scales.shape
+            n_pad = -n % 16
+            q = unpack_int4(self.qweight).to(torch.int32)
+            scales, zeros = self.scales, self.zeros if self.zeros is not None else torch.zeros_like(self.scales)
+            if n_pad:
+                q = F.pad(q, (0, 0, 0, n_pad), value=8)
+                scales, zeros = F.pad(scales, (0, 0, 0, n_pad)), F.pad(zeros, (0, 0, 0, n_pad))
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+            sz = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()  # (ng, N, 2)
+            self._kernel = {"packed": packed, "sz": sz, "sz_bf16": sz.bfloat16()}
+        return self._kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self._mode(x)
+        shape = x.shape
+        if mode == "dequant":
+            if self.bits == 8:  # the per-channel scale commutes with the matmul
+                y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+            else:
+                y = F.linear(x, self.dequantize().to(x.dtype))
+        else:
+            x2 = x.reshape(-1, shape[-1])
+            xd = x2.to(torch.bfloat16 if mode == "bfloat16" else torch.float32).contiguous()
+            if self.bits == 8:
+                if mode == "bfloat16":  # the bfloat16 kernel needs K % 16 == 0 (it crashes otherwise)
+                    kern = self._int8_bf16_kernel()
+                    if kern["k"] != shape[-1]:
+                        xd = F.pad(xd, (0, kern["k"] - shape[-1]))
+                    y = torch.ops.aten._weight_int8pack_mm(xd, kern["q"], kern["s"])
+                else:
+                    y = torch.ops.aten._weight_int8pack_mm(xd, self.qweight, self.scales)
+            else:
+                kern = self._int4_kernel()
+                kp = self.qweight.shape[1] * 2
+                if kp != shape[-1]:
+                    xd = F.pad(xd, (0, kp - shape[-1]))
+                sz = kern["sz_bf16"] if mode == "bfloat16" else kern["sz"]
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xd, kern["packed"], self.group_size, sz)
+                y = y[:, : self.out_features]
+            y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+
+# ---- whole models -------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantConfig:
+    bits: int = 8
+    group_size: int | None = None  # int4 only
+    symmetric: bool = True
+    lm_head: bool = False  # also quantize the output projection (the embedding table stays float)
+    method: str = "rtn"  # "rtn": round to nearest; "gptq": error-compensating GPTQ on calibration data (int4)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise LMForgeError(f"--method {self.method!r}: allowed values are {list(METHODS)}")
+        if self.method == "gptq" and self.bits != 4:
+            raise LMForgeError("--method gptq: GPTQ is implemented for --bits 4; int8 uses round to nearest")
+        if self.bits not in (4, 8):
+            raise LMForgeError(f"--bits {self.bits}: allowed values are 8 and 4")
+        if self.bits == 8:
+            if not self.symmetric:
+                raise LMForgeError("--asymmetric: int8 is symmetric per channel; asymmetric is for --bits 4")
+            if self.group_size is not None:
+                raise LMForgeError("--group-size: int8 uses one scale per output channel; groups are for --bits 4")
+        elif self.group_size not in GROUP_SIZES:
+            raise LMForgeError(f"--group-size {self.group_size}: allowed values are {list(GROUP_SIZES)}")
+
+
+def quantizable_layers(model: nn.Module, lm_head: bool) -> list[str]:
+    """Names of the decoder's linear layers: every ``nn.Linear`` inside the blocks, plus ``lm_head`` if asked."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
+    if lm_head:
+        names.append("lm_head")
+    return names
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, qcfg: QuantConfig, calibration: torch.Tensor | None = None,
+                   progress: bool = False) -> nn.Module:
+    """Replace the linear layers of ``model`` (in place) by ``QuantLinear``; returns the model.
+
+    ``method="gptq"`` needs ``calibration`` token ids (B, T); without them the model writes its own
+    (``self_calibration``). The lm_head, if quantized, is rounded to nearest in both methods.
+    """
+    qcfg.validate()
+    names = quantizable_layers(model, qcfg.lm_head)
+    for name in names:
+        if isinstance(model.get_submodule(name), QuantLinear):
+            raise LMForgeError(f"{name}: the model is already quantized")
+    if qcfg.method == "gptq":
+        if calibration is None:
+            calibration = self_calibration(model)
+        _gptq_model(model, qcfg, calibration, progress)
+        names = [n for n in names if not n.startswith("blocks.")]
+    for name in names:
+        lin = model.get_submodule(name)
+        _set_module(model, name, QuantLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.symmetric))
+    model.quant_config = qcfg
+    return model
+
+
+# ---- GPTQ (Frantar et al. 2022): quantize column by column, spreading each column's error over the columns not
+# yet quantized using the inverse Hessian of the layer's inputs. Blocks are processed in order on the outputs of the
+# already-quantized blocks, and inside a block in the order qkv, proj, fc1, fc2 ("true sequential"); columns go in
+# order of decreasing activation energy ("act-order") with group scales fixed beforehand ("static groups"), so the
+# result is stored in the plain int4 format above.
+
+
+@torch.no_grad()
+def self_calibration(model: nn.Module, n_samples: int = 128, length: int = 256, seed: int = 0,
+                     start_id: int | None = None) -> torch.Tensor:
+    """Calibration token ids (n_samples, length) sampled from the model itself (temperature 1), starting at BOS."""
+    from lmforge.model import KVCache
+
+    cfg = model.cfg
+    length = min(length, cfg.block_size)
+    start = start_id if start_id is not None else (cfg.bos_id if cfg.bos_id is not None else 0)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    cache = KVCache(cfg, n_samples, length, device=device)
+    x = torch.full((n_samples, 1), start, dtype=torch.long, device=device)
+    out = [x]
+    for _ in range(length - 1):
+        probs = torch.softmax(model(x, cache=cache)[:, -1].float(), dim=-1)
+        x = torch.multinomial(probs.cpu(), 1, generator=gen).to(device)
+        out.append(x)
+    return torch.cat(out, dim=1)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _group_params(w: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros (N,) of one group of columns w (N, G), as in ``quantize_int4``."""
+    if symmetric:
+        s = (w.abs().amax(dim=1) / 7.5).clamp_min(_EPS)
+        return s, torch.zeros_like(s)
+    lo, hi = w.amin(dim=1), w.amax(dim=1)
+    s = ((hi - lo) / 15.0).clamp_min(_EPS)
+    return s, lo + 8 * s
+
+
+@torch.no_grad()
+def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int, symmetric: bool, block: int = 128,
+              damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ for one layer: w (N, K), hessian = 2 X^T X / n (K, K) -> (packed, scales, zeros) like quantize_int4."""
+    w = w.detach().float().clone()
+    n, k = w.shape
+    kp = padded_k(k, group_size)
+    h = hessian.float().clone()
+    if kp != k:
+        w, h = F.pad(w, (0, kp - k)), F.pad(h, (0, kp - k, 0, kp - k))
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    ng = kp // group_size
+    scales, zeros = torch.empty(n, ng), torch.empty(n, ng)
+    for g in range(ng):
+        scales[:, g], zeros[:, g] = _group_params(w[:, g * group_size : (g + 1) * group_size], symmetric)
+    perm = torch.argsort(torch.diag(h), descending=True)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(kp)
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except RuntimeError:  # not positive definite even after damping: fall back to round to nearest
+        packed, scales, zeros = quantize_int4(w[:, torch.argsort(perm)][:, :k], group_size, symmetric)
+        return packed, scales, zeros
+    groups = perm // group_size
+    q = torch.empty(n, kp)
+    for i1 in range(0, kp, block):
+        i2 = min(i1 + block, kp)
+        w1, err1, hi = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = int(groups[i1 + i])
+            s, z = scales[:, g], zeros[:, g]
+            qi = torch.round((w1[:, i] - z) / s + 8).clamp_(0, 15)
+            q[:, i1 + i] = qi
+            e = (w1[:, i] - ((qi - 8) * s + z)) / hi[i, i]
+            w1[:, i:] -= e[:, None] * hi[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    out = torch.empty_like(q)
+    out[:, perm] = q
+    return pack_int4(out), scales, None if symmetric else zeros
+
+
+def _gptq_model(model: nn.Module, qcfg: QuantConfig, calibration: torch.Tensor, progress: bool) -> None:
+    captured: dict[str, Any] = {}
+
+    def grab(mod, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _Stop
+
+    hook = model.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(calibration.to(next(model.parameters()).device))
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    x, rest, kwargs = captured["args"][0], captured["args"][1:], captured["kwargs"]
+    blocks = list(model.blocks)
+    it = blocks
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(blocks, desc="gptq", unit="block")
+    for block in it:
+        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+        order = sorted(names, key=lambda n: (["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"] + [n]).index(n))
+        for name in order:
+            lin = block.get_submodule(name)
+            stats = {"h": torch.zeros(lin.in_features, lin.in_features), "n": 0}
+
+            def acc(mod, inp, out, stats=stats):
+                a = inp[0].reshape(-1, inp[0].shape[-1]).float().cpu()
+                stats["h"] += 2 * a.t() @ a
+                stats["n"] += a.shape[0]
+
+            h = lin.register_forward_hook(acc)
+            try:
+                block(x, *rest, **kwargs)
+            finally:
+                h.remove()
+            ql = QuantLinear(lin.in_features, lin.out_features, 4, qcfg.group_size, qcfg.symmetric,
+                             lin.bias is not None)
+            packed, scales, zeros = gptq_int4(lin.weight, stats["h"] / max(stats["n"], 1), qcfg.group_size,
+                                              qcfg.symmetric)
+            ql.qweight, ql.scales = packed, scales
+            if zeros is not None:
+                ql.zeros = zeros
+            if lin.bias is not None:
+                ql.bias = lin.bias.detach().float().clone()
+            _set_module(block, name, ql.to(lin.weight.device))
+        x = block(x, *rest, **kwargs)
+
+
+def set_compute(model: nn.Module, mode: str) -> None:
+    """Choose how every ``QuantLinear`` of ``model`` computes (one of ``COMPUTE_MODES``)."""
+    if mode not in COMPUTE_MODES:
+        raise LMForgeError(f"compute mode {mode!r}: allowed values are {list(COMPUTE_MODES)}")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.compute = mode
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def save_quantized(model: nn.Module, path: str | Path, tokenizer=None, extra_files: list[Path] | None = None) -> Path:
+    """Write config.json + quantization.json + model.safetensors (+ tokenizer files) into ``path`` atomically."""
+    from safetensors.torch import save_file
+
+    from lmforge.checkpoint import CONFIG, WEIGHTS
+
+    qcfg: QuantConfig | None = getattr(model, "quant_config", None)
+    if qcfg is None:
+        raise LMForgeError("save_quantized: the model is not quantized (run quantize_model first)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.cfg.save(tmp / CONFIG)
+        layers = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+        meta = {"format": FORMAT, "version": VERSION, **asdict(qcfg), "layers": layers,
+                "dequantize": "int8: w = q * scale[n]; int4: w = (q - 8) * scale[n, k // G] + zero[n, k // G]",
+                "int4_packing": "two per byte along K, even column in the low nibble; K zero-padded to G"}
+        (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(quantized_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt", "lmforge": FORMAT})
+        if tokenizer is not None:
+            tokenizer.save(str(tmp))
+        for f in extra_files or []:
+            if not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_quant_config(path: Path) -> tuple[QuantConfig, list[str]]:
+    f = path / QUANT_FILE
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise LMForgeError(f"{f}: cannot read: {e}") from None
+    if d.get("format") != FORMAT:
+        raise LMForgeError(f"{f}: field format={d.get('format')!r}: expected {FORMAT!r}")
+    if d.get("version") != VERSION:
+        raise LMForgeError(f"{f}: field version={d.get('version')!r}: this lmforge reads version {VERSION}")
+    try:
+        qcfg = QuantConfig(bits=d["bits"], group_size=d.get("group_size"), symmetric=d.get("symmetric", True),
+                           lm_head=d.get("lm_head", False))
+        layers = list(d["layers"])
+    except KeyError as e:
+        raise LMForgeError(f"{f}: missing field {e.args[0]!r}") from None
+    qcfg.validate()
+    return qcfg, layers
+
+
+def load_quantized(path: str | Path, compute: str | None = None):
+    """Load a directory written by ``save_quantized`` (``lmforge quantize``) into a Decoder with QuantLinear layers."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from lmforge.checkpoint import CONFIG, WEIGHTS, _reinit_buffers
+    from lmforge.config import ModelConfig
+    from lmforge.model import Decoder
+
+    path = Path(path)
+    cfg = ModelConfig.load(path / CONFIG)
+    qcfg, layers = read_quant_config(path)
+    try:
+        sd = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise LMForgeError(f"{path / WEIGHTS}: cannot read safetensors: {e}") from None
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    for name in layers:
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise LMForgeError(f"{path / QUANT_FILE}: layer {name!r} does not exist in this config") from None
+        if not isinstance(lin, nn.Linear):
+            raise LMForgeError(f"{path / QUANT_FILE}: layer {name!r} is not a linear layer")
+        _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, qcfg.bits, qcfg.group_size,
+                                             qcfg.symmetric, lin.bias is not None, device="meta"))
+    tied_float = cfg.tie_embeddings and "lm_head" not in layers
+    expected = {k: v for k, v in model.state_dict().items() if not (tied_float and k == "lm_head.weight")}
+    for k, v in expected.items():
+        if k not in sd:
+            raise LMForgeError(f"{path / WEIGHTS}: tensor {k!r} is missing")
+        if tuple(sd[k].shape) != tuple(v.shape) or sd[k].dtype != v.dtype:
+            raise LMForgeError(f"{path / WEIGHTS}: tensor {k!r} is {sd[k].dtype} {tuple(sd[k].shape)}; the config "
+                               f"and quantization.json need {v.dtype} {tuple(v.shape)}")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise LMForgeError(f"{path / WEIGHTS}: unexpected tensor {extra[0]!r} ({len(extra)} unused)")
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(sd, strict=False)
+    if tied_float:
+        model.lm_head.weight = model.wte.weight
+    _reinit_buffers(model)
+    model.quant_config = qcfg
+    if compute is not None:
+        set_compute(model, compute)
+    return model.eval()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors a checkpoint of ``model`` stores (float or quantized; tied weights once)."""
+    return sum(t.numel() * t.element_size() for t in quantized_state_dict(model).values())
