@@ -152,7 +152,7 @@ class Decoder(nn.Module):
             pos = torch.arange(offset, offset + T, device=input_ids.device)
             position_ids = pos[None] if cfg.position != "glm2d" else torch.stack([pos, torch.zeros_like(pos)])[None]
 
-        if cfg.position == "glm2d" and position_ids.dim() != 3:
+        if cfg.position == "glm2d" and (position_ids.dim() != 3 or position_ids.shape[1] != 2):
             raise ValueError("glm2d models take position_ids of shape (B, 2, T): positions and block positions")
         x = self.wte(input_ids)
         if cfg.embedding_scale != 1.0:
@@ -207,8 +207,8 @@ class Decoder(nn.Module):
             allowed = allowed & (seg[:, None, :, None] == seg[:, None, None, :])
         neg = torch.finfo(dtype).min
         bias = None
-        if cfg.position == "alibi":  # slope * (key - query): 0 on the diagonal, more negative further back
-            bias = self.alibi.to(dtype).view(1, -1, 1, 1) * (k_pos - q_pos).to(dtype)[None, None]
+        if cfg.position == "alibi":  # -slope * |key - query|: 0 on the diagonal, more negative further away
+            bias = -self.alibi.to(dtype).view(1, -1, 1, 1) * (k_pos - q_pos).abs().to(dtype)[None, None]
         out = {}
         for local in (False, True):
             ok = allowed & (k_pos > q_pos - cfg.local_window)[None, None] if local else allowed
@@ -224,8 +224,9 @@ class Decoder(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.wte.weight.numel()
-            if hasattr(self, "wpe"):
-                n -= self.wpe.weight.numel()
+            for table in ("wpe", "wpe_block"):
+                if hasattr(self, table):
+                    n -= getattr(self, table).weight.numel()
         return n
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, **kw) -> torch.Tensor:

@@ -64,11 +64,18 @@ def detect_batch(texts: list[str], max_chars: int | None = None,
     ``merge``: language -> language whose probability absorbs it (e.g. :data:`VARIETIES`)."""
     ident = identifier()
     tables = _tables(ident)
-    if tables is None or not texts:
-        if merge:
-            raise LMForgeError("merging language varieties needs py3langid >= 0.4 (upgrade it, or set "
-                               "merge_varieties: false)")
-        return [detect(t, max_chars) for t in texts]
+    if tables is None or not texts:  # another py3langid layout: one text at a time through its public API
+        if not merge:
+            return [detect(t, max_chars) for t in texts]
+        res = []
+        for t in texts:
+            probs = dict(ident.rank(t[:max_chars] if max_chars else t))
+            for a, b in merge.items():
+                if a in probs and b in probs:
+                    probs[b] += probs.pop(a)
+            lang = max(probs, key=probs.__getitem__)
+            res.append((lang, float(probs[lang])))
+        return res
     col = {c: i for i, c in reversed(list(enumerate(ident.nb_classes)))}
     fold = [(col[a], col[b]) for a, b in (merge or {}).items() if a in col and b in col]
     nm, rowbase, out, ptc = tables
