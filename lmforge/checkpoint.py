@@ -51,17 +51,22 @@ def save_checkpoint(model: Decoder, path: str | Path, tokenizer=None) -> Path:
         save_file(model_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(str(tmp))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move a fully written directory ``tmp`` to ``path``, replacing what was there with renames only."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> Decoder:

@@ -480,7 +480,7 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer=None, extra_fil
     """Write config.json + quantization.json + model.safetensors (+ tokenizer files) into ``path`` atomically."""
     from safetensors.torch import save_file
 
-    from lmforge.checkpoint import CONFIG, WEIGHTS
+    from lmforge.checkpoint import CONFIG, WEIGHTS, replace_dir
 
     qcfg: QuantConfig | None = getattr(model, "quant_config", None)
     if qcfg is None:
@@ -501,14 +501,7 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer=None, extra_fil
         for f in extra_files or []:
             if not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

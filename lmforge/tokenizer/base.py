@@ -17,6 +17,14 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def _add_special(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+        """``ids`` with BOS in front and/or EOS at the end, when asked for and the tokenizer has them."""
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
     def decode_bytes(self, ids: list[int]) -> bytes:
         """Raw bytes of ``ids`` (for streaming: a partial UTF-8 character is not lost)."""
         return self.decode(ids).encode("utf-8")

@@ -36,11 +36,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.sp.encode(text)
-        if bos and self.bos_id is not None:
-            ids = [self.bos_id, *ids]
-        if eos and self.eos_id is not None:
-            ids.append(self.eos_id)
-        return ids
+        return self._add_special(ids, bos, eos)
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(list(ids))

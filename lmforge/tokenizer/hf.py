@@ -27,11 +27,7 @@ class HFTokenizer(Tokenizer):
             ids = self.fast.encode_ordinary(text)
         else:
             ids = self.tok.encode(text, add_special_tokens=False).ids
-        if bos and self.bos_id is not None:
-            ids = [self.bos_id, *ids]
-        if eos and self.eos_id is not None:
-            ids.append(self.eos_id)
-        return ids
+        return self._add_special(ids, bos, eos)
 
     def decode(self, ids: list[int]) -> str:
         # byte-fallback tokens (<0xXX>) are registered as special: skip only the real specials
