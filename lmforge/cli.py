@@ -16,6 +16,8 @@ from lmforge.errors import LMForgeError
 COMMANDS: list[tuple[str, str, str]] = [
     ("models", "lmforge.commands.models", "list model presets with parameter counts"),
     ("generate", "lmforge.commands.generate", "generate text from a model"),
+    ("chat", "lmforge.commands.chat", "chat with a model in the terminal"),
+    ("serve", "lmforge.commands.serve", "serve a model over an OpenAI-compatible HTTP API with a web chat page"),
     ("convert", "lmforge.commands.convert", "convert checkpoints between lmforge, Hugging Face and llama2.c"),
     ("pretrain", "lmforge.commands.pretrain", "pretrain a model from a YAML config or a named recipe"),
     ("quantize", "lmforge.commands.quantize", "weight-only int8/int4 quantization of a model's linear layers"),

@@ -1,41 +1,274 @@
-"""Autoregressive generation with a KV cache: prefill the prompt, then decode one token at a time."""
+"""Autoregressive generation with a KV cache: prefill the prompt, then decode one token at a time.
+
+- ``stream`` / ``generate``: one sequence, token ids.
+- ``stream_steps`` / ``complete``: one sequence with text: incremental detokenization, stop strings, log-probs.
+- ``generate_batch``: prompts of different lengths in one batch (left padding, a key mask, positions from the mask).
+- ``Sequence``: the per-sequence state (sampler, stop rules, text) shared by these and by the serving engine.
+"""
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.infer.sampling import SamplingParams, sample
+from lmforge.infer.sampling import Choice, SamplingParams, TokenSampler, select
 from lmforge.model import Decoder, KVCache
 
 
+@dataclass
+class Step:
+    """One generated token and the text it made visible (may be empty while a character or a possible stop
+    string is incomplete; ``text`` of the last step also carries any text held back until the end)."""
+
+    token: int
+    text: str = ""
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class TextStream:
+    """Incremental detokenization with stop strings.
+
+    Text is decoded from a sliding window of ids (differences of two decodes, so tokenizers that drop a leading
+    space at the start of a decode stay right), held back while a UTF-8 character is incomplete, and held back
+    while its end could be the start of a stop string.
+    """
+
+    MAX_HELD = 8  # tokens an incomplete character may hold before it is shown as U+FFFD
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] | None = None) -> None:
+        self.tok = tokenizer
+        self.ids = list(prompt_ids[-4:])
+        self.prefix, self.read = 0, len(self.ids)
+        self.stop = [s for s in (stop or []) if s]
+        self.pending = ""  # decoded text not yet shown (might begin a stop string)
+        self.text = ""  # all text shown
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the newly shown text. Sets ``stopped`` when a stop string appears."""
+        self.ids.append(token)
+        new = self._decode_new(final=False)
+        return self._show(new) if new else ""
+
+    def flush(self) -> str:
+        """At the end of generation: show what is still held."""
+        if self.stopped:
+            return ""
+        new = self._decode_new(final=True)
+        out = self._show(new) if new else ""
+        if not self.stopped:
+            out += self.pending
+            self.text += self.pending
+            self.pending = ""
+        return out
+
+    def _decode_new(self, final: bool) -> str:
+        dec = self.tok.decode_bytes
+        before = dec(self.ids[self.prefix : self.read])
+        after = dec(self.ids[self.prefix :])
+        if not after.startswith(before):  # the tokenizer rewrote earlier text: take the common part as shown
+            k = 0
+            while k < min(len(before), len(after)) and before[k] == after[k]:
+                k += 1
+            before = after[:k]
+        raw = after[len(before) :]
+        held = len(self.ids) - self.read
+        try:
+            text = raw.decode("utf-8")
+            incomplete = text.endswith("\ufffd") and not final and held < self.MAX_HELD
+        except UnicodeDecodeError:
+            if not final and held < self.MAX_HELD:
+                dec8 = codecs.getincrementaldecoder("utf-8")()
+                try:  # a partial character at the end: wait for the next token
+                    dec8.decode(raw, final=False)
+                    return ""
+                except UnicodeDecodeError:
+                    pass
+            text, incomplete = raw.decode("utf-8", errors="replace"), False
+        if incomplete:
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        if self.prefix > 64:  # keep the window short
+            del self.ids[: self.prefix]
+            self.read -= self.prefix
+            self.prefix = 0
+        return text
+
+    def _show(self, new: str) -> str:
+        buf = self.pending + new
+        if self.stop:
+            hits = [(buf.find(s), s) for s in self.stop if s in buf]
+            if hits:
+                cut = min(h for h, _ in hits)
+                out = buf[:cut]
+                self.text += out
+                self.pending = ""
+                self.stopped = True
+                return out
+            keep = 0  # longest suffix of buf that is a proper prefix of a stop string
+            for s in self.stop:
+                for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                    if buf.endswith(s[:k]):
+                        keep = k
+                        break
+            out, self.pending = (buf[:-keep], buf[-keep:]) if keep else (buf, "")
+        else:
+            out, self.pending = buf, ""
+        self.text += out
+        return out
+
+
+class Sequence:
+    """Per-sequence generation state: sampler, stop ids/strings, limits, output ids, text and finish reason."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer=None, max_len: int | None = None,
+                 vocab_size: int | None = None) -> None:
+        if params.stop and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.prompt_ids, self.params = list(prompt_ids), params
+        self.sampler = TokenSampler(params, prompt_ids, vocab_size or 1 << 20)
+        self.stop_ids = set(params.stop_ids)
+        room = (max_len - len(prompt_ids)) if max_len is not None else params.max_new_tokens
+        self.limit = min(params.max_new_tokens, room)
+        self.text = TextStream(tokenizer, prompt_ids, params.stop) if tokenizer is not None else None
+        self.out_ids: list[int] = []
+        self.steps: list[Step] = []
+        self.finish_reason: str | None = None if self.limit > 0 else "length"
+
+    def accept(self, choice: Choice) -> Step | None:
+        """Take the sampled token; return the step to report (None if it ended generation without output)."""
+        tok = choice.token
+        if tok in self.stop_ids:
+            self.finish_reason = "stop"
+            if self.text is not None:
+                tail = self.text.flush()
+                if tail:  # held-back text is still output; attach it to an empty step
+                    return Step(-1, tail)
+            return None
+        self.out_ids.append(tok)
+        step = Step(tok, "", choice.logprob, choice.top_logprobs)
+        if self.text is not None:
+            step.text = self.text.push(tok)
+            if self.text.stopped:
+                self.finish_reason = "stop"
+        if self.finish_reason is None and len(self.out_ids) >= self.limit:
+            self.finish_reason = "length"
+        if self.finish_reason == "length" and self.text is not None:
+            step.text += self.text.flush()
+        self.steps.append(step)
+        return step
+
+    @property
+    def output_text(self) -> str:
+        return self.text.text if self.text is not None else ""
+
+
 @torch.inference_mode()
-def stream(model: Decoder, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
-    """Yield new token ids one by one until a stop id, ``max_new_tokens`` or the context length."""
+def stream_steps(model: Decoder, prompt_ids: list[int], params: SamplingParams, tokenizer=None,
+                 seq: Sequence | None = None) -> Iterator[Step]:
+    """Generate one sequence, yielding a ``Step`` per token (with text when a tokenizer is given).
+
+    Stops at a stop id (not yielded), a stop string (text cut before it), ``max_new_tokens`` or the context end.
+    Pass ``seq`` to read ``finish_reason`` and the full text afterwards.
+    """
+    from lmforge.infer.engine import SlotRunner
+
+    params.check()
     if not prompt_ids:
         raise ValueError("the prompt must hold at least one token (e.g. BOS)")
+    cfg = model.cfg
+    if len(prompt_ids) >= cfg.block_size and params.max_new_tokens > 0:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context of {cfg.block_size}")
+    seq = seq or Sequence(prompt_ids, params, tokenizer, cfg.block_size, cfg.vocab_size)
+    if seq.finish_reason is not None:
+        return
+    runner = SlotRunner(model, 1, min(cfg.block_size, len(prompt_ids) + params.max_new_tokens))
+    logits = runner.prefill(0, prompt_ids)[None]
+    while True:
+        (choice,) = select(logits, [seq.sampler])
+        step = seq.accept(choice)
+        if step is not None:
+            yield step
+        if seq.finish_reason is not None:
+            return
+        logits = runner.decode([choice.token])
+
+
+def stream(model: Decoder, prompt_ids: list[int], params: SamplingParams, tokenizer=None) -> Iterator[int]:
+    """Yield new token ids one by one until a stop id, ``max_new_tokens`` or the context length (stop strings
+    too when a tokenizer is given)."""
+    for step in stream_steps(model, prompt_ids, params, tokenizer):
+        if step.token >= 0:
+            yield step.token
+
+
+def generate(model: Decoder, prompt_ids: list[int], params: SamplingParams, tokenizer=None) -> list[int]:
+    return list(stream(model, prompt_ids, params, tokenizer))
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float | None] = field(default_factory=list)
+
+
+def complete(model: Decoder, tokenizer, prompt_ids: list[int], params: SamplingParams) -> Completion:
+    """Generate one sequence and return its text (stop strings applied), ids and finish reason."""
+    seq = Sequence(prompt_ids, params, tokenizer, model.cfg.block_size, model.cfg.vocab_size)
+    steps = list(stream_steps(model, prompt_ids, params, tokenizer, seq=seq))
+    return Completion(seq.output_text, list(seq.out_ids), seq.finish_reason or "length",
+                      [s.logprob for s in steps if s.token >= 0])
+
+
+@torch.inference_mode()
+def generate_batch(model: Decoder, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                   tokenizer=None) -> list[list[int]]:
+    """Generate for several prompts of different lengths in one batch: prompts are left-padded, padding is hidden
+    by a key mask and each row's positions count only its real tokens. Returns the new ids of each prompt."""
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    cfg = model.cfg
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    cfg = model.cfg
-    max_len = min(cfg.block_size, len(prompt_ids) + params.max_new_tokens)
-    if len(prompt_ids) >= max_len and params.max_new_tokens > 0:
-        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context of {cfg.block_size}")
-    gen = None
-    if params.seed is not None:
-        gen = torch.Generator(device=device).manual_seed(params.seed)
-    cache = KVCache(cfg, 1, max_len, device=device, dtype=dtype)
-    x = torch.tensor([prompt_ids], device=device)
-    stops = set(params.stop_ids)
-    for _ in range(min(params.max_new_tokens, max_len - len(prompt_ids))):
-        logits = model(x, cache=cache)[:, -1]
-        nxt = sample(logits, params, gen)
-        tok = int(nxt.item())
-        if tok in stops:
-            return
-        yield tok
-        x = nxt.view(1, 1)
-
-
-def generate(model: Decoder, prompt_ids: list[int], params: SamplingParams) -> list[int]:
-    return list(stream(model, prompt_ids, params))
+    B, P = len(prompts), max(len(p) for p in prompts)
+    seqs = [Sequence(p, sp, tokenizer, cfg.block_size - (P - len(p)), cfg.vocab_size) for p, sp in zip(prompts, plist)]
+    for sp in plist:
+        sp.check()
+    steps = max(s.limit for s in seqs)
+    if steps <= 0:
+        return [[] for _ in prompts]
+    max_len = P + steps
+    if P >= cfg.block_size:
+        raise ValueError(f"prompt of {P} tokens leaves no room in the context of {cfg.block_size}")
+    ids = torch.zeros(B, P, dtype=torch.long, device=device)
+    mask = torch.ones(B, max_len, dtype=torch.bool, device=device)  # preallocated key mask, sliced per step
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) :] = torch.tensor(p, device=device)
+        mask[i, : P - len(p)] = False
+    pos = (mask[:, :P].long().cumsum(-1) - 1).clamp_min(0)  # positions from the mask
+    if cfg.position == "glm2d":
+        pos = torch.stack([pos, torch.zeros_like(pos)], dim=1)
+    cache = KVCache(cfg, B, max_len, device=device, dtype=dtype)
+    logits = model(ids, position_ids=pos, key_mask=mask[:, :P], cache=cache)[:, -1]
+    next_pos = torch.tensor([len(p) for p in prompts], device=device)
+    samplers = [s.sampler for s in seqs]
+    for _ in range(steps):
+        choices = select(logits, samplers)
+        for s, c in zip(seqs, choices):
+            if s.finish_reason is None:
+                s.accept(c)
+        if all(s.finish_reason is not None for s in seqs):
+            break
+        x = torch.tensor([[c.token] for c in choices], device=device)
+        S = cache.pos + 1
+        p = next_pos[:, None] if cfg.position != "glm2d" else torch.stack([next_pos[:, None], 0 * next_pos[:, None]], 1)
+        logits = model(x, position_ids=p, key_mask=mask[:, :S], cache=cache)[:, -1]
+        next_pos = next_pos + 1
+    return [s.out_ids for s in seqs]

@@ -1,7 +1,14 @@
-"""Next-token selection: greedy, temperature, top-k, top-p (nucleus), min-p."""
+"""Next-token selection: greedy, temperature, top-k, top-p (nucleus), min-p; repetition (CTRL), frequency and presence
+(OpenAI) penalties; log-probabilities of the chosen tokens.
+
+``sample(logits, params)`` draws for rows that share one set of parameters. ``TokenSampler`` holds the state of one
+sequence (its random generator, the token counts the penalties need) and ``select`` picks the next token of many
+sequences at once, each with its own parameters, in a few batched tensor operations.
+"""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -16,10 +23,43 @@ class SamplingParams:
     max_new_tokens: int = 256
     seed: int | None = None
     stop_ids: list[int] = field(default_factory=list)
+    repetition_penalty: float = 1.0  # CTRL: logits of tokens in the prompt or output: positive / r, negative * r
+    frequency_penalty: float = 0.0  # OpenAI: logit - count_in_output * f
+    presence_penalty: float = 0.0  # OpenAI: logit - p if the token is in the output
+    stop: list[str] = field(default_factory=list)  # stop strings (text-level: need a tokenizer)
+    logprobs: bool = False  # report the log-probability of each chosen token
+    top_logprobs: int = 0  # and of this many most likely tokens at each step
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    def check(self) -> None:
+        """Raise ValueError naming the first field out of range."""
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p={self.min_p}: must be in [0, 1]")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 0")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0")
+        if self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs={self.top_logprobs}: must be >= 0")
+        if any(not s for s in self.stop):
+            raise ValueError("stop: stop strings must not be empty")
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,)."""
+    """logits (B, V) -> token ids (B,), every row with the same parameters (penalties are not applied here)."""
     if p.temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / p.temperature
@@ -30,8 +70,130 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     if p.min_p > 0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     if p.top_p < 1.0:
+        probs = probs / probs.sum(dim=-1, keepdim=True)
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of strictly more likely tokens
         sorted_p = sorted_p.masked_fill(before >= p.top_p, 0.0)  # keep the smallest set reaching top_p
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---- per-sequence state and batched selection ------------------------------------------------------
+
+
+class TokenSampler:
+    """The sampling state of one sequence: parameters, random generator, token counts for the penalties."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int) -> None:
+        self.params = params
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.counts: torch.Tensor | None = None
+        self.seen: torch.Tensor | None = None
+        if params.penalized:
+            self.counts = torch.zeros(vocab_size)  # generated tokens only (OpenAI's penalties)
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool)  # prompt and output (CTRL's penalty)
+            ids = torch.tensor([i for i in prompt_ids if 0 <= i < vocab_size], dtype=torch.long)
+            self.seen[ids] = True
+
+    def observe(self, token: int) -> None:
+        if self.counts is not None and 0 <= token < self.counts.numel():
+            self.counts[token] += 1
+            self.seen[token] = True
+
+    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (V,) float -> penalized logits (a new tensor)."""
+        p = self.params
+        V = logits.shape[-1]
+        counts, seen = self.counts[:V].to(logits.device), self.seen[:V].to(logits.device)
+        if p.repetition_penalty != 1.0:
+            r = p.repetition_penalty
+            logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+        if p.frequency_penalty or p.presence_penalty:
+            logits = logits - counts * p.frequency_penalty - (counts > 0).to(logits.dtype) * p.presence_penalty
+        return logits
+
+
+@dataclass
+class Choice:
+    token: int
+    logprob: float | None = None  # log-probability under the model (before penalties, temperature, truncation)
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+def select(logits: torch.Tensor, samplers: list[TokenSampler]) -> list[Choice]:
+    """Pick the next token of each row of ``logits`` (B, V) with that row's sampler; updates their counts."""
+    logits = logits.float()
+    B = logits.shape[0]
+    want_lp = [s.params.logprobs or s.params.top_logprobs > 0 for s in samplers]
+    logp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+    if any(s.counts is not None for s in samplers):
+        logits = torch.stack([s.penalize(logits[i]) if s.counts is not None else logits[i]
+                              for i, s in enumerate(samplers)])
+    greedy = [s.params.greedy for s in samplers]
+    if all(greedy):
+        tokens = logits.argmax(dim=-1).tolist()
+    else:
+        tokens = [0] * B
+        rows = [i for i in range(B) if not greedy[i]]
+        sub = logits if len(rows) == B else logits[rows]
+        probs, idx = _filtered_sorted(sub, [samplers[i].params for i in rows])
+        u = torch.tensor([[1.0 - torch.rand(1, generator=samplers[i].generator).item()] for i in rows],
+                         dtype=probs.dtype, device=probs.device)  # in (0, 1]
+        cdf = probs.cumsum(dim=-1)
+        j = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=probs.shape[-1] - 1)
+        picked = idx.gather(1, j).squeeze(1).tolist()
+        for r, t in zip(rows, picked):
+            tokens[r] = t
+        g = [i for i in range(B) if greedy[i]]
+        if g:
+            for i, t in zip(g, logits[g].argmax(dim=-1).tolist()):
+                tokens[i] = t
+    out = []
+    for i, (s, t) in enumerate(zip(samplers, tokens)):
+        s.observe(t)
+        c = Choice(t)
+        if want_lp[i]:
+            c.logprob = float(logp[i, t])
+            k = s.params.top_logprobs
+            if k:
+                v, ix = logp[i].topk(min(k, logp.shape[-1]))
+                c.top_logprobs = list(zip(ix.tolist(), v.tolist()))
+        out.append(c)
+    return out
+
+
+def _filtered_sorted(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, top-k, min-p, top-p for each row with its own parameters, in the order of each row's
+    logits sorted descending. Returns (unnormalised probabilities, vocabulary ids), both (R, K)."""
+    R, V = logits.shape
+    dev = logits.device
+    temp = torch.tensor([[p.temperature] for p in params], device=dev)
+    ks = [p.top_k if 0 < p.top_k < V else V for p in params]
+    K = max(ks)
+    if K < V:  # every row truncates: only the top K need sorting
+        vals, idx = torch.topk(logits, K, dim=-1)
+    else:
+        vals, idx = logits.sort(dim=-1, descending=True)
+    vals = vals / temp
+    if min(ks) < K:
+        rank = torch.arange(K, device=dev)[None]
+        vals = vals.masked_fill(rank >= torch.tensor(ks, device=dev)[:, None], float("-inf"))
+    probs = torch.softmax(vals, dim=-1)
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([[p.min_p] for p in params], device=dev)
+        probs = probs.masked_fill(probs < min_p * probs[:, :1], 0.0)
+    if any(p.top_p < 1.0 for p in params):
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+        top_p = torch.tensor([[p.top_p] for p in params], device=dev)
+        before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+        probs = probs.masked_fill(before >= top_p, 0.0)
+    return probs, idx
+
+
+def distribution(logits: torch.Tensor, params: SamplingParams | list[SamplingParams]) -> torch.Tensor:
+    """The normalised distribution (B, V) that ``select`` draws from (after temperature and truncation)."""
+    params = params if isinstance(params, list) else [params] * logits.shape[0]
+    probs, idx = _filtered_sorted(logits.float(), params)
+    out = torch.zeros(logits.shape, dtype=probs.dtype, device=probs.device).scatter(-1, idx, probs)
+    return out / out.sum(dim=-1, keepdim=True)

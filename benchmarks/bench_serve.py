@@ -1,0 +1,136 @@
+"""Aggregate generation throughput of `lmforge serve` (stories260K) with 1, 4 and 16 concurrent streaming clients.
+
+    python benchmarks/bench_serve.py [--tokens 128] [--requests 3] [--clients 1 4 16] [--rounds 3] [--threads 1]
+
+The server runs in a child process on a free 127.0.0.1 port (``--max-batch 16``); each client thread sends
+``--requests`` streaming completions one after another (greedy, ``ignore_eos`` so every request yields ``--tokens``
+tokens) and reads the server-sent events to the end. Aggregate tokens/s = completion tokens of all clients / wall
+time, best of ``--rounds`` rounds in which the client counts alternate. The target is 16 clients >= 4x one client
+(continuous batching decodes all running requests together).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE = ("import argparse, sys; from lmforge.commands import serve; p = argparse.ArgumentParser(); "
+         "s = p.add_subparsers(); serve.add_parser(s, 'serve', ''); a = p.parse_args(sys.argv[1:]); a.func(a)")
+PROMPTS = ["Once upon a time", "Tom had a big red ball", "The cat sat", "Lily and her mom", "One day a bird",
+           "Ben was sad", "The sun was hot", "Sue found a box"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stream_completion(port: int, prompt: str, tokens: int) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    body = json.dumps({"model": "stories260K.bin", "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+                       "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}})
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+    tail = b""
+    while True:  # read the stream as it comes; only the last events (usage, [DONE]) are parsed
+        block = resp.read1(65536)
+        if not block:
+            break
+        tail = (tail + block)[-4096:]
+    conn.close()
+    events = [e for e in tail.split(b"\n\n") if e.startswith(b"data: {")]
+    if not tail.rstrip().endswith(b"data: [DONE]") or not events:
+        raise RuntimeError(f"stream did not end with usage and [DONE]: {tail[-300:]!r}")
+    return json.loads(events[-1][6:])["usage"]["completion_tokens"]
+
+
+def health(port: int) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/health")
+    out = json.loads(conn.getresponse().read())
+    conn.close()
+    return out
+
+
+def run_clients(port: int, clients: int, requests: int, tokens: int) -> tuple[float, int]:
+    counts = [0] * clients
+    errors: list[BaseException] = []
+    start = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        start.wait()
+        try:
+            for r in range(requests):
+                counts[i] += stream_completion(port, PROMPTS[(i + r) % len(PROMPTS)], tokens)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    dt = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return dt, sum(counts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
+    ap.add_argument("--clients", type=int, nargs="*", default=[1, 4, 16])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in the server")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over the client counts; the best is reported")
+    args = ap.parse_args()
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, "serve", "--port", str(port), "--max-batch", "16"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        if "serving" not in line:
+            raise SystemExit(f"server did not start: {line}{proc.stderr.read()}")
+        stream_completion(port, "warm up", 8)
+        print(f"lmforge serve, stories260K, {args.tokens} tokens per request, {args.requests} requests per client, "
+              f"server threads {args.threads}, max batch 16")
+        rates: dict[int, float] = {}
+        for r in range(args.rounds):  # client counts alternate within a round: all see the same machine load
+            for c in args.clients:
+                before = health(port)
+                dt, n = run_clients(port, c, args.requests, args.tokens)
+                after = health(port)
+                steps = after["steps"] - before["steps"]
+                busy = after["decode_seconds"] - before["decode_seconds"]
+                rates[c] = max(rates.get(c, 0.0), n / dt)
+                print(f"round {r + 1}: {c:3d} clients: {n:6d} tokens in {dt:6.2f} s = {n / dt:8.0f} tok/s aggregate "
+                      f"({n / dt / c:6.0f} tok/s per client; {steps} decode steps, {n / max(steps, 1):.1f} rows/step, "
+                      f"{busy / max(steps, 1) * 1e3:.2f} ms/step, decoding {busy / dt:.0%} of the time)")
+        print("best of rounds: " + ", ".join(f"{c} clients {rates[c]:.0f} tok/s" for c in args.clients))
+        if 1 in rates:
+            for c in rates:
+                if c != 1:
+                    print(f"{c} clients / 1 client: {rates[c] / rates[1]:.2f}x")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,653 @@
+"""Batched decoding with a slot cache, and continuous batching for the server.
+
+``SlotRunner`` owns a key/value cache of ``n_slots`` rows, each holding one sequence at its own length. A prompt is
+prefilled alone into its slot (through ``Decoder.forward``); then one batched forward decodes a token for every
+active slot, each at its own position, with attention limited to that slot's valid length.
+
+At small sizes a decode step costs what its Python-issued operations cost, so the step for every architecture but
+GLM's 2D positions is a lean path over the decoder's own weights and modules: per-step work is hoisted out of the
+layer loop (one additive mask, one rotary matrix per position, one cache index), rotary embedding is a single
+batched matmul, keys/values are written with ``index_copy_``, attention is baddbmm/softmax/bmm with grouped-query
+heads folded into the batch, residual adds ride on ``addmm``, and for small float32 RMSNorm models the residual
+stream is kept as ``[x, -x]`` so each RMSNorm is one LayerNorm call. GLM models (and models in training mode) decode
+through ``Decoder.forward`` with per-row positions and a key mask.
+
+``Engine`` runs a background loop over a ``SlotRunner``: requests wait in a queue, enter a free slot as soon as one is
+free (prefill), and every loop iteration decodes all active slots together. A finished or cancelled request frees
+its slot without stopping the others.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.infer.generate import Sequence, Step
+from lmforge.infer.sampling import SamplingParams, TokenSampler, select
+from lmforge.model import Decoder
+
+
+class _SlotView:
+    """A KVCache stand-in for ``Decoder.forward`` that reads and writes one slot of a ``SlotRunner``."""
+
+    def __init__(self, runner: SlotRunner, slot: int) -> None:
+        self.r, self.slot, self.pos = runner, slot, 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.shape[2]
+        if end > self.r.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.r.max_len}")
+        s = self.slot
+        self.r.k[layer, s : s + 1, :, self.pos : end] = k
+        self.r.v[layer, s : s + 1, :, self.pos : end] = v
+        return self.r.k[layer, s : s + 1, :, :end], self.r.v[layer, s : s + 1, :, :end]
+
+
+class _SlotsView:
+    """A KVCache stand-in for ``Decoder.forward`` prefilling several slots at once from position 0."""
+
+    def __init__(self, runner: SlotRunner, slots: torch.Tensor) -> None:
+        self.r, self.slots, self.pos = runner, slots, 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.shape[2]
+        self.r.k[layer][self.slots, :, self.pos : end] = k
+        self.r.v[layer][self.slots, :, self.pos : end] = v
+        return self.r.k[layer][self.slots, :, :end], self.r.v[layer][self.slots, :, :end]
+
+
+class _RowsView:
+    """A KVCache stand-in for ``Decoder.forward`` decoding one token per row, each row at its own position."""
+
+    def __init__(self, runner: SlotRunner, rows: torch.Tensor, pos: torch.Tensor, S: int) -> None:
+        self.r, self.rows, self.p, self.S = runner, rows, pos, S
+
+    @property
+    def pos(self) -> int:  # the decoder's offset: keys span S = pos + 1 positions
+        return self.S - 1
+
+    @pos.setter
+    def pos(self, value: int) -> None:  # the decoder advances it; lengths are kept by the runner
+        pass
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.rows.numel()
+        self.r.k[layer][self.rows, :, self.p] = k[:, :, 0]
+        self.r.v[layer][self.rows, :, self.p] = v[:, :, 0]
+        return self.r.k[layer, :n, :, : self.S], self.r.v[layer, :n, :, : self.S]
+
+
+def fast_path_supported(model: Decoder) -> bool:
+    """Whether the lean decode step covers this model (everything but GLM's 2D positions, in eval mode)."""
+    return model.cfg.position in ("rope", "learned", "none", "alibi") and not model.training
+
+
+class SlotRunner:
+    """A key/value cache of ``n_slots`` sequences of up to ``max_len`` positions, with prefill and batched decode."""
+
+    def __init__(self, model: Decoder, n_slots: int, max_len: int | None = None) -> None:
+        cfg = model.cfg
+        self.model, self.cfg, self.n_slots = model, cfg, n_slots
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.max_len = min(max_len or cfg.block_size, cfg.block_size)
+        shape = (cfg.n_layer, n_slots, cfg.kv_heads, self.max_len, cfg.head_size)
+        self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.k_flat = [t.view(-1, cfg.head_size) for t in self.k.unbind(0)]  # (slots * kv_heads * max_len, hd)
+        self.v_flat = [t.view(-1, cfg.head_size) for t in self.v.unbind(0)]
+        self._heads = torch.arange(cfg.kv_heads, device=self.device)[None]
+        self._layers: list[_Layer] | None = None
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.lens = [0] * n_slots
+        self.rows = torch.arange(n_slots, device=self.device)
+        self.keys = torch.arange(self.max_len, device=self.device)
+        self.fast = fast_path_supported(model)
+        self.local = [cfg.layer_is_local(i) for i in range(cfg.n_layer)]
+        if cfg.position == "rope":
+            self._rope_matrix_parts()
+
+    # ---- prefill ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """Write ``ids`` into ``slot`` from position 0; return the logits (V,) after the last one."""
+        if not ids:
+            raise ValueError("the prompt must hold at least one token (e.g. BOS)")
+        if len(ids) > self.max_len:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {self.max_len}")
+        self.lens[slot] = 0
+        x = torch.tensor([ids], device=self.device)
+        h = self.model.hidden_states(x, cache=_SlotView(self, slot))[:, -1]
+        self.lens[slot] = len(ids)
+        return self.model.lm_head(h)[0]
+
+    @torch.inference_mode()
+    def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Prefill several prompts in one forward, right-padded (causal attention never looks at the padding
+        after a prompt); logits (len(prompts), V) after each prompt's last token."""
+        if any(not p for p in prompts) or max(len(p) for p in prompts) > self.max_len:
+            raise ValueError("every prompt must hold between 1 and max_len tokens")
+        P = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=self.device)
+        for s in slots:
+            self.lens[s] = 0
+        rows = torch.tensor(slots, device=self.device)
+        h = self.model.hidden_states(ids, cache=_SlotsView(self, rows))
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        for s, p in zip(slots, prompts):
+            self.lens[s] = len(p)
+        return self.model.lm_head(h[torch.arange(len(prompts), device=self.device), last])
+
+    # ---- decode -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, tokens: list[int | None]) -> torch.Tensor:
+        """Append ``tokens[i]`` to slot i for every i with a token (None = idle slot); logits (len(tokens), V)."""
+        n = len(tokens)
+        lens = [self.lens[i] if t is not None else 0 for i, t in enumerate(tokens)]
+        S = max(lens) + 1
+        if S > self.max_len:
+            raise ValueError(f"KV cache full: {S} positions > max_len {self.max_len}")
+        tok = torch.tensor([t if t is not None else 0 for t in tokens], device=self.device)
+        pos = torch.tensor(lens, device=self.device)
+        ragged = any(t is None or lens[i] != S - 1 for i, t in enumerate(tokens))
+        logits = self._fast(tok, pos, n, S, ragged) if self.fast else self._slow(tok, pos, n, S)
+        for i, t in enumerate(tokens):
+            if t is not None:
+                self.lens[i] += 1
+        return logits
+
+    def _slow(self, tok: torch.Tensor, pos: torch.Tensor, n: int, S: int) -> torch.Tensor:
+        key_mask = self.keys[None, :S] <= pos[:, None]
+        position_ids = pos[:, None]
+        if self.cfg.position == "glm2d":
+            position_ids = torch.stack([position_ids, torch.zeros_like(position_ids)], dim=1)
+        return self.model(tok[:, None], position_ids=position_ids, key_mask=key_mask,
+                          cache=_RowsView(self, self.rows[:n], pos, S))[:, -1]
+
+    def _rope_matrix_parts(self) -> None:
+        """Rotary embedding as a matrix per position: x @ (diag(cos) + R * sin), R the signed pair swap."""
+        hd, rd = self.cfg.head_size, self.cfg.rotary_dim
+        R = torch.zeros(hd, hd, device=self.device, dtype=self.dtype)
+        if self.cfg.rope_interleaved:  # (x0, x1) -> (-x1, x0)
+            for i in range(0, rd, 2):
+                R[i + 1, i], R[i, i + 1] = -1.0, 1.0
+        else:  # halves: (x1, x2) -> (-x2, x1)
+            h = rd // 2
+            for j in range(h):
+                R[j + h, j], R[j, j + h] = -1.0, 1.0
+        self._R = R
+        self._pass = hd - rd
+        self._rope_table = None
+        if self.max_len * hd * hd <= 1 << 22:  # small: one matrix per position, gathered in one step
+            self._rope_table = self._rope_matrix(torch.arange(self.max_len, device=self.device))
+
+    def _rope_matrix(self, pos: torch.Tensor) -> torch.Tensor:
+        if self._rope_table is not None:
+            return self._rope_table[pos]
+        rot = self.model.rotary
+        cos, sin = rot.cos[pos].to(self.dtype), rot.sin[pos].to(self.dtype)  # (n, rd)
+        if self._pass:
+            cos = torch.cat([cos, cos.new_ones(cos.shape[0], self._pass)], dim=-1)
+            sin = torch.cat([sin, sin.new_zeros(sin.shape[0], self._pass)], dim=-1)
+        return torch.diag_embed(cos) + self._R * sin[:, None, :]  # (n, hd, hd)
+
+    def _fast(self, tok: torch.Tensor, pos: torch.Tensor, n: int, S: int, ragged: bool) -> torch.Tensor:
+        m, cfg = self.model, self.cfg
+        if self._layers is None:
+            self._layers = [_Layer(blk, cfg, i) for i, blk in enumerate(m.blocks)]
+            self._final = _norm_fn(m.norm_f) if cfg.final_norm else None
+            self._head = _linear_fn(m.lm_head)
+            self._mirror_norm = _mirror_ready(m, self._layers)
+            self._mirror = self._mirror_norm is not None
+        x = F.embedding(tok, m.wte.weight) if type(m.wte) is nn.Embedding else m.wte(tok)  # (n, D)
+        if cfg.embedding_scale != 1.0:
+            x = x * cfg.embedding_scale
+        if cfg.embedding_grad_shrink != 1.0:  # as the decoder computes it (a no-op up to rounding)
+            a = cfg.embedding_grad_shrink
+            x = x * a + x * (1 - a)
+        if cfg.position == "learned":
+            x = x + m.wpe.weight[pos]
+        if cfg.embedding_norm:
+            x = m.emb_norm(x)
+        rope = self._rope_matrix(pos) if cfg.position == "rope" else None
+        keys = self.keys[None, :S]
+        nkv, M, H = cfg.kv_heads, self.max_len, cfg.n_head
+        rep = H // nkv
+        neg = torch.finfo(self.dtype).min
+        # additive attention biases (n * kv_heads, heads per kv head, S) for dense and local layers
+        if cfg.position == "alibi" or ragged or any(self.local):
+            valid = keys <= pos[:, None]  # (n, S)
+            if cfg.position == "alibi":
+                base = m.alibi.to(self.dtype).view(1, -1, 1) * (keys - pos[:, None]).to(self.dtype)[:, None]
+            else:
+                base = torch.zeros(n, 1, S, device=self.device, dtype=self.dtype)
+            dense = base.masked_fill(~valid[:, None], neg).expand(n, H, S).reshape(n * nkv, rep, S)
+            local = None
+            if any(self.local):
+                ok = valid & (keys > pos[:, None] - cfg.local_window)
+                local = base.masked_fill(~ok[:, None], neg).expand(n, H, S).reshape(n * nkv, rep, S)
+            masks = {False: dense, True: local}
+        else:
+            zero = torch.zeros(n * nkv, rep, S, device=self.device, dtype=self.dtype)
+            masks = {False: zero, True: zero}
+        # where each row's new key/value goes in the flattened (slots * kv_heads * max_len, head_dim) cache
+        widx = ((self.rows[:n, None] * nkv + self._heads) * M + pos[:, None]).view(-1)
+        if n not in self._views:
+            self._views[n] = (self.k[:, :n].flatten(1, 2), self.v[:, :n].flatten(1, 2))
+        kall, vall = self._views[n]
+        ks = kall[:, :, :S].transpose(-1, -2).unbind(0)  # per layer (n * kv_heads, head_dim, S)
+        vs = vall[:, :, :S].unbind(0)  # per layer (n * kv_heads, S, head_dim)
+        if self._mirror:  # carry the residual stream as [x, -x]: every RMSNorm is then one LayerNorm call
+            x = torch.cat([x, x.neg()], dim=-1)
+        for i, L in enumerate(self._layers):
+            bias = masks[L.local]
+
+            def attn(h, L=L, i=i, bias=bias):
+                """Attention before the output projection: (n, heads * head_dim)."""
+                nh, hd = L.nh, L.hd
+                qkv = L.qkv(h)  # (n, (nh + 2 nkv) hd)
+                if rope is not None:
+                    qk = torch.bmm(qkv[:, : L.qk_end].view(n, L.nqk, hd), rope)
+                    q, k = qk[:, :nh], qk[:, nh:]
+                else:
+                    q, k = qkv[:, : nh * hd], qkv[:, nh * hd : L.qk_end]
+                self.k_flat[i].index_copy_(0, widx, k.reshape(n * nkv, hd))
+                self.v_flat[i].index_copy_(0, widx, qkv[:, L.qk_end :].reshape(n * nkv, hd))
+                scores = torch.baddbmm(bias, q.reshape(n * nkv, rep, hd), ks[i], alpha=L.scale)
+                return torch.bmm(torch.softmax(scores, dim=-1), vs[i]).view(n, nh * hd)
+
+            x = L.forward_mirror(x, attn) if self._mirror else L.forward(x, attn)
+        if self._mirror:
+            d = cfg.n_embd
+            w2 = self._mirror_norm
+            x = torch.layer_norm(x, (2 * d,), w2, None, m.norm_f.eps)[:, :d] if cfg.final_norm else x[:, :d]
+        elif self._final is not None:
+            x = self._final(x)
+        return self._head(x)
+
+
+def _linear_fn(mod: nn.Module):
+    if type(mod) is nn.Linear:  # skip Module.__call__ on the hot path; wrappers (quantized, LoRA) are called
+        w, b = mod.weight, mod.bias
+        return lambda x: F.linear(x, w, b)
+    return mod
+
+
+def _residual_fn(mod: nn.Module):
+    """r, h -> r + mod(h), as one addmm for a plain bias-free linear layer."""
+    if type(mod) is nn.Linear and mod.bias is None:
+        wt = mod.weight.t()
+        return lambda r, h: torch.addmm(r, h, wt)
+    return lambda r, h: r + mod(h)
+
+
+def _norm_fn(mod: nn.Module):
+    from lmforge.model.norms import RMSNorm
+
+    if type(mod) is RMSNorm and mod.weight.dtype == torch.float32:
+        # RMSNorm as LayerNorm of [x, -x]: zero mean, variance mean(x^2); one fused kernel instead of several ops
+        d, eps, w2 = mod.weight.numel(), mod.eps, torch.cat([mod.weight, mod.weight]).detach()
+
+        def rms(x):
+            if x.dtype != torch.float32:
+                return mod(x)
+            return torch.layer_norm(torch.cat([x, x.neg()], dim=-1), (2 * d,), w2, None, eps)[..., :d]
+
+        return rms
+    if type(mod) is nn.LayerNorm:
+        shape, w, b, eps = mod.normalized_shape, mod.weight, mod.bias, mod.eps
+        return lambda x: torch.layer_norm(x, shape, w, b, eps)
+    return mod
+
+
+def _mirror_ready(model: Decoder, layers: list[_Layer]):
+    """For small pre-norm RMSNorm models in float32 (where per-op overhead dominates): the doubled final-norm weight
+    that switches the decode step to a residual stream kept as [x, -x] (its output projections write both halves),
+    else None."""
+    from lmforge.model.norms import RMSNorm
+
+    cfg = model.cfg
+
+    def plain(lin) -> bool:
+        return type(lin) is nn.Linear and lin.bias is None and lin.weight.dtype == torch.float32
+
+    def rms(norm) -> bool:
+        return type(norm) is RMSNorm and norm.weight.dtype == torch.float32
+
+    if cfg.norm_placement != "pre" or cfg.parallel_block or cfg.norm != "rmsnorm":
+        return None
+    for blk in model.blocks:
+        if not (rms(blk.norm1) and rms(blk.norm2) and plain(blk.attn.proj) and plain(blk.mlp.fc2)):
+            return None
+    copied = sum(2 * (b.attn.proj.weight.numel() + b.mlp.fc2.weight.numel()) for b in model.blocks)
+    if copied > 1 << 23:  # the doubled projections are copies: only where they are small (and overhead matters)
+        return None
+    if cfg.final_norm and not rms(model.norm_f):
+        return None
+    for L, blk in zip(layers, model.blocks):
+        L.mirror_weights(blk)
+    if not cfg.final_norm:
+        return torch.empty(0)
+    w = model.norm_f.weight.detach()
+    return torch.cat([w, w])
+
+
+class _Layer:
+    """One block's modules and switches, resolved once for the decode step."""
+
+    def __init__(self, blk, cfg, i: int) -> None:
+        a = blk.attn
+        self.nh, self.nkv, self.hd = a.n_head, a.n_kv, a.hd
+        self.nqk, self.qk_end = a.n_head + a.n_kv, (a.n_head + a.n_kv) * a.hd
+        self.scale = a.scale if a.scale is not None else a.hd ** -0.5
+        self.local = cfg.layer_is_local(i)
+        self.qkv, self.proj = _linear_fn(a.qkv), _linear_fn(a.proj)
+        self.fc1, self.fc2 = _linear_fn(blk.mlp.fc1), _linear_fn(blk.mlp.fc2)
+        self.add_proj, self.add_fc2 = _residual_fn(a.proj), _residual_fn(blk.mlp.fc2)
+        self.gated, self.act = blk.mlp.gated, blk.mlp.act
+        self.norm1 = _norm_fn(blk.norm1)
+        self.norm2 = _norm_fn(blk.norm2) if hasattr(blk, "norm2") else None
+        if blk.placement == "sandwich" and not blk.parallel:
+            self.norm1_out, self.norm2_out = _norm_fn(blk.norm1_out), _norm_fn(blk.norm2_out)
+        self.kind = "parallel" if blk.parallel else blk.placement
+        self.alpha = blk.alpha
+
+    def mirror_weights(self, blk) -> None:
+        def doubled(lin):  # (in, 2 out): writes [y, -y]
+            wt = lin.weight.detach().t()
+            return torch.cat([wt, -wt], dim=1).contiguous()
+
+        self.d = blk.norm1.weight.numel()
+        self.m_proj, self.m_fc2 = doubled(blk.attn.proj), doubled(blk.mlp.fc2)
+        self.m_w1 = torch.cat([blk.norm1.weight, blk.norm1.weight]).detach()
+        self.m_w2 = torch.cat([blk.norm2.weight, blk.norm2.weight]).detach()
+        self.m_eps1, self.m_eps2 = blk.norm1.eps, blk.norm2.eps
+
+    def forward_mirror(self, x2: torch.Tensor, attn) -> torch.Tensor:
+        """A pre-norm block on the residual stream [x, -x] (see ``_mirror_ready``)."""
+        d, dd = self.d, (2 * self.d,)
+        x2 = torch.addmm(x2, attn(torch.layer_norm(x2, dd, self.m_w1, None, self.m_eps1)[:, :d]), self.m_proj)
+        return torch.addmm(x2, self.hidden(torch.layer_norm(x2, dd, self.m_w2, None, self.m_eps2)[:, :d]), self.m_fc2)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.act(gate) * up
+        return self.act(h)
+
+    def forward(self, x: torch.Tensor, attn) -> torch.Tensor:
+        """The block's residual/norm arrangement, as ``Block.forward`` computes it (``attn`` stops before the
+        output projection)."""
+        kind = self.kind
+        if kind == "pre":
+            x = self.add_proj(x, attn(self.norm1(x)))
+            return self.add_fc2(x, self.hidden(self.norm2(x)))
+        if kind == "parallel":
+            h = self.norm1(x)
+            h2 = self.norm2(x) if self.norm2 is not None else h
+            return x + self.proj(attn(h)) + self.fc2(self.hidden(h2))
+        if kind == "sandwich":
+            x = x + self.norm1_out(self.proj(attn(self.norm1(x))))
+            return x + self.norm2_out(self.fc2(self.hidden(self.norm2(x))))
+        a = self.alpha  # post-LN and DeepNorm
+        x = self.norm1((x * a if a != 1.0 else x) + self.proj(attn(x)))
+        return self.norm2((x * a if a != 1.0 else x) + self.fc2(self.hidden(x)))
+
+
+# ---- continuous batching -------------------------------------------------------------------------
+
+
+class EngineError(RuntimeError):
+    """A request failed inside the engine (the engine itself keeps running)."""
+
+
+class Request:
+    """One submitted generation: iterate it for ``Step``s; then ``finish_reason``, ``token_ids``, ``prompt_len``.
+
+    Events go to a queue of ``(tag, item)`` pairs: the request's own, or one shared by several requests (pass
+    ``sink``) so a caller can follow them all; an item is a ``Step`` or ``Request.DONE``.
+    """
+
+    DONE = object()
+
+    def __init__(self, seq: Sequence, sink: queue.SimpleQueue | None = None, tag=None) -> None:
+        self.seq, self.tag = seq, tag
+        self._q = sink if sink is not None else queue.SimpleQueue()
+        self.cancelled = False
+        self.error: str | None = None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.seq.finish_reason
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.out_ids
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.seq.prompt_ids)
+
+    @property
+    def text(self) -> str:
+        return self.seq.output_text
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client went away); the engine frees the slot at its next step."""
+        self.cancelled = True
+
+    def _put(self, item) -> None:
+        self._q.put((self.tag, item))
+
+    def __iter__(self) -> Iterator[Step]:
+        while True:
+            _, item = self._q.get()
+            if item is Request.DONE:
+                if self.error is not None:
+                    raise EngineError(self.error)
+                return
+            yield item
+
+    def result(self) -> list[Step]:
+        return list(self)
+
+
+class Engine:
+    """Continuous batching over ``max_batch`` slots in a background thread. ``submit`` is thread-safe."""
+
+    def __init__(self, model: Decoder, tokenizer=None, max_batch: int = 8, max_len: int | None = None) -> None:
+        model.eval()
+        self.model, self.tokenizer = model, tokenizer
+        self.runner = SlotRunner(model, max_batch, max_len)
+        self.max_len = self.runner.max_len
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._slots: list[Request | None] = [None] * max_batch
+        self._last: list[int | None] = [None] * max_batch
+        self._cv = threading.Condition()
+        self._closed = False
+        self.steps = 0  # batched decode steps run (for tests and statistics)
+        self.tokens = 0  # tokens generated
+        self.busy = 0.0  # seconds spent in decode steps
+        self.prefill_batches = 0  # prefills of several prompts in one forward
+        self.max_active = 0
+        self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: queue.SimpleQueue | None = None,
+               tag=None) -> Request:
+        """Queue a request. Raises ValueError for an empty prompt, one that fills the context, or bad params.
+        Events go to the request's own queue, or to ``sink`` as ``(tag, item)``."""
+        params.check()
+        if not prompt_ids:
+            raise ValueError("the prompt must hold at least one token")
+        if len(prompt_ids) >= self.max_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context of {self.max_len}")
+        vocab = self.model.cfg.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary of {vocab}")
+        seq = Sequence(prompt_ids, params, self.tokenizer, self.max_len, vocab)
+        req = Request(seq, sink, tag)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._waiting and not any(self._slots):
+                    self._cv.wait()
+                if self._closed:
+                    break
+                admitted = []
+                while self._waiting and None in self._slots:
+                    slot = self._slots.index(None)
+                    self._slots[slot] = req = self._waiting.popleft()
+                    admitted.append((slot, req))
+            try:
+                self._admit_many(admitted)
+                self.max_active = max(self.max_active, self.active)
+                self._drop_cancelled()
+                if any(t is not None for t in self._last):
+                    self._decode_step()
+            except Exception as e:  # noqa: BLE001 - a bug must not leave requests waiting forever
+                traceback.print_exc(file=sys.stderr)
+                for i, req in enumerate(self._slots):
+                    if req is not None:
+                        self._free(i)
+                        self._fail(req, f"{type(e).__name__}: {e}")
+        for req in [*self._waiting, *(r for r in self._slots if r is not None)]:
+            self._fail(req, "the engine was closed")
+
+    def _admit_many(self, admitted: list[tuple[int, Request]]) -> None:
+        """Prefill new requests together (in groups of similar length); a failing group is retried one by one."""
+        live = []
+        for slot, req in admitted:
+            if req.cancelled or req.seq.finish_reason is not None:  # cancelled, or nothing to generate
+                self._free(slot)
+                req._put(Request.DONE)
+            else:
+                live.append((slot, req))
+        live.sort(key=lambda sr: len(sr[1].seq.prompt_ids))
+        groups: list[list[tuple[int, Request]]] = []
+        for sr in live:  # padding to the longest prompt of a group costs at most as much as the real tokens
+            n = len(sr[1].seq.prompt_ids)
+            g = groups[-1] if groups else None
+            if g is not None and (len(g) + 1) * n <= max(2 * (n + sum(len(r.seq.prompt_ids) for _, r in g)), 64):
+                g.append(sr)
+            else:
+                groups.append([sr])
+        for g in groups:
+            if len(g) == 1:
+                self._admit(*g[0])
+                continue
+            try:
+                logits = self.runner.prefill_many([s for s, _ in g], [r.seq.prompt_ids for _, r in g])
+                choices = select(logits, [r.seq.sampler for _, r in g])
+                self.prefill_batches += 1
+            except Exception:  # noqa: BLE001 - find the failing request alone
+                for slot, req in g:
+                    self._admit(slot, req)
+                continue
+            for (slot, req), c in zip(g, choices):
+                self._emit(slot, req, c)
+
+    def _admit(self, slot: int, req: Request) -> None:
+        try:
+            if req.cancelled or req.seq.finish_reason is not None:  # cancelled, or nothing to generate
+                raise _Cancelled
+            logits = self.runner.prefill(slot, req.seq.prompt_ids)
+            (choice,) = select(logits[None], [req.seq.sampler])
+            self._emit(slot, req, choice)
+        except _Cancelled:
+            self._free(slot)
+            req._put(Request.DONE)
+        except Exception as e:  # noqa: BLE001 - one failing request never stops the engine
+            self._free(slot)
+            self._fail(req, f"{type(e).__name__}: {e}")
+
+    def _decode_step(self) -> None:
+        n = max(i for i, t in enumerate(self._last) if t is not None) + 1
+        tokens = self._last[:n]
+        t0 = time.perf_counter()
+        try:
+            logits = self.runner.decode(tokens)
+            rows = [i for i, t in enumerate(tokens) if t is not None]
+            choices = select(logits if len(rows) == n else logits[rows], [self._slots[i].seq.sampler for i in rows])
+        except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+            traceback.print_exc(file=sys.stderr)
+            for i, t in enumerate(tokens):
+                if t is not None:
+                    req = self._slots[i]
+                    self._free(i)
+                    self._fail(req, f"{type(e).__name__}: {e}")
+            return
+        self.steps += 1
+        self.tokens += len(rows)
+        self.busy += time.perf_counter() - t0
+        for i, c in zip(rows, choices):
+            self._emit(i, self._slots[i], c)
+
+    def _emit(self, slot: int, req: Request, choice) -> None:
+        step = req.seq.accept(choice)
+        if step is not None:
+            req._put(step)
+        if req.seq.finish_reason is not None:
+            self._free(slot)
+            req._put(Request.DONE)
+        else:
+            self._last[slot] = choice.token
+
+    def _drop_cancelled(self) -> None:
+        for i, req in enumerate(self._slots):
+            if req is not None and req.cancelled and req.seq.finish_reason is None:
+                req.seq.finish_reason = "cancelled"
+                self._free(i)
+                req._put(Request.DONE)
+
+    def _free(self, slot: int) -> None:
+        with self._cv:
+            self._slots[slot] = None
+            self._last[slot] = None
+
+    @staticmethod
+    def _fail(req: Request, message: str) -> None:
+        req.error = message
+        if req.seq.finish_reason is None:
+            req.seq.finish_reason = "error"
+        req._put(Request.DONE)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+__all__ = ["Engine", "EngineError", "Request", "SlotRunner", "TokenSampler", "fast_path_supported"]

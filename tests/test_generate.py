@@ -1,0 +1,321 @@
+"""Generation: sampling filters and penalties against transformers' logits processors, log-probs against a full
+forward, the slot cache's batched decode against full recomputation, left-padded batches and the continuous-batching
+engine against single-sequence generation, stop ids/strings and incremental detokenization."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from lmforge.commands.common import load_model_and_tokenizer
+from lmforge.infer.engine import Engine, EngineError, SlotRunner
+from lmforge.infer.generate import TextStream, complete, generate, generate_batch, stream_steps
+from lmforge.infer.sampling import SamplingParams, TokenSampler, distribution, select
+from lmforge.model import Decoder
+from lmforge.presets import get_preset
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=40)
+TEXTS = ["Once upon a time", "Tom had a big red ball and", "The cat", "Lily and her mom went to the park to play",
+         "One day", "Sue saw a bird", "Ben", "The sun was hot and the children wanted to swim in the lake"]
+
+
+@pytest.fixture(scope="module")
+def stories():
+    model, tok = load_model_and_tokenizer(None, None, "cpu")
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def prompts(stories):
+    _, tok = stories
+    return [[tok.bos_id] + tok.encode(t) for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def singles(stories, prompts):
+    model, _ = stories
+    return [generate(model, p, GREEDY) for p in prompts]
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+
+
+def hf_distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    scores = TemperatureLogitsWarper(p.temperature)(None, logits.clone())
+    if p.top_k:
+        scores = TopKLogitsWarper(p.top_k)(None, scores)
+    if p.min_p:
+        scores = MinPLogitsWarper(p.min_p)(None, scores)
+    if p.top_p < 1:
+        scores = TopPLogitsWarper(p.top_p)(None, scores)
+    return torch.softmax(scores, dim=-1)
+
+
+CASES = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=7),
+         SamplingParams(temperature=0.9, top_p=0.8), SamplingParams(temperature=1.0, min_p=0.05),
+         SamplingParams(temperature=0.6, top_k=20, top_p=0.9, min_p=0.02)]
+
+
+@pytest.mark.parametrize("p", CASES)
+def test_filtered_distribution_matches_transformers_warpers(p):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    assert torch.allclose(distribution(logits, p), hf_distribution(logits, p), atol=1e-6)
+
+
+def test_rows_with_their_own_parameters_match_rows_alone():
+    torch.manual_seed(1)
+    logits = torch.randn(len(CASES), 64) * 2
+    together = distribution(logits, CASES)
+    for i, p in enumerate(CASES):
+        assert torch.allclose(together[i], hf_distribution(logits[i : i + 1], p)[0], atol=1e-6)
+
+
+def test_draws_follow_the_distribution_and_seeds_reproduce():
+    torch.manual_seed(2)
+    logits = torch.randn(1, 6) * 1.5
+    p = SamplingParams(temperature=0.8, top_k=5)
+    n = 4000
+    samplers = [TokenSampler(SamplingParams(**{**p.__dict__, "seed": s}), [], 6) for s in range(n)]
+    toks = torch.tensor([c.token for c in select(logits.expand(n, 6), samplers)])
+    freq = torch.bincount(toks, minlength=6).float() / n
+    want = hf_distribution(logits, p)[0]
+    sigma = (want * (1 - want) / n).sqrt()
+    assert (freq - want).abs().max() <= 5 * sigma.max() + 1e-9, (freq, want)
+    assert freq[want == 0].sum() == 0
+    again = [c.token for c in select(logits.expand(50, 6), [TokenSampler(SamplingParams(
+        **{**p.__dict__, "seed": s}), [], 6) for s in range(50)])]
+    assert again == toks[:50].tolist()
+
+
+def test_repetition_penalty_matches_transformers():
+    torch.manual_seed(3)
+    V = 30
+    logits = torch.randn(V) * 2
+    prompt, out = [1, 4, 4, 9], [9, 12, 4]
+    p = SamplingParams(repetition_penalty=1.3)
+    s = TokenSampler(p, prompt, V)
+    for t in out:
+        s.observe(t)
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + out]), logits[None].clone())[0]
+    assert torch.allclose(s.penalize(logits), ref)
+
+
+def test_frequency_and_presence_penalties_follow_openai_definition():
+    torch.manual_seed(4)
+    V = 20
+    logits = torch.randn(V)
+    prompt, out = [3, 5], [5, 7, 7, 7, 2]
+    p = SamplingParams(frequency_penalty=0.4, presence_penalty=0.9)
+    s = TokenSampler(p, prompt, V)
+    for t in out:
+        s.observe(t)
+    # mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence, c counted over the generated tokens
+    want = [float(logits[j]) - out.count(j) * 0.4 - (0.9 if out.count(j) else 0.0) for j in range(V)]
+    assert torch.allclose(s.penalize(logits), torch.tensor(want), atol=1e-6)
+
+
+def test_penalties_change_greedy_choice_in_generation(stories, prompts):
+    model, _ = stories
+    plain = generate(model, prompts[0], GREEDY)
+    pen = generate(model, prompts[0], SamplingParams(temperature=0, max_new_tokens=40, frequency_penalty=2.0))
+    assert plain != pen
+    counts = torch.bincount(torch.tensor(pen))
+    assert counts.max() <= torch.bincount(torch.tensor(plain)).max()
+
+
+# ---- single sequence ---------------------------------------------------------------------------------
+
+
+def test_logprobs_match_a_full_forward(stories, prompts):
+    model, _ = stories
+    p = SamplingParams(temperature=0.9, top_k=30, max_new_tokens=15, seed=5, logprobs=True, top_logprobs=3)
+    steps = list(stream_steps(model, prompts[1], p))
+    ids = prompts[1] + [s.token for s in steps]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    P = len(prompts[1])
+    for k, s in enumerate(steps):
+        assert s.logprob == pytest.approx(float(logp[P - 1 + k, s.token]), abs=1e-4)
+        v, i = logp[P - 1 + k].topk(3)
+        assert [t for t, _ in s.top_logprobs] == i.tolist()
+
+
+def test_seeded_sampling_is_reproducible(stories, prompts):
+    model, _ = stories
+    p = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=30, seed=11)
+    a, b = generate(model, prompts[0], p), generate(model, prompts[0], p)
+    c = generate(model, prompts[0], SamplingParams(**{**p.__dict__, "seed": 12}))
+    assert a == b and a != c
+
+
+def test_stop_id_and_max_new_tokens(stories, prompts, singles):
+    model, _ = stories
+    out = singles[0]
+    stop = out[10]
+    first = out.index(stop)
+    assert generate(model, prompts[0], SamplingParams(temperature=0, max_new_tokens=40, stop_ids=[stop])) == \
+        out[:first]
+    c = complete(model, stories[1], prompts[0], SamplingParams(temperature=0, max_new_tokens=7))
+    assert c.token_ids == out[:7] and c.finish_reason == "length"
+
+
+def test_stop_strings_cut_the_text(stories, prompts, singles):
+    model, tok = stories
+    full = tok.decode(prompts[2] + singles[2])[len(tok.decode(prompts[2])) :]
+    assert full == complete(model, tok, prompts[2], GREEDY).text
+    for stop in (full[20:24], full[5:6], full[30:45]):
+        c = complete(model, tok, prompts[2], SamplingParams(temperature=0, max_new_tokens=40, stop=[stop]))
+        assert c.text == full.split(stop)[0] and c.finish_reason == "stop", stop
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_prefixes(stories):
+    _, tok = stories
+    text = " héllo 世界, wörld! ünïcödé 🙂 end"
+    ids = tok.encode(text)
+    assert any(i < 259 for i in ids)  # byte-fallback tokens: characters split across tokens
+    ts = TextStream(tok, [tok.bos_id], stop=["XYZ"])
+    pieces = [ts.push(i) for i in ids]
+    assert "".join(pieces) + ts.flush() == tok.decode([tok.bos_id] + ids)
+    assert all("\ufffd" not in p for p in pieces)
+    ts = TextStream(tok, [tok.bos_id], stop=["wörld"])
+    shown = ""
+    for i in ids:
+        shown += ts.push(i)
+        assert "wör" not in shown
+        if ts.stopped:
+            break
+    assert ts.stopped and shown == tok.decode([tok.bos_id] + ids).split("wörld")[0]
+
+
+# ---- batched decode ------------------------------------------------------------------------------------
+
+
+FAST = ["tiny-llama", "tiny-gpt1", "tiny-gpt2", "tiny-gpt3", "tiny-palm", "tiny-bloom", "tiny-qwen", "tiny-chatglm2"]
+
+
+@pytest.mark.parametrize("name", FAST + ["tiny-glm", "tiny-chatglm", "tiny-llama:slow", "tiny-gpt3:slow"])
+def test_slot_runner_decode_matches_full_forward(name):
+    """Slots at different lengths decode together; every row's logits equal a full forward of its sequence
+    (through the lean decode step, or ``Decoder.forward`` with per-row positions for GLM and on request)."""
+    torch.manual_seed(0)
+    name, _, slow = name.partition(":")
+    cfg = get_preset(name, block_size=64, vocab_size=97)
+    model = Decoder(cfg).eval()
+    runner = SlotRunner(model, 4, 48)
+    assert runner.fast == (cfg.position != "glm2d")
+    runner.fast = runner.fast and not slow
+    seqs = {0: [5, 6, 7, 8, 9, 10, 11], 1: [3], 3: [40, 41, 42, 43]}  # slot 2 idle
+    for slot, ids in seqs.items():
+        runner.prefill(slot, ids)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        new = {s: int(torch.randint(0, 97, (1,), generator=g)) for s in seqs}
+        logits = runner.decode([new.get(i) for i in range(4)])
+        for s, t in new.items():
+            seqs[s].append(t)
+            with torch.no_grad():
+                ref = model(torch.tensor([seqs[s]]))[0, -1]
+            assert torch.allclose(logits[s], ref, atol=2e-4, rtol=1e-4), (name, slow, s)
+
+
+def test_quantized_model_decodes_through_the_lean_step(prompts):
+    from lmforge.infer.quant import QuantConfig, quantize_model
+
+    model, tok = load_model_and_tokenizer(None, None, "cpu")
+    quantize_model(model.eval(), QuantConfig(bits=8))
+    p = SamplingParams(temperature=0, max_new_tokens=25)
+    want = []
+    for ids in prompts[:3]:
+        ids = list(ids)
+        with torch.no_grad():  # greedy by full recomputation, no cache
+            for _ in range(25):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        want.append(ids[-25:])
+    assert [generate(model, x, p) for x in prompts[:3]] == want
+    eng = Engine(model, tok, max_batch=2)
+    try:
+        assert [[s.token for s in eng.submit(x, p)] for x in prompts[:3]] == want
+    finally:
+        eng.close()
+
+
+def test_left_padded_batch_equals_single_sequences(stories, prompts, singles):
+    model, _ = stories
+    assert generate_batch(model, prompts, GREEDY) == singles
+
+
+def test_engine_equals_single_sequences_with_slot_reuse(stories, prompts, singles):
+    model, tok = stories
+    eng = Engine(model, tok, max_batch=3)  # 8 requests, 3 slots: finished slots are reused
+    try:
+        reqs = [eng.submit(p, GREEDY) for p in prompts]
+        outs = [[s.token for s in r if s.token >= 0] for r in reqs]
+    finally:
+        eng.close()
+    assert outs == singles
+    assert eng.max_active == 3 and eng.prefill_batches > 0  # several prompts prefilled in one forward
+    assert eng.steps < sum(len(o) for o in outs)  # decoded in batches
+
+
+def test_engine_concurrent_submitters_and_seeded_sampling(stories, prompts):
+    model, tok = stories
+    params = [SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=25, seed=i) for i in range(len(prompts))]
+    want = [generate(model, p, sp) for p, sp in zip(prompts, params)]
+    got: dict[int, list[int]] = {}
+    eng = Engine(model, tok, max_batch=8)
+
+    def client(i):
+        got[i] = [s.token for s in eng.submit(prompts[i], params[i]) if s.token >= 0]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        eng.close()
+    assert [got[i] for i in range(len(prompts))] == want
+
+
+def test_engine_survives_a_failing_request_and_cancellation(stories, prompts, singles):
+    model, tok = stories
+    eng = Engine(model, tok, max_batch=2)
+    real, real_many = eng.runner.prefill, eng.runner.prefill_many
+
+    def prefill(slot, ids):
+        if ids == prompts[1]:
+            raise RuntimeError("boom")
+        return real(slot, ids)
+
+    def prefill_many(slots, ids):
+        if prompts[1] in ids:
+            raise RuntimeError("boom")
+        return real_many(slots, ids)
+
+    eng.runner.prefill, eng.runner.prefill_many = prefill, prefill_many
+    try:
+        bad = eng.submit(prompts[1], GREEDY)
+        long = eng.submit(prompts[0], SamplingParams(temperature=0, max_new_tokens=400))
+        first = next(iter(long))
+        long.cancel()
+        good = eng.submit(prompts[2], GREEDY)
+        with pytest.raises(EngineError, match="boom"):
+            bad.result()
+        assert [s.token for s in good if s.token >= 0] == singles[2]
+        rest = list(long)
+        assert first.token == singles[0][0] and len(rest) < 399 and long.finish_reason == "cancelled"
+        with pytest.raises(ValueError, match="context"):
+            eng.submit([1] * 600, GREEDY)
+    finally:
+        eng.close()
