@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_clean import perturb  # tests/ is on sys.path under pytest
 
 from lmforge.data.clean import clean
 from lmforge.data.clean.dedup import NearDedup
@@ -41,19 +42,6 @@ def ref_shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
 
 def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
-
-
-def perturb(text: str, frac: float, rng: random.Random) -> str:
-    if re.search(f"[{CJK}]", text):
-        chars = list(text)
-        idx = [i for i, c in enumerate(chars) if "\u4e00" <= c <= "\u9fff"]
-        for i in rng.sample(idx, max(1, int(len(idx) * frac))):
-            chars[i] = "丁" if chars[i] != "丁" else "乙"
-        return "".join(chars)
-    words = text.split(" ")
-    for i in rng.sample(range(len(words)), max(1, int(len(words) * frac))):
-        words[i] = f"zq{rng.randrange(10**6)}"
-    return " ".join(words)
 
 
 def test_minhash_estimates_track_exact_jaccard_on_fixture_text():

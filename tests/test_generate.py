@@ -29,12 +29,6 @@ TEXTS = ["Once upon a time", "Tom had a big red ball and", "The cat", "Lily and 
 
 
 @pytest.fixture(scope="module")
-def stories():
-    model, tok = load_model_and_tokenizer(None, None, "cpu")
-    return model.eval(), tok
-
-
-@pytest.fixture(scope="module")
 def prompts(stories):
     _, tok = stories
     return [[tok.bos_id] + tok.encode(t) for t in TEXTS]

@@ -16,7 +16,6 @@ import torch
 
 openai = pytest.importorskip("openai", reason="needs the openai client (pip install openai)")
 
-from lmforge.commands.common import load_model_and_tokenizer  # noqa: E402
 from lmforge.infer.chat import encode_chat, end_of_turn  # noqa: E402
 from lmforge.infer.generate import complete  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
@@ -24,12 +23,6 @@ from lmforge.serve.server import ModelServer  # noqa: E402
 
 KEY = "test-key"
 MODEL = "stories260K.bin"
-
-
-@pytest.fixture(scope="module")
-def stories():
-    model, tok = load_model_and_tokenizer(None, None, "cpu")
-    return model.eval(), tok
 
 
 @pytest.fixture(scope="module")

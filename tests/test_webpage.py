@@ -14,7 +14,6 @@ if not Path(CHROMIUM).exists():
     pytest.skip(f"no browser at {CHROMIUM} (run scripts/install_browser.sh)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (run scripts/install_browser.sh)")
 
-from lmforge.commands.common import load_model_and_tokenizer  # noqa: E402
 from lmforge.infer.chat import encode_chat, end_of_turn  # noqa: E402
 from lmforge.infer.generate import complete  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
@@ -22,12 +21,6 @@ from lmforge.serve.server import ModelServer  # noqa: E402
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def stories():
-    model, tok = load_model_and_tokenizer(None, None, "cpu")
-    return model.eval(), tok
 
 
 @pytest.fixture(scope="module")

@@ -532,21 +532,14 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str) -> Tokenizer:
 def llama2c_tokenizer_metadata(path: str | Path) -> dict[str, Any]:
     """GGUF tokenizer fields ("llama" model) from llama2.c's tokenizer.bin (int32 max length, then per token:
     float32 score, int32 length, bytes); ids 0/1/2 are <unk>/<s>/</s> as in llama2.c's export."""
-    import struct
+    from lmforge.tokenizer.llama2c import read_llama2c_tokenizer_bytes
 
     path = Path(path)
-    raw = path.read_bytes()
+    pieces, scores = read_llama2c_tokenizer_bytes(path.read_bytes(), str(path))
     tokens: list[str] = []
-    scores: list[float] = []
     types: list[int] = []
-    off = 4
-    while off < len(raw):
-        if off + 8 > len(raw):
-            raise LMForgeError(f"{path}: truncated llama2.c tokenizer at byte {off}")
-        score, n = struct.unpack_from("<fi", raw, off)
-        piece = raw[off + 8 : off + 8 + n].decode("utf-8", errors="replace")
-        off += 8 + n
-        i = len(tokens)
+    for i, raw_piece in enumerate(pieces):
+        piece = raw_piece.decode("utf-8", errors="replace")
         if i < 3:
             piece, ty = ["<unk>", "<s>", "</s>"][i], [UNKNOWN, CONTROL, CONTROL][i]
         elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
@@ -554,7 +547,6 @@ def llama2c_tokenizer_metadata(path: str | Path) -> dict[str, Any]:
         else:
             piece, ty = piece.replace(" ", "\u2581"), NORMAL
         tokens.append(piece)
-        scores.append(score)
         types.append(ty)
     return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
             "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
