@@ -431,7 +431,7 @@ def test_embedding_gradient_shrink_with_tied_output_layer():
         grads[shrink] = m.wte.weight.grad
     g_out, g_in = grads[0.0], grads[1.0] - grads[0.0]
     assert g_in.abs().max() > 1e-3 and g_out.abs().max() > 1e-3
-    assert torch.allclose(grads[a], g_out + a * g_in, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(grads[a], g_out + a * g_in, rtol=1e-5, atol=1e-6)  # fp32 summation order
 
 
 # ---- ALiBi ---------------------------------------------------------------------------------------------------------
