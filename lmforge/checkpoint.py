@@ -60,10 +60,14 @@ def save_checkpoint(model: Decoder, path: str | Path, tokenizer=None) -> Path:
 def replace_dir(tmp: Path, path: Path) -> None:
     """Move a fully written directory ``tmp`` to ``path``, replacing what was there with renames only."""
     if path.exists():
-        old = path.with_name(f".{path.name}.old")
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)  # put the previous version back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)

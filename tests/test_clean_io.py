@@ -81,3 +81,26 @@ def test_json_array_and_parquet(tmp_path):
     assert [(x.text, x.line, x.meta) for x in d] == [("alpha", 1, {"url": "u1"}), ("gamma", 3, {"url": "u3"})]
     with pytest.raises(LMForgeError, match=r"field 'body': no such column \(columns: text, url"):
         list(iter_documents([q], field="body"))
+
+
+def test_raw_text_separator_indices_offsets_and_dropped_empties(tmp_path, monkeypatch):
+    import lmforge.data.io as lio
+
+    monkeypatch.setattr(lio, "CHUNK", 5)  # separators and UTF-8 characters straddle the blocks read
+    t = _w(tmp_path / "t.txt", "\ufeffone\r\ntwo 红\r\n\r\n \r\n\r\nthree\r\n\r\n".encode())
+    j = _w(tmp_path / "j.jsonl", b'\xef\xbb\xbf{"text": "a"}\n{"text": " "}\n{"text": "b"}\n')
+    d = list(iter_documents([t, j], txt_split="raw", separator="\r\n\r\n", drop_empty=True))
+    assert [(x.text, x.line, x.source_index) for x in d] == [
+        ("one\r\ntwo 红", 1, 0), ("three", 6, 0), ("a", 1, 1), ("b", 3, 1)]
+    assert d[1].offset == t.stat().st_size and d[3].offset == j.stat().st_size and d[0].offset <= d[1].offset
+    assert [x.text for x in iter_documents([t], txt_split="raw")] == ["one\r\ntwo 红\r\n\r\n \r\n\r\nthree\r\n\r\n"]
+    with pytest.raises(LMForgeError, match=rf"^{t}:4: empty document"):
+        list(iter_documents([t], txt_split="raw", separator="\r\n\r\n"))
+    bad_t = _w(tmp_path / "b.txt", b"fine\n\nstill fine\n" + "坏".encode("gbk") + b"\n\nlast\n")
+    with pytest.raises(LMForgeError, match=rf"^{bad_t}:4: not UTF-8 text \(byte 0 of the line is 0xbb"):
+        list(iter_documents([bad_t], txt_split="raw", separator="\n\n"))
+    bad = BadRecords(skip=True)
+    assert [x.text for x in iter_documents([bad_t, j], txt_split="raw", bad=bad)] == ["a", "b"]
+    assert bad.reasons == {"encoding": 1, "empty": 1}
+    with pytest.raises(LMForgeError, match="needs txt_split='raw'"):
+        list(iter_documents([t], separator="\n"))

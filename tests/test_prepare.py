@@ -184,7 +184,7 @@ def test_input_formats_txt_separator_gz_json_parquet(tmp_path, stories):
     prepare([str(tmp_path / "e.parquet")], str(STORIES260K_TOKENIZER), str(tmp_path / "p"), val_fraction=0.0,
             field="body", progress=False)
     assert split_texts(tmp_path / "p", "train") == docs
-    with pytest.raises(LMForgeError, match=r"e\.parquet: no column 'text' \(columns: body, n"):
+    with pytest.raises(LMForgeError, match=r"e\.parquet: field 'text': no such column \(columns: body, n"):
         prepare([str(tmp_path / "e.parquet")], str(STORIES260K_TOKENIZER), str(tmp_path / "q"), progress=False)
 
 
@@ -204,9 +204,9 @@ def test_bad_records_are_reported_with_file_and_line_or_skipped(tmp_path):
     tok = STORIES260K_TOKENIZER
     r = lmforge("data", "prepare", f, "--tokenizer", tok, "--output", tmp_path / "o")
     last = r.stderr.strip().splitlines()[-1]  # the error is one line (after the progress bar)
-    assert r.returncode == 1 and "bad.jsonl:3: invalid JSON" in last and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "bad.jsonl:3: malformed JSON" in last and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == [f]  # nothing half-written, no temp dir
-    expected = {4: "field 'text' missing", 5: "field 'text' is not a string (got int)", 6: "not a JSON object"}
+    expected = {4: "field 'text' missing (fields: body", 5: "field 'text' is int, not a string", 6: "not a JSON object"}
     lines = f.read_text().splitlines()
     for n, what in expected.items():
         g = tmp_path / "checks" / f"only{n}.jsonl"
@@ -220,8 +220,49 @@ def test_bad_records_are_reported_with_file_and_line_or_skipped(tmp_path):
     assert split_texts(tmp_path / "o", "train") == ["ok", "fine"]
     assert open_prepared(tmp_path / "o").index["skipped_bad_records"] == 4
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(LMForgeError, match="latin1.txt: not UTF-8 text"):
+    with pytest.raises(LMForgeError, match=r"latin1.txt:1: not UTF-8 text \(byte 3 of the line is 0xe9"):
         prepare([str(tmp_path / "latin1.txt")], str(tok), str(tmp_path / "l"), progress=False)
+
+
+BAD_LINES = [b'{"text": oops}', b'{"body": "x", "id": 3}', b'{"text": 3}', b'[1]',
+             '{"text": "caf\u00e9"}'.encode("latin-1")]
+
+
+@pytest.mark.parametrize("line", BAD_LINES)
+def test_prepare_and_clean_report_a_bad_record_alike(tmp_path, line):
+    """One reader (lmforge.data.io): the same one-line error, and --skip-bad counts the same records."""
+    from lmforge.data.clean.pipeline import clean
+
+    f = tmp_path / "in.jsonl"
+    f.write_bytes(b'{"text": "Lily saw a cat."}\n' + line + b'\n{"text": "Tom ran."}\n')
+    errors = []
+    for run in (lambda: prepare([str(f)], str(STORIES260K_TOKENIZER), str(tmp_path / "o"), progress=False),
+                lambda: clean([str(f)], tmp_path / "c.jsonl", config={"stages": ["pii"]}, progress=False)):
+        with pytest.raises(LMForgeError) as e:
+            run()
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and errors[0].startswith(f"{f}:2: ") and "\n" not in errors[0]
+    index = prepare([str(f)], str(STORIES260K_TOKENIZER), str(tmp_path / "o"), val_fraction=0.0, skip_bad=True,
+                    progress=False)
+    rep = clean([str(f)], tmp_path / "c.jsonl", config={"stages": ["pii"]}, skip_bad=True, progress=False)
+    assert index["skipped_bad_records"] == rep["bad_records"]["skipped"] == 1
+    assert split_texts(tmp_path / "o", "train") == ["Lily saw a cat.", "Tom ran."]
+
+
+def test_text_is_kept_exactly_and_empty_documents_are_dropped(tmp_path, monkeypatch):
+    import lmforge.data.io as lio
+
+    monkeypatch.setattr(lio, "CHUNK", 7)  # separators and UTF-8 characters straddle the blocks read
+    (tmp_path / "a.txt").write_bytes("\ufeffOne day\r\nLily saw 红楼梦\r\n\r\n  \r\n\r\nTom ran\r\n\r\n".encode())
+    (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "Lily"}\n{"text": "  "}\n{"text": "Tom"}\n')
+    (tmp_path / "c.txt").write_text(" \n")
+    inputs = [str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.txt")]
+    index = prepare(inputs, TinyChars("".join(chr(c) for c in range(32, 128)) + "\r\n红楼梦"), str(tmp_path / "o"),
+                    val_fraction=0.0, separator="\r\n\r\n", progress=False)
+    assert [s["documents"] for s in index["sources"]] == [2, 2, 0] and index["skipped_bad_records"] == 0
+    ids = open_prepared(tmp_path / "o").tokens("train")
+    tok = TinyChars("".join(chr(c) for c in range(32, 128)) + "\r\n红楼梦")
+    assert tok.decode(ids.tolist()) == "One day\r\nLily saw 红楼梦" + "Tom ran" + "Lily" + "Tom"
 
 
 def test_output_is_replaced_atomically_and_never_clobbered(tmp_path):

@@ -76,18 +76,37 @@ def test_overrides_and_config_errors():
         load_run_config({"train": {"max_iters": "many"}})
 
 
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
+@pytest.mark.parametrize("ema", [[], ["--ema", "0.9"]], ids=["plain", "ema"])
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, ema):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    assert run_script(str(full), "12").returncode == 0
-    r = run_script(str(cut), "12", "--kill-at", "10")
+    assert run_script(str(full), "12", *ema).returncode == 0
+    r = run_script(str(cut), "12", "--kill-at", "10", *ema)
     assert r.returncode != 0  # killed
     assert latest_checkpoint(cut).name == "ckpt-0000008"
-    r = run_script(str(cut), "12", "--resume")
+    r = run_script(str(cut), "12", "--resume", *ema)
     assert r.returncode == 0 and "resumed from" in r.stderr
-    a = load_file(str(full / "ckpt-0000012" / "model.safetensors"))
-    b = load_file(str(cut / "ckpt-0000012" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ["model.safetensors"] + (["train_weights.safetensors"] if ema else []):
+        a = load_file(str(full / "ckpt-0000012" / name))
+        b = load_file(str(cut / "ckpt-0000012" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert losses(full) == losses(cut)
+
+
+def test_ema_checkpoints_hold_the_moving_average(tmp_path):
+    """Each step's model.safetensors is the average e_k = d * e_(k-1) + (1 - d) * w_k of the raw weights w_k
+    (train_weights.safetensors), and evaluation scores the average."""
+    d, run = 0.8, tmp_path / "run"
+    r = run_script(str(run), "6", "--ema", str(d), "--save-interval", "1")
+    assert r.returncode == 0, r.stderr
+    ck = [run / f"ckpt-{s:07d}" for s in range(1, 7)]
+    avg = [load_file(str(c / "model.safetensors")) for c in ck]
+    raw = [load_file(str(c / "train_weights.safetensors")) for c in ck]
+    assert avg[0].keys() == raw[0].keys()
+    for k in avg[0]:
+        for s in range(1, 6):
+            assert torch.allclose(avg[s][k], d * avg[s - 1][k] + (1 - d) * raw[s][k], rtol=0, atol=1e-6), (k, s)
+        assert not torch.equal(avg[5][k], raw[5][k]), k
+
 
 
 def test_corrupt_checkpoint_is_skipped_on_resume(tmp_path):

@@ -1,6 +1,6 @@
 """A tiny training run driven by the shared Trainer, for subprocess tests (kill/resume, torchrun equivalence).
 
-    python tests/train_script.py OUT MAX_ITERS [--resume] [--kill-at STEP] [--distributed ddp|fsdp]
+    python tests/train_script.py OUT MAX_ITERS [--resume] [--kill-at STEP] [--distributed ddp|fsdp] [--ema DECAY]
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--distributed", default="auto")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--ema", type=float, default=0.0)
+    ap.add_argument("--save-interval", type=int, default=4)
     a = ap.parse_args()
     torch.set_num_threads(1)
     dist = D.init(torch.device("cpu"))
@@ -45,8 +47,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = Decoder(cfg)
     t = TrainConfig(max_iters=a.max_iters, batch_size=a.batch_size, lr=3e-3, warmup_iters=3, eval_interval=5,
-                    eval_iters=2, log_interval=1, save_interval=4, keep_last=10, distributed=a.distributed,
-                    spike_guard=False, seed=5)
+                    eval_iters=2, log_interval=1, save_interval=a.save_interval, keep_last=10,
+                    distributed=a.distributed, spike_guard=False, seed=5, ema_decay=a.ema)
     data = tokens()
     train = RandomWindows(data[:4000], 16, a.batch_size, seed=1, rank=dist.rank, world=dist.world)
     val = RandomWindows(data[4000:], 16, a.batch_size, seed=2, rank=dist.rank, world=dist.world)

@@ -3,14 +3,18 @@
 ``iter_documents(paths, skip_bad=False)`` yields :class:`Document` (text, source file, line number) and reports a
 malformed record (bad JSON, non-UTF-8 bytes, a missing or non-string field, an empty document) as
 ``LMForgeError("file:line: what is wrong")``; with ``skip_bad=True`` such records are skipped and counted in a
-:class:`BadRecords` (pass your own to read the counts afterwards).
+:class:`BadRecords` (pass your own to read the counts afterwards). ``drop_empty=True`` drops empty and
+whitespace-only documents silently instead.
 
 Text files: ``txt_split="file"`` (default) makes the whole file one document, ``"line"`` every non-blank line, and
-``"paragraph"`` every block of lines between blank lines. A leading UTF-8 byte-order mark is dropped.
+``"paragraph"`` every block of lines between blank lines; these turn ``\\r\\n`` into ``\\n``. ``"raw"`` keeps the
+text exactly as stored: the whole file is one document, or every piece between ``separator``s. A leading UTF-8
+byte-order mark is dropped (of .jsonl files too).
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 from collections.abc import Iterable, Iterator
@@ -20,8 +24,10 @@ from typing import Any, BinaryIO
 
 from lmforge.errors import LMForgeError
 
-TXT_SPLITS = ("file", "line", "paragraph")
+TXT_SPLITS = ("file", "line", "paragraph", "raw")
 _KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+_BOM = codecs.BOM_UTF8
+CHUNK = 1 << 22  # bytes read at a time by txt_split="raw"
 
 
 @dataclass
@@ -33,6 +39,8 @@ class Document:
     line: int
     meta: dict[str, Any] | None = None
     nbytes: int = 0  # bytes of input this document accounts for (for progress bars)
+    source_index: int = 0  # position of ``source`` in the paths given to iter_documents
+    offset: int = 0  # bytes of the file as stored (compressed, for .gz) read once this document was complete
 
     @property
     def where(self) -> str:
@@ -68,21 +76,39 @@ def file_kind(path: str | Path) -> str:
     return _KINDS.get(suffixes[-1] if suffixes else "", "text")
 
 
-def _open(path: Path) -> BinaryIO:
-    f = open(path, "rb")  # noqa: SIM115 - returned to the caller, closed there
-    return gzip.GzipFile(fileobj=f) if path.suffix.lower() == ".gz" else f  # type: ignore[return-value]
+class _Input:
+    """An input file as bytes (decompressed if ``.gz``); ``tell()`` is the position in the file as stored."""
+
+    def __init__(self, path: Path) -> None:
+        self.raw = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self.f: BinaryIO = gzip.GzipFile(fileobj=self.raw) if path.suffix.lower() == ".gz" else self.raw  # type: ignore[assignment]
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def __enter__(self) -> _Input:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+        self.raw.close()
+
+
+def _not_utf8(raw: bytes, e: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte {e.start} of the line is 0x{raw[e.start]:02x}; re-encode the file as UTF-8)"
 
 
 def _utf8(raw: bytes, where: str, bad: BadRecords) -> str | None:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        bad(where, f"not UTF-8 text (byte {e.start} of the line is 0x{raw[e.start]:02x}; re-encode the file as "
-            "UTF-8)", "encoding")
+        bad(where, _not_utf8(raw, e), "encoding")
         return None
 
 
-def _record(rec: Any, where: str, fieldname: str, bad: BadRecords) -> Document | None:
+def _record(rec: Any, path: Path, n: int, fieldname: str, bad: BadRecords, drop_empty: bool,
+            meta: bool) -> Document | None:
+    where = f"{path}:{n}"
     if not isinstance(rec, dict):
         bad(where, f"not a JSON object (got {type(rec).__name__})", "not_object")
         return None
@@ -96,20 +122,19 @@ def _record(rec: Any, where: str, fieldname: str, bad: BadRecords) -> Document |
             "not_string")
         return None
     if not text.strip():
-        bad(where, f"field {fieldname!r}: empty document", "empty")
+        if not drop_empty:
+            bad(where, f"field {fieldname!r}: empty document", "empty")
         return None
-    meta = {k: v for k, v in rec.items() if k != fieldname} or None
-    source, _, line = where.rpartition(":")
-    return Document(text, source, int(line), meta)
+    return Document(text, str(path), n, ({k: v for k, v in rec.items() if k != fieldname} or None) if meta else None)
 
 
-def _read_jsonl(path: Path, fieldname: str, bad: BadRecords) -> Iterator[Document]:
-    with _open(path) as f:
-        for n, raw in enumerate(f, 1):  # bytes: only b"\n" ends a record (U+2028 may sit inside strings)
+def _read_jsonl(path: Path, fieldname: str, bad: BadRecords, drop_empty: bool, meta: bool) -> Iterator[Document]:
+    with _Input(path) as src:
+        for n, raw in enumerate(src.f, 1):  # bytes: only b"\n" ends a record (U+2028 may sit inside strings)
             where = f"{path}:{n}"
             if not raw.strip():
                 continue
-            line = _utf8(raw, where, bad)
+            line = _utf8(raw[3:] if n == 1 and raw.startswith(_BOM) else raw, where, bad)
             if line is None:
                 continue
             try:
@@ -117,15 +142,16 @@ def _read_jsonl(path: Path, fieldname: str, bad: BadRecords) -> Iterator[Documen
             except json.JSONDecodeError as e:
                 bad(where, f"malformed JSON ({e.msg} at column {e.colno})", "malformed_json")
                 continue
-            doc = _record(rec, where, fieldname, bad)
+            doc = _record(rec, path, n, fieldname, bad, drop_empty, meta)
             if doc is not None:
-                doc.nbytes = len(raw)
+                doc.nbytes, doc.offset = len(raw), src.tell()
                 yield doc
 
 
-def _read_json(path: Path, fieldname: str, bad: BadRecords) -> Iterator[Document]:
-    with _open(path) as f:
-        raw = f.read()
+def _read_json(path: Path, fieldname: str, bad: BadRecords, drop_empty: bool, meta: bool) -> Iterator[Document]:
+    with _Input(path) as src:
+        raw = src.f.read()
+        offset = src.tell()
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -136,18 +162,18 @@ def _read_json(path: Path, fieldname: str, bad: BadRecords) -> Iterator[Document
         raise LMForgeError(f"{path}: expected a JSON array of objects with a {fieldname!r} field")
     per = len(raw) // max(1, len(data))
     for n, rec in enumerate(data, 1):
-        doc = _record(rec, f"{path}:{n}", fieldname, bad)  # "line" = 1-based index in the array
+        doc = _record(rec, path, n, fieldname, bad, drop_empty, meta)  # "line" = 1-based index in the array
         if doc is not None:
-            doc.nbytes = per
+            doc.nbytes, doc.offset = per, offset
             yield doc
 
 
-def _read_text(path: Path, split: str, bad: BadRecords) -> Iterator[Document]:
+def _read_text(path: Path, split: str, bad: BadRecords, drop_empty: bool) -> Iterator[Document]:
     lines: list[str] = []
     start, nbytes = 0, 0
-    with _open(path) as f:
-        for n, raw in enumerate(f, 1):
-            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+    with _Input(path) as src:
+        for n, raw in enumerate(src.f, 1):
+            if n == 1 and raw.startswith(_BOM):
                 raw = raw[3:]
             line = _utf8(raw, f"{path}:{n}", bad)
             if line is None:
@@ -161,26 +187,81 @@ def _read_text(path: Path, split: str, bad: BadRecords) -> Iterator[Document]:
                 nbytes += len(raw)
             elif not line.strip():
                 if lines:
-                    yield Document("".join(lines).rstrip("\n"), str(path), start, None, nbytes)
+                    yield Document("".join(lines).rstrip("\n"), str(path), start, None, nbytes, offset=src.tell())
                 lines, nbytes = [], 0
             elif split == "line":
-                yield Document(line.rstrip("\n"), str(path), n, None, len(raw))
+                yield Document(line.rstrip("\n"), str(path), n, None, len(raw), offset=src.tell())
             else:
                 if not lines:
                     start = n
                 lines.append(line)
                 nbytes += len(raw)
+        offset = src.tell()
     if split == "file":
         text = "".join(lines)
         if not text.strip():
-            bad(f"{path}:1", "empty document (the file has no text)", "empty")
+            if not drop_empty:
+                bad(f"{path}:1", "empty document (the file has no text)", "empty")
             return
-        yield Document(text, str(path), 1, None, nbytes)
+        yield Document(text, str(path), 1, None, nbytes, offset=offset)
     elif lines:
-        yield Document("".join(lines).rstrip("\n"), str(path), start, None, nbytes)
+        yield Document("".join(lines).rstrip("\n"), str(path), start, None, nbytes, offset=offset)
 
 
-def _read_parquet(path: Path, fieldname: str, bad: BadRecords) -> Iterator[Document]:
+def _first_bad_line(path: Path) -> tuple[str, str]:
+    """``(file:line, what)`` of the first line that is not UTF-8."""
+    with _Input(path) as src:
+        for n, raw in enumerate(src.f, 1):
+            if n == 1 and raw.startswith(_BOM):
+                raw = raw[3:]
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{path}:{n}", _not_utf8(raw, e)
+    return f"{path}:1", "not UTF-8 text"
+
+
+def _read_raw(path: Path, separator: str | None, bad: BadRecords, drop_empty: bool) -> Iterator[Document]:
+    """The text exactly as stored (``\\r\\n`` kept), read in blocks: one document, or one per piece between
+    ``separator``s. A file that is not UTF-8 is one bad record (with ``skip`` the rest of it is skipped)."""
+
+    def doc(text: str, line: int, offset: int) -> Document | None:
+        if text.strip():
+            return Document(text, str(path), line, None, len(text.encode("utf-8")), offset=offset)
+        if not drop_empty:
+            bad(f"{path}:{line}", "empty document" + ("" if separator else " (the file has no text)"), "empty")
+        return None
+
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    blocks: list[str] = []
+    rest, line = "", 1  # text after the last separator, and the line it starts on
+    with _Input(path) as src:
+        while True:
+            block = src.f.read(CHUNK)
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError:
+                bad(*_first_bad_line(path), "encoding")
+                return
+            if separator is None:
+                blocks.append(text)
+            else:
+                pieces = (rest + text).split(separator)
+                rest = pieces.pop()
+                for piece in pieces:
+                    d = doc(piece, line, src.tell())
+                    if d is not None:
+                        yield d
+                    line += piece.count("\n") + separator.count("\n")
+            if not block:
+                break
+        offset = src.tell()
+    d = doc("".join(blocks) if separator is None else rest, line, offset)
+    if d is not None:
+        yield d
+
+
+def _read_parquet(path: Path, fieldname: str, bad: BadRecords, drop_empty: bool, meta: bool) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -193,14 +274,15 @@ def _read_parquet(path: Path, fieldname: str, bad: BadRecords) -> Iterator[Docum
     if fieldname not in names:
         raise LMForgeError(f"{path}: field {fieldname!r}: no such column (columns: {', '.join(names)}; "
                            "choose one with --field)")
-    per = path.stat().st_size // max(1, pf.metadata.num_rows)
+    size, rows = path.stat().st_size, max(1, pf.metadata.num_rows)
+    per = size // rows
     row = 0
-    for batch in pf.iter_batches(batch_size=2048):
+    for batch in pf.iter_batches(batch_size=2048, columns=None if meta else [fieldname]):
         for rec in batch.to_pylist():
             row += 1
-            doc = _record(rec, f"{path}:{row}", fieldname, bad)  # "line" = 1-based row number
+            doc = _record(rec, path, row, fieldname, bad, drop_empty, meta)  # "line" = 1-based row number
             if doc is not None:
-                doc.nbytes = per
+                doc.nbytes, doc.offset = per, size * row // rows
                 yield doc
 
 
@@ -210,23 +292,34 @@ def input_bytes(paths: Iterable[str | Path]) -> int:
 
 
 def iter_documents(paths: Iterable[str | Path], skip_bad: bool = False, *, field: str = "text",
-                   txt_split: str = "file", bad: BadRecords | None = None) -> Iterator[Document]:
-    """Every document of ``paths`` in order (see the module docstring for formats and errors)."""
+                   txt_split: str = "file", separator: str | None = None, drop_empty: bool = False,
+                   meta: bool = True, bad: BadRecords | None = None) -> Iterator[Document]:
+    """Every document of ``paths`` in order (see the module docstring for formats and errors).
+
+    ``separator`` (with ``txt_split="raw"`` only) splits text files into documents; ``meta=False`` leaves
+    :attr:`Document.meta` None (and reads only the ``field`` column of parquet files)."""
     if txt_split not in TXT_SPLITS:
         raise LMForgeError(f"txt_split {txt_split!r}: must be one of {', '.join(TXT_SPLITS)}")
+    if separator is not None and (txt_split != "raw" or not separator):
+        raise LMForgeError(f"separator {separator!r}: needs txt_split='raw' and must not be empty")
     bad = bad if bad is not None else BadRecords(skip_bad)
-    for p in map(Path, paths):
+    for i, p in enumerate(map(Path, paths)):
         if not p.is_file():
             raise LMForgeError(f"{p}: no such input file")
         kind = file_kind(p)
+        if kind == "parquet":
+            docs = _read_parquet(p, field, bad, drop_empty, meta)
+        elif kind == "jsonl":
+            docs = _read_jsonl(p, field, bad, drop_empty, meta)
+        elif kind == "json":
+            docs = _read_json(p, field, bad, drop_empty, meta)
+        elif txt_split == "raw":
+            docs = _read_raw(p, separator, bad, drop_empty)
+        else:
+            docs = _read_text(p, txt_split, bad, drop_empty)
         try:
-            if kind == "parquet":
-                yield from _read_parquet(p, field, bad)
-            elif kind == "jsonl":
-                yield from _read_jsonl(p, field, bad)
-            elif kind == "json":
-                yield from _read_json(p, field, bad)
-            else:
-                yield from _read_text(p, txt_split, bad)
+            for doc in docs:
+                doc.source_index = i
+                yield doc
         except (OSError, EOFError) as e:  # e.g. a truncated .gz
             raise LMForgeError(f"{p}: cannot read ({e})") from None

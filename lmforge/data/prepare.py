@@ -15,9 +15,7 @@ the token stream (``split_mode="tail"``: nanoGPT's ``train = data[:int(n * 0.9)]
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -25,185 +23,20 @@ import sys
 import tempfile
 from array import array
 from collections.abc import Iterator
+from itertools import accumulate
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lmforge.data.io import BadRecords, Document, file_kind, iter_documents
 from lmforge.errors import LMForgeError
 
 INDEX = "index.json"
 FORMAT = "lmforge-tokens-v1"
 SPLITS = ("train", "val")
 SPLIT_MODES = ("doc", "tail")
-CHUNK = 1 << 22  # characters read at a time when splitting a text file on a separator
-
-
-# ---- reading documents ---------------------------------------------------------------------------------------
-# TODO: switch to lmforge.data.io.iter_documents once the cleaning engineer's reader lands (same formats/errors).
-
-def _kind(p: Path) -> str:
-    """Format of an input file by its suffix, ignoring a trailing ``.gz``."""
-    suffixes = [s.lower() for s in p.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    last = suffixes[-1] if suffixes else ""
-    return {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}.get(last, "text")
-
-
-class _Source:
-    """One input file opened as bytes; ``consumed()`` is the number of (compressed) bytes read since last call."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.raw = open(path, "rb")  # noqa: SIM115 - closed in close()
-        self.f: Any = gzip.GzipFile(fileobj=self.raw) if path.suffix.lower() == ".gz" else self.raw
-        self._last = 0
-
-    def consumed(self) -> int:
-        now = self.raw.tell()
-        delta, self._last = now - self._last, now
-        return delta
-
-    def close(self) -> None:
-        self.f.close()
-        self.raw.close()
-
-
-class BadRecords:
-    """Counts records skipped with ``skip_bad`` (reported once at the end)."""
-
-    def __init__(self, skip: bool) -> None:
-        self.skip, self.count, self.first = skip, 0, ""
-
-    def __call__(self, where: str, what: str) -> None:
-        if not self.skip:
-            raise LMForgeError(f"{where}: {what} (use --skip-bad to skip such records)")
-        self.count += 1
-        self.first = self.first or f"{where}: {what}"
-
-
-def _record_text(rec: Any, field: str) -> str:
-    if not isinstance(rec, dict):
-        raise ValueError(f"not a JSON object (got {type(rec).__name__})")
-    if field not in rec:
-        raise ValueError(f"field {field!r} missing")
-    text = rec[field]
-    if not isinstance(text, str):
-        raise ValueError(f"field {field!r} is not a string (got {type(text).__name__})")
-    return text
-
-
-def _read_jsonl(src: _Source, field: str, bad: BadRecords) -> Iterator[str]:
-    for n, line in enumerate(src.f, 1):  # binary lines: only b"\n" ends a record (U+2028 may appear in strings)
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))
-        except UnicodeDecodeError as e:
-            bad(f"{src.path}:{n}", f"not UTF-8 (byte {e.start} of the line)")
-            continue
-        except ValueError as e:
-            bad(f"{src.path}:{n}", f"invalid JSON ({e.args[0].split(':')[0]})")
-            continue
-        try:
-            text = _record_text(rec, field)
-        except ValueError as e:
-            bad(f"{src.path}:{n}", str(e))
-            continue
-        yield text
-
-
-def _read_json(src: _Source, field: str, bad: BadRecords) -> Iterator[str]:
-    try:
-        data = json.loads(src.f.read().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise LMForgeError(f"{src.path}: not a UTF-8 JSON file ({e})") from None
-    if not isinstance(data, list):
-        raise LMForgeError(f"{src.path}: expected a JSON array of objects with a {field!r} field")
-    for n, rec in enumerate(data):
-        try:
-            yield _record_text(rec, field)
-        except ValueError as e:
-            bad(f"{src.path}: record {n}", str(e))
-
-
-def _read_text(src: _Source, separator: str | None) -> Iterator[str]:
-    reader = io.TextIOWrapper(src.f, encoding="utf-8-sig", newline="")  # keep \r\n exactly; drop a leading BOM
-    try:
-        if separator is None:
-            yield reader.read()
-            return
-        rest = ""
-        while chunk := reader.read(CHUNK):
-            parts = (rest + chunk).split(separator)
-            rest = parts.pop()
-            yield from parts
-        yield rest
-    except UnicodeDecodeError as e:
-        raise LMForgeError(f"{src.path}: not UTF-8 text ({e.reason})") from None
-    finally:
-        reader.detach()
-
-
-def _read_parquet(path: Path, field: str, bad: BadRecords) -> Iterator[tuple[str | None, int]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise LMForgeError(f"{path}: reading parquet needs pyarrow (`pip install pyarrow`)") from None
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises its own error types
-        raise LMForgeError(f"{path}: not a parquet file ({e})") from None
-    names = pf.schema_arrow.names
-    if field not in names:
-        raise LMForgeError(f"{path}: no column {field!r} (columns: {', '.join(names)}; choose one with --field)")
-    size, rows, row = path.stat().st_size, max(1, pf.metadata.num_rows), 0
-    for batch in pf.iter_batches(columns=[field], batch_size=4096):
-        values = batch.column(0).to_pylist()
-        for v in values:
-            if not isinstance(v, str):
-                bad(f"{path}: row {row}", f"column {field!r} is {'null' if v is None else type(v).__name__}")
-            else:
-                yield v, 0
-            row += 1
-        yield None, size * len(values) // rows
-
-
-def read_documents(paths: list[str], skip_bad: bool = False, field: str = "text", separator: str | None = None,
-                   bad: BadRecords | None = None) -> Iterator[tuple[str | None, int, int]]:
-    """``(text, source index, bytes read)`` for every document; ``text`` is None for progress-only items.
-
-    .txt (and any other suffix): the whole file is one document, or one per piece between ``separator``s;
-    .jsonl: ``field`` of each line's object; .json: an array of objects; .parquet: column ``field``. A ``.gz``
-    suffix is decompressed. Empty and whitespace-only documents are dropped. Malformed records raise
-    ``LMForgeError("file:line: ...")`` unless ``skip_bad`` (then they are counted in ``bad``)."""
-    bad = bad if bad is not None else BadRecords(skip_bad)
-    for i, p in enumerate(map(Path, paths)):
-        if not p.is_file():
-            raise LMForgeError(f"{p}: no such input file")
-        kind = _kind(p)
-        if kind == "parquet":
-            for text, n in _read_parquet(p, field, bad):
-                yield (text if text and text.strip() else None), i, n
-            continue
-        src = _Source(p)
-        try:
-            if kind == "jsonl":
-                docs = _read_jsonl(src, field, bad)
-            elif kind == "json":
-                docs = _read_json(src, field, bad)
-            else:
-                docs = _read_text(src, separator)
-            try:
-                for text in docs:
-                    yield (text if text.strip() else None), i, src.consumed()
-            except (OSError, EOFError) as e:  # e.g. a truncated .gz
-                raise LMForgeError(f"{p}: cannot read ({e})") from None
-            yield None, i, src.consumed()
-        finally:
-            src.close()
 
 
 # ---- tokenizing (in worker processes) --------------------------------------------------------------------------
@@ -243,15 +76,12 @@ def _encode_one(text: str, src: int) -> np.ndarray:
     return ids.astype(c["dtype"])
 
 
-def _encode_batch(batch: list[tuple[str | None, int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                                                                     int]:
+def _encode_batch(batch: list[tuple[str, int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Tokenize a batch of documents: (all ids concatenated, ids per document, split coin per document, source per
     document, bytes read). One result per batch keeps the inter-process traffic small."""
     parts, lengths, coins, srcs, nbytes = [], [], [], [], 0
     for text, src, n in batch:
         nbytes += n
-        if text is None:
-            continue
         ids = _encode_one(text, src)
         if not len(ids):
             continue
@@ -263,12 +93,22 @@ def _encode_batch(batch: list[tuple[str | None, int, int]]) -> tuple[np.ndarray,
     return ids, np.asarray(lengths, np.int64), np.asarray(coins, np.float64), np.asarray(srcs, np.int64), nbytes
 
 
-def _batches(items: Iterator[tuple[str | None, int, int]], max_chars: int = 1 << 20, max_docs: int = 4096
-             ) -> Iterator[list[tuple[str | None, int, int]]]:
+def _items(docs: Iterator[Document], sizes: list[int]) -> Iterator[tuple[str, int, int]]:
+    """``(text, source index, bytes read since the previous document)`` (bytes of the files as stored)."""
+    starts = [0, *accumulate(sizes)]
+    done = 0
+    for d in docs:
+        pos = starts[d.source_index] + d.offset
+        yield d.text, d.source_index, max(0, pos - done)
+        done = max(done, pos)
+
+
+def _batches(items: Iterator[tuple[str, int, int]], max_chars: int = 1 << 20, max_docs: int = 4096
+             ) -> Iterator[list[tuple[str, int, int]]]:
     batch, chars = [], 0
     for item in items:
         batch.append(item)
-        chars += len(item[0]) if item[0] else 0
+        chars += len(item[0])
         if chars >= max_chars or len(batch) >= max_docs:
             yield batch
             batch, chars = [], 0
@@ -300,22 +140,6 @@ def _settings(index: dict[str, Any]) -> dict[str, Any]:
     out = {k: index.get(k) for k in keys}
     out["sources"] = [(s["path"], s["bytes"]) for s in index.get("sources", []) if isinstance(s, dict)]
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` to ``out``; an existing ``out`` is set aside first and removed only after the move."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class _Writer:
@@ -430,9 +254,11 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
         cfg = {"bos": bos, "eos": eos, "seed": seed, "vocab_size": int(tok.vocab_size), "dtype": dtype,
                "hash": split_mode == "doc" and val_fraction > 0, "paths": [str(p) for p in inputs]}
         workers = workers or min(2, os.cpu_count() or 1)
-        one_doc = separator is None and len(inputs) == 1 and _kind(Path(inputs[0])) == "text"
+        one_doc = separator is None and len(inputs) == 1 and file_kind(inputs[0]) == "text"
         bad = BadRecords(skip_bad)
-        items = read_documents(inputs, skip_bad, field, separator, bad)
+        docs = iter_documents(inputs, field=field, txt_split="raw", separator=separator, drop_empty=True,
+                              meta=False, bad=bad)
+        items = _items(docs, [s["bytes"] for s in sources])
         if workers > 1 and tok_dir is not None and not one_doc:
             pool = get_context("spawn").Pool(workers, initializer=_init, initargs=(str(tok_dir), cfg))
             encoded = pool.imap(_encode_batch, _batches(items))
@@ -457,6 +283,7 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
                 per_token = np.repeat(is_val, lengths)
                 writers["train"].add(ids[~per_token], lengths[~is_val])
                 writers["val"].add(ids[per_token], lengths[is_val])
+            bar.update(max(0, total - bar.n))  # the rest: trailing blank lines, skipped records, .gz trailers
         finally:
             bar.close()
             for w in writers.values():
@@ -479,14 +306,16 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
             s["documents"] = n
         index["skipped_bad_records"] = bad.count
         if bad.count:
-            print(f"skipped {bad.count} bad record(s) (first: {bad.first})", file=sys.stderr)
+            print(f"skipped {bad.count} bad record(s) (first: {bad.examples[0]})", file=sys.stderr)
         if not splits["train"][0]:
             raise LMForgeError("no tokens for the train split (empty inputs, or --val-fraction too large)")
         if val_fraction > 0 and not splits["val"][0]:
             print(f"warning: no document fell into the validation split (val-fraction {val_fraction} of "
                   f"{sum(docs_per_source)} documents); try --split-mode tail", file=sys.stderr)
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")  # written last: marks the output complete
-        _replace_dir(tmp, out)
+        from lmforge.checkpoint import replace_dir  # imports torch: not at module level (tokenizer workers)
+
+        replace_dir(tmp, out)
     finally:
         if pool is not None:
             pool.terminate()

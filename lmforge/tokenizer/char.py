@@ -18,12 +18,34 @@ class CharTokenizer(Tokenizer):
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.vocab_size = len(self.chars)
+        self._table = None
+
+    def _lookup_table(self):
+        """code point -> id (-1 for characters outside the vocabulary), for vectorized encoding."""
+        if self._table is None:
+            import numpy as np
+
+            top = max((ord(c) for c in self.chars if len(c) == 1), default=0)
+            table = np.full(top + 2, -1, dtype=np.int64)
+            for c, i in self.stoi.items():
+                if len(c) == 1:
+                    table[ord(c)] = i
+            self._table = table
+        return self._table
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
         return cls(sorted(set(text)))
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        if len(text) > 64 and all(len(c) == 1 for c in self.stoi):  # vectorized: same ids, ~10x faster
+            import numpy as np
+
+            table = self._lookup_table()
+            cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            ids = table[np.minimum(cps, len(table) - 1)]
+            if not (ids < 0).any():
+                return ids.tolist()
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from itertools import chain
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
@@ -21,10 +23,15 @@ class HFTokenizer(Tokenizer):
         self.pad_id = tok.token_to_id(pad) if pad else None
         self.special_ids = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
         self.fast = _tiktoken_engine(tok) if kind == "bytelevel-bpe" else None
+        self.words = _LlamaWords.build(tok) if kind == "llama-bpe" else None
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Ids of ``text`` as plain text (a special-token string such as "<s>" in it is text, as with tiktoken and
+        sentencepiece; lmforge's chat code maps rendered specials itself)."""
         if self.fast is not None:  # same ids (tests check), ~10x faster
             ids = self.fast.encode_ordinary(text)
+        elif self.words is not None:  # same ids, word cache: ~5x faster
+            ids = self.words.encode(text)
         else:
             ids = self.tok.encode(text, add_special_tokens=False).ids
         return self._add_special(ids, bos, eos)
@@ -87,3 +94,87 @@ def _tiktoken_engine(tok):
     except KeyError:  # not a byte-level vocabulary
         return None
     return tiktoken.Encoding("lmforge-bpe", pat_str=op.r50k_pat_str, mergeable_ranks=ranks, special_tokens={})
+
+
+_ASCII_DIGITS = re.compile(r"[0-9]|[^0-9]+")
+_WORD_CACHE_MAX = 200_000
+_WORD_CACHE_LEN = 64  # words longer than this are encoded but not cached
+# characters a word may be cut after (when no vocabulary token holds one of them followed by anything)
+_CUT_CANDIDATES = "\n\r\t\u3000。，、；：！？」』）》"
+
+
+class _LlamaWords:
+    """llama-bpe's encode (``normalizers.Prepend("▁") + Replace(" ", "▁")``, ``Split("▁", merged_with_next)``,
+    ``Digits(individual)``, BPE with byte fallback) done word by word with a cache: the normalizer and the "▁" split
+    are done in Python, each distinct word is encoded once by `tokenizers` (batched) with the digit split and the
+    same BPE model, and the ids are joined. A word is also cut after a character no vocabulary token continues
+    past ("\n", "。", ...: no merge can cross it), which keeps Chinese words short. The added tokens are left out of
+    the word encoder, so "<s>" in the text is text."""
+
+    def __init__(self, words_tok, cuts: str) -> None:
+        self.tok = words_tok
+        cls = re.escape(cuts)
+        self.split = re.compile(f"[{cls}]|(?:\u2581|[^\u2581{cls}])[^\u2581{cls}]*[{cls}]?" if cuts
+                                else "\u2581?[^\u2581]+|\u2581")
+        self.cache: dict[str, list[int]] = {}
+        self.tokenize = words_tok.model.tokenize
+
+    def _encode_words(self, words: list[str]) -> dict[str, list[int]]:
+        """Ids of distinct words: ASCII words through the BPE model directly after splitting off each digit
+        (Digits' "numeric" is exactly 0-9 in ASCII), others through `tokenizers` in one batch."""
+        out: dict[str, list[int]] = {}
+        other = []
+        tokenize, digits = self.tokenize, _ASCII_DIGITS.findall
+        for w in words:
+            if w.isascii() or (w[0] == "\u2581" and w[1:].isascii()):  # "▁" only ever starts a word
+                out[w] = [t.id for part in digits(w) for t in tokenize(part)]
+            else:
+                other.append(w)
+        if other:
+            out.update(zip(other, (e.ids for e in self.tok.encode_batch_fast(other, add_special_tokens=False))))
+        return out
+
+    @classmethod
+    def build(cls, tok) -> _LlamaWords | None:
+        """The word encoder of a tokenizer laid out exactly as train.py writes llama-bpe, else None."""
+        from tokenizers import Tokenizer as RawTokenizer
+
+        try:
+            d = json.loads(tok.to_str())
+        except (ValueError, AttributeError):
+            return None
+        norm = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+        digits = {"type": "Digits", "individual_digits": True}
+        pre = {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"String": "\u2581"},
+               "behavior": "MergedWithNext", "invert": False}, digits]}
+        model = d.get("model") or {}
+        if (d.get("normalizer") != norm or d.get("pre_tokenizer") != pre or model.get("type") != "BPE"
+                or model.get("dropout") or model.get("continuing_subword_prefix")
+                or model.get("end_of_word_suffix") or d.get("truncation") or d.get("padding")):
+            return None
+        vocab = model.get("vocab") or {}
+        cuts = "".join(c for c in _CUT_CANDIDATES if not any(c in t[:-1] for t in vocab))
+        d.update(normalizer=None, pre_tokenizer=digits, post_processor=None, added_tokens=[])
+        try:
+            return cls(RawTokenizer.from_str(json.dumps(d)), cuts)
+        except Exception:  # noqa: BLE001 - the library raises bare Exceptions
+            return None
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        words = self.split.findall("\u2581" + text.replace(" ", "\u2581"))
+        cache = self.cache
+        missing = list({w: None for w in words if w not in cache})
+        if missing:
+            if len(cache) + len(missing) > _WORD_CACHE_MAX:
+                cache.clear()
+            fresh = self._encode_words(missing)
+            cache.update(fresh)
+            ids = list(chain.from_iterable(map(cache.__getitem__, words)))
+            for w in fresh:
+                if len(w) > _WORD_CACHE_LEN:
+                    del cache[w]
+            return ids
+        return list(chain.from_iterable(map(cache.__getitem__, words)))

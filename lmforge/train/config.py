@@ -29,6 +29,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
+    ema_decay: float = 0.0  # >0: evaluate, sample and save an exponential moving average of the weights (0 = off)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
     compile: bool = False

@@ -81,6 +81,13 @@ class Trainer:
         self.recent: deque[float] = deque(maxlen=cfg.spike_window)
         self.rollbacks = 0
         self.last_ckpt: Path | None = None
+        self.ema: dict[str, torch.Tensor] | None = None
+        if cfg.ema_decay:
+            if not 0.0 < cfg.ema_decay < 1.0:
+                raise LMForgeError(f"train.ema_decay={cfg.ema_decay}: must be in (0, 1), or 0 for off")
+            if self.dist.enabled and cfg.distributed == "fsdp":
+                raise LMForgeError("train.ema_decay needs unsharded weights: use train.distributed ddp, not fsdp")
+            self.ema = {k: p.detach().clone() for k, p in self.raw_model.named_parameters()}
 
     # ---- state --------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
@@ -93,8 +100,11 @@ class Trainer:
         path = None
         if self.dist.main:
             msd = {k: v for k, v in msd.items() if not (self.raw_model.cfg.tie_embeddings and k == "lm_head.weight")}
+            train_sd = None
+            if self.ema is not None:  # the model file is the average; the raw weights are kept to resume from
+                train_sd, msd = msd, {k: self.ema.get(k, v).detach().cpu() for k, v in msd.items()}
             path = save_training_checkpoint(self.out, self.step, msd, self.raw_model.cfg, osd, self.trainer_state(),
-                                            self.tokenizer)
+                                            self.tokenizer, train_sd)
             protect = {path.name}
             best = self.out / "best"
             if best.exists():
@@ -106,10 +116,15 @@ class Trainer:
 
     def restore(self, ckpt: Path) -> None:
         s = load_training_checkpoint(ckpt)
-        msd = s["model"]
+        msd = s["train_model"] if s["train_model"] is not None else s["model"]
         if self.raw_model.cfg.tie_embeddings:
             msd["lm_head.weight"] = msd["wte.weight"]
         D.load_full_state(self.model, self.optimizer, msd, s["optimizer"], self.dist)
+        if self.ema is not None:  # a checkpoint written without EMA starts the average at its weights
+            avg = s["model"] if s["train_model"] is not None else msd
+            with torch.no_grad():
+                for k, e in self.ema.items():
+                    e.copy_(avg[k] if k in avg else dict(self.raw_model.named_parameters())[k])
         set_rng_state(s["rng"])
         t = s["trainer"]
         self.step, self.best_val, self.rollbacks = t["step"], t["best_val"], t["rollbacks"]
@@ -186,13 +201,42 @@ class Trainer:
                  f"skipping {self.cfg.spike_skip} batch(es) past the spike")
         self.metrics.write({"step": spike_step, "event": "rollback", "loss": loss, "to_step": self.step})
 
+    # ---- weight averaging ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * weights, after every optimizer step."""
+        if self.ema is None:
+            return
+        params = dict(self.raw_model.named_parameters())
+        keys = list(self.ema)
+        torch._foreach_lerp_([self.ema[k] for k in keys], [params[k].detach() for k in keys], 1.0 - self.cfg.ema_decay)
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Inside: the model holds the moving-average weights (no-op without EMA); the raw ones come back after."""
+        if self.ema is None:
+            yield
+            return
+        params = dict(self.raw_model.named_parameters())
+        raw = {k: params[k].detach().clone() for k in self.ema}
+        with torch.no_grad():
+            for k, e in self.ema.items():
+                params[k].copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, w in raw.items():
+                    params[k].copy_(w)
+
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float | None:
         if self.val_data is None or self.cfg.eval_iters <= 0:
             return None
         self.model.eval()
-        losses = [self._micro(b)[0].item() for b in self.val_data.fixed_batches(self.cfg.eval_iters, seed=1234)]
+        with self.averaged_weights():
+            losses = [self._micro(b)[0].item() for b in self.val_data.fixed_batches(self.cfg.eval_iters, seed=1234)]
         self.model.train()
         return D.mean(sum(losses) / len(losses), self.dist)
 
@@ -232,6 +276,7 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
+                self._update_ema()
                 self.recent.append(loss)
                 self.step += 1
                 dt = time.perf_counter() - t0
@@ -277,7 +322,8 @@ class Trainer:
             if self.dist.main and self.step > 0:
                 (self.out / "best").write_text(f"ckpt-{self.step:07d}\n")
         if self.sample_fn is not None and self.dist.main and (final or self.step == 0):
-            self.log(f"sample at step {self.step}: {self.sample_fn(self.raw_model)!r}")
+            with self.averaged_weights():
+                self.log(f"sample at step {self.step}: {self.sample_fn(self.raw_model)!r}")
 
 
 _PEAK: dict[str, float] = {}

@@ -3,8 +3,9 @@
 A checkpoint is a directory ``ckpt-NNNNNNN/`` inside the run directory holding ``config.json`` and
 ``model.safetensors`` (so it is also an lmforge model checkpoint), the tokenizer files, ``optimizer.pt`` and
 ``rng.pt`` (tensors only: loaded with ``weights_only=True``), ``trainer_state.json`` and ``MANIFEST.json`` (sha256 of
-every file). It is built in a temporary directory and renamed into place, so a killed process or a full disk never
-leaves a half-written checkpoint that resume would pick up.
+every file); with ``train.ema_decay`` the model file holds the moving average and ``train_weights.safetensors`` the
+raw weights training resumes from. It is built in a temporary directory and renamed into place, so a killed process
+or a full disk never leaves a half-written checkpoint that resume would pick up.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lmforge.errors import LMForgeError
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})$")
 MANIFEST = "MANIFEST.json"
+TRAIN_WEIGHTS = "train_weights.safetensors"  # raw weights, present when model.safetensors holds their EMA
 
 
 def _sha256(path: Path) -> str:
@@ -58,8 +60,10 @@ def set_rng_state(s: dict[str, Any]) -> None:
 
 
 def save_training_checkpoint(run_dir: Path, step: int, model_sd: dict[str, torch.Tensor], model_cfg,
-                             optimizer_sd: dict[str, Any], trainer_state: dict[str, Any], tokenizer=None) -> Path:
-    """Write ``run_dir/ckpt-{step}`` atomically and return its path."""
+                             optimizer_sd: dict[str, Any], trainer_state: dict[str, Any], tokenizer=None,
+                             train_sd: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``run_dir/ckpt-{step}`` atomically and return its path. ``train_sd``: the raw training weights when
+    ``model_sd`` holds their moving average (written as ``train_weights.safetensors``, used only to resume)."""
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,6 +73,9 @@ def save_training_checkpoint(run_dir: Path, step: int, model_sd: dict[str, torch
         model_cfg.save(tmp / "config.json")
         save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
+        if train_sd is not None:
+            save_file({k: v.contiguous() for k, v in train_sd.items()}, str(tmp / TRAIN_WEIGHTS),
+                      metadata={"format": "pt"})
         torch.save(optimizer_sd, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
@@ -130,8 +137,10 @@ def load_training_checkpoint(ckpt: Path) -> dict[str, Any]:
     problem = verify(ckpt)
     if problem:
         raise LMForgeError(f"{ckpt}: corrupt checkpoint: {problem}")
+    train_weights = ckpt / TRAIN_WEIGHTS
     return {
         "model": load_file(str(ckpt / "model.safetensors")),
+        "train_model": load_file(str(train_weights)) if train_weights.is_file() else None,
         "optimizer": torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True),
         "rng": torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True),
         "trainer": json.loads((ckpt / "trainer_state.json").read_text()),
