@@ -22,12 +22,15 @@ from lmforge.infer.quant import (
     QuantConfig,
     QuantLinear,
     dequantize_int4,
+    gptq_int4,
     load_quantized,
     pack_int4,
     quantize_int4,
     quantize_int8,
     quantize_model,
+    refit_int4_params,
     save_quantized,
+    search_int4_params,
     self_calibration,
     set_compute,
     unpack_int4,
@@ -105,6 +108,89 @@ def test_pack_roundtrip_and_layout():
     assert int(packed[0, 0]) == int(q[0, 0]) | (int(q[0, 1]) << 4)
 
 
+def _weighted_group_error(w, h, scales, zeros, group_size):
+    """sum_k h_k (w - w^)^2 per group, with w^ the nearest level for the given scales/zeros (float64, numpy)."""
+    n, k = w.shape
+    kp = math.ceil(k / group_size) * group_size
+    wp, hp = np.zeros((n, kp)), np.zeros((n, kp))
+    wp[:, :k], hp[:, :k] = w.double().numpy(), np.broadcast_to(h.double().numpy(), (n, k))
+    g, hg = wp.reshape(n, -1, group_size), hp.reshape(n, -1, group_size)
+    s = scales.double().numpy()[..., None]
+    z = np.zeros_like(s) if zeros is None else zeros.double().numpy()[..., None]
+    lv = np.clip(np.round((g - z) / s), -8, 7)
+    return (hg * (g - lv * s - z) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_scale_search_lowers_weighted_error_vs_round_to_nearest(symmetric):
+    gen = torch.Generator().manual_seed(3)
+    w = _weights(64, 200, seed=7)
+    w[3:] = torch.randn(61, 200, generator=gen) ** 3 * 0.05  # heavy tails: clipping pays off
+    h = torch.rand(200, generator=gen) ** 4 * 10  # uneven column importance (a Hessian diagonal)
+    _, s0, z0 = quantize_int4(w, 32, symmetric)
+    s1, z1 = search_int4_params(w, h, 32, symmetric)
+    assert s1.shape == s0.shape and z1.shape == s0.shape
+    if symmetric:
+        assert (z1 == 0).all()
+        assert (s1 < 0).any()  # the extra level -8 is put on the side of the largest magnitude
+    e0 = _weighted_group_error(w, h, s0, z0, 32)
+    e1 = _weighted_group_error(w, h, s1, None if symmetric else z1, 32)
+    assert (e1 <= e0 * (1 + 1e-5) + 1e-12).all()  # round to nearest is one of the candidates: never worse
+    assert e1.sum() < 0.8 * e0.sum(), (e1.sum(), e0.sum())
+    # the weighting matters: the search weighted by h beats the unweighted search on the h-weighted error
+    s2, z2 = search_int4_params(w, None, 32, symmetric)
+    assert e1.sum() < _weighted_group_error(w, h, s2, None if symmetric else z2, 32).sum()
+    assert (e1[0] == 0).all()  # the all-zero row stays exact
+
+
+def _layer_problem(n=48, k=128, t=512, seed=0):
+    """A weight and the Hessian 2 X^T X / t of correlated, uneven inputs X (t, k)."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=gen) / math.sqrt(k) + torch.eye(k)
+    x = (torch.randn(t, k, generator=gen) * torch.rand(k, generator=gen) * 3) @ mix
+    w = torch.randn(n, k, generator=gen) ** 3 * 0.05  # heavy-tailed, like trained weights
+    return w, 2 * x.t() @ x / t
+
+
+def _output_error(w, h, packed, scales, zeros):
+    d = (w - dequantize_int4(packed, scales, zeros, w.shape[1])).double()
+    return float(((d @ h.double()) * d).sum())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_refit_lowers_hessian_weighted_error_with_levels_fixed(symmetric):
+    w, h = _layer_problem(seed=1)
+    packed, s0, z0 = quantize_int4(w, 32, symmetric)
+    z0 = torch.zeros_like(s0) if z0 is None else z0
+    levels = unpack_int4(packed).float() - 8
+    s1, z1 = refit_int4_params(w, levels, h, 32, symmetric, (s0, z0))
+    before = _output_error(w, h, pack_int4(levels + 8), s0, None if symmetric else z0)
+    after = _output_error(w, h, pack_int4(levels + 8), s1, None if symmetric else z1)
+    assert after < 0.9 * before, (after, before)
+    if symmetric:
+        assert (z1 == 0).all()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_with_search_and_refit_beats_plain_gptq_and_rtn(symmetric):
+    w, h = _layer_problem(seed=2)
+    rtn = _output_error(w, h, *quantize_int4(w, 32, symmetric))
+    plain = _output_error(w, h, *gptq_int4(w, h, 32, symmetric, search=False, refine=0))
+    ours = gptq_int4(w, h, 32, symmetric)
+    assert (ours[2] is None) == symmetric
+    better = _output_error(w, h, *ours)
+    assert plain < rtn and better < 0.95 * plain, (rtn, plain, better)
+    # the stored levels reproduce the layer: QuantLinear computes with exactly this weight (negative scales too)
+    ql = QuantLinear(128, 48, 4, 32, symmetric)
+    ql.qweight, ql.scales = ours[0], ours[1]
+    if not symmetric:
+        ql.zeros = ours[2]
+    x = torch.randn(2, 128)
+    for mode in ("float32", "dequant"):
+        ql.compute = mode
+        torch.testing.assert_close(ql(x), F.linear(x, dequantize_int4(*ours, 128)), rtol=1e-4, atol=1e-5)
+
+
 # ---- the layer --------------------------------------------------------------------------------
 
 
@@ -161,6 +247,25 @@ def test_save_load_gives_identical_logits(tmp_path, qcfg):
     if not qcfg.lm_head:  # tied output projection stays tied to the float embedding
         m = load_quantized(tmp_path / "q")
         assert m.lm_head.weight is m.wte.weight
+
+
+def test_gptq_default_path_save_load_round_trip(tmp_path):
+    """The default int4 path (symmetric GPTQ with searched, possibly negative, scales) saves and loads exactly."""
+    model = _stories()
+    calib = self_calibration(model, 4, 64)
+    model = quantize_model(model, QuantConfig(4, 32, True, method="gptq"), calib)
+    scales = torch.cat([m.scales.flatten() for m in model.modules() if isinstance(m, QuantLinear)])
+    assert (scales < 0).any() and (scales > 0).any()
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids)
+    save_quantized(model, tmp_path / "q")
+    loaded = load_model(tmp_path / "q")
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 20
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), before)
+        set_compute(loaded, "float32")  # the packed int4 kernel agrees with the dequantized weights
+        torch.testing.assert_close(loaded(ids), before, rtol=1e-4, atol=1e-4)
 
 
 def test_load_rejects_inconsistent_files(tmp_path):
@@ -247,15 +352,17 @@ def test_perplexity_stays_close_to_fp32():
     assert 1.5 < base < 10  # a trained model on its own domain
     int8 = _perplexity(quantize_model(_stories(), QuantConfig(8)), seqs)
     assert int8 <= base * 1.01, (base, int8)
-    rtn = _perplexity(quantize_model(_stories(), QuantConfig(4, 32, False)), seqs)
+    rtn = _perplexity(quantize_model(_stories(), QuantConfig(4, 32)), seqs)
     model = _stories()
-    calib = self_calibration(model, 64, 256)  # half the command's default sample count, to keep the test short
-    gptq = _perplexity(quantize_model(model, QuantConfig(4, 32, False, method="gptq"), calib), seqs)
+    # the default int4 path of `lmforge quantize` (symmetric GPTQ with scale search, refit and input correction),
+    # calibrated on text the model samples itself (disjoint from the held-out stories), half the default sample count
+    calib = self_calibration(model, 64, 512)
+    gptq = _perplexity(quantize_model(model, QuantConfig(4, 32, method="gptq"), calib), seqs)
     print(f"stories260K perplexity: fp32 {base:.4f}, int8 {int8:.4f}, int4-g32 rtn {rtn:.4f}, gptq {gptq:.4f}")
     assert gptq < rtn  # error compensation must help
-    # The 5 % target of issue 5 is borderline for this 64-wide model: GPTQ lands at +4.6..+5.6 % depending on the
-    # calibration sample (round to nearest: +8.6 % asymmetric, +15 % symmetric). Guard against regressions at 6 %.
-    assert gptq <= base * 1.06, (base, gptq)
+    # Issue 5's target: int4-g32 within 5 % of fp32. Plain GPTQ landed at +6..+8.6 % symmetric (+15 % round to
+    # nearest); this path at +3..+5 % depending on the calibration sample (+3.1 % with this one).
+    assert gptq <= base * 1.05, (base, gptq)
 
 
 # ---- commands -----------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ def add_parser(sub, name: str, help_: str) -> None:
                    help="rtn = round to nearest; gptq = error-compensating (int4 only; default for int4)")
     p.add_argument("--calibration", help="text file to calibrate GPTQ on (default: text sampled from the model)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
-    p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--calib-len", type=int, default=512,
+                   help="tokens per calibration sequence (default 512, at most the model's context): calibrate on "
+                        "the positions the model is used at")
     p.add_argument("--seed", type=int, default=0, help="seed for self-generated calibration (default 0)")
     p.add_argument("--output", required=True, help="output directory")
     p.set_defaults(func=run)
@@ -103,7 +105,8 @@ def run(args) -> None:
     if method == "gptq":
         calib = _calibration_ids(args, tok, model)
         if calib is None:
-            print(f"lmforge quantize: sampling {args.calib_samples} x {args.calib_len} calibration tokens from the "
+            print(f"lmforge quantize: sampling {args.calib_samples} x {min(args.calib_len, model.cfg.block_size)} "
+                  f"calibration tokens from the "
                   f"model", file=sys.stderr)
             start = tok.bos_id if tok is not None and tok.bos_id is not None else None
             calib = self_calibration(model, args.calib_samples, args.calib_len, args.seed, start)

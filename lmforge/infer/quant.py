@@ -10,6 +10,9 @@ Formats (what ``quantization.json`` documents and ``model.safetensors`` holds fo
   ``W[n, k] ~ (q[n, k] - 8) * scales[n, k // G] + zeros[n, k // G]`` (zeros = 0 when symmetric), with
   symmetric ``s = max|W_g| / 7.5`` (levels -8..7) and asymmetric ``s = (max W_g - min W_g) / 15``,
   ``zero = min W_g + 8 s`` (levels min .. max, like llama.cpp's Q4_1). Every element is within ``s / 2``.
+  Those are round to nearest (``method="rtn"``, ``quantize_int4``). GPTQ (the default of ``lmforge quantize``)
+  stores the same format with searched scales: a scale may be negative (symmetric: the extra level -8 lands on
+  the side of the group's largest magnitude, like llama.cpp's Q4_0) and groups may be clipped; see ``gptq_int4``.
 
 Biases, norms and embeddings stay float32. Forward uses PyTorch's CPU kernels ``_weight_int8pack_mm`` and
 ``_weight_int4pack_mm_for_cpu`` (see ``COMPUTE_MODES``) or dequantize + matmul.
@@ -17,6 +20,7 @@ Biases, norms and embeddings stay float32. Forward uses PyTorch's CPU kernels ``
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -107,6 +111,133 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
         w = w + zeros[..., None]
     w = w.view(n, -1)
     return w if in_features is None else w[:, :in_features]
+
+
+# ---- scale search (llama.cpp's make_qx_quants / make_qkx2_quants, AWQ-style clipping): for each group, try a grid of
+# scales (clipping the range or not, and for symmetric groups putting the extra level -8 on the side of the largest
+# magnitude by allowing a negative scale), round, refit the scale (and offset) by importance-weighted least squares
+# with the levels fixed, and keep the candidate with the smallest weighted error sum_k h_k (w_k - w^_k)^2.
+
+
+def _fit_scale(g: torch.Tensor, lv: torch.Tensor, h: torch.Tensor, symmetric: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted least-squares (scale, offset) for fixed levels lv (values -8..7) of groups g (..., G), weights h."""
+    if symmetric:
+        sl2 = (h * lv * lv).sum(-1)
+        s = (h * lv * g).sum(-1) / sl2.clamp_min(_EPS)
+        return s, torch.zeros_like(s)
+    sw, sl, sl2 = h.sum(-1).expand(lv.shape[:-1]), (h * lv).sum(-1), (h * lv * lv).sum(-1)
+    sg, slg = (h * g).sum(-1), (h * lv * g).sum(-1)
+    det = sw * sl2 - sl * sl
+    ok = det.abs() > _EPS * sw * sl2.clamp_min(_EPS)
+    s = torch.where(ok, (sw * slg - sl * sg) / torch.where(ok, det, 1.0), 0.0)
+    z = torch.where(ok, (sg - sl * s) / sw.clamp_min(_EPS), 0.0)
+    return s, z
+
+
+def search_int4_params(w: torch.Tensor, importance: torch.Tensor | None, group_size: int, symmetric: bool,
+                       n_grid: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scales, zeros) (N, Kp/G) for w (N, K) minimizing the importance-weighted squared rounding error.
+
+    ``importance`` (K,) or (N, K) weighs the columns (e.g. the diagonal of the layer's Hessian, the mean squared
+    input activation); None weighs them equally. The candidates include plain round to nearest (``quantize_int4``'s
+    scales), so the returned parameters never have a larger weighted error than it.
+    """
+    w = w.detach().float()
+    n, k = w.shape
+    kp = padded_k(k, group_size)
+    h = torch.ones(k) if importance is None else importance.detach().float().clamp_min(0)
+    h = h.expand(n, k) if h.dim() == 1 else h
+    h = h + 1e-6 * h.mean().clamp_min(_EPS)  # no all-zero weights (dead inputs): keep the fits defined
+    if kp != k:
+        w, h = F.pad(w, (0, kp - k)), F.pad(h, (0, kp - k))
+    g = w.view(n, kp // group_size, group_size)
+    hw = h.view_as(g)
+    best_s, best_z = _group_params_nd(g, symmetric)
+    best_e = _weighted_err(g, hw, best_s, best_z)
+    if symmetric:
+        amax = g.abs().amax(-1)
+        m = torch.gather(g, -1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)  # signed largest magnitude
+        m = torch.where(amax > 0, m, torch.ones_like(m))
+        cands = [(m / -(8 + 0.1 * i), None) for i in range(-n_grid // 2, n_grid // 2 + 1)]
+        cands += [(m / (7 + 0.1 * i), None) for i in range(-n_grid // 2, n_grid // 2 + 1)]
+    else:
+        lo, hi = g.amin(-1), g.amax(-1)
+        cands = [((hi - lo).clamp_min(_EPS) / (15 + 0.1 * i), lo) for i in range(-n_grid // 2, n_grid // 2 + 1)]
+    for s, lo in cands:
+        s = torch.where(s.abs() > _EPS, s, torch.full_like(s, _EPS))
+        if symmetric:
+            lv = torch.round(g / s[..., None]).clamp_(-8, 7)
+        else:
+            lv = torch.round((g - lo[..., None]) / s[..., None]).clamp_(0, 15) - 8
+        s2, z2 = _fit_scale(g, lv, hw, symmetric)
+        s2 = torch.where(s2.abs() > _EPS, s2, s)
+        if not symmetric:
+            z2 = torch.where(s2 == s, lo + 8 * s, z2)
+        e = _weighted_err(g, hw, s2, z2)
+        better = e < best_e
+        best_e = torch.where(better, e, best_e)
+        best_s, best_z = torch.where(better, s2, best_s), torch.where(better, z2, best_z)
+    return best_s, best_z
+
+
+def _group_params_nd(g: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_int4``'s round-to-nearest scales and zeros for groups g (..., G)."""
+    if symmetric:
+        s = (g.abs().amax(-1) / 7.5).clamp_min(_EPS)
+        return s, torch.zeros_like(s)
+    lo, hi = g.amin(-1), g.amax(-1)
+    s = ((hi - lo) / 15.0).clamp_min(_EPS)
+    return s, lo + 8 * s
+
+
+def _round_levels(g: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Nearest levels -8..7 of groups g (..., G) for scales s and zeros z (...)."""
+    return torch.round((g - z[..., None]) / s[..., None]).clamp_(-8, 7)
+
+
+def _weighted_err(g: torch.Tensor, h: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    lv = _round_levels(g, s, z)
+    return (h * (g - lv * s[..., None] - z[..., None]) ** 2).sum(-1)
+
+
+def refit_int4_params(w: torch.Tensor, levels: torch.Tensor, hessian: torch.Tensor, group_size: int,
+                      symmetric: bool, prev: tuple[torch.Tensor, torch.Tensor], ridge: float = 1e-4
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """With the integer levels fixed, the group scales (and zeros) minimizing each row's output error
+    (w - w^) H (w - w^)^T: a small least-squares system per row (Kp/G unknowns, 2 Kp/G asymmetric).
+
+    w (N, Kp) and levels (N, Kp) (values -8..7), hessian (Kp, Kp); ``prev`` (scales, zeros) is the ridge's anchor.
+    """
+    n, kp = w.shape
+    ng = kp // group_size
+    h = hessian.float()
+    lam = ridge * torch.diag(h).mean().clamp_min(_EPS) * group_size
+    h4 = h.view(ng, group_size, ng, group_size)
+    hw = w @ h  # (N, Kp)
+    s0, z0 = prev
+    out_s, out_z = torch.empty_like(s0), torch.empty_like(z0)
+    gg = h4.sum((1, 3))  # (ng, ng): sum of H over group pairs (the zeros' block)
+    eye = torch.eye(ng if symmetric else 2 * ng)
+    for r0 in range(0, n, 64):
+        lv = levels[r0 : r0 + 64].view(-1, ng, group_size)
+        rows = lv.shape[0]
+        # t[a, r, b, j] = sum_i lv[r, a, i] H[a, i, b, j]
+        t = torch.bmm(lv.transpose(0, 1), h4.reshape(ng, group_size, kp))  # (ng, rows, Kp)
+        t = t.view(ng, rows, ng, group_size)
+        lhl = torch.einsum("arbj,rbj->rab", t, lv)
+        b_s = (lv * hw[r0 : r0 + 64].view(rows, ng, group_size)).sum(-1)
+        if symmetric:
+            m, rhs, th0 = lhl, b_s, s0[r0 : r0 + 64]
+        else:
+            lhg = t.sum(-1).permute(1, 0, 2)  # (rows, a, b): sum_i,j lv_i H_ij over group pairs, lv side a
+            m = torch.cat((torch.cat((lhl, lhg), 2), torch.cat((lhg.transpose(1, 2), gg.expand(rows, ng, ng)), 2)), 1)
+            b_z = hw[r0 : r0 + 64].view(rows, ng, group_size).sum(-1)
+            rhs, th0 = torch.cat((b_s, b_z), 1), torch.cat((s0[r0 : r0 + 64], z0[r0 : r0 + 64]), 1)
+        th = torch.linalg.solve(m.double() + lam * eye, (rhs + lam * th0).double().unsqueeze(-1)).squeeze(-1).float()
+        out_s[r0 : r0 + 64] = th[:, :ng]
+        out_z[r0 : r0 + 64] = 0 if symmetric else th[:, ng:]
+    return out_s, out_z
 
 
 # ---- the layer ----------------------------------------------------------------------------------
@@ -327,7 +458,10 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, calibration: torch.Tenso
 # yet quantized using the inverse Hessian of the layer's inputs. Blocks are processed in order on the outputs of the
 # already-quantized blocks, and inside a block in the order qkv, proj, fc1, fc2 ("true sequential"); columns go in
 # order of decreasing activation energy ("act-order") with group scales fixed beforehand ("static groups"), so the
-# result is stored in the plain int4 format above.
+# result is stored in the plain int4 format above. On top of the paper: the static group scales come from an
+# importance-weighted clipping search (``search_int4_params``, weights = the Hessian's diagonal), are then refitted
+# to the levels GPTQ chose by least squares on the full Hessian (``refit_int4_params``) and GPTQ re-run with them;
+# and each layer's target is corrected for the error its quantized inputs already carry (``_gptq_model``).
 
 
 @torch.no_grad()
@@ -355,20 +489,16 @@ class _Stop(Exception):
     pass
 
 
-def _group_params(w: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and zeros (N,) of one group of columns w (N, G), as in ``quantize_int4``."""
-    if symmetric:
-        s = (w.abs().amax(dim=1) / 7.5).clamp_min(_EPS)
-        return s, torch.zeros_like(s)
-    lo, hi = w.amin(dim=1), w.amax(dim=1)
-    s = ((hi - lo) / 15.0).clamp_min(_EPS)
-    return s, lo + 8 * s
-
-
 @torch.no_grad()
 def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int, symmetric: bool, block: int = 128,
-              damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """GPTQ for one layer: w (N, K), hessian = 2 X^T X / n (K, K) -> (packed, scales, zeros) like quantize_int4."""
+              damp: float = 0.01, act_order: bool = True, search: bool = True, refine: int = 2
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ for one layer: w (N, K), hessian = 2 X^T X / n (K, K) -> (packed, scales, zeros) like quantize_int4.
+
+    ``search``: group scales from ``search_int4_params`` weighted by the Hessian's diagonal (else the min/max
+    formula). ``refine``: rounds of refitting the scales to the GPTQ levels (``refit_int4_params``) and re-running
+    GPTQ with them; the pass with the smallest output error tr((W - W^) H (W - W^)^T) is kept.
+    """
     w = w.detach().float().clone()
     n, k = w.shape
     kp = padded_k(k, group_size)
@@ -379,17 +509,36 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int, symmetric
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     ng = kp // group_size
-    scales, zeros = torch.empty(n, ng), torch.empty(n, ng)
-    for g in range(ng):
-        scales[:, g], zeros[:, g] = _group_params(w[:, g * group_size : (g + 1) * group_size], symmetric)
-    perm = torch.argsort(torch.diag(h), descending=True)
-    w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(kp)
+    if search:
+        scales, zeros = search_int4_params(w, torch.diag(h) * ~dead, group_size, symmetric)
+    else:
+        scales, zeros = _group_params_nd(w.view(n, ng, group_size), symmetric)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(kp)
+    hd = h[perm][:, perm]
+    hd += damp * torch.mean(torch.diag(hd)) * torch.eye(kp)
     try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except RuntimeError:  # not positive definite even after damping: fall back to round to nearest
-        packed, scales, zeros = quantize_int4(w[:, torch.argsort(perm)][:, :k], group_size, symmetric)
-        return packed, scales, zeros
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
+    except RuntimeError:  # not positive definite even after damping: round to nearest with the chosen scales
+        lv = _round_levels(w.view(n, ng, group_size), scales, zeros).view(n, kp)
+        return pack_int4(lv + 8), scales, None if symmetric else zeros
+    best = None
+    for it in range(refine + 1):
+        lv = _gptq_levels(w, hinv, perm, scales, zeros, group_size, block)
+        d = w - (lv.view(n, ng, group_size) * scales[..., None] + zeros[..., None]).view(n, kp)
+        err = float(((d @ h) * d).sum())
+        if best is None or err < best[0]:
+            best = (err, lv, scales, zeros)
+        if it < refine:
+            scales, zeros = refit_int4_params(w, lv, h, group_size, symmetric, (scales, zeros))
+    _, lv, scales, zeros = best
+    return pack_int4(lv + 8), scales, None if symmetric else zeros
+
+
+def _gptq_levels(w: torch.Tensor, hinv: torch.Tensor, perm: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int, block: int) -> torch.Tensor:
+    """One GPTQ pass over the columns in order ``perm`` with fixed group scales: levels -8..7 (N, Kp), float."""
+    n, kp = w.shape
+    w = w[:, perm].clone()
     groups = perm // group_size
     q = torch.empty(n, kp)
     for i1 in range(0, kp, block):
@@ -398,18 +547,23 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int, symmetric
         for i in range(i2 - i1):
             g = int(groups[i1 + i])
             s, z = scales[:, g], zeros[:, g]
-            qi = torch.round((w1[:, i] - z) / s + 8).clamp_(0, 15)
+            qi = torch.round((w1[:, i] - z) / s).clamp_(-8, 7)
             q[:, i1 + i] = qi
-            e = (w1[:, i] - ((qi - 8) * s + z)) / hi[i, i]
+            e = (w1[:, i] - (qi * s + z)) / hi[i, i]
             w1[:, i:] -= e[:, None] * hi[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     out = torch.empty_like(q)
     out[:, perm] = q
-    return pack_int4(out), scales, None if symmetric else zeros
+    return out
 
 
-def _gptq_model(model: nn.Module, qcfg: QuantConfig, calibration: torch.Tensor, progress: bool) -> None:
+def _gptq_model(model: nn.Module, qcfg: QuantConfig, calibration: torch.Tensor, progress: bool,
+                correct_inputs: float = 1.0, damp: float = 0.01, **gptq_kw) -> None:
+    """Quantize the blocks in order with GPTQ. ``correct_inputs`` (0..1): how much of the error the layer's input
+    already carries (from the quantized layers before it) GPTQ compensates: the target becomes
+    W' = W + a W (X - X^) X^T (X^ X^T + damp)^-1, the weight whose outputs on the quantized inputs X^ best match the
+    float model's W X (error-propagation-aware calibration, as in GPTAQ / "asymmetric calibration")."""
     captured: dict[str, Any] = {}
 
     def grab(mod, args, kwargs):
@@ -424,6 +578,7 @@ def _gptq_model(model: nn.Module, qcfg: QuantConfig, calibration: torch.Tensor, 
     finally:
         hook.remove()
     x, rest, kwargs = captured["args"][0], captured["args"][1:], captured["kwargs"]
+    x_fp = x
     blocks = list(model.blocks)
     it = blocks
     if progress:
@@ -433,24 +588,41 @@ def _gptq_model(model: nn.Module, qcfg: QuantConfig, calibration: torch.Tensor, 
     for block in it:
         names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
         order = sorted(names, key=lambda n: (["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"] + [n]).index(n))
+        fp_block = copy.deepcopy(block) if correct_inputs else None
         for name in order:
             lin = block.get_submodule(name)
-            stats = {"h": torch.zeros(lin.in_features, lin.in_features), "n": 0}
+            kin = lin.in_features
+            stats: dict[str, Any] = {"h": torch.zeros(kin, kin), "c": torch.zeros(kin, kin), "n": 0, "fp": []}
 
             def acc(mod, inp, out, stats=stats):
                 a = inp[0].reshape(-1, inp[0].shape[-1]).float().cpu()
                 stats["h"] += 2 * a.t() @ a
+                if stats["fp"]:
+                    stats["c"] += 2 * (stats["fp"].pop(0) - a).t() @ a
                 stats["n"] += a.shape[0]
 
+            def keep(mod, inp, out, stats=stats):
+                stats["fp"].append(inp[0].reshape(-1, inp[0].shape[-1]).float().cpu())
+
             h = lin.register_forward_hook(acc)
-            try:
+            hf = fp_block.get_submodule(name).register_forward_hook(keep) if fp_block is not None else None
+            try:  # the float inputs first, then the quantized ones (acc pairs them up)
+                if fp_block is not None:
+                    fp_block(x_fp, *rest, **kwargs)
                 block(x, *rest, **kwargs)
             finally:
                 h.remove()
+                if hf is not None:
+                    hf.remove()
+            nrm = max(stats["n"], 1)
+            hess = stats["h"] / nrm
+            w = lin.weight.detach().float().cpu()
+            if fp_block is not None and correct_inputs:
+                reg = hess + damp * torch.diag(hess).mean().clamp_min(_EPS) * torch.eye(kin)
+                w = w + correct_inputs * torch.linalg.solve(reg, (w @ (stats["c"] / nrm)).t()).t()
             ql = QuantLinear(lin.in_features, lin.out_features, 4, qcfg.group_size, qcfg.symmetric,
                              lin.bias is not None)
-            packed, scales, zeros = gptq_int4(lin.weight, stats["h"] / max(stats["n"], 1), qcfg.group_size,
-                                              qcfg.symmetric)
+            packed, scales, zeros = gptq_int4(w, hess, qcfg.group_size, qcfg.symmetric, damp=damp, **gptq_kw)
             ql.qweight, ql.scales = packed, scales
             if zeros is not None:
                 ql.zeros = zeros
@@ -458,6 +630,8 @@ def _gptq_model(model: nn.Module, qcfg: QuantConfig, calibration: torch.Tensor, 
                 ql.bias = lin.bias.detach().float().clone()
             _set_module(block, name, ql.to(lin.weight.device))
         x = block(x, *rest, **kwargs)
+        if fp_block is not None:
+            x_fp = fp_block(x_fp, *rest, **kwargs)
 
 
 def set_compute(model: nn.Module, mode: str) -> None:
