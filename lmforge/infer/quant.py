@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,10 @@ METHODS = ("rtn", "gptq")
 # float32:  PyTorch's packed kernels with float32 activations (matches dequantize + F.linear to ~1e-6);
 # bfloat16: the same kernels with bfloat16 activations and output (fast on AVX512 CPUs, ~3e-3 relative error);
 # dequant:  dequantize the weight on each call, then F.linear (int8: scale after the matmul);
-# auto:     dequant for int8 (the fastest exact path on CPU); int4: the float32 kernel for 1-2 rows (decoding),
-#           dequant for more (prefill, scoring); dequant off the CPU.
+# auto:     dequant for int8 (the fastest exact path on CPU); int4: for 1-2 rows (decoding) the faster of the float32
+#           and bfloat16 kernels, timed once per shape; dequant for more rows (prefill, scoring); dequant off the CPU.
 COMPUTE_MODES = ("auto", "float32", "bfloat16", "dequant")
+_INT4_DECODE_MODE: dict[tuple[int, int, int], str] = {}  # (N, K, group) -> the faster kernel, measured
 _EPS = 1e-12
 
 
@@ -327,12 +329,34 @@ class QuantLinear(nn.Module):
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
             return "dequant"
         mode = self.compute
-        if mode == "auto":  # the float32 int4 kernel wins only for a few rows (decoding); prefill dequantizes
+        if mode == "auto":  # the packed int4 kernels win only for a few rows (decoding); prefill dequantizes
             rows = x.numel() // max(x.shape[-1], 1)
-            mode = "dequant" if self.bits == 8 or rows > 2 else "float32"
+            mode = "dequant" if self.bits == 8 or rows > 2 else self._fastest_int4_kernel()
         if x.dtype == torch.bfloat16 and mode == "float32":
             mode = "bfloat16"
         return mode
+
+    def _fastest_int4_kernel(self) -> str:
+        """float32 or bfloat16 activations for decoding, whichever runs this layer's shape faster here (timed once
+        per shape and process). The bfloat16 one (~3e-3 relative error, far below int4's own) is several times
+        faster on CPUs with AVX512 and can be slower elsewhere: measured, not assumed."""
+        key = (self.out_features, self.in_features, self.group_size)
+        if key not in _INT4_DECODE_MODE:
+            x = torch.full((1, self.in_features), 0.01)  # no draw from the global RNG (seeded sampling)
+            best = {}
+            for mode in ("float32", "bfloat16"):
+                self.compute = mode
+                try:
+                    with torch.no_grad():
+                        self(x)
+                        t = time.perf_counter()
+                        for _ in range(3):
+                            self(x)
+                        best[mode] = time.perf_counter() - t
+                finally:
+                    self.compute = "auto"
+            _INT4_DECODE_MODE[key] = min(best, key=best.get)
+        return _INT4_DECODE_MODE[key]
 
     def _int8_bf16_kernel(self) -> dict[str, Any]:
         if self._kernel is None:
