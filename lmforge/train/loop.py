@@ -287,7 +287,7 @@ class Trainer:
                 if self.step % cfg.log_interval == 0 and not (self.step == cfg.max_iters and self.val_data):
                     self.metrics.write(last)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
                 if self.step % cfg.save_interval == 0 and self.step < cfg.max_iters:
                     self.save()
             self._eval_and_log(last, final=True)
