@@ -139,8 +139,8 @@ class ChunkedEncoder:
         self.cut = cut
 
     def encode(self, text: str) -> list[int]:
-        if len(text) <= CHUNK or self.cut is None:
-            return self.first.encode(text)
+        if len(text) <= CHUNK or self.cut is None or text.count(" ", 0, 8192) * 64 < min(len(text), 8192):
+            return self.first.encode(text)  # short, or with few spaces (Chinese): cutting gains nothing there
         chunks, start, cut = [], 0, self.cut
         while len(text) - start > CHUNK:
             m = cut.search(text, start + CHUNK)
