@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from lmforge.assets import STORIES260K_TOKENIZER, TINYSHAKESPEARE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_impls import run_c_encode  # noqa: E402  (llama2.c's encode, transcribed)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TOK = SHARED / "tokenizers"
@@ -157,24 +161,6 @@ def main() -> None:
 
     slower = [f"{k} [{c}] x{r:.2f} vs {b}" for k, c, r, b in rows if r < 1.0]
     print("slower than the fastest peer: " + ("; ".join(slower) if slower else "none"))
-
-
-def run_c_encode(tok, text: str) -> list[int]:
-    """llama2.c run.c's encode (dummy prefix, per-character lookup with byte fallback, best-score merges), O(n^2)."""
-    vocab, pieces, scores = tok.lookup, tok.pieces, tok.scores
-    ids = [vocab[b" "]] if text else []
-    for ch in text:
-        b = ch.encode("utf-8")
-        ids += [vocab[b]] if b in vocab else [x + 3 for x in b]
-    while True:
-        best_score, best_id, best_idx = -1e10, -1, -1
-        for i in range(len(ids) - 1):
-            j = vocab.get(pieces[ids[i]] + pieces[ids[i + 1]], -1)
-            if j != -1 and scores[j] > best_score:
-                best_score, best_id, best_idx = scores[j], j, i
-        if best_idx == -1:
-            return ids
-        ids[best_idx : best_idx + 2] = [best_id]
 
 
 if __name__ == "__main__":

@@ -246,3 +246,27 @@ def forward(
     if cfg.final_norm:
         h = _norm(cfg, sd, "norm_f", h)
     return _linear(sd, "lm_head", h)
+
+
+# ---- llama2.c tokenizer ----------------------------------------------------------------------------------------
+
+
+def run_c_encode(tok, text: str) -> list[int]:
+    """llama2.c run.c's encode() for a tokenizer with ``pieces`` (bytes) and ``scores``, transcribed as literally as
+    Python allows (O(n^2) merges), without BOS/EOS."""
+    vocab = {}
+    for i, p in enumerate(tok.pieces):
+        vocab.setdefault(p, i)
+    ids = [vocab[b" "]] if text else []
+    for ch in text:
+        b = ch.encode("utf-8")
+        ids += [vocab[b]] if b in vocab else [x + 3 for x in b]
+    while True:
+        best_score, best_id, best_idx = -1e10, -1, -1
+        for i in range(len(ids) - 1):
+            j = vocab.get(tok.pieces[ids[i]] + tok.pieces[ids[i + 1]], -1)
+            if j != -1 and tok.scores[j] > best_score:
+                best_score, best_id, best_idx = tok.scores[j], j, i
+        if best_idx == -1:
+            return ids
+        ids[best_idx : best_idx + 2] = [best_id]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference_impls import run_c_encode  # noqa: E402
 
 from lmforge.assets import STORIES260K_TOKENIZER
 from lmforge.errors import LMForgeError
@@ -25,26 +26,6 @@ TEXTS = ["Hello world", "Once upon a time, there was a little girl named Lily.",
 ALPHABET = list("ab cdeTH  \t\n\r0123456789,.!?'\"-<>s/") + list("红楼梦满纸荒唐言一把辛酸泪。，") + [
     "🤖", "🚀", "é", "ï", "\u2581", "\u00a0", "\u3000", "\x00", "<0x41>", "<s>", "</s>", "<unk>", " the"]
 TEXT = st.lists(st.one_of(st.sampled_from(ALPHABET), st.characters(codec="utf-8")), max_size=60).map("".join)
-
-
-def run_c_encode(tok: Llama2cTokenizer, text: str) -> list[int]:
-    """run.c's encode() transcribed as literally as Python allows (O(n^2) merges), without BOS/EOS."""
-    vocab = {}
-    for i, p in enumerate(tok.pieces):
-        vocab.setdefault(p, i)
-    ids = [vocab[b" "]] if text else []
-    for ch in text:
-        b = ch.encode("utf-8")
-        ids += [vocab[b]] if b in vocab else [x + 3 for x in b]
-    while True:
-        best_score, best_id, best_idx = -1e10, -1, -1
-        for i in range(len(ids) - 1):
-            j = vocab.get(tok.pieces[ids[i]] + tok.pieces[ids[i + 1]], -1)
-            if j != -1 and tok.scores[j] > best_score:
-                best_score, best_id, best_idx = tok.scores[j], j, i
-        if best_idx == -1:
-            return ids
-        ids[best_idx : best_idx + 2] = [best_id]
 
 
 @pytest.fixture(scope="module")
