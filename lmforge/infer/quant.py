@@ -91,15 +91,10 @@ def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool = True
     if kp != k:
         w = F.pad(w, (0, kp - k))
     g = w.view(n, kp // group_size, group_size)
+    scale, zeros = _group_params_nd(g, symmetric)
     if symmetric:
-        scale = (g.abs().amax(dim=-1) / 7.5).clamp_min(_EPS)
-        q = torch.round(g / scale[..., None]).clamp_(-8, 7) + 8
-        zeros = None
-    else:
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        scale = ((hi - lo) / 15.0).clamp_min(_EPS)
-        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15)
-        zeros = lo + 8 * scale
+        return pack_int4((torch.round(g / scale[..., None]).clamp_(-8, 7) + 8).view(n, kp)), scale, None
+    q = torch.round((g - g.amin(dim=-1, keepdim=True)) / scale[..., None]).clamp_(0, 15)
     return pack_int4(q.view(n, kp)), scale, zeros
 
 
