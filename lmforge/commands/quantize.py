@@ -11,8 +11,9 @@ from lmforge.errors import LMForgeError
 def add_parser(sub, name: str, help_: str) -> None:
     p = sub.add_parser(
         name, help=help_,
-        description="Quantize the linear layers of a model (weights only; embeddings, norms and biases stay float32): "
-        "int8 with one scale per output channel, or int4 in groups of 32/64/128 columns (symmetric or asymmetric). "
+        description="Quantize the weights of a model (norms and biases stay float32): its linear layers as int8 with "
+        "one scale per output channel, or int4 in groups of 32/64/128 columns (symmetric or asymmetric); the token "
+        "embedding table as int8 per row, shared by a tied output projection (--float-embedding keeps it float). "
         "int4 uses GPTQ by default, calibrated on --calibration text or, without it, on samples the model writes "
         "itself. The output directory (config.json, quantization.json, model.safetensors, tokenizer files) loads "
         "anywhere a model path is accepted, e.g. `lmforge generate --model DIR`.")
@@ -22,7 +23,11 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--bits", type=int, choices=(8, 4), required=True, help="8 or 4")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 32)")
     p.add_argument("--asymmetric", action="store_true", help="int4 with a per-group offset (min..max levels)")
-    p.add_argument("--lm-head", action="store_true", help="also quantize the output projection (round to nearest)")
+    p.add_argument("--lm-head", action="store_true",
+                   help="also quantize an untied output projection (round to nearest; a tied one follows the "
+                        "embedding table)")
+    p.add_argument("--float-embedding", action="store_true",
+                   help="keep the token embedding table (and a tied output projection) float32")
     p.add_argument("--method", choices=("rtn", "gptq"), default=None,
                    help="rtn = round to nearest; gptq = error-compensating (int4 only; default for int4)")
     p.add_argument("--calibration", help="text file to calibrate GPTQ on (default: text sampled from the model)")
@@ -81,6 +86,7 @@ def run(args) -> None:
     from lmforge.infer.quant import (
         QuantConfig,
         QuantLinear,
+        _head_is_tied,
         quantize_model,
         save_quantized,
         self_calibration,
@@ -91,7 +97,7 @@ def run(args) -> None:
         args.group_size = 32
     method = args.method or ("gptq" if args.bits == 4 else "rtn")
     qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
-                       lm_head=args.lm_head, method=method)
+                       lm_head=args.lm_head, embedding=not args.float_embedding, method=method)
     qcfg.validate()
     if args.calib_samples <= 0 or args.calib_len < 2:
         raise LMForgeError("--calib-samples must be > 0 and --calib-len >= 2")
@@ -113,7 +119,10 @@ def run(args) -> None:
     model = quantize_model(model, qcfg, calib, progress=True)
     out = save_quantized(model, args.output, tok, [raw_tok] if raw_tok is not None else None)
     after = weight_bytes(model)
-    n_layers = sum(isinstance(m, QuantLinear) for m in model.modules())
+    n_layers = sum(isinstance(m, QuantLinear) for m in model.modules()) - int(_head_is_tied(model))
     kind = f"int{qcfg.bits}" + (f"-g{qcfg.group_size}{'' if qcfg.symmetric else '-asym'}" if qcfg.bits == 4 else "")
-    print(f"{out}: {n_layers} linear layers as {kind} ({method}); weights {before / 1e6:.2f} MB -> "
+    emb = ""
+    if qcfg.embedding:
+        emb = "; embedding table" + (" and tied output projection" if _head_is_tied(model) else "") + " as int8"
+    print(f"{out}: {n_layers} linear layers as {kind} ({method}){emb}; weights {before / 1e6:.2f} MB -> "
           f"{after / 1e6:.2f} MB ({before / after:.2f}x smaller)")

@@ -276,9 +276,15 @@ class SlotRunner:
 
 
 def _linear_fn(mod: nn.Module):
-    if type(mod) is nn.Linear:  # skip Module.__call__ on the hot path; wrappers (quantized, LoRA) are called
+    """``mod`` as a function, skipping Module.__call__ on the hot path where that changes nothing (plain and
+    quantized linear layers without hooks); other wrappers (LoRA...) are called as modules."""
+    from lmforge.infer.quant import QuantLinear
+
+    if type(mod) is nn.Linear:
         w, b = mod.weight, mod.bias
         return lambda x: F.linear(x, w, b)
+    if type(mod) is QuantLinear and not (mod._forward_hooks or mod._forward_pre_hooks):
+        return mod.forward
     return mod
 
 
@@ -287,7 +293,8 @@ def _residual_fn(mod: nn.Module):
     if type(mod) is nn.Linear and mod.bias is None:
         wt = mod.weight.t()
         return lambda r, h: torch.addmm(r, h, wt)
-    return lambda r, h: r + mod(h)
+    f = _linear_fn(mod)
+    return lambda r, h: r + f(h)
 
 
 def _norm_fn(mod: nn.Module):

@@ -14,8 +14,10 @@ Formats (what ``quantization.json`` documents and ``model.safetensors`` holds fo
   stores the same format with searched scales: a scale may be negative (symmetric: the extra level -8 lands on
   the side of the group's largest magnitude, like llama.cpp's Q4_0) and groups may be clipped; see ``gptq_int4``.
 
-Biases, norms and embeddings stay float32. Forward uses PyTorch's CPU kernels ``_weight_int8pack_mm`` and
-``_weight_int4pack_mm_for_cpu`` (see ``COMPUTE_MODES``) or dequantize + matmul.
+The token embedding table is int8 with one scale per row (``QuantEmbedding``: ``wte.qweight`` int8 (V, D),
+``wte.scales`` float32 (V,)) unless ``embedding=False``; a tied output projection is then an int8 ``QuantLinear``
+computing with that same table, stored once. Biases and norms stay float32. Forward uses PyTorch's CPU kernels
+``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` (see ``COMPUTE_MODES``) or dequantize + matmul.
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ METHODS = ("rtn", "gptq")
 # float32:  PyTorch's packed kernels with float32 activations (matches dequantize + F.linear to ~1e-6);
 # bfloat16: the same kernels with bfloat16 activations and output (fast on AVX512 CPUs, ~3e-3 relative error);
 # dequant:  dequantize the weight on each call, then F.linear (int8: scale after the matmul);
-# auto:     dequant for int8 (the fastest exact path on CPU); int4: for 1-2 rows (decoding) the faster of the float32
-#           and bfloat16 kernels, timed once per shape; dequant for more rows (prefill, scoring); dequant off the CPU.
+# auto:     for up to DECODE_ROWS rows (decoding, batched or not) the fastest of the modes, timed once per layer shape
+#           and power-of-two row count (float32 only at 1-2 rows, where it can win); dequant for more rows (prefill,
+#           scoring: exact); dequant off the CPU. On AVX512 CPUs that is the bfloat16 kernel almost everywhere.
 COMPUTE_MODES = ("auto", "float32", "bfloat16", "dequant")
-_INT4_DECODE_MODE: dict[tuple[int, int, int], str] = {}  # (N, K, group) -> the faster kernel, measured
+DECODE_ROWS = 64
+_DECODE_MODE: dict[tuple, str] = {}  # (bits, N, K, group, rows) -> the fastest mode, measured
 _EPS = 1e-12
 
 
@@ -280,6 +284,7 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self._kernel: dict[str, Any] | None = None
+        self._decode: dict[int, Any] = {}  # auto mode, float32 CPU input of n rows -> a specialised function
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, bits: int, group_size: int | None = None,
@@ -298,7 +303,7 @@ class QuantLinear(nn.Module):
             self.qweight, self.scales, zeros = quantize_int4(w, self.group_size, self.symmetric)
             if zeros is not None:
                 self.zeros = zeros
-        self._kernel = None
+        self._kernel, self._decode = None, {}
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight (N, K) this layer computes with."""
@@ -312,11 +317,11 @@ class QuantLinear(nn.Module):
                 f"symmetric={self.symmetric}, bias={self.bias is not None}, compute={self.compute}")
 
     def _apply(self, fn, recurse=True):  # moving or casting the module invalidates the kernel layout
-        self._kernel = None
+        self._kernel, self._decode = None, {}
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kernel = None
+        self._kernel, self._decode = None, {}
         return super()._load_from_state_dict(*args, **kwargs)
 
     # ---- forward ------------------------------------------------------------------------------
@@ -324,34 +329,39 @@ class QuantLinear(nn.Module):
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
             return "dequant"
         mode = self.compute
-        if mode == "auto":  # the packed int4 kernels win only for a few rows (decoding); prefill dequantizes
+        if mode == "auto":
             rows = x.numel() // max(x.shape[-1], 1)
-            mode = "dequant" if self.bits == 8 or rows > 2 else self._fastest_int4_kernel()
+            mode = "dequant" if rows > DECODE_ROWS else self._fastest_mode(1 << max(rows - 1, 0).bit_length())
         if x.dtype == torch.bfloat16 and mode == "float32":
             mode = "bfloat16"
         return mode
 
-    def _fastest_int4_kernel(self) -> str:
-        """float32 or bfloat16 activations for decoding, whichever runs this layer's shape faster here (timed once
-        per shape and process). The bfloat16 one (~3e-3 relative error, far below int4's own) is several times
-        faster on CPUs with AVX512 and can be slower elsewhere: measured, not assumed."""
-        key = (self.out_features, self.in_features, self.group_size)
-        if key not in _INT4_DECODE_MODE:
-            x = torch.full((1, self.in_features), 0.01)  # no draw from the global RNG (seeded sampling)
-            best = {}
-            for mode in ("float32", "bfloat16"):
-                self.compute = mode
-                try:
-                    with torch.no_grad():
-                        self(x)
+    def _fastest_mode(self, rows: int) -> str:
+        """The fastest way to compute ``rows`` rows with this layer's shape here, timed once per process. The packed
+        kernels with bfloat16 activations (~3e-3 relative error, far below the quantization's own) are several
+        times faster than the exact paths on CPUs with AVX512 and can be slower elsewhere: measured, not assumed."""
+        key = (self.bits, self.out_features, self.in_features, self.group_size, rows)
+        if key not in _DECODE_MODE:
+            x = torch.full((rows, self.in_features), 0.01)  # no draw from the global RNG (seeded sampling)
+            modes = ("bfloat16", "dequant", "float32") if rows <= 2 else ("bfloat16", "dequant")
+            best: dict[str, float] = {}
+            try:
+                with torch.no_grad():
+                    for mode in modes:
+                        self.compute = mode
+                        self(x)  # builds the kernel's weight layout
                         t = time.perf_counter()
-                        for _ in range(3):
-                            self(x)
+                        self(x)
                         best[mode] = time.perf_counter() - t
-                finally:
-                    self.compute = "auto"
-            _INT4_DECODE_MODE[key] = min(best, key=best.get)
-        return _INT4_DECODE_MODE[key]
+                        if best[mode] < 2 * min(best.values()):  # a contender: time it twice more
+                            for _ in range(2):
+                                t = time.perf_counter()
+                                self(x)
+                                best[mode] = min(best[mode], time.perf_counter() - t)
+            finally:
+                self.compute = "auto"
+            _DECODE_MODE[key] = min(best, key=best.get)
+        return _DECODE_MODE[key]
 
     def _int8_bf16_kernel(self) -> dict[str, Any]:
         if self._kernel is None:
@@ -375,8 +385,49 @@ class QuantLinear(nn.Module):
             self._kernel = {"packed": packed, "sz": sz, "sz_bf16": sz.bfloat16()}
         return self._kernel
 
+    def _decode_fn(self, rows: int):
+        """``forward`` for (rows, K) float32 CPU input in auto mode, with the choices made once (decoding calls
+        this layer once per token: the Python around a small kernel costs as much as the kernel)."""
+        mode = self._mode(torch.empty(rows, self.in_features))
+        bias, n, mm = self.bias, self.out_features, None
+        if mode == "bfloat16" and self.bits == 8:
+            kern = self._int8_bf16_kernel()
+            q, sc, pad = kern["q"], kern["s"], kern["k"] - self.in_features
+
+            def mm(x):
+                xb = x.to(torch.bfloat16)
+                return torch.ops.aten._weight_int8pack_mm(F.pad(xb, (0, pad)) if pad else xb, q, sc)
+        elif mode == "float32" and self.bits == 8:
+            q, sc = self.qweight, self.scales
+
+            def mm(x):
+                return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, sc)
+        elif mode in ("float32", "bfloat16"):
+            kern = self._int4_kernel()
+            packed, g = kern["packed"], self.group_size
+            sz, dt = (kern["sz_bf16"], torch.bfloat16) if mode == "bfloat16" else (kern["sz"], torch.float32)
+            pad = self.qweight.shape[1] * 2 - self.in_features
+
+            def mm(x):
+                xd = x.to(dt).contiguous()
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(F.pad(xd, (0, pad)) if pad else xd, packed, g, sz)
+                return y[:, :n] if y.shape[1] != n else y
+        if mm is None:
+            return lambda x: self._forward(x, "dequant")
+        if bias is None:
+            return lambda x: mm(x).to(torch.float32)
+        return lambda x: torch.add(bias, mm(x).to(torch.float32))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mode = self._mode(x)
+        if self.compute == "auto" and x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu":
+            fn = self._decode.get(x.shape[0])
+            if fn is None and x.shape[0] <= DECODE_ROWS:
+                fn = self._decode[x.shape[0]] = self._decode_fn(x.shape[0])
+            if fn is not None:
+                return fn(x)
+        return self._forward(x, self._mode(x))
+
+    def _forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         shape = x.shape
         if mode == "dequant":
             if self.bits == 8:  # the per-channel scale commutes with the matmul
@@ -408,6 +459,47 @@ class QuantLinear(nn.Module):
         return y
 
 
+class QuantEmbedding(nn.Module):
+    """A drop-in for ``nn.Embedding`` holding an int8 table, one symmetric scale per row (token): the int8 format of
+    ``QuantLinear`` with the vocabulary as output channels, so a tied output projection shares it (``tie_head``)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(num_embeddings, device=device))
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> QuantEmbedding:
+        m = cls(emb.num_embeddings, emb.embedding_dim)
+        m.qweight, m.scales = quantize_int8(emb.weight)
+        return m
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scales)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
+
+
+def tie_head(model: nn.Module) -> None:
+    """Make ``model.lm_head`` an int8 ``QuantLinear`` computing with the int8 table of ``model.wte`` (same tensors)."""
+    emb, old = model.wte, model.lm_head
+    head = QuantLinear(emb.embedding_dim, emb.num_embeddings, 8, bias=old.bias is not None, device="meta")
+    head.qweight, head.scales = emb.qweight, emb.scales
+    if old.bias is not None:
+        head.bias = old.bias.detach().float().clone()
+    model.lm_head = head
+
+
+def _head_is_tied(model: nn.Module) -> bool:
+    return isinstance(model.lm_head, QuantLinear) and isinstance(model.wte, QuantEmbedding) \
+        and model.lm_head.qweight is model.wte.qweight
+
+
 # ---- whole models -------------------------------------------------------------------------------
 
 
@@ -416,7 +508,8 @@ class QuantConfig:
     bits: int = 8
     group_size: int | None = None  # int4 only
     symmetric: bool = True
-    lm_head: bool = False  # also quantize the output projection (the embedding table stays float)
+    lm_head: bool = False  # also quantize an untied output projection
+    embedding: bool = True  # int8 token embedding table; a tied output projection shares it (int8 whatever bits is)
     method: str = "rtn"  # "rtn": round to nearest; "gptq": error-compensating GPTQ on calibration data (int4)
 
     def validate(self) -> None:
@@ -466,9 +559,15 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, calibration: torch.Tenso
             calibration = self_calibration(model)
         _gptq_model(model, qcfg, calibration, progress)
         names = [n for n in names if not n.startswith("blocks.")]
+    tied = qcfg.embedding and model.cfg.tie_embeddings
     for name in names:
-        lin = model.get_submodule(name)
-        _set_module(model, name, QuantLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.symmetric))
+        if not (tied and name == "lm_head"):
+            lin = model.get_submodule(name)
+            _set_module(model, name, QuantLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.symmetric))
+    if qcfg.embedding:
+        model.wte = QuantEmbedding.from_embedding(model.wte)
+        if tied:
+            tie_head(model)
     model.quant_config = qcfg
     return model
 
@@ -666,6 +765,8 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
         sd.pop("lm_head.weight", None)
+    if _head_is_tied(model):  # stored once, as the embedding table
+        sd.pop("lm_head.qweight"), sd.pop("lm_head.scales")
     return sd
 
 
@@ -683,9 +784,11 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer=None, extra_fil
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.cfg.save(tmp / CONFIG)
-        layers = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+        layers = [n for n, m in model.named_modules()
+                  if isinstance(m, QuantLinear) and not (n == "lm_head" and _head_is_tied(model))]
         meta = {"format": FORMAT, "version": VERSION, **asdict(qcfg), "layers": layers,
                 "dequantize": "int8: w = q * scale[n]; int4: w = (q - 8) * scale[n, k // G] + zero[n, k // G]",
+                "embedding_format": "int8, one scale per row (wte.qweight, wte.scales); a tied lm_head uses it",
                 "int4_packing": "two per byte along K, even column in the low nibble; K zero-padded to G"}
         (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         save_file(quantized_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt", "lmforge": FORMAT})
@@ -712,7 +815,7 @@ def read_quant_config(path: Path) -> tuple[QuantConfig, list[str]]:
         raise LMForgeError(f"{f}: field version={d.get('version')!r}: this lmforge reads version {VERSION}")
     try:
         qcfg = QuantConfig(bits=d["bits"], group_size=d.get("group_size"), symmetric=d.get("symmetric", True),
-                           lm_head=d.get("lm_head", False))
+                           lm_head=d.get("lm_head", False), embedding=d.get("embedding", False))
         layers = list(d["layers"])
     except KeyError as e:
         raise LMForgeError(f"{f}: missing field {e.args[0]!r}") from None
@@ -747,8 +850,14 @@ def load_quantized(path: str | Path, compute: str | None = None):
             raise LMForgeError(f"{path / QUANT_FILE}: layer {name!r} is not a linear layer")
         _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, qcfg.bits, qcfg.group_size,
                                              qcfg.symmetric, lin.bias is not None, device="meta"))
-    tied_float = cfg.tie_embeddings and "lm_head" not in layers
-    expected = {k: v for k, v in model.state_dict().items() if not (tied_float and k == "lm_head.weight")}
+    if qcfg.embedding:
+        model.wte = QuantEmbedding(cfg.vocab_size, cfg.n_embd, device="meta")
+    tied_quant = qcfg.embedding and cfg.tie_embeddings
+    if tied_quant:
+        tie_head(model)
+    tied_float = cfg.tie_embeddings and "lm_head" not in layers and not tied_quant
+    shared = {"lm_head.weight"} if tied_float else {"lm_head.qweight", "lm_head.scales"} if tied_quant else set()
+    expected = {k: v for k, v in model.state_dict().items() if k not in shared}
     for k, v in expected.items():
         if k not in sd:
             raise LMForgeError(f"{path / WEIGHTS}: tensor {k!r} is missing")
@@ -762,6 +871,8 @@ def load_quantized(path: str | Path, compute: str | None = None):
     model.load_state_dict(sd, strict=False)
     if tied_float:
         model.lm_head.weight = model.wte.weight
+    if tied_quant:
+        tie_head(model)
     _reinit_buffers(model)
     model.quant_config = qcfg
     if compute is not None:

@@ -69,11 +69,11 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gradient_checkpointing = False
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wte = _embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.position == "learned" or (cfg.position == "glm2d" and cfg.glm2d == "learned"):
-            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+            self.wpe = _embedding(cfg.block_size, cfg.n_embd)
         if cfg.position == "glm2d" and cfg.glm2d == "learned":
-            self.wpe_block = nn.Embedding(cfg.block_size, cfg.n_embd)
+            self.wpe_block = _embedding(cfg.block_size, cfg.n_embd)
         if cfg.embedding_norm:
             self.emb_norm = make_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
@@ -87,7 +87,8 @@ class Decoder(nn.Module):
             self.rotary = Rotary(cfg.rotary_dim, cfg.block_size, cfg.rope_theta, cfg.rope_interleaved)
         if cfg.position == "alibi":
             self.register_buffer("alibi", alibi_slopes(cfg.n_head), persistent=False)
-        self.reset_parameters()
+        if self.wte.weight.device.type != "meta":  # a meta model (loaded next) needs no init; see _embedding
+            self.reset_parameters()
 
     # ---- initialisation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -223,10 +224,9 @@ class Decoder(nn.Module):
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            n -= self.wte.weight.numel()
-            for table in ("wpe", "wpe_block"):
+            for table in ("wte", "wpe", "wpe_block"):
                 if hasattr(self, table):
-                    n -= getattr(self, table).weight.numel()
+                    n -= sum(p.numel() for p in getattr(self, table).parameters())
         return n
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, **kw) -> torch.Tensor:
@@ -248,3 +248,9 @@ def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
 def _xavier(w: torch.Tensor, fan_in: int, fan_out: int, gain: float) -> None:
     std = gain * math.sqrt(2.0 / (fan_in + fan_out))
     w.normal_(0.0, std)
+
+
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """An uninitialised ``nn.Embedding`` (``Decoder.reset_parameters`` initialises it): nn.Embedding's own init on
+    the meta device, where checkpoints are built before loading, would import torch._dynamo (~1 s, ~80 MB)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
