@@ -254,6 +254,24 @@ def test_smollm2_answers_paris(smollm2):
     assert "Paris" in answer, answer
 
 
+def test_quantized_smollm2_answers_paris_with_its_own_template(smollm2):
+    """int4 blocks + int8 embedding and tied head, computed the fast (auto) way, from the GGUF's own chat template
+    (with its default system prompt: the reply's first token wins by 0.045 logits there)."""
+    import copy
+
+    from lmforge.infer.chat import encode_chat, get_template
+    from lmforge.infer.generate import generate
+    from lmforge.infer.quant import QuantConfig, QuantEmbedding, quantize_model
+    from lmforge.infer.sampling import SamplingParams
+
+    model, tok = smollm2
+    q = quantize_model(copy.deepcopy(model), QuantConfig(4, 32, symmetric=False))
+    assert isinstance(q.wte, QuantEmbedding) and q.lm_head.qweight is q.wte.qweight
+    ids = encode_chat(tok, get_template(None, tok), [{"role": "user", "content": "What is the capital of France?"}])
+    out = generate(q, ids, SamplingParams(temperature=0, max_new_tokens=12, stop_ids=[tok.eos_id]))
+    assert "Paris" in tok.decode(out), tok.decode(out)
+
+
 def test_smollm2_logits_match_gguf_reference_dequantization(smollm2, smollm2_path):
     model, _ = smollm2
     cfg = model.cfg

@@ -230,6 +230,32 @@ def test_quantlinear_bfloat16_mode_is_close(bits, group_size):
     assert ((ql(x) - ref).norm() / ref.norm()).item() < 2e-2
 
 
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32)])
+@pytest.mark.parametrize("mode", ["bfloat16", "auto"])
+def test_output_projection_refines_its_largest_outputs(bits, group_size, mode):
+    """The bfloat16 kernels round their output to bfloat16 (steps of 0.125 near 25: greedy ties); an output
+    projection recomputes its largest outputs exactly, so they and the argmax are the exact path's."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 1000, bias=True)
+    ql = QuantLinear.from_linear(lin, bits, group_size)
+    ql.refine_top, ql.compute = 16, mode
+    for shape in [(1, 256), (3, 256), (2, 3, 256)]:
+        x = 20 * torch.randn(*shape)
+        ref = F.linear(x, ql.dequantize(), lin.bias.detach())
+        y = ql(x)
+        top = ref.topk(8, dim=-1).indices
+        torch.testing.assert_close(y.gather(-1, top), ref.gather(-1, top), rtol=1e-5, atol=1e-4)
+        assert torch.equal(y.argmax(-1), ref.argmax(-1))
+        assert ((y - ref).norm() / ref.norm()).item() < 1e-2  # the rest: the kernel's values
+    ql.refine_top = 0
+    ql._decode = {}
+    if mode == "bfloat16":  # without refinement the top outputs carry the bfloat16 rounding
+        x = 20 * torch.randn(4, 256)
+        ref = F.linear(x, ql.dequantize(), lin.bias.detach())
+        top = ref.topk(8, dim=-1).indices
+        assert (ql(x).gather(-1, top) - ref.gather(-1, top)).abs().max() > 1e-3
+
+
 # ---- whole models -------------------------------------------------------------------------------
 
 
@@ -254,8 +280,13 @@ def test_save_load_gives_identical_logits(tmp_path, qcfg):
         assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 20 + int(head_quantized)
         with torch.no_grad():
             assert torch.equal(loaded(ids), before)
+            for mode in ("float32", "bfloat16"):  # the packed kernels on loaded buffers (they need aligned memory)
+                set_compute(loaded, mode)
+                assert (loaded(ids[:1, :8]) - before[:1, :8]).abs().max() < 0.01 * before.abs().max()
+            set_compute(loaded, "auto")
         if qcfg.embedding:  # the output projection computes with the embedding's int8 table itself
             assert isinstance(loaded.wte, QuantEmbedding) and loaded.lm_head.bits == 8
+            assert loaded.lm_head.refine_top > 0 and model.lm_head.refine_top > 0
             assert loaded.lm_head.qweight is loaded.wte.qweight and loaded.lm_head.scales is loaded.wte.scales
         elif not qcfg.lm_head:  # tied output projection stays tied to the float embedding
             assert loaded.lm_head.weight is loaded.wte.weight

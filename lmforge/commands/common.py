@@ -11,8 +11,8 @@ from lmforge.errors import LMForgeError
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="lmforge checkpoint dir, Hugging Face dir or llama2.c .bin "
-                                   "(default: the bundled stories260K)")
+    p.add_argument("--model", help="lmforge checkpoint dir (also `lmforge quantize` output), Hugging Face dir, "
+                                   "llama2.c .bin or GGUF file (default: the bundled stories260K)")
     p.add_argument("--tokenizer", help="tokenizer path (default: found with the model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
 

@@ -52,6 +52,10 @@ METHODS = ("rtn", "gptq")
 #           scoring: exact); dequant off the CPU. On AVX512 CPUs that is the bfloat16 kernel almost everywhere.
 COMPUTE_MODES = ("auto", "float32", "bfloat16", "dequant")
 DECODE_ROWS = 64
+# An output projection (``refine_top`` set) recomputes its REFINE_TOP largest outputs per row exactly after a
+# bfloat16 kernel: that kernel rounds its output to bfloat16 (logits near 25 to steps of 0.125), which ties and swaps
+# the top candidates of greedy decoding; the tail of the distribution keeps the fast values.
+REFINE_TOP = 64
 _DECODE_MODE: dict[tuple, str] = {}  # (bits, N, K, group, rows) -> the fastest mode, measured
 _EPS = 1e-12
 
@@ -285,6 +289,7 @@ class QuantLinear(nn.Module):
             self.bias = None
         self._kernel: dict[str, Any] | None = None
         self._decode: dict[int, Any] = {}  # auto mode, float32 CPU input of n rows -> a specialised function
+        self.refine_top = 0  # see REFINE_TOP (set on output projections)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, bits: int, group_size: int | None = None,
@@ -414,9 +419,45 @@ class QuantLinear(nn.Module):
                 return y[:, :n] if y.shape[1] != n else y
         if mm is None:
             return lambda x: self._forward(x, "dequant")
+        if mode == "bfloat16" and self.refine_top:
+            if bias is None:
+                return lambda x: self._refine(x, mm(x).to(torch.float32))
+            return lambda x: self._refine(x, torch.add(bias, mm(x).to(torch.float32)))
         if bias is None:
             return lambda x: mm(x).to(torch.float32)
         return lambda x: torch.add(bias, mm(x).to(torch.float32))
+
+    def _refine(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (R, N) from a bfloat16 kernel, bias included: its ``refine_top`` largest entries per row recomputed
+        exactly from x (R, K) and the dequantized rows they belong to."""
+        r, k = x.shape[0], min(self.refine_top, self.out_features)
+        idx = y.topk(k, dim=1, sorted=False).indices  # (R, k)
+        flat = idx.reshape(-1)
+        if self.bits == 8:
+            w = dequantize_int8(self.qweight[flat], self.scales[flat])
+        else:
+            zeros = self.zeros[flat] if self.zeros is not None else None
+            w = dequantize_int4(self.qweight[flat], self.scales[flat], zeros, self.in_features)
+        exact = torch.bmm(w.view(r, k, -1), x.to(torch.float32).reshape(r, -1, 1)).view(r, k)
+        if self.bias is not None:
+            exact += self.bias[idx]
+        return y.scatter(1, idx, exact)
+
+    def _dequant_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T with W dequantized about 2^20 elements at a time: small temporaries whatever the layer's size
+        (a 49152 x 576 output projection would otherwise allocate 113 MB per call)."""
+        n, k = self.out_features, self.in_features
+        step = max(16, (1 << 20) // k)
+        outs = []
+        for i in range(0, n, step):
+            j = min(i + step, n)
+            if self.bits == 8:  # the per-channel scale commutes with the matmul
+                outs.append(F.linear(x, self.qweight[i:j].to(x.dtype)) * self.scales[i:j].to(x.dtype))
+            else:
+                zeros = self.zeros[i:j] if self.zeros is not None else None
+                w = dequantize_int4(self.qweight[i:j], self.scales[i:j], zeros, k)
+                outs.append(F.linear(x, w.to(x.dtype)))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.compute == "auto" and x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu":
@@ -430,10 +471,7 @@ class QuantLinear(nn.Module):
     def _forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         shape = x.shape
         if mode == "dequant":
-            if self.bits == 8:  # the per-channel scale commutes with the matmul
-                y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
-            else:
-                y = F.linear(x, self.dequantize().to(x.dtype))
+            y = self._dequant_matmul(x)
         else:
             x2 = x.reshape(-1, shape[-1])
             xd = x2.to(torch.bfloat16 if mode == "bfloat16" else torch.float32).contiguous()
@@ -456,6 +494,8 @@ class QuantLinear(nn.Module):
             y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
+        if mode == "bfloat16" and self.refine_top and y.dtype == torch.float32:
+            y = self._refine(x.reshape(-1, shape[-1]), y.reshape(-1, self.out_features)).view(y.shape)
         return y
 
 
@@ -568,8 +608,15 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, calibration: torch.Tenso
         model.wte = QuantEmbedding.from_embedding(model.wte)
         if tied:
             tie_head(model)
+    _mark_head(model)
     model.quant_config = qcfg
     return model
+
+
+def _mark_head(model: nn.Module) -> None:
+    if isinstance(model.lm_head, QuantLinear):
+        model.lm_head.refine_top = REFINE_TOP
+        model.lm_head._decode = {}
 
 
 # ---- GPTQ (Frantar et al. 2022): quantize column by column, spreading each column's error over the columns not
@@ -867,12 +914,18 @@ def load_quantized(path: str | Path, compute: str | None = None):
     extra = sorted(set(sd) - set(expected))
     if extra:
         raise LMForgeError(f"{path / WEIGHTS}: unexpected tensor {extra[0]!r} ({len(extra)} unused)")
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(sd, strict=False)
+    # assign: the loaded tensors become the buffers (no meta-device allocation, see positions.py). safetensors hands
+    # out tensors at any 8-byte offset; PyTorch's packed kernels crash on those: each gets an aligned copy, one at a
+    # time (every loaded tensor has its own storage, so the peak is one tensor more than the weights).
+    for k in sd:
+        if sd[k].data_ptr() % 64:
+            sd[k] = sd[k].clone()
+    model.load_state_dict(sd, strict=False, assign=True)
     if tied_float:
         model.lm_head.weight = model.wte.weight
     if tied_quant:
         tie_head(model)
+    _mark_head(model)
     _reinit_buffers(model)
     model.quant_config = qcfg
     if compute is not None:
