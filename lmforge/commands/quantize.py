@@ -115,7 +115,7 @@ def run(args) -> None:
                   f"calibration tokens from the "
                   f"model", file=sys.stderr)
             start = tok.bos_id if tok is not None and tok.bos_id is not None else None
-            calib = self_calibration(model, args.calib_samples, args.calib_len, args.seed, start)
+            calib = self_calibration(model, args.calib_samples, args.calib_len, args.seed, start, progress=True)
     model = quantize_model(model, qcfg, calib, progress=True)
     out = save_quantized(model, args.output, tok, [raw_tok] if raw_tok is not None else None)
     after = weight_bytes(model)

@@ -631,8 +631,12 @@ def _mark_head(model: nn.Module) -> None:
 
 @torch.no_grad()
 def self_calibration(model: nn.Module, n_samples: int = 128, length: int = 256, seed: int = 0,
-                     start_id: int | None = None) -> torch.Tensor:
+                     start_id: int | None = None, progress: bool = False) -> torch.Tensor:
     """Calibration token ids (n_samples, length) sampled from the model itself (temperature 1), starting at BOS."""
+    import sys
+
+    from tqdm import tqdm
+
     from lmforge.model import KVCache
 
     cfg = model.cfg
@@ -643,7 +647,8 @@ def self_calibration(model: nn.Module, n_samples: int = 128, length: int = 256, 
     cache = KVCache(cfg, n_samples, length, device=device)
     x = torch.full((n_samples, 1), start, dtype=torch.long, device=device)
     out = [x]
-    for _ in range(length - 1):
+    for _ in tqdm(range(length - 1), desc="calibration", unit="token", disable=not progress, file=sys.stderr,
+                  mininterval=1.0 if sys.stderr.isatty() else 30.0):
         probs = torch.softmax(model(x, cache=cache)[:, -1].float(), dim=-1)
         x = torch.multinomial(probs.cpu(), 1, generator=gen).to(device)
         out.append(x)
@@ -747,9 +752,11 @@ def _gptq_model(model: nn.Module, qcfg: QuantConfig, calibration: torch.Tensor, 
     blocks = list(model.blocks)
     it = blocks
     if progress:
+        import sys
+
         from tqdm import tqdm
 
-        it = tqdm(blocks, desc="gptq", unit="block")
+        it = tqdm(blocks, desc="gptq", unit="block", file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     for block in it:
         names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
         order = sorted(names, key=lambda n: (["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"] + [n]).index(n))
