@@ -15,7 +15,8 @@ def add_parser(sub, name: str, help_: str) -> None:
         "one scale per output channel, or int4 in groups of 32/64/128 columns (symmetric or asymmetric); the token "
         "embedding table as int8 per row, shared by a tied output projection (--float-embedding keeps it float). "
         "int4 uses GPTQ by default, calibrated on --calibration text or, without it, on samples the model writes "
-        "itself. The output directory (config.json, quantization.json, model.safetensors, tokenizer files) loads "
+        "itself (a GGUF whose block weights are already Q4_1 is kept exactly: asymmetric round to nearest). "
+        "The output directory (config.json, quantization.json, model.safetensors, tokenizer files) loads "
         "anywhere a model path is accepted, e.g. `lmforge generate --model DIR`.")
     p.add_argument("--model", help="lmforge checkpoint dir, Hugging Face dir, llama2.c .bin or .gguf "
                                    "(default: the bundled stories260K)")
@@ -95,13 +96,22 @@ def run(args) -> None:
 
     if args.bits == 4 and args.group_size is None:
         args.group_size = 32
-    method = args.method or ("gptq" if args.bits == 4 else "rtn")
-    qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
+    path = Path(args.model) if args.model else STORIES260K
+    method, symmetric = args.method, not args.asymmetric
+    if args.bits == 4 and method is None and args.group_size == 32 and path.suffix == ".gguf" and path.is_file():
+        from lmforge.interop.gguf import gguf_block_weight_types
+
+        if gguf_block_weight_types(path) == {"Q4_1"}:  # already 4-bit: keep those weights exactly
+            method, symmetric = "rtn", False
+            print(f"lmforge quantize: {path.name} holds its block weights as Q4_1 (asymmetric 4-bit, groups of 32): "
+                  f"storing them as int4-g32 asymmetric, round to nearest, which keeps them exactly (--method gptq "
+                  f"re-quantizes)", file=sys.stderr)
+    method = method or ("gptq" if args.bits == 4 else "rtn")
+    qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=symmetric,
                        lm_head=args.lm_head, embedding=not args.float_embedding, method=method)
     qcfg.validate()
     if args.calib_samples <= 0 or args.calib_len < 2:
         raise LMForgeError("--calib-samples must be > 0 and --calib-len >= 2")
-    path = Path(args.model) if args.model else STORIES260K
     model = load_model(path)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise LMForgeError(f"{path}: the model is already quantized")

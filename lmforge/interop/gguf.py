@@ -221,6 +221,13 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], d
     return cfg, sd, meta
 
 
+def gguf_block_weight_types(path: str | Path) -> set[str]:
+    """ggml type names (``Q4_1``, ``F16``...) of the 2-D weights inside the blocks of a GGUF file."""
+    reader = _reader(Path(path))
+    return {getattr(t.tensor_type, "name", str(t.tensor_type)) for t in reader.tensors
+            if t.name.startswith("blk.") and len(t.shape) == 2}
+
+
 def load_gguf_model(path: str | Path):
     """A float32 ``Decoder`` from a LLaMA-architecture GGUF file (quantized tensors dequantized exactly)."""
     from lmforge.checkpoint import build_model
