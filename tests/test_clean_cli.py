@@ -165,7 +165,9 @@ def test_clean_cli_interrupted_run_leaves_no_output(tmp_path):
     e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "data", "clean", str(inp), "--config", str(cfg),
                              "--output", str(out), "--report", str(rep)], env=e, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a test run started as a background job inherits SIGINT ignored: Ctrl-C as a terminal
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not list(tmp_path.glob(".o.jsonl.*.tmp")) and time.time() < deadline:
         time.sleep(0.05)

@@ -54,7 +54,9 @@ def test_recipe_run_writes_metrics_plot_checkpoints_and_resumes(tmp_path):
 def test_ctrl_c_writes_a_final_checkpoint(tmp_path):
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "lmforge", "pretrain", *SMALL, "--out", str(out), "--max-iters",
-                          "100000", "--save-interval", "100000"], stderr=subprocess.PIPE, text=True)
+                          "100000", "--save-interval", "100000"], stderr=subprocess.PIPE, text=True,
+                         # a test run started as a background job inherits SIGINT ignored: Ctrl-C as a terminal
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not any("train_loss" in ln for ln in _lines(out / "metrics.jsonl")):
         time.sleep(0.2)
