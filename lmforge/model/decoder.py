@@ -251,6 +251,9 @@ def _xavier(w: torch.Tensor, fan_in: int, fan_out: int, gain: float) -> None:
 
 
 def _embedding(num: int, dim: int) -> nn.Embedding:
-    """An uninitialised ``nn.Embedding`` (``Decoder.reset_parameters`` initialises it): nn.Embedding's own init on
-    the meta device, where checkpoints are built before loading, would import torch._dynamo (~1 s, ~80 MB)."""
-    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    """``nn.Embedding``, uninitialised on the meta device (where checkpoints are built before loading): its own init
+    there would import torch._dynamo (~1 s, ~80 MB). Elsewhere its init runs as before, so the random stream, and
+    with it every seeded run, stays the same (``reset_parameters`` draws the weights used)."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
