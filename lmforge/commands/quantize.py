@@ -87,7 +87,7 @@ def run(args) -> None:
     from lmforge.infer.quant import (
         QuantConfig,
         QuantLinear,
-        _head_is_tied,
+        head_is_tied,
         quantize_model,
         save_quantized,
         self_calibration,
@@ -129,10 +129,10 @@ def run(args) -> None:
     model = quantize_model(model, qcfg, calib, progress=True)
     out = save_quantized(model, args.output, tok, [raw_tok] if raw_tok is not None else None)
     after = weight_bytes(model)
-    n_layers = sum(isinstance(m, QuantLinear) for m in model.modules()) - int(_head_is_tied(model))
+    n_layers = sum(isinstance(m, QuantLinear) for m in model.modules()) - int(head_is_tied(model))
     kind = f"int{qcfg.bits}" + (f"-g{qcfg.group_size}{'' if qcfg.symmetric else '-asym'}" if qcfg.bits == 4 else "")
     emb = ""
     if qcfg.embedding:
-        emb = "; embedding table" + (" and tied output projection" if _head_is_tied(model) else "") + " as int8"
+        emb = "; embedding table" + (" and tied output projection" if head_is_tied(model) else "") + " as int8"
     print(f"{out}: {n_layers} linear layers as {kind} ({method}){emb}; weights {before / 1e6:.2f} MB -> "
           f"{after / 1e6:.2f} MB ({before / after:.2f}x smaller)")

@@ -535,7 +535,8 @@ def tie_head(model: nn.Module) -> None:
     model.lm_head = head
 
 
-def _head_is_tied(model: nn.Module) -> bool:
+def head_is_tied(model: nn.Module) -> bool:
+    """Whether ``model.lm_head`` computes with the int8 table of ``model.wte`` (see ``tie_head``)."""
     return isinstance(model.lm_head, QuantLinear) and isinstance(model.wte, QuantEmbedding) \
         and model.lm_head.qweight is model.wte.qweight
 
@@ -819,7 +820,7 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
         sd.pop("lm_head.weight", None)
-    if _head_is_tied(model):  # stored once, as the embedding table
+    if head_is_tied(model):  # stored once, as the embedding table
         sd.pop("lm_head.qweight"), sd.pop("lm_head.scales")
     return sd
 
@@ -839,7 +840,7 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer=None, extra_fil
     try:
         model.cfg.save(tmp / CONFIG)
         layers = [n for n, m in model.named_modules()
-                  if isinstance(m, QuantLinear) and not (n == "lm_head" and _head_is_tied(model))]
+                  if isinstance(m, QuantLinear) and not (n == "lm_head" and head_is_tied(model))]
         meta = {"format": FORMAT, "version": VERSION, **asdict(qcfg), "layers": layers,
                 "dequantize": "int8: w = q * scale[n]; int4: w = (q - 8) * scale[n, k // G] + zero[n, k // G]",
                 "embedding_format": "int8, one scale per row (wte.qweight, wte.scales); a tied lm_head uses it",
