@@ -144,9 +144,10 @@ def bench_model(name: str, n_tokens: int, rounds: int, tmp: Path) -> None:
     dirs: dict[str, Path] = {"fp32": tmp / f"{name}-fp32"}
     save_checkpoint(model, dirs["fp32"], tok)
     write_hf_dir(tmp / f"{name}-hf", cfg, {k: v for k, v in model.state_dict().items()})
-    # int4: what `lmforge quantize --bits 4 --group-size 32` does (symmetric GPTQ calibrated on 128 x 512 tokens the
-    # model samples itself: disjoint from the held-out text). SmolLM2 (GPTQ takes long on 2 cores): its weights come
-    # from a Q4_1 GGUF (asymmetric 4-bit, groups of 32), which asymmetric round-to-nearest with the same groups keeps.
+    # int4: what `lmforge quantize --bits 4 --group-size 32` does. stories260K: symmetric GPTQ calibrated on 128 x 512
+    # tokens the model samples itself (disjoint from the held-out text). SmolLM2: its block weights are Q4_1 in the
+    # GGUF (asymmetric 4-bit, groups of 32), which asymmetric round to nearest keeps exactly (the command's choice
+    # for such files). Both: the embedding table (and the tied output projection) as int8 per row.
     stories = name == "stories260K"
     variants = {"int8": QuantConfig(8), "int4-g32": QuantConfig(4, 32, stories, method="gptq" if stories else "rtn")}
     ppl = {"fp32": perplexity(model, seqs)}
