@@ -390,35 +390,39 @@ class QuantLinear(nn.Module):
             self._kernel = {"packed": packed, "sz": sz, "sz_bf16": sz.bfloat16()}
         return self._kernel
 
+    def _packed_mm(self, mode: str):
+        """The packed kernel of ``mode`` ("float32" or "bfloat16") as a function: (R, K) input -> (R, N) output in
+        the kernel's dtype, bias not added. The layouts are built here, once."""
+        n = self.out_features
+        if self.bits == 8:
+            if mode == "float32":
+                q, sc = self.qweight, self.scales
+                return lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.float32).contiguous(), q, sc)
+            kern = self._int8_bf16_kernel()  # the bfloat16 kernel needs K % 16 == 0 (it crashes otherwise)
+            q, sc, pad = kern["q"], kern["s"], kern["k"] - self.in_features
+
+            def mm8(x):
+                xb = x.to(torch.bfloat16).contiguous()
+                return torch.ops.aten._weight_int8pack_mm(F.pad(xb, (0, pad)) if pad else xb, q, sc)
+            return mm8
+        kern = self._int4_kernel()
+        packed, g = kern["packed"], self.group_size
+        sz, dt = (kern["sz_bf16"], torch.bfloat16) if mode == "bfloat16" else (kern["sz"], torch.float32)
+        pad = self.qweight.shape[1] * 2 - self.in_features
+
+        def mm4(x):
+            xd = x.to(dt).contiguous()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(F.pad(xd, (0, pad)) if pad else xd, packed, g, sz)
+            return y[:, :n] if y.shape[1] != n else y
+        return mm4
+
     def _decode_fn(self, rows: int):
         """``forward`` for (rows, K) float32 CPU input in auto mode, with the choices made once (decoding calls
         this layer once per token: the Python around a small kernel costs as much as the kernel)."""
         mode = self._mode(torch.empty(rows, self.in_features))
-        bias, n, mm = self.bias, self.out_features, None
-        if mode == "bfloat16" and self.bits == 8:
-            kern = self._int8_bf16_kernel()
-            q, sc, pad = kern["q"], kern["s"], kern["k"] - self.in_features
-
-            def mm(x):
-                xb = x.to(torch.bfloat16)
-                return torch.ops.aten._weight_int8pack_mm(F.pad(xb, (0, pad)) if pad else xb, q, sc)
-        elif mode == "float32" and self.bits == 8:
-            q, sc = self.qweight, self.scales
-
-            def mm(x):
-                return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, sc)
-        elif mode in ("float32", "bfloat16"):
-            kern = self._int4_kernel()
-            packed, g = kern["packed"], self.group_size
-            sz, dt = (kern["sz_bf16"], torch.bfloat16) if mode == "bfloat16" else (kern["sz"], torch.float32)
-            pad = self.qweight.shape[1] * 2 - self.in_features
-
-            def mm(x):
-                xd = x.to(dt).contiguous()
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(F.pad(xd, (0, pad)) if pad else xd, packed, g, sz)
-                return y[:, :n] if y.shape[1] != n else y
-        if mm is None:
+        if mode == "dequant":
             return lambda x: self._forward(x, "dequant")
+        mm, bias = self._packed_mm(mode), self.bias
         if mode == "bfloat16" and self.refine_top:
             if bias is None:
                 return lambda x: self._refine(x, mm(x).to(torch.float32))
@@ -473,24 +477,7 @@ class QuantLinear(nn.Module):
         if mode == "dequant":
             y = self._dequant_matmul(x)
         else:
-            x2 = x.reshape(-1, shape[-1])
-            xd = x2.to(torch.bfloat16 if mode == "bfloat16" else torch.float32).contiguous()
-            if self.bits == 8:
-                if mode == "bfloat16":  # the bfloat16 kernel needs K % 16 == 0 (it crashes otherwise)
-                    kern = self._int8_bf16_kernel()
-                    if kern["k"] != shape[-1]:
-                        xd = F.pad(xd, (0, kern["k"] - shape[-1]))
-                    y = torch.ops.aten._weight_int8pack_mm(xd, kern["q"], kern["s"])
-                else:
-                    y = torch.ops.aten._weight_int8pack_mm(xd, self.qweight, self.scales)
-            else:
-                kern = self._int4_kernel()
-                kp = self.qweight.shape[1] * 2
-                if kp != shape[-1]:
-                    xd = F.pad(xd, (0, kp - shape[-1]))
-                sz = kern["sz_bf16"] if mode == "bfloat16" else kern["sz"]
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xd, kern["packed"], self.group_size, sz)
-                y = y[:, : self.out_features]
+            y = self._packed_mm(mode)(x.reshape(-1, shape[-1]))
             y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
