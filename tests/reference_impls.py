@@ -270,3 +270,112 @@ def run_c_encode(tok, text: str) -> list[int]:
         if best_idx == -1:
             return ids
         ids[best_idx : best_idx + 2] = [best_id]
+
+
+# ---- alignment objectives as the peers write them (transcribed, each names its source) --------------------------
+# OpenRLHF: OpenRLHF/OpenRLHF@02a26057 openrlhf/models/utils.py (compute_approx_kl, compute_reward, masked_mean) and
+# @09f5acef openrlhf/models/loss.py (PolicyLoss, ValueLoss, PairWiseLoss, DPOLoss). TRL before 0.12: trl/core.py
+# (masked_var, masked_whiten) and trl/trainer/utils.py (AdaptiveKLController); TRL 1.16 trl/trainer/dpo_trainer.py
+# (_compute_loss: the sigmoid, hinge and length-normalised ipo branches). Only the formulas are kept.
+
+
+def openrlhf_masked_mean(tensor, mask, dim=None):
+    if mask is None:
+        return tensor.mean(dim=dim)
+    return (tensor * mask).sum(dim=dim) / mask.sum(dim=dim)
+
+
+def openrlhf_compute_approx_kl(log_probs, log_probs_base, kl_estimator="k1"):
+    log_ratio = log_probs.float() - log_probs_base.float()
+    if kl_estimator == "k2":
+        log_ratio = log_ratio**2 / 2.0
+    if kl_estimator == "k3":
+        log_ratio = -log_ratio
+        log_ratio = log_ratio.exp() - 1 - log_ratio
+    return log_ratio
+
+
+def openrlhf_compute_reward(r, kl_coef, kl, action_mask):
+    kl_reward = -kl_coef * kl
+    eos_indices = action_mask.size(1) - 1 - action_mask.long().fliplr().argmax(dim=1, keepdim=True)
+    last_reward = torch.zeros_like(kl).scatter_(dim=1, index=eos_indices, src=r.unsqueeze(1).to(kl.dtype))
+    return last_reward + kl_reward
+
+
+def openrlhf_policy_loss(log_probs, old_log_probs, advantages, action_mask, clip_eps=0.2):
+    ratio = (log_probs - old_log_probs).exp()
+    surr1 = ratio * advantages
+    surr2 = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
+    loss = -torch.min(surr1, surr2)
+    loss = openrlhf_masked_mean(loss, action_mask, dim=None)
+    clip_ratio = openrlhf_masked_mean(torch.lt(surr2, surr1).float(), action_mask, dim=None)
+    return loss, clip_ratio
+
+
+def openrlhf_value_loss(values, old_values, returns, action_mask, clip_eps=0.2):
+    values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    surr1 = (values_clipped - returns) ** 2
+    surr2 = (values - returns) ** 2
+    loss = torch.max(surr1, surr2)
+    return 0.5 * openrlhf_masked_mean(loss, action_mask, dim=None)
+
+
+def openrlhf_pairwise_loss(chosen_reward, reject_reward, margin=None):
+    if margin is not None:
+        loss = -torch.nn.functional.logsigmoid(chosen_reward - reject_reward - margin)
+    else:
+        loss = -torch.nn.functional.logsigmoid(chosen_reward - reject_reward)
+    return loss.mean()
+
+
+def openrlhf_dpo_loss(pc, pr, rc, rr, beta, label_smoothing=0.0, ipo=False):
+    logits = (pc - pr) - (rc - rr)
+    if ipo:
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        losses = (-torch.nn.functional.logsigmoid(beta * logits) * (1 - label_smoothing)
+                  - torch.nn.functional.logsigmoid(-beta * logits) * label_smoothing)
+    return losses.mean(), beta * (pc - rc), beta * (pr - rr)
+
+
+def trl_dpo_per_sequence_loss(chosen_logratios, rejected_logratios, beta, loss_type, chosen_len=None,
+                              rejected_len=None):
+    delta = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        return -torch.nn.functional.logsigmoid(beta * delta)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * delta)
+    ipo_delta = chosen_logratios / chosen_len.clamp(min=1.0) - rejected_logratios / rejected_len.clamp(min=1.0)
+    return (ipo_delta - 1 / (2 * beta)) ** 2
+
+
+def trl_masked_var(values, mask, unbiased=True):
+    mean = (values * mask).sum() / mask.sum()
+    centered_values = values - mean
+    variance = (centered_values**2 * mask).sum() / mask.sum()
+    if unbiased:
+        mask_sum = mask.sum()
+        bessel_correction = mask_sum / (mask_sum - 1)
+        variance = variance * bessel_correction
+    return variance
+
+
+def trl_masked_whiten(values, mask, shift_mean=True):
+    mean, var = (values * mask).sum() / mask.sum(), trl_masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened += mean
+    return whitened
+
+
+class TrlAdaptiveKLController:
+    def __init__(self, init_kl_coef, target, horizon):
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current, n_steps):
+        target = self.target
+        proportional_error = min(max(current / target - 1, -0.2), 0.2)  # np.clip in the original
+        mult = 1 + proportional_error * n_steps / self.horizon
+        self.value *= mult
