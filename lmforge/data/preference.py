@@ -1,0 +1,278 @@
+"""Preference data for reward models, DPO and PPO prompts, normalised to one record type.
+
+Accepted records (``.jsonl``, or a ``.json`` array), detected by their fields:
+
+- LLaMA-Factory: ``{"conversations": [{"from", "value"}...], "chosen": ..., "rejected": ...}`` (optional
+  ``"system"``), or its alpaca form ``{"instruction", "input", "chosen", "rejected"}``;
+- TRL: ``{"prompt": str | messages, "chosen": ..., "rejected": ...}``; flat strings are joined as plain text;
+  without ``prompt`` (implicit prompt) chosen and rejected are whole conversations sharing their prompt;
+- Anthropic hh-rlhf: ``{"chosen": str, "rejected": str}`` transcripts "\\n\\nHuman: ... \\n\\nAssistant: ..." that
+  share their prefix up to the last "\\n\\nAssistant:" both contain, and differ after it (a reply may be empty);
+- ranked lists: ``{"prompt" | "conversations" | "messages": ..., "responses": [best, ..., worst]}``.
+
+A response may be a string, a ``{"from", "value"}`` or ``{"role", "content"}`` dict, or a list of such messages
+ending with the assistant reply. Errors are one line: ``file:line: field 'name': what is wrong``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LMForgeError
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+         "model": "assistant", "system": "system"}
+HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+@dataclass
+class PreferenceRecord:
+    """A prompt and its responses ranked best first (two for a chosen/rejected pair).
+
+    ``prompt``: chat messages ``[{"role", "content"}]``, ending with a user turn. ``prompt_text``: for sources
+    that are plain text (hh-rlhf transcripts, TRL's flat strings), the prompt exactly as written; ``plain_text(i)``
+    joins it with response i (by ``joiner``), which is what a model without a chat template is trained on."""
+
+    prompt: list[dict[str, str]]
+    responses: list[str]
+    prompt_text: str | None = None
+    joiner: str = ""
+    source: str = ""
+
+    @property
+    def chosen(self) -> str:
+        return self.responses[0]
+
+    @property
+    def rejected(self) -> str:
+        return self.responses[-1]
+
+    def plain_text(self, i: int) -> tuple[str, str]:
+        """(prompt, response) as plain text; the prompt is ``prompt_text`` or the messages' contents one per
+        line."""
+        p = self.prompt_text if self.prompt_text is not None else "\n".join(m["content"] for m in self.prompt)
+        return p, (self.joiner + self.responses[i] if self.prompt_text is not None else self.responses[i])
+
+
+class _Bad(ValueError):
+    """A field-level problem; the reader adds file and line."""
+
+    def __init__(self, fld: str, what: str) -> None:
+        super().__init__(f"field {fld!r}: {what}")
+
+
+def _message(m: Any, fld: str) -> dict[str, str]:
+    if not isinstance(m, dict):
+        raise _Bad(fld, f"expected a message object, got {type(m).__name__}")
+    if "from" in m or "value" in m:
+        role, content = m.get("from"), m.get("value")
+    else:
+        role, content = m.get("role"), m.get("content")
+    if not isinstance(role, str) or role.lower() not in ROLES:
+        raise _Bad(fld, f"unknown role {role!r} (expected one of {', '.join(sorted(ROLES))})")
+    if not isinstance(content, str):
+        raise _Bad(fld, f"message content must be a string, got {type(content).__name__}")
+    return {"role": ROLES[role.lower()], "content": content}
+
+
+def _messages(v: Any, fld: str) -> list[dict[str, str]]:
+    if not isinstance(v, list) or not v:
+        raise _Bad(fld, "expected a non-empty list of messages")
+    return [_message(m, f"{fld}[{i}]") for i, m in enumerate(v)]
+
+
+def _reply(v: Any, fld: str) -> str:
+    """A response given as a string, one message, or a list ending with the assistant reply (one message)."""
+    if isinstance(v, str):
+        text = v
+    elif isinstance(v, dict):
+        text = _message(v, fld)["content"]
+    elif isinstance(v, list):
+        msgs = _messages(v, fld)
+        if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+            raise _Bad(fld, "a response given as messages must be one assistant message (put the conversation "
+                            "in 'prompt')")
+        text = msgs[0]["content"]
+    else:
+        raise _Bad(fld, f"expected a string, a message or a list of messages, got {type(v).__name__}")
+    if not text.strip():
+        raise _Bad(fld, "empty response")
+    return text
+
+
+def _check_prompt(msgs: list[dict[str, str]], fld: str) -> list[dict[str, str]]:
+    if not any(m["role"] == "user" for m in msgs):
+        raise _Bad(fld, "the prompt has no user turn")
+    if msgs[-1]["role"] != "user":
+        raise _Bad(fld, f"the prompt must end with a user turn, not {msgs[-1]['role']!r}")
+    return msgs
+
+
+def _with_system(rec: dict, msgs: list[dict[str, str]]) -> list[dict[str, str]]:
+    sys_ = rec.get("system")
+    if sys_ is None or sys_ == "":
+        return msgs
+    if not isinstance(sys_, str):
+        raise _Bad("system", "must be a string")
+    return msgs if msgs[0]["role"] == "system" else [{"role": "system", "content": sys_}, *msgs]
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """hh-rlhf transcripts -> (shared prompt ending with "\\n\\nAssistant:", chosen reply, rejected reply)."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    k = chosen[:n].rfind(HH_ASSISTANT)
+    if k < 0:
+        raise _Bad("chosen", "no shared '\\n\\nHuman: ... \\n\\nAssistant:' prefix with 'rejected'")
+    cut = k + len(HH_ASSISTANT)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def hh_messages(prompt_text: str) -> list[dict[str, str]]:
+    """Turns of an hh-rlhf prompt ("\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:") as messages."""
+    body = prompt_text[: -len(HH_ASSISTANT)] if prompt_text.endswith(HH_ASSISTANT) else prompt_text
+    msgs: list[dict[str, str]] = []
+    pos, role = 0, None
+    while pos < len(body):
+        h, a = body.find(HH_HUMAN, pos), body.find(HH_ASSISTANT, pos)
+        nxt = min(x for x in (h, a, len(body)) if x >= 0)
+        if role is not None:
+            msgs.append({"role": role, "content": body[pos:nxt].strip()})
+        elif body[pos:nxt].strip():
+            raise _Bad("chosen", "the transcript must start with '\\n\\nHuman:'")
+        if nxt == len(body):
+            break
+        role = "user" if nxt == h else "assistant"
+        pos = nxt + len(HH_HUMAN if nxt == h else HH_ASSISTANT)
+    return msgs
+
+
+def _prompt_of(rec: dict) -> tuple[list[dict[str, str]], str | None]:
+    """The prompt messages (and the plain-text prompt, when the source is text) of a record that names one."""
+    if "conversations" in rec:
+        return _check_prompt(_with_system(rec, _messages(rec["conversations"], "conversations")),
+                             "conversations"), None
+    if "messages" in rec:
+        return _check_prompt(_with_system(rec, _messages(rec["messages"], "messages")), "messages"), None
+    if "instruction" in rec:
+        ins, inp = rec["instruction"], rec.get("input") or ""
+        if not isinstance(ins, str) or not isinstance(inp, str) or not ins.strip():
+            raise _Bad("instruction", "instruction (and input) must be non-empty strings")
+        text = f"{ins}\n{inp}" if inp else ins
+        return _with_system(rec, [{"role": "user", "content": text}]), None
+    p = rec["prompt"]
+    if isinstance(p, str):
+        if not p.strip():
+            raise _Bad("prompt", "empty prompt")
+        return _with_system(rec, [{"role": "user", "content": p}]), p
+    return _check_prompt(_with_system(rec, _messages(p, "prompt")), "prompt"), None
+
+
+def _implicit(rec: dict) -> PreferenceRecord:
+    """chosen/rejected without a prompt: hh-rlhf transcripts or TRL's conversations with an implicit prompt."""
+    c, r = rec["chosen"], rec["rejected"]
+    if isinstance(c, str) and isinstance(r, str):
+        if HH_ASSISTANT not in c:
+            raise _Bad("prompt", "missing (and 'chosen' is not a '\\n\\nHuman: ... \\n\\nAssistant:' transcript)")
+        ptext, rc, rr = split_hh(c, r)
+        # hh-rlhf has a few empty final replies (3 chosen in the harmless split): kept, they are real preferences
+        # (the stage ends every response with its end-of-turn token, so none is zero tokens long)
+        rc, rr = rc.strip(), rr.strip()
+        return PreferenceRecord(_check_prompt(hh_messages(ptext), "chosen"), [rc, rr], ptext, " ")
+    mc, mr = _messages(c, "chosen"), _messages(r, "rejected")
+    n = 0
+    while n < min(len(mc), len(mr)) - 1 and mc[n] == mr[n]:
+        n += 1
+    if n == 0 or len(mc) != n + 1 or len(mr) != n + 1:
+        raise _Bad("chosen", "without 'prompt', chosen and rejected must be conversations that differ only in "
+                             "their last (assistant) message")
+    for fld, m in (("chosen", mc[-1]), ("rejected", mr[-1])):
+        if m["role"] != "assistant":
+            raise _Bad(fld, "the last message must be the assistant's reply")
+    return PreferenceRecord(_check_prompt(mc[:n], "chosen"), [_reply(mc[-1:], "chosen"),
+                                                              _reply(mr[-1:], "rejected")])
+
+
+def parse_record(rec: Any) -> PreferenceRecord:
+    """One JSON object -> PreferenceRecord (raises ValueError naming the field)."""
+    if not isinstance(rec, dict):
+        raise _Bad("(record)", f"expected a JSON object, got {type(rec).__name__}")
+    has_prompt = any(k in rec for k in ("prompt", "conversations", "messages", "instruction"))
+    if "responses" in rec:
+        rs = rec["responses"]
+        if not isinstance(rs, list) or len(rs) < 2:
+            raise _Bad("responses", "expected a list of at least 2 responses, best first")
+        if not has_prompt:
+            raise _Bad("prompt", "missing (a ranked list needs 'prompt', 'conversations' or 'messages')")
+        msgs, ptext = _prompt_of(rec)
+        return PreferenceRecord(msgs, [_reply(x, f"responses[{i}]") for i, x in enumerate(rs)], ptext)
+    for k in ("chosen", "rejected"):
+        if k not in rec:
+            other = "; this looks like an unpaired (KTO) record" if "label" in rec else ""
+            raise _Bad(k, f"missing (expected chosen/rejected or responses){other}")
+    if not has_prompt:
+        return _implicit(rec)
+    msgs, ptext = _prompt_of(rec)
+    return PreferenceRecord(msgs, [_reply(rec["chosen"], "chosen"), _reply(rec["rejected"], "rejected")], ptext)
+
+
+def _json_items(text: str, path: Path):
+    """(line, object) of each element of a JSON array, with the line where the element starts."""
+    dec = json.JSONDecoder()
+    i = len(text) - len(text.lstrip())
+    if not text[i : i + 1] == "[":
+        raise LMForgeError(f"{path}:1: expected a JSON array of records")
+    i += 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text):
+            raise LMForgeError(f"{path}:{text.count(chr(10)) + 1}: unterminated JSON array")
+        if text[i] == "]":
+            return
+        line = text.count("\n", 0, i) + 1
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise LMForgeError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
+        yield line, obj
+
+
+def read_preference_file(path: str | Path) -> list[PreferenceRecord]:
+    """All records of a ``.jsonl`` or ``.json`` preference file (see the module doc for the formats)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LMForgeError(f"{path}: cannot read: {e}") from None
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        items = _json_items(text, path)
+    else:
+        items = _jsonl_items(text, path)
+    out = []
+    for line, obj in items:
+        try:
+            rec = parse_record(obj)
+        except ValueError as e:
+            raise LMForgeError(f"{path}:{line}: {e}") from None
+        rec.source = f"{path}:{line}"
+        out.append(rec)
+    if not out:
+        raise LMForgeError(f"{path}: no records")
+    return out
+
+
+def _jsonl_items(text: str, path: Path):
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LMForgeError(f"{path}:{n}: bad JSON: {e.msg}") from None

@@ -1,0 +1,166 @@
+"""Preference readers (lmforge/data/preference.py): every accepted format on small inline records, one-line errors
+naming file, line and field, and the shared real files (skipped when ../shared is absent)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.preference import hh_messages, parse_record, read_preference_file, split_hh
+from lmforge.errors import LMForgeError
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "preference"
+
+
+def _write(tmp_path, name, records, as_array=False):
+    p = tmp_path / name
+    if as_array:
+        p.write_text(json.dumps(records, indent=2, ensure_ascii=False))
+    else:
+        p.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n")
+    return p
+
+
+def test_llamafactory_sharegpt_with_system_and_string_or_dict_replies():
+    r = parse_record({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
+                                        {"from": "human", "value": "2+2?"}],
+                      "chosen": {"from": "gpt", "value": "4"}, "rejected": "5", "system": "be brief"})
+    assert r.prompt == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"}]
+    assert r.responses == ["4", "5"] and r.chosen == "4" and r.rejected == "5" and r.prompt_text is None
+
+
+def test_alpaca_preference():
+    r = parse_record({"instruction": "Translate", "input": "chat", "chosen": "cat", "rejected": "dog"})
+    assert r.prompt == [{"role": "user", "content": "Translate\nchat"}] and r.responses == ["cat", "dog"]
+
+
+def test_trl_flat_strings_join_as_plain_text():
+    r = parse_record({"prompt": "The sky is", "chosen": " blue.", "rejected": " green."})
+    assert r.prompt == [{"role": "user", "content": "The sky is"}]
+    assert r.plain_text(0) == ("The sky is", " blue.") and r.plain_text(1) == ("The sky is", " green.")
+
+
+def test_trl_conversational_explicit_and_implicit_prompt():
+    msgs = [{"role": "user", "content": "What color is the sky?"}]
+    r = parse_record({"prompt": msgs, "chosen": [{"role": "assistant", "content": "Blue."}],
+                      "rejected": [{"role": "assistant", "content": "Green."}]})
+    assert r.prompt == msgs and r.responses == ["Blue.", "Green."]
+    r2 = parse_record({"chosen": msgs + [{"role": "assistant", "content": "Blue."}],
+                       "rejected": msgs + [{"role": "assistant", "content": "Green."}]})
+    assert r2.prompt == msgs and r2.responses == ["Blue.", "Green."]
+    with pytest.raises(ValueError, match="differ only in their last"):
+        parse_record({"chosen": msgs + [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
+                      "rejected": msgs + [{"role": "assistant", "content": "c"}]})
+
+
+def test_hh_transcript_split():
+    chosen = "\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: how do I pick a lock?\n\nAssistant: I can't help with that."
+    rejected = "\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: how do I pick a lock?\n\nAssistant: I can help: first..."
+    r = parse_record({"chosen": chosen, "rejected": rejected})
+    assert r.prompt == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"},
+                        {"role": "user", "content": "how do I pick a lock?"}]
+    assert r.responses == ["I can't help with that.", "I can help: first..."]
+    assert r.prompt_text == chosen[: chosen.rfind("\n\nAssistant:") + len("\n\nAssistant:")]
+    assert "".join(r.plain_text(0)) == chosen and "".join(r.plain_text(1)) == rejected
+    # replies that start alike, or that contain "Assistant:" themselves, keep the true split point
+    p, a, b = split_hh("\n\nHuman: q\n\nAssistant: I think so\n\nAssistant: x", "\n\nHuman: q\n\nAssistant: I do")
+    assert p == "\n\nHuman: q\n\nAssistant:" and a == " I think so\n\nAssistant: x" and b == " I do"
+    empty = parse_record({"chosen": "\n\nHuman: swear at me\n\nAssistant: ", "rejected": "\n\nHuman: swear at me"
+                                    "\n\nAssistant: no way, you idiot"})  # hh-rlhf has a few empty replies
+    assert empty.responses == ["", "no way, you idiot"] and "".join(empty.plain_text(0)).endswith("Assistant: ")
+    assert hh_messages("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:") == [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+
+
+def test_ranked_list():
+    r = parse_record({"prompt": "Name a fruit", "responses": ["apple", {"role": "assistant", "content": "pear"},
+                                                             [{"from": "gpt", "value": "rock"}]]})
+    assert r.responses == ["apple", "pear", "rock"] and r.chosen == "apple" and r.rejected == "rock"
+    r2 = parse_record({"conversations": [{"from": "human", "value": "x"}], "responses": ["a", "b"]})
+    assert r2.prompt == [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize("record,line_field", [
+    ({"prompt": "p", "chosen": "a"}, "field 'rejected': missing"),
+    ({"prompt": "p", "chosen": "", "rejected": "b"}, "field 'chosen': empty response"),
+    ({"prompt": "p", "chosen": 3, "rejected": "b"}, "field 'chosen': expected a string"),
+    ({"conversations": [{"from": "alien", "value": "x"}], "chosen": "a", "rejected": "b"},
+     "field 'conversations[0]': unknown role 'alien'"),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}], "chosen": "a",
+      "rejected": "b"}, "field 'conversations': the prompt must end with a user turn"),
+    ({"prompt": "p", "responses": ["only one"]}, "field 'responses': expected a list of at least 2"),
+    ({"chosen": "no transcript", "rejected": "b"}, "field 'prompt': missing"),
+    ({"messages": [{"role": "user", "content": "x"}], "label": True}, "unpaired (KTO)"),
+    ({"prompt": "p", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
+     "field 'chosen': a response given as messages must be one assistant message"),
+])
+def test_one_line_errors_name_file_line_field(tmp_path, record, line_field):
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    path = _write(tmp_path, "d.jsonl", [good, good, record])
+    with pytest.raises(LMForgeError) as e:
+        read_preference_file(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:3: ") and line_field in msg and "\n" not in msg
+
+
+def test_json_array_reports_element_line(tmp_path):
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    path = _write(tmp_path, "d.json", [good, {"prompt": "p", "chosen": "a"}], as_array=True)
+    text = path.read_text().splitlines()
+    line = next(i for i, s in enumerate(text, 1) if s.strip() == "{" and i > 2)
+    with pytest.raises(LMForgeError, match=rf"d\.json:{line}: field 'rejected'"):
+        read_preference_file(path)
+    ok = _write(tmp_path, "ok.json", [good, good], as_array=True)
+    recs = read_preference_file(ok)
+    assert len(recs) == 2 and recs[1].source.endswith(":7")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": \n')
+    with pytest.raises(LMForgeError, match=r"bad\.jsonl:2: bad JSON"):
+        read_preference_file(bad)
+
+
+def _shared(name):
+    p = SHARED / name
+    if not p.is_file():
+        pytest.skip(f"../shared/data/preference/{name} is absent")
+    return p
+
+
+@pytest.mark.parametrize("name,count", [("dpo_en_demo.json", 300), ("dpo_zh_demo.json", 300),
+                                        ("dpo_zh_500.jsonl", 500)])
+def test_shared_llamafactory_files(name, count):
+    path = _shared(name)
+    recs = read_preference_file(path)
+    raw = json.loads(path.read_text()) if name.endswith(".json") else [
+        json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    assert len(recs) == len(raw) == count
+    for rec, r in zip(recs, raw):
+        user_turns = [m["value"] for m in r["conversations"] if m["from"] == "human"]
+        assert [m["content"] for m in rec.prompt if m["role"] == "user"] == user_turns
+        c = r["chosen"] if isinstance(r["chosen"], str) else r["chosen"]["value"]
+        assert rec.chosen == c and rec.prompt[-1]["role"] == "user"
+        if r.get("system"):
+            assert rec.prompt[0] == {"role": "system", "content": r["system"]}
+
+
+def test_shared_hh_rlhf():
+    path = _shared("hh_rlhf_harmless_train.jsonl")
+    recs = read_preference_file(path)
+    raw = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    assert len(recs) == len(raw) == 1500
+    exact = 0
+    for rec, r in zip(recs, raw):
+        assert r["chosen"].startswith(rec.prompt_text) and r["rejected"].startswith(rec.prompt_text)
+        assert rec.prompt_text.endswith("\n\nAssistant:") and rec.prompt[-1]["role"] == "user"
+        assert rec.chosen.strip() == r["chosen"][len(rec.prompt_text) :].strip()
+        exact += "".join(rec.plain_text(0)) == r["chosen"] and "".join(rec.plain_text(1)) == r["rejected"]
+    assert exact > 0.95 * len(recs)  # the rest had extra spaces around the reply
+
+
+def test_shared_kto_file_is_a_clear_error():
+    path = _shared("kto_en_demo.json")
+    with pytest.raises(LMForgeError, match=r"kto_en_demo\.json:\d+: field 'chosen': missing .*KTO"):
+        read_preference_file(path)
