@@ -379,3 +379,28 @@ class TrlAdaptiveKLController:
         proportional_error = min(max(current / target - 1, -0.2), 0.2)  # np.clip in the original
         mult = 1 + proportional_error * n_steps / self.horizon
         self.value *= mult
+
+
+# torchtune: pytorch/torchtune@26ffccfb torchtune/rlhf/rewards.py (get_rewards_ppo; estimate_advantages up to the
+# returns: its whitening is left out, as its whiten() adds the mean back when shift_mean=True, the reverse of TRL's)
+
+
+def torchtune_get_rewards_ppo(scores, logprobs, ref_logprobs, kl_coeff, valid_score_idxs):
+    kl = logprobs - ref_logprobs
+    kl_reward = -kl_coeff * kl
+    total_reward = kl_reward.clone()
+    total_reward[torch.arange(scores.shape[0]), valid_score_idxs] += scores
+    return total_reward, kl, kl_reward
+
+
+def torchtune_gae(values, rewards, gamma, lmbda):
+    last_gae_lam = 0
+    advantages_reversed = []
+    response_length = values.shape[-1]
+    for t in reversed(range(response_length)):
+        next_values = values[:, t + 1] if t < response_length - 1 else 0.0
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last_gae_lam = delta + gamma * lmbda * last_gae_lam
+        advantages_reversed.append(last_gae_lam)
+    advantages = torch.stack(advantages_reversed[::-1], axis=1)
+    return advantages, advantages + values

@@ -407,3 +407,19 @@ def test_ptx_loss():
     assert total.item() == pytest.approx(0.7 + 27.8 * 3.0)
     total.backward()
     assert pre.grad.item() == pytest.approx(27.8) and ppo.grad.item() == 1.0
+
+
+def test_rewards_and_gae_match_torchtune_formulas():
+    g = torch.Generator().manual_seed(8)
+    lengths = [5, 2, 4]
+    mask = _mask(lengths, 5)
+    lp, rlp = -torch.rand(3, 5, generator=g), -torch.rand(3, 5, generator=g)
+    scores = torch.randn(3, generator=g)
+    rew, _ = L.ppo_rewards(scores, lp * mask, rlp * mask, mask, 0.05)
+    tt_rew, _, _ = ref.torchtune_get_rewards_ppo(scores, lp * mask, rlp * mask, 0.05, torch.tensor(lengths) - 1)
+    torch.testing.assert_close(rew, tt_rew * mask)
+    values = torch.randn(3, 5, generator=g) * mask  # torchtune zeroes values after the last real token too
+    adv, ret = L.gae(rew, values, mask, 0.99, 0.9)
+    tt_adv, tt_ret = ref.torchtune_gae(values, rew * mask, 0.99, 0.9)
+    torch.testing.assert_close(adv, tt_adv * mask)
+    torch.testing.assert_close(ret, tt_ret * mask)
