@@ -98,25 +98,31 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: 
 # ---- reward model ---------------------------------------------------------------------------------------------
 
 
+def _reduce(values: dict[str, torch.Tensor], w: torch.Tensor, reduction: str) -> dict[str, float]:
+    """Weighted sums of per-unit metric values (``sum``) or weighted means (``mean``)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'sum'")
+    denom = 1.0 if reduction == "sum" else w.sum()
+    return {k: float((v.detach().float() * w).sum() / denom) for k, v in values.items()}
+
+
 def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float | None = None,
                          weights: torch.Tensor | None = None, reduction: str = "mean"
                          ) -> tuple[torch.Tensor, dict[str, float]]:
     """Bradley-Terry reward loss -log sigmoid(r_w - r_l - margin) over pairs (N,).
 
-    ``weights`` (N,) scale each pair (``ranked_pair_weights`` gives InstructGPT's 1 / pairs-per-prompt);
-    ``reduction``: ``mean`` (weighted mean) or ``sum`` (weighted sum, for the trainer's count convention).
-    Metrics: accuracy (r_w > r_l), mean margin r_w - r_l, mean chosen and rejected scores, pairs."""
+    ``weights`` (N,) scale each pair (``ranked_pair_index`` gives InstructGPT's 1 / pairs-per-prompt).
+    ``reduction``: ``mean`` (weighted mean) or ``sum`` (weighted sum; the metrics are then sums too, ready for the
+    trainer's (loss_sum, count, metric_sums) convention with count = N or the sum of the weights).
+    Metrics: accuracy (r_w > r_l), margin r_w - r_l, chosen and rejected scores."""
     diff = chosen.float() - rejected.float()
     logits = diff if margin is None else diff - margin
     losses = -F.logsigmoid(logits)
-    w = torch.ones_like(losses) if weights is None else weights.to(losses.dtype)
+    w = torch.ones_like(losses) if weights is None else weights.to(losses)
+    metrics = _reduce({"accuracy": (diff > 0).float(), "margin": diff, "chosen": chosen, "rejected": rejected}, w,
+                      reduction)
     total = (losses * w).sum()
-    loss = total if reduction == "sum" else total / w.sum()
-    with torch.no_grad():
-        metrics = {"accuracy": (diff > 0).float().mean().item(), "margin": diff.mean().item(),
-                   "chosen": chosen.float().mean().item(), "rejected": rejected.float().mean().item(),
-                   "pairs": diff.numel()}
-    return loss, metrics
+    return (total if reduction == "sum" else total / w.sum()), metrics
 
 
 def ranked_pairs(k: int) -> list[tuple[int, int]]:
@@ -145,13 +151,14 @@ def ranked_reward_loss(scores: torch.Tensor, group_sizes: list[int], margin: flo
                        reduction: str = "mean") -> tuple[torch.Tensor, dict[str, float]]:
     """Reward loss over ranked lists: ``scores`` (sum of group_sizes,) holds each prompt's responses best to worst.
     Every pair of a prompt is compared; each prompt's pairs are averaged, then prompts are averaged (``mean``) or
-    summed (``sum``; the count is the number of prompts)."""
+    summed (``sum``; the count is then the number of prompts). Metrics are weighted the same way."""
     win, lose, w = ranked_pair_index(group_sizes)
-    w = w.to(scores.device)
-    loss, metrics = pairwise_reward_loss(scores[win.to(scores.device)], scores[lose.to(scores.device)], margin, w,
-                                         "sum")
-    metrics["prompts"] = len(group_sizes)
-    return (loss if reduction == "sum" else loss / len(group_sizes)), metrics
+    dev = scores.device
+    loss, metrics = pairwise_reward_loss(scores[win.to(dev)], scores[lose.to(dev)], margin, w.to(dev), "sum")
+    if reduction == "sum":
+        return loss, metrics
+    n = len(group_sizes)
+    return loss / n, {k: v / n for k, v in metrics.items()}
 
 
 # ---- DPO ------------------------------------------------------------------------------------------------------
@@ -170,7 +177,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     - ``ipo``: (d' - 1 / (2 beta))^2 with each log-ratio divided by its response length (``chosen_lengths``,
       ``rejected_lengths``: counted tokens), IPO eq. 17 as TRL and the IPO authors apply it.
     - ``hinge``: max(0, 1 - beta d) (SLiC).
-    Metrics: implicit rewards beta * log-ratio (chosen, rejected), their accuracy and margin."""
+    Metrics: implicit rewards beta * log-ratio (chosen, rejected), their accuracy and margin; means, or sums with
+    ``reduction="sum"`` (the trainer's convention, count = B)."""
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown DPO loss type {loss_type!r} (expected one of {', '.join(DPO_LOSS_TYPES)})")
     chosen_lr = policy_chosen.float() - ref_chosen.float()
@@ -185,13 +193,10 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
             raise ValueError("the ipo loss needs chosen_lengths and rejected_lengths (response token counts)")
         d_norm = chosen_lr / chosen_lengths.float().clamp_min(1) - rejected_lr / rejected_lengths.float().clamp_min(1)
         losses = (d_norm - 1 / (2 * beta)) ** 2
-    loss = losses.sum() if reduction == "sum" else losses.mean()
-    with torch.no_grad():
-        rc, rr = beta * chosen_lr, beta * rejected_lr
-        metrics = {"rewards_chosen": rc.mean().item(), "rewards_rejected": rr.mean().item(),
-                   "reward_accuracy": (rc > rr).float().mean().item(), "reward_margin": (rc - rr).mean().item(),
-                   "pairs": d.numel()}
-    return loss, metrics
+    rc, rr = beta * chosen_lr, beta * rejected_lr
+    metrics = _reduce({"rewards_chosen": rc, "rewards_rejected": rr, "reward_accuracy": (rc > rr).float(),
+                       "reward_margin": rc - rr}, torch.ones_like(d), reduction)
+    return (losses.sum() if reduction == "sum" else losses.mean()), metrics
 
 
 # ---- PPO ------------------------------------------------------------------------------------------------------

@@ -135,8 +135,11 @@ def test_pairwise_reward_loss_formula_and_metrics():
     loss_m, _ = L.pairwise_reward_loss(rw, rl, margin=torch.tensor([0.5, 0.0, 1.0, 0.0]))
     expect_m = sum(-math.log(_sig(a - b - m)) for a, b, m in zip(rw.tolist(), rl.tolist(), [0.5, 0, 1, 0])) / 4
     assert loss_m.item() == pytest.approx(expect_m, rel=1e-6)
-    s, _ = L.pairwise_reward_loss(rw, rl, reduction="sum")
+    s, met_s = L.pairwise_reward_loss(rw, rl, reduction="sum")
     assert s.item() == pytest.approx(expect * 4, rel=1e-6)
+    assert met_s["accuracy"] == 2 and met_s["margin"] == pytest.approx((rw - rl).sum().item())
+    with pytest.raises(ValueError, match="reduction"):
+        L.pairwise_reward_loss(rw, rl, reduction="none")
     assert loss.item() == pytest.approx(ref.openrlhf_pairwise_loss(rw, rl).item(), rel=1e-6)
     assert loss_m.item() == pytest.approx(
         ref.openrlhf_pairwise_loss(rw, rl, torch.tensor([0.5, 0.0, 1.0, 0.0])).item(), rel=1e-6)
@@ -155,11 +158,15 @@ def test_ranked_pairs_and_instructgpt_normalisation():
                  for i in range(k) for j in range(i + 1, k)]
         per_prompt.append(sum(terms) / len(terms))
     assert loss.item() == pytest.approx(sum(per_prompt) / 2, rel=1e-6)
-    assert met["pairs"] == 7 and met["prompts"] == 2
-    # accuracy over all 7 pairs: group 1 has 1 > 1.5 wrong, group 2 wrong
-    wrong = sum(1 for start, k in ((0, 4), (4, 2)) for i in range(k) for j in range(i + 1, k)
-                if scores[start + i] <= scores[start + j])
-    assert met["accuracy"] == pytest.approx(1 - wrong / 7)
+    # metrics are weighted like the loss: each prompt's pair accuracy, averaged over prompts
+    per_prompt_acc = []
+    for start, k in ((0, 4), (4, 2)):
+        right = [scores[start + i] > scores[start + j] for i in range(k) for j in range(i + 1, k)]
+        per_prompt_acc.append(sum(right) / len(right))
+    assert met["accuracy"] == pytest.approx(sum(per_prompt_acc) / 2)
+    loss_sum, met_sum = L.ranked_reward_loss(scores, [4, 2], reduction="sum")
+    assert loss_sum.item() == pytest.approx(sum(per_prompt)) and met_sum["accuracy"] == pytest.approx(
+        sum(per_prompt_acc))
     # K=2 everywhere is the plain pairwise loss
     lk2, _ = L.ranked_reward_loss(torch.tensor([1.0, 0.0, 0.2, 0.9]), [2, 2])
     lp, _ = L.pairwise_reward_loss(torch.tensor([1.0, 0.2]), torch.tensor([0.0, 0.9]))
@@ -199,6 +206,9 @@ def test_dpo_sigmoid_with_label_smoothing():
             assert met["rewards_rejected"] == pytest.approx(ref_r.mean().item())
             assert met["reward_accuracy"] == pytest.approx((ref_c > ref_r).float().mean().item())
             assert met["reward_margin"] == pytest.approx((ref_c - ref_r).mean().item(), rel=1e-6)
+            loss_s, met_s = L.dpo_loss(**DPO_INPUTS, beta=beta, label_smoothing=eps, reduction="sum")
+            assert loss_s.item() == pytest.approx(3 * loss.item(), rel=1e-6)
+            assert met_s["reward_accuracy"] == pytest.approx(3 * met["reward_accuracy"])
 
 
 def test_dpo_hinge_and_ipo_length_normalised():
