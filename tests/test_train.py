@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from lmforge.config import ModelConfig
 from lmforge.model import Decoder
 from lmforge.stages.pretrain import causal_loss
-from lmforge.train.batches import RandomWindows
+from lmforge.train.batches import TokenWindows
 from lmforge.train.config import TrainConfig, load_run_config, parse_overrides
 from lmforge.train.loop import Trainer
 from lmforge.train.optim import lr_at, param_groups
@@ -127,7 +127,7 @@ def test_loss_spike_rolls_back_and_skips_batches(tmp_path):
     cfg = ModelConfig(vocab_size=61, block_size=16, n_layer=1, n_embd=32, n_head=4, multiple_of=16)
     torch.manual_seed(0)
     data = tokens()
-    train = RandomWindows(data[:4000], 16, 4, seed=1)
+    train = TokenWindows(data[:4000], 16, 4, seed=1)
     t = TrainConfig(max_iters=30, batch_size=4, lr=3e-3, warmup_iters=2, eval_interval=100, eval_iters=0,
                     log_interval=1, save_interval=5, spike_window=8, spike_factor=3.0, spike_skip=2)
     seen = []

@@ -16,7 +16,7 @@ from lmforge.config import ModelConfig
 from lmforge.model import Decoder
 from lmforge.stages.pretrain import causal_loss
 from lmforge.train import distributed as D
-from lmforge.train.batches import RandomWindows
+from lmforge.train.batches import TokenWindows
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import Trainer
 
@@ -50,8 +50,8 @@ def main() -> None:
                     eval_iters=2, log_interval=1, save_interval=a.save_interval, keep_last=10,
                     distributed=a.distributed, spike_guard=False, seed=5, ema_decay=a.ema)
     data = tokens()
-    train = RandomWindows(data[:4000], 16, a.batch_size, seed=1, rank=dist.rank, world=dist.world)
-    val = RandomWindows(data[4000:], 16, a.batch_size, seed=2, rank=dist.rank, world=dist.world)
+    train = TokenWindows(data[:4000], 16, a.batch_size, seed=1, rank=dist.rank, world=dist.world)
+    val = TokenWindows(data[4000:], 16, a.batch_size, seed=2, rank=dist.rank, world=dist.world)
 
     def loss_fn(m, batch):
         if trainer.step == a.kill_at:

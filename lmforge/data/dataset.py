@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from lmforge.errors import LMForgeError
+from lmforge.train.batches import TokenWindows
 
-MODES = ("random", "sequential")
+__all__ = ["PreparedData", "TokenWindows", "document_offsets", "load_prepared", "open_prepared"]
 
 
 @dataclass
@@ -114,98 +114,3 @@ def load_prepared(path: str | Path):
 
 def document_offsets(path: str | Path, split: str) -> np.ndarray:
     return open_prepared(path, verify_tokenizer=False).offsets(split)
-
-
-class TokenWindows:
-    """Batches of fixed-length windows ``x = tokens[i:i+T]``, ``y = tokens[i+1:i+T+1]`` as int64 tensors.
-
-    ``mode="random"``: nanoGPT's ``get_batch`` with its own seeded generator; ``"sequential"``: windows k*T in
-    order, wrapping around. Under data parallelism each step draws ``batch_size * world`` windows and rank r takes
-    its slice, so ranks differ and world=1 is the plain stream. The position is the number of batches drawn:
-    ``state_dict()``/``load_state_dict()`` (JSON-serializable) resume exactly. The interface (next_batch, skip,
-    state_dict, load_state_dict, fixed_batches) is the one lmforge's Trainer uses."""
-
-    def __init__(self, tokens: np.ndarray | torch.Tensor, block_size: int, batch_size: int, mode: str = "random",
-                 seed: int = 0, rank: int = 0, world: int = 1, offsets: np.ndarray | None = None,
-                 documents: bool = False) -> None:
-        self.tokens = tokens if isinstance(tokens, np.ndarray) else tokens.numpy()
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r}: allowed values are {list(MODES)}")
-        if block_size < 1 or batch_size < 1:
-            raise ValueError(f"block_size {block_size} and batch_size {batch_size} must be >= 1")
-        if len(self.tokens) < block_size + 1:
-            raise LMForgeError(f"only {len(self.tokens):,} tokens: need at least block_size+1 = {block_size + 1}")
-        if documents and offsets is None:
-            raise ValueError("documents=True needs the document offsets")
-        self.block_size, self.batch_size, self.mode = block_size, batch_size, mode
-        self.rank, self.world, self.seed = rank, world, seed
-        self.offsets = None if offsets is None else np.asarray(offsets, dtype=np.int64)
-        self.documents = documents
-        self.gen = torch.Generator().manual_seed(seed)
-        self.batches = 0  # batches drawn so far: the resumable position
-
-    @property
-    def num_windows(self) -> int:
-        """Windows in one sequential epoch (non-overlapping, stride block_size)."""
-        return (len(self.tokens) - 1) // self.block_size
-
-    def _starts(self) -> list[int]:
-        T, b, n = self.block_size, self.batch_size, self.batch_size * self.world
-        if self.mode == "random":
-            ix = torch.randint(len(self.tokens) - T, (n,), generator=self.gen)
-        else:
-            ix = (torch.arange(self.batches * n, (self.batches + 1) * n) % self.num_windows) * T
-        return ix[self.rank * b : (self.rank + 1) * b].tolist()
-
-    def batch_at(self, starts: list[int]) -> dict[str, torch.Tensor]:
-        """The batch of windows starting at ``starts``."""
-        T = self.block_size
-        x = np.stack([self.tokens[i : i + T + 1].astype(np.int64) for i in starts])
-        out = {"input_ids": torch.from_numpy(x[:, :-1].copy()), "targets": torch.from_numpy(x[:, 1:].copy())}
-        if self.documents:
-            pos = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(T + 1)  # (B, T+1) token positions
-            doc = np.searchsorted(self.offsets, pos, side="right") - 1  # document index of each token
-            seg = doc - doc[:, :1]
-            out["segment_ids"] = torch.from_numpy(seg[:, :-1].copy())
-            out["doc_positions"] = torch.from_numpy((pos - self.offsets[np.maximum(doc, 0)])[:, :-1].copy())
-            out["loss_mask"] = torch.from_numpy((seg[:, 1:] == seg[:, :-1]).astype(np.int64))
-        return out
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        batch = self.batch_at(self._starts())
-        self.batches += 1
-        return batch
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        return self.next_batch()
-
-    def skip(self, n: int) -> None:
-        """Advance by ``n`` batches without building them."""
-        if self.mode == "random":
-            for _ in range(n):
-                torch.randint(len(self.tokens) - self.block_size, (self.batch_size * self.world,), generator=self.gen)
-        self.batches += n
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "seed": self.seed, "batches": self.batches, "block_size": self.block_size,
-                "batch_size": self.batch_size, "world": self.world, "tokens": len(self.tokens)}
-
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        mine = {"mode": self.mode, "block_size": self.block_size, "batch_size": self.batch_size,
-                "world": self.world, "tokens": len(self.tokens)}
-        for k, v in mine.items():
-            if k in s and s[k] != v:
-                raise LMForgeError(f"data state has {k}={s[k]!r} but this dataset has {v!r}: cannot resume the "
-                                   "same stream")
-        self.gen.manual_seed(s["seed"])
-        self.seed, self.batches = s["seed"], 0
-        self.skip(s["batches"])
-
-    def fixed_batches(self, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
-        """``n`` batches from a fresh stream with ``seed`` (evaluation: the same batches every time)."""
-        other = TokenWindows(self.tokens, self.block_size, self.batch_size, self.mode, seed, self.rank, self.world,
-                             self.offsets, self.documents)
-        return [other.next_batch() for _ in range(n)]

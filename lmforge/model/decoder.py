@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
+from lmforge.losses import cross_entropy
 from lmforge.model.attention import Attention
 from lmforge.model.cache import KVCache
 from lmforge.model.mlp import MLP
@@ -231,8 +231,7 @@ class Decoder(nn.Module):
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, **kw) -> torch.Tensor:
         """Mean next-token cross-entropy; ``targets`` are already shifted, -100 marks ignored positions."""
-        logits = self(input_ids, **kw)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+        return cross_entropy(self(input_ids, **kw), targets, ignore_index)
 
 
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:

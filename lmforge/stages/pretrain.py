@@ -8,14 +8,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
+from lmforge.losses import token_loss_sum
 from lmforge.model import Decoder
 from lmforge.model.decoder import segment_positions
 from lmforge.train import distributed as D
-from lmforge.train.batches import RandomWindows
+from lmforge.train.batches import TokenWindows
 from lmforge.train.config import RunConfig
 from lmforge.train.loop import Trainer
 
@@ -103,8 +103,7 @@ def document_segments(x: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 def causal_loss(model, batch):
     logits = model(batch["input_ids"], **batch.get("model_kwargs", {}))
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["targets"].reshape(-1), ignore_index=-100)
-    return loss, int((batch["targets"] != -100).sum())
+    return token_loss_sum(logits, batch["targets"])
 
 
 def prefix_loss(model, batch):
@@ -115,8 +114,7 @@ def prefix_loss(model, batch):
     prefix = torch.randint(1, T, (B,), generator=g).to(x.device)
     y[torch.arange(T, device=x.device)[None, :] < (prefix[:, None] - 1)] = -100
     logits = model(x, prefix_len=prefix, **batch.get("model_kwargs", {}))
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100)
-    return loss, int((y != -100).sum())
+    return token_loss_sum(logits, y)
 
 
 def glm_loss_fn(vocab: int, block_size: int, glm2d: bool):
@@ -136,8 +134,7 @@ def glm_loss_fn(vocab: int, block_size: int, glm2d: bool):
         b = {k: v.to(x.device) for k, v in collate(samples, pad_id=0).items()}
         pos = b["position_ids"] if glm2d else b["position_ids"][:, 0]
         logits = model(b["input_ids"], position_ids=pos, prefix_len=b["prefix_len"])
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), b["targets"].view(-1), ignore_index=-100)
-        return loss, int((b["targets"] != -100).sum())
+        return token_loss_sum(logits, b["targets"])
 
     return loss_fn
 
@@ -170,8 +167,8 @@ def run_pretrain(run: RunConfig, resume: bool = False) -> dict[str, Any]:
     torch.manual_seed(run.train.seed)
     model = Decoder(cfg)
     t = run.train
-    train = RandomWindows(train_ids, run.data.block_size, t.batch_size, seed=t.seed, rank=dist.rank, world=dist.world)
-    val = RandomWindows(val_ids, run.data.block_size, t.batch_size, seed=t.seed + 1, rank=dist.rank, world=dist.world)
+    train = TokenWindows(train_ids, run.data.block_size, t.batch_size, seed=t.seed, rank=dist.rank, world=dist.world)
+    val = TokenWindows(val_ids, run.data.block_size, t.batch_size, seed=t.seed + 1, rank=dist.rank, world=dist.world)
     if dist.main:
         print(f"model {cfg.name}: {model.num_params():,} parameters; {len(train_ids):,} train / {len(val_ids):,} "
               f"val tokens; device {device}", file=sys.stderr)

@@ -1,54 +1,305 @@
-"""Batch sources for the trainer: fixed-length windows of a token stream, resumable and rank-aware.
+"""Batch sources for the trainer, all with one interface (``BatchSource``), resumable and rank-aware.
 
-Every rank draws the same *global* batch from one seeded generator and keeps its own slice, so N processes with
-batch b see exactly what one process with batch N*b sees (the distributed-equivalence test relies on this).
+- ``TokenWindows``: fixed-length windows of a token stream (pretraining); random (nanoGPT's ``get_batch``) or
+  sequential.
+- ``ExampleBatches``: epochs over tokenized examples (SFT, reward, DPO), shuffled per epoch, padded or packed.
+
+Under data parallelism every rank draws the same *global* batch (``batch_size * world`` items) from one seeded
+stream and keeps its own slice, so N processes with batch b see exactly what one process with batch N*b sees. The
+position in the stream is a small JSON-serialisable ``state_dict()``; ``load_state_dict()`` resumes exactly, also
+in the middle of an epoch.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from lmforge.errors import LMForgeError
+from lmforge.losses import IGNORE
 
-class RandomWindows:
-    """nanoGPT's ``get_batch``: random offsets into the token array, x = tokens[i:i+T], y = tokens[i+1:i+T+1]."""
+MODES = ("random", "sequential")
+Batch = dict[str, Any]
 
-    def __init__(self, tokens: np.ndarray | torch.Tensor, block_size: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world: int = 1) -> None:
-        self.tokens = tokens if isinstance(tokens, np.ndarray) else tokens.numpy()
-        if len(self.tokens) <= block_size + 1:
-            raise ValueError(f"only {len(self.tokens)} tokens: need more than block_size+1 = {block_size + 1}")
-        self.block_size, self.batch_size = block_size, batch_size
-        self.rank, self.world = rank, world
-        self.gen = torch.Generator().manual_seed(seed)
-        self.seed = seed
-        self.batches = 0  # batches drawn so far (the resumable position)
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        T, b = self.block_size, self.batch_size
-        ix = torch.randint(len(self.tokens) - T - 1, (b * self.world,), generator=self.gen)
-        ix = ix[self.rank * b : (self.rank + 1) * b].tolist()
-        x = torch.from_numpy(np.stack([self.tokens[i : i + T].astype(np.int64) for i in ix]))
-        y = torch.from_numpy(np.stack([self.tokens[i + 1 : i + 1 + T].astype(np.int64) for i in ix]))
-        self.batches += 1
-        return {"input_ids": x, "targets": y}
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the Trainer draws batches from."""
+
+    def next_batch(self) -> Batch:
+        """The next (micro-)batch for this rank: a dict of tensors (and plain values)."""
+        ...
 
     def skip(self, n: int) -> None:
-        for _ in range(n):
-            torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size * self.world,), generator=self.gen)
+        """Advance by ``n`` batches without building them (loss-spike recovery)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the stream, JSON-serialisable."""
+        ...
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        """Continue exactly where ``state_dict()`` was taken."""
+        ...
+
+    def fixed_batches(self, n: int, seed: int) -> list[Batch]:
+        """``n`` evaluation batches, the same ones at every call (``n <= 0``: a source may return all it has)."""
+        ...
+
+
+class TokenWindows:
+    """Batches of fixed-length windows ``x = tokens[i:i+T]``, ``y = tokens[i+1:i+T+1]`` as int64 tensors.
+
+    ``mode="random"``: nanoGPT's ``get_batch`` with its own seeded generator; ``"sequential"``: windows k*T in
+    order, wrapping around. Under data parallelism each step draws ``batch_size * world`` windows and rank r takes
+    its slice, so ranks differ and world=1 is the plain stream. The position is the number of batches drawn:
+    ``state_dict()``/``load_state_dict()`` (JSON-serializable) resume exactly. The interface (next_batch, skip,
+    state_dict, load_state_dict, fixed_batches) is the one lmforge's Trainer uses."""
+
+    def __init__(self, tokens: np.ndarray | torch.Tensor, block_size: int, batch_size: int, mode: str = "random",
+                 seed: int = 0, rank: int = 0, world: int = 1, offsets: np.ndarray | None = None,
+                 documents: bool = False) -> None:
+        self.tokens = tokens if isinstance(tokens, np.ndarray) else tokens.numpy()
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: allowed values are {list(MODES)}")
+        if block_size < 1 or batch_size < 1:
+            raise ValueError(f"block_size {block_size} and batch_size {batch_size} must be >= 1")
+        if len(self.tokens) < block_size + 1:
+            raise LMForgeError(f"only {len(self.tokens):,} tokens: need at least block_size+1 = {block_size + 1}")
+        if documents and offsets is None:
+            raise ValueError("documents=True needs the document offsets")
+        self.block_size, self.batch_size, self.mode = block_size, batch_size, mode
+        self.rank, self.world, self.seed = rank, world, seed
+        self.offsets = None if offsets is None else np.asarray(offsets, dtype=np.int64)
+        self.documents = documents
+        self.gen = torch.Generator().manual_seed(seed)
+        self.batches = 0  # batches drawn so far: the resumable position
+
+    @property
+    def num_windows(self) -> int:
+        """Windows in one sequential epoch (non-overlapping, stride block_size)."""
+        return (len(self.tokens) - 1) // self.block_size
+
+    def _starts(self) -> list[int]:
+        T, b, n = self.block_size, self.batch_size, self.batch_size * self.world
+        if self.mode == "random":
+            ix = torch.randint(len(self.tokens) - T, (n,), generator=self.gen)
+        else:
+            ix = (torch.arange(self.batches * n, (self.batches + 1) * n) % self.num_windows) * T
+        return ix[self.rank * b : (self.rank + 1) * b].tolist()
+
+    def batch_at(self, starts: list[int]) -> dict[str, torch.Tensor]:
+        """The batch of windows starting at ``starts``."""
+        T = self.block_size
+        x = np.stack([self.tokens[i : i + T + 1].astype(np.int64) for i in starts])
+        out = {"input_ids": torch.from_numpy(x[:, :-1].copy()), "targets": torch.from_numpy(x[:, 1:].copy())}
+        if self.documents:
+            pos = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(T + 1)  # (B, T+1) token positions
+            doc = np.searchsorted(self.offsets, pos, side="right") - 1  # document index of each token
+            seg = doc - doc[:, :1]
+            out["segment_ids"] = torch.from_numpy(seg[:, :-1].copy())
+            out["doc_positions"] = torch.from_numpy((pos - self.offsets[np.maximum(doc, 0)])[:, :-1].copy())
+            out["loss_mask"] = torch.from_numpy((seg[:, 1:] == seg[:, :-1]).astype(np.int64))
+        return out
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        batch = self.batch_at(self._starts())
+        self.batches += 1
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return self.next_batch()
+
+    def skip(self, n: int) -> None:
+        """Advance by ``n`` batches without building them."""
+        if self.mode == "random":
+            for _ in range(n):
+                torch.randint(len(self.tokens) - self.block_size, (self.batch_size * self.world,), generator=self.gen)
         self.batches += n
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "batches": self.batches}
+        return {"mode": self.mode, "seed": self.seed, "batches": self.batches, "block_size": self.block_size,
+                "batch_size": self.batch_size, "world": self.world, "tokens": len(self.tokens)}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
+        mine = {"mode": self.mode, "block_size": self.block_size, "batch_size": self.batch_size,
+                "world": self.world, "tokens": len(self.tokens)}
+        for k, v in mine.items():
+            if k in s and s[k] != v:
+                raise LMForgeError(f"data state has {k}={s[k]!r} but this dataset has {v!r}: cannot resume the "
+                                   "same stream")
         self.gen.manual_seed(s["seed"])
         self.seed, self.batches = s["seed"], 0
         self.skip(s["batches"])
 
     def fixed_batches(self, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
-        """``n`` batches from a fresh generator (evaluation: the same batches at every eval)."""
-        other = RandomWindows(self.tokens, self.block_size, self.batch_size, seed, self.rank, self.world)
+        """``n`` batches from a fresh stream with ``seed`` (evaluation: the same batches every time)."""
+        other = TokenWindows(self.tokens, self.block_size, self.batch_size, self.mode, seed, self.rank, self.world,
+                             self.offsets, self.documents)
         return [other.next_batch() for _ in range(n)]
+
+
+class ExampleBatches:
+    """Epochs over tokenized examples, each ``{"input_ids": [...], "labels": [...]}`` of equal length (labels are
+    the ids to predict at each position, ``IGNORE`` where nothing is scored, e.g. prompt tokens). A batch is
+    next-token shaped: ``input_ids = ids[:-1]``, ``targets = labels[1:]``.
+
+    The order is a fresh permutation per epoch (seeded by ``seed`` and the epoch; ``shuffle=False`` keeps file
+    order). ``packing=False``: ``batch_size`` examples right-padded to the longest (pads are never attended by real
+    tokens under the causal mask and never scored). ``packing=True``: examples are laid one after another into rows
+    of ``max_len`` tokens; ``segment_ids`` keep attention inside each example and ``position_ids`` restart at 0 for
+    each, so the loss equals the unpacked loss; an example that does not fit the rest of a row starts the next one.
+    Longer examples are truncated to ``max_len + 1`` tokens. ``on_truncate`` is told how many were cut.
+    """
+
+    def __init__(self, examples: Sequence[dict[str, list[int]]], batch_size: int, max_len: int, pad_id: int = 0,
+                 packing: bool = False, shuffle: bool = True, seed: int = 0, rank: int = 0, world: int = 1,
+                 on_truncate: Callable[[int], None] | None = None) -> None:
+        if not examples:
+            raise LMForgeError("no examples to train on")
+        if batch_size < 1 or max_len < 2:
+            raise LMForgeError(f"batch_size {batch_size} must be >= 1 and max_len {max_len} >= 2")
+        cut = 0
+        self.examples: list[tuple[np.ndarray, np.ndarray]] = []
+        for ex in examples:
+            ids, labels = ex["input_ids"], ex["labels"]
+            if len(ids) != len(labels):
+                raise LMForgeError("an example's input_ids and labels differ in length")
+            if len(ids) > max_len + 1:
+                cut += 1
+                ids, labels = ids[: max_len + 1], labels[: max_len + 1]
+            self.examples.append((np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)))
+        if cut and on_truncate is not None:
+            on_truncate(cut)
+        self.batch_size, self.max_len, self.pad_id = batch_size, max_len, pad_id
+        self.packing, self.shuffle, self.seed = packing, shuffle, seed
+        self.rank, self.world = rank, world
+        self.epoch, self.cursor, self.batches = 0, 0, 0
+        self._order = self._permutation(0)
+
+    # ---- order ----------------------------------------------------------------------------------
+    def _permutation(self, epoch: int) -> np.ndarray:
+        n = len(self.examples)
+        if not self.shuffle:
+            return np.arange(n)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(n, generator=g).numpy()
+
+    def _take(self) -> int:
+        """Index of the next example in the stream (crossing into the next epoch when one ends)."""
+        if self.cursor >= len(self._order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        i = int(self._order[self.cursor])
+        self.cursor += 1
+        return i
+
+    def _peek_len(self) -> int:
+        if self.cursor >= len(self._order):
+            return len(self.examples[int(self._permutation(self.epoch + 1)[0])][0]) - 1
+        return len(self.examples[int(self._order[self.cursor])][0]) - 1
+
+    def _global_items(self) -> list[list[int]]:
+        """The global batch as rows of example indices (one per row unpacked; several per row packed)."""
+        rows = self.batch_size * self.world
+        if not self.packing:
+            return [[self._take()] for _ in range(rows)]
+        out: list[list[int]] = []
+        for _ in range(rows):
+            row = [self._take()]
+            used = len(self.examples[row[0]][0]) - 1
+            while used + self._peek_len() <= self.max_len:
+                used += self._peek_len()
+                row.append(self._take())
+            out.append(row)
+        return out
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches in one epoch (packed: estimated from the total length)."""
+        n = len(self.examples)
+        if self.packing:
+            tokens = sum(len(ids) - 1 for ids, _ in self.examples)
+            n = max(1, -(-tokens // self.max_len))
+        return max(1, -(-n // (self.batch_size * self.world)))
+
+    # ---- collate --------------------------------------------------------------------------------
+    def _collate(self, rows: list[list[int]]) -> Batch:
+        width = self.max_len if self.packing else max(sum(len(self.examples[i][0]) - 1 for i in r) for r in rows)
+        B = len(rows)
+        x = np.full((B, width), self.pad_id, dtype=np.int64)
+        y = np.full((B, width), IGNORE, dtype=np.int64)
+        seg = np.zeros((B, width), dtype=np.int64)
+        pos = np.zeros((B, width), dtype=np.int64)
+        for b, row in enumerate(rows):
+            at = 0
+            for s, i in enumerate(row):
+                ids, labels = self.examples[i]
+                n = len(ids) - 1
+                x[b, at : at + n] = ids[:-1]
+                y[b, at : at + n] = labels[1:]
+                seg[b, at : at + n] = s
+                pos[b, at : at + n] = np.arange(n)
+                at += n
+            seg[b, at:] = len(row)  # padding: a segment of its own
+        out: Batch = {"input_ids": torch.from_numpy(x), "targets": torch.from_numpy(y)}
+        if self.packing:
+            out["model_kwargs"] = {"segment_ids": torch.from_numpy(seg), "position_ids": torch.from_numpy(pos)}
+        return out
+
+    # ---- BatchSource --------------------------------------------------------------------------
+    def next_batch(self) -> Batch:
+        rows = self._global_items()
+        self.batches += 1
+        return self._collate(rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            self._global_items()
+            self.batches += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "batches": self.batches, "seed": self.seed,
+                "examples": len(self.examples), "batch_size": self.batch_size, "world": self.world,
+                "packing": self.packing}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        mine = {"examples": len(self.examples), "batch_size": self.batch_size, "world": self.world,
+                "packing": self.packing}
+        for k, v in mine.items():
+            if k in s and s[k] != v:
+                raise LMForgeError(f"data state has {k}={s[k]!r} but this dataset has {v!r}: cannot resume the "
+                                   "same stream")
+        self.seed, self.epoch, self.cursor, self.batches = s["seed"], s["epoch"], s["cursor"], s["batches"]
+        self._order = self._permutation(self.epoch)
+
+    def fixed_batches(self, n: int, seed: int) -> list[Batch]:
+        """Evaluation batches over the examples in file order, each example once (a rank's share of the last
+        global batch may be empty and is then left out): the first ``n`` batches, or all of them if ``n <= 0``."""
+        if n <= 0:
+            n = len(self.examples)
+        order = list(range(len(self.examples)))
+        rows: list[list[int]] = []
+        while order:
+            row = [order.pop(0)]
+            if self.packing:
+                used = len(self.examples[row[0]][0]) - 1
+                while order and used + len(self.examples[order[0]][0]) - 1 <= self.max_len:
+                    used += len(self.examples[order[0]][0]) - 1
+                    row.append(order.pop(0))
+            rows.append(row)
+        g = self.batch_size * self.world
+        out = []
+        for start in range(0, len(rows), g):
+            mine = rows[start : start + g][self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            if mine:
+                out.append(self._collate(mine))
+            if len(out) >= n:
+                break
+        return out

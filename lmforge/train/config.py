@@ -50,6 +50,8 @@ class TrainConfig:
     tensorboard: bool = False
     wandb: bool = False
     sample_every: int = 0  # print a sample every N evals (0 = off)
+    best_metric: str = "val_loss"  # evaluation metric that picks the `best` checkpoint (val_loss, val_accuracy, ...)
+    best_mode: str = "min"  # min | max
 
 
 @dataclass

@@ -72,6 +72,15 @@ def mean(value: float, d: Dist) -> float:
     return t.item() / d.world
 
 
+def sum_all(values: list[float], d: Dist) -> list[float]:
+    """Element-wise sum of ``values`` over all ranks (float64)."""
+    if not d.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist):
     """Unsharded model and optimizer state dicts on CPU (every rank calls; rank 0 writes)."""
     if not d.enabled:

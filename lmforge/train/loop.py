@@ -1,8 +1,14 @@
 """The one training loop shared by every stage (pretrain, sft, reward, ppo, dpo).
 
-A stage supplies the model, batch sources and a loss function ``loss_fn(model, batch) -> (loss, n_tokens)``; the
-Trainer does the rest: AdamW + schedule, accumulation, clipping, precision, checkpointing and exact resume,
-loss-spike rollback, evaluation, metrics (JSONL, TensorBoard/W&B), progress bar, loss curve PNG, and DDP/FSDP.
+A stage supplies the model, batch sources (``lmforge.train.batches.BatchSource``) and a loss function
+``loss_fn(model, batch) -> (loss_sum, n)`` or ``(loss_sum, n, metrics)``: ``loss_sum`` is the loss *summed* over
+the batch's ``n`` units (target tokens, pairs, ...) and ``metrics`` maps names to sums over the same units. The
+Trainer normalises by the number of units over the whole optimizer step (every micro-batch of the accumulation and
+every rank), so micro-batches with different token counts give the gradient of one big batch. It does the rest:
+AdamW + schedule, accumulation, clipping, precision, checkpointing and exact resume, loss-spike rollback,
+evaluation and best-checkpoint selection on any logged metric, metrics (JSONL, TensorBoard/W&B), progress bar,
+loss curve PNG, and DDP/FSDP. A model with frozen parameters (PEFT) is checkpointed as its trainable weights only;
+a stage's ``export_fn`` writes the loadable model files (adapter files and a reference to the base) beside them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import MetricsWriter, model_flops_per_token, plot_losses
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.state import (
+    EMA_WEIGHTS,
+    TRAIN_WEIGHTS,
     latest_checkpoint,
     load_training_checkpoint,
     prune,
@@ -34,7 +42,15 @@ from lmforge.train.state import (
     set_rng_state,
 )
 
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+LossFn = Callable[[nn.Module, dict[str, Any]], tuple]
+ExportFn = Callable[[nn.Module, Path], None]
+
+
+def _unpack(out: tuple) -> tuple[torch.Tensor, float, dict[str, float]]:
+    """(loss_sum, n) or (loss_sum, n, metrics) -> (loss_sum, n, {name: sum})."""
+    loss, n = out[0], float(out[1])
+    metrics = out[2] if len(out) > 2 else {}
+    return loss, n, {k: float(v) for k, v in metrics.items()}
 
 
 def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -56,13 +72,16 @@ class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, train_data, loss_fn: LossFn, out_dir: str | Path,
                  val_data=None, tokenizer=None, run_config: dict[str, Any] | None = None,
                  sample_fn: Callable[[nn.Module], str] | None = None, device: torch.device | None = None,
-                 dist: D.Dist | None = None, log=None) -> None:
+                 dist: D.Dist | None = None, log=None, export_fn: ExportFn | None = None,
+                 units: str = "tokens") -> None:
         self.cfg = cfg
         self.device = device or torch.device("cpu")
         self.dist = dist or D.Dist()
         self.out = Path(out_dir)
         self.train_data, self.val_data = train_data, val_data
-        self.loss_fn, self.sample_fn = loss_fn, sample_fn
+        self.loss_fn, self.sample_fn, self.export_fn = loss_fn, sample_fn, export_fn
+        self.count_tokens = units == "tokens"  # the loss's units are tokens: throughput and MFU are meaningful
+        self.last_eval: dict[str, float] = {}
         self.tokenizer = tokenizer
         self.run_config = run_config or {}
         self.log = log or (lambda msg: print(msg, file=sys.stderr) if self.dist.main else None)
@@ -72,12 +91,19 @@ class Trainer:
         self.model = D.wrap(self.raw_model, self.dist, cfg.distributed, self.device)
         if cfg.compile:
             self.model = torch.compile(self.model)
+        # a model with frozen parameters (PEFT) trains and checkpoints only the trainable ones
+        self.trainable = {k: p for k, p in self.raw_model.named_parameters() if p.requires_grad}
+        self.partial = len(self.trainable) < len(dict(self.raw_model.named_parameters()))
+        if not self.trainable:
+            raise LMForgeError("the model has no trainable parameters")
+        if cfg.best_mode not in ("min", "max"):
+            raise LMForgeError(f"train.best_mode={cfg.best_mode!r}: allowed values are ['min', 'max']")
         self.optimizer = make_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
                                         cfg.decay_embeddings, self.device.type)
         self.amp_dtype = pick_precision(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
-        self.best_val = math.inf
+        self.best_val = math.inf if cfg.best_mode == "min" else -math.inf  # best value of train.best_metric
         self.recent: deque[float] = deque(maxlen=cfg.spike_window)
         self.rollbacks = 0
         self.last_ckpt: Path | None = None
@@ -87,7 +113,7 @@ class Trainer:
                 raise LMForgeError(f"train.ema_decay={cfg.ema_decay}: must be in (0, 1), or 0 for off")
             if self.dist.enabled and cfg.distributed == "fsdp":
                 raise LMForgeError("train.ema_decay needs unsharded weights: use train.distributed ddp, not fsdp")
-            self.ema = {k: p.detach().clone() for k, p in self.raw_model.named_parameters()}
+            self.ema = {k: p.detach().clone() for k, p in self.trainable.items()}
 
     # ---- state --------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
@@ -100,11 +126,21 @@ class Trainer:
         path = None
         if self.dist.main:
             msd = {k: v for k, v in msd.items() if not (self.raw_model.cfg.tie_embeddings and k == "lm_head.weight")}
+            if self.partial:
+                msd = {k: v for k, v in msd.items() if k in self.trainable}
             train_sd = None
             if self.ema is not None:  # the model file is the average; the raw weights are kept to resume from
                 train_sd, msd = msd, {k: self.ema.get(k, v).detach().cpu() for k, v in msd.items()}
+            export = None
+            if self.export_fn is not None:
+                def export(d: Path) -> None:
+                    with self.averaged_weights():
+                        self.export_fn(self.raw_model, d)
+            name = None
+            if self.partial:  # only trainable weights: the raw ones to resume from (and their average, if any)
+                name = TRAIN_WEIGHTS if train_sd is None else EMA_WEIGHTS
             path = save_training_checkpoint(self.out, self.step, msd, self.raw_model.cfg, osd, self.trainer_state(),
-                                            self.tokenizer, train_sd)
+                                            self.tokenizer, train_sd, export=export, weights_name=name)
             protect = {path.name}
             best = self.out / "best"
             if best.exists():
@@ -117,7 +153,7 @@ class Trainer:
     def restore(self, ckpt: Path) -> None:
         s = load_training_checkpoint(ckpt)
         msd = s["train_model"] if s["train_model"] is not None else s["model"]
-        if self.raw_model.cfg.tie_embeddings:
+        if self.raw_model.cfg.tie_embeddings and "wte.weight" in msd:
             msd["lm_head.weight"] = msd["wte.weight"]
         D.load_full_state(self.model, self.optimizer, msd, s["optimizer"], self.dist)
         if self.ema is not None:  # a checkpoint written without EMA starts the average at its weights
@@ -147,31 +183,40 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _micro(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    def _micro(self, batch: dict[str, Any]) -> tuple[torch.Tensor, float, dict[str, float]]:
+        batch = _to_device(batch, self.device)
         with self._autocast():
-            return self.loss_fn(self.model, batch)
+            return _unpack(self.loss_fn(self.model, batch))
 
-    def train_step(self) -> tuple[float, float, int]:
-        """Forward/backward over grad_accum micro-batches, clip; returns (loss, grad norm, tokens). No update."""
+    def train_step(self) -> tuple[float, float, int, dict[str, float]]:
+        """Forward/backward over grad_accum micro-batches, normalise by the step's units (all micro-batches and
+        ranks), clip; returns (loss, grad norm, units, metrics). No update."""
         cfg = self.cfg
-        total, tokens = 0.0, 0
+        total, units, sums = 0.0, 0.0, {}
         for i in range(cfg.grad_accum):
             batch = self.train_data.next_batch()
             sync = i == cfg.grad_accum - 1
             ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext()
             with ctx:
-                loss, n = self._micro(batch)
-                self.scaler.scale(loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
-            tokens += n
+                loss, n, metrics = self._micro(batch)
+                self.scaler.scale(loss).backward()
+            total += loss.item()
+            units += n
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+        keys = sorted(sums)
+        total, units, *vals = D.sum_all([total, units, *(sums[k] for k in keys)], self.dist)
         self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.trainable.values() if p.grad is not None]
+        if units > 0 and grads:  # gradients are of the sum (averaged over ranks by DDP/FSDP): make them the mean
+            torch._foreach_mul_(grads, self.dist.world / units)
         if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), cfg.grad_clip)
         else:
-            norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in self.raw_model.parameters() if p.grad is not None]))
-        return D.mean(total, self.dist), float(norm), tokens * self.dist.world
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
+        denom = max(units, 1.0)
+        return total / denom if units else math.nan, float(norm), int(units), {k: v / denom for k, v in
+                                                                               zip(keys, vals)}
 
     def is_spike(self, loss: float) -> bool:
         if not math.isfinite(loss):
@@ -231,14 +276,23 @@ class Trainer:
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float | None:
+    def evaluate(self) -> dict[str, float] | None:
+        """``val_loss`` and ``val_<metric>`` over the validation batches, weighted by their units."""
         if self.val_data is None or self.cfg.eval_iters <= 0:
             return None
         self.model.eval()
+        total, units, sums = 0.0, 0.0, {}
         with self.averaged_weights():
-            losses = [self._micro(b)[0].item() for b in self.val_data.fixed_batches(self.cfg.eval_iters, seed=1234)]
+            for b in self.val_data.fixed_batches(self.cfg.eval_iters, seed=1234):
+                loss, n, metrics = self._micro(b)
+                total, units = total + loss.item(), units + n
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
         self.model.train()
-        return D.mean(sum(losses) / len(losses), self.dist)
+        keys = sorted(sums)
+        total, units, *vals = D.sum_all([total, units, *(sums[k] for k in keys)], self.dist)
+        denom = max(units, 1.0)
+        return {"val_loss": total / denom, **{f"val_{k}": v / denom for k, v in zip(keys, vals)}}
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -267,7 +321,7 @@ class Trainer:
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 at_start = (self.train_data.state_dict(), rng_state())  # an interrupt mid-step rewinds to here
-                loss, norm, tokens = self.train_step()
+                loss, norm, tokens, metrics = self.train_step()
                 if cfg.spike_guard and self.is_spike(loss):
                     self.rollback(loss)
                     bar.n = self.step
@@ -282,8 +336,9 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 tps = tokens / dt
-                last = {"step": self.step, "train_loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
-                        "mfu": tps * flops_tok / peak if peak else None}
+                last = {"step": self.step, "train_loss": loss, **{f"train_{k}": v for k, v in metrics.items()},
+                        "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
+                        "mfu": tps * flops_tok / peak if peak and self.count_tokens else None}
                 if self.step % cfg.log_interval == 0 and not (self.step == cfg.max_iters and self.val_data):
                     self.metrics.write(last)
                 bar.update(1)
@@ -305,25 +360,40 @@ class Trainer:
             self.metrics.close()
         if self.dist.main:
             plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
-        return {**last, "best_val": self.best_val}
+        return {**last, **self.last_eval, "best_val": self.best_val}
 
     def _eval_and_log(self, last: dict[str, Any], final: bool = False) -> None:
-        val = self.evaluate()
-        if val is None:
-            return
-        rec = {"step": self.step, "val_loss": val}
-        if "train_loss" in last and last["step"] == self.step:
-            rec = {**last, "val_loss": val}
-        self.metrics.write(rec)
-        self.log(f"step {self.step}: val loss {val:.4f}" + (f", train loss {last['train_loss']:.4f}"
-                                                          if "train_loss" in last else ""))
-        if val < self.best_val:
-            self.best_val = val
-            if self.dist.main and self.step > 0:
-                (self.out / "best").write_text(f"ckpt-{self.step:07d}\n")
+        ev = self.evaluate()
+        if ev is not None:
+            self.last_eval = ev
+            rec = {"step": self.step, **ev}
+            if "train_loss" in last and last["step"] == self.step:
+                rec = {**last, **ev}
+            self.metrics.write(rec)
+            shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in ev.items())
+            self.log(f"step {self.step}: {shown}" + (f", train loss {last['train_loss']:.4f}"
+                                                     if "train_loss" in last else ""))
+            key = self.cfg.best_metric
+            if key not in ev:
+                raise LMForgeError(f"train.best_metric={key!r}: not among the evaluation metrics {sorted(ev)}")
+            value = ev[key]
+            better = value < self.best_val if self.cfg.best_mode == "min" else value > self.best_val
+            if better and math.isfinite(value):
+                self.best_val = value
+                if self.dist.main and self.step > 0:
+                    (self.out / "best").write_text(f"ckpt-{self.step:07d}\n")
         if self.sample_fn is not None and self.dist.main and (final or self.step == 0):
             with self.averaged_weights():
                 self.log(f"sample at step {self.step}: {self.sample_fn(self.raw_model)!r}")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of a (nested) batch moved to ``device``."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
 
 
 _PEAK: dict[str, float] = {}

@@ -78,7 +78,8 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     ax.set_title(metrics.parent.name)
     fig.tight_layout()
     fig.savefig(png)

@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from lmforge.errors import LMForgeError
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})$")
 MANIFEST = "MANIFEST.json"
 TRAIN_WEIGHTS = "train_weights.safetensors"  # raw weights, present when model.safetensors holds their EMA
+EMA_WEIGHTS = "ema_weights.safetensors"  # a PEFT run's average of its trainable weights (its export holds them too)
 
 
 def _sha256(path: Path) -> str:
@@ -61,17 +63,23 @@ def set_rng_state(s: dict[str, Any]) -> None:
 
 def save_training_checkpoint(run_dir: Path, step: int, model_sd: dict[str, torch.Tensor], model_cfg,
                              optimizer_sd: dict[str, Any], trainer_state: dict[str, Any], tokenizer=None,
-                             train_sd: dict[str, torch.Tensor] | None = None) -> Path:
+                             train_sd: dict[str, torch.Tensor] | None = None,
+                             export: Callable[[Path], None] | None = None, weights_name: str | None = None) -> Path:
     """Write ``run_dir/ckpt-{step}`` atomically and return its path. ``train_sd``: the raw training weights when
-    ``model_sd`` holds their moving average (written as ``train_weights.safetensors``, used only to resume)."""
+    ``model_sd`` holds their moving average (written as ``train_weights.safetensors``, used only to resume).
+    ``export(dir)`` writes the loadable model files instead of config.json + model.safetensors (a PEFT stage
+    writes its adapter files); ``model_sd`` is then stored as ``weights_name`` (the trainable weights, to resume)."""
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"ckpt-{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=run_dir))
     try:
-        model_cfg.save(tmp / "config.json")
-        save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"),
+        if export is None:
+            model_cfg.save(tmp / "config.json")
+        else:
+            export(tmp)
+        save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / (weights_name or "model.safetensors")),
                   metadata={"format": "pt"})
         if train_sd is not None:
             save_file({k: v.contiguous() for k, v in train_sd.items()}, str(tmp / TRAIN_WEIGHTS),
@@ -138,8 +146,9 @@ def load_training_checkpoint(ckpt: Path) -> dict[str, Any]:
     if problem:
         raise LMForgeError(f"{ckpt}: corrupt checkpoint: {problem}")
     train_weights = ckpt / TRAIN_WEIGHTS
+    model_file = next((ckpt / n for n in ("model.safetensors", EMA_WEIGHTS) if (ckpt / n).is_file()), ckpt / "-")
     return {
-        "model": load_file(str(ckpt / "model.safetensors")),
+        "model": load_file(str(model_file)) if model_file.is_file() else {},
         "train_model": load_file(str(train_weights)) if train_weights.is_file() else None,
         "optimizer": torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True),
         "rng": torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True),

@@ -1,0 +1,193 @@
+"""The trainer as the one loop for every stage: loss normalised over the whole step, metrics and best-checkpoint
+selection, epoch batch sources (padding, packing, exact mid-epoch resume), trainable-only checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.losses import IGNORE, cross_entropy, token_loss_sum
+from lmforge.model import Decoder
+from lmforge.peft.base import set_trainable_params
+from lmforge.train.batches import BatchSource, ExampleBatches, TokenWindows
+from lmforge.train.config import TrainConfig
+from lmforge.train.loop import Trainer
+from lmforge.train.state import latest_checkpoint, load_training_checkpoint
+
+CFG = ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_embd=16, n_head=2, multiple_of=16)
+
+
+def examples(n: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Examples of uneven length whose first half is an (unscored) prompt."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(4, 20, (1,), generator=g))
+        ids = torch.randint(1, 40, (length,), generator=g).tolist()
+        cut = int(torch.randint(1, length - 1, (1,), generator=g))
+        out.append({"input_ids": ids, "labels": [IGNORE] * cut + ids[cut:]})
+    return out
+
+
+def sft_loss(model, batch):
+    logits = model(batch["input_ids"], **batch.get("model_kwargs", {}))
+    return token_loss_sum(logits, batch["targets"])
+
+
+def grads_after_one_step(batch_size: int, accum: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Decoder(CFG)
+    data = ExampleBatches(examples(8), batch_size, max_len=31, shuffle=False)
+    t = TrainConfig(batch_size=batch_size, grad_accum=accum, grad_clip=0, precision="fp32", device="cpu")
+    trainer = Trainer(model, t, data, sft_loss, "/nonexistent")
+    loss, _, units, _ = trainer.train_step()
+    return {"loss": torch.tensor(loss), "units": torch.tensor(units),
+            **{k: p.grad.clone() for k, p in model.named_parameters()}}
+
+
+def test_accumulation_equals_one_big_batch_with_uneven_masks():
+    big, small = grads_after_one_step(8, 1), grads_after_one_step(1, 8)
+    assert big["units"] == small["units"]
+    for k in big:
+        torch.testing.assert_close(small[k], big[k], rtol=1e-5, atol=1e-6, msg=k)
+    # and the gradient is that of the mean over all scored tokens of the step (not a mean of micro-batch means)
+    torch.manual_seed(0)
+    model = Decoder(CFG)
+    exs = examples(8)
+    total, n = 0.0, 0
+    for ex in exs:
+        x, y = torch.tensor([ex["input_ids"][:-1]]), torch.tensor([ex["labels"][1:]])
+        s, c = token_loss_sum(model(x), y)
+        total, n = total + s, n + c
+    (total / n).backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, big[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_packed_loss_equals_unpacked_loss():
+    torch.manual_seed(0)
+    model = Decoder(CFG).eval()
+    exs = examples(12, seed=3)
+    packed = ExampleBatches(exs, 3, max_len=32, packing=True, shuffle=False).fixed_batches(0, 0)
+    padded = ExampleBatches(exs, 3, max_len=32, packing=False, shuffle=False).fixed_batches(0, 0)
+    assert len(packed) < len(padded)  # packing put several examples in a row
+    assert any(int(b["model_kwargs"]["segment_ids"].max()) >= 2 for b in packed)
+
+    @torch.no_grad()
+    def total(batches):
+        s, n = 0.0, 0
+        for b in batches:
+            ls, c = sft_loss(model, b)
+            s, n = s + float(ls), n + c
+        return s, n
+
+    (sp, n_p), (su, n_u) = total(packed), total(padded)
+    with torch.no_grad():
+        ref = sum(float(cross_entropy(model(torch.tensor([e["input_ids"][:-1]])), torch.tensor([e["labels"][1:]]),
+                                      reduction="sum")) for e in exs)
+    assert n_p == n_u
+    assert sp == pytest.approx(ref, rel=1e-5) and su == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_example_batches_resume_mid_epoch_and_cover_each_epoch(packing):
+    exs = examples(10, seed=1)
+    ref = ExampleBatches(exs, 2, max_len=24, packing=packing, seed=7)
+    assert isinstance(ref, BatchSource)
+    seq = [ref.next_batch() for _ in range(9)]
+    again = ExampleBatches(exs, 2, max_len=24, packing=packing, seed=7)
+    for _ in range(4):
+        again.next_batch()
+    state = json.loads(json.dumps(again.state_dict()))
+    fresh = ExampleBatches(exs, 2, max_len=24, packing=packing, seed=123)
+    fresh.load_state_dict(state)
+    for b in seq[4:]:
+        nb = fresh.next_batch()
+        assert torch.equal(nb["input_ids"], b["input_ids"]) and torch.equal(nb["targets"], b["targets"])
+    if not packing:  # 5 batches of 2 make one epoch: each example exactly once, in a new order the next epoch
+        first = sorted(tuple(r[r != 0].tolist()) for b in seq[:5] for r in b["input_ids"])
+        assert first == sorted(tuple(e["input_ids"][:-1]) for e in exs)
+        assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(seq[:4], seq[5:9]))
+
+
+def test_ranks_split_the_global_batch():
+    exs = examples(12, seed=2)
+    both = ExampleBatches(exs, 4, max_len=24, seed=5).next_batch()
+    r0, r1 = (ExampleBatches(exs, 2, max_len=24, seed=5, rank=r, world=2).next_batch() for r in (0, 1))
+    width = both["input_ids"].shape[1]
+
+    def pad(t, w):
+        return torch.nn.functional.pad(t, (0, w - t.shape[1]))
+    assert torch.equal(torch.cat([pad(r0["input_ids"], width), pad(r1["input_ids"], width)]), both["input_ids"])
+
+
+def accuracy_loss(model, batch):
+    logits = model(batch["input_ids"])
+    s, n = token_loss_sum(logits, batch["targets"])
+    correct = ((logits.argmax(-1) == batch["targets"]) & (batch["targets"] != IGNORE)).sum()
+    return s, n, {"accuracy": correct}
+
+
+def test_metrics_logged_and_best_checkpoint_by_metric(tmp_path):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 40, (3000,))
+    train, val = TokenWindows(tokens[:2500], 16, 4, seed=1), TokenWindows(tokens[2500:], 16, 4, seed=2)
+    t = TrainConfig(max_iters=12, eval_interval=4, eval_iters=2, save_interval=4, keep_last=5, lr=3e-3,
+                    warmup_iters=0, precision="fp32", device="cpu", best_metric="val_accuracy", best_mode="max",
+                    log_interval=1)
+    out = Trainer(Decoder(CFG), t, train, accuracy_loss, tmp_path, val_data=val).fit()
+    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 4, 8, 12] and all(0 <= r["val_accuracy"] <= 1 for r in evals)
+    assert all("train_accuracy" in r for r in rows if "train_loss" in r)
+    best = max((r for r in evals if r["step"] > 0), key=lambda r: r["val_accuracy"])
+    assert out["best_val"] == pytest.approx(best["val_accuracy"])
+    assert (tmp_path / "best").read_text().strip() == f"ckpt-{best['step']:07d}"
+
+
+def test_unknown_best_metric_is_one_line_error(tmp_path):
+    from lmforge.errors import LMForgeError
+
+    tokens = torch.randint(0, 40, (2000,))
+    t = TrainConfig(max_iters=2, eval_interval=1, eval_iters=1, device="cpu", best_metric="val_bleu")
+    trainer = Trainer(Decoder(CFG), t, TokenWindows(tokens, 16, 2), sft_loss, tmp_path,
+                      val_data=TokenWindows(tokens, 16, 2))
+    with pytest.raises(LMForgeError, match="val_bleu"):
+        trainer.fit()
+
+
+def test_frozen_base_checkpoints_only_trainable_weights_and_resumes_exactly(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        m = Decoder(CFG)
+        set_trainable_params(m, {k: p for k, p in m.named_parameters() if k.startswith("blocks.1.mlp")})
+        return m
+
+    exs = examples(16, seed=4)
+    t = TrainConfig(max_iters=6, save_interval=3, eval_interval=100, eval_iters=0, lr=1e-2, warmup_iters=0,
+                    precision="fp32", device="cpu", batch_size=2, ema_decay=0.5, decay_iters=6)
+    exported = []
+
+    def export(model, d):
+        exported.append(d.name)
+        (d / "adapter.json").write_text("{}")
+
+    full = Trainer(make(), t, ExampleBatches(exs, 2, 24, seed=1), sft_loss, tmp_path / "a", export_fn=export)
+    full.fit()
+    ck = latest_checkpoint(tmp_path / "a")
+    files = {p.name for p in ck.iterdir()}
+    assert "adapter.json" in files and "model.safetensors" not in files and "config.json" not in files
+    state = load_training_checkpoint(ck)
+    assert set(state["train_model"]) == {k for k in make().state_dict() if k.startswith("blocks.1.mlp")}
+
+    # stop at step 3, resume: identical trainable weights at the end
+    t3 = TrainConfig(**{**t.__dict__, "max_iters": 3, "decay_iters": 6})  # the same schedule, cut at step 3
+    Trainer(make(), t3, ExampleBatches(exs, 2, 24, seed=1), sft_loss, tmp_path / "b", export_fn=export).fit()
+    resumed = Trainer(make(), t, ExampleBatches(exs, 2, 24, seed=1), sft_loss, tmp_path / "b", export_fn=export)
+    resumed.fit(resume=True)
+    a, b = full.raw_model.state_dict(), resumed.raw_model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
