@@ -164,3 +164,70 @@ def test_shared_kto_file_is_a_clear_error():
     path = _shared("kto_en_demo.json")
     with pytest.raises(LMForgeError, match=r"kto_en_demo\.json:\d+: field 'chosen': missing .*KTO"):
         read_preference_file(path)
+
+
+# ---- encoding and batching ------------------------------------------------------------------------------------
+
+
+def test_encode_plain_text_prompt_excluded(stories):
+    from lmforge.data.preference import encode_response
+    from lmforge.losses import IGNORE
+
+    _, tok = stories
+    rec = parse_record({"prompt": "Once upon a time", "chosen": " there was a cat.", "rejected": " a dog ran."})
+    c, r = encode_response(tok, rec, 0), encode_response(tok, rec, 1)
+    p_len = len(tok.encode("Once upon a time")) + 1  # BOS
+    assert c["input_ids"][:p_len] == r["input_ids"][:p_len] == [tok.bos_id] + tok.encode("Once upon a time")
+    assert c["labels"][:p_len] == [IGNORE] * p_len and IGNORE not in c["labels"][p_len:]
+    assert c["input_ids"][p_len:] == tok.encode(" there was a cat.") + [tok.eos_id]
+    assert c["labels"][p_len:] == c["input_ids"][p_len:]
+    cut = encode_response(tok, rec, 0, max_len=8)
+    assert len(cut["input_ids"]) == 8 and cut["input_ids"][0] == tok.bos_id
+    assert sum(x != IGNORE for x in cut["labels"]) == 4  # prompt kept down to half the budget, response cut
+
+
+def test_encode_chat_template_scores_only_the_last_reply(stories):
+    from lmforge.data.preference import encode_response
+    from lmforge.infer.chat import apply_template
+    from lmforge.losses import IGNORE
+
+    _, tok = stories
+    rec = parse_record({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                                          {"from": "human", "value": "Tell a story"}],
+                        "chosen": "A cat sat.", "rejected": "No."})
+    ex = encode_response(tok, rec, 0, template="chatml")
+    n_resp = sum(x != IGNORE for x in ex["labels"])
+    resp_ids = ex["input_ids"][-n_resp:]
+    prompt = apply_template("chatml", rec.prompt, add_generation_prompt=True)
+    full = apply_template("chatml", rec.prompt + [{"role": "assistant", "content": "A cat sat."}],
+                          add_generation_prompt=False)
+    assert tok.decode(resp_ids[:-1] if resp_ids[-1] == tok.eos_id else resp_ids).strip() == full[len(prompt):].strip()
+    assert ex["labels"][: len(ex["labels"]) - n_resp] == [IGNORE] * (len(ex["labels"]) - n_resp)
+    # the earlier assistant turn ("Hello") is prompt: not scored
+    assert "Hello" in tok.decode(ex["input_ids"][: len(ex["input_ids"]) - n_resp])
+
+
+def test_collate_groups_feeds_reward_and_dpo_losses(stories):
+    import torch
+
+    from lmforge.data.preference import collate_groups, encode_response
+    from lmforge.losses import ranked_reward_loss, sequence_logprobs, token_logprobs
+    from lmforge.model.heads import ScalarHeadModel
+
+    model, tok = stories
+    recs = [parse_record({"prompt": "Tom had a", "responses": [" red ball.", " big dog.", " hat"]}),
+            parse_record({"prompt": "Lily", "chosen": " smiled.", "rejected": " cried and cried."})]
+    groups = [[encode_response(tok, r, i) for i in range(len(r.responses))] for r in recs]
+    b = collate_groups(groups, pad_id=0)
+    assert b["group_sizes"] == [3, 2] and b["input_ids"].shape[0] == 5
+    rm = ScalarHeadModel(model)
+    scores = rm.score(b["input_ids"], b["attention_mask"])
+    loss, met = ranked_reward_loss(scores, b["group_sizes"])
+    assert torch.isfinite(loss) and 0 <= met["accuracy"] <= 1
+    logps = sequence_logprobs(model(b["input_ids"]), b["input_ids"], b["loss_mask"])
+    for row, ex in enumerate(g for grp in groups for g in grp):
+        ids = torch.tensor([ex["input_ids"]])
+        resp = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
+        start = len(ex["input_ids"]) - len(resp)
+        single = token_logprobs(model(ids)[0, start - 1 : -1], torch.tensor(resp)).sum()
+        assert logps[row].item() == pytest.approx(single.item(), abs=1e-4)

@@ -21,7 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmforge.errors import LMForgeError
+from lmforge.infer.chat import apply_template, encode_text_with_specials, end_of_turn, get_template
+from lmforge.losses import IGNORE
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
          "model": "assistant", "system": "system"}
@@ -276,3 +280,66 @@ def _jsonl_items(text: str, path: Path):
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise LMForgeError(f"{path}:{n}: bad JSON: {e.msg}") from None
+
+
+# ---- tokenizing and batching --------------------------------------------------------------------------------
+
+
+def encode_response(tokenizer, record: PreferenceRecord, i: int, template=None, plain: bool | None = None,
+                    max_len: int | None = None) -> dict[str, list[int]]:
+    """Token ids of prompt + response ``i`` with ``labels`` (``IGNORE`` on the prompt, so every log-prob sum and
+    loss covers the response only). The response ends with the template's end-of-turn marker, or EOS.
+
+    ``plain`` (default: when no ``template`` is given and the tokenizer has no chat template) joins the plain-text
+    prompt and the response; otherwise the prompt messages are rendered with the chat template and the reply
+    is what the assistant turn adds. ``max_len``: prompt tokens are dropped from the left (BOS kept) down to
+    half of it, then the response is cut at the end."""
+    if plain is None:
+        plain = template is None and not getattr(tokenizer, "chat_template", None)
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    if plain:
+        ptext, rtext = record.plain_text(i)
+        p_ids, r_ids = tokenizer.encode(ptext), tokenizer.encode(rtext) if rtext else []
+        stop_ids = [eos] if eos is not None else []
+    else:
+        t = get_template(template, tokenizer)
+        _, stop_ids = end_of_turn(t, tokenizer)
+        prompt = apply_template(t, record.prompt, add_generation_prompt=True, tokenizer=tokenizer)
+        full = apply_template(t, [*record.prompt, {"role": "assistant", "content": record.responses[i]}],
+                              add_generation_prompt=False, tokenizer=tokenizer)
+        if not full.startswith(prompt):
+            raise LMForgeError(f"chat template {t.name}: the reply does not extend the rendered prompt, so response "
+                               "tokens cannot be told apart; choose another template")
+        p_ids = encode_text_with_specials(tokenizer, prompt)
+        r_ids = encode_text_with_specials(tokenizer, full[len(prompt) :])
+    if eos is not None and not any(x in stop_ids for x in r_ids):
+        r_ids.append(eos)  # the turn ends with EOS when the template has no end marker
+    lead = [bos] if bos is not None and getattr(tokenizer, "add_bos", True) and (not p_ids or p_ids[0] != bos) else []
+    p_ids = lead + p_ids
+    if max_len is not None and len(p_ids) + len(r_ids) > max_len:
+        keep = max(len(p_ids) - (len(p_ids) + len(r_ids) - max_len), min(len(p_ids), max_len // 2))
+        if keep < len(p_ids):
+            head = p_ids[:1] if lead else []
+            p_ids = head + p_ids[len(p_ids) - keep + len(head) :]
+        r_ids = r_ids[: max_len - len(p_ids)]
+    return {"input_ids": p_ids + r_ids, "labels": [IGNORE] * len(p_ids) + r_ids}
+
+
+def collate_groups(groups: list[list[dict[str, list[int]]]], pad_id: int = 0) -> dict:
+    """Batch the encoded responses of several prompts, each group best first, right-padded: ``input_ids`` and
+    ``attention_mask`` (N, T), ``loss_mask`` (N, T) true on response tokens, ``group_sizes``. Feed
+    ``ranked_reward_loss(model.score(input_ids, attention_mask), group_sizes)`` for a reward model, or
+    ``sequence_logprobs(logits, input_ids, loss_mask)`` (chosen = rows 0, 2, ... when every group has 2) for DPO."""
+    flat = [ex for g in groups for ex in g]
+    if not flat:
+        raise ValueError("collate_groups needs at least one example")
+    T = max(len(ex["input_ids"]) for ex in flat)
+    ids = torch.full((len(flat), T), pad_id, dtype=torch.long)
+    att = torch.zeros(len(flat), T, dtype=torch.bool)
+    loss = torch.zeros(len(flat), T, dtype=torch.bool)
+    for r, ex in enumerate(flat):
+        n = len(ex["input_ids"])
+        ids[r, :n] = torch.tensor(ex["input_ids"])
+        att[r, :n] = True
+        loss[r, :n] = torch.tensor([x != IGNORE for x in ex["labels"]])
+    return {"input_ids": ids, "attention_mask": att, "loss_mask": loss, "group_sizes": [len(g) for g in groups]}

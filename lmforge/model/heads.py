@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmforge.checkpoint import load_model, replace_dir, save_checkpoint
 from lmforge.errors import LMForgeError
 from lmforge.model.decoder import Decoder
 
@@ -102,8 +103,6 @@ def save_scalar_model(model: ScalarHeadModel, path: str | Path, tokenizer=None, 
     (``kind``: reward or value, the normalisation, ``extra``), atomically."""
     from safetensors.torch import save_file
 
-    from lmforge.checkpoint import replace_dir, save_checkpoint
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -131,8 +130,6 @@ def load_scalar_model(path: str | Path) -> ScalarHeadModel:
     """Load a directory written by ``save_scalar_model`` (eval mode)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from lmforge.checkpoint import load_model
 
     path = Path(path)
     if not is_scalar_model_dir(path):
