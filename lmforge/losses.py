@@ -175,7 +175,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     - ``sigmoid``: -(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d), d = chosen log-ratio - rejected
       log-ratio; eps = ``label_smoothing`` (conservative DPO; 0 is plain DPO, Rafailov et al. eq. 7).
     - ``ipo``: (d' - 1 / (2 beta))^2 with each log-ratio divided by its response length (``chosen_lengths``,
-      ``rejected_lengths``: counted tokens), IPO eq. 17 as TRL and the IPO authors apply it.
+      ``rejected_lengths``: the counted response tokens, ``loss_mask[:, 1:].sum(-1)`` of ``sequence_logprobs``), IPO
+      eq. 17 as TRL and the IPO authors apply it.
     - ``hinge``: max(0, 1 - beta d) (SLiC).
     Metrics: implicit rewards beta * log-ratio (chosen, rejected), their accuracy and margin; means, or sums with
     ``reduction="sum"`` (the trainer's convention, count = B)."""
