@@ -65,24 +65,26 @@ class ScalarHeadModel(nn.Module):
     def cfg(self):
         return self.decoder.cfg
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw head output at every position (B, T). With a mask, padding is hidden from attention and positions
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's final hidden states (B, T, d). With a mask, padding is hidden from attention and positions
         count only real tokens."""
         kw = {}
         if attention_mask is not None:
             kw = {"position_ids": positions_from_mask(attention_mask), "key_mask": attention_mask.bool()}
-        h = self.decoder.hidden_states(input_ids, **kw)
-        return self.head(h).squeeze(-1).float()
+        return self.decoder.hidden_states(input_ids, **kw)
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw head output at every position (B, T)."""
+        return self.head(self.hidden(input_ids, attention_mask)).squeeze(-1).float()
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               normalized: bool = True) -> torch.Tensor:
         """One score per sequence (B,), read at its last real token; ``norm_gain * raw + norm_bias`` when
         ``normalized``."""
-        v = self.values(input_ids, attention_mask)
-        if attention_mask is None:
-            raw = v[:, -1]
-        else:
-            raw = v.gather(1, last_real_index(attention_mask)[:, None]).squeeze(1)
+        h = self.hidden(input_ids, attention_mask)
+        last = h[:, -1] if attention_mask is None else h[torch.arange(h.shape[0], device=h.device),
+                                                         last_real_index(attention_mask)]
+        raw = self.head(last).squeeze(-1).float()
         return raw * self.norm_gain + self.norm_bias if normalized else raw
 
     forward = score
