@@ -99,7 +99,8 @@ def sample_rollout(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tok
                              seed=None if seed is None else seed + i) for i in range(len(prompts))]
     outs = generate_batch(model, [list(p) for p in prompts], params)
     P = max(map(len, prompts))
-    limit = min(max_new_tokens, model.cfg.block_size - P)
+    # the generator's room (virtual tokens of prefix/prompt tuning take the start of the context)
+    limit = min(max_new_tokens, model.cfg.block_size - getattr(model, "num_virtual_tokens", 0) - P)
     responses = [o + gen_stops if gen_stops and len(o) < limit else o for o in outs]
     if any(not r for r in responses):  # nothing generated (no room): a row needs one token to be scored
         raise ValueError(f"no room to generate: prompts of {P} tokens in a context of {model.cfg.block_size}")
