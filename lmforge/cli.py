@@ -23,6 +23,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("quantize", "lmforge.commands.quantize", "weight-only int8/int4 quantization of a model's linear layers"),
     ("tokenizer", "lmforge.commands.tokenizer", "train, encode and decode with tokenizers"),
     ("data", "lmforge.commands.data", "clean and prepare corpora"),
+    ("sft", "lmforge.commands.sft", "supervised fine-tuning on instruction/chat data, full or PEFT (LoRA, QLoRA, ...)"),
 ]
 
 

@@ -47,6 +47,9 @@ def load_model_and_tokenizer(model: str | None, tokenizer: str | None, device: s
     if tok_path is None:
         raise LMForgeError(f"{path}: no tokenizer found beside the model; pass --tokenizer PATH")
     tok = load_tokenizer(str(tok_path))
+    template = path / "chat_template.jinja"  # written by fine-tuning: the template the model was trained with
+    if path.is_dir() and template.is_file():
+        tok.chat_template = template.read_text(encoding="utf-8")
     if tok.vocab_size > m.cfg.vocab_size:
         raise LMForgeError(f"{tok_path}: tokenizer has {tok.vocab_size} tokens but the model only "
                            f"{m.cfg.vocab_size}")
