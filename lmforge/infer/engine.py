@@ -34,6 +34,7 @@ from torch import nn
 from lmforge.infer.generate import Sequence, Step
 from lmforge.infer.sampling import SamplingParams, TokenSampler, select
 from lmforge.model import Decoder
+from lmforge.quant import QuantLinear
 
 
 class _SlotView:
@@ -278,8 +279,6 @@ class SlotRunner:
 def _linear_fn(mod: nn.Module):
     """``mod`` as a function, skipping Module.__call__ on the hot path where that changes nothing (plain and
     quantized linear layers without hooks); other wrappers (LoRA...) are called as modules."""
-    from lmforge.infer.quant import QuantLinear
-
     if type(mod) is nn.Linear:
         w, b = mod.weight, mod.bias
         return lambda x: F.linear(x, w, b)
