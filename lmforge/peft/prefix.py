@@ -22,6 +22,7 @@ from lmforge.errors import LMForgeError
 from lmforge.model.cache import KVCache
 from lmforge.peft.prompt import check_free, check_peft_config, peft_config, positive, resolve
 
+PEFT_TYPE = "PREFIX_TUNING"  # adapter_config.json's peft_type
 DEFAULTS: dict[str, Any] = {
     "num_virtual_tokens": 20,
     "prefix_projection": False,  # reparameterise by an MLP during training
@@ -118,7 +119,7 @@ def to_peft(model: nn.Module, resolved: dict[str, Any]) -> tuple[dict[str, Any],
         flat = kp.flat().detach().float().cpu().contiguous()
     hidden = resolved.get("encoder_hidden_size") or cfg.n_embd
     fields = {"prefix_projection": bool(resolved.get("prefix_projection", False)), "encoder_hidden_size": hidden}
-    config = peft_config(model, "PREFIX_TUNING", kp.n_tokens, **fields)
+    config = peft_config(model, PEFT_TYPE, kp.n_tokens, **fields)
     if cfg.kv_heads != cfg.n_head:  # grouped-query: PEFT provisions the prefix for the key/value heads
         config.update(num_attention_heads=cfg.kv_heads, token_dim=cfg.kv_heads * cfg.head_size)
     elif cfg.head_size * cfg.n_head != cfg.n_embd:
@@ -136,7 +137,7 @@ def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch
                            f"model has {cfg.kv_heads} key/value heads x {cfg.head_size}")
     if int(config.get("num_layers") or cfg.n_layer) != cfg.n_layer:
         raise LMForgeError(f"adapter_config.json: num_layers {config.get('num_layers')}, the model has {cfg.n_layer}")
-    flat = check_peft_config(model, config, "PREFIX_TUNING", tensors, cfg.n_layer * 2 * token_dim)
+    flat = check_peft_config(model, config, PEFT_TYPE, tensors, cfg.n_layer * 2 * token_dim)
     check_free(model)
     prefix = KVPrefix(cfg.n_layer, cfg.kv_heads, cfg.head_size, flat.shape[0], flat)
     model.kv_prefix = prefix.to(model.wte.weight.device)

@@ -17,6 +17,7 @@ from torch import nn
 
 from lmforge.errors import LMForgeError
 
+PEFT_TYPE = "PROMPT_TUNING"  # adapter_config.json's peft_type
 DEFAULTS: dict[str, Any] = {
     "num_virtual_tokens": 20,
     "prompt_tuning_init": "SAMPLE_VOCAB",  # TEXT | SAMPLE_VOCAB | RANDOM (PEFT's names)
@@ -182,13 +183,13 @@ def to_peft(model: nn.Module, resolved: dict[str, Any]) -> tuple[dict[str, Any],
     fields = {"prompt_tuning_init": init, "prompt_tuning_init_text": text if init == "TEXT" else None,
               "tokenizer_name_or_path": tok if init == "TEXT" else None}
     sp = model.soft_prompt
-    config = peft_config(model, "PROMPT_TUNING", sp.n_tokens, **fields)
+    config = peft_config(model, PEFT_TYPE, sp.n_tokens, **fields)
     return config, {"prompt_embeddings": sp.embeddings().detach().float().cpu().contiguous()}
 
 
 def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Apply a PEFT prompt-tuning adapter (config + tensors) to ``model``; the resolved options."""
-    emb = check_peft_config(model, config, "PROMPT_TUNING", tensors, model.cfg.n_embd)
+    emb = check_peft_config(model, config, PEFT_TYPE, tensors, model.cfg.n_embd)
     check_free(model)
     model.soft_prompt = SoftPrompt(emb).to(model.wte.weight.device)
     init = str(config.get("prompt_tuning_init") or "RANDOM").upper()

@@ -17,6 +17,7 @@ from torch import nn
 from lmforge.errors import LMForgeError
 from lmforge.peft.prompt import SoftPrompt, check_free, check_peft_config, peft_config, positive, resolve
 
+PEFT_TYPE = "P_TUNING"  # adapter_config.json's peft_type
 DEFAULTS: dict[str, Any] = {
     "num_virtual_tokens": 20,
     "encoder_reparameterization_type": "MLP",  # MLP | LSTM
@@ -84,12 +85,12 @@ def to_peft(model: nn.Module, resolved: dict[str, Any]) -> tuple[dict[str, Any],
     fields = {k: resolved.get(k, DEFAULTS[k]) for k in DEFAULTS if k != "num_virtual_tokens"}
     if fields["encoder_hidden_size"] is None:
         fields["encoder_hidden_size"] = model.cfg.n_embd
-    return peft_config(model, "P_TUNING", sp.n_tokens, **fields), {"prompt_embeddings": emb}
+    return peft_config(model, PEFT_TYPE, sp.n_tokens, **fields), {"prompt_embeddings": emb}
 
 
 def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Apply a PEFT P-tuning adapter: its saved virtual tokens become a fixed soft prompt."""
-    emb = check_peft_config(model, config, "P_TUNING", tensors, model.cfg.n_embd)
+    emb = check_peft_config(model, config, PEFT_TYPE, tensors, model.cfg.n_embd)
     check_free(model)
     model.soft_prompt = SoftPrompt(emb).to(model.wte.weight.device)
     resolved = {k: config.get(k, v) for k, v in DEFAULTS.items()}
