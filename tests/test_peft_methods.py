@@ -332,6 +332,7 @@ def test_engine_matches_full_forward(method):
     assert fast_path_supported(model) == (not method.startswith("adapter"))
     prompts = [[3, 14, 15], [9, 2, 6, 5, 3, 5], [8]]
     eng = Engine(model, max_batch=2, max_len=40)
+    assert eng.max_len == 40 - model.num_virtual_tokens  # the context requests (and the server) get
     try:
         reqs = [eng.submit(p, SamplingParams(temperature=0, max_new_tokens=8)) for p in prompts]
         got = [[s.token for s in r.result() if s.token >= 0] for r in reqs]
@@ -365,3 +366,26 @@ def test_to_peft_from_peft_round_trip(method):
         assert config["peft_type"] == "LMFORGE_ADAPTER" and "blocks.0.adapter_attn.down.weight" in tensors
     else:
         assert list(tensors) == ["prompt_embeddings"]
+
+
+def test_methods_on_a_quantized_base(tmp_path):
+    """int8 base (int8 embedding table without ``weight``, QuantLinear layers), made by the quantize command: each
+    method applies, trains only its own weights and generates as the full forward does."""
+    import subprocess
+    import sys
+
+    from lmforge.checkpoint import load_model
+
+    out = tmp_path / "q8"
+    subprocess.run([sys.executable, "-m", "lmforge", "quantize", "--bits", "8", "--output", str(out)], check=True,
+                   capture_output=True)
+    for method in ("adapter-parallel", "prefix", "prompt", "ptuning-lstm"):
+        model = load_model(out).eval()
+        mod, opts = METHODS[method]
+        torch.manual_seed(1)
+        mod.apply(model, opts)
+        perturb(model)
+        set_trainable_params(model)
+        assert all(p.dtype == torch.float32 for p in get_adapter_params(model).values())
+        p = [1, 400, 30, 7]
+        assert generate(model, p, SamplingParams(temperature=0, max_new_tokens=6)) == greedy_full(model, p, 6)

@@ -480,7 +480,8 @@ class Engine:
         model.eval()
         self.model, self.tokenizer = model, tokenizer
         self.runner = SlotRunner(model, max_batch, max_len)
-        self.max_len = self.runner.max_len
+        # the context requests get: prefix/prompt tuning's virtual tokens take the start of every slot
+        self.max_len = self.runner.max_len - self.runner.nv
         self._waiting: collections.deque[Request] = collections.deque()
         self._slots: list[Request | None] = [None] * max_batch
         self._last: list[int | None] = [None] * max_batch
@@ -501,14 +502,13 @@ class Engine:
         params.check()
         if not prompt_ids:
             raise ValueError("the prompt must hold at least one token")
-        room = self.max_len - self.runner.nv  # prefix/prompt tuning's virtual tokens take the start of the context
-        if len(prompt_ids) >= room:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context of {room}")
+        if len(prompt_ids) >= self.max_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context of {self.max_len}")
         vocab = self.model.cfg.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary of {vocab}")
-        seq = Sequence(prompt_ids, params, self.tokenizer, self.max_len - self.runner.nv, vocab)
+        seq = Sequence(prompt_ids, params, self.tokenizer, self.max_len, vocab)
         req = Request(seq, sink, tag)
         with self._cv:
             if self._closed:

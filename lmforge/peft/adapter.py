@@ -20,7 +20,7 @@ from torch import nn
 
 from lmforge.errors import LMForgeError
 from lmforge.model.mlp import ACTIVATIONS
-from lmforge.peft.prompt import positive, resolve
+from lmforge.peft.prompt import model_device, positive, resolve
 
 PEFT_TYPE = "LMFORGE_ADAPTER"
 DEFAULTS: dict[str, Any] = {
@@ -82,7 +82,7 @@ def apply(model: nn.Module, options: dict[str, Any] | None = None) -> dict[str, 
                     init_std=float(resolved["init_std"]))
     if any(b.adapter_attn is not None or b.adapter_mlp is not None for b in model.blocks):
         raise LMForgeError("the model already has bottleneck adapters")
-    device = model.wte.weight.device
+    device = model_device(model)
     for block in model.blocks:
         for t in targets:
             mod = Bottleneck(model.cfg.n_embd, size, kind == "parallel", resolved["activation"], resolved["scaling"],

@@ -20,7 +20,15 @@ from torch import nn
 
 from lmforge.errors import LMForgeError
 from lmforge.model.cache import KVCache
-from lmforge.peft.prompt import check_free, check_peft_config, peft_config, positive, resolve
+from lmforge.peft.prompt import (
+    check_free,
+    check_peft_config,
+    model_device,
+    model_dtype,
+    peft_config,
+    positive,
+    resolve,
+)
 
 PEFT_TYPE = "PREFIX_TUNING"  # adapter_config.json's peft_type
 DEFAULTS: dict[str, Any] = {
@@ -78,9 +86,9 @@ class KVPrefix(nn.Module):
 def vocab_prefix(model: nn.Module, n: int) -> torch.Tensor:
     """The flat prefix of the keys/values the model computes for n random vocabulary tokens."""
     cfg = model.cfg
-    p = model.wte.weight
-    ids = torch.randint(0, cfg.vocab_size, (1, n), device=p.device)
-    cache = KVCache(cfg, 1, n, device=p.device, dtype=p.dtype)
+    device = model_device(model)
+    ids = torch.randint(0, cfg.vocab_size, (1, n), device=device)
+    cache = KVCache(cfg, 1, n, device=device, dtype=model_dtype(model))
     was_training = model.training
     model.eval()
     try:
@@ -108,7 +116,7 @@ def apply(model: nn.Module, options: dict[str, Any] | None = None) -> dict[str, 
         hidden = positive(resolved, "encoder_hidden_size")
     flat = vocab_prefix(model, n) if resolved["init"] == "vocab" and hidden is None else None
     prefix = KVPrefix(cfg.n_layer, cfg.kv_heads, cfg.head_size, n, flat, hidden)
-    model.kv_prefix = prefix.to(model.wte.weight.device)
+    model.kv_prefix = prefix.to(model_device(model))
     return resolved
 
 
@@ -140,6 +148,6 @@ def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch
     flat = check_peft_config(model, config, PEFT_TYPE, tensors, cfg.n_layer * 2 * token_dim)
     check_free(model)
     prefix = KVPrefix(cfg.n_layer, cfg.kv_heads, cfg.head_size, flat.shape[0], flat)
-    model.kv_prefix = prefix.to(model.wte.weight.device)
+    model.kv_prefix = prefix.to(model_device(model))
     return {"num_virtual_tokens": flat.shape[0], "prefix_projection": bool(config.get("prefix_projection", False)),
             "encoder_hidden_size": config.get("encoder_hidden_size"), "init": "vocab"}

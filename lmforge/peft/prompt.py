@@ -87,6 +87,21 @@ def check_free(model: nn.Module) -> None:
         raise LMForgeError("the model already has prefix/prompt tuning applied (one virtual-token method at a time)")
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model computes (its first floating parameter or buffer: quantized layers hold integer buffers)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 def positive(resolved: dict[str, Any], key: str) -> int:
     n = resolved[key]
     if not isinstance(n, int) or n <= 0:
@@ -135,11 +150,16 @@ def check_peft_config(model: nn.Module, config: dict[str, Any], peft_type: str, 
 def init_embeddings(model: nn.Module, n: int, init: str, text: str | None, tokenizer) -> torch.Tensor:
     """(n, n_embd) initial soft tokens: rows of the word embeddings of ``text`` (repeated or cut to n, as PEFT does),
     of random vocabulary ids, or N(0, 1) (``nn.Embedding``'s init, PEFT's RANDOM)."""
-    W = model.wte.weight.detach().float()
+    cfg, device = model.cfg, model_device(model)
+
+    def rows(ids: torch.Tensor) -> torch.Tensor:  # through the module: a quantized table has no ``weight``
+        with torch.no_grad():
+            return model.wte(ids.to(device)).float().clone()
+
     if init == "RANDOM":
-        return torch.randn(n, W.shape[1], device=W.device)
+        return torch.randn(n, cfg.n_embd, device=device)
     if init == "SAMPLE_VOCAB":
-        return W[torch.randint(0, W.shape[0], (n,), device=W.device)].clone()
+        return rows(torch.randint(0, cfg.vocab_size, (n,)))
     if not text:
         raise LMForgeError("peft.prompt_tuning_init TEXT needs peft.prompt_tuning_init_text")
     if tokenizer is None:
@@ -148,7 +168,7 @@ def init_embeddings(model: nn.Module, n: int, init: str, text: str | None, token
     if not ids:
         raise LMForgeError("peft.prompt_tuning_init_text tokenizes to no tokens")
     ids = (ids * math.ceil(n / len(ids)))[:n]
-    return W[torch.tensor(ids, device=W.device)].clone()
+    return rows(torch.tensor(ids))
 
 
 def _tokenizer(resolved: dict[str, Any], tokenizer):
@@ -170,7 +190,7 @@ def apply(model: nn.Module, options: dict[str, Any] | None = None, tokenizer=Non
     resolved["prompt_tuning_init"] = init
     check_free(model)
     emb = init_embeddings(model, n, init, resolved["prompt_tuning_init_text"], _tokenizer(resolved, tokenizer))
-    model.soft_prompt = SoftPrompt(emb).to(model.wte.weight.device)
+    model.soft_prompt = SoftPrompt(emb).to(model_device(model))
     return resolved
 
 
@@ -191,7 +211,7 @@ def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch
     """Apply a PEFT prompt-tuning adapter (config + tensors) to ``model``; the resolved options."""
     emb = check_peft_config(model, config, PEFT_TYPE, tensors, model.cfg.n_embd)
     check_free(model)
-    model.soft_prompt = SoftPrompt(emb).to(model.wte.weight.device)
+    model.soft_prompt = SoftPrompt(emb).to(model_device(model))
     init = str(config.get("prompt_tuning_init") or "RANDOM").upper()
     return {"num_virtual_tokens": emb.shape[0], "prompt_tuning_init": init if init in INITS else "RANDOM",
             "prompt_tuning_init_text": config.get("prompt_tuning_init_text"),

@@ -15,7 +15,15 @@ import torch
 from torch import nn
 
 from lmforge.errors import LMForgeError
-from lmforge.peft.prompt import SoftPrompt, check_free, check_peft_config, peft_config, positive, resolve
+from lmforge.peft.prompt import (
+    SoftPrompt,
+    check_free,
+    check_peft_config,
+    model_device,
+    peft_config,
+    positive,
+    resolve,
+)
 
 PEFT_TYPE = "P_TUNING"  # adapter_config.json's peft_type
 DEFAULTS: dict[str, Any] = {
@@ -73,7 +81,7 @@ def apply(model: nn.Module, options: dict[str, Any] | None = None) -> dict[str, 
     check_free(model)
     enc = PromptEncoder(n, model.cfg.n_embd, kind, hidden, int(resolved["encoder_num_layers"]),
                         float(resolved["encoder_dropout"]))
-    model.soft_prompt = enc.to(model.wte.weight.device)
+    model.soft_prompt = enc.to(model_device(model))
     return resolved
 
 
@@ -92,7 +100,7 @@ def from_peft(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch
     """Apply a PEFT P-tuning adapter: its saved virtual tokens become a fixed soft prompt."""
     emb = check_peft_config(model, config, PEFT_TYPE, tensors, model.cfg.n_embd)
     check_free(model)
-    model.soft_prompt = SoftPrompt(emb).to(model.wte.weight.device)
+    model.soft_prompt = SoftPrompt(emb).to(model_device(model))
     resolved = {k: config.get(k, v) for k, v in DEFAULTS.items()}
     resolved["num_virtual_tokens"] = emb.shape[0]
     return resolved
