@@ -48,7 +48,7 @@ def run(args) -> None:
         raise LMForgeError(str(e)) from None
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
-    ctx = model.cfg.block_size
+    ctx = model.cfg.block_size - model.num_virtual_tokens  # prefix/prompt tuning take the first positions
     tty = sys.stdin.isatty()
     print(f"chatting with {args.model or 'stories260K'} (template {template.name}); {HELP}", file=sys.stderr)
     out = sys.stdout
