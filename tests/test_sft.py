@@ -137,3 +137,27 @@ def test_sft_command_errors_are_one_line(tmp_path):
     assert "bad.json:1: field 'output' is missing" in r.stderr and "Traceback" not in r.stderr
     r = run("sft", "--data", str(bad), "--peft.r", "4")
     assert r.returncode != 0 and "without a method" in r.stderr
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_sft_with_peft_saves_adapter_only_and_loads_as_model(tmp_path, method):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Name {i}", "output": f"Tom{i} the cat."}) + "\n"
+                            for i in range(16)))
+    out = tmp_path / "run"
+    r = run("sft", "--data", str(data), "--out", str(out), "--max-iters", "3", "--peft", method,
+            "--train.batch_size", "4")
+    assert r.returncode == 0, r.stderr
+    assert f"peft {method}" in r.stderr
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "chat_template.jinja"} <= files
+    assert "model.safetensors" not in files and "config.json" not in files
+    ck = sorted(out.glob("ckpt-*"))[-1]
+    assert "train_weights.safetensors" in {p.name for p in ck.iterdir()}
+    a = run("generate", "--model", str(out), "--prompt", "Once", "--max-new-tokens", "6", "--temperature", "0")
+    b = run("generate", "--adapter", str(out), "--prompt", "Once", "--max-new-tokens", "6", "--temperature", "0")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout
+    again = run("sft", "--data", str(data), "--out", str(out), "--max-iters", "4", "--peft", method,
+                "--train.batch_size", "4", "--resume")
+    assert again.returncode == 0 and "resumed from" in again.stderr, again.stderr

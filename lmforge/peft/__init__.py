@@ -25,13 +25,17 @@ from torch import nn
 
 from lmforge.errors import LMForgeError
 from lmforge.model.weights import replace_dir
-from lmforge.peft import lora, qlora
+from lmforge.peft import adapter, lora, prefix, prompt, ptuning, qlora
 from lmforge.peft.base import adapter_state_dict, get_adapter_params, set_trainable_params
 from lmforge.peft.lora import merge_adapter, unmerge_adapter
 
 METHODS: dict[str, ModuleType] = {
     "lora": lora,
     "qlora": qlora,
+    "adapter": adapter,
+    "prefix": prefix,
+    "prompt": prompt,
+    "ptuning": ptuning,
 }
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -39,7 +43,7 @@ LMFORGE_TYPE = "LMFORGE"
 FORMATS = ("peft", "lmforge")
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "METHODS", "apply_peft", "is_adapter_dir", "load_adapter",
-           "merge_adapter", "read_adapter", "save_adapter", "unmerge_adapter"]
+           "merge_adapter", "read_adapter", "read_adapter_base", "save_adapter", "unmerge_adapter"]
 
 
 def get_method(method: str) -> ModuleType:
@@ -48,13 +52,18 @@ def get_method(method: str) -> ModuleType:
     return METHODS[method]
 
 
-def apply_peft(model: nn.Module, method: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Insert ``method`` into ``model`` (in place), freeze everything else; returns the fully resolved options."""
+def apply_peft(model: nn.Module, method: str, options: dict[str, Any] | None = None,
+               tokenizer=None) -> dict[str, Any]:
+    """Insert ``method`` into ``model`` (in place), freeze everything else; returns the fully resolved options.
+    ``tokenizer`` serves methods initialised from text (prompt tuning's ``prompt_tuning_init_text``)."""
     mod = get_method(method)
     for key in options or {}:
         if key not in mod.DEFAULTS:
             raise LMForgeError(f"peft.{key}: not an option of {method} (options: {', '.join(sorted(mod.DEFAULTS))})")
-    resolved = mod.apply(model, dict(options or {}))
+    if method == "prompt":
+        resolved = mod.apply(model, dict(options or {}), tokenizer=tokenizer)
+    else:
+        resolved = mod.apply(model, dict(options or {}))
     set_trainable_params(model)
     return resolved
 
@@ -129,6 +138,14 @@ def read_adapter(path: str | Path) -> tuple[str, dict[str, Any], dict[str, torch
     if "lmforge_options" in meta and "lmforge_options" not in config:
         config["lmforge_options"] = json.loads(meta["lmforge_options"])
     return method, config, tensors
+
+
+def read_adapter_base(path: str | Path) -> str | None:
+    """The base model an adapter directory names (``base_model_name_or_path``), if any."""
+    try:
+        return json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise LMForgeError(f"{Path(path) / ADAPTER_CONFIG}: cannot read: {e}") from None
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:

@@ -17,13 +17,13 @@ import torch
 from lmforge.checkpoint import save_checkpoint
 from lmforge.errors import LMForgeError
 from lmforge.losses import token_loss_sum
+from lmforge.peft import apply_peft, get_method, save_adapter
 from lmforge.train import distributed as D
 from lmforge.train.batches import ExampleBatches
 from lmforge.train.config import TrainConfig, _fill
 from lmforge.train.loop import Trainer
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-BASE_FILE = "base_model.json"  # where a PEFT run's base model came from
 
 
 @dataclass
@@ -61,9 +61,7 @@ def suggested_lr(method: str | None, n_params: int) -> float:
     models, scaled up for small ones (small models tolerate and need larger steps)."""
     base = 1e-5 if method is None else 1e-4
     if method is not None:
-        from lmforge.peft import METHODS
-
-        base = getattr(METHODS[method], "SUGGESTED_LR", base)
+        base = getattr(get_method(method), "SUGGESTED_LR", base)
     scale = min(30.0, max(1.0, (1e9 / max(n_params, 1)) ** 0.5))
     return base * scale
 
@@ -135,9 +133,7 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
 
     resolved_peft: dict[str, Any] = {}
     if method is not None:
-        from lmforge.peft import apply_peft
-
-        resolved_peft = apply_peft(model, method, {k: v for k, v in cfg.peft.items() if k != "method"})
+        resolved_peft = apply_peft(model, method, {k: v for k, v in cfg.peft.items() if k != "method"}, tok)
     n_params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -173,14 +169,13 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
     base_ref = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
 
     def export(m, d: Path) -> None:
-        (d / CHAT_TEMPLATE_FILE).write_text(template.source)
-        if method is not None:
-            from lmforge.peft import save_adapter
-
-            save_adapter(m, d, base_ref, resolved_peft)
+        if method is not None:  # adapter files (written whole into a folder of their own) and the tokenizer
+            save_adapter(m, d / ".adapter", base_ref, resolved_peft, method)
+            for f in (d / ".adapter").iterdir():
+                f.replace(d / f.name)
+            (d / ".adapter").rmdir()
             tok.save(str(d))
-            (d / BASE_FILE).write_text(json.dumps({"base_model": base_ref, "tokenizer": cfg.tokenizer or None}) +
-                                       "\n")
+        (d / CHAT_TEMPLATE_FILE).write_text(template.source)
 
     run_config = {**cfg.to_dict(), "resolved_peft": resolved_peft, "data_report": report}
     trainer = Trainer(model, t, train, sft_loss, out, val_data=val, tokenizer=tok, run_config=run_config,
