@@ -62,8 +62,8 @@ def child(kind: str, path: str, prompt: list[int], n_tokens: int, compute: str |
     else:
         from lmforge.checkpoint import load_model
         from lmforge.infer.generate import stream
-        from lmforge.infer.quant import set_compute
         from lmforge.infer.sampling import SamplingParams
+        from lmforge.quant import set_compute
 
         base = rss_mb()
         model = load_model(path)
@@ -133,8 +133,8 @@ def smollm2_path() -> Path | None:
 
 def bench_model(name: str, n_tokens: int, rounds: int, tmp: Path) -> None:
     from lmforge.checkpoint import load_model, save_checkpoint
-    from lmforge.infer.quant import QuantConfig, quantize_model, save_quantized, self_calibration, set_compute
     from lmforge.interop.hf import write_hf_dir
+    from lmforge.quant import QuantConfig, quantize_model, save_quantized, self_calibration, set_compute
 
     model, tok, seqs, prompt = load_source(name)
     cfg = model.cfg

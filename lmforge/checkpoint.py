@@ -6,27 +6,26 @@ Nothing here unpickles: weights are safetensors, or ``torch.load(weights_only=Tr
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
+from lmforge.interop.gguf import load_gguf_model
+from lmforge.interop.hf import read_hf_dir
+from lmforge.interop.llama2c import read_llama2c
 from lmforge.model import Decoder
+from lmforge.model.weights import CONFIG, WEIGHTS, build_model, model_state_dict, reinit_buffers, replace_dir
+from lmforge.quant.config import QUANT_FILE
+from lmforge.quant.io import load_quantized
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
-
-
-def model_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
-    """Parameters to save: tied output weights and non-persistent buffers are left out."""
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    return sd
+# re-exported: the primitives live in lmforge.model.weights (every reader and writer shares them)
+__all__ = ["CONFIG", "WEIGHTS", "build_model", "is_lmforge_dir", "load_checkpoint", "load_model", "model_state_dict",
+           "reinit_buffers", "replace_dir", "save_checkpoint"]
 
 
 def is_lmforge_dir(path: Path) -> bool:
@@ -41,8 +40,6 @@ def is_lmforge_dir(path: Path) -> bool:
 
 def save_checkpoint(model: Decoder, path: str | Path, tokenizer=None) -> Path:
     """Write an lmforge checkpoint directory atomically (a temp dir beside it, then a rename)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -57,61 +54,7 @@ def save_checkpoint(model: Decoder, path: str | Path, tokenizer=None) -> Path:
     return path
 
 
-def replace_dir(tmp: Path, path: Path) -> None:
-    """Move a fully written directory ``tmp`` to ``path``, replacing what was there with renames only."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)  # put the previous version back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
-def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> Decoder:
-    """A Decoder with ``sd`` loaded, checking names and shapes with one-line errors."""
-    with torch.device("meta"):
-        model = Decoder(cfg)
-    expected = model_state_dict(model)
-    for k, v in expected.items():
-        if k not in sd:
-            raise LMForgeError(f"{source}: tensor {k!r} is missing from the weights")
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise LMForgeError(f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)} but the config needs "
-                               f"{tuple(v.shape)}; does the config match the weights?")
-    extra = sorted(set(sd) - set(expected))
-    if extra:
-        raise LMForgeError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unused)")
-    # assign: the loaded tensors become the parameters (no second copy of the weights in memory)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=False,
-                          assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    _reinit_buffers(model)
-    return model.eval()
-
-
-def _reinit_buffers(model: Decoder) -> None:
-    """Non-persistent buffers (rotary tables, ALiBi slopes) are not in the weights: recompute them."""
-    from lmforge.model.positions import Rotary, alibi_slopes
-
-    cfg = model.cfg
-    if hasattr(model, "rotary"):
-        r = Rotary(cfg.rotary_dim, cfg.block_size, cfg.rope_theta, cfg.rope_interleaved)
-        model.rotary.cos, model.rotary.sin = r.cos, r.sin
-    if hasattr(model, "alibi"):
-        model.alibi = alibi_slopes(cfg.n_head)
-
-
 def load_checkpoint(path: str | Path) -> Decoder:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg = ModelConfig.load(path / CONFIG)
     try:
@@ -127,25 +70,17 @@ def load_model(path: str | Path) -> Decoder:
     if not path.exists():
         raise LMForgeError(f"{path}: no such file or directory")
     if path.is_dir():
-        if (path / "quantization.json").is_file():  # lmforge quantize output
-            from lmforge.infer.quant import load_quantized
-
+        if (path / QUANT_FILE).is_file():  # lmforge quantize output
             return load_quantized(path)
         if is_lmforge_dir(path):
             return load_checkpoint(path)
         if (path / CONFIG).is_file():
-            from lmforge.interop.hf import read_hf_dir
-
             cfg, sd = read_hf_dir(path)
             return build_model(cfg, sd, str(path))
         raise LMForgeError(f"{path}: not a checkpoint directory (no config.json)")
     if path.suffix == ".bin":
-        from lmforge.interop.llama2c import read_llama2c
-
         cfg, sd = read_llama2c(path)
         return build_model(cfg, sd, str(path))
     if path.suffix == ".gguf":
-        from lmforge.interop.gguf import load_gguf_model
-
         return load_gguf_model(path)
     raise LMForgeError(f"{path}: unknown model format (expected a checkpoint directory, a llama2.c .bin or a .gguf)")

@@ -21,8 +21,10 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("convert", "lmforge.commands.convert", "convert checkpoints between lmforge, Hugging Face and llama2.c"),
     ("pretrain", "lmforge.commands.pretrain", "pretrain a model from a YAML config or a named recipe"),
     ("quantize", "lmforge.commands.quantize", "weight-only int8/int4 quantization of a model's linear layers"),
+    ("peft", "lmforge.commands.peft", "merge and export PEFT adapters (LoRA, QLoRA, ...)"),
     ("tokenizer", "lmforge.commands.tokenizer", "train, encode and decode with tokenizers"),
     ("data", "lmforge.commands.data", "clean and prepare corpora"),
+    ("sft", "lmforge.commands.sft", "supervised fine-tuning on instruction/chat data, full or PEFT (LoRA, QLoRA, ...)"),
 ]
 
 

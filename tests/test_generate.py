@@ -223,7 +223,7 @@ def test_slot_runner_decode_matches_full_forward(name):
 
 
 def test_quantized_model_decodes_through_the_lean_step(prompts):
-    from lmforge.infer.quant import QuantConfig, quantize_model
+    from lmforge.quant import QuantConfig, quantize_model
 
     model, tok = load_model_and_tokenizer(None, None, "cpu")
     quantize_model(model.eval(), QuantConfig(bits=8))

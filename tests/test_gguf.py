@@ -284,8 +284,8 @@ def test_quantized_smollm2_answers_paris_with_its_own_template(smollm2):
 
     from lmforge.infer.chat import encode_chat, get_template
     from lmforge.infer.generate import generate
-    from lmforge.infer.quant import QuantConfig, QuantEmbedding, quantize_model
     from lmforge.infer.sampling import SamplingParams
+    from lmforge.quant import QuantConfig, QuantEmbedding, quantize_model
 
     model, tok = smollm2
     q = quantize_model(copy.deepcopy(model), QuantConfig(4, 32, symmetric=False))
@@ -298,7 +298,7 @@ def test_quantized_smollm2_answers_paris_with_its_own_template(smollm2):
 def test_quantize_command_keeps_smollm2_q4_1_weights_exactly(smollm2, smollm2_path, tmp_path, capsys):
     """`lmforge quantize --bits 4` on a GGUF whose block weights are all Q4_1 stores them exactly (asymmetric round
     to nearest, no GPTQ: 8 s instead of 18 min, +0.15 % perplexity instead of +5.3 %)."""
-    from lmforge.infer.quant import QuantLinear
+    from lmforge.quant import QuantLinear
 
     meta = _quantize_cli(["--model", str(smollm2_path), "--bits", "4", "--output", str(tmp_path / "q"),
                           "--calib-samples", "2", "--calib-len", "16"])  # fails fast if it ever runs GPTQ here

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lmforge.assets import STORIES260K, STORIES260K_TOKENIZER
 from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.errors import LMForgeError
-from lmforge.infer.quant import (
+from lmforge.quant import (
     DECODE_ROWS,
     QuantConfig,
     QuantEmbedding,

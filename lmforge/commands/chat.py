@@ -35,7 +35,7 @@ def run(args) -> None:
 
     if args.max_new_tokens < 1:
         raise LMForgeError("--max-new-tokens must be >= 1")
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device)
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
     model.eval()
     template = get_template(_read_template(args.template), tok)
     stops, stop_ids = end_of_turn(template, tok)
@@ -48,7 +48,7 @@ def run(args) -> None:
         raise LMForgeError(str(e)) from None
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
-    ctx = model.cfg.block_size
+    ctx = model.cfg.block_size - model.num_virtual_tokens  # prefix/prompt tuning take the first positions
     tty = sys.stdin.isatty()
     print(f"chatting with {args.model or 'stories260K'} (template {template.name}); {HELP}", file=sys.stderr)
     out = sys.stdout

@@ -14,6 +14,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="lmforge checkpoint dir (also `lmforge quantize` output), Hugging Face dir, "
                                    "llama2.c .bin or GGUF file (default: the bundled stories260K)")
     p.add_argument("--tokenizer", help="tokenizer path (default: found with the model)")
+    p.add_argument("--adapter", help="a PEFT adapter directory (lmforge sft --peft output, or PEFT's "
+                                     "adapter_config.json + adapter_model.safetensors) applied to --model")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
 
 
@@ -36,18 +38,47 @@ def find_tokenizer_path(model_path: Path, vocab_size: int) -> Path | None:
     return None
 
 
-def load_model_and_tokenizer(model: str | None, tokenizer: str | None, device: str = "auto"):
+def load_model_and_tokenizer(model: str | None, tokenizer: str | None, device: str = "auto",
+                             adapter: str | None = None):
+    """(model, tokenizer) for any ``--model`` path; an adapter directory as ``--model`` loads its base (recorded in
+    its adapter_config.json) with the adapter applied, as does ``adapter``."""
     from lmforge.assets import STORIES260K
     from lmforge.checkpoint import load_model
+    from lmforge.peft import is_adapter_dir, load_adapter, read_adapter_base
     from lmforge.tokenizer import load_tokenizer
 
     path = Path(model) if model else STORIES260K
+    if path.is_dir() and is_adapter_dir(path) and not (path / "config.json").is_file():
+        base = read_adapter_base(path)
+        if not base:
+            raise LMForgeError(f"{path}: adapter without a base model path; pass the base as --model and this "
+                               "directory as --adapter")
+        own_tok = tokenizer or (str(path) if find_tokenizer_files(path) else None)
+        m, tok = load_model_and_tokenizer(base, own_tok, device, adapter=str(path))
+        _read_template(path, tok)
+        return m, tok
     m = load_model(path)
     tok_path = Path(tokenizer) if tokenizer else find_tokenizer_path(path, m.cfg.vocab_size)
     if tok_path is None:
         raise LMForgeError(f"{path}: no tokenizer found beside the model; pass --tokenizer PATH")
     tok = load_tokenizer(str(tok_path))
+    _read_template(path, tok)
     if tok.vocab_size > m.cfg.vocab_size:
         raise LMForgeError(f"{tok_path}: tokenizer has {tok.vocab_size} tokens but the model only "
                            f"{m.cfg.vocab_size}")
+    if adapter:
+        load_adapter(m, adapter)
+        _read_template(Path(adapter), tok)
+        m.requires_grad_(False)
     return m.to(pick_device(device)), tok
+
+
+def find_tokenizer_files(path: Path) -> bool:
+    return any((path / n).is_file() for n in ("tokenizer_config.json", "tokenizer.bin", "tokenizer.model"))
+
+
+def _read_template(path: Path, tok) -> None:
+    """The chat template a fine-tuned model (or adapter) was trained with, saved beside it."""
+    template = path / "chat_template.jinja"
+    if path.is_dir() and template.is_file():
+        tok.chat_template = template.read_text(encoding="utf-8")

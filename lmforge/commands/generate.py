@@ -32,7 +32,7 @@ def run(args) -> None:
         raise LMForgeError("--max-new-tokens must be >= 0")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise LMForgeError("--temperature must be >= 0 and --top-p in (0, 1]")
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device)
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
     bos = [tok.bos_id] if tok.bos_id is not None else []
     prompt = bos + tok.encode(args.prompt)
     if not prompt:

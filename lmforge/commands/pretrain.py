@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -62,4 +63,5 @@ def run(args) -> None:
     result = run_pretrain(cfg, resume=args.resume)
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
                         if k in ("step", "train_loss", "val_loss", "best_val", "tokens_per_s", "mfu") and v is not None)
-    print(f"done: {summary}; run directory {cfg.out}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
+        print(f"done: {summary}; run directory {cfg.out}", file=sys.stderr)

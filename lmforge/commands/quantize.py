@@ -84,7 +84,7 @@ def _calibration_ids(args, tok, model):
 def run(args) -> None:
     from lmforge.assets import STORIES260K
     from lmforge.checkpoint import load_model
-    from lmforge.infer.quant import (
+    from lmforge.quant import (
         QuantConfig,
         QuantLinear,
         head_is_tied,

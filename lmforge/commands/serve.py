@@ -39,7 +39,7 @@ def run(args) -> None:
     if not 0 <= args.port < 65536:
         raise LMForgeError(f"--port {args.port}: must be in [0, 65535]")
     template = _read_template(args.template)
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device)
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
     mid, aliases = model_id_for(args.model)
     if args.model_id:
         mid, aliases = args.model_id, (mid, *aliases)

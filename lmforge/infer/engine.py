@@ -34,6 +34,7 @@ from torch import nn
 from lmforge.infer.generate import Sequence, Step
 from lmforge.infer.sampling import SamplingParams, TokenSampler, select
 from lmforge.model import Decoder
+from lmforge.quant import QuantLinear
 
 
 class _SlotView:
@@ -87,8 +88,10 @@ class _RowsView:
 
 
 def fast_path_supported(model: Decoder) -> bool:
-    """Whether the lean decode step covers this model (everything but GLM's 2D positions, in eval mode)."""
-    return model.cfg.position in ("rope", "learned", "none", "alibi") and not model.training
+    """Whether the lean decode step covers this model (everything but GLM's 2D positions and bottleneck adapters,
+    in eval mode; prefix/prompt tuning only fill the start of the cache and need nothing of the decode step)."""
+    adapters = any(b.adapter_attn is not None or b.adapter_mlp is not None for b in model.blocks)
+    return model.cfg.position in ("rope", "learned", "none", "alibi") and not model.training and not adapters
 
 
 class SlotRunner:
@@ -108,7 +111,8 @@ class SlotRunner:
         self._heads = torch.arange(cfg.kv_heads, device=self.device)[None]
         self._layers: list[_Layer] | None = None
         self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.lens = [0] * n_slots
+        self.lens = [0] * n_slots  # positions written per slot (virtual tokens of prefix/prompt tuning included)
+        self.nv = model.num_virtual_tokens
         self.rows = torch.arange(n_slots, device=self.device)
         self.keys = torch.arange(self.max_len, device=self.device)
         self.fast = fast_path_supported(model)
@@ -122,19 +126,20 @@ class SlotRunner:
         """Write ``ids`` into ``slot`` from position 0; return the logits (V,) after the last one."""
         if not ids:
             raise ValueError("the prompt must hold at least one token (e.g. BOS)")
-        if len(ids) > self.max_len:
-            raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {self.max_len}")
+        if len(ids) + self.nv > self.max_len:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {self.max_len - self.nv}")
         self.lens[slot] = 0
         x = torch.tensor([ids], device=self.device)
-        h = self.model.hidden_states(x, cache=_SlotView(self, slot))[:, -1]
-        self.lens[slot] = len(ids)
+        view = _SlotView(self, slot)
+        h = self.model.hidden_states(x, cache=view)[:, -1]
+        self.lens[slot] = view.pos
         return self.model.lm_head(h)[0]
 
     @torch.inference_mode()
     def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Prefill several prompts in one forward, right-padded (causal attention never looks at the padding
         after a prompt); logits (len(prompts), V) after each prompt's last token."""
-        if any(not p for p in prompts) or max(len(p) for p in prompts) > self.max_len:
+        if any(not p for p in prompts) or max(len(p) for p in prompts) + self.nv > self.max_len:
             raise ValueError("every prompt must hold between 1 and max_len tokens")
         P = max(len(p) for p in prompts)
         ids = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=self.device)
@@ -144,7 +149,7 @@ class SlotRunner:
         h = self.model.hidden_states(ids, cache=_SlotsView(self, rows))
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         for s, p in zip(slots, prompts):
-            self.lens[s] = len(p)
+            self.lens[s] = len(p) + self.nv
         return self.model.lm_head(h[torch.arange(len(prompts), device=self.device), last])
 
     # ---- decode -----------------------------------------------------------------------------------
@@ -167,7 +172,7 @@ class SlotRunner:
 
     def _slow(self, tok: torch.Tensor, pos: torch.Tensor, n: int, S: int) -> torch.Tensor:
         key_mask = self.keys[None, :S] <= pos[:, None]
-        position_ids = pos[:, None]
+        position_ids = pos[:, None] - self.nv  # the decoder counts positions of real tokens past the virtual ones
         if self.cfg.position == "glm2d":
             position_ids = torch.stack([position_ids, torch.zeros_like(position_ids)], dim=1)
         return self.model(tok[:, None], position_ids=position_ids, key_mask=key_mask,
@@ -278,8 +283,6 @@ class SlotRunner:
 def _linear_fn(mod: nn.Module):
     """``mod`` as a function, skipping Module.__call__ on the hot path where that changes nothing (plain and
     quantized linear layers without hooks); other wrappers (LoRA...) are called as modules."""
-    from lmforge.infer.quant import QuantLinear
-
     if type(mod) is nn.Linear:
         w, b = mod.weight, mod.bias
         return lambda x: F.linear(x, w, b)
@@ -476,7 +479,8 @@ class Engine:
         model.eval()
         self.model, self.tokenizer = model, tokenizer
         self.runner = SlotRunner(model, max_batch, max_len)
-        self.max_len = self.runner.max_len
+        # the context requests get: prefix/prompt tuning's virtual tokens take the start of every slot
+        self.max_len = self.runner.max_len - self.runner.nv
         self._waiting: collections.deque[Request] = collections.deque()
         self._slots: list[Request | None] = [None] * max_batch
         self._last: list[int | None] = [None] * max_batch

@@ -181,12 +181,14 @@ def stream_steps(model: Decoder, prompt_ids: list[int], params: SamplingParams, 
     if not prompt_ids:
         raise ValueError("the prompt must hold at least one token (e.g. BOS)")
     cfg = model.cfg
-    if len(prompt_ids) >= cfg.block_size and params.max_new_tokens > 0:
-        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context of {cfg.block_size}")
-    seq = seq or Sequence(prompt_ids, params, tokenizer, cfg.block_size, cfg.vocab_size)
+    nv = model.num_virtual_tokens  # prefix/prompt tuning: virtual tokens take the start of the context
+    ctx = cfg.block_size - nv
+    if len(prompt_ids) >= ctx and params.max_new_tokens > 0:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context of {ctx}")
+    seq = seq or Sequence(prompt_ids, params, tokenizer, ctx, cfg.vocab_size)
     if seq.finish_reason is not None:
         return
-    runner = SlotRunner(model, 1, min(cfg.block_size, len(prompt_ids) + params.max_new_tokens))
+    runner = SlotRunner(model, 1, min(cfg.block_size, nv + len(prompt_ids) + params.max_new_tokens))
     logits = runner.prefill(0, prompt_ids)[None]
     while True:
         (choice,) = select(logits, [seq.sampler])
@@ -220,7 +222,8 @@ class Completion:
 
 def complete(model: Decoder, tokenizer, prompt_ids: list[int], params: SamplingParams) -> Completion:
     """Generate one sequence and return its text (stop strings applied), ids and finish reason."""
-    seq = Sequence(prompt_ids, params, tokenizer, model.cfg.block_size, model.cfg.vocab_size)
+    seq = Sequence(prompt_ids, params, tokenizer, model.cfg.block_size - model.num_virtual_tokens,
+                   model.cfg.vocab_size)
     steps = list(stream_steps(model, prompt_ids, params, tokenizer, seq=seq))
     return Completion(seq.output_text, list(seq.out_ids), seq.finish_reason or "length",
                       [s.logprob for s in steps if s.token >= 0])
@@ -238,15 +241,17 @@ def generate_batch(model: Decoder, prompts: list[list[int]], params: SamplingPar
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     B, P = len(prompts), max(len(p) for p in prompts)
-    seqs = [Sequence(p, sp, tokenizer, cfg.block_size - (P - len(p)), cfg.vocab_size) for p, sp in zip(prompts, plist)]
+    nv = model.num_virtual_tokens  # prefix/prompt tuning: the decoder adds its virtual tokens before the prompts
+    ctx = cfg.block_size - nv
+    seqs = [Sequence(p, sp, tokenizer, ctx - (P - len(p)), cfg.vocab_size) for p, sp in zip(prompts, plist)]
     for sp in plist:
         sp.check()
     steps = max(s.limit for s in seqs)
     if steps <= 0:
         return [[] for _ in prompts]
     max_len = P + steps
-    if P >= cfg.block_size:
-        raise ValueError(f"prompt of {P} tokens leaves no room in the context of {cfg.block_size}")
+    if P >= ctx:
+        raise ValueError(f"prompt of {P} tokens leaves no room in the context of {ctx}")
     ids = torch.zeros(B, P, dtype=torch.long, device=device)
     mask = torch.ones(B, max_len, dtype=torch.bool, device=device)  # preallocated key mask, sliced per step
     for i, p in enumerate(prompts):
@@ -255,7 +260,7 @@ def generate_batch(model: Decoder, prompts: list[list[int]], params: SamplingPar
     pos = (mask[:, :P].long().cumsum(-1) - 1).clamp_min(0)  # positions from the mask
     if cfg.position == "glm2d":
         pos = torch.stack([pos, torch.zeros_like(pos)], dim=1)
-    cache = KVCache(cfg, B, max_len, device=device, dtype=dtype)
+    cache = KVCache(cfg, B, nv + max_len, device=device, dtype=dtype)
     logits = model(ids, position_ids=pos, key_mask=mask[:, :P], cache=cache)[:, -1]
     next_pos = torch.tensor([len(p) for p in prompts], device=device)
     samplers = [s.sampler for s in seqs]
@@ -267,7 +272,7 @@ def generate_batch(model: Decoder, prompts: list[list[int]], params: SamplingPar
         if all(s.finish_reason is not None for s in seqs):
             break
         x = torch.tensor([[c.token] for c in choices], device=device)
-        S = cache.pos + 1
+        S = cache.pos + 1 - nv  # the key mask covers the real tokens; the decoder adds the virtual ones
         p = next_pos[:, None] if cfg.position != "glm2d" else torch.stack([next_pos[:, None], 0 * next_pos[:, None]], 1)
         logits = model(x, position_ids=p, key_mask=mask[:, :S], cache=cache)[:, -1]
         next_pos = next_pos + 1

@@ -23,6 +23,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
+from lmforge.model.weights import build_model
 from lmforge.tokenizer.base import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.gguf"  # a tensor-less GGUF holding only tokenizer metadata (Tokenizer.save)
@@ -230,8 +231,6 @@ def gguf_block_weight_types(path: str | Path) -> set[str]:
 
 def load_gguf_model(path: str | Path):
     """A float32 ``Decoder`` from a LLaMA-architecture GGUF file (quantized tensors dequantized exactly)."""
-    from lmforge.checkpoint import build_model
-
     cfg, sd, _ = read_gguf(path)
     return build_model(cfg, sd, str(path))
 

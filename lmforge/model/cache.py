@@ -38,3 +38,14 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+
+
+class PrefixedKV:
+    """A KVCache stand-in for a forward without a cache when prefix tuning is on: each layer's keys/values are
+    the fixed prefix (n_layer, B, kv_heads, P, head_dim) followed by the new ones; ``pos`` is the prefix length."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v, self.pos = k, v, k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([self.k[layer].to(k.dtype), k], dim=2), torch.cat([self.v[layer].to(v.dtype), v], dim=2)

@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.config import ModelConfig
 from lmforge.losses import cross_entropy
 from lmforge.model.attention import Attention
-from lmforge.model.cache import KVCache
+from lmforge.model.cache import KVCache, PrefixedKV
 from lmforge.model.mlp import MLP
 from lmforge.model.norms import make_norm
 from lmforge.model.positions import Rotary, alibi_slopes
@@ -34,21 +34,33 @@ class Block(nn.Module):
             self.norm1_out = make_norm(cfg)
             self.norm2_out = make_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        # PEFT hooks (bottleneck adapters, lmforge/peft/adapter.py): None, or a module called as
+        # ``adapter(sublayer_input, sublayer_output) -> new sublayer output``
+        self.adapter_attn: nn.Module | None = None
+        self.adapter_mlp: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, rope, mask, cache) -> torch.Tensor:
         if self.parallel:
             h = self.norm1(x)
             h2 = self.norm2(x) if hasattr(self, "norm2") else h
-            return x + self.drop(self.attn(h, rope, mask, cache)) + self.drop(self.mlp(h2))
+            return x + self.drop(self._attn(h, rope, mask, cache)) + self.drop(self._mlp(h2))
         if self.placement == "pre":
-            x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache))
-            return x + self.drop(self.mlp(self.norm2(x)))
+            x = x + self.drop(self._attn(self.norm1(x), rope, mask, cache))
+            return x + self.drop(self._mlp(self.norm2(x)))
         if self.placement == "sandwich":
-            x = x + self.drop(self.norm1_out(self.attn(self.norm1(x), rope, mask, cache)))
-            return x + self.drop(self.norm2_out(self.mlp(self.norm2(x))))
+            x = x + self.drop(self.norm1_out(self._attn(self.norm1(x), rope, mask, cache)))
+            return x + self.drop(self.norm2_out(self._mlp(self.norm2(x))))
         # post-LN (GPT-1, BERT) and DeepNorm (post-LN with the residual scaled by alpha)
-        x = self.norm1(self._scaled(x) + self.drop(self.attn(x, rope, mask, cache)))
-        return self.norm2(self._scaled(x) + self.drop(self.mlp(x)))
+        x = self.norm1(self._scaled(x) + self.drop(self._attn(x, rope, mask, cache)))
+        return self.norm2(self._scaled(x) + self.drop(self._mlp(x)))
+
+    def _attn(self, h: torch.Tensor, rope, mask, cache) -> torch.Tensor:
+        y = self.attn(h, rope, mask, cache)
+        return y if self.adapter_attn is None else self.adapter_attn(h, y)
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        y = self.mlp(h)
+        return y if self.adapter_mlp is None else self.adapter_mlp(h, y)
 
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.alpha if self.alpha != 1.0 else x
@@ -63,6 +75,16 @@ class Decoder(nn.Module):
       key_mask      (B, S) bool, False for padding keys (S = cached + new positions);
       segment_ids   (B, T) packed documents: a token attends only within its own segment (no cache);
       cache         a KVCache: keys/values are appended and ``cache.pos`` advanced.
+
+    PEFT hooks (None by default; modules with a ``disabled`` flag and ``n_tokens``):
+      kv_prefix     prefix tuning: ``kv_prefix(B) -> (k, v)``, each (n_layer, B, kv_heads, n_tokens, head_dim),
+                    keys/values every layer attends to before the real tokens (already rotated, as in HF's cache);
+      soft_prompt   prompt/P-tuning: ``soft_prompt(B) -> (B, n_tokens, n_embd)``, embeddings placed before the
+                    first real token (at the start of a sequence: no cache or an empty one).
+    Virtual tokens take the first ``num_virtual_tokens`` positions (as HF with PEFT numbers them): real tokens sit
+    at positions n_tokens + t. With a cache, they occupy the start of the cache. Explicit ``position_ids`` and
+    ``prefix_len`` count real tokens only (shifted here, as PEFT shifts position ids for prefix tuning); a
+    ``key_mask`` may cover all keys or only the real ones. Outputs hold the real tokens only.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -87,8 +109,19 @@ class Decoder(nn.Module):
             self.rotary = Rotary(cfg.rotary_dim, cfg.block_size, cfg.rope_theta, cfg.rope_interleaved)
         if cfg.position == "alibi":
             self.register_buffer("alibi", alibi_slopes(cfg.n_head), persistent=False)
+        self.kv_prefix: nn.Module | None = None
+        self.soft_prompt: nn.Module | None = None
         if self.wte.weight.device.type != "meta":  # a meta model (loaded next) needs no init; see _embedding
             self.reset_parameters()
+
+    def _hook(self, name: str) -> nn.Module | None:
+        m = getattr(self, name, None)
+        return m if m is not None and not m.disabled else None
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Positions taken before the first real token by an active prefix (``kv_prefix``/``soft_prompt``)."""
+        return sum(m.n_tokens for m in (self._hook("kv_prefix"), self._hook("soft_prompt")) if m is not None)
 
     # ---- initialisation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -146,16 +179,38 @@ class Decoder(nn.Module):
         """Final hidden states (after the final norm), shape (B, T, n_embd)."""
         cfg = self.cfg
         B, T = input_ids.shape
+        kv_prefix, soft = self._hook("kv_prefix"), self._hook("soft_prompt")
+        nv = self.num_virtual_tokens
+        if nv and segment_ids is not None:
+            raise ValueError("packed sequences (segment_ids) cannot be combined with prefix/prompt tuning")
+        if kv_prefix is not None:
+            if cache is None:  # a forward without a cache: the prefix is concatenated before each layer's keys
+                cache = PrefixedKV(*kv_prefix(B))
+            elif cache.pos == 0:  # a new sequence: the prefix takes the start of the cache
+                pk, pv = kv_prefix(B)
+                for i in range(cfg.n_layer):
+                    cache.update(i, pk[i], pv[i])
+                cache.pos = kv_prefix.n_tokens
         offset = cache.pos if cache is not None else 0
+        n_soft = soft.n_tokens if soft is not None and offset == 0 else 0
+        T += n_soft
         if offset + T > cfg.block_size and cfg.position in ("learned", "rope", "glm2d"):
             raise ValueError(f"sequence of {offset + T} positions exceeds block_size {cfg.block_size}")
         if position_ids is None:
             pos = torch.arange(offset, offset + T, device=input_ids.device)
             position_ids = pos[None] if cfg.position != "glm2d" else torch.stack([pos, torch.zeros_like(pos)])[None]
+        elif nv:
+            position_ids = _shift_positions(position_ids, nv, n_soft, cfg.position == "glm2d")
+        if prefix_len is not None and nv:
+            prefix_len = prefix_len + nv
+        if key_mask is not None and key_mask.shape[-1] == offset + T - nv:  # covers the real keys only
+            key_mask = torch.cat([key_mask.new_ones(key_mask.shape[0], nv), key_mask], dim=1)
 
         if cfg.position == "glm2d" and (position_ids.dim() != 3 or position_ids.shape[1] != 2):
             raise ValueError("glm2d models take position_ids of shape (B, 2, T): positions and block positions")
         x = self.wte(input_ids)
+        if n_soft:
+            x = torch.cat([soft(B).to(x.dtype), x], dim=1)
         if cfg.embedding_scale != 1.0:
             x = x * cfg.embedding_scale
         if cfg.embedding_grad_shrink != 1.0:  # GLM-130B: shrink the gradient reaching the word embeddings
@@ -184,6 +239,8 @@ class Decoder(nn.Module):
                 x = block(x, rope, mask, cache)
         if cache is not None:
             cache.pos += T
+        if n_soft:  # outputs for the real tokens only
+            x = x[:, n_soft:]
         return self.norm_f(x) if cfg.final_norm else x
 
     def _masks(self, B, T, offset, prefix_len, key_mask, segment_ids, device, dtype) -> dict[bool, torch.Tensor | None]:
@@ -242,6 +299,24 @@ def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     new[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     start = torch.cummax(torch.where(new, idx, torch.zeros_like(idx)), dim=1).values
     return idx - start
+
+
+def _shift_positions(position_ids: torch.Tensor, nv: int, n_soft: int, glm2d: bool) -> torch.Tensor:
+    """Caller positions (real tokens counted from 0) moved past ``nv`` virtual tokens; the ``n_soft`` soft tokens
+    prepended in this forward get positions 0..n_soft-1 (block position 0 for GLM)."""
+    if glm2d:
+        shifted = position_ids.clone()
+        shifted[:, 0] += nv
+        if n_soft:
+            head = torch.arange(n_soft, device=position_ids.device).expand(position_ids.shape[0], n_soft)
+            head = torch.stack([head, torch.zeros_like(head)], dim=1)
+            shifted = torch.cat([head, shifted], dim=2)
+        return shifted
+    shifted = position_ids + nv
+    if n_soft:
+        head = torch.arange(n_soft, device=position_ids.device).expand(position_ids.shape[0], n_soft)
+        shifted = torch.cat([head, shifted], dim=1)
+    return shifted
 
 
 def _xavier(w: torch.Tensor, fan_in: int, fan_out: int, gain: float) -> None:

@@ -81,6 +81,21 @@ def sum_all(values: list[float], d: Dist) -> list[float]:
     return t.tolist()
 
 
+def reshard(model: nn.Module) -> None:
+    """Drop FSDP's unsharded copies of the parameters (the root keeps its own after a forward), so that the next
+    forward gathers the shards again: needed after the sharded parameters were overwritten in place."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded DTensor (a collective: every rank calls it); plain tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
+
+
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist):
     """Unsharded model and optimizer state dicts on CPU (every rank calls; rank 0 writes)."""
     if not d.enabled:
@@ -100,6 +115,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, msd, osd
 
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False, strict=False)
     set_state_dict(unwrap(model), optimizer, model_state_dict=msd, optim_state_dict=osd, options=opts)
+    reshard(unwrap(model))  # FSDP: gathered copies from an earlier forward are stale now
 
 
 def barrier(d: Dist) -> None:

@@ -111,8 +111,7 @@ class Trainer:
         if cfg.ema_decay:
             if not 0.0 < cfg.ema_decay < 1.0:
                 raise LMForgeError(f"train.ema_decay={cfg.ema_decay}: must be in (0, 1), or 0 for off")
-            if self.dist.enabled and cfg.distributed == "fsdp":
-                raise LMForgeError("train.ema_decay needs unsharded weights: use train.distributed ddp, not fsdp")
+            # under FSDP the parameters are sharded DTensors and so is their average (each rank keeps its shard)
             self.ema = {k: p.detach().clone() for k, p in self.trainable.items()}
 
     # ---- state --------------------------------------------------------------------------------
@@ -123,6 +122,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         msd, osd = D.full_state(self.model, self.optimizer, self.dist)
+        ema = None if self.ema is None else {k: D.full_tensor(e).cpu() for k, e in self.ema.items()}  # every rank
         path = None
         if self.dist.main:
             msd = {k: v for k, v in msd.items() if not (self.raw_model.cfg.tie_embeddings and k == "lm_head.weight")}
@@ -130,7 +130,7 @@ class Trainer:
                 msd = {k: v for k, v in msd.items() if k in self.trainable}
             train_sd = None
             if self.ema is not None:  # the model file is the average; the raw weights are kept to resume from
-                train_sd, msd = msd, {k: self.ema.get(k, v).detach().cpu() for k, v in msd.items()}
+                train_sd, msd = msd, {k: ema.get(k, v) for k, v in msd.items()}
             export = None
             if self.export_fn is not None:
                 def export(d: Path) -> None:
@@ -155,12 +155,19 @@ class Trainer:
         msd = s["train_model"] if s["train_model"] is not None else s["model"]
         if self.raw_model.cfg.tie_embeddings and "wte.weight" in msd:
             msd["lm_head.weight"] = msd["wte.weight"]
-        D.load_full_state(self.model, self.optimizer, msd, s["optimizer"], self.dist)
         if self.ema is not None:  # a checkpoint written without EMA starts the average at its weights
-            avg = s["model"] if s["train_model"] is not None else msd
+            avg = dict(msd)
+            if s["train_model"] is not None:
+                avg.update(s["model"])
+                if self.raw_model.cfg.tie_embeddings and "wte.weight" in s["model"]:  # one tensor, two names
+                    avg["lm_head.weight"] = avg["wte.weight"]
+            # load the average through the model (so it is sharded like the parameters), keep it, then the raw ones
+            D.load_full_state(self.model, self.optimizer, avg, s["optimizer"], self.dist)
+            params = dict(self.raw_model.named_parameters())
             with torch.no_grad():
                 for k, e in self.ema.items():
-                    e.copy_(avg[k] if k in avg else dict(self.raw_model.named_parameters())[k])
+                    e.copy_(params[k].detach())
+        D.load_full_state(self.model, self.optimizer, msd, s["optimizer"], self.dist)
         set_rng_state(s["rng"])
         t = s["trainer"]
         self.step, self.best_val, self.rollbacks = t["step"], t["best_val"], t["rollbacks"]
@@ -264,15 +271,18 @@ class Trainer:
             return
         params = dict(self.raw_model.named_parameters())
         raw = {k: params[k].detach().clone() for k in self.ema}
-        with torch.no_grad():
-            for k, e in self.ema.items():
-                params[k].copy_(e)
+        self._overwrite(params, self.ema)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for k, w in raw.items():
-                    params[k].copy_(w)
+            self._overwrite(params, raw)
+
+    @torch.no_grad()
+    def _overwrite(self, params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> None:
+        for k, v in values.items():
+            params[k].copy_(v)
+        if self.dist.enabled and self.cfg.distributed == "fsdp":
+            D.reshard(self.raw_model)  # FSDP's gathered copies still hold the old values
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -382,9 +392,13 @@ class Trainer:
                 self.best_val = value
                 if self.dist.main and self.step > 0:
                     (self.out / "best").write_text(f"ckpt-{self.step:07d}\n")
-        if self.sample_fn is not None and self.dist.main and (final or self.step == 0):
-            with self.averaged_weights():
-                self.log(f"sample at step {self.step}: {self.sample_fn(self.raw_model)!r}")
+        if self.sample_fn is not None and (final or self.step == 0):
+            if self.dist.enabled and self.cfg.distributed == "fsdp":  # no rank holds the whole model: none samples
+                if self.step == 0:
+                    self.log("samples are not generated under FSDP (every rank holds a shard of the weights)")
+            elif self.dist.main:
+                with self.averaged_weights():
+                    self.log(f"sample at step {self.step}: {self.sample_fn(self.raw_model)!r}")
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -67,17 +67,18 @@ def save_training_checkpoint(run_dir: Path, step: int, model_sd: dict[str, torch
                              export: Callable[[Path], None] | None = None, weights_name: str | None = None) -> Path:
     """Write ``run_dir/ckpt-{step}`` atomically and return its path. ``train_sd``: the raw training weights when
     ``model_sd`` holds their moving average (written as ``train_weights.safetensors``, used only to resume).
-    ``export(dir)`` writes the loadable model files instead of config.json + model.safetensors (a PEFT stage
-    writes its adapter files); ``model_sd`` is then stored as ``weights_name`` (the trainable weights, to resume)."""
+    ``export(dir)`` adds files (a chat template; a PEFT stage's adapter files). ``weights_name``: ``model_sd`` holds
+    only the trainable weights and is stored under that name, with no config.json (the export makes the checkpoint
+    loadable: adapter files and a reference to the base)."""
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"ckpt-{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=run_dir))
     try:
-        if export is None:
+        if weights_name is None:
             model_cfg.save(tmp / "config.json")
-        else:
+        if export is not None:
             export(tmp)
         save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / (weights_name or "model.safetensors")),
                   metadata={"format": "pt"})

@@ -1,0 +1,96 @@
+"""`lmforge peft`: merge an adapter into its base model, export an adapter (PEFT's layout, lmforge's, or merged)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.errors import LMForgeError
+
+EXPORT_FORMATS = ("peft", "lmforge", "hf")
+
+
+def add_parser(sub, name: str, help_: str) -> None:
+    p = sub.add_parser(name, help=help_, description="Work with PEFT adapters (adapter_config.json + "
+                       "adapter_model.safetensors, made by `lmforge sft --peft ...` or by Hugging Face peft).")
+    ps = p.add_subparsers(dest="peft_command", metavar="SUBCOMMAND", required=True)
+    m = ps.add_parser("merge", help="add a LoRA adapter into its base: a plain lmforge checkpoint",
+                      description="Load --model, apply the adapter in --adapter, add every LoRA update into its "
+                      "base weight (a 4-bit QLoRA base is dequantized first, so the merged model computes what "
+                      "the adapted one did) and write a plain lmforge checkpoint directory with the tokenizer.")
+    m.add_argument("--model", help="base model: lmforge dir, HF dir, llama2.c .bin, .gguf or quantized dir "
+                                   "(default: the adapter's base_model_name_or_path)")
+    m.add_argument("--adapter", required=True, help="adapter directory")
+    m.add_argument("--output", required=True, help="output checkpoint directory")
+    m.add_argument("--tokenizer", help="tokenizer to carry along (default: found with the base)")
+    m.set_defaults(func=run_merge)
+    e = ps.add_parser("export", help="rewrite an adapter in PEFT's layout, lmforge's, or as a merged HF model",
+                      description="peft: adapter_config.json + adapter_model.safetensors keyed as peft names them "
+                      "on the transformers export of the base (`peft.PeftModel.from_pretrained` reads it); "
+                      "lmforge: the same files keyed by lmforge's module names (any method, any base); "
+                      "hf: the base with the adapter merged, as a transformers directory.")
+    e.add_argument("--adapter", required=True, help="adapter directory")
+    e.add_argument("--output", required=True, help="output directory")
+    e.add_argument("--format", choices=EXPORT_FORMATS, default="peft", help="peft (default), lmforge or hf")
+    e.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    e.add_argument("--base-name", help="base_model_name_or_path to record (default: the base path)")
+    e.set_defaults(func=run_export)
+
+
+def _base_path(args) -> Path:
+    if args.model:
+        return Path(args.model)
+    cfg_file = Path(args.adapter) / "adapter_config.json"
+    try:
+        base = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise LMForgeError(f"{cfg_file}: cannot read: {e}") from None
+    if not base:
+        raise LMForgeError(f"{cfg_file}: no base_model_name_or_path; pass --model BASE")
+    if not Path(base).exists():
+        raise LMForgeError(f"{cfg_file}: base_model_name_or_path {base!r} is not a local path; pass --model BASE")
+    return Path(base)
+
+
+def _load(args):
+    from lmforge.checkpoint import load_model
+    from lmforge.peft import load_adapter
+
+    path = _base_path(args)
+    model = load_model(path)
+    resolved = load_adapter(model, args.adapter)
+    return path, model.eval(), resolved
+
+
+def run_merge(args) -> None:
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.commands.quantize import _load_tokenizer
+    from lmforge.peft.lora import lora_layers, unwrap
+
+    path, model, resolved = _load(args)
+    if not lora_layers(model):
+        raise LMForgeError(f"{args.adapter}: a {resolved['method']} adapter has no weights to merge (only LoRA "
+                           f"and QLoRA adapters merge)")
+    n = len(lora_layers(model))
+    unwrap(model)
+    tok, _ = _load_tokenizer(path, args.tokenizer, model.cfg.vocab_size)
+    out = save_checkpoint(model, args.output, tok)
+    print(f"{out}: {resolved['method']} adapter merged into {n} layers of {path}")
+
+
+def run_export(args) -> None:
+    from lmforge.interop.hf import write_hf_dir
+    from lmforge.peft import save_adapter
+    from lmforge.peft.lora import lora_layers, unwrap
+
+    path, model, resolved = _load(args)
+    method = resolved.pop("method")
+    if args.format == "hf":
+        if not lora_layers(model):
+            raise LMForgeError(f"--format hf: a {method} adapter cannot be merged into the weights; use peft/lmforge")
+        unwrap(model)
+        write_hf_dir(Path(args.output), model.cfg, dict(model.state_dict()))
+        print(f"{args.output}: the base with the adapter merged, as a transformers checkpoint")
+        return
+    out = save_adapter(model, args.output, args.base_name or str(path), resolved, method, args.format)
+    print(f"{out}: {method} adapter in {args.format}'s layout")

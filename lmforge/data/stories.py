@@ -1,0 +1,104 @@
+"""The built-in story-instruction task: "Write a story about a {animal} named {name}." for the bundled
+TinyStories model, with the rule that measures whether a response follows it (used to check SFT on held-out names,
+as a rule-based reward for PPO, and by the default pipeline).
+
+The training set (``assets/instruct/stories_instruct.jsonl``, Alpaca format) was made by
+``scripts/make_story_instructions.py``: each response opens with "Once upon a time, there was a {animal} named
+{name}." and continues with a story sampled from stories260K (MIT). Names come from makemore's names.txt (MIT);
+the first names are for training, ``HELDOUT_NAMES`` never occur in the training set.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+from lmforge.assets import ASSETS
+
+STORY_DATA = ASSETS / "instruct" / "stories_instruct.jsonl"
+ANIMALS = ("cat", "dog", "bird", "fish", "bunny", "bear", "frog", "duck", "mouse", "lion", "owl", "puppy")
+HELDOUT_NAMES = ("Mila", "Oscar", "Nora", "Felix", "Ruby", "Hugo", "Iris", "Leo", "Daisy", "Max", "Hazel", "Otto",
+                 "Luna", "Jasper", "Pearl", "Milo", "Ivy", "Theo", "Rose", "Finn")
+INSTRUCTION = "Write a story about a {animal} named {name}."
+
+
+def story_prompt(animal: str, name: str) -> str:
+    return INSTRUCTION.format(animal=animal, name=name)
+
+
+def heldout_prompts(n: int = 40, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` held-out instructions (names never seen in training): [{instruction, animal, name}]."""
+    rng = random.Random(seed)
+    pairs = [(a, nm) for nm in HELDOUT_NAMES for a in ANIMALS]
+    rng.shuffle(pairs)
+    return [{"instruction": story_prompt(a, nm), "animal": a, "name": nm} for a, nm in pairs[:n]]
+
+
+_ASK = re.compile(r"a (\w+) named (\w+)")
+
+
+def requested(instruction: str) -> tuple[str, str] | None:
+    """(animal, name) asked for by an instruction, or None."""
+    m = _ASK.search(instruction)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def follows(instruction: str, response: str) -> bool:
+    """The response is a story about the requested animal with the requested name: both words appear in it
+    (whole words, case-insensitive for the animal)."""
+    ask = requested(instruction)
+    if ask is None:
+        return False
+    animal, name = ask
+    has_name = re.search(rf"\b{re.escape(name)}\b", response) is not None
+    has_animal = re.search(rf"\b{re.escape(animal)}s?\b", response, re.IGNORECASE) is not None
+    return has_name and has_animal
+
+
+def follow_rate(instructions: list[str], responses: list[str]) -> float:
+    return sum(follows(i, r) for i, r in zip(instructions, responses)) / max(1, len(instructions))
+
+
+def story_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """Rule-based reward (``lmforge ppo --reward lmforge.data.stories:story_reward``): 1 for each requested word
+    (the name, the animal) the story uses, so 0, 1 or 2."""
+    out = []
+    for p, r in zip(prompts, responses):
+        ask = requested(p)
+        if ask is None:
+            out.append(0.0)
+            continue
+        animal, name = ask
+        out.append(float(re.search(rf"\b{re.escape(name)}\b", r) is not None) +
+                   float(re.search(rf"\b{re.escape(animal)}s?\b", r, re.IGNORECASE) is not None))
+    return out
+
+
+def load_story_data() -> list[dict[str, str]]:
+    return [json.loads(ln) for ln in STORY_DATA.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def sample_responses(model, tokenizer, instructions: list[str], template=None, max_new_tokens: int = 48,
+                     seed: int = 0) -> list[str]:
+    """Greedy-ish responses (temperature 0) to each instruction rendered with the chat template."""
+    from lmforge.data.sft import default_template
+    from lmforge.infer.chat import encode_chat, end_of_turn, get_template
+    from lmforge.infer.generate import generate_batch
+    from lmforge.infer.sampling import SamplingParams
+
+    t = get_template(template, tokenizer) if template else default_template(tokenizer)
+    stop_strings, stop_ids = end_of_turn(t, tokenizer)
+    prompts = [encode_chat(tokenizer, t, [{"role": "user", "content": i}]) for i in instructions]
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=seed)
+    was = model.training
+    model.eval()
+    outs = generate_batch(model, prompts, params)
+    model.train(was)
+    texts = []
+    for ids in outs:
+        text = tokenizer.decode([i for i in ids if i not in stop_ids and i < tokenizer.vocab_size])
+        for s in stop_strings:
+            text = text.split(s)[0]
+        texts.append(text.strip())
+    return texts

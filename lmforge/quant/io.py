@@ -1,0 +1,142 @@
+"""Quantized checkpoints: config.json + quantization.json + model.safetensors (+ tokenizer files)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LMForgeError
+from lmforge.model import Decoder
+from lmforge.model.swap import set_module
+from lmforge.model.weights import CONFIG, WEIGHTS, reinit_buffers, replace_dir
+from lmforge.quant.config import FORMAT, QUANT_FILE, VERSION, QuantConfig
+from lmforge.quant.modules import QuantEmbedding, QuantLinear, head_is_tied, tie_head
+from lmforge.quant.quantize import mark_head, set_compute
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
+        sd.pop("lm_head.weight", None)
+    if head_is_tied(model):  # stored once, as the embedding table
+        sd.pop("lm_head.qweight"), sd.pop("lm_head.scales")
+    return sd
+
+
+def save_quantized(model: nn.Module, path: str | Path, tokenizer=None, extra_files: list[Path] | None = None) -> Path:
+    """Write config.json + quantization.json + model.safetensors (+ tokenizer files) into ``path`` atomically."""
+    qcfg: QuantConfig | None = getattr(model, "quant_config", None)
+    if qcfg is None:
+        raise LMForgeError("save_quantized: the model is not quantized (run quantize_model first)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.cfg.save(tmp / CONFIG)
+        layers = [n for n, m in model.named_modules()
+                  if isinstance(m, QuantLinear) and not (n == "lm_head" and head_is_tied(model))]
+        meta = {"format": FORMAT, "version": VERSION, **asdict(qcfg), "layers": layers,
+                "dequantize": "int8: w = q * scale[n]; int4: w = (q - 8) * scale[n, k // G] + zero[n, k // G]",
+                "embedding_format": "int8, one scale per row (wte.qweight, wte.scales); a tied lm_head uses it",
+                "int4_packing": "two per byte along K, even column in the low nibble; K zero-padded to G"}
+        (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(quantized_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt", "lmforge": FORMAT})
+        if tokenizer is not None:
+            tokenizer.save(str(tmp))
+        for f in extra_files or []:
+            if not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_quant_config(path: Path) -> tuple[QuantConfig, list[str]]:
+    f = path / QUANT_FILE
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise LMForgeError(f"{f}: cannot read: {e}") from None
+    if d.get("format") != FORMAT:
+        raise LMForgeError(f"{f}: field format={d.get('format')!r}: expected {FORMAT!r}")
+    if d.get("version") != VERSION:
+        raise LMForgeError(f"{f}: field version={d.get('version')!r}: this lmforge reads version {VERSION}")
+    try:
+        qcfg = QuantConfig(bits=d["bits"], group_size=d.get("group_size"), symmetric=d.get("symmetric", True),
+                           lm_head=d.get("lm_head", False), embedding=d.get("embedding", False))
+        layers = list(d["layers"])
+    except KeyError as e:
+        raise LMForgeError(f"{f}: missing field {e.args[0]!r}") from None
+    qcfg.validate()
+    return qcfg, layers
+
+
+def load_quantized(path: str | Path, compute: str | None = None):
+    """Load a directory written by ``save_quantized`` (``lmforge quantize``) into a Decoder with QuantLinear layers."""
+    path = Path(path)
+    cfg = ModelConfig.load(path / CONFIG)
+    qcfg, layers = read_quant_config(path)
+    try:
+        sd = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise LMForgeError(f"{path / WEIGHTS}: cannot read safetensors: {e}") from None
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    for name in layers:
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise LMForgeError(f"{path / QUANT_FILE}: layer {name!r} does not exist in this config") from None
+        if not isinstance(lin, nn.Linear):
+            raise LMForgeError(f"{path / QUANT_FILE}: layer {name!r} is not a linear layer")
+        set_module(model, name, QuantLinear(lin.in_features, lin.out_features, qcfg.bits, qcfg.group_size,
+                                             qcfg.symmetric, lin.bias is not None, device="meta"))
+    if qcfg.embedding:
+        model.wte = QuantEmbedding(cfg.vocab_size, cfg.n_embd, device="meta")
+    tied_quant = qcfg.embedding and cfg.tie_embeddings
+    if tied_quant:
+        tie_head(model)
+    tied_float = cfg.tie_embeddings and "lm_head" not in layers and not tied_quant
+    shared = {"lm_head.weight"} if tied_float else {"lm_head.qweight", "lm_head.scales"} if tied_quant else set()
+    expected = {k: v for k, v in model.state_dict().items() if k not in shared}
+    for k, v in expected.items():
+        if k not in sd:
+            raise LMForgeError(f"{path / WEIGHTS}: tensor {k!r} is missing")
+        if tuple(sd[k].shape) != tuple(v.shape) or sd[k].dtype != v.dtype:
+            raise LMForgeError(f"{path / WEIGHTS}: tensor {k!r} is {sd[k].dtype} {tuple(sd[k].shape)}; the config "
+                               f"and quantization.json need {v.dtype} {tuple(v.shape)}")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise LMForgeError(f"{path / WEIGHTS}: unexpected tensor {extra[0]!r} ({len(extra)} unused)")
+    # assign: the loaded tensors become the buffers (no meta-device allocation, see positions.py). safetensors hands
+    # out tensors at any 8-byte offset; PyTorch's packed kernels crash on those: each gets an aligned copy, one at a
+    # time (every loaded tensor has its own storage, so the peak is one tensor more than the weights).
+    for k in sd:
+        if sd[k].data_ptr() % 64:
+            sd[k] = sd[k].clone()
+    model.load_state_dict(sd, strict=False, assign=True)
+    if tied_float:
+        model.lm_head.weight = model.wte.weight
+    if tied_quant:
+        tie_head(model)
+    mark_head(model)
+    reinit_buffers(model)
+    model.quant_config = qcfg
+    if compute is not None:
+        set_compute(model, compute)
+    return model.eval()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors a checkpoint of ``model`` stores (float or quantized; tied weights once)."""
+    return sum(t.numel() * t.element_size() for t in quantized_state_dict(model).values())

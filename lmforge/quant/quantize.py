@@ -1,0 +1,65 @@
+"""Quantizing a whole decoder in place: its linear layers become ``QuantLinear`` (through ``lmforge.model.swap``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.errors import LMForgeError
+from lmforge.model.swap import replace_modules
+from lmforge.quant.config import QuantConfig
+from lmforge.quant.gptq import gptq_model, self_calibration
+from lmforge.quant.modules import COMPUTE_MODES, REFINE_TOP, QuantEmbedding, QuantLinear, tie_head
+
+
+def quantizable_layers(model: nn.Module, lm_head: bool) -> list[str]:
+    """Names of the decoder's linear layers: every ``nn.Linear`` inside the blocks, plus ``lm_head`` if asked."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
+    if lm_head:
+        names.append("lm_head")
+    return names
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, qcfg: QuantConfig, calibration: torch.Tensor | None = None,
+                   progress: bool = False) -> nn.Module:
+    """Replace the linear layers of ``model`` (in place) by ``QuantLinear``; returns the model.
+
+    ``method="gptq"`` needs ``calibration`` token ids (B, T); without them the model writes its own
+    (``self_calibration``). The lm_head, if quantized, is rounded to nearest in both methods.
+    """
+    qcfg.validate()
+    names = quantizable_layers(model, qcfg.lm_head)
+    for name in names:
+        if isinstance(model.get_submodule(name), QuantLinear):
+            raise LMForgeError(f"{name}: the model is already quantized")
+    if qcfg.method == "gptq":
+        if calibration is None:
+            calibration = self_calibration(model)
+        gptq_model(model, qcfg, calibration, progress)
+        names = [n for n in names if not n.startswith("blocks.")]
+    tied = qcfg.embedding and model.cfg.tie_embeddings
+    replace_modules(model, [n for n in names if not (tied and n == "lm_head")],
+                    lambda _, lin: QuantLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.symmetric))
+    if qcfg.embedding:
+        model.wte = QuantEmbedding.from_embedding(model.wte)
+        if tied:
+            tie_head(model)
+    mark_head(model)
+    model.quant_config = qcfg
+    return model
+
+
+def mark_head(model: nn.Module) -> None:
+    if isinstance(model.lm_head, QuantLinear):
+        model.lm_head.refine_top = REFINE_TOP
+        model.lm_head._decode = {}
+
+
+def set_compute(model: nn.Module, mode: str) -> None:
+    """Choose how every ``QuantLinear`` of ``model`` computes (one of ``COMPUTE_MODES``)."""
+    if mode not in COMPUTE_MODES:
+        raise LMForgeError(f"compute mode {mode!r}: allowed values are {list(COMPUTE_MODES)}")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.compute = mode

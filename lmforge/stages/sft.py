@@ -1,0 +1,210 @@
+"""Supervised fine-tuning (instruction tuning): chat/instruction data, loss on assistant tokens, full or PEFT, on the
+one Trainer. The run directory is itself a loadable ``--model`` when training ends."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.checkpoint import save_checkpoint
+from lmforge.errors import LMForgeError
+from lmforge.losses import token_loss_sum
+from lmforge.peft import apply_peft, get_method, save_adapter
+from lmforge.train import distributed as D
+from lmforge.train.batches import ExampleBatches
+from lmforge.train.config import TrainConfig, _fill
+from lmforge.train.loop import Trainer
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+@dataclass
+class SFTData:
+    path: str = ""  # one file or several, comma-separated (JSON/JSONL: Alpaca, ShareGPT, OpenAI messages, seeds)
+    format: str = "auto"  # auto | alpaca | sharegpt | openai | self-instruct
+    weights: list[float] | None = None  # per dataset: 2.0 repeats it, 0.5 keeps half
+    cap: int = 0  # examples-proportional mixing: at most this many examples per dataset (0 = all)
+    val_path: str = ""  # held-out data; default: data.val_fraction of the training data
+    val_fraction: float = 0.1
+    max_len: int = 1024  # tokens per example (longer ones are truncated); at most the model's block_size
+    packing: bool = False  # several examples per row, attention kept inside each
+    train_on_prompt: bool = False  # score prompt tokens too
+    template: str = ""  # chat template name or Jinja; empty: the model's own, else alpaca
+    skip_bad: bool = False
+    vars: dict[str, str] = field(default_factory=dict)  # fill {{name}} placeholders, e.g. {name: Forge}
+
+
+@dataclass
+class SFTConfig:
+    model: str = ""  # any --model path: lmforge/HF dir, llama2.c .bin, GGUF, quantized dir
+    tokenizer: str = ""
+    data: SFTData = field(default_factory=SFTData)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    peft: dict[str, Any] = field(default_factory=dict)  # {"method": "lora", "r": 8, ...}
+    epochs: float = 3.0
+    out: str = "runs/sft"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def suggested_lr(method: str | None, n_params: int) -> float:
+    """Default peak learning rate: LLaMA-Factory's example configs (full 1e-5, LoRA 1e-4) for billion-parameter
+    models, scaled up for small ones (small models tolerate and need larger steps)."""
+    base = 1e-5 if method is None else 1e-4
+    if method is not None:
+        base = getattr(get_method(method), "SUGGESTED_LR", base)
+    scale = min(30.0, max(1.0, (1e9 / max(n_params, 1)) ** 0.5))
+    return base * scale
+
+
+def load_sft_config(d: dict[str, Any], where: str) -> SFTConfig:
+    return _fill(SFTConfig, d, where)
+
+
+def build_examples(cfg: SFTConfig, tok, template, log) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    from lmforge.data.sft import BadCounts, mix, read_conversations, split_heldout, tokenize_conversation
+
+    paths = [p.strip() for p in cfg.data.path.split(",") if p.strip()]
+    if not paths:
+        raise LMForgeError("no training data: pass --data FILE[,FILE...]")
+    bad = BadCounts()
+    sets = [read_conversations(p, cfg.data.format, cfg.data.skip_bad, bad, cfg.data.vars) for p in paths]
+    convs = mix(sets, cfg.data.weights, cfg.data.cap, cfg.train.seed)
+    if cfg.data.val_path:
+        val = read_conversations(cfg.data.val_path, cfg.data.format, cfg.data.skip_bad, bad, cfg.data.vars)
+        train = convs
+    else:
+        train, val = split_heldout(convs, cfg.data.val_fraction, cfg.train.seed)
+    for path, n in bad.counts.items():
+        log(f"skipped {n} bad record(s) in {path} (first: {bad.first[path]})")
+
+    def tok_all(cs):
+        return [tokenize_conversation(tok, template, c.messages, cfg.data.train_on_prompt) for c in cs]
+
+    report = {"datasets": {p: len(s) for p, s in zip(paths, sets)}, "train_examples": len(train),
+              "val_examples": len(val), "bad_records": bad.counts}
+    return tok_all(train), tok_all(val), report
+
+
+def sft_loss(model, batch):
+    logits = model(batch["input_ids"], **batch.get("model_kwargs", {}))
+    return token_loss_sum(logits, batch["targets"])
+
+
+def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune ``cfg.model`` on ``cfg.data``; ``explicit_train``: train keys the user set (others get SFT
+    defaults derived from the data and method)."""
+    from lmforge.commands.common import load_model_and_tokenizer, pick_device
+    from lmforge.data.sft import default_template
+    from lmforge.infer.chat import get_template
+
+    explicit_train = explicit_train or set()
+    out = Path(cfg.out)
+    device = pick_device(cfg.train.device)
+    dist = D.init(device)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+
+    def log(msg: str) -> None:
+        if dist.main:
+            print(msg, file=sys.stderr)
+
+    if not cfg.model:  # the bundled stories260K, as for every other command
+        from lmforge.assets import STORIES260K
+
+        cfg.model = str(STORIES260K)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
+    template = get_template(cfg.data.template, tok) if cfg.data.template else default_template(tok)
+    method = cfg.peft.get("method") if cfg.peft else None
+    if method is None and _is_quantized(model):
+        raise LMForgeError(f"{cfg.model}: a quantized model cannot be fully fine-tuned; use --peft qlora (or lora)")
+    block = model.cfg.block_size
+    max_len = min(cfg.data.max_len, block - 1) if cfg.data.max_len > 0 else block - 1
+    train_ex, val_ex, report = build_examples(cfg, tok, template, log)
+
+    resolved_peft: dict[str, Any] = {}
+    if method is not None:
+        resolved_peft = apply_peft(model, method, {k: v for k, v in cfg.peft.items() if k != "method"}, tok)
+    n_params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    t = cfg.train
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
+    truncated = []
+    train = ExampleBatches(train_ex, t.batch_size, max_len, pad, cfg.data.packing, seed=t.seed, rank=dist.rank,
+                           world=dist.world, on_truncate=truncated.append)
+    val = ExampleBatches(val_ex, t.batch_size, max_len, pad, cfg.data.packing, shuffle=False, rank=dist.rank,
+                         world=dist.world) if val_ex else None
+    steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
+    chosen = {"max_iters": steps, "lr": suggested_lr(method, n_params), "warmup_iters": max(1, steps // 10),
+              "eval_interval": max(1, steps // 5), "save_interval": max(1, steps // 5), "weight_decay": 0.0,
+              "eval_iters": 0 if val is None else 10_000, "log_interval": max(1, min(10, steps // 20)),
+              "min_lr_ratio": 0.0}
+    for k, v in chosen.items():
+        if k not in explicit_train:
+            setattr(t, k, v)
+    if val is None:
+        t.eval_iters = 0
+    shown = {k: getattr(t, k) for k in ("max_iters", "lr", "batch_size", "grad_accum", "warmup_iters",
+                                        "eval_interval", "schedule")}
+    log(f"sft: {report['train_examples']} train / {report['val_examples']} held-out conversations; "
+        f"{cfg.epochs:g} epochs = {t.max_iters} steps; max_len {max_len}; template {template.name}; "
+        f"{'peft ' + method + ' ' + json.dumps(resolved_peft) if method else 'full fine-tuning'}; "
+        f"trainable {trainable:,} of {n_params:,} parameters; " + ", ".join(f"{k} {v:g}" if isinstance(v, float)
+                                                                             else f"{k} {v}" for k, v in
+                                                                             shown.items()))
+    if truncated:
+        log(f"truncated {truncated[0]} example(s) to {max_len + 1} tokens")
+
+    tok.chat_template = template.source
+    base_ref = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+
+    def export(m, d: Path) -> None:
+        if method is not None:  # adapter files (written whole into a folder of their own) and the tokenizer
+            save_adapter(m, d / ".adapter", base_ref, resolved_peft, method)
+            for f in (d / ".adapter").iterdir():
+                f.replace(d / f.name)
+            (d / ".adapter").rmdir()
+            tok.save(str(d))
+        (d / CHAT_TEMPLATE_FILE).write_text(template.source)
+
+    run_config = {**cfg.to_dict(), "resolved_peft": resolved_peft, "data_report": report}
+    trainer = Trainer(model, t, train, sft_loss, out, val_data=val, tokenizer=tok, run_config=run_config,
+                      device=device, dist=dist, log=log, export_fn=export)
+    try:
+        result = trainer.fit(resume=resume)
+        if dist.main:  # the run directory itself becomes the final model
+            with trainer.averaged_weights():
+                _write_final(trainer.raw_model, out, tok, export, method is not None)
+        D.barrier(dist)
+    finally:
+        D.cleanup(dist)
+    return {**result, "trainable_params": trainable, "total_params": n_params, **report}
+
+
+def _write_final(model, out: Path, tok, export, partial: bool) -> None:
+    """Model files of the finished run in ``out`` (beside metrics and checkpoints)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
+    try:
+        if not partial:
+            save_checkpoint(model, tmp / "m", tok)
+        else:
+            (tmp / "m").mkdir()
+        export(model, tmp / "m")
+        for f in (tmp / "m").iterdir():
+            f.replace(out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_quantized(model) -> bool:
+    return any(type(m).__name__ in ("QuantLinear", "QuantEmbedding") for m in model.modules())

@@ -1,0 +1,101 @@
+"""`lmforge peft merge` and `lmforge peft export` as users run them (subprocesses), on the bundled stories260K."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.assets import STORIES260K
+from lmforge.checkpoint import load_model
+from lmforge.commands.common import find_tokenizer_path
+from lmforge.peft import apply_peft, load_adapter, save_adapter
+from lmforge.peft.base import get_adapter_params
+from lmforge.peft.lora import lora_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+X = torch.tensor([[1, 403, 407, 261, 378, 58, 84, 300, 22]])
+
+
+def lmforge(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+
+
+def make_adapter(out: Path, method: str, options: dict, seed: int = 1) -> torch.Tensor:
+    """Save an adapter with random non-zero B on stories260K; returns the adapted logits on X."""
+    model = load_model(STORIES260K)
+    resolved = apply_peft(model, method, options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in get_adapter_params(model).items():
+            if ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.eval()
+    with torch.no_grad():
+        base = load_model(STORIES260K)(X)
+        adapted = model(X)
+    assert (adapted - base).abs().max() > 1e-2
+    save_adapter(model, out, str(STORIES260K), resolved, method)
+    return adapted
+
+
+@pytest.mark.parametrize("method,options,tol", [("lora", {"targets": "q,v,fc2"}, 1e-5),
+                                                 ("qlora", {"targets": "all-linear", "r": 4}, 1e-4)])
+def test_peft_merge_writes_a_plain_checkpoint_with_the_adapted_logits(method, options, tol, tmp_path):
+    adapted = make_adapter(tmp_path / "adapter", method, options)
+    r = lmforge("peft", "merge", "--model", str(STORIES260K), "--adapter", str(tmp_path / "adapter"),
+                "--output", str(tmp_path / "merged"))
+    assert r.returncode == 0, r.stderr
+    assert "merged into" in r.stdout
+    merged = load_model(tmp_path / "merged")
+    assert not lora_layers(merged) and all(type(m).__name__ != "NF4Linear" for m in merged.modules())
+    with torch.no_grad():  # fp32 rounding grows with the logits (|logit| ~ 13 here): tolerance relative to them
+        assert (merged(X) - adapted).abs().max().item() <= tol * adapted.abs().max().item()
+    assert find_tokenizer_path(tmp_path / "merged", merged.cfg.vocab_size) is not None
+
+
+def test_peft_export_formats(tmp_path):
+    adapted = make_adapter(tmp_path / "adapter", "lora", {"targets": "all-linear", "r": 4})
+    # lmforge layout (base from the adapter's base_model_name_or_path), then back to PEFT's layout
+    r = lmforge("peft", "export", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "lm"),
+                "--format", "lmforge")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "lm" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LMFORGE" and cfg["lmforge_method"] == "lora"
+    r = lmforge("peft", "export", "--adapter", str(tmp_path / "lm"), "--output", str(tmp_path / "pe"),
+                "--format", "peft", "--base-name", "stories260K-hf")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "pe" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == "stories260K-hf"
+    for d in ("lm", "pe"):
+        model = load_model(STORIES260K)
+        load_adapter(model, tmp_path / d)
+        with torch.no_grad():
+            assert (model.eval()(X) - adapted).abs().max().item() <= 1e-5
+    # hf: merged, as a transformers directory
+    T = pytest.importorskip("transformers")
+    r = lmforge("peft", "export", "--adapter", str(tmp_path / "pe"), "--model", str(STORIES260K),
+                "--output", str(tmp_path / "hf"), "--format", "hf")
+    assert r.returncode == 0, r.stderr
+    hf = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert (hf(X).logits - adapted).abs().max().item() <= 1e-4
+
+
+def test_peft_command_errors_are_one_line(tmp_path):
+    r = lmforge("peft", "merge", "--adapter", str(tmp_path), "--output", str(tmp_path / "m"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "adapter_config.json: cannot read" in r.stderr
+    make_adapter(tmp_path / "ad", "lora", {"targets": "q"})
+    r = lmforge("peft", "export", "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "x"),
+                "--format", "onnx")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = lmforge("peft", "--help")
+    assert r.returncode == 0 and "merge" in r.stdout and "export" in r.stdout

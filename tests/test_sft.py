@@ -1,0 +1,163 @@
+"""`lmforge sft`: instruction/chat data formats, response-only masks, mixing, bad records, and the command itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.sft import (
+    BadCounts,
+    iter_records,
+    mix,
+    read_conversations,
+    record_to_conversations,
+    split_heldout,
+    tokenize_conversation,
+)
+from lmforge.errors import LMForgeError
+from lmforge.losses import IGNORE
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct"
+
+
+def test_formats_become_one_conversation_form():
+    alpaca = {"instruction": "Add", "input": "2 and 3", "output": "5", "system": "Be brief.",
+              "history": [["hi", "hello"]]}
+    assert record_to_conversations(alpaca) == [[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "Add\n2 and 3"},
+        {"role": "assistant", "content": "5"}]]
+    share = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "system": "s"}
+    assert record_to_conversations(share) == [[{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                                               {"role": "assistant", "content": "a"}]]
+    oai = {"messages": [{"role": "developer", "content": "s"}, {"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "a"}]}
+    assert record_to_conversations(oai)[0][0] == {"role": "system", "content": "s"}
+    seed = {"instruction": "Classify", "instances": [{"input": "x", "output": "A"}, {"input": "", "output": "B"}]}
+    assert [c[0]["content"] for c in record_to_conversations(seed)] == ["Classify\nx", "Classify"]
+
+
+def test_bad_records_name_file_line_and_field(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output": 3}\n')
+    with pytest.raises(LMForgeError, match=r"d\.jsonl:3: field 'output' must be a string"):
+        read_conversations(f)
+    bad = BadCounts()
+    assert len(read_conversations(f, skip_bad=True, bad=bad)) == 1 and bad.total == 1
+    j = tmp_path / "d.json"
+    j.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"conversations": [{"from": "alien", "value": "x"}]}\n]')
+    with pytest.raises(LMForgeError, match=r"d\.json:3: field 'conversations\[0\]\.from'"):
+        read_conversations(j)
+    (tmp_path / "broken.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    with pytest.raises(LMForgeError, match=r"broken\.jsonl:2: malformed JSON"):
+        list(iter_records(tmp_path / "broken.jsonl"))
+
+
+def test_mixing_caps_and_weights_and_heldout_split():
+    from lmforge.data.sft import Conversation
+
+    a = [Conversation([{"role": "assistant", "content": f"a{i}"}], "a") for i in range(100)]
+    b = [Conversation([{"role": "assistant", "content": f"b{i}"}], "b") for i in range(10)]
+    mixed = mix([a, b], weights=[1.0, 2.0], cap=20, seed=0)
+    assert sum(c.source == "a" for c in mixed) == 20 and sum(c.source == "b" for c in mixed) == 20
+    assert len({c.messages[0]["content"] for c in mixed if c.source == "b"}) == 10
+    half = mix([a], weights=[0.5], seed=1)
+    assert len(half) == 50 and len({c.messages[0]["content"] for c in half}) == 50
+    train, val = split_heldout(a, 0.1, seed=0)
+    assert len(val) == 10 and len(train) == 90 and not {id(c) for c in val} & {id(c) for c in train}
+
+
+def test_only_assistant_turns_are_scored_with_their_end_of_turn(stories):
+    _, tok = stories
+    msgs = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a time."},
+            {"role": "user", "content": "Another."}, {"role": "assistant", "content": "The end."}]
+    ex = tokenize_conversation(tok, "alpaca", msgs)
+    ids, labels = ex["input_ids"], ex["labels"]
+    assert len(ids) == len(labels) and ids[0] == tok.bos_id
+    scored = [i for i, lab in zip(ids, labels) if lab != IGNORE]
+    assert all(lab in (IGNORE, i) for i, lab in zip(ids, labels))
+    assert scored.count(tok.eos_id) == 2  # each turn's end is learned
+    text = tok.decode([i for i in scored if i != tok.eos_id])
+    assert "Once upon a time." in text and "The end." in text and "Tell me" not in text and "Another" not in text
+    # the prompt of the second turn is masked, so two runs of scored tokens
+    runs = sum(1 for k in range(len(labels)) if labels[k] != IGNORE and (k == 0 or labels[k - 1] == IGNORE))
+    assert runs == 2
+    every = tokenize_conversation(tok, "alpaca", msgs, train_on_prompt=True)
+    assert every["input_ids"] == ids and sum(lab != IGNORE for lab in every["labels"]) == len(ids) - 1
+    plain = tokenize_conversation(tok, "plain", msgs)  # no end marker in the template: EOS appended to each turn
+    assert sum(i == tok.eos_id for i, lab in zip(plain["input_ids"], plain["labels"]) if lab != IGNORE) == 2
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/instruct not present")
+def test_shared_instruction_files_read():
+    assert len(read_conversations(SHARED / "alpaca_en_demo.json")) == 999
+    bad = BadCounts()
+    zh = read_conversations(SHARED / "sharegpt_zh_1K_format.jsonl", skip_bad=True, bad=bad)
+    assert len(zh) + bad.total == 1000 and any(len(c.messages) > 2 for c in zh)
+    seeds = read_conversations(SHARED / "seed_tasks.jsonl")
+    assert len(seeds) >= 175
+    ident = read_conversations(SHARED / "identity.json", variables={"name": "Forge", "author": "lmforge"})
+    assert not any("{{" in m["content"] for c in ident for m in c.messages)
+    assert any("Forge" in m["content"] for c in ident for m in c.messages)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_sft_command_trains_resumes_and_leaves_a_loadable_model(tmp_path):
+    data = tmp_path / "stories.jsonl"
+    recs = [{"instruction": f"Write a story about a cat named Tom{i}.", "input": "",
+             "output": f"Once upon a time, there was a cat named Tom{i}."} for i in range(24)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "run"
+    r = run("sft", "--data", str(data), "--out", str(out), "--max-iters", "4", "--train.batch_size", "4",
+            "--train.save_interval", "2", "--packing")
+    assert r.returncode == 0, r.stderr
+    assert "template alpaca" in r.stderr and "full fine-tuning" in r.stderr and "max_iters 4" in r.stderr
+    assert (out / "config.json").is_file() and (out / "chat_template.jinja").is_file()
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in row for row in rows)
+    g = run("generate", "--model", str(out), "--prompt", "Once", "--max-new-tokens", "5", "--temperature", "0")
+    assert g.returncode == 0, g.stderr
+    again = run("sft", "--data", str(data), "--out", str(out), "--max-iters", "6", "--train.batch_size", "4",
+                "--packing", "--resume")
+    assert again.returncode == 0 and "resumed from" in again.stderr and "step 6" in again.stderr
+
+
+def test_sft_command_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "x"}]')
+    r = run("sft", "--data", str(bad), "--out", str(tmp_path / "o"))
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("lmforge sft: error: ")
+    assert "bad.json:1: field 'output' is missing" in r.stderr and "Traceback" not in r.stderr
+    r = run("sft", "--data", str(bad), "--peft.r", "4")
+    assert r.returncode != 0 and "without a method" in r.stderr
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_sft_with_peft_saves_adapter_only_and_loads_as_model(tmp_path, method):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Name {i}", "output": f"Tom{i} the cat."}) + "\n"
+                            for i in range(16)))
+    out = tmp_path / "run"
+    r = run("sft", "--data", str(data), "--out", str(out), "--max-iters", "3", "--peft", method,
+            "--train.batch_size", "4")
+    assert r.returncode == 0, r.stderr
+    assert f"peft {method}" in r.stderr
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "chat_template.jinja"} <= files
+    assert "model.safetensors" not in files and "config.json" not in files
+    ck = sorted(out.glob("ckpt-*"))[-1]
+    assert "train_weights.safetensors" in {p.name for p in ck.iterdir()}
+    a = run("generate", "--model", str(out), "--prompt", "Once", "--max-new-tokens", "6", "--temperature", "0")
+    b = run("generate", "--adapter", str(out), "--prompt", "Once", "--max-new-tokens", "6", "--temperature", "0")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout
+    again = run("sft", "--data", str(data), "--out", str(out), "--max-iters", "4", "--peft", method,
+                "--train.batch_size", "4", "--resume")
+    assert again.returncode == 0 and "resumed from" in again.stderr, again.stderr
