@@ -118,7 +118,7 @@ def test_json_array_reports_element_line(tmp_path):
     assert len(recs) == 2 and recs[1].source.endswith(":7")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": \n')
-    with pytest.raises(LMForgeError, match=r"bad\.jsonl:2: bad JSON"):
+    with pytest.raises(LMForgeError, match=r"bad\.jsonl:2: malformed JSON"):
         read_preference_file(bad)
 
 

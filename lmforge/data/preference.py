@@ -11,24 +11,24 @@ Accepted records (``.jsonl``, or a ``.json`` array), detected by their fields:
 - ranked lists: ``{"prompt" | "conversations" | "messages": ..., "responses": [best, ..., worst]}``.
 
 A response may be a string, a ``{"from", "value"}`` or ``{"role", "content"}`` dict, or a list of such messages
-ending with the assistant reply. Errors are one line: ``file:line: field 'name': what is wrong``.
+ending with the assistant reply. Files are read as SFT data is (``lmforge.data.sft.iter_records``); errors are
+one line: ``file:line: field 'name': what is wrong``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmforge.data.sft import SHAREGPT_ROLES, iter_records
 from lmforge.errors import LMForgeError
 from lmforge.infer.chat import apply_template, encode_text_with_specials, end_of_turn, get_template
 from lmforge.losses import IGNORE
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-         "model": "assistant", "system": "system"}
+ROLES = SHAREGPT_ROLES  # from / role names of messages, as SFT reads them
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
@@ -226,60 +226,19 @@ def parse_record(rec: Any) -> PreferenceRecord:
     return PreferenceRecord(msgs, [_reply(rec["chosen"], "chosen"), _reply(rec["rejected"], "rejected")], ptext)
 
 
-def _json_items(text: str, path: Path):
-    """(line, object) of each element of a JSON array, with the line where the element starts."""
-    dec = json.JSONDecoder()
-    i = len(text) - len(text.lstrip())
-    if not text[i : i + 1] == "[":
-        raise LMForgeError(f"{path}:1: expected a JSON array of records")
-    i += 1
-    while True:
-        while i < len(text) and text[i] in " \t\r\n,":
-            i += 1
-        if i >= len(text):
-            raise LMForgeError(f"{path}:{text.count(chr(10)) + 1}: unterminated JSON array")
-        if text[i] == "]":
-            return
-        line = text.count("\n", 0, i) + 1
-        try:
-            obj, i = dec.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise LMForgeError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
-        yield line, obj
-
-
 def read_preference_file(path: str | Path) -> list[PreferenceRecord]:
     """All records of a ``.jsonl`` or ``.json`` preference file (see the module doc for the formats)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LMForgeError(f"{path}: cannot read: {e}") from None
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        items = _json_items(text, path)
-    else:
-        items = _jsonl_items(text, path)
     out = []
-    for line, obj in items:
+    for where, obj in iter_records(path):
         try:
             rec = parse_record(obj)
         except ValueError as e:
-            raise LMForgeError(f"{path}:{line}: {e}") from None
-        rec.source = f"{path}:{line}"
+            raise LMForgeError(f"{where}: {e}") from None
+        rec.source = where
         out.append(rec)
     if not out:
         raise LMForgeError(f"{path}: no records")
     return out
-
-
-def _jsonl_items(text: str, path: Path):
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LMForgeError(f"{path}:{n}: bad JSON: {e.msg}") from None
 
 
 # ---- tokenizing and batching --------------------------------------------------------------------------------
