@@ -341,3 +341,87 @@ class AdaptiveKLController(FixedKLController):
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value, self.target, self.horizon = (float(state[k]) for k in ("value", "target", "horizon"))
+
+
+# ---- the output projection and cross-entropy fused, in chunks (Liger Kernel's idea) -----------------------------
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over counted rows of CE(h @ W.T + b, y), computed in row chunks: the (N, V) logits never exist whole. The
+    gradients are computed in the forward pass (chunk by chunk) and scaled by the incoming gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, ignore_index: int, chunk: int):
+        n = h.shape[0]
+        acc = torch.promote_types(h.dtype, torch.float32)  # bf16/fp16 logits are computed on in fp32
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros_like(weight, dtype=acc) if need_w else None
+        gb = torch.zeros_like(bias, dtype=acc) if need_b else None
+        for s in range(0, n, chunk):
+            hc, yc = h[s : s + chunk], targets[s : s + chunk]
+            logits = (hc @ weight.t()).to(acc)
+            if bias is not None:
+                logits += bias.to(acc)
+            valid = yc != ignore_index
+            safe = yc.clamp_min(0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe[:, None]).squeeze(1)
+            loss += ((lse - picked) * valid).sum()
+            if need_h or need_w or need_b:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                g[torch.arange(len(yc), device=g.device), safe] -= 1.0
+                g *= valid[:, None]
+                g = g.to(h.dtype)
+                if need_h:
+                    gh[s : s + chunk] = g @ weight
+                if need_w:
+                    gw += (g.t() @ hc).to(acc)
+                if need_b:
+                    gb += g.to(acc).sum(0)
+        ctx.save_for_backward(gh, gw, gb)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        gh, gw, gb = ctx.saved_tensors
+        return (None if gh is None else gh * grad.to(gh.dtype), None if gw is None else gw * grad.to(gw.dtype),
+                None if gb is None else gb * grad.to(gb.dtype), None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = IGNORE,
+                         chunk: int = 1024) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, counted tokens) of ``CE(hidden @ weight.T + bias, targets)`` without materialising the
+    logits: equal to ``token_loss_sum(F.linear(hidden, weight, bias), targets)``, in far less memory (a 49k-token
+    vocabulary makes the logits the largest tensor of a fine-tuning step). Rows with nothing to predict are
+    skipped."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1)
+    keep = (y != ignore_index).nonzero().squeeze(1)
+    n = int(keep.numel())
+    if n < len(y):  # prompt and padding rows never reach the head
+        h, y = h.index_select(0, keep), y.index_select(0, keep)
+    if n == 0:
+        return hidden.sum() * 0.0 + weight.sum() * 0.0, 0
+    return _LinearCrossEntropy.apply(h, weight, bias, y, ignore_index, chunk), n
+
+
+FUSED_MIN_VOCAB = 8192  # below this the logits are small and the plain path is as fast
+
+
+def lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """Next-token loss of a batch {input_ids, targets, model_kwargs?} as (sum, counted tokens). With a large
+    vocabulary and a plain float output layer the head and the loss run fused in chunks (``linear_cross_entropy``);
+    otherwise logits then ``token_loss_sum``. ``model`` may be wrapped (DDP's ``.module``)."""
+    base = getattr(model, "module", model)
+    head = getattr(base, "lm_head", None)
+    kwargs = batch.get("model_kwargs", {})
+    fused = (type(head) is torch.nn.Linear and head.out_features >= FUSED_MIN_VOCAB
+             and not hasattr(head.weight, "full_tensor"))  # FSDP shards it: the plain path gathers it in forward
+    if fused:
+        h = model(batch["input_ids"], head=False, **kwargs)
+        return linear_cross_entropy(h, head.weight, batch["targets"], head.bias)
+    return token_loss_sum(model(batch["input_ids"], **kwargs), batch["targets"])

@@ -164,8 +164,11 @@ class Decoder(nn.Module):
         key_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         segment_ids: torch.Tensor | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, position_ids, prefix_len, key_mask, cache, segment_ids))
+        """Logits (B, T, vocab); ``head=False``: the final hidden states instead (for a fused output loss)."""
+        h = self.hidden_states(input_ids, position_ids, prefix_len, key_mask, cache, segment_ids)
+        return self.lm_head(h) if head else h
 
     def hidden_states(
         self,

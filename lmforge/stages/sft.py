@@ -16,7 +16,7 @@ import torch
 
 from lmforge.checkpoint import save_checkpoint
 from lmforge.errors import LMForgeError
-from lmforge.losses import token_loss_sum
+from lmforge.losses import lm_loss
 from lmforge.peft import apply_peft, get_method, save_adapter
 from lmforge.train import distributed as D
 from lmforge.train.batches import ExampleBatches
@@ -96,8 +96,7 @@ def build_examples(cfg: SFTConfig, tok, template, log) -> tuple[list[dict], list
 
 
 def sft_loss(model, batch):
-    logits = model(batch["input_ids"], **batch.get("model_kwargs", {}))
-    return token_loss_sum(logits, batch["targets"])
+    return lm_loss(model, batch)
 
 
 def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool = False) -> dict[str, Any]:
