@@ -126,6 +126,10 @@ def test_json_error_bodies_for_every_status(server, monkeypatch):
         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 17}).encode(), JSON))
     assert st == 400 and error(st, out)["param"] == "n"
 
+    big = completion(prompt="Once upon a time " * 1500)  # > 16 KiB: tokenized in a worker thread
+    st, _, out = http(server, request("POST", "/v1/completions", big, JSON))
+    assert st == 400 and error(st, out)["code"] == "context_length_exceeded"
+
     def broken(kind, raw):
         raise RuntimeError("boom")
 
@@ -165,7 +169,8 @@ def test_cors_only_for_the_given_origin(stories):
         assert st == 200 and headers["access-control-allow-origin"] == "http://app.example"
         st, headers, _ = http(srv, request("OPTIONS", "/v1/completions", headers={"Origin": "http://evil.example",
                                                                                   **pre}))
-        assert st == 400 and "access-control-allow-origin" not in headers
+        assert st == 400 and "access-control-allow-origin" not in headers and headers["content-type"] == JSON[
+            "Content-Type"]
         st, headers, out = http(srv, request("POST", "/v1/completions", completion(),
                                              {**JSON, "Origin": "http://app.example"}))
         assert st == 200 and headers["access-control-allow-origin"] == "http://app.example"

@@ -49,6 +49,7 @@ from lmforge.serve.protocol import APIError, GenRequest, Limits
 STREAM_PACE = 0.001  # seconds (per running request) a stream waits after a token for more to send together
 GENERATE = ("/v1/completions", "/v1/chat/completions")
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+PARSE_INLINE = 16 << 10  # request bodies up to this size are parsed on the event loop
 
 
 class ModelServer:
@@ -81,7 +82,7 @@ class ModelServer:
         self.app = build_app(self)
         asgi: Any = _Guard(self, self.app)
         if cors_origins:
-            asgi = CORSMiddleware(asgi, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+            asgi = _CORS(asgi, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
                                   allow_headers=["Authorization", "Content-Type"], max_age=600)
         asgi = _HostGuard(self.hosts, asgi)
         config = uvicorn.Config(asgi, http=_H11, lifespan="off", log_level="warning", access_log=False,
@@ -344,6 +345,18 @@ class _Guard:
         return replayed
 
 
+class _CORS(CORSMiddleware):
+    """Starlette's CORS middleware, with its refused preflight (400) as a JSON error body."""
+
+    def preflight_response(self, request_headers) -> Response:
+        resp = super().preflight_response(request_headers)
+        if resp.status_code < 400:
+            return resp
+        headers = {k: v for k, v in resp.headers.items() if k not in ("content-type", "content-length")}
+        body = APIError(resp.status_code, resp.body.decode(), code="cors_refused").body()
+        return JSONResponse(body, status_code=resp.status_code, headers=headers)
+
+
 class _H11(H11Protocol):
     """uvicorn's h11 protocol, answering a malformed request with a JSON error body."""
 
@@ -468,7 +481,9 @@ def build_app(server: ModelServer) -> FastAPI:
 
 
 async def _generate(server: ModelServer, request: Request, kind: str) -> Response:
-    g = server.parse(kind, await request.body())
+    raw = await request.body()
+    # tokenizing a large body would hold up every stream on the event loop: do it in a worker thread
+    g = server.parse(kind, raw) if len(raw) < PARSE_INLINE else await asyncio.to_thread(server.parse, kind, raw)
     sink = _Sink()
     reqs = server.submit(g, sink)
     if g.stream:
