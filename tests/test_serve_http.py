@@ -181,6 +181,8 @@ def test_health_needs_no_key_and_docs_describe_the_api(server):
     assert st == 200 and json.loads(out)["status"] == "ok"
     st, _, out = http(server, request("GET", "/v1/models", headers={"Authorization": ""}))
     assert st == 401 and error(st, out)["code"] == "invalid_api_key"
+    st, headers, out = http(server, request("GET", "/", headers={"Authorization": ""}))
+    assert st == 200 and headers["content-type"].startswith("text/html") and b"/v1/chat/completions" in out
     st, headers, out = http(server, request("GET", "/docs"))
     assert st == 200 and headers["content-type"].startswith("text/html") and b"openapi.json" in out
     st, _, out = http(server, request("GET", "/openapi.json"))

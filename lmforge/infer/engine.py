@@ -538,7 +538,8 @@ class Engine:
     @property
     def waiting(self) -> int:
         """Requests waiting for a slot."""
-        return sum(len(g) for g in list(self._waiting.values()))
+        with self._cv:
+            return sum(len(g) for g in self._waiting.values())
 
     @property
     def waiting_groups(self) -> int:
