@@ -262,6 +262,21 @@ def test_fair_admission_one_call_cannot_starve_another(stories):
         eng.close()
 
 
+def test_a_large_call_does_not_starve_a_small_one(stories):
+    """prompt x 4 with n 4 (16 sequences) on 2 slots, then a 5-token call: the small call is answered while most of
+    the large one still waits (first-come-first-served would run all 16 first)."""
+    with ModelServer(*stories, MODEL, "127.0.0.1", 0, max_batch=2) as srv:
+        e = srv.engine
+        big = open_generation(srv, {"model": MODEL, "prompt": ["Once", "The dog", "Tom", "A bird"], "n": 4,
+                                    "max_tokens": 40, "ignore_eos": True, "temperature": 0})
+        wait_for(lambda: e.active == 2 and e.waiting == 14, "the large call to start")
+        st, _, out = http(srv, request("POST", "/v1/completions", completion(max_tokens=5, ignore_eos=True), JSON))
+        assert st == 200 and json.loads(out)["usage"]["completion_tokens"] == 5
+        assert e.waiting >= 8, e.waiting  # most of the large call is still waiting
+        big.close()
+        wait_for(lambda: e.active == 0 and e.waiting == 0, "the large call to be cancelled")
+
+
 def test_cli_flags_env_key_and_allowed_hosts():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
