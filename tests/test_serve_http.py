@@ -101,6 +101,8 @@ def test_body_limit_refused_before_reading(server):
     st, _, out = http(server, request("POST", "/v1/completions", b"%x\r\n%s\r\n" % (len(big), big),
                                       {**JSON, "Transfer-Encoding": "chunked"}, length=False))
     assert st == 413 and error(st, out)["code"] == "request_too_large"
+    st, headers, out = http(server, request("GET", "/v1/models", headers={"Content-Length": "70000"}))
+    assert st == 413 and headers["connection"] == "close"
     st, _, out = http(server, request("POST", "/v1/completions", headers=JSON))
     assert st == 411 and error(st, out)["code"] == "length_required"
     body = completion()  # a chunked body within the limit is fine

@@ -278,9 +278,14 @@ class _Guard:
                 receive = await self._read_body(scope, receive, path in GENERATE)
                 if receive is None:  # the client went away
                     return
+            elif _header(scope, b"transfer-encoding") or int(_header(scope, b"content-length") or 0) > \
+                    self.server.max_body:  # never read (uvicorn would read and drop it to keep the connection)
+                raise APIError(413, f"{method} request with a body over {self.server.max_body} bytes",
+                               code="request_too_large")
         except APIError as e:
             # a body left unread would be taken for the next request: close the connection instead
-            await _send_error(send, e, close=method in ("POST", "PUT", "PATCH"))
+            has_body = _header(scope, b"transfer-encoding") or _header(scope, b"content-length") not in (None, "0")
+            await _send_error(send, e, close=bool(has_body))
             return
         await self.app(scope, receive, send)
 
@@ -291,8 +296,7 @@ class _Guard:
             if match != Match.NONE:
                 methods |= set(getattr(route, "methods", None) or ())
         if not methods:
-            raise_404 = APIError(404, f"no route for OPTIONS {path}", code="not_found")
-            await _send_error(send, raise_404)
+            await _send_error(send, APIError(404, f"no route for OPTIONS {path}", code="not_found"))
             return
         allow = ", ".join(sorted(methods | {"OPTIONS"}))
         await send({"type": "http.response.start", "status": 204,
