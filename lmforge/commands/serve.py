@@ -76,8 +76,8 @@ def run(args) -> None:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise LMForgeError(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.max_queue < 0 or args.max_body < 1:
-        raise LMForgeError("--max-queue must be >= 0 and --max-body >= 1")
+    if args.max_queue < 1 or args.max_body < 1:
+        raise LMForgeError("--max-queue and --max-body must be >= 1")
     if not 0 <= args.port < 65536:
         raise LMForgeError(f"--port {args.port}: must be in [0, 65535]")
     template = _read_template(args.template)

@@ -65,6 +65,8 @@ class ModelServer:
                  max_tokens: int | None = None, max_body: int = 1 << 20, template: str | None = None,
                  aliases: tuple[str, ...] = (), max_queue: int = 64, allowed_hosts: tuple[str, ...] = (),
                  cors_origins: tuple[str, ...] = ()) -> None:
+        if max_queue < 1 or max_body < 1:
+            raise ValueError("max_queue and max_body must be >= 1")
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.model_ids = {model_id, *aliases}
         self.api_key = api_key or None
@@ -83,7 +85,7 @@ class ModelServer:
         asgi: Any = _Guard(self, self.app)
         if cors_origins:
             asgi = _CORS(asgi, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
-                                  allow_headers=["Authorization", "Content-Type"], max_age=600)
+                         allow_headers=["Authorization", "Content-Type"], max_age=600)
         asgi = _HostGuard(self.hosts, asgi)
         config = uvicorn.Config(asgi, http=_H11, lifespan="off", log_level="warning", access_log=False,
                                 timeout_keep_alive=5, timeout_graceful_shutdown=2, server_header=False)
@@ -389,12 +391,25 @@ class _Sink:
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
+        self._lock = threading.Lock()
+        self._pending: list = []  # put by the engine, not yet moved to the queue
 
     def put(self, item) -> None:
+        """From the engine thread: one wake-up of the loop for all the events it has not taken yet."""
+        with self._lock:
+            self._pending.append(item)
+            if len(self._pending) > 1:
+                return
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._move)
         except RuntimeError:  # the loop is closed: nobody is listening
             pass
+
+    def _move(self) -> None:
+        with self._lock:
+            items, self._pending = self._pending, []
+        for item in items:
+            self.queue.put_nowait(item)
 
     async def watch(self, receive) -> None:
         """Wait until the client disconnects, then tell the reader."""
