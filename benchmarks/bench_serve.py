@@ -1,12 +1,19 @@
-"""Aggregate generation throughput of `lmforge serve` (stories260K) with 1, 4 and 16 concurrent streaming clients.
+"""Aggregate generation throughput of `lmforge serve` with 1, 4 and 16 concurrent streaming clients, against
+`lmforge generate` on the same model.
 
-    python benchmarks/bench_serve.py [--tokens 128] [--requests 3] [--clients 1 4 16] [--rounds 3] [--threads 1]
+    python benchmarks/bench_serve.py [--model PATH] [--tokens 128] [--requests 3] [--clients 1 4 16] [--rounds 3]
+                                     [--threads N] [--max-batch N] [--no-generate]
 
-The server runs in a child process on a free 127.0.0.1 port (``--max-batch 16``); each client thread sends
-``--requests`` streaming completions one after another (greedy, ``ignore_eos`` so every request yields ``--tokens``
-tokens) and reads the server-sent events to the end. Aggregate tokens/s = completion tokens of all clients / wall
-time, best of ``--rounds`` rounds in which the client counts alternate. The target is 16 clients >= 4x one client
-(continuous batching decodes all running requests together).
+The server (`lmforge serve`, with its default --threads and --max-batch unless given) runs in a child process on a
+free 127.0.0.1 port; each client thread sends ``--requests`` streaming completions one after another (greedy,
+``ignore_eos`` so every request yields ``--tokens`` tokens) and reads the server-sent events to the end. Aggregate
+tokens/s = completion tokens of all clients / wall time, best of ``--rounds`` rounds in which the client counts
+alternate. Targets (issue 14): one client >= 0.8x `lmforge generate` (measured here too, best of the rounds), and
+16 clients >= 4x one client (continuous batching decodes all running requests together).
+
+To re-take the --threads default's measurement on a quiet machine, run it for a tiny and a large model with
+``--threads 1`` and ``--threads <cores - 1>`` (and all cores): the default is 1 thread below
+``lmforge.commands.serve.SMALL_MODEL`` bytes of weights and cores - 1 above.
 """
 
 from __future__ import annotations
@@ -23,8 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVE = ("import argparse, sys; from lmforge.commands import serve; p = argparse.ArgumentParser(); "
-         "s = p.add_subparsers(); serve.add_parser(s, 'serve', ''); a = p.parse_args(sys.argv[1:]); a.func(a)")
 PROMPTS = ["Once upon a time", "Tom had a big red ball", "The cat sat", "Lily and her mom", "One day a bird",
            "Ben was sad", "The sun was hot", "Sue found a box"]
 
@@ -35,9 +40,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MODEL_ID = "stories260K.bin"
+
+
 def stream_completion(port: int, prompt: str, tokens: int) -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    body = json.dumps({"model": "stories260K.bin", "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+    body = json.dumps({"model": MODEL_ID, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
                        "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}})
     conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -90,26 +98,54 @@ def run_clients(port: int, clients: int, requests: int, tokens: int) -> tuple[fl
     return dt, sum(counts)
 
 
+def generate_rate(model: list[str], tokens: int, env: dict) -> float:
+    """Tokens/s `lmforge generate` reports for one greedy sequence."""
+    r = subprocess.run([sys.executable, "-m", "lmforge", "generate", *model, "--temperature", "0",
+                        "--max-new-tokens", str(tokens), "--prompt", PROMPTS[0]], env=env, capture_output=True,
+                       text=True)
+    line = [ln for ln in r.stderr.splitlines() if ln.startswith("achieved tok/s:")]
+    if r.returncode or not line:
+        raise SystemExit(f"lmforge generate failed: {r.stderr[-500:]}")
+    return float(line[0].split()[2])
+
+
+def model_id(port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/v1/models")
+    out = json.loads(conn.getresponse().read())
+    conn.close()
+    return out["data"][0]["id"]
+
+
 def main() -> None:
+    global MODEL_ID
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="model path (default: the bundled stories260K)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
     ap.add_argument("--clients", type=int, nargs="*", default=[1, 4, 16])
-    ap.add_argument("--threads", type=int, default=1, help="torch threads in the server")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in the server (default: its own)")
+    ap.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: its own)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over the client counts; the best is reported")
+    ap.add_argument("--no-generate", action="store_true", help="skip the `lmforge generate` comparison")
     args = ap.parse_args()
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-c", SERVE, "serve", "--port", str(port), "--max-batch", "16"],
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    model = ["--model", args.model] if args.model else []
+    extra = [*model]
+    for flag, v in (("--threads", args.threads), ("--max-batch", args.max_batch)):
+        if v is not None:
+            extra += [flag, str(v)]
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--port", str(port), *extra],
                             env=env, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
         if "serving" not in line:
             raise SystemExit(f"server did not start: {line}{proc.stderr.read()}")
+        print(line.strip())
+        MODEL_ID = model_id(port)
         stream_completion(port, "warm up", 8)
-        print(f"lmforge serve, stories260K, {args.tokens} tokens per request, {args.requests} requests per client, "
-              f"server threads {args.threads}, max batch 16")
+        print(f"lmforge serve, {MODEL_ID}, {args.tokens} tokens per request, {args.requests} requests per client")
         rates: dict[int, float] = {}
         for r in range(args.rounds):  # client counts alternate within a round: all see the same machine load
             for c in args.clients:
@@ -126,10 +162,13 @@ def main() -> None:
         if 1 in rates:
             for c in rates:
                 if c != 1:
-                    print(f"{c} clients / 1 client: {rates[c] / rates[1]:.2f}x")
+                    print(f"{c} clients / 1 client: {rates[c] / rates[1]:.2f}x (target >= 4x for 16)")
     finally:
         proc.terminate()
         proc.wait(10)
+    if not args.no_generate and 1 in rates:  # after the server stopped: the two never share the cores
+        gen = max(generate_rate(model, args.tokens, env) for _ in range(args.rounds))
+        print(f"lmforge generate: {gen:.0f} tok/s; one client / generate: {rates[1] / gen:.2f}x (target >= 0.8x)")
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ def test_raw_http_errors(server):
     assert st == 404
     st, body = raw_request(server, "GET", "/v1/models", headers={"Authorization": ""})
     assert st == 401
-    st, body = raw_request(server, "POST", "/v1/completions", b"[1, 2]")
+    st, body = raw_request(server, "POST", "/v1/completions", b"[1, 2]", {"Content-Type": "application/json"})
     assert st == 400
 
 
@@ -177,7 +177,7 @@ def test_client_disconnect_mid_stream_frees_the_slot(server, client):
     s = socket.create_connection((host, port))
     body = json.dumps({"model": MODEL, "prompt": "Once", "max_tokens": 400, "stream": True,
                        "ignore_eos": True}).encode()
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode() +
               b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     got = b""
     while b"data:" not in got:

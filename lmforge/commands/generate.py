@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import codecs
 import sys
 import time
+from typing import TextIO
 
 from lmforge.commands.common import add_model_args, load_model_and_tokenizer
 
@@ -25,7 +25,6 @@ def add_parser(sub, name: str, help_: str) -> None:
 
 def run(args) -> None:
     from lmforge.errors import LMForgeError
-    from lmforge.infer.generate import stream
     from lmforge.infer.sampling import SamplingParams
 
     if args.max_new_tokens < 0:
@@ -40,22 +39,28 @@ def run(args) -> None:
     stops = [i for i in (tok.eos_id, tok.bos_id) if i is not None]  # BOS delimits documents (llama2.c)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             max_new_tokens=args.max_new_tokens, seed=args.seed, stop_ids=stops)
-    out = sys.stdout
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    ids = list(prompt)
-    shown = tok.decode_bytes(ids)
-    out.write(utf8.decode(shown))
-    out.flush()
-    start, n = time.perf_counter(), 0
-    for t in stream(model, prompt, params):
-        ids.append(t)
-        n += 1
-        full = tok.decode_bytes(ids)
-        out.write(utf8.decode(full[len(shown):]))
-        out.flush()
-        shown = full
-    out.write(utf8.decode(b"", final=True) + "\n")
-    out.flush()
+    start = time.perf_counter()
+    n = write_generation(model, tok, prompt, params, sys.stdout)
     dt = time.perf_counter() - start
     if n:
         print(f"achieved tok/s: {n / dt:.1f} ({n} tokens)", file=sys.stderr)
+
+
+def write_generation(model, tok, prompt: list[int], params, out: TextIO) -> int:
+    """Write the prompt's text, then the generated text as it comes, then a newline; the number of tokens.
+
+    Text comes from the incremental detokenizer the server uses (``TextStream``: each token decodes a short window
+    of ids, so the cost per token stays constant however long the text gets)."""
+    from lmforge.infer.generate import stream_steps
+
+    out.write(tok.decode_bytes(prompt).decode("utf-8", errors="replace"))
+    out.flush()
+    n = 0
+    for step in stream_steps(model, prompt, params, tok):
+        n += step.token >= 0
+        if step.text:
+            out.write(step.text)
+            out.flush()
+    out.write("\n")
+    out.flush()
+    return n

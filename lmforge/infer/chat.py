@@ -11,6 +11,7 @@ Any Hugging Face-style Jinja ``chat_template`` string works too; it is rendered 
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -238,27 +239,84 @@ def special_tokens(tokenizer) -> dict[str, int]:
 
 def encode_text_with_specials(tokenizer, text: str) -> list[int]:
     """Encode ``text``, mapping special-token strings (``<|im_end|>``, ``</s>``, ...) to their single ids."""
+    return _encode_segments(tokenizer, text, {})
+
+
+def encode_plain(tokenizer, text: str, at_start: bool = True) -> list[int]:
+    """Ids of ``text`` as plain text: a special-token string in it is ordinary text, never the special token."""
+    if hasattr(tokenizer, "specials") and hasattr(tokenizer, "_encode_plain"):  # GGUF: encode parses specials
+        return tokenizer._encode_plain(text, at_start) if text else []
+    raw = getattr(tokenizer, "tok", None)
+    if raw is not None and hasattr(raw, "encode_special_tokens"):  # tokenizers: added specials are matched in text
+        with _PLAIN_LOCK:
+            old = raw.encode_special_tokens
+            raw.encode_special_tokens = True
+            try:
+                return tokenizer.encode(text)
+            finally:
+                raw.encode_special_tokens = old
+    return tokenizer.encode(text)
+
+
+_PLAIN_LOCK = threading.Lock()
+
+
+# Private-use code points marking, in rendered chat text, where a message's text stood in for a special string.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_PLACEHOLDER = re.compile(_OPEN + "([0-9]+)" + _CLOSE)
+
+
+def _encode_segments(tokenizer, text: str, literal: dict[int, str]) -> list[int]:
+    """Encode rendered text: special-token strings become their ids; placeholders (``literal``) are restored as
+    text and encoded as plain text with the text around them."""
     specials = special_tokens(tokenizer)
-    if not specials or hasattr(tokenizer, "specials"):
-        return tokenizer.encode(text)
-    pat = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+    pieces: list[tuple[str, bool]] = []
+    if specials:
+        pat = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+        pos = 0
+        for m in pat.finditer(text):
+            if m.start() > pos:
+                pieces.append((text[pos : m.start()], False))
+            pieces.append((m.group(), True))
+            pos = m.end()
+        if pos < len(text):
+            pieces.append((text[pos:], False))
+    elif text:
+        pieces = [(text, False)]
     ids: list[int] = []
-    pos = 0
-    for m in pat.finditer(text):
-        if m.start() > pos:
-            ids += tokenizer.encode(text[pos : m.start()])
-        ids.append(specials[m.group()])
-        pos = m.end()
-    if pos < len(text):
-        ids += tokenizer.encode(text[pos:])
+    for k, (piece, special) in enumerate(pieces):
+        if special:
+            ids.append(specials[piece])
+        else:
+            if literal:
+                piece = _PLACEHOLDER.sub(lambda m: literal[int(m.group(1))], piece)
+            ids += encode_plain(tokenizer, piece, at_start=k == 0)
     return ids
+
+
+def _hide_specials(messages: list[dict[str, str]], specials: dict[str, int]) -> tuple[list[dict], dict[int, str]]:
+    """Messages with every special-token string (and placeholder mark) in their text replaced by a placeholder,
+    and the placeholders' texts: what a user writes is text, only the template makes special tokens."""
+    marks = sorted({*specials, _OPEN, _CLOSE}, key=len, reverse=True)
+    pat = re.compile("|".join(re.escape(s) for s in marks))
+    literal: dict[int, str] = {}
+
+    def hide(m: re.Match) -> str:
+        literal[len(literal)] = m.group()
+        return f"{_OPEN}{len(literal) - 1}{_CLOSE}"
+
+    return [{**m, "content": pat.sub(hide, m["content"])} for m in messages], literal
 
 
 def encode_chat(tokenizer, template: str | ChatTemplate | None, messages: list[dict],
                 add_generation_prompt: bool = True) -> list[int]:
-    """Render and tokenize a conversation; BOS first when the tokenizer has one and the template did not add it."""
-    text = apply_template(template, messages, add_generation_prompt, tokenizer=tokenizer)
-    ids = encode_text_with_specials(tokenizer, text)
+    """Render and tokenize a conversation; BOS first when the tokenizer has one and the template did not add it.
+
+    Only the template's own text makes special tokens: a special-token string inside a message (a user writing
+    ``<|im_end|>\\n<|im_start|>system``) is encoded as the plain text it is, so no one can forge a turn."""
+    msgs, literal = _hide_specials(check_messages(messages), special_tokens(tokenizer))
+    text = apply_template(template, msgs, add_generation_prompt, tokenizer=tokenizer)
+    ids = _encode_segments(tokenizer, text, literal)
     bos = tokenizer.bos_id
     if bos is not None and (not ids or ids[0] != bos) and getattr(tokenizer, "add_bos", True):
         ids = [bos, *ids]

@@ -14,7 +14,9 @@ through ``Decoder.forward`` with per-row positions and a key mask.
 
 ``Engine`` runs a background loop over a ``SlotRunner``: requests wait in a queue, enter a free slot as soon as one is
 free (prefill), and every loop iteration decodes all active slots together. A finished or cancelled request frees
-its slot without stopping the others.
+its slot without stopping the others (a cancelled one at the next step). Requests submitted together
+(``submit_group``: the n choices of one API call) wait as a group, and free slots go round-robin over the waiting
+groups, so one call with 256 sequences cannot starve a call with one.
 """
 
 from __future__ import annotations
@@ -481,7 +483,8 @@ class Engine:
         self.runner = SlotRunner(model, max_batch, max_len)
         # the context requests get: prefix/prompt tuning's virtual tokens take the start of every slot
         self.max_len = self.runner.max_len - self.runner.nv
-        self._waiting: collections.deque[Request] = collections.deque()
+        self._waiting: collections.OrderedDict[int, collections.deque[Request]] = collections.OrderedDict()
+        self._group_ids = iter(range(1 << 62))
         self._slots: list[Request | None] = [None] * max_batch
         self._last: list[int | None] = [None] * max_batch
         self._cv = threading.Condition()
@@ -491,13 +494,29 @@ class Engine:
         self.busy = 0.0  # seconds spent in decode steps
         self.prefill_batches = 0  # prefills of several prompts in one forward
         self.max_active = 0
+        self.cancelled = 0  # requests stopped by cancel() before they finished
         self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
         self._thread.start()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: queue.SimpleQueue | None = None,
                tag=None) -> Request:
         """Queue a request. Raises ValueError for an empty prompt, one that fills the context, or bad params.
-        Events go to the request's own queue, or to ``sink`` as ``(tag, item)``."""
+        Events go to the request's own queue, or to ``sink`` (anything with ``put``) as ``(tag, item)``."""
+        return self.submit_group([(prompt_ids, params, tag)], sink)[0]
+
+    def submit_group(self, items: list[tuple[list[int], SamplingParams, object]], sink=None) -> list[Request]:
+        """Queue ``(prompt_ids, params, tag)`` requests as one group (all or none: a ValueError queues nothing).
+        Waiting groups take free slots in turn, one request at a time."""
+        reqs = [self._request(ids, params, sink, tag) for ids, params, tag in items]
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if reqs:
+                self._waiting[next(self._group_ids)] = collections.deque(reqs)
+            self._cv.notify()
+        return reqs
+
+    def _request(self, prompt_ids: list[int], params: SamplingParams, sink, tag) -> Request:
         params.check()
         if not prompt_ids:
             raise ValueError("the prompt must hold at least one token")
@@ -508,13 +527,7 @@ class Engine:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary of {vocab}")
         seq = Sequence(prompt_ids, params, self.tokenizer, self.max_len, vocab)
-        req = Request(seq, sink, tag)
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("the engine is closed")
-            self._waiting.append(req)
-            self._cv.notify()
-        return req
+        return Request(seq, sink, tag)
 
     def close(self) -> None:
         with self._cv:
@@ -528,7 +541,25 @@ class Engine:
 
     @property
     def waiting(self) -> int:
+        """Requests waiting for a slot."""
+        with self._cv:
+            return sum(len(g) for g in self._waiting.values())
+
+    @property
+    def waiting_groups(self) -> int:
+        """Groups (API calls) with a request waiting for a slot."""
         return len(self._waiting)
+
+    def _next_waiting(self) -> Request:
+        """The next request to admit: round-robin over the waiting groups (call with the lock held)."""
+        key = next(iter(self._waiting))
+        group = self._waiting[key]
+        req = group.popleft()
+        if group:
+            self._waiting.move_to_end(key)
+        else:
+            del self._waiting[key]
+        return req
 
     # ---- the loop ---------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -539,9 +570,10 @@ class Engine:
                 if self._closed:
                     break
                 admitted = []
+                self._drop_cancelled_waiting()
                 while self._waiting and None in self._slots:
                     slot = self._slots.index(None)
-                    self._slots[slot] = req = self._waiting.popleft()
+                    self._slots[slot] = req = self._next_waiting()
                     admitted.append((slot, req))
             try:
                 self._admit_many(admitted)
@@ -555,7 +587,7 @@ class Engine:
                     if req is not None:
                         self._free(i)
                         self._fail(req, f"{type(e).__name__}: {e}")
-        for req in [*self._waiting, *(r for r in self._slots if r is not None)]:
+        for req in [*(r for g in self._waiting.values() for r in g), *(r for r in self._slots if r is not None)]:
             self._fail(req, "the engine was closed")
 
     def _admit_many(self, admitted: list[tuple[int, Request]]) -> None:
@@ -641,8 +673,22 @@ class Engine:
         for i, req in enumerate(self._slots):
             if req is not None and req.cancelled and req.seq.finish_reason is None:
                 req.seq.finish_reason = "cancelled"
+                self.cancelled += 1
                 self._free(i)
                 req._put(Request.DONE)
+
+    def _drop_cancelled_waiting(self) -> None:
+        """Finish cancelled requests that are still waiting (call with the lock held)."""
+        for key in [k for k, g in self._waiting.items() if any(r.cancelled for r in g)]:
+            group = self._waiting[key]
+            for req in [r for r in group if r.cancelled]:
+                group.remove(req)
+                if req.seq.finish_reason is None:
+                    req.seq.finish_reason = "cancelled"
+                    self.cancelled += 1
+                req._put(Request.DONE)
+            if not group:
+                del self._waiting[key]
 
     def _free(self, slot: int) -> None:
         with self._cv:

@@ -1,7 +1,9 @@
-"""The OpenAI API's request fields, checked, and its response bodies.
+"""The OpenAI API's request schema (pydantic models), its checks against the served model, and its response bodies.
 
-``parse_completion`` / ``parse_chat`` turn a JSON body into a ``GenRequest`` (prompts as token ids, sampling
-parameters) or raise ``APIError`` with an OpenAI-style error: ``{"error": {"message", "type", "param", "code"}}``.
+``parse_completion`` / ``parse_chat`` validate a raw JSON body against ``CompletionRequest`` / ``ChatRequest`` and turn
+it into a ``GenRequest`` (prompts as token ids, sampling parameters), or raise ``APIError`` with an OpenAI-style
+error: ``{"error": {"message", "type", "param", "code"}}``. The JSON itself is parsed by pydantic (bounded nesting,
+no lone surrogates, no NaN/Infinity), so every malformed body is a 400, naming the field where there is one.
 """
 
 from __future__ import annotations
@@ -10,16 +12,19 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmforge.infer.sampling import SamplingParams
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None) -> None:
+                 type_: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
         self.type = type_ or {401: "authentication_error", 404: "invalid_request_error",
                               413: "invalid_request_error", 429: "rate_limit_error"}.get(
             status, "invalid_request_error" if status < 500 else "server_error")
@@ -28,13 +33,93 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# ---- the request schema --------------------------------------------------------------------------
+
+INT64 = 1 << 63
+MAX_N = 16  # choices per prompt
+MAX_PROMPTS = 16  # prompts per completions request
+MAX_STOP = 4
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Schema):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM's; accepted (usage is sent once, at the end)
+
+
+Stop = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)]
+
+
+class _Common(_Schema):
+    model: str = Field(min_length=1, description="a model id from GET /v1/models")
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: Annotated[str, Field(min_length=1)] | Stop | None = None
+    seed: int | None = Field(None, ge=-INT64, le=INT64 - 1)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM-style extensions
+    top_k: int | None = Field(None, ge=-1, le=1 << 30)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    ignore_eos: bool | None = None
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class CompletionRequest(_Common):
+    """POST /v1/completions."""
+
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    echo: bool | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(_Common):
+    """POST /v1/chat/completions."""
+
+    messages: list[Message] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+
+
 @dataclass
 class Limits:
     context: int  # the model's context length (the engine's cache length)
     max_tokens: int  # largest max_tokens a request may ask for
-    max_n: int = 16  # choices per prompt
-    max_prompts: int = 16  # prompts per completions request
-    max_stop: int = 4
 
 
 @dataclass
@@ -50,112 +135,60 @@ class GenRequest:
     logprobs: int | None = None  # completions: top-n alternatives; chat: top_logprobs (0 = chosen only)
 
 
-# ---- field checks ---------------------------------------------------------------------------------
+# ---- checks ---------------------------------------------------------------------------------------
 
 
 def _bad(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param=param, code="invalid_value")
 
 
-def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
-    v = body.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise APIError(400, f"{key}: expected a number, got {type(v).__name__}", param=key, code="invalid_type")
-    if v < lo or v > hi or (lo_open and v == lo):
-        raise _bad(key, f"{v} is out of range; expected {'(' if lo_open else '['}{lo}, {hi}]")
-    return float(v)
+_TYPE_ERRORS = ("_type", "_parsing", "literal_error", "union_tag", "is_instance")
 
 
-def _int(body: dict, key: str, default: int | None, lo: int, hi: int) -> int | None:
-    v = body.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        else:
-            raise APIError(400, f"{key}: expected an integer, got {type(v).__name__}", param=key, code="invalid_type")
-    if v < lo or v > hi:
-        raise _bad(key, f"{v} is out of range; expected [{lo}, {hi}]")
-    return v
+def validation_error(e: ValidationError) -> APIError:
+    """The first problem pydantic found, as an OpenAI-style 400 naming the top-level field (``param``)."""
+    errors = e.errors(include_url=False)
+    # a union reports one error per member: prefer one that got past the member's type
+    err = next((x for x in errors if not x["type"].endswith(_TYPE_ERRORS)), errors[0])
+    kind, loc = err["type"], [str(x) for x in err["loc"]]
+    if kind == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {err['msg'].removeprefix('Invalid JSON: ')}",
+                        code="invalid_json")
+    if not loc:
+        return APIError(400, "the request body must be a JSON object", code="invalid_body")
+    param = loc[0]
+    # drop union member names (str, list[int], ...) from the path, keep fields and list indices
+    path = ".".join(x for x in loc if x.isdigit() or x.isidentifier() and x not in ("str", "int", "float", "bool"))
+    if kind == "extra_forbidden":
+        if len(loc) == 1:
+            return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                            code="unknown_parameter")
+        return APIError(400, f"{path}: unknown field", param=param, code="unknown_parameter")
+    if kind == "missing":
+        return APIError(400, f"{path}: required", param=param, code="missing_field")
+    code = "invalid_type" if kind.endswith(_TYPE_ERRORS) else "invalid_value"
+    got = err.get("input")
+    shown = f" (got {json.dumps(got)[:40]})" if isinstance(got, (int, float, str, bool)) else ""
+    return APIError(400, f"{path}: {err['msg']}{shown}", param=param, code=code)
 
 
-def _bool(body: dict, key: str, default: bool = False) -> bool:
-    v = body.get(key)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise APIError(400, f"{key}: expected a boolean", param=key, code="invalid_type")
-    return v
+def _validate(schema: type[_Schema], raw: bytes) -> Any:
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as e:
+        raise validation_error(e) from None
 
 
-def _stop(body: dict, limits: Limits) -> list[str]:
-    v = body.get("stop")
-    if v is None:
-        return []
-    stops = [v] if isinstance(v, str) else v
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise APIError(400, "stop: expected a string or a list of strings", param="stop", code="invalid_type")
-    if len(stops) > limits.max_stop:
-        raise _bad("stop", f"at most {limits.max_stop} stop sequences")
-    if any(not s for s in stops):
-        raise _bad("stop", "stop sequences must not be empty")
-    return stops
-
-
-COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
-          "frequency_penalty", "presence_penalty", "logprobs", "user", "logit_bias",
-          "top_k", "min_p", "repetition_penalty", "ignore_eos"}  # the last four: vLLM-style extensions
-COMPLETION_FIELDS = COMMON | {"prompt", "echo", "best_of", "suffix"}
-CHAT_FIELDS = COMMON | {"messages", "top_logprobs", "max_completion_tokens", "response_format", "tools",
-                        "tool_choice", "parallel_tool_calls", "store", "metadata", "service_tier"}
-
-
-def _common(body: dict, allowed: set[str], limits: Limits, model_ids: set[str]) -> dict[str, Any]:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise APIError(400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0],
-                       code="unknown_parameter")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise APIError(400, "model: required (a model id from GET /v1/models)", param="model", code="missing_field")
-    if model not in model_ids:
-        raise APIError(404, f"The model `{model}` does not exist", param="model", code="model_not_found")
-    if body.get("logit_bias"):
+def _check_common(r: _Common, model_ids: set[str]) -> None:
+    if r.model not in model_ids:
+        raise APIError(404, f"The model `{r.model}` does not exist", param="model", code="model_not_found")
+    if r.logit_bias:
         raise _bad("logit_bias", "not supported by this server")
-    so = body.get("stream_options")
-    if so is not None and not isinstance(so, dict):
-        raise APIError(400, "stream_options: expected an object", param="stream_options", code="invalid_type")
-    stream = _bool(body, "stream")
-    if so is not None and not stream:
+    if r.stream_options is not None and not r.stream:
         raise _bad("stream_options", "only allowed when stream is true")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, "seed: expected an integer", param="seed", code="invalid_type")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise APIError(400, "user: expected a string", param="user", code="invalid_type")
-    return {
-        "model": model,
-        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
-        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        "n": _int(body, "n", 1, 1, limits.max_n),
-        "stream": stream,
-        "include_usage": bool(so and _bool(so, "include_usage")),
-        "stop": _stop(body, limits),
-        "seed": seed,
-        "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        "top_k": _int(body, "top_k", 0, -1, 1 << 30),
-        "min_p": _number(body, "min_p", 0.0, 0.0, 1.0),
-        "repetition_penalty": _number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
-        "ignore_eos": _bool(body, "ignore_eos"),
-    }
 
 
-def _params(c: dict, prompt_len: int, max_tokens: int | None, key: str, limits: Limits, stop_ids: list[int],
+def _params(r: _Common, prompt_len: int, max_tokens: int | None, key: str, limits: Limits, stop_ids: list[int],
             logprobs: int | None) -> SamplingParams:
     room = limits.context - prompt_len
     if room <= 0:
@@ -169,102 +202,91 @@ def _params(c: dict, prompt_len: int, max_tokens: int | None, key: str, limits: 
                        f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for "
                        f"the completion). Please reduce the prompt or the completion length.", param=key,
                        code="context_length_exceeded")
+    stop = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
     return SamplingParams(
-        temperature=c["temperature"], top_k=max(c["top_k"], 0), top_p=c["top_p"], min_p=c["min_p"],
-        max_new_tokens=max_tokens, seed=c["seed"], stop_ids=[] if c["ignore_eos"] else list(stop_ids),
-        repetition_penalty=c["repetition_penalty"], frequency_penalty=c["frequency_penalty"],
-        presence_penalty=c["presence_penalty"], stop=list(c["stop"]), logprobs=logprobs is not None,
-        top_logprobs=logprobs or 0)
+        temperature=1.0 if r.temperature is None else r.temperature, top_k=max(r.top_k or 0, 0),
+        top_p=1.0 if r.top_p is None else r.top_p, min_p=r.min_p or 0.0, max_new_tokens=max_tokens, seed=r.seed,
+        stop_ids=[] if r.ignore_eos else list(stop_ids),
+        repetition_penalty=1.0 if r.repetition_penalty is None else r.repetition_penalty,
+        frequency_penalty=r.frequency_penalty or 0.0, presence_penalty=r.presence_penalty or 0.0,
+        stop=stop, logprobs=logprobs is not None, top_logprobs=logprobs or 0)
 
 
-def _max_tokens(body: dict, limits: Limits, default: int | None, keys: tuple[str, ...]) -> tuple[int | None, str]:
+def _max_tokens(r: _Common, limits: Limits, keys: tuple[str, ...]) -> tuple[int | None, str]:
     for key in keys:
-        if body.get(key) is not None:
-            return _int(body, key, None, 0, limits.max_tokens), key
-    return default, keys[0]
+        v = getattr(r, key)
+        if v is not None:
+            if v > limits.max_tokens:
+                raise _bad(key, f"{v} is out of range; expected [0, {limits.max_tokens}]")
+            return v, key
+    return None, keys[0]
 
 
-def parse_completion(body: Any, tokenizer, limits: Limits, model_ids: set[str], stop_ids: list[int]) -> GenRequest:
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_body")
-    c = _common(body, COMPLETION_FIELDS, limits, model_ids)
-    if body.get("suffix"):
+def parse_completion(raw: bytes, tokenizer, limits: Limits, model_ids: set[str], stop_ids: list[int]) -> GenRequest:
+    r = _validate(CompletionRequest, raw)
+    _check_common(r, model_ids)
+    if r.suffix:
         raise _bad("suffix", "not supported by this server")
-    best_of = _int(body, "best_of", None, 1, limits.max_n)
-    if best_of is not None and best_of != c["n"]:
+    n = r.n or 1
+    if r.best_of is not None and r.best_of != n:
         raise _bad("best_of", "only best_of == n is supported")
-    echo = _bool(body, "echo")
-    logprobs = _int(body, "logprobs", None, 0, 5)
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise APIError(400, "prompt: required", param="prompt", code="missing_field")
     vocab = tokenizer.vocab_size
-    if isinstance(prompt, str):
-        items: list = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        items = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        items = prompt
-    else:
-        raise APIError(400, "prompt: expected a string, a list of strings, a list of token ids or a list of such "
-                       "lists", param="prompt", code="invalid_type")
-    if len(items) > limits.max_prompts:
-        raise _bad("prompt", f"at most {limits.max_prompts} prompts per request")
+    p = r.prompt
+    items: list = [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
+    if len(items) > MAX_PROMPTS:
+        raise _bad("prompt", f"at most {MAX_PROMPTS} prompts per request")
     prompts, texts = [], []
-    for i, p in enumerate(items):
-        if isinstance(p, str):
+    for i, item in enumerate(items):
+        if isinstance(item, str):
             bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-            ids = bos + tokenizer.encode(p)
-            texts.append(p)
+            ids = bos + tokenizer.encode(item)
+            texts.append(item)
         else:
-            if not p or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in p):
+            if not all(0 <= t < vocab for t in item):
                 raise _bad("prompt", f"prompt {i}: token ids must be integers in [0, {vocab})")
-            ids = list(p)
+            ids = list(item)
             texts.append(tokenizer.decode(ids))
         if not ids:
             raise _bad("prompt", "empty prompt and the tokenizer has no BOS token")
         prompts.append(ids)
-    mt, key = _max_tokens(body, limits, 16, ("max_tokens",))
-    explicit = body.get("max_tokens") is not None
+    mt, key = _max_tokens(r, limits, ("max_tokens",))
+    explicit = mt is not None
+    mt = 16 if mt is None else mt
     params = []
     for ids in prompts:
         m = mt if explicit else min(mt, max(limits.context - len(ids), 0)) or None
-        params.append(_params(c, len(ids), m, key, limits, stop_ids, logprobs))
-    return GenRequest("completion", c["model"], prompts, params, c["n"], c["stream"], c["include_usage"],
-                      texts if echo else [], logprobs)
+        params.append(_params(r, len(ids), m, key, limits, stop_ids, r.logprobs))
+    return GenRequest("completion", r.model, prompts, params, n, bool(r.stream),
+                      bool(r.stream_options and r.stream_options.include_usage), texts if r.echo else [], r.logprobs)
 
 
-def parse_chat(body: Any, tokenizer, limits: Limits, model_ids: set[str], template, stop_ids: list[int],
+def parse_chat(raw: bytes, tokenizer, limits: Limits, model_ids: set[str], template, stop_ids: list[int],
                template_stops: list[str]) -> GenRequest:
     from lmforge.infer.chat import check_messages, encode_chat
 
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_body")
-    c = _common(body, CHAT_FIELDS, limits, model_ids)
-    rf = body.get("response_format")
-    if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
+    r = _validate(ChatRequest, raw)
+    _check_common(r, model_ids)
+    rf = r.response_format
+    if rf is not None and rf.get("type") != "text":
         raise _bad("response_format", "only {\"type\": \"text\"} is supported")
-    if body.get("tools"):
+    if r.tools:
         raise _bad("tools", "tool calls are not supported by this server")
-    if body.get("tool_choice") not in (None, "none"):
+    if r.tool_choice not in (None, "none"):
         raise _bad("tool_choice", "tool calls are not supported by this server")
-    lp = _bool(body, "logprobs")
-    top = _int(body, "top_logprobs", None, 0, 20)
-    if top is not None and not lp:
+    lp = bool(r.logprobs)
+    if r.top_logprobs is not None and not lp:
         raise _bad("top_logprobs", "requires logprobs: true")
     try:
-        messages = check_messages(body.get("messages"))
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages", code="invalid_value") from None
-    try:
+        messages = check_messages([m.model_dump(exclude_none=True, exclude={"name"}) for m in r.messages])
         ids = encode_chat(tokenizer, template, messages, add_generation_prompt=True)
     except ValueError as e:
         raise APIError(400, str(e), param="messages", code="invalid_value") from None
-    mt, key = _max_tokens(body, limits, None, ("max_completion_tokens", "max_tokens"))
-    params = _params(c, len(ids), mt, key, limits, stop_ids, (top or 0) if lp else None)
+    mt, key = _max_tokens(r, limits, ("max_completion_tokens", "max_tokens"))
+    logprobs = (r.top_logprobs or 0) if lp else None
+    params = _params(r, len(ids), mt, key, limits, stop_ids, logprobs)
     params.stop = list(dict.fromkeys([*params.stop, *template_stops]))
-    return GenRequest("chat", c["model"], [ids], [params], c["n"], c["stream"], c["include_usage"], [],
-                      (top or 0) if lp else None)
+    return GenRequest("chat", r.model, [ids], [params], r.n or 1, bool(r.stream),
+                      bool(r.stream_options and r.stream_options.include_usage), [], logprobs)
 
 
 # ---- responses ------------------------------------------------------------------------------------

@@ -1,82 +1,132 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine, and a web chat page at ``/``.
 
 Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-(``stream: true`` sends server-sent events ending with ``data: [DONE]``), ``GET /health`` and ``GET /`` (the page).
-Every request runs in its own thread (stdlib ``ThreadingHTTPServer``); generation goes through one ``Engine``, which
-decodes all running requests together. A failing request gets an OpenAI-style error body and never stops the server.
+(``stream: true`` sends server-sent events ending with ``data: [DONE]``), ``GET /health``, ``GET /`` (the page) and
+the OpenAPI docs at ``/docs``. The app is FastAPI (request schema: ``protocol``) served by uvicorn's h11 protocol,
+which parses HTTP and refuses malformed requests (bad ``Content-Length``, ``Transfer-Encoding`` other than chunked,
+both at once...). Generation goes through one ``Engine`` thread, which decodes all running requests together;
+handlers wait on its events without blocking the event loop and cancel their requests when the client goes away.
+
+In front of the routes (``_Guard``): the ``Host`` header must name this server (DNS rebinding), the API key is checked
+for ``/v1/*``, bodies are read up to ``max_body`` bytes and no further (413), generation requests must be JSON (415),
+and at most ``max_queue`` generation requests wait for a slot (429 with ``Retry-After``). CORS is off unless origins
+are given. Every error is an OpenAI-style JSON body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import ipaddress
 import json
-import queue
+import socket
 import sys
 import threading
 import time
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import h11
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Match
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from lmforge.infer.chat import end_of_turn, get_template
-from lmforge.infer.engine import Engine, Request
+from lmforge.infer.engine import Engine
+from lmforge.infer.engine import Request as EngineRequest
+from lmforge.infer.sampling import SamplingParams
 from lmforge.serve import protocol as P
 from lmforge.serve.protocol import APIError, GenRequest, Limits
 
+STREAM_PACE = 0.001  # seconds (per running request) a stream waits after a token for more to send together
+GENERATE = ("/v1/completions", "/v1/chat/completions")
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+PARSE_INLINE = 16 << 10  # request bodies up to this size are parsed on the event loop
+
 
 class ModelServer:
-    """One model behind the OpenAI API. ``start()`` serves in a background thread; ``serve_forever()`` blocks."""
+    """One model behind the OpenAI API. ``start()`` serves in a background thread; ``serve_forever()`` blocks.
+
+    ``max_queue``: generation requests that may wait for a decoding slot (more get 429). ``allowed_hosts``: extra
+    ``Host`` header names accepted besides localhost and the bind address (``"*"``: any). ``cors_origins``: origins
+    a browser may call the API from (none: CORS off).
+    """
 
     def __init__(self, model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8000,
-                 api_key: str | None = None, max_batch: int = 8, max_len: int | None = None,
+                 api_key: str | None = None, max_batch: int = 16, max_len: int | None = None,
                  max_tokens: int | None = None, max_body: int = 1 << 20, template: str | None = None,
-                 aliases: tuple[str, ...] = ()) -> None:
+                 aliases: tuple[str, ...] = (), max_queue: int = 64, allowed_hosts: tuple[str, ...] = (),
+                 cors_origins: tuple[str, ...] = ()) -> None:
+        if max_queue < 1 or max_body < 1:
+            raise ValueError("max_queue and max_body must be >= 1")
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.model_ids = {model_id, *aliases}
         self.api_key = api_key or None
-        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_len)
-        ctx = self.engine.max_len
-        self.limits = Limits(context=ctx, max_tokens=min(max_tokens or ctx, ctx))
-        self.max_body = max_body
+        self.max_body, self.max_queue = max_body, max_queue
         self.template = get_template(template, tokenizer)
         self.chat_stops, self.chat_stop_ids = end_of_turn(self.template, tokenizer)
         self.stop_ids = [i for i in (tokenizer.eos_id, tokenizer.bos_id) if i is not None]
         self.created = P.now()
         self.page = resources.files("lmforge.serve").joinpath("static/index.html").read_bytes()
-        handler = type("Handler", (_Handler,), {"app": self})
-        self.httpd = _HTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
+        self.hosts = HostCheck(host, allowed_hosts)
+        self.sock = _bind(host, port)
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_len)
+        ctx = self.engine.max_len
+        self.limits = Limits(context=ctx, max_tokens=min(max_tokens or ctx, ctx))
+        self.app = build_app(self)
+        asgi: Any = _Guard(self, self.app)
+        if cors_origins:
+            asgi = _CORS(asgi, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+                         allow_headers=["Authorization", "Content-Type"], max_age=600)
+        asgi = _HostGuard(self.hosts, asgi)
+        config = uvicorn.Config(asgi, http=_H11, lifespan="off", log_level="warning", access_log=False,
+                                timeout_keep_alive=5, timeout_graceful_shutdown=2, server_header=False)
+        self._uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self.httpd.server_address[:2]
+        host, port = self.sock.getsockname()[:2]
         return str(host), int(port)
 
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def start(self) -> ModelServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="lmforge-http", daemon=True)
+        """Serve in a background thread; returns once the server accepts connections."""
+        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [self.sock]},
+                                        name="lmforge-http", daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.01)
         return self
 
     def serve_forever(self) -> None:
+        """Serve in this thread until Ctrl-C / SIGTERM."""
         try:
-            self.httpd.serve_forever()
+            self._uvicorn.run(sockets=[self.sock])
         finally:
             self.close()
 
     def close(self) -> None:
         if self._thread is not None:
-            self.httpd.shutdown()
+            self._uvicorn.should_exit = True
             self._thread.join(timeout=10)
             self._thread = None
-        self.httpd.server_close()
+        self.sock.close()
         self.engine.close()
 
     def __enter__(self) -> ModelServer:
@@ -93,212 +143,435 @@ class ModelServer:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "lmforge",
                 "context_length": self.limits.context}
 
-    def submit(self, g: GenRequest) -> tuple[list[Request], queue.SimpleQueue]:
-        sink: queue.SimpleQueue = queue.SimpleQueue()
-        reqs = []
+    def health(self) -> dict[str, Any]:
+        e = self.engine
+        return {"status": "ok", "active": e.active, "waiting": e.waiting, "waiting_requests": e.waiting_groups,
+                "max_queue": self.max_queue, "steps": e.steps, "tokens": e.tokens, "decode_seconds": round(e.busy, 3)}
+
+    def parse(self, kind: str, raw: bytes) -> GenRequest:
+        if kind == "completion":
+            return P.parse_completion(raw, self.tokenizer, self.limits, self.model_ids, self.stop_ids)
+        return P.parse_chat(raw, self.tokenizer, self.limits, self.model_ids, self.template, self.chat_stop_ids,
+                            self.chat_stops)
+
+    def submit(self, g: GenRequest, sink) -> list[EngineRequest]:
+        """Queue every choice of ``g`` as one group (fair admission), or refuse with 429 when the queue is full."""
+        if self.engine.waiting_groups >= self.max_queue:
+            raise APIError(429, f"the server is busy: {self.engine.waiting_groups} requests are waiting "
+                           f"(--max-queue {self.max_queue}); retry later", code="queue_full",
+                           headers={"Retry-After": "1"})
+        items = []
+        for i, (ids, params) in enumerate(zip(g.prompts, g.params)):
+            for j in range(g.n):
+                p = params
+                if g.n > 1 and params.seed is not None:  # distinct but reproducible choices
+                    p = SamplingParams(**{**params.__dict__, "seed": (params.seed + j + P.INT64) % (2 * P.INT64)
+                                          - P.INT64})
+                items.append((ids, p, i * g.n + j))
         try:
-            for i, (ids, params) in enumerate(zip(g.prompts, g.params)):
-                for j in range(g.n):
-                    p = params
-                    if g.n > 1 and params.seed is not None:  # distinct but reproducible choices
-                        p = P.SamplingParams(**{**params.__dict__, "seed": params.seed + j})
-                    reqs.append(self.engine.submit(ids, p, sink, tag=i * g.n + j))
+            return self.engine.submit_group(items, sink)
         except ValueError as e:
-            for r in reqs:
-                r.cancel()
             raise APIError(400, str(e)) from None
-        return reqs, sink
 
 
-STREAM_PACE = 0.001  # seconds (per running request) a stream waits after a token for more to send together
+# ---- HTTP plumbing -------------------------------------------------------------------------------
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    request_queue_size = 128  # listen backlog (socketserver's default of 5 drops bursts of connections)
-    daemon_threads = True
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket (bound here, so a busy port is an error before anything starts and port 0 works)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=1024)
+    sock.set_inheritable(True)
+    return sock
 
 
-class _Handler(BaseHTTPRequestHandler):
-    app: ModelServer
-    protocol_version = "HTTP/1.1"
-    server_version = "lmforge"
-    timeout = 60  # seconds a client may stall while sending a request
+def _json_bytes(status: int, body: dict, headers: dict[str, str] | None = None) -> tuple[dict, bytes]:
+    data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    hdrs += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    return {"type": "http.response.start", "status": status, "headers": hdrs}, data
 
-    def log_message(self, fmt: str, *args) -> None:  # quiet: one line per error only
-        pass
 
-    # ---- plumbing ---------------------------------------------------------------------------------
-    def _send(self, status: int, body: bytes, ctype: str = "application/json", extra: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+async def _send_error(send, e: APIError, close: bool = False) -> None:
+    headers = dict(e.headers)
+    if e.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if close:
+        headers["Connection"] = "close"
+    start, data = _json_bytes(e.status, e.body(), headers)
+    await send(start)
+    await send({"type": "http.response.body", "body": data, "more_body": False})
 
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"))
 
-    def _error(self, e: APIError) -> None:
-        extra = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        self._send(e.status, json.dumps(e.body()).encode("utf-8"), extra=extra)
+def _header(scope, name: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return v.decode("latin-1")
+    return None
 
-    def _auth(self) -> None:
-        key = self.app.api_key
+
+class HostCheck:
+    """Which ``Host`` header values name this server: localhost, the bind address and ``extra`` (``"*"``: any);
+    when bound to every interface (0.0.0.0 / ::), any IP address and this machine's names too. A name a page's
+    script could point at this server (DNS rebinding) is refused."""
+
+    def __init__(self, bind: str, extra: tuple[str, ...] = ()) -> None:
+        self.any = "*" in extra
+        self.names = {h.lower().strip("[]") for h in (*LOCAL_NAMES, bind, *extra) if h and h != "*"}
+        self.any_ip = False
+        try:
+            self.any_ip = ipaddress.ip_address(bind.strip("[]")).is_unspecified
+        except ValueError:
+            pass
+        if self.any_ip:
+            self.names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+
+    def allows(self, value: str | None) -> bool:
+        if self.any or value is None:  # no Host (HTTP/1.0): not a browser, which always sends one
+            return True
+        v = value.strip().lower()
+        name = v[1 : v.find("]")] if v.startswith("[") else v.rsplit(":", 1)[0] if v.count(":") == 1 else v
+        if name in self.names or name.endswith(".localhost"):
+            return True
+        if self.any_ip:
+            try:
+                ipaddress.ip_address(name)
+                return True
+            except ValueError:
+                pass
+        return False
+
+
+class _HostGuard:
+    """ASGI: refuse a ``Host`` that does not name this server (before CORS and everything else)."""
+
+    def __init__(self, hosts: HostCheck, app) -> None:
+        self.hosts, self.app = hosts, app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            host = _header(scope, b"host")
+            if not self.hosts.allows(host):
+                await _send_error(send, APIError(400, f"Host {host!r} is not allowed: this server answers to "
+                                                 f"{sorted(self.hosts.names)} (add names with --allowed-hosts)",
+                                                 code="host_not_allowed"), close=True)
+                return
+        await self.app(scope, receive, send)
+
+
+class _Guard:
+    """ASGI, in front of the routes: OPTIONS, the API key, the body limit and the JSON content type."""
+
+    def __init__(self, server: ModelServer, app: FastAPI) -> None:
+        self.server, self.app = server, app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        try:
+            if method == "OPTIONS":
+                await self._options(path, send)
+                return
+            if path.startswith("/v1/"):
+                self._auth(scope)
+            if method in ("POST", "PUT", "PATCH"):
+                receive = await self._read_body(scope, receive, path in GENERATE)
+                if receive is None:  # the client went away
+                    return
+            elif _header(scope, b"transfer-encoding") or int(_header(scope, b"content-length") or 0) > \
+                    self.server.max_body:  # never read (uvicorn would read and drop it to keep the connection)
+                raise APIError(413, f"{method} request with a body over {self.server.max_body} bytes",
+                               code="request_too_large")
+        except APIError as e:
+            # a body left unread would be taken for the next request: close the connection instead
+            has_body = _header(scope, b"transfer-encoding") or _header(scope, b"content-length") not in (None, "0")
+            await _send_error(send, e, close=bool(has_body))
+            return
+        await self.app(scope, receive, send)
+
+    async def _options(self, path: str, send) -> None:
+        methods: set[str] = set()
+        for route in self.app.router.routes:
+            match, _ = route.matches({"type": "http", "path": path, "method": "GET", "root_path": ""})
+            if match != Match.NONE:
+                methods |= set(getattr(route, "methods", None) or ())
+        if not methods:
+            await _send_error(send, APIError(404, f"no route for OPTIONS {path}", code="not_found"))
+            return
+        allow = ", ".join(sorted(methods | {"OPTIONS"}))
+        await send({"type": "http.response.start", "status": 204,
+                    "headers": [(b"allow", allow.encode()), (b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _auth(self, scope) -> None:
+        key = self.server.api_key
         if key is None:
             return
-        got = self.headers.get("Authorization", "")
+        got = _header(scope, b"authorization") or ""
         token = got[7:].strip() if got[:7].lower() == "bearer " else ""
         if not hmac.compare_digest(token.encode(), key.encode()):
             raise APIError(401, "Incorrect API key provided." if token else
                            "Missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
 
-    def _body(self) -> Any:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self.close_connection = True
-            raise APIError(411, "chunked request bodies are not supported: send Content-Length",
-                           code="length_required")
-        length = self.headers.get("Content-Length")
-        if length is None:
+    async def _read_body(self, scope, receive, generate: bool):
+        """Read the whole body (at most ``max_body`` bytes, never more); a receive that replays it, then waits
+        for the client to go away. None if the client went away while sending."""
+        limit = self.server.max_body
+        length = _header(scope, b"content-length")  # h11 has checked it: digits only, one value
+        chunked = _header(scope, b"transfer-encoding") is not None
+        if length is None and not chunked:
             raise APIError(411, "Content-Length required", code="length_required")
-        try:
-            n = int(length)
-        except ValueError:
-            self.close_connection = True
-            raise APIError(400, "bad Content-Length", code="invalid_body") from None
-        if n > self.app.max_body:
-            self.close_connection = True  # the body is not read: the connection cannot be reused
-            raise APIError(413, f"request body of {n} bytes exceeds the limit of {self.app.max_body}",
+        if length is not None and chunked:  # which one frames the body? (request smuggling): refuse
+            raise APIError(400, "both Content-Length and Transfer-Encoding given", code="bad_request")
+        if length is not None and int(length) > limit:
+            raise APIError(413, f"request body of {int(length)} bytes exceeds the limit of {limit}",
                            code="request_too_large")
-        raw = self.rfile.read(n)
-        self._consumed = True
+        if generate:
+            ctype = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+            if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):
+                raise APIError(415, f"Content-Type must be application/json, not {ctype or 'missing'!r}",
+                               param="Content-Type", code="unsupported_media_type")
+        body = bytearray()
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None
+            body += msg.get("body", b"")
+            if len(body) > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+            if not msg.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+
+        return replayed
+
+
+class _CORS(CORSMiddleware):
+    """Starlette's CORS middleware, with its refused preflight (400) as a JSON error body."""
+
+    def preflight_response(self, request_headers) -> Response:
+        resp = super().preflight_response(request_headers)
+        if resp.status_code < 400:
+            return resp
+        headers = {k: v for k, v in resp.headers.items() if k not in ("content-type", "content-length")}
+        body = APIError(resp.status_code, resp.body.decode(), code="cors_refused").body()
+        return JSONResponse(body, status_code=resp.status_code, headers=headers)
+
+
+class _H11(H11Protocol):
+    """uvicorn's h11 protocol, answering a malformed request with a JSON error body."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps(APIError(400, f"malformed HTTP request: {msg} (request line, headers, Content-Length or "
+                                   "Transfer-Encoding)", code="bad_request").body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
         try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+            self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")))
+            self.transport.write(self.conn.send(h11.Data(data=body)))
+            self.transport.write(self.conn.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError:  # a response had already started
+            pass
+        self.transport.close()
 
-    def _guard(self, fn) -> None:
-        self._consumed = self.command != "POST"
-        try:
-            fn()
-        except APIError as e:
-            if not self._consumed:  # an unread body would be taken for the next request: close instead
-                self.close_connection = True
-            self._error(e)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True
-        except Exception as e:  # noqa: BLE001 - one failing request never takes the server down
-            traceback.print_exc(file=sys.stderr)
-            self.close_connection = True
-            try:
-                self._error(APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error"))
-            except OSError:
-                pass
 
-    # ---- routes -----------------------------------------------------------------------------------
-    def do_GET(self) -> None:
-        self._guard(self._get)
+# ---- the app -------------------------------------------------------------------------------------
 
-    def do_HEAD(self) -> None:
-        self._guard(self._get)
 
-    def do_POST(self) -> None:
-        self._guard(self._post)
+class _Sink:
+    """Where the engine thread puts ``(tag, item)`` events: an asyncio queue of the serving loop."""
 
-    def _get(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path in ("/", "/index.html"):
-            self._send(200, self.app.page, "text/html; charset=utf-8", {"Cache-Control": "no-cache"})
-            return
-        if path == "/health":
-            e = self.app.engine
-            self._json(200, {"status": "ok", "active": e.active, "waiting": e.waiting, "steps": e.steps,
-                             "tokens": e.tokens, "decode_seconds": round(e.busy, 3)})
-            return
-        if path.startswith("/v1/"):
-            self._auth()
-            if path == "/v1/models":
-                self._json(200, self.app.models())
+    GONE = object()  # the client went away
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._lock = threading.Lock()
+        self._pending: list = []  # put by the engine, not yet moved to the queue
+
+    def put(self, item) -> None:
+        """From the engine thread: one wake-up of the loop for all the events it has not taken yet."""
+        with self._lock:
+            self._pending.append(item)
+            if len(self._pending) > 1:
                 return
-            if path.startswith("/v1/models/"):
-                mid = path[len("/v1/models/"):]
-                if mid in self.app.model_ids:
-                    self._json(200, self.app._model_card())
-                    return
-                raise APIError(404, f"The model `{mid}` does not exist", param="model", code="model_not_found")
-        raise APIError(404, f"no route for GET {path}", code="not_found")
-
-    def _post(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path not in ("/v1/completions", "/v1/chat/completions"):
-            if path.startswith("/v1/"):
-                self._auth()
-            raise APIError(404, f"no route for POST {path}", code="not_found")
-        self._auth()
-        body = self._body()
-        app = self.app
-        if path == "/v1/completions":
-            g = P.parse_completion(body, app.tokenizer, app.limits, app.model_ids, app.stop_ids)
-        else:
-            g = P.parse_chat(body, app.tokenizer, app.limits, app.model_ids, app.template, app.chat_stop_ids,
-                             app.chat_stops)
-        reqs, sink = app.submit(g)
         try:
-            if g.stream:
-                self._stream(g, reqs, sink)
-            else:
-                self._complete(g, reqs, sink)
-        finally:
-            for r in reqs:
-                if r.finish_reason is None:
-                    r.cancel()
+            self.loop.call_soon_threadsafe(self._move)
+        except RuntimeError:  # the loop is closed: nobody is listening
+            pass
 
-    # ---- generation -------------------------------------------------------------------------------
-    def _complete(self, g: GenRequest, reqs: list[Request], sink: queue.SimpleQueue) -> None:
+    def _move(self) -> None:
+        with self._lock:
+            items, self._pending = self._pending, []
+        for item in items:
+            self.queue.put_nowait(item)
+
+    async def watch(self, receive) -> None:
+        """Wait until the client disconnects, then tell the reader."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.queue.put_nowait((None, self.GONE))
+
+
+def build_app(server: ModelServer) -> FastAPI:
+    app = FastAPI(title="lmforge", version="0.1.0", docs_url="/docs", redoc_url=None,
+                  description=f"OpenAI-compatible API serving `{server.model_id}`.")
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        headers = {**e.headers, **({"WWW-Authenticate": "Bearer"} if e.status == 401 else {})}
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        msg = {404: f"no route for {request.method} {request.url.path}",
+               405: f"method {request.method} not allowed for {request.url.path}"}.get(e.status_code, str(e.detail))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(APIError(e.status_code, msg, code=code).body(), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
+        err = (e.errors() or [{}])[0]
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        body = APIError(400, f"{'.'.join(loc) or 'request'}: {err.get('msg', 'invalid')}",
+                        param=loc[0] if loc else None, code="invalid_value").body()
+        return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception) -> JSONResponse:  # one failing request never stops serving
+        traceback.print_exception(e, file=sys.stderr)
+        body = APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").body()
+        return JSONResponse(body, status_code=500)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        return HTMLResponse(server.page, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/index.html", include_in_schema=False)
+    async def page_file() -> Response:
+        return HTMLResponse(server.page, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health", summary="Liveness and engine statistics (no API key needed)")
+    async def health() -> dict:
+        return server.health()
+
+    @app.get("/v1/models", summary="The served model")
+    async def models() -> dict:
+        return server.models()
+
+    @app.get("/v1/models/{model_id:path}", summary="One model by id")
+    async def model(model_id: str) -> dict:
+        if model_id not in server.model_ids:
+            raise APIError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
+        return server._model_card()
+
+    @app.post("/v1/completions", summary="Text completion (OpenAI's legacy completions API)")
+    async def completions(request: Request) -> Response:
+        return await _generate(server, request, "completion")
+
+    @app.post("/v1/chat/completions", summary="Chat completion")
+    async def chat(request: Request) -> Response:
+        return await _generate(server, request, "chat")
+
+    def openapi() -> dict:
+        """The generated schema, with the request bodies of the two POST routes (parsed by ``protocol``)."""
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model_cls in zip(GENERATE, (P.CompletionRequest, P.ChatRequest)):
+            js = model_cls.model_json_schema(ref_template="#/components/schemas/{model}")
+            comps.update(js.pop("$defs", {}))
+            comps[model_cls.__name__] = js
+            ref = {"$ref": f"#/components/schemas/{model_cls.__name__}"}
+            schema["paths"][path]["post"]["requestBody"] = {"required": True,
+                                                            "content": {"application/json": {"schema": ref}}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+    return app
+
+
+async def _generate(server: ModelServer, request: Request, kind: str) -> Response:
+    raw = await request.body()
+    # tokenizing a large body would hold up every stream on the event loop: do it in a worker thread
+    g = server.parse(kind, raw) if len(raw) < PARSE_INLINE else await asyncio.to_thread(server.parse, kind, raw)
+    sink = _Sink()
+    reqs = server.submit(g, sink)
+    if g.stream:
+        return _EventStream(server, g, reqs, sink)
+    watch = asyncio.ensure_future(sink.watch(request.receive))
+    try:
         steps: list[list] = [[] for _ in reqs]
         left = len(reqs)
         while left:
-            tag, item = sink.get()
-            if item is Request.DONE:
+            tag, item = await sink.queue.get()
+            if item is _Sink.GONE:  # nobody will read the answer: stop decoding it now
+                return Response(status_code=499)
+            if item is EngineRequest.DONE:
                 left -= 1
             else:
                 steps[tag].append(item)
-        failed = [r for r in reqs if r.error is not None]
-        if failed:
-            raise APIError(500, f"generation failed: {failed[0].error}", code="internal_error")
-        tok = self.app.tokenizer
-        choices = []
-        for i, r in enumerate(reqs):
-            text = r.text
-            if g.kind == "chat":
-                c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": r.finish_reason}
-                if g.logprobs is not None:
-                    c["logprobs"] = P.chat_logprobs(tok, steps[i])
-            else:
-                prefix = g.echo[i // g.n] if g.echo else ""
-                c = {"index": i, "text": prefix + text, "logprobs": None, "finish_reason": r.finish_reason}
-                if g.logprobs is not None:
-                    c["logprobs"] = P.completion_logprobs(tok, steps[i], len(prefix))
-            choices.append(c)
-        prompt_tokens = sum(len(p) for p in g.prompts)
-        out = {"id": P.new_id(g.kind), "object": "chat.completion" if g.kind == "chat" else "text_completion",
-               "created": P.now(), "model": g.model, "system_fingerprint": None, "choices": choices,
-               "usage": P.usage(prompt_tokens, sum(len(r.token_ids) for r in reqs))}
-        self._json(200, out)
+    finally:
+        watch.cancel()
+        for r in reqs:
+            if r.finish_reason is None:
+                r.cancel()
+    failed = [r for r in reqs if r.error is not None]
+    if failed:
+        raise APIError(500, f"generation failed: {failed[0].error}", code="internal_error")
+    tok = server.tokenizer
+    choices = []
+    for i, r in enumerate(reqs):
+        if g.kind == "chat":
+            c = {"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+                 "finish_reason": r.finish_reason}
+            if g.logprobs is not None:
+                c["logprobs"] = P.chat_logprobs(tok, steps[i])
+        else:
+            prefix = g.echo[i // g.n] if g.echo else ""
+            c = {"index": i, "text": prefix + r.text, "logprobs": None, "finish_reason": r.finish_reason}
+            if g.logprobs is not None:
+                c["logprobs"] = P.completion_logprobs(tok, steps[i], len(prefix))
+        choices.append(c)
+    prompt_tokens = sum(len(p) for p in g.prompts)
+    return JSONResponse({"id": P.new_id(g.kind), "object": "chat.completion" if g.kind == "chat" else
+                         "text_completion", "created": P.now(), "model": g.model, "system_fingerprint": None,
+                         "choices": choices, "usage": P.usage(prompt_tokens, sum(len(r.token_ids) for r in reqs))})
 
-    def _stream(self, g: GenRequest, reqs: list[Request], sink: queue.SimpleQueue) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("X-Accel-Buffering", "no")
-        self.end_headers()
-        tok = self.app.tokenizer
+
+class _EventStream(Response):
+    """Server-sent events for a streamed request; stops (and cancels generation) when the client goes away."""
+
+    def __init__(self, server: ModelServer, g: GenRequest, reqs: list[EngineRequest], sink: _Sink) -> None:
+        super().__init__(status_code=200, media_type="text/event-stream; charset=utf-8",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.server, self.g, self.reqs, self.sink = server, g, reqs, sink
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+
+    async def __call__(self, scope, receive, send) -> None:
+        watch = asyncio.ensure_future(self.sink.watch(receive))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for data in self._events():
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watch.cancel()
+            for r in self.reqs:
+                if r.finish_reason is None:
+                    r.cancel()
+
+    async def _events(self):
+        g, reqs, q = self.g, self.reqs, self.sink.queue
+        tok = self.server.tokenizer
         cid, created = P.new_id(g.kind), P.now()
         obj = "chat.completion.chunk" if g.kind == "chat" else "text_completion"
 
@@ -306,73 +579,61 @@ class _Handler(BaseHTTPRequestHandler):
             return {"id": cid, "object": obj, "created": created, "model": g.model, "system_fingerprint": None,
                     "choices": choices, **extra}
 
-        def send(data: bytes) -> None:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
+        if g.kind == "chat":
+            yield b"".join(P.sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}])) for i in range(len(reqs)))
+        elif g.echo:
+            yield b"".join(P.sse(chunk([{"index": i, "text": g.echo[i // g.n], "logprobs": None,
+                                         "finish_reason": None}])) for i in range(len(reqs)))
+        left = len(reqs)
+        while left:
+            items = [await q.get()]
+            # let tokens gather for a moment, longer the more requests run: fewer, larger events under load
+            await asyncio.sleep(min(STREAM_PACE * max(self.server.engine.active, 1), 0.02))
+            while not q.empty():
+                items.append(q.get_nowait())
+            if any(item is _Sink.GONE for _, item in items):
+                return
+            pending: dict[int, list] = {}  # tag -> steps not yet sent, in order
+            out: list[bytes] = []
 
-        try:
-            if g.kind == "chat":
-                send(b"".join(P.sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}])) for i in range(len(reqs))))
-            elif g.echo:
-                send(b"".join(P.sse(chunk([{"index": i, "text": g.echo[i // g.n], "logprobs": None,
-                                             "finish_reason": None}])) for i in range(len(reqs))))
-            left = len(reqs)
-            while left:
-                items = [sink.get()]
-                # let tokens gather for a moment, longer the more requests run: fewer, larger events under load
-                time.sleep(min(STREAM_PACE * max(self.app.engine.active, 1), 0.02))
-                while True:
-                    try:
-                        items.append(sink.get_nowait())
-                    except queue.Empty:
-                        break
-                pending: dict[int, list] = {}  # tag -> steps not yet sent, in order
-                out: list[bytes] = []
+            def flush(tag: int, pending=pending, out=out) -> None:
+                steps = pending.pop(tag, [])
+                text = "".join(st.text for st in steps)
+                if not text and (g.logprobs is None or not any(st.token >= 0 for st in steps)):
+                    return
+                c: dict[str, Any] = {"index": tag, "logprobs": None, "finish_reason": None}
+                if g.kind == "chat":
+                    c["delta"] = {"content": text}
+                    if g.logprobs is not None:
+                        c["logprobs"] = P.chat_logprobs(tok, steps)
+                else:
+                    c["text"] = text
+                    if g.logprobs is not None:
+                        c["logprobs"] = P.completion_logprobs(tok, steps)
+                out.append(P.sse(chunk([c])))
 
-                def flush(tag: int, pending=pending, out=out) -> None:
-                    steps = pending.pop(tag, [])
-                    text = "".join(st.text for st in steps)
-                    if not text and (g.logprobs is None or not any(st.token >= 0 for st in steps)):
-                        return
-                    c: dict[str, Any] = {"index": tag, "logprobs": None, "finish_reason": None}
-                    if g.kind == "chat":
-                        c["delta"] = {"content": text}
-                        if g.logprobs is not None:
-                            c["logprobs"] = P.chat_logprobs(tok, steps)
-                    else:
-                        c["text"] = text
-                        if g.logprobs is not None:
-                            c["logprobs"] = P.completion_logprobs(tok, steps)
-                    out.append(P.sse(chunk([c])))
-
-                for tag, item in items:
-                    if item is not Request.DONE:
-                        pending.setdefault(tag, []).append(item)
-                        continue
-                    left -= 1
-                    flush(tag)
-                    r = reqs[tag]
-                    if r.error is not None:
-                        out.append(P.sse(APIError(500, f"generation failed: {r.error}", code="internal_error").body()))
-                        continue
-                    done = {"index": tag, "finish_reason": r.finish_reason, "logprobs": None}
-                    done.update({"delta": {}} if g.kind == "chat" else {"text": ""})
-                    out.append(P.sse(chunk([done])))
-                for tag in list(pending):
-                    flush(tag)
-                if out:
-                    send(b"".join(out))
-            if g.include_usage:
-                prompt_tokens = sum(len(p) for p in g.prompts)
-                send(P.sse(chunk([], usage=P.usage(prompt_tokens, sum(len(r.token_ids) for r in reqs)))))
-            send(b"data: [DONE]\n\n")
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True
-            for r in reqs:
-                r.cancel()
+            for tag, item in items:
+                if item is not EngineRequest.DONE:
+                    pending.setdefault(tag, []).append(item)
+                    continue
+                left -= 1
+                flush(tag)
+                r = reqs[tag]
+                if r.error is not None:
+                    out.append(P.sse(APIError(500, f"generation failed: {r.error}", code="internal_error").body()))
+                    continue
+                done = {"index": tag, "finish_reason": r.finish_reason, "logprobs": None}
+                done.update({"delta": {}} if g.kind == "chat" else {"text": ""})
+                out.append(P.sse(chunk([done])))
+            for tag in list(pending):
+                flush(tag)
+            if out:
+                yield b"".join(out)
+        if g.include_usage:
+            prompt_tokens = sum(len(p) for p in g.prompts)
+            yield P.sse(chunk([], usage=P.usage(prompt_tokens, sum(len(r.token_ids) for r in reqs))))
+        yield b"data: [DONE]\n\n"
 
 
 def model_id_for(path: str | None) -> tuple[str, tuple[str, ...]]:

@@ -1,0 +1,336 @@
+"""`lmforge serve` under careless or hostile use (issue 14): malformed HTTP and bodies past the limit refused by the
+HTTP layer, JSON error bodies for every status, Host/content-type/CORS checks, a bounded queue (429), fair admission,
+cancellation of requests whose client went away, the OpenAPI docs, and the command's new flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="needs fastapi and uvicorn (pip install fastapi uvicorn)")
+
+from lmforge.infer.engine import Engine, Request  # noqa: E402
+from lmforge.infer.sampling import SamplingParams  # noqa: E402
+from lmforge.serve.server import ModelServer  # noqa: E402
+
+MODEL = "stories260K.bin"
+KEY = "k3y"
+
+
+@pytest.fixture(scope="module")
+def server(stories):
+    srv = ModelServer(*stories, MODEL, "127.0.0.1", 0, api_key=KEY, max_batch=4, max_body=64 * 1024,
+                      allowed_hosts=("myhost.example",)).start()
+    yield srv
+    srv.close()
+
+
+def http(server, data: bytes, timeout: float = 30) -> tuple[int, dict, bytes]:
+    """Send raw bytes, read the response to the end (the server closes or answers Connection: close)."""
+    s = socket.create_connection(server.address, timeout=timeout)
+    s.sendall(data)
+    out = b""
+    while b"\r\n\r\n" not in out:
+        b = s.recv(65536)
+        if not b:
+            break
+        out += b
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    n = int(headers.get("content-length", -1))
+    while len(body) < n or n < 0:
+        b = s.recv(65536)
+        if not b:
+            break
+        body += b
+    s.close()
+    return int(lines[0].split()[1]), headers, body
+
+
+def request(method: str, path: str, body: bytes = b"", headers: dict | None = None, length: bool = True) -> bytes:
+    h = {"Host": "127.0.0.1", "Authorization": f"Bearer {KEY}", "Connection": "close", **(headers or {})}
+    if length and body:
+        h.setdefault("Content-Length", str(len(body)))
+    return (f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n").encode() + body
+
+
+def error(status: int, body: bytes) -> dict:
+    e = json.loads(body)["error"]
+    assert set(e) == {"message", "type", "param", "code"}, e
+    return e
+
+
+def completion(**kw) -> bytes:
+    return json.dumps({"model": MODEL, "prompt": "Once", "max_tokens": 2, **kw}).encode()
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize("length", ["-1", "+10", "1_0", "\x0b10", "1 0", "0x10", "١٠"])
+def test_malformed_content_length_is_400_and_nothing_runs(server, length):
+    body = completion()
+    tokens = server.engine.tokens
+    st, _, out = http(server, request("POST", "/v1/completions", body, {**JSON, "Content-Length": length}))
+    assert st == 400 and error(st, out)["code"] == "bad_request"
+    assert server.engine.tokens == tokens
+
+
+@pytest.mark.parametrize("te", ["gzip, chunked", "chunked"])
+def test_transfer_encoding_with_content_length_is_refused(server, te):
+    body = completion()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    st, _, out = http(server, request("POST", "/v1/completions", chunked,
+                                      {**JSON, "Transfer-Encoding": te, "Content-Length": str(len(body))}))
+    assert st == 400 and error(st, out)
+
+
+def test_body_limit_refused_before_reading(server):
+    # only the headers are sent: the 413 comes without the server waiting for (or reading) the body
+    st, headers, out = http(server, request("POST", "/v1/completions", headers={**JSON, "Content-Length": "70000"}))
+    assert st == 413 and error(st, out)["code"] == "request_too_large" and headers["connection"] == "close"
+    big = b"x" * 70000  # chunked: counted as it arrives, refused at the limit
+    st, _, out = http(server, request("POST", "/v1/completions", b"%x\r\n%s\r\n" % (len(big), big),
+                                      {**JSON, "Transfer-Encoding": "chunked"}, length=False))
+    assert st == 413 and error(st, out)["code"] == "request_too_large"
+    st, headers, out = http(server, request("GET", "/v1/models", headers={"Content-Length": "70000"}))
+    assert st == 413 and headers["connection"] == "close"
+    st, _, out = http(server, request("POST", "/v1/completions", headers=JSON))
+    assert st == 411 and error(st, out)["code"] == "length_required"
+    body = completion()  # a chunked body within the limit is fine
+    st, _, out = http(server, request("POST", "/v1/completions", b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body),
+                                      {**JSON, "Transfer-Encoding": "chunked"}, length=False))
+    assert st == 200 and json.loads(out)["choices"][0]["finish_reason"] == "length"
+
+
+def test_json_error_bodies_for_every_status(server, monkeypatch):
+    st, _, out = http(server, request("GET", "/nothing"))
+    assert st == 404 and error(st, out)["code"] == "not_found"
+    st, headers, out = http(server, request("GET", "/v1/completions"))
+    assert st == 405 and error(st, out)["code"] == "method_not_allowed" and headers["allow"] == "POST"
+    st, _, out = http(server, request("POST", "/v1/completions", b"[" * 60000, JSON))
+    assert st == 400 and error(st, out)["code"] == "invalid_json"
+    for field, value, param in [("prompt", '"\\ud800"', None), ("seed", str(2**80), "seed"),
+                                ("temperature", "NaN", "temperature"), ("temperature", "Infinity", "temperature"),
+                                ("max_tokens", "1.5", "max_tokens"), ("stream", '"yes"', "stream")]:
+        body = f'{{"model": "{MODEL}", "prompt": "x", "{field}": {value}}}'.encode()
+        st, _, out = http(server, request("POST", "/v1/completions", body, JSON))
+        assert st == 400 and error(st, out)["param"] == param, (field, out)
+    st, _, out = http(server, request("POST", "/v1/chat/completions", json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 17}).encode(), JSON))
+    assert st == 400 and error(st, out)["param"] == "n"
+
+    big = completion(prompt="Once upon a time " * 1500)  # > 16 KiB: tokenized in a worker thread
+    st, _, out = http(server, request("POST", "/v1/completions", big, JSON))
+    assert st == 400 and error(st, out)["code"] == "context_length_exceeded"
+
+    def broken(kind, raw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(server, "parse", broken)
+    st, _, out = http(server, request("POST", "/v1/completions", completion(), JSON))
+    assert st == 500 and error(st, out)["code"] == "internal_error"
+
+
+def test_cross_site_requests_are_refused(server):
+    tokens = server.engine.tokens
+    body = completion()
+    # a web page's "simple" POST (text/plain needs no preflight): refused before anything runs
+    st, headers, out = http(server, request("POST", "/v1/completions", body,
+                                            {"Content-Type": "text/plain", "Origin": "http://evil.example"}))
+    assert st == 415 and error(st, out)["code"] == "unsupported_media_type"
+    assert "access-control-allow-origin" not in headers
+    # DNS rebinding: the page's own name in Host
+    st, _, out = http(server, request("POST", "/v1/completions", body, {**JSON, "Host": "evil.example:8000"}))
+    assert st == 400 and error(st, out)["code"] == "host_not_allowed"
+    assert server.engine.tokens == tokens
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:80", "myhost.example", "MyHost.example:1"):
+        st, _, _ = http(server, request("GET", "/v1/models", headers={"Host": host}))
+        assert st == 200, host
+    # no CORS: a preflight gets the allowed methods but no Access-Control-Allow-Origin
+    st, headers, _ = http(server, request("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}))
+    assert st == 204 and headers["allow"] == "OPTIONS, POST" and "access-control-allow-origin" not in headers
+    st, headers, _ = http(server, request("OPTIONS", "/v1/models"))
+    assert st == 204 and "GET" in headers["allow"]
+
+
+def test_cors_only_for_the_given_origin(stories):
+    with ModelServer(*stories, MODEL, "127.0.0.1", 0, max_batch=1, cors_origins=("http://app.example",)) as srv:
+        pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+        st, headers, _ = http(srv, request("OPTIONS", "/v1/completions", headers={"Origin": "http://app.example",
+                                                                                  **pre}))
+        assert st == 200 and headers["access-control-allow-origin"] == "http://app.example"
+        st, headers, _ = http(srv, request("OPTIONS", "/v1/completions", headers={"Origin": "http://evil.example",
+                                                                                  **pre}))
+        assert st == 400 and "access-control-allow-origin" not in headers and headers["content-type"] == JSON[
+            "Content-Type"]
+        st, headers, out = http(srv, request("POST", "/v1/completions", completion(),
+                                             {**JSON, "Origin": "http://app.example"}))
+        assert st == 200 and headers["access-control-allow-origin"] == "http://app.example"
+
+
+def test_health_needs_no_key_and_docs_describe_the_api(server):
+    st, _, out = http(server, request("GET", "/health", headers={"Authorization": ""}))
+    assert st == 200 and json.loads(out)["status"] == "ok"
+    st, _, out = http(server, request("GET", "/v1/models", headers={"Authorization": ""}))
+    assert st == 401 and error(st, out)["code"] == "invalid_api_key"
+    st, headers, out = http(server, request("GET", "/", headers={"Authorization": ""}))
+    assert st == 200 and headers["content-type"].startswith("text/html") and b"/v1/chat/completions" in out
+    st, headers, out = http(server, request("GET", "/docs"))
+    assert st == 200 and headers["content-type"].startswith("text/html") and b"openapi.json" in out
+    st, _, out = http(server, request("GET", "/openapi.json"))
+    spec = json.loads(out)
+    body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ChatRequest"}
+    schemas = spec["components"]["schemas"]
+    assert "messages" in schemas["ChatRequest"]["properties"] and "prompt" in schemas["CompletionRequest"]["required"]
+    assert schemas["ChatRequest"]["properties"]["temperature"]["anyOf"][0]["maximum"] == 2
+
+
+def open_generation(server, body: dict) -> socket.socket:
+    """Send a generation request on a raw socket and leave it open (the caller closes it)."""
+    data = json.dumps(body).encode()
+    s = socket.create_connection(server.address, timeout=30)
+    s.sendall(request("POST", "/v1/completions", data, {**JSON, "Connection": "keep-alive"}))
+    return s
+
+
+def wait_for(cond, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_non_streaming_request_is_cancelled_when_the_client_goes_away(server):
+    e = server.engine
+    before = e.cancelled
+    s = open_generation(server, {"model": MODEL, "prompt": "Once", "max_tokens": 500, "ignore_eos": True})
+    wait_for(lambda: e.active == 1, "the request to start")
+    s.close()
+    wait_for(lambda: e.active == 0, "the slot to be freed")
+    assert e.cancelled == before + 1  # stopped, not run to its 500 tokens for nobody
+
+
+def test_full_queue_answers_429_with_retry_after(stories):
+    with ModelServer(*stories, MODEL, "127.0.0.1", 0, max_batch=1, max_queue=1) as srv:
+        e = srv.engine
+        long = {"model": MODEL, "prompt": "Once", "max_tokens": 500, "ignore_eos": True}
+        running = open_generation(srv, {**long, "stream": True})
+        wait_for(lambda: e.active == 1, "the first request to run")
+        waiting = open_generation(srv, long)
+        wait_for(lambda: e.waiting_groups == 1, "the second request to wait")
+        st, headers, out = http(srv, request("POST", "/v1/completions", completion(), JSON))
+        assert st == 429 and error(st, out)["code"] == "queue_full" and int(headers["retry-after"]) >= 1
+        assert error(st, out)["type"] == "rate_limit_error"
+        running.close()
+        waiting.close()
+        wait_for(lambda: e.active == 0 and e.waiting == 0, "both to be cancelled")
+        st, _, out = http(srv, request("POST", "/v1/completions", completion(), JSON))
+        assert st == 200
+
+
+def test_fair_admission_one_call_cannot_starve_another(stories):
+    """A call with 8 sequences and a call with 1, on 2 slots: the small one is admitted within the next round,
+    not after all 8 (first-come-first-served would admit it 9th)."""
+    model, tok = stories
+    eng = Engine(model, tok, max_batch=2)
+    try:
+        sink: queue.SimpleQueue = queue.SimpleQueue()
+        p = SamplingParams(temperature=0, max_new_tokens=6)
+        eng.submit_group([([tok.bos_id], p, ("big", i)) for i in range(8)], sink)
+        eng.submit_group([([tok.bos_id], p, ("small", 0))], sink)
+        first: list = []
+        done = 0
+        while done < 9:
+            tag, item = sink.get(timeout=60)
+            if item is Request.DONE:
+                done += 1
+            elif tag not in first:
+                first.append(tag)
+        assert first.index(("small", 0)) <= 3, first
+        assert sorted(first) == sorted([("big", i) for i in range(8)] + [("small", 0)])
+    finally:
+        eng.close()
+
+
+def test_a_large_call_does_not_starve_a_small_one(stories):
+    """prompt x 4 with n 4 (16 sequences) on 2 slots, then a 5-token call: the small call is answered while most of
+    the large one still waits (first-come-first-served would run all 16 first)."""
+    with ModelServer(*stories, MODEL, "127.0.0.1", 0, max_batch=2) as srv:
+        e = srv.engine
+        big = open_generation(srv, {"model": MODEL, "prompt": ["Once", "The dog", "Tom", "A bird"], "n": 4,
+                                    "max_tokens": 40, "ignore_eos": True, "temperature": 0})
+        wait_for(lambda: e.active == 2 and e.waiting == 14, "the large call to start")
+        st, _, out = http(srv, request("POST", "/v1/completions", completion(max_tokens=5, ignore_eos=True), JSON))
+        assert st == 200 and json.loads(out)["usage"]["completion_tokens"] == 5
+        assert e.waiting >= 8, e.waiting  # most of the large call is still waiting
+        big.close()
+        wait_for(lambda: e.active == 0 and e.waiting == 0, "the large call to be cancelled")
+
+
+def test_cli_flags_env_key_and_allowed_hosts():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    help_ = subprocess.run([sys.executable, "-m", "lmforge", "serve", "--help"], capture_output=True, text=True,
+                           timeout=60).stdout
+    for flag in ("LMFORGE_API_KEY", "--max-queue", "--allowed-hosts", "--cors-origin", "--threads", "/docs"):
+        assert flag in help_, flag
+    env = {**os.environ, "LMFORGE_API_KEY": "from-env"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--port", str(port), "--threads", "1",
+                             "--max-queue", "4", "--allowed-hosts", "box.lan"], stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        line = proc.stderr.readline()
+        assert f"http://127.0.0.1:{port}" in line and "threads 1" in line and "batch 16" in line, line
+
+        class Srv:
+            address = ("127.0.0.1", port)
+
+        st, _, _ = http(Srv, request("GET", "/v1/models", headers={"Authorization": "Bearer from-env"}))
+        assert st == 200
+        st, _, _ = http(Srv, request("GET", "/v1/models", headers={"Authorization": "Bearer " + KEY}))
+        assert st == 401
+        st, _, _ = http(Srv, request("GET", "/health", headers={"Host": "box.lan:1", "Authorization": ""}))
+        assert st == 200
+        st, _, _ = http(Srv, request("GET", "/health", headers={"Host": "other.lan"}))
+        assert st == 400
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    bad = subprocess.run([sys.executable, "-m", "lmforge", "serve", "--threads", "0"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode != 0 and "--threads" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_default_threads_and_batch_rules(stories):
+    from lmforge.commands.serve import KV_BUDGET, default_max_batch, default_threads
+
+    model, _ = stories
+    assert default_threads(model, cores=8) == 1  # a tiny model: one thread
+
+    class Big:
+        def parameters(self):
+            import torch
+
+            return iter([torch.empty(1, dtype=torch.float32).expand(300 << 18)])  # 300 MiB of float32, no memory
+
+        def buffers(self):
+            return iter([])
+
+    assert default_threads(Big(), cores=8) == 7 and default_threads(Big(), cores=1) == 1
+    cfg = model.cfg
+    assert default_max_batch(cfg, None, 4) == 16
+    per_slot = 2 * cfg.n_layer * cfg.kv_heads * cfg.block_size * cfg.head_size * 4
+    assert default_max_batch(cfg, None, 4 * (KV_BUDGET // per_slot // 3)) == 3
