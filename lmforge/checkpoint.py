@@ -1,15 +1,19 @@
 """lmforge checkpoints (a directory: config.json, model.safetensors, tokenizer files) and loading any model path.
 
 Nothing here unpickles: weights are safetensors, or ``torch.load(weights_only=True)`` for legacy HF ``.bin``.
+A checkpoint's ``MANIFEST.json`` (size and sha256 of every file) is checked on every load; a file already verified
+with the same size, mtime and inode is not hashed again (the cache is ``~/.cache/lmforge/verified.json``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +23,95 @@ from lmforge.model import Decoder
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+MANIFEST = "MANIFEST.json"
+
+
+# ---- manifests: size + sha256 of every file, verified on load ------------------------------------------------
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """``MANIFEST.json``: {file name: {"size": bytes, "sha256": hex}} of every file in ``directory``."""
+    entries = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+               for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps(entries, indent=2) + "\n")
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge" / "verified.json"
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _read_cache() -> dict[str, Any]:
+    try:
+        d = json.loads(_cache_path().read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(digests: dict[str, str]) -> None:
+    """Record files whose hash was just computed (best effort: a read-only cache directory is fine)."""
+    cache = _read_cache()
+    for name, digest in digests.items():
+        try:
+            cache[name] = [*_stat_key(Path(name)), digest]
+        except OSError:
+            continue
+    if len(cache) > 4096:  # keep the newest entries only
+        cache = dict(list(cache.items())[-2048:])
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".verified.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(cache, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def verify_manifest(directory: Path, required: bool = False) -> str | None:
+    """None if every file listed in ``directory/MANIFEST.json`` has its size and sha256, else what is wrong.
+
+    A missing manifest is fine unless ``required``. Entries may be a bare sha256 (older training checkpoints)."""
+    m = directory / MANIFEST
+    if not m.is_file():
+        return "no MANIFEST.json (incomplete)" if required else None
+    try:
+        manifest = json.loads(m.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError):
+        return "MANIFEST.json is corrupt"
+    cache = _read_cache()
+    hashed: dict[str, str] = {}
+    for name, entry in manifest.items():
+        digest, size = (entry, None) if isinstance(entry, str) else (entry.get("sha256"), entry.get("size"))
+        p = directory / name
+        if not p.is_file():
+            return f"{name} is missing"
+        key = _stat_key(p)
+        if size is not None and key[0] != size:
+            return f"{name} has {key[0]:,} bytes, its manifest says {size:,} (truncated or damaged)"
+        full = str(p.resolve())
+        if cache.get(full) == [*key, digest]:
+            continue
+        if sha256_file(p) != digest:
+            return f"{name} fails its checksum (damaged)"
+        hashed[full] = digest
+    if hashed:
+        _remember(hashed)
+    return None
 
 
 def model_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
@@ -51,6 +144,7 @@ def save_checkpoint(model: Decoder, path: str | Path, tokenizer=None) -> Path:
         save_file(model_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(str(tmp))
+        write_manifest(tmp)
         replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -84,6 +178,8 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> D
         if tuple(sd[k].shape) != tuple(v.shape):
             raise LMForgeError(f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)} but the config needs "
                                f"{tuple(v.shape)}; does the config match the weights?")
+        if sd[k].is_floating_point() and not bool(torch.isfinite(sd[k]).all()):
+            raise LMForgeError(f"{source}: tensor {k!r} holds NaN or infinite values (damaged weights)")
     extra = sorted(set(sd) - set(expected))
     if extra:
         raise LMForgeError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unused)")
@@ -113,6 +209,9 @@ def load_checkpoint(path: str | Path) -> Decoder:
     from safetensors.torch import load_file
 
     path = Path(path)
+    problem = verify_manifest(path)
+    if problem:
+        raise LMForgeError(f"{path}: damaged checkpoint: {problem}")
     cfg = ModelConfig.load(path / CONFIG)
     try:
         sd = load_file(str(path / WEIGHTS))
