@@ -24,6 +24,8 @@ from lmforge.model import Decoder
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 MANIFEST = "MANIFEST.json"
+# files of a training checkpoint that loading the model does not read (checked by --resume instead)
+TRAINING_ONLY = frozenset({"optimizer.pt", "rng.pt", "trainer_state.json", "train_weights.safetensors"})
 
 
 # ---- manifests: size + sha256 of every file, verified on load ------------------------------------------------
@@ -80,10 +82,10 @@ def _remember(digests: dict[str, str]) -> None:
         pass
 
 
-def verify_manifest(directory: Path, required: bool = False) -> str | None:
-    """None if every file listed in ``directory/MANIFEST.json`` has its size and sha256, else what is wrong.
-
-    A missing manifest is fine unless ``required``. Entries may be a bare sha256 (older training checkpoints)."""
+def verify_manifest(directory: Path, required: bool = False, skip: frozenset[str] = frozenset()) -> str | None:
+    """None if every file listed in ``directory/MANIFEST.json`` (except ``skip``) has its size and sha256, else what
+    is wrong. A missing manifest is fine unless ``required``. Entries may be a bare sha256 (older training
+    checkpoints)."""
     m = directory / MANIFEST
     if not m.is_file():
         return "no MANIFEST.json (incomplete)" if required else None
@@ -96,6 +98,8 @@ def verify_manifest(directory: Path, required: bool = False) -> str | None:
     cache = _read_cache()
     hashed: dict[str, str] = {}
     for name, entry in manifest.items():
+        if name in skip:
+            continue
         digest, size = (entry, None) if isinstance(entry, str) else (entry.get("sha256"), entry.get("size"))
         p = directory / name
         if not p.is_file():
@@ -209,7 +213,7 @@ def load_checkpoint(path: str | Path) -> Decoder:
     from safetensors.torch import load_file
 
     path = Path(path)
-    problem = verify_manifest(path)
+    problem = verify_manifest(path, skip=TRAINING_ONLY)
     if problem:
         raise LMForgeError(f"{path}: damaged checkpoint: {problem}")
     cfg = ModelConfig.load(path / CONFIG)

@@ -23,6 +23,7 @@ LIMITS = {"vocab_size": 1 << 24, "block_size": 1 << 24, "n_layer": 1024, "n_embd
           "n_kv_head": 1 << 12, "head_dim": 1 << 12, "intermediate_size": 1 << 20, "multiple_of": 1 << 16,
           "local_window": 1 << 24}
 MAX_PARAMS = 4e12
+MAX_LEARNED_POSITIONS = 1 << 20
 
 
 @dataclass
@@ -179,6 +180,10 @@ class ModelConfig:
             raise LMForgeError(f"config: n_head={self.n_head} is not divisible by n_kv_head={self.kv_heads}")
         if self.position == "rope" and self.rotary_dim == 0:
             raise LMForgeError("config: rotary_fraction leaves no dimension to rotate")
+        learned = self.position == "learned" or self.position == "glm2d" and self.glm2d == "learned"
+        if learned and self.block_size > MAX_LEARNED_POSITIONS:
+            raise LMForgeError(f"config field block_size={self.block_size}: a learned position table holds at most "
+                               f"{MAX_LEARNED_POSITIONS:,} positions")
         params = self.approx_params()
         if params > MAX_PARAMS:
             raise LMForgeError(f"config: about {params:.3g} parameters (n_layer={self.n_layer}, n_embd={self.n_embd}, "

@@ -258,10 +258,14 @@ def test_config_ranges_are_validated(field, value, needle):
 
 
 def test_too_many_parameters_refused_before_allocation():
+    from lmforge.presets import get_preset
+
     with pytest.raises(LMForgeError, match="parameters"):
         ModelConfig(n_layer=1024, n_embd=1 << 17, n_head=1024)
-    assert 500e9 < ModelConfig(**{**__import__("lmforge.presets", fromlist=["x"]).get_preset("palm-540b").to_dict()
-                                  }).approx_params() < 600e9
+    with pytest.raises(LMForgeError, match="learned position table"):
+        ModelConfig(n_layer=1, n_embd=16, n_head=2, position="learned", block_size=1 << 21)
+    ModelConfig(n_layer=1, n_embd=16, n_head=2, position="rope", block_size=1 << 21)  # rotary tables grow on use
+    assert 500e9 < get_preset("palm-540b").approx_params() < 600e9
 
 
 def test_bad_config_in_a_checkpoint_is_one_line(stories_ckpt, tmp_path):
@@ -373,10 +377,15 @@ def test_truncated_gguf_is_one_line(tmp_path):
     for cut in (10, 35, 105, 3003, len(data) // 2, len(data) - 10):  # 35, 105: IndexError inside the gguf reader
         t = tmp_path / f"t{cut}.gguf"
         t.write_bytes(data[:cut])
-        one_line(lmforge("generate", "--model", t, "--max-new-tokens", "2"), str(t))
+        with pytest.raises(LMForgeError, match=f"{t}: not a readable GGUF file"):
+            load_model(t)
+    one_line(lmforge("generate", "--model", tmp_path / "t35.gguf", "--max-new-tokens", "2"), str(tmp_path / "t35.gguf"),
+             "truncated or damaged")
 
 
 def test_tokenizer_train_refuses_bad_inputs_and_outputs(tmp_path):
+    from lmforge.tokenizer.train import train_tokenizer
+
     good = tmp_path / "good.txt"
     good.write_text("hello world, the quick brown fox\n" * 50)
     binary = tmp_path / "blob.bin"
@@ -392,11 +401,15 @@ def test_tokenizer_train_refuses_bad_inputs_and_outputs(tmp_path):
     one_line(train("--input", good, binary, "--vocab-size", "300", "--output", tmp_path / "t1"),
              f"{binary}:3: not UTF-8")
     one_line(train("--input", empty, "--vocab-size", "300", "--output", tmp_path / "t2"), str(empty), "no text")
-    one_line(train("--input", blank, "--vocab-size", "300", "--output", tmp_path / "t2"), "no text")
-    for v in ("0", "-5"):
-        one_line(train("--input", good, "--vocab-size", v, "--output", tmp_path / "t3"), f"--vocab-size {v}")
-        one_line(lmforge("tokenizer", "train", "--kind", "char", "--input", good, "--vocab-size", v, "--output",
-                         tmp_path / "t3"), f"--vocab-size {v}")
+    with pytest.raises(LMForgeError, match="no text"):
+        train_tokenizer([str(blank)], 300, "bytelevel-bpe", str(tmp_path / "t2"))
+    one_line(train("--input", good, "--vocab-size", "0", "--output", tmp_path / "t3"), "--vocab-size 0")
+    for kind in ("bytelevel-bpe", "llama-bpe", "char"):
+        for v in (0, -5):
+            with pytest.raises(LMForgeError, match=f"--vocab-size {v}"):
+                train_tokenizer([str(good)], v, kind, str(tmp_path / "t3"))
+    with pytest.raises(LMForgeError, match="--vocab-size 100: must be in"):
+        train_tokenizer([str(good)], 100, "bytelevel-bpe", str(tmp_path / "t3"))  # fewer than the 256 bytes
     assert not (tmp_path / "t3").exists()
     existing = tmp_path / "existing.json"
     existing.write_text("{}")
