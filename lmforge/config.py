@@ -209,7 +209,12 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise LMForgeError(f"{source}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except LMForgeError as e:  # name the file the bad value came from
+            raise LMForgeError(f"{source}: {e}") from None
+        except TypeError as e:  # a value of the wrong type that validation could not even compare
+            raise LMForgeError(f"{source}: {e}") from None
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

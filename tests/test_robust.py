@@ -276,7 +276,9 @@ def test_bad_config_in_a_checkpoint_is_one_line(stories_ckpt, tmp_path):
         c[field] = value
         (d / "config.json").write_text(json.dumps(c))
         (d / MANIFEST).unlink()
-        one_line(lmforge("generate", "--model", d, "--max-new-tokens", "4"), f"{field}={value}")
+        with pytest.raises(LMForgeError, match=f"{d / 'config.json'}: config field {field}={value}"):
+            load_model(d)
+    one_line(lmforge("generate", "--model", tmp_path / "norm_eps", "--max-new-tokens", "4"), "norm_eps=-1")
 
 
 def test_rotary_tables_grow_with_the_context_used():
