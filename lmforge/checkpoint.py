@@ -1,14 +1,19 @@
 """lmforge checkpoints (a directory: config.json, model.safetensors, tokenizer files) and loading any model path.
 
 Nothing here unpickles: weights are safetensors, or ``torch.load(weights_only=True)`` for legacy HF ``.bin``.
+A checkpoint's ``MANIFEST.json`` (size and sha256 of every file) is checked on every load; a file already verified
+with the same size, mtime and inode is not hashed again (the cache is ``~/.cache/lmforge/verified.json``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -23,9 +28,105 @@ from lmforge.model.weights import CONFIG, WEIGHTS, build_model, model_state_dict
 from lmforge.quant.config import QUANT_FILE
 from lmforge.quant.io import load_quantized
 
+MANIFEST = "MANIFEST.json"
+# files of a training checkpoint that loading the model does not read (checked by --resume instead)
+TRAINING_ONLY = frozenset({"optimizer.pt", "rng.pt", "trainer_state.json", "train_weights.safetensors"})
+
+
+# ---- manifests: size + sha256 of every file, verified on load ------------------------------------------------
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """``MANIFEST.json``: {file name: {"size": bytes, "sha256": hex}} of every file in ``directory``."""
+    entries = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+               for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps(entries, indent=2) + "\n")
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge" / "verified.json"
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _read_cache() -> dict[str, Any]:
+    try:
+        d = json.loads(_cache_path().read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(digests: dict[str, str]) -> None:
+    """Record files whose hash was just computed (best effort: a read-only cache directory is fine)."""
+    cache = _read_cache()
+    for name, digest in digests.items():
+        try:
+            cache[name] = [*_stat_key(Path(name)), digest]
+        except OSError:
+            continue
+    if len(cache) > 4096:  # keep the newest entries only
+        cache = dict(list(cache.items())[-2048:])
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".verified.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(cache, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def verify_manifest(directory: Path, required: bool = False, skip: frozenset[str] = frozenset()) -> str | None:
+    """None if every file listed in ``directory/MANIFEST.json`` (except ``skip``) has its size and sha256, else what
+    is wrong. A missing manifest is fine unless ``required``. Entries may be a bare sha256 (older training
+    checkpoints)."""
+    m = directory / MANIFEST
+    if not m.is_file():
+        return "no MANIFEST.json (incomplete)" if required else None
+    try:
+        manifest = json.loads(m.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError):
+        return "MANIFEST.json is corrupt"
+    cache = _read_cache()
+    hashed: dict[str, str] = {}
+    for name, entry in manifest.items():
+        if name in skip:
+            continue
+        digest, size = (entry, None) if isinstance(entry, str) else (entry.get("sha256"), entry.get("size"))
+        p = directory / name
+        if not p.is_file():
+            return f"{name} is missing"
+        key = _stat_key(p)
+        if size is not None and key[0] != size:
+            return f"{name} has {key[0]:,} bytes, its manifest says {size:,} (truncated or damaged)"
+        full = str(p.resolve())
+        if cache.get(full) == [*key, digest]:
+            continue
+        if sha256_file(p) != digest:
+            return f"{name} fails its checksum (damaged)"
+        hashed[full] = digest
+    if hashed:
+        _remember(hashed)
+    return None
+
+
 # re-exported: the primitives live in lmforge.model.weights (every reader and writer shares them)
-__all__ = ["CONFIG", "WEIGHTS", "build_model", "is_lmforge_dir", "load_checkpoint", "load_model", "model_state_dict",
-           "reinit_buffers", "replace_dir", "save_checkpoint"]
+__all__ = ["CONFIG", "MANIFEST", "WEIGHTS", "build_model", "is_lmforge_dir", "load_checkpoint", "load_model",
+           "model_state_dict", "reinit_buffers", "replace_dir", "save_checkpoint", "sha256_file", "verify_manifest",
+           "write_manifest"]
 
 
 def is_lmforge_dir(path: Path) -> bool:
@@ -48,6 +149,7 @@ def save_checkpoint(model: Decoder, path: str | Path, tokenizer=None) -> Path:
         save_file(model_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(str(tmp))
+        write_manifest(tmp)
         replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -56,6 +158,9 @@ def save_checkpoint(model: Decoder, path: str | Path, tokenizer=None) -> Path:
 
 def load_checkpoint(path: str | Path) -> Decoder:
     path = Path(path)
+    problem = verify_manifest(path, skip=TRAINING_ONLY)
+    if problem:
+        raise LMForgeError(f"{path}: damaged checkpoint: {problem}")
     cfg = ModelConfig.load(path / CONFIG)
     try:
         sd = load_file(str(path / WEIGHTS))

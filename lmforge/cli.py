@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 from lmforge.errors import LMForgeError
 
@@ -29,7 +31,9 @@ COMMANDS: list[tuple[str, str, str]] = [
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.splitlines()[0],
+                                     epilog="A failure prints one line (lmforge COMMAND: error: ...) and exits 1; "
+                                     "set LMFORGE_DEBUG=1 to see the traceback.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module, help_ in COMMANDS:
         if only is not None and name != only:
@@ -61,14 +65,30 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if args.command is None else 2)
     try:
         args.func(args)
-    except LMForgeError as e:
-        print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(1)
     except BrokenPipeError:
         sys.exit(0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # one line for every failure; the traceback only with LMFORGE_DEBUG=1
+        if os.environ.get("LMFORGE_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"lmforge {args.command}: error: {error_line(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def error_line(e: BaseException) -> str:
+    """One line saying what went wrong: the message of an LMForgeError, ``FILE: reason`` for OS errors, else the
+    exception's type and message with a hint on how to see the traceback."""
+    if isinstance(e, LMForgeError):
+        msg = str(e)
+    elif isinstance(e, OSError) and e.filename is not None:
+        msg = f"{e.filename}: {e.strerror or e}"
+    elif isinstance(e, MemoryError):
+        msg = "out of memory (is the model or its context too large for this machine?)"
+    else:
+        msg = f"{type(e).__name__}: {e} (LMFORGE_DEBUG=1 shows the traceback)"
+    return " ".join(msg.split()) or type(e).__name__
 
 
 if __name__ == "__main__":

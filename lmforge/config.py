@@ -17,6 +17,13 @@ MLPS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh", "r
 POSITIONS = ("learned", "rope", "alibi", "glm2d", "none")
 GLM2D_KINDS = ("learned", "rotary")
 ATTN_PATTERNS = ("dense", "alternating")
+# Upper limits far above every published model (PaLM-540B: 118 layers, d 18,432; 10M-token contexts): beyond
+# them a config is a typo, refused before anything is allocated.
+LIMITS = {"vocab_size": 1 << 24, "block_size": 1 << 24, "n_layer": 1024, "n_embd": 1 << 17, "n_head": 1 << 12,
+          "n_kv_head": 1 << 12, "head_dim": 1 << 12, "intermediate_size": 1 << 20, "multiple_of": 1 << 16,
+          "local_window": 1 << 24}
+MAX_PARAMS = 4e12
+MAX_LEARNED_POSITIONS = 1 << 20
 
 
 @dataclass
@@ -146,15 +153,52 @@ class ModelConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise LMForgeError(f"config field {key}={getattr(self, key)!r}: allowed values are {list(allowed)}")
-        for key in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                raise LMForgeError(f"config field {key}={getattr(self, key)!r}: must be a positive integer")
+        for key, limit in LIMITS.items():
+            v = getattr(self, key)
+            if v is None and key in ("n_kv_head", "head_dim", "intermediate_size"):
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= limit:
+                raise LMForgeError(f"config field {key}={v!r}: must be an integer in [1, {limit:,}]")
+        for key, lo, hi, closed in (("norm_eps", 0.0, 1.0, False), ("dropout", 0.0, 1.0, True),
+                                    ("rotary_fraction", 0.0, 1.0, False), ("init_std", 0.0, math.inf, True),
+                                    ("rope_theta", 0.0, math.inf, False), ("embedding_grad_shrink", 0.0, 1.0, True),
+                                    ("embedding_scale", 0.0, math.inf, False), ("attn_scale", 0.0, math.inf, False),
+                                    ("ffn_dim_multiplier", 0.0, math.inf, False),
+                                    ("deepnorm_alpha", 0.0, math.inf, False), ("deepnorm_beta", 0.0, math.inf, False)):
+            v = getattr(self, key)
+            if v is None and key not in ("norm_eps", "dropout", "rotary_fraction", "init_std", "rope_theta",
+                                         "embedding_grad_shrink", "embedding_scale"):
+                continue
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= hi and (
+                v >= lo if closed else v > lo)
+            if not ok or (key == "rotary_fraction" and v > 1.0):
+                bound = f"[{lo:g}, {hi:g}]" if closed else f"({lo:g}, {hi:g}]"
+                raise LMForgeError(f"config field {key}={v!r}: must be a finite number in {bound}")
         if self.head_dim is None and self.n_embd % self.n_head:
             raise LMForgeError(f"config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_head % self.kv_heads:
             raise LMForgeError(f"config: n_head={self.n_head} is not divisible by n_kv_head={self.kv_heads}")
         if self.position == "rope" and self.rotary_dim == 0:
             raise LMForgeError("config: rotary_fraction leaves no dimension to rotate")
+        learned = self.position == "learned" or self.position == "glm2d" and self.glm2d == "learned"
+        if learned and self.block_size > MAX_LEARNED_POSITIONS:
+            raise LMForgeError(f"config field block_size={self.block_size}: a learned position table holds at most "
+                               f"{MAX_LEARNED_POSITIONS:,} positions")
+        params = self.approx_params()
+        if params > MAX_PARAMS:
+            raise LMForgeError(f"config: about {params:.3g} parameters (n_layer={self.n_layer}, n_embd={self.n_embd}, "
+                               f"vocab_size={self.vocab_size}), more than {MAX_PARAMS:.0e}: refusing to build it")
+
+    def approx_params(self) -> float:
+        """Parameter count from the shapes alone (weights of attention, MLP, embeddings; norms and biases left out),
+        computed before anything is allocated."""
+        d, hd = self.n_embd, self.head_size
+        attn = d * hd * (2 * self.n_head + 2 * self.kv_heads)
+        mlp = d * self.hidden_size * (3 if self.gated else 2)
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        if self.position == "learned" or self.position == "glm2d" and self.glm2d == "learned":
+            emb += self.block_size * d * (2 if self.position == "glm2d" else 1)
+        return float(self.n_layer * (attn + mlp) + emb)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,7 +209,12 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise LMForgeError(f"{source}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except LMForgeError as e:  # name the file the bad value came from
+            raise LMForgeError(f"{source}: {e}") from None
+        except TypeError as e:  # a value of the wrong type that validation could not even compare
+            raise LMForgeError(f"{source}: {e}") from None
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

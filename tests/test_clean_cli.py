@@ -106,7 +106,7 @@ def test_clean_cli_config_stages_and_eval(corpus, tmp_path):
     assert stages["decontaminate"]["removed"]["eval_overlap"]["examples"] == [f"{jl}:31"]
     assert stages["pii"]["replacements"] == {"EMAIL": 3}  # 2 genuine (hand-labelled) in the first 120 rows + 1
     assert stages["near_dedup"]["config"]["num_perm"] == 64
-    r = clean(jl, "--stages", "pii", "--eval", ev, "--output", out, "--report", rep, "--quiet")
+    r = clean(jl, "--stages", "pii", "--eval", ev, "--output", out, "--report", rep, "--quiet", "--overwrite")
     assert r.returncode == 0, r.stderr
     assert [s["stage"] for s in json.loads(rep.read_text())["stages"]] == ["decontaminate", "pii"]
 
@@ -134,21 +134,22 @@ def test_clean_cli_bad_input(tmp_path):
                   + b"\n" + b'{"text": ""}\n' + b'{"txt": "x"}\n')
     out, rep = tmp_path / "o.jsonl", tmp_path / "r.json"
     out.write_text("previous output\n")
-    line = one_line_error(clean(p, "--stages", "pii", "--output", out, "--report", rep))
+    line = one_line_error(clean(p, "--stages", "pii", "--output", out, "--report", rep, "--overwrite"))
     assert f"{p}:2: malformed JSON" in line and "--skip-bad" in line
     assert out.read_text() == "previous output\n" and not rep.exists()  # untouched, nothing half-written
     assert not list(tmp_path.glob(".*.tmp"))
-    r = clean(p, "--stages", "pii", "--output", out, "--report", rep, "--skip-bad")
+    r = clean(p, "--stages", "pii", "--output", out, "--report", rep, "--skip-bad", "--overwrite")
     assert r.returncode == 0, r.stderr
     assert "skipped 3 malformed records" in r.stdout
     assert len(out.read_text().splitlines()) == 2
     bad = json.loads(rep.read_text())["bad_records"]
     assert bad["skipped"] == 3 and bad["reasons"] == {"malformed_json": 1, "empty": 1, "missing_field": 1}
-    line = one_line_error(clean(p, "--field", "body", "--stages", "pii", "--output", out, "--report", rep))
+    line = one_line_error(clean(p, "--field", "body", "--stages", "pii", "--output", out, "--report", rep,
+                                "--overwrite"))
     assert f"{p}:1: field 'body' missing (fields: text" in line
     gbk = tmp_path / "gbk.txt"
     gbk.write_bytes("红楼梦第一回\n".encode("gbk"))
-    line = one_line_error(clean(gbk, "--stages", "pii", "--output", out, "--report", rep))
+    line = one_line_error(clean(gbk, "--stages", "pii", "--output", out, "--report", rep, "--overwrite"))
     assert f"{gbk}:1: not UTF-8 text" in line
     line = one_line_error(clean(p, "--output", p, "--report", rep, "--skip-bad"))
     assert "the output is also an input" in line

@@ -63,9 +63,7 @@ def load_model_and_tokenizer(model: str | None, tokenizer: str | None, device: s
         raise LMForgeError(f"{path}: no tokenizer found beside the model; pass --tokenizer PATH")
     tok = load_tokenizer(str(tok_path))
     _read_template(path, tok)
-    if tok.vocab_size > m.cfg.vocab_size:
-        raise LMForgeError(f"{tok_path}: tokenizer has {tok.vocab_size} tokens but the model only "
-                           f"{m.cfg.vocab_size}")
+    check_vocab(m.cfg, tok, str(path), str(tok_path))
     if adapter:
         load_adapter(m, adapter)
         _read_template(Path(adapter), tok)
@@ -82,3 +80,28 @@ def _read_template(path: Path, tok) -> None:
     template = path / "chat_template.jinja"
     if path.is_dir() and template.is_file():
         tok.chat_template = template.read_text(encoding="utf-8")
+
+
+def max_vocab_padding(tok_vocab: int) -> int:
+    """How many more rows a model's embedding may have than its tokenizer has ids: checkpoints round the vocabulary
+    up for speed (GPT-2 50,257 -> 50,304, GPT-NeoX 50,277 -> 50,432, Qwen2 151,665 -> 151,936): up to 128 rows or
+    1/256 of the vocabulary, whichever is more."""
+    return max(128, tok_vocab // 256)
+
+
+def check_vocab(cfg, tok, model_src: str, tok_src: str) -> None:
+    """Refuse a tokenizer that does not belong to the model, both ways: every tokenizer id must be a row of the
+    model, the model's vocabulary may exceed the tokenizer's only by padding (else it would generate ids that have
+    no text), and the model's BOS/EOS ids must be tokens of the tokenizer."""
+    if tok.vocab_size > cfg.vocab_size:
+        raise LMForgeError(f"{tok_src}: tokenizer has {tok.vocab_size:,} tokens but the model {model_src} only "
+                           f"{cfg.vocab_size:,}: not the model's tokenizer")
+    if cfg.vocab_size - tok.vocab_size > max_vocab_padding(tok.vocab_size):
+        raise LMForgeError(f"{tok_src}: tokenizer has {tok.vocab_size:,} tokens but the model {model_src} has "
+                           f"{cfg.vocab_size:,} (ids {tok.vocab_size:,}..{cfg.vocab_size - 1:,} would have no text): "
+                           "not the model's tokenizer")
+    for name in ("bos_id", "eos_id"):
+        i = getattr(cfg, name)
+        if i is not None and not 0 <= i < tok.vocab_size:
+            raise LMForgeError(f"{tok_src}: the model {model_src} has {name.replace('_id', '').upper()} token {i}, "
+                               f"outside the tokenizer's {tok.vocab_size:,} tokens: not the model's tokenizer")

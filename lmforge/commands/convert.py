@@ -47,13 +47,22 @@ def run(args) -> None:
     from lmforge.checkpoint import model_state_dict, save_checkpoint
     from lmforge.commands.common import find_tokenizer_path
     from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.loader import NoTokenizerFiles
 
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():
         raise LMForgeError(f"{src}: no such file or directory")
     model = _read(args.src_format, src)
     tok_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer_path(src, model.cfg.vocab_size)
-    tok = load_tokenizer(str(tok_path)) if tok_path is not None else None
+    try:
+        tok = load_tokenizer(str(tok_path)) if tok_path is not None else None
+    except NoTokenizerFiles:
+        if args.tokenizer:
+            raise
+        tok = None
+    if tok is None:
+        print(f"warning: no tokenizer found with {src}: converting the weights only (give --tokenizer PATH to carry "
+              "one along)", file=sys.stderr)
     if args.dst_format == "lmforge":
         save_checkpoint(model, dst, tok)
     elif args.dst_format == "hf":

@@ -20,7 +20,15 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--recipe", help="a named recipe (see --list-recipes)")
     p.add_argument("--list-recipes", action="store_true", help="list the named recipes and exit")
     p.add_argument("--out", help="run directory: checkpoints, metrics.jsonl, loss.png")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest usable checkpoint in --out (none yet: start); refuses when "
+                   "every checkpoint is damaged")
+    p.add_argument("--resume-or-start", action="store_true",
+                   help="like --resume, but when no checkpoint is usable move the damaged ones aside "
+                   "(ckpt-N.damaged) and start from scratch")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from scratch in an --out that already holds checkpoints (deleted; damaged ones are "
+                   "moved aside); with --resume: only when none is usable")
     p.add_argument("--save-interval", type=int, help="write a checkpoint every N steps (the last step always is)")
     p.add_argument("--max-iters", type=int, help="optimizer steps")
     p.add_argument("--eval-interval", type=int, help="evaluate every N steps")
@@ -34,9 +42,27 @@ def recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPES.glob("*.yaml"))}
 
 
+def check_prepared_data(path: str, block_size: int) -> None:
+    """A prepared data directory must hold more than ``block_size`` tokens in each split (one line if not)."""
+    from lmforge.data.dataset import open_prepared
+    from lmforge.data.prepare import is_prepared
+    from lmforge.stages.pretrain import resolve_path
+
+    p = resolve_path(path)
+    if not is_prepared(p):
+        return
+    data = open_prepared(p, verify_tokenizer=False)
+    for split, s in data.index["splits"].items():
+        if int(s["tokens"]) <= block_size:
+            raise LMForgeError(f"{p / s['file']}: the {split} split holds {int(s['tokens']):,} tokens, fewer than "
+                               f"data.block_size+1 = {block_size + 1}; prepare it again (e.g. --split-mode tail) "
+                               "or lower --data.block_size")
+
+
 def run(args) -> None:
     from lmforge.stages.pretrain import run_pretrain
     from lmforge.train.config import load_run_config, merge, parse_overrides, read_yaml
+    from lmforge.train.state import prepare_run_dir
 
     if args.list_recipes:
         for name, path in recipes().items():
@@ -60,7 +86,18 @@ def run(args) -> None:
              for k, v in flags.items() if v is not None}
     d = merge(merge(d, flags), parse_overrides(getattr(args, "overrides", [])))
     cfg = load_run_config(d, where=source)
-    result = run_pretrain(cfg, resume=args.resume)
+    check_prepared_data(cfg.data.path, cfg.data.block_size)
+    resume = args.resume or args.resume_or_start
+    main = os.environ.get("RANK", "0") == "0"
+
+    def warn(msg: str) -> None:
+        if main:
+            print(msg, file=sys.stderr)
+
+    resuming = prepare_run_dir(Path(cfg.out), resume, args.resume_or_start or args.overwrite, main, warn)
+    if resume and not resuming:
+        warn(f"no checkpoint to resume from in {cfg.out}: starting from scratch")
+    result = run_pretrain(cfg, resume=resuming)
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
                         if k in ("step", "train_loss", "val_loss", "best_val", "tokens_per_s", "mfu") and v is not None)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports

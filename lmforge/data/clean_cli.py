@@ -45,6 +45,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="processes for the per-document stages before the first de-duplication stage "
                    "(default: 2 from 16 MB of input on, if there are 2 CPUs)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     p.set_defaults(func=run)
 
@@ -60,7 +61,7 @@ def run(args) -> None:
         config["stages"] = [s.strip() for s in args.stages.split(",") if s.strip()]
     rep = clean(args.inputs, args.output, args.report, config, skip_bad=args.skip_bad, field=args.field,
                 txt_split=args.txt_split, eval_files=args.eval, progress=not args.quiet,
-                workers=args.workers)
+                workers=args.workers, overwrite=args.overwrite)
     if args.quiet:
         return
     mb = rep["bytes_in"] / 1e6

@@ -10,7 +10,9 @@ Output directory (written to a temporary sibling directory, then renamed into pl
 Documents are packed back to back: ``[BOS] doc [EOS]`` (by default BOS/EOS when the tokenizer has them). The
 validation split is either whole documents chosen by a seeded hash of their text (``split_mode="doc"``: the same
 document always lands in the same split, whatever the order, worker count or duplicates), or the last fraction of
-the token stream (``split_mode="tail"``: nanoGPT's ``train = data[:int(n * 0.9)]``).
+the token stream (``split_mode="tail"``: nanoGPT's ``train = data[:int(n * 0.9)]``). When documents are too few
+for the split by document to fill both splits (one large text file), the tail split is used instead
+(``index.json``: ``"split_fallback": "tail"``).
 """
 
 from __future__ import annotations
@@ -237,8 +239,11 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LMForgeError(f"{out}: exists and is not a prepared dataset (no {INDEX}); refusing to replace it")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise LMForgeError(f"{out}: cannot write in {out.parent}: {e.strerror}") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output gets ordinary permissions
@@ -292,8 +297,17 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
             pool.close()
             pool.join()
             pool = None
-        if split_mode == "tail":
-            splits = _split_tail(tmp, writers["train"], dtype, val_fraction)
+        fallback = cfg["hash"] and not (writers["train"].tokens and writers["val"].tokens)
+        if fallback:  # too few documents for a split by document (one large file): cut the stream's tail instead
+            whole = writers["train"] if writers["train"].tokens else writers["val"]
+            if whole is writers["val"]:
+                os.replace(tmp / "val.bin", tmp / "train.bin")
+            empty = "validation" if whole is writers["train"] else "train"
+            print(f"note: {sum(docs_per_source)} document(s) left the {empty} split empty; the last {val_fraction:g} "
+                  "of the tokens is the validation split instead (--split-mode tail)", file=sys.stderr)
+            index["split_fallback"] = "tail"
+        if split_mode == "tail" or fallback:
+            splits = _split_tail(tmp, whole if fallback else writers["train"], dtype, val_fraction)
         else:
             splits = {s: (w.tokens, np.frombuffer(w.offsets, dtype=np.int64) if len(w.offsets) else
                           np.zeros(0, np.int64)) for s, w in writers.items()}
@@ -308,10 +322,11 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
         if bad.count:
             print(f"skipped {bad.count} bad record(s) (first: {bad.examples[0]})", file=sys.stderr)
         if not splits["train"][0]:
-            raise LMForgeError("no tokens for the train split (empty inputs, or --val-fraction too large)")
+            raise LMForgeError(f"{inputs[0]}: no tokens for the train split (empty inputs, or --val-fraction too "
+                               "large)")
         if val_fraction > 0 and not splits["val"][0]:
-            print(f"warning: no document fell into the validation split (val-fraction {val_fraction} of "
-                  f"{sum(docs_per_source)} documents); try --split-mode tail", file=sys.stderr)
+            print(f"warning: the validation split is empty (val-fraction {val_fraction} of "
+                  f"{splits['train'][0]:,} tokens)", file=sys.stderr)
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")  # written last: marks the output complete
         from lmforge.checkpoint import replace_dir  # imports torch: not at module level (tokenizer workers)
 

@@ -36,6 +36,7 @@ from torch import nn
 from lmforge.infer.generate import Sequence, Step
 from lmforge.infer.sampling import SamplingParams, TokenSampler, select
 from lmforge.model import Decoder
+from lmforge.model.cache import kv_cache_len
 from lmforge.quant import QuantLinear
 
 
@@ -104,7 +105,10 @@ class SlotRunner:
         self.model, self.cfg, self.n_slots = model, cfg, n_slots
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.max_len = min(max_len or cfg.block_size, cfg.block_size)
+        self.max_len = kv_cache_len(cfg, n_slots, min(max_len, cfg.block_size) if max_len else None,
+                                    self.dtype, self.device)  # checked before allocating
+        if hasattr(model, "rotary"):
+            model.rotary.ensure(self.max_len)  # rotary tables are built lazily for long contexts
         shape = (cfg.n_layer, n_slots, cfg.kv_heads, self.max_len, cfg.head_size)
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)

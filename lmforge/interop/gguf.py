@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import struct
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,10 @@ def _reader(path: Path):
     gguf = _gguf()
     try:
         return gguf.GGUFReader(str(path))
-    except (OSError, ValueError, AssertionError, KeyError) as e:  # the reader raises these for bad files
-        raise LMForgeError(f"{path}: not a readable GGUF file: {e}") from None
+    except (OSError, ValueError, AssertionError, KeyError, IndexError, EOFError, TypeError, struct.error) as e:
+        # the reader raises these for damaged or truncated files
+        raise LMForgeError(f"{path}: not a readable GGUF file (truncated or damaged): {type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:200]}") from None
 
 
 def gguf_metadata(reader) -> dict[str, Any]:

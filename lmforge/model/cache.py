@@ -2,9 +2,48 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.errors import LMForgeError
+
+MEMORY_FRACTION = 0.5  # a cache may take at most this share of the device's memory
+
+
+def device_memory(device: torch.device | str | None) -> int:
+    """Total bytes of the device's memory (physical RAM for the CPU)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def kv_cache_len(cfg: ModelConfig, n_seqs: int, max_len: int | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> int:
+    """Positions per sequence to allocate for a key/value cache, checked before anything is allocated.
+
+    ``max_len`` (a user's ``--max-len``) must fit in ``MEMORY_FRACTION`` of the device's memory (else a one-line
+    error); without it the model's ``block_size`` is used, reduced to what fits."""
+    per_pos = 2 * cfg.n_layer * n_seqs * cfg.kv_heads * cfg.head_size * torch.empty(0, dtype=dtype).element_size()
+    budget = int(device_memory(device) * MEMORY_FRACTION)
+    fit = budget // per_pos
+    if max_len is not None:
+        if max_len < 1:
+            raise LMForgeError(f"--max-len {max_len}: must be >= 1")
+        n = max_len
+        if n > fit:
+            raise LMForgeError(f"--max-len {max_len}: a key/value cache of {n:,} positions x {n_seqs} sequences needs "
+                               f"{n * per_pos / 2**30:.1f} GiB, more than {budget / 2**30:.1f} GiB; lower --max-len")
+        return n
+    if fit < 1:
+        raise LMForgeError(f"a key/value cache for {n_seqs} sequences needs {per_pos / 2**30:.1f} GiB per position, "
+                           f"more than {budget / 2**30:.1f} GiB: the model is too large for this device")
+    return min(cfg.block_size, fit)
 
 
 class KVCache:
@@ -21,7 +60,7 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.max_len = max_len or cfg.block_size
+        self.max_len = kv_cache_len(cfg, batch_size, max_len, dtype, device)
         shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, cfg.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)

@@ -8,30 +8,47 @@ import math
 import torch
 from torch import nn
 
+EAGER_POSITIONS = 1 << 15  # rotary tables up to this many positions are built at once; longer ones grow on use
+
 
 class Rotary(nn.Module):
-    """cos/sin tables for ``dim`` rotated channels, gathered at arbitrary position ids."""
+    """cos/sin tables for ``dim`` rotated channels, gathered at arbitrary position ids.
+
+    Tables cover ``min(max_len, EAGER_POSITIONS)`` positions when built and grow (doubling, up to ``max_len``) when
+    a forward reaches past them, so a config with a huge ``block_size`` costs memory for the context actually used.
+    """
 
     def __init__(self, dim: int, max_len: int, theta: float = 10000.0, interleaved: bool = False) -> None:
         super().__init__()
-        self.dim = dim
+        self.dim, self.max_len, self.theta = dim, max_len, theta
         self.interleaved = interleaved
-        device = torch.get_default_device()
+        cos, sin = self._tables(min(max_len, EAGER_POSITIONS), torch.get_default_device())
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.device("cpu"):  # see _ON_CPU
-            inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-            t = torch.arange(max_len, dtype=torch.int64).float()
-            freqs = torch.outer(t, inv_freq)  # (max_len, dim/2)
-            if interleaved:  # (f0, f0, f1, f1, ...)
+            inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim))
+            t = torch.arange(n, dtype=torch.int64).float()
+            freqs = torch.outer(t, inv_freq)  # (n, dim/2)
+            if self.interleaved:  # (f0, f0, f1, f1, ...)
                 emb = freqs.repeat_interleave(2, dim=-1)
             else:  # (f0, f1, ..., f0, f1, ...)
                 emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos().to(device), persistent=False)
-        self.register_buffer("sin", emb.sin().to(device), persistent=False)
+        return emb.cos().to(device), emb.sin().to(device)
+
+    def ensure(self, n: int) -> None:
+        """Grow the tables to cover positions ``0..n-1`` (at least doubling, at most ``max_len``)."""
+        have = self.cos.shape[0]
+        if n > have and have < self.max_len:
+            self.cos, self.sin = self._tables(min(self.max_len, max(n, 2 * have)), self.cos.device)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) or (T,) -> cos, sin of shape (B|1, 1, T, dim), ready to broadcast over heads."""
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
+        if self.cos.shape[0] < self.max_len and position_ids.numel():
+            self.ensure(int(position_ids.max()) + 1)
         return self.cos[position_ids][:, None], self.sin[position_ids][:, None]
 
 

@@ -53,6 +53,8 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> D
         if tuple(sd[k].shape) != tuple(v.shape):
             raise LMForgeError(f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)} but the config needs "
                                f"{tuple(v.shape)}; does the config match the weights?")
+        if sd[k].is_floating_point() and not bool(torch.isfinite(sd[k]).all()):
+            raise LMForgeError(f"{source}: tensor {k!r} holds NaN or infinite values (damaged weights)")
     extra = sorted(set(sd) - set(expected))
     if extra:
         raise LMForgeError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unused)")

@@ -9,6 +9,10 @@ from lmforge.errors import LMForgeError
 from lmforge.tokenizer.base import Tokenizer
 
 
+class NoTokenizerFiles(LMForgeError):
+    """A directory without any tokenizer file lmforge reads."""
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     p = Path(path)
     if not p.exists():
@@ -53,7 +57,7 @@ def load_tokenizer(path: str) -> Tokenizer:
             from lmforge.tokenizer.llama2c import Llama2cTokenizer
 
             return Llama2cTokenizer.load(p / "tokenizer.bin")
-        raise LMForgeError(f"{p}: no tokenizer files found (tokenizer.json, tokenizer.bin, char_vocab.json)")
+        raise NoTokenizerFiles(f"{p}: no tokenizer files found (tokenizer.json, tokenizer.bin, char_vocab.json)")
     if p.suffix == ".bin":
         from lmforge.tokenizer.llama2c import Llama2cTokenizer
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
+import os
+import tempfile
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
@@ -9,22 +12,74 @@ from lmforge.tokenizer.base import Tokenizer
 
 KINDS = ("bytelevel-bpe", "llama-bpe", "char")
 SPECIALS = {"bytelevel-bpe": ["<|endoftext|>"], "llama-bpe": ["<unk>", "<s>", "</s>"]}
+MAX_VOCAB = 1 << 24
+
+
+def check_text_file(path: Path) -> int:
+    """Characters of non-blank text in ``path``, checking it is UTF-8 (one-line error naming the file and line)."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    done, lines, chars = 0, 1, 0
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                try:
+                    text = dec.decode(chunk)
+                except UnicodeDecodeError as e:  # e.object: the bytes held back from the last chunk + this one
+                    at = done - (len(e.object) - len(chunk)) + e.start
+                    line = lines + e.object[: e.start].count(b"\n")
+                    raise LMForgeError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                                       f"{at}); is it a binary file?") from None
+                done += len(chunk)
+                lines += chunk.count(b"\n")
+                chars += len(text) - text.count(" ") - text.count("\n") - text.count("\t") - text.count("\r")
+            dec.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise LMForgeError(f"{path}: not UTF-8 text (it ends inside a character); is it a binary file?") from None
+    except OSError as e:
+        raise LMForgeError(f"{path}: cannot read: {e.strerror}") from None
+    return chars
+
+
+def check_output_dir(output: str) -> None:
+    """The output must be a directory we can write (created if missing): checked before training."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise LMForgeError(f"{out}: exists and is not a directory; --output names a directory for the tokenizer")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise LMForgeError(f"{out}: cannot write the tokenizer there: {e.strerror}") from None
 
 
 def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | None = None,
                     special_tokens: list[str] | None = None) -> Tokenizer:
+    if kind not in KINDS:
+        raise LMForgeError(f"--kind {kind!r}: allowed values are {list(KINDS)}")
+    specials = SPECIALS.get(kind, []) + [s for s in (special_tokens or []) if s not in SPECIALS.get(kind, [])]
+    least = 1 if kind == "char" else 256 + len(specials) + 1  # BPE: the 256 bytes, the specials, one merge
+    if not isinstance(vocab_size, int) or not least <= vocab_size <= MAX_VOCAB:
+        raise LMForgeError(f"--vocab-size {vocab_size}: must be in [{least}, {MAX_VOCAB:,}] for {kind}")
+    if not files:
+        raise LMForgeError("no input files")
+    chars = 0
     for f in files:
         if not Path(f).is_file():
             raise LMForgeError(f"{f}: no such input file")
+        chars += check_text_file(Path(f))
+    if not chars:
+        raise LMForgeError(f"{files[0]}: no text to train on (the input is empty)")
+    if output:
+        check_output_dir(output)
     if kind == "char":
         from lmforge.tokenizer.char import CharTokenizer
 
         text = "".join(Path(f).read_text(encoding="utf-8") for f in files)
         tok = CharTokenizer.from_text(text)
-    elif kind in ("bytelevel-bpe", "llama-bpe"):
-        tok = _train_bpe(files, vocab_size, kind, special_tokens)
     else:
-        raise LMForgeError(f"--kind {kind!r}: allowed values are {list(KINDS)}")
+        tok = _train_bpe(files, vocab_size, kind, special_tokens)
     if output:
         tok.save(output)
     return tok

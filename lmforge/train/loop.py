@@ -34,8 +34,11 @@ from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.state import (
     EMA_WEIGHTS,
     TRAIN_WEIGHTS,
-    latest_checkpoint,
+    NoUsableCheckpoint,
+    clean_partial_saves,
+    list_checkpoints,
     load_training_checkpoint,
+    move_aside,
     prune,
     rng_state,
     save_training_checkpoint,
@@ -176,13 +179,26 @@ class Trainer:
         self.last_ckpt = ckpt
 
     def resume(self) -> bool:
-        ckpt = latest_checkpoint(self.out, warn=self.log)
-        if ckpt is None:
-            self.log(f"no complete checkpoint in {self.out}: starting from scratch")
-            return False
-        self.restore(ckpt)
-        self.log(f"resumed from {ckpt} at step {self.step}")
-        return True
+        """Continue from the newest checkpoint that verifies and loads; damaged newer ones are moved aside (never
+        deleted). Checkpoints present but none usable: refuse (NoUsableCheckpoint) and change nothing."""
+        if self.dist.main:
+            clean_partial_saves(self.out, warn=self.log)
+        damaged: list[tuple[Path, str]] = []
+        for ckpt in reversed(list_checkpoints(self.out)):
+            try:
+                self.restore(ckpt)
+            except LMForgeError as e:  # a failed checksum, or a file refused by weights_only
+                damaged.append((ckpt, str(e).removeprefix(f"{ckpt}: ")))
+                self.log(f"skipping {e}")
+                continue
+            for bad, _ in damaged if self.dist.main else []:
+                self.log(f"moved damaged {bad} to {move_aside(bad)}")
+            self.log(f"resumed from {ckpt} at step {self.step}")
+            return True
+        if damaged:
+            raise NoUsableCheckpoint(self.out, damaged)
+        self.log(f"no complete checkpoint in {self.out}: starting from scratch")
+        return False
 
     # ---- one optimizer step -------------------------------------------------------------------
     def _autocast(self):

@@ -2,15 +2,19 @@
 
 A checkpoint is a directory ``ckpt-NNNNNNN/`` inside the run directory holding ``config.json`` and
 ``model.safetensors`` (so it is also an lmforge model checkpoint), the tokenizer files, ``optimizer.pt`` and
-``rng.pt`` (tensors only: loaded with ``weights_only=True``), ``trainer_state.json`` and ``MANIFEST.json`` (sha256 of
-every file); with ``train.ema_decay`` the model file holds the moving average and ``train_weights.safetensors`` the
-raw weights training resumes from. It is built in a temporary directory and renamed into place, so a killed process
-or a full disk never leaves a half-written checkpoint that resume would pick up.
+``rng.pt`` (tensors only: loaded with ``weights_only=True``), ``trainer_state.json`` and ``MANIFEST.json`` (size and
+sha256 of every file); with ``train.ema_decay`` the model file holds the moving average and
+``train_weights.safetensors`` the raw weights training resumes from. It is built in a temporary directory
+(``.tmp-ckpt-*``, removed at the next start if a kill left one) and renamed into place, so a killed process or a
+full disk never leaves a half-written checkpoint that resume would pick up.
+
+Damaged checkpoints (a failed checksum, a file that does not load) are never deleted: they are renamed
+``ckpt-N.damaged`` (no longer seen as checkpoints) when training goes on without them, and left untouched when the
+run refuses to continue (``--resume`` with no usable checkpoint).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -24,20 +28,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.checkpoint import MANIFEST, verify_manifest, write_manifest
 from lmforge.errors import LMForgeError
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})$")
-MANIFEST = "MANIFEST.json"
+TMP_PREFIX = ".tmp-ckpt-"
 TRAIN_WEIGHTS = "train_weights.safetensors"  # raw weights, present when model.safetensors holds their EMA
 EMA_WEIGHTS = "ema_weights.safetensors"  # a PEFT run's average of its trainable weights (its export holds them too)
+__all__ = ["EMA_WEIGHTS", "MANIFEST", "TRAIN_WEIGHTS", "NoUsableCheckpoint", "clean_partial_saves",
+           "latest_checkpoint", "list_checkpoints", "load_training_checkpoint", "move_aside", "prepare_run_dir",
+           "prune", "save_training_checkpoint", "usable", "verify"]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+class NoUsableCheckpoint(LMForgeError):
+    """A run directory holds checkpoints but none verifies and loads."""
+
+    def __init__(self, run_dir: Path, problems: list[tuple[Path, str]]) -> None:
+        newest, why = problems[0]
+        more = f" and {len(problems) - 1} older one(s)" if len(problems) > 1 else ""
+        super().__init__(f"{run_dir}: no usable checkpoint to resume from ({newest.name}: {why}{more}); nothing "
+                         "was changed: pass --resume-or-start to move them aside and start from scratch")
 
 
 def rng_state() -> dict[str, Any]:
@@ -74,7 +84,7 @@ def save_training_checkpoint(run_dir: Path, step: int, model_sd: dict[str, torch
 
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"ckpt-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=run_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=run_dir))
     try:
         if weights_name is None:
             model_cfg.save(tmp / "config.json")
@@ -90,8 +100,7 @@ def save_training_checkpoint(run_dir: Path, step: int, model_sd: dict[str, torch
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(str(tmp))
-        manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp)
         for p in tmp.iterdir():  # flush file contents before the rename makes the checkpoint visible
             if p.is_file():
                 with open(p, "rb") as f:
@@ -106,21 +115,9 @@ def save_training_checkpoint(run_dir: Path, step: int, model_sd: dict[str, torch
 
 
 def verify(ckpt: Path) -> str | None:
-    """None if the checkpoint is complete and its checksums match, else what is wrong."""
-    m = ckpt / MANIFEST
-    if not m.is_file():
-        return "no MANIFEST.json (incomplete)"
-    try:
-        manifest = json.loads(m.read_text())
-    except ValueError:
-        return "MANIFEST.json is corrupt"
-    for name, digest in manifest.items():
-        p = ckpt / name
-        if not p.is_file():
-            return f"{name} is missing"
-        if _sha256(p) != digest:
-            return f"{name} fails its checksum"
-    return None
+    """None if the checkpoint is complete and every file has the size and checksum of its manifest, else what is
+    wrong."""
+    return verify_manifest(ckpt, required=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -140,21 +137,99 @@ def latest_checkpoint(run_dir: Path, warn=print) -> Path | None:
     return None
 
 
+def _load_pt(path: Path) -> Any:
+    """A tensors-only ``.pt`` file; anything else (pickled objects, a damaged file) is refused in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for code in the file, RuntimeError/EOFError for damage
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise LMForgeError(f"{path}: refused to load ({type(e).__name__}: {first[:200]})") from None
+
+
 def load_training_checkpoint(ckpt: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     problem = verify(ckpt)
     if problem:
-        raise LMForgeError(f"{ckpt}: corrupt checkpoint: {problem}")
+        raise LMForgeError(f"{ckpt}: damaged checkpoint: {problem}")
     train_weights = ckpt / TRAIN_WEIGHTS
-    model_file = next((ckpt / n for n in ("model.safetensors", EMA_WEIGHTS) if (ckpt / n).is_file()), ckpt / "-")
-    return {
-        "model": load_file(str(model_file)) if model_file.is_file() else {},
-        "train_model": load_file(str(train_weights)) if train_weights.is_file() else None,
-        "optimizer": torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True),
-        "rng": torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True),
-        "trainer": json.loads((ckpt / "trainer_state.json").read_text()),
-    }
+    model_file = next((ckpt / n for n in ("model.safetensors", EMA_WEIGHTS) if (ckpt / n).is_file()), None)
+    try:
+        model = load_file(str(model_file)) if model_file is not None else {}
+        train_model = load_file(str(train_weights)) if train_weights.is_file() else None
+        trainer = json.loads((ckpt / "trainer_state.json").read_text())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LMForgeError(f"{ckpt}: damaged checkpoint: {' '.join(str(e).split())}") from None
+    return {"model": model, "train_model": train_model, "optimizer": _load_pt(ckpt / "optimizer.pt"),
+            "rng": _load_pt(ckpt / "rng.pt"), "trainer": trainer}
+
+
+def usable(ckpt: Path) -> str | None:
+    """None if ``ckpt`` verifies and every file loads (a trial load, discarded), else what is wrong."""
+    try:
+        load_training_checkpoint(ckpt)
+    except LMForgeError as e:
+        return str(e).removeprefix(f"{ckpt}: ")
+    return None
+
+
+def move_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint to ``ckpt-N.damaged`` (``-2``, ``-3``... if taken): kept, no longer listed."""
+    dest = ckpt.with_name(ckpt.name + ".damaged")
+    k = 2
+    while dest.exists():
+        dest, k = ckpt.with_name(f"{ckpt.name}.damaged-{k}"), k + 1
+    os.replace(ckpt, dest)
+    return dest
+
+
+def clean_partial_saves(run_dir: Path, warn=print) -> list[Path]:
+    """Remove ``.tmp-ckpt-*`` directories a process killed while saving left behind (never complete checkpoints)."""
+    removed = []
+    if run_dir.is_dir():
+        for p in sorted(run_dir.glob(TMP_PREFIX + "*")):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+                warn(f"removed {p}: an unfinished checkpoint save (the process was killed while writing it)")
+    return removed
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, start_over: bool, main: bool = True, warn=print) -> bool:
+    """Decide, before training, whether a run in ``run_dir`` resumes (True) or starts from scratch (False).
+
+    ``resume``: continue from the newest usable checkpoint (a run directory without checkpoints starts fresh); if
+    there are checkpoints but none is usable, refuse (NoUsableCheckpoint) unless ``start_over``, which moves them
+    aside. Without ``resume``, existing checkpoints are refused unless ``start_over``: good ones are then deleted,
+    damaged ones moved aside. Only the ``main`` process changes files; the others reach the same decision."""
+    if main:
+        clean_partial_saves(run_dir, warn)
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return False
+    if resume:
+        problems = []
+        for ckpt in reversed(ckpts):
+            problem = usable(ckpt)
+            if problem is None:
+                return True  # the trainer resumes from it and moves the damaged newer ones aside
+            problems.append((ckpt, problem))
+        if not start_over:
+            raise NoUsableCheckpoint(run_dir, problems)
+    elif not start_over:
+        raise LMForgeError(f"{run_dir}: already holds checkpoints (newest {ckpts[-1].name}); pass --resume to "
+                           "continue from it, or --overwrite to start from scratch")
+    reasons = dict(problems) if resume else {}
+    for ckpt in ckpts:
+        problem = reasons[ckpt] if resume else verify(ckpt)
+        if main and problem is None:
+            shutil.rmtree(ckpt)
+        elif main:
+            warn(f"moved {ckpt} ({problem}) to {move_aside(ckpt)}; starting from scratch")
+    if main and (run_dir / "best").is_file():
+        (run_dir / "best").unlink()
+    return False
 
 
 def prune(run_dir: Path, keep_last: int, protect: set[str] = frozenset()) -> None:

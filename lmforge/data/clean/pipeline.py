@@ -125,21 +125,40 @@ def _batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
         yield batch
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_output_file(path: Path, overwrite: bool, flag: str = "--output") -> None:
+    """Refuse, before any work, an output that is a directory, or an existing file without ``overwrite``."""
+    if path.is_dir():
+        raise LMForgeError(f"{path}: is a directory; {flag} names a file")
+    if path.exists() and not overwrite:
+        raise LMForgeError(f"{path}: exists; pass --overwrite to replace it")
+
+
 class AtomicFile:
-    """A temporary file beside ``path``, renamed over it by ``commit()``; removed if never committed."""
+    """A temporary file beside ``path``, renamed over it by ``commit()``; removed if never committed. The file gets
+    the permissions of a file the user creates (0666 minus the umask), not ``mkstemp``'s 0600."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         parent = self.path.parent if str(self.path.parent) else Path(".")
         if not parent.is_dir():
             raise LMForgeError(f"{self.path}: directory {parent} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
+        except OSError as e:
+            raise LMForgeError(f"{self.path}: cannot write in {parent}: {e.strerror}") from None
         self.tmp = Path(tmp)
         self.f = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
 
     def commit(self) -> None:
         self.f.flush()
         os.fsync(self.f.fileno())
+        os.fchmod(self.f.fileno(), 0o666 & ~current_umask())
         self.f.close()
         os.replace(self.tmp, self.path)
 
@@ -214,9 +233,10 @@ def run_stages_parallel(stages: list[Stage], specs: list[tuple[str, dict[str, An
 def clean(inputs: list[str], output: str | Path, report: str | Path | None = None,
           config: dict[str, Any] | str | Path | None = None, *, skip_bad: bool = False, field: str = "text",
           txt_split: str = "file", eval_files: list[str] | None = None, progress: bool = True,
-          score: Any = None, workers: int = 0) -> dict[str, Any]:
+          score: Any = None, workers: int = 0, overwrite: bool = True) -> dict[str, Any]:
     """Clean ``inputs`` into JSONL ``output`` (``{"text": ..., other input fields}`` per line); write the report
-    (also returned) to ``report``. Both files are written to temporary files and renamed into place at the end.
+    (also returned) to ``report``. Both files are written to temporary files and renamed into place at the end;
+    an existing ``output`` is refused unless ``overwrite``, and both destinations are checked before any work.
 
     ``workers``: processes for the leading per-document stages (0: two from 16 MB of input on, when there are
     two CPUs; a ``score`` callable keeps everything in this process)."""
@@ -243,6 +263,9 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
     for p in inputs:
         if not Path(p).is_file():
             raise LMForgeError(f"{p}: no such input file")
+    check_output_file(out_path, overwrite)
+    if report is not None:
+        check_output_file(Path(report), True, "--report")
     stages = build_stages(cfg, src, **({"score": score} if score is not None else {}))
     total = input_bytes(inputs)
     if workers < 0:
@@ -264,7 +287,11 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
 
     t0 = time.perf_counter()
     out = AtomicFile(out_path)
-    rep_file = None
+    try:
+        rep_file = AtomicFile(report) if report is not None else None
+    except BaseException:
+        out.discard()
+        raise
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="clean", file=sys.stderr,
                disable=not progress, mininterval=0.2 if sys.stderr.isatty() else 10.0)
     try:
@@ -286,8 +313,7 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
             "bad_records": bad.as_dict(),
             "stages": [s.report() for s in stages],
         }
-        if report is not None:
-            rep_file = AtomicFile(report)
+        if rep_file is not None:
             json.dump(rep, rep_file.f, ensure_ascii=False, indent=2)
             rep_file.f.write("\n")
         out.commit()

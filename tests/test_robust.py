@@ -1,0 +1,482 @@
+"""Damaged files and mismatched inputs are refused with one line naming the file (issue 14, sections 3 and 6).
+
+Every test runs the command a user runs (``python -m lmforge ...``) where there is one, and checks the exit status,
+that stderr is exactly one line naming the file, and that nothing was silently changed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.assets import STORIES260K, STORIES260K_TOKENIZER, TINYSHAKESPEARE
+from lmforge.checkpoint import MANIFEST, load_checkpoint, load_model, save_checkpoint, write_manifest
+from lmforge.config import ModelConfig
+from lmforge.errors import LMForgeError
+from lmforge.model import Decoder
+
+SMALL = ["--recipe", "baby-gpt-shakespeare", "--model.n_layer", "1", "--model.n_embd", "16", "--model.n_head", "2",
+         "--train.batch_size", "2", "--data.block_size", "16", "--train.eval_iters", "1", "--eval-interval", "1000",
+         "--train.log_interval", "1"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """The verified-checksum cache goes to a temporary directory (subprocesses inherit the variable)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def lmforge(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def one_line(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """The single stderr line of a failed command; it must contain every needle."""
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[0].startswith("lmforge "), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def flip(path: Path, at: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(data)
+
+
+@pytest.fixture(scope="module")
+def stories_ckpt(tmp_path_factory) -> Path:
+    """stories260K as an lmforge checkpoint directory (with its tokenizer and MANIFEST.json)."""
+    from lmforge.tokenizer import load_tokenizer
+
+    d = tmp_path_factory.mktemp("ckpt") / "stories"
+    save_checkpoint(load_model(STORIES260K), d, load_tokenizer(str(STORIES260K_TOKENIZER)))
+    return d
+
+
+# ---- section 6: one line, traceback only with LMFORGE_DEBUG=1 --------------------------------------------------
+def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback():
+    code = ("import lmforge.commands.models as m\n"
+            "def boom(args):\n    raise ValueError('boom\\nsecond line')\n"
+            "m.run = boom\n"
+            "from lmforge.cli import main\nmain(['models'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "LMFORGE_DEBUG"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    line = one_line(r, "ValueError: boom second line", "LMFORGE_DEBUG=1")
+    assert line.startswith("lmforge models: error: ")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**env, "LMFORGE_DEBUG": "1"})
+    assert r.returncode == 1 and "Traceback" in r.stderr and r.stderr.rstrip().endswith("the traceback)")
+
+
+# ---- checkpoints are verified on every load ----------------------------------------------------------------
+def test_manifest_has_size_and_hash_and_a_good_checkpoint_generates(stories_ckpt):
+    manifest = json.loads((stories_ckpt / MANIFEST).read_text())
+    w = stories_ckpt / "model.safetensors"
+    entry = manifest["model.safetensors"]
+    assert entry["size"] == w.stat().st_size and len(entry["sha256"]) == 64
+    assert "config.json" in manifest and MANIFEST not in manifest
+    r = lmforge("generate", "--model", stories_ckpt, "--max-new-tokens", "8", "--seed", "1", "--temperature", "0")
+    assert r.returncode == 0 and r.stdout.startswith("Once upon a time"), r.stderr
+
+
+def test_flipped_bytes_truncation_and_nan_weights_are_refused(stories_ckpt, tmp_path):
+    flipped = tmp_path / "flipped"
+    shutil.copytree(stories_ckpt, flipped)
+    w = flipped / "model.safetensors"
+    flip(w, w.stat().st_size // 2, bytes(64))  # 64 zero bytes in the middle: still a valid file, wrong weights
+    one_line(lmforge("generate", "--model", flipped, "--max-new-tokens", "4"), str(flipped),
+             "model.safetensors fails its checksum")
+
+    short = tmp_path / "short"
+    shutil.copytree(stories_ckpt, short)
+    with open(short / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    one_line(lmforge("generate", "--model", short, "--max-new-tokens", "4"), "model.safetensors has 1,000 bytes")
+
+    # 4,096 bytes of 0xFF put NaN in a weight; the manifest is updated, so only the finiteness check can catch it
+    nan = tmp_path / "nan"
+    shutil.copytree(stories_ckpt, nan)
+    w = nan / "model.safetensors"
+    flip(w, w.stat().st_size // 2, b"\xff" * 4096)
+    write_manifest(nan)
+    one_line(lmforge("generate", "--model", nan, "--max-new-tokens", "4"), str(w), "NaN or infinite")
+    (nan / MANIFEST).unlink()  # a checkpoint without a manifest is still checked for non-finite weights
+    one_line(lmforge("generate", "--model", nan, "--max-new-tokens", "4"), "NaN or infinite")
+
+
+def test_verification_is_cached_by_size_mtime_and_inode(stories_ckpt, tmp_path, monkeypatch):
+    import lmforge.checkpoint as ck
+
+    d = tmp_path / "c"
+    shutil.copytree(stories_ckpt, d)
+    hashed: list[str] = []
+    real = ck.sha256_file
+    monkeypatch.setattr(ck, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    first = load_checkpoint(d)
+    assert "model.safetensors" in hashed
+    hashed.clear()
+    again = load_checkpoint(d)
+    assert hashed == []  # nothing hashed a second time
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    w = d / "model.safetensors"
+    flip(w, w.stat().st_size // 2, bytes(64))  # rewriting the file changes its mtime: hashed again, and refused
+    with pytest.raises(LMForgeError, match="model.safetensors fails its checksum"):
+        load_checkpoint(d)
+
+
+# ---- training checkpoints: refuse, move aside, fall back, clean up ------------------------------------------
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_resume_refuses_damaged_runs_falls_back_past_a_malicious_optimizer_and_cleans_up(tmp_path):
+    out = tmp_path / "run"
+    r = lmforge("pretrain", *SMALL, "--out", out, "--max-iters", "4", "--save-interval", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000002", "ckpt-0000004"]
+
+    # a fresh run never overwrites an existing run's checkpoints
+    one_line(lmforge("pretrain", *SMALL, "--out", out, "--max-iters", "2"), str(out), "already holds checkpoints",
+             "--overwrite")
+
+    # a malicious optimizer.pt (its hash updated) is refused in one line and the previous checkpoint is used
+    newest = out / "ckpt-0000004"
+    torch.save({"state": Evil()}, newest / "optimizer.pt")
+    write_manifest(newest)
+    leftover = out / ".tmp-ckpt-killed"  # what a kill -9 during a save leaves
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"partial")
+    r = lmforge("pretrain", *SMALL, "--out", out, "--max-iters", "6", "--save-interval", "2", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
+    assert "optimizer.pt: refused to load" in r.stderr and "resumed from" in r.stderr
+    assert f"resumed from {out / 'ckpt-0000002'} at step 2" in r.stderr
+    assert not leftover.exists()
+    assert (out / "ckpt-0000004.damaged" / "optimizer.pt").is_file()  # kept, never deleted
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000004.damaged", "ckpt-0000006"] or \
+        sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000004", "ckpt-0000004.damaged", "ckpt-0000006"]
+
+    # every checkpoint damaged: --resume refuses and changes nothing
+    ckpts = sorted(p for p in out.glob("ckpt-*") if p.name.count(".") == 0)
+    for c in ckpts:
+        w = c / "model.safetensors"
+        flip(w, w.stat().st_size // 2, bytes(64))
+    before = sorted(p.name for p in out.iterdir())
+    one_line(lmforge("pretrain", *SMALL, "--out", out, "--max-iters", "8", "--resume"), "no usable checkpoint",
+             "fails its checksum", "--resume-or-start")
+    assert sorted(p.name for p in out.iterdir()) == before
+
+    # --resume-or-start moves them aside (kept) and starts from scratch
+    r = lmforge("pretrain", *SMALL, "--out", out, "--max-iters", "2", "--resume-or-start")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for c in ckpts:
+        assert not c.exists() or c.name == "ckpt-0000002"
+        assert any(p.name.startswith(c.name + ".damaged") for p in out.iterdir()), c
+    assert json.loads((out / "ckpt-0000002" / "trainer_state.json").read_text())["step"] == 2
+    from lmforge.train.state import verify
+
+    assert verify(out / "ckpt-0000002") is None
+
+
+def test_trainer_resume_refuses_when_no_checkpoint_loads(tmp_path):
+    """The library path (Trainer.fit(resume=True)) refuses too, leaving the damaged checkpoint in place."""
+    script = Path(__file__).parent / "train_script.py"
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(script), str(run), "4"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for c in run.glob("ckpt-*"):
+        torch.save({"state": Evil()}, c / "optimizer.pt")
+        write_manifest(c)
+    names = sorted(p.name for p in run.glob("ckpt-*"))
+    r = subprocess.run([sys.executable, str(script), str(run), "6", "--resume"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "NoUsableCheckpoint" in r.stderr and "optimizer.pt" in r.stderr
+    assert sorted(p.name for p in run.glob("ckpt-*")) == names
+
+
+# ---- model and tokenizer must belong together --------------------------------------------------------------
+class FakeTok:
+    def __init__(self, n: int) -> None:
+        self.vocab_size = n
+
+
+def test_vocab_is_checked_both_ways():
+    from lmforge.commands.common import check_vocab
+
+    def cfg(**kw):
+        return ModelConfig(n_layer=1, n_embd=16, n_head=2, multiple_of=16, **kw)
+
+    check_vocab(cfg(vocab_size=50304, bos_id=50256, eos_id=50256), FakeTok(50257), "m", "t")  # nanoGPT's padding
+    check_vocab(cfg(vocab_size=151936, eos_id=151643), FakeTok(151665), "m", "t")  # Qwen2's padding
+    check_vocab(cfg(vocab_size=50432), FakeTok(50277), "m", "t")  # GPT-NeoX's padding
+    with pytest.raises(LMForgeError, match="49,152.*would have no text"):
+        check_vocab(cfg(vocab_size=49152), FakeTok(32000), "m", "t")  # SmolLM2 with a LLaMA tokenizer
+    with pytest.raises(LMForgeError, match="tokenizer has 65 tokens but the model m has 512"):
+        check_vocab(cfg(vocab_size=512), FakeTok(65), "m", "t")
+    with pytest.raises(LMForgeError, match="only 512"):
+        check_vocab(cfg(vocab_size=512), FakeTok(32000), "m", "t")
+    with pytest.raises(LMForgeError, match="BOS token 80, outside the tokenizer's 65 tokens"):
+        check_vocab(cfg(vocab_size=100, bos_id=80), FakeTok(65), "m", "t")
+
+
+def test_generate_refuses_a_tokenizer_that_does_not_fit_the_model(tmp_path):
+    from lmforge.tokenizer.train import train_tokenizer
+
+    train_tokenizer([str(TINYSHAKESPEARE)], 65, "char", str(tmp_path / "chars"))
+    one_line(lmforge("generate", "--tokenizer", tmp_path / "chars", "--max-new-tokens", "50"), str(tmp_path / "chars"),
+             "65 tokens", "512")
+    llama = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizers" / "llama2" / "tokenizer.bin"
+    if llama.is_file():
+        one_line(lmforge("generate", "--tokenizer", llama, "--max-new-tokens", "5"), "32,000 tokens")
+
+
+# ---- absurd configs refused before allocation; tables and caches sized by the context used -------------------
+@pytest.mark.parametrize("field,value,needle", [
+    ("norm_eps", -1.0, "norm_eps=-1.0"), ("norm_eps", 0.0, "norm_eps=0.0"), ("norm_eps", math.nan, "norm_eps=nan"),
+    ("n_layer", 100_000, "n_layer=100000"), ("block_size", 10**9, "block_size=1000000000"),
+    ("dropout", 1.5, "dropout=1.5"), ("rope_theta", -2.0, "rope_theta"), ("vocab_size", 0, "vocab_size=0"),
+    ("n_embd", 1 << 18, "n_embd"), ("rotary_fraction", 2.0, "rotary_fraction"),
+])
+def test_config_ranges_are_validated(field, value, needle):
+    with pytest.raises(LMForgeError, match=needle.replace("(", r"\(")):
+        ModelConfig(**{"n_layer": 1, "n_embd": 16, "n_head": 2, field: value})
+
+
+def test_too_many_parameters_refused_before_allocation():
+    from lmforge.presets import get_preset
+
+    with pytest.raises(LMForgeError, match="parameters"):
+        ModelConfig(n_layer=1024, n_embd=1 << 17, n_head=1024)
+    with pytest.raises(LMForgeError, match="learned position table"):
+        ModelConfig(n_layer=1, n_embd=16, n_head=2, position="learned", block_size=1 << 21)
+    ModelConfig(n_layer=1, n_embd=16, n_head=2, position="rope", block_size=1 << 21)  # rotary tables grow on use
+    assert 500e9 < get_preset("palm-540b").approx_params() < 600e9
+
+
+def test_bad_config_in_a_checkpoint_is_one_line(stories_ckpt, tmp_path):
+    for field, value in (("norm_eps", -1), ("n_layer", 100_000), ("block_size", 10**9)):
+        d = tmp_path / field
+        shutil.copytree(stories_ckpt, d)
+        c = json.loads((d / "config.json").read_text())
+        c[field] = value
+        (d / "config.json").write_text(json.dumps(c))
+        (d / MANIFEST).unlink()
+        with pytest.raises(LMForgeError, match=f"{d / 'config.json'}: config field {field}={value}"):
+            load_model(d)
+    one_line(lmforge("generate", "--model", tmp_path / "norm_eps", "--max-new-tokens", "4"), "norm_eps=-1")
+
+
+def test_rotary_tables_grow_with_the_context_used():
+    from lmforge.model.positions import EAGER_POSITIONS, Rotary
+
+    r = Rotary(8, 1 << 22, 10000.0)
+    assert r.cos.shape[0] == EAGER_POSITIONS  # not 4M positions
+    pos = torch.tensor([[3, 40_000, 70_001]])
+    cos, sin = r(pos)
+    assert EAGER_POSITIONS < r.cos.shape[0] < 1 << 22
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 8, 2).double() / 8))
+    ang = pos[0].double()[:, None] * inv[None]  # independent formula: halves layout (f0..f3, f0..f3)
+    ref_cos = torch.cat([ang.cos(), ang.cos()], -1).float()
+    ref_sin = torch.cat([ang.sin(), ang.sin()], -1).float()
+    assert torch.allclose(cos[0, 0], ref_cos, atol=2e-3) and torch.allclose(sin[0, 0], ref_sin, atol=2e-3)
+    small = Rotary(8, 128, 10000.0)
+    assert small.cos.shape[0] == 128
+
+
+def test_huge_block_size_model_decodes_with_caches_sized_by_max_len(monkeypatch):
+    import lmforge.model.cache as cache_mod
+    from lmforge.infer.engine import SlotRunner
+    from lmforge.model import KVCache
+    from lmforge.model.cache import kv_cache_len
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, block_size=1 << 22, n_layer=1, n_embd=16, n_head=2, multiple_of=16)
+    model = Decoder(cfg).eval()
+    assert model.rotary.cos.shape[0] <= 1 << 15
+    runner = SlotRunner(model, 2, 48)
+    assert runner.max_len == 48 and runner.k.shape[3] == 48
+    ref = Decoder(cfg.replace(block_size=64)).eval()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randint(0, 64, (1, 20))
+    assert torch.allclose(model(x), ref(x), atol=1e-6)
+    assert KVCache(cfg, 1, 32).k.shape[3] == 32
+    monkeypatch.setattr(cache_mod, "device_memory", lambda device: 1 << 30)  # a 1 GiB machine
+    per_pos = 2 * 1 * 4 * 2 * 8 * 4
+    assert kv_cache_len(cfg, 4) == min(cfg.block_size, (1 << 29) // per_pos)  # the default is capped to fit
+    with pytest.raises(LMForgeError, match="--max-len 4194304: .* GiB"):
+        kv_cache_len(cfg, 4, 1 << 22)
+
+
+# ---- data prepare of one large file, and pretrain on an empty split ---------------------------------------
+def test_prepare_single_file_falls_back_to_tail_split_and_pretrain_refuses_an_empty_split(tmp_path):
+    text = tmp_path / "shakespeare.txt"
+    text.write_text(TINYSHAKESPEARE.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    from lmforge.tokenizer.train import train_tokenizer
+
+    train_tokenizer([str(TINYSHAKESPEARE)], 65, "char", str(tmp_path / "tok"))
+    r = lmforge("data", "prepare", text, "--tokenizer", tmp_path / "tok", "--output", tmp_path / "data",
+                "--val-fraction", "0.1")
+    assert r.returncode == 0, r.stderr
+    index = json.loads((tmp_path / "data" / "index.json").read_text())
+    n = 40_000
+    assert index["split_fallback"] == "tail"
+    assert index["splits"]["train"]["tokens"] == int(n * 0.9) and index["splits"]["val"]["tokens"] == n - int(n * 0.9)
+    from lmforge.tokenizer import load_tokenizer
+
+    ids = np.concatenate([np.fromfile(tmp_path / "data" / f"{s}.bin", dtype="<u2") for s in ("train", "val")])
+    assert ids.tolist() == load_tokenizer(str(tmp_path / "tok")).encode(text.read_text(encoding="utf-8"))
+    r = lmforge("pretrain", *SMALL, "--data.path", tmp_path / "data", "--out", tmp_path / "run", "--max-iters", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    r = lmforge("data", "prepare", text, "--tokenizer", tmp_path / "tok", "--output", tmp_path / "noval",
+                "--val-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    one_line(lmforge("pretrain", *SMALL, "--data.path", tmp_path / "noval", "--out", tmp_path / "run2"),
+             str(tmp_path / "noval" / "val.bin"), "0 tokens")
+
+
+# ---- convert an HF directory without tokenizer files -------------------------------------------------------
+def test_convert_hf_weights_only(tmp_path):
+    from lmforge.interop.hf import write_hf_dir
+
+    model = load_model(STORIES260K)
+    write_hf_dir(tmp_path / "hf", model.cfg, dict(model.state_dict()))
+    assert not any("token" in p.name for p in (tmp_path / "hf").iterdir())
+    r = lmforge("convert", "--from", "hf", tmp_path / "hf", "--to", "lmforge", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "no tokenizer" in r.stderr and "weights only" in r.stderr
+    back = load_model(tmp_path / "out")
+    ref = model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in back.state_dict().items())
+    one_line(lmforge("convert", "--from", "hf", tmp_path / "hf", "--to", "lmforge", tmp_path / "o2", "--tokenizer",
+                     tmp_path / "hf"), "no tokenizer files found")
+
+
+# ---- one line instead of a traceback -------------------------------------------------------------------------
+def test_truncated_gguf_is_one_line(tmp_path):
+    pytest.importorskip("gguf")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_gguf import _write_stories_gguf
+
+    full = tmp_path / "full.gguf"
+    _write_stories_gguf(full)
+    data = full.read_bytes()
+    for cut in (10, 35, 105, 3003, len(data) // 2, len(data) - 10):  # 35, 105: IndexError inside the gguf reader
+        t = tmp_path / f"t{cut}.gguf"
+        t.write_bytes(data[:cut])
+        with pytest.raises(LMForgeError, match=f"{t}: not a readable GGUF file"):
+            load_model(t)
+    one_line(lmforge("generate", "--model", tmp_path / "t35.gguf", "--max-new-tokens", "2"), str(tmp_path / "t35.gguf"),
+             "truncated or damaged")
+
+
+def test_tokenizer_train_refuses_bad_inputs_and_outputs(tmp_path):
+    from lmforge.tokenizer.train import train_tokenizer
+
+    good = tmp_path / "good.txt"
+    good.write_text("hello world, the quick brown fox\n" * 50)
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"text line\nsecond\n" + bytes(range(128, 256)) * 4)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n\t\n")
+
+    def train(*args):
+        return lmforge("tokenizer", "train", "--kind", "bytelevel-bpe", *args)
+
+    one_line(train("--input", good, binary, "--vocab-size", "300", "--output", tmp_path / "t1"),
+             f"{binary}:3: not UTF-8")
+    one_line(train("--input", empty, "--vocab-size", "300", "--output", tmp_path / "t2"), str(empty), "no text")
+    with pytest.raises(LMForgeError, match="no text"):
+        train_tokenizer([str(blank)], 300, "bytelevel-bpe", str(tmp_path / "t2"))
+    one_line(train("--input", good, "--vocab-size", "0", "--output", tmp_path / "t3"), "--vocab-size 0")
+    for kind in ("bytelevel-bpe", "llama-bpe", "char"):
+        for v in (0, -5):
+            with pytest.raises(LMForgeError, match=f"--vocab-size {v}"):
+                train_tokenizer([str(good)], v, kind, str(tmp_path / "t3"))
+    with pytest.raises(LMForgeError, match="--vocab-size 100: must be in"):
+        train_tokenizer([str(good)], 100, "bytelevel-bpe", str(tmp_path / "t3"))  # fewer than the 256 bytes
+    assert not (tmp_path / "t3").exists()
+    existing = tmp_path / "existing.json"
+    existing.write_text("{}")
+    one_line(train("--input", good, "--vocab-size", "300", "--output", existing), str(existing), "not a directory")
+    assert existing.read_text() == "{}"
+    ro = unwritable_dir(tmp_path)
+    one_line(train("--input", good, "--vocab-size", "300", "--output", ro / "tok"), str(ro / "tok"))
+    r = train("--input", good, "--vocab-size", "300", "--output", tmp_path / "ok")
+    assert r.returncode == 0 and (tmp_path / "ok" / "tokenizer.json").is_file(), r.stderr
+
+
+def unwritable_dir(tmp_path: Path) -> Path:
+    """A directory this process cannot write in: chmod 0555, or (as root, who ignores modes) /sys."""
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o555)
+        return d
+    probe = Path("/sys/lmforge-write-probe")
+    try:
+        probe.mkdir()
+    except OSError:
+        return Path("/sys")
+    probe.rmdir()
+    pytest.skip("no directory here refuses writes by root")
+
+
+def test_data_clean_outputs(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"Document number {i} has an email a{i}@example.com in it."}) + "\n"
+                           for i in range(5)))
+
+    def clean(*args):
+        return lmforge("data", "clean", src, "--stages", "pii", "--quiet", *args)
+
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    one_line(clean("--output", outdir, "--report", tmp_path / "r.json"), str(outdir), "is a directory")
+    assert not (tmp_path / "r.json").exists()
+    one_line(clean("--output", tmp_path / "missing" / "o.jsonl", "--report", tmp_path / "r.json"), "does not exist")
+    ro = unwritable_dir(tmp_path)
+    one_line(clean("--output", ro / "o.jsonl", "--report", tmp_path / "r.json"), str(ro / "o.jsonl"), "cannot write")
+    one_line(clean("--output", tmp_path / "o.jsonl", "--report", ro / "r.json"), str(ro / "r.json"), "cannot write")
+    assert not (tmp_path / "o.jsonl").exists()
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "o.jsonl"
+        out.write_text("precious\n")
+        out.chmod(0o644)
+        one_line(clean("--output", out, "--report", tmp_path / "r.json"), str(out), "--overwrite")
+        assert out.read_text() == "precious\n"
+        r = clean("--output", out, "--report", tmp_path / "r.json", "--overwrite")
+        assert r.returncode == 0, r.stderr
+        assert "<EMAIL>" in out.read_text()
+        assert (out.stat().st_mode & 0o777) == 0o644 and ((tmp_path / "r.json").stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(old)
+
+
+def test_data_prepare_into_unwritable_or_missing_directories(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("Once upon a time there was a cat. " * 20)
+    ro = unwritable_dir(tmp_path)
+    one_line(lmforge("data", "prepare", text, "--tokenizer", STORIES260K_TOKENIZER, "--output", ro / "data"),
+             str(ro / "data"), "cannot write")
+    r = lmforge("data", "prepare", text, "--tokenizer", STORIES260K_TOKENIZER, "--output", tmp_path / "new" / "data")
+    assert r.returncode == 0 and (tmp_path / "new" / "data" / "index.json").is_file(), r.stderr
