@@ -56,9 +56,11 @@ def _unpack(out: tuple) -> tuple[torch.Tensor, float, dict[str, float]]:
     return loss, n, {k: float(v) for k, v in metrics.items()}
 
 
-def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for plain fp32. ``auto``: bf16 on CUDA (fp16 if bf16 is unsupported) and on CPUs
-    with AMX bf16 units; fp32 elsewhere (on CPUs without them bf16 matmul is ~100x slower than fp32)."""
+def pick_precision(name: str, device: torch.device, model: nn.Module | None = None,
+                   tokens: int = 2048) -> torch.dtype | None:
+    """Autocast dtype, or None for plain fp32. ``auto``: bf16 on CUDA (fp16 if bf16 is unsupported); on a CPU with
+    bf16 instructions, bf16 only if it is measured faster for this model's layer shapes (``bf16_is_faster``: cast
+    overhead makes narrow layers slower in bf16 even where wide ones gain); fp32 elsewhere."""
     if name == "fp32":
         return None
     if name in ("bf16", "fp16"):
@@ -67,8 +69,39 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
         raise LMForgeError(f"train.precision={name!r}: allowed values are ['auto', 'fp32', 'bf16', 'fp16']")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else ""
-    return torch.bfloat16 if "AMX" in str(cap).upper() else None
+    if device.type != "cpu" or model is None or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return torch.bfloat16 if bf16_is_faster(model, tokens) else None
+
+
+_BF16_FASTER: dict[tuple, bool] = {}
+
+
+def bf16_is_faster(model: nn.Module, tokens: int) -> bool:
+    """Time forward + backward of each distinct linear shape of ``model`` (weighted by how often it occurs) on
+    ``tokens`` rows in fp32 and under bf16 autocast; cached per (shapes, tokens)."""
+    shapes: dict[tuple[int, int], int] = {}
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            shapes[tuple(m.weight.shape)] = shapes.get(tuple(m.weight.shape), 0) + 1
+    key = (tuple(sorted(shapes.items())), tokens)
+    if key not in _BF16_FASTER:
+        g = torch.Generator().manual_seed(0)  # never the global RNG (exact resume)
+        total = {None: 0.0, torch.bfloat16: 0.0}
+        for (out_f, in_f), count in shapes.items():
+            w = torch.randn(out_f, in_f, generator=g, requires_grad=True)
+            x = torch.randn(tokens, in_f, generator=g, requires_grad=True)
+            for dtype in total:
+                best = math.inf
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                        y = torch.nn.functional.linear(x, w)
+                    y.float().sum().backward()
+                    best = min(best, time.perf_counter() - t0)
+                total[dtype] += best * count
+        _BF16_FASTER[key] = total[torch.bfloat16] < 0.9 * total[None]  # a clear win only
+    return _BF16_FASTER[key]
 
 
 class Trainer:
@@ -103,7 +136,8 @@ class Trainer:
             raise LMForgeError(f"train.best_mode={cfg.best_mode!r}: allowed values are ['min', 'max']")
         self.optimizer = make_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
                                         cfg.decay_embeddings, self.device.type)
-        self.amp_dtype = pick_precision(cfg.precision, self.device)
+        tokens = cfg.batch_size * getattr(getattr(self.raw_model, "cfg", None), "block_size", 256)
+        self.amp_dtype = pick_precision(cfg.precision, self.device, self.raw_model, min(tokens, 4096))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
         self.best_val = math.inf if cfg.best_mode == "min" else -math.inf  # best value of train.best_metric
