@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +19,42 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="a PEFT adapter directory (lmforge sft --peft output, or PEFT's "
                                      "adapter_config.json + adapter_model.safetensors) applied to --model")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+
+
+def add_resume_args(p: argparse.ArgumentParser) -> None:
+    """--resume, --resume-or-start and --overwrite, shared by every training command."""
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest usable checkpoint in --out (none yet: start); refuses when "
+                   "every checkpoint is damaged")
+    p.add_argument("--resume-or-start", action="store_true",
+                   help="like --resume, but when no checkpoint is usable move the damaged ones aside "
+                   "(ckpt-N.damaged) and start from scratch")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from scratch in an --out that already holds checkpoints (deleted; damaged ones are "
+                   "moved aside); with --resume: only when none is usable")
+
+
+def is_main_process() -> bool:
+    """True except in the non-first processes of a torchrun launch."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def report(msg: str) -> None:
+    """A line on stderr from the first process only."""
+    if is_main_process():
+        print(msg, file=sys.stderr)
+
+
+def resolve_resume(args, out: str | Path) -> bool:
+    """Prepare a run directory for --resume/--resume-or-start/--overwrite; True if training resumes from it."""
+    from lmforge.train.state import prepare_run_dir
+
+    resume = args.resume or args.resume_or_start
+    resuming = prepare_run_dir(Path(out), resume, args.resume_or_start or args.overwrite, is_main_process(),
+                               report)
+    if resume and not resuming:
+        report(f"no checkpoint to resume from in {out}: starting from scratch")
+    return resuming
 
 
 def pick_device(name: str) -> torch.device:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
+from lmforge.commands.common import add_resume_args, report, resolve_resume
 from lmforge.errors import LMForgeError
 
 
@@ -20,15 +19,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--recipe", help="a named recipe (see --list-recipes)")
     p.add_argument("--list-recipes", action="store_true", help="list the named recipes and exit")
     p.add_argument("--out", help="run directory: checkpoints, metrics.jsonl, loss.png")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest usable checkpoint in --out (none yet: start); refuses when "
-                   "every checkpoint is damaged")
-    p.add_argument("--resume-or-start", action="store_true",
-                   help="like --resume, but when no checkpoint is usable move the damaged ones aside "
-                   "(ckpt-N.damaged) and start from scratch")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start from scratch in an --out that already holds checkpoints (deleted; damaged ones are "
-                   "moved aside); with --resume: only when none is usable")
+    add_resume_args(p)
     p.add_argument("--save-interval", type=int, help="write a checkpoint every N steps (the last step always is)")
     p.add_argument("--max-iters", type=int, help="optimizer steps")
     p.add_argument("--eval-interval", type=int, help="evaluate every N steps")
@@ -62,7 +53,6 @@ def check_prepared_data(path: str, block_size: int) -> None:
 def run(args) -> None:
     from lmforge.stages.pretrain import run_pretrain
     from lmforge.train.config import load_run_config, merge, parse_overrides, read_yaml
-    from lmforge.train.state import prepare_run_dir
 
     if args.list_recipes:
         for name, path in recipes().items():
@@ -87,18 +77,8 @@ def run(args) -> None:
     d = merge(merge(d, flags), parse_overrides(getattr(args, "overrides", [])))
     cfg = load_run_config(d, where=source)
     check_prepared_data(cfg.data.path, cfg.data.block_size)
-    resume = args.resume or args.resume_or_start
-    main = os.environ.get("RANK", "0") == "0"
-
-    def warn(msg: str) -> None:
-        if main:
-            print(msg, file=sys.stderr)
-
-    resuming = prepare_run_dir(Path(cfg.out), resume, args.resume_or_start or args.overwrite, main, warn)
-    if resume and not resuming:
-        warn(f"no checkpoint to resume from in {cfg.out}: starting from scratch")
+    resuming = resolve_resume(args, cfg.out)
     result = run_pretrain(cfg, resume=resuming)
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
                         if k in ("step", "train_loss", "val_loss", "best_val", "tokens_per_s", "mfu") and v is not None)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
-        print(f"done: {summary}; run directory {cfg.out}", file=sys.stderr)
+    report(f"done: {summary}; run directory {cfg.out}")  # under torchrun only the first process reports

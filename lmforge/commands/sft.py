@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
+from lmforge.commands.common import add_resume_args, report, resolve_resume
 from lmforge.errors import LMForgeError
-from lmforge.train.state import prepare_run_dir
 
 
 def add_parser(sub, name: str, help_: str) -> None:
@@ -33,13 +29,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable records (counted in the log)")
     p.add_argument("--config", help="YAML config (keys model, tokenizer, data, train, peft, epochs, out)")
     p.add_argument("--out", help="run directory (default runs/sft): checkpoints, metrics, then the final model")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest usable checkpoint in --out (none yet: start); refuses when every "
-                   "checkpoint is damaged")
-    p.add_argument("--resume-or-start", action="store_true",
-                   help="like --resume, but when no checkpoint is usable move the damaged ones aside and start over")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start from scratch in an --out that already holds checkpoints (they are deleted)")
+    add_resume_args(p)
     p.add_argument("--max-iters", type=int, help="optimizer steps (default: from --epochs)")
     p.add_argument("--seed", type=int, help="random seed")
     p.set_defaults(func=run, accepts_overrides=True)
@@ -66,21 +56,12 @@ def run(args) -> None:
     if d.get("peft") and "method" not in d["peft"]:
         raise LMForgeError(f"peft options {sorted(d['peft'])} given without a method: add --peft METHOD")
     cfg = load_sft_config(d, where=source)
-    main = os.environ.get("RANK", "0") == "0"
-
-    def warn(msg: str) -> None:
-        if main:
-            print(msg, file=sys.stderr)
-
-    resume = args.resume or args.resume_or_start
-    resuming = prepare_run_dir(Path(cfg.out), resume, args.resume_or_start or args.overwrite, main, warn)
-    if resume and not resuming:
-        warn(f"no checkpoint to resume from in {cfg.out}: starting from scratch")
+    resuming = resolve_resume(args, cfg.out)
     result = run_sft(cfg, explicit_train=explicit, resume=resuming)
     keys = ("step", "train_loss", "val_loss", "best_val", "trainable_params")
     summary = ", ".join(f"{k} {result[k]:.4g}" if isinstance(result[k], float) else f"{k} {result[k]}"
                         for k in keys if result.get(k) is not None)
-    warn(f"done: {summary}; model in {cfg.out}")
+    report(f"done: {summary}; model in {cfg.out}")
 
 
 def _drop_none(d: dict) -> dict:
