@@ -26,7 +26,7 @@ from torch import nn
 from lmforge.errors import LMForgeError
 from lmforge.interop.hf import _t_split, check_exportable, guess_arch  # _t_split: GPT-2's Conv1D
 from lmforge.model.swap import find_modules, get_module, replace_modules, set_module
-from lmforge.peft.base import adapter_modules, set_trainable_params
+from lmforge.peft.base import adapter_modules
 from lmforge.quant.modules import QuantEmbedding, QuantLinear
 from lmforge.quant.nf4 import NF4Linear
 
@@ -331,10 +331,6 @@ def unwrap(model: nn.Module) -> None:
     merge_adapter(model)
     for name, m in lora_layers(model).items():
         set_module(model, name, m.base)
-
-
-def freeze(model: nn.Module) -> None:
-    set_trainable_params(model)
 
 
 # ---- PEFT's format --------------------------------------------------------------------------------
