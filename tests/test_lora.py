@@ -324,3 +324,27 @@ def test_qlora_adapter_save_load_merge(tmp_path):
         unwrap(fresh)  # dequantize, merge, plain float layers
         assert not any(isinstance(mod, (NF4Linear, LoRALinear)) for mod in fresh.modules())
         torch.testing.assert_close(fresh(x), want, rtol=0, atol=1e-4)
+
+
+def test_lora_on_a_quantized_checkpoint_trains_and_merges_to_float(tmp_path):
+    from lmforge.quant import QuantConfig, load_quantized, quantize_model, save_quantized, set_compute
+
+    m = tiny(tie_embeddings=True)
+    quantize_model(m, QuantConfig(bits=4, group_size=32, method="rtn"))  # int4 blocks, int8 tied embedding + head
+    save_quantized(m, tmp_path / "q")
+    q = load_quantized(tmp_path / "q")
+    apply_peft(q, "lora", {"targets": "q,v,lm_head", "r": 4, "dropout": 0.0})
+    randomize_b(q, std=0.05)
+    x = ids()
+    q.train()
+    loss = F.cross_entropy(q(x[:, :-1]).reshape(-1, V), x[:, 1:].reshape(-1))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in get_adapter_params(q).values())
+    q.eval()
+    set_compute(q, "dequant")  # exact float32 (the packed bfloat16 kernels differ from it by ~3e-3)
+    with torch.no_grad():
+        want = q(x)
+        unwrap(q)
+        assert not any(isinstance(mod, (QuantLinear, LoRALinear)) for mod in q.modules())
+        assert type(q.wte) is nn.Embedding and not q.cfg.tie_embeddings  # the adapted head got its own weight
+        torch.testing.assert_close(q(x), want, rtol=0, atol=1e-4)

@@ -10,7 +10,7 @@ lmforge terms (``q k v qkv proj gate up fc1 fc2 lm_head``), in Hugging Face/PEFT
 ``all-linear`` (every linear layer of the blocks, cut the way the model's transformers architecture cuts them, as
 PEFT's ``all-linear`` does). The base may be an ``nn.Linear``, a ``QuantLinear`` (int8/int4) or an ``NF4Linear``
 (QLoRA): quantized bases stay quantized, gradients reach the input through the dequantized weight, recomputed in
-the backward pass (nothing float of the base's size is kept).
+the backward pass (``quant.modules.FrozenWeightGrad``: nothing float of the base's size is kept).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from torch import nn
 from lmforge.errors import LMForgeError
 from lmforge.interop.hf import _t_split, check_exportable, guess_arch  # _t_split: GPT-2's Conv1D
 from lmforge.model.swap import find_modules, get_module, replace_modules, set_module
-from lmforge.peft.base import adapter_modules, set_trainable_params
-from lmforge.quant.modules import QuantEmbedding, QuantLinear, head_is_tied
+from lmforge.peft.base import adapter_modules
+from lmforge.quant.modules import QuantEmbedding, QuantLinear
 from lmforge.quant.nf4 import NF4Linear
 
 DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16.0, "dropout": 0.05, "targets": "all-linear", "rslora": False}
@@ -44,22 +44,6 @@ HF_TARGETS: dict[str, tuple[str, ...]] = {
     "fc_in": ("fc1",), "fc_out": ("fc2",), "embed_out": ("lm_head",),
 }
 QUANTIZED_BASES = (QuantLinear, NF4Linear)
-
-
-class _FrozenQuantLinear(torch.autograd.Function):
-    """y = base(x) for a frozen quantized ``base``; the backward pass dequantizes the weight again instead of keeping
-    it (what makes QLoRA's memory small: only the 4-bit weight lives between forward and backward)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, base: nn.Module) -> torch.Tensor:  # noqa: D102
-        ctx.base = base
-        with torch.no_grad():
-            return base(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        w = ctx.base.dequantize().to(grad.dtype)
-        return grad @ w, None
 
 
 def lora_init_(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -102,11 +86,6 @@ class LoRALinear(nn.Module):
                  self.slices.items()]
         return ", ".join(parts) + (", merged" if self.merged else "")
 
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.base, QUANTIZED_BASES) and torch.is_grad_enabled():
-            return _FrozenQuantLinear.apply(x, self.base)
-        return self.base(x)
-
     def _update(self, y: torch.Tensor, x: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
         pieces, pos = [], 0
         for n, (s, e) in self.slices.items():
@@ -121,7 +100,7 @@ class LoRALinear(nn.Module):
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._base(x)
+        y = self.base(x)
         if self.merged:
             return self._update(y, x, -1.0) if self.disabled else y
         if self.disabled:
@@ -327,7 +306,10 @@ def _float_linear(q: nn.Module) -> nn.Linear:
 def dequantize_bases(model: nn.Module) -> None:
     """Every quantized layer of ``model`` (under LoRA or not: ``QuantLinear``, ``NF4Linear``, ``QuantEmbedding``)
     back to float32 modules holding the dequantized weights: the model computes what it computed, in float."""
-    tied = head_is_tied(model) if hasattr(model, "wte") and hasattr(model, "lm_head") else False
+    head = getattr(model, "lm_head", None)
+    head = head.base if isinstance(head, LoRALinear) else head
+    wte = getattr(model, "wte", None)
+    tied = isinstance(head, QuantLinear) and isinstance(wte, QuantEmbedding) and head.qweight is wte.qweight
     replace_modules(model, find_modules(model, lambda n, m: isinstance(m, QUANTIZED_BASES)),
                     lambda n, q: _float_linear(q))
     if isinstance(getattr(model, "wte", None), QuantEmbedding):
@@ -338,7 +320,7 @@ def dequantize_bases(model: nn.Module) -> None:
         model.wte = emb
         if tied:
             head = model.lm_head.base if isinstance(model.lm_head, LoRALinear) else model.lm_head
-            head.weight = emb.weight
+            head.weight = emb.weight  # tied again, as the float model was
     if hasattr(model, "quant_config"):
         del model.quant_config
 
@@ -349,10 +331,6 @@ def unwrap(model: nn.Module) -> None:
     merge_adapter(model)
     for name, m in lora_layers(model).items():
         set_module(model, name, m.base)
-
-
-def freeze(model: nn.Module) -> None:
-    set_trainable_params(model)
 
 
 # ---- PEFT's format --------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """QLoRA (Dettmers et al. 2023): the frozen base's linear layers in 4 bits (NF4, block 64, optionally double
 quantized, as the paper; or lmforge's int4 group-wise format), LoRA in float32 on top. Gradients flow through the
-dequantized base (recomputed in backward, see ``lora._FrozenQuantLinear``); the base stays 4-bit in memory. The
+dequantized base (recomputed in backward, see ``quant.modules.FrozenWeightGrad``); the base stays 4-bit in memory. The
 embedding table and the output projection stay float, as in the paper's setup (bitsandbytes skips lm_head)."""
 
 from __future__ import annotations

@@ -28,6 +28,22 @@ DECODE_ROWS = 64
 REFINE_TOP = 64
 _DECODE_MODE: dict[tuple, str] = {}  # (bits, N, K, group, rows) -> the fastest mode, measured
 
+class FrozenWeightGrad(torch.autograd.Function):
+    """y = mod(x) for a frozen quantized layer ``mod`` (with ``dequantize()``), differentiable in x: the backward pass
+    dequantizes the weight again instead of keeping a float copy from the forward (QLoRA's memory saving: only the
+    4-bit weight lives between forward and backward). The packed CPU kernels have no derivative of their own."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mod: nn.Module) -> torch.Tensor:  # noqa: D102
+        ctx.mod = mod
+        with torch.no_grad():
+            return mod(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        return grad @ ctx.mod.dequantize().to(grad.dtype), None
+
+
 def _default_compute() -> str:
     mode = os.environ.get("LMFORGE_QUANT_COMPUTE", "auto")
     if mode not in COMPUTE_MODES:
@@ -244,6 +260,8 @@ class QuantLinear(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # training something upstream (LoRA, QLoRA)
+            return FrozenWeightGrad.apply(x, self)
         if self.compute == "auto" and x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu":
             fn = self._decode.get(x.shape[0])
             if fn is None and x.shape[0] <= DECODE_ROWS:

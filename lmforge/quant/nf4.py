@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.quant.modules import FrozenWeightGrad
 from lmforge.quant.packing import pack_int4, unpack_int4
 
 BLOCK = 64
@@ -105,6 +106,8 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self._tensors(), (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return FrozenWeightGrad.apply(x, self)
         w = self.dequantize().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
