@@ -23,6 +23,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("quantize", "lmforge.commands.quantize", "weight-only int8/int4 quantization of a model's linear layers"),
     ("tokenizer", "lmforge.commands.tokenizer", "train, encode and decode with tokenizers"),
     ("data", "lmforge.commands.data", "clean and prepare corpora"),
+    ("eval", "lmforge.commands.eval", "evaluate a model on benchmarks (perplexity, MMLU, ARC, GSM8K, CMMLU, JSONL)"),
+    ("scaling", "lmforge.commands.scaling", "scaling laws: Chinchilla/Kaplan predictions, fits, sweeps, memory"),
 ]
 
 
