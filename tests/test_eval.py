@@ -78,9 +78,11 @@ def test_cached_batched_scores_equal_one_sequence_forward(name):
 
 def test_context_truncated_from_the_left_like_the_harness():
     model = random_model("tiny-llama", block_size=32)
-    ctx, cont = list(range(40)), [5]
-    (s,) = Scorer(model, None).score([Group(ctx, [cont])])[0:1]
-    assert s[0] == pytest.approx(ref_loglik(model, ctx, cont), abs=1e-4)
+    groups = [Group(list(range(40)), [[5]]), Group(list(range(3, 33)), [[7], [8, 9]]), Group([4, 5], [[1] * 12])]
+    got = Scorer(model, None).score(groups)  # one batch would need 32 + 12 - 1 positions: split
+    for g, s in zip(groups, got):
+        for cont, v in zip(g.continuations, s):
+            assert v == pytest.approx(ref_loglik(model, g.context, cont), abs=1e-4)
 
 
 def test_encode_pair_moves_trailing_space(stories):

@@ -79,6 +79,7 @@ class Scorer:
         self.model, self.tok = model.eval(), tokenizer
         self.batch_tokens, self.max_batch, self.cache_bytes = batch_tokens, max_batch, cache_bytes
         self.add_bos = add_bos
+        self.want_greedy = False  # also compute whether each continuation is the greedy one (the harness adapter)
         self.tokens = 0  # tokens run through the model (for tokens/s)
 
     @property
@@ -93,22 +94,30 @@ class Scorer:
         return Group(ctx, [p[1] for p in pairs])
 
     # ---- multiple choice ------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def score(self, groups: list[Group]) -> list[list[float]]:
         """Sum of log-probabilities of each continuation given its group's context."""
-        out: list[list[float]] = [[] for _ in groups]
+        return [[lp for lp, _ in g] for g in self.score_greedy(groups)]
+
+    @torch.inference_mode()
+    def score_greedy(self, groups: list[Group]) -> list[list[tuple[float, bool]]]:
+        """(sum of log-probabilities, whether greedy decoding would produce it) of each continuation."""
+        out: list[list] = [[] for _ in groups]
         prepared = [self._truncate(g) for g in groups]
         order = sorted(range(len(groups)), key=lambda i: -len(prepared[i].context))
         batch: list[int] = []
+        tail = 0  # longest continuation in the batch: padded context + its rest must fit the model's context
         for i in order:
             width = len(prepared[batch[0]].context) if batch else len(prepared[i].context)
-            if batch and (len(batch) >= self.max_batch or (len(batch) + 1) * width > self.batch_tokens):
+            longest = max(len(c) for c in prepared[i].continuations)
+            if batch and (len(batch) >= self.max_batch or (len(batch) + 1) * width > self.batch_tokens
+                          or width + max(tail, longest) - 1 > self.block_size):
                 self._score_batch([prepared[j] for j in batch], [out[j] for j in batch])
-                batch = []
+                batch, tail = [], 0
             batch.append(i)
+            tail = max(tail, longest)
         if batch:
             self._score_batch([prepared[j] for j in batch], [out[j] for j in batch])
-        return out
+        return [[(lp, g) for lp, g in row] for row in out]
 
     def _truncate(self, g: Group) -> Group:
         """Left-truncate the context so that context + longest continuation - 1 fits the model's context."""
@@ -136,10 +145,11 @@ class Scorer:
                                 cache=cache)
         self.tokens += int(mask.sum())
         first = torch.log_softmax(model.lm_head(h[:, -1]).float(), dim=-1)
+        best = first.argmax(-1).tolist()
         rows: list[tuple[int, int]] = []  # (group, choice) of continuations longer than one token
         for b, g in enumerate(groups):
             for c, cont in enumerate(g.continuations):
-                out[b].append(float(first[b, cont[0]]))
+                out[b].append([float(first[b, cont[0]]), best[b] == cont[0]])
                 if len(cont) > 1:
                     rows.append((b, c))
         if not rows:
@@ -169,9 +179,12 @@ class Scorer:
             km = torch.cat([mask[qi], torch.ones(R, L, dtype=torch.bool, device=device)], dim=1) if padded else None
             h2 = model.hidden_states(x, position_ids=_positions(model, p2), key_mask=km, cache=sub)
             self.tokens += int((tgt != -100).sum())
-            lp = _logprobs_of(model, h2, tgt.clamp_min(0)).masked_fill(tgt == -100, 0.0).sum(-1)
+            valid = tgt != -100
+            lp = _logprobs_of(model, h2, tgt.clamp_min(0)).masked_fill(~valid, 0.0).sum(-1)
+            greedy = ((model.lm_head(h2).argmax(-1) == tgt) | ~valid).all(-1) if self.want_greedy else None
             for r, (b, c) in enumerate(part):
-                out[b][c] += float(lp[r])
+                out[b][c][0] += float(lp[r])
+                out[b][c][1] = bool(out[b][c][1] and (greedy is None or greedy[r]))
 
     # ---- perplexity ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
