@@ -70,7 +70,7 @@ def check_parity(model, tok, tmp_path: Path, configs: list[EvalConfig]) -> None:
 def test_tiny_random_llama_matches_transformers(stories, tmp_path):
     _, tok = stories  # its 512-token sentencepiece vocabulary
     torch.manual_seed(0)
-    model = Decoder(get_preset("tiny-llama").replace(block_size=384, n_kv_head=2)).eval()
+    model = Decoder(get_preset("tiny-llama").replace(block_size=256, n_kv_head=2)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
