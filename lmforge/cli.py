@@ -27,6 +27,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("tokenizer", "lmforge.commands.tokenizer", "train, encode and decode with tokenizers"),
     ("data", "lmforge.commands.data", "clean and prepare corpora"),
     ("sft", "lmforge.commands.sft", "supervised fine-tuning on instruction/chat data, full or PEFT (LoRA, QLoRA, ...)"),
+    ("eval", "lmforge.commands.eval", "evaluate a model on benchmarks (perplexity, MMLU, ARC, GSM8K, CMMLU, JSONL)"),
+    ("scaling", "lmforge.commands.scaling", "scaling laws: Chinchilla/Kaplan predictions, fits, sweeps, memory"),
 ]
 
 

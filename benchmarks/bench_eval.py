@@ -1,0 +1,216 @@
+"""`lmforge eval` speed against peers on the same model, data and threads (ratios from one run).
+
+    python benchmarks/bench_eval.py                       # SmolLM2-135M from ~/.cache/lmforge/smollm2, shared data
+    python benchmarks/bench_eval.py --limit 4 --ppl-tokens 512   # a quick check that everything runs
+
+- MMLU (the shared dev files, K-shot, each question's demonstrations are the other dev questions of its subject)
+  and ARC-Easy (zero-shot): examples/s of lmforge against lm-evaluation-harness' ``hf`` model on the model exported
+  to transformers (when ``lm_eval`` is installed; same prompts as local harness tasks), else against a plain
+  transformers loop scoring each (context, choice) in its own forward (no prefix caching). Accuracy of both printed.
+- Perplexity: tokens/s of lmforge's rolling windows against the transformers sliding-window loop (the HF perplexity
+  guide) on the same text, window and stride.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lmforge.eval import EvalConfig, evaluate
+from lmforge.eval.tasks import load_arc, load_mmlu
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"
+SMOL = Path.home() / ".cache" / "lmforge" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def export_hf(model, out: Path):
+    import transformers
+
+    from lmforge.checkpoint import model_state_dict
+    from lmforge.interop.hf import write_hf_dir
+
+    write_hf_dir(out, model.cfg, model_state_dict(model))
+    return transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def loop_choices(hf, tok, records: list[dict], max_len: int) -> list[int]:
+    """Plain transformers log-likelihood loop: every (context, continuation) in its own forward, no cache."""
+    preds = []
+    for rec in records:
+        scores = []
+        for c in rec["choices"]:
+            ctx, cont = rec["prompt"], " " + c
+            c_ids = tok.encode(ctx)
+            whole = tok.encode(ctx + cont)
+            cont_ids = whole[len(c_ids):]
+            inp = (c_ids + cont_ids)[-(max_len + 1):][:-1]
+            lp = torch.log_softmax(hf(torch.tensor([inp])).logits[0, -len(cont_ids):].float(), -1)
+            scores.append(float(lp[torch.arange(len(cont_ids)), torch.tensor(cont_ids)].sum()))
+        preds.append(max(range(len(scores)), key=lambda j: (scores[j], -j)))
+    return preds
+
+
+def harness_tasks(folder: Path, mmlu: Path, arc: Path, subjects: list[str]) -> list[str]:
+    """Local lm-evaluation-harness task YAMLs with lmforge's (= the harness') MMLU and ARC prompts."""
+    names = []
+    for s in subjects:
+        name = f"lmf_mmlu_{s}"
+        desc = f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\\n\\n"
+        (folder / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: csv\ndataset_kwargs:\n  data_files: {{test: {mmlu / (s + '_dev.csv')}}}\n"
+            "test_split: test\nfewshot_split: test\nfewshot_config:\n  sampler: first_n\n"
+            "output_type: multiple_choice\n"
+            f'description: "{desc}"\n'
+            'doc_to_text: "{{question.strip()}}\\nA. {{choice0}}\\nB. {{choice1}}\\nC. {{choice2}}\\nD. {{choice3}}'
+            '\\nAnswer:"\ndoc_to_choice: ["A", "B", "C", "D"]\ndoc_to_target: answer\n'
+            "metric_list:\n  - metric: acc\n")
+        names.append(name)
+    (folder / "lmf_arc.yaml").write_text(
+        f"task: lmf_arc\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {arc}}}\ntest_split: test\n"
+        'output_type: multiple_choice\ndoc_to_text: "Question: {{question.stem}}\\nAnswer:"\n'
+        "doc_to_choice: \"{{question.choices | map(attribute='text') | list}}\"\n"
+        "doc_to_target: \"{{(question.choices | map(attribute='label') | list).index(answerKey)}}\"\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    return names + ["lmf_arc"]
+
+
+def run_harness(hf, hf_tok, tasks_dir: Path, mmlu_tasks: list[str], per_subject: int, arc_limit: int, shots: int):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=1)
+    tm = TaskManager(include_path=str(tasks_dir))
+    t = time.perf_counter()
+    r1 = lm_eval.simple_evaluate(model=lm, tasks=mmlu_tasks, num_fewshot=shots, limit=per_subject, task_manager=tm)
+    t_mmlu = time.perf_counter() - t
+    t = time.perf_counter()
+    r2 = lm_eval.simple_evaluate(model=lm, tasks=["lmf_arc"], limit=arc_limit, task_manager=tm)
+    t_arc = time.perf_counter() - t
+    accs = [r1["results"][n]["acc,none"] for n in mmlu_tasks]
+    return (sum(accs) / len(accs), t_mmlu), (r2["results"]["lmf_arc"]["acc,none"], t_arc)
+
+
+@torch.no_grad()
+def hf_sliding_window(hf, ids: list[int], window: int, stride: int) -> float:
+    """The transformers perplexity guide's loop: windows of `window` tokens moved by `stride`, only new targets."""
+    x = torch.tensor([ids])
+    nll, count, prev = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + window, len(ids))
+        trg = end - prev
+        inp = x[:, begin:end]
+        labels = inp.clone()
+        labels[:, :-trg] = -100
+        n = int((labels[:, 1:] != -100).sum())
+        nll += float(hf(inp, labels=labels).loss) * n
+        count += n
+        prev = end
+        if end == len(ids):
+            break
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(SMOL))
+    ap.add_argument("--mmlu", default=str(SHARED / "mmlu_dev"))
+    ap.add_argument("--arc", default=str(SHARED / "arc" / "arc_easy_dev.jsonl"))
+    ap.add_argument("--shots", type=int, default=4, help="MMLU demonstrations (the dev files hold 5 per subject)")
+    ap.add_argument("--limit", type=int, default=285, help="MMLU questions (and ARC questions)")
+    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--stride", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--baseline", default="auto", choices=["auto", "harness", "loop"])
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lmforge.commands.common import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(args.model, None, "cpu")
+    use_harness = args.baseline == "harness"
+    if args.baseline == "auto":
+        try:
+            import lm_eval  # noqa: F401
+
+            use_harness = True
+        except ImportError:
+            use_harness = False
+    out: dict = {"model": args.model, "threads": torch.get_num_threads(), "baseline": "harness" if use_harness
+                 else "transformers loop"}
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = export_hf(model, Path(tmp) / "hf")
+        mmlu_cfg = EvalConfig("mmlu", args.mmlu, fewshot_data=args.mmlu, shots=args.shots, limit=args.limit)
+        arc_cfg = EvalConfig("arc", args.arc, limit=args.limit)
+        mine = {}
+        for name, cfg in (("mmlu", mmlu_cfg), ("arc", arc_cfg)):
+            t = time.perf_counter()
+            res = evaluate(model, tok, cfg)
+            mine[name] = (res, time.perf_counter() - t)
+        if use_harness:
+            from transformers import AutoTokenizer
+
+            p = Path(args.model)
+            hf_tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if p.suffix == ".gguf" \
+                else AutoTokenizer.from_pretrained(p)
+            docs = load_mmlu(Path(args.mmlu))[: args.limit]
+            subjects = list(dict.fromkeys(d["subject"] for d in docs))
+            per_subject = max(1, math.ceil(args.limit / max(len(subjects), 1)))
+            tdir = Path(tmp) / "tasks"
+            tdir.mkdir()
+            names = harness_tasks(tdir, Path(args.mmlu), Path(args.arc), subjects)
+            n_mmlu = sum(min(per_subject, sum(d["subject"] == s for d in docs)) for s in subjects)
+            (acc_m, t_m), (acc_a, t_a) = run_harness(hf, hf_tok, tdir, names[:-1], per_subject, args.limit,
+                                                     args.shots)
+            base = {"mmlu": (acc_m, n_mmlu / t_m), "arc": (acc_a, min(args.limit, len(load_arc(Path(args.arc)))) / t_a)}
+        else:
+            base = {}
+            for name in ("mmlu", "arc"):
+                res, _ = mine[name]
+                t = time.perf_counter()
+                preds = loop_choices(hf, tok, res.records, model.cfg.block_size)
+                dt = time.perf_counter() - t
+                acc = sum(p == r["gold"] for p, r in zip(preds, res.records)) / len(preds)
+                base[name] = (acc, len(preds) / dt)
+        for name in ("mmlu", "arc"):
+            res, dt = mine[name]
+            eps = res.n / dt
+            out[name] = {"n": res.n, "lmforge_acc": res.metrics["acc"], "lmforge_examples_per_s": eps,
+                         "baseline_acc": base[name][0], "baseline_examples_per_s": base[name][1],
+                         "speedup": eps / base[name][1]}
+            print(f"{name}: lmforge {eps:.2f} ex/s (acc {res.metrics['acc']:.4f}), {out['baseline']} "
+                  f"{base[name][1]:.2f} ex/s (acc {base[name][0]:.4f}): {eps / base[name][1]:.2f}x")
+        # perplexity on the bundled tinyshakespeare
+        from lmforge.assets import TINYSHAKESPEARE
+
+        text_ids = tok.encode(Path(TINYSHAKESPEARE).read_text(encoding="utf-8")[: args.ppl_tokens * 8])
+        ids = text_ids[: args.ppl_tokens]
+        txt = Path(tmp) / "ppl.txt"
+        txt.write_text(tok.decode(ids), encoding="utf-8")
+        window = min(args.window, model.cfg.block_size)
+        t = time.perf_counter()
+        res = evaluate(model, tok, EvalConfig("perplexity", str(txt), context=window, stride=min(args.stride, window)))
+        dt_mine = time.perf_counter() - t
+        t = time.perf_counter()
+        ppl_hf = hf_sliding_window(hf, tok.encode(txt.read_text(encoding="utf-8")), window, min(args.stride, window))
+        dt_hf = time.perf_counter() - t
+        out["perplexity"] = {"tokens": res.n, "lmforge_ppl": res.metrics["ppl"],
+                             "lmforge_tokens_per_s": res.n / dt_mine, "transformers_ppl": ppl_hf,
+                             "transformers_tokens_per_s": res.n / dt_hf, "speedup": dt_hf / dt_mine}
+        print(f"perplexity: lmforge {res.n / dt_mine:.0f} tok/s (ppl {res.metrics['ppl']:.3f}), transformers loop "
+              f"{res.n / dt_hf:.0f} tok/s (ppl {ppl_hf:.3f}): {dt_hf / dt_mine:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""lmforge.eval: cached/batched scoring against a plain one-sequence-at-a-time forward, rolling windows against the
+harness' definition, demonstration selection against independent formulas (and bm25s), answer extraction, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.eval.fewshot import BM25, Selector, mmr, tfidf, words
+from lmforge.eval.runner import build_context, cut_at_stop, majority, mean_stderr
+from lmforge.eval.scoring import Group, Scorer, encode_pair, rolling_windows
+from lmforge.eval.tasks import (
+    COT_EXEMPLARS,
+    INVALID,
+    TASKS,
+    cot_rationale,
+    extract_flexible,
+    extract_strict,
+    normalize_answer,
+    read_choice_csv,
+)
+from lmforge.model import Decoder
+from lmforge.presets import get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "eval"
+
+
+def shared(sub: str) -> Path:
+    p = SHARED / sub
+    if not p.exists():
+        pytest.skip(f"{p} absent (the shared eval data)")
+    return p
+
+
+# ---- reference: one sequence at a time, no cache, no padding -------------------------------------------------------
+def ref_loglik(model, ctx: list[int], cont: list[int]) -> float:
+    """lm-evaluation-harness' _loglikelihood_tokens for one request: (ctx + cont)[:-1] in one forward, the last
+    len(cont) log-softmax rows gathered at cont."""
+    inp = torch.tensor([(ctx + cont)[-(model.cfg.block_size + 1):][:-1]])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(inp)[0].double(), -1)[-len(cont):]
+    return float(lp[torch.arange(len(cont)), torch.tensor(cont)].sum())
+
+
+def random_model(name: str, seed: int = 0, **kw) -> Decoder:
+    torch.manual_seed(seed)
+    m = Decoder(get_preset(name).replace(**kw)).eval()
+    with torch.no_grad():  # spread the logits so that choices are far from ties
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return m
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-bloom"])  # rope, learned positions, ALiBi
+def test_cached_batched_scores_equal_one_sequence_forward(name):
+    model = random_model(name)
+    g = torch.Generator().manual_seed(1)
+    groups = []
+    for n in [3, 17, 9, 30, 1, 12]:  # different context lengths: left padding inside a batch
+        ctx = torch.randint(0, 500, (n,), generator=g).tolist()
+        conts = [torch.randint(0, 500, (k,), generator=g).tolist() for k in (1, 4, 2, 7)]
+        groups.append(Group(ctx, conts))
+    scorer = Scorer(model, None, batch_tokens=64, max_batch=4, cache_bytes=20_000)  # several batches and chunks
+    got = scorer.score(groups)
+    for gr, s in zip(groups, got):
+        for cont, v in zip(gr.continuations, s):
+            assert v == pytest.approx(ref_loglik(model, gr.context, cont), abs=1e-4)
+
+
+def test_context_truncated_from_the_left_like_the_harness():
+    model = random_model("tiny-llama", block_size=32)
+    groups = [Group(list(range(40)), [[5]]), Group(list(range(3, 33)), [[7], [8, 9]]), Group([4, 5], [[1] * 12])]
+    got = Scorer(model, None).score(groups)  # one batch would need 32 + 12 - 1 positions: split
+    for g, s in zip(groups, got):
+        for cont, v in zip(g.continuations, s):
+            assert v == pytest.approx(ref_loglik(model, g.context, cont), abs=1e-4)
+
+
+def test_encode_pair_moves_trailing_space(stories):
+    _, tok = stories
+    ctx, cont = encode_pair(tok, "Answer: ", "Lily")
+    assert ctx == tok.encode("Answer:")
+    whole = tok.encode("Answer: Lily")
+    assert ctx + cont == whole[: len(ctx)] + whole[len(ctx):] and cont == whole[len(ctx):]
+    ctx0, cont0 = encode_pair(tok, "", "Lily")
+    assert ctx0 == [tok.bos_id] and cont0 == tok.encode("Lily")
+
+
+# ---- perplexity --------------------------------------------------------------------------------------------------
+def harness_windows(tokens, prefix, max_len, context_len):
+    """lm-evaluation-harness utils.get_rolling_token_windows + make_disjoint_window, restated."""
+    out, pred_len, done = [], max_len - context_len + 1, 0
+    first = min(max_len, len(tokens))
+    out.append(([prefix] + tokens[: first - 1], tokens[:first]))
+    done = first
+    while done < len(tokens):
+        k = min(len(tokens) - done, pred_len)
+        end = done + k
+        out.append((tokens[end - max_len - 1 : end - 1], tokens[end - k : end]))
+        done += k
+    return [(a[: len(a) - (len(b) - 1)], b) for a, b in out]
+
+
+@pytest.mark.parametrize("n,L,stride", [(1, 8, 8), (8, 8, 8), (9, 8, 8), (50, 8, 8), (50, 8, 3), (50, 8, 1),
+                                        (7, 16, 5)])
+def test_rolling_windows_predict_every_token_once_and_match_the_harness(n, L, stride):
+    toks = list(range(100, 100 + n))
+    seq = [-1] + toks
+    wins = rolling_windows(n, L, stride)
+    predicted = []
+    for a, b, k in wins:
+        assert b - a <= L and k <= b - a
+        predicted += seq[a + 1 : b + 1][-k:]
+    assert predicted == toks
+    ref = harness_windows(toks, -1, L, L - stride + 1)
+    mine = [(seq[a:b], seq[a + 1 : b + 1][-k:]) for a, b, k in wins]
+    # the harness runs (context + continuation)[:-1] of each disjoint window: the same inputs, the same scored tokens
+    assert mine == [((c + t)[:-1], t) for c, t in ref]
+
+
+def test_rolling_nll_equals_per_token_reference():
+    model = random_model("tiny-llama", block_size=16)
+
+    class Tok:
+        bos_id, eos_id = 1, 2
+
+    ids = torch.randint(3, 500, (45,), generator=torch.Generator().manual_seed(0)).tolist()
+    for stride in (16, 5):
+        nll, n = Scorer(model, Tok(), max_batch=3).rolling(ids, 16, stride)
+        seq, ref, prev_end = [1] + ids, 0.0, 0
+        for a, b, k in rolling_windows(len(ids), 16, stride):
+            # each scored token, one forward per token over exactly the window's inputs before it
+            ref -= sum(ref_loglik(model, seq[a : b + 1 - k + j], [seq[b + 1 - k + j]]) for j in range(k))
+            prev_end = b
+        assert prev_end == len(ids) and n == len(ids)
+        assert nll == pytest.approx(ref, rel=1e-4)
+
+
+def test_perplexity_metrics_formulas():
+    from lmforge.eval.scoring import perplexity_metrics
+
+    m = perplexity_metrics(nll=20.0, tokens=10, n_bytes=40, n_words=8)
+    assert m["ppl"] == pytest.approx(math.exp(2.0))
+    assert m["bits_per_byte"] == pytest.approx(20 / 40 / math.log(2))
+    assert m["word_perplexity"] == pytest.approx(math.exp(20 / 8))
+
+
+# ---- demonstrations -------------------------------------------------------------------------------------------------
+DOCS = ["the cat sat on the mat", "dogs chase cats in the park", "the stock market fell today",
+        "a cat and a dog", "interest rates and the stock market", "the mat was red"]
+
+
+def test_bm25_matches_the_formula_and_bm25s():
+    toks = [words(d) for d in DOCS]
+    bm = BM25(toks)
+    q = words("cat on a mat")
+    N, avg = len(toks), sum(map(len, toks)) / len(toks)
+    for i, d in enumerate(toks):
+        ref = 0.0
+        for w in set(q):
+            df = sum(w in x for x in toks)
+            if not df:
+                continue
+            idf = math.log((N - df + 0.5) / (df + 0.5) + 1)
+            f = d.count(w)
+            ref += idf * f * 2.5 / (f + 1.5 * (1 - 0.75 + 0.75 * len(d) / avg))
+        assert bm.scores(q)[i] == pytest.approx(ref)
+    bm25s = pytest.importorskip("bm25s")
+    r = bm25s.BM25(method="lucene", k1=1.5, b=0.75)
+    r.index(toks, show_progress=False)
+    # Lucene (and bm25s' "lucene") leave out the constant (k1 + 1) factor of the numerator: same ranking
+    assert list(r.get_scores(q) * 2.5) == pytest.approx(list(bm.scores(q)), rel=1e-5)
+
+
+def test_mmr_picks_relevant_then_diverse():
+    qs = torch.tensor([0.9, 0.89, 0.5]).numpy()
+    ds = torch.tensor([[1.0, 0.99, 0.0], [0.99, 1.0, 0.0], [0.0, 0.0, 1.0]]).numpy()
+    assert mmr(qs, ds, 2, lam=0.5) == [0, 2]  # the near-duplicate of 0 loses to the different one
+    assert mmr(qs, ds, 2, lam=1.0) == [0, 1]  # pure relevance
+
+
+def test_selector_methods_and_order():
+    pool = [{"question": d} for d in DOCS]
+    text = lambda d: d["question"]  # noqa: E731
+    q = {"question": "the cat on the mat"}
+    assert Selector(pool, text, "first_n").select(q, 2) == pool[:2]
+    r1 = Selector(pool, text, "random", seed=3).select(q, 3, index=5)
+    assert r1 == Selector(pool, text, "random", seed=3).select(q, 3, index=5) and len({id(x) for x in r1}) == 3
+    sim = Selector(pool, text, "similar").select(q, 2)
+    bm = BM25([words(d) for d in DOCS]).scores(words(q["question"]))
+    top = sorted(range(len(DOCS)), key=lambda i: -bm[i])[:2]
+    assert sim == [pool[i] for i in top]
+    last = Selector(pool, text, "similar", order="similar_last").select(q, 2)
+    assert last[-1] == pool[top[0]]  # most similar right before the query
+    div = Selector(pool, text, "diverse").select(q, 3)
+    assert len(div) == 3 and div[0] == pool[0]
+    _, _, m = tfidf([words(d) for d in DOCS])
+    assert m.shape[0] == len(DOCS)
+    # the query itself is never its own demonstration
+    assert q not in Selector(pool + [q], text, "similar").select(q, 6)
+
+
+def test_mmlu_prompt_is_the_harness_prompt():
+    t = TASKS["mmlu"]
+    doc = {"question": " 2+2? ", "choices": ["1", "2", "3", "4"], "gold": 3, "subject": "high_school_mathematics"}
+    demo = {"question": "1+1?", "choices": ["2", "3", "4", "5"], "gold": 0, "subject": "high_school_mathematics"}
+    assert build_context(t, doc, [demo]) == (
+        "The following are multiple choice questions (with answers) about high school mathematics.\n\n"
+        "1+1?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer: A\n\n2+2?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:")
+    assert t.doc_to_choices(doc) == ["A", "B", "C", "D"]
+    arc = TASKS["arc"]
+    assert build_context(arc, {"question": "Why?", "choices": ["x", "y"], "gold": 1}, []) == "Question: Why?\nAnswer:"
+
+
+def test_csv_forms(tmp_path):
+    a = tmp_path / "astronomy_test.csv"
+    a.write_text('"What, is it?",x,y,z,w,C\n')
+    b = tmp_path / "b_dev.csv"
+    b.write_text("question,choice0,choice1,choice2,choice3,answer\nq,x,y,z,w,2\n")
+    c = tmp_path / "c.csv"
+    c.write_text(",Question,A,B,C,D,Answer\n0,问题,甲,乙,丙,丁,C\n")
+    for f in (a, b, c):
+        (d,) = read_choice_csv(f)
+        assert d["gold"] == 2 and len(d["choices"]) == 4
+    assert read_choice_csv(a)[0]["subject"] == "astronomy" and read_choice_csv(a)[0]["question"] == "What, is it?"
+
+
+# ---- generation answers -------------------------------------------------------------------------------------------
+def test_gsm8k_extraction_and_exact_match():
+    strict = TASKS["gsm8k"].strict
+    assert extract_strict("so 5+5=10\n#### 1,000", strict) == "1,000"
+    assert extract_strict("no marker 12", strict) == INVALID
+    assert extract_flexible("He pays $1,200. Then 3 more, total $45.") == "$45."
+    assert extract_flexible("nothing") == INVALID
+    assert normalize_answer("$45.") == "45" and normalize_answer("1,000") == "1000"
+    assert normalize_answer("Natalia sold 48/2 = 24 clips.\n#### 72") == "72"
+    cot = TASKS["gsm8k_cot"].strict
+    assert extract_strict("5 * 4 = 20. The answer is 29.", cot) == "29"
+    assert cot_rationale("A has <<2*3=6>>6 apples.\nThen 7.\n#### 7") == "A has 6 apples. Then 7. The answer is 7."
+    assert len(COT_EXEMPLARS) == 8 and all(a.endswith(".") and "The answer is" in a for _, a in COT_EXEMPLARS)
+    assert majority(["3", INVALID, "4", "4", "3"]) == "3" and majority(["4", "3", "3"]) == "3"
+    assert majority([INVALID]) == INVALID
+    assert cut_at_stop("1 2\n\nQuestion: x", ["Question:", "</s>"]) == "1 2\n\n"
+
+
+def test_gsm8k_extraction_matches_harness_filters():
+    ex = pytest.importorskip("lm_eval.filters.extraction")
+    texts = ["so #### 12", "It costs $1,234.50 in total. The answer is 7.", "none", "-3 and 4 and 5."]
+    for pattern, mine in [(TASKS["gsm8k"].strict, lambda t: extract_strict(t, TASKS["gsm8k"].strict)),
+                          (TASKS["gsm8k_cot"].strict, lambda t: extract_strict(t, TASKS["gsm8k_cot"].strict))]:
+        ref = list(ex.RegexFilter(regex_pattern=pattern).apply([[t] for t in texts], [{}] * len(texts)))
+        assert [r[0] for r in ref] == [mine(t) for t in texts]
+    flex = ex.RegexFilter(regex_pattern=r"(-?[$0-9.,]{2,})|(-?[0-9]+)", group_select=-1)
+    ref = list(flex.apply([[t] for t in texts], [{}] * len(texts)))
+    assert [r[0] for r in ref] == [extract_flexible(t) for t in texts]
+
+
+def test_mean_stderr_is_sample_stderr():
+    xs = [1.0, 0.0, 1.0, 1.0, 0.0]
+    m, se = mean_stderr(xs)
+    assert m == pytest.approx(0.6) and se == pytest.approx(statistics.stdev(xs) / math.sqrt(5))
+
+
+# ---- the command ---------------------------------------------------------------------------------------------------
+def lmforge(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_cli_mmlu_five_shot_json_and_contract(tmp_path):
+    dev = shared("mmlu_dev")
+    out = tmp_path / "r.json"
+    r = lmforge("eval", "--task", "mmlu", "--data", str(dev / "anatomy_dev.csv"), "--fewshot-data", str(dev),
+                "--shots", "4", "--limit", "3", "--output", str(out))
+    last = r.stdout.strip().splitlines()[-1]
+    d = json.loads(out.read_text())
+    assert last == f"mmlu acc={d['metrics']['acc']:.4f} acc_norm={d['metrics']['acc_norm']:.4f} n=3"
+    rec = d["records"][0]
+    assert rec["prompt"].startswith("The following are multiple choice questions (with answers) about anatomy.\n\n")
+    assert rec["prompt"].count("\nAnswer:") == 5 and len(rec["scores"]) == 4
+    assert rec["choice"] == max(range(4), key=lambda j: rec["scores"][j])
+    # the demonstrations are the other dev questions, not the query itself
+    assert rec["prompt"].count(rec["prompt"].split("\n\n")[-1].split("\n")[0]) == 1
+
+
+def test_cli_arc_jsonl_cmmlu_perplexity_gsm8k(tmp_path):
+    arc = shared("arc") / "arc_easy_dev.jsonl"
+    r = lmforge("eval", "--task", "arc", "--data", str(arc), "--limit", "4")
+    assert r.stdout.strip().splitlines()[-1].startswith("arc acc=") and r.stdout.strip().endswith("n=4")
+    js = tmp_path / "mc.jsonl"
+    js.write_text('{"question": "Lily saw a", "choices": ["cat", "dog"], "answer": "dog"}\n'
+                  '{"query": "Once upon a", "choices": ["time", "stone"], "answer": 0}\n')
+    r = lmforge("eval", "--task", "jsonl", "--data", str(js), "--output", str(tmp_path / "j.json"))
+    assert r.stdout.strip().endswith("n=2")
+    assert json.loads((tmp_path / "j.json").read_text())["records"][1]["prompt"] == "Once upon a"
+    cm = tmp_path / "cm"
+    cm.mkdir()
+    (cm / "agronomy_test.csv").write_text(",Question,A,B,C,D,Answer\n0,问题一,甲,乙,丙,丁,C\n1,问题二,甲,乙,丙,丁,A\n")
+    (cm / "agronomy_dev.csv").write_text(",Question,A,B,C,D,Answer\n0,例题,甲,乙,丙,丁,B\n")
+    r = lmforge("eval", "--task", "cmmlu", "--data", str(cm), "--fewshot-data", str(cm), "--shots", "1",
+                "--output", str(tmp_path / "c.json"))
+    assert r.stdout.strip().splitlines()[-1].startswith("cmmlu acc=")
+    p = json.loads((tmp_path / "c.json").read_text())["records"][0]["prompt"]
+    assert p.startswith("以下是关于agronomy的单项选择题") and p.endswith("答案：") and "答案： B\n\n" in p
+    txt = tmp_path / "t.txt"
+    txt.write_text("Once upon a time, there was a little girl named Lily. She liked to play outside. " * 12)
+    r = lmforge("eval", "--task", "perplexity", "--data", str(txt), "--context", "64", "--stride", "32")
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("perplexity ppl=") and "bits_per_byte=" in last
+    ppl = float(last.split("ppl=")[1].split()[0])
+    assert 1.0 < ppl < 50.0  # stories260K knows this text
+    gsm = tmp_path / "g.jsonl"
+    gsm.write_text('{"question": "Lily has 2 apples and gets 3 more. How many?", "answer": "2+3=5\\n#### 5"}\n')
+    r = lmforge("eval", "--task", "gsm8k", "--data", str(gsm), "--fewshot-data", str(gsm), "--shots", "0",
+                "--max-new-tokens", "8", "--samples", "3", "--output", str(tmp_path / "g.json"))
+    assert r.stdout.strip().splitlines()[-1].startswith("gsm8k exact_match_strict=")
+    rec = json.loads((tmp_path / "g.json").read_text())["records"][0]
+    assert len(rec["generations"]) == 3
+    assert rec["prompt"] == "Question: Lily has 2 apples and gets 3 more. How many?\nAnswer:"
+    r = lmforge("eval", "--task", "gsm8k", "--data", str(gsm), "--cot", "--shots", "2", "--max-new-tokens", "4",
+                "--output", str(tmp_path / "c2.json"))
+    p = json.loads((tmp_path / "c2.json").read_text())["records"][0]["prompt"]
+    assert p.startswith("Q: There are 15 trees") and p.count("The answer is") == 2 and p.endswith("\nA:")
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = lmforge("eval", "--task", "arc", "--data", str(tmp_path / "missing.jsonl"), check=False)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    r = lmforge("eval", "--task", "arc", "--data", str(bad), check=False)
+    assert r.returncode == 1 and "bad.jsonl:1" in r.stderr and "Traceback" not in r.stderr
+    r = lmforge("eval", "--task", "arc", "--data", str(bad), "--cot", check=False)
+    assert r.returncode == 1 and "--cot" in r.stderr
+
+
+def test_run_task_library_function(stories, tmp_path):
+    from lmforge.eval import run_task
+
+    model, tok = stories
+    js = tmp_path / "mc.jsonl"
+    js.write_text('{"question": "Lily saw a", "choices": ["cat", "dog"], "answer": 1}\n')
+    model.train()
+    m = run_task(model, tok, {"task": "jsonl", "data": str(js)})
+    assert model.training  # restored
+    assert set(m) >= {"acc", "acc_norm", "n"} and m["n"] == 1.0
+    with pytest.raises(Exception, match="unknown eval task option"):
+        run_task(model, tok, {"task": "jsonl", "data": str(js), "shot": 1})

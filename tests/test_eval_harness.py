@@ -1,0 +1,116 @@
+"""The lm-evaluation-harness adapter on tiny local tasks: the harness' own prompts, aggregation and metrics through
+lmforge's model give the numbers ``lmforge eval`` gives on the same files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install lm_eval)")
+
+from lmforge.eval import EvalConfig, evaluate  # noqa: E402
+
+MC = [
+    {"question": "Lily went to the park and saw a big", "choices": ["dog", "sky", "spoon"], "answer": 0},
+    {"question": "Tim was sad because his toy was", "choices": ["broken", "happy", "a tree"], "answer": 0},
+    {"question": "The sun is", "choices": ["hot and bright", "a little cat"], "answer": 0},
+    {"question": "Once upon a time, there was a", "choices": ["little girl", "car", "very big red ball"], "answer": 1},
+]
+TEXTS = [{"text": "Once upon a time, there was a little girl named Lily. She loved to play in the park."},
+         {"text": "Tom had a red ball. He threw it to his friend Sam, and they played all day long. " * 4}]
+
+TASKS = """
+task: lmf_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {mc}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+ROLLING = """
+task: lmf_tiny_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {texts}}}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+GEN = """
+task: lmf_tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {mc}}}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{choices[answer]}}}}"
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 6
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_harness_tasks_through_the_adapter(stories, tmp_path, monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    from lmforge.eval.harness import LMForgeLM
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    model, tok = stories
+    mc, texts = tmp_path / "mc.jsonl", tmp_path / "texts.jsonl"
+    mc.write_text("".join(json.dumps(d) + "\n" for d in MC))
+    texts.write_text("".join(json.dumps(d) + "\n" for d in TEXTS))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mc.yaml").write_text(TASKS.format(mc=mc))
+    (tasks / "ppl.yaml").write_text(ROLLING.format(texts=texts))
+    (tasks / "gen.yaml").write_text(GEN.format(mc=mc))
+    lm = LMForgeLM(model=model, tokenizer=tok)
+    res = lm_eval.simple_evaluate(model=lm, tasks=["lmf_tiny_mc", "lmf_tiny_ppl", "lmf_tiny_gen"],
+                                  task_manager=TaskManager(include_path=str(tasks)), log_samples=True)
+    r = res["results"]
+    mine = evaluate(model, tok, EvalConfig("jsonl", str(mc)))
+    assert r["lmf_tiny_mc"]["acc,none"] == pytest.approx(mine.metrics["acc"])
+    assert r["lmf_tiny_mc"]["acc_norm,none"] == pytest.approx(mine.metrics["acc_norm"])
+    assert r["lmf_tiny_mc"]["acc_stderr,none"] == pytest.approx(mine.metrics["acc_stderr"])
+    # per question, the harness' log-likelihoods of every choice equal lmforge eval's scores
+    for s, rec in zip(sorted(res["samples"]["lmf_tiny_mc"], key=lambda s: s["doc_id"]), mine.records):
+        assert [x[0][0] for x in s["resps"]] == pytest.approx(rec["scores"], abs=1e-4)
+    ppl = evaluate(model, tok, EvalConfig("perplexity", str(texts)))
+    assert r["lmf_tiny_ppl"]["bits_per_byte,none"] == pytest.approx(ppl.metrics["bits_per_byte"], rel=1e-5)
+    assert r["lmf_tiny_ppl"]["word_perplexity,none"] == pytest.approx(ppl.metrics["word_perplexity"], rel=1e-5)
+    assert math.isfinite(r["lmf_tiny_gen"]["exact_match,none"])
+    gens = [s["resps"][0][0] for s in sorted(res["samples"]["lmf_tiny_gen"], key=lambda s: s["doc_id"])]
+    assert all(isinstance(g, str) and "." not in g for g in gens) and any(gens)
+
+
+def test_adapter_greedy_flag(stories):
+    from lm_eval.api.instance import Instance
+
+    from lmforge.eval.harness import LMForgeLM
+
+    model, tok = stories
+    lm = LMForgeLM(model=model, tokenizer=tok)
+    (gen,) = lm.generate_until([Instance("generate_until", {}, ("Once upon a time", {"until": ["\n"],
+                                                                                      "max_gen_toks": 5}), 0)])
+    reqs = [Instance("loglikelihood", {}, ("Once upon a time", gen), 0),
+            Instance("loglikelihood", {}, ("Once upon a time", gen + " zebra"), 0)]
+    (lp1, g1), (lp2, g2) = lm.loglikelihood(reqs)
+    assert g1 and not g2 and lp2 < lp1 < 0

@@ -1,0 +1,178 @@
+"""lmforge.scaling: the laws against their own definitions solved numerically, ZeRO's published memory example,
+the analytic parameter count against the decoder, the Huber/L-BFGS fit on synthetic runs, and the command."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmforge.presets import count_params, get_preset, list_presets
+from lmforge.scaling.fit import Run, _objective, fit_law
+from lmforge.scaling.laws import EPOCH, HOFFMANN, KAPLAN, chinchilla_report, kaplan_report
+from lmforge.scaling.memory import Parallel, analytic_params, flops_per_token, memory_estimate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("law", [HOFFMANN, EPOCH])
+@pytest.mark.parametrize("compute", [1e18, 5.76e23, 1e26])
+def test_chinchilla_optimum_minimises_the_loss_on_the_isoflop(law, compute):
+    from scipy.optimize import minimize_scalar
+
+    n, d = law.optimal(compute)
+    assert 6 * n * d == pytest.approx(compute)
+    res = minimize_scalar(lambda x: law.loss(math.exp(x), compute / (6 * math.exp(x))), bounds=(0, 80),
+                          method="bounded", options={"xatol": 1e-10})
+    assert n == pytest.approx(math.exp(res.x), rel=1e-3)
+    assert law.compute_for_params(n) == pytest.approx(compute, rel=1e-9)
+    assert law.compute_for_tokens(d) == pytest.approx(compute, rel=1e-9)
+
+
+def test_chinchilla_report_forms():
+    r = chinchilla_report(params=70e9, tokens=1.4e12)
+    assert r["compute"] == pytest.approx(5.88e23) and r["loss"] == pytest.approx(HOFFMANN.loss(70e9, 1.4e12))
+    assert r["loss"] == pytest.approx(1.69 + 406.4 / 70e9**0.34 + 410.7 / 1.4e12**0.28)
+    r = chinchilla_report(compute=5.88e23)
+    # the anchored approaches all give Chinchilla itself at Chinchilla's compute
+    for v in r["approaches"].values():
+        assert v["params"] == pytest.approx(70e9) and v["tokens"] == pytest.approx(1.4e12)
+    assert r["rule_20"]["tokens"] / r["rule_20"]["params"] == pytest.approx(20)
+    # Epoch AI's refit puts the optimum near 20 tokens per parameter at Chinchilla's scale (their section 4)
+    e = chinchilla_report(compute=5.88e23, law=EPOCH)
+    assert 15 < e["tokens_per_param"] < 30
+
+
+def test_kaplan_formulas():
+    k = KAPLAN
+    r = kaplan_report(params=1.5e9, tokens=1e30)
+    assert r["loss_N"] == pytest.approx((8.8e13 / 1.5e9) ** 0.076)
+    # L(N, D) -> (N_c / N)^alpha_N as D -> infinity (eq. 1.5)
+    assert r["loss_ND"] == pytest.approx((k["nd_N_c"] / 1.5e9) ** k["nd_alpha_N"], rel=1e-9)
+    r = kaplan_report(compute=8.64e19)  # one PF-day
+    assert r["efficient"]["params"] == pytest.approx(1.3e9) and r["loss_C"] == pytest.approx((3.1e8) ** 0.05)
+    assert r["critical_batch_tokens"] == pytest.approx(2e8 / r["loss_C"] ** (1 / 0.21))
+
+
+def test_zero_memory_matches_the_paper_example():
+    """Rajbhandari et al. 2020, Figure 1: 7.5B parameters on 64 GPUs, mixed-precision Adam: 120 GB per device
+    baseline, 31.4 GB with P_os, 16.6 GB with P_os+g, 1.9 GB with P_os+g+p."""
+    cfg = get_preset("llama-7b")
+    scale = 7.5e9 / analytic_params(cfg)["total"]
+    for stage, gb in [(0, 120), (1, 31.4), (2, 16.6), (3, 1.9)]:
+        m = memory_estimate(cfg, 1, 16, "bf16", Parallel(dp=64, zero=stage))["bytes"]
+        states = (m["weights"] + m["gradients"] + m["optimizer"]) * scale / 1e9
+        assert states == pytest.approx(gb, abs=0.06)
+
+
+def test_activation_memory_formula():
+    cfg = get_preset("gpt3-175b") if "gpt3-175b" in list_presets() else get_preset("llama-7b")
+    s, b, h, a, L = 2048, 1, cfg.n_embd, cfg.n_head, cfg.n_layer
+    m = memory_estimate(cfg, b, s, "bf16", Parallel())["bytes"]["activations"]
+    assert m == pytest.approx(L * s * b * h * (34 + 5 * a * s / h))  # Korthikanti et al. eq. 2
+    m8 = memory_estimate(cfg, b, s, "bf16", Parallel(tp=8))["bytes"]["activations"]
+    assert m8 == pytest.approx(m / 8)  # eq. 4: tensor + sequence parallel divide everything by t
+    m8n = memory_estimate(cfg, b, s, "bf16", Parallel(tp=8, sequence_parallel=False))["bytes"]["activations"]
+    assert m8n == pytest.approx(L * s * b * h * (10 + 24 / 8 + 5 * a * s / (h * 8)))
+    full = memory_estimate(cfg, b, s, "bf16", Parallel(recompute="full"))["bytes"]["activations"]
+    assert full == pytest.approx(L * 2 * s * b * h)
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_analytic_params_equal_the_decoder_and_published_sizes(name):
+    cfg = get_preset(name)
+    n = analytic_params(cfg)["total"]
+    assert n == count_params(cfg)
+    text = cfg.extra.get("published_params")
+    if text:  # the papers' rounded totals ("117M", "6.7B")
+        published = float(text[:-1]) * {"M": 1e6, "B": 1e9}[text[-1]]
+        digits = len(text[:-1].replace(".", "").lstrip("0"))
+        assert abs(n - published) <= 0.5 * 10 ** (math.floor(math.log10(published)) - digits + 1) + 0.02 * published
+
+
+def test_flops_per_token_matches_the_trainer():
+    from lmforge.model import Decoder
+    from lmforge.train.metrics import model_flops_per_token
+
+    cfg = get_preset("tiny-gpt2")
+    # the trainer's count keeps the learned position table (a lookup, not a matmul): the only difference
+    wpe = cfg.block_size * cfg.n_embd
+    assert flops_per_token(cfg)["train"] == pytest.approx(model_flops_per_token(Decoder(cfg)) - 6 * wpe)
+
+
+def test_objective_gradient_is_exact():
+    rng = np.random.default_rng(0)
+    logn, logd = rng.uniform(15, 22, 12), rng.uniform(18, 25, 12)
+    logl = np.log(np.array([HOFFMANN.loss(math.exp(x), math.exp(y)) for x, y in zip(logn, logd)])) + 0.01
+    theta = np.array([6.0, 6.0, 0.5, 0.34, 0.28])
+    f, g = _objective(theta, logn, logd, logl, 0.05)
+    for i in range(5):
+        e = np.zeros(5)
+        e[i] = 1e-6
+        up, down = _objective(theta + e, logn, logd, logl, 0.05)[0], _objective(theta - e, logn, logd, logl, 0.05)[0]
+        num = (up - down) / 2e-6
+        assert g[i] == pytest.approx(num, rel=1e-4, abs=1e-8)
+
+
+def test_fit_recovers_a_law_and_predicts_a_held_out_run():
+    rng = np.random.default_rng(1)
+    truth = EPOCH
+    runs = [Run(n, d, truth.loss(n, d) * math.exp(rng.normal(0, 0.002)))
+            for n in np.geomspace(1e7, 1e9, 5) for d in np.geomspace(1e9, 1e11, 5)]
+    runs.sort(key=lambda r: r.params * r.tokens)
+    law, _ = fit_law(runs[:-1])
+    big = (3e9, 3e11)  # beyond every fitted run
+    assert law.loss(*big) == pytest.approx(truth.loss(*big), rel=0.01)
+    assert law.loss(runs[-1].params, runs[-1].tokens) == pytest.approx(runs[-1].loss, rel=0.01)
+    with pytest.raises(Exception, match="at least 5 runs"):
+        fit_law(runs[:3])
+
+
+# ---- the command ---------------------------------------------------------------------------------------------------
+def lmforge(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "lmforge", "scaling", *args], capture_output=True, text=True, env=env,
+                       timeout=900)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_cli_chinchilla_kaplan_memory_json():
+    r = json.loads(lmforge("chinchilla", "--compute", "1e21", "--json").stdout)
+    assert r["compute"] == 1e21 and r["params"] == pytest.approx(HOFFMANN.optimal(1e21)[0])
+    r = json.loads(lmforge("chinchilla", "--params", "70B", "--tokens", "1.4T", "--fit", "epoch", "--json").stdout)
+    assert r["loss"] == pytest.approx(EPOCH.loss(70e9, 1.4e12))
+    r = json.loads(lmforge("kaplan", "--params", "1.5B", "--json").stdout)
+    assert r["loss_N"] == pytest.approx((8.8e13 / 1.5e9) ** 0.076)
+    r = json.loads(lmforge("memory", "--model", "llama-7b", "--dp", "8", "--fsdp", "--json").stdout)
+    assert r["params"]["total"] == count_params(get_preset("llama-7b"))
+    assert r["memory"]["parallel"]["zero"] == 3
+    text = lmforge("memory", "--model", "gpt2-small").stdout
+    assert "parameters" in text and "GiB" in text
+    bad = lmforge("chinchilla", check=False)
+    assert bad.returncode == 1 and "give --compute" in bad.stderr and "Traceback" not in bad.stderr
+    bad = lmforge("memory", "--model", "no-such-model", check=False)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+
+
+def test_cli_sweep_then_fit_tiny(tmp_path):
+    out = tmp_path / "sweep"
+    r = lmforge("sweep", "--out", str(out), "--sizes", "1x8,1x16", "--iters", "2,3,4", "--batch-size", "2",
+                "--block-size", "8", "--eval-iters", "1", "--device", "cpu", "--json")
+    d = json.loads(r.stdout)
+    assert len(d["runs"]) == 6 and (out / "scaling.png").is_file() and (out / "sweep.json").is_file()
+    h = d["held_out"]
+    assert h["name"] == "L1-d16-i4" and h["tokens"] == 4 * 2 * 8
+    assert h["predicted"] == pytest.approx(d["law"]["E"] + d["law"]["A"] / h["params"] ** d["law"]["alpha"]
+                                           + d["law"]["B"] / h["tokens"] ** d["law"]["beta"])
+    runs = sorted(str(p) for p in out.iterdir() if p.is_dir())
+    f = json.loads(lmforge("fit", *runs, "--json").stdout)
+    assert len(f["runs"]) == 6 and all(x["loss"] > 0 for x in f["runs"])
+    assert {x["name"] for x in f["runs"]} == {x["name"] for x in d["runs"]}
