@@ -161,3 +161,21 @@ def test_sft_with_peft_saves_adapter_only_and_loads_as_model(tmp_path, method):
     again = run("sft", "--data", str(data), "--out", str(out), "--max-iters", "4", "--peft", method,
                 "--train.batch_size", "4", "--resume")
     assert again.returncode == 0 and "resumed from" in again.stderr, again.stderr
+
+
+def test_benchmark_tasks_run_at_each_evaluation(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Story {i}", "output": "Once upon a time."}) + "\n"
+                            for i in range(12)))
+    text = tmp_path / "heldout.txt"
+    text.write_text("Once upon a time, there was a little girl named Lily. She liked to play outside.\n")
+    out = tmp_path / "run"
+    r = run("sft", "--data", str(data), "--out", str(out), "--max-iters", "2", "--train.eval_interval", "1",
+            "--train.eval_tasks", f"[{{task: perplexity, data: {text}, name: stories}}]",
+            "--train.best_metric", "stories_ppl")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    ppl = [row["stories_ppl"] for row in rows if "stories_ppl" in row]
+    assert len(ppl) == 3 and all(p > 1 for p in ppl)  # steps 0, 1 and 2
+    best = min((row for row in rows if "stories_ppl" in row and row["step"] > 0), key=lambda row: row["stories_ppl"])
+    assert (out / "best").read_text().strip() == f"ckpt-{best['step']:07d}"

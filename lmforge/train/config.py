@@ -52,6 +52,9 @@ class TrainConfig:
     sample_every: int = 0  # print a sample every N evals (0 = off)
     best_metric: str = "val_loss"  # evaluation metric that picks the `best` checkpoint (val_loss, val_accuracy, ...)
     best_mode: str = "min"  # min | max
+    # benchmark tasks run at every evaluation, logged as <name>_<metric> (e.g. mmlu_acc); each is `lmforge eval`'s
+    # options: [{task: mmlu, data: path/, shots: 0, limit: 100, name: mmlu}] (name defaults to the task)
+    eval_tasks: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

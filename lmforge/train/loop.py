@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import LMForgeError
+from lmforge.eval import run_task
 from lmforge.train import distributed as D
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import MetricsWriter, model_flops_per_token, plot_losses
@@ -422,8 +423,30 @@ class Trainer:
             plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
         return {**last, **self.last_eval, "best_val": self.best_val}
 
+    def run_eval_tasks(self) -> dict[str, float]:
+        """``train.eval_tasks`` on the (averaged) model: {name_metric: value}. Rank 0 runs them on its full copy of the
+        weights; under FSDP no rank holds one, so none does."""
+        out: dict[str, float] = {}
+        if not self.cfg.eval_tasks or (self.dist.enabled and self.cfg.distributed == "fsdp"):
+            return out
+        if self.dist.main:
+            with self.averaged_weights():
+                for spec in self.cfg.eval_tasks:
+                    spec = dict(spec)
+                    name = str(spec.pop("name", spec.get("task", "task")))
+                    for k, v in run_task(self.raw_model, self.tokenizer, spec).items():
+                        out[f"{name}_{k}"] = v
+        if self.dist.enabled:  # every rank logs and compares the same numbers
+            obj = [out]
+            torch.distributed.broadcast_object_list(obj, src=0)
+            out = obj[0]
+        return out
+
     def _eval_and_log(self, last: dict[str, Any], final: bool = False) -> None:
         ev = self.evaluate()
+        tasks = self.run_eval_tasks()
+        if tasks:
+            ev = {**(ev or {}), **tasks}
         if ev is not None:
             self.last_eval = ev
             rec = {"step": self.step, **ev}
@@ -434,9 +457,9 @@ class Trainer:
             self.log(f"step {self.step}: {shown}" + (f", train loss {last['train_loss']:.4f}"
                                                      if "train_loss" in last else ""))
             key = self.cfg.best_metric
-            if key not in ev:
+            if key not in ev and not (key == "val_loss" and self.val_data is None):
                 raise LMForgeError(f"train.best_metric={key!r}: not among the evaluation metrics {sorted(ev)}")
-            value = ev[key]
+            value = ev.get(key, math.nan)
             better = value < self.best_val if self.cfg.best_mode == "min" else value > self.best_val
             if better and math.isfinite(value):
                 self.best_val = value
