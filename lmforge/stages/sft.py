@@ -130,6 +130,9 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
     model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
     template = get_template(cfg.data.template, tok) if cfg.data.template else default_template(tok)
     method = cfg.peft.get("method") if cfg.peft else None
+    if cfg.data.packing and method in ("prefix", "prompt", "ptuning"):
+        raise LMForgeError(f"--packing cannot be combined with --peft {method}: its virtual tokens would be shared "
+                           "by every example packed into a row")
     if method is None and _is_quantized(model):
         raise LMForgeError(f"{cfg.model}: a quantized model cannot be fully fine-tuned; use --peft qlora (or lora)")
     block = model.cfg.block_size
