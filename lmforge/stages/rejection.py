@@ -111,7 +111,7 @@ def run_rejection(model: str, reward: str, prompts: str, out: str, k: int = 8, t
             j = max(range(k), key=lambda i: scores[i])
             best_scores.append(scores[j])
             mean_scores.append(sum(scores) / k)
-            lines.append(json.dumps({"messages": [*msgs, {"role": "assistant", "content": resp[j].strip()}],
+            lines.append(json.dumps({"messages": [*msgs, {"role": "assistant", "content": resp[j]}],
                                      "reward": scores[j], "rewards": scores}))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text("\n".join(lines) + "\n", encoding="utf-8")
