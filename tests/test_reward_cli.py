@@ -80,7 +80,7 @@ def test_reward_command_learns_a_word_preference_normalises_and_scores(tmp_path)
     evals = [row for row in rows if "val_accuracy" in row]
     assert "val_margin" in evals[-1] and max(e["val_accuracy"] for e in evals) >= 0.85  # chance is 0.5
     head = json.loads((out / "value_head.json").read_text())
-    assert head["kind"] == "reward" and head["val_accuracy"] >= 0.85
+    assert head["kind"] == "reward" and head["val_accuracy"] >= 0.85 and head["max_len"] == 512
 
     # normalised over the training prompts' responses: mean 0, std 1 (recomputed here from the saved model)
     rm, tok, template = load_reward_model(out)

@@ -40,7 +40,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     s.add_argument("--model", required=True, help="reward model directory (written by `lmforge reward`)")
     s.add_argument("--data", required=True, help="preference data file (same formats as training)")
     s.add_argument("--output", help="JSONL file for the per-pair scores (default: stdout)")
-    s.add_argument("--max-len", type=int, default=0, help="tokens per prompt + response (default: the context)")
+    s.add_argument("--max-len", type=int, default=0, help="tokens per prompt + response (default: as in training)")
     s.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
     s.set_defaults(func=run_score, accepts_overrides=False)
 

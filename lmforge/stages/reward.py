@@ -313,7 +313,7 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
                 unwrap(raw.decoder)  # adapter merged: the saved reward model needs no base
             raw_scores = [x for g in score_groups(raw, train_g, pad, t.batch_size, normalized=False) for x in g]
             raw.normalize(torch.tensor(raw_scores))
-            extra = {"template": template.source if template else None, "margin": cfg.margin,
+            extra = {"template": template.source if template else None, "margin": cfg.margin, "max_len": max_len,
                      "base_model": cfg.model, "peft": resolved or None,
                      "normalized_over": f"{len(raw_scores)} responses of {len(train_g)} training prompts"}
             if val_g:
@@ -377,6 +377,7 @@ def score_file(model_dir: str, data: str, output: str | None, max_len: int = 0, 
     the pairwise accuracy."""
     model, tok, template = load_reward_model(model_dir, "auto")
     block = model.cfg.block_size
+    max_len = max_len or int(read_head_config(model_dir).get("max_len") or 0)  # default: as in training
     ml = min(max_len, block) if max_len > 0 else block
     recs = read_preference_file(data)
     groups = [encode_group(tok, r, template, ml) for r in recs]
