@@ -29,6 +29,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("sft", "lmforge.commands.sft", "supervised fine-tuning on instruction/chat data, full or PEFT (LoRA, QLoRA, ...)"),
     ("eval", "lmforge.commands.eval", "evaluate a model on benchmarks (perplexity, MMLU, ARC, GSM8K, CMMLU, JSONL)"),
     ("scaling", "lmforge.commands.scaling", "scaling laws: Chinchilla/Kaplan predictions, fits, sweeps, memory"),
+    ("reward", "lmforge.commands.reward", "train a reward model on ranked preferences; `reward score` scores pairs"),
+    ("dpo", "lmforge.commands.dpo", "direct preference optimisation (sigmoid, IPO, hinge), full or LoRA"),
+    ("rejection-sample", "lmforge.commands.rejection_sample", "best-of-K samples by a reward model, as SFT data"),
 ]
 
 
@@ -57,7 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     first = next((a for a in argv if not a.startswith("-")), None)
     known = {c[0] for c in COMMANDS}
     parser = build_parser(first if first in known else None)
+    argv, dotted = _split_dotted(argv)
     args, extra = parser.parse_known_args(argv)
+    extra = extra + dotted
     if extra:
         if not getattr(args, "accepts_overrides", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -91,6 +96,27 @@ def error_line(e: BaseException) -> str:
     else:
         msg = f"{type(e).__name__}: {e} (LMFORGE_DEBUG=1 shows the traceback)"
     return " ".join(msg.split()) or type(e).__name__
+
+
+def _split_dotted(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the rest, ``--section.key value`` overrides): taken out before parsing so that their values are never
+    mistaken for a positional argument (such as the action of ``lmforge reward score``)."""
+    rest: list[str] = []
+    dotted: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and "." in a.split("=", 1)[0]:
+            if "=" in a or i + 1 >= len(argv):
+                dotted.append(a)
+                i += 1
+            else:
+                dotted += [a, argv[i + 1]]
+                i += 2
+            continue
+        rest.append(a)
+        i += 1
+    return rest, dotted
 
 
 if __name__ == "__main__":

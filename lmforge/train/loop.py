@@ -163,7 +163,7 @@ class Trainer:
         ema = None if self.ema is None else {k: D.full_tensor(e).cpu() for k, e in self.ema.items()}  # every rank
         path = None
         if self.dist.main:
-            msd = {k: v for k, v in msd.items() if not (self.raw_model.cfg.tie_embeddings and k == "lm_head.weight")}
+            msd = {k: v for k, v in msd.items() if not (self.raw_model.cfg.tie_embeddings and _is_lm_head(k))}
             if self.partial:
                 msd = {k: v for k, v in msd.items() if k in self.trainable}
             train_sd = None
@@ -366,7 +366,7 @@ class Trainer:
             self.resume()
         self.metrics = MetricsWriter(self.out, enabled=self.dist.main, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                                      run_config=self.run_config, truncate_after=self.step)
-        flops_tok = model_flops_per_token(self.raw_model)
+        flops_tok = model_flops_per_token(self.raw_model) if self.count_tokens else 0.0
         peak = _peak_flops(self.device) * self.dist.world
         total = cfg.decay_iters or cfg.max_iters
         self.model.train()
@@ -472,6 +472,11 @@ class Trainer:
             elif self.dist.main:
                 with self.averaged_weights():
                     self.log(f"sample at step {self.step}: {self.sample_fn(self.raw_model)!r}")
+
+
+def _is_lm_head(key: str) -> bool:
+    """The tied output weight, also inside a wrapper (``decoder.lm_head.weight`` of a reward model)."""
+    return key == "lm_head.weight" or key.endswith(".lm_head.weight")
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -1,0 +1,224 @@
+"""Direct preference optimisation (``lmforge dpo``) on the one Trainer.
+
+Data: the reward model's formats (ranked lists become all their pairs) plus TRL's flat {prompt, chosen, rejected}
+strings; a model without a chat template is trained on prompt + response joined as plain text. Every log-prob sum
+covers response tokens only (``encode_response`` masks the prompt).
+
+The reference: under full fine-tuning the reference log-probs of every pair are computed once, before training, and
+stored in ``<out>/reference_logprobs.safetensors`` (a resumed run reads them back: the model is no longer the
+reference then); under PEFT the reference is the same model with its adapters disabled, computed in each step.
+
+The run directory becomes the final model, as for SFT: a full checkpoint, or the adapter (with its base recorded).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.errors import LMForgeError
+from lmforge.losses import DPO_LOSS_TYPES, dpo_loss, ranked_pairs, sequence_logprobs
+from lmforge.peft.base import disable_adapter
+from lmforge.stages.reward import (
+    CHAT_TEMPLATE_FILE,
+    GroupBatches,
+    PrefData,
+    device_for,
+    encode_group,
+    pad_id_of,
+    pick_template,
+    read_split,
+)
+from lmforge.train import distributed as D
+from lmforge.train.config import TrainConfig, _fill
+from lmforge.train.loop import Trainer
+
+REFERENCE_FILE = "reference_logprobs.safetensors"
+
+
+@dataclass
+class DPOConfig:
+    model: str = ""
+    tokenizer: str = ""
+    data: PrefData = field(default_factory=PrefData)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    peft: dict[str, Any] = field(default_factory=dict)
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    epochs: float = 1.0
+    out: str = "runs/dpo"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_dpo_config(d: dict[str, Any], where: str) -> DPOConfig:
+    return _fill(DPOConfig, d, where)
+
+
+def pair_groups(tok, recs, template, max_len: int) -> list[list[dict[str, Any]]]:
+    """One (better, worse) group of two encoded responses per pair of every record."""
+    return [encode_group(tok, r, template, max_len, (i, j)) for r in recs for i, j in ranked_pairs(len(r.responses))]
+
+
+def response_logprobs(model, batch: dict[str, Any]) -> torch.Tensor:
+    """Summed log-probs of the response tokens of every row (prompt and padding excluded)."""
+    logits = model(batch["input_ids"])
+    return sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+
+
+def dpo_loss_fn(loss_type: str, beta: float, label_smoothing: float, peft: bool):
+    """loss_fn for the Trainer: rows 0, 2, ... chosen, 1, 3, ... rejected; the reference from ``batch["ref"]``
+    (stored) or, under PEFT, from the model with its adapters disabled. Count = pairs."""
+
+    def loss_fn(model, batch):
+        lp = response_logprobs(model, batch)
+        if peft:
+            with torch.no_grad(), disable_adapter(model):
+                ref = response_logprobs(model, batch)
+        else:
+            ref = batch["ref"]
+        lengths = batch["loss_mask"][:, 1:].sum(-1)
+        loss, metrics = dpo_loss(lp[0::2], lp[1::2], ref[0::2], ref[1::2], beta, loss_type, label_smoothing,
+                                 lengths[0::2], lengths[1::2], reduction="sum")
+        return loss, lp.shape[0] // 2, metrics
+
+    return loss_fn
+
+
+@torch.no_grad()
+def reference_logprobs(model, groups, pad_id: int, batch_size: int) -> torch.Tensor:
+    """(pairs, 2) summed response log-probs of the model as it is (eval mode)."""
+    was = model.training
+    model.eval()
+    src = GroupBatches(groups, batch_size, pad_id, shuffle=False)
+    out = [response_logprobs(model, b).view(-1, 2) for b in src.fixed_batches(0, 0)]
+    model.train(was)
+    return torch.cat(out).float()
+
+
+def _attach(groups, ref: torch.Tensor) -> None:
+    for g, r in zip(groups, ref.tolist()):
+        g[0]["ref"], g[1]["ref"] = r[0], r[1]
+
+
+def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train ``cfg.model`` with DPO on ``cfg.data``; the run directory becomes the model."""
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.commands.common import load_model_and_tokenizer
+    from lmforge.peft import apply_peft, save_adapter
+    from lmforge.stages.sft import _is_quantized, _write_final, suggested_lr
+
+    if cfg.loss not in DPO_LOSS_TYPES:
+        raise LMForgeError(f"--loss {cfg.loss}: allowed values are {', '.join(DPO_LOSS_TYPES)}")
+    if cfg.beta <= 0:
+        raise LMForgeError(f"--beta {cfg.beta}: must be > 0")
+    explicit_train = explicit_train or set()
+    out = Path(cfg.out)
+    device = device_for(cfg.train.device)
+    dist = D.init(device)
+
+    def log(msg: str) -> None:
+        if dist.main:
+            print(msg, file=sys.stderr)
+
+    if not cfg.model:
+        from lmforge.assets import STORIES260K
+
+        cfg.model = str(STORIES260K)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
+    template = pick_template(tok, cfg.data.template)
+    max_len = min(cfg.data.max_len, model.cfg.block_size) if cfg.data.max_len > 0 else model.cfg.block_size
+    train_recs, val_recs = read_split(cfg.data, cfg.train.seed)
+    train_g, val_g = pair_groups(tok, train_recs, template, max_len), pair_groups(tok, val_recs, template, max_len)
+    if not train_g:
+        raise LMForgeError(f"{cfg.data.path}: no training pairs")
+    method = cfg.peft.get("method") if cfg.peft else None
+    if method is None and _is_quantized(model):
+        raise LMForgeError(f"{cfg.model}: a quantized model cannot be fully fine-tuned; use --peft qlora (or lora)")
+    t = cfg.train
+    pad = pad_id_of(tok)
+
+    if method is None:  # the reference log-probs, once, stored with the run
+        out.mkdir(parents=True, exist_ok=True)
+        ref_path = out / REFERENCE_FILE
+        if ref_path.is_file():
+            sd = load_file(str(ref_path))
+            if sd["train"].shape[0] != len(train_g) or sd["val"].shape[0] != len(val_g):
+                raise LMForgeError(f"{ref_path}: stored for other data ({sd['train'].shape[0]} train / "
+                                   f"{sd['val'].shape[0]} held-out pairs, now {len(train_g)} / {len(val_g)})")
+            log(f"reference log-probs read from {ref_path}")
+        else:
+            if resume:
+                raise LMForgeError(f"{ref_path} is missing: cannot resume full-model DPO without the reference")
+            model.to(device)
+            sd = {"train": reference_logprobs(model, train_g, pad, t.batch_size),
+                  "val": reference_logprobs(model, val_g, pad, t.batch_size) if val_g else torch.zeros(0, 2)}
+            model.to("cpu")
+            if dist.main:
+                save_file({k: v.contiguous() for k, v in sd.items()}, str(ref_path))
+            log(f"reference log-probs of {len(train_g) + len(val_g)} pairs stored in {ref_path}")
+        _attach(train_g, sd["train"])
+        _attach(val_g, sd["val"])
+
+    resolved: dict[str, Any] = {}
+    if method is not None:
+        resolved = apply_peft(model, method, {k: v for k, v in cfg.peft.items() if k != "method"}, tok)
+    n_params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    train = GroupBatches(train_g, t.batch_size, pad, seed=t.seed, rank=dist.rank, world=dist.world)
+    val = GroupBatches(val_g, t.batch_size, pad, shuffle=False, rank=dist.rank, world=dist.world) if val_g else None
+    steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
+    # TRL's DPO defaults: lr 1e-6 for billion-parameter models (full), LoRA 5e-6..5e-5; scaled for small models
+    chosen = {"max_iters": steps, "lr": suggested_lr(method, n_params) / 2, "warmup_iters": max(1, steps // 10),
+              "eval_interval": max(1, steps // 5), "save_interval": max(1, steps // 5), "weight_decay": 0.0,
+              "eval_iters": 0 if val is None else 10_000, "log_interval": max(1, min(10, steps // 20)),
+              "min_lr_ratio": 0.0}
+    for k, v in chosen.items():
+        if k not in explicit_train:
+            setattr(t, k, v)
+    if val is None:
+        t.eval_iters = 0
+    ref_note = (f"peft {method} {json.dumps(resolved)}, reference = adapters disabled" if method
+                else "full fine-tuning, stored reference")
+    log(f"dpo: {len(train_g)} train / {len(val_g)} held-out pairs; loss {cfg.loss}, beta {cfg.beta:g}, label "
+        f"smoothing {cfg.label_smoothing:g}; {cfg.epochs:g} epochs = {t.max_iters} steps of {t.batch_size} pairs; "
+        f"max_len {max_len}; {'template ' + template.name if template else 'plain text'}; "
+        f"{ref_note}; "
+        f"trainable {trainable:,} of {n_params:,} parameters; lr {t.lr:g}")
+
+    base_ref = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+
+    def export(m, d: Path) -> None:
+        if method is not None:
+            save_adapter(m, d / ".adapter", base_ref, resolved, method)
+            for f in (d / ".adapter").iterdir():
+                f.replace(d / f.name)
+            (d / ".adapter").rmdir()
+            tok.save(str(d))
+        if template is not None:
+            (d / CHAT_TEMPLATE_FILE).write_text(template.source)
+
+    run_config = {**cfg.to_dict(), "resolved_peft": resolved, "train_pairs": len(train_g), "val_pairs": len(val_g)}
+    trainer = Trainer(model, t, train, dpo_loss_fn(cfg.loss, cfg.beta, cfg.label_smoothing, method is not None),
+                      out, val_data=val, tokenizer=tok, run_config=run_config, device=device, dist=dist, log=log,
+                      export_fn=export, units="pairs")
+    try:
+        result = trainer.fit(resume=resume)
+        if dist.main:
+            with trainer.averaged_weights():
+                _write_final(trainer.raw_model, out, tok, export, method is not None)
+        D.barrier(dist)
+    finally:
+        D.cleanup(dist)
+    return {**result, "trainable_params": trainable, "total_params": n_params, "train_pairs": len(train_g),
+            "val_pairs": len(val_g)}

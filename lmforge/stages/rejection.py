@@ -1,0 +1,122 @@
+"""Rejection sampling (best-of-K, ``lmforge rejection-sample``): K samples per prompt from a policy with the batched
+KV-cache generator, scored by a reward model; the best one per prompt is written as SFT data (OpenAI ``messages``
+JSONL, which ``lmforge sft`` reads), with its reward and the K scores beside it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.data.preference import PreferenceRecord, collate_groups
+from lmforge.data.sft import iter_records
+from lmforge.errors import LMForgeError
+from lmforge.infer.chat import apply_template, encode_text_with_specials, end_of_turn
+from lmforge.infer.generate import generate_batch
+from lmforge.infer.sampling import SamplingParams
+from lmforge.stages.reward import encode_group, load_reward_model, pad_id_of, pick_template
+
+
+def read_prompts(path: str | Path) -> list[tuple[list[dict[str, str]], str | None]]:
+    """(messages, plain prompt text or None) per prompt: JSONL/JSON with ``prompt`` (a string or messages) or
+    ``messages``, or a text file with one prompt per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LMForgeError(f"{path}: no such file")
+    out: list[tuple[list[dict[str, str]], str | None]] = []
+    if path.suffix not in (".jsonl", ".json"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                out.append(([{"role": "user", "content": line}], line))
+    else:
+        for where, rec in iter_records(path):
+            p = rec.get("prompt", rec.get("messages")) if isinstance(rec, dict) else None
+            if isinstance(p, str) and p.strip():
+                out.append(([{"role": "user", "content": p}], p))
+            elif isinstance(p, list) and p and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                    and isinstance(m.get("role"), str) for m in p):
+                msgs = [{"role": m["role"], "content": m["content"]} for m in p]
+                if msgs[-1]["role"] != "user":
+                    raise LMForgeError(f"{where}: the prompt must end with a user message")
+                out.append((msgs, None))
+            else:
+                raise LMForgeError(f"{where}: field 'prompt': expected a string or a list of {{role, content}} "
+                                   "messages (or a 'messages' field)")
+    if not out:
+        raise LMForgeError(f"{path}: no prompts")
+    return out
+
+
+def encode_prompt(tok, template, messages: list[dict[str, str]], text: str | None) -> tuple[list[int], list[int]]:
+    """(prompt ids, stop ids) for generation: the chat template's generation prompt, or the plain text after BOS."""
+    if template is None:
+        if text is None:
+            text = "\n".join(m["content"] for m in messages)
+        ids = tok.encode(text)
+        if tok.bos_id is not None and getattr(tok, "add_bos", True) and (not ids or ids[0] != tok.bos_id):
+            ids = [tok.bos_id, *ids]
+        return ids, [tok.eos_id] if tok.eos_id is not None else []
+    prompt = apply_template(template, messages, add_generation_prompt=True, tokenizer=tok)
+    _, stop = end_of_turn(template, tok)
+    return encode_text_with_specials(tok, prompt), stop
+
+
+def decode_response(tok, prompt_ids: list[int], new_ids: list[int], plain: bool) -> str:
+    """The generated text; for plain text, the continuation as it reads after the prompt (leading space kept)."""
+    if not plain:
+        return tok.decode(new_ids).strip()
+    whole, head = tok.decode(prompt_ids + new_ids), tok.decode(prompt_ids)
+    return whole[len(head):] if whole.startswith(head) else tok.decode(new_ids)
+
+
+def run_rejection(model: str, reward: str, prompts: str, out: str, k: int = 8, temperature: float = 1.0,
+                  top_p: float = 1.0, max_new_tokens: int = 128, batch_size: int = 16, seed: int = 0,
+                  device: str = "auto", tokenizer: str | None = None, log=None) -> dict[str, Any]:
+    """Best-of-``k`` per prompt by the reward model, written to ``out`` as OpenAI-messages JSONL."""
+    from lmforge.commands.common import load_model_and_tokenizer
+
+    log = log or (lambda m: print(m, file=sys.stderr))
+    if k < 1:
+        raise LMForgeError(f"--k {k}: must be >= 1")
+    policy, tok = load_model_and_tokenizer(model, tokenizer, device)
+    policy.eval()
+    template = pick_template(tok, "")
+    rm, rtok, rtemplate = load_reward_model(reward, device)
+    rdev = next(rm.parameters()).device
+    items = read_prompts(prompts)
+    torch.manual_seed(seed)
+    per = max(1, batch_size // k)
+    best_scores, mean_scores = [], []
+    lines = []
+    for s in range(0, len(items), per):
+        chunk = items[s : s + per]
+        encoded = [encode_prompt(tok, template, msgs, text) for msgs, text in chunk]
+        rows = [ids for ids, _ in encoded for _ in range(k)]
+        params = [SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                 stop_ids=list(stop), seed=seed + s * k + j)
+                  for j, (_, stop) in enumerate(e for e in encoded for _ in range(k))]
+        with torch.no_grad():
+            outs = generate_batch(policy, rows, params, tok)
+        for c, ((msgs, text), (ids, _)) in enumerate(zip(chunk, encoded)):
+            resp = [decode_response(tok, ids, outs[c * k + j], template is None) for j in range(k)]
+            resp = [r if r.strip() else " " for r in resp]  # an empty sample scores as a blank reply
+            rec = PreferenceRecord(msgs, resp, text)
+            group = encode_group(rtok, rec, rtemplate, rm.cfg.block_size)
+            b = collate_groups([group], pad_id_of(rtok))
+            with torch.no_grad():
+                scores = rm.score(b["input_ids"].to(rdev), b["attention_mask"].to(rdev)).tolist()
+            j = max(range(k), key=lambda i: scores[i])
+            best_scores.append(scores[j])
+            mean_scores.append(sum(scores) / k)
+            lines.append(json.dumps({"messages": [*msgs, {"role": "assistant", "content": resp[j]}],
+                                     "reward": scores[j], "rewards": scores}))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    n = len(best_scores)
+    result = {"prompts": n, "k": k, "mean_best_reward": sum(best_scores) / n, "mean_reward": sum(mean_scores) / n}
+    log(f"rejection-sample: {n} prompts x {k} samples; mean reward {result['mean_reward']:.4f}, best-of-{k} "
+        f"{result['mean_best_reward']:.4f}; written to {out}")
+    return result

@@ -1,0 +1,396 @@
+"""Reward model training (``lmforge reward``) and scoring (``lmforge reward score``) on the one Trainer.
+
+A reward model is the decoder + a scalar head (``lmforge.model.heads.ScalarHeadModel``) trained with the
+Bradley-Terry loss on every pair of each prompt's ranked responses, all of a prompt's responses in one batch
+(InstructGPT); each prompt counts once however many responses it has. The best checkpoint by held-out pairwise
+accuracy is kept; then the reward is normalised to mean 0 / std 1 over the training prompts' responses.
+
+Output: the run directory is a reward-model directory (``save_scalar_model``: an lmforge checkpoint of the decoder +
+``value_head.safetensors``/``value_head.json``), loadable as a reward model and as a ``--model`` (the LM part).
+With ``--peft lora``/``qlora`` the checkpoints hold the adapter and head weights only; the final model has the
+adapter merged into the decoder (a quantized base is dequantized), so it loads without the base.
+
+The group batches (``GroupBatches``) and the data preparation here serve DPO too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.data.preference import PreferenceRecord, collate_groups, encode_response, read_preference_file
+from lmforge.errors import LMForgeError
+from lmforge.losses import ranked_pairs, ranked_reward_loss
+from lmforge.model.heads import ScalarHeadModel, load_scalar_model, read_head_config, save_scalar_model
+from lmforge.train import distributed as D
+from lmforge.train.config import TrainConfig, _fill
+from lmforge.train.loop import Trainer
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+Group = list[dict[str, Any]]
+
+
+@dataclass
+class PrefData:
+    path: str = ""  # preference file (JSONL/JSON): chosen/rejected pairs, hh-rlhf transcripts or ranked lists
+    val_path: str = ""  # held-out file; default: data.val_fraction of the records
+    val_fraction: float = 0.1
+    max_len: int = 512  # tokens per prompt + response (prompt cut from the left, then the response)
+    template: str = ""  # chat template (name or Jinja); empty: the model's own, else plain text
+    limit: int = 0  # use only the first N records of the file (0 = all)
+
+
+@dataclass
+class RewardConfig:
+    model: str = ""
+    tokenizer: str = ""
+    data: PrefData = field(default_factory=PrefData)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    peft: dict[str, Any] = field(default_factory=dict)
+    margin: float = 0.0  # loss -log sigmoid(r_w - r_l - margin)
+    epochs: float = 1.0  # InstructGPT: one epoch (the reward model overfits after one)
+    out: str = "runs/reward"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_reward_config(d: dict[str, Any], where: str) -> RewardConfig:
+    return _fill(RewardConfig, d, where)
+
+
+# ---- batches ----------------------------------------------------------------------------------------------------
+
+
+class GroupBatches:
+    """A ``BatchSource`` over groups (one prompt's encoded responses, best first): ``batch_size`` groups per batch,
+    collated by ``collate_groups`` (plus a float tensor for every extra numeric field of the examples, e.g. the
+    DPO reference log-probs ``ref``). Shuffled per epoch (seeded), resumable, rank-aware like ``ExampleBatches``."""
+
+    def __init__(self, groups: Sequence[Group], batch_size: int, pad_id: int = 0, shuffle: bool = True,
+                 seed: int = 0, rank: int = 0, world: int = 1) -> None:
+        if not groups:
+            raise LMForgeError("no examples to train on")
+        self.groups, self.batch_size, self.pad_id = list(groups), batch_size, pad_id
+        self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world
+        self.epoch, self.cursor, self.batches = 0, 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.groups)))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.groups), generator=g).tolist()
+
+    def _take(self) -> int:
+        if self.cursor >= len(self._order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        i = self._order[self.cursor]
+        self.cursor += 1
+        return i
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, -(-len(self.groups) // (self.batch_size * self.world)))
+
+    def collate(self, idx: list[int]) -> dict[str, Any]:
+        groups = [self.groups[i] for i in idx]
+        batch = collate_groups(groups, self.pad_id)
+        extra = [k for k in groups[0][0] if k not in ("input_ids", "labels")]
+        for k in extra:
+            batch[k] = torch.tensor([float(ex[k]) for g in groups for ex in g], dtype=torch.float32)
+        return batch
+
+    def next_batch(self) -> dict[str, Any]:
+        idx = [self._take() for _ in range(self.batch_size * self.world)]
+        self.batches += 1
+        return self.collate(idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
+
+    def skip(self, n: int) -> None:
+        for _ in range(n * self.batch_size * self.world):
+            self._take()
+        self.batches += n
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "batches": self.batches, "seed": self.seed,
+                "groups": len(self.groups), "batch_size": self.batch_size, "world": self.world}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        for k, v in {"groups": len(self.groups), "batch_size": self.batch_size, "world": self.world}.items():
+            if k in s and s[k] != v:
+                raise LMForgeError(f"data state has {k}={s[k]!r} but this dataset has {v!r}: cannot resume the "
+                                   "same stream")
+        self.seed, self.epoch, self.cursor, self.batches = s["seed"], s["epoch"], s["cursor"], s["batches"]
+        self._order = self._permutation(self.epoch)
+
+    def fixed_batches(self, n: int, seed: int) -> list[dict[str, Any]]:
+        """Every group once, in order (the first ``n`` batches, or all if ``n <= 0``)."""
+        g = self.batch_size * self.world
+        out = []
+        for start in range(0, len(self.groups), g):
+            mine = list(range(start, min(start + g, len(self.groups))))[self.rank * self.batch_size:
+                                                                         (self.rank + 1) * self.batch_size]
+            if mine:
+                out.append(self.collate(mine))
+            if 0 < n <= len(out):
+                break
+        return out
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+
+def read_split(data: PrefData, seed: int) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
+    """(train, held-out) records: ``val_path``, else a seeded ``val_fraction`` of the file."""
+    if not data.path:
+        raise LMForgeError("no training data: pass --data FILE")
+    recs = read_preference_file(data.path)
+    if data.limit > 0:
+        recs = recs[: data.limit]
+    if data.val_path:
+        return recs, read_preference_file(data.val_path)
+    if not 0 <= data.val_fraction < 1:
+        raise LMForgeError(f"data.val_fraction={data.val_fraction}: must be in [0, 1)")
+    if data.val_fraction == 0 or len(recs) < 2:
+        return recs, []
+    idx = list(range(len(recs)))
+    random.Random(seed).shuffle(idx)
+    held = set(idx[: max(1, round(data.val_fraction * len(recs)))])
+    return [r for i, r in enumerate(recs) if i not in held], [r for i, r in enumerate(recs) if i in held]
+
+
+def pick_template(tok, name: str):
+    """The chat template to render prompts with, or None for plain text (a model without one)."""
+    from lmforge.infer.chat import get_template
+
+    if name:
+        t = get_template(name, tok)
+        tok.chat_template = t.source
+        return t
+    return get_template(None, tok) if getattr(tok, "chat_template", None) else None
+
+
+def encode_group(tok, rec: PreferenceRecord, template, max_len: int, order: Sequence[int] | None = None) -> Group:
+    """The record's responses (best first, or ``order``) encoded with prompt tokens masked out of ``labels``."""
+    order = range(len(rec.responses)) if order is None else order
+    return [encode_response(tok, rec, i, template, plain=template is None, max_len=max_len) for i in order]
+
+
+def pad_id_of(tok) -> int:
+    return tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
+
+
+def device_for(name: str):
+    from lmforge.commands.common import pick_device
+
+    return pick_device(name)
+
+
+# ---- training -----------------------------------------------------------------------------------------------------
+
+
+def reward_loss_fn(margin: float):
+    """loss_fn for the Trainer: the ranked reward loss summed over prompts (count = prompts), metrics summed."""
+
+    def loss_fn(model, batch):
+        scores = model(batch["input_ids"], batch["attention_mask"])
+        loss, metrics = ranked_reward_loss(scores, batch["group_sizes"], margin or None, reduction="sum")
+        return loss, len(batch["group_sizes"]), metrics
+
+    return loss_fn
+
+
+@torch.no_grad()
+def score_groups(model: ScalarHeadModel, groups: Sequence[Group], pad_id: int, batch_size: int = 8,
+                 normalized: bool = True) -> list[list[float]]:
+    """Scores of every response of every group (eval mode), group by group."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    out: list[list[float]] = []
+    for s in range(0, len(groups), batch_size):
+        chunk = list(groups[s : s + batch_size])
+        b = collate_groups(chunk, pad_id)
+        sc = model.score(b["input_ids"].to(dev), b["attention_mask"].to(dev), normalized=normalized).tolist()
+        at = 0
+        for g in chunk:
+            out.append(sc[at : at + len(g)])
+            at += len(g)
+    model.train(was)
+    return out
+
+
+def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train a reward model on ``cfg.data``; the run directory becomes the reward model."""
+    from lmforge.commands.common import load_model_and_tokenizer
+    from lmforge.peft import apply_peft
+    from lmforge.stages.sft import suggested_lr
+    from lmforge.train.state import load_training_checkpoint
+
+    explicit_train = explicit_train or set()
+    out = Path(cfg.out)
+    device = device_for(cfg.train.device)
+    dist = D.init(device)
+
+    def log(msg: str) -> None:
+        if dist.main:
+            print(msg, file=sys.stderr)
+
+    if not cfg.model:
+        from lmforge.assets import STORIES260K
+
+        cfg.model = str(STORIES260K)
+    decoder, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
+    template = pick_template(tok, cfg.data.template)
+    max_len = min(cfg.data.max_len, decoder.cfg.block_size) if cfg.data.max_len > 0 else decoder.cfg.block_size
+    train_recs, val_recs = read_split(cfg.data, cfg.train.seed)
+    train_g = [encode_group(tok, r, template, max_len) for r in train_recs]
+    val_g = [encode_group(tok, r, template, max_len) for r in val_recs]
+
+    method = cfg.peft.get("method") if cfg.peft else None
+    resolved: dict[str, Any] = {}
+    if method is not None:
+        if method not in ("lora", "qlora"):
+            raise LMForgeError(f"--peft {method}: a reward model trains with lora or qlora (the adapter is merged "
+                               "into the saved reward model)")
+        resolved = apply_peft(decoder, method, {k: v for k, v in cfg.peft.items() if k != "method"}, tok)
+    model = ScalarHeadModel(decoder)  # the head is always trained
+    model.head.requires_grad_(True)
+    n_params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    t = cfg.train
+    pad = pad_id_of(tok)
+    train = GroupBatches(train_g, t.batch_size, pad, seed=t.seed, rank=dist.rank, world=dist.world)
+    val = GroupBatches(val_g, t.batch_size, pad, shuffle=False, rank=dist.rank, world=dist.world) if val_g else None
+    steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
+    chosen = {"max_iters": steps, "lr": suggested_lr(method, n_params), "warmup_iters": max(1, steps // 20),
+              "eval_interval": max(1, steps // 5), "save_interval": max(1, steps // 5), "weight_decay": 0.0,
+              "eval_iters": 0 if val is None else 10_000, "log_interval": max(1, min(10, steps // 20)),
+              "min_lr_ratio": 0.0, "best_metric": "val_accuracy", "best_mode": "max"}
+    for k, v in chosen.items():
+        if k not in explicit_train:
+            setattr(t, k, v)
+    if val is None:
+        t.eval_iters = 0
+        if "best_metric" not in explicit_train:
+            t.best_metric, t.best_mode = "val_loss", "min"
+    pairs = sum(len(ranked_pairs(len(g))) for g in train_g)
+    log(f"reward: {len(train_g)} train prompts ({pairs} pairs) / {len(val_g)} held-out; {cfg.epochs:g} epochs = "
+        f"{t.max_iters} steps of {t.batch_size} prompts; max_len {max_len}; "
+        f"{'template ' + template.name if template else 'plain text'}; "
+        f"{'peft ' + method + ' ' + json.dumps(resolved) if method else 'full fine-tuning'}; trainable "
+        f"{trainable:,} of {n_params:,} parameters; lr {t.lr:g}, margin {cfg.margin:g}, best by {t.best_metric}")
+
+    run_config = {**cfg.to_dict(), "resolved_peft": resolved, "train_prompts": len(train_g),
+                  "val_prompts": len(val_g)}
+    trainer = Trainer(model, t, train, reward_loss_fn(cfg.margin), out, val_data=val, tokenizer=tok,
+                      run_config=run_config, device=device, dist=dist, log=log, units="prompts")
+    try:
+        result = trainer.fit(resume=resume)
+        if dist.main:
+            raw = trainer.raw_model
+            best = out / "best"
+            if best.is_file() and (out / best.read_text().strip()).is_dir():  # the best checkpoint's weights
+                s = load_training_checkpoint(out / best.read_text().strip())
+                raw.load_state_dict(s["train_model"] if s["train_model"] is not None else s["model"], strict=False)
+                log(f"final model from {best.read_text().strip()} ({t.best_metric} {trainer.best_val:.4f})")
+            raw.to("cpu")
+            if method is not None:
+                from lmforge.peft.lora import unwrap
+
+                unwrap(raw.decoder)  # adapter merged: the saved reward model needs no base
+            raw_scores = [x for g in score_groups(raw, train_g, pad, t.batch_size, normalized=False) for x in g]
+            raw.normalize(torch.tensor(raw_scores))
+            extra = {"template": template.source if template else None, "margin": cfg.margin, "max_len": max_len,
+                     "base_model": cfg.model, "peft": resolved or None,
+                     "normalized_over": f"{len(raw_scores)} responses of {len(train_g)} training prompts"}
+            if val_g:
+                vs = score_groups(raw, val_g, pad, t.batch_size)
+                extra["val_accuracy"] = pair_accuracy(vs)
+                result["val_accuracy_final"] = extra["val_accuracy"]
+            write_reward_dir(raw, out, tok, template, extra)
+            log(f"reward normalised: gain {raw.norm_gain.item():.4g}, bias {raw.norm_bias.item():.4g}")
+        D.barrier(dist)
+    finally:
+        D.cleanup(dist)
+    return {**result, "trainable_params": trainable, "total_params": n_params, "train_prompts": len(train_g),
+            "val_prompts": len(val_g)}
+
+
+def pair_accuracy(scores: Sequence[Sequence[float]]) -> float:
+    """Fraction of ranked pairs (better, worse) whose better response scores higher."""
+    hits = [s[i] > s[j] for s in scores for i, j in ranked_pairs(len(s))]
+    return sum(hits) / max(1, len(hits))
+
+
+def write_reward_dir(model: ScalarHeadModel, out: Path, tok, template, extra: dict) -> None:
+    """The reward model's files into ``out`` (beside the run's metrics and checkpoints)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
+    try:
+        save_scalar_model(model, tmp / "m", tok, kind="reward", extra=extra)
+        if template is not None:
+            (tmp / "m" / CHAT_TEMPLATE_FILE).write_text(template.source)
+        for f in (tmp / "m").iterdir():
+            f.replace(out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- scoring ------------------------------------------------------------------------------------------------------
+
+
+def load_reward_model(path: str | Path, device: str = "cpu") -> tuple[ScalarHeadModel, Any, Any]:
+    """(reward model in eval mode, its tokenizer, its chat template or None for plain text) of a reward dir."""
+    from lmforge.commands.common import find_tokenizer_path
+    from lmforge.infer.chat import get_template
+    from lmforge.tokenizer import load_tokenizer
+
+    path = Path(path)
+    model = load_scalar_model(path)
+    tok_path = find_tokenizer_path(path, model.cfg.vocab_size)
+    if tok_path is None:
+        raise LMForgeError(f"{path}: no tokenizer beside the reward model")
+    tok = load_tokenizer(str(tok_path))
+    source = read_head_config(path).get("template")
+    template = None
+    if source:
+        tok.chat_template = source
+        template = get_template(source, tok)
+    return model.to(device_for(device)), tok, template
+
+
+def score_file(model_dir: str, data: str, output: str | None, max_len: int = 0, batch_size: int = 8
+               ) -> float:
+    """Score every ranked pair of ``data`` with the reward model; JSONL per pair to ``output`` (or stdout); returns
+    the pairwise accuracy."""
+    model, tok, template = load_reward_model(model_dir, "auto")
+    block = model.cfg.block_size
+    max_len = max_len or int(read_head_config(model_dir).get("max_len") or 0)  # default: as in training
+    ml = min(max_len, block) if max_len > 0 else block
+    recs = read_preference_file(data)
+    groups = [encode_group(tok, r, template, ml) for r in recs]
+    scores = score_groups(model, groups, pad_id_of(tok), batch_size)
+    lines = []
+    for rec, s in zip(recs, scores):
+        for i, j in ranked_pairs(len(s)):
+            row = {"source": rec.source, "better": i, "worse": j, "chosen_score": s[i], "rejected_score": s[j],
+                   "margin": s[i] - s[j], "correct": s[i] > s[j]}
+            lines.append(json.dumps(row))
+    text = "\n".join(lines) + "\n"
+    if output:
+        Path(output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return pair_accuracy(scores)

@@ -1,0 +1,127 @@
+"""`lmforge dpo`: prompt tokens out of every sum, the reference (stored / adapters disabled), the loss types, and
+training that raises the implicit-reward accuracy on held-out pairs."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_reward_cli import word_pairs
+
+from lmforge.data.preference import PreferenceRecord
+from lmforge.stages.dpo import dpo_loss_fn, pair_groups, response_logprobs
+from lmforge.stages.reward import GroupBatches
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=600)
+
+
+def _batch(tok):
+    recs = [PreferenceRecord([{"role": "user", "content": "Tom saw a big dog."}], [" He was happy.", " No."],
+                             "Tom saw a big dog."),
+            PreferenceRecord([{"role": "user", "content": "Sue"}], [" ran home and slept.", " sat."], "Sue")]
+    groups = pair_groups(tok, recs, None, 64)
+    return groups, GroupBatches(groups, batch_size=2, shuffle=False).fixed_batches(0, 0)[0]
+
+
+def test_prompt_tokens_are_excluded_from_every_logprob_sum(stories):
+    model, tok = stories
+    groups, batch = _batch(tok)
+    with torch.no_grad():
+        got = response_logprobs(model, batch)
+        rows = [ex for g in groups for ex in g]
+        for r, ex in enumerate(rows):  # independent: unpadded forward, sum over the response positions only
+            n_prompt = len(tok.encode(["Tom saw a big dog.", "Sue"][r // 2])) + 1  # + BOS
+            ids = torch.tensor([ex["input_ids"]])
+            lp = F.log_softmax(model(ids)[0].double(), -1)
+            expect = sum(lp[t - 1, ex["input_ids"][t]].item() for t in range(n_prompt, len(ex["input_ids"])))
+            assert got[r].item() == pytest.approx(expect, rel=1e-4, abs=1e-4)
+            assert not batch["loss_mask"][r, :n_prompt].any() and batch["loss_mask"][r, n_prompt:len(ids[0])].all()
+    # changing the logits at prompt positions changes nothing but the response's context (the sum skips them)
+    logits = model(batch["input_ids"]).detach()
+    from lmforge.losses import sequence_logprobs
+
+    bumped = logits.clone()
+    bumped[:, :2] += torch.randn_like(bumped[:, :2]) * 5  # predictions of tokens 1..2: prompt tokens in every row
+    a = sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+    b = sequence_logprobs(bumped, batch["input_ids"], batch["loss_mask"])
+    assert torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_dpo_loss_fn_against_the_formulas(stories, loss_type):
+    model, tok = stories
+    groups, batch = _batch(tok)
+    ref = torch.tensor([-20.0, -11.0, -30.0, -9.0])
+    batch["ref"] = ref
+    beta = 0.2
+    loss, n, metrics = dpo_loss_fn(loss_type, beta, 0.0, peft=False)(model, batch)
+    with torch.no_grad():
+        pol = response_logprobs(model, batch)
+    lengths = batch["loss_mask"][:, 1:].sum(-1).float()
+    expect = 0.0
+    for p in range(2):
+        c, r = 2 * p, 2 * p + 1
+        d = (pol[c] - ref[c]) - (pol[r] - ref[r])
+        if loss_type == "sigmoid":
+            expect += -math.log(1 / (1 + math.exp(-beta * d.item())))
+        elif loss_type == "hinge":
+            expect += max(0.0, 1 - beta * d.item())
+        else:
+            dn = (pol[c] - ref[c]) / lengths[c] - (pol[r] - ref[r]) / lengths[r]
+            expect += (dn.item() - 1 / (2 * beta)) ** 2
+    assert n == 2 and loss.item() == pytest.approx(expect, rel=1e-4)
+    acc = sum(float(beta * (pol[2 * p] - ref[2 * p]) > beta * (pol[2 * p + 1] - ref[2 * p + 1])) for p in range(2))
+    assert metrics["reward_accuracy"] == pytest.approx(acc)
+
+
+def _rows(out):
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_command_raises_implicit_reward_accuracy_and_leaves_a_loadable_model(tmp_path):
+    data = tmp_path / "pairs.jsonl"  # TRL's flat {prompt, chosen, rejected}: joined as plain text
+    data.write_text("".join(json.dumps(r) + "\n" for r in word_pairs(60, seed=1)))
+    out = tmp_path / "dpo"
+    r = run("dpo", "--data", str(data), "--out", str(out), "--max-iters", "8", "--train.batch_size", "8",
+            "--data.val_fraction", "0.25", "--train.eval_interval", "4", "--beta", "0.1")
+    assert r.returncode == 0, r.stderr
+    assert "45 train / 15 held-out pairs" in r.stderr and "stored reference" in r.stderr and "plain text" in r.stderr
+    assert (out / "reference_logprobs.safetensors").is_file()
+    evals = [row for row in _rows(out) if "val_reward_accuracy" in row]
+    assert evals[0]["step"] == 0 and evals[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = ref
+    assert {"val_reward_margin", "val_rewards_chosen", "val_rewards_rejected"} <= set(evals[-1])
+    assert evals[-1]["val_reward_accuracy"] >= 0.8 and evals[-1]["val_reward_margin"] > 0
+    g = run("generate", "--model", str(out), "--prompt", "Tom saw", "--max-new-tokens", "4", "--temperature", "0")
+    assert g.returncode == 0, g.stderr
+    again = run("dpo", "--data", str(data), "--out", str(out), "--max-iters", "9", "--train.batch_size", "8",
+                "--data.val_fraction", "0.25", "--resume")
+    assert again.returncode == 0 and "resumed from" in again.stderr and "read from" in again.stderr, again.stderr
+
+
+def test_dpo_command_with_lora_uses_the_base_as_reference(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in word_pairs(24, seed=2)))
+    out = tmp_path / "dpo"
+    r = run("dpo", "--data", str(data), "--out", str(out), "--max-iters", "3", "--train.batch_size", "4",
+            "--peft", "lora", "--loss", "ipo", "--data.val_fraction", "0.25")
+    assert r.returncode == 0, r.stderr
+    assert "reference = adapters disabled" in r.stderr and "loss ipo" in r.stderr
+    assert not (out / "reference_logprobs.safetensors").exists()
+    first = next(row for row in _rows(out) if "val_loss" in row)
+    assert first["step"] == 0 and first["val_reward_margin"] == pytest.approx(0.0, abs=1e-5)  # B = 0: policy = ref
+    assert (out / "adapter_config.json").is_file()
+    g = run("generate", "--model", str(out), "--prompt", "Tom", "--max-new-tokens", "3", "--temperature", "0")
+    assert g.returncode == 0, g.stderr
+
+
+def test_dpo_errors_are_one_line(tmp_path):
+    r = run("dpo", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("lmforge dpo: error: ")
+    assert "Traceback" not in r.stderr
