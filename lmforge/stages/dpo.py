@@ -37,7 +37,7 @@ from lmforge.stages.reward import (
 )
 from lmforge.train import distributed as D
 from lmforge.train.config import TrainConfig, _fill
-from lmforge.train.loop import Trainer
+from lmforge.train.loop import Trainer, autocast, train_precision
 
 REFERENCE_FILE = "reference_logprobs.safetensors"
 
@@ -94,12 +94,14 @@ def dpo_loss_fn(loss_type: str, beta: float, label_smoothing: float, peft: bool)
 
 
 @torch.no_grad()
-def reference_logprobs(model, groups, pad_id: int, batch_size: int) -> torch.Tensor:
-    """(pairs, 2) summed response log-probs of the model as it is (eval mode)."""
+def reference_logprobs(model, groups, pad_id: int, batch_size: int, amp: torch.dtype | None = None) -> torch.Tensor:
+    """(pairs, 2) summed response log-probs of the model as it is (eval mode), under the trainer's precision."""
     was = model.training
     model.eval()
     src = GroupBatches(groups, batch_size, pad_id, shuffle=False)
-    out = [response_logprobs(model, b).view(-1, 2) for b in src.fixed_batches(0, 0)]
+    device = next(model.parameters()).device
+    with autocast(device, amp):
+        out = [response_logprobs(model, b).view(-1, 2) for b in src.fixed_batches(0, 0)]
     model.train(was)
     return torch.cat(out).float()
 
@@ -115,7 +117,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
 
     from lmforge.commands.common import load_model_and_tokenizer
     from lmforge.peft import apply_peft, save_adapter
-    from lmforge.stages.sft import _is_quantized, _write_final, suggested_lr
+    from lmforge.stages.sft import is_quantized, suggested_lr, write_final
 
     if cfg.loss not in DPO_LOSS_TYPES:
         raise LMForgeError(f"--loss {cfg.loss}: allowed values are {', '.join(DPO_LOSS_TYPES)}")
@@ -142,7 +144,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     if not train_g:
         raise LMForgeError(f"{cfg.data.path}: no training pairs")
     method = cfg.peft.get("method") if cfg.peft else None
-    if method is None and _is_quantized(model):
+    if method is None and is_quantized(model):
         raise LMForgeError(f"{cfg.model}: a quantized model cannot be fully fine-tuned; use --peft qlora (or lora)")
     t = cfg.train
     pad = pad_id_of(tok)
@@ -160,8 +162,9 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
             if resume:
                 raise LMForgeError(f"{ref_path} is missing: cannot resume full-model DPO without the reference")
             model.to(device)
-            sd = {"train": reference_logprobs(model, train_g, pad, t.batch_size),
-                  "val": reference_logprobs(model, val_g, pad, t.batch_size) if val_g else torch.zeros(0, 2)}
+            amp = train_precision(t, device, model)
+            sd = {"train": reference_logprobs(model, train_g, pad, t.batch_size, amp),
+                  "val": reference_logprobs(model, val_g, pad, t.batch_size, amp) if val_g else torch.zeros(0, 2)}
             model.to("cpu")
             if dist.main:
                 save_file({k: v.contiguous() for k, v in sd.items()}, str(ref_path))
@@ -216,7 +219,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
         result = trainer.fit(resume=resume)
         if dist.main:
             with trainer.averaged_weights():
-                _write_final(trainer.raw_model, out, tok, export, method is not None)
+                write_final(trainer.raw_model, out, tok, export, method is not None)
         D.barrier(dist)
     finally:
         D.cleanup(dist)

@@ -133,7 +133,7 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
     if cfg.data.packing and method in ("prefix", "prompt", "ptuning"):
         raise LMForgeError(f"--packing cannot be combined with --peft {method}: its virtual tokens would be shared "
                            "by every example packed into a row")
-    if method is None and _is_quantized(model):
+    if method is None and is_quantized(model):
         raise LMForgeError(f"{cfg.model}: a quantized model cannot be fully fine-tuned; use --peft qlora (or lora)")
     block = model.cfg.block_size
     max_len = min(cfg.data.max_len, block - 1) if cfg.data.max_len > 0 else block - 1
@@ -192,14 +192,14 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
         result = trainer.fit(resume=resume)
         if dist.main:  # the run directory itself becomes the final model
             with trainer.averaged_weights():
-                _write_final(trainer.raw_model, out, tok, export, method is not None)
+                write_final(trainer.raw_model, out, tok, export, method is not None)
         D.barrier(dist)
     finally:
         D.cleanup(dist)
     return {**result, "trainable_params": trainable, "total_params": n_params, **report}
 
 
-def _write_final(model, out: Path, tok, export, partial: bool) -> None:
+def write_final(model, out: Path, tok, export, partial: bool) -> None:
     """Model files of the finished run in ``out`` (beside metrics and checkpoints)."""
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
     try:
@@ -214,5 +214,5 @@ def _write_final(model, out: Path, tok, export, partial: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _is_quantized(model) -> bool:
+def is_quantized(model) -> bool:
     return any(type(m).__name__ in ("QuantLinear", "QuantEmbedding") for m in model.modules())

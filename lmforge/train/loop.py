@@ -75,6 +75,23 @@ def pick_precision(name: str, device: torch.device, model: nn.Module | None = No
     return torch.bfloat16 if bf16_is_faster(model, tokens) else None
 
 
+def train_precision(cfg: TrainConfig, device: torch.device, model: nn.Module) -> torch.dtype | None:
+    """The autocast dtype the Trainer uses for ``model`` (stages that run the model before training, e.g. DPO's
+    reference pass, use the same so that the policy starts exactly at the reference)."""
+    tokens = cfg.batch_size * getattr(getattr(model, "cfg", None), "block_size", 256)
+    return pick_precision(cfg.precision, device, model, min(tokens, 4096))
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype``, or nothing for None (fp32)."""
+    if dtype is None:
+        yield
+    else:
+        with torch.autocast(device.type, dtype=dtype):
+            yield
+
+
 _BF16_FASTER: dict[tuple, bool] = {}
 
 
@@ -137,8 +154,7 @@ class Trainer:
             raise LMForgeError(f"train.best_mode={cfg.best_mode!r}: allowed values are ['min', 'max']")
         self.optimizer = make_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
                                         cfg.decay_embeddings, self.device.type)
-        tokens = cfg.batch_size * getattr(getattr(self.raw_model, "cfg", None), "block_size", 256)
-        self.amp_dtype = pick_precision(cfg.precision, self.device, self.raw_model, min(tokens, 4096))
+        self.amp_dtype = train_precision(cfg, self.device, self.raw_model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
         self.best_val = math.inf if cfg.best_mode == "min" else -math.inf  # best value of train.best_metric
@@ -237,9 +253,7 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------------
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
     def _micro(self, batch: dict[str, Any]) -> tuple[torch.Tensor, float, dict[str, float]]:
         batch = _to_device(batch, self.device)
