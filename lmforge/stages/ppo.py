@@ -74,7 +74,7 @@ RewardFn = Callable[[list[str], list[str]], list[float]]
 class PPOOptions:
     rollout_batch: int = 16  # prompts (responses) per PPO iteration
     minibatch: int = 8  # responses per optimizer step
-    epochs: int = 4  # passes over each rollout
+    epochs: int = 2  # passes over each rollout
     max_new_tokens: int = 48
     temperature: float = 1.0  # sampling temperature; log-probs are taken from logits / temperature
     clip: float = 0.2  # policy ratio clip range
@@ -552,7 +552,7 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
     source = PPOSource(model, prompts, texts, o, cfg.steps, scorer, tok.decode, list(stop_ids), pad, t.seed,
                        reference, ptx)
     per_iter = o.epochs * math.ceil(o.rollout_batch / o.minibatch)
-    chosen = {"max_iters": cfg.steps * per_iter, "lr": suggested_lr(method, n_params) / 3, "warmup_iters": 0,
+    chosen = {"max_iters": cfg.steps * per_iter, "lr": suggested_lr(method, n_params), "warmup_iters": 0,
               "schedule": "constant", "weight_decay": 0.0, "eval_iters": 0, "eval_interval": 10**9,
               "save_interval": 1, "log_interval": 1, "spike_guard": False, "precision": "fp32", "batch_size":
               o.minibatch, "grad_accum": 1}
