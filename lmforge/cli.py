@@ -32,6 +32,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("reward", "lmforge.commands.reward", "train a reward model on ranked preferences; `reward score` scores pairs"),
     ("dpo", "lmforge.commands.dpo", "direct preference optimisation (sigmoid, IPO, hinge), full or LoRA"),
     ("rejection-sample", "lmforge.commands.rejection_sample", "best-of-K samples by a reward model, as SFT data"),
+    ("ppo", "lmforge.commands.ppo", "RLHF with PPO: actor, critic, reference and a reward model or function"),
 ]
 
 

@@ -180,6 +180,7 @@ class Trainer:
         path = None
         if self.dist.main:
             msd = {k: v for k, v in msd.items() if not (self.raw_model.cfg.tie_embeddings and _is_lm_head(k))}
+            msd = _drop_tied_heads(msd)
             if self.partial:
                 msd = {k: v for k, v in msd.items() if k in self.trainable}
             train_sd = None
@@ -389,7 +390,12 @@ class Trainer:
         last = {"step": self.step}
         t0 = time.perf_counter()
         try:
-            while self.step < cfg.max_iters:
+            # optional batch-source hooks (PPO): ``exhausted()`` ends training early; ``at_boundary()`` false
+            # defers a due checkpoint to the next step where the source's state can be saved (a rollout boundary)
+            exhausted = getattr(self.train_data, "exhausted", lambda: False)
+            at_boundary = getattr(self.train_data, "at_boundary", lambda: True)
+            save_due = False
+            while self.step < cfg.max_iters and not exhausted():
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                     self._eval_and_log(last)
                 lr = lr_at(self.step, cfg.lr, cfg.schedule, cfg.warmup_iters, total, cfg.min_lr_ratio)
@@ -418,8 +424,10 @@ class Trainer:
                     self.metrics.write(last)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-                if self.step % cfg.save_interval == 0 and self.step < cfg.max_iters:
+                save_due = save_due or self.step % cfg.save_interval == 0
+                if save_due and self.step < cfg.max_iters and not exhausted() and at_boundary():
                     self.save()
+                    save_due = False
             self._eval_and_log(last, final=True)
             self.save()
         except KeyboardInterrupt:
@@ -491,6 +499,16 @@ class Trainer:
 def _is_lm_head(key: str) -> bool:
     """The tied output weight, also inside a wrapper (``decoder.lm_head.weight`` of a reward model)."""
     return key == "lm_head.weight" or key.endswith(".lm_head.weight")
+
+
+def _drop_tied_heads(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Leave out ``*lm_head.weight`` entries that share storage with another entry (tied embeddings of a model
+    nested in a container, e.g. PPO's actor and critic): safetensors refuses shared tensors and loading the
+    embedding restores the tied head."""
+    ptrs: dict[int, int] = {}
+    for v in sd.values():
+        ptrs[v.data_ptr()] = ptrs.get(v.data_ptr(), 0) + 1
+    return {k: v for k, v in sd.items() if not (k.endswith("lm_head.weight") and ptrs[v.data_ptr()] > 1)}
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

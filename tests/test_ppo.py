@@ -1,0 +1,177 @@
+"""`lmforge ppo`: the command on stories260K with a rule-based reward, exact resume, and the pieces of the loop
+(ratio exactly 1 on the first minibatch of a rollout, score at the true last token, reward-function loading)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.errors import LMForgeError
+from lmforge.losses import masked_mean, policy_loss
+from lmforge.stages.ppo import PPOConfig, PPOOptions, PPOSource, load_reward_fn, make_loss_fn, read_prompts, run_ppo
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--ppo.rollout_batch", "2", "--ppo.minibatch", "1", "--ppo.epochs", "1", "--ppo.max_new_tokens", "8"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "lmforge", "ppo", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("ppo") / "prompts.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"Write a story about a {a} named {n}."}) + "\n"
+                         for a, n in [("cat", "Tom"), ("dog", "Lily"), ("bird", "Sam")]))
+    return p
+
+
+def _policy_and_critic(out: Path) -> dict[str, torch.Tensor]:
+    sd = load_file(str(out / "model.safetensors"))
+    sd.update({f"critic.{k}": v for k, v in load_file(str(out / "critic" / "model.safetensors")).items()})
+    sd.update({f"head.{k}": v for k, v in load_file(str(out / "critic" / "value_head.safetensors")).items()})
+    return sd
+
+
+def test_ppo_command_runs_and_resumes_exactly(prompts, tmp_path):
+    """A run cut after one iteration and resumed ends bitwise equal to an uninterrupted one."""
+    common = ["--reward", "lmforge.data.stories:story_reward", "--prompts", str(prompts), *TINY]
+    whole = _run(*common, "--out", str(tmp_path / "whole"), "--steps", "2")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert "done: 2 iterations" in whole.stderr
+    cut = _run(*common, "--out", str(tmp_path / "cut"), "--steps", "1")
+    assert cut.returncode == 0, cut.stderr[-2000:]
+    resumed = _run(*common, "--out", str(tmp_path / "cut"), "--steps", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    a, b = _policy_and_critic(tmp_path / "whole"), _policy_and_critic(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the starting policy was changed by training
+    start = load_file(str(tmp_path / "cut" / "ckpt-0000002" / "model.safetensors"))
+    assert any(not torch.equal(v, a[k.removeprefix("actor.")]) for k, v in start.items() if k.startswith("actor."))
+    rows = [json.loads(ln) for ln in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train_score" in r]
+    assert len(steps) == 4  # 2 iterations x 2 minibatches x 1 epoch
+    for key in ("train_score", "train_kl", "train_entropy", "train_policy_loss", "train_value_loss",
+                "train_clipfrac", "train_vf_clipfrac", "train_approx_kl", "train_early_stops", "train_beta"):
+        assert all(key in r for r in steps), key
+    assert steps[0]["train_kl"] == 0.0  # first rollout: policy == reference
+    assert (tmp_path / "whole" / "ppo.png").is_file()
+    # the output directory is a loadable model
+    gen = subprocess.run([sys.executable, "-m", "lmforge", "generate", "--model", str(tmp_path / "whole"),
+                          "--prompt", "Once", "--max-new-tokens", "4"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=600)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+
+
+def test_ppo_command_errors(prompts, tmp_path):
+    r = _run("--prompts", str(prompts), "--out", str(tmp_path / "x"))
+    assert r.returncode == 1 and "exactly one of --reward-model" in r.stderr and "Traceback" not in r.stderr
+    r = _run("--reward", "lmforge.data.stories:nope", "--prompts", str(prompts), "--out", str(tmp_path / "x"))
+    assert r.returncode == 1 and "has no function nope" in r.stderr
+
+
+def test_reward_function_from_file_and_prompts(tmp_path):
+    f = tmp_path / "rw.py"
+    f.write_text("def length(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    fn = load_reward_fn(f"{f}:length")
+    assert fn(["a"], ["xyz"]) == [3.0]
+    with pytest.raises(LMForgeError):
+        load_reward_fn("no_colon")
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "a"}\n{"instruction": "b", "input": "c"}\n'
+                 '{"messages": [{"role": "user", "content": "d"}, {"role": "assistant", "content": "e"}]}\n')
+    assert read_prompts(str(p)) == ["a", "b\n\nc", [{"role": "user", "content": "d"}]]
+    t = tmp_path / "p.txt"
+    t.write_text("one\n\ntwo\n")
+    assert read_prompts(str(t)) == ["one", "two"]
+
+
+def _source(tmp_path, scores, opts: PPOOptions):
+    """A PPOSource on stories260K with a fixed per-response score."""
+    from lmforge.commands.common import load_model_and_tokenizer
+    from lmforge.model.heads import ScalarHeadModel
+    from lmforge.rl.rollout import disable_dropout
+    from lmforge.stages.ppo import PPOModel
+
+    actor, tok = load_model_and_tokenizer(None, None, "cpu")
+    disable_dropout(actor)
+    import copy
+
+    ref = copy.deepcopy(actor).requires_grad_(False)
+    model = PPOModel(actor, ScalarHeadModel(copy.deepcopy(actor)))
+    prompts = [tok.encode("Once upon a time"), tok.encode("The cat"), tok.encode("A big dog ran")]
+
+    def scorer(r, ps, rs):
+        return torch.tensor(scores[: len(rs)])
+
+    return PPOSource(model, prompts, ["a", "b", "c"], opts, 3, scorer, tok.decode, [tok.eos_id], 0, 5, ref), model
+
+
+def test_first_minibatch_ratio_is_exactly_one(tmp_path):
+    opts = PPOOptions(rollout_batch=4, minibatch=2, epochs=2, max_new_tokens=6, kl_coef=0.0)
+    src, model = _source(tmp_path, [1.0, 2.0, 3.0, 4.0], opts)
+    loss_fn = make_loss_fn(src, opts)
+    b = src.next_batch()
+    assert b["first"] and len(src.queue) == 3  # 2 epochs x 2 minibatches, one taken
+    loss, n, metrics = loss_fn(model, b)
+    assert metrics["first_ratio_max_dev"] == 0.0 and metrics["ratio"] == 1.0 and metrics["approx_kl"] == 0.0
+    # the same policy-loss value from the independent formula at ratio 1: -mean(A)
+    m = b["response_mask"]
+    expect, _ = policy_loss(b["old_logprobs"], b["old_logprobs"], b["advantages"], m)
+    assert torch.allclose(expect, -masked_mean(b["advantages"], m))
+    # an update moves the policy: the next minibatch's ratio is no longer 1
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    loss.backward()
+    opt.step()
+    _, _, m2 = loss_fn(model, src.next_batch())
+    assert m2["ratio"] != 1.0 and "first_ratio_max_dev" not in m2
+
+
+def test_rollout_state_resumes_the_stream(tmp_path):
+    opts = PPOOptions(rollout_batch=2, minibatch=2, epochs=1, max_new_tokens=4)
+    src, _ = _source(tmp_path, [1.0, 0.0], opts)
+    src.next_batch()
+    assert src.at_boundary() and not src.exhausted()
+    state = json.loads(json.dumps(src.state_dict()))
+    a = src.next_batch()
+    src2, _ = _source(tmp_path, [1.0, 0.0], opts)
+    src2.load_state_dict(state)
+    b = src2.next_batch()
+    assert torch.equal(a["input_ids"], b["input_ids"]) and src2.kl.value == src.kl.value
+    src.next_batch()
+    assert src.exhausted()
+
+
+def test_config_defaults_resolve():
+    cfg = PPOConfig()
+    assert cfg.ppo.temperature > 0 and cfg.steps > 0 and callable(run_ppo)
+
+
+def test_ppo_lora_shared_base(prompts, tmp_path):
+    """--peft lora: actor and critic share the base, the reference is the base with adapters disabled (KL 0 on the
+    first rollout), one iteration trains only the adapters and the value head; the output loads as --model."""
+    from lmforge.commands.common import load_model_and_tokenizer
+    from lmforge.train.config import TrainConfig
+
+    cfg = PPOConfig(reward="lmforge.data.stories:story_reward", prompts=str(prompts), out=str(tmp_path / "lora"),
+                    steps=1, ppo=PPOOptions(rollout_batch=2, minibatch=1, epochs=1, max_new_tokens=6),
+                    train=TrainConfig(), peft={"method": "lora", "r": 4})
+    s = run_ppo(cfg)
+    assert s["iterations"] == 1 and s["last"]["kl"] == 0.0
+    out = tmp_path / "lora"
+    assert (out / "adapter_config.json").is_file() and (out / "critic_head.safetensors").is_file()
+    assert not (out / "model.safetensors").exists()  # adapters only, the base is referenced
+    model, _ = load_model_and_tokenizer(str(out), None, "cpu")
+    assert any("lora" in k for k in model.state_dict())
