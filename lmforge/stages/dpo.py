@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lmforge.assets import default_model
 from lmforge.errors import LMForgeError
 from lmforge.losses import DPO_LOSS_TYPES, dpo_loss, ranked_pairs, sequence_logprobs
 from lmforge.peft.base import disable_adapter
@@ -36,7 +37,7 @@ from lmforge.stages.reward import (
     read_split,
 )
 from lmforge.train import distributed as D
-from lmforge.train.config import TrainConfig, _fill
+from lmforge.train.config import TrainConfig, _fill, apply_defaults, stage_defaults
 from lmforge.train.loop import Trainer, autocast, train_precision
 
 REFERENCE_FILE = "reference_logprobs.safetensors"
@@ -132,10 +133,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
         if dist.main:
             print(msg, file=sys.stderr)
 
-    if not cfg.model:
-        from lmforge.assets import STORIES260K
-
-        cfg.model = str(STORIES260K)
+    cfg.model = default_model(cfg.model)
     model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
     template = pick_template(tok, cfg.data.template)
     max_len = min(cfg.data.max_len, model.cfg.block_size) if cfg.data.max_len > 0 else model.cfg.block_size
@@ -182,13 +180,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     val = GroupBatches(val_g, t.batch_size, pad, shuffle=False, rank=dist.rank, world=dist.world) if val_g else None
     steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
     # TRL's DPO defaults: lr 1e-6 for billion-parameter models (full), LoRA 5e-6..5e-5; scaled for small models
-    chosen = {"max_iters": steps, "lr": suggested_lr(method, n_params) / 2, "warmup_iters": max(1, steps // 10),
-              "eval_interval": max(1, steps // 5), "save_interval": max(1, steps // 5), "weight_decay": 0.0,
-              "eval_iters": 0 if val is None else 10_000, "log_interval": max(1, min(10, steps // 20)),
-              "min_lr_ratio": 0.0}
-    for k, v in chosen.items():
-        if k not in explicit_train:
-            setattr(t, k, v)
+    apply_defaults(t, stage_defaults(steps, suggested_lr(method, n_params) / 2, val is not None), explicit_train)
     if val is None:
         t.eval_iters = 0
     ref_note = (f"peft {method} {json.dumps(resolved)}, reference = adapters disabled" if method

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.assets import default_model
 from lmforge.checkpoint import save_checkpoint
 from lmforge.errors import LMForgeError
 from lmforge.losses import (
@@ -64,7 +65,7 @@ from lmforge.rl.rollout import (
     sample_rollout,
 )
 from lmforge.train.batches import TokenWindows
-from lmforge.train.config import TrainConfig, _fill
+from lmforge.train.config import TrainConfig, _fill, apply_defaults
 from lmforge.train.loop import Trainer
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -477,10 +478,7 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
         raise LMForgeError("no prompts: pass --prompts FILE")
     if o.temperature <= 0:
         raise LMForgeError("ppo.temperature must be > 0 (PPO samples; its log-probs are those of the sampler)")
-    if not cfg.model:
-        from lmforge.assets import STORIES260K
-
-        cfg.model = str(STORIES260K)
+    cfg.model = default_model(cfg.model)
     actor, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
     method = cfg.peft.get("method") if cfg.peft else None
     if method not in (None, "lora", "qlora"):
@@ -556,9 +554,7 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
               "schedule": "constant", "weight_decay": 0.0, "eval_iters": 0, "eval_interval": 10**9,
               "save_interval": 1, "log_interval": 1, "spike_guard": False, "precision": "fp32", "batch_size":
               o.minibatch, "grad_accum": 1}
-    for k, v in chosen.items():
-        if k not in explicit_train:
-            setattr(t, k, v)
+    apply_defaults(t, chosen, explicit_train)
     if t.grad_accum != 1:
         raise LMForgeError("train.grad_accum must be 1 for PPO (set ppo.minibatch instead)")
     log(f"ppo: {len(prompts)} prompts, {cfg.steps} iterations of {o.rollout_batch} rollouts x {o.epochs} epochs of "

@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 
+from lmforge.assets import default_model
 from lmforge.data.preference import PreferenceRecord, collate_groups, encode_response, read_preference_file
 from lmforge.errors import LMForgeError
 from lmforge.losses import ranked_pairs, ranked_reward_loss
 from lmforge.model.heads import ScalarHeadModel, load_scalar_model, read_head_config, save_scalar_model
 from lmforge.train import distributed as D
-from lmforge.train.config import TrainConfig, _fill
+from lmforge.train.config import TrainConfig, _fill, apply_defaults, stage_defaults
 from lmforge.train.loop import Trainer
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -247,10 +248,7 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
         if dist.main:
             print(msg, file=sys.stderr)
 
-    if not cfg.model:
-        from lmforge.assets import STORIES260K
-
-        cfg.model = str(STORIES260K)
+    cfg.model = default_model(cfg.model)
     decoder, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
     template = pick_template(tok, cfg.data.template)
     max_len = min(cfg.data.max_len, decoder.cfg.block_size) if cfg.data.max_len > 0 else decoder.cfg.block_size
@@ -275,13 +273,9 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
     train = GroupBatches(train_g, t.batch_size, pad, seed=t.seed, rank=dist.rank, world=dist.world)
     val = GroupBatches(val_g, t.batch_size, pad, shuffle=False, rank=dist.rank, world=dist.world) if val_g else None
     steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
-    chosen = {"max_iters": steps, "lr": suggested_lr(method, n_params), "warmup_iters": max(1, steps // 20),
-              "eval_interval": max(1, steps // 5), "save_interval": max(1, steps // 5), "weight_decay": 0.0,
-              "eval_iters": 0 if val is None else 10_000, "log_interval": max(1, min(10, steps // 20)),
-              "min_lr_ratio": 0.0, "best_metric": "val_accuracy", "best_mode": "max"}
-    for k, v in chosen.items():
-        if k not in explicit_train:
-            setattr(t, k, v)
+    chosen = {**stage_defaults(steps, suggested_lr(method, n_params), val is not None, warmup_div=20),
+              "best_metric": "val_accuracy", "best_mode": "max"}
+    apply_defaults(t, chosen, explicit_train)
     if val is None:
         t.eval_iters = 0
         if "best_metric" not in explicit_train:

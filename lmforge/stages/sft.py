@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
+from lmforge.assets import default_model
 from lmforge.checkpoint import save_checkpoint
 from lmforge.errors import LMForgeError
 from lmforge.losses import lm_loss
 from lmforge.peft import apply_peft, get_method, save_adapter
 from lmforge.train import distributed as D
 from lmforge.train.batches import ExampleBatches
-from lmforge.train.config import TrainConfig, _fill
+from lmforge.train.config import TrainConfig, _fill, apply_defaults, stage_defaults
 from lmforge.train.loop import Trainer
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -123,10 +124,7 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
         if dist.main:
             print(msg, file=sys.stderr)
 
-    if not cfg.model:  # the bundled stories260K, as for every other command
-        from lmforge.assets import STORIES260K
-
-        cfg.model = str(STORIES260K)
+    cfg.model = default_model(cfg.model)
     model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
     template = get_template(cfg.data.template, tok) if cfg.data.template else default_template(tok)
     method = cfg.peft.get("method") if cfg.peft else None
@@ -153,13 +151,7 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
     val = ExampleBatches(val_ex, t.batch_size, max_len, pad, cfg.data.packing, shuffle=False, rank=dist.rank,
                          world=dist.world) if val_ex else None
     steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
-    chosen = {"max_iters": steps, "lr": suggested_lr(method, n_params), "warmup_iters": max(1, steps // 10),
-              "eval_interval": max(1, steps // 5), "save_interval": max(1, steps // 5), "weight_decay": 0.0,
-              "eval_iters": 0 if val is None else 10_000, "log_interval": max(1, min(10, steps // 20)),
-              "min_lr_ratio": 0.0}
-    for k, v in chosen.items():
-        if k not in explicit_train:
-            setattr(t, k, v)
+    apply_defaults(t, stage_defaults(steps, suggested_lr(method, n_params), val is not None), explicit_train)
     if val is None:
         t.eval_iters = 0
     shown = {k: getattr(t, k) for k in ("max_iters", "lr", "batch_size", "grad_accum", "warmup_iters",

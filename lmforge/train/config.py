@@ -78,6 +78,21 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def stage_defaults(steps: int, lr: float, has_val: bool, warmup_div: int = 10) -> dict[str, Any]:
+    """The train settings a fine-tuning stage (sft, dpo, reward) chooses for ``steps`` optimizer steps: warm-up a
+    ``1/warmup_div`` of them, five evaluations over the whole held-out set (none without one), cosine to 0."""
+    return {"max_iters": steps, "lr": lr, "warmup_iters": max(1, steps // warmup_div),
+            "eval_interval": max(1, steps // 5), "save_interval": max(1, steps // 5), "weight_decay": 0.0,
+            "eval_iters": 10_000 if has_val else 0, "log_interval": max(1, min(10, steps // 20)), "min_lr_ratio": 0.0}
+
+
+def apply_defaults(t: TrainConfig, chosen: dict[str, Any], explicit: set[str]) -> None:
+    """Set each chosen train setting the user did not set (``explicit``: the keys given in a config or flag)."""
+    for k, v in chosen.items():
+        if k not in explicit:
+            setattr(t, k, v)
+
+
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
