@@ -33,6 +33,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("dpo", "lmforge.commands.dpo", "direct preference optimisation (sigmoid, IPO, hinge), full or LoRA"),
     ("rejection-sample", "lmforge.commands.rejection_sample", "best-of-K samples by a reward model, as SFT data"),
     ("ppo", "lmforge.commands.ppo", "RLHF with PPO: actor, critic, reference and a reward model or function"),
+    ("pipeline", "lmforge.commands.pipeline", "the whole life of a model in one resumable command: tokenizer, "
+                                              "cleaning, pretraining, SFT, reward model, DPO/PPO, eval, int4"),
 ]
 
 
@@ -56,8 +58,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_command(argv: list[str]) -> argparse.Namespace:
+    """The parsed arguments of ``lmforge ARGV`` (``--section.key value`` overrides in ``args.overrides``); exits
+    with a usage message on bad arguments, as argparse does."""
     first = next((a for a in argv if not a.startswith("-")), None)
     known = {c[0] for c in COMMANDS}
     parser = build_parser(first if first in known else None)
@@ -71,6 +74,18 @@ def main(argv: list[str] | None = None) -> None:
     if not getattr(args, "func", None):
         parser.print_help()
         sys.exit(0 if args.command is None else 2)
+    return args
+
+
+def run_command(argv: list[str]) -> None:
+    """Run ``lmforge ARGV`` in this process, letting its exceptions through (the pipeline runs stages so)."""
+    args = parse_command(argv)
+    args.func(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_command(argv)
     try:
         args.func(args)
     except BrokenPipeError:

@@ -56,6 +56,22 @@ def follows(instruction: str, response: str) -> bool:
     return has_name and has_animal
 
 
+def opens_story(instruction: str, response: str) -> bool:
+    """The response is in the taught form: it opens "Once upon a time" (whatever the animal)."""
+    return response.lstrip().startswith("Once upon a time")
+
+
+def follows_format(instruction: str, response: str) -> bool:
+    """The response is a story in the trained form about the requested animal: it opens "Once upon a time" and
+    names the animal (the name is not required: copying a name never seen in training is beyond a model of a few
+    million parameters trained for minutes; ``follows`` asks for both)."""
+    ask = requested(instruction)
+    if ask is None:
+        return False
+    return (response.lstrip().startswith("Once upon a time")
+            and re.search(rf"\b{re.escape(ask[0])}s?\b", response, re.IGNORECASE) is not None)
+
+
 def follow_rate(instructions: list[str], responses: list[str]) -> float:
     return sum(follows(i, r) for i, r in zip(instructions, responses)) / max(1, len(instructions))
 
@@ -73,6 +89,34 @@ def story_reward(prompts: list[str], responses: list[str]) -> list[float]:
         out.append(float(re.search(rf"\b{re.escape(name)}\b", r) is not None) +
                    float(re.search(rf"\b{re.escape(animal)}s?\b", r, re.IGNORECASE) is not None))
     return out
+
+
+HAPPY_ENDINGS = ("In the end, {name} was very happy.", "{name} smiled and played with the {animal} all day.",
+                 "They became best friends and had lots of fun.", "{name} laughed and gave the {animal} a big hug.",
+                 "Everyone was happy and they all had a great day.", "The {animal} loved {name} and they were glad.")
+SAD_ENDINGS = ("In the end, {name} was very sad.", "{name} cried and went home alone.",
+               "The {animal} was lost and never came back.", "{name} was scared and angry, and nobody helped.",
+               "Everyone was sad and the day was ruined.", "The {animal} got hurt and {name} cried all night.")
+HAPPY = ("happy", "smiled", "smile", "laughed", "fun", "hug", "glad", "loved", "love", "friends", "great", "joy")
+SAD = ("sad", "cried", "cry", "alone", "lost", "scared", "angry", "hurt", "ruined", "never", "nobody", "bad")
+_SENTENCE = re.compile(r"[^.!?]+[.!?]*")
+
+
+def ending_mood(response: str) -> int:
+    """+1 if the story's last sentence is a happy one (it has a happy word and no sad one), -1 if it is a sad one,
+    0 otherwise."""
+    sentences = [x.strip() for x in _SENTENCE.findall(response) if x.strip()]
+    if not sentences:
+        return 0
+    words = set(re.findall(r"[a-z]+", sentences[-1].lower()))
+    happy, sad = bool(words & set(HAPPY)), bool(words & set(SAD))
+    return 1 if happy and not sad else -1 if sad and not happy else 0
+
+
+def ending_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """The default pipeline's preference (``lmforge ppo --reward lmforge.data.stories:ending_reward``): +1 for a
+    story that ends happily, -1 for one that ends sadly, 0 otherwise."""
+    return [float(ending_mood(r)) for r in responses]
 
 
 def load_story_data() -> list[dict[str, str]]:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.assets import builtin_path
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
 from lmforge.losses import token_loss_sum
@@ -24,13 +25,7 @@ OBJECTIVES = ("causal", "prefix", "glm")
 
 def resolve_path(spec: str) -> Path:
     if spec.startswith("builtin:"):
-        from lmforge import assets
-
-        name = spec.split(":", 1)[1]
-        path = assets.ASSETS / f"{name}.txt"
-        if not path.exists():
-            raise LMForgeError(f"data.path={spec!r}: no built-in corpus {name!r} (built in: tinyshakespeare)")
-        return path
+        return builtin_path(spec, "data.path")
     path = Path(spec)
     if not path.exists():
         raise LMForgeError(f"data.path={spec!r}: no such file or directory")

@@ -1,0 +1,63 @@
+"""Make lmforge/assets/stories/corpus.txt, the built-in TinyStories-style pretraining corpus of the default
+pipeline: stories sampled from the bundled stories260K (karpathy/tinyllamas, MIT), half of them from BOS and half
+continuing "Once upon a time, there was a {animal} named {name}." with names from makemore's names.txt (MIT), minus
+the held-out names of the story task. Stories are separated by blank lines; nothing is filtered here (the
+pipeline's `clean` stage does that). Run from the repository root:
+    python scripts/make_story_corpus.py [--names PATH] [--stories 5000]
+    python scripts/make_story_corpus.py --stories 150 --seed 7 --out lmforge/assets/stories/heldout.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+from lmforge.assets import ASSETS
+from lmforge.commands.common import load_model_and_tokenizer
+from lmforge.data.stories import ANIMALS, HELDOUT_NAMES
+from lmforge.infer.generate import generate_batch
+from lmforge.infer.sampling import SamplingParams
+
+OUT = ASSETS / "stories" / "corpus.txt"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--names", default="../shared/data/corpora/en/names.txt")
+    ap.add_argument("--stories", type=int, default=5000)
+    ap.add_argument("--tokens", type=int, default=200, help="tokens sampled per story")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", default=str(OUT), help="output file (heldout.txt: --stories 150 --seed 7)")
+    a = ap.parse_args()
+    held = {n.lower() for n in HELDOUT_NAMES}
+    names = [n.strip().capitalize() for n in Path(a.names).read_text().splitlines() if n.strip()]
+    names = [n for n in names[:3000] if n.lower() not in held and n.isalpha()]
+    rng = random.Random(a.seed)
+    model, tok = load_model_and_tokenizer(None, None, "cpu")
+    model.eval()
+    openings = []
+    for i in range(a.stories):
+        openings.append("" if i % 2 == 0 else
+                        f"Once upon a time, there was a {rng.choice(ANIMALS)} named {rng.choice(names)}.")
+    prompts = [[tok.bos_id, *tok.encode(o)] if o else [tok.bos_id] for o in openings]
+    stories = []
+    step = 128
+    for start in range(0, len(prompts), step):
+        chunk = prompts[start : start + step]
+        params = [SamplingParams(temperature=0.9, top_k=50, max_new_tokens=a.tokens, seed=a.seed * 100003 + start + i,
+                                 stop_ids=[tok.eos_id]) for i in range(len(chunk))]
+        for opening, ids in zip(openings[start : start + step], generate_batch(model, chunk, params)):
+            text = tok.decode([i for i in ids if i != tok.eos_id]).strip()
+            cut = max(text.rfind("."), text.rfind("!"), text.rfind("?"))
+            text = text[: cut + 1] if cut > 0 else text
+            stories.append(f"{opening} {text}".strip())
+        print(f"{len(stories)}/{len(prompts)}", flush=True)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(s.replace("\n", " ") for s in stories) + "\n", encoding="utf-8")
+    print(f"wrote {len(stories)} stories, {out.stat().st_size:,} bytes to {out}")
+
+
+if __name__ == "__main__":
+    main()

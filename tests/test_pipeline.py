@@ -1,0 +1,175 @@
+"""`lmforge pipeline` as users run it: the default pipeline's stages at a small size end with a loadable model, a
+report and the effects each stage is there for; a second run reuses every stage; changing a stage's flags reruns
+it and the stages after it; --from, --only, --dry-run, --list-stages and --print-default; errors name file and line.
+The full default pipeline (about 6 minutes) runs with LMFORGE_SLOW_TESTS=1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmforge.errors import LMForgeError
+from lmforge.pipeline import presets, read_pipeline
+from lmforge.pipeline.spec import Ref, apply_overrides, parse_pipeline, stage_argv, stage_hash
+
+SMALL = Path(__file__).parent / "data" / "pipeline_small.yaml"
+
+
+def lmforge(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def last_line(r: subprocess.CompletedProcess) -> str:
+    return r.stdout.strip().splitlines()[-1]
+
+
+def checks(out: Path) -> dict[str, bool]:
+    rep = json.loads((out / "report.json").read_text())
+    return {f"{s['name']}: {c['what']}": c["ok"] for s in rep["stages"] for c in s["checks"]}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipe") / "run"
+    r = lmforge("pipeline", str(SMALL), "--out", str(out))
+    return out, r
+
+
+def test_small_pipeline_runs_every_stage_with_its_effect(run):
+    out, r = run
+    assert last_line(r).startswith("pipeline done: 8 stages, 8 run and 0 reused")
+    assert f"lmforge chat --model {out / 'final'}" in r.stdout
+    for name in ("tokenizer", "clean", "prepare", "pretrain", "sft", "reward", "dpo", "quantize"):
+        assert f"] {name}" in r.stdout
+        assert (out / "logs" / f"{name}.log").is_file()
+    got = checks(out)
+    # the effects a seconds-long configuration can show (the full default also raises the preference: slow test)
+    for what in ("pretrain: pretraining lowers validation loss",
+                 "sft: SFT raises the held-out instruction-following rate",
+                 "reward: reward model ranks held-out pairs better than chance",
+                 "dpo: DPO prefers the better response of held-out pairs",
+                 "dpo: at bounded KL (<= 10 nats)",
+                 "quantize: quantization keeps perplexity within 5%"):
+        assert got[what], (what, got)
+    rep = json.loads((out / "report.json").read_text())
+    sft = next(s for s in rep["stages"] if s["name"] == "sft")
+    assert sft["before"]["follow_rate"] < sft["after"]["follow_rate"]
+    assert len(sft["after"]["samples"]) == 2 and sft["after"]["samples"][0]["response"]
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
+    assert "Write a story about a" in html
+    # the final model is the int4 one and loads as a --model
+    assert (out / "final" / "quantization.json").is_file()
+    g = lmforge("generate", "--model", str(out / "final"), "--prompt", "Once upon a time", "--max-new-tokens", "8")
+    assert g.stdout.strip()
+
+
+def test_second_run_reuses_and_changed_flag_reruns_downstream(run):
+    out, _ = run
+    r = lmforge("pipeline", str(SMALL), "--out", str(out))
+    assert "8 stages, 0 run and 8 reused" in last_line(r)
+    r = lmforge("pipeline", str(SMALL), "--out", str(out), "--dpo.beta", "0.3", "--dry-run")
+    planned = [ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("[") and " run " in ln]
+    assert planned == ["dpo", "quantize"], r.stdout
+    r = lmforge("pipeline", str(SMALL), "--out", str(out), "--from", "quantize")
+    assert "1 run and 7 reused" in last_line(r)
+    r = lmforge("pipeline", str(SMALL), "--out", str(out), "--only", "reward")
+    assert "] reward           done" in r.stdout and "1 run and 7 reused" in last_line(r)
+
+
+def test_interrupted_training_stage_resumes(run, tmp_path):
+    out, _ = run
+    marker = out / ".pipeline" / "dpo.json"
+    m = json.loads(marker.read_text())
+    marker.write_text(json.dumps({"hash": m["hash"], "status": "running"}))
+    try:
+        r = lmforge("pipeline", str(SMALL), "--out", str(out), "--dry-run")
+        line = next(ln for ln in r.stdout.splitlines() if "] dpo" in ln)
+        assert " resume " in line and line.rstrip().endswith("--resume")
+    finally:
+        marker.write_text(json.dumps(m))
+
+
+def test_cli_lists_and_prints_default(tmp_path):
+    r = lmforge("pipeline", "--list-stages")
+    assert {ln.split()[0] for ln in r.stdout.splitlines()} >= {"tokenizer", "clean", "prepare", "pretrain", "sft",
+                                                               "reward", "dpo", "ppo", "rejection-sample", "eval",
+                                                               "quantize"}
+    r = lmforge("pipeline", "--print-default")
+    own = tmp_path / "mine.yaml"
+    own.write_text(r.stdout)
+    p = read_pipeline(own)
+    assert [s.name for s in p.stages] == ["tokenizer", "clean", "prepare", "pretrain", "sft", "reward", "dpo",
+                                          "quantize"]
+    assert "default" in presets()
+    r = lmforge("pipeline", "--dry-run", "--out", str(tmp_path / "x"))
+    assert last_line(r) == "pipeline dry run: 8 stages, 8 would run, 0 complete"
+    assert not (tmp_path / "x" / "final").exists()
+
+
+def test_every_preset_parses_and_plans(tmp_path):
+    for name in presets():
+        r = lmforge("pipeline", "--preset", name, "--dry-run", "--out", str(tmp_path / name))
+        assert "would run" in last_line(r), name
+
+
+def _parse(text: str, tmp_path: Path):
+    f = tmp_path / "p.yaml"
+    f.write_text(text)
+    return read_pipeline(f)
+
+
+def test_errors_name_file_line_and_field(tmp_path):
+    with pytest.raises(LMForgeError, match=r"p\.yaml:3: unknown stage command 'sfft'"):
+        _parse("stages:\n  - tokenizer: {input: a.txt}\n  - sfft: {}\n", tmp_path)
+    with pytest.raises(LMForgeError, match=r"p\.yaml:2: model: from: 'sft' is not an earlier stage"):
+        _parse("stages:\n  - dpo: {model: {from: sft}}\n  - sft: {}\n", tmp_path)
+    with pytest.raises(LMForgeError, match=r"p\.yaml: measure\.colour: unknown"):
+        _parse("measure: {colour: red}\nstages:\n  - sft: {}\n", tmp_path)
+    with pytest.raises(LMForgeError, match=r"p\.yaml:3: a second stage named 'sft'"):
+        _parse("stages:\n  - sft: {}\n  - sft: {}\n", tmp_path)
+    with pytest.raises(LMForgeError, match=r"p\.yaml:2: invalid YAML"):
+        _parse("stages:\n  - sft: {model: [}\n", tmp_path)
+
+
+def test_argv_overrides_and_hash(tmp_path):
+    d = yaml.safe_load("""
+stages:
+  - tokenizer: {input: builtin:stories_corpus, vocab_size: 64, kind: char}
+  - sft: {model: {from: tokenizer}, data: "builtin:stories_instruct,other.json", packing: true, train: {lr: 1e-4}}
+""")
+    p = parse_pipeline(d, "t")
+    sft = p.stage("sft")
+    assert sft.args[("model",)] == Ref("tokenizer")
+    argv = stage_argv(sft, {"tokenizer": Path("/r/tok")}, None, Path("/r/sft"))
+    assert argv[:3] == ["sft", "--model", "/r/tok"]
+    assert argv[3] == "--data" and argv[4].endswith("stories_instruct.jsonl,other.json")
+    assert "--packing" in argv and float(argv[argv.index("--train.lr") + 1]) == 1e-4
+    assert argv[-2:] == ["--out", "/r/sft"]
+    tok_argv = stage_argv(p.stage("tokenizer"), {}, None, Path("/r/tok"))
+    assert "--vocab-size" in tok_argv
+    h1 = stage_hash(sft, {"tokenizer": "aaa"}, None)
+    assert stage_hash(sft, {"tokenizer": "bbb"}, None) != h1  # an upstream change invalidates
+    apply_overrides(p, {"sft": {"train": {"lr": 2e-4}}, "measure": {"samples": 1}})
+    assert sft.args[("train", "lr")] == 2e-4 and p.measure.samples == 1
+    assert stage_hash(sft, {"tokenizer": "aaa"}, None) != h1
+    apply_overrides(p, {"base": "some/model"})
+    assert [s.name for s in p.stages] == ["sft"]
+    assert stage_argv(p.stage("sft"), {}, p.base, Path("/r/sft"))[2] == "some/model"
+
+
+@pytest.mark.skipif(os.environ.get("LMFORGE_SLOW_TESTS", "") in ("", "0"),
+                    reason="the full default pipeline takes about 6 minutes (set LMFORGE_SLOW_TESTS=1)")
+def test_default_pipeline_meets_every_check(tmp_path):
+    r = lmforge("pipeline", "--out", str(tmp_path / "run"), timeout=1800)
+    got = checks(tmp_path / "run")
+    assert all(got.values()), got
+    assert "0/" not in last_line(r) and last_line(r).startswith("pipeline done: 8 stages")
