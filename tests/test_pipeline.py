@@ -173,3 +173,38 @@ def test_default_pipeline_meets_every_check(tmp_path):
     got = checks(tmp_path / "run")
     assert all(got.values()), got
     assert "0/" not in last_line(r) and last_line(r).startswith("pipeline done: 8 stages")
+
+
+TINY = """
+measure: {prompts: null}
+stages:
+  - tokenizer: {input: builtin:stories_heldout, vocab-size: 300, kind: llama-bpe}
+  - prepare: {inputs: [builtin:stories_heldout], tokenizer: {from: tokenizer}, val-fraction: 0.1,
+              doc-separator: "\\n\\n"}
+  - pretrain:
+      model: {preset: tiny-llama, n_layer: 1, n_embd: 32, n_head: 2, n_kv_head: 1, block_size: 256, dropout: 0.0}
+      data: {path: {from: prepare}, block_size: 256}
+      train: {max_iters: 6, batch_size: 4, eval_interval: 3, eval_iters: 2, save_interval: 3}
+  - sft: {model: {from: pretrain}, data: builtin:stories_instruct, max-iters: 3, train: {batch_size: 2}}
+"""
+
+
+def test_pipeline_under_torchrun_trains_like_one_process(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lmforge",
+           "pipeline", str(cfg), "--out", str(tmp_path / "two")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert last_line(r).startswith("pipeline done: 4 stages, 4 run and 0 reused")
+    assert r.stdout.count("pipeline done") == 1  # one report, from the first process
+    lmforge("pipeline", str(cfg), "--out", str(tmp_path / "one"), "--pretrain.train.batch_size", "8")
+    two = load_file(str(tmp_path / "two" / "pretrain" / "ckpt-0000006" / "model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "pretrain" / "ckpt-0000006" / "model.safetensors"))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "two" / "final" / "config.json").is_file()

@@ -179,3 +179,17 @@ def test_benchmark_tasks_run_at_each_evaluation(tmp_path):
     assert len(ppl) == 3 and all(p > 1 for p in ppl)  # steps 0, 1 and 2
     best = min((row for row in rows if "stories_ppl" in row and row["step"] > 0), key=lambda row: row["stories_ppl"])
     assert (out / "best").read_text().strip() == f"ckpt-{best['step']:07d}"
+
+
+def test_examples_whose_response_is_cut_off_are_dropped_or_refused():
+    from lmforge.errors import LMForgeError
+    from lmforge.losses import IGNORE
+    from lmforge.stages.sft import drop_unscored
+
+    late = {"input_ids": list(range(10)), "labels": [IGNORE] * 8 + [8, 9]}
+    early = {"input_ids": list(range(10)), "labels": [IGNORE] * 2 + list(range(2, 10))}
+    lines: list[str] = []
+    assert drop_unscored([late, early], 5, 6, "training", lines.append) == [early]
+    assert lines == ["dropped 1 training example(s) whose response starts after token 5"]
+    with pytest.raises(LMForgeError, match="every training example's response starts after token 5"):
+        drop_unscored([late], 5, 6, "training", lines.append)

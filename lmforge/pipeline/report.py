@@ -28,9 +28,11 @@ def table_rows(results: list[Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _cell(v: Any) -> str:
+def _cell(v: Any, col: str = "") -> str:
     if v is None:
         return "-"
+    if col == "wall_s":
+        return f"{v:.1f}"
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
@@ -38,7 +40,7 @@ def _cell(v: Any) -> str:
 
 def format_table(results: list[Any]) -> str:
     cols = COLUMNS
-    rows = [[_cell(r[c]) for c in cols] for r in table_rows(results)]
+    rows = [[_cell(r[c], c) for c in cols] for r in table_rows(results)]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
@@ -107,7 +109,7 @@ def render_html(data: dict[str, Any], results: list[Any]) -> str:
                      f"<code>lmforge chat --model {h(data['final'])}</code></p>")
     cols = COLUMNS
     head = "".join(f"<th>{c}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{h(_cell(r[c]))}</td>" for c in cols) + "</tr>" for r in data["table"])
+    body = "".join("<tr>" + "".join(f"<td>{h(_cell(r[c], c))}</td>" for c in cols) + "</tr>" for r in data["table"])
     parts.append(f"<h2>Summary</h2><table><tr>{head}</tr>{body}</table>")
     for r in results:
         parts.append(f"<h2 id='{h(r.name)}'>{h(r.name)} <small>({h(r.kind)}, {h(r.status)}, "

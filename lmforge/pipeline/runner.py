@@ -21,10 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmforge.cli import error_line, run_command
 from lmforge.errors import LMForgeError
 from lmforge.pipeline.measure import kl_from, measure_policy
+from lmforge.pipeline.report import write_report
 from lmforge.pipeline.spec import Pipeline, Stage, resolve_value, stage_argv, stage_hash
+from lmforge.train.distributed import KEEP_GROUP
 
 STATE = ".pipeline"  # DIR/.pipeline/NAME.json: each stage's marker (hash, status, figures)
 
@@ -236,13 +240,24 @@ def run_pipeline(p: Pipeline, out: Path, from_stage: str | None = None, only: st
                  dry_run: bool = False, echo: Callable[[str], None] = print, device: str = "auto") -> list[StageResult]:
     """Run (or plan, with ``dry_run``) every stage; returns their results (a failed stage raises after its result
     is recorded in ``report.json``)."""
-    from lmforge.pipeline.report import write_report
-
     for name in (from_stage, only):
         if name is not None:
             p.stage(name)
     rank, world = _rank()
     main = rank == 0
+    if world > 1:
+        os.environ[KEEP_GROUP] = "1"
+    try:
+        return _run(p, out, from_stage, only, dry_run, echo, device, main)
+    finally:
+        if world > 1:
+            os.environ.pop(KEEP_GROUP, None)
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
+
+def _run(p: Pipeline, out: Path, from_stage: str | None, only: str | None, dry_run: bool,
+         echo: Callable[[str], None], device: str, main: bool) -> list[StageResult]:
     out.mkdir(parents=True, exist_ok=True)
     products: dict[str, Path] = {}
     hashes: dict[str, str] = {}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,8 @@ KINDS: dict[str, Kind] = {
                              help="best-of-K samples by a reward model as SFT data (lmforge rejection-sample)"),
     "eval": Kind(("eval",), "--output", "results.json", "results.json", help="any lmforge eval task (lmforge eval)"),
     "quantize": Kind(("quantize",), "--output", policy=True, help="int8/int4 weights (lmforge quantize)"),
+    "merge": Kind(("peft", "merge"), "--output", policy=True,
+                  help="fold a LoRA adapter into its base (lmforge peft merge)"),
 }
 PRETRAINING = ("tokenizer", "clean", "prepare", "pretrain")  # dropped when the pipeline names a `base` model
 RESERVED = ("name", "measure")  # stage keys that are not command flags
@@ -245,7 +248,7 @@ def resolve_value(v: Any, products: dict[str, Path], base: str | None) -> Any:
         if v.stage in products:
             return str(products[v.stage])
         if base and v.stage in PRETRAINING:
-            return base
+            return os.path.expanduser(base)
         raise LMForgeError(f"from: {v.stage!r}: that stage has no output yet")
     if isinstance(v, list):
         return [resolve_value(x, products, base) for x in v]
@@ -298,9 +301,10 @@ def stage_hash(stage: Stage, upstream: dict[str, str], base: str | None) -> str:
     items = []
     for path, v in sorted(stage.args.items(), key=lambda kv: kv[0]):
         if isinstance(v, list):
-            v = [{"from": x.stage, "hash": upstream.get(x.stage) or base} if isinstance(x, Ref) else x for x in v]
+            v = [{"from": x.stage, "hash": upstream.get(x.stage) or _base_id(base)} if isinstance(x, Ref) else x
+                 for x in v]
         if isinstance(v, Ref):
-            v = {"from": v.stage, "hash": upstream.get(v.stage) or base}
+            v = {"from": v.stage, "hash": upstream.get(v.stage) or _base_id(base)}
         elif isinstance(v, str) and (v.startswith("builtin:") or Path(v).exists()):
             try:
                 v = {"path": v, "fp": _fingerprint(builtin_path(v) if v.startswith("builtin:") else Path(v))}
@@ -309,6 +313,11 @@ def stage_hash(stage: Stage, upstream: dict[str, str], base: str | None) -> str:
         items.append([list(path), v])
     blob = json.dumps({"kind": stage.kind, "args": items}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _base_id(base: str | None) -> Any:
+    """A base model counts by its path and fingerprint."""
+    return [base, _fingerprint(Path(os.path.expanduser(base)))] if base else None
 
 
 def known_builtins() -> list[str]:

@@ -17,7 +17,7 @@ import torch
 from lmforge.assets import default_model
 from lmforge.checkpoint import save_checkpoint
 from lmforge.errors import LMForgeError
-from lmforge.losses import lm_loss
+from lmforge.losses import IGNORE, lm_loss
 from lmforge.peft import apply_peft, get_method, save_adapter
 from lmforge.train import distributed as D
 from lmforge.train.batches import ExampleBatches
@@ -25,6 +25,19 @@ from lmforge.train.config import TrainConfig, _fill, apply_defaults, stage_defau
 from lmforge.train.loop import Trainer
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def drop_unscored(examples: list[dict[str, Any]], max_len: int, block: int, what: str, log) -> list[dict[str, Any]]:
+    """Examples whose scored tokens all fall past ``max_len`` teach nothing (and a batch of them has no loss):
+    dropped with a count; one line naming the context if none is left."""
+    keep = [e for e in examples if any(t != IGNORE for t in e["labels"][1 : max_len + 1])]
+    if examples and not keep:
+        raise LMForgeError(f"every {what} example's response starts after token {max_len}: the template and prompts "
+                           f"fill the model's context ({block}); use a model with a longer context, a shorter "
+                           "template (--template) or shorter prompts")
+    if len(keep) < len(examples):
+        log(f"dropped {len(examples) - len(keep)} {what} example(s) whose response starts after token {max_len}")
+    return keep
 
 
 @dataclass
@@ -136,6 +149,8 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
     block = model.cfg.block_size
     max_len = min(cfg.data.max_len, block - 1) if cfg.data.max_len > 0 else block - 1
     train_ex, val_ex, report = build_examples(cfg, tok, template, log)
+    train_ex = drop_unscored(train_ex, max_len, block, "training", log)
+    val_ex = drop_unscored(val_ex, max_len, block, "held-out", log) if val_ex else val_ex
 
     resolved_peft: dict[str, Any] = {}
     if method is not None:

@@ -123,6 +123,11 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+KEEP_GROUP = "LMFORGE_KEEP_PROCESS_GROUP"  # set by `lmforge pipeline`: its training stages share one process group
+
+
 def cleanup(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
+    """Leave the process group at the end of a run (kept when a pipeline runs more training stages after it: a
+    torchrun launch cannot join a new group on the same store)."""
+    if d.enabled and dist.is_initialized() and not os.environ.get(KEEP_GROUP):
         dist.destroy_process_group()
