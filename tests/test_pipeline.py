@@ -176,7 +176,7 @@ def test_default_pipeline_meets_every_check(tmp_path):
 
 
 TINY = """
-measure: {prompts: null}
+measure: {prompts: null, tasks: [{task: perplexity, data: "builtin:stories_heldout", limit: 5}]}
 stages:
   - tokenizer: {input: builtin:stories_heldout, vocab-size: 300, kind: llama-bpe}
   - prepare: {inputs: [builtin:stories_heldout], tokenizer: {from: tokenizer}, val-fraction: 0.1,
@@ -208,3 +208,5 @@ def test_pipeline_under_torchrun_trains_like_one_process(tmp_path):
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-4)
     assert (tmp_path / "two" / "final" / "config.json").is_file()
+    rep = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert rep["stages"][2]["after"]["perplexity_ppl"] > 1  # measure.tasks: any lmforge eval task

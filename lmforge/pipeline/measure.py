@@ -44,6 +44,11 @@ def measure_policy(model_path: str | Path, cfg: MeasureConfig, device: str = "au
         m = run_task(model, tok, spec)
         out["ppl"] = m.get("ppl")
         out["bits_per_byte"] = m.get("bits_per_byte")
+    for spec in cfg.tasks or []:
+        spec = {k: resolve_value(v, {}, None) for k, v in spec.items()}
+        for k, v in run_task(model, tok, spec).items():
+            if k != "n":
+                out[f"{spec['task']}_{k}"] = v
     prompts = held_out_prompts(cfg)
     if prompts:
         with torch.inference_mode():

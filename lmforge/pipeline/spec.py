@@ -78,7 +78,8 @@ class MeasureConfig:
     which responses follow the instruction; preference: ``module:function(prompts, responses) -> list[float]``,
     the preference the alignment stages optimise; samples: responses shown in the report per stage;
     max_new_tokens: response length; kl_max: the bound the alignment stages' KL from their start must keep (nats
-    per response); ppl_tolerance: how much quantization may raise the perplexity (relative)."""
+    per response); ppl_tolerance: how much quantization may raise the perplexity (relative); tasks: any
+    ``lmforge eval`` tasks (``[{task: arc, data: arc.jsonl, limit: 200}]``), logged as ``TASK_METRIC``."""
 
     prompts: str | None = "builtin:stories_heldout_prompts"
     text: str | None = "builtin:stories_heldout"
@@ -89,6 +90,7 @@ class MeasureConfig:
     kl_max: float = 10.0
     ppl_tolerance: float = 0.05
     context: int = 0  # perplexity window (0: the model's context)
+    tasks: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
