@@ -15,9 +15,7 @@ from pathlib import Path
 
 from lmforge.assets import ASSETS
 from lmforge.commands.common import load_model_and_tokenizer
-from lmforge.data.stories import ANIMALS, HELDOUT_NAMES
-from lmforge.infer.generate import generate_batch
-from lmforge.infer.sampling import SamplingParams
+from lmforge.data.stories import ANIMALS, continue_openings, read_names
 
 OUT = ASSETS / "stories" / "corpus.txt"
 
@@ -30,9 +28,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(OUT), help="output file (heldout.txt: --stories 150 --seed 7)")
     a = ap.parse_args()
-    held = {n.lower() for n in HELDOUT_NAMES}
-    names = [n.strip().capitalize() for n in Path(a.names).read_text().splitlines() if n.strip()]
-    names = [n for n in names[:3000] if n.lower() not in held and n.isalpha()]
+    names = read_names(a.names, 0, 3000)
     rng = random.Random(a.seed)
     model, tok = load_model_and_tokenizer(None, None, "cpu")
     model.eval()
@@ -40,19 +36,8 @@ def main() -> None:
     for i in range(a.stories):
         openings.append("" if i % 2 == 0 else
                         f"Once upon a time, there was a {rng.choice(ANIMALS)} named {rng.choice(names)}.")
-    prompts = [[tok.bos_id, *tok.encode(o)] if o else [tok.bos_id] for o in openings]
-    stories = []
-    step = 128
-    for start in range(0, len(prompts), step):
-        chunk = prompts[start : start + step]
-        params = [SamplingParams(temperature=0.9, top_k=50, max_new_tokens=a.tokens, seed=a.seed * 100003 + start + i,
-                                 stop_ids=[tok.eos_id]) for i in range(len(chunk))]
-        for opening, ids in zip(openings[start : start + step], generate_batch(model, chunk, params)):
-            text = tok.decode([i for i in ids if i != tok.eos_id]).strip()
-            cut = max(text.rfind("."), text.rfind("!"), text.rfind("?"))
-            text = text[: cut + 1] if cut > 0 else text
-            stories.append(f"{opening} {text}".strip())
-        print(f"{len(stories)}/{len(prompts)}", flush=True)
+    texts = continue_openings(model, tok, openings, a.tokens, 0.9, 50, a.seed * 100003, batch=128)
+    stories = [f"{o} {t}".strip() for o, t in zip(openings, texts)]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n\n".join(s.replace("\n", " ") for s in stories) + "\n", encoding="utf-8")

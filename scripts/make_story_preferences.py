@@ -14,16 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from pathlib import Path
 
 from lmforge.assets import ASSETS
 from lmforge.commands.common import load_model_and_tokenizer
-from lmforge.data.stories import ANIMALS, HAPPY_ENDINGS, HELDOUT_NAMES, SAD_ENDINGS, ending_mood, story_prompt
-from lmforge.infer.generate import generate_batch
-from lmforge.infer.sampling import SamplingParams
+from lmforge.data.stories import (
+    ANIMALS,
+    HAPPY_ENDINGS,
+    SAD_ENDINGS,
+    continue_openings,
+    ending_mood,
+    read_names,
+    story_prompt,
+)
 
 OUT = ASSETS / "instruct" / "stories_preferences.jsonl"
-
 
 
 def main() -> None:
@@ -33,25 +37,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=3)
     a = ap.parse_args()
-    held = {n.lower() for n in HELDOUT_NAMES}
-    names = [n.strip().capitalize() for n in Path(a.names).read_text().splitlines() if n.strip()]
-    names = [n for n in names[400:1400] if n.lower() not in held and n.isalpha()]
+    names = read_names(a.names, 400, 1400)
     rng = random.Random(a.seed)
     pairs = [(rng.choice(ANIMALS), rng.choice(names)) for _ in range(a.n)]
     model, tok = load_model_and_tokenizer(None, None, "cpu")
     model.eval()
     openings = [f"Once upon a time, there was a {animal} named {name}." for animal, name in pairs]
-    prompts = [[tok.bos_id, *tok.encode(o)] for o in openings]
-    out = []
-    for start in range(0, len(prompts), 64):
-        params = [SamplingParams(temperature=0.8, top_k=40, max_new_tokens=a.tokens, seed=a.seed * 7919 + start + i,
-                                 stop_ids=[tok.eos_id]) for i in range(len(prompts[start : start + 64]))]
-        out += generate_batch(model, prompts[start : start + 64], params)
+    stories = continue_openings(model, tok, openings, a.tokens, 0.8, 40, a.seed * 7919)
     with open(OUT, "w", encoding="utf-8") as f:
-        for (animal, name), opening, ids in zip(pairs, openings, out):
-            story = tok.decode([i for i in ids if i != tok.eos_id]).strip()
-            cut = max(story.rfind("."), story.rfind("!"), story.rfind("?"))
-            best = f"{opening} {story[: cut + 1] if cut > 0 else story}".strip()
+        for (animal, name), opening, story in zip(pairs, openings, stories):
+            best = f"{opening} {story}".strip()
             while ending_mood(best) != 0 and len(best) > len(opening):  # the middle one ends neither way
                 best = best[: max(best.rfind(".", 0, len(best) - 1), best.rfind("!", 0, len(best) - 1)) + 1]
             happy = rng.choice(HAPPY_ENDINGS).format(name=name, animal=animal)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 
 from lmforge.assets import ASSETS
 
@@ -117,6 +118,34 @@ def ending_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """The default pipeline's preference (``lmforge ppo --reward lmforge.data.stories:ending_reward``): +1 for a
     story that ends happily, -1 for one that ends sadly, 0 otherwise."""
     return [float(ending_mood(r)) for r in responses]
+
+
+def read_names(path: str, start: int, stop: int) -> list[str]:
+    """Capitalised names ``start:stop`` of makemore's names.txt (MIT), minus the held-out ones."""
+    held = {n.lower() for n in HELDOUT_NAMES}
+    names = [n.strip().capitalize() for n in Path(path).read_text().splitlines() if n.strip()]
+    return [n for n in names[start:stop] if n.lower() not in held and n.isalpha()]
+
+
+def continue_openings(model, tokenizer, openings: list[str], max_new_tokens: int, temperature: float, top_k: int,
+                      seed: int, batch: int = 64) -> list[str]:
+    """A sampled continuation of each opening (after BOS; ``""`` starts a story from BOS), cut after its last
+    sentence; row i is sampled with seed ``seed + i``. How the built-in story data is made (scripts/make_story_*)."""
+    from lmforge.infer.generate import generate_batch
+    from lmforge.infer.sampling import SamplingParams
+
+    eos = tokenizer.eos_id
+    prompts = [[tokenizer.bos_id, *tokenizer.encode(o)] if o else [tokenizer.bos_id] for o in openings]
+    out: list[str] = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        params = [SamplingParams(temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
+                                 seed=seed + start + i, stop_ids=[eos]) for i in range(len(chunk))]
+        for ids in generate_batch(model, chunk, params):
+            text = tokenizer.decode([i for i in ids if i != eos]).strip()
+            cut = max(text.rfind("."), text.rfind("!"), text.rfind("?"))
+            out.append(text[: cut + 1] if cut > 0 else text)
+    return out
 
 
 def load_story_data() -> list[dict[str, str]]:
