@@ -210,3 +210,15 @@ def test_pipeline_under_torchrun_trains_like_one_process(tmp_path):
     assert (tmp_path / "two" / "final" / "config.json").is_file()
     rep = json.loads((tmp_path / "two" / "report.json").read_text())
     assert rep["stages"][2]["after"]["perplexity_ppl"] > 1  # measure.tasks: any lmforge eval task
+
+
+def test_hash_follows_file_contents_not_times(tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("some text")
+    p = parse_pipeline({"stages": [{"clean": {"inputs": [str(data)]}}]}, "t")
+    h = stage_hash(p.stages[0], {}, None)
+    data.write_text("some text")  # written again, same bytes
+    os.utime(data, (1, 1))
+    assert stage_hash(p.stages[0], {}, None) == h
+    data.write_text("other text")
+    assert stage_hash(p.stages[0], {}, None) != h

@@ -251,7 +251,8 @@ def resolve_value(v: Any, products: dict[str, Path], base: str | None) -> Any:
             return str(products[v.stage])
         if base and v.stage in PRETRAINING:
             return os.path.expanduser(base)
-        raise LMForgeError(f"from: {v.stage!r}: that stage has no output yet")
+        raise LMForgeError(f"from: {v.stage!r}: that stage is not complete (run the pipeline without --only, or "
+                           f"--only {v.stage} first)")
     if isinstance(v, list):
         return [resolve_value(x, products, base) for x in v]
     if isinstance(v, str) and "builtin:" in v:
@@ -287,9 +288,12 @@ def stage_argv(stage: Stage, products: dict[str, Path], base: str | None, out: P
 
 
 def _fingerprint(path: Path) -> Any:
-    """Size and modification time of a file (or of every file under a directory, up to 2,000)."""
+    """What a stage's input file counts as: its content hash up to 64 MB (so a file written again with the same
+    bytes does not invalidate anything), else size and modification time; a directory: each file's size and time."""
     if path.is_file():
         st = path.stat()
+        if st.st_size <= 64 * 2**20:
+            return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         return [st.st_size, st.st_mtime_ns]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())[:2000]
@@ -298,21 +302,24 @@ def _fingerprint(path: Path) -> Any:
 
 
 def stage_hash(stage: Stage, upstream: dict[str, str], base: str | None) -> str:
-    """Hash of the stage's command, flags and inputs: an upstream stage counts by its own hash, a file by its size
-    and modification time, so changing anything a stage reads invalidates it and every stage after it."""
-    items = []
-    for path, v in sorted(stage.args.items(), key=lambda kv: kv[0]):
+    """Hash of the stage's command, flags and inputs: an upstream stage counts by its own hash, a file by its content
+    (see ``_fingerprint``), so changing anything a stage reads invalidates it and every stage after it."""
+
+    def ident(v: Any) -> Any:
         if isinstance(v, list):
-            v = [{"from": x.stage, "hash": upstream.get(x.stage) or _base_id(base)} if isinstance(x, Ref) else x
-                 for x in v]
+            return [ident(x) for x in v]
         if isinstance(v, Ref):
-            v = {"from": v.stage, "hash": upstream.get(v.stage) or _base_id(base)}
-        elif isinstance(v, str) and (v.startswith("builtin:") or Path(v).exists()):
+            return {"from": v.stage, "hash": upstream.get(v.stage) or _base_id(base)}
+        if isinstance(v, str) and "," in v and "builtin:" in v:  # a comma list of files
+            return [ident(x) for x in v.split(",")]
+        if isinstance(v, str) and (v.startswith("builtin:") or Path(v).exists()):
             try:
-                v = {"path": v, "fp": _fingerprint(builtin_path(v) if v.startswith("builtin:") else Path(v))}
+                return {"path": v, "fp": _fingerprint(builtin_path(v) if v.startswith("builtin:") else Path(v))}
             except LMForgeError:
-                pass
-        items.append([list(path), v])
+                return v
+        return v
+
+    items = [[list(path), ident(v)] for path, v in sorted(stage.args.items(), key=lambda kv: kv[0])]
     blob = json.dumps({"kind": stage.kind, "args": items}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
