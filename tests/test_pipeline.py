@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,9 @@ def test_second_run_reuses_and_changed_flag_reruns_downstream(run):
     assert "1 run and 7 reused" in last_line(r)
     r = lmforge("pipeline", str(SMALL), "--out", str(out), "--only", "reward")
     assert "] reward           done" in r.stdout and "1 run and 7 reused" in last_line(r)
+    shutil.rmtree(out / "quantize")  # a deleted output is made again
+    r = lmforge("pipeline", str(SMALL), "--out", str(out))
+    assert "1 run and 7 reused" in last_line(r) and "] quantize         done" in r.stdout
 
 
 def test_interrupted_training_stage_resumes(run, tmp_path):

@@ -65,8 +65,10 @@ def test_type_a_message_and_see_a_streamed_reply(page, stories, tmp_path):
     stops, stop_ids = end_of_turn("plain", tok)
     ref = complete(model, tok, ids, SamplingParams(temperature=0, max_new_tokens=60, stop=stops, stop_ids=stop_ids))
     assert shown.strip() == ref.text.strip() and len(shown) > 20
-    events = page.evaluate("window.events")  # a stream of events (about one per token), not one body
-    assert events >= max(2, len(ref.token_ids) // 2), (events, len(ref.token_ids))
+    # a stream of events, not one body: the server gathers the tokens of a moment into one event (fewer when it is
+    # busy), so their count depends on the machine; one body would be 4 (role, text, finish, [DONE])
+    events = page.evaluate("window.events")
+    assert events >= 6, (events, len(ref.token_ids))
     assert page.inner_text(".user") == "Tell me a story about a fox."
     assert "tok/s" in page.inner_text(".assistant .stats")
     shot = tmp_path / "chat.png"

@@ -274,7 +274,8 @@ def _run(p: Pipeline, out: Path, from_stage: str | None, only: str | None, dry_r
         force = force or st.name == from_stage
         sdir = out / st.name
         marker = read_marker(out, st.name)
-        complete = bool(marker and marker.get("hash") == h and marker.get("status") == "complete")
+        complete = bool(marker and marker.get("hash") == h and marker.get("status") == "complete"
+                        and Path(marker.get("product", "")).exists())  # a deleted output is made again
         rerun = force or only == st.name
         if complete and not rerun:
             products[st.name] = Path(marker["product"])
