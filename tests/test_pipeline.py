@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -176,7 +177,8 @@ def test_default_pipeline_meets_every_check(tmp_path):
     r = lmforge("pipeline", "--out", str(tmp_path / "run"), timeout=1800)
     got = checks(tmp_path / "run")
     assert all(got.values()), got
-    assert "0/" not in last_line(r) and last_line(r).startswith("pipeline done: 8 stages")
+    met, total = map(int, re.search(r"(\d+)/(\d+) checks met", last_line(r)).groups())
+    assert met == total == 7 and last_line(r).startswith("pipeline done: 8 stages, 8 run")
 
 
 TINY = """
