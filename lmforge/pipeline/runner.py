@@ -25,10 +25,12 @@ import torch
 
 from lmforge.cli import error_line, run_command
 from lmforge.errors import LMForgeError
+from lmforge.model.weights import replace_dir
 from lmforge.pipeline.measure import kl_from, measure_policy
 from lmforge.pipeline.report import write_report
 from lmforge.pipeline.spec import Pipeline, Stage, resolve_value, stage_argv, stage_hash
 from lmforge.train.distributed import KEEP_GROUP
+from lmforge.train.loop import write_json
 
 STATE = ".pipeline"  # DIR/.pipeline/NAME.json: each stage's marker (hash, status, figures)
 
@@ -60,6 +62,7 @@ def _rank() -> tuple[int, int]:
 
 
 def marker_path(out: Path, name: str) -> Path:
+    (out / STATE).mkdir(parents=True, exist_ok=True)
     return out / STATE / f"{name}.json"
 
 
@@ -68,13 +71,6 @@ def read_marker(out: Path, name: str) -> dict[str, Any] | None:
         return json.loads(marker_path(out, name).read_text())
     except (OSError, ValueError):
         return None
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def product_path(stage: Stage, sdir: Path) -> Path:
@@ -397,6 +393,4 @@ def copy_model(src: Path, dst: Path) -> None:
             shutil.copy2(a, b)
 
     shutil.copytree(src, tmp, copy_function=link)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    replace_dir(tmp, dst)

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from lmforge.assets import BUILTIN, builtin_path
+from lmforge.assets import builtin_path
 from lmforge.errors import LMForgeError
 
 
@@ -327,7 +327,3 @@ def stage_hash(stage: Stage, upstream: dict[str, str], base: str | None) -> str:
 def _base_id(base: str | None) -> Any:
     """A base model counts by its path and fingerprint."""
     return [base, _fingerprint(Path(os.path.expanduser(base)))] if base else None
-
-
-def known_builtins() -> list[str]:
-    return sorted(BUILTIN)
