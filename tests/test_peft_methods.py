@@ -388,4 +388,11 @@ def test_methods_on_a_quantized_base(tmp_path):
         set_trainable_params(model)
         assert all(p.dtype == torch.float32 for p in get_adapter_params(model).values())
         p = [1, 400, 30, 7]
-        assert generate(model, p, SamplingParams(temperature=0, max_new_tokens=6)) == greedy_full(model, p, 6)
+        got = generate(model, p, SamplingParams(temperature=0, max_new_tokens=6))
+        # The int kernels pick their compute by CPU (bf16 on some), so the cached and full forwards may break a
+        # near-tie differently: each generated token must be the full forward's best within a small margin.
+        assert len(got) == 6
+        with torch.no_grad():
+            for i, tok in enumerate(got):
+                logits = model(torch.tensor([p + got[:i]]))[0, -1]
+                assert logits[tok] >= logits.max() - 0.05, (method, i, tok, int(logits.argmax()))
