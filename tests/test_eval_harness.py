@@ -114,3 +114,30 @@ def test_adapter_greedy_flag(stories):
             Instance("loglikelihood", {}, ("Once upon a time", gen + " zebra"), 0)]
     (lp1, g1), (lp2, g2) = lm.loglikelihood(reqs)
     assert g1 and not g2 and lp2 < lp1 < 0
+
+
+def test_harness_command_line_runs_lmforge_models(tmp_path):
+    """What a user types: the harness' own CLI through ``python -m lmforge.eval.harness`` on an lmforge model."""
+    import subprocess
+    import sys
+
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps(d) + "\n" for d in MC))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mc.yaml").write_text(TASKS.format(mc=mc))
+    env = {**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = tmp_path / "res"
+    r = subprocess.run([sys.executable, "-m", "lmforge.eval.harness", "--model", "lmforge", "--tasks", "lmf_tiny_mc",
+                        "--include_path", str(tasks), "--output_path", str(out)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "lmf_tiny_mc" in r.stdout and "acc" in r.stdout
+    (res_file,) = out.rglob("results_*.json")
+    got = json.loads(res_file.read_text())["results"]["lmf_tiny_mc"]
+    from lmforge.commands.common import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(None, None, "cpu")
+    mine = evaluate(model, tok, EvalConfig("jsonl", str(mc)))
+    assert got["acc,none"] == pytest.approx(mine.metrics["acc"])
+    assert got["acc_norm,none"] == pytest.approx(mine.metrics["acc_norm"])

@@ -121,6 +121,15 @@ def test_reward_command_with_lora_saves_a_merged_reward_model(tmp_path):
     g = run("generate", "--model", str(out), "--prompt", "Tom", "--max-new-tokens", "3")
     assert g.returncode == 0, g.stderr
 
+    # the shared resume flags: a second run never overwrites the first's checkpoints unless told to
+    args = ("reward", "--data", str(data), "--out", str(out), "--peft", "lora", "--train.batch_size", "4",
+            "--peft.r", "4", "--max-iters")
+    again = run(*args, "2")
+    assert again.returncode == 1 and "already holds checkpoints" in again.stderr.strip().splitlines()[-1]
+    assert run(*args, "2", "--overwrite").returncode == 0
+    r = run(*args, "3", "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
+
 
 def test_reward_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"

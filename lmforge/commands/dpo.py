@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from lmforge.commands.common import add_resume_args, resolve_resume
 from lmforge.commands.sft import _drop_none
 from lmforge.errors import LMForgeError
 
@@ -30,7 +31,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--config", help="YAML config (keys model, tokenizer, data, train, peft, loss, beta, "
                                     "label_smoothing, epochs, out)")
     p.add_argument("--out", help="run directory (default runs/dpo): checkpoints, metrics, then the final model")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    add_resume_args(p)
     p.add_argument("--max-iters", type=int, help="optimizer steps (default: from --epochs)")
     p.add_argument("--seed", type=int, help="random seed")
     p.set_defaults(func=run, accepts_overrides=True)
@@ -52,7 +53,7 @@ def run(args) -> None:
     if d.get("peft") and "method" not in d["peft"]:
         raise LMForgeError(f"peft options {sorted(d['peft'])} given without a method: add --peft lora")
     cfg = load_dpo_config(d, where=args.config or "command line")
-    result = run_dpo(cfg, explicit_train=explicit, resume=args.resume)
+    result = run_dpo(cfg, explicit_train=explicit, resume=resolve_resume(args, cfg.out))
     keys = ("step", "train_loss", "val_loss", "val_reward_accuracy", "val_reward_margin")
     summary = ", ".join(f"{k} {result[k]:.4g}" for k in keys if isinstance(result.get(k), (int, float)))
     print(f"done: {summary}; model in {cfg.out}", file=sys.stderr)

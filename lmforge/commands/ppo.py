@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from lmforge.commands.common import add_resume_args, resolve_resume
 from lmforge.commands.sft import _drop_none
 from lmforge.errors import LMForgeError
 
@@ -33,7 +34,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--steps", type=int, help="PPO iterations, each a rollout and its update (default 20)")
     p.add_argument("--config", help="YAML config (keys model, reward_model, reward, prompts, ppo, train, peft, ...)")
     p.add_argument("--out", help="run directory (default runs/ppo)")
-    p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
+    add_resume_args(p)
     p.add_argument("--seed", type=int, help="random seed")
     p.set_defaults(func=run, accepts_overrides=True)
 
@@ -54,7 +55,7 @@ def run(args) -> None:
     if d.get("peft") and "method" not in d["peft"]:
         raise LMForgeError(f"peft options {sorted(d['peft'])} given without a method: add --peft METHOD")
     cfg = load_ppo_config(d, where=args.config or "command line")
-    s = run_ppo(cfg, explicit_train=explicit, resume=args.resume)
+    s = run_ppo(cfg, explicit_train=explicit, resume=resolve_resume(args, cfg.out))
     last = s["last"]
     msg = (f"done: {s['iterations']} iterations, score {last.get('score', float('nan')):.4f}, "
            f"KL {last.get('kl', float('nan')):.4f}, beta {s['beta']:.4g}, early stops {s['early_stops']}")

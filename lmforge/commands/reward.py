@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from lmforge.commands.common import add_resume_args, resolve_resume
 from lmforge.commands.sft import _drop_none
 from lmforge.errors import LMForgeError
 
@@ -28,7 +29,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--epochs", type=float, help="passes over the training prompts (default 1)")
     p.add_argument("--config", help="YAML config (keys model, tokenizer, data, train, peft, margin, epochs, out)")
     p.add_argument("--out", help="run directory (default runs/reward): checkpoints, metrics, then the reward model")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    add_resume_args(p)
     p.add_argument("--max-iters", type=int, help="optimizer steps (default: from --epochs)")
     p.add_argument("--seed", type=int, help="random seed")
     p.set_defaults(func=run, accepts_overrides=True)
@@ -61,7 +62,7 @@ def run(args) -> None:
     if d.get("peft") and "method" not in d["peft"]:
         raise LMForgeError(f"peft options {sorted(d['peft'])} given without a method: add --peft lora")
     cfg = load_reward_config(d, where=args.config or "command line")
-    result = run_reward(cfg, explicit_train=explicit, resume=args.resume)
+    result = run_reward(cfg, explicit_train=explicit, resume=resolve_resume(args, cfg.out))
     keys = ("step", "train_loss", "val_loss", "val_accuracy", "val_margin", "best_val")
     summary = ", ".join(f"{k} {result[k]:.4g}" for k in keys if isinstance(result.get(k), (int, float)))
     print(f"done: {summary}; reward model in {cfg.out}", file=sys.stderr)

@@ -4,11 +4,19 @@
     import lmforge.eval.harness  # registers the model name "lmforge"
     lm_eval.simple_evaluate(model="lmforge", model_args="pretrained=ckpt/", tasks=["arc_easy"])
 
+or from the shell, the harness' own command line with ``lmforge`` registered (every ``lm_eval`` flag works):
+
+    python -m lmforge.eval.harness --model lmforge --model_args pretrained=ckpt/ --tasks arc_easy
+
 Log-likelihoods go through lmforge's scorer (requests sharing a context reuse its KV cache), rolling
 log-likelihoods through its rolling windows, generation through its batched generator.
 """
 
 from __future__ import annotations
+
+import warnings
+
+import torch
 
 from lmforge.errors import LMForgeError
 
@@ -27,13 +35,14 @@ class LMForgeLM(LM):
     """``model_args``: pretrained (any lmforge ``--model`` path), tokenizer, device, max_gen_toks, add_bos,
     batch_tokens. From Python, ``LMForgeLM(model=decoder, tokenizer=tok)`` wraps a loaded model."""
 
-    def __init__(self, pretrained: str | None = None, tokenizer=None, device: str = "cpu", max_gen_toks: int = 256,
-                 add_bos: bool = False, batch_tokens: int = 4096, model=None, batch_size=None, **_: object) -> None:
+    def __init__(self, pretrained: str | None = None, tokenizer=None, device: str | None = "auto",
+                 max_gen_toks: int = 256, add_bos: bool = False, batch_tokens: int = 4096, model=None,
+                 batch_size=None, **_: object) -> None:
         super().__init__()
         if model is None:
             from lmforge.commands.common import load_model_and_tokenizer
 
-            model, tokenizer = load_model_and_tokenizer(pretrained, tokenizer, device)
+            model, tokenizer = load_model_and_tokenizer(pretrained, tokenizer, _device(device))
         elif tokenizer is None or isinstance(tokenizer, str):
             raise LMForgeError("LMForgeLM(model=...) needs the tokenizer object too")
         self.scorer = Scorer(model, tokenizer, batch_tokens=int(batch_tokens), add_bos=_flag(add_bos))
@@ -89,5 +98,26 @@ class LMForgeLM(LM):
         return out
 
 
+def _device(name: str | None) -> str:
+    """The harness passes ``cuda`` unless told otherwise: fall back to the CPU (with a warning) where there is none."""
+    if not name or name == "auto":
+        return "auto"
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"device {name!r} asked for but CUDA is not available: running on the CPU", stacklevel=2)
+        return "cpu"
+    return str(name)
+
+
 def _flag(v) -> bool:
     return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+
+
+def main() -> None:
+    """``lm_eval``'s command line, with the ``lmforge`` model registered (``python -m lmforge.eval.harness ...``)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
