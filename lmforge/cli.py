@@ -32,6 +32,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("reward", "lmforge.commands.reward", "train a reward model on ranked preferences; `reward score` scores pairs"),
     ("dpo", "lmforge.commands.dpo", "direct preference optimisation (sigmoid, IPO, hinge), full or LoRA"),
     ("rejection-sample", "lmforge.commands.rejection_sample", "best-of-K samples by a reward model, as SFT data"),
+    ("self-instruct", "lmforge.commands.self_instruct", "instruction data written by a model from seed tasks "
+                                                        "(Self-Instruct: generate, filter, classify, instances)"),
     ("ppo", "lmforge.commands.ppo", "RLHF with PPO: actor, critic, reference and a reward model or function"),
     ("pipeline", "lmforge.commands.pipeline", "the whole life of a model in one resumable command: tokenizer, "
                                               "cleaning, pretraining, SFT, reward model, DPO/PPO, eval, int4"),
