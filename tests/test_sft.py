@@ -193,3 +193,16 @@ def test_examples_whose_response_is_cut_off_are_dropped_or_refused():
     assert lines == ["dropped 1 training example(s) whose response starts after token 5"]
     with pytest.raises(LMForgeError, match="every training example's response starts after token 5"):
         drop_unscored([late], 5, 6, "training", lines.append)
+
+
+def test_suggested_learning_rates_follow_the_reference_recipes():
+    """Full fine-tuning 1e-5 at >= 1B (LLaMA-Factory), LoRA/QLoRA 1e-4 at 13B; both grow as 1/sqrt(params) for smaller
+    models, at most 30x (stories260K)."""
+    from lmforge.stages.sft import suggested_lr
+
+    assert suggested_lr(None, 7e9) == pytest.approx(1e-5) and suggested_lr(None, 2.5e8) == pytest.approx(2e-5)
+    assert suggested_lr("lora", 1.3e10) == pytest.approx(1e-4) and suggested_lr("lora", 7e10) == pytest.approx(1e-4)
+    assert suggested_lr("lora", 1.35e8) == pytest.approx(9.81e-4, rel=1e-3)  # SmolLM2-135M: identity SFT learns
+    assert suggested_lr("qlora", 1.35e8) == suggested_lr("lora", 1.35e8)
+    assert suggested_lr("lora", 2.6e5) == pytest.approx(3e-3) and suggested_lr(None, 2.6e5) == pytest.approx(3e-4)
+    assert suggested_lr("prompt", 1e9) == pytest.approx(3e-2)

@@ -31,7 +31,8 @@ from lmforge.quant.modules import QuantEmbedding, QuantLinear
 from lmforge.quant.nf4 import NF4Linear
 
 DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16.0, "dropout": 0.05, "targets": "all-linear", "rslora": False}
-SUGGESTED_LR = 1e-4  # LLaMA-Factory's LoRA examples
+SUGGESTED_LR = 1e-4  # LLaMA-Factory's LoRA examples and the QLoRA paper's largest models...
+SUGGESTED_LR_PARAMS = 1.3e10  # ...at 8B-65B: 1e-4 at 13B, ~1e-3 for a 135M model (identity SFT needs it)
 PEFT_TYPE = "LORA"
 
 LM_TARGETS = ("q", "k", "v", "qkv", "proj", "gate", "up", "fc1", "fc2", "lm_head")

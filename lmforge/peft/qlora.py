@@ -18,7 +18,7 @@ from lmforge.quant.modules import QuantLinear
 from lmforge.quant.nf4 import NF4Linear
 
 DEFAULTS: dict[str, Any] = {**lora.DEFAULTS, "quant": "nf4", "double_quant": True, "group_size": 64}
-SUGGESTED_LR = 2e-4  # the QLoRA paper's rate for models up to 13B
+SUGGESTED_LR, SUGGESTED_LR_PARAMS = lora.SUGGESTED_LR, lora.SUGGESTED_LR_PARAMS  # only the base's storage differs
 PEFT_TYPE = lora.PEFT_TYPE
 QUANTS = ("nf4", "int4")
 

@@ -71,13 +71,14 @@ class SFTConfig:
 
 
 def suggested_lr(method: str | None, n_params: int) -> float:
-    """Default peak learning rate: LLaMA-Factory's example configs (full 1e-5, LoRA 1e-4) for billion-parameter
-    models, scaled up for small ones (small models tolerate and need larger steps)."""
-    base = 1e-5 if method is None else 1e-4
+    """Default peak learning rate: the rate the method's reference recipes use (full fine-tuning 1e-5, LLaMA-Factory's
+    example configs; a PEFT method's ``SUGGESTED_LR``) at the model size they were set for (1B, or the method's
+    ``SUGGESTED_LR_PARAMS``), scaled by sqrt(that size / n_params), at most 30x: small models need larger steps."""
+    base, ref = 1e-5, 1e9
     if method is not None:
-        base = getattr(get_method(method), "SUGGESTED_LR", base)
-    scale = min(30.0, max(1.0, (1e9 / max(n_params, 1)) ** 0.5))
-    return base * scale
+        m = get_method(method)
+        base, ref = getattr(m, "SUGGESTED_LR", 1e-4), getattr(m, "SUGGESTED_LR_PARAMS", 1e9)
+    return base * min(30.0, max(1.0, (ref / max(n_params, 1)) ** 0.5))
 
 
 def load_sft_config(d: dict[str, Any], where: str) -> SFTConfig:
