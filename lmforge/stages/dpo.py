@@ -24,7 +24,7 @@ import torch
 
 from lmforge.assets import default_model
 from lmforge.errors import LMForgeError
-from lmforge.losses import DPO_LOSS_TYPES, dpo_loss, ranked_pairs, sequence_logprobs
+from lmforge.losses import DPO_LOSS_TYPES, dpo_loss, ranked_pairs, sequence_logprobs, token_logprobs
 from lmforge.peft.base import disable_adapter
 from lmforge.stages.reward import (
     CHAT_TEMPLATE_FILE,
@@ -70,9 +70,15 @@ def pair_groups(tok, recs, template, max_len: int) -> list[list[dict[str, Any]]]
 
 
 def response_logprobs(model, batch: dict[str, Any]) -> torch.Tensor:
-    """Summed log-probs of the response tokens of every row (prompt and padding excluded)."""
-    logits = model(batch["input_ids"])
-    return sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+    """Summed log-probs of the response tokens of every row (prompt and padding excluded). The output layer runs on
+    the response positions only (not where FSDP shards it: there the wrapped forward gathers it)."""
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    head = getattr(getattr(model, "module", model), "lm_head", None)
+    if head is None or hasattr(getattr(head, "weight", None), "full_tensor"):
+        return sequence_logprobs(model(ids), ids, mask)
+    at = mask[:, 1:].bool().nonzero(as_tuple=True)
+    lp = token_logprobs(head(model(ids, head=False)[:, :-1][at]), ids[:, 1:][at])
+    return torch.zeros(ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, at[0], lp)
 
 
 def dpo_loss_fn(loss_type: str, beta: float, label_smoothing: float, peft: bool):
