@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lmforge.eval.fewshot import BM25, Selector, mmr, tfidf, words
-from lmforge.eval.runner import build_context, cut_at_stop, majority, mean_stderr
+from lmforge.eval.runner import build_context, majority, mean_stderr
 from lmforge.eval.scoring import Group, Scorer, encode_pair, rolling_windows
 from lmforge.eval.tasks import (
     COT_EXEMPLARS,
@@ -27,6 +27,7 @@ from lmforge.eval.tasks import (
     normalize_answer,
     read_choice_csv,
 )
+from lmforge.infer.sampling import cut_at_stop
 from lmforge.model import Decoder
 from lmforge.presets import get_preset
 

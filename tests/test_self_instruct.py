@@ -364,8 +364,8 @@ def test_command_on_stories260k_runs_resumes_and_refuses(tmp_path):
 
 
 def test_model_backend_stops_truncates_and_fits_the_context(stories):
-    assert cut_at_stop("a\n\nb\n16. c", ["\n16.", "\n\n"]) == ("a", True)
-    assert cut_at_stop("abc", ["x"]) == ("abc", False)
+    assert cut_at_stop("a\n\nb\n16. c", ["\n16.", "\n\n"]) == "a"
+    assert cut_at_stop("abc", ["x"]) == "abc"
     model, tok = stories
     backend = ModelBackend(model, tok, batch_size=2)
     long_prompt = "Once upon a time " * 200  # longer than the 512-token context: its end is kept

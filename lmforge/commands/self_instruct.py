@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import fields
 
 from lmforge.commands.common import add_model_args, load_model_and_tokenizer
 
@@ -21,29 +22,29 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--num", type=int, required=True, help="new instructions to keep")
     p.add_argument("--out", required=True, help="output directory (must be empty unless --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (e.g. with a larger --num)")
-    p.add_argument("--batch-size", type=int, default=8,
+    p.add_argument("--batch-size", type=int,
                    help="instruction prompts per round, and sequences generated together (default 8)")
-    p.add_argument("--temperature", type=float, default=0.7, help="instruction sampling temperature (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.5, help="instruction nucleus sampling (default 0.5, the paper's)")
-    p.add_argument("--max-new-tokens", type=int, default=256,
+    p.add_argument("--temperature", type=float, help="instruction sampling temperature (default 0.7)")
+    p.add_argument("--top-p", type=float, help="instruction nucleus sampling (default 0.5, the paper's)")
+    p.add_argument("--max-new-tokens", type=int,
                    help="tokens per instruction-generation prompt (default 256)")
-    p.add_argument("--instance-max-new-tokens", type=int, default=256,
+    p.add_argument("--instance-max-new-tokens", type=int,
                    help="tokens per instance-generation prompt (default 256)")
-    p.add_argument("--instance-temperature", type=float, default=0.0,
+    p.add_argument("--instance-temperature", type=float,
                    help="instance sampling temperature (default 0 = greedy, the paper's)")
-    p.add_argument("--presence-penalty", type=float, default=2.0,
+    p.add_argument("--presence-penalty", type=float,
                    help="subtracted from the logit of every token already generated, for instructions (default 2, "
                         "the paper's; it keeps small models from repeating one instruction)")
-    p.add_argument("--instance-presence-penalty", type=float, default=1.5,
+    p.add_argument("--instance-presence-penalty", type=float,
                    help="the same for instances (default 1.5, the paper's)")
-    p.add_argument("--instance-shots", type=int, default=4, help="seed tasks shown per instance prompt (default 4)")
-    p.add_argument("--classify-shots", type=int, default=12,
+    p.add_argument("--instance-shots", type=int, help="seed tasks shown per instance prompt (default 4)")
+    p.add_argument("--classify-shots", type=int,
                    help="labelled seed tasks in the classification prompt (default 12)")
-    p.add_argument("--max-instances", type=int, default=5, help="instances kept per instruction (default 5)")
-    p.add_argument("--similarity", type=float, default=0.7,
+    p.add_argument("--max-instances", type=int, help="instances kept per instruction (default 5)")
+    p.add_argument("--similarity", type=float,
                    help="keep an instruction only if its ROUGE-L F1 to every kept one is below this (default 0.7)")
-    p.add_argument("--max-rounds", type=int, default=0, help="stop after this many rounds (default 0 = no limit)")
-    p.add_argument("--patience", type=int, default=5,
+    p.add_argument("--max-rounds", type=int, help="stop after this many rounds (default 0 = no limit)")
+    p.add_argument("--patience", type=int,
                    help="stop after this many rounds in a row that keep no instruction (default 5; 0 = never)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -60,23 +61,15 @@ def run(args) -> None:
         run_self_instruct,
     )
 
-    cfg = SelfInstructConfig(num=args.num, batch_size=args.batch_size, temperature=args.temperature,
-                             top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                             instance_max_new_tokens=args.instance_max_new_tokens,
-                             instance_temperature=args.instance_temperature,
-                             presence_penalty=args.presence_penalty,
-                             instance_presence_penalty=args.instance_presence_penalty,
-                             instance_shots=args.instance_shots,
-                             classify_shots=args.classify_shots, max_instances=args.max_instances,
-                             similarity=args.similarity, max_rounds=args.max_rounds, patience=args.patience,
-                             seed=args.seed)
+    names = {f.name for f in fields(SelfInstructConfig)}  # flags left unset keep the config's defaults
+    cfg = SelfInstructConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     cfg.check()
     check_out_dir(args.out, args.resume)  # before the model loads
     load_seed_tasks(args.seeds)
     t0 = time.perf_counter()
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
     model.eval()
-    backend = ModelBackend(model, tok, args.batch_size)
+    backend = ModelBackend(model, tok, cfg.batch_size)
     rep = run_self_instruct(args.seeds, args.out, cfg, backend, resume=args.resume,
                             settings={"model": args.model or "stories260K", "adapter": args.adapter},
                             progress=not args.no_progress)

@@ -37,10 +37,12 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
+from lmforge.checkpoint import sha256_file
 from lmforge.data.sft import iter_records
 from lmforge.errors import LMForgeError
 from lmforge.infer.generate import generate_batch
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.sampling import SamplingParams, cut_at_stop
+from lmforge.train.loop import write_json
 
 # ---- ROUGE-L ------------------------------------------------------------------------------------------------
 
@@ -433,12 +435,6 @@ class Backend(Protocol):
     def generate(self, requests: list[Request]) -> list[Generated]: ...
 
 
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """(text before the first stop string, whether one was found)."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
-
-
 class ModelBackend:
     """A local model through ``generate_batch``: prompts are encoded as raw text (BOS first when the tokenizer
     adds one), sorted by length, generated ``batch_size`` at a time, and kept to the last tokens that leave room
@@ -485,8 +481,9 @@ class ModelBackend:
             with torch.no_grad():
                 outs = generate_batch(self.model, [encoded[i] for i in part], params, self.tok)
             for i, out in zip(part, outs):
-                text, stopped = cut_at_stop(self.tok.decode(out), requests[i].stop)
-                results[i] = Generated(text, not stopped and len(out) >= requests[i].max_new_tokens)
+                full = self.tok.decode(out)
+                text = cut_at_stop(full, requests[i].stop)  # shorter: a stop string was found
+                results[i] = Generated(text, len(text) == len(full) and len(out) >= requests[i].max_new_tokens)
                 self.prompt_tokens += len(encoded[i])
                 self.new_tokens += len(out)
         return results  # type: ignore[return-value]
@@ -548,16 +545,6 @@ class SelfInstructConfig:
 
 
 FILES = ("machine_instructions.jsonl", "data.json", "report.json")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass
@@ -672,7 +659,7 @@ def run_self_instruct(seeds_path: str | Path, out: str | Path, cfg: SelfInstruct
     cfg.check()
     out, seeds_path = Path(out), Path(seeds_path)
     seeds = load_seed_tasks(seeds_path)
-    seeds_sha = file_sha256(seeds_path)
+    seeds_sha = sha256_file(seeds_path)
     settings = {**(settings or {}), "seeds": str(seeds_path), "seeds_sha256": seeds_sha}
     st = open_run_dir(out, resume, seeds_sha, log)
     seed_texts = [t.instruction for t in seeds]
@@ -704,15 +691,15 @@ def run_self_instruct(seeds_path: str | Path, out: str | Path, cfg: SelfInstruct
             st.records += new
             st.rounds += 1
             st.idle_rounds = 0 if new else st.idle_rounds + 1
-            write_json_atomic(out / "data.json", alpaca_rows(st.records))
-            write_json_atomic(out / "report.json", build_report(st, cfg, settings))
+            write_json(out / "data.json", alpaca_rows(st.records))
+            write_json(out / "report.json", build_report(st, cfg, settings))
             bar.update(len(new))
     finally:
         bar.close()
     rep = build_report(st, cfg, settings)
     rep["stopped"] = stop_reason
-    write_json_atomic(out / "data.json", alpaca_rows(st.records))
-    write_json_atomic(out / "report.json", rep)
+    write_json(out / "data.json", alpaca_rows(st.records))
+    write_json(out / "report.json", rep)
     return rep
 
 

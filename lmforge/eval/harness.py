@@ -26,8 +26,8 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the harness
     raise LMForgeError("lmforge.eval.harness needs lm-evaluation-harness: pip install lm_eval") from e
 
-from lmforge.eval.runner import cut_at_stop
 from lmforge.eval.scoring import Group, Scorer, encode_pair
+from lmforge.infer.sampling import cut_at_stop
 
 
 @register_model("lmforge")

@@ -22,6 +22,7 @@ from lmforge.eval.tasks import (
     get_task,
     normalize_answer,
 )
+from lmforge.infer.sampling import cut_at_stop
 
 
 @dataclass
@@ -198,11 +199,6 @@ def majority(answers: list[str]) -> str:
     counts = Counter(valid)
     best = max(counts.values())
     return next(a for a in valid if counts[a] == best)
-
-
-def cut_at_stop(text: str, stops: list[str]) -> str:
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 def _generate(scorer: Scorer, task: Task, docs: list[dict], cfg: EvalConfig) -> EvalResult:

@@ -58,6 +58,11 @@ class SamplingParams:
             raise ValueError("stop: stop strings must not be empty")
 
 
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """``text`` up to (not including) the first of the ``stops`` strings that occurs in it."""
+    return text[: min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))]
+
+
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> token ids (B,), every row with the same parameters (penalties are not applied here)."""
     if p.temperature <= 0:
