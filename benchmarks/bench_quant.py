@@ -9,7 +9,9 @@ tensors dequantized. Each measurement of memory and speed runs in a fresh child 
 before loading); decoding is single stream from a short prompt, ``lmforge.infer.generate.stream`` vs
 ``model.generate(do_sample=False, use_cache=True)``; children alternate within a round and the best round counts.
 Perplexity: held-out TinyStories text (../shared/data/corpora/en/tinystories_sample.txt) for stories260K,
-corpus.en for SmolLM2.
+corpus.en for SmolLM2. With llama-cpp-python installed (``pip install llama-cpp-python``: built from the registry's
+source package), SmolLM2's GGUF also runs in llama.cpp (greedy, the same prompt ids and thread count). "RSS MB" is
+the peak resident memory a child adds by loading and decoding; "total MB" the child process's peak.
 """
 
 from __future__ import annotations
@@ -75,11 +77,14 @@ def child(kind: str, path: str, prompt: list[int], n_tokens: int, compute: str |
         n = sum(1 for _ in stream(model, prompt, params))
         dt = time.perf_counter() - t
         peak = rss_mb("VmHWM")
-    print(json.dumps({"rss_mb": peak - base, "tok_s": n / dt, "n": n}))
+    print(json.dumps({"rss_mb": peak - base, "total_mb": peak, "tok_s": n / dt, "n": n}))
 
 
 def run_child(kind: str, path: Path, prompt: list[int], n_tokens: int, compute: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, str(path), json.dumps(prompt), str(n_tokens), compute or ""]
+    if kind == "llamacpp":  # its own script: a process without torch, so its memory is llama.cpp's own
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "llamacpp_peer.py"), str(path), json.dumps(prompt),
+               str(n_tokens), compute or "2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if r.returncode != 0:
@@ -169,6 +174,12 @@ def bench_model(name: str, n_tokens: int, rounds: int, tmp: Path) -> None:
             ("int8 bf16-act", "lm", dirs["int8"], "bfloat16"), ("int4-g32", "lm", dirs["int4-g32"], "auto"),
             ("int4-g32 bf16-act", "lm", dirs["int4-g32"], "bfloat16"), ("transformers fp32", "hf", tmp / f"{name}-hf",
                                                                         None)]
+    if name == "smollm2":
+        try:
+            import llama_cpp  # noqa: F401
+            runs.append(("llama.cpp Q4_1", "llamacpp", smollm2_path(), str(torch.get_num_threads())))
+        except ImportError:
+            print("  llama.cpp: skipped (pip install llama-cpp-python builds it from the registry's source package)")
     best: dict[str, dict] = {}
     for _ in range(rounds):
         for label, kind, path, compute in runs:
@@ -176,13 +187,21 @@ def bench_model(name: str, n_tokens: int, rounds: int, tmp: Path) -> None:
             if label not in best or r["tok_s"] > best[label]["tok_s"]:
                 best[label] = r
     ref = best["transformers fp32"]["tok_s"]
-    print(f"  {'variant':<20}{'file MB':>9}{'RSS MB':>9}{'tok/s':>9}{'vs HF':>8}{'vs fp32':>9}{'ppl':>9}{'Δppl':>8}")
+    if "llama.cpp Q4_1" in best:
+        size["llama.cpp"] = smollm2_path().stat().st_size
+    print(f"  {'variant':<20}{'file MB':>9}{'RSS MB':>9}{'total MB':>9}{'tok/s':>9}{'vs HF':>8}{'vs fp32':>9}"
+          f"{'ppl':>9}{'Δppl':>8}")
     for label, _, _, _ in runs:
         v = label.split()[0] if label != "transformers fp32" else "transformers"
         r = best[label]
         p = ppl.get(label, ppl["fp32"])
-        print(f"  {label:<20}{size[v] / 1e6:>9.2f}{r['rss_mb']:>9.1f}{r['tok_s']:>9.1f}{r['tok_s'] / ref:>8.2f}"
-              f"{r['tok_s'] / best['fp32']['tok_s']:>9.2f}{p:>9.4f}{100 * (p / ppl['fp32'] - 1):>+7.2f}%")
+        q = f"{p:>9.4f}{100 * (p / ppl['fp32'] - 1):>+7.2f}%" if v != "llama.cpp" else f"{'-':>9}{'-':>8}"
+        print(f"  {label:<20}{size[v] / 1e6:>9.2f}{r['rss_mb']:>9.1f}{r['total_mb']:>9.1f}{r['tok_s']:>9.1f}"
+              f"{r['tok_s'] / ref:>8.2f}{r['tok_s'] / best['fp32']['tok_s']:>9.2f}{q}")
+    if "llama.cpp Q4_1" in best:
+        lc = best["llama.cpp Q4_1"]
+        print(f"  int4-g32 vs llama.cpp (the same Q4_1 weights): {best['int4-g32']['tok_s'] / lc['tok_s']:.2f}x "
+              f"tokens/s, {best['int4-g32']['total_mb']:.0f} vs {lc['total_mb']:.0f} MB peak resident (process)")
     print(f"  file size fp32/int8 = {size['fp32'] / size['int8']:.2f}x, fp32/int4 = "
           f"{size['fp32'] / size['int4-g32']:.2f}x; RSS fp32/int8 = "
           f"{best['fp32']['rss_mb'] / best['int8']['rss_mb']:.2f}x, fp32/int4 = "

@@ -37,6 +37,8 @@ from lmforge.quant import (
     set_compute,
     unpack_int4,
 )
+from lmforge.quant.modules import _DECODE_MODE
+from lmforge.quant.packing import dequantize_int8
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -254,6 +256,44 @@ def test_output_projection_refines_its_largest_outputs(bits, group_size, mode):
         ref = F.linear(x, ql.dequantize(), lin.bias.detach())
         top = ref.topk(8, dim=-1).indices
         assert (ql(x).gather(-1, top) - ref.gather(-1, top)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("n", [1000, 1024])
+def test_int8_output_projection_split_kernel_equals_the_int8_kernel(n):
+    """An int8 output projection decodes through the int4 kernel on its weight split into two 4-bit halves
+    (q + 128 = 16 a + b): the same products as the int8 kernel, up to both kernels' bfloat16 output rounding."""
+    torch.manual_seed(0)
+    ql = QuantLinear.from_linear(torch.nn.Linear(256, n, bias=False), 8)
+    ql.refine_top = 16
+    x = 20 * torch.randn(3, 256)
+    exact = F.linear(x.bfloat16().float(), dequantize_int8(ql.qweight, ql.scales.bfloat16().float()))
+    split = ql._packed_mm("bfloat16")(x).float()
+    int8 = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), ql.qweight, ql.scales.bfloat16()).float()
+    assert split.shape == (3, n) and "split" in ql._kernel
+    bound = exact.abs().max().item() / 128  # bfloat16 keeps 8 significant bits
+    assert (split - exact).abs().max().item() <= bound and (int8 - exact).abs().max().item() <= bound
+    ql.refine_top = 0  # other int8 layers keep the int8 kernel
+    ql._kernel = None
+    ql._packed_mm("bfloat16")(x)
+    assert "split" not in ql._kernel
+
+
+def test_int4_decoding_keeps_only_the_scales_it_computes_with():
+    """The kernel layout builds scales per activation dtype on first use; auto mode drops the float32 ones it
+    timed and did not choose (a quarter of the int4 weight's size); float32 mode still works afterwards."""
+    torch.manual_seed(0)
+    ql = QuantLinear.from_linear(torch.nn.Linear(256, 96, bias=False), 4, 32, False)
+    x = torch.randn(1, 256)
+    ql(x)  # auto: times the modes for one row
+    chosen = _decode_mode_for(ql, 1)
+    assert (torch.float32 in ql._kernel) == (chosen == "float32")
+    ql.compute = "float32"
+    torch.testing.assert_close(ql(x), F.linear(x, ql.dequantize()), rtol=1e-4, atol=1e-4)
+    assert torch.float32 in ql._kernel
+
+
+def _decode_mode_for(ql: QuantLinear, rows: int) -> str:
+    return _DECODE_MODE[(ql.bits, ql.out_features, ql.in_features, ql.group_size, rows)]
 
 
 # ---- whole models -------------------------------------------------------------------------------

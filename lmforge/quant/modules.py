@@ -83,7 +83,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(n, device=device))
         else:
             self.bias = None
-        self._kernel: dict[str, Any] | None = None
+        self._kernel: dict[Any, Any] | None = None  # see _kernels
         self._decode: dict[int, Any] = {}  # auto mode, float32 CPU input of n rows -> a specialised function
         self.refine_top = 0  # see REFINE_TOP (set on output projections)
 
@@ -162,29 +162,74 @@ class QuantLinear(nn.Module):
             finally:
                 self.compute = "auto"
             _DECODE_MODE[key] = min(best, key=best.get)
+            if self.bits == 4 and self._kernel is not None and _DECODE_MODE[key] != "float32":
+                self._kernel.pop(torch.float32, None)  # timed, not chosen: half the packed weight's size
         return _DECODE_MODE[key]
 
-    def _int8_bf16_kernel(self) -> dict[str, Any]:
+    def _kernels(self) -> dict[Any, Any]:
+        """The weight layouts built for the kernels so far (dropped when the weight changes)."""
         if self._kernel is None:
-            k_pad = -self.in_features % 32
-            q = F.pad(self.qweight, (0, k_pad)) if k_pad else self.qweight
-            self._kernel = {"q": q.contiguous(), "s": self.scales.bfloat16(), "k": self.in_features + k_pad}
+            self._kernel = {}
         return self._kernel
 
-    def _int4_kernel(self) -> dict[str, Any]:
-        """The weight in ``_weight_int4pack_mm_for_cpu``'s layout (N padded to a multiple of 16)."""
-        if self._kernel is None:
-            n, ng = self.scales.shape
+    def _int8_bf16_kernel(self) -> dict[str, Any]:
+        kern = self._kernels()
+        if "q" not in kern:
+            k_pad = -self.in_features % 32
+            q = F.pad(self.qweight, (0, k_pad)) if k_pad else self.qweight
+            kern.update(q=q.contiguous(), s=self.scales.bfloat16(), k=self.in_features + k_pad)
+        return kern
+
+    def _int8_split_mm(self):
+        """x @ W^T for an int8 output projection through the int4 kernel, about 1.6x faster than the int8 one for
+        one row on AVX512: each weight is split into two 4-bit halves, q + 128 = 16 a + b, laid side by side along K
+        (groups of 32 with scale 16 s and zero 0 for a, scale s and zero 8 s for b, so (a - 8) 16 s + (b - 8) s + 8 s
+        = q s exactly) and the input is repeated: x_ @ [A | B]^T. The same bfloat16 scales and output rounding as
+        the int8 kernel; the top entries are recomputed exactly (``refine_top``)."""
+        kern = self._kernels()
+        if "split" not in kern:
+            n, k = self.out_features, self.in_features
             n_pad = -n % 16
+            parts = []
+            for i in range(0, n, 4096):  # in slices of rows (the layout is blocked by 64 rows): small temporaries
+                u = self.qweight[i : i + 4096].to(torch.int32) + 128
+                q = torch.cat([u >> 4, u & 15], dim=1)
+                if i + 4096 >= n and n_pad:
+                    q = F.pad(q, (0, 0, 0, n_pad), value=8)
+                parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2))
+            packed = torch.cat(parts) if len(parts) > 1 else parts[0]
+            del parts
+            s = self.scales.to(torch.float32)[:, None].expand(n, k // 32)
+            scales, zeros = torch.cat([16 * s, s], dim=1), torch.cat([torch.zeros_like(s), 8 * s], dim=1)
+            if n_pad:
+                scales, zeros = F.pad(scales, (0, 0, 0, n_pad)), F.pad(zeros, (0, 0, 0, n_pad))
+            sz = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous().bfloat16()
+            kern.update(split=packed, split_sz=sz)
+        packed, sz, n = kern["split"], kern["split_sz"], self.out_features
+
+        def mm8s(x):
+            xb = x.to(torch.bfloat16)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([xb, xb], dim=1), packed, 32, sz)
+            return y[:, :n] if y.shape[1] != n else y
+        return mm8s
+
+    def _int4_kernel(self, dtype: torch.dtype) -> dict[str, Any]:
+        """The weight in ``_weight_int4pack_mm_for_cpu``'s layout (N padded to a multiple of 16), with the scales and
+        zeros (ng, N, 2) in ``dtype`` (each dtype built when first used: decoding needs only bfloat16's)."""
+        kern = self._kernels()
+        if "packed" not in kern:
+            n_pad = -self.out_features % 16
             q = unpack_int4(self.qweight).to(torch.int32)
-            scales, zeros = self.scales, self.zeros if self.zeros is not None else torch.zeros_like(self.scales)
             if n_pad:
                 q = F.pad(q, (0, 0, 0, n_pad), value=8)
+            kern.update(packed=torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2), n_pad=n_pad)
+        if dtype not in kern:
+            n_pad = kern["n_pad"]
+            scales, zeros = self.scales, self.zeros if self.zeros is not None else torch.zeros_like(self.scales)
+            if n_pad:
                 scales, zeros = F.pad(scales, (0, 0, 0, n_pad)), F.pad(zeros, (0, 0, 0, n_pad))
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
-            sz = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()  # (ng, N, 2)
-            self._kernel = {"packed": packed, "sz": sz, "sz_bf16": sz.bfloat16()}
-        return self._kernel
+            kern[dtype] = torch.stack((scales, zeros), dim=-1).transpose(0, 1).to(dtype).contiguous()  # (ng, N, 2)
+        return kern
 
     def _packed_mm(self, mode: str):
         """The packed kernel of ``mode`` ("float32" or "bfloat16") as a function: (R, K) input -> (R, N) output in
@@ -194,6 +239,8 @@ class QuantLinear(nn.Module):
             if mode == "float32":
                 q, sc = self.qweight, self.scales
                 return lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.float32).contiguous(), q, sc)
+            if self.refine_top and self.in_features % 32 == 0:
+                return self._int8_split_mm()
             kern = self._int8_bf16_kernel()  # the bfloat16 kernel needs K % 16 == 0 (it crashes otherwise)
             q, sc, pad = kern["q"], kern["s"], kern["k"] - self.in_features
 
@@ -201,9 +248,9 @@ class QuantLinear(nn.Module):
                 xb = x.to(torch.bfloat16).contiguous()
                 return torch.ops.aten._weight_int8pack_mm(F.pad(xb, (0, pad)) if pad else xb, q, sc)
             return mm8
-        kern = self._int4_kernel()
-        packed, g = kern["packed"], self.group_size
-        sz, dt = (kern["sz_bf16"], torch.bfloat16) if mode == "bfloat16" else (kern["sz"], torch.float32)
+        dt = torch.bfloat16 if mode == "bfloat16" else torch.float32
+        kern = self._int4_kernel(dt)
+        packed, g, sz = kern["packed"], self.group_size, kern[dt]
         pad = self.qweight.shape[1] * 2 - self.in_features
 
         def mm4(x):
