@@ -20,6 +20,7 @@ from lmforge.data.sft import (
 )
 from lmforge.errors import LMForgeError
 from lmforge.losses import IGNORE
+from lmforge.train.config import TrainConfig, plan_steps, stage_defaults
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct"
 
@@ -142,8 +143,9 @@ def test_sft_command_errors_are_one_line(tmp_path):
 @pytest.mark.parametrize("method", ["lora", "prefix"])
 def test_sft_with_peft_saves_adapter_only_and_loads_as_model(tmp_path, method):
     data = tmp_path / "d.jsonl"
+    long = {"instruction": "Tell a long story.", "output": "Tom the cat ran home. " * 150}  # past the context:
     data.write_text("".join(json.dumps({"instruction": f"Name {i}", "output": f"Tom{i} the cat."}) + "\n"
-                            for i in range(16)))
+                            for i in range(16)) + json.dumps(long) + "\n")  # cut to what the virtual tokens leave
     out = tmp_path / "run"
     r = run("sft", "--data", str(data), "--out", str(out), "--max-iters", "3", "--peft", method,
             "--train.batch_size", "4")
@@ -206,3 +208,14 @@ def test_suggested_learning_rates_follow_the_reference_recipes():
     assert suggested_lr("qlora", 1.35e8) == suggested_lr("lora", 1.35e8)
     assert suggested_lr("lora", 2.6e5) == pytest.approx(3e-3) and suggested_lr(None, 2.6e5) == pytest.approx(3e-4)
     assert suggested_lr("prompt", 1e9) == pytest.approx(3e-2)
+
+
+def test_a_given_max_iters_sets_the_schedule():
+    """``--max-iters 50`` on data worth 339 steps: warm-up, evaluations and checkpoints follow the 50 steps (they
+    followed the epochs: 33 warm-up steps, no evaluation before the end)."""
+    t = TrainConfig(max_iters=50)
+    chosen = stage_defaults(339, 1e-3, True, t=t, explicit={"max_iters"})
+    assert (chosen["max_iters"], chosen["warmup_iters"], chosen["eval_interval"]) == (50, 5, 10)
+    assert stage_defaults(339, 1e-3, True, t=t, explicit=set())["warmup_iters"] == 33
+    assert plan_steps(3, 339, 339) == "3 epochs = 339 steps"
+    assert plan_steps(3, 339, 50) == "50 steps (max_iters; 3 epochs would be 339)"

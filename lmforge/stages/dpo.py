@@ -37,7 +37,7 @@ from lmforge.stages.reward import (
     read_split,
 )
 from lmforge.train import distributed as D
-from lmforge.train.config import TrainConfig, _fill, apply_defaults, stage_defaults
+from lmforge.train.config import TrainConfig, _fill, apply_defaults, plan_steps, stage_defaults
 from lmforge.train.loop import Trainer, autocast, train_precision
 
 REFERENCE_FILE = "reference_logprobs.safetensors"
@@ -186,13 +186,14 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     val = GroupBatches(val_g, t.batch_size, pad, shuffle=False, rank=dist.rank, world=dist.world) if val_g else None
     steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
     # TRL's DPO defaults: lr 1e-6 for billion-parameter models (full), LoRA 5e-6..5e-5; scaled for small models
-    apply_defaults(t, stage_defaults(steps, suggested_lr(method, n_params) / 2, val is not None), explicit_train)
+    apply_defaults(t, stage_defaults(steps, suggested_lr(method, n_params) / 2, val is not None, t=t,
+                                    explicit=explicit_train), explicit_train)
     if val is None:
         t.eval_iters = 0
     ref_note = (f"peft {method} {json.dumps(resolved)}, reference = adapters disabled" if method
                 else "full fine-tuning, stored reference")
     log(f"dpo: {len(train_g)} train / {len(val_g)} held-out pairs; loss {cfg.loss}, beta {cfg.beta:g}, label "
-        f"smoothing {cfg.label_smoothing:g}; {cfg.epochs:g} epochs = {t.max_iters} steps of {t.batch_size} pairs; "
+        f"smoothing {cfg.label_smoothing:g}; {plan_steps(cfg.epochs, steps, t.max_iters)} of {t.batch_size} pairs; "
         f"max_len {max_len}; {'template ' + template.name if template else 'plain text'}; "
         f"{ref_note}; "
         f"trainable {trainable:,} of {n_params:,} parameters; lr {t.lr:g}")

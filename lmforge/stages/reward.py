@@ -34,7 +34,7 @@ from lmforge.errors import LMForgeError
 from lmforge.losses import ranked_pairs, ranked_reward_loss
 from lmforge.model.heads import ScalarHeadModel, load_scalar_model, read_head_config, save_scalar_model
 from lmforge.train import distributed as D
-from lmforge.train.config import TrainConfig, _fill, apply_defaults, stage_defaults
+from lmforge.train.config import TrainConfig, _fill, apply_defaults, plan_steps, stage_defaults
 from lmforge.train.loop import Trainer
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -273,7 +273,8 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
     train = GroupBatches(train_g, t.batch_size, pad, seed=t.seed, rank=dist.rank, world=dist.world)
     val = GroupBatches(val_g, t.batch_size, pad, shuffle=False, rank=dist.rank, world=dist.world) if val_g else None
     steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
-    chosen = {**stage_defaults(steps, suggested_lr(method, n_params), val is not None, warmup_div=20),
+    chosen = {**stage_defaults(steps, suggested_lr(method, n_params), val is not None, warmup_div=20, t=t,
+                              explicit=explicit_train),
               "best_metric": "val_accuracy", "best_mode": "max"}
     apply_defaults(t, chosen, explicit_train)
     if val is None:
@@ -281,8 +282,8 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
         if "best_metric" not in explicit_train:
             t.best_metric, t.best_mode = "val_loss", "min"
     pairs = sum(len(ranked_pairs(len(g))) for g in train_g)
-    log(f"reward: {len(train_g)} train prompts ({pairs} pairs) / {len(val_g)} held-out; {cfg.epochs:g} epochs = "
-        f"{t.max_iters} steps of {t.batch_size} prompts; max_len {max_len}; "
+    log(f"reward: {len(train_g)} train prompts ({pairs} pairs) / {len(val_g)} held-out; "
+        f"{plan_steps(cfg.epochs, steps, t.max_iters)} of {t.batch_size} prompts; max_len {max_len}; "
         f"{'template ' + template.name if template else 'plain text'}; "
         f"{'peft ' + method + ' ' + json.dumps(resolved) if method else 'full fine-tuning'}; trainable "
         f"{trainable:,} of {n_params:,} parameters; lr {t.lr:g}, margin {cfg.margin:g}, best by {t.best_metric}")

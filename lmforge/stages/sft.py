@@ -21,7 +21,7 @@ from lmforge.losses import IGNORE, lm_loss
 from lmforge.peft import apply_peft, get_method, save_adapter
 from lmforge.train import distributed as D
 from lmforge.train.batches import ExampleBatches
-from lmforge.train.config import TrainConfig, _fill, apply_defaults, stage_defaults
+from lmforge.train.config import TrainConfig, _fill, apply_defaults, plan_steps, stage_defaults
 from lmforge.train.loop import Trainer
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -147,15 +147,14 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
                            "by every example packed into a row")
     if method is None and is_quantized(model):
         raise LMForgeError(f"{cfg.model}: a quantized model cannot be fully fine-tuned; use --peft qlora (or lora)")
-    block = model.cfg.block_size
+    resolved_peft: dict[str, Any] = {}
+    if method is not None:
+        resolved_peft = apply_peft(model, method, {k: v for k, v in cfg.peft.items() if k != "method"}, tok)
+    block = model.cfg.block_size - model.num_virtual_tokens  # prefix/prompt tuning's virtual tokens take positions
     max_len = min(cfg.data.max_len, block - 1) if cfg.data.max_len > 0 else block - 1
     train_ex, val_ex, report = build_examples(cfg, tok, template, log)
     train_ex = drop_unscored(train_ex, max_len, block, "training", log)
     val_ex = drop_unscored(val_ex, max_len, block, "held-out", log) if val_ex else val_ex
-
-    resolved_peft: dict[str, Any] = {}
-    if method is not None:
-        resolved_peft = apply_peft(model, method, {k: v for k, v in cfg.peft.items() if k != "method"}, tok)
     n_params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -167,13 +166,14 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
     val = ExampleBatches(val_ex, t.batch_size, max_len, pad, cfg.data.packing, shuffle=False, rank=dist.rank,
                          world=dist.world) if val_ex else None
     steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
-    apply_defaults(t, stage_defaults(steps, suggested_lr(method, n_params), val is not None), explicit_train)
+    apply_defaults(t, stage_defaults(steps, suggested_lr(method, n_params), val is not None, t=t,
+                                    explicit=explicit_train), explicit_train)
     if val is None:
         t.eval_iters = 0
     shown = {k: getattr(t, k) for k in ("max_iters", "lr", "batch_size", "grad_accum", "warmup_iters",
                                         "eval_interval", "schedule")}
     log(f"sft: {report['train_examples']} train / {report['val_examples']} held-out conversations; "
-        f"{cfg.epochs:g} epochs = {t.max_iters} steps; max_len {max_len}; template {template.name}; "
+        f"{plan_steps(cfg.epochs, steps, t.max_iters)}; max_len {max_len}; template {template.name}; "
         f"{'peft ' + method + ' ' + json.dumps(resolved_peft) if method else 'full fine-tuning'}; "
         f"trainable {trainable:,} of {n_params:,} parameters; " + ", ".join(f"{k} {v:g}" if isinstance(v, float)
                                                                              else f"{k} {v}" for k, v in

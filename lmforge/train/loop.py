@@ -398,6 +398,7 @@ class Trainer:
             while self.step < cfg.max_iters and not exhausted():
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                     self._eval_and_log(last)
+                    t0 = time.perf_counter()  # a step's time and tokens/s leave evaluation out
                 lr = lr_at(self.step, cfg.lr, cfg.schedule, cfg.warmup_iters, total, cfg.min_lr_ratio)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
@@ -418,7 +419,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 tps = tokens / dt
                 last = {"step": self.step, "train_loss": loss, **{f"train_{k}": v for k, v in metrics.items()},
-                        "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
+                        "lr": lr, "grad_norm": norm, "tokens_per_s": tps, "step_s": dt,
                         "mfu": tps * flops_tok / peak if peak and self.count_tokens else None}
                 if self.step % cfg.log_interval == 0 and not (self.step == cfg.max_iters and self.val_data):
                     self.metrics.write(last)
@@ -428,6 +429,7 @@ class Trainer:
                 if save_due and self.step < cfg.max_iters and not exhausted() and at_boundary():
                     self.save()
                     save_due = False
+                    t0 = time.perf_counter()  # and checkpoint writing
             self._eval_and_log(last, final=True)
             self.save()
         except KeyboardInterrupt:
