@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.assets import STORIES260K
+from lmforge.checkpoint import load_model
 from lmforge.data.sft import (
     BadCounts,
     iter_records,
@@ -20,6 +22,8 @@ from lmforge.data.sft import (
 )
 from lmforge.errors import LMForgeError
 from lmforge.losses import IGNORE
+from lmforge.peft import apply_peft
+from lmforge.quant import QuantConfig, quantize_model, weight_count
 from lmforge.train.config import TrainConfig, plan_steps, stage_defaults
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct"
@@ -219,3 +223,19 @@ def test_a_given_max_iters_sets_the_schedule():
     assert stage_defaults(339, 1e-3, True, t=t, explicit=set())["warmup_iters"] == 33
     assert plan_steps(3, 339, 339) == "3 epochs = 339 steps"
     assert plan_steps(3, 339, 50) == "50 steps (max_iters; 3 epochs would be 339)"
+
+
+def test_a_quantized_base_counts_as_the_weights_it_stands_for():
+    """Learning-rate rules read the model's size: an NF4 (QLoRA) or int8 base is as big as the float one (it counted
+    only the float parameters left: QLoRA on SmolLM2 got 2.1e-3 instead of LoRA's 9.8e-4)."""
+    full = weight_count(load_model(STORIES260K))
+    assert full == sum(p.numel() for p in load_model(STORIES260K).parameters())
+    counts = {}
+    for method in ("lora", "qlora"):
+        m = load_model(STORIES260K)
+        apply_peft(m, method, {})
+        counts[method] = weight_count(m)
+    assert counts["lora"] == counts["qlora"] > full
+    q8 = load_model(STORIES260K)
+    quantize_model(q8, QuantConfig(8, embedding=True))  # the tied output projection shares the table: counted once
+    assert weight_count(q8) == full

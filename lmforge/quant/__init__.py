@@ -24,7 +24,7 @@ from lmforge.quant.packing import (
     search_int4_params,
     unpack_int4,
 )
-from lmforge.quant.quantize import mark_head, quantizable_layers, quantize_model, set_compute
+from lmforge.quant.quantize import mark_head, quantizable_layers, quantize_model, set_compute, weight_count
 
 __all__ = [
     "COMPUTE_MODES", "DECODE_ROWS", "FORMAT", "GROUP_SIZES", "METHODS", "QUANT_FILE", "REFINE_TOP", "VERSION",
@@ -32,5 +32,5 @@ __all__ = [
     "head_is_tied", "load_quantized", "mark_head", "pack_int4", "padded_k", "quantizable_layers", "quantize_int4",
     "quantize_int8", "quantize_model", "quantized_state_dict", "read_quant_config", "refit_int4_params",
     "save_quantized", "search_int4_params", "self_calibration", "set_compute", "tie_head", "unpack_int4",
-    "weight_bytes",
+    "weight_bytes", "weight_count",
 ]

@@ -10,6 +10,22 @@ from lmforge.model.swap import replace_modules
 from lmforge.quant.config import QuantConfig
 from lmforge.quant.gptq import gptq_model, self_calibration
 from lmforge.quant.modules import COMPUTE_MODES, REFINE_TOP, QuantEmbedding, QuantLinear, tie_head
+from lmforge.quant.nf4 import NF4Linear
+
+
+def weight_count(model: nn.Module) -> int:
+    """The model's number of weights whatever their storage: parameters, plus the elements of int8/int4/NF4 layers
+    and embedding tables (frozen buffers, shared ones once). What "a 135M model" means for learning-rate rules."""
+    n = sum(p.numel() for p in model.parameters())
+    seen: set[int] = set()  # a tied output projection computes with the embedding table's tensors
+    for m in model.modules():
+        store = getattr(m, "qweight", None) if isinstance(m, (QuantLinear, QuantEmbedding)) else m.code \
+            if isinstance(m, NF4Linear) else None
+        if store is None or id(store) in seen:
+            continue
+        seen.add(id(store))
+        n += m.num_embeddings * m.embedding_dim if isinstance(m, QuantEmbedding) else m.in_features * m.out_features
+    return n
 
 
 def quantizable_layers(model: nn.Module, lm_head: bool) -> list[str]:

@@ -26,6 +26,7 @@ from lmforge.assets import default_model
 from lmforge.errors import LMForgeError
 from lmforge.losses import DPO_LOSS_TYPES, dpo_loss, ranked_pairs, sequence_logprobs, token_logprobs
 from lmforge.peft.base import disable_adapter
+from lmforge.quant import weight_count
 from lmforge.stages.reward import (
     CHAT_TEMPLATE_FILE,
     GroupBatches,
@@ -179,7 +180,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     resolved: dict[str, Any] = {}
     if method is not None:
         resolved = apply_peft(model, method, {k: v for k, v in cfg.peft.items() if k != "method"}, tok)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = weight_count(model)  # quantized weights count as the weights they stand for
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     train = GroupBatches(train_g, t.batch_size, pad, seed=t.seed, rank=dist.rank, world=dist.world)

@@ -55,6 +55,7 @@ from lmforge.losses import (
 from lmforge.model.heads import ScalarHeadModel, load_scalar_model, save_scalar_model
 from lmforge.peft import apply_peft, save_adapter
 from lmforge.peft.base import disable_adapter
+from lmforge.quant import weight_count
 from lmforge.rl.rollout import (
     Rollout,
     disable_dropout,
@@ -539,7 +540,7 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
             raise LMForgeError(f"ppo.critic_init={o.critic_init!r}: allowed values are ['auto', 'reward', 'policy']")
         disable_dropout(critic)
     model = PPOModel(actor, critic)
-    n_params = sum(p.numel() for p in actor.parameters())
+    n_params = weight_count(actor)  # quantized weights count as the weights they stand for
 
     ptx = None
     if o.ptx_coef > 0:

@@ -33,6 +33,7 @@ from lmforge.data.preference import PreferenceRecord, collate_groups, encode_res
 from lmforge.errors import LMForgeError
 from lmforge.losses import ranked_pairs, ranked_reward_loss
 from lmforge.model.heads import ScalarHeadModel, load_scalar_model, read_head_config, save_scalar_model
+from lmforge.quant import weight_count
 from lmforge.train import distributed as D
 from lmforge.train.config import TrainConfig, _fill, apply_defaults, plan_steps, stage_defaults
 from lmforge.train.loop import Trainer
@@ -265,7 +266,7 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
         resolved = apply_peft(decoder, method, {k: v for k, v in cfg.peft.items() if k != "method"}, tok)
     model = ScalarHeadModel(decoder)  # the head is always trained
     model.head.requires_grad_(True)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = weight_count(model)  # quantized weights count as the weights they stand for
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     t = cfg.train

@@ -19,6 +19,7 @@ from lmforge.checkpoint import save_checkpoint
 from lmforge.errors import LMForgeError
 from lmforge.losses import IGNORE, lm_loss
 from lmforge.peft import apply_peft, get_method, save_adapter
+from lmforge.quant import weight_count
 from lmforge.train import distributed as D
 from lmforge.train.batches import ExampleBatches
 from lmforge.train.config import TrainConfig, _fill, apply_defaults, plan_steps, stage_defaults
@@ -155,7 +156,7 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
     train_ex, val_ex, report = build_examples(cfg, tok, template, log)
     train_ex = drop_unscored(train_ex, max_len, block, "training", log)
     val_ex = drop_unscored(val_ex, max_len, block, "held-out", log) if val_ex else val_ex
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = weight_count(model)  # quantized weights count as the weights they stand for
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     t = cfg.train
