@@ -22,17 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from bench_quant import smollm2_path  # the GGUF that scripts/fetch_smollm2.sh fetches
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 METHODS = ["full", "lora", "qlora", "adapter", "prefix", "prompt", "ptuning"]
-
-
-def smollm2_path() -> Path | None:
-    env = os.environ.get("LMFORGE_SMOLLM2_GGUF")
-    if env:
-        return Path(env) if Path(env).is_file() else None
-    found = sorted((Path.home() / ".cache" / "lmforge" / "smollm2").glob("*.gguf"))
-    return found[0] if found else None
 
 
 def run(method: str, model: str, data: str, steps: int, out: Path) -> dict:
