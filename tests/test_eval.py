@@ -77,6 +77,40 @@ def test_cached_batched_scores_equal_one_sequence_forward(name):
             assert v == pytest.approx(ref_loglik(model, gr.context, cont), abs=1e-4)
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-bloom"])
+def test_shared_prefixes_run_once_and_score_like_one_sequence_forward(name):
+    """Few-shot contexts: a 40-token header and demonstrations shared in nested ways (a prefix tree), plus
+    contexts sharing nothing. Scores equal the plain forward; fewer tokens run than without sharing."""
+    model = random_model(name, block_size=512)
+    g = torch.Generator().manual_seed(2)
+
+    def rand(n: int) -> list[int]:
+        return torch.randint(0, 500, (n,), generator=g).tolist()
+
+    header, demos = rand(40), [rand(n) for n in (30, 45, 38, 41, 33)]
+    groups = []
+    for q in range(5):  # each question after the other four demonstrations (the layout of the shared dev files)
+        ctx = header + [t for k, d in enumerate(demos) if k != q for t in d] + rand(5 + 3 * q)
+        groups.append(Group(ctx, [rand(k) for k in (1, 3, 1, 2)]))
+    for q in range(4):  # one fixed demonstration block before each question (MMLU test with dev shots)
+        groups.append(Group(header + demos[0] + demos[1] + rand(7 + 5 * q), [rand(k) for k in (1, 1, 4, 1)]))
+    groups += [Group(rand(n), [rand(2), rand(1)]) for n in (12, 50, 3)]  # nothing shared
+    plain = Scorer(model, None, batch_tokens=512, max_batch=4, cache_bytes=20_000)
+    plain.share_prefixes = False
+    shared = Scorer(model, None, batch_tokens=512, max_batch=4, cache_bytes=20_000)
+    families, alone = shared._families(groups)
+    if name == "tiny-bloom":  # ALiBi's distances are key slots: padding after the prefix would change them
+        assert families == []
+    else:
+        assert [len(f) for f in families] == [9] and len(alone) == 3  # all nine share at least the header
+    got, want = shared.score(groups), plain.score(groups)
+    for gr, s, w in zip(groups, got, want):
+        for cont, v, u in zip(gr.continuations, s, w):
+            assert v == pytest.approx(u, abs=1e-4)
+            assert v == pytest.approx(ref_loglik(model, gr.context, cont), abs=1e-4)
+    assert shared.tokens < 0.7 * plain.tokens or name == "tiny-bloom"
+
+
 def test_context_truncated_from_the_left_like_the_harness():
     model = random_model("tiny-llama", block_size=32)
     groups = [Group(list(range(40)), [[5]]), Group(list(range(3, 33)), [[7], [8, 9]]), Group([4, 5], [[1] * 12])]

@@ -7,6 +7,13 @@ context is replaced by a prefix token (BOS, else EOS), and no BOS is added other
 Questions are sorted by context length and batched (left padding, a key mask, positions counted from the mask, as
 ``infer.generate.generate_batch`` does); the contexts run once, then all multi-token continuations of the batch run
 on copies of their question's cache.
+
+Contexts that share a long prefix (few-shot demonstrations: MMLU's five dev questions before every test question of a
+subject) run it once. Questions whose contexts share at least ``MIN_SHARED`` tokens with a neighbour in token order
+form a family; a family's batches each run their common prefix once for the whole batch, the last prefix's keys and
+values are kept, and the next batch computes only what its prefix does not share with it (a prefix tree walked in
+order). The suffixes then run left-padded after the prefix. The scores are those of the plain path up to float
+rounding.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from lmforge.errors import LMForgeError
 from lmforge.losses import cross_entropy
 from lmforge.model import Decoder, KVCache
 
+MIN_SHARED = 32  # tokens two contexts must share to run their prefix once (about one demonstration)
 
 @dataclass
 class Group:
@@ -80,7 +88,9 @@ class Scorer:
         self.batch_tokens, self.max_batch, self.cache_bytes = batch_tokens, max_batch, cache_bytes
         self.add_bos = add_bos
         self.want_greedy = False  # also compute whether each continuation is the greedy one (the harness adapter)
+        self.share_prefixes = True  # run a prefix shared by several contexts once (see the module docstring)
         self.tokens = 0  # tokens run through the model (for tokens/s)
+        self._pre: tuple[list[int], torch.Tensor, torch.Tensor] | None = None  # last prefix: ids, keys, values
 
     @property
     def block_size(self) -> int:
@@ -103,7 +113,11 @@ class Scorer:
         """(sum of log-probabilities, whether greedy decoding would produce it) of each continuation."""
         out: list[list] = [[] for _ in groups]
         prepared = [self._truncate(g) for g in groups]
-        order = sorted(range(len(groups)), key=lambda i: -len(prepared[i].context))
+        families, alone = self._families(prepared)
+        for fam in families:
+            self._score_family(fam, prepared, out)
+        self._pre = None
+        order = sorted(alone, key=lambda i: -len(prepared[i].context))
         batch: list[int] = []
         tail = 0  # longest continuation in the batch: padded context + its rest must fit the model's context
         for i in order:
@@ -119,6 +133,77 @@ class Scorer:
             self._score_batch([prepared[j] for j in batch], [out[j] for j in batch])
         return [[(lp, g) for lp, g in row] for row in out]
 
+    def _families(self, prepared: list[Group]) -> tuple[list[list[int]], list[int]]:
+        """(families: runs of questions in token order whose neighbouring contexts share >= MIN_SHARED tokens,
+        the other questions)."""
+        n = len(prepared)
+        cfg = self.model.cfg
+        # the suffixes run after padding that follows the prefix: only position ids may carry distances (not ALiBi's
+        # or a local window's key slots), and no virtual tokens may sit before the prefix
+        if (not self.share_prefixes or self.model.num_virtual_tokens or n < 2 or cfg.position == "alibi"
+                or cfg.attn_pattern == "alternating"):
+            return [], list(range(n))
+        order = sorted(range(n), key=lambda i: prepared[i].context)
+        families, alone, run = [], [], [order[0]]
+        for a, b in zip(order, order[1:]):
+            if _lcp(prepared[a].context, prepared[b].context) >= MIN_SHARED:
+                run.append(b)
+                continue
+            (families.append(run) if len(run) > 1 else alone.extend(run))
+            run = [b]
+        (families.append(run) if len(run) > 1 else alone.extend(run))
+        return families, alone
+
+    def _score_family(self, fam: list[int], prepared: list[Group], out: list[list]) -> None:
+        """Batches of a family in token order: a question joins the batch while running them together costs no
+        more tokens (x 1.25) than running it next on its own after the batch's prefix."""
+        def prefix_len(b: list[int], lcp: int) -> int:  # every context keeps at least one token after the prefix
+            return min(lcp, min(len(prepared[j].context) for j in b) - 1)
+
+        def cost(b: list[int], lcp: int) -> int:
+            lp = prefix_len(b, lcp)
+            reused = min(lp, _lcp(self._pre[0], prepared[b[0]].context) if self._pre else 0)
+            return lp - reused + len(b) * (max(len(prepared[j].context) for j in b) - lp)
+
+        batch, lcp = [fam[0]], len(prepared[fam[0]].context)
+        for i in fam[1:]:
+            ctx = prepared[i].context
+            shared = min(lcp, _lcp(prepared[batch[-1]].context, ctx))
+            joined = batch + [i]
+            width = max(len(prepared[j].context) for j in joined)
+            tail = max(len(c) for j in joined for c in prepared[j].continuations)
+            fits = (len(joined) <= self.max_batch and len(joined) * (width - prefix_len(joined, shared))
+                    <= self.batch_tokens and width + tail - 1 <= self.block_size)
+            alone = len(ctx) - min(prefix_len(batch, lcp), _lcp(prepared[batch[0]].context, ctx))
+            if fits and cost(joined, shared) <= 1.25 * (cost(batch, lcp) + alone):
+                batch, lcp = joined, shared
+                continue
+            self._score_batch([prepared[j] for j in batch], [out[j] for j in batch], prefix_len(batch, lcp))
+            batch, lcp = [i], len(ctx)
+        self._score_batch([prepared[j] for j in batch], [out[j] for j in batch], prefix_len(batch, lcp))
+
+    def _prefix_cache(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (layers, 1, kv_heads, len(ids), head_dim) of ``ids`` run from the start, reusing the
+        part shared with the last prefix; ``ids`` becomes the last prefix."""
+        model = self.model
+        device, dtype = _device_dtype(model)
+        n = len(ids)
+        reused = min(n, _lcp(self._pre[0], ids)) if self._pre else 0
+        if reused == n and self._pre is not None and len(self._pre[0]) == n:
+            return self._pre[1], self._pre[2]
+        cache = KVCache(model.cfg, 1, n, device=device, dtype=dtype)
+        if reused:
+            cache.k[:, :, :, :reused] = self._pre[1][:, :, :, :reused]
+            cache.v[:, :, :, :reused] = self._pre[2][:, :, :, :reused]
+            cache.pos = reused
+        if reused < n:
+            x = torch.tensor([ids[reused:]], device=device)
+            pos = torch.arange(reused, n, device=device)[None]
+            model.hidden_states(x, position_ids=_positions(model, pos), cache=cache)
+            self.tokens += n - reused
+        self._pre = (list(ids), cache.k, cache.v)
+        return cache.k, cache.v
+
     def _truncate(self, g: Group) -> Group:
         """Left-truncate the context so that context + longest continuation - 1 fits the model's context."""
         if any(not c for c in g.continuations):
@@ -129,21 +214,29 @@ class Scorer:
             raise LMForgeError(f"a continuation of {longest} tokens does not fit the context of {self.block_size}")
         return Group(g.context[-room:], g.continuations)
 
-    def _score_batch(self, groups: list[Group], out: list[list[float]]) -> None:
+    def _score_batch(self, groups: list[Group], out: list[list[float]], shared: int = 0) -> None:
+        """Score a batch; its contexts' first ``shared`` tokens (the same in each) run once as a prefix."""
         model = self.model
         device, dtype = _device_dtype(model)
-        B, P = len(groups), max(len(g.context) for g in groups)
+        B, P = len(groups), max(len(g.context) for g in groups) - shared
         ids = torch.zeros(B, P, dtype=torch.long, device=device)
         mask = torch.ones(B, P, dtype=torch.bool, device=device)
         for b, g in enumerate(groups):
-            ids[b, P - len(g.context):] = torch.tensor(g.context, device=device)
-            mask[b, : P - len(g.context)] = False
+            ids[b, P - len(g.context) + shared:] = torch.tensor(g.context[shared:], device=device)
+            mask[b, : P - len(g.context) + shared] = False
         padded = not bool(mask.all())
-        pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        cache = KVCache(model.cfg, B, P, device=device, dtype=dtype)
+        self.tokens += int(mask.sum())  # the prefix counts where it runs (_prefix_cache)
+        pos = (mask.long().cumsum(-1) - 1).clamp_min(0) + shared
+        cache = KVCache(model.cfg, B, shared + P, device=device, dtype=dtype)
+        if shared:
+            pk, pv = self._prefix_cache(groups[0].context[:shared])
+            cache.k[:, :, :, :shared] = pk[:, :, :, :shared]
+            cache.v[:, :, :, :shared] = pv[:, :, :, :shared]
+            cache.pos = shared
+            mask = torch.cat([torch.ones(B, shared, dtype=torch.bool, device=device), mask], dim=1)
+            P += shared
         h = model.hidden_states(ids, position_ids=_positions(model, pos), key_mask=mask if padded else None,
                                 cache=cache)
-        self.tokens += int(mask.sum())
         first = torch.log_softmax(model.lm_head(h[:, -1]).float(), dim=-1)
         best = first.argmax(-1).tolist()
         rows: list[tuple[int, int]] = []  # (group, choice) of continuations longer than one token
@@ -213,6 +306,15 @@ class Scorer:
                     total -= float(lp[r, k - w[2]:].sum())
                     n += w[2]
         return total, n
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two id lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def rolling_windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
