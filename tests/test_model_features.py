@@ -509,3 +509,26 @@ def test_gradient_checkpointing_gives_identical_loss_and_gradients(kw):
     assert losses[0] == losses[1]
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(pa.grad, pb.grad, rtol=1e-6, atol=1e-7), n
+
+
+def test_rmsnorm_small_input_path_is_the_rms_formula_and_follows_weight_updates():
+    from lmforge.model.norms import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.mul_(torch.randn(48))
+    x = torch.randn(3, 1, 48) * 0.1  # a decoding step: few rows
+    want = x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    with torch.inference_mode():
+        got = norm(x)
+    assert norm._w2 is not None  # the small-input path ran
+    assert torch.allclose(got.double(), want, atol=2e-6)
+    with torch.no_grad():
+        norm.weight.mul_(2.0)  # an update in place must not be missed
+    with torch.inference_mode():
+        assert torch.allclose(norm(x).double(), 2 * want, atol=4e-6)
+    big = torch.randn(2, 100, 48)  # whole sequences and training: rms_norm itself, gradients flow
+    big.requires_grad_(True)
+    norm(big).sum().backward()
+    assert big.grad is not None and norm.weight.grad is not None

@@ -33,12 +33,13 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)
-        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        if rope is not None:
-            q, k = self._rotate(q, rope), self._rotate(k, rope)
+        nh, nkv, hd = self.n_head, self.n_kv, self.hd
+        y = self.qkv(x)
+        qk = y[..., : (nh + nkv) * hd].view(B, T, nh + nkv, hd).transpose(1, 2)
+        if rope is not None:  # queries and keys share the positions: one rotation of both (fewer ops per step)
+            qk = self._rotate(qk, rope)
+        q, k = qk.split([nh, nkv], dim=1)
+        v = y[..., (nh + nkv) * hd :].view(B, T, nkv, hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         causal = mask is None and T > 1 and k.shape[2] == T

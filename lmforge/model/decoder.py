@@ -43,16 +43,16 @@ class Block(nn.Module):
         if self.parallel:
             h = self.norm1(x)
             h2 = self.norm2(x) if hasattr(self, "norm2") else h
-            return x + self.drop(self._attn(h, rope, mask, cache)) + self.drop(self._mlp(h2))
+            return x + self._drop(self._attn(h, rope, mask, cache)) + self._drop(self._mlp(h2))
         if self.placement == "pre":
-            x = x + self.drop(self._attn(self.norm1(x), rope, mask, cache))
-            return x + self.drop(self._mlp(self.norm2(x)))
+            x = x + self._drop(self._attn(self.norm1(x), rope, mask, cache))
+            return x + self._drop(self._mlp(self.norm2(x)))
         if self.placement == "sandwich":
-            x = x + self.drop(self.norm1_out(self._attn(self.norm1(x), rope, mask, cache)))
-            return x + self.drop(self.norm2_out(self._mlp(self.norm2(x))))
+            x = x + self._drop(self.norm1_out(self._attn(self.norm1(x), rope, mask, cache)))
+            return x + self._drop(self.norm2_out(self._mlp(self.norm2(x))))
         # post-LN (GPT-1, BERT) and DeepNorm (post-LN with the residual scaled by alpha)
-        x = self.norm1(self._scaled(x) + self.drop(self._attn(x, rope, mask, cache)))
-        return self.norm2(self._scaled(x) + self.drop(self._mlp(x)))
+        x = self.norm1(self._scaled(x) + self._drop(self._attn(x, rope, mask, cache)))
+        return self.norm2(self._scaled(x) + self._drop(self._mlp(x)))
 
     def _attn(self, h: torch.Tensor, rope, mask, cache) -> torch.Tensor:
         y = self.attn(h, rope, mask, cache)
@@ -61,6 +61,9 @@ class Block(nn.Module):
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         y = self.mlp(h)
         return y if self.adapter_mlp is None else self.adapter_mlp(h, y)
+
+    def _drop(self, y: torch.Tensor) -> torch.Tensor:  # no call at all when off (a decoding step is many small ops)
+        return self.drop(y) if self.training and self.drop.p > 0 else y
 
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.alpha if self.alpha != 1.0 else x
@@ -225,7 +228,8 @@ class Decoder(nn.Module):
             x = x + self.wpe(position_ids[:, 0]) + self.wpe_block(position_ids[:, 1])
         if cfg.embedding_norm:
             x = self.emb_norm(x)
-        x = self.drop(x)
+        if self.training and self.drop.p > 0:
+            x = self.drop(x)
 
         rope = None
         if cfg.position == "rope":

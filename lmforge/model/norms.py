@@ -16,10 +16,23 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self._w2: tuple[int, int, torch.Tensor] | None = None  # [w, w] for the small-input path, by weight version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            d = x.shape[-1]
+            if x.dim() == 3 and x.shape[1] == 1 and x.device.type == "cpu" and not (
+                    torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+                # a decoding step (one new position per sequence, no gradient): layer_norm([x, -x]) has mean 0 and
+                # variance mean(x^2), i.e. it is x / sqrt(mean(x^2) + eps), in one fused CPU kernel where rms_norm
+                # runs about 20 small ops (the step's norms took twice as long). Passes over whole sequences keep
+                # rms_norm, so a scoring pass and a training pass compute the same numbers (PPO's ratio is 1).
+                w = self.weight
+                key = (w.data_ptr(), w._version)
+                if self._w2 is None or self._w2[:2] != key:
+                    self._w2 = (*key, torch.cat([w.detach(), w.detach()]))
+                return F.layer_norm(torch.cat([x, -x], -1), (2 * d,), self._w2[2], None, self.eps)[..., :d]
+            return F.rms_norm(x, (d,), self.weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
         return self.weight * y
 

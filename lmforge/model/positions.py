@@ -62,7 +62,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     else:
         x1, x2 = x_rot.chunk(2, dim=-1)
         rotated = torch.cat((-x2, x1), dim=-1)
-    out = x_rot * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    out = x_rot * cos + rotated * sin
     return out if x_pass is None else torch.cat((out, x_pass), dim=-1)
 
 

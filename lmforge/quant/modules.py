@@ -309,12 +309,13 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():  # training something upstream (LoRA, QLoRA)
             return FrozenWeightGrad.apply(x, self)
-        if self.compute == "auto" and x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu":
-            fn = self._decode.get(x.shape[0])
-            if fn is None and x.shape[0] <= DECODE_ROWS:
-                fn = self._decode[x.shape[0]] = self._decode_fn(x.shape[0])
+        if self.compute == "auto" and x.dtype == torch.float32 and x.device.type == "cpu":
+            rows = x.numel() // self.in_features  # (B, T, K) decoding steps too: B*T rows
+            fn = self._decode.get(rows)
+            if fn is None and rows <= DECODE_ROWS:
+                fn = self._decode[rows] = self._decode_fn(rows)
             if fn is not None:
-                return fn(x)
+                return fn(x) if x.dim() == 2 else fn(x.reshape(rows, -1)).view(*x.shape[:-1], self.out_features)
         return self._forward(x, self._mode(x))
 
     def _forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
