@@ -68,7 +68,13 @@ def test_score_same_unpadded_right_and_left_padded(preset):
             sl = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
             ids[i, sl] = torch.tensor(s)
             mask[i, sl] = 1
+        seen: list[dict] = []
+        orig = dec.hidden_states
+        dec.hidden_states = lambda *a, seen=seen, orig=orig, **kw: (seen.append(kw), orig(*a, **kw))[1]
         torch.testing.assert_close(model.score(ids, mask), single, atol=2e-5, rtol=1e-4)
+        del dec.hidden_states
+        # right padding runs without a key mask (the memory-efficient attention kernel); left padding needs it
+        assert ("key_mask" in seen[0]) == (side == "left")
     # without a mask the score of a right-padded row would be read at the padding: the mask matters
     assert not torch.allclose(model.score(ids), single, atol=1e-3)
 

@@ -92,17 +92,17 @@ def test_packed_loss_equals_unpacked_loss():
     assert sp == pytest.approx(ref, rel=1e-5) and su == pytest.approx(ref, rel=1e-5)
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_example_batches_resume_mid_epoch_and_cover_each_epoch(packing):
+@pytest.mark.parametrize("packing,by_length", [(False, False), (True, False), (False, True)])
+def test_example_batches_resume_mid_epoch_and_cover_each_epoch(packing, by_length):
     exs = examples(10, seed=1)
-    ref = ExampleBatches(exs, 2, max_len=24, packing=packing, seed=7)
+    ref = ExampleBatches(exs, 2, max_len=24, packing=packing, seed=7, by_length=by_length)
     assert isinstance(ref, BatchSource)
     seq = [ref.next_batch() for _ in range(9)]
-    again = ExampleBatches(exs, 2, max_len=24, packing=packing, seed=7)
+    again = ExampleBatches(exs, 2, max_len=24, packing=packing, seed=7, by_length=by_length)
     for _ in range(4):
         again.next_batch()
     state = json.loads(json.dumps(again.state_dict()))
-    fresh = ExampleBatches(exs, 2, max_len=24, packing=packing, seed=123)
+    fresh = ExampleBatches(exs, 2, max_len=24, packing=packing, seed=123, by_length=by_length)
     fresh.load_state_dict(state)
     for b in seq[4:]:
         nb = fresh.next_batch()
@@ -113,10 +113,12 @@ def test_example_batches_resume_mid_epoch_and_cover_each_epoch(packing):
         assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(seq[:4], seq[5:9]))
 
 
-def test_ranks_split_the_global_batch():
+@pytest.mark.parametrize("by_length", [False, True])
+def test_ranks_split_the_global_batch(by_length):
     exs = examples(12, seed=2)
-    both = ExampleBatches(exs, 4, max_len=24, seed=5).next_batch()
-    r0, r1 = (ExampleBatches(exs, 2, max_len=24, seed=5, rank=r, world=2).next_batch() for r in (0, 1))
+    both = ExampleBatches(exs, 4, max_len=24, seed=5, by_length=by_length).next_batch()
+    r0, r1 = (ExampleBatches(exs, 2, max_len=24, seed=5, rank=r, world=2, by_length=by_length).next_batch()
+              for r in (0, 1))
     width = both["input_ids"].shape[1]
 
     def pad(t, w):
@@ -229,3 +231,26 @@ def test_fused_linear_cross_entropy_equals_logits_then_cross_entropy():
     torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-4)
     for k, p in model.named_parameters():
         torch.testing.assert_close(g1[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_length_grouped_example_batches_pad_less():
+    r = torch.Generator().manual_seed(0)
+    exs = [{"input_ids": [5] * n, "labels": [5] * n} for n in torch.randint(3, 200, (160,), generator=r).tolist()]
+    def padded(src):
+        return sum(src.next_batch()["input_ids"].numel() for _ in range(src.steps_per_epoch))
+    plain, grouped = (ExampleBatches(exs, 8, max_len=256, seed=1, by_length=b) for b in (False, True))
+    assert padded(grouped) < 0.75 * padded(plain)
+    val = ExampleBatches(exs, 8, max_len=256, shuffle=False, by_length=True).fixed_batches(2, 0)
+    got = sorted(len(row[row != 0]) for b in val for row in b["input_ids"])
+    assert got == sorted(len(e["input_ids"]) - 1 for e in exs[:16])  # the same examples as without grouping
+
+
+def test_gradient_checkpointing_reaches_a_decoder_inside_a_wrapper(tmp_path):
+    from lmforge.model.heads import ScalarHeadModel
+
+    torch.manual_seed(0)
+    rm = ScalarHeadModel(Decoder(CFG))
+    t = TrainConfig(max_iters=1, eval_interval=100, eval_iters=0, precision="fp32", device="cpu", batch_size=2,
+                    gradient_checkpointing=True)
+    Trainer(rm, t, ExampleBatches(examples(4), 2, 24), sft_loss, tmp_path / "r")
+    assert rm.decoder.gradient_checkpointing  # a reward model's (or PPO's actor's and critic's) decoder

@@ -51,6 +51,7 @@ class SFTData:
     val_fraction: float = 0.1
     max_len: int = 1024  # tokens per example (longer ones are truncated); at most the model's block_size
     packing: bool = False  # several examples per row, attention kept inside each
+    group_by_length: bool = True  # unpacked: batches of similar lengths (less padding); seeded and resumable
     train_on_prompt: bool = False  # score prompt tokens too
     template: str = ""  # chat template name or Jinja; empty: the model's own, else alpaca
     skip_bad: bool = False
@@ -164,9 +165,9 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
     truncated = []
     train = ExampleBatches(train_ex, t.batch_size, max_len, pad, cfg.data.packing, seed=t.seed, rank=dist.rank,
-                           world=dist.world, on_truncate=truncated.append)
+                           world=dist.world, on_truncate=truncated.append, by_length=cfg.data.group_by_length)
     val = ExampleBatches(val_ex, t.batch_size, max_len, pad, cfg.data.packing, shuffle=False, rank=dist.rank,
-                         world=dist.world) if val_ex else None
+                         world=dist.world, by_length=cfg.data.group_by_length) if val_ex else None
     steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
     apply_defaults(t, stage_defaults(steps, suggested_lr(method, n_params), val is not None, t=t,
                                     explicit=explicit_train), explicit_train)

@@ -145,6 +145,24 @@ class TokenWindows:
         return [other.next_batch() for _ in range(n)]
 
 
+LENGTH_WINDOW = 16  # batches per window sorted by length (group_by_length)
+
+
+def length_grouped(order: Sequence[int], lengths: Sequence[int], step: int, g: torch.Generator) -> list[int]:
+    """``order`` (one epoch's shuffled indices) rearranged so that each run of ``step`` items (one global batch)
+    holds items of similar length: windows of ``LENGTH_WINDOW`` batches sorted by length, cut into batches, the
+    full batches shuffled with ``g`` and a short last batch kept at the end (transformers' ``group_by_length``
+    does the same). A batch is padded to its longest item, so this cuts the padded tokens."""
+    win = step * LENGTH_WINDOW
+    batches: list[list[int]] = []
+    for w in range(0, len(order), win):
+        part = sorted(order[w : w + win], key=lambda i: -lengths[i])
+        batches += [part[b : b + step] for b in range(0, len(part), step)]
+    full = [b for b in batches if len(b) == step]
+    short = [i for b in batches if len(b) < step for i in b]
+    return [i for k in torch.randperm(len(full), generator=g).tolist() for i in full[k]] + short
+
+
 class ExampleBatches:
     """Epochs over tokenized examples, each ``{"input_ids": [...], "labels": [...]}`` of equal length (labels are
     the ids to predict at each position, ``IGNORE`` where nothing is scored, e.g. prompt tokens). A batch is
@@ -160,7 +178,7 @@ class ExampleBatches:
 
     def __init__(self, examples: Sequence[dict[str, list[int]]], batch_size: int, max_len: int, pad_id: int = 0,
                  packing: bool = False, shuffle: bool = True, seed: int = 0, rank: int = 0, world: int = 1,
-                 on_truncate: Callable[[int], None] | None = None) -> None:
+                 on_truncate: Callable[[int], None] | None = None, by_length: bool = False) -> None:
         if not examples:
             raise LMForgeError("no examples to train on")
         if batch_size < 1 or max_len < 2:
@@ -179,6 +197,7 @@ class ExampleBatches:
             on_truncate(cut)
         self.batch_size, self.max_len, self.pad_id = batch_size, max_len, pad_id
         self.packing, self.shuffle, self.seed = packing, shuffle, seed
+        self.by_length = by_length and not packing  # packed rows are full anyway
         self.rank, self.world = rank, world
         self.epoch, self.cursor, self.batches = 0, 0, 0
         self._order = self._permutation(0)
@@ -189,7 +208,11 @@ class ExampleBatches:
         if not self.shuffle:
             return np.arange(n)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(n, generator=g).numpy()
+        order = torch.randperm(n, generator=g)
+        if self.by_length:
+            lengths = [len(ids) for ids, _ in self.examples]
+            return np.asarray(length_grouped(order.tolist(), lengths, self.batch_size * self.world, g))
+        return order.numpy()
 
     def _take(self) -> int:
         """Index of the next example in the stream (crossing into the next epoch when one ends)."""
@@ -285,6 +308,8 @@ class ExampleBatches:
         if n <= 0:
             n = len(self.examples)
         order = list(range(len(self.examples)))
+        if self.by_length and not self.shuffle:  # the same examples (the first n batches' worth), less padding
+            order = sorted(order[: n * self.batch_size * self.world], key=lambda i: -len(self.examples[i][0]))
         rows: list[list[int]] = []
         while order:
             row = [order.pop(0)]

@@ -141,8 +141,10 @@ class Trainer:
         self.run_config = run_config or {}
         self.log = log or (lambda msg: print(msg, file=sys.stderr) if self.dist.main else None)
         self.raw_model = model.to(self.device)
-        if cfg.gradient_checkpointing:
-            self.raw_model.gradient_checkpointing = True
+        if cfg.gradient_checkpointing:  # every decoder inside (a reward model's, PPO's actor and critic too)
+            for m in self.raw_model.modules():
+                if hasattr(m, "gradient_checkpointing"):
+                    m.gradient_checkpointing = True
         self.model = D.wrap(self.raw_model, self.dist, cfg.distributed, self.device)
         if cfg.compile:
             self.model = torch.compile(self.model)
