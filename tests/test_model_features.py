@@ -532,3 +532,11 @@ def test_rmsnorm_small_input_path_is_the_rms_formula_and_follows_weight_updates(
     big.requires_grad_(True)
     norm(big).sum().backward()
     assert big.grad is not None and norm.weight.grad is not None
+
+    with torch.inference_mode():  # weights made under inference mode (a model loaded for sampling) have no version
+        inf = RMSNorm(48, eps=1e-5)
+        assert torch.allclose(inf(x), F_rms(x, inf.weight), atol=2e-6)
+
+
+def F_rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w

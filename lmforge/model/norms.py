@@ -28,10 +28,14 @@ class RMSNorm(nn.Module):
                 # runs about 20 small ops (the step's norms took twice as long). Passes over whole sequences keep
                 # rms_norm, so a scoring pass and a training pass compute the same numbers (PPO's ratio is 1).
                 w = self.weight
-                key = (w.data_ptr(), w._version)
-                if self._w2 is None or self._w2[:2] != key:
-                    self._w2 = (*key, torch.cat([w.detach(), w.detach()]))
-                return F.layer_norm(torch.cat([x, -x], -1), (2 * d,), self._w2[2], None, self.eps)[..., :d]
+                if w.is_inference():  # no version counter to tell an update: built each time (one more op)
+                    w2 = torch.cat([w, w])
+                else:
+                    key = (w.data_ptr(), w._version)
+                    if self._w2 is None or self._w2[:2] != key:
+                        self._w2 = (*key, torch.cat([w.detach(), w.detach()]))
+                    w2 = self._w2[2]
+                return F.layer_norm(torch.cat([x, -x], -1), (2 * d,), w2, None, self.eps)[..., :d]
             return F.rms_norm(x, (d,), self.weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
         return self.weight * y
