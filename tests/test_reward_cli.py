@@ -119,6 +119,20 @@ def test_length_grouped_batches_cover_every_group_once_pad_less_and_resume_exact
     assert widths == sorted(widths, reverse=True) and widths[0] == max(lengths[:24])
 
 
+def test_score_groups_runs_by_length_and_returns_scores_in_order(stories):
+    model, tok = stories
+    rm = ScalarHeadModel(model).eval()
+    recs = [PreferenceRecord([{"role": "user", "content": "Tom saw " + "a dog " * k}], [" A" * (k + 1), " B", " C c"],
+                             "x") for k in (1, 9, 3, 14, 0)]
+    groups = [encode_group(tok, r, None, 128) for r in recs]
+    got = score_groups(rm, groups, 0, batch_size=2)
+    with torch.no_grad():
+        want = [[rm.score(torch.tensor([ex["input_ids"]]))[0].item() for ex in g] for g in groups]
+    assert [len(g) for g in got] == [3] * 5
+    for a, b in zip(got, want):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
 def test_reward_command_learns_a_word_preference_normalises_and_scores(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in word_pairs(100)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from lmforge.losses import IGNORE
 from lmforge.peft import apply_peft
 from lmforge.quant import QuantConfig, quantize_model, weight_count
 from lmforge.train.config import TrainConfig, plan_steps, stage_defaults
+from lmforge.train.loop import Trainer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct"
 
@@ -222,6 +224,11 @@ def test_a_given_max_iters_sets_the_schedule():
     assert (chosen["max_iters"], chosen["warmup_iters"], chosen["eval_interval"]) == (50, 5, 10)
     assert stage_defaults(339, 1e-3, True, t=t, explicit=set())["warmup_iters"] == 33
     assert plan_steps(3, 339, 339) == "3 epochs = 339 steps"
+    # small-batch noise is no spike in fine-tuning: a reward model's losses (mean 0.65) met a batch at 1.2
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = TrainConfig(**{**TrainConfig().__dict__, **stage_defaults(339, 1e-3, True)})
+    trainer.recent = collections.deque([0.65 + 0.1 * ((i * 7) % 5 - 2) for i in range(50)], maxlen=50)
+    assert not trainer.is_spike(1.2) and trainer.is_spike(2.0) and trainer.is_spike(float("nan"))
     assert plan_steps(3, 339, 50) == "50 steps (max_iters; 3 epochs would be 339)"
 
 

@@ -228,19 +228,22 @@ def reward_loss_fn(margin: float):
 @torch.no_grad()
 def score_groups(model: ScalarHeadModel, groups: Sequence[Group], pad_id: int, batch_size: int = 8,
                  normalized: bool = True) -> list[list[float]]:
-    """Scores of every response of every group (eval mode), group by group."""
+    """Scores of every response of every group (eval mode), group by group; batches run in order of length (less
+    padding) and the scores come back in the groups' order."""
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
-    out: list[list[float]] = []
-    for s in range(0, len(groups), batch_size):
-        chunk = list(groups[s : s + batch_size])
-        b = collate_groups(chunk, pad_id)
-        sc = model.score(b["input_ids"].to(dev), b["attention_mask"].to(dev), normalized=normalized).tolist()
-        at = 0
-        for g in chunk:
-            out.append(sc[at : at + len(g)])
-            at += len(g)
+    order = sorted(range(len(groups)), key=lambda i: -max(len(ex["input_ids"]) for ex in groups[i]))
+    out: list[list[float]] = [[] for _ in groups]
+    with torch.no_grad():
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            b = collate_groups([groups[i] for i in idx], pad_id)
+            sc = model.score(b["input_ids"].to(dev), b["attention_mask"].to(dev), normalized=normalized).tolist()
+            at = 0
+            for i in idx:
+                out[i] = sc[at : at + len(groups[i])]
+                at += len(groups[i])
     model.train(was)
     return out
 
