@@ -29,6 +29,7 @@ from lmforge.model import Decoder, KVCache
 
 MIN_SHARED = 32  # tokens two contexts must share to run their prefix once (about one demonstration)
 
+
 @dataclass
 class Group:
     """One question: its context ids and the ids of every continuation to score after it."""

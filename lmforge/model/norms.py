@@ -16,7 +16,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self._w2: tuple[int, int, torch.Tensor] | None = None  # [w, w] for the small-input path, by weight version
+        self._w2: tuple[int, int, torch.Tensor] | None = None  # [w, w] for the one-position path, by weight version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:

@@ -33,6 +33,7 @@ from lmforge.stages.reward import (
     PrefData,
     device_for,
     encode_group,
+    longest_first,
     pad_id_of,
     pick_template,
     read_split,
@@ -106,7 +107,7 @@ def reference_logprobs(model, groups, pad_id: int, batch_size: int, amp: torch.d
     """(pairs, 2) summed response log-probs of the model as it is (eval mode), under the trainer's precision."""
     was = model.training
     model.eval()
-    order = sorted(range(len(groups)), key=lambda i: -max(len(ex["input_ids"]) for ex in groups[i]))
+    order = longest_first(groups)
     src = GroupBatches([groups[i] for i in order], batch_size, pad_id, shuffle=False)  # by length: less padding
     device = next(model.parameters()).device
     with autocast(device, amp):

@@ -76,6 +76,16 @@ def load_reward_config(d: dict[str, Any], where: str) -> RewardConfig:
 # ---- batches ----------------------------------------------------------------------------------------------------
 
 
+def group_len(g: Group) -> int:
+    """Tokens of a group's longest response (its padded width in a batch)."""
+    return max(len(ex["input_ids"]) for ex in g)
+
+
+def longest_first(groups: Sequence[Group]) -> list[int]:
+    """Indices of ``groups``, longest first (batches in this order carry little padding)."""
+    return sorted(range(len(groups)), key=lambda i: -group_len(groups[i]))
+
+
 class GroupBatches:
     """A ``BatchSource`` over groups (one prompt's encoded responses, best first): ``batch_size`` groups per batch,
     collated by ``collate_groups`` (plus a float tensor for every extra numeric field of the examples, e.g. the
@@ -91,14 +101,13 @@ class GroupBatches:
         self.groups, self.batch_size, self.pad_id = list(groups), batch_size, pad_id
         self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world
         self.by_length = by_length
-        self._len = [max(len(ex["input_ids"]) for ex in g) for g in self.groups]
+        self._len = [group_len(g) for g in self.groups]
         self.epoch, self.cursor, self.batches = 0, 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
         if not self.shuffle:
-            return sorted(range(len(self.groups)), key=lambda i: -self._len[i]) if self.by_length \
-                else list(range(len(self.groups)))
+            return longest_first(self.groups) if self.by_length else list(range(len(self.groups)))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.groups), generator=g).tolist()
         return length_grouped(order, self._len, self.batch_size * self.world, g) if self.by_length else order
@@ -233,17 +242,16 @@ def score_groups(model: ScalarHeadModel, groups: Sequence[Group], pad_id: int, b
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
-    order = sorted(range(len(groups)), key=lambda i: -max(len(ex["input_ids"]) for ex in groups[i]))
+    order = longest_first(groups)
     out: list[list[float]] = [[] for _ in groups]
-    with torch.no_grad():
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            b = collate_groups([groups[i] for i in idx], pad_id)
-            sc = model.score(b["input_ids"].to(dev), b["attention_mask"].to(dev), normalized=normalized).tolist()
-            at = 0
-            for i in idx:
-                out[i] = sc[at : at + len(groups[i])]
-                at += len(groups[i])
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        b = collate_groups([groups[i] for i in idx], pad_id)
+        sc = model.score(b["input_ids"].to(dev), b["attention_mask"].to(dev), normalized=normalized).tolist()
+        at = 0
+        for i in idx:
+            out[i] = sc[at : at + len(groups[i])]
+            at += len(groups[i])
     model.train(was)
     return out
 
