@@ -2,9 +2,11 @@
 0.94M parameters: 4 layers x 128, vocab 1024, context 128), same weights, same batch (8 pairs x 128 tokens: a
 64-token prompt and 64-token responses), full fine-tuning, sigmoid loss, beta 0.1, fp32, same threads, one run.
 
-Both use a reference computed once before training (lmforge stores it; TRL with ``precompute_ref_log_probs``), so a
-step is the policy's forward and backward over 16 sequences plus AdamW; ``--trl-ref-model`` lets TRL run its
-reference model in every step instead (its default), reported separately.
+lmforge runs with its defaults (``data.share_prompt``: a pair's prompt once for both responses, 192 tokens a pair
+instead of 256) and, for comparison, without sharing. Both use a reference computed once before training (lmforge
+stores it; TRL with ``precompute_ref_log_probs``), so a step is the policy's forward and backward over the pairs plus
+AdamW; ``--trl-ref-model`` lets TRL run its reference model in every step instead (its default), reported
+separately.
 
     python benchmarks/bench_dpo.py [--steps 20] [--warmup 3] [--trl-ref-model]
 """
@@ -53,7 +55,7 @@ def pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
             for _ in range(n)]
 
 
-def bench_lmforge(hf, tok, data, steps: int, warmup: int) -> float:
+def bench_lmforge(hf, tok, data, steps: int, warmup: int, share: bool = True) -> float:
     from lmforge.checkpoint import build_model
     from lmforge.interop.hf import config_from_hf, state_dict_from_hf
     from lmforge.losses import IGNORE
@@ -70,11 +72,11 @@ def bench_lmforge(hf, tok, data, steps: int, warmup: int) -> float:
         return {"input_ids": p_ids + r_ids, "labels": [IGNORE] * len(p_ids) + r_ids}
 
     groups = [[enc(d["prompt"], d["chosen"]), enc(d["prompt"], d["rejected"])] for d in data]
-    _attach(groups, reference_logprobs(model, groups, tok.pad_token_id, PAIRS))
+    _attach(groups, reference_logprobs(model, groups, tok.pad_token_id, PAIRS, share_prefix=share))
     t = TrainConfig(batch_size=PAIRS, lr=5e-4, precision="fp32", max_iters=steps + warmup, warmup_iters=0)
     with tempfile.TemporaryDirectory() as d:
-        trainer = Trainer(model, t, GroupBatches(groups, PAIRS, tok.pad_token_id), dpo_loss_fn("sigmoid", 0.1, 0.0,
-                          False), d, units="pairs", log=lambda m: None)
+        src = GroupBatches(groups, PAIRS, tok.pad_token_id, share_prefix=share)  # the stage's default: shared
+        trainer = Trainer(model, t, src, dpo_loss_fn("sigmoid", 0.1, 0.0, False), d, units="pairs", log=lambda m: None)
         trainer.model.train()
 
         def step() -> None:  # what Trainer.fit does per step, without its logging and checkpoints
@@ -130,7 +132,9 @@ def main() -> None:
     print(f"GPT-2 {n / 1e6:.2f}M parameters, {PAIRS} pairs x {P_LEN + R_LEN} tokens, threads "
           f"{torch.get_num_threads()}")
     lm = bench_lmforge(hf, tok, data, a.steps, a.warmup)
-    print(f"lmforge dpo: {lm:.2f} steps/s")
+    print(f"lmforge dpo: {lm:.2f} steps/s (defaults: the prompt once per pair)")
+    lm1 = bench_lmforge(hf, tok, data, a.steps, a.warmup, share=False)
+    print(f"lmforge dpo, data.share_prompt false: {lm1:.2f} steps/s")
     trl = bench_trl(hf_model(), tok, data, a.steps, a.warmup, False)
     print(f"TRL DPOTrainer (precomputed reference): {trl:.2f} steps/s; lmforge / TRL = {lm / trl:.2f}x")
     if a.trl_ref_model:

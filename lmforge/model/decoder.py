@@ -77,6 +77,9 @@ class Decoder(nn.Module):
       prefix_len    (B,) tokens of bidirectional prefix (prefix LM / GLM part A);
       key_mask      (B, S) bool, False for padding keys (S = cached + new positions);
       segment_ids   (B, T) packed documents: a token attends only within its own segment (no cache);
+      branch_ids    (B, T) a shared trunk (0) followed by branches (1, 2, ...; -1 padding): a token attends to the
+                    trunk and its own branch only, so several continuations of one prompt share a single pass over
+                    it (needs ``position_ids``; no cache; causal dense attention, see ``supports_branches``);
       cache         a KVCache: keys/values are appended and ``cache.pos`` advanced.
 
     PEFT hooks (None by default; modules with a ``disabled`` flag and ``n_tokens``):
@@ -168,9 +171,10 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         segment_ids: torch.Tensor | None = None,
         head: bool = True,
+        branch_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab); ``head=False``: the final hidden states instead (for a fused output loss)."""
-        h = self.hidden_states(input_ids, position_ids, prefix_len, key_mask, cache, segment_ids)
+        h = self.hidden_states(input_ids, position_ids, prefix_len, key_mask, cache, segment_ids, branch_ids)
         return self.lm_head(h) if head else h
 
     def hidden_states(
@@ -181,10 +185,15 @@ class Decoder(nn.Module):
         key_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         segment_ids: torch.Tensor | None = None,
+        branch_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (after the final norm), shape (B, T, n_embd)."""
         cfg = self.cfg
         B, T = input_ids.shape
+        if branch_ids is not None and (position_ids is None or cache is not None or segment_ids is not None
+                                       or prefix_len is not None or not supports_branches(cfg)):
+            raise ValueError("branch_ids need position_ids, no cache, segments or prefix, and a model with causal "
+                             "dense attention by position (supports_branches)")
         kv_prefix, soft = self._hook("kv_prefix"), self._hook("soft_prompt")
         nv = self.num_virtual_tokens
         if nv and segment_ids is not None:
@@ -200,8 +209,9 @@ class Decoder(nn.Module):
         offset = cache.pos if cache is not None else 0
         n_soft = soft.n_tokens if soft is not None and offset == 0 else 0
         T += n_soft
-        if offset + T > cfg.block_size and cfg.position in ("learned", "rope", "glm2d"):
-            raise ValueError(f"sequence of {offset + T} positions exceeds block_size {cfg.block_size}")
+        span = offset + T if branch_ids is None else int(position_ids.max()) + 1 + nv if position_ids.numel() else 0
+        if span > cfg.block_size and cfg.position in ("learned", "rope", "glm2d"):
+            raise ValueError(f"sequence of {span} positions exceeds block_size {cfg.block_size}")
         if position_ids is None:
             pos = torch.arange(offset, offset + T, device=input_ids.device)
             position_ids = pos[None] if cfg.position != "glm2d" else torch.stack([pos, torch.zeros_like(pos)])[None]
@@ -211,6 +221,8 @@ class Decoder(nn.Module):
             prefix_len = prefix_len + nv
         if key_mask is not None and key_mask.shape[-1] == offset + T - nv:  # covers the real keys only
             key_mask = torch.cat([key_mask.new_ones(key_mask.shape[0], nv), key_mask], dim=1)
+        if branch_ids is not None and nv:  # virtual tokens belong to the trunk
+            branch_ids = torch.cat([branch_ids.new_zeros(B, nv), branch_ids], dim=1)
 
         if cfg.position == "glm2d" and (position_ids.dim() != 3 or position_ids.shape[1] != 2):
             raise ValueError("glm2d models take position_ids of shape (B, 2, T): positions and block positions")
@@ -237,7 +249,7 @@ class Decoder(nn.Module):
         elif cfg.position == "glm2d" and cfg.glm2d == "rotary":
             rope = (*self.rotary(position_ids[:, 0]), *self.rotary(position_ids[:, 1]))
 
-        masks = self._masks(B, T, offset, prefix_len, key_mask, segment_ids, x.device, x.dtype)
+        masks = self._masks(B, T, offset, prefix_len, key_mask, segment_ids, x.device, x.dtype, branch_ids)
         for i, block in enumerate(self.blocks):
             mask = masks[cfg.layer_is_local(i)]
             if self.gradient_checkpointing and self.training:
@@ -250,11 +262,13 @@ class Decoder(nn.Module):
             x = x[:, n_soft:]
         return self.norm_f(x) if cfg.final_norm else x
 
-    def _masks(self, B, T, offset, prefix_len, key_mask, segment_ids, device, dtype) -> dict[bool, torch.Tensor | None]:
+    def _masks(self, B, T, offset, prefix_len, key_mask, segment_ids, device, dtype,
+               branch_ids=None) -> dict[bool, torch.Tensor | None]:
         """Additive attention masks for dense (False) and local (True) layers; None = plain causal in SDPA."""
         cfg = self.cfg
         S = offset + T
-        plain = prefix_len is None and key_mask is None and segment_ids is None and cfg.position != "alibi"
+        plain = (prefix_len is None and key_mask is None and segment_ids is None and branch_ids is None
+                 and cfg.position != "alibi")
         if plain and (offset == 0 or T == 1):
             need_local = cfg.attn_pattern == "alternating" and S > 1
             if not need_local:
@@ -270,6 +284,10 @@ class Decoder(nn.Module):
         if segment_ids is not None:  # packed documents do not see each other
             seg = segment_ids.to(device)
             allowed = allowed & (seg[:, None, :, None] == seg[:, None, None, :])
+        if branch_ids is not None:  # the trunk and the query's own branch (trunk < branches in the row: causal holds)
+            bk = branch_ids.to(device)
+            bq = bk[:, offset:]  # the queries: the last T of the S keys
+            allowed = allowed & ((bq[:, None, :, None] == bk[:, None, None, :]) | (bk[:, None, None, :] == 0))
         neg = torch.finfo(dtype).min
         bias = None
         if cfg.position == "alibi":  # -slope * |key - query|: 0 on the diagonal, more negative further away
@@ -296,6 +314,12 @@ class Decoder(nn.Module):
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, **kw) -> torch.Tensor:
         """Mean next-token cross-entropy; ``targets`` are already shifted, -100 marks ignored positions."""
         return cross_entropy(self(input_ids, **kw), targets, ignore_index)
+
+
+def supports_branches(cfg: ModelConfig) -> bool:
+    """Whether ``branch_ids`` apply: attention masked causally by row and biased by position only (no ALiBi, whose
+    bias uses row distances, no local windows, no GLM 2D positions)."""
+    return cfg.position in ("rope", "learned", "none") and cfg.attn_pattern == "dense"
 
 
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:

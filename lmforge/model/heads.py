@@ -65,11 +65,17 @@ class ScalarHeadModel(nn.Module):
     def cfg(self):
         return self.decoder.cfg
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               rows: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The decoder's final hidden states (B, T, d). With a mask, padding is hidden from attention and positions
         count only real tokens. Right padding needs neither: under the causal mask no real token sees the padding
         after it, and attention without a key mask runs the memory-efficient kernel (a reward model's step on 16 x
-        512 tokens of SmolLM2 held 16.7 GB, mostly attention weights of the masked kernel)."""
+        512 tokens of SmolLM2 held 16.7 GB, mostly attention weights of the masked kernel). ``rows``: the same
+        sequences with shared prompts written once (``data.preference.shared_rows``), run as such and gathered
+        back."""
+        if rows is not None:
+            h = self.decoder.hidden_states(rows["input_ids"], rows["position_ids"], branch_ids=rows["branch_ids"])
+            return h.flatten(0, 1)[rows["index"]]
         kw = {}
         if attention_mask is not None:
             m = attention_mask.bool()
@@ -83,12 +89,17 @@ class ScalarHeadModel(nn.Module):
         return self.head(self.hidden(input_ids, attention_mask)).squeeze(-1).float()
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              normalized: bool = True) -> torch.Tensor:
+              normalized: bool = True, rows: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """One score per sequence (B,), read at its last real token; ``norm_gain * raw + norm_bias`` when
-        ``normalized``."""
-        h = self.hidden(input_ids, attention_mask)
-        last = h[:, -1] if attention_mask is None else h[torch.arange(h.shape[0], device=h.device),
-                                                         last_real_index(attention_mask)]
+        ``normalized``. ``rows``: see ``hidden`` (then ``attention_mask`` is required)."""
+        if rows is not None:
+            h = self.decoder.hidden_states(rows["input_ids"], rows["position_ids"], branch_ids=rows["branch_ids"])
+            at = rows["index"].gather(1, last_real_index(attention_mask)[:, None]).squeeze(1)
+            last = h.flatten(0, 1)[at]
+        else:
+            h = self.hidden(input_ids, attention_mask)
+            last = h[:, -1] if attention_mask is None else h[torch.arange(h.shape[0], device=h.device),
+                                                             last_real_index(attention_mask)]
         raw = self.head(last).squeeze(-1).float()
         return raw * self.norm_gain + self.norm_bias if normalized else raw
 

@@ -25,6 +25,7 @@ import torch
 from lmforge.assets import default_model
 from lmforge.errors import LMForgeError
 from lmforge.losses import DPO_LOSS_TYPES, dpo_loss, ranked_pairs, sequence_logprobs, token_logprobs
+from lmforge.model.decoder import supports_branches
 from lmforge.peft.base import disable_adapter
 from lmforge.quant import weight_count
 from lmforge.stages.reward import (
@@ -40,7 +41,7 @@ from lmforge.stages.reward import (
 )
 from lmforge.train import distributed as D
 from lmforge.train.config import TrainConfig, _fill, apply_defaults, plan_steps, stage_defaults
-from lmforge.train.loop import Trainer, autocast, train_precision
+from lmforge.train.loop import Trainer, autocast, to_device, train_precision
 
 REFERENCE_FILE = "reference_logprobs.safetensors"
 
@@ -73,10 +74,20 @@ def pair_groups(tok, recs, template, max_len: int) -> list[list[dict[str, Any]]]
 
 def response_logprobs(model, batch: dict[str, Any]) -> torch.Tensor:
     """Summed log-probs of the response tokens of every row (prompt and padding excluded). The output layer runs on
-    the response positions only (not where FSDP shards it: there the wrapped forward gathers it)."""
-    ids, mask = batch["input_ids"], batch["loss_mask"]
+    the response positions only (not where FSDP shards it: there the wrapped forward gathers it). With
+    ``batch["rows"]`` (``shared_rows``) a pair's prompt runs once for both responses."""
+    ids, mask, rows = batch["input_ids"], batch["loss_mask"], batch.get("rows")
     head = getattr(getattr(model, "module", model), "lm_head", None)
-    if head is None or hasattr(getattr(head, "weight", None), "full_tensor"):
+    fsdp = head is None or hasattr(getattr(head, "weight", None), "full_tensor")
+    if rows is not None:  # the prompt once; every response position gathered from the rows
+        kw = {"position_ids": rows["position_ids"], "branch_ids": rows["branch_ids"]}
+        if fsdp:
+            return sequence_logprobs(model(rows["input_ids"], **kw).flatten(0, 1)[rows["index"]], ids, mask)
+        at = mask[:, 1:].bool().nonzero(as_tuple=True)
+        h = model(rows["input_ids"], head=False, **kw).flatten(0, 1)[rows["index"][:, :-1][at]]
+        lp = token_logprobs(head(h), ids[:, 1:][at])
+        return torch.zeros(ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, at[0], lp)
+    if fsdp:
         return sequence_logprobs(model(ids), ids, mask)
     at = mask[:, 1:].bool().nonzero(as_tuple=True)
     lp = token_logprobs(head(model(ids, head=False)[:, :-1][at]), ids[:, 1:][at])
@@ -103,15 +114,17 @@ def dpo_loss_fn(loss_type: str, beta: float, label_smoothing: float, peft: bool)
 
 
 @torch.no_grad()
-def reference_logprobs(model, groups, pad_id: int, batch_size: int, amp: torch.dtype | None = None) -> torch.Tensor:
+def reference_logprobs(model, groups, pad_id: int, batch_size: int, amp: torch.dtype | None = None,
+                       share_prefix: bool = False) -> torch.Tensor:
     """(pairs, 2) summed response log-probs of the model as it is (eval mode), under the trainer's precision."""
     was = model.training
     model.eval()
     order = longest_first(groups)
-    src = GroupBatches([groups[i] for i in order], batch_size, pad_id, shuffle=False)  # by length: less padding
+    src = GroupBatches([groups[i] for i in order], batch_size, pad_id, shuffle=False,  # by length: less padding
+                       share_prefix=share_prefix)
     device = next(model.parameters()).device
     with autocast(device, amp):
-        out = [response_logprobs(model, b).view(-1, 2) for b in src.fixed_batches(0, 0)]
+        out = [response_logprobs(model, to_device(b, device)).view(-1, 2) for b in src.fixed_batches(0, 0)]
     model.train(was)
     res = torch.empty(len(groups), 2)
     res[torch.tensor(order)] = torch.cat(out).float().cpu()
@@ -158,6 +171,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
         raise LMForgeError(f"{cfg.model}: a quantized model cannot be fully fine-tuned; use --peft qlora (or lora)")
     t = cfg.train
     pad = pad_id_of(tok)
+    share = cfg.data.share_prompt and supports_branches(model.cfg)
 
     if method is None:  # the reference log-probs, once, stored with the run
         out.mkdir(parents=True, exist_ok=True)
@@ -173,8 +187,9 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
                 raise LMForgeError(f"{ref_path} is missing: cannot resume full-model DPO without the reference")
             model.to(device)
             amp = train_precision(t, device, model)
-            sd = {"train": reference_logprobs(model, train_g, pad, t.batch_size, amp),
-                  "val": reference_logprobs(model, val_g, pad, t.batch_size, amp) if val_g else torch.zeros(0, 2)}
+            sd = {"train": reference_logprobs(model, train_g, pad, t.batch_size, amp, share),
+                  "val": reference_logprobs(model, val_g, pad, t.batch_size, amp, share) if val_g
+                  else torch.zeros(0, 2)}
             model.to("cpu")
             if dist.main:
                 save_file({k: v.contiguous() for k, v in sd.items()}, str(ref_path))
@@ -189,9 +204,9 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     train = GroupBatches(train_g, t.batch_size, pad, seed=t.seed, rank=dist.rank, world=dist.world,
-                         by_length=cfg.data.group_by_length)
+                         by_length=cfg.data.group_by_length, share_prefix=share)
     val = GroupBatches(val_g, t.batch_size, pad, shuffle=False, rank=dist.rank, world=dist.world,
-                       by_length=cfg.data.group_by_length) if val_g else None
+                       by_length=cfg.data.group_by_length, share_prefix=share) if val_g else None
     steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
     # TRL's DPO defaults: lr 1e-6 for billion-parameter models (full), LoRA 5e-6..5e-5; scaled for small models
     apply_defaults(t, stage_defaults(steps, suggested_lr(method, n_params) / 2, val is not None, t=t,
@@ -202,7 +217,8 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
                 else "full fine-tuning, stored reference")
     log(f"dpo: {len(train_g)} train / {len(val_g)} held-out pairs; loss {cfg.loss}, beta {cfg.beta:g}, label "
         f"smoothing {cfg.label_smoothing:g}; {plan_steps(cfg.epochs, steps, t.max_iters)} of {t.batch_size} pairs; "
-        f"max_len {max_len}; {'template ' + template.name if template else 'plain text'}; "
+        f"max_len {max_len}{', both responses share one pass over the prompt' if share else ''}; "
+        f"{'template ' + template.name if template else 'plain text'}; "
         f"{ref_note}; "
         f"trainable {trainable:,} of {n_params:,} parameters; lr {t.lr:g}")
 

@@ -260,7 +260,7 @@ class Trainer:
         return autocast(self.device, self.amp_dtype)
 
     def _micro(self, batch: dict[str, Any]) -> tuple[torch.Tensor, float, dict[str, float]]:
-        batch = _to_device(batch, self.device)
+        batch = to_device(batch, self.device)
         with self._autocast():
             return _unpack(self.loss_fn(self.model, batch))
 
@@ -517,12 +517,12 @@ def _drop_tied_heads(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not (k.endswith("lm_head.weight") and ptrs[v.data_ptr()] > 1)}
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
     """Tensors of a (nested) batch moved to ``device``."""
     if torch.is_tensor(batch):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     return batch
 
 
