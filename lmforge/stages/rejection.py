@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
-from lmforge.data.preference import PreferenceRecord, collate_groups
+from lmforge.data.preference import PreferenceRecord
 from lmforge.data.sft import iter_records
 from lmforge.errors import LMForgeError
 from lmforge.infer.chat import apply_template, encode_text_with_specials, end_of_turn
 from lmforge.infer.generate import generate_batch
 from lmforge.infer.sampling import SamplingParams
-from lmforge.stages.reward import encode_group, load_reward_model, pad_id_of, pick_template
+from lmforge.stages.reward import encode_group, load_reward_model, pad_id_of, pick_template, score_groups
 
 
 def read_prompts(path: str | Path) -> list[tuple[list[dict[str, str]], str | None]]:
@@ -85,7 +85,6 @@ def run_rejection(model: str, reward: str, prompts: str, out: str, k: int = 8, t
     policy.eval()
     template = pick_template(tok, "")
     rm, rtok, rtemplate = load_reward_model(reward, device)
-    rdev = next(rm.parameters()).device
     items = read_prompts(prompts)
     torch.manual_seed(seed)
     per = max(1, batch_size // k)
@@ -105,9 +104,7 @@ def run_rejection(model: str, reward: str, prompts: str, out: str, k: int = 8, t
             resp = [r if r.strip() else " " for r in resp]  # an empty sample scores as a blank reply
             rec = PreferenceRecord(msgs, resp, text)
             group = encode_group(rtok, rec, rtemplate, rm.cfg.block_size)
-            b = collate_groups([group], pad_id_of(rtok))
-            with torch.no_grad():
-                scores = rm.score(b["input_ids"].to(rdev), b["attention_mask"].to(rdev)).tolist()
+            scores = score_groups(rm, [group], pad_id_of(rtok), batch_size=1)[0]  # the prompt once for all k
             j = max(range(k), key=lambda i: scores[i])
             best_scores.append(scores[j])
             mean_scores.append(sum(scores) / k)
