@@ -209,7 +209,9 @@ class Decoder(nn.Module):
         offset = cache.pos if cache is not None else 0
         n_soft = soft.n_tokens if soft is not None and offset == 0 else 0
         T += n_soft
-        span = offset + T if branch_ids is None else int(position_ids.max()) + 1 + nv if position_ids.numel() else 0
+        span = offset + T
+        if branch_ids is not None:  # a row holds several branches: its positions must fit, not its length
+            span = int(position_ids.max()) + 1 + nv
         if span > cfg.block_size and cfg.position in ("learned", "rope", "glm2d"):
             raise ValueError(f"sequence of {span} positions exceeds block_size {cfg.block_size}")
         if position_ids is None:
