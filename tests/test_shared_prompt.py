@@ -136,3 +136,19 @@ def test_dpo_logprobs_and_loss_equal_with_and_without_sharing(stories):
             got[share] = (lp, loss_fn(model, batch)[0])
     torch.testing.assert_close(got[True][0], got[False][0], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(got[True][1], got[False][1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_row_may_be_longer_than_the_context_when_each_branch_fits():
+    torch.manual_seed(0)
+    dec = Decoder(get_preset("tiny-llama")).eval()
+    n = dec.cfg.block_size
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, 100, (n - 8,), generator=g).tolist()
+    seqs = [[prompt + torch.randint(3, 100, (8,), generator=g).tolist() for _ in range(3)]]
+    batch, h, alone = _shared_vs_alone(dec, seqs)
+    assert batch["rows"]["input_ids"].shape[1] == n + 16 > n
+    for k, a in enumerate(alone):
+        torch.testing.assert_close(h[k], a, atol=2e-5, rtol=1e-4)
+    r = shared_rows(_groups([[prompt + [5] * 9]]), 0)  # one position too many
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        dec.hidden_states(r["input_ids"], r["position_ids"], branch_ids=r["branch_ids"])
