@@ -147,13 +147,14 @@ def test_reward_command_learns_a_word_preference_normalises_and_scores(tmp_path)
     head = json.loads((out / "value_head.json").read_text())
     assert head["kind"] == "reward" and head["val_accuracy"] >= 0.85 and head["max_len"] == 512
 
-    # normalised over the training prompts' responses: mean 0, std 1 (recomputed here from the saved model)
+    # normalised over the training prompts' responses: mean 0, std 1 (recomputed here from the saved model, in fp32;
+    # the command scores them in the training precision, bf16 where that is faster: equal to about 1 %)
     rm, tok, template = load_reward_model(out)
     assert template is None  # stories260K has no chat template: plain text
     train, _ = read_split(PrefData(path=str(data), val_fraction=0.25), seed=TrainConfig().seed)
     scores = torch.tensor([x for g in score_groups(rm, [encode_group(tok, t, None, 512) for t in train], 0)
                            for x in g])
-    assert abs(scores.mean().item()) < 1e-3 and scores.std().item() == pytest.approx(1.0, abs=1e-3)
+    assert abs(scores.mean().item()) < 0.02 and scores.std().item() == pytest.approx(1.0, abs=0.02)
 
     s = run("reward", "score", "--model", str(out), "--data", str(data), "--output", str(tmp_path / "s.jsonl"))
     assert s.returncode == 0, s.stderr

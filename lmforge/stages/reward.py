@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from lmforge.assets import default_model
 from lmforge.data.preference import PreferenceRecord, collate_groups, encode_response, read_preference_file
@@ -38,7 +39,7 @@ from lmforge.quant import weight_count
 from lmforge.train import distributed as D
 from lmforge.train.batches import length_grouped
 from lmforge.train.config import TrainConfig, _fill, apply_defaults, plan_steps, stage_defaults
-from lmforge.train.loop import Trainer, to_device
+from lmforge.train.loop import Trainer, autocast, to_device, train_precision
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 Group = list[dict[str, Any]]
@@ -240,22 +241,29 @@ def reward_loss_fn(margin: float):
 
 @torch.no_grad()
 def score_groups(model: ScalarHeadModel, groups: Sequence[Group], pad_id: int, batch_size: int = 8,
-                 normalized: bool = True) -> list[list[float]]:
+                 normalized: bool = True, amp: torch.dtype | None = None, desc: str = "") -> list[list[float]]:
     """Scores of every response of every group (eval mode), group by group; batches run in order of length (less
-    padding) and the scores come back in the groups' order."""
+    padding) and the scores come back in the groups' order. ``amp``: autocast dtype (the trainer's precision);
+    ``desc``: a progress bar with this label."""
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
     order = longest_first(groups)
     out: list[list[float]] = [[] for _ in groups]
+    bar = tqdm(total=len(order), desc=desc, disable=not desc, file=sys.stderr, dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 10.0)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         b = to_device(collate_groups([groups[i] for i in idx], pad_id, supports_branches(model.cfg)), dev)
-        sc = model.score(b["input_ids"], b["attention_mask"], normalized=normalized, rows=b.get("rows")).tolist()
+        with autocast(dev, amp):
+            sc = model.score(b["input_ids"], b["attention_mask"], normalized=normalized, rows=b.get("rows"))
+        sc = sc.float().tolist()
+        bar.update(len(idx))
         at = 0
         for i in idx:
             out[i] = sc[at : at + len(groups[i])]
             at += len(groups[i])
+    bar.close()
     model.train(was)
     return out
 
@@ -334,21 +342,23 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
                 s = load_training_checkpoint(out / best.read_text().strip())
                 raw.load_state_dict(s["train_model"] if s["train_model"] is not None else s["model"], strict=False)
                 log(f"final model from {best.read_text().strip()} ({t.best_metric} {trainer.best_val:.4f})")
-            raw.to("cpu")
             if method is not None:
                 from lmforge.peft.lora import unwrap
 
                 unwrap(raw.decoder)  # adapter merged: the saved reward model needs no base
-            raw_scores = [x for g in score_groups(raw, train_g, pad, t.batch_size, normalized=False) for x in g]
+            # scored where it trained, in its precision (fp32 on the CPU: 15+ min for hh-rlhf's pairs on SmolLM2)
+            amp = train_precision(t, next(raw.parameters()).device, raw)
+            raw_scores = [x for g in score_groups(raw, train_g, pad, t.batch_size, normalized=False, amp=amp,
+                                                  desc="normalise") for x in g]
             raw.normalize(torch.tensor(raw_scores))
             extra = {"template": template.source if template else None, "margin": cfg.margin, "max_len": max_len,
                      "base_model": cfg.model, "peft": resolved or None,
                      "normalized_over": f"{len(raw_scores)} responses of {len(train_g)} training prompts"}
             if val_g:
-                vs = score_groups(raw, val_g, pad, t.batch_size)
+                vs = score_groups(raw, val_g, pad, t.batch_size, amp=amp, desc="held-out")
                 extra["val_accuracy"] = pair_accuracy(vs)
                 result["val_accuracy_final"] = extra["val_accuracy"]
-            write_reward_dir(raw, out, tok, template, extra)
+            write_reward_dir(raw.to("cpu"), out, tok, template, extra)
             log(f"reward normalised: gain {raw.norm_gain.item():.4g}, bias {raw.norm_bias.item():.4g}")
         D.barrier(dist)
     finally:
