@@ -327,7 +327,7 @@ def shared_rows(groups: list[list[dict[str, list[int]]]], pad_id: int = 0, width
     ``index`` (N, width): for every response and position of the per-response layout of ``collate_groups``, the
     flat index (row * R + column) of that token in the rows, so ``hidden.flatten(0, 1)[index]`` equals the hidden
     states of the responses run one by one (padding positions point at column 0). On hh-rlhf pairs the prompt is
-    76 % of the tokens: a step runs 38 % fewer."""
+    76 % of the tokens: an epoch computes 32 % fewer (padded) tokens."""
     built = []
     for g in groups:
         seqs = [ex["input_ids"] for ex in g]

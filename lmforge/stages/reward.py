@@ -54,7 +54,7 @@ class PrefData:
     template: str = ""  # chat template (name or Jinja); empty: the model's own, else plain text
     limit: int = 0  # use only the first N records of the file (0 = all)
     group_by_length: bool = True  # batches of similar lengths (less padding); the order stays seeded and resumable
-    share_prompt: bool = True  # a prompt's responses share one pass over it (exact; 38 % fewer tokens on hh-rlhf)
+    share_prompt: bool = True  # a prompt's responses share one pass over it (exact; 32 % fewer tokens on hh-rlhf)
 
 
 @dataclass
