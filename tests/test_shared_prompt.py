@@ -137,6 +137,18 @@ def test_dpo_logprobs_and_loss_equal_with_and_without_sharing(stories):
     torch.testing.assert_close(got[True][0], got[False][0], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(got[True][1], got[False][1], atol=1e-5, rtol=1e-5)
 
+    class Wrapped(torch.nn.Module):  # no reachable lm_head (as under FSDP): the full logits are gathered instead
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, *a, **kw):
+            return self.inner(*a, **kw)
+
+    batch = GroupBatches(groups, 4, shuffle=False, share_prefix=True).fixed_batches(0, 0)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(response_logprobs(Wrapped(), batch), got[False][0], atol=1e-4, rtol=1e-5)
+
 
 def test_a_row_may_be_longer_than_the_context_when_each_branch_fits():
     torch.manual_seed(0)

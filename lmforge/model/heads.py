@@ -65,17 +65,11 @@ class ScalarHeadModel(nn.Module):
     def cfg(self):
         return self.decoder.cfg
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               rows: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's final hidden states (B, T, d). With a mask, padding is hidden from attention and positions
         count only real tokens. Right padding needs neither: under the causal mask no real token sees the padding
         after it, and attention without a key mask runs the memory-efficient kernel (a reward model's step on 16 x
-        512 tokens of SmolLM2 held 16.7 GB, mostly attention weights of the masked kernel). ``rows``: the same
-        sequences with shared prompts written once (``data.preference.shared_rows``), run as such and gathered
-        back."""
-        if rows is not None:
-            h = self.decoder.hidden_states(rows["input_ids"], rows["position_ids"], branch_ids=rows["branch_ids"])
-            return h.flatten(0, 1)[rows["index"]]
+        512 tokens of SmolLM2 held 16.7 GB, mostly attention weights of the masked kernel)."""
         kw = {}
         if attention_mask is not None:
             m = attention_mask.bool()
@@ -91,7 +85,8 @@ class ScalarHeadModel(nn.Module):
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               normalized: bool = True, rows: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """One score per sequence (B,), read at its last real token; ``norm_gain * raw + norm_bias`` when
-        ``normalized``. ``rows``: see ``hidden`` (then ``attention_mask`` is required)."""
+        ``normalized``. ``rows``: the same sequences with each prompt written once (``data.preference.shared_rows``;
+        ``attention_mask`` then required), run as such; the last tokens are read through ``rows["index"]``."""
         if rows is not None:
             h = self.decoder.hidden_states(rows["input_ids"], rows["position_ids"], branch_ids=rows["branch_ids"])
             at = rows["index"].gather(1, last_real_index(attention_mask)[:, None]).squeeze(1)

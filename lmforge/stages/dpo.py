@@ -77,20 +77,19 @@ def response_logprobs(model, batch: dict[str, Any]) -> torch.Tensor:
     the response positions only (not where FSDP shards it: there the wrapped forward gathers it). With
     ``batch["rows"]`` (``shared_rows``) a pair's prompt runs once for both responses."""
     ids, mask, rows = batch["input_ids"], batch["loss_mask"], batch.get("rows")
+
+    def at_positions(sel, **kw) -> torch.Tensor:  # the output at positions ``sel`` of the per-response layout
+        if rows is None:
+            return model(ids, **kw)[sel]
+        flat = model(rows["input_ids"], position_ids=rows["position_ids"], branch_ids=rows["branch_ids"], **kw)
+        return flat.flatten(0, 1)[rows["index"][sel]]
+
     head = getattr(getattr(model, "module", model), "lm_head", None)
-    fsdp = head is None or hasattr(getattr(head, "weight", None), "full_tensor")
-    if rows is not None:  # the prompt once; every response position gathered from the rows
-        kw = {"position_ids": rows["position_ids"], "branch_ids": rows["branch_ids"]}
-        if fsdp:
-            return sequence_logprobs(model(rows["input_ids"], **kw).flatten(0, 1)[rows["index"]], ids, mask)
-        at = mask[:, 1:].bool().nonzero(as_tuple=True)
-        h = model(rows["input_ids"], head=False, **kw).flatten(0, 1)[rows["index"][:, :-1][at]]
-        lp = token_logprobs(head(h), ids[:, 1:][at])
-        return torch.zeros(ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, at[0], lp)
-    if fsdp:
-        return sequence_logprobs(model(ids), ids, mask)
-    at = mask[:, 1:].bool().nonzero(as_tuple=True)
-    lp = token_logprobs(head(model(ids, head=False)[:, :-1][at]), ids[:, 1:][at])
+    if head is None or hasattr(getattr(head, "weight", None), "full_tensor"):
+        return sequence_logprobs(at_positions((slice(None), slice(None))), ids, mask)
+    at = mask[:, 1:].bool().nonzero(as_tuple=True)  # predecessors of the response tokens
+    h = at_positions(at, head=False)
+    lp = token_logprobs(head(h), ids[:, 1:][at])
     return torch.zeros(ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, at[0], lp)
 
 
