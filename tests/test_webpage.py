@@ -66,9 +66,10 @@ def test_type_a_message_and_see_a_streamed_reply(page, stories, tmp_path):
     ref = complete(model, tok, ids, SamplingParams(temperature=0, max_new_tokens=60, stop=stops, stop_ids=stop_ids))
     assert shown.strip() == ref.text.strip() and len(shown) > 20
     # a stream of events, not one body: the server gathers the tokens of a moment into one event (fewer when it is
-    # busy), so their count depends on the machine; one body would be 4 (role, text, finish, [DONE])
+    # busy), so their count depends on the machine; one body would be 4 (role, text, finish, [DONE]). A loaded CI
+    # machine gave 5 (the old bound of 6 failed there): more than 4 is what streaming means
     events = page.evaluate("window.events")
-    assert events >= 6, (events, len(ref.token_ids))
+    assert events > 4, (events, len(ref.token_ids))
     assert page.inner_text(".user") == "Tell me a story about a fox."
     assert "tok/s" in page.inner_text(".assistant .stats")
     shot = tmp_path / "chat.png"
