@@ -13,7 +13,7 @@ from lmforge.model.heads import ScalarHeadModel
 from lmforge.peft import apply_peft
 from lmforge.presets import get_preset
 from lmforge.stages.dpo import dpo_loss_fn, pair_groups, response_logprobs
-from lmforge.stages.reward import GroupBatches, encode_group, reward_loss_fn, score_groups
+from lmforge.stages.reward import GroupBatches, encode_group, group_len, reward_loss_fn, score_groups
 
 # a prompt of 5 tokens whose first two responses also share a first token; equal responses; nothing shared
 GROUPS = [
@@ -40,6 +40,21 @@ def test_shared_rows_write_each_prompt_once_and_index_every_response_token():
         real = att[n].bool()
         assert torch.equal(flat_ids[rows["index"][n]][real], ids[n][real])
         assert torch.equal(flat_pos[rows["index"][n]][real], torch.arange(int(real.sum())))
+
+
+def test_batches_by_length_follow_the_shared_rows():
+    """With shared prompts a group's padded width is its row (prompt once + every remainder), not its longest
+    response: held-out batches run longest row first and training batches group similar rows."""
+    g = _groups()
+    assert [group_len(x, shared=True) for x in g] == [14, 5, 5] and [group_len(x) for x in g] == [9, 5, 3]
+    rows = collate_groups(g, pad_id=0, share_prefix=True)["rows"]
+    assert [group_len(x, shared=True) for x in g] == (rows["branch_ids"] >= 0).sum(-1).tolist()
+    # group 0: longest response 12, row 9 + 3 + 3; group 1: longest 13, row 13 + 1 (nothing shared)
+    seqs = [[[1] * 9 + [2] * 3, [1] * 9 + [3] * 3], [[4] * 13, [5]]]
+    src = GroupBatches(_groups(seqs), 1, shuffle=False, by_length=True, share_prefix=True)
+    assert [b["rows"]["input_ids"].shape[1] for b in src.fixed_batches(0, 0)] == [15, 14]
+    src = GroupBatches(_groups(seqs), 1, shuffle=False, by_length=True)
+    assert [b["input_ids"].shape[1] for b in src.fixed_batches(0, 0)] == [13, 12]
 
 
 def _shared_vs_alone(dec: Decoder, seqs=GROUPS):

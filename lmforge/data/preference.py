@@ -319,6 +319,12 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def shared_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Tokens of the row ``shared_rows`` makes of ``seqs``: their common prefix once, then each one's remainder."""
+    p = common_prefix(seqs)
+    return p + sum(len(s) - p for s in seqs)
+
+
 def shared_rows(groups: list[list[dict[str, list[int]]]], pad_id: int = 0, width: int | None = None) -> dict:
     """One row per group: the responses' common prefix (the prompt) once, then each response's remaining tokens as
     a branch, for ``Decoder(..., position_ids, branch_ids)`` (a branch attends to the trunk and to itself).

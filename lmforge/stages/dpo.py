@@ -118,7 +118,7 @@ def reference_logprobs(model, groups, pad_id: int, batch_size: int, amp: torch.d
     """(pairs, 2) summed response log-probs of the model as it is (eval mode), under the trainer's precision."""
     was = model.training
     model.eval()
-    order = longest_first(groups)
+    order = longest_first(groups, share_prefix)
     src = GroupBatches([groups[i] for i in order], batch_size, pad_id, shuffle=False,  # by length: less padding
                        share_prefix=share_prefix)
     device = next(model.parameters()).device
@@ -141,7 +141,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
 
     from lmforge.commands.common import load_model_and_tokenizer
     from lmforge.peft import apply_peft, save_adapter
-    from lmforge.stages.sft import is_quantized, suggested_lr, write_final
+    from lmforge.stages.sft import POLICY_LR_SCALE, is_quantized, suggested_lr, write_final
 
     if cfg.loss not in DPO_LOSS_TYPES:
         raise LMForgeError(f"--loss {cfg.loss}: allowed values are {', '.join(DPO_LOSS_TYPES)}")
@@ -207,8 +207,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     val = GroupBatches(val_g, t.batch_size, pad, shuffle=False, rank=dist.rank, world=dist.world,
                        by_length=cfg.data.group_by_length, share_prefix=share) if val_g else None
     steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
-    # TRL's DPO defaults: lr 1e-6 for billion-parameter models (full), LoRA 5e-6..5e-5; scaled for small models
-    apply_defaults(t, stage_defaults(steps, suggested_lr(method, n_params) / 2, val is not None, t=t,
+    apply_defaults(t, stage_defaults(steps, suggested_lr(method, n_params) * POLICY_LR_SCALE, val is not None, t=t,
                                     explicit=explicit_train), explicit_train)
     if val is None:
         t.eval_iters = 0

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge.assets import default_model
-from lmforge.data.preference import PreferenceRecord, collate_groups, encode_response, read_preference_file
+from lmforge.data.preference import PreferenceRecord, collate_groups, encode_response, read_preference_file, shared_len
 from lmforge.errors import LMForgeError
 from lmforge.losses import ranked_pairs, ranked_reward_loss
 from lmforge.model.decoder import supports_branches
@@ -79,14 +79,17 @@ def load_reward_config(d: dict[str, Any], where: str) -> RewardConfig:
 # ---- batches ----------------------------------------------------------------------------------------------------
 
 
-def group_len(g: Group) -> int:
-    """Tokens of a group's longest response (its padded width in a batch)."""
+def group_len(g: Group, shared: bool = False) -> int:
+    """A group's padded width in a batch: its longest response, or with ``shared`` its row of ``shared_rows``
+    (the prompt once, then every response's remainder)."""
+    if shared:
+        return shared_len([ex["input_ids"] for ex in g])
     return max(len(ex["input_ids"]) for ex in g)
 
 
-def longest_first(groups: Sequence[Group]) -> list[int]:
+def longest_first(groups: Sequence[Group], shared: bool = False) -> list[int]:
     """Indices of ``groups``, longest first (batches in this order carry little padding)."""
-    return sorted(range(len(groups)), key=lambda i: -group_len(groups[i]))
+    return sorted(range(len(groups)), key=lambda i: -group_len(groups[i], shared))
 
 
 class GroupBatches:
@@ -106,13 +109,13 @@ class GroupBatches:
         self.groups, self.batch_size, self.pad_id = list(groups), batch_size, pad_id
         self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world
         self.by_length, self.share_prefix = by_length, share_prefix
-        self._len = [group_len(g) for g in self.groups]
+        self._len = [group_len(g, share_prefix) for g in self.groups]
         self.epoch, self.cursor, self.batches = 0, 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
         if not self.shuffle:
-            return longest_first(self.groups) if self.by_length else list(range(len(self.groups)))
+            return longest_first(self.groups, self.share_prefix) if self.by_length else list(range(len(self.groups)))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.groups), generator=g).tolist()
         return length_grouped(order, self._len, self.batch_size * self.world, g) if self.by_length else order
@@ -248,13 +251,14 @@ def score_groups(model: ScalarHeadModel, groups: Sequence[Group], pad_id: int, b
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
-    order = longest_first(groups)
+    share = supports_branches(model.cfg)
+    order = longest_first(groups, share)
     out: list[list[float]] = [[] for _ in groups]
     bar = tqdm(total=len(order), desc=desc, disable=not desc, file=sys.stderr, dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        b = to_device(collate_groups([groups[i] for i in idx], pad_id, supports_branches(model.cfg)), dev)
+        b = to_device(collate_groups([groups[i] for i in idx], pad_id, share), dev)
         with autocast(dev, amp):
             sc = model.score(b["input_ids"], b["attention_mask"], normalized=normalized, rows=b.get("rows"))
         sc = sc.float().tolist()
