@@ -60,7 +60,7 @@ from lmforge.model.heads import ScalarHeadModel, load_scalar_model, save_scalar_
 from lmforge.quant import weight_count
 from lmforge.rl import rollout as R
 from lmforge.stages import ppo as P
-from lmforge.stages.sft import suggested_lr
+from lmforge.stages.sft import POLICY_LR_SCALE, suggested_lr
 from lmforge.train.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,7 +232,7 @@ def main() -> None:
     items = heldout_prompts(max(a.rollout_batch, 40))
     prompts = [encode_chat(tok, t, [{"role": "user", "content": x["instruction"]}]) for x in items]
     texts = [x["instruction"] for x in items]
-    lr = suggested_lr(None, weight_count(actor))
+    lr = suggested_lr(None, weight_count(actor)) * POLICY_LR_SCALE  # as `lmforge ppo` chooses it
     setting = (f"batch {a.rollout_batch}, {a.max_new_tokens} new tokens, {a.epochs} epochs of minibatches of "
                f"{a.minibatch}, temperature {a.temperature:g}, lr {lr:.3g}, {a.threads} threads")
 
