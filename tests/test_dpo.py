@@ -93,6 +93,7 @@ def test_dpo_command_raises_implicit_reward_accuracy_and_leaves_a_loadable_model
             "--data.val_fraction", "0.25", "--train.eval_interval", "4", "--beta", "0.1")
     assert r.returncode == 0, r.stderr
     assert "45 train / 15 held-out pairs" in r.stderr and "stored reference" in r.stderr and "plain text" in r.stderr
+    assert "; lr 3e-05" in r.stderr  # a tenth of the SFT rate (3e-4 for stories260K)
     assert (out / "reference_logprobs.safetensors").is_file()
     evals = [row for row in _rows(out) if "val_reward_accuracy" in row]
     assert evals[0]["step"] == 0 and evals[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = ref

@@ -58,6 +58,8 @@ def test_ppo_command_runs_and_resumes_exactly(prompts, tmp_path):
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert "done: 2 iterations" in whole.stderr
     assert "adaptive, target 4, horizon 1)" in whole.stderr  # scaled to the run: 2 x 2 / 10, at least 1
+    # a tenth of the SFT rate: stories260K's full fine-tuning rate is 1e-5 x 30 (the small-model cap)
+    assert "; lr 3e-05;" in whole.stderr
     cut = _run(*common, "--out", str(tmp_path / "cut"), "--steps", "1")
     assert cut.returncode == 0, cut.stderr[-2000:]
     resumed = _run(*common, "--out", str(tmp_path / "cut"), "--steps", "2", "--resume")

@@ -55,6 +55,11 @@ def test_batches_by_length_follow_the_shared_rows():
     assert [b["rows"]["input_ids"].shape[1] for b in src.fixed_batches(0, 0)] == [15, 14]
     src = GroupBatches(_groups(seqs), 1, shuffle=False, by_length=True)
     assert [b["input_ids"].shape[1] for b in src.fixed_batches(0, 0)] == [13, 12]
+    # training: rows 15, 14, 13, 4 pair as {15, 14}, {13, 4}; by longest response (12, 13, 13, 2) the pairs would
+    # be {14, 13} and {15, 4}, padded to 14 and 15
+    seqs += [[[1] * 12 + [9], [1] * 12], [[6, 6], [7, 7]]]
+    src = GroupBatches(_groups(seqs), 2, seed=3, by_length=True, share_prefix=True)
+    assert sorted(src.next_batch()["rows"]["input_ids"].shape[1] for _ in range(2)) == [13, 15]
 
 
 def _shared_vs_alone(dec: Decoder, seqs=GROUPS):

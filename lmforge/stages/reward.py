@@ -115,7 +115,8 @@ class GroupBatches:
 
     def _permutation(self, epoch: int) -> list[int]:
         if not self.shuffle:
-            return longest_first(self.groups, self.share_prefix) if self.by_length else list(range(len(self.groups)))
+            return sorted(range(len(self.groups)), key=lambda i: -self._len[i]) if self.by_length else \
+                list(range(len(self.groups)))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.groups), generator=g).tolist()
         return length_grouped(order, self._len, self.batch_size * self.world, g) if self.by_length else order
