@@ -141,8 +141,10 @@ def test_reward_command_learns_a_word_preference_normalises_and_scores(tmp_path)
             "--data.val_fraction", "0.25", "--train.eval_interval", "5", "--train.lr", "3e-4")
     assert r.returncode == 0, r.stderr
     assert "75 train prompts (75 pairs) / 25 held-out" in r.stderr and "best by val_accuracy" in r.stderr
+    assert "head fitted to the frozen features of the training pairs (linear probe)" in r.stderr
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [row for row in rows if "val_accuracy" in row]
+    assert evals[0]["step"] == 0 and evals[0]["val_accuracy"] >= 0.8  # the fitted head before any step
     assert "val_margin" in evals[-1] and max(e["val_accuracy"] for e in evals) >= 0.85  # chance is 0.5
     head = json.loads((out / "value_head.json").read_text())
     assert head["kind"] == "reward" and head["val_accuracy"] >= 0.85 and head["max_len"] == 512
@@ -195,6 +197,9 @@ def test_reward_command_with_lora_saves_a_merged_reward_model(tmp_path):
     assert run(*args, "2", "--overwrite").returncode == 0
     r = run(*args, "3", "--resume")
     assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
+    assert "linear probe" not in r.stderr  # the resumed head comes from the checkpoint
+    r = run(*args, "1", "--overwrite", "--head-init", "normal")
+    assert r.returncode == 0 and "linear probe" not in r.stderr, r.stderr[-2000:]
 
 
 def test_reward_errors_are_one_line(tmp_path):
@@ -205,3 +210,97 @@ def test_reward_errors_are_one_line(tmp_path):
     assert "field 'rejected'" in r.stderr and "Traceback" not in r.stderr
     r = run("reward", "score", "--model", str(tmp_path), "--data", str(bad))
     assert r.returncode == 1 and "not a reward/value model directory" in r.stderr
+
+
+# ---- the head fitted to frozen features (linear probe) ------------------------------------------------------------
+
+
+def _planted(n_groups: int, k: int, d: int = 12, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Groups of k feature rows ranked best first by a planted direction (the same for every seed) plus noise,
+    features of unequal scales."""
+    w = torch.randn(d, generator=torch.Generator().manual_seed(99))
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-2, 2, d)
+    feats = []
+    for _ in range(n_groups):
+        x = torch.randn(k, d, generator=g) * scale
+        util = (x / scale) @ w + 0.8 * torch.randn(k, generator=g)
+        feats.append(x[util.argsort(descending=True)])
+    return feats, w / scale
+
+
+def test_pairwise_head_fit_is_the_regularised_logistic_optimum():
+    from lmforge.stages.reward import fit_pairwise_head, pair_differences
+
+    feats, _ = _planted(60, 3)
+    diffs, weights, group = pair_differences(feats)
+    assert diffs.shape == (180, 12) and group.tolist()[:4] == [0, 0, 0, 1]
+    assert weights.sum().item() == pytest.approx(60)  # each prompt counts once
+    l2 = 0.1
+    w = fit_pairwise_head(diffs, weights, l2).double()
+    # stationarity of sum wn softplus(-d.w) + l2/2 sum (w_j s_j)^2, written out: the gradient vanishes
+    x, wn = diffs.double(), weights.double() / weights.sum()
+    s2 = x.pow(2).mean(0)
+    grad = -(wn * torch.sigmoid(-(x @ w))) @ x + l2 * s2 * w
+    assert grad.abs().max().item() < 1e-5 * s2.sqrt().max().item()
+    assert w.abs().max().item() > 0
+    # the same optimum as scikit-learn's L2 logistic regression (no intercept) on the standardised, mirrored pairs
+    sk = pytest.importorskip("sklearn.linear_model")
+    s = s2.sqrt()
+    xs = (x / s).numpy()
+    X = torch.cat([torch.tensor(xs), -torch.tensor(xs)]).numpy()
+    y = [1] * len(xs) + [0] * len(xs)
+    uniform = fit_pairwise_head(diffs, torch.ones(len(diffs)), l2).double()
+    ref = sk.LogisticRegression(C=1 / (2 * len(xs) * l2), fit_intercept=False, tol=1e-10, max_iter=10_000).fit(X, y)
+    assert torch.tensor(ref.coef_[0]) == pytest.approx((uniform * s).tolist(), abs=1e-4)
+
+
+def test_probe_picks_l2_by_folds_of_prompts_and_finds_a_planted_direction():
+    from lmforge.stages.reward import PROBE_L2, pair_differences, select_probe
+
+    feats, w_true = _planted(200, 2, seed=1)
+    diffs, weights, group = pair_differences(feats)
+    fit = select_probe(diffs, weights, group, seed=0)
+    assert fit["l2"] == min(PROBE_L2) and fit["cv_loss"] < 0.5  # a clear signal: the weakest penalty
+    assert fit["cv_accuracy"] > 0.8  # chance is 0.5
+    cos = torch.nn.functional.cosine_similarity(fit["weight"], w_true.float(), dim=0)
+    assert cos.item() > 0.9
+    test, _ = _planted(200, 2, seed=2)
+    acc = sum(float((t[0] - t[1]) @ fit["weight"] > 0) for t in test) / len(test)
+    assert acc > 0.8
+    # pure noise: nothing to find, the held-out folds say so
+    g = torch.Generator().manual_seed(3)
+    noise = [torch.randn(2, 12, generator=g) for _ in range(200)]
+    fit = select_probe(*pair_differences(noise), seed=0)
+    assert fit["cv_accuracy"] < 0.6 and fit["l2"] == max(PROBE_L2)
+
+
+def test_probe_head_sets_the_head_from_the_models_features(stories):
+    from lmforge.stages.reward import probe_head
+
+    model, tok = stories
+    rm = ScalarHeadModel(model)
+    pairs = word_pairs(60, seed=4)
+    groups = [encode_group(tok, PreferenceRecord([{"role": "user", "content": p["prompt"]}],
+                                                 [p["chosen"], p["rejected"]], p["prompt"]), None, 128)
+              for p in pairs]
+    before = rm.head.weight.detach().clone()
+    fit = probe_head(rm, groups, 0, batch_size=8, seed=0)
+    assert not torch.equal(before, rm.head.weight) and rm.head.bias.item() == 0 and rm.training
+    scores = score_groups(rm, groups, 0, normalized=False)
+    train_acc = sum(s[0] > s[1] for s in scores) / len(scores)
+    assert fit["cv_accuracy"] > 0.7 and train_acc > 0.9  # "happy" vs "tired" is in the frozen features
+
+
+def test_fitted_head_alone_is_kept_when_training_only_makes_it_worse(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in word_pairs(100)))
+    out = tmp_path / "rm"
+    r = run("reward", "--data", str(data), "--out", str(out), "--max-iters", "2", "--train.batch_size", "8",
+            "--data.val_fraction", "0.25", "--train.eval_interval", "2", "--train.lr", "3e-2")  # a rate that wrecks it
+    assert r.returncode == 0, r.stderr
+    evals = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_accuracy" in row]
+    assert [e["step"] for e in evals] == [0, 2] and evals[1]["val_accuracy"] < evals[0]["val_accuracy"]
+    assert (out / "best").read_text().strip() == "ckpt-0000000" and "final model from ckpt-0000000" in r.stderr
+    head = json.loads((out / "value_head.json").read_text())
+    assert head["val_accuracy"] == pytest.approx(evals[0]["val_accuracy"], abs=0.05)

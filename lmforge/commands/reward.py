@@ -27,7 +27,11 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--peft", help="lora | qlora (merged into the saved reward model; options --peft.KEY VALUE)")
     p.add_argument("--margin", type=float, help="loss margin: -log sigmoid(r_w - r_l - margin) (default 0)")
     p.add_argument("--epochs", type=float, help="passes over the training prompts (default 1)")
-    p.add_argument("--config", help="YAML config (keys model, tokenizer, data, train, peft, margin, epochs, out)")
+    p.add_argument("--head-init", choices=["probe", "normal"],
+                   help="probe (default): fit the head to the frozen model's features first (a linear probe, L2 "
+                        "by cross-validation), then fine-tune; normal: a random head, N(0, 1/sqrt(d+1))")
+    p.add_argument("--config", help="YAML config (keys model, tokenizer, data, train, peft, margin, epochs, "
+                                    "head_init, out)")
     p.add_argument("--out", help="run directory (default runs/reward): checkpoints, metrics, then the reward model")
     add_resume_args(p)
     p.add_argument("--max-iters", type=int, help="optimizer steps (default: from --epochs)")
@@ -52,7 +56,7 @@ def run(args) -> None:
 
     d: dict = read_yaml(args.config) if args.config else {}
     flags = _drop_none({"model": args.model, "tokenizer": args.tokenizer, "out": args.out, "epochs": args.epochs,
-                        "margin": args.margin,
+                        "margin": args.margin, "head_init": args.head_init,
                         "data": {"path": args.data, "val_path": args.val_data, "template": args.template},
                         "train": {"max_iters": args.max_iters, "seed": args.seed}, "peft": {"method": args.peft}})
     d = merge(merge(d, flags), parse_overrides(getattr(args, "overrides", [])))

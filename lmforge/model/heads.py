@@ -87,16 +87,19 @@ class ScalarHeadModel(nn.Module):
         """One score per sequence (B,), read at its last real token; ``norm_gain * raw + norm_bias`` when
         ``normalized``. ``rows``: the same sequences with each prompt written once (``data.preference.shared_rows``;
         ``attention_mask`` then required), run as such; the last tokens are read through ``rows["index"]``."""
+        raw = self.head(self.last_hidden(input_ids, attention_mask, rows)).squeeze(-1).float()
+        return raw * self.norm_gain + self.norm_bias if normalized else raw
+
+    def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    rows: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The final hidden state at each sequence's last real token (B, d): what the head reads (``score``)."""
         if rows is not None:
             h = self.decoder.hidden_states(rows["input_ids"], rows["position_ids"], branch_ids=rows["branch_ids"])
             at = rows["index"].gather(1, last_real_index(attention_mask)[:, None]).squeeze(1)
-            last = h.flatten(0, 1)[at]
-        else:
-            h = self.hidden(input_ids, attention_mask)
-            last = h[:, -1] if attention_mask is None else h[torch.arange(h.shape[0], device=h.device),
-                                                             last_real_index(attention_mask)]
-        raw = self.head(last).squeeze(-1).float()
-        return raw * self.norm_gain + self.norm_bias if normalized else raw
+            return h.flatten(0, 1)[at]
+        h = self.hidden(input_ids, attention_mask)
+        return h[:, -1] if attention_mask is None else h[torch.arange(h.shape[0], device=h.device),
+                                                         last_real_index(attention_mask)]
 
     forward = score
 

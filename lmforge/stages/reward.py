@@ -66,6 +66,7 @@ class RewardConfig:
     peft: dict[str, Any] = field(default_factory=dict)
     margin: float = 0.0  # loss -log sigmoid(r_w - r_l - margin)
     epochs: float = 1.0  # InstructGPT: one epoch (the reward model overfits after one)
+    head_init: str = "probe"  # probe: fit the head to the frozen features first (LP-FT); normal: N(0, 1/sqrt(d+1))
     out: str = "runs/reward"
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,33 +245,126 @@ def reward_loss_fn(margin: float):
 
 
 @torch.no_grad()
-def score_groups(model: ScalarHeadModel, groups: Sequence[Group], pad_id: int, batch_size: int = 8,
-                 normalized: bool = True, amp: torch.dtype | None = None, desc: str = "") -> list[list[float]]:
-    """Scores of every response of every group (eval mode), group by group; batches run in order of length (less
-    padding) and the scores come back in the groups' order. ``amp``: autocast dtype (the trainer's precision);
-    ``desc``: a progress bar with this label."""
+def per_response(model: ScalarHeadModel, groups: Sequence[Group], pad_id: int, fn, batch_size: int = 8,
+                 amp: torch.dtype | None = None, desc: str = "") -> list[torch.Tensor]:
+    """``fn(model, batch)`` -> one row per response, run over every group (eval mode, no grad) in batches by
+    length (less padding); one tensor (responses of the group, ...) per group, in the groups' order. ``amp``:
+    autocast dtype (the trainer's precision); ``desc``: a progress bar with this label."""
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
     share = supports_branches(model.cfg)
     order = longest_first(groups, share)
-    out: list[list[float]] = [[] for _ in groups]
+    out: list[torch.Tensor] = [torch.empty(0)] * len(groups)
     bar = tqdm(total=len(order), desc=desc, disable=not desc, file=sys.stderr, dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         b = to_device(collate_groups([groups[i] for i in idx], pad_id, share), dev)
         with autocast(dev, amp):
-            sc = model.score(b["input_ids"], b["attention_mask"], normalized=normalized, rows=b.get("rows"))
-        sc = sc.float().tolist()
+            y = fn(model, b).float().cpu()
         bar.update(len(idx))
         at = 0
         for i in idx:
-            out[i] = sc[at : at + len(groups[i])]
+            out[i] = y[at : at + len(groups[i])]
             at += len(groups[i])
     bar.close()
     model.train(was)
     return out
+
+
+def score_groups(model: ScalarHeadModel, groups: Sequence[Group], pad_id: int, batch_size: int = 8,
+                 normalized: bool = True, amp: torch.dtype | None = None, desc: str = "") -> list[list[float]]:
+    """Scores of every response of every group, in the groups' order (``per_response``)."""
+    def fn(m, b):
+        return m.score(b["input_ids"], b["attention_mask"], normalized=normalized, rows=b.get("rows"))
+
+    return [y.tolist() for y in per_response(model, groups, pad_id, fn, batch_size, amp, desc)]
+
+
+# ---- the head fitted to frozen features (linear probe, then fine-tuning) ------------------------------------------
+
+PROBED_LR_SCALE = 0.1  # fine-tuning after a fitted head: this times the usual rate
+PROBE_L2 = (3.0, 1.0, 0.3, 0.1, 0.03, 0.01)  # L2 strengths tried on standardised features, picked by CV loss
+
+
+def fit_pairwise_head(diffs: torch.Tensor, weights: torch.Tensor, l2: float) -> torch.Tensor:
+    """The linear head w minimising the Bradley-Terry loss of frozen features, i.e. logistic regression without
+    intercept on (better - worse) feature differences ``diffs`` (P, d), pair weights ``weights`` (P,):
+    sum_p weight_p * softplus(-diff_p . w) / sum(weights) + l2/2 |w / s|^2 with the features standardised by their
+    root mean square s (the penalty is the same for every feature's scale). L-BFGS in float64; returns w (d,)."""
+    x = diffs.double()
+    s = x.pow(2).mean(0).sqrt().clamp_min(1e-12)
+    xs, wn = x / s, weights.double() / weights.double().sum()
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (wn * torch.nn.functional.softplus(-(xs @ w))).sum() + 0.5 * l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return (w.detach() / s).float()
+
+
+def pair_differences(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per ranked pair of every group (rows best first): (better - worse features, weight 1/pairs of its prompt,
+    group index)."""
+    d, w, gi = [], [], []
+    for g, f in enumerate(feats):
+        pairs = ranked_pairs(len(f))
+        for i, j in pairs:
+            d.append(f[i] - f[j])
+            w.append(1.0 / len(pairs))
+            gi.append(g)
+    if not d:
+        raise LMForgeError("no ranked pairs to fit the reward head to: every prompt needs two or more responses")
+    return torch.stack(d), torch.tensor(w), torch.tensor(gi)
+
+
+def select_probe(diffs: torch.Tensor, weights: torch.Tensor, group: torch.Tensor, folds: int = 5, seed: int = 0,
+                 grid: Sequence[float] = PROBE_L2) -> dict[str, Any]:
+    """K-fold cross-validation (folds by prompt) of ``fit_pairwise_head`` over ``grid``; the L2 with the lowest
+    held-out loss is refitted on every pair. Returns {weight, l2, cv_loss, cv_accuracy}."""
+    n = int(group.max()) + 1
+    k = max(2, min(folds, n))
+    fold_of = torch.empty(n, dtype=torch.long)
+    fold_of[torch.randperm(n, generator=torch.Generator().manual_seed(seed))] = torch.arange(n) % k
+    fold = fold_of[group]
+    best: dict[str, Any] | None = None
+    for l2 in grid:
+        loss = acc = 0.0
+        for f in range(k):
+            tr, te = fold != f, fold == f
+            w = fit_pairwise_head(diffs[tr], weights[tr], l2)
+            m, wt = diffs[te] @ w, weights[te] / weights[te].sum()
+            loss += float((wt * torch.nn.functional.softplus(-m)).sum()) / k
+            acc += float((wt * (m > 0).float()).sum()) / k
+        if best is None or loss < best["cv_loss"]:
+            best = {"l2": l2, "cv_loss": loss, "cv_accuracy": acc}
+    assert best is not None
+    best["weight"] = fit_pairwise_head(diffs, weights, best["l2"])
+    return best
+
+
+def probe_head(model: ScalarHeadModel, groups: Sequence[Group], pad_id: int, batch_size: int = 8,
+               amp: torch.dtype | None = None, seed: int = 0) -> dict[str, Any]:
+    """Fit the head to the frozen model's features at the training responses' last tokens (a linear probe, the
+    first half of LP-FT: Kumar et al. 2022, fine-tuning from a fitted head distorts the features less than from a
+    random one). One pass over the data without gradients, then ``select_probe``; sets the head (bias 0)."""
+    feats = per_response(model, groups, pad_id, lambda m, b: m.last_hidden(b["input_ids"], b["attention_mask"],
+                                                                           b.get("rows")),
+                         batch_size, amp, desc="fit head")
+    diffs, weights, group = pair_differences(feats)
+    fit = select_probe(diffs, weights, group, seed=seed)
+    with torch.no_grad():
+        model.head.weight.copy_(fit.pop("weight")[None].to(model.head.weight))
+        model.head.bias.zero_()
+    return fit
 
 
 def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume: bool = False) -> dict[str, Any]:
@@ -318,7 +412,12 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
     val = GroupBatches(val_g, t.batch_size, pad, shuffle=False, rank=dist.rank, world=dist.world,
                        by_length=cfg.data.group_by_length, share_prefix=share) if val_g else None
     steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
-    chosen = {**stage_defaults(steps, suggested_lr(method, n_params), val is not None, warmup_div=20, t=t,
+    if cfg.head_init not in ("probe", "normal"):
+        raise LMForgeError(f"head_init={cfg.head_init!r}: allowed values are ['probe', 'normal']")
+    # after a fitted head the features need only small changes (LP-FT): a tenth of the rate; on hh-rlhf the full
+    # rate took SmolLM2's held-out accuracy from the probe's 0.607 down to 0.573 within 66 steps
+    lr = suggested_lr(method, n_params) * (PROBED_LR_SCALE if cfg.head_init == "probe" else 1.0)
+    chosen = {**stage_defaults(steps, lr, val is not None, warmup_div=20, t=t,
                               explicit=explicit_train),
               "best_metric": "val_accuracy", "best_mode": "max"}
     apply_defaults(t, chosen, explicit_train)
@@ -336,8 +435,15 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
 
     run_config = {**cfg.to_dict(), "resolved_peft": resolved, "train_prompts": len(train_g),
                   "val_prompts": len(val_g)}
+    if cfg.head_init == "probe" and not resume:  # a resumed run has its head in the checkpoint
+        model.to(device)
+        fit = probe_head(model, train_g, pad, t.batch_size, train_precision(t, device, model), t.seed)
+        run_config["head_probe"] = fit
+        log(f"head fitted to the frozen features of the training pairs (linear probe): L2 {fit['l2']:g} by 5-fold "
+            f"cross-validation, held-out-fold accuracy {fit['cv_accuracy']:.3f}, loss {fit['cv_loss']:.4f}")
     trainer = Trainer(model, t, train, reward_loss_fn(cfg.margin), out, val_data=val, tokenizer=tok,
-                      run_config=run_config, device=device, dist=dist, log=log, units="prompts")
+                      run_config=run_config, device=device, dist=dist, log=log, units="prompts",
+                      start_is_candidate=cfg.head_init == "probe")  # the fitted head alone may be the best
     try:
         result = trainer.fit(resume=resume)
         if dist.main:

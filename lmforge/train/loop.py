@@ -127,8 +127,12 @@ class Trainer:
                  val_data=None, tokenizer=None, run_config: dict[str, Any] | None = None,
                  sample_fn: Callable[[nn.Module], str] | None = None, device: torch.device | None = None,
                  dist: D.Dist | None = None, log=None, export_fn: ExportFn | None = None,
-                 units: str = "tokens") -> None:
+                 units: str = "tokens", start_is_candidate: bool = False) -> None:
+        """``start_is_candidate``: the starting weights can be the best (e.g. a reward head fitted before training):
+        when the evaluation at step 0 is the best so far, they are checkpointed and marked best like any later step's
+        (otherwise only steps after 0 count)."""
         self.cfg = cfg
+        self.start_is_candidate = start_is_candidate
         self.device = device or torch.device("cpu")
         self.dist = dist or D.Dist()
         self.out = Path(out_dir)
@@ -491,7 +495,9 @@ class Trainer:
             better = value < self.best_val if self.cfg.best_mode == "min" else value > self.best_val
             if better and math.isfinite(value):
                 self.best_val = value
-                if self.dist.main and self.step > 0:
+                if self.step == 0 and self.start_is_candidate:
+                    self.save()  # every rank takes part; the best file below points to it
+                if self.dist.main and (self.step > 0 or self.start_is_candidate):
                     (self.out / "best").write_text(f"ckpt-{self.step:07d}\n")
         if self.sample_fn is not None and (final or self.step == 0):
             if self.dist.enabled and self.cfg.distributed == "fsdp":  # no rank holds the whole model: none samples

@@ -1,0 +1,111 @@
+"""Acceptance of the alignment stages on real preference data: SmolLM2-135M-Instruct (its GGUF) and Anthropic's
+hh-rlhf harmless pairs (``../shared/data/preference/hh_rlhf_harmless_train.jsonl``), the commands a user runs with
+their defaults:
+
+    python benchmarks/accept_rlhf.py --out DIR [--stages reward ppo dpo] [--ppo-steps 30]
+
+- ``reward``: ``lmforge reward --peft lora``; held-out pairwise accuracy on the command's own validation split
+  (``data.val_fraction`` 0.1 of the file, seeded: 150 pairs), per evaluation and for the saved model.
+- ``ppo``: ``lmforge ppo --peft lora`` against that reward model. Prompts are the first human turn of each
+  transcript (whole multi-turn contexts made an iteration take 3 minutes on two cores), written here from the same
+  split: the training pairs' prompts to train on, the first 64 held-out pairs' prompts to measure on. Prints the
+  held-out reward-model score before and after (same sampling seeds) and the largest KL to the reference.
+- ``dpo``: ``lmforge dpo --peft lora`` on the same training pairs; held-out implicit-reward accuracy per evaluation.
+
+Hours on two CPU cores (reward model ~45 min, PPO 30 iterations ~30 min, DPO ~45 min); a SmolLM2 LoRA step needs
+13-17 GB of memory, so the stages run one after the other. ``DIR`` keeps every run; a stage whose output exists is
+not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lmforge.stages.reward import PrefData, read_split
+from lmforge.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+HH = ROOT.parent / "shared" / "data" / "preference" / "hh_rlhf_harmless_train.jsonl"
+
+
+def find_gguf() -> Path:
+    env = os.environ.get("LMFORGE_SMOLLM2_GGUF")
+    found = [Path(env)] if env else sorted((Path.home() / ".cache" / "lmforge" / "smollm2").glob("*.gguf"))
+    if not found or not found[0].is_file():
+        raise SystemExit("SmolLM2's GGUF is missing: run scripts/fetch_smollm2.sh (or set LMFORGE_SMOLLM2_GGUF)")
+    return found[0]
+
+
+def lmforge(log: Path, *args: str) -> None:
+    """Run one command, its stderr to ``log``; stop with its tail on failure."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, "-m", "lmforge", *args], stdout=f, stderr=subprocess.STDOUT, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"lmforge {' '.join(args)} failed:\n{log.read_text()[-3000:]}")
+
+
+def evals(run: Path, key: str) -> list[tuple[int, float]]:
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+def first_turn_prompts(data: Path, out: Path, n_eval: int = 64) -> tuple[Path, Path]:
+    """The first user turn of every record, training and held-out split as the reward model and DPO split them."""
+    train, held = read_split(PrefData(path=str(data)), TrainConfig().seed)
+    files = []
+    for name, recs in (("train", train), ("eval", held[:n_eval])):
+        path = out / f"ppo_prompts_{name}.jsonl"
+        path.write_text("".join(json.dumps({"messages": [r.prompt[0]]}) + "\n" for r in recs))
+        files.append(path)
+    return files[0], files[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="directory for the runs (kept; finished stages are reused)")
+    ap.add_argument("--stages", nargs="+", default=["reward", "ppo", "dpo"], choices=["reward", "ppo", "dpo"])
+    ap.add_argument("--data", default=str(HH), help="preference file (default: the shared hh-rlhf harmless pairs)")
+    ap.add_argument("--ppo-steps", type=int, default=30, help="PPO iterations (the acceptance asks for <= 30)")
+    a = ap.parse_args()
+    if not Path(a.data).is_file():
+        raise SystemExit(f"{a.data}: missing (the shared data directory is not beside this checkout)")
+    gguf, out = find_gguf(), Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rm = out / "reward"
+    if "reward" in a.stages:
+        if not (rm / "value_head.json").is_file():
+            lmforge(out / "reward.log", "reward", "--model", str(gguf), "--data", a.data, "--out", str(rm),
+                    "--peft", "lora", "--overwrite")
+        final = json.loads((rm / "value_head.json").read_text()).get("val_accuracy")
+        shown = ", ".join(f"{s}: {v:.3f}" for s, v in evals(rm, "val_accuracy"))
+        print(f"reward: held-out accuracy by step {shown}; saved model {final:.3f}")
+    if "ppo" in a.stages:
+        if not (rm / "value_head.json").is_file():
+            raise SystemExit(f"{rm}: no reward model yet (run the reward stage first)")
+        ppo = out / "ppo"
+        if not (ppo / "ppo_summary.json").is_file():
+            train, held = first_turn_prompts(Path(a.data), out)
+            lmforge(out / "ppo.log", "ppo", "--model", str(gguf), "--reward-model", str(rm), "--prompts", str(train),
+                    "--eval-prompts", str(held), "--peft", "lora", "--steps", str(a.ppo_steps), "--out", str(ppo),
+                    "--overwrite")
+        s = json.loads((ppo / "ppo_summary.json").read_text())
+        kl = max(v for _, v in evals(ppo, "train_kl"))
+        print(f"ppo: held-out reward-model score {s['heldout_before']:.3f} -> {s['heldout_after']:.3f} "
+              f"({s['iterations']} iterations); KL to the reference at most {kl:.2f}, final beta {s['beta']:.4f}")
+    if "dpo" in a.stages:
+        dpo = out / "dpo"
+        if not (dpo / "adapter_config.json").is_file():
+            lmforge(out / "dpo.log", "dpo", "--model", str(gguf), "--data", a.data, "--out", str(dpo), "--peft",
+                    "lora", "--overwrite")
+        shown = ", ".join(f"{s}: {v:.3f}" for s, v in evals(dpo, "val_reward_accuracy"))
+        print(f"dpo: held-out implicit-reward accuracy by step {shown}")
+
+
+if __name__ == "__main__":
+    main()
