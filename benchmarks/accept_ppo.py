@@ -13,6 +13,7 @@ against the adaptive controller's target, and the final beta. About 1 minute for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -39,8 +40,8 @@ def main() -> None:
     ap.add_argument("--rewards", nargs="+", default=["ending_reward", "story_reward"])
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="accept-ppo-") as tmp:
-        out = Path(a.out or tmp)
+    with contextlib.nullcontext(a.out) if a.out else tempfile.TemporaryDirectory(prefix="accept-ppo-") as tmp:
+        out = Path(tmp)
         sft = out / "sft-stories"
         if not (sft / "config.json").is_file():
             lmforge("sft", "--data", str(INSTRUCT / "stories_instruct.jsonl"), "--out", str(sft))

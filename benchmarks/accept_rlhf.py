@@ -4,8 +4,9 @@ their defaults:
 
     python benchmarks/accept_rlhf.py --out DIR [--stages reward ppo dpo] [--ppo-steps 30]
 
-- ``reward``: ``lmforge reward --peft lora``; held-out pairwise accuracy on the command's own validation split
-  (``data.val_fraction`` 0.1 of the file, seeded: 150 pairs), per evaluation and for the saved model.
+- ``reward``: ``lmforge reward --peft lora --head-init probe``; held-out pairwise accuracy on the command's own
+  validation split (``data.val_fraction`` 0.1 of the file, seeded: 150 pairs), per evaluation and for the saved
+  model.
 - ``ppo``: ``lmforge ppo --peft lora`` against that reward model. Prompts are the first human turn of each
   transcript (whole multi-turn contexts made an iteration take 3 minutes on two cores), written here from the same
   split: the training pairs' prompts to train on, the first 64 held-out pairs' prompts to measure on. Prints the
@@ -81,7 +82,7 @@ def main() -> None:
     if "reward" in a.stages:
         if not (rm / "value_head.json").is_file():
             lmforge(out / "reward.log", "reward", "--model", str(gguf), "--data", a.data, "--out", str(rm),
-                    "--peft", "lora", "--overwrite")
+                    "--peft", "lora", "--head-init", "probe", "--overwrite")
         final = json.loads((rm / "value_head.json").read_text()).get("val_accuracy")
         shown = ", ".join(f"{s}: {v:.3f}" for s, v in evals(rm, "val_accuracy"))
         print(f"reward: held-out accuracy by step {shown}; saved model {final:.3f}")

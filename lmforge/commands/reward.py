@@ -28,8 +28,9 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--margin", type=float, help="loss margin: -log sigmoid(r_w - r_l - margin) (default 0)")
     p.add_argument("--epochs", type=float, help="passes over the training prompts (default 1)")
     p.add_argument("--head-init", choices=["probe", "normal"],
-                   help="probe (default): fit the head to the frozen model's features first (a linear probe, L2 "
-                        "by cross-validation), then fine-tune; normal: a random head, N(0, 1/sqrt(d+1))")
+                   help="normal (default): a random head, N(0, 1/sqrt(d+1)); probe: fit the head to the frozen "
+                        "model's features first (a linear probe, L2 by cross-validation), then fine-tune at a tenth "
+                        "of the rate, the fitted head alone a candidate for the best checkpoint")
     p.add_argument("--config", help="YAML config (keys model, tokenizer, data, train, peft, margin, epochs, "
                                     "head_init, out)")
     p.add_argument("--out", help="run directory (default runs/reward): checkpoints, metrics, then the reward model")

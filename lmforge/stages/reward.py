@@ -66,7 +66,7 @@ class RewardConfig:
     peft: dict[str, Any] = field(default_factory=dict)
     margin: float = 0.0  # loss -log sigmoid(r_w - r_l - margin)
     epochs: float = 1.0  # InstructGPT: one epoch (the reward model overfits after one)
-    head_init: str = "probe"  # probe: fit the head to the frozen features first (LP-FT); normal: N(0, 1/sqrt(d+1))
+    head_init: str = "normal"  # normal: N(0, 1/sqrt(d+1)); probe: fit it to the frozen features first (LP-FT)
     out: str = "runs/reward"
 
     def to_dict(self) -> dict[str, Any]:
