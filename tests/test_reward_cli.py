@@ -305,3 +305,10 @@ def test_fitted_head_alone_is_kept_when_training_only_makes_it_worse(tmp_path):
     assert (out / "best").read_text().strip() == "ckpt-0000000" and "final model from ckpt-0000000" in r.stderr
     head = json.loads((out / "value_head.json").read_text())
     assert head["val_accuracy"] == pytest.approx(evals[0]["val_accuracy"], abs=0.05)
+
+
+def test_an_unknown_head_init_is_refused_in_one_line(tmp_path):
+    cfg = tmp_path / "rm.yaml"
+    cfg.write_text("head_init: zeros\n")
+    r = run("reward", "--config", str(cfg), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 1 and "head_init='zeros'" in r.stderr.strip().splitlines()[-1], r.stderr[-1000:]

@@ -329,7 +329,7 @@ def pair_differences(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch
 def select_probe(diffs: torch.Tensor, weights: torch.Tensor, group: torch.Tensor, folds: int = 5, seed: int = 0,
                  grid: Sequence[float] = PROBE_L2) -> dict[str, Any]:
     """K-fold cross-validation (folds by prompt) of ``fit_pairwise_head`` over ``grid``; the L2 with the lowest
-    held-out loss is refitted on every pair. Returns {weight, l2, cv_loss, cv_accuracy}."""
+    held-out loss is refitted on every pair. Returns {weight, l2, folds, cv_loss, cv_accuracy}."""
     n = int(group.max()) + 1
     k = max(2, min(folds, n))
     fold_of = torch.empty(n, dtype=torch.long)
@@ -345,7 +345,7 @@ def select_probe(diffs: torch.Tensor, weights: torch.Tensor, group: torch.Tensor
             loss += float((wt * torch.nn.functional.softplus(-m)).sum()) / k
             acc += float((wt * (m > 0).float()).sum()) / k
         if best is None or loss < best["cv_loss"]:
-            best = {"l2": l2, "cv_loss": loss, "cv_accuracy": acc}
+            best = {"l2": l2, "folds": k, "cv_loss": loss, "cv_accuracy": acc}
     assert best is not None
     best["weight"] = fit_pairwise_head(diffs, weights, best["l2"])
     return best
@@ -375,6 +375,8 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
     from lmforge.train.state import load_training_checkpoint
 
     explicit_train = explicit_train or set()
+    if cfg.head_init not in ("probe", "normal"):  # before the model loads
+        raise LMForgeError(f"head_init={cfg.head_init!r}: allowed values are ['probe', 'normal']")
     out = Path(cfg.out)
     device = device_for(cfg.train.device)
     dist = D.init(device)
@@ -412,8 +414,6 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
     val = GroupBatches(val_g, t.batch_size, pad, shuffle=False, rank=dist.rank, world=dist.world,
                        by_length=cfg.data.group_by_length, share_prefix=share) if val_g else None
     steps = max(1, math.ceil(cfg.epochs * train.steps_per_epoch / t.grad_accum))
-    if cfg.head_init not in ("probe", "normal"):
-        raise LMForgeError(f"head_init={cfg.head_init!r}: allowed values are ['probe', 'normal']")
     # after a fitted head the features need only small changes (LP-FT): a tenth of the rate; on hh-rlhf the full
     # rate took SmolLM2's held-out accuracy from the probe's 0.607 down to 0.573 within 66 steps
     lr = suggested_lr(method, n_params) * (PROBED_LR_SCALE if cfg.head_init == "probe" else 1.0)
@@ -439,8 +439,9 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
         model.to(device)
         fit = probe_head(model, train_g, pad, t.batch_size, train_precision(t, device, model), t.seed)
         run_config["head_probe"] = fit
-        log(f"head fitted to the frozen features of the training pairs (linear probe): L2 {fit['l2']:g} by 5-fold "
-            f"cross-validation, held-out-fold accuracy {fit['cv_accuracy']:.3f}, loss {fit['cv_loss']:.4f}")
+        log(f"head fitted to the frozen features of the training pairs (linear probe): L2 {fit['l2']:g} by "
+            f"{fit['folds']}-fold cross-validation, held-out-fold accuracy {fit['cv_accuracy']:.3f}, "
+            f"loss {fit['cv_loss']:.4f}")
     trainer = Trainer(model, t, train, reward_loss_fn(cfg.margin), out, val_data=val, tokenizer=tok,
                       run_config=run_config, device=device, dist=dist, log=log, units="prompts",
                       start_is_candidate=cfg.head_init == "probe")  # the fitted head alone may be the best
