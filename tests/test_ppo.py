@@ -57,7 +57,7 @@ def test_ppo_command_runs_and_resumes_exactly(prompts, tmp_path):
     whole = _run(*common, "--out", str(tmp_path / "whole"), "--steps", "2")
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert "done: 2 iterations" in whole.stderr
-    assert "adaptive, target 4, horizon 1)" in whole.stderr  # scaled to the run: 2 x 2 / 10, at least 1
+    assert "adaptive, target 4, horizon 2)" in whole.stderr  # scaled to the run: 2 x 2 / 10, at least a batch (2)
     # a tenth of the SFT rate: stories260K's full fine-tuning rate is 1e-5 x 30 (the small-model cap)
     assert "; lr 3e-05;" in whole.stderr
     cut = _run(*common, "--out", str(tmp_path / "cut"), "--steps", "1")
@@ -181,7 +181,13 @@ def test_kl_horizon_scales_with_the_run():
             c.update(40.0, o.rollout_batch)
         assert 6.0 < c.value / 0.05 < 7.39
     assert kl_horizon(PPOOptions(kl_horizon=10000.0), 30) == 10000.0
-    assert kl_horizon(PPOOptions(rollout_batch=2), 1) == 1.0
+    for steps in range(1, 10):  # short runs: at least one batch, so beta moves x0.8-1.2 per update, never below 0
+        o = PPOOptions(rollout_batch=16)
+        assert kl_horizon(o, steps) == 16
+        low, high = (AdaptiveKLController(0.05, target=4.0, horizon=kl_horizon(o, steps)) for _ in range(2))
+        low.update(0.0, o.rollout_batch)
+        high.update(40.0, o.rollout_batch)
+        assert low.value == pytest.approx(0.04) and high.value == pytest.approx(0.06)
 
 
 def test_config_defaults_resolve():

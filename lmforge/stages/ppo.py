@@ -100,12 +100,14 @@ class PPOOptions:
 
 
 def kl_horizon(opts: PPOOptions, steps: int) -> float:
-    """The adaptive KL controller's horizon in samples: ``ppo.kl_horizon`` when set, else steps x rollout_batch / 10.
-    Ziegler et al.'s 10,000 suits their million-sample runs; over 30 iterations of 16 it moves beta by 1 %. Scaled
-    to the run, beta can change by (1 + 0.2 x 10 / steps)^steps over it: 3x for 1 step, e^2 = 7.4x at most."""
+    """The adaptive KL controller's horizon in samples: ``ppo.kl_horizon`` when set, else steps x rollout_batch / 10
+    and at least one rollout batch. Ziegler et al.'s 10,000 suits their million-sample runs; over 30 iterations of 16
+    it moves beta by 1 %. Scaled to the run, beta can change by (1 + 0.2 x 10 / steps)^steps over it, e^2 = 7.4x at
+    most; the floor keeps one update within x0.8-1.2 (a horizon below a batch made beta negative in runs of 1-2
+    steps whose KL was under target)."""
     if opts.kl_horizon > 0:
         return float(opts.kl_horizon)
-    return max(1.0, steps * opts.rollout_batch / 10.0)
+    return float(max(opts.rollout_batch, steps * opts.rollout_batch / 10.0))
 
 
 @dataclass
