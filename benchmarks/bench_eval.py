@@ -3,8 +3,10 @@
     python benchmarks/bench_eval.py                       # SmolLM2-135M from ~/.cache/lmforge/smollm2, shared data
     python benchmarks/bench_eval.py --limit 4 --ppl-tokens 512   # a quick check that everything runs
 
-- MMLU (the shared dev files, K-shot, each question's demonstrations are the other dev questions of its subject)
-  and ARC-Easy (zero-shot): examples/s of lmforge against lm-evaluation-harness' ``hf`` model on the model exported
+- MMLU (the shared dev files, K-shot, each question's demonstrations are the other dev questions of its subject:
+  the layout where questions share least), ARC-Easy zero-shot, and ARC-Easy with the same first K training questions
+  as demonstrations for every question (the layout of MMLU's test split, whose questions all take their subject's
+  dev questions): examples/s of lmforge against lm-evaluation-harness' ``hf`` model on the model exported
   to transformers (when ``lm_eval`` is installed; same prompts as local harness tasks), else against a plain
   transformers loop scoring each (context, choice) in its own forward (no prefix caching). Accuracy of both printed.
 - Perplexity: tokens/s of lmforge's rolling windows against the transformers sliding-window loop (the HF perplexity
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import tempfile
@@ -57,8 +60,24 @@ def loop_choices(hf, tok, records: list[dict], max_len: int) -> list[int]:
     return preds
 
 
-def harness_tasks(folder: Path, mmlu: Path, arc: Path, subjects: list[str]) -> list[str]:
-    """Local lm-evaluation-harness task YAMLs with lmforge's (= the harness') MMLU and ARC prompts."""
+def dedup_mmlu(src: Path, dst: Path, min_rows: int) -> Path:
+    """Copies of the MMLU csv files without repeated rows, and only those with at least ``min_rows`` questions (the
+    shared college_physics dev file holds one question twice; the harness' first_n sampler then lacks demonstrations
+    for it): both sides read the copies."""
+    dst.mkdir()
+    for f in sorted(src.glob("*.csv")):
+        rows = list(dict.fromkeys(tuple(r) for r in csv.reader(f.open(encoding="utf-8", newline=""))))
+        if len(rows) - 1 < min_rows:  # the header row and the questions
+            print(f"{f.name}: {len(rows) - 1} distinct questions, fewer than {min_rows}: left out")
+            continue
+        with dst.joinpath(f.name).open("w", encoding="utf-8", newline="") as fh:
+            csv.writer(fh).writerows(rows)
+    return dst
+
+
+def harness_tasks(folder: Path, mmlu: Path, arc: Path, subjects: list[str], arc_train: Path) -> list[str]:
+    """Local lm-evaluation-harness task YAMLs with lmforge's (= the harness') MMLU and ARC prompts; ``lmf_arc_fs``
+    takes its demonstrations from ``arc_train`` (the first ones, as ``--select first_n``)."""
     names = []
     for s in subjects:
         name = f"lmf_mmlu_{s}"
@@ -72,16 +91,21 @@ def harness_tasks(folder: Path, mmlu: Path, arc: Path, subjects: list[str]) -> l
             '\\nAnswer:"\ndoc_to_choice: ["A", "B", "C", "D"]\ndoc_to_target: answer\n'
             "metric_list:\n  - metric: acc\n")
         names.append(name)
+    arc_doc = ('output_type: multiple_choice\ndoc_to_text: "Question: {{question.stem}}\\nAnswer:"\n'
+               "doc_to_choice: \"{{question.choices | map(attribute='text') | list}}\"\n"
+               "doc_to_target: \"{{(question.choices | map(attribute='label') | list).index(answerKey)}}\"\n"
+               "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
     (folder / "lmf_arc.yaml").write_text(
         f"task: lmf_arc\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {arc}}}\ntest_split: test\n"
-        'output_type: multiple_choice\ndoc_to_text: "Question: {{question.stem}}\\nAnswer:"\n'
-        "doc_to_choice: \"{{question.choices | map(attribute='text') | list}}\"\n"
-        "doc_to_target: \"{{(question.choices | map(attribute='label') | list).index(answerKey)}}\"\n"
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-    return names + ["lmf_arc"]
+        + arc_doc)
+    (folder / "lmf_arc_fs.yaml").write_text(
+        f"task: lmf_arc_fs\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {arc}, train: {arc_train}}}\n"
+        "test_split: test\nfewshot_split: train\nfewshot_config:\n  sampler: first_n\n" + arc_doc)
+    return names
 
 
-def run_harness(hf, hf_tok, tasks_dir: Path, mmlu_tasks: list[str], per_subject: int, arc_limit: int, shots: int):
+def run_harness(hf, hf_tok, tasks_dir: Path, tasks: list[str], limit: int, shots: int) -> tuple[float, float]:
+    """(mean accuracy over ``tasks``, seconds) of lm-evaluation-harness' ``hf`` model at batch size 1."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -89,13 +113,9 @@ def run_harness(hf, hf_tok, tasks_dir: Path, mmlu_tasks: list[str], per_subject:
     lm = HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=1)
     tm = TaskManager(include_path=str(tasks_dir))
     t = time.perf_counter()
-    r1 = lm_eval.simple_evaluate(model=lm, tasks=mmlu_tasks, num_fewshot=shots, limit=per_subject, task_manager=tm)
-    t_mmlu = time.perf_counter() - t
-    t = time.perf_counter()
-    r2 = lm_eval.simple_evaluate(model=lm, tasks=["lmf_arc"], limit=arc_limit, task_manager=tm)
-    t_arc = time.perf_counter() - t
-    accs = [r1["results"][n]["acc,none"] for n in mmlu_tasks]
-    return (sum(accs) / len(accs), t_mmlu), (r2["results"]["lmf_arc"]["acc,none"], t_arc)
+    r = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, limit=limit, task_manager=tm)
+    dt = time.perf_counter() - t
+    return sum(r["results"][n]["acc,none"] for n in tasks) / len(tasks), dt
 
 
 @torch.no_grad()
@@ -125,6 +145,10 @@ def main() -> None:
     ap.add_argument("--arc", default=str(SHARED / "arc" / "arc_easy_dev.jsonl"))
     ap.add_argument("--shots", type=int, default=4, help="MMLU demonstrations (the dev files hold 5 per subject)")
     ap.add_argument("--limit", type=int, default=285, help="MMLU questions (and ARC questions)")
+    ap.add_argument("--arc-train", default=str(SHARED / "arc" / "arc_easy_train.jsonl"))
+    ap.add_argument("--arc-shots", type=int, default=5, help="ARC with this many demonstrations, the first ones of "
+                    "--arc-train for every question (as MMLU's test split takes its subject's dev questions); 0: skip")
+    ap.add_argument("--arc-fewshot-limit", type=int, default=100, help="questions of the few-shot ARC case")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
@@ -149,13 +173,18 @@ def main() -> None:
                  else "transformers loop"}
     with tempfile.TemporaryDirectory() as tmp:
         hf = export_hf(model, Path(tmp) / "hf")
-        mmlu_cfg = EvalConfig("mmlu", args.mmlu, fewshot_data=args.mmlu, shots=args.shots, limit=args.limit)
-        arc_cfg = EvalConfig("arc", args.arc, limit=args.limit)
+        args.mmlu = str(dedup_mmlu(Path(args.mmlu), Path(tmp) / "mmlu", args.shots + 1))
+        cases = {"mmlu": EvalConfig("mmlu", args.mmlu, fewshot_data=args.mmlu, shots=args.shots, limit=args.limit),
+                 "arc": EvalConfig("arc", args.arc, limit=args.limit)}
+        if args.arc_shots:
+            cases[f"arc_{args.arc_shots}shot"] = EvalConfig("arc", args.arc, fewshot_data=args.arc_train,
+                                                            shots=args.arc_shots, limit=args.arc_fewshot_limit)
         mine = {}
-        for name, cfg in (("mmlu", mmlu_cfg), ("arc", arc_cfg)):
+        for name, cfg in cases.items():
             t = time.perf_counter()
             res = evaluate(model, tok, cfg)
             mine[name] = (res, time.perf_counter() - t)
+        base = {}
         if use_harness:
             from transformers import AutoTokenizer
 
@@ -167,21 +196,23 @@ def main() -> None:
             per_subject = max(1, math.ceil(args.limit / max(len(subjects), 1)))
             tdir = Path(tmp) / "tasks"
             tdir.mkdir()
-            names = harness_tasks(tdir, Path(args.mmlu), Path(args.arc), subjects)
-            n_mmlu = sum(min(per_subject, sum(d["subject"] == s for d in docs)) for s in subjects)
-            (acc_m, t_m), (acc_a, t_a) = run_harness(hf, hf_tok, tdir, names[:-1], per_subject, args.limit,
-                                                     args.shots)
-            base = {"mmlu": (acc_m, n_mmlu / t_m), "arc": (acc_a, min(args.limit, len(load_arc(Path(args.arc)))) / t_a)}
+            names = harness_tasks(tdir, Path(args.mmlu), Path(args.arc), subjects, Path(args.arc_train))
+            n_arc = len(load_arc(Path(args.arc)))
+            for name, cfg in cases.items():
+                tasks, limit, n = ((names, per_subject, sum(min(per_subject, sum(d["subject"] == s for d in docs))
+                                                           for s in subjects)) if name == "mmlu" else
+                                   (["lmf_arc_fs" if cfg.shots else "lmf_arc"], cfg.limit, min(cfg.limit, n_arc)))
+                acc, dt = run_harness(hf, hf_tok, tdir, tasks, limit, cfg.shots)
+                base[name] = (acc, n / dt)
         else:
-            base = {}
-            for name in ("mmlu", "arc"):
+            for name in cases:
                 res, _ = mine[name]
                 t = time.perf_counter()
                 preds = loop_choices(hf, tok, res.records, model.cfg.block_size)
                 dt = time.perf_counter() - t
                 acc = sum(p == r["gold"] for p, r in zip(preds, res.records)) / len(preds)
                 base[name] = (acc, len(preds) / dt)
-        for name in ("mmlu", "arc"):
+        for name in cases:
             res, dt = mine[name]
             eps = res.n / dt
             out[name] = {"n": res.n, "lmforge_acc": res.metrics["acc"], "lmforge_examples_per_s": eps,

@@ -16,7 +16,7 @@ import torch
 
 from lmforge.eval.fewshot import BM25, Selector, mmr, tfidf, words
 from lmforge.eval.runner import build_context, majority, mean_stderr
-from lmforge.eval.scoring import Group, Scorer, encode_pair, rolling_windows
+from lmforge.eval.scoring import CPU_BATCH_TOKENS, JOIN_SLACK, Group, Scorer, _lcp, encode_pair, rolling_windows
 from lmforge.eval.tasks import (
     COT_EXEMPLARS,
     INVALID,
@@ -109,6 +109,35 @@ def test_shared_prefixes_run_once_and_score_like_one_sequence_forward(name):
             assert v == pytest.approx(u, abs=1e-4)
             assert v == pytest.approx(ref_loglik(model, gr.context, cont), abs=1e-4)
     assert shared.tokens < 0.7 * plain.tokens or name == "tiny-bloom"
+    if name != "tiny-bloom":  # the contexts run about as few tokens as their prefix tree holds
+        ctxs = sorted(gr.context for gr in groups[:9])
+        tree = len(ctxs[0]) + sum(len(b) - _lcp(a, b) for a, b in zip(ctxs, ctxs[1:]))
+        alone = sum(len(gr.context) for gr in groups[9:])
+        rest = sum(len(c) - 1 for gr in groups for c in gr.continuations)  # continuation tokens after the first
+        assert shared.tokens - rest - alone <= tree + JOIN_SLACK, (shared.tokens - rest - alone, tree)
+
+
+def test_long_prefixes_run_in_pieces_of_batch_tokens_and_score_the_same():
+    model = random_model("tiny-llama", block_size=512)
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, 500, (100,), generator=g).tolist()
+    groups = [Group(prefix + torch.randint(0, 500, (n,), generator=g).tolist(), [[7], [8, 9, 10]]) for n in (5, 9, 3)]
+    scorer = Scorer(model, None, batch_tokens=16)
+    widths = []
+    run = model.hidden_states
+    model.hidden_states = lambda x, **kw: widths.append(x.shape[1]) or run(x, **kw)
+    try:
+        got = scorer.score(groups)
+    finally:
+        del model.hidden_states
+    assert max(widths) <= 16 and len(widths) > 100 // 16
+    for gr, s in zip(groups, got):
+        for cont, v in zip(gr.continuations, s):
+            assert v == pytest.approx(ref_loglik(model, gr.context, cont), abs=1e-4)
+
+
+def test_batch_tokens_default_by_device():
+    assert Scorer(random_model("tiny-llama"), None).batch_tokens == CPU_BATCH_TOKENS
 
 
 def test_context_truncated_from_the_left_like_the_harness():

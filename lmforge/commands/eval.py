@@ -40,7 +40,8 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--limit", type=int, help="only the first N documents")
     p.add_argument("--context", type=int, help="perplexity window in tokens (default: the model's context)")
     p.add_argument("--stride", type=int, help="perplexity stride (default: the window, each token predicted once)")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per batch (default 4096)")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="tokens per forward (default 1024 on a CPU, 4096 on a GPU)")
     p.add_argument("--bos", action="store_true", help="start every prompt with BOS (the harness does not)")
     p.add_argument("--output", help="write the results JSON (every question's prompt, scores and choice) here")
     p.set_defaults(func=run)
@@ -69,7 +70,7 @@ def run(args) -> None:
 
     if args.limit is not None and args.limit < 1:
         raise LMForgeError("--limit must be >= 1")
-    if args.batch_tokens < 1:
+    if args.batch_tokens is not None and args.batch_tokens < 1:
         raise LMForgeError("--batch-tokens must be >= 1")
     cfg = EvalConfig(task=args.task, data=args.data, fewshot_data=args.fewshot_data, shots=args.shots,
                      select=args.select, order=args.order, seed=args.seed, cot=args.cot, samples=args.samples,

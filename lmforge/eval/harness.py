@@ -36,7 +36,7 @@ class LMForgeLM(LM):
     batch_tokens. From Python, ``LMForgeLM(model=decoder, tokenizer=tok)`` wraps a loaded model."""
 
     def __init__(self, pretrained: str | None = None, tokenizer=None, device: str | None = "auto",
-                 max_gen_toks: int = 256, add_bos: bool = False, batch_tokens: int = 4096, model=None,
+                 max_gen_toks: int = 256, add_bos: bool = False, batch_tokens: int | None = None, model=None,
                  batch_size=None, **_: object) -> None:
         super().__init__()
         if model is None:
@@ -45,7 +45,8 @@ class LMForgeLM(LM):
             model, tokenizer = load_model_and_tokenizer(pretrained, tokenizer, _device(device))
         elif tokenizer is None or isinstance(tokenizer, str):
             raise LMForgeError("LMForgeLM(model=...) needs the tokenizer object too")
-        self.scorer = Scorer(model, tokenizer, batch_tokens=int(batch_tokens), add_bos=_flag(add_bos))
+        self.scorer = Scorer(model, tokenizer, batch_tokens=None if batch_tokens is None else int(batch_tokens),
+                             add_bos=_flag(add_bos))
         self.scorer.want_greedy = True
         self.model, self.tok = model, tokenizer
         self.max_gen_toks = int(max_gen_toks)

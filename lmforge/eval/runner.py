@@ -43,7 +43,7 @@ class EvalConfig:
     limit: int | None = None
     context: int | None = None  # perplexity window (default: the model's context)
     stride: int | None = None  # perplexity stride (default: the window: every token predicted once)
-    batch_tokens: int = 4096
+    batch_tokens: int | None = None  # tokens per forward (None: 1024 on a CPU, 4096 on a GPU)
     max_batch: int = 32
     add_bos: bool = False
 
