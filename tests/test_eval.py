@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.data.preference import common_prefix
 from lmforge.eval.fewshot import BM25, Selector, mmr, tfidf, words
 from lmforge.eval.runner import build_context, majority, mean_stderr
-from lmforge.eval.scoring import CPU_BATCH_TOKENS, JOIN_SLACK, Group, Scorer, _lcp, encode_pair, rolling_windows
+from lmforge.eval.scoring import CPU_BATCH_TOKENS, JOIN_SLACK, Group, Scorer, encode_pair, rolling_windows
 from lmforge.eval.tasks import (
     COT_EXEMPLARS,
     INVALID,
@@ -111,7 +112,7 @@ def test_shared_prefixes_run_once_and_score_like_one_sequence_forward(name):
     assert shared.tokens < 0.7 * plain.tokens or name == "tiny-bloom"
     if name != "tiny-bloom":  # the contexts run about as few tokens as their prefix tree holds
         ctxs = sorted(gr.context for gr in groups[:9])
-        tree = len(ctxs[0]) + sum(len(b) - _lcp(a, b) for a, b in zip(ctxs, ctxs[1:]))
+        tree = len(ctxs[0]) + sum(len(b) - common_prefix((a, b)) for a, b in zip(ctxs, ctxs[1:]))
         alone = sum(len(gr.context) for gr in groups[9:])
         rest = sum(len(c) - 1 for gr in groups for c in gr.continuations)  # continuation tokens after the first
         assert shared.tokens - rest - alone <= tree + JOIN_SLACK, (shared.tokens - rest - alone, tree)

@@ -311,12 +311,10 @@ def collate_groups(groups: list[list[dict[str, list[int]]]], pad_id: int = 0, sh
 
 def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     """Length of the longest token prefix all ``seqs`` share."""
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        t = seqs[0][i]
-        if any(s[i] != t for s in seqs[1:]):
+    for i, col in enumerate(zip(*seqs)):
+        if col.count(col[0]) != len(col):
             return i
-    return n
+    return min(len(s) for s in seqs)
 
 
 def shared_len(seqs: Sequence[Sequence[int]]) -> int:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.data.preference import common_prefix
 from lmforge.errors import LMForgeError
 from lmforge.losses import cross_entropy
 from lmforge.model import Decoder, KVCache
@@ -155,7 +156,7 @@ class Scorer:
         order = sorted(range(n), key=lambda i: prepared[i].context)
         families, alone, run = [], [], [order[0]]
         for a, b in zip(order, order[1:]):
-            if _lcp(prepared[a].context, prepared[b].context) >= MIN_SHARED:
+            if common_prefix((prepared[a].context, prepared[b].context)) >= MIN_SHARED:
                 run.append(b)
                 continue
             (families.append(run) if len(run) > 1 else alone.extend(run))
@@ -173,20 +174,20 @@ class Scorer:
 
         def cost(b: list[int], lcp: int) -> int:
             lp = prefix_len(b, lcp)
-            reused = min(lp, _lcp(self._pre[0], prepared[b[0]].context) if self._pre else 0)
+            reused = min(lp, common_prefix((self._pre[0], prepared[b[0]].context)) if self._pre else 0)
             return lp - reused + len(b) * (max(len(prepared[j].context) for j in b) - lp)
 
         def after(kept: int, ref: list[int], nxt: int | None) -> int:  # tokens the next question adds to a prefix
             if nxt is None:
                 return 0
             ctx = prepared[nxt].context
-            return len(ctx) - min(kept, _lcp(ref, ctx))
+            return len(ctx) - min(kept, common_prefix((ref, ctx)))
 
         batch, lcp = [fam[0]], len(prepared[fam[0]].context)
         for n, i in enumerate(fam[1:], start=2):
             ctx = prepared[i].context
             nxt = fam[n] if n < len(fam) else None
-            shared = min(lcp, _lcp(prepared[batch[-1]].context, ctx))
+            shared = min(lcp, common_prefix((prepared[batch[-1]].context, ctx)))
             joined = batch + [i]
             width = max(len(prepared[j].context) for j in joined)
             tail = max(len(c) for j in joined for c in prepared[j].continuations)
@@ -194,7 +195,7 @@ class Scorer:
                     <= self.batch_tokens and width + tail - 1 <= self.block_size)
             if fits:
                 kept = prefix_len(batch, lcp)  # the prefix the batch leaves when closed now
-                alone = len(ctx) - min(kept, _lcp(prepared[batch[0]].context, ctx))
+                alone = len(ctx) - min(kept, common_prefix((prepared[batch[0]].context, ctx)))
                 join = cost(joined, shared) + after(prefix_len(joined, shared), prepared[batch[0]].context, nxt)
                 split = cost(batch, lcp) + alone + after(len(ctx) - 1, ctx, nxt)
                 if join <= split + JOIN_SLACK:
@@ -210,7 +211,7 @@ class Scorer:
         model = self.model
         device, dtype = _device_dtype(model)
         n = len(ids)
-        reused = min(n, _lcp(self._pre[0], ids)) if self._pre else 0
+        reused = min(n, common_prefix((self._pre[0], ids))) if self._pre else 0
         if reused == n and self._pre is not None and len(self._pre[0]) == n:
             return self._pre[1], self._pre[2]
         cache = KVCache(model.cfg, 1, n, device=device, dtype=dtype)
@@ -329,15 +330,6 @@ class Scorer:
                     total -= float(lp[r, k - w[2]:].sum())
                     n += w[2]
         return total, n
-
-
-def _lcp(a: list[int], b: list[int]) -> int:
-    """Length of the common prefix of two id lists."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def rolling_windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
