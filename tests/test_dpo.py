@@ -122,6 +122,27 @@ def test_dpo_command_with_lora_uses_the_base_as_reference(tmp_path):
     assert g.returncode == 0, g.stderr
 
 
+def test_sft_on_the_chosen_answers_then_dpo_from_it(tmp_path):
+    """The DPO paper's recipe where no SFT model exists: ``lmforge sft`` on the preference file (prompt + chosen),
+    then ``lmforge dpo --model SFT_DIR --peft lora``: the SFT adapter is merged into the start, which is also the
+    reference, and the chain of adapters loads as a model."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in word_pairs(24, seed=3)))
+    sft, dpo = tmp_path / "sft", tmp_path / "dpo"
+    r = run("sft", "--data", str(data), "--out", str(sft), "--max-iters", "3", "--train.batch_size", "4",
+            "--peft", "lora")
+    assert r.returncode == 0, r.stderr
+    assert "22 train / 2 held-out conversations" in r.stderr and (sft / "adapter_config.json").is_file()
+    r = run("dpo", "--model", str(sft), "--data", str(data), "--out", str(dpo), "--max-iters", "2",
+            "--train.batch_size", "4", "--peft", "lora", "--data.val_fraction", "0.25")
+    assert r.returncode == 0, r.stderr
+    first = next(row for row in _rows(dpo) if "val_loss" in row)
+    assert first["step"] == 0 and first["val_reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    outs = [run("generate", "--model", str(d), "--prompt", "Tom saw", "--max-new-tokens", "8", "--temperature", "0")
+            for d in (sft, dpo)]
+    assert all(g.returncode == 0 for g in outs), outs[0].stderr + outs[1].stderr
+
+
 def test_dpo_errors_are_one_line(tmp_path):
     r = run("dpo", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"))
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("lmforge dpo: error: ")

@@ -15,7 +15,7 @@ from lmforge.errors import LMForgeError
 from lmforge.infer.generate import generate
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Decoder
-from lmforge.peft import METHODS, apply_peft, load_adapter, merge_adapter, save_adapter, unmerge_adapter
+from lmforge.peft import METHODS, apply_peft, load_adapter, lora, merge_adapter, save_adapter, unmerge_adapter
 from lmforge.peft.base import count_params, disable_adapter, get_adapter_params
 from lmforge.peft.lora import LoRALinear, lora_layers, parse_targets, row_slices, unwrap
 from lmforge.quant.modules import QuantLinear
@@ -182,6 +182,40 @@ def test_merge_unmerge_and_disable(tied):
         unwrap(m)
         assert not lora_layers(m) and type(m.blocks[0].attn.qkv) is nn.Linear
         torch.testing.assert_close(m(x), adapted, rtol=0, atol=1e-5)
+
+
+def test_new_adapters_on_an_adapted_model_start_from_it_and_disabled_give_it(tmp_path):
+    """An adapter directory loaded as the model (SFT's output as DPO's start) is folded in before new adapters:
+    the new model computes the fine-tuned one, and so does its reference (adapters disabled); a chain of saved
+    adapters loads back; adapters that cannot merge are refused."""
+    m, x = tiny(), ids()
+    apply_peft(m, "lora", {"targets": "all-linear"})
+    randomize_b(m, std=0.05)
+    save_adapter(m, tmp_path / "sft", "base", {"method": "lora", **lora.resolve({"targets": "all-linear"})}, "lora")
+    with torch.no_grad():
+        tuned = m(x)
+        with disable_adapter(m):
+            base_out = m(x)
+    assert (tuned - base_out).abs().max() > 1e-2
+    apply_peft(m, "lora", {"targets": "q,v"})
+    layers = lora_layers(m)
+    assert set(layers) == {f"blocks.{i}.attn.qkv" for i in range(2)}  # only the new adapters remain
+    randomize_b(m, seed=3, std=0.05)
+    with torch.no_grad():
+        with disable_adapter(m):
+            torch.testing.assert_close(m(x), tuned, rtol=0, atol=1e-5)
+        dpo = m(x)
+    assert (dpo - tuned).abs().max() > 1e-2
+    save_adapter(m, tmp_path / "dpo", "base", {"method": "lora", **lora.resolve({"targets": "q,v"})}, "lora")
+    again = tiny()
+    load_adapter(again, tmp_path / "sft")
+    load_adapter(again, tmp_path / "dpo")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), dpo, rtol=0, atol=1e-5)
+    p = tiny()
+    apply_peft(p, "prefix", {"num_virtual_tokens": 2})
+    with pytest.raises(LMForgeError, match="cannot be merged"):
+        apply_peft(p, "lora")
 
 
 def test_gradients_reach_only_the_adapter_and_training_lowers_the_loss():

@@ -181,6 +181,8 @@ def test_kl_horizon_scales_with_the_run():
             c.update(40.0, o.rollout_batch)
         assert 6.0 < c.value / 0.05 < 7.39
     assert kl_horizon(PPOOptions(kl_horizon=10000.0), 30) == 10000.0
+    with pytest.raises(LMForgeError, match="ppo.kl_horizon 4 must be 0 .* or at least ppo.rollout_batch 16"):
+        kl_horizon(PPOOptions(rollout_batch=16, kl_horizon=4.0), 30)  # 1 - 0.2 x 16 / 4 < 0: beta negative
     for steps in range(1, 10):  # short runs: at least one batch, so beta moves x0.8-1.2 per update, never below 0
         o = PPOOptions(rollout_batch=16)
         assert kl_horizon(o, steps) == 16

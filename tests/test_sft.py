@@ -22,6 +22,7 @@ from lmforge.data.sft import (
     tokenize_conversation,
 )
 from lmforge.errors import LMForgeError
+from lmforge.files import current_umask
 from lmforge.losses import IGNORE
 from lmforge.peft import apply_peft
 from lmforge.quant import QuantConfig, quantize_model, weight_count
@@ -46,6 +47,31 @@ def test_formats_become_one_conversation_form():
     assert record_to_conversations(oai)[0][0] == {"role": "system", "content": "s"}
     seed = {"instruction": "Classify", "instances": [{"input": "x", "output": "A"}, {"input": "", "output": "B"}]}
     assert [c[0]["content"] for c in record_to_conversations(seed)] == ["Classify\nx", "Classify"]
+
+
+def test_preference_records_give_their_prompt_and_chosen_reply(tmp_path):
+    """SFT on the chosen answers of preference data (the DPO paper's start for hh-rlhf), every form it comes in."""
+    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: rob a bank?\n\nAssistant: No.",
+          "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: rob a bank?\n\nAssistant: Sure, first"}
+    assert record_to_conversations(hh) == [[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "rob a bank?"}, {"role": "assistant", "content": "No."}]]
+    lf = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "good"},
+          "rejected": {"from": "gpt", "value": "bad"}}
+    trl = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],
+           "rejected": [{"role": "assistant", "content": "bad"}]}
+    ranked = {"prompt": "q", "responses": ["good", "fair", "bad"]}
+    for rec in (lf, trl, ranked):
+        assert record_to_conversations(rec) == [[{"role": "user", "content": "q"},
+                                                 {"role": "assistant", "content": "good"}]], rec
+    f = tmp_path / "prefs.jsonl"  # an empty best reply is data (say nothing), not a bad record
+    f.write_text(json.dumps(trl) + "\n" + json.dumps({"chosen": "\n\nHuman: swear\n\nAssistant:",
+                                                       "rejected": "\n\nHuman: swear\n\nAssistant: damn"}) + "\n")
+    convs = read_conversations(f)
+    assert [c.messages[-1]["content"] for c in convs] == ["good", ""]
+    f.write_text(json.dumps({"prompt": "q", "chosen": "good"}) + "\n")
+    with pytest.raises(LMForgeError, match=r"prefs.jsonl:1: .*rejected"):
+        read_conversations(f)
 
 
 def test_bad_records_name_file_line_and_field(tmp_path):
@@ -127,6 +153,9 @@ def test_sft_command_trains_resumes_and_leaves_a_loadable_model(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "template alpaca" in r.stderr and "full fine-tuning" in r.stderr and "max_iters 4" in r.stderr
     assert (out / "config.json").is_file() and (out / "chat_template.jinja").is_file()
+    mask = current_umask()  # readable by others as anything the user writes (safetensors writes 0600, mkdtemp 0700)
+    for f in [out, *out.rglob("*")]:
+        assert f.stat().st_mode & 0o777 == (0o777 if f.is_dir() else 0o666) & ~mask, f
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in row for row in rows)
     g = run("generate", "--model", str(out), "--prompt", "Once", "--max-new-tokens", "5", "--temperature", "0")

@@ -10,7 +10,9 @@ def add_parser(sub, name: str, help_: str) -> None:
     p = sub.add_parser(
         name, help=help_,
         description="Fine-tune a model on instruction or chat data (Alpaca, ShareGPT, OpenAI messages, self-instruct "
-                    "seeds; JSON or JSONL), scoring only the assistant turns. Settings: --config YAML, the flags "
+                    "seeds; or preference pairs, trained on the prompt and chosen reply; JSON or JSONL), scoring "
+                    "only the assistant turns. An adapter directory as --model is merged in first (new adapters "
+                    "start from it). Settings: --config YAML, the flags "
                     "below, then --section.key value overrides (sections data, train, peft; e.g. --train.lr 1e-4 "
                     "--peft.r 16 --data.vars.name Forge). Defaults (epochs, learning rate, schedule) are chosen "
                     "from the data and the method and printed. The output directory is a loadable --model. "

@@ -323,3 +323,76 @@ def iter_documents(paths: Iterable[str | Path], skip_bad: bool = False, *, field
                 yield doc
         except (OSError, EOFError) as e:  # e.g. a truncated .gz
             raise LMForgeError(f"{p}: cannot read ({e})") from None
+
+
+# chat roles by the names ShareGPT-style files use (``from``) and OpenAI's (``role``)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+
+
+# ---- records of instruction and preference files (JSON lists or JSONL) ------------------------------------------
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) for every record of a JSON list or JSONL file; ``where`` is ``file:line``."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise LMForgeError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise LMForgeError(f"{path}:{line}: not UTF-8 text") from None
+    stripped = text.lstrip()
+    if stripped.startswith("[") or (stripped.startswith("{") and path.suffix == ".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LMForgeError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if isinstance(data, dict):  # {"data": [...]} or a single record
+            lists = [v for v in data.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
+            data = lists[0] if len(lists) == 1 and not _looks_like_record(data) else [data]
+        starts = _record_lines(text)
+        for i, rec in enumerate(data):
+            line = starts[i] if i < len(starts) else None
+            yield (f"{path}:{line}" if line else f"{path}: record {i + 1}"), rec
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LMForgeError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+        yield f"{path}:{n}", rec
+
+
+def _looks_like_record(d: dict) -> bool:
+    return any(k in d for k in ("instruction", "conversations", "messages", "instances"))
+
+
+def _record_lines(text: str) -> list[int]:
+    """Line numbers where the top-level objects of a JSON list start (for error messages)."""
+    lines, depth, in_str, esc, line = [], 0, False, False, 1
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch in "[{":
+            if depth == 1 and ch == "{":
+                lines.append(line)
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+    return lines

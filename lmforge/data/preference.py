@@ -11,7 +11,7 @@ Accepted records (``.jsonl``, or a ``.json`` array), detected by their fields:
 - ranked lists: ``{"prompt" | "conversations" | "messages": ..., "responses": [best, ..., worst]}``.
 
 A response may be a string, a ``{"from", "value"}`` or ``{"role", "content"}`` dict, or a list of such messages
-ending with the assistant reply. Files are read as SFT data is (``lmforge.data.sft.iter_records``); errors are
+ending with the assistant reply. Files are read as SFT data is (``lmforge.data.io.iter_records``); errors are
 one line: ``file:line: field 'name': what is wrong``.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lmforge.data.sft import SHAREGPT_ROLES, iter_records
+from lmforge.data.io import SHAREGPT_ROLES, iter_records
 from lmforge.errors import LMForgeError
 from lmforge.infer.chat import apply_template, encode_text_with_specials, end_of_turn, get_template
 from lmforge.losses import IGNORE

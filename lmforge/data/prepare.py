@@ -34,6 +34,7 @@ import numpy as np
 
 from lmforge.data.io import BadRecords, Document, file_kind, iter_documents
 from lmforge.errors import LMForgeError
+from lmforge.files import current_umask
 
 INDEX = "index.json"
 FORMAT = "lmforge-tokens-v1"
@@ -244,9 +245,7 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
         raise LMForgeError(f"{out}: cannot write in {out.parent}: {e.strerror}") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output gets ordinary permissions
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the output gets ordinary permissions
     pool = None
     try:
         tok_dir = None

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge.checkpoint import sha256_file
-from lmforge.data.sft import iter_records
+from lmforge.data.io import iter_records
 from lmforge.errors import LMForgeError
 from lmforge.infer.generate import generate_batch
 from lmforge.infer.sampling import SamplingParams, cut_at_stop

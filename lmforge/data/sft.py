@@ -8,27 +8,27 @@ assistant turns are scored.
 A conversation is a list of ``{"role": "system"|"user"|"assistant", "content": str}``. Formats (detected per
 record): Alpaca ``{instruction, input, output, system?, history?: [[user, assistant], ...]}``; ShareGPT
 ``{conversations: [{from, value}], system?}``; OpenAI ``{messages: [{role, content}]}``; self-instruct seed tasks
-``{instruction, instances: [{input, output}]}`` (one conversation per instance). Files are JSON (a list of records)
+``{instruction, instances: [{input, output}]}`` (one conversation per instance); preference records (every form
+``lmforge.data.preference`` reads: hh-rlhf transcripts, LLaMA-Factory's and TRL's chosen/rejected, ranked lists),
+of which the prompt and the chosen (best) response are kept. Files are JSON (a list of records)
 or JSONL. A bad record is an error naming file, line (or record number) and field, or, with ``skip_bad``, counted.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.io import SHAREGPT_ROLES, iter_records
+from lmforge.data.preference import parse_record
 from lmforge.errors import LMForgeError
 from lmforge.infer.chat import ChatTemplate, apply_template, encode_text_with_specials, end_of_turn, get_template
 from lmforge.losses import IGNORE
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
-FORMATS = ("auto", "alpaca", "sharegpt", "openai", "self-instruct")
+FORMATS = ("auto", "alpaca", "sharegpt", "openai", "self-instruct", "preference")
 
 
 class BadRecord(ValueError):
@@ -57,74 +57,6 @@ class BadCounts:
         return sum(self.counts.values())
 
 
-# ---- reading records ----------------------------------------------------------------------------
-
-
-def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """(where, record) for every record of a JSON list or JSONL file; ``where`` is ``file:line``."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise LMForgeError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise LMForgeError(f"{path}:{line}: not UTF-8 text") from None
-    stripped = text.lstrip()
-    if stripped.startswith("[") or (stripped.startswith("{") and path.suffix == ".json"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise LMForgeError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if isinstance(data, dict):  # {"data": [...]} or a single record
-            lists = [v for v in data.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
-            data = lists[0] if len(lists) == 1 and not _looks_like_record(data) else [data]
-        starts = _record_lines(text)
-        for i, rec in enumerate(data):
-            line = starts[i] if i < len(starts) else None
-            yield (f"{path}:{line}" if line else f"{path}: record {i + 1}"), rec
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LMForgeError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-        yield f"{path}:{n}", rec
-
-
-def _looks_like_record(d: dict) -> bool:
-    return any(k in d for k in ("instruction", "conversations", "messages", "instances"))
-
-
-def _record_lines(text: str) -> list[int]:
-    """Line numbers where the top-level objects of a JSON list start (for error messages)."""
-    lines, depth, in_str, esc, line = [], 0, False, False, 1
-    for ch in text:
-        if ch == "\n":
-            line += 1
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-            continue
-        if ch == '"':
-            in_str = True
-        elif ch in "[{":
-            if depth == 1 and ch == "{":
-                lines.append(line)
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-    return lines
-
-
 # ---- one record -> conversations ------------------------------------------------------------------
 
 
@@ -142,6 +74,8 @@ def _text(rec: dict, key: str, required: bool = True) -> str:
 def detect_format(rec: Any) -> str:
     if not isinstance(rec, dict):
         raise BadRecord(f"a record must be a JSON object, got {type(rec).__name__}")
+    if "chosen" in rec or "responses" in rec:
+        return "preference"
     if "messages" in rec:
         return "openai"
     if "conversations" in rec:
@@ -151,7 +85,7 @@ def detect_format(rec: Any) -> str:
     if "instruction" in rec or "output" in rec:
         return "alpaca"
     raise BadRecord(f"unknown record format (keys {sorted(rec)}): expected Alpaca instruction/input/output, "
-                    "ShareGPT conversations, OpenAI messages or self-instruct instances")
+                    "ShareGPT conversations, OpenAI messages, self-instruct instances or preference chosen/rejected")
 
 
 def record_to_conversations(rec: Any, fmt: str = "auto") -> list[list[dict[str, str]]]:
@@ -159,6 +93,12 @@ def record_to_conversations(rec: Any, fmt: str = "auto") -> list[list[dict[str, 
     fmt = detect_format(rec) if fmt == "auto" else fmt
     if not isinstance(rec, dict):
         raise BadRecord(f"a record must be a JSON object, got {type(rec).__name__}")
+    if fmt == "preference":  # the prompt and its best response (SFT on the chosen answers, as DPO's authors did)
+        try:
+            pref = parse_record(rec)
+        except ValueError as e:
+            raise BadRecord(str(e)) from None
+        return [[*pref.prompt, {"role": "assistant", "content": pref.chosen}]]
     if fmt == "alpaca":
         msgs = []
         if rec.get("system"):
@@ -245,7 +185,8 @@ def read_conversations(path: str | Path, fmt: str = "auto", skip_bad: bool = Fal
     for where, rec in iter_records(path):
         try:
             for msgs in record_to_conversations(rec, fmt):
-                _check(msgs)
+                if (detect_format(rec) if fmt == "auto" else fmt) != "preference":  # an empty best reply is data
+                    _check(msgs)
                 out.append(Conversation(_fill(msgs, variables or {}), where))
         except BadRecord as e:
             if not skip_bad:

@@ -11,6 +11,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
+from lmforge.files import public_modes
 from lmforge.model.decoder import Decoder
 from lmforge.model.positions import Rotary, alibi_slopes
 
@@ -27,7 +28,9 @@ def model_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
 
 
 def replace_dir(tmp: Path, path: Path) -> None:
-    """Move a fully written directory ``tmp`` to ``path``, replacing what was there with renames only."""
+    """Move a fully written directory ``tmp`` to ``path`` with ordinary permissions (``public_modes``), replacing
+    what was there with renames only."""
+    public_modes(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)

@@ -26,7 +26,7 @@ from torch import nn
 from lmforge.errors import LMForgeError
 from lmforge.model.weights import replace_dir
 from lmforge.peft import adapter, lora, prefix, prompt, ptuning, qlora
-from lmforge.peft.base import adapter_state_dict, get_adapter_params, set_trainable_params
+from lmforge.peft.base import adapter_modules, adapter_state_dict, get_adapter_params, set_trainable_params
 from lmforge.peft.lora import merge_adapter, unmerge_adapter
 
 METHODS: dict[str, ModuleType] = {
@@ -57,6 +57,7 @@ def apply_peft(model: nn.Module, method: str, options: dict[str, Any] | None = N
     """Insert ``method`` into ``model`` (in place), freeze everything else; returns the fully resolved options.
     ``tokenizer`` serves methods initialised from text (prompt tuning's ``prompt_tuning_init_text``)."""
     mod = get_method(method)
+    fold_adapters(model)
     for key in options or {}:
         if key not in mod.DEFAULTS:
             raise LMForgeError(f"peft.{key}: not an option of {method} (options: {', '.join(sorted(mod.DEFAULTS))})")
@@ -66,6 +67,21 @@ def apply_peft(model: nn.Module, method: str, options: dict[str, Any] | None = N
         resolved = mod.apply(model, dict(options or {}))
     set_trainable_params(model)
     return resolved
+
+
+def fold_adapters(model: nn.Module) -> int:
+    """Merge the LoRA adapters ``model`` already carries (an adapter directory loaded as the model, e.g. the output
+    of ``lmforge sft --peft lora``) into its weights and put the plain layers back, so that new adapters start from
+    the fine-tuned model and, disabled, give it as the reference. Returns how many layers were folded; adapters
+    without weights to merge (prefix, prompt, bottleneck) are refused."""
+    mods = adapter_modules(model)
+    other = sorted({type(m).__name__ for m in mods.values() if not isinstance(m, lora.LoRALinear)})
+    if other:
+        raise LMForgeError(f"the model already carries {', '.join(other)} adapters, which cannot be merged into its "
+                           "weights before new ones are added; start from its base model instead")
+    if mods:
+        lora.unwrap(model)
+    return len(mods)
 
 
 def adapter_files(model: nn.Module, resolved: dict[str, Any], method: str, fmt: str = "auto"
@@ -153,6 +169,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
     everything but the adapter is frozen. Returns the resolved options (with ``method``)."""
     method, config, tensors = read_adapter(adapter_dir)
     mod = get_method(method)
+    fold_adapters(model)
     if config.get("peft_type") == LMFORGE_TYPE:
         resolved = mod.apply(model, dict(config.get("lmforge_options") or {}))
         params = get_adapter_params(model)

@@ -106,6 +106,10 @@ def kl_horizon(opts: PPOOptions, steps: int) -> float:
     most; the floor keeps one update within x0.8-1.2 (a horizon below a batch made beta negative in runs of 1-2
     steps whose KL was under target)."""
     if opts.kl_horizon > 0:
+        if opts.kl_horizon < opts.rollout_batch:
+            raise LMForgeError(f"ppo.kl_horizon {opts.kl_horizon:g} must be 0 (scaled to the run) or at least "
+                               f"ppo.rollout_batch {opts.rollout_batch}: a shorter horizon moves beta by more than "
+                               "x0.8-1.2 per update and can make it negative")
         return float(opts.kl_horizon)
     return float(max(opts.rollout_batch, steps * opts.rollout_batch / 10.0))
 
@@ -494,6 +498,8 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
         raise LMForgeError("no prompts: pass --prompts FILE")
     if o.temperature <= 0:
         raise LMForgeError("ppo.temperature must be > 0 (PPO samples; its log-probs are those of the sampler)")
+    if o.adaptive_kl:
+        kl_horizon(o, cfg.steps)  # checked before anything loads
     cfg.model = default_model(cfg.model)
     actor, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
     method = cfg.peft.get("method") if cfg.peft else None

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from lmforge.data.io import iter_records
 from lmforge.data.preference import PreferenceRecord
-from lmforge.data.sft import iter_records
 from lmforge.errors import LMForgeError
 from lmforge.infer.chat import apply_template, encode_text_with_specials, end_of_turn
 from lmforge.infer.generate import generate_batch

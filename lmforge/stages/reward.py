@@ -32,6 +32,7 @@ from tqdm import tqdm
 from lmforge.assets import default_model
 from lmforge.data.preference import PreferenceRecord, collate_groups, encode_response, read_preference_file, shared_len
 from lmforge.errors import LMForgeError
+from lmforge.files import public_modes
 from lmforge.losses import ranked_pairs, ranked_reward_loss
 from lmforge.model.decoder import supports_branches
 from lmforge.model.heads import ScalarHeadModel, load_scalar_model, read_head_config, save_scalar_model
@@ -492,6 +493,7 @@ def write_reward_dir(model: ScalarHeadModel, out: Path, tok, template, extra: di
         save_scalar_model(model, tmp / "m", tok, kind="reward", extra=extra)
         if template is not None:
             (tmp / "m" / CHAT_TEMPLATE_FILE).write_text(template.source)
+        public_modes(tmp / "m")
         for f in (tmp / "m").iterdir():
             f.replace(out / f.name)
     finally:

@@ -17,6 +17,7 @@ import torch
 from lmforge.assets import default_model
 from lmforge.checkpoint import save_checkpoint
 from lmforge.errors import LMForgeError
+from lmforge.files import public_modes
 from lmforge.losses import IGNORE, lm_loss
 from lmforge.peft import apply_peft, get_method, save_adapter
 from lmforge.quant import weight_count
@@ -43,8 +44,9 @@ def drop_unscored(examples: list[dict[str, Any]], max_len: int, block: int, what
 
 @dataclass
 class SFTData:
-    path: str = ""  # one file or several, comma-separated (JSON/JSONL: Alpaca, ShareGPT, OpenAI messages, seeds)
-    format: str = "auto"  # auto | alpaca | sharegpt | openai | self-instruct
+    path: str = ""  # one file or several, comma-separated (JSON/JSONL: Alpaca, ShareGPT, OpenAI messages, seeds,
+    #                 preference pairs: their prompt and chosen reply)
+    format: str = "auto"  # auto | alpaca | sharegpt | openai | self-instruct | preference
     weights: list[float] | None = None  # per dataset: 2.0 repeats it, 0.5 keeps half
     cap: int = 0  # examples-proportional mixing: at most this many examples per dataset (0 = all)
     val_path: str = ""  # held-out data; default: data.val_fraction of the training data
@@ -226,6 +228,7 @@ def write_final(model, out: Path, tok, export, partial: bool) -> None:
         else:
             (tmp / "m").mkdir()
         export(model, tmp / "m")
+        public_modes(tmp / "m")
         for f in (tmp / "m").iterdir():
             f.replace(out / f.name)
     finally:

@@ -30,6 +30,7 @@ import torch
 
 from lmforge.checkpoint import MANIFEST, verify_manifest, write_manifest
 from lmforge.errors import LMForgeError
+from lmforge.files import public_modes
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})$")
 TMP_PREFIX = ".tmp-ckpt-"
@@ -101,6 +102,7 @@ def save_training_checkpoint(run_dir: Path, step: int, model_sd: dict[str, torch
         if tokenizer is not None:
             tokenizer.save(str(tmp))
         write_manifest(tmp)
+        public_modes(tmp)
         for p in tmp.iterdir():  # flush file contents before the rename makes the checkpoint visible
             if p.is_file():
                 with open(p, "rb") as f:

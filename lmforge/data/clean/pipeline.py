@@ -20,6 +20,7 @@ from lmforge.data.clean.pii import PIIScrubber
 from lmforge.data.clean.quality import QualityFilter
 from lmforge.data.io import BadRecords, Document, input_bytes, iter_documents
 from lmforge.errors import LMForgeError
+from lmforge.files import current_umask
 
 STAGES: dict[str, type[Stage]] = {c.name: c for c in (
     LanguageFilter, MarkupFilter, QualityFilter, PerplexityFilter, SentenceDedup, ExactDedup, NearDedup,
@@ -123,12 +124,6 @@ def _batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
             batch = []
     if batch:
         yield batch
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def check_output_file(path: Path, overwrite: bool, flag: str = "--output") -> None:
