@@ -133,6 +133,7 @@ def test_sft_on_the_chosen_answers_then_dpo_from_it(tmp_path):
             "--peft", "lora")
     assert r.returncode == 0, r.stderr
     assert "22 train / 2 held-out conversations" in r.stderr and (sft / "adapter_config.json").is_file()
+    assert "24 preference records as plain text" in r.stderr  # as DPO joins them for a model without a template
     r = run("dpo", "--model", str(sft), "--data", str(data), "--out", str(dpo), "--max-iters", "2",
             "--train.batch_size", "4", "--peft", "lora", "--data.val_fraction", "0.25")
     assert r.returncode == 0, r.stderr

@@ -12,8 +12,10 @@ import pytest
 
 from lmforge.assets import STORIES260K
 from lmforge.checkpoint import load_model
+from lmforge.data.preference import encode_response, parse_record
 from lmforge.data.sft import (
     BadCounts,
+    default_template,
     iter_records,
     mix,
     read_conversations,
@@ -23,9 +25,11 @@ from lmforge.data.sft import (
 )
 from lmforge.errors import LMForgeError
 from lmforge.files import current_umask
+from lmforge.infer.chat import get_template
 from lmforge.losses import IGNORE
 from lmforge.peft import apply_peft
 from lmforge.quant import QuantConfig, quantize_model, weight_count
+from lmforge.stages.sft import SFTConfig, SFTData, build_examples
 from lmforge.train.config import TrainConfig, plan_steps, stage_defaults
 from lmforge.train.loop import Trainer
 
@@ -72,6 +76,25 @@ def test_preference_records_give_their_prompt_and_chosen_reply(tmp_path):
     f.write_text(json.dumps({"prompt": "q", "chosen": "good"}) + "\n")
     with pytest.raises(LMForgeError, match=r"prefs.jsonl:1: .*rejected"):
         read_conversations(f)
+
+
+def test_plain_text_preference_records_are_encoded_as_dpo_encodes_them(stories, tmp_path):
+    """A model without a chat template: SFT on hh-rlhf transcripts trains exactly the chosen sequence DPO scores
+    (plain text, prompt masked), not an Alpaca rendering of it; with --template the template is used."""
+    _, tok = stories
+    recs = [{"chosen": f"\n\nHuman: Tom{i} saw a dog.\n\nAssistant: He was happy.",
+             "rejected": f"\n\nHuman: Tom{i} saw a dog.\n\nAssistant: No."} for i in range(4)]
+    f = tmp_path / "hh.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg = SFTConfig(data=SFTData(path=str(f), val_fraction=0.0))
+    logs: list[str] = []
+    train, _, _ = build_examples(cfg, tok, default_template(tok), logs.append)
+    want = [encode_response(tok, parse_record(r), 0) for r in recs]
+    assert sorted(map(str, train)) == sorted(map(str, want)) and "4 preference records as plain text" in logs[0]
+    assert tok.decode([t for t in want[0]["labels"] if t >= 0]).strip() == "He was happy."
+    cfg.data.template = "alpaca"
+    train, _, _ = build_examples(cfg, tok, get_template("alpaca", tok), logs.append)
+    assert "### Response" in tok.decode(train[0]["input_ids"])
 
 
 def test_bad_records_name_file_line_and_field(tmp_path):

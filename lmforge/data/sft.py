@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.data.io import SHAREGPT_ROLES, iter_records
-from lmforge.data.preference import parse_record
+from lmforge.data.preference import PreferenceRecord, parse_record
 from lmforge.errors import LMForgeError
 from lmforge.infer.chat import ChatTemplate, apply_template, encode_text_with_specials, end_of_turn, get_template
 from lmforge.losses import IGNORE
@@ -39,6 +39,7 @@ class BadRecord(ValueError):
 class Conversation:
     messages: list[dict[str, str]]
     source: str  # "file:line" for error messages and reports
+    pref: PreferenceRecord | None = None  # the record a preference file's conversation came from
 
 
 @dataclass
@@ -94,10 +95,7 @@ def record_to_conversations(rec: Any, fmt: str = "auto") -> list[list[dict[str, 
     if not isinstance(rec, dict):
         raise BadRecord(f"a record must be a JSON object, got {type(rec).__name__}")
     if fmt == "preference":  # the prompt and its best response (SFT on the chosen answers, as DPO's authors did)
-        try:
-            pref = parse_record(rec)
-        except ValueError as e:
-            raise BadRecord(str(e)) from None
+        pref = _preference(rec)
         return [[*pref.prompt, {"role": "assistant", "content": pref.chosen}]]
     if fmt == "alpaca":
         msgs = []
@@ -162,6 +160,13 @@ def record_to_conversations(rec: Any, fmt: str = "auto") -> list[list[dict[str, 
     raise LMForgeError(f"data format {fmt!r}: allowed values are {list(FORMATS)}")
 
 
+def _preference(rec: Any) -> PreferenceRecord:
+    try:
+        return parse_record(rec)
+    except ValueError as e:
+        raise BadRecord(str(e)) from None
+
+
 def _check(msgs: list[dict[str, str]]) -> None:
     if not any(m["role"] == "assistant" for m in msgs):
         raise BadRecord("no assistant turn to learn from")
@@ -184,10 +189,12 @@ def read_conversations(path: str | Path, fmt: str = "auto", skip_bad: bool = Fal
     out = []
     for where, rec in iter_records(path):
         try:
-            for msgs in record_to_conversations(rec, fmt):
-                if (detect_format(rec) if fmt == "auto" else fmt) != "preference":  # an empty best reply is data
+            kind = detect_format(rec) if fmt == "auto" else fmt
+            pref = _preference(rec) if kind == "preference" else None
+            for msgs in record_to_conversations(rec, kind):
+                if pref is None:  # an empty best reply of a preference pair is data (say nothing)
                     _check(msgs)
-                out.append(Conversation(_fill(msgs, variables or {}), where))
+                out.append(Conversation(_fill(msgs, variables or {}), where, pref))
         except BadRecord as e:
             if not skip_bad:
                 raise LMForgeError(f"{where}: {e} (or pass --skip-bad)") from None

@@ -16,6 +16,7 @@ import torch
 
 from lmforge.assets import default_model
 from lmforge.checkpoint import save_checkpoint
+from lmforge.data.preference import encode_response
 from lmforge.errors import LMForgeError
 from lmforge.files import public_modes
 from lmforge.losses import IGNORE, lm_loss
@@ -119,9 +120,23 @@ def build_examples(cfg: SFTConfig, tok, template, log) -> tuple[list[dict], list
     for path, n in bad.counts.items():
         log(f"skipped {n} bad record(s) in {path} (first: {bad.first[path]})")
 
-    def tok_all(cs):
-        return [tokenize_conversation(tok, template, c.messages, cfg.data.train_on_prompt) for c in cs]
+    # preference records written as plain text (hh-rlhf transcripts, TRL's flat strings), for a model without a
+    # chat template and no --template: prompt and chosen reply joined as plain text, exactly as DPO and the reward
+    # model encode them, so that SFT on the chosen answers trains the format DPO then starts from
+    plain = not cfg.data.template and not getattr(tok, "chat_template", None)
 
+    def tok_one(c):
+        if plain and c.pref is not None and c.pref.prompt_text is not None:
+            return encode_response(tok, c.pref, 0, plain=True)
+        return tokenize_conversation(tok, template, c.messages, cfg.data.train_on_prompt)
+
+    def tok_all(cs):
+        return [tok_one(c) for c in cs]
+
+    n_plain = sum(1 for c in (*train, *val) if plain and c.pref is not None and c.pref.prompt_text is not None)
+    if n_plain:
+        log(f"{n_plain} preference records as plain text: prompt + chosen reply, as dpo and reward encode them for "
+            "a model without a chat template")
     report = {"datasets": {p: len(s) for p, s in zip(paths, sets)}, "train_examples": len(train),
               "val_examples": len(val), "bad_records": bad.counts}
     return tok_all(train), tok_all(val), report
