@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from test_reward_cli import word_pairs
 
+from lmforge.commands.common import load_model_and_tokenizer
 from lmforge.data.preference import PreferenceRecord
+from lmforge.peft import load_adapter
 from lmforge.stages.dpo import dpo_loss_fn, pair_groups, response_logprobs
 from lmforge.stages.reward import GroupBatches
 
@@ -135,10 +137,18 @@ def test_sft_on_the_chosen_answers_then_dpo_from_it(tmp_path):
     assert "22 train / 2 held-out conversations" in r.stderr and (sft / "adapter_config.json").is_file()
     assert "24 preference records as plain text" in r.stderr  # as DPO joins them for a model without a template
     r = run("dpo", "--model", str(sft), "--data", str(data), "--out", str(dpo), "--max-iters", "2",
-            "--train.batch_size", "4", "--peft", "lora", "--data.val_fraction", "0.25")
+            "--train.batch_size", "4", "--peft", "lora", "--data.val_fraction", "0.25", "--train.lr", "1e-3")
     assert r.returncode == 0, r.stderr
     first = next(row for row in _rows(dpo) if "val_loss" in row)
     assert first["step"] == 0 and first["val_reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    x = torch.tensor([[1, 45, 99, 230, 17, 3]])
+    with torch.no_grad():
+        chained, tuned = (load_model_and_tokenizer(str(d), None, "cpu")[0].eval()(x) for d in (dpo, sft))
+        by_hand = load_model_and_tokenizer(None, None, "cpu")[0].eval()
+        load_adapter(by_hand, sft)
+        load_adapter(by_hand, dpo)
+        torch.testing.assert_close(chained, by_hand(x), rtol=0, atol=1e-5)  # both adapters, not the SFT one only
+    assert (chained - tuned).abs().max() > 1e-4
     outs = [run("generate", "--model", str(d), "--prompt", "Tom saw", "--max-new-tokens", "8", "--temperature", "0")
             for d in (sft, dpo)]
     assert all(g.returncode == 0 for g in outs), outs[0].stderr + outs[1].stderr

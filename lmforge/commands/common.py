@@ -82,7 +82,7 @@ def load_model_and_tokenizer(model: str | None, tokenizer: str | None, device: s
     its adapter_config.json) with the adapter applied, as does ``adapter``."""
     from lmforge.assets import STORIES260K
     from lmforge.checkpoint import load_model
-    from lmforge.peft import is_adapter_dir, load_adapter, read_adapter_base
+    from lmforge.peft import is_adapter_dir, read_adapter_base
     from lmforge.tokenizer import load_tokenizer
 
     path = Path(model) if model else STORIES260K
@@ -94,6 +94,8 @@ def load_model_and_tokenizer(model: str | None, tokenizer: str | None, device: s
         own_tok = tokenizer or (str(path) if find_tokenizer_files(path) else None)
         m, tok = load_model_and_tokenizer(base, own_tok, device, adapter=str(path))
         _read_template(path, tok)
+        if adapter:  # an adapter on top of this one (a chain: DPO's adapter on the SFT adapter's model)
+            _add_adapter(m, tok, adapter)
         return m, tok
     m = load_model(path)
     tok_path = Path(tokenizer) if tokenizer else find_tokenizer_path(path, m.cfg.vocab_size)
@@ -103,10 +105,16 @@ def load_model_and_tokenizer(model: str | None, tokenizer: str | None, device: s
     _read_template(path, tok)
     check_vocab(m.cfg, tok, str(path), str(tok_path))
     if adapter:
-        load_adapter(m, adapter)
-        _read_template(Path(adapter), tok)
-        m.requires_grad_(False)
+        _add_adapter(m, tok, adapter)
     return m.to(pick_device(device)), tok
+
+
+def _add_adapter(m, tok, adapter: str) -> None:
+    from lmforge.peft import load_adapter
+
+    load_adapter(m, adapter)  # LoRA already in the model is merged into its weights first
+    _read_template(Path(adapter), tok)
+    m.requires_grad_(False)
 
 
 def find_tokenizer_files(path: Path) -> bool:
