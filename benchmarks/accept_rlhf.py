@@ -16,6 +16,7 @@ their defaults:
   ``lmforge sft --peft lora --epochs 1`` on the chosen replies of the training pairs (written here from the same
   split, so the held-out pairs stay unseen), then ``lmforge dpo --peft lora`` from that model (it is also the
   reference); held-out implicit-reward accuracy per evaluation.
+- ``sft-reward``: ``lmforge reward --peft lora --head-init probe`` from that SFT model; held-out accuracy as above.
 
 Hours on two CPU cores (reward model ~45 min, PPO 30 iterations ~30 min, DPO ~45 min); a SmolLM2 LoRA step needs
 13-17 GB of memory, so the stages run one after the other. ``DIR`` keeps every run; a stage whose output exists is
@@ -85,7 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for the runs (kept; finished stages are reused)")
     ap.add_argument("--stages", nargs="+", default=["reward", "ppo", "dpo"],
-                    choices=["reward", "ppo", "dpo", "sft-dpo"])
+                    choices=["reward", "ppo", "dpo", "sft-dpo", "sft-reward"])
     ap.add_argument("--data", default=str(HH), help="preference file (default: the shared hh-rlhf harmless pairs)")
     ap.add_argument("--ppo-steps", type=int, default=30, help="PPO iterations (the acceptance asks for <= 30)")
     a = ap.parse_args()
@@ -121,12 +122,21 @@ def main() -> None:
                     "lora", "--overwrite")
         shown = ", ".join(f"{s}: {v:.3f}" for s, v in evals(dpo, "val_reward_accuracy"))
         print(f"dpo: held-out implicit-reward accuracy by step {shown}")
+    sft = out / "sft-chosen"
+    if {"sft-dpo", "sft-reward"} & set(a.stages) and not (sft / "adapter_config.json").is_file():
+        lmforge(out / "sft-chosen.log", "sft", "--model", str(gguf), "--data",
+                str(chosen_train_file(Path(a.data), out)), "--out", str(sft), "--peft", "lora", "--epochs", "1",
+                "--overwrite")
+    if "sft-reward" in a.stages:
+        srm = out / "reward-from-sft"
+        if not (srm / "value_head.json").is_file():
+            lmforge(out / "reward-from-sft.log", "reward", "--model", str(sft), "--data", a.data, "--out", str(srm),
+                    "--peft", "lora", "--head-init", "probe", "--overwrite")
+        final = json.loads((srm / "value_head.json").read_text()).get("val_accuracy")
+        shown = ", ".join(f"{s}: {v:.3f}" for s, v in evals(srm, "val_accuracy"))
+        print(f"sft-reward: held-out accuracy by step {shown}; saved model {final:.3f}")
     if "sft-dpo" in a.stages:
-        sft, dpo = out / "sft-chosen", out / "dpo-from-sft"
-        if not (sft / "adapter_config.json").is_file():
-            lmforge(out / "sft-chosen.log", "sft", "--model", str(gguf), "--data",
-                    str(chosen_train_file(Path(a.data), out)), "--out", str(sft), "--peft", "lora", "--epochs", "1",
-                    "--overwrite")
+        dpo = out / "dpo-from-sft"
         if not (dpo / "adapter_config.json").is_file():
             lmforge(out / "dpo-from-sft.log", "dpo", "--model", str(sft), "--data", a.data, "--out", str(dpo),
                     "--peft", "lora", "--overwrite")
