@@ -82,6 +82,25 @@ def chosen_train_file(data: Path, out: Path) -> Path:
     return path
 
 
+def reward_stage(name: str, model: Path, data: str, rm: Path, out: Path) -> None:
+    """``lmforge reward --peft lora --head-init probe`` from ``model`` (unless ``rm`` holds one); held-out accuracy."""
+    if not (rm / "value_head.json").is_file():
+        lmforge(out / f"{rm.name}.log", "reward", "--model", str(model), "--data", data, "--out", str(rm), "--peft",
+                "lora", "--head-init", "probe", "--overwrite")
+    final = json.loads((rm / "value_head.json").read_text()).get("val_accuracy")
+    shown = ", ".join(f"{s}: {v:.3f}" for s, v in evals(rm, "val_accuracy"))
+    print(f"{name}: held-out accuracy by step {shown}; saved model {final:.3f}")
+
+
+def dpo_stage(name: str, model: Path, data: str, dpo: Path, out: Path) -> None:
+    """``lmforge dpo --peft lora`` from ``model`` (unless ``dpo`` holds a run); held-out implicit-reward accuracy."""
+    if not (dpo / "adapter_config.json").is_file():
+        lmforge(out / f"{dpo.name}.log", "dpo", "--model", str(model), "--data", data, "--out", str(dpo), "--peft",
+                "lora", "--overwrite")
+    shown = ", ".join(f"{s}: {v:.3f}" for s, v in evals(dpo, "val_reward_accuracy"))
+    print(f"{name}: held-out implicit-reward accuracy by step {shown}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for the runs (kept; finished stages are reused)")
@@ -96,12 +115,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rm = out / "reward"
     if "reward" in a.stages:
-        if not (rm / "value_head.json").is_file():
-            lmforge(out / "reward.log", "reward", "--model", str(gguf), "--data", a.data, "--out", str(rm),
-                    "--peft", "lora", "--head-init", "probe", "--overwrite")
-        final = json.loads((rm / "value_head.json").read_text()).get("val_accuracy")
-        shown = ", ".join(f"{s}: {v:.3f}" for s, v in evals(rm, "val_accuracy"))
-        print(f"reward: held-out accuracy by step {shown}; saved model {final:.3f}")
+        reward_stage("reward", gguf, a.data, rm, out)
     if "ppo" in a.stages:
         if not (rm / "value_head.json").is_file():
             raise SystemExit(f"{rm}: no reward model yet (run the reward stage first)")
@@ -116,32 +130,16 @@ def main() -> None:
         print(f"ppo: held-out reward-model score {s['heldout_before']:.3f} -> {s['heldout_after']:.3f} "
               f"({s['iterations']} iterations); KL to the reference at most {kl:.2f}, final beta {s['beta']:.4f}")
     if "dpo" in a.stages:
-        dpo = out / "dpo"
-        if not (dpo / "adapter_config.json").is_file():
-            lmforge(out / "dpo.log", "dpo", "--model", str(gguf), "--data", a.data, "--out", str(dpo), "--peft",
-                    "lora", "--overwrite")
-        shown = ", ".join(f"{s}: {v:.3f}" for s, v in evals(dpo, "val_reward_accuracy"))
-        print(f"dpo: held-out implicit-reward accuracy by step {shown}")
+        dpo_stage("dpo", gguf, a.data, out / "dpo", out)
     sft = out / "sft-chosen"
     if {"sft-dpo", "sft-reward"} & set(a.stages) and not (sft / "adapter_config.json").is_file():
         lmforge(out / "sft-chosen.log", "sft", "--model", str(gguf), "--data",
                 str(chosen_train_file(Path(a.data), out)), "--out", str(sft), "--peft", "lora", "--epochs", "1",
                 "--overwrite")
     if "sft-reward" in a.stages:
-        srm = out / "reward-from-sft"
-        if not (srm / "value_head.json").is_file():
-            lmforge(out / "reward-from-sft.log", "reward", "--model", str(sft), "--data", a.data, "--out", str(srm),
-                    "--peft", "lora", "--head-init", "probe", "--overwrite")
-        final = json.loads((srm / "value_head.json").read_text()).get("val_accuracy")
-        shown = ", ".join(f"{s}: {v:.3f}" for s, v in evals(srm, "val_accuracy"))
-        print(f"sft-reward: held-out accuracy by step {shown}; saved model {final:.3f}")
+        reward_stage("sft-reward", sft, a.data, out / "reward-from-sft", out)
     if "sft-dpo" in a.stages:
-        dpo = out / "dpo-from-sft"
-        if not (dpo / "adapter_config.json").is_file():
-            lmforge(out / "dpo-from-sft.log", "dpo", "--model", str(sft), "--data", a.data, "--out", str(dpo),
-                    "--peft", "lora", "--overwrite")
-        shown = ", ".join(f"{s}: {v:.3f}" for s, v in evals(dpo, "val_reward_accuracy"))
-        print(f"sft-dpo: held-out implicit-reward accuracy by step {shown}")
+        dpo_stage("sft-dpo", sft, a.data, out / "dpo-from-sft", out)
 
 
 if __name__ == "__main__":

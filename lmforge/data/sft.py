@@ -189,12 +189,14 @@ def read_conversations(path: str | Path, fmt: str = "auto", skip_bad: bool = Fal
     out = []
     for where, rec in iter_records(path):
         try:
-            kind = detect_format(rec) if fmt == "auto" else fmt
-            pref = _preference(rec) if kind == "preference" else None
-            for msgs in record_to_conversations(rec, kind):
-                if pref is None:  # an empty best reply of a preference pair is data (say nothing)
-                    _check(msgs)
+            if (detect_format(rec) if fmt == "auto" else fmt) == "preference":  # parsed once, the record kept
+                pref = _preference(rec)  # an empty best reply is data (say nothing): no _check
+                msgs = [*pref.prompt, {"role": "assistant", "content": pref.chosen}]
                 out.append(Conversation(_fill(msgs, variables or {}), where, pref))
+                continue
+            for msgs in record_to_conversations(rec, fmt):
+                _check(msgs)
+                out.append(Conversation(_fill(msgs, variables or {}), where))
         except BadRecord as e:
             if not skip_bad:
                 raise LMForgeError(f"{where}: {e} (or pass --skip-bad)") from None

@@ -69,11 +69,11 @@ def apply_peft(model: nn.Module, method: str, options: dict[str, Any] | None = N
     return resolved
 
 
-def fold_adapters(model: nn.Module) -> int:
+def fold_adapters(model: nn.Module) -> None:
     """Merge the LoRA adapters ``model`` already carries (an adapter directory loaded as the model, e.g. the output
     of ``lmforge sft --peft lora``) into its weights and put the plain layers back, so that new adapters start from
-    the fine-tuned model and, disabled, give it as the reference. Returns how many layers were folded; adapters
-    without weights to merge (prefix, prompt, bottleneck) are refused."""
+    the fine-tuned model and, disabled, give it as the reference. Adapters without weights to merge (prefix, prompt,
+    bottleneck) are refused."""
     mods = adapter_modules(model)
     other = sorted({type(m).__name__ for m in mods.values() if not isinstance(m, lora.LoRALinear)})
     if other:
@@ -81,7 +81,6 @@ def fold_adapters(model: nn.Module) -> int:
                            "weights before new ones are added; start from its base model instead")
     if mods:
         lora.unwrap(model)
-    return len(mods)
 
 
 def adapter_files(model: nn.Module, resolved: dict[str, Any], method: str, fmt: str = "auto"

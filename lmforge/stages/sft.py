@@ -125,15 +125,14 @@ def build_examples(cfg: SFTConfig, tok, template, log) -> tuple[list[dict], list
     # model encode them, so that SFT on the chosen answers trains the format DPO then starts from
     plain = not cfg.data.template and not getattr(tok, "chat_template", None)
 
-    def tok_one(c):
-        if plain and c.pref is not None and c.pref.prompt_text is not None:
-            return encode_response(tok, c.pref, 0, plain=True)
-        return tokenize_conversation(tok, template, c.messages, cfg.data.train_on_prompt)
+    def as_plain(c) -> bool:
+        return plain and c.pref is not None and c.pref.prompt_text is not None
 
     def tok_all(cs):
-        return [tok_one(c) for c in cs]
+        return [encode_response(tok, c.pref, 0, plain=True) if as_plain(c) else
+                tokenize_conversation(tok, template, c.messages, cfg.data.train_on_prompt) for c in cs]
 
-    n_plain = sum(1 for c in (*train, *val) if plain and c.pref is not None and c.pref.prompt_text is not None)
+    n_plain = sum(map(as_plain, (*train, *val)))
     if n_plain:
         log(f"{n_plain} preference records as plain text: prompt + chosen reply, as dpo and reward encode them for "
             "a model without a chat template")
