@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +129,11 @@ KEEP_GROUP = "LMFORGE_KEEP_PROCESS_GROUP"  # set by `lmforge pipeline`: its trai
 
 def cleanup(d: Dist) -> None:
     """Leave the process group at the end of a run (kept when a pipeline runs more training stages after it: a
-    torchrun launch cannot join a new group on the same store)."""
+    torchrun launch cannot join a new group on the same store). After a run that ended normally every rank waits
+    for the others first: a rank that closed its connections while a peer still had work in flight could abort the
+    peer at exit (gloo: "terminate called without an active exception"). A rank leaving on an exception does not
+    wait (its peers may never arrive)."""
     if d.enabled and dist.is_initialized() and not os.environ.get(KEEP_GROUP):
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
