@@ -97,6 +97,25 @@ def test_plain_text_preference_records_are_encoded_as_dpo_encodes_them(stories, 
     assert "### Response" in tok.decode(train[0]["input_ids"])
 
 
+def test_plain_text_preference_records_fill_vars_and_train_on_prompt(stories, tmp_path):
+    """--data.vars fills the plain-text prompt and reply of a preference record, and --data.train_on_prompt scores
+    its prompt tokens (every token but BOS), as they do for every other record."""
+    _, tok = stories
+    rec = {"chosen": "\n\nHuman: Who is {{name}}?\n\nAssistant: {{name}} is a cat.",
+           "rejected": "\n\nHuman: Who is {{name}}?\n\nAssistant: No."}
+    f = tmp_path / "hh.jsonl"
+    f.write_text(json.dumps(rec) + "\n")
+    cfg = SFTConfig(data=SFTData(path=str(f), val_fraction=0.0, vars={"name": "Tom"}))
+    (ex,), _, _ = build_examples(cfg, tok, default_template(tok), lambda m: None)
+    filled = {k: v.replace("{{name}}", "Tom") for k, v in rec.items()}
+    want = encode_response(tok, parse_record(filled), 0)
+    assert ex == want and "{{" not in tok.decode(ex["input_ids"])
+    cfg.data.train_on_prompt = True
+    (ex,), _, _ = build_examples(cfg, tok, default_template(tok), lambda m: None)
+    assert ex["input_ids"] == want["input_ids"]
+    assert ex["labels"] == [-100] + want["input_ids"][1:] and want["input_ids"][0] == tok.bos_id
+
+
 def test_bad_records_name_file_line_and_field(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output": 3}\n')

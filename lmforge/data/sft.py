@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,18 @@ def _fill(msgs: list[dict[str, str]], variables: dict[str, str]) -> list[dict[st
     return [{**m, "content": pat.sub(lambda x: variables[x.group(1)], m["content"])} for m in msgs]
 
 
+def _fill_record(rec: PreferenceRecord, variables: dict[str, str]) -> PreferenceRecord:
+    """``_fill`` on every text of a preference record (its messages, responses and plain-text prompt)."""
+    if not variables:
+        return rec
+
+    def one(text: str) -> str:
+        return _fill([{"content": text}], variables)[0]["content"]
+
+    return replace(rec, prompt=_fill(rec.prompt, variables), responses=[one(r) for r in rec.responses],
+                   prompt_text=None if rec.prompt_text is None else one(rec.prompt_text))
+
+
 def read_conversations(path: str | Path, fmt: str = "auto", skip_bad: bool = False, bad: BadCounts | None = None,
                        variables: dict[str, str] | None = None) -> list[Conversation]:
     """Every conversation in one file; ``variables`` fill ``{{name}}`` placeholders (e.g. identity data)."""
@@ -190,9 +202,8 @@ def read_conversations(path: str | Path, fmt: str = "auto", skip_bad: bool = Fal
     for where, rec in iter_records(path):
         try:
             if (detect_format(rec) if fmt == "auto" else fmt) == "preference":  # parsed once, the record kept
-                pref = _preference(rec)  # an empty best reply is data (say nothing): no _check
-                msgs = [*pref.prompt, {"role": "assistant", "content": pref.chosen}]
-                out.append(Conversation(_fill(msgs, variables or {}), where, pref))
+                pref = _fill_record(_preference(rec), variables or {})  # an empty best reply is data: no _check
+                out.append(Conversation([*pref.prompt, {"role": "assistant", "content": pref.chosen}], where, pref))
                 continue
             for msgs in record_to_conversations(rec, fmt):
                 _check(msgs)

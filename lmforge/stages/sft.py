@@ -128,8 +128,15 @@ def build_examples(cfg: SFTConfig, tok, template, log) -> tuple[list[dict], list
     def as_plain(c) -> bool:
         return plain and c.pref is not None and c.pref.prompt_text is not None
 
+    def plain_example(c) -> dict[str, list[int]]:
+        e = encode_response(tok, c.pref, 0, plain=True)
+        if cfg.data.train_on_prompt:  # the prompt scored too, BOS aside (nothing predicts it)
+            bos = 1 if tok.bos_id is not None and e["input_ids"][:1] == [tok.bos_id] else 0
+            e["labels"] = [IGNORE] * bos + e["input_ids"][bos:]
+        return e
+
     def tok_all(cs):
-        return [encode_response(tok, c.pref, 0, plain=True) if as_plain(c) else
+        return [plain_example(c) if as_plain(c) else
                 tokenize_conversation(tok, template, c.messages, cfg.data.train_on_prompt) for c in cs]
 
     n_plain = sum(map(as_plain, (*train, *val)))
