@@ -62,3 +62,50 @@ def test_fsdp_run_resumes_exactly(tmp_path):
         a, b = final(full, name), final(cut, name)
         for k in a:
             assert torch.equal(a[k], b[k]), f"{name} {k}"
+
+
+def torchrun(*args: str, procs: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
+           "-m", "lmforge", *args]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_reward_and_dpo_under_ddp_with_a_short_last_heldout_batch(tmp_path):
+    """6 held-out prompts in batches of 4 per rank: rank 1 holds no held-out batch. Evaluation used to wait forever
+    in DDP's forward (a collective) on rank 0 while rank 1 waited in the sum of the metrics; now both finish, the
+    metrics count all 6 prompts, and the reward model equals the one-process run of the same global batch."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_reward_cli import word_pairs
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(__import__("json").dumps(r) + "\n" for r in word_pairs(64)))
+    common = ["--data", str(data), "--max-iters", "4", "--train.precision", "fp32"]
+    r = torchrun("reward", *common, "--out", str(tmp_path / "rm2"), "--train.batch_size", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("done: step 4") == 1  # one report, from rank 0
+    one = subprocess.run([sys.executable, "-m", "lmforge", "reward", *common, "--out", str(tmp_path / "rm1"),
+                          "--train.batch_size", "8"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "rm1" / "value_head.safetensors")), \
+        load_file(str(tmp_path / "rm2" / "value_head.safetensors"))
+    torch.testing.assert_close(b["weight"], a["weight"], atol=1e-5, rtol=1e-4)
+    for run in ("rm1", "rm2"):  # one line per step: an evaluated step's line holds its training figures too
+        metrics = [__import__("json").loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4] and "val_accuracy" in metrics[-1]
+        assert all("train_loss" in m for m in metrics[1:])
+    r = torchrun("dpo", *common, "--out", str(tmp_path / "dpo"), "--train.batch_size", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("done: step 4") == 1
+
+
+def test_fine_tuning_refuses_fsdp_in_one_line_and_ppo_refuses_several_processes(tmp_path):
+    r = torchrun("sft", "--data", "builtin:stories_instruct", "--out", str(tmp_path / "s"), "--max-iters", "1",
+                 "--train.distributed", "fsdp")
+    assert r.returncode != 0
+    assert "lmforge sft: error: sft: train.distributed=fsdp shards pretraining only" in r.stderr
+    assert "lmforge/stages" not in r.stderr  # no traceback from lmforge (torchrun prints its own)
+    env = {**__import__("os").environ, "WORLD_SIZE": "2"}
+    r = subprocess.run([sys.executable, "-m", "lmforge", "ppo", "--reward", "lmforge.data.stories:story_reward",
+                        "--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0 and "ppo runs in one process: not under torchrun (WORLD_SIZE=2)" in r.stderr

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from lmforge.commands.common import add_resume_args, resolve_resume
+from lmforge.commands.common import add_resume_args, report, resolve_resume
 from lmforge.commands.sft import _drop_none
 from lmforge.errors import LMForgeError
 
@@ -56,4 +54,4 @@ def run(args) -> None:
     result = run_dpo(cfg, explicit_train=explicit, resume=resolve_resume(args, cfg.out))
     keys = ("step", "train_loss", "val_loss", "val_reward_accuracy", "val_reward_margin")
     summary = ", ".join(f"{k} {result[k]:.4g}" for k in keys if isinstance(result.get(k), (int, float)))
-    print(f"done: {summary}; model in {cfg.out}", file=sys.stderr)
+    report(f"done: {summary}; model in {cfg.out}")  # under torchrun only the first process reports

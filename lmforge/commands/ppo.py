@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from lmforge.commands.common import add_resume_args, resolve_resume
+from lmforge.commands.common import add_resume_args, report, resolve_resume
 from lmforge.commands.sft import _drop_none
 from lmforge.errors import LMForgeError
 
@@ -62,4 +60,4 @@ def run(args) -> None:
     if s["heldout_after"] is not None:
         before = "n/a" if s["heldout_before"] is None else f"{s['heldout_before']:.4f}"
         msg += f"; held-out reward {before} -> {s['heldout_after']:.4f}"
-    print(msg + f"; policy in {cfg.out}", file=sys.stderr)
+    report(msg + f"; policy in {cfg.out}")  # under torchrun only the first process reports

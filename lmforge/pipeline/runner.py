@@ -310,8 +310,8 @@ def _run(p: Pipeline, out: Path, from_stage: str | None, only: str | None, dry_r
                 write_json(marker_path(out, st.name), {"hash": h, "status": "running"})
                 if st.spec.output:
                     sdir.mkdir(parents=True, exist_ok=True)
-            if st.spec.trains or main:  # data stages run on the first process only
-                with _Ticker(label, log, tty):
+            if (st.spec.trains and st.spec.parallel) or main:  # data stages and PPO: the first process only
+                with _Ticker(label, log, tty), _one_process(not st.spec.parallel):
                     if main:
                         run_stage_command(argv, log)
                     else:
@@ -367,6 +367,19 @@ def _run(p: Pipeline, out: Path, from_stage: str | None, only: str | None, dry_r
             copy_model(Path(policies[-1].product), final)
         write_report(p, out, results, final if final.is_dir() else None)
     return results
+
+
+@contextlib.contextmanager
+def _one_process(alone: bool):
+    """With ``alone``: the stage sees a launch of one process (WORLD_SIZE=1), as it is run by the first only."""
+    saved = os.environ.get("WORLD_SIZE")
+    if alone and saved is not None:
+        os.environ["WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        if alone and saved is not None:
+            os.environ["WORLD_SIZE"] = saved
 
 
 def _wait_for(out: Path, name: str, h: str, poll: float = 0.5) -> None:

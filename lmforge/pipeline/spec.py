@@ -45,6 +45,7 @@ class Kind:
     trains: bool = False
     policy: bool = False
     help: str = ""
+    parallel: bool = True  # a training stage every torchrun process runs (data parallel); else the first only
 
 
 KINDS: dict[str, Kind] = {
@@ -57,7 +58,7 @@ KINDS: dict[str, Kind] = {
     "sft": Kind(("sft",), "--out", trains=True, policy=True, help="instruction tuning, full or PEFT (lmforge sft)"),
     "reward": Kind(("reward",), "--out", trains=True, help="train a reward model (lmforge reward)"),
     "dpo": Kind(("dpo",), "--out", trains=True, policy=True, help="direct preference optimisation (lmforge dpo)"),
-    "ppo": Kind(("ppo",), "--out", trains=True, policy=True, help="RLHF with PPO (lmforge ppo)"),
+    "ppo": Kind(("ppo",), "--out", trains=True, policy=True, parallel=False, help="RLHF with PPO (lmforge ppo)"),
     "rejection-sample": Kind(("rejection-sample",), "--out", "samples.jsonl", "samples.jsonl",
                              help="best-of-K samples by a reward model as SFT data (lmforge rejection-sample)"),
     "eval": Kind(("eval",), "--output", "results.json", "results.json", help="any lmforge eval task (lmforge eval)"),

@@ -149,6 +149,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
         raise LMForgeError(f"--beta {cfg.beta}: must be > 0")
     explicit_train = explicit_train or set()
     out = Path(cfg.out)
+    D.check_mode(cfg.train.distributed, "dpo")
     device = device_for(cfg.train.device)
     dist = D.init(device)
 

@@ -65,6 +65,7 @@ from lmforge.rl.rollout import (
     rollout_values,
     sample_rollout,
 )
+from lmforge.train import distributed as D
 from lmforge.train.batches import TokenWindows
 from lmforge.train.config import TrainConfig, _fill, apply_defaults
 from lmforge.train.loop import Trainer
@@ -486,6 +487,8 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
 
     explicit_train = explicit_train or set()
     o, t = cfg.ppo, cfg.train
+    if D.launched_world() > 1:  # every process would run the whole loop and write the same files
+        raise LMForgeError(f"ppo runs in one process: not under torchrun (WORLD_SIZE={D.launched_world()})")
     out = Path(cfg.out)
     device = pick_device(t.device)
 

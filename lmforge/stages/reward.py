@@ -379,6 +379,7 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
     if cfg.head_init not in ("probe", "normal"):  # before the model loads
         raise LMForgeError(f"head_init={cfg.head_init!r}: allowed values are ['probe', 'normal']")
     out = Path(cfg.out)
+    D.check_mode(cfg.train.distributed, "reward")
     device = device_for(cfg.train.device)
     dist = D.init(device)
 

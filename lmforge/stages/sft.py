@@ -161,6 +161,7 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
 
     explicit_train = explicit_train or set()
     out = Path(cfg.out)
+    D.check_mode(cfg.train.distributed, "sft")
     device = pick_device(cfg.train.device)
     dist = D.init(device)
     if dist.enabled and device.type == "cuda":

@@ -28,9 +28,23 @@ class Dist:
         return self.rank == 0
 
 
+def launched_world() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_mode(mode: str, stage: str) -> None:
+    """Before anything loads: the fine-tuning stages run data-parallel only. Their final steps (merging adapters,
+    fitting and normalising a reward head, storing reference log-probs) work on a whole model in one process,
+    which FSDP never holds."""
+    if launched_world() > 1 and mode == "fsdp":
+        raise LMForgeError(f"{stage}: train.distributed=fsdp shards pretraining only (lmforge pretrain); "
+                           f"fine-tuning commands run data-parallel: --train.distributed ddp")
+
+
 def init(device: torch.device) -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world()
     if world <= 1:
         return Dist()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -73,6 +87,15 @@ def mean(value: float, d: Dist) -> float:
     return t.item() / d.world
 
 
+def max_int(value: int, d: Dist) -> int:
+    """The largest ``value`` over all ranks."""
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def sum_all(values: list[float], d: Dist) -> list[float]:
     """Element-wise sum of ``values`` over all ranks (float64)."""
     if not d.enabled:
@@ -80,6 +103,16 @@ def sum_all(values: list[float], d: Dist) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def sum_dict(values: dict[str, float], d: Dist) -> dict[str, float]:
+    """Per-key sums over all ranks; a key some rank lacks counts 0 there (a rank may have had nothing to count)."""
+    if not d.enabled:
+        return dict(values)
+    names: list[list[str]] = [[] for _ in range(d.world)]
+    dist.all_gather_object(names, sorted(values))
+    keys = sorted({k for n in names for k in n})
+    return dict(zip(keys, sum_all([values.get(k, 0.0) for k in keys], d)))
 
 
 def reshard(model: nn.Module) -> None:

@@ -263,10 +263,11 @@ class Trainer:
     def _autocast(self):
         return autocast(self.device, self.amp_dtype)
 
-    def _micro(self, batch: dict[str, Any]) -> tuple[torch.Tensor, float, dict[str, float]]:
+    def _micro(self, batch: dict[str, Any], model: nn.Module | None = None) -> tuple[torch.Tensor, float,
+                                                                                  dict[str, float]]:
         batch = to_device(batch, self.device)
         with self._autocast():
-            return _unpack(self.loss_fn(self.model, batch))
+            return _unpack(self.loss_fn(self.model if model is None else model, batch))
 
     def train_step(self) -> tuple[float, float, int, dict[str, float]]:
         """Forward/backward over grad_accum micro-batches, normalise by the step's units (all micro-batches and
@@ -365,17 +366,28 @@ class Trainer:
             return None
         self.model.eval()
         total, units, sums = 0.0, 0.0, {}
+        batches = self.val_data.fixed_batches(self.cfg.eval_iters, seed=1234)
+        # ranks may hold different numbers of held-out batches (a short last global batch). DDP's forward is a
+        # collective (it broadcasts buffers), so evaluation runs the module it wraps; an FSDP forward gathers the
+        # shards, so a rank with fewer batches runs extra ones (results dropped) until every rank has run as many
+        model = self.raw_model if self.dist.enabled and self.cfg.distributed != "fsdp" else self.model
+        runs = len(batches)
+        if self.dist.enabled and self.cfg.distributed == "fsdp":
+            runs = D.max_int(runs, self.dist)
         with self.averaged_weights():
-            for b in self.val_data.fixed_batches(self.cfg.eval_iters, seed=1234):
-                loss, n, metrics = self._micro(b)
+            for i in range(runs):
+                if i >= len(batches):
+                    self._micro(batches[0] if batches else self.train_data.fixed_batches(1, seed=1234)[0], model)
+                    continue
+                loss, n, metrics = self._micro(batches[i], model)
                 total, units = total + loss.item(), units + n
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
         self.model.train()
-        keys = sorted(sums)
-        total, units, *vals = D.sum_all([total, units, *(sums[k] for k in keys)], self.dist)
+        sums = D.sum_dict({**sums, " total": total, " units": units}, self.dist)  # names no metric can have
+        total, units = sums.pop(" total"), sums.pop(" units")
         denom = max(units, 1.0)
-        return {"val_loss": total / denom, **{f"val_{k}": v / denom for k, v in zip(keys, vals)}}
+        return {"val_loss": total / denom, **{f"val_{k}": v / denom for k, v in sorted(sums.items())}}
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -428,7 +440,11 @@ class Trainer:
                 last = {"step": self.step, "train_loss": loss, **{f"train_{k}": v for k, v in metrics.items()},
                         "lr": lr, "grad_norm": norm, f"{self.units}_per_s": tps, "step_s": dt,
                         "mfu": tps * flops_tok / peak if peak and self.count_tokens else None}
-                if self.step % cfg.log_interval == 0 and not (self.step == cfg.max_iters and self.val_data):
+                evaluated = (self.val_data is not None and cfg.eval_iters > 0) or bool(
+                    cfg.eval_tasks and not (self.dist.enabled and cfg.distributed == "fsdp"))
+                if evaluated and (self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters):
+                    pass  # the evaluation record next holds this step's training figures: one line per step
+                elif self.step % cfg.log_interval == 0:
                     self.metrics.write(last)
                 bar.update(1)
                 rate = {"tok_s": f"{tps:,.0f}"} if self.count_tokens else {f"{self.units}_s": f"{tps:,.2f}"}
