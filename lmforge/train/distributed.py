@@ -87,15 +87,6 @@ def mean(value: float, d: Dist) -> float:
     return t.item() / d.world
 
 
-def max_int(value: int, d: Dist) -> int:
-    """The largest ``value`` over all ranks."""
-    if not d.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
 def sum_all(values: list[float], d: Dist) -> list[float]:
     """Element-wise sum of ``values`` over all ranks (float64)."""
     if not d.enabled:

@@ -366,20 +366,13 @@ class Trainer:
             return None
         self.model.eval()
         total, units, sums = 0.0, 0.0, {}
-        batches = self.val_data.fixed_batches(self.cfg.eval_iters, seed=1234)
-        # ranks may hold different numbers of held-out batches (a short last global batch). DDP's forward is a
-        # collective (it broadcasts buffers), so evaluation runs the module it wraps; an FSDP forward gathers the
-        # shards, so a rank with fewer batches runs extra ones (results dropped) until every rank has run as many
+        # ranks may hold different numbers of held-out batches (a short last global batch of fine-tuning data).
+        # DDP's forward is a collective (it broadcasts buffers): evaluation runs the module it wraps. (FSDP, whose
+        # forward gathers shards, trains only pretraining, whose every rank draws the same number of windows.)
         model = self.raw_model if self.dist.enabled and self.cfg.distributed != "fsdp" else self.model
-        runs = len(batches)
-        if self.dist.enabled and self.cfg.distributed == "fsdp":
-            runs = D.max_int(runs, self.dist)
         with self.averaged_weights():
-            for i in range(runs):
-                if i >= len(batches):
-                    self._micro(batches[0] if batches else self.train_data.fixed_batches(1, seed=1234)[0], model)
-                    continue
-                loss, n, metrics = self._micro(batches[i], model)
+            for b in self.val_data.fixed_batches(self.cfg.eval_iters, seed=1234):
+                loss, n, metrics = self._micro(b, model)
                 total, units = total + loss.item(), units + n
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
