@@ -68,7 +68,7 @@ def child(kind: str, path: str, prompt: list[int], n_tokens: int, compute: str |
         from lmforge.quant import set_compute
 
         base = rss_mb()
-        model = load_model(path)
+        model = load_model(path).requires_grad_(False)  # as `lmforge generate` loads it
         if compute:
             set_compute(model, compute)
         params = SamplingParams(temperature=0, max_new_tokens=n_tokens)

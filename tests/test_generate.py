@@ -313,3 +313,44 @@ def test_engine_survives_a_failing_request_and_cancellation(stories, prompts, si
             eng.submit([1] * 600, GREEDY)
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])  # untied, tied output projection
+def test_frozen_float32_weights_decode_column_major_with_the_same_results(tmp_path, name):
+    """A model nothing trains gets its linear weights laid out column-major for decoding (same shapes and values,
+    tied weights still one tensor, saved files unchanged); a model with trainable weights is left as it is."""
+    from safetensors.torch import load_file
+
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.infer.engine import stream_layout
+
+    torch.manual_seed(0)
+    cfg = get_preset(name, block_size=64, vocab_size=97)
+    model = Decoder(cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt, p = [5, 6, 7, 8], SamplingParams(temperature=0, max_new_tokens=20)
+    want = generate(model, prompt, p)
+    assert stream_layout(model) == 0 and model.blocks[0].mlp.fc1.weight.is_contiguous()  # trainable: untouched
+    model.requires_grad_(False)
+    with torch.inference_mode():
+        assert generate(model, prompt, p) == want  # SlotRunner lays the weights out
+    w = model.blocks[0].mlp.fc1.weight
+    assert w.stride() == (1, w.shape[0]) and not w.is_inference()
+    assert model.lm_head.weight.stride()[0] == 1
+    assert (model.lm_head.weight is model.wte.weight) == cfg.tie_embeddings
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    x = torch.tensor([prompt * 3])
+    with torch.no_grad():
+        ref = Decoder(cfg).eval()
+        ref.load_state_dict(before)
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    saved = load_file(str(save_checkpoint(model, tmp_path / "m") / "model.safetensors"))
+    assert all(torch.equal(saved[k], before[k]) for k in saved)
+    # loaded from the file (tensors on a mapping of it, whose pages are handed back once copied): the same again
+    from lmforge.checkpoint import load_model
+
+    loaded = load_model(tmp_path / "m").eval().requires_grad_(False)
+    assert generate(loaded, prompt, p) == want
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, before[k]), k

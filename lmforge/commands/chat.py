@@ -36,6 +36,7 @@ def run(args) -> None:
     if args.max_new_tokens < 1:
         raise LMForgeError("--max-new-tokens must be >= 1")
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
+    model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
     model.eval()
     template = get_template(_read_template(args.template), tok)
     stops, stop_ids = end_of_turn(template, tok)

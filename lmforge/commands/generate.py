@@ -32,6 +32,7 @@ def run(args) -> None:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise LMForgeError("--temperature must be >= 0 and --top-p in (0, 1]")
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
+    model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
     bos = [tok.bos_id] if tok.bos_id is not None else []
     prompt = bos + tok.encode(args.prompt)
     if not prompt:

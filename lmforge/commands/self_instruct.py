@@ -68,6 +68,7 @@ def run(args) -> None:
     load_seed_tasks(args.seeds)
     t0 = time.perf_counter()
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
+    model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
     model.eval()
     backend = ModelBackend(model, tok, cfg.batch_size)
     rep = run_self_instruct(args.seeds, args.out, cfg, backend, resume=args.resume,

@@ -82,6 +82,7 @@ def run(args) -> None:
         raise LMForgeError(f"--port {args.port}: must be in [0, 65535]")
     template = _read_template(args.template)
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
+    model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
     threads = args.threads or default_threads(model)
     torch.set_num_threads(threads)
     dtype_bytes = next(model.parameters()).element_size()

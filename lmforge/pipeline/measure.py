@@ -35,7 +35,7 @@ def measure_policy(model_path: str | Path, cfg: MeasureConfig, device: str = "au
     """``{ppl, bits_per_byte, follow_rate, preference, rm_score, samples: [{prompt, response}]}`` of one model (the
     keys whose data is configured; ``rm_score``, the mean normalised score of a reward model, with one)."""
     model, tok = load_model_and_tokenizer(str(model_path), None, device)
-    model.eval()
+    model.eval().requires_grad_(False)  # inference only
     out: dict[str, Any] = {}
     if cfg.text:
         spec = {"task": "perplexity", "data": str(resolve_value(cfg.text, {}, None))}

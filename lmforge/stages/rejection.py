@@ -82,7 +82,7 @@ def run_rejection(model: str, reward: str, prompts: str, out: str, k: int = 8, t
     if k < 1:
         raise LMForgeError(f"--k {k}: must be >= 1")
     policy, tok = load_model_and_tokenizer(model, tokenizer, device)
-    policy.eval()
+    policy.eval().requires_grad_(False)  # inference only
     template = pick_template(tok, "")
     rm, rtok, rtemplate = load_reward_model(reward, device)
     items = read_prompts(prompts)
