@@ -3,6 +3,7 @@ an FSDP run resumes exactly."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,23 @@ def test_fine_tuning_refuses_fsdp_in_one_line_and_ppo_refuses_several_processes(
     r = subprocess.run([sys.executable, "-m", "lmforge", "ppo", "--reward", "lmforge.data.stories:story_reward",
                         "--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode != 0 and "ppo runs in one process: not under torchrun (WORLD_SIZE=2)" in r.stderr
+
+
+def test_reward_head_probe_under_ddp_shares_the_feature_pass(tmp_path):
+    """--head-init probe under torchrun: each process computes the features of its share of the training prompts,
+    and the head fitted from all of them equals the one-process fit (the start checkpoint holds it)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_reward_cli import word_pairs
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(__import__("json").dumps(r) + "\n" for r in word_pairs(64)))
+    common = ["--data", str(data), "--max-iters", "1", "--head-init", "probe", "--train.precision", "fp32"]
+    r = torchrun("reward", *common, "--out", str(tmp_path / "two"), "--train.batch_size", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "lmforge", "reward", *common, "--out", str(tmp_path / "one"),
+                          "--train.batch_size", "8"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    fits = [re.search(r"held-out-fold accuracy ([0-9.]+), loss ([0-9.]+)", x.stderr).groups() for x in (one, r)]
+    assert fits[0] == fits[1]
+    a, b = (load_file(str(tmp_path / d / "ckpt-0000000" / "model.safetensors")) for d in ("one", "two"))
+    torch.testing.assert_close(b["head.weight"], a["head.weight"], atol=1e-5, rtol=1e-4)

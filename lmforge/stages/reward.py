@@ -353,13 +353,17 @@ def select_probe(diffs: torch.Tensor, weights: torch.Tensor, group: torch.Tensor
 
 
 def probe_head(model: ScalarHeadModel, groups: Sequence[Group], pad_id: int, batch_size: int = 8,
-               amp: torch.dtype | None = None, seed: int = 0) -> dict[str, Any]:
+               amp: torch.dtype | None = None, seed: int = 0, dist: D.Dist | None = None) -> dict[str, Any]:
     """Fit the head to the frozen model's features at the training responses' last tokens (a linear probe, the
     first half of LP-FT: Kumar et al. 2022, fine-tuning from a fitted head distorts the features less than from a
-    random one). One pass over the data without gradients, then ``select_probe``; sets the head (bias 0)."""
-    feats = per_response(model, groups, pad_id, lambda m, b: m.last_hidden(b["input_ids"], b["attention_mask"],
-                                                                           b.get("rows")),
-                         batch_size, amp, desc="fit head")
+    random one). One pass over the data without gradients, then ``select_probe``; sets the head (bias 0). Under
+    data parallelism (``dist``) each process computes the features of its share of the groups and all fit the
+    same head from all of them."""
+    rank, world = (dist.rank, dist.world) if dist is not None and dist.enabled else (0, 1)
+    mine = per_response(model, groups[rank::world], pad_id,
+                        lambda m, b: m.last_hidden(b["input_ids"], b["attention_mask"], b.get("rows")),
+                        batch_size, amp, desc="fit head" if rank == 0 else "")
+    feats = D.all_gather_list(mine, dist) if world > 1 else mine
     diffs, weights, group = pair_differences(feats)
     fit = select_probe(diffs, weights, group, seed=seed)
     with torch.no_grad():
@@ -439,7 +443,7 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
                   "val_prompts": len(val_g)}
     if cfg.head_init == "probe" and not resume:  # a resumed run has its head in the checkpoint
         model.to(device)
-        fit = probe_head(model, train_g, pad, t.batch_size, train_precision(t, device, model), t.seed)
+        fit = probe_head(model, train_g, pad, t.batch_size, train_precision(t, device, model), t.seed, dist)
         run_config["head_probe"] = fit
         log(f"head fitted to the frozen features of the training pairs (linear probe): L2 {fit['l2']:g} by "
             f"{fit['folds']}-fold cross-validation, held-out-fold accuracy {fit['cv_accuracy']:.3f}, "

@@ -106,6 +106,18 @@ def sum_dict(values: dict[str, float], d: Dist) -> dict[str, float]:
     return dict(zip(keys, sum_all([values.get(k, 0.0) for k in keys], d)))
 
 
+def all_gather_list(mine: list, d: Dist) -> list:
+    """The items every rank holds of a list dealt out as ``items[rank::world]``, back in their original order."""
+    if not d.enabled:
+        return list(mine)
+    parts: list[list] = [[] for _ in range(d.world)]
+    dist.all_gather_object(parts, mine)
+    out = [None] * sum(map(len, parts))
+    for r, part in enumerate(parts):
+        out[r :: d.world] = part
+    return out
+
+
 def reshard(model: nn.Module) -> None:
     """Drop FSDP's unsharded copies of the parameters (the root keeps its own after a forward), so that the next
     forward gathers the shards again: needed after the sharded parameters were overwritten in place."""
