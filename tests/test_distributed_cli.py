@@ -110,6 +110,11 @@ def test_fine_tuning_refuses_fsdp_in_one_line_and_ppo_refuses_several_processes(
     r = subprocess.run([sys.executable, "-m", "lmforge", "ppo", "--reward", "lmforge.data.stories:story_reward",
                         "--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode != 0 and "ppo runs in one process: not under torchrun (WORLD_SIZE=2)" in r.stderr
+    for cmd in (["rejection-sample", "--model", "m", "--reward", "r", "--prompts", "p", "--out", "o"],
+                ["self-instruct", "--seeds", "s.jsonl", "--num", "2", "--out", str(tmp_path / "si")]):
+        r = subprocess.run([sys.executable, "-m", "lmforge", *cmd], capture_output=True, text=True, timeout=120,
+                           env=env)
+        assert r.returncode != 0 and f"{cmd[0]} runs in one process: not under torchrun (WORLD_SIZE=2)" in r.stderr
 
 
 def test_reward_head_probe_under_ddp_shares_the_feature_pass(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import fields
 
-from lmforge.commands.common import add_model_args, load_model_and_tokenizer
+from lmforge.commands.common import add_model_args, load_model_and_tokenizer, one_process
 
 
 def add_parser(sub, name: str, help_: str) -> None:
@@ -60,6 +60,8 @@ def run(args) -> None:
         load_seed_tasks,
         run_self_instruct,
     )
+
+    one_process("self-instruct")
 
     names = {f.name for f in fields(SelfInstructConfig)}  # flags left unset keep the config's defaults
     cfg = SelfInstructConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})

@@ -311,7 +311,7 @@ def _run(p: Pipeline, out: Path, from_stage: str | None, only: str | None, dry_r
                 if st.spec.output:
                     sdir.mkdir(parents=True, exist_ok=True)
             if (st.spec.trains and st.spec.parallel) or main:  # data stages and PPO: the first process only
-                with _Ticker(label, log, tty), _one_process(not st.spec.parallel):
+                with _Ticker(label, log, tty), _one_process(not (st.spec.trains and st.spec.parallel)):
                     if main:
                         run_stage_command(argv, log)
                     else:
@@ -371,7 +371,7 @@ def _run(p: Pipeline, out: Path, from_stage: str | None, only: str | None, dry_r
 
 @contextlib.contextmanager
 def _one_process(alone: bool):
-    """With ``alone``: the stage sees a launch of one process (WORLD_SIZE=1), as it is run by the first only."""
+    """With ``alone``: a stage the first process runs by itself sees a launch of one process (WORLD_SIZE=1)."""
     saved = os.environ.get("WORLD_SIZE")
     if alone and saved is not None:
         os.environ["WORLD_SIZE"] = "1"
