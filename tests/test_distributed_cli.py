@@ -90,7 +90,10 @@ def test_reward_and_dpo_under_ddp_with_a_short_last_heldout_batch(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = load_file(str(tmp_path / "rm1" / "value_head.safetensors")), \
         load_file(str(tmp_path / "rm2" / "value_head.safetensors"))
-    torch.testing.assert_close(b["weight"], a["weight"], atol=1e-5, rtol=1e-4)
+    for k in a:  # the head, and the normalisation over the training responses (each process scored a share)
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+    meta = [__import__("json").loads((tmp_path / d / "value_head.json").read_text()) for d in ("rm1", "rm2")]
+    assert meta[0]["val_accuracy"] == meta[1]["val_accuracy"] and "116 responses of 58" in meta[1]["normalized_over"]
     for run in ("rm1", "rm2"):  # one line per step: an evaluated step's line holds its training figures too
         metrics = [__import__("json").loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4] and "val_accuracy" in metrics[-1]

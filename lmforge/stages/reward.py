@@ -453,29 +453,34 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
                       start_is_candidate=cfg.head_init == "probe")  # the fitted head alone may be the best
     try:
         result = trainer.fit(resume=resume)
-        if dist.main:
-            raw = trainer.raw_model
-            best = out / "best"
-            if best.is_file() and (out / best.read_text().strip()).is_dir():  # the best checkpoint's weights
-                s = load_training_checkpoint(out / best.read_text().strip())
-                raw.load_state_dict(s["train_model"] if s["train_model"] is not None else s["model"], strict=False)
-                log(f"final model from {best.read_text().strip()} ({t.best_metric} {trainer.best_val:.4f})")
-            if method is not None:
-                from lmforge.peft.lora import unwrap
+        raw = trainer.raw_model
+        best = out / "best"
+        if dist.main and best.is_file() and (out / best.read_text().strip()).is_dir():  # the best checkpoint
+            s = load_training_checkpoint(out / best.read_text().strip())
+            raw.load_state_dict(s["train_model"] if s["train_model"] is not None else s["model"], strict=False)
+            log(f"final model from {best.read_text().strip()} ({t.best_metric} {trainer.best_val:.4f})")
+        D.broadcast_module(raw, dist)  # the first process's weights to every process: each scores a share
+        if method is not None:
+            from lmforge.peft.lora import unwrap
 
-                unwrap(raw.decoder)  # adapter merged: the saved reward model needs no base
-            # scored where it trained, in its precision (fp32 on the CPU: 15+ min for hh-rlhf's pairs on SmolLM2)
-            amp = train_precision(t, next(raw.parameters()).device, raw)
-            raw_scores = [x for g in score_groups(raw, train_g, pad, t.batch_size, normalized=False, amp=amp,
-                                                  desc="normalise") for x in g]
-            raw.normalize(torch.tensor(raw_scores))
-            extra = {"template": template.source if template else None, "margin": cfg.margin, "max_len": max_len,
-                     "base_model": cfg.model, "peft": resolved or None,
-                     "normalized_over": f"{len(raw_scores)} responses of {len(train_g)} training prompts"}
-            if val_g:
-                vs = score_groups(raw, val_g, pad, t.batch_size, amp=amp, desc="held-out")
-                extra["val_accuracy"] = pair_accuracy(vs)
-                result["val_accuracy_final"] = extra["val_accuracy"]
+            unwrap(raw.decoder)  # adapter merged: the saved reward model needs no base
+        # scored where it trained, in its precision (fp32 on the CPU: 15+ min for hh-rlhf's pairs on SmolLM2)
+        amp = train_precision(t, next(raw.parameters()).device, raw)
+
+        def scores(groups: list[Group], desc: str, normalized: bool) -> list[list[float]]:
+            mine = score_groups(raw, groups[dist.rank :: dist.world], pad, t.batch_size, normalized=normalized,
+                                amp=amp, desc=desc if dist.main else "")
+            return D.all_gather_list(mine, dist)
+
+        raw_scores = [x for g in scores(train_g, "normalise", False) for x in g]
+        raw.normalize(torch.tensor(raw_scores))
+        extra = {"template": template.source if template else None, "margin": cfg.margin, "max_len": max_len,
+                 "base_model": cfg.model, "peft": resolved or None,
+                 "normalized_over": f"{len(raw_scores)} responses of {len(train_g)} training prompts"}
+        if val_g:
+            extra["val_accuracy"] = pair_accuracy(scores(val_g, "held-out", True))
+            result["val_accuracy_final"] = extra["val_accuracy"]
+        if dist.main:
             write_reward_dir(raw.to("cpu"), out, tok, template, extra)
             log(f"reward normalised: gain {raw.norm_gain.item():.4g}, bias {raw.norm_bias.item():.4g}")
         D.barrier(dist)

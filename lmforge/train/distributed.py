@@ -106,6 +106,15 @@ def sum_dict(values: dict[str, float], d: Dist) -> dict[str, float]:
     return dict(zip(keys, sum_all([values.get(k, 0.0) for k in keys], d)))
 
 
+def broadcast_module(module: nn.Module, d: Dist) -> None:
+    """Every parameter and buffer of ``module`` from the first process to the others (in place)."""
+    if not d.enabled:
+        return
+    with torch.no_grad():
+        for t in (*module.parameters(), *module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
 def all_gather_list(mine: list, d: Dist) -> list:
     """The items every rank holds of a list dealt out as ``items[rank::world]``, back in their original order."""
     if not d.enabled:
