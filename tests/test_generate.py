@@ -354,3 +354,25 @@ def test_frozen_float32_weights_decode_column_major_with_the_same_results(tmp_pa
     assert generate(loaded, prompt, p) == want
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_column_major_layout_keeps_two_parameters_that_view_one_loaded_tensor(tmp_path):
+    """Two parameters on one tensor of a loaded file (an untied model whose output projection was loaded from the
+    embedding): the file pages under them stay until both are copied, so the one copied second keeps the values
+    it was given in place after loading (not the file's)."""
+    from lmforge.checkpoint import load_model, save_checkpoint
+    from lmforge.infer.engine import stream_layout
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny-llama", block_size=64, vocab_size=97)
+    assert not cfg.tie_embeddings
+    save_checkpoint(Decoder(cfg), tmp_path / "m")
+    model = load_model(tmp_path / "m").eval()
+    with torch.no_grad():
+        model.lm_head.weight.data = model.wte.weight.data  # two parameters, one storage on the file's mapping
+        model.wte.weight.mul_(2.0)  # changed in place after loading
+    want = model.wte.weight.detach().clone()
+    model.requires_grad_(False)
+    assert stream_layout(model) > 0
+    torch.testing.assert_close(model.wte.weight, want, rtol=0, atol=0)
+    torch.testing.assert_close(model.lm_head.weight, want, rtol=0, atol=0)

@@ -137,11 +137,15 @@ def stream_layout(model: nn.Module) -> int:
         return 0
     done: set[int] = set()
     mapped = _file_mappings() if sys.platform.startswith("linux") else []
+    tensors = {id(t): t for t in (*params, *model.buffers())}.values()
+    # pages are handed back only from a storage no other tensor of the model views (two parameters loaded from
+    # one tensor of the file keep theirs until both are copied)
+    users = collections.Counter(t.untyped_storage().data_ptr() for t in tensors)
 
     def replace(t: torch.Tensor, new: torch.Tensor) -> None:  # one weight at a time: memory peaks by one weight
         old = t.data
         t.data = new
-        if mapped:
+        if mapped and users[old.untyped_storage().data_ptr()] == 1:
             _drop_file_pages(old, mapped)
 
     with torch.no_grad(), torch.inference_mode(False):  # ordinary tensors, even when called in inference mode
@@ -155,7 +159,7 @@ def stream_layout(model: nn.Module) -> int:
             if w.stride() != (1, w.shape[0]):
                 replace(w, w.data.t().contiguous().t())
         if done and mapped:  # tensors loaded from safetensors share one mapping of the file: the rest copied too
-            for t in (*model.parameters(), *model.buffers()):
+            for t in tensors:
                 if id(t) not in done and t.device.type == "cpu":
                     replace(t, t.data.clone())
     return len(done)
