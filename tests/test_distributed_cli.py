@@ -101,6 +101,12 @@ def test_reward_and_dpo_under_ddp_with_a_short_last_heldout_batch(tmp_path):
     r = torchrun("dpo", *common, "--out", str(tmp_path / "dpo"), "--train.batch_size", "4")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("done: step 4") == 1
+    one = subprocess.run([sys.executable, "-m", "lmforge", "dpo", *common, "--out", str(tmp_path / "dpo1"),
+                          "--train.batch_size", "8"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (load_file(str(tmp_path / d / "reference_logprobs.safetensors")) for d in ("dpo1", "dpo"))
+    for k in ("train", "val"):  # each process computed a share of the stored reference
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-5, msg=k)
 
 
 def test_fine_tuning_refuses_fsdp_in_one_line_and_ppo_refuses_several_processes(tmp_path):

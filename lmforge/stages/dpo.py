@@ -187,12 +187,19 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
                 raise LMForgeError(f"{ref_path} is missing: cannot resume full-model DPO without the reference")
             model.to(device)
             amp = train_precision(t, device, model)
-            sd = {"train": reference_logprobs(model, train_g, pad, t.batch_size, amp, share),
-                  "val": reference_logprobs(model, val_g, pad, t.batch_size, amp, share) if val_g
-                  else torch.zeros(0, 2)}
+
+            def ref_of(groups: list) -> torch.Tensor:  # each process computes its share (torchrun), all get all
+                part = groups[dist.rank :: dist.world]
+                mine = list(reference_logprobs(model, part, pad, t.batch_size, amp, share)) if part else []
+                rows = D.all_gather_list(mine, dist)
+                return torch.stack(rows) if rows else torch.zeros(0, 2)
+
+            sd = {"train": ref_of(train_g), "val": ref_of(val_g)}
             model.to("cpu")
             if dist.main:
-                save_file({k: v.contiguous() for k, v in sd.items()}, str(ref_path))
+                tmp = ref_path.with_name(f".{ref_path.name}.tmp")
+                save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
+                tmp.replace(ref_path)  # whole or absent: a resumed run reads it back
             log(f"reference log-probs of {len(train_g) + len(val_g)} pairs stored in {ref_path}")
         _attach(train_g, sd["train"])
         _attach(val_g, sd["val"])
