@@ -3,6 +3,8 @@ an FSDP run resumes exactly."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -24,7 +26,7 @@ def pretrain(out: Path, *extra: str, procs: int = 0) -> subprocess.CompletedProc
     if procs:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
                "-m", "lmforge", *ARGS, "--out", str(out), *extra]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -68,7 +70,7 @@ def test_fsdp_run_resumes_exactly(tmp_path):
 def torchrun(*args: str, procs: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
            "-m", "lmforge", *args]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -80,7 +82,7 @@ def test_reward_and_dpo_under_ddp_with_a_short_last_heldout_batch(tmp_path):
     from test_reward_cli import word_pairs
 
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(__import__("json").dumps(r) + "\n" for r in word_pairs(64)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in word_pairs(64)))
     common = ["--data", str(data), "--max-iters", "4", "--train.precision", "fp32"]
     r = torchrun("reward", *common, "--out", str(tmp_path / "rm2"), "--train.batch_size", "4")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -92,10 +94,10 @@ def test_reward_and_dpo_under_ddp_with_a_short_last_heldout_batch(tmp_path):
         load_file(str(tmp_path / "rm2" / "value_head.safetensors"))
     for k in a:  # the head, and the normalisation over the training responses (each process scored a share)
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
-    meta = [__import__("json").loads((tmp_path / d / "value_head.json").read_text()) for d in ("rm1", "rm2")]
+    meta = [json.loads((tmp_path / d / "value_head.json").read_text()) for d in ("rm1", "rm2")]
     assert meta[0]["val_accuracy"] == meta[1]["val_accuracy"] and "116 responses of 58" in meta[1]["normalized_over"]
     for run in ("rm1", "rm2"):  # one line per step: an evaluated step's line holds its training figures too
-        metrics = [__import__("json").loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        metrics = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4] and "val_accuracy" in metrics[-1]
         assert all("train_loss" in m for m in metrics[1:])
     r = torchrun("dpo", *common, "--out", str(tmp_path / "dpo"), "--train.batch_size", "4")
@@ -115,7 +117,7 @@ def test_fine_tuning_refuses_fsdp_in_one_line_and_ppo_refuses_several_processes(
     assert r.returncode != 0
     assert "lmforge sft: error: sft: train.distributed=fsdp shards pretraining only" in r.stderr
     assert "lmforge/stages" not in r.stderr  # no traceback from lmforge (torchrun prints its own)
-    env = {**__import__("os").environ, "WORLD_SIZE": "2"}
+    env = {**os.environ, "WORLD_SIZE": "2"}
     r = subprocess.run([sys.executable, "-m", "lmforge", "ppo", "--reward", "lmforge.data.stories:story_reward",
                         "--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode != 0 and "ppo runs in one process: not under torchrun (WORLD_SIZE=2)" in r.stderr
@@ -133,7 +135,7 @@ def test_reward_head_probe_under_ddp_shares_the_feature_pass(tmp_path):
     from test_reward_cli import word_pairs
 
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(__import__("json").dumps(r) + "\n" for r in word_pairs(64)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in word_pairs(64)))
     common = ["--data", str(data), "--max-iters", "1", "--head-init", "probe", "--train.precision", "fp32"]
     r = torchrun("reward", *common, "--out", str(tmp_path / "two"), "--train.batch_size", "4")
     assert r.returncode == 0, r.stderr[-3000:]

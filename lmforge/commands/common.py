@@ -39,13 +39,6 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def one_process(command: str) -> None:
-    """Refuse a launch of several processes (torchrun) for a command that would run whole in each of them."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world != "1":
-        raise LMForgeError(f"{command} runs in one process: not under torchrun (WORLD_SIZE={world})")
-
-
 def report(msg: str) -> None:
     """A line on stderr from the first process only."""
     if is_main_process():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from lmforge.commands.common import one_process
-
 
 def add_parser(sub, name: str, help_: str) -> None:
     p = sub.add_parser(
@@ -29,8 +27,8 @@ def add_parser(sub, name: str, help_: str) -> None:
 
 def run(args) -> None:
     from lmforge.stages.rejection import run_rejection
+    from lmforge.train.distributed import one_process
 
     one_process("rejection-sample")
-
     run_rejection(args.model, args.reward, args.prompts, args.out, args.k, args.temperature, args.top_p,
                   args.max_new_tokens, args.batch_size, args.seed, args.device, args.tokenizer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import fields
 
-from lmforge.commands.common import add_model_args, load_model_and_tokenizer, one_process
+from lmforge.commands.common import add_model_args, load_model_and_tokenizer
 
 
 def add_parser(sub, name: str, help_: str) -> None:
@@ -60,6 +60,7 @@ def run(args) -> None:
         load_seed_tasks,
         run_self_instruct,
     )
+    from lmforge.train.distributed import one_process
 
     one_process("self-instruct")
 

@@ -135,7 +135,11 @@ def stream_layout(model: nn.Module) -> int:
     params = list(model.parameters())
     if not params or any(p.requires_grad for p in params):
         return 0
-    done: set[int] = set()
+    weights = {id(m.weight): m.weight for m in model.modules() if type(m) is nn.Linear and m.weight.dim() == 2
+               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32}  # tied: once
+    todo = [w for w in weights.values() if w.stride() != (1, w.shape[0])]
+    if not todo:  # nothing to do (a model laid out by an earlier runner reads no maps and copies nothing)
+        return len(weights)
     mapped = _file_mappings() if sys.platform.startswith("linux") else []
     tensors = {id(t): t for t in (*params, *model.buffers())}.values()
     # pages are handed back only from a storage no other tensor of the model views (two parameters loaded from
@@ -149,20 +153,13 @@ def stream_layout(model: nn.Module) -> int:
             _drop_file_pages(old, mapped)
 
     with torch.no_grad(), torch.inference_mode(False):  # ordinary tensors, even when called in inference mode
-        for mod in model.modules():
-            if type(mod) is not nn.Linear:
-                continue
-            w = mod.weight
-            if id(w) in done or w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2:
-                continue
-            done.add(id(w))
-            if w.stride() != (1, w.shape[0]):
-                replace(w, w.data.t().contiguous().t())
-        if done and mapped:  # tensors loaded from safetensors share one mapping of the file: the rest copied too
+        for w in todo:
+            replace(w, w.data.t().contiguous().t())
+        if mapped:  # tensors loaded from safetensors share one mapping of the file: the rest copied too
             for t in tensors:
-                if id(t) not in done and t.device.type == "cpu":
+                if id(t) not in weights and t.device.type == "cpu":
                     replace(t, t.data.clone())
-    return len(done)
+    return len(weights)
 
 
 def fast_path_supported(model: Decoder) -> bool:

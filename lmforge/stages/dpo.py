@@ -189,9 +189,8 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
             amp = train_precision(t, device, model)
 
             def ref_of(groups: list) -> torch.Tensor:  # each process computes its share (torchrun), all get all
-                part = groups[dist.rank :: dist.world]
-                mine = list(reference_logprobs(model, part, pad, t.batch_size, amp, share)) if part else []
-                rows = D.all_gather_list(mine, dist)
+                rows = D.map_shards(lambda part: list(reference_logprobs(model, part, pad, t.batch_size, amp, share)),
+                                    groups, dist)
                 return torch.stack(rows) if rows else torch.zeros(0, 2)
 
             sd = {"train": ref_of(train_g), "val": ref_of(val_g)}

@@ -487,8 +487,7 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
 
     explicit_train = explicit_train or set()
     o, t = cfg.ppo, cfg.train
-    if D.launched_world() > 1:  # every process would run the whole loop and write the same files
-        raise LMForgeError(f"ppo runs in one process: not under torchrun (WORLD_SIZE={D.launched_world()})")
+    D.one_process("ppo")  # every process would run the whole loop and write the same files
     out = Path(cfg.out)
     device = pick_device(t.device)
 

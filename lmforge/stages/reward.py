@@ -359,11 +359,10 @@ def probe_head(model: ScalarHeadModel, groups: Sequence[Group], pad_id: int, bat
     random one). One pass over the data without gradients, then ``select_probe``; sets the head (bias 0). Under
     data parallelism (``dist``) each process computes the features of its share of the groups and all fit the
     same head from all of them."""
-    rank, world = (dist.rank, dist.world) if dist is not None and dist.enabled else (0, 1)
-    mine = per_response(model, groups[rank::world], pad_id,
-                        lambda m, b: m.last_hidden(b["input_ids"], b["attention_mask"], b.get("rows")),
-                        batch_size, amp, desc="fit head" if rank == 0 else "")
-    feats = D.all_gather_list(mine, dist) if world > 1 else mine
+    d = dist or D.Dist()
+    feats = D.map_shards(lambda part: per_response(
+        model, part, pad_id, lambda m, b: m.last_hidden(b["input_ids"], b["attention_mask"], b.get("rows")),
+        batch_size, amp, desc="fit head" if d.main else ""), list(groups), d)
     diffs, weights, group = pair_differences(feats)
     fit = select_probe(diffs, weights, group, seed=seed)
     with torch.no_grad():
@@ -468,9 +467,8 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
         amp = train_precision(t, next(raw.parameters()).device, raw)
 
         def scores(groups: list[Group], desc: str, normalized: bool) -> list[list[float]]:
-            mine = score_groups(raw, groups[dist.rank :: dist.world], pad, t.batch_size, normalized=normalized,
-                                amp=amp, desc=desc if dist.main else "")
-            return D.all_gather_list(mine, dist)
+            return D.map_shards(lambda part: score_groups(raw, part, pad, t.batch_size, normalized=normalized,
+                                                          amp=amp, desc=desc if dist.main else ""), groups, dist)
 
         raw_scores = [x for g in scores(train_g, "normalise", False) for x in g]
         raw.normalize(torch.tensor(raw_scores))

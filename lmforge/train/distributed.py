@@ -33,6 +33,12 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def one_process(command: str) -> None:
+    """Refuse a launch of several processes (torchrun) for a command that would run whole in each of them."""
+    if launched_world() > 1:
+        raise LMForgeError(f"{command} runs in one process: not under torchrun (WORLD_SIZE={launched_world()})")
+
+
 def check_mode(mode: str, stage: str) -> None:
     """Before anything loads: the fine-tuning stages run data-parallel only. Their final steps (merging adapters,
     fitting and normalising a reward head, storing reference log-probs) work on a whole model in one process,
@@ -125,6 +131,13 @@ def all_gather_list(mine: list, d: Dist) -> list:
     for r, part in enumerate(parts):
         out[r :: d.world] = part
     return out
+
+
+def map_shards(fn, items: list, d: Dist) -> list:
+    """``fn`` (a list -> one result per item) on this rank's share ``items[rank::world]``; the results of every
+    rank, back in the items' order."""
+    part = items[d.rank :: d.world]
+    return all_gather_list(fn(part) if part else [], d)
 
 
 def reshard(model: nn.Module) -> None:

@@ -407,6 +407,8 @@ class Trainer:
             exhausted = getattr(self.train_data, "exhausted", lambda: False)
             at_boundary = getattr(self.train_data, "at_boundary", lambda: True)
             save_due = False
+            evaluates = (self.val_data is not None and cfg.eval_iters > 0) or bool(  # writes a line when it runs
+                cfg.eval_tasks and not (self.dist.enabled and cfg.distributed == "fsdp"))
             while self.step < cfg.max_iters and not exhausted():
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                     self._eval_and_log(last)
@@ -433,11 +435,8 @@ class Trainer:
                 last = {"step": self.step, "train_loss": loss, **{f"train_{k}": v for k, v in metrics.items()},
                         "lr": lr, "grad_norm": norm, f"{self.units}_per_s": tps, "step_s": dt,
                         "mfu": tps * flops_tok / peak if peak and self.count_tokens else None}
-                evaluated = (self.val_data is not None and cfg.eval_iters > 0) or bool(
-                    cfg.eval_tasks and not (self.dist.enabled and cfg.distributed == "fsdp"))
-                if evaluated and (self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters):
-                    pass  # the evaluation record next holds this step's training figures: one line per step
-                elif self.step % cfg.log_interval == 0:
+                eval_next = evaluates and (self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters)
+                if self.step % cfg.log_interval == 0 and not eval_next:  # else the evaluation's line holds it
                     self.metrics.write(last)
                 bar.update(1)
                 rate = {"tok_s": f"{tps:,.0f}"} if self.count_tokens else {f"{self.units}_s": f"{tps:,.2f}"}
