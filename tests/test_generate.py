@@ -74,6 +74,24 @@ def test_rows_with_their_own_parameters_match_rows_alone():
         assert torch.allclose(together[i], hf_distribution(logits[i : i + 1], p)[0], atol=1e-6)
 
 
+def test_greedy_choice_is_torch_argmax_with_ties_nan_and_strided_rows():
+    """Greedy rows pick the first of equal maxima, and NaN counts as the largest, as torch.argmax does (on the CPU
+    the choice goes through NumPy's argmax)."""
+    torch.manual_seed(3)
+    logits = torch.randn(5, 40)
+    logits[1, [7, 30]] = 9.0  # a tie: the first index wins
+    logits[2, 11] = float("nan")
+    logits[3, :] = 0.0  # all equal
+    greedy = [TokenSampler(SamplingParams(temperature=0), [], 40) for _ in range(5)]
+    expect = logits.argmax(dim=-1).tolist()
+    assert [c.token for c in select(logits, greedy)] == expect == [expect[0], 7, 11, 0, expect[4]]
+    wide = torch.randn(5, 80)
+    assert [c.token for c in select(wide[:, ::2], greedy)] == wide[:, ::2].argmax(dim=-1).tolist()
+    mixed = greedy[:2] + [TokenSampler(SamplingParams(temperature=1.0, seed=0), [], 40)] + greedy[3:]
+    picked = [c.token for c in select(logits, mixed)]
+    assert picked[:2] == expect[:2] and picked[3:] == expect[3:]
+
+
 def test_draws_follow_the_distribution_and_seeds_reproduce():
     torch.manual_seed(2)
     logits = torch.randn(1, 6) * 1.5

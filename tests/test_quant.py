@@ -258,18 +258,19 @@ def test_output_projection_refines_its_largest_outputs(bits, group_size, mode):
         assert (ql(x).gather(-1, top) - ref.gather(-1, top)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("n", [1000, 1024])
-def test_int8_output_projection_split_kernel_equals_the_int8_kernel(n):
+@pytest.mark.parametrize("n,k,group", [(1000, 256, 128), (1024, 256, 128), (1000, 576, 64), (1024, 96, 32)])
+def test_int8_output_projection_split_kernel_equals_the_int8_kernel(n, k, group):
     """An int8 output projection decodes through the int4 kernel on its weight split into two 4-bit halves
-    (q + 128 = 16 a + b): the same products as the int8 kernel, up to both kernels' bfloat16 output rounding."""
+    (q + 128 = 16 a + b): the same products as the int8 kernel, up to both kernels' bfloat16 output rounding; its
+    groups are as long as K allows (one scale per row)."""
     torch.manual_seed(0)
-    ql = QuantLinear.from_linear(torch.nn.Linear(256, n, bias=False), 8)
+    ql = QuantLinear.from_linear(torch.nn.Linear(k, n, bias=False), 8)
     ql.refine_top = 16
-    x = 20 * torch.randn(3, 256)
+    x = 20 * torch.randn(3, k)
     exact = F.linear(x.bfloat16().float(), dequantize_int8(ql.qweight, ql.scales.bfloat16().float()))
     split = ql._packed_mm("bfloat16")(x).float()
     int8 = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), ql.qweight, ql.scales.bfloat16()).float()
-    assert split.shape == (3, n) and "split" in ql._kernel
+    assert split.shape == (3, n) and "split" in ql._kernel and ql._kernel["split_group"] == group
     bound = exact.abs().max().item() / 128  # bfloat16 keeps 8 significant bits
     assert (split - exact).abs().max().item() <= bound and (int8 - exact).abs().max().item() <= bound
     ql.refine_top = 0  # other int8 layers keep the int8 kernel

@@ -370,7 +370,10 @@ def _linear_fn(mod: nn.Module):
         w, b = mod.weight, mod.bias
         return lambda x: F.linear(x, w, b)
     if type(mod) is QuantLinear and not (mod._forward_hooks or mod._forward_pre_hooks):
-        return mod.forward
+        def quant(x):  # (rows, K) input: the layer's function for that many rows, made by its first forward
+            fn = mod._decode.get(x.shape[0])  # (filled only for float32 CPU input in auto mode; read per call:
+            return fn(x) if fn is not None else mod.forward(x)  # a new weight empties it)
+        return quant
     return mod
 
 

@@ -137,7 +137,7 @@ def select(logits: torch.Tensor, samplers: list[TokenSampler]) -> list[Choice]:
                               for i, s in enumerate(samplers)])
     greedy = [s.params.greedy for s in samplers]
     if all(greedy):
-        tokens = logits.argmax(dim=-1).tolist()
+        tokens = _argmax(logits)
     else:
         tokens = [0] * B
         rows = [i for i in range(B) if not greedy[i]]
@@ -152,7 +152,7 @@ def select(logits: torch.Tensor, samplers: list[TokenSampler]) -> list[Choice]:
             tokens[r] = t
         g = [i for i in range(B) if greedy[i]]
         if g:
-            for i, t in zip(g, logits[g].argmax(dim=-1).tolist()):
+            for i, t in zip(g, _argmax(logits[g])):
                 tokens[i] = t
     out = []
     for i, (s, t) in enumerate(zip(samplers, tokens)):
@@ -166,6 +166,14 @@ def select(logits: torch.Tensor, samplers: list[TokenSampler]) -> list[Choice]:
                 c.top_logprobs = list(zip(ix.tolist(), v.tolist()))
         out.append(c)
     return out
+
+
+def _argmax(logits: torch.Tensor) -> list[int]:
+    """The index of each row's largest value (the first of equals; NaN counts as largest, as in torch). On the CPU
+    through NumPy: its vectorised argmax takes 3 us for SmolLM2's 49,152 logits where torch's takes 30."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return logits.numpy().argmax(axis=-1).tolist()
+    return logits.argmax(dim=-1).tolist()
 
 
 def _filtered_sorted(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
