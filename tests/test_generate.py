@@ -261,6 +261,25 @@ def test_quantized_model_decodes_through_the_lean_step(prompts):
         eng.close()
 
 
+def test_a_quantized_layer_switched_to_another_mode_decodes_in_that_mode(prompts):
+    """The lean step calls each quantized layer's decode function directly: switching the mode after decoding
+    (``set_compute``) must reach it (the exact dequantize path gives the full forward's logits)."""
+    from lmforge.quant import QuantConfig, quantize_model, set_compute
+
+    model, _ = load_model_and_tokenizer(None, None, "cpu")
+    quantize_model(model.eval(), QuantConfig(bits=4, group_size=32))
+    ids = list(prompts[0])
+    runner = SlotRunner(model, 1, 64)
+    runner.prefill(0, ids[:-1])
+    runner.decode([ids[-1]])  # auto mode: the fast functions are made here
+    set_compute(model, "dequant")
+    runner.prefill(0, ids[:-1])
+    got = runner.decode([ids[-1]])[0]
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0, -1]
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_left_padded_batch_equals_single_sequences(stories, prompts, singles):
     model, _ = stories
     assert generate_batch(model, prompts, GREEDY) == singles

@@ -121,6 +121,15 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
                 f"symmetric={self.symmetric}, bias={self.bias is not None}, compute={self.compute}")
 
+    @property
+    def compute(self) -> str:
+        """How this layer computes (one of ``COMPUTE_MODES``)."""
+        return self._compute
+
+    @compute.setter
+    def compute(self, mode: str) -> None:  # the functions made for the old mode (``_decode``) no longer apply
+        self._compute, self._decode = mode, {}
+
     def _apply(self, fn, recurse=True):  # moving or casting the module invalidates the kernel layout
         self._kernel, self._decode = None, {}
         return super()._apply(fn, recurse)
@@ -153,7 +162,7 @@ class QuantLinear(nn.Module):
             try:
                 with torch.no_grad():
                     for mode in modes:
-                        self.compute = mode
+                        self._compute = mode
                         self(x)  # builds the kernel's weight layout
                         t = time.perf_counter()
                         self(x)
@@ -164,7 +173,7 @@ class QuantLinear(nn.Module):
                                 self(x)
                                 best[mode] = min(best[mode], time.perf_counter() - t)
             finally:
-                self.compute = "auto"
+                self._compute = "auto"
             _DECODE_MODE[key] = min(best, key=best.get)
             if self.bits == 4 and self._kernel is not None and _DECODE_MODE[key] != "float32":
                 self._kernel.pop(torch.float32, None)  # timed, not chosen: half the packed weight's size
