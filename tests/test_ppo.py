@@ -92,6 +92,15 @@ def test_ppo_command_errors(prompts, tmp_path):
     assert r.returncode == 1 and "exactly one of --reward-model" in r.stderr and "Traceback" not in r.stderr
     r = _run("--reward", "lmforge.data.stories:nope", "--prompts", str(prompts), "--out", str(tmp_path / "x"))
     assert r.returncode == 1 and "has no function nope" in r.stderr
+    f = tmp_path / "rw.py"
+    f.write_text("def nan(prompts, responses):\n    return [float('nan')] * len(responses)\n"
+                 "def none(prompts, responses):\n    return [None] * len(responses)\n")
+    for fn, says in [("nan", "the reward function gave nan for response 0"),
+                     ("none", "must return a list of numbers")]:
+        out = tmp_path / fn  # a NaN score made a NaN loss: the run wrote NaN weights and exited 0
+        r = _run("--reward", f"{f}:{fn}", "--prompts", str(prompts), "--out", str(out), "--steps", "1", *TINY)
+        assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert not (out / "model.safetensors").exists()
 
 
 def test_reward_function_from_file_and_prompts(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lmforge.checkpoint import load_model
+from lmforge.errors import LMForgeError
 from lmforge.model import Decoder
 from lmforge.model.heads import (
     HEAD_CONFIG,
@@ -90,8 +91,11 @@ def test_normalize_mean0_std1_and_gradients():
     model.train()
     model.score(ids).sum().backward()
     assert model.head.weight.grad is not None and model.decoder.wte.weight.grad is not None
-    with pytest.raises(ValueError):
-        model.normalize(torch.ones(4))
+    # equal scores (a degenerate training set) are centred, not scaled: the trained model is still saved
+    assert model.normalize(2.5 * torch.ones(4)) is False
+    assert model.norm_gain.item() == 1.0 and model.norm_bias.item() == -2.5
+    with pytest.raises(LMForgeError, match="non-finite"):
+        model.normalize(torch.tensor([1.0, float("nan")]))
 
 
 def test_save_load_reward_model_dir_is_a_model(tmp_path, stories):

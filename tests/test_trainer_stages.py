@@ -161,6 +161,29 @@ def test_unknown_best_metric_is_one_line_error(tmp_path):
         trainer.fit()
 
 
+def test_a_non_finite_loss_without_the_spike_guard_stops_before_the_update(tmp_path):
+    """Without the spike guard (PPO turns it off) a NaN loss must not reach the optimizer: one line, weights
+    unchanged."""
+    from lmforge.errors import LMForgeError
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 40, (2000,))
+    model = Decoder(CFG)
+    calls = []
+
+    def nan_at_third_step(m, batch):
+        calls.append(1)
+        loss, *rest = sft_loss(m, batch)
+        return (loss * float("nan") if len(calls) == 3 else loss, *rest)
+
+    t = TrainConfig(max_iters=5, eval_interval=100, device="cpu", precision="fp32", spike_guard=False, lr=1e-3,
+                    save_interval=1)
+    trainer = Trainer(model, t, TokenWindows(tokens, 16, 2), nan_at_third_step, tmp_path)
+    with pytest.raises(LMForgeError, match="loss is nan at step 2: stopped before the update.*ckpt-0000002"):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_frozen_base_checkpoints_only_trainable_weights_and_resumes_exactly(tmp_path):
     def make():
         torch.manual_seed(0)

@@ -104,13 +104,21 @@ class ScalarHeadModel(nn.Module):
     forward = score
 
     @torch.no_grad()
-    def normalize(self, raw_scores: torch.Tensor) -> None:
-        """Set norm_gain and norm_bias so that these raw scores map to mean 0 and std 1."""
-        mean, std = raw_scores.float().mean(), raw_scores.float().std()
-        if not torch.isfinite(std) or std <= 0:
-            raise ValueError("cannot normalise rewards: the scores need a positive, finite spread")
-        self.norm_gain.fill_(1.0 / std.item())
-        self.norm_bias.fill_(-mean.item() / std.item())
+    def normalize(self, raw_scores: torch.Tensor) -> bool:
+        """Set norm_gain and norm_bias so that these raw scores map to mean 0 and std 1. Scores without a spread
+        (one score, or all equal) are only centred (gain 1): returns False then."""
+        x = raw_scores.float()
+        if not torch.isfinite(x).all():
+            raise LMForgeError("cannot normalise rewards: the model gives non-finite scores")
+        mean = x.mean().item()
+        std = x.std().item() if x.numel() > 1 else 0.0
+        if not std > 0:
+            self.norm_gain.fill_(1.0)
+            self.norm_bias.fill_(-mean)
+            return False
+        self.norm_gain.fill_(1.0 / std)
+        self.norm_bias.fill_(-mean / std)
+        return True
 
 
 def save_scalar_model(model: ScalarHeadModel, path: str | Path, tokenizer=None, kind: str = "reward",

@@ -425,9 +425,20 @@ def make_loss_fn(source: PPOSource, opts: PPOOptions):
 # ---- the stage ------------------------------------------------------------------------------------------------
 
 
+def _finite(scores: torch.Tensor, source: str, responses: list[str]) -> torch.Tensor:
+    """``scores`` unchanged, or a one-line error naming the first response whose score is NaN or infinite (one such
+    score makes the loss NaN, and the optimizer step then writes NaN into every weight)."""
+    bad = (~torch.isfinite(scores)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise LMForgeError(f"{source} gave {scores[i].item()} for response {i} ({responses[i][:60]!r}): "
+                           "scores must be finite numbers")
+    return scores
+
+
 def _model_scorer(reward_model: ScalarHeadModel):
     def score(r: Rollout, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        return rollout_scores(reward_model, r)
+        return _finite(rollout_scores(reward_model, r), "the reward model", responses)
 
     return score
 
@@ -435,9 +446,15 @@ def _model_scorer(reward_model: ScalarHeadModel):
 def _fn_scorer(fn: RewardFn):
     def score(r: Rollout, prompts: list[str], responses: list[str]) -> torch.Tensor:
         out = fn(prompts, responses)
-        if len(out) != len(responses):
-            raise LMForgeError(f"the reward function returned {len(out)} scores for {len(responses)} responses")
-        return torch.tensor([float(x) for x in out])
+        try:
+            n = len(out)
+            values = [float(x) for x in out]
+        except (TypeError, ValueError) as e:
+            raise LMForgeError(f"the reward function must return a list of numbers, one per response; it returned "
+                               f"{type(out).__name__} ({e})") from None
+        if n != len(responses):
+            raise LMForgeError(f"the reward function returned {n} scores for {len(responses)} responses")
+        return _finite(torch.tensor(values), "the reward function", responses)
 
     return score
 

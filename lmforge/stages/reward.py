@@ -471,7 +471,9 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
                                                           amp=amp, desc=desc if dist.main else ""), groups, dist)
 
         raw_scores = [x for g in scores(train_g, "normalise", False) for x in g]
-        raw.normalize(torch.tensor(raw_scores))
+        if not raw.normalize(torch.tensor(raw_scores)):
+            log(f"the {len(raw_scores)} training responses all score {raw_scores[0]:.4g}: the reward is centred, "
+                "not scaled")
         extra = {"template": template.source if template else None, "margin": cfg.margin, "max_len": max_len,
                  "base_model": cfg.model, "peft": resolved or None,
                  "normalized_over": f"{len(raw_scores)} responses of {len(train_g)} training prompts"}

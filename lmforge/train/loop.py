@@ -423,6 +423,10 @@ class Trainer:
                     bar.n = self.step
                     bar.refresh()
                     continue
+                if not math.isfinite(loss) and not self.scaler.is_enabled():  # (fp16's scaler skips such steps)
+                    where = f"; the last checkpoint is {self.last_ckpt}" if self.last_ckpt is not None else ""
+                    raise LMForgeError(f"loss is {loss} at step {self.step}: stopped before the update, which would "
+                                       f"write NaN into the weights{where}")
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
