@@ -312,3 +312,14 @@ def test_an_unknown_head_init_is_refused_in_one_line(tmp_path):
     cfg.write_text("head_init: zeros\n")
     r = run("reward", "--config", str(cfg), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"))
     assert r.returncode == 1 and "head_init='zeros'" in r.stderr.strip().splitlines()[-1], r.stderr[-1000:]
+
+
+@pytest.mark.parametrize("cmd,flags,says", [
+    ("reward", ["--margin", "nan"], "--margin nan: must be a finite number"),
+    ("dpo", ["--beta", "nan"], "--beta nan: must be a positive number"),  # NaN passed `beta <= 0`: a NaN loss
+    ("dpo", ["--beta", "inf"], "--beta inf: must be a positive number"),
+    ("dpo", ["--label-smoothing", "0.5"], "--label-smoothing 0.5: must be in [0, 0.5)"),
+])
+def test_loss_options_out_of_range_are_refused_before_loading(tmp_path, cmd, flags, says):
+    r = run(cmd, "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"), *flags)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].endswith(says), r.stderr[-1000:]

@@ -145,8 +145,10 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
 
     if cfg.loss not in DPO_LOSS_TYPES:
         raise LMForgeError(f"--loss {cfg.loss}: allowed values are {', '.join(DPO_LOSS_TYPES)}")
-    if cfg.beta <= 0:
-        raise LMForgeError(f"--beta {cfg.beta}: must be > 0")
+    if not 0 < cfg.beta < math.inf:  # (NaN fails too)
+        raise LMForgeError(f"--beta {cfg.beta}: must be a positive number")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise LMForgeError(f"--label-smoothing {cfg.label_smoothing}: must be in [0, 0.5)")
     explicit_train = explicit_train or set()
     out = Path(cfg.out)
     D.check_mode(cfg.train.distributed, "dpo")

@@ -381,6 +381,8 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
     explicit_train = explicit_train or set()
     if cfg.head_init not in ("probe", "normal"):  # before the model loads
         raise LMForgeError(f"head_init={cfg.head_init!r}: allowed values are ['probe', 'normal']")
+    if not math.isfinite(cfg.margin):
+        raise LMForgeError(f"--margin {cfg.margin}: must be a finite number")
     out = Path(cfg.out)
     D.check_mode(cfg.train.distributed, "reward")
     device = device_for(cfg.train.device)
