@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lmforge.errors import LMForgeError
 from lmforge.presets import count_params, get_preset, list_presets
 from lmforge.scaling.fit import Run, _objective, fit_law
 from lmforge.scaling.laws import EPOCH, HOFFMANN, KAPLAN, chinchilla_report, kaplan_report
@@ -47,6 +48,15 @@ def test_chinchilla_report_forms():
     # Epoch AI's refit puts the optimum near 20 tokens per parameter at Chinchilla's scale (their section 4)
     e = chinchilla_report(compute=5.88e23, law=EPOCH)
     assert 15 < e["tokens_per_param"] < 30
+    # a budget with a size or a token count: the other follows from C = 6 N D (the second was ignored before)
+    for kw in ({"params": 70e9}, {"tokens": 1.4e12}):
+        r = chinchilla_report(compute=5.88e23, **kw)
+        assert r["params"] == pytest.approx(70e9) and r["tokens"] == pytest.approx(1.4e12)
+        assert r["loss"] == pytest.approx(HOFFMANN.loss(70e9, 1.4e12))
+    r = chinchilla_report(compute=5.88e23, params=7e9)
+    assert r["tokens"] == pytest.approx(1.4e13) and r["optimal"]["loss"] < r["loss"]
+    with pytest.raises(LMForgeError, match="give two of the three"):
+        chinchilla_report(compute=1e21, params=1e9, tokens=1e9)
 
 
 def test_kaplan_formulas():
@@ -69,6 +79,15 @@ def test_zero_memory_matches_the_paper_example():
         m = memory_estimate(cfg, 1, 16, "bf16", Parallel(dp=64, zero=stage))["bytes"]
         states = (m["weights"] + m["gradients"] + m["optimizer"]) * scale / 1e9
         assert states == pytest.approx(gb, abs=0.06)
+
+
+def test_parallel_degrees_must_divide_heads_and_layers():
+    cfg = get_preset("llama-7b")  # 32 heads, 32 layers
+    memory_estimate(cfg, 1, 2048, "bf16", Parallel(tp=8, pp=4))
+    with pytest.raises(LMForgeError, match="--tp 3 must divide the 32 attention heads"):
+        memory_estimate(cfg, 1, 2048, "bf16", Parallel(tp=3))
+    with pytest.raises(LMForgeError, match="--pp 5 must divide the 32 layers"):
+        memory_estimate(cfg, 1, 2048, "bf16", Parallel(pp=5))
 
 
 def test_activation_memory_formula():

@@ -82,13 +82,22 @@ def approach_allocation(compute: float, a: float, b: float) -> tuple[float, floa
 
 def chinchilla_report(compute: float | None = None, params: float | None = None, tokens: float | None = None,
                       law: ChinchillaLaw = HOFFMANN) -> dict:
-    """Compute-optimal allocation and predicted loss from any one of compute, params, tokens (or loss at N and D)."""
+    """Compute-optimal allocation and predicted loss from any one of compute, params, tokens; with two of them
+    (C = 6 N D gives the third) the predicted loss at that N and D beside the optimum for its compute."""
     given = [x for x in (compute, params, tokens) if x is not None]
     if not given:
         raise LMForgeError("give --compute, --params or --tokens")
     if any(not (x > 0 and math.isfinite(x)) for x in given):
         raise LMForgeError("--compute, --params and --tokens must be positive numbers")
     out: dict = {"law": law.to_dict(), "a": law.a, "b": law.b}
+    if compute is not None and params is not None and tokens is not None:
+        if not math.isclose(6 * params * tokens, compute, rel_tol=1e-3):
+            raise LMForgeError(f"--compute {compute:.4g} disagrees with 6 x --params x --tokens = "
+                               f"{6 * params * tokens:.4g}: give two of the three")
+    elif compute is not None and params is not None:  # a budget and a size: the tokens follow from C = 6 N D
+        tokens = compute / (6 * params)
+    elif compute is not None and tokens is not None:
+        params = compute / (6 * tokens)
     if params is not None and tokens is not None:
         c = 6 * params * tokens
         out.update(compute=c, params=params, tokens=tokens, loss=law.loss(params, tokens),

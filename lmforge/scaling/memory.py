@@ -82,6 +82,10 @@ def memory_estimate(cfg: ModelConfig, batch: int, seq_len: int, precision: str =
         raise LMForgeError("--precision must be fp32, bf16 or fp16")
     if batch < 1 or seq_len < 1:
         raise LMForgeError("--batch and --seq-len must be >= 1")
+    if cfg.n_head % par.tp:  # Megatron splits the attention heads (and the MLP) across the tensor-parallel ranks
+        raise LMForgeError(f"--tp {par.tp} must divide the {cfg.n_head} attention heads")
+    if cfg.n_layer % par.pp:  # and gives each pipeline stage the same number of layers
+        raise LMForgeError(f"--pp {par.pp} must divide the {cfg.n_layer} layers")
     n = analytic_params(cfg)["total"]
     mixed = precision != "fp32"
     w_b, g_b, o_b = (2, 2, 12) if mixed else (4, 4, 8)
