@@ -367,6 +367,45 @@ def test_convert_hf_weights_only(tmp_path):
                      tmp_path / "hf"), "no tokenizer files found")
 
 
+def test_convert_a_quantized_model_writes_its_dequantized_weights(tmp_path):
+    """`lmforge quantize` output converts to the float formats (it failed: "tensor 'wte.weight' is missing"): the
+    weights are written dequantized, and a Hugging Face load computes what the quantized model computes exactly."""
+    import transformers
+
+    from lmforge.quant import set_compute
+
+    r = lmforge("quantize", "--bits", "8", "--output", tmp_path / "q8")
+    assert r.returncode == 0, r.stderr
+    r = lmforge("convert", "--from", "lmforge", tmp_path / "q8", "--to", "hf", tmp_path / "hf")
+    assert r.returncode == 0 and "written dequantized" in r.stderr, r.stderr[-2000:]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    q = load_model(tmp_path / "q8").eval()
+    set_compute(q, "dequant")
+    x = torch.tensor([[1, 50, 60, 70, 80]])
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, q(x), atol=1e-4)
+
+
+def test_quantize_and_convert_never_replace_their_source_nor_an_output_without_overwrite(tmp_path):
+    """`quantize --model D --output D` replaced the float model by its quantized copy, and both commands replaced
+    any existing output silently (the data commands and training refuse without --overwrite)."""
+    r = lmforge("convert", "--from", "llama2c", STORIES260K, "--to", "lmforge", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    one_line(lmforge("quantize", "--model", tmp_path / "m", "--bits", "8", "--output", tmp_path / "m",
+                     "--overwrite"), "which is being read")
+    one_line(lmforge("convert", "--from", "lmforge", tmp_path / "m", "--to", "hf", tmp_path), "which is being read")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    (tmp_path / "q").mkdir()  # an empty directory is fine (the pipeline makes its stage directories first)
+    assert lmforge("quantize", "--model", tmp_path / "m", "--bits", "8", "--output", tmp_path / "q").returncode == 0
+    one_line(lmforge("quantize", "--model", tmp_path / "m", "--bits", "8", "--output", tmp_path / "q"),
+             "exists; pass --overwrite")
+    assert lmforge("quantize", "--model", tmp_path / "m", "--bits", "8", "--output", tmp_path / "q",
+                   "--overwrite").returncode == 0
+    one_line(lmforge("convert", "--from", "lmforge", tmp_path / "m", "--to", "hf", tmp_path / "q"),
+             "exists; pass --overwrite")
+
+
 # ---- one line instead of a traceback -------------------------------------------------------------------------
 def test_truncated_gguf_is_one_line(tmp_path):
     pytest.importorskip("gguf")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
+from lmforge.files import check_output
 
 FORMATS = ("hf", "llama2c", "lmforge")
 
@@ -20,6 +21,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--from", dest="src_format", choices=FORMATS, required=True)
     p.add_argument("--to", dest="dst_format", choices=FORMATS, required=True)
     p.add_argument("--tokenizer", help="tokenizer to carry along (default: found with the source)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     p.set_defaults(func=run)
 
 
@@ -27,6 +29,17 @@ def _read(fmt: str, src: Path):
     from lmforge.checkpoint import build_model, is_lmforge_dir, load_checkpoint
 
     if fmt == "lmforge":
+        from lmforge.quant import QUANT_FILE
+
+        if (src / QUANT_FILE).is_file():  # `lmforge quantize` output: the other formats hold float weights
+            from lmforge.peft.lora import dequantize_bases
+            from lmforge.quant import load_quantized
+
+            model = load_quantized(src)
+            dequantize_bases(model)
+            print(f"{src}: a quantized model: its weights are written dequantized (float32, as large as the float "
+                  "model)", file=sys.stderr)
+            return model
         if not is_lmforge_dir(src):
             raise LMForgeError(f"{src}: not an lmforge checkpoint directory (config.json with lmforge fields)")
         return load_checkpoint(src)
@@ -52,6 +65,7 @@ def run(args) -> None:
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():
         raise LMForgeError(f"{src}: no such file or directory")
+    check_output(dst, args.overwrite, [src, Path(args.tokenizer) if args.tokenizer else None], "destination")
     model = _read(args.src_format, src)
     tok_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer_path(src, model.cfg.vocab_size)
     try:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
+from lmforge.files import check_output
 
 
 def add_parser(sub, name: str, help_: str) -> None:
@@ -38,6 +39,7 @@ def add_parser(sub, name: str, help_: str) -> None:
                         "the positions the model is used at")
     p.add_argument("--seed", type=int, default=0, help="seed for self-generated calibration (default 0)")
     p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=run)
 
 
@@ -106,6 +108,8 @@ def run(args) -> None:
             print(f"lmforge quantize: {path.name} holds its block weights as Q4_1 (asymmetric 4-bit, groups of 32): "
                   f"storing them as int4-g32 asymmetric, round to nearest, which keeps them exactly (--method gptq "
                   f"re-quantizes)", file=sys.stderr)
+    check_output(Path(args.output), args.overwrite, [path, Path(args.tokenizer) if args.tokenizer else None],
+                 "--output")
     method = method or ("gptq" if args.bits == 4 else "rtn")
     qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=symmetric,
                        lm_head=args.lm_head, embedding=not args.float_embedding, method=method)
