@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lmforge.data.preference import common_prefix
+from lmforge.errors import LMForgeError
 from lmforge.eval.fewshot import BM25, Selector, mmr, tfidf, words
 from lmforge.eval.runner import build_context, majority, mean_stderr
 from lmforge.eval.scoring import CPU_BATCH_TOKENS, JOIN_SLACK, Group, Scorer, encode_pair, rolling_windows
@@ -208,6 +209,8 @@ def test_rolling_nll_equals_per_token_reference():
             prev_end = b
         assert prev_end == len(ids) and n == len(ids)
         assert nll == pytest.approx(ref, rel=1e-4)
+    with pytest.raises(LMForgeError, match="stride must be between 1"):  # 0 ran as the default stride
+        Scorer(model, Tok()).rolling(ids, 16, 0)
 
 
 def test_perplexity_metrics_formulas():

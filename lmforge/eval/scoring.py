@@ -310,7 +310,7 @@ class Scorer:
         from the prefix token, each window holds ``context`` inputs and scores the tokens it adds."""
         L = min(context or self.block_size, self.block_size)
         seq = [prefix_token(self.tok), *ids]
-        wins = rolling_windows(len(ids), L, stride or L)
+        wins = rolling_windows(len(ids), L, L if stride is None else stride)  # (0 is refused, not the default)
         device, _ = _device_dtype(self.model)
         total, n = 0.0, 0
         by_len: dict[int, list[tuple[int, int, int]]] = {}
