@@ -406,6 +406,20 @@ def test_quantize_and_convert_never_replace_their_source_nor_an_output_without_o
              "exists; pass --overwrite")
 
 
+@pytest.mark.parametrize("flag,value,says", [
+    ("--train.eval_interval", "0", "train.eval_interval=0: must be >= 1"),  # was ZeroDivisionError
+    ("--train.grad_accum", "0", "train.grad_accum=0: must be >= 1"),  # was five NaN rollbacks
+    ("--train.lr", "-1", "train.lr=-1.0: must be a finite number >= 0"),  # was torch's ValueError
+    ("--train.warmup_iters", "-5", "train.warmup_iters=-5: must be >= 0"),  # was accepted
+    ("--train.weight_decay", "-1", "train.weight_decay=-1.0: must be a finite number >= 0"),  # was accepted
+    ("--train.beta2", "1", "train.beta2=1.0: must be in [0, 1)"),
+])
+def test_train_settings_out_of_range_are_one_line_before_anything_loads(tmp_path, flag, value, says):
+    line = one_line(lmforge("pretrain", "--recipe", "baby-gpt-shakespeare", "--out", tmp_path / "r", flag, value),
+                    says, "(recipe baby-gpt-shakespeare)")
+    assert not (tmp_path / "r").exists(), line
+
+
 # ---- one line instead of a traceback -------------------------------------------------------------------------
 def test_truncated_gguf_is_one_line(tmp_path):
     pytest.importorskip("gguf")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -55,6 +56,34 @@ class TrainConfig:
     # benchmark tasks run at every evaluation, logged as <name>_<metric> (e.g. mmlu_acc); each is `lmforge eval`'s
     # options: [{task: mmlu, data: path/, shots: 0, limit: 100, name: mmlu}] (name defaults to the task)
     eval_tasks: list[dict[str, Any]] = field(default_factory=list)
+
+    def check(self, source: str = "") -> None:
+        """A one-line error naming the first setting out of range (before anything loads; ``source``: the config
+        file or recipe the settings came from, with any command-line overrides)."""
+        def bad(name: str, why: str) -> None:
+            where = f" ({source})" if source and source != "command line" else ""
+            raise LMForgeError(f"train.{name}={getattr(self, name)!r}: {why}{where}")
+
+        for name in ("batch_size", "grad_accum", "eval_interval", "log_interval", "save_interval", "keep_last",
+                     "spike_window"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        for name in ("max_iters", "warmup_iters", "eval_iters", "spike_skip", "max_rollbacks", "sample_every"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        if self.decay_iters is not None and self.decay_iters < 1:
+            bad("decay_iters", "must be >= 1 (or null: max_iters)")
+        for name in ("lr", "weight_decay", "grad_clip", "spike_min_jump"):
+            if not 0 <= getattr(self, name) < math.inf:  # (NaN fails too)
+                bad(name, "must be a finite number >= 0")
+        for name in ("eps", "spike_factor"):
+            if not 0 < getattr(self, name) < math.inf:
+                bad(name, "must be a finite number > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", "must be in [0, 1]")
+        for name in ("beta1", "beta2", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, "must be in [0, 1)")
 
 
 @dataclass
@@ -141,7 +170,10 @@ def _fill(cls: type, d: dict[str, Any], where: str) -> Any:
             kwargs[k] = _fill(t, v, f"{where}.{k}")
         else:
             kwargs[k] = _coerce(v, t, f"{where}.{k}")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    if isinstance(obj, TrainConfig):
+        obj.check(where.removesuffix(".train"))
+    return obj
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -157,6 +157,7 @@ class Trainer:
         self.partial = len(self.trainable) < len(dict(self.raw_model.named_parameters()))
         if not self.trainable:
             raise LMForgeError("the model has no trainable parameters")
+        cfg.check()  # (a stage may have set some of them after the config was read)
         if cfg.best_mode not in ("min", "max"):
             raise LMForgeError(f"train.best_mode={cfg.best_mode!r}: allowed values are ['min', 'max']")
         self.optimizer = make_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
