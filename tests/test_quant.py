@@ -258,7 +258,8 @@ def test_output_projection_refines_its_largest_outputs(bits, group_size, mode):
         assert (ql(x).gather(-1, top) - ref.gather(-1, top)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("n,k,group", [(1000, 256, 128), (1024, 256, 128), (1000, 576, 64), (1024, 96, 32)])
+@pytest.mark.parametrize("n,k,group", [(1000, 256, 128), (1024, 256, 128), (1000, 576, 64), (1024, 96, 32),
+                                       (2500, 64, 64)])  # the last: built in three slices of rows
 def test_int8_output_projection_split_kernel_equals_the_int8_kernel(n, k, group):
     """An int8 output projection decodes through the int4 kernel on its weight split into two 4-bit halves
     (q + 128 = 16 a + b): the same products as the int8 kernel, up to both kernels' bfloat16 output rounding; its

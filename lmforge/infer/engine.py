@@ -37,6 +37,7 @@ from torch import nn
 
 from lmforge.infer.generate import Sequence, Step
 from lmforge.infer.sampling import SamplingParams, TokenSampler, select
+from lmforge.memory import release_free_memory
 from lmforge.model import Decoder
 from lmforge.model.cache import kv_cache_len
 from lmforge.quant import QuantLinear
@@ -90,16 +91,6 @@ class _RowsView:
         self.r.k[layer][self.rows, :, self.p] = k[:, :, 0]
         self.r.v[layer][self.rows, :, self.p] = v[:, :, 0]
         return self.r.k[layer, :n, :, : self.S], self.r.v[layer, :n, :, : self.S]
-
-
-def release_free_memory() -> None:
-    """Hand memory the C allocator keeps after freeing back to the system (glibc keeps the freed temporaries of
-    building quantized kernel layouts: 80-300 MB of resident memory for SmolLM2 int4, varying run to run)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
 
 
 def _file_mappings() -> list[tuple[int, int]]:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LMForgeError
+from lmforge.memory import release_free_memory
 from lmforge.quant.packing import dequantize_int4, dequantize_int8, padded_k, quantize_int4, quantize_int8, unpack_int4
 
 # float32:  PyTorch's packed kernels with float32 activations (matches dequantize + F.linear to ~1e-6);
@@ -206,10 +207,10 @@ class QuantLinear(nn.Module):
             n, k = self.out_features, self.in_features
             n_pad = -n % 16
             parts = []
-            for i in range(0, n, 4096):  # in slices of rows (the layout is blocked by 64 rows): small temporaries
-                u = self.qweight[i : i + 4096].to(torch.int32) + 128
+            for i in range(0, n, 1024):  # in slices of rows (the layout is blocked by 64 rows): small temporaries
+                u = self.qweight[i : i + 1024].to(torch.int32) + 128
                 q = torch.cat([u >> 4, u & 15], dim=1)
-                if i + 4096 >= n and n_pad:
+                if i + 1024 >= n and n_pad:
                     q = F.pad(q, (0, 0, 0, n_pad), value=8)
                 parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2))
             packed = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -221,6 +222,8 @@ class QuantLinear(nn.Module):
                 scales, zeros = F.pad(scales, (0, 0, 0, n_pad)), F.pad(zeros, (0, 0, 0, n_pad))
             sz = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous().bfloat16()
             kern.update(split=packed, split_sz=sz, split_group=g)
+            del u, q, s, scales, zeros
+            release_free_memory()  # each layout's temporaries go back at once: they no longer pile up
         packed, sz, g, n = kern["split"], kern["split_sz"], kern["split_group"], self.out_features
 
         def mm8s(x):
@@ -239,12 +242,16 @@ class QuantLinear(nn.Module):
             if n_pad:
                 q = F.pad(q, (0, 0, 0, n_pad), value=8)
             kern.update(packed=torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2), n_pad=n_pad)
+            del q
+            release_free_memory()
         if dtype not in kern:
             n_pad = kern["n_pad"]
             scales, zeros = self.scales, self.zeros if self.zeros is not None else torch.zeros_like(self.scales)
             if n_pad:
                 scales, zeros = F.pad(scales, (0, 0, 0, n_pad)), F.pad(zeros, (0, 0, 0, n_pad))
             kern[dtype] = torch.stack((scales, zeros), dim=-1).transpose(0, 1).to(dtype).contiguous()  # (ng, N, 2)
+            del scales, zeros
+            release_free_memory()
         return kern
 
     def _packed_mm(self, mode: str):
