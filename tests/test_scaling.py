@@ -179,6 +179,8 @@ def test_cli_chinchilla_kaplan_memory_json():
     assert bad.returncode == 1 and "give --compute" in bad.stderr and "Traceback" not in bad.stderr
     bad = lmforge("memory", "--model", "no-such-model", check=False)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    bad = lmforge("chinchilla", "--compute", "-1", check=False)  # said "not a number"
+    assert bad.returncode == 2 and "--compute: not a positive number: '-1'" in bad.stderr
 
 
 def test_cli_sweep_then_fit_tiny(tmp_path):

@@ -23,7 +23,8 @@ def number(text: str) -> float:
     """'1e21', '70B', '1.4T', '6.7e9' -> float."""
     m = re.fullmatch(r"\s*([0-9.]+(?:[eE][-+]?\d+)?)\s*([KMBGTP]?)\s*", text, flags=re.I)
     if not m:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (e.g. 1e21, 70B, 1.4T)")
+        kind = "not a positive number" if text.strip().startswith("-") else "not a number"
+        raise argparse.ArgumentTypeError(f"{kind}: {text!r} (e.g. 1e21, 70B, 1.4T)")
     try:
         return float(m.group(1)) * _SUFFIX.get(m.group(2).upper(), 1.0)
     except ValueError:
