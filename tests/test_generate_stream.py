@@ -4,6 +4,7 @@ at a constant decoding cost per token (it decoded the whole sequence for every t
 from __future__ import annotations
 
 import io
+import time
 
 from lmforge.commands.generate import write_generation
 from lmforge.infer.generate import generate
@@ -30,7 +31,9 @@ def test_generate_text_is_the_whole_decode_at_linear_cost(stories):
     params = SamplingParams(temperature=0, max_new_tokens=200, stop_ids=[])  # run to the end: a long sequence
     counting = CountingTokenizer(tok)
     out = io.StringIO()
-    n = write_generation(model, counting, prompt, params, out)
+    before = time.perf_counter()
+    n, first = write_generation(model, counting, prompt, params, out)
+    assert before < first < time.perf_counter()
     ids = generate(model, prompt, params)
     assert n == len(ids) == 200
     assert out.getvalue() == tok.decode_bytes(prompt + ids).decode("utf-8", errors="replace") + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,10 @@ def test_cli_generate_greedy_prints_expected_story():
     r = lmforge("generate", "--temperature", "0", "--max-new-tokens", "200")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == EXPECTED_TEXT.strip()
+    # the speed line: overall rate first (benchmarks/bench_serve.py reads it), then the first token's wait apart
+    speed = [ln for ln in r.stderr.splitlines() if ln.startswith("achieved tok/s:")]
+    assert len(speed) == 1 and re.fullmatch(r"achieved tok/s: [\d.]+ \((\d+) tokens; first token after [\d.]+ s, "
+                                            r"then [\d.]+ tok/s\)", speed[0]), r.stderr
 
 
 def test_cli_generate_prompt_and_seed_are_reproducible():
