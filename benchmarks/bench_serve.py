@@ -12,8 +12,7 @@ alternate. Targets (issue 14): one client >= 0.8x `lmforge generate` (measured h
 16 clients >= 4x one client (continuous batching decodes all running requests together).
 
 To re-take the --threads default's measurement on a quiet machine, run it for a tiny and a large model with
-``--threads 1`` and ``--threads <cores - 1>`` (and all cores): the default is 1 thread below
-``lmforge.commands.serve.SMALL_MODEL`` bytes of weights and cores - 1 above.
+``--threads 1`` and ``--threads <cores>``: the default is all cores (``lmforge.commands.serve.default_threads``).
 """
 
 from __future__ import annotations

@@ -318,7 +318,7 @@ def test_default_threads_and_batch_rules(stories):
     from lmforge.commands.serve import KV_BUDGET, default_max_batch, default_threads
 
     model, _ = stories
-    assert default_threads(model, cores=8) == 1  # a tiny model: one thread
+    assert default_threads(model, cores=8) == 8  # all cores, the serving thread keeping one (see Engine)
 
     class Big:
         def parameters(self):
@@ -329,7 +329,7 @@ def test_default_threads_and_batch_rules(stories):
         def buffers(self):
             return iter([])
 
-    assert default_threads(Big(), cores=8) == 7 and default_threads(Big(), cores=1) == 1
+    assert default_threads(Big(), cores=8) == 8 and default_threads(Big(), cores=1) == 1
     cfg = model.cfg
     assert default_max_batch(cfg, None, 4) == 16
     per_slot = 2 * cfg.n_layer * cfg.kv_heads * cfg.block_size * cfg.head_size * 4
