@@ -52,6 +52,11 @@ def test_cli_train_encode_decode(corpus, tmp_path):
     r = cli("train", "--input", str(corpus), "--vocab-size", "500", "--kind", "bytelevel-bpe", "--output",
             str(tmp_path / "t"))
     assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().endswith("bytelevel-bpe, 500 tokens"), r.stderr  # the size asked was reached
+    (tmp_path / "tiny.txt").write_text("hello world\n")
+    small = cli("train", "--input", str(tmp_path / "tiny.txt"), "--vocab-size", "1000000", "--kind", "bytelevel-bpe",
+                "--output", str(tmp_path / "small"))
+    assert small.returncode == 0 and "(--vocab-size 1,000,000 asked" in small.stderr, small.stderr
     text = "First Citizen: 你好!"
     enc = cli("encode", "--tokenizer", str(tmp_path / "t"), stdin=text)
     ids = json.loads(enc.stdout)

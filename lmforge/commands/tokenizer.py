@@ -29,7 +29,9 @@ def run_train(args) -> None:
     from lmforge.tokenizer.train import train_tokenizer
 
     tok = train_tokenizer(args.input, args.vocab_size, args.kind, args.output, args.special_tokens)
-    print(f"wrote {args.output}: {args.kind}, {tok.vocab_size} tokens", file=sys.stderr)
+    short = (f" (--vocab-size {args.vocab_size:,} asked: the text holds no more merges; more text gives more)"
+             if tok.vocab_size < args.vocab_size and args.kind != "char" else "")
+    print(f"wrote {args.output}: {args.kind}, {tok.vocab_size} tokens{short}", file=sys.stderr)
 
 
 def run_encode(args) -> None:
