@@ -298,6 +298,28 @@ def test_engine_equals_single_sequences_with_slot_reuse(stories, prompts, single
     assert eng.steps < sum(len(o) for o in outs)  # decoded in batches
 
 
+def test_engine_thread_decodes_with_its_own_torch_threads(stories, prompts, singles):
+    """``Engine(threads=N)``: the engine's thread sets its torch threads itself (`lmforge serve` keeps its own thread
+    at one, so only the engine's thread has an OpenMP pool); results are unchanged."""
+    model, tok = stories
+    before = torch.get_num_threads()
+    seen: list[tuple[str, int]] = []
+    hook = model.lm_head.register_forward_hook(
+        lambda *_: seen.append((threading.current_thread().name, torch.get_num_threads())))
+    try:
+        torch.set_num_threads(2)
+        eng = Engine(model, tok, max_batch=2, threads=1)
+        try:
+            outs = [[s.token for s in eng.submit(p, GREEDY) if s.token >= 0] for p in prompts[:2]]
+        finally:
+            eng.close()
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+    assert outs == singles[:2]
+    assert seen and all(name == "lmforge-engine" and n == 1 for name, n in seen), seen
+
+
 def test_engine_concurrent_submitters_and_seeded_sampling(stories, prompts):
     model, tok = stories
     params = [SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=25, seed=i) for i in range(len(prompts))]

@@ -29,11 +29,10 @@ def _read(fmt: str, src: Path):
     from lmforge.checkpoint import build_model, is_lmforge_dir, load_checkpoint
 
     if fmt == "lmforge":
-        from lmforge.quant import QUANT_FILE
+        from lmforge.quant import QUANT_FILE, load_quantized
 
         if (src / QUANT_FILE).is_file():  # `lmforge quantize` output: the other formats hold float weights
             from lmforge.peft.lora import dequantize_bases
-            from lmforge.quant import load_quantized
 
             model = load_quantized(src)
             dequantize_bases(model)

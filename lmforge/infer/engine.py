@@ -22,8 +22,6 @@ groups, so one call with 256 sequences cannot starve a call with one.
 from __future__ import annotations
 
 import collections
-import ctypes
-import mmap
 import queue
 import sys
 import threading
@@ -37,7 +35,7 @@ from torch import nn
 
 from lmforge.infer.generate import Sequence, Step
 from lmforge.infer.sampling import SamplingParams, TokenSampler, select
-from lmforge.memory import release_free_memory
+from lmforge.memory import drop_file_pages, file_mappings, release_free_memory
 from lmforge.model import Decoder
 from lmforge.model.cache import kv_cache_len
 from lmforge.quant import QuantLinear
@@ -93,29 +91,6 @@ class _RowsView:
         return self.r.k[layer, :n, :, : self.S], self.r.v[layer, :n, :, : self.S]
 
 
-def _file_mappings() -> list[tuple[int, int]]:
-    """Address ranges of this process mapped from files (Linux ``/proc/self/maps``; empty elsewhere)."""
-    try:
-        with open("/proc/self/maps") as f:
-            rows = [ln.split() for ln in f]
-    except OSError:
-        return []
-    return [tuple(int(x, 16) for x in r[0].split("-")) for r in rows if len(r) >= 6 and r[4] != "0"]
-
-
-def _drop_file_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
-    """Let the system take back the resident pages of ``t`` when they are a mapping of a file (safetensors loads
-    that way): called while ``t`` is still held and about to be dropped. The pages are clean copies of the file,
-    so anything still reading them reads the file again (MADV_DONTNEED); anonymous memory is never touched."""
-    ptr, n = t.data_ptr(), t.numel() * t.element_size()
-    if not any(lo <= ptr and ptr + n <= hi for lo, hi in mapped):
-        return
-    page = mmap.PAGESIZE
-    lo, hi = -(-ptr // page) * page, (ptr + n) // page * page
-    if hi > lo:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
-
-
 def stream_layout(model: nn.Module) -> int:
     """Lay out each plain float32 CPU linear weight column-major, in place: the same shape and values in the
     storage of its transpose, the layout whose one-row products (decoding) stream fastest here. Measured on
@@ -131,7 +106,7 @@ def stream_layout(model: nn.Module) -> int:
     todo = [w for w in weights.values() if w.stride() != (1, w.shape[0])]
     if not todo:  # nothing to do (a model laid out by an earlier runner reads no maps and copies nothing)
         return len(weights)
-    mapped = _file_mappings() if sys.platform.startswith("linux") else []
+    mapped = file_mappings()
     tensors = {id(t): t for t in (*params, *model.buffers())}.values()
     # pages are handed back only from a storage no other tensor of the model views (two parameters loaded from
     # one tensor of the file keep theirs until both are copied)
@@ -141,7 +116,7 @@ def stream_layout(model: nn.Module) -> int:
         old = t.data
         t.data = new
         if mapped and users[old.untyped_storage().data_ptr()] == 1:
-            _drop_file_pages(old, mapped)
+            drop_file_pages(old.data_ptr(), old.numel() * old.element_size(), mapped)
 
     with torch.no_grad(), torch.inference_mode(False):  # ordinary tensors, even when called in inference mode
         for w in todo:
