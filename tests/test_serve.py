@@ -117,7 +117,8 @@ def test_completion_streaming_and_token_prompt(client, stories):
     parts = [c.choices[0].text for c in client.completions.create(model=MODEL, prompt=ids, max_tokens=30,
                                                                     temperature=0, stream=True)]
     _, ref = completion_reference(stories, "Tom and Sue", 30, temperature=0)
-    assert "".join(parts) == ref.text and len(parts) > 5
+    # events gather the tokens of STREAM_PACE per running request: stories260K decodes several tokens a millisecond
+    assert "".join(parts) == ref.text and len(parts) > 1
 
 
 def error_of(fn) -> openai.APIStatusError:

@@ -1,0 +1,292 @@
+/* The small operations of one decoding step, in C (see lmforge/infer/native.py).
+
+   A decoding step of a small model is hundreds of small tensor operations per token, and on a CPU each costs the
+   framework's few microseconds of dispatch and allocation whatever its size. The matrix products stay PyTorch's
+   (its packed int4/int8 kernels, or F.linear); what lies between two of them is one call here: the residual add
+   and the next norm, rotary embedding + the cache write + attention for one query per row, the MLP's activation.
+   Rows (sequences) are independent: row r is slot r of the cache, at its own position.
+
+   Activations move between the products as float32 or bfloat16 rows (``*_bf`` flags), padded to a row stride;
+   bfloat16 is rounded to nearest even like PyTorch. Arithmetic is float32 throughout. No allocation, no threads. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef uint16_t bf16_t;
+
+static inline float bf16_to_f32(bf16_t h) {
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)h << 16;
+    return c.f;
+}
+
+static inline bf16_t f32_to_bf16(float f) {
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)0x7fc0;  /* NaN, as PyTorch rounds it */
+    return (bf16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+}
+
+/* exp(x) in float32 within 2 ulp, in a form the compiler vectorizes (glibc's expf is one call per element):
+   x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor polynomial to degree 7, times 2^n built in the exponent
+   bits. Below -87.3 it gives 2^-126 (softmax: as good as 0 next to the largest score, 1), above 88 exp(88). */
+static inline float fast_expf(float x) {
+    x = x < -87.33654f ? -87.33654f : (x > 88.0f ? 88.0f : x);
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  /* ln2 in two parts */
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)((int32_t)n + 127) << 23;
+    return p * c.f;
+}
+
+static void load_row(const void *src, int bf, float *dst, int n) {
+    if (bf) {
+        const bf16_t *s = (const bf16_t *)src;
+#pragma omp simd
+        for (int i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
+static void store_row(void *dst, int bf, const float *src, int n) {
+    if (bf) {
+        bf16_t *d = (bf16_t *)dst;
+#pragma omp simd
+        for (int i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
+static inline void *row_at(void *base, int bf, int64_t stride, int r) {
+    return (char *)base + (size_t)r * (size_t)stride * (bf ? 2 : 4);
+}
+
+/* ---- residual add + norm -------------------------------------------------------------------- */
+
+typedef struct {
+    int32_t n, d, kind;            /* kind: 0 copy (no norm), 1 RMSNorm, 2 LayerNorm */
+    int32_t y_bf, out_bf;
+    int64_t y_stride, out_stride;  /* elements per row */
+    float eps;
+    float *x;                      /* the residual stream (n, d), float32 */
+    const float *y_bias;           /* NULL or (d): added with y */
+    const float *w, *b;            /* the norm's weight and bias (NULL: none) */
+    void *out;                     /* norm(x) (n, out_stride) */
+    float *tmp;                    /* d floats */
+} norm_args;
+
+/* x += y (+ bias) when y is not NULL; then out = norm(x). */
+void lmf_add_norm(const norm_args *a, const void *y) {
+    const int d = a->d;
+    float *t = a->tmp;
+    for (int r = 0; r < a->n; r++) {
+        float *x = a->x + (size_t)r * d;
+        if (y) {
+            load_row(row_at((void *)y, a->y_bf, a->y_stride, r), a->y_bf, t, d);
+            if (a->y_bias) {
+#pragma omp simd
+                for (int i = 0; i < d; i++) x[i] += t[i] + a->y_bias[i];
+            } else {
+#pragma omp simd
+                for (int i = 0; i < d; i++) x[i] += t[i];
+            }
+        }
+        if (a->kind == 1) {
+            float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+            for (int i = 0; i < d; i++) ss += x[i] * x[i];
+            const float inv = 1.0f / sqrtf(ss / d + a->eps);
+#pragma omp simd
+            for (int i = 0; i < d; i++) t[i] = x[i] * inv;
+        } else if (a->kind == 2) {
+            float s = 0.f, ss = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int i = 0; i < d; i++) s += x[i];
+            const float mean = s / d;
+#pragma omp simd reduction(+ : ss)
+            for (int i = 0; i < d; i++) ss += (x[i] - mean) * (x[i] - mean);
+            const float inv = 1.0f / sqrtf(ss / d + a->eps);
+#pragma omp simd
+            for (int i = 0; i < d; i++) t[i] = (x[i] - mean) * inv;
+        } else {
+            memcpy(t, x, (size_t)d * sizeof(float));
+        }
+        if (a->w) {
+#pragma omp simd
+            for (int i = 0; i < d; i++) t[i] *= a->w[i];
+        }
+        if (a->b) {
+#pragma omp simd
+            for (int i = 0; i < d; i++) t[i] += a->b[i];
+        }
+        store_row(row_at(a->out, a->out_bf, a->out_stride, r), a->out_bf, t, d);
+    }
+}
+
+/* ---- rotary embedding, cache write, attention for one query per row ------------------------- */
+
+typedef struct {
+    int32_t n, nh, nkv, hd, rd, interleaved, max_len, y_bf, out_bf;
+    int64_t y_stride, out_stride;
+    float scale;
+    const int32_t *pos;            /* (n): each row's new position (its key count before this token) */
+    const float *cos, *sin;        /* (positions, rd) rotary tables, or NULL: no rotation */
+    const float *bias;             /* NULL or ((nh + 2 nkv) hd): the qkv projection's bias */
+    float *k, *v;                  /* this layer's cache (slots, nkv, max_len, hd), float32 */
+    void *out;                     /* (n, out_stride): the heads' outputs, nh * hd per row */
+    float *tmp;                    /* (nh + 2 nkv) hd + (nh / nkv) (max_len + hd) floats */
+} attn_args;
+
+static void rotate(float *x, const float *c, const float *s, int rd, int interleaved) {
+    if (interleaved) {  /* pairs (x0, x1) -> (x0 c - x1 s, x1 c + x0 s) */
+        for (int j = 0; j < rd; j += 2) {
+            const float x0 = x[j], x1 = x[j + 1];
+            x[j] = x0 * c[j] - x1 * s[j];
+            x[j + 1] = x1 * c[j + 1] + x0 * s[j + 1];
+        }
+    } else {  /* halves (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) */
+        const int h = rd / 2;
+#pragma omp simd
+        for (int j = 0; j < h; j++) {
+            const float x1 = x[j], x2 = x[j + h];
+            x[j] = x1 * c[j] - x2 * s[j];
+            x[j + h] = x2 * c[j + h] + x1 * s[j + h];
+        }
+    }
+}
+
+void lmf_attention(const attn_args *a, const void *y) {
+    const int nh = a->nh, nkv = a->nkv, hd = a->hd, rep = nh / nkv, width = (nh + 2 * nkv) * hd;
+    const size_t M = (size_t)a->max_len;
+    float *row = a->tmp, *p = a->tmp + width, *o = p + (size_t)rep * M;
+    for (int r = 0; r < a->n; r++) {
+        load_row(row_at((void *)y, a->y_bf, a->y_stride, r), a->y_bf, row, width);
+        if (a->bias) {
+#pragma omp simd
+            for (int i = 0; i < width; i++) row[i] += a->bias[i];
+        }
+        const int t = a->pos[r];
+        if (a->cos) {
+            const float *c = a->cos + (size_t)t * a->rd, *s = a->sin + (size_t)t * a->rd;
+            for (int h = 0; h < nh + nkv; h++) rotate(row + (size_t)h * hd, c, s, a->rd, a->interleaved);
+        }
+        char *out = row_at(a->out, a->out_bf, a->out_stride, r);
+        for (int g = 0; g < nkv; g++) {  /* the rep query heads of kv head g (heads g rep .. g rep + rep - 1) */
+            float *K = a->k + ((size_t)r * nkv + g) * M * hd, *V = a->v + ((size_t)r * nkv + g) * M * hd;
+            memcpy(K + (size_t)t * hd, row + (size_t)(nh + g) * hd, (size_t)hd * sizeof(float));
+            memcpy(V + (size_t)t * hd, row + (size_t)(nh + nkv + g) * hd, (size_t)hd * sizeof(float));
+            const float *q = row + (size_t)g * rep * hd;
+            if (hd <= 16) {  /* short heads: vectorized across keys (a horizontal sum per key costs more) */
+                for (int h = 0; h < rep; h++) {
+                    const float *qh = q + (size_t)h * hd;
+                    float *ph = p + (size_t)h * M;
+#pragma omp simd
+                    for (int j = 0; j <= t; j++) {
+                        const float *kj = K + (size_t)j * hd;
+                        float s = 0.f;
+                        for (int i = 0; i < hd; i++) s += qh[i] * kj[i];
+                        ph[j] = s * a->scale;
+                    }
+                }
+            } else {
+                for (int j = 0; j <= t; j++) {  /* each key read once for the rep heads */
+                    const float *kj = K + (size_t)j * hd;
+                    for (int h = 0; h < rep; h++) {
+                        const float *qh = q + (size_t)h * hd;
+                        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                        for (int i = 0; i < hd; i++) s += qh[i] * kj[i];
+                        p[(size_t)h * M + j] = s * a->scale;
+                    }
+                }
+            }
+            for (int h = 0; h < rep; h++) {  /* softmax */
+                float *ph = p + (size_t)h * M, mx = -INFINITY, sum = 0.f;
+                for (int j = 0; j <= t; j++) mx = ph[j] > mx ? ph[j] : mx;
+#pragma omp simd reduction(+ : sum)
+                for (int j = 0; j <= t; j++) {
+                    ph[j] = fast_expf(ph[j] - mx);
+                    sum += ph[j];
+                }
+                const float inv = 1.0f / sum;
+#pragma omp simd
+                for (int j = 0; j <= t; j++) ph[j] *= inv;
+            }
+            memset(o, 0, (size_t)rep * hd * sizeof(float));
+            for (int j = 0; j <= t; j++) {  /* outputs: each value read once for the rep heads */
+                const float *vj = V + (size_t)j * hd;
+                for (int h = 0; h < rep; h++) {
+                    const float w = p[(size_t)h * M + j];
+                    float *oh = o + (size_t)h * hd;
+#pragma omp simd
+                    for (int i = 0; i < hd; i++) oh[i] += w * vj[i];
+                }
+            }
+            const size_t at = (size_t)g * rep * hd;
+            store_row(out + at * (a->out_bf ? 2 : 4), a->out_bf, o, rep * hd);
+        }
+    }
+}
+
+/* ---- the MLP's activation ------------------------------------------------------------------- */
+
+typedef struct {
+    int32_t n, f, gated, act, y_bf, out_bf;  /* act: 0 SiLU, 1 GELU (erf), 2 GELU (tanh), 3 ReLU */
+    int64_t y_stride, out_stride;
+    const float *bias;             /* NULL or the first projection's bias ((2 if gated else 1) f) */
+    void *out;                     /* (n, out_stride) */
+    float *tmp;                    /* 2 f floats */
+} act_args;
+
+static void activate(float *x, int n, int act) {
+    switch (act) {
+    case 0:
+#pragma omp simd
+        for (int i = 0; i < n; i++) x[i] = x[i] / (1.0f + fast_expf(-x[i]));
+        break;
+    case 1:
+#pragma omp simd
+        for (int i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
+        break;
+    case 2:
+#pragma omp simd
+        for (int i = 0; i < n; i++) {
+            const float u = 0.79788456080286536f * (x[i] + 0.044715f * x[i] * x[i] * x[i]);
+            x[i] = 0.5f * x[i] * (2.0f - 2.0f / (fast_expf(2.0f * u) + 1.0f));  /* 1 + tanh(u) */
+        }
+        break;
+    default:
+#pragma omp simd
+        for (int i = 0; i < n; i++) x[i] = x[i] > 0.f ? x[i] : 0.f;
+    }
+}
+
+/* out = act(gate) * up for a gated MLP (y = [gate | up]), else act(y). */
+void lmf_activation(const act_args *a, const void *y) {
+    const int f = a->f, width = a->gated ? 2 * f : f;
+    float *t = a->tmp;
+    for (int r = 0; r < a->n; r++) {
+        load_row(row_at((void *)y, a->y_bf, a->y_stride, r), a->y_bf, t, width);
+        if (a->bias) {
+#pragma omp simd
+            for (int i = 0; i < width; i++) t[i] += a->bias[i];
+        }
+        activate(t, f, a->act);
+        if (a->gated) {
+#pragma omp simd
+            for (int i = 0; i < f; i++) t[i] *= t[f + i];
+        }
+        store_row(row_at(a->out, a->out_bf, a->out_stride, r), a->out_bf, t, f);
+    }
+}

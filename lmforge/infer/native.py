@@ -1,0 +1,374 @@
+"""The decoding step with its small operations in C: ``native.c``, compiled here on first use, loaded with ctypes.
+
+A decoding step of SmolLM2-135M in int4 makes 121 packed-kernel calls and about 1,100 small tensor operations per
+token (norms, rotary embedding, cache writes, attention over a few hundred keys, activations). Each small operation
+costs PyTorch's dispatch and allocation, a few microseconds, whatever its size: half of the step. Here the matrix
+products stay PyTorch's, and everything between two of them is one C call over preallocated buffers: per layer four
+products and four calls.
+
+Built with the system's C compiler (``cc -O3 -march=native``) into ``~/.cache/lmforge/native/`` (keyed by the
+source, the compiler and the CPU), once per machine; where there is no compiler, or ``LMFORGE_NATIVE=0``, decoding
+keeps the PyTorch path (``SlotRunner._fast``), which computes the same numbers up to float rounding.
+
+``NativeStep.supported(model)`` says which models it covers: pre-norm blocks with RMSNorm or LayerNorm, rotary,
+learned or no positions, a plain or gated MLP with SiLU, GELU or ReLU, and linear layers that are plain float32 or
+lmforge's int8/int4 ``QuantLinear`` (LLaMA, Qwen, SmolLM2, GPT-2 style models; quantized or not).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.model.norms import RMSNorm
+from lmforge.quant import QuantLinear
+from lmforge.quant.modules import _INT4_MM, _INT8_MM
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
+ACTIVATION_CODES = {"silu": 0, "swiglu": 0, "gelu": 1, "geglu": 1, "gelu_tanh": 2, "geglu_tanh": 2, "relu": 3,
+                    "reglu": 3}
+_LIB: ctypes.CDLL | None | bool = False  # False: not tried yet; None: not available here
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU's model name and flags (a cache shared by machines stays right)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LMFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmforge")
+    return Path(root) / "native"
+
+
+def _compiler() -> str | None:
+    """The C compiler: ``$CC``, else cc, gcc or clang on the PATH."""
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        path = shutil.which(cc) if cc else None
+        if path:
+            return path
+    return None
+
+
+def build(force: bool = False) -> Path | None:
+    """Compile ``native.c`` for this machine (once; later calls find the library in the cache). None when there is
+    no working C compiler."""
+    cc = _compiler()
+    if cc is None:
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_signature()]).encode())
+    for base in (_cache_dir(), Path(tempfile.gettempdir()) / f"lmforge-native-{os.getuid()}"):
+        lib = base / f"lmforge_native_{key.hexdigest()[:16]}.so"
+        if lib.exists() and not force:
+            return lib
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=base)
+            os.close(fd)
+        except OSError:
+            continue  # not writable: try the next place
+        try:
+            out = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                                 timeout=120)
+            if out.returncode != 0:
+                return None
+            os.replace(tmp, lib)  # atomic: concurrent builds each write their own file
+            for old in base.glob("lmforge_native_*.so"):  # builds of earlier sources (unlinking a loaded one is safe)
+                if old != lib:
+                    old.unlink(missing_ok=True)
+            return lib
+        except (OSError, subprocess.SubprocessError):
+            return None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return None
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled helpers (built on first use), or None where that is not possible or ``LMFORGE_NATIVE=0``."""
+    global _LIB
+    if os.environ.get("LMFORGE_NATIVE", "1") == "0":
+        return None
+    if _LIB is False:
+        _LIB = None
+        path = build()
+        if path is not None:
+            try:
+                lib = ctypes.CDLL(str(path))
+                for name in ("lmf_add_norm", "lmf_attention", "lmf_activation"):
+                    getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+                    getattr(lib, name).restype = None
+                _LIB = lib
+            except OSError:
+                _LIB = None
+    return _LIB
+
+
+# ---- the argument blocks (mirroring native.c) --------------------------------------------------------
+
+_i32, _i64, _f32, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+class _NormArgs(ctypes.Structure):
+    _fields_ = [("n", _i32), ("d", _i32), ("kind", _i32), ("y_bf", _i32), ("out_bf", _i32),
+                ("y_stride", _i64), ("out_stride", _i64), ("eps", _f32), ("x", _ptr), ("y_bias", _ptr),
+                ("w", _ptr), ("b", _ptr), ("out", _ptr), ("tmp", _ptr)]
+
+
+class _AttnArgs(ctypes.Structure):
+    _fields_ = [("n", _i32), ("nh", _i32), ("nkv", _i32), ("hd", _i32), ("rd", _i32), ("interleaved", _i32),
+                ("max_len", _i32), ("y_bf", _i32), ("out_bf", _i32), ("y_stride", _i64), ("out_stride", _i64),
+                ("scale", _f32), ("pos", _ptr), ("cos", _ptr), ("sin", _ptr), ("bias", _ptr), ("k", _ptr),
+                ("v", _ptr), ("out", _ptr), ("tmp", _ptr)]
+
+
+class _ActArgs(ctypes.Structure):
+    _fields_ = [("n", _i32), ("f", _i32), ("gated", _i32), ("act", _i32), ("y_bf", _i32), ("out_bf", _i32),
+                ("y_stride", _i64), ("out_stride", _i64), ("bias", _ptr), ("out", _ptr), ("tmp", _ptr)]
+
+
+def _addr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class Stale(Exception):
+    """A layer's weight or compute mode changed since the step was planned."""
+
+
+# ---- the linear layers -------------------------------------------------------------------------------
+
+
+def _product(mod: nn.Module, rows: int):
+    """(fn, input dtype, padded K, bias for C or None) computing ``mod`` on a (rows, padded K) buffer; fn returns
+    (rows, >= N) in float32 or bfloat16, rows contiguous. None for a layer this step does not cover."""
+    if mod._forward_hooks or mod._forward_pre_hooks:
+        return None
+    if type(mod) is nn.Linear:
+        w, b = mod.weight, mod.bias
+        if w.dtype != torch.float32 or w.device.type != "cpu" or (b is not None and b.dtype != torch.float32):
+            return None
+        return (lambda x: F.linear(x, w, b)), torch.float32, mod.in_features, None
+    if type(mod) is not QuantLinear or mod.compute not in ("auto", "float32", "bfloat16"):
+        return None
+    if mod.qweight.device.type != "cpu":
+        return None
+    mode = mod._mode(torch.empty(rows, mod.in_features))
+    bias = mod.bias
+    decode, kern_before = mod._decode, mod._kernel
+    if mode == "dequant":
+        def deq(x):
+            if mod._decode is not decode:
+                raise Stale
+            return mod._forward(x, "dequant")  # bias included
+        return deq, torch.float32, mod.in_features, None
+    dt = torch.bfloat16 if mode == "bfloat16" else torch.float32
+    if mod.bits == 4:
+        kern = mod._int4_kernel(dt)
+        packed, g, sz = kern["packed"], mod.group_size, kern[dt]
+        kp = mod.qweight.shape[1] * 2
+
+        def mm4(x):
+            if mod._decode is not decode:
+                raise Stale
+            return _INT4_MM(x, packed, g, sz)
+        fn = mm4
+    elif dt is torch.float32:
+        q, sc = mod.qweight, mod.scales
+        kp = mod.in_features
+
+        def mm8f(x):
+            if mod._decode is not decode:
+                raise Stale
+            return _INT8_MM(x, q, sc)
+        fn = mm8f
+    else:
+        kern = mod._int8_bf16_kernel()
+        q, sc, kp = kern["q"], kern["s"], kern["k"]
+
+        def mm8(x):
+            if mod._decode is not decode:
+                raise Stale
+            return _INT8_MM(x, q, sc)
+        fn = mm8
+    del kern_before
+    return fn, dt, kp, bias
+
+
+# ---- the step ----------------------------------------------------------------------------------------
+
+
+def _norm_kind(norm: nn.Module | None) -> tuple[int, torch.Tensor | None, torch.Tensor | None, float] | None:
+    if norm is None:
+        return 0, None, None, 0.0
+    if type(norm) is RMSNorm and norm.weight.dtype == torch.float32:
+        return 1, norm.weight, None, norm.eps
+    if type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and (
+            norm.weight is None or norm.weight.dtype == torch.float32):
+        return 2, norm.weight, norm.bias, norm.eps
+    return None
+
+
+class NativeStep:
+    """The decoding step of ``SlotRunner`` for ``n`` rows with the small operations in C (see the module doc).
+
+    ``run(tok, pos)`` writes each row's new key/value into the runner's cache at ``pos`` and returns the logits
+    (n, V); row r is slot r."""
+
+    @staticmethod
+    def supported(model: nn.Module, runner) -> bool:
+        cfg = model.cfg
+        if library() is None or runner.device.type != "cpu" or runner.dtype != torch.float32 or runner.nv:
+            return False
+        if cfg.position not in ("rope", "learned", "none") or any(runner.local) or cfg.norm_placement != "pre":
+            return False
+        if cfg.parallel_block or cfg.mlp not in ACTIVATION_CODES or cfg.n_head % cfg.kv_heads:
+            return False
+        if cfg.position == "rope" and (model.rotary.cos.dtype != torch.float32 or cfg.rotary_dim % 2):
+            return False
+        if model.training or (cfg.final_norm and _norm_kind(model.norm_f) is None):
+            return False
+        for b in model.blocks:
+            if b.adapter_attn is not None or b.adapter_mlp is not None or b.placement != "pre" or b.parallel:
+                return False
+            if _norm_kind(b.norm1) is None or _norm_kind(b.norm2) is None:
+                return False
+        return True
+
+    def __init__(self, runner, n: int) -> None:
+        self.lib = library()
+        self.runner, self.n = runner, n
+        m, cfg = runner.model, runner.cfg
+        self.model, self.cfg = m, cfg
+        D = cfg.n_embd
+        self.pos = torch.zeros(n, dtype=torch.int32)
+        self._pos_np = self.pos.numpy()
+        self.x = torch.zeros(n, D)
+        self.final = torch.zeros(n, D)
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._keep: list = []  # argument blocks and tensors the C side points into
+        self.rotary = (m.rotary.cos, m.rotary.sin) if cfg.position == "rope" else None
+        self.layers = []
+        norms = [_norm_kind(b.norm1) for b in m.blocks] + [_norm_kind(m.norm_f if cfg.final_norm else None)]
+        prods = []
+        for blk in m.blocks:
+            p = [_product(mod, n) for mod in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2)]
+            if any(x is None for x in p):
+                raise ValueError("a layer this step does not cover")
+            prods.append(p)
+        # the first norm reads the embedded tokens already in x
+        self.first = self._norm_args(norms[0], prods[0][0], None)
+        for i, blk in enumerate(m.blocks):
+            qkv, proj, fc1, fc2 = prods[i]
+            a = blk.attn
+            attn_in = self._buffer(qkv)
+            ha = self._buffer(proj)
+            y_qkv = self._probe(qkv, attn_in)
+            attn = _AttnArgs(
+                n=n, nh=a.n_head, nkv=a.n_kv, hd=a.hd, rd=cfg.rotary_dim if self.rotary else 0,
+                interleaved=int(cfg.rope_interleaved), max_len=runner.max_len,
+                y_bf=int(y_qkv.dtype == torch.bfloat16), out_bf=int(proj[1] == torch.bfloat16),
+                y_stride=y_qkv.stride(0), out_stride=ha.stride(0),
+                scale=a.scale if a.scale is not None else a.hd ** -0.5, pos=_addr(self.pos),
+                cos=_addr(self.rotary[0]) if self.rotary else None, sin=_addr(self.rotary[1]) if self.rotary else None,
+                bias=_addr(self._keep_t(qkv[3])), k=_addr(runner.k[i]), v=_addr(runner.v[i]), out=_addr(ha),
+                tmp=_addr(self._keep_t(torch.zeros((a.n_head + 2 * a.n_kv) * a.hd
+                                                    + a.n_head // a.n_kv * (runner.max_len + a.hd)))))
+            y_proj = self._probe(proj, ha)
+            norm2 = self._norm_args(_norm_kind(blk.norm2), fc1, (proj, y_proj))
+            f_in = self._buffer(fc2)
+            y_fc1 = self._probe(fc1, self._buffer(fc1))
+            hidden = fc2_k = blk.mlp.fc2.in_features
+            act = _ActArgs(n=n, f=hidden, gated=int(blk.mlp.gated), act=ACTIVATION_CODES[cfg.mlp],
+                           y_bf=int(y_fc1.dtype == torch.bfloat16), out_bf=int(fc2[1] == torch.bfloat16),
+                           y_stride=y_fc1.stride(0), out_stride=f_in.stride(0), bias=_addr(self._keep_t(fc1[3])),
+                           out=_addr(f_in), tmp=_addr(self._keep_t(torch.zeros(2 * fc2_k))))
+            y_fc2 = self._probe(fc2, f_in)
+            nxt = prods[i + 1][0] if i + 1 < len(m.blocks) else None
+            after = self._norm_args(norms[i + 1], nxt, (fc2, y_fc2))
+            self._keep += [attn, norm2, act, after]
+            self.layers.append((qkv[0], ctypes.addressof(attn), attn_in, proj[0], ctypes.addressof(norm2), ha,
+                                fc1[0], ctypes.addressof(act), self._buffer(fc1), fc2[0], ctypes.addressof(after),
+                                f_in))
+        self.head = runner._head_fn()
+
+    def _keep_t(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is not None:
+            t = t.detach().contiguous()
+            self._keep.append(t)
+        return t
+
+    def _buffer(self, prod) -> torch.Tensor:
+        """The input buffer of a product (shared by products of the same input width and dtype: each is read by its
+        product before the next one is written). Padding columns stay zero."""
+        key = (prod[1], prod[2])
+        if key not in self._buffers:
+            self._buffers[key] = torch.zeros(self.n, prod[2], dtype=prod[1])
+        return self._buffers[key]
+
+    def _probe(self, prod, buf: torch.Tensor) -> torch.Tensor:
+        """One call of the product: its output's dtype and row stride (and the kernel layouts built)."""
+        y = prod[0](buf)
+        if y.dim() != 2 or y.stride(1) != 1 or y.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError("unexpected product output")
+        return y
+
+    def _norm_args(self, norm, prod, added) -> _NormArgs:
+        """x (+= the output of ``added`` = (prod, probe output)), then the norm into the input buffer of ``prod``
+        (or into ``final`` when prod is None: the output projection's input, float32)."""
+        kind, w, b, eps = norm
+        out = self._buffer(prod) if prod is not None else self.final
+        y_bf = y_stride = 0
+        y_bias = None
+        if added is not None:
+            y_bf, y_stride, y_bias = int(added[1].dtype == torch.bfloat16), added[1].stride(0), added[0][3]
+        args = _NormArgs(n=self.n, d=self.cfg.n_embd, kind=kind, y_bf=y_bf, out_bf=int(out.dtype == torch.bfloat16),
+                         y_stride=y_stride, out_stride=out.stride(0), eps=eps, x=_addr(self.x),
+                         y_bias=_addr(self._keep_t(y_bias)), w=_addr(self._keep_t(w)), b=_addr(self._keep_t(b)),
+                         out=_addr(out), tmp=_addr(self._keep_t(torch.zeros(self.cfg.n_embd))))
+        self._keep.append(args)
+        return args
+
+    def current(self) -> bool:
+        """Whether the tensors this step points into are still the model's (rotary tables grow lazily)."""
+        return self.rotary is None or (self.model.rotary.cos is self.rotary[0])
+
+    def run(self, x0: torch.Tensor, lens: list[int]) -> torch.Tensor:
+        """x0 (n, D): the embedded tokens; lens: each row's position. Logits (n, V)."""
+        lib = self.lib
+        norm, attention, activation = lib.lmf_add_norm, lib.lmf_attention, lib.lmf_activation
+        self._pos_np[:] = lens
+        self.x.copy_(x0)
+        norm(ctypes.addressof(self.first), None)
+        for qkv, attn, h, proj, norm2, a, fc1, act, h2, fc2, after, f in self.layers:
+            y = qkv(h)  # held in a name: a temporary would be freed before the C call reads it
+            attention(attn, y.data_ptr())
+            y = proj(a)
+            norm(norm2, y.data_ptr())
+            y = fc1(h2)
+            activation(act, y.data_ptr())
+            y = fc2(f)
+            norm(after, y.data_ptr())
+        return self.head(self.final)
+
+
+__all__ = ["NativeStep", "Stale", "build", "library"]

@@ -1,0 +1,167 @@
+"""The C-assisted decoding step (``lmforge.infer.native``): the same logits as a full forward of each sequence, for
+every model shape it covers, float32 and quantized; the choice between it and the PyTorch step; the build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.infer import native
+from lmforge.infer.engine import NATIVE_TRIALS, SlotRunner
+from lmforge.model import Decoder
+from lmforge.presets import get_preset
+from lmforge.quant import QuantConfig, quantize_model, set_compute
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler here: decoding keeps the PyTorch step")
+
+# (preset, overrides): rotary halves and pairs, partial rotary, grouped and multi-query heads, learned positions with
+# LayerNorm and biases, heads of 8 to 64 channels (the attention loop differs above 16), every activation
+SHAPES = {
+    "llama": ("tiny-llama", {}),
+    "qwen": ("tiny-qwen", {}),  # qkv bias, grouped-query
+    "chatglm2": ("tiny-chatglm2", {}),  # interleaved pairs on half the channels, qkv bias
+    "gpt2": ("tiny-gpt2", {}),  # learned positions, LayerNorm, GELU (tanh), biases everywhere
+    "hd64-mqa-gelu": ("tiny-llama", dict(n_embd=128, n_head=2, n_kv_head=1, mlp="gelu", intermediate_size=200,
+                                         qkv_bias=True, attn_out_bias=True, mlp_bias=True)),
+    "hd8-relu-geglu": ("tiny-llama", dict(n_embd=64, n_head=8, n_kv_head=4, mlp="geglu_tanh", intermediate_size=96)),
+    "reglu-nonorm": ("tiny-gpt2", dict(mlp="reglu", final_norm=False, position="none")),
+    "silu-interleaved": ("tiny-llama", dict(mlp="silu", rope_interleaved=True, intermediate_size=80)),
+}
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    monkeypatch.setenv("LMFORGE_NATIVE", "1")
+
+
+def _model(shape: str) -> Decoder:
+    torch.manual_seed(0)
+    name, kw = SHAPES[shape]
+    model = Decoder(get_preset(name, block_size=64, vocab_size=97, **kw)).eval()
+    for p in model.parameters():  # norms and biases away from their initial 1 and 0
+        p.data += 0.05 * torch.randn_like(p)
+    return model.requires_grad_(False)
+
+
+def _decode_against_full_forward(model: Decoder, atol: float, steps: int = 5) -> SlotRunner:
+    runner = SlotRunner(model, 4, 48)
+    seqs = {0: [5, 6, 7, 8, 9, 10, 11], 1: [3], 3: [40, 41, 42, 43]}  # slot 2 idle, rows at their own lengths
+    for slot, ids in seqs.items():
+        runner.prefill(slot, ids)
+    g = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for _ in range(steps):
+        new = {s: int(torch.randint(0, 97, (1,), generator=g)) for s in seqs}
+        logits = runner.decode([new.get(i) for i in range(4)])
+        for s, t in new.items():
+            seqs[s].append(t)
+            with torch.no_grad():
+                ref = model(torch.tensor([seqs[s]]))[0, -1]
+            worst = max(worst, (logits[s] - ref).abs().max().item())
+    assert worst <= atol, worst
+    return runner
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_native_step_equals_full_forward(shape, forced):
+    model = _model(shape)
+    runner = _decode_against_full_forward(model, atol=2e-5)
+    assert 4 in runner._native and runner._path[4] is True  # the C step ran
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, None)])
+def test_native_step_quantized_float32_kernels_equal_full_forward(bits, group, forced):
+    """Quantized layers through their exact float32 kernels: padded K (200 -> 256 with groups of 64) and padded
+    output rows (N = 200, padded to 208) read through the right strides; biases added on the C side."""
+    model = _model("hd64-mqa-gelu")  # K = 128 and 200, N = 256, 128 and 200
+    model.blocks[0].attn.proj = torch.nn.Linear(128, 128, bias=False).requires_grad_(False)  # a plain layer among
+    quantize_model(model, QuantConfig(bits=bits, group_size=group, embedding=False))
+    set_compute(model, "float32")
+    _decode_against_full_forward(model, atol=2e-5)
+
+
+def test_native_step_quantized_auto_mode_matches_the_pytorch_step(monkeypatch):
+    """With bfloat16 activations (auto mode on AVX512) the C step rounds where the PyTorch step rounds: the same
+    logits up to bfloat16 rounding, far closer than either is to the float32 forward."""
+    model = _model("silu-interleaved")
+    quantize_model(model, QuantConfig(bits=4, group_size=32))
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LMFORGE_NATIVE", flag)
+        runner = SlotRunner(model, 2, 48)
+        runner.prefill(0, [5, 6, 7, 8])
+        runner.prefill(1, [9, 10])
+        out[flag] = torch.stack([runner.decode([t, t + 1]) for t in (11, 12, 13)])
+        assert bool(runner._native) == (flag == "1")
+    scale = out["0"].abs().max().item()
+    assert (out["1"] - out["0"]).abs().max().item() <= 2e-2 * scale
+
+
+def test_native_step_follows_a_changed_compute_mode(forced):
+    model = _model("llama")
+    quantize_model(model, QuantConfig(bits=4, group_size=32))
+    runner = SlotRunner(model, 1, 48)
+    ids = [5, 6, 7, 8, 9]
+    runner.prefill(0, ids[:-1])
+    runner.decode([ids[-1]])
+    set_compute(model, "dequant")  # the planned step's kernels no longer apply: planned again
+    runner.prefill(0, ids[:-1])
+    got = runner.decode([ids[-1]])[0]
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0, -1]
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt1", "tiny-palm", "tiny-bloom", "tiny-gpt3"])
+def test_shapes_it_does_not_cover_keep_the_pytorch_step(name, forced):
+    """Post-norm, parallel blocks, ALiBi, local attention: the PyTorch step, unchanged."""
+    torch.manual_seed(0)
+    model = Decoder(get_preset(name, block_size=64, vocab_size=97)).eval().requires_grad_(False)
+    runner = SlotRunner(model, 2, 48)
+    runner.prefill(0, [1, 2, 3])
+    got = runner.decode([4, None])[0]
+    assert runner._native == {} and runner._native_ok is False
+    with torch.no_grad():
+        want = model(torch.tensor([[1, 2, 3, 4]]))[0, -1]
+    assert torch.allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_each_row_count_keeps_the_faster_step(monkeypatch):
+    """Without LMFORGE_NATIVE the two steps alternate for NATIVE_TRIALS timed steps each (after an untimed one),
+    then the faster is kept for that row count."""
+    monkeypatch.delenv("LMFORGE_NATIVE", raising=False)
+    runner = SlotRunner(_model("llama"), 2, 48)
+    runner.prefill(0, [1, 2])
+    ran = []
+    real_run = native.NativeStep.run
+
+    def counting(self, *a):
+        ran.append(True)
+        return real_run(self, *a)
+
+    monkeypatch.setattr(native.NativeStep, "run", counting)
+    steps = 2 * (NATIVE_TRIALS + 1)
+    for t in range(steps):
+        runner.decode([3 + t, None])
+    times = runner._path  # decided: a bool per row count
+    assert isinstance(times[2], bool) and len(ran) == NATIVE_TRIALS + 1
+    ran.clear()
+    for t in range(4):
+        runner.decode([20 + t, None])
+    assert len(ran) == (4 if times[2] else 0)
+
+
+def test_off_switch_and_a_missing_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMFORGE_NATIVE", "0")
+    assert native.library() is None
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    assert native.build() is None
+
+
+def test_build_is_cached_per_source_and_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    lib = native.build()
+    assert lib is not None and lib.parent == tmp_path / "native"
+    stamp = lib.stat().st_mtime_ns
+    assert native.build() == lib and lib.stat().st_mtime_ns == stamp  # found, not built again
