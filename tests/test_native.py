@@ -43,9 +43,11 @@ def _model(shape: str) -> Decoder:
     return model.requires_grad_(False)
 
 
-def _decode_against_full_forward(model: Decoder, atol: float, steps: int = 5) -> SlotRunner:
-    runner = SlotRunner(model, 4, 48)
+def _decode_against_full_forward(model: Decoder, atol: float, steps: int = 5, long: bool = False) -> SlotRunner:
+    runner = SlotRunner(model, 4, 64)
     seqs = {0: [5, 6, 7, 8, 9, 10, 11], 1: [3], 3: [40, 41, 42, 43]}  # slot 2 idle, rows at their own lengths
+    if long:  # keys in blocks of 16 and a remainder (the AVX512 score loop) at every step
+        seqs[0] = [(7 * i) % 97 for i in range(40)]
     for slot, ids in seqs.items():
         runner.prefill(slot, ids)
     g = torch.Generator().manual_seed(1)
@@ -67,6 +69,11 @@ def test_native_step_equals_full_forward(shape, forced):
     model = _model(shape)
     runner = _decode_against_full_forward(model, atol=2e-5)
     assert 4 in runner._native and runner._path[4] is True  # the C step ran
+
+
+@pytest.mark.parametrize("shape", ["hd64-mqa-gelu", "llama"])
+def test_native_step_over_longer_contexts(shape, forced):
+    _decode_against_full_forward(_model(shape), atol=2e-5, steps=18, long=True)
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, None)])

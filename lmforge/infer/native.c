@@ -12,6 +12,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 typedef uint16_t bf16_t;
 
@@ -166,6 +169,110 @@ static void rotate(float *x, const float *c, const float *s, int rd, int interle
     }
 }
 
+#if defined(__AVX512F__)
+/* Scores of 16 keys K[0..15] (rows of hd floats, hd a multiple of 16) against q, times scale, into p[0..15]: the
+   16 products as 16-lane partial sums, then one transposing tree of shuffles and adds sums all 16 at once (a
+   horizontal sum per key took twice as long). */
+static inline __attribute__((always_inline)) void scores16(const float *restrict q, const float *restrict K,
+                                                             float scale, float *restrict p, const int hd) {
+    __m512 v[16], c[8], e[4], s[2];
+    for (int b = 0; b < 16; b++) {
+        const float *kb = K + (size_t)b * hd;
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kb));
+        for (int i = 16; i < hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(kb + i), acc);
+        v[b] = acc;
+    }
+    for (int k = 0; k < 8; k++)  /* c[k]: 128-bit lanes 0-1 key 2k, 2-3 key 2k+1 */
+        c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+    for (int k = 0; k < 4; k++)  /* e[k]: lane i key 4k + i */
+        e[k] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], 0xDD));
+    for (int k = 0; k < 2; k++)  /* s[k]: lane i floats 0-1 key 8k + i, 2-3 key 8k + 4 + i */
+        s[k] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * k], e[2 * k + 1], 0x44),
+                             _mm512_shuffle_ps(e[2 * k], e[2 * k + 1], 0xEE));
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(s[0], s[1], 0x88), _mm512_shuffle_ps(s[0], s[1], 0xDD));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);  /* r[4i+p]: key 4p+i */
+    _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_permutexvar_ps(order, r), _mm512_set1_ps(scale)));
+}
+#endif
+
+/* Attention of the rep query heads q (rep, hd) sharing one kv head over keys/values K, V (t + 1, hd): o (rep, hd).
+   Inlined into a copy per common head size, so the loops over hd have a constant length (fully unrolled, one
+   horizontal sum per key and head). p: rep * M floats of scratch. */
+static inline __attribute__((always_inline)) void attend(const float *restrict q, const float *restrict K,
+                                                           const float *restrict V, int t, int rep, float scale,
+                                                           size_t M, float *restrict p, float *restrict o,
+                                                           const int hd) {
+    if (hd <= 16) {  /* short heads: vectorized across keys (a horizontal sum per key costs more than the dot) */
+        for (int h = 0; h < rep; h++) {
+            const float *qh = q + (size_t)h * hd;
+            float *ph = p + (size_t)h * M;
+#pragma omp simd
+            for (int j = 0; j <= t; j++) {
+                const float *kj = K + (size_t)j * hd;
+                float s = 0.f;
+                for (int i = 0; i < hd; i++) s += qh[i] * kj[i];
+                ph[j] = s * scale;
+            }
+        }
+    } else {
+        int j0 = 0;
+#if defined(__AVX512F__)
+        if (hd % 16 == 0) {
+            for (int h = 0; h < rep; h++)
+                for (int j = 0; j + 16 <= t + 1; j += 16)
+                    scores16(q + (size_t)h * hd, K + (size_t)j * hd, scale, p + (size_t)h * M + j, hd);
+            j0 = (t + 1) / 16 * 16;
+        }
+#endif
+        for (int j = j0; j <= t; j++) {  /* each key read once for the rep heads */
+            const float *kj = K + (size_t)j * hd;
+            for (int h = 0; h < rep; h++) {
+                const float *qh = q + (size_t)h * hd;
+                float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                for (int i = 0; i < hd; i++) s += qh[i] * kj[i];
+                p[(size_t)h * M + j] = s * scale;
+            }
+        }
+    }
+    for (int h = 0; h < rep; h++) {  /* softmax */
+        float *ph = p + (size_t)h * M, mx = -INFINITY, sum = 0.f;
+        for (int j = 0; j <= t; j++) mx = ph[j] > mx ? ph[j] : mx;
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j <= t; j++) {
+            ph[j] = fast_expf(ph[j] - mx);
+            sum += ph[j];
+        }
+        const float inv = 1.0f / sum;
+#pragma omp simd
+        for (int j = 0; j <= t; j++) ph[j] *= inv;
+    }
+    memset(o, 0, (size_t)rep * hd * sizeof(float));
+    for (int j = 0; j <= t; j++) {  /* outputs: each value read once for the rep heads */
+        const float *vj = V + (size_t)j * hd;
+        for (int h = 0; h < rep; h++) {
+            const float w = p[(size_t)h * M + j];
+            float *oh = o + (size_t)h * hd;
+#pragma omp simd
+            for (int i = 0; i < hd; i++) oh[i] += w * vj[i];
+        }
+    }
+}
+
+#define ATTEND_CASE(HD) \
+    case HD: attend(q, K, V, t, rep, scale, M, p, o, HD); break;
+
+static void attend_any(const float *q, const float *K, const float *V, int t, int rep, float scale, size_t M,
+                       float *p, float *o, int hd) {
+    switch (hd) {
+        ATTEND_CASE(8) ATTEND_CASE(16) ATTEND_CASE(32) ATTEND_CASE(64) ATTEND_CASE(80) ATTEND_CASE(96)
+        ATTEND_CASE(128) ATTEND_CASE(256)
+    default: attend(q, K, V, t, rep, scale, M, p, o, hd);
+    }
+}
+
 void lmf_attention(const attn_args *a, const void *y) {
     const int nh = a->nh, nkv = a->nkv, hd = a->hd, rep = nh / nkv, width = (nh + 2 * nkv) * hd;
     const size_t M = (size_t)a->max_len;
@@ -186,55 +293,8 @@ void lmf_attention(const attn_args *a, const void *y) {
             float *K = a->k + ((size_t)r * nkv + g) * M * hd, *V = a->v + ((size_t)r * nkv + g) * M * hd;
             memcpy(K + (size_t)t * hd, row + (size_t)(nh + g) * hd, (size_t)hd * sizeof(float));
             memcpy(V + (size_t)t * hd, row + (size_t)(nh + nkv + g) * hd, (size_t)hd * sizeof(float));
-            const float *q = row + (size_t)g * rep * hd;
-            if (hd <= 16) {  /* short heads: vectorized across keys (a horizontal sum per key costs more) */
-                for (int h = 0; h < rep; h++) {
-                    const float *qh = q + (size_t)h * hd;
-                    float *ph = p + (size_t)h * M;
-#pragma omp simd
-                    for (int j = 0; j <= t; j++) {
-                        const float *kj = K + (size_t)j * hd;
-                        float s = 0.f;
-                        for (int i = 0; i < hd; i++) s += qh[i] * kj[i];
-                        ph[j] = s * a->scale;
-                    }
-                }
-            } else {
-                for (int j = 0; j <= t; j++) {  /* each key read once for the rep heads */
-                    const float *kj = K + (size_t)j * hd;
-                    for (int h = 0; h < rep; h++) {
-                        const float *qh = q + (size_t)h * hd;
-                        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                        for (int i = 0; i < hd; i++) s += qh[i] * kj[i];
-                        p[(size_t)h * M + j] = s * a->scale;
-                    }
-                }
-            }
-            for (int h = 0; h < rep; h++) {  /* softmax */
-                float *ph = p + (size_t)h * M, mx = -INFINITY, sum = 0.f;
-                for (int j = 0; j <= t; j++) mx = ph[j] > mx ? ph[j] : mx;
-#pragma omp simd reduction(+ : sum)
-                for (int j = 0; j <= t; j++) {
-                    ph[j] = fast_expf(ph[j] - mx);
-                    sum += ph[j];
-                }
-                const float inv = 1.0f / sum;
-#pragma omp simd
-                for (int j = 0; j <= t; j++) ph[j] *= inv;
-            }
-            memset(o, 0, (size_t)rep * hd * sizeof(float));
-            for (int j = 0; j <= t; j++) {  /* outputs: each value read once for the rep heads */
-                const float *vj = V + (size_t)j * hd;
-                for (int h = 0; h < rep; h++) {
-                    const float w = p[(size_t)h * M + j];
-                    float *oh = o + (size_t)h * hd;
-#pragma omp simd
-                    for (int i = 0; i < hd; i++) oh[i] += w * vj[i];
-                }
-            }
-            const size_t at = (size_t)g * rep * hd;
-            store_row(out + at * (a->out_bf ? 2 : 4), a->out_bf, o, rep * hd);
+            attend_any(row + (size_t)g * rep * hd, K, V, t, rep, a->scale, M, p, o, hd);
+            store_row(out + (size_t)g * rep * hd * (a->out_bf ? 2 : 4), a->out_bf, o, rep * hd);
         }
     }
 }
