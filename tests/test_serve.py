@@ -79,7 +79,8 @@ def test_chat_streaming_equals_non_streaming(client, stories):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     ids, ref = chat_reference(stories, msgs, 50)
     assert text == ref.text
-    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 5  # really streamed
+    # really streamed: in several events (each gathers the tokens of STREAM_PACE; stories260K decodes several a ms)
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
         [ref.finish_reason]
