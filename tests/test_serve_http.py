@@ -4,6 +4,7 @@ cancellation of requests whose client went away, the OpenAPI docs, and the comma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -212,18 +213,37 @@ def wait_for(cond, what: str, timeout: float = 60) -> None:
         time.sleep(0.01)
 
 
+@contextlib.contextmanager
+def paced(engine: Engine, seconds: float = 0.002):
+    """Decode steps of at least ``seconds``: a test that acts while a request still runs does not depend on how fast
+    the model decodes (stories260K: 500 tokens in about 70 ms)."""
+    runner = engine.runner
+    real = runner.decode
+
+    def slow(tokens):
+        time.sleep(seconds)
+        return real(tokens)
+
+    runner.decode = slow
+    try:
+        yield
+    finally:
+        del runner.decode
+
+
 def test_non_streaming_request_is_cancelled_when_the_client_goes_away(server):
     e = server.engine
     before = e.cancelled
-    s = open_generation(server, {"model": MODEL, "prompt": "Once", "max_tokens": 500, "ignore_eos": True})
-    wait_for(lambda: e.active == 1, "the request to start")
-    s.close()
-    wait_for(lambda: e.active == 0, "the slot to be freed")
+    with paced(e):
+        s = open_generation(server, {"model": MODEL, "prompt": "Once", "max_tokens": 500, "ignore_eos": True})
+        wait_for(lambda: e.active == 1, "the request to start")
+        s.close()
+        wait_for(lambda: e.active == 0, "the slot to be freed")
     assert e.cancelled == before + 1  # stopped, not run to its 500 tokens for nobody
 
 
 def test_full_queue_answers_429_with_retry_after(stories):
-    with ModelServer(*stories, MODEL, "127.0.0.1", 0, max_batch=1, max_queue=1) as srv:
+    with ModelServer(*stories, MODEL, "127.0.0.1", 0, max_batch=1, max_queue=1) as srv, paced(srv.engine):
         e = srv.engine
         long = {"model": MODEL, "prompt": "Once", "max_tokens": 500, "ignore_eos": True}
         running = open_generation(srv, {**long, "stream": True})
@@ -267,7 +287,7 @@ def test_fair_admission_one_call_cannot_starve_another(stories):
 def test_a_large_call_does_not_starve_a_small_one(stories):
     """prompt x 4 with n 4 (16 sequences) on 2 slots, then a 5-token call: the small call is answered while most of
     the large one still waits (first-come-first-served would run all 16 first)."""
-    with ModelServer(*stories, MODEL, "127.0.0.1", 0, max_batch=2) as srv:
+    with ModelServer(*stories, MODEL, "127.0.0.1", 0, max_batch=2) as srv, paced(srv.engine):
         e = srv.engine
         big = open_generation(srv, {"model": MODEL, "prompt": ["Once", "The dog", "Tom", "A bird"], "n": 4,
                                     "max_tokens": 40, "ignore_eos": True, "temperature": 0})
