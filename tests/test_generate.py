@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from slot_decode import decode_against_full_forward
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
@@ -227,17 +228,8 @@ def test_slot_runner_decode_matches_full_forward(name):
     assert runner.fast == (cfg.position != "glm2d")
     runner.fast = runner.fast and not slow
     seqs = {0: [5, 6, 7, 8, 9, 10, 11], 1: [3], 3: [40, 41, 42, 43]}  # slot 2 idle
-    for slot, ids in seqs.items():
-        runner.prefill(slot, ids)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        new = {s: int(torch.randint(0, 97, (1,), generator=g)) for s in seqs}
-        logits = runner.decode([new.get(i) for i in range(4)])
-        for s, t in new.items():
-            seqs[s].append(t)
-            with torch.no_grad():
-                ref = model(torch.tensor([seqs[s]]))[0, -1]
-            assert torch.allclose(logits[s], ref, atol=2e-4, rtol=1e-4), (name, slow, s)
+    for s, got, want in decode_against_full_forward(runner, model, seqs):
+        assert torch.allclose(got, want, atol=2e-4, rtol=1e-4), (name, slow, s)
 
 
 def test_quantized_model_decodes_through_the_lean_step(prompts):

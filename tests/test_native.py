@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from slot_decode import decode_against_full_forward
 
 from lmforge.infer import native
 from lmforge.infer.engine import NATIVE_TRIALS, SlotRunner
@@ -43,23 +44,13 @@ def _model(shape: str) -> Decoder:
     return model.requires_grad_(False)
 
 
-def _decode_against_full_forward(model: Decoder, atol: float, steps: int = 5, long: bool = False) -> SlotRunner:
+def _check_decode(model: Decoder, atol: float, steps: int = 5, long: bool = False) -> SlotRunner:
     runner = SlotRunner(model, 4, 64)
     seqs = {0: [5, 6, 7, 8, 9, 10, 11], 1: [3], 3: [40, 41, 42, 43]}  # slot 2 idle, rows at their own lengths
     if long:  # keys in blocks of 16 and a remainder (the AVX512 score loop) at every step
         seqs[0] = [(7 * i) % 97 for i in range(40)]
-    for slot, ids in seqs.items():
-        runner.prefill(slot, ids)
-    g = torch.Generator().manual_seed(1)
-    worst = 0.0
-    for _ in range(steps):
-        new = {s: int(torch.randint(0, 97, (1,), generator=g)) for s in seqs}
-        logits = runner.decode([new.get(i) for i in range(4)])
-        for s, t in new.items():
-            seqs[s].append(t)
-            with torch.no_grad():
-                ref = model(torch.tensor([seqs[s]]))[0, -1]
-            worst = max(worst, (logits[s] - ref).abs().max().item())
+    worst = max((got - want).abs().max().item() for _, got, want in decode_against_full_forward(
+        runner, model, seqs, steps))
     assert worst <= atol, worst
     return runner
 
@@ -67,13 +58,13 @@ def _decode_against_full_forward(model: Decoder, atol: float, steps: int = 5, lo
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_native_step_equals_full_forward(shape, forced):
     model = _model(shape)
-    runner = _decode_against_full_forward(model, atol=2e-5)
+    runner = _check_decode(model, atol=2e-5)
     assert 4 in runner._native and runner._path[4] is True  # the C step ran
 
 
 @pytest.mark.parametrize("shape", ["hd64-mqa-gelu", "llama"])
 def test_native_step_over_longer_contexts(shape, forced):
-    _decode_against_full_forward(_model(shape), atol=2e-5, steps=18, long=True)
+    _check_decode(_model(shape), atol=2e-5, steps=18, long=True)
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, None)])
@@ -84,7 +75,7 @@ def test_native_step_quantized_float32_kernels_equal_full_forward(bits, group, f
     model.blocks[0].attn.proj = torch.nn.Linear(128, 128, bias=False).requires_grad_(False)  # a plain layer among
     quantize_model(model, QuantConfig(bits=bits, group_size=group, embedding=False))
     set_compute(model, "float32")
-    _decode_against_full_forward(model, atol=2e-5)
+    _check_decode(model, atol=2e-5)
 
 
 def test_native_step_quantized_auto_mode_matches_the_pytorch_step(monkeypatch):
