@@ -163,3 +163,13 @@ def test_build_is_cached_per_source_and_machine(monkeypatch, tmp_path):
     assert lib is not None and lib.parent == tmp_path / "native"
     stamp = lib.stat().st_mtime_ns
     assert native.build() == lib and lib.stat().st_mtime_ns == stamp  # found, not built again
+
+
+def test_a_damaged_library_in_the_cache_is_built_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    monkeypatch.delenv("LMFORGE_NATIVE", raising=False)
+    lib = native.build()
+    lib.write_bytes(b"not a shared library")
+    monkeypatch.setattr(native, "_LIB", False)
+    assert native.library() is not None and native.library().lmf_attention
+    assert lib.read_bytes() != b"not a shared library"

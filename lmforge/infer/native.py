@@ -76,7 +76,8 @@ def build(force: bool = False) -> Path | None:
     except (OSError, subprocess.SubprocessError):
         return None
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_signature()]).encode())
-    for base in (_cache_dir(), Path(tempfile.gettempdir()) / f"lmforge-native-{os.getuid()}"):
+    user = getattr(os, "getuid", lambda: 0)()
+    for base in (_cache_dir(), Path(tempfile.gettempdir()) / f"lmforge-native-{user}"):
         lib = base / f"lmforge_native_{key.hexdigest()[:16]}.so"
         if lib.exists() and not force:
             return lib
@@ -104,6 +105,14 @@ def build(force: bool = False) -> Path | None:
     return None
 
 
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name in ("lmf_add_norm", "lmf_attention", "lmf_activation"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], None
+    return lib
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled helpers (built on first use), or None where that is not possible or ``LMFORGE_NATIVE=0``."""
     global _LIB
@@ -111,16 +120,13 @@ def library() -> ctypes.CDLL | None:
         return None
     if _LIB is False:
         _LIB = None
-        path = build()
-        if path is not None:
+        for force in (False, True):  # a file in the cache that does not load (damaged) is built again, once
             try:
-                lib = ctypes.CDLL(str(path))
-                for name in ("lmf_add_norm", "lmf_attention", "lmf_activation"):
-                    getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-                    getattr(lib, name).restype = None
-                _LIB = lib
-            except OSError:
-                _LIB = None
+                path = build(force)
+                _LIB = _load(path) if path is not None else None
+                break
+            except Exception:  # noqa: BLE001 - whatever goes wrong here, decoding keeps the PyTorch step
+                continue
     return _LIB
 
 
