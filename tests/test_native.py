@@ -173,3 +173,33 @@ def test_a_damaged_library_in_the_cache_is_built_again(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_LIB", False)
     assert native.library() is not None and native.library().lmf_attention
     assert lib.read_bytes() != b"not a shared library"
+
+
+@pytest.mark.parametrize("top", [8, 97])
+def test_int8_output_projection_recomputes_its_top_candidates_exactly(top, forced):
+    """A tied int8 output projection (SmolLM2's layout) decodes through the bfloat16 kernel and recomputes its
+    ``refine_top`` largest logits per row exactly, in C: those equal the float32 computation, the others are the
+    kernel's (bfloat16-rounded) values, and the greedy choice is the float32 one."""
+    model = _model("gpt2")  # tied embeddings: the head computes with the int8 table
+    quantize_model(model, QuantConfig(bits=8))
+    set_compute(model, "float32")  # exact layers; the head as auto mode takes it for SmolLM2 on AVX512:
+    head = model.lm_head
+    head.refine_top, head.compute = top, "bfloat16"
+    runner = SlotRunner(model, 2, 48)
+    seqs = {0: [5, 6, 7, 8], 1: [9]}
+    for s, ids in seqs.items():
+        runner.prefill(s, ids)
+    for step in range(3):
+        new = [11 + step, 40 + step]
+        got = runner.decode(new)
+        assert runner._native[2].head.__name__ == "head"  # the C recomputation, not the module's
+        head.compute = "float32"  # the exact logits (the step is planned again after this)
+        for s, t in enumerate(new):
+            seqs[s].append(t)
+            with torch.no_grad():
+                want = model(torch.tensor([seqs[s]]))[0, -1]
+            exact = (got[s] - want).abs() <= 2e-5
+            assert exact.sum() >= top and got[s].argmax() == want.argmax()
+            assert exact[want.topk(3).indices].all()  # the largest are among the recomputed
+            assert (got[s] - want).abs().max() <= 0.02 * want.abs().max()  # the rest: bfloat16 rounding
+        head.compute = "bfloat16"

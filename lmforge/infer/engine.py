@@ -222,11 +222,14 @@ class SlotRunner:
         use = step is not None and self._path_for(n)
         t0 = time.perf_counter()
         if use:
+            x = self._embed(tok, pos)
             try:
-                logits = step.run(self._embed(tok, pos), lens)
-            except Stale:  # a layer's weight or compute mode changed: plan again next time
-                self._native.clear()
-                use = False
+                logits = step.run(x, lens)
+            except Stale:  # a layer's weight or compute mode changed: planned again (a redone step rewrites the
+                self._native.clear()  # same cache positions)
+                step = self._native_step(n)
+                use = step is not None
+                logits = step.run(x, lens) if use else None
         if logits is None:
             logits = self._fast(tok, pos, n, S, ragged) if self.fast else self._slow(tok, pos, n, S)
         if step is not None:

@@ -350,3 +350,66 @@ void lmf_activation(const act_args *a, const void *y) {
         store_row(row_at(a->out, a->out_bf, a->out_stride, r), a->out_bf, t, f);
     }
 }
+
+/* ---- the int8 output projection's exact top candidates ---------------------------------------- */
+
+typedef struct {
+    int32_t n, N, K, k;            /* rows, outputs (vocabulary), inputs, candidates recomputed per row */
+    int64_t y_stride;              /* elements per row of y (bfloat16) */
+    const int8_t *q;               /* (N, K) int8 weight, one scale per output */
+    const float *scales, *bias;    /* (N), and NULL or (N) */
+    const float *x;                /* (n, K) the projection's float32 input */
+    float *out;                    /* (n, N) logits */
+    int32_t *idx;                  /* k ints of scratch */
+} head_args;
+
+/* out = float(y) + bias, then the k largest entries of each row recomputed exactly from x and the int8 rows
+   ((q * scale) . x, as dequantize + matmul computes it): y comes from a bfloat16 kernel, whose rounding (steps of
+   0.125 near 25) ties and swaps the top candidates of greedy decoding. The k largest are found in one pass: blocks
+   of 16 whose largest entry is below the current k-th largest are skipped. */
+void lmf_head_refine(const head_args *a, const void *y) {
+    const int N = a->N, K = a->K, k = a->k < a->N ? a->k : a->N;
+    int32_t *idx = a->idx;
+    for (int r = 0; r < a->n; r++) {
+        const bf16_t *yr = (const bf16_t *)y + (size_t)r * a->y_stride;
+        float *o = a->out + (size_t)r * N;
+#pragma omp simd
+        for (int j = 0; j < N; j++) o[j] = bf16_to_f32(yr[j]);
+        if (a->bias) {
+#pragma omp simd
+            for (int j = 0; j < N; j++) o[j] += a->bias[j];
+        }
+        if (k <= 0) continue;
+        int low = 0;  /* position in idx of the smallest kept entry */
+        for (int c = 0; c < k; c++) {
+            idx[c] = c;
+            if (o[c] < o[idx[low]]) low = c;
+        }
+        float floor = o[idx[low]];
+        for (int j0 = k; j0 < N; j0 += 16) {
+            const int j1 = j0 + 16 < N ? j0 + 16 : N;
+            float bm = o[j0];
+            for (int j = j0 + 1; j < j1; j++) bm = o[j] > bm ? o[j] : bm;
+            if (!(bm > floor)) continue;
+            for (int j = j0; j < j1; j++) {
+                if (o[j] > floor) {
+                    idx[low] = j;
+                    low = 0;
+                    for (int c = 1; c < k; c++)
+                        if (o[idx[c]] < o[idx[low]]) low = c;
+                    floor = o[idx[low]];
+                }
+            }
+        }
+        const float *x = a->x + (size_t)r * K;
+        for (int c = 0; c < k; c++) {
+            const int j = idx[c];
+            const int8_t *qj = a->q + (size_t)j * K;
+            const float s = a->scales[j];
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int i = 0; i < K; i++) acc += ((float)qj[i] * s) * x[i];
+            o[j] = a->bias ? acc + a->bias[j] : acc;
+        }
+    }
+}

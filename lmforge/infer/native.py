@@ -107,7 +107,7 @@ def build(force: bool = False) -> Path | None:
 
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    for name in ("lmf_add_norm", "lmf_attention", "lmf_activation"):
+    for name in ("lmf_add_norm", "lmf_attention", "lmf_activation", "lmf_head_refine"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], None
     return lib
@@ -151,6 +151,11 @@ class _AttnArgs(ctypes.Structure):
 class _ActArgs(ctypes.Structure):
     _fields_ = [("n", _i32), ("f", _i32), ("gated", _i32), ("act", _i32), ("y_bf", _i32), ("out_bf", _i32),
                 ("y_stride", _i64), ("out_stride", _i64), ("bias", _ptr), ("out", _ptr), ("tmp", _ptr)]
+
+
+class _HeadArgs(ctypes.Structure):
+    _fields_ = [("n", _i32), ("N", _i32), ("K", _i32), ("k", _i32), ("y_stride", _i64), ("q", _ptr), ("scales", _ptr),
+                ("bias", _ptr), ("x", _ptr), ("out", _ptr), ("idx", _ptr)]
 
 
 def _addr(t: torch.Tensor | None) -> int | None:
@@ -315,7 +320,43 @@ class NativeStep:
             self.layers.append((qkv[0], ctypes.addressof(attn), attn_in, proj[0], ctypes.addressof(norm2), ha,
                                 fc1[0], ctypes.addressof(act), self._buffer(fc1), fc2[0], ctypes.addressof(after),
                                 f_in))
-        self.head = runner._head_fn()
+        self.head = self._refined_head() or runner._head_fn()
+
+    def _refined_head(self):
+        """An int8 output projection that recomputes its top candidates exactly after the bfloat16 kernel
+        (``QuantLinear.refine_top``, the auto mode's choice for decoding): the kernel as QuantLinear calls it, then
+        the conversion, bias and recomputation in one C call (PyTorch's topk alone took 100 us of 49,152 logits).
+        None for any other output projection (it keeps ``SlotRunner._head_fn``)."""
+        mod, n = self.model.lm_head, self.n
+        if type(mod) is not QuantLinear or mod.bits != 8 or not mod.refine_top:
+            return None
+        if mod.compute not in ("auto", "bfloat16"):
+            return None
+        if mod._forward_hooks or mod._forward_pre_hooks or mod.qweight.device.type != "cpu":
+            return None
+        if mod._mode(torch.empty(n, mod.in_features)) != "bfloat16":
+            return None
+        mm, decode = mod._packed_mm("bfloat16"), mod._decode
+        y = mm(self.final)
+        if y.dtype != torch.bfloat16 or y.stride(1) != 1 or y.shape != (n, mod.out_features):
+            return None
+        k = min(mod.refine_top, mod.out_features)
+        args = _HeadArgs(n=n, N=mod.out_features, K=mod.in_features, k=k, y_stride=y.stride(0),
+                         q=_addr(self._keep_t(mod.qweight)), scales=_addr(self._keep_t(mod.scales.float())),
+                         bias=_addr(self._keep_t(mod.bias)), x=_addr(self.final),
+                         idx=_addr(self._keep_t(torch.zeros(k, dtype=torch.int32))))
+        self._keep.append(args)
+        fn, at, shape = self.lib.lmf_head_refine, ctypes.addressof(args), (n, mod.out_features)
+
+        def head(x: torch.Tensor) -> torch.Tensor:
+            if mod._decode is not decode:
+                raise Stale
+            y = mm(x)
+            out = torch.empty(shape)  # a new tensor per step: callers may keep the logits
+            args.x, args.out = x.data_ptr(), out.data_ptr()
+            fn(at, y.data_ptr())
+            return out
+        return head
 
     def _keep_t(self, t: torch.Tensor | None) -> torch.Tensor | None:
         if t is not None:
