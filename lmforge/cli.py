@@ -43,7 +43,9 @@ COMMANDS: list[tuple[str, str, str]] = [
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.splitlines()[0],
                                      epilog="A failure prints one line (lmforge COMMAND: error: ...) and exits 1; "
-                                     "set LMFORGE_DEBUG=1 to see the traceback.")
+                                     "set LMFORGE_DEBUG=1 to see the traceback. Decoding builds a small C helper "
+                                     "with the system's cc on first use (~/.cache/lmforge/native); LMFORGE_NATIVE=0 "
+                                     "decodes with PyTorch alone.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module, help_ in COMMANDS:
         if only is not None and name != only:

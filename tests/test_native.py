@@ -158,15 +158,15 @@ def test_off_switch_and_a_missing_compiler(monkeypatch, tmp_path):
 
 
 def test_build_is_cached_per_source_and_machine(monkeypatch, tmp_path):
-    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     lib = native.build()
-    assert lib is not None and lib.parent == tmp_path / "native"
+    assert lib is not None and lib.parent == tmp_path / "lmforge" / "native"
     stamp = lib.stat().st_mtime_ns
     assert native.build() == lib and lib.stat().st_mtime_ns == stamp  # found, not built again
 
 
 def test_a_damaged_library_in_the_cache_is_built_again(monkeypatch, tmp_path):
-    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("LMFORGE_NATIVE", raising=False)
     lib = native.build()
     lib.write_bytes(b"not a shared library")

@@ -52,8 +52,8 @@ def _cpu_signature() -> str:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("LMFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmforge")
-    return Path(root) / "native"
+    """``$XDG_CACHE_HOME/lmforge/native`` (``~/.cache`` by default), beside the checkpoint-hash cache."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge" / "native"
 
 
 def _compiler() -> str | None:
