@@ -32,7 +32,6 @@ from torch import nn
 
 from lmforge.model.norms import RMSNorm
 from lmforge.quant import QuantLinear
-from lmforge.quant.modules import _INT4_MM, _INT8_MM
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
@@ -183,46 +182,20 @@ def _product(mod: nn.Module, rows: int):
         return None
     if mod.qweight.device.type != "cpu":
         return None
-    mode = mod._mode(torch.empty(rows, mod.in_features))
-    bias = mod.bias
-    decode, kern_before = mod._decode, mod._kernel
+    mode, decode = mod._mode(torch.empty(rows, mod.in_features)), mod._decode
     if mode == "dequant":
         def deq(x):
             if mod._decode is not decode:
                 raise Stale
             return mod._forward(x, "dequant")  # bias included
         return deq, torch.float32, mod.in_features, None
-    dt = torch.bfloat16 if mode == "bfloat16" else torch.float32
-    if mod.bits == 4:
-        kern = mod._int4_kernel(dt)
-        packed, g, sz = kern["packed"], mod.group_size, kern[dt]
-        kp = mod.qweight.shape[1] * 2
+    kernel, dt, kp = mod.kernel(mode)
 
-        def mm4(x):
-            if mod._decode is not decode:
-                raise Stale
-            return _INT4_MM(x, packed, g, sz)
-        fn = mm4
-    elif dt is torch.float32:
-        q, sc = mod.qweight, mod.scales
-        kp = mod.in_features
-
-        def mm8f(x):
-            if mod._decode is not decode:
-                raise Stale
-            return _INT8_MM(x, q, sc)
-        fn = mm8f
-    else:
-        kern = mod._int8_bf16_kernel()
-        q, sc, kp = kern["q"], kern["s"], kern["k"]
-
-        def mm8(x):
-            if mod._decode is not decode:
-                raise Stale
-            return _INT8_MM(x, q, sc)
-        fn = mm8
-    del kern_before
-    return fn, dt, kp, bias
+    def packed(x):
+        if mod._decode is not decode:  # a new weight or compute mode empties it
+            raise Stale
+        return kernel(x)
+    return packed, dt, kp, mod.bias
 
 
 # ---- the step ----------------------------------------------------------------------------------------
@@ -242,8 +215,8 @@ def _norm_kind(norm: nn.Module | None) -> tuple[int, torch.Tensor | None, torch.
 class NativeStep:
     """The decoding step of ``SlotRunner`` for ``n`` rows with the small operations in C (see the module doc).
 
-    ``run(tok, pos)`` writes each row's new key/value into the runner's cache at ``pos`` and returns the logits
-    (n, V); row r is slot r."""
+    ``run(x0, lens)`` takes the embedded tokens and each row's position, writes each row's new key/value into the
+    runner's cache there and returns the logits (n, V); row r is slot r."""
 
     @staticmethod
     def supported(model: nn.Module, runner) -> bool:

@@ -255,33 +255,36 @@ class QuantLinear(nn.Module):
             release_free_memory()
         return kern
 
-    def _packed_mm(self, mode: str):
-        """The packed kernel of ``mode`` ("float32" or "bfloat16") as a function: (R, K) input -> (R, N) output in
-        the kernel's dtype, bias not added. The layouts are built here, once."""
-        n = self.out_features
+    def kernel(self, mode: str):
+        """The packed kernel of ``mode`` ("float32" or "bfloat16") as (fn, input dtype, padded K): fn takes a
+        contiguous (R, padded K) input of that dtype (padding columns zero) and returns (R, >= N) in it (int4 pads N
+        to a multiple of 16), bias not added. The layouts are built here, once. ``_packed_mm`` wraps it for any
+        input; the C decode step (``lmforge.infer.native``) writes such inputs itself."""
         if self.bits == 8:
             if mode == "float32":
                 q, sc = self.qweight, self.scales
-                return lambda x: _INT8_MM(x.float().contiguous(), q, sc)
-            if self.refine_top and self.in_features % 32 == 0:
-                return self._int8_split_mm()
+                return (lambda x: _INT8_MM(x, q, sc)), torch.float32, self.in_features
             kern = self._int8_bf16_kernel()  # the bfloat16 kernel needs K % 16 == 0 (it crashes otherwise)
-            q, sc, pad = kern["q"], kern["s"], kern["k"] - self.in_features
-
-            def mm8(x):
-                xb = x.bfloat16().contiguous()
-                return _INT8_MM(F.pad(xb, (0, pad)) if pad else xb, q, sc)
-            return mm8
+            q, sc = kern["q"], kern["s"]
+            return (lambda x: _INT8_MM(x, q, sc)), torch.bfloat16, kern["k"]
         dt = torch.bfloat16 if mode == "bfloat16" else torch.float32
         kern = self._int4_kernel(dt)
         packed, g, sz = kern["packed"], self.group_size, kern[dt]
-        pad = self.qweight.shape[1] * 2 - self.in_features
+        return (lambda x: _INT4_MM(x, packed, g, sz)), dt, self.qweight.shape[1] * 2
 
-        def mm4(x):  # x.bfloat16() / x.float(): about 1 us faster than x.to(dtype) per call
+    def _packed_mm(self, mode: str):
+        """The packed kernel of ``mode`` as a function: (R, K) input -> (R, N) output in the kernel's dtype, bias not
+        added."""
+        if self.bits == 8 and mode != "float32" and self.refine_top and self.in_features % 32 == 0:
+            return self._int8_split_mm()
+        fn, dt, kp = self.kernel(mode)
+        n, pad = self.out_features, kp - self.in_features
+
+        def mm(x):  # x.bfloat16() / x.float(): about 1 us faster than x.to(dtype) per call
             xd = (x.bfloat16() if dt is torch.bfloat16 else x.float()).contiguous()
-            y = _INT4_MM(F.pad(xd, (0, pad)) if pad else xd, packed, g, sz)
+            y = fn(F.pad(xd, (0, pad)) if pad else xd)
             return y[:, :n] if y.shape[1] != n else y
-        return mm4
+        return mm
 
     def _decode_fn(self, rows: int):
         """``forward`` for (rows, K) float32 CPU input in auto mode, with the choices made once (decoding calls
