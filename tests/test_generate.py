@@ -18,7 +18,7 @@ from transformers.generation.logits_process import (
 )
 
 from lmforge.commands.common import load_model_and_tokenizer
-from lmforge.infer.engine import Engine, EngineError, SlotRunner
+from lmforge.infer.engine import Engine, EngineError, Request, SlotRunner
 from lmforge.infer.generate import TextStream, complete, generate, generate_batch, stream_steps
 from lmforge.infer.sampling import SamplingParams, TokenSampler, distribution, select
 from lmforge.model import Decoder
@@ -288,6 +288,35 @@ def test_engine_equals_single_sequences_with_slot_reuse(stories, prompts, single
     assert outs == singles
     assert eng.max_active == 3 and eng.prefill_batches > 0  # several prompts prefilled in one forward
     assert eng.steps < sum(len(o) for o in outs)  # decoded in batches
+
+
+def test_engine_gives_a_sink_the_last_step_and_the_end_together(stories, prompts):
+    """A finished request's last step and DONE reach a sink with ``put_many`` in one call: a server reading the sink
+    never sees the last token without the end (and holds the stream back, waiting for more)."""
+    model, tok = stories
+    calls: list[list] = []
+    done = threading.Event()
+
+    class Sink:
+        def put(self, item):
+            calls.append([item])
+
+        def put_many(self, items):
+            calls.append(list(items))
+            if sum(c[-1][1] is Request.DONE for c in calls) == 2:
+                done.set()
+
+    eng = Engine(model, tok, max_batch=2)
+    try:
+        eng.submit_group([(p, SamplingParams(temperature=0, max_new_tokens=3), i) for i, p in enumerate(prompts[:2])],
+                         Sink())
+        assert done.wait(60)
+    finally:
+        eng.close()
+    for i in range(2):
+        mine = [c for c in calls if c[0][0] == i]
+        assert [len(c) for c in mine] == [1, 1, 2], mine  # the prefill's token, one decode step, the last + DONE
+        assert mine[-1][0][1].token >= 0 and mine[-1][1] == (i, Request.DONE)
 
 
 def test_engine_thread_decodes_with_its_own_torch_threads(stories, prompts, singles):

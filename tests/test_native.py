@@ -59,7 +59,8 @@ def _check_decode(model: Decoder, atol: float, steps: int = 5, long: bool = Fals
 def test_native_step_equals_full_forward(shape, forced):
     model = _model(shape)
     runner = _check_decode(model, atol=2e-5)
-    assert 4 in runner._native and runner._path[4] is True  # the C step ran
+    plans = runner._path[4]  # kept, or still in trials: the C step at each thread count
+    assert 4 in runner._native and all(native for native, _ in (plans if isinstance(plans, dict) else [plans]))
 
 
 @pytest.mark.parametrize("shape", ["hd64-mqa-gelu", "llama"])
@@ -124,29 +125,39 @@ def test_shapes_it_does_not_cover_keep_the_pytorch_step(name, forced):
     assert torch.allclose(got, want, atol=2e-4, rtol=1e-4)
 
 
-def test_each_row_count_keeps_the_faster_step(monkeypatch):
-    """Without LMFORGE_NATIVE the two steps alternate for NATIVE_TRIALS timed steps each (after an untimed one),
-    then the faster is kept for that row count."""
+def test_each_row_count_keeps_the_fastest_plan(monkeypatch):
+    """Without LMFORGE_NATIVE the plans (C step or not, the caller's threads or one) take turns for NATIVE_TRIALS
+    timed steps each (after an untimed one), then the fastest is kept for that row count and runs at its threads;
+    the caller's thread count is restored after every step."""
     monkeypatch.delenv("LMFORGE_NATIVE", raising=False)
-    runner = SlotRunner(_model("llama"), 2, 48)
-    runner.prefill(0, [1, 2])
-    ran = []
-    real_run = native.NativeStep.run
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner = SlotRunner(_model("llama"), 2, 48)
+        runner.prefill(0, [1, 2])
+        ran = []
+        real_run = native.NativeStep.run
 
-    def counting(self, *a):
-        ran.append(True)
-        return real_run(self, *a)
+        def counting(self, *a):
+            ran.append(torch.get_num_threads())
+            return real_run(self, *a)
 
-    monkeypatch.setattr(native.NativeStep, "run", counting)
-    steps = 2 * (NATIVE_TRIALS + 1)
-    for t in range(steps):
-        runner.decode([3 + t, None])
-    times = runner._path  # decided: a bool per row count
-    assert isinstance(times[2], bool) and len(ran) == NATIVE_TRIALS + 1
-    ran.clear()
-    for t in range(4):
-        runner.decode([20 + t, None])
-    assert len(ran) == (4 if times[2] else 0)
+        monkeypatch.setattr(native.NativeStep, "run", counting)
+        plans = [(True, 2), (True, 1), (False, 2), (False, 1)]
+        for t in range(len(plans) * (NATIVE_TRIALS + 1)):
+            runner.decode([3 + t, None])
+            assert torch.get_num_threads() == 2
+        chosen = runner._path[2]  # decided: a plan per row count
+        assert chosen in plans and sorted(ran) == [1] * (NATIVE_TRIALS + 1) + [2] * (NATIVE_TRIALS + 1)
+        ran.clear()
+        for t in range(4):
+            runner.decode([20 + t, None])
+        assert ran == ([chosen[1]] * 4 if chosen[0] else [])
+        runner._path[2] = (True, 1)  # a kept plan runs at its threads
+        runner.decode([30, None])
+        assert ran[-1] == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_off_switch_and_a_missing_compiler(monkeypatch, tmp_path):

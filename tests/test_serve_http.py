@@ -242,6 +242,42 @@ def test_non_streaming_request_is_cancelled_when_the_client_goes_away(server):
     assert e.cancelled == before + 1  # stopped, not run to its 500 tokens for nobody
 
 
+def chunks(s: socket.socket) -> list[bytes]:
+    """Read a chunked response to its end: the body as the chunks the server wrote."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    out: list[bytes] = []
+    while True:
+        while b"\r\n" not in rest:
+            rest += s.recv(65536)
+        size, _, rest = rest.partition(b"\r\n")
+        n = int(size, 16)
+        while len(rest) < n + 2:
+            rest += s.recv(65536)
+        out.append(rest[:n])
+        rest = rest[n + 2:]
+        if n == 0:
+            return out
+
+
+def test_a_finished_stream_ends_in_one_write(server):
+    """The last tokens, the finish event, the usage and [DONE] leave in one chunk, which ends the body: nothing
+    waits to gather more tokens once the request finished (the client's next request waits for that end)."""
+    s = open_generation(server, {"model": MODEL, "prompt": "Once", "max_tokens": 3, "stream": True,
+                                 "ignore_eos": True, "stream_options": {"include_usage": True}})
+    try:
+        body = chunks(s)
+    finally:
+        s.close()
+    assert body[-1] == b"" and sum(b"[DONE]" in c for c in body) == 1
+    last = [json.loads(e[6:]) for e in body[-2].split(b"\n\n") if e.startswith(b"data: {")]
+    assert body[-2].endswith(b"data: [DONE]\n\n")
+    assert last[-2]["choices"][0]["finish_reason"] == "length" and last[-1]["usage"]["completion_tokens"] == 3
+
+
 def test_full_queue_answers_429_with_retry_after(stories):
     with ModelServer(*stories, MODEL, "127.0.0.1", 0, max_batch=1, max_queue=1) as srv, paced(srv.engine):
         e = srv.engine

@@ -42,7 +42,8 @@ from lmforge.model import Decoder
 from lmforge.model.cache import kv_cache_len
 from lmforge.quant import QuantLinear
 
-NATIVE_TRIALS = 3  # timed steps of each path before a row count keeps the faster (see SlotRunner._path_for)
+NATIVE_TRIALS = 3  # timed steps of each plan before a row count keeps the fastest (see SlotRunner._plan_for)
+Plan = tuple[bool, int]  # how a decode step runs: (the C-assisted step, torch threads)
 
 
 class _SlotView:
@@ -166,7 +167,7 @@ class SlotRunner:
         self.fast = fast_path_supported(model)
         self._native_ok: bool | None = None  # NativeStep.supported, asked at the first decode step
         self._native: dict[int, NativeStep] = {}  # rows -> the step planned for them
-        self._path: dict[int, bool | dict[bool, list[float]]] = {}  # rows -> native or not, or the trials' times
+        self._path: dict[int, Plan | dict[Plan, list[float]]] = {}  # rows -> the plan kept, or the trials' times
         self._warm: set[int] = set()
         self.local = [cfg.layer_is_local(i) for i in range(cfg.n_layer)]
         if cfg.position == "rope":
@@ -219,21 +220,28 @@ class SlotRunner:
         ragged = any(t is None or lens[i] != S - 1 for i, t in enumerate(tokens))
         logits = None
         step = self._native_step(n) if self.fast else None
-        use = step is not None and self._path_for(n)
+        plan = self._plan_for(n, step is not None)
+        use = step is not None and plan[0]
+        threads = torch.get_num_threads()
+        if plan[1] != threads:
+            torch.set_num_threads(plan[1])
         t0 = time.perf_counter()
-        if use:
-            x = self._embed(tok, pos)
-            try:
-                logits = step.run(x, lens)
-            except Stale:  # a layer's weight or compute mode changed: planned again (a redone step rewrites the
-                self._native.clear()  # same cache positions)
-                step = self._native_step(n)
-                use = step is not None
-                logits = step.run(x, lens) if use else None
-        if logits is None:
-            logits = self._fast(tok, pos, n, S, ragged) if self.fast else self._slow(tok, pos, n, S)
-        if step is not None:
-            self._timed(n, use, time.perf_counter() - t0)
+        try:
+            if use:
+                x = self._embed(tok, pos)
+                try:
+                    logits = step.run(x, lens)
+                except Stale:  # a layer's weight or compute mode changed: planned again (a redone step rewrites
+                    self._native.clear()  # the same cache positions)
+                    step = self._native_step(n)
+                    use = step is not None
+                    logits = step.run(x, lens) if use else None
+            if logits is None:
+                logits = self._fast(tok, pos, n, S, ragged) if self.fast else self._slow(tok, pos, n, S)
+            self._timed(n, plan, time.perf_counter() - t0)
+        finally:
+            if plan[1] != threads:
+                torch.set_num_threads(threads)
         for i, t in enumerate(tokens):
             if t is not None:
                 self.lens[i] += 1
@@ -258,27 +266,35 @@ class SlotRunner:
                 return None
         return step
 
-    def _path_for(self, n: int) -> bool:
-        """Whether this step of ``n`` rows runs the C-assisted step: measured, not assumed. Until both paths have
-        run NATIVE_TRIALS timed steps of ``n`` rows (after one untimed step each: layouts are built then) the steps
-        alternate; then the faster one is kept. The C side runs on one thread, so many rows over long contexts can
-        be faster on PyTorch's threads (SmolLM2 int4 here: C faster at 1 and 16 rows, by 1.5x and ~1.1x).
-        ``LMFORGE_NATIVE=1`` always takes it."""
+    def _plan_for(self, n: int, native: bool) -> Plan:
+        """How a step of ``n`` rows runs: (the C-assisted step or not, torch threads), measured, not assumed. The
+        candidates are both steps (the C one where ``native``) at the caller's threads and at one thread. Until each
+        has run NATIVE_TRIALS timed steps of ``n`` rows (after one untimed step: layouts are built then) they take
+        turns; then the fastest is kept. Small products lose more to the threads' hand-offs than they gain
+        (stories260K, 2 cores: one row 0.09 ms a step on one thread, 0.12-0.20 ms on two; 16 rows faster on two),
+        and the C side is single-threaded, so many rows over long contexts can be faster on PyTorch's threads
+        (SmolLM2 int4: C faster at 1 and 16 rows, by 1.5x and ~1.1x). ``LMFORGE_NATIVE=1`` always takes the C
+        step (where it applies)."""
         chosen = self._path.get(n)
-        if isinstance(chosen, bool):
+        if isinstance(chosen, tuple):
             return chosen
-        if os.environ.get("LMFORGE_NATIVE") == "1":
-            self._path[n] = True
-            return True
-        times = self._path.setdefault(n, {True: [], False: []})
-        return len(times[True]) <= len(times[False])
+        if chosen is None:
+            forced = native and os.environ.get("LMFORGE_NATIVE") == "1"
+            threads = torch.get_num_threads()
+            cands = [(p, t) for p in ((True,) if forced else (True, False) if native else (False,))
+                     for t in ((threads, 1) if threads > 1 else (threads,))]
+            if len(cands) == 1:
+                self._path[n] = cands[0]
+                return cands[0]
+            chosen = self._path[n] = {c: [] for c in cands}
+        return min(chosen, key=lambda c: len(chosen[c]))  # the first with the fewest trials
 
-    def _timed(self, n: int, native: bool, seconds: float) -> None:
+    def _timed(self, n: int, plan: Plan, seconds: float) -> None:
         times = self._path.get(n)
-        if isinstance(times, dict):
-            times[native].append(seconds)
-            if min(len(times[True]), len(times[False])) > NATIVE_TRIALS:
-                self._path[n] = min(times[True][1:]) <= min(times[False][1:])
+        if isinstance(times, dict) and plan in times:
+            times[plan].append(seconds)
+            if min(len(t) for t in times.values()) > NATIVE_TRIALS:
+                self._path[n] = min(times, key=lambda c: min(times[c][1:]))
 
     def _head_fn(self):
         """The output projection as a function of the final hidden states (n, D) float32."""
@@ -582,6 +598,17 @@ class Request:
     def _put(self, item) -> None:
         self._q.put((self.tag, item))
 
+    def _put_last(self, step) -> None:
+        """The last step (or None) and DONE together: a sink with ``put_many`` gets them in one call, so its
+        reader never sees the last token without the end."""
+        items = ([(self.tag, step)] if step is not None else []) + [(self.tag, Request.DONE)]
+        put_many = getattr(self._q, "put_many", None)
+        if put_many is not None:
+            put_many(items)
+        else:
+            for item in items:
+                self._q.put(item)
+
     def __iter__(self) -> Iterator[Step]:
         while True:
             _, item = self._q.get()
@@ -791,13 +818,13 @@ class Engine:
 
     def _emit(self, slot: int, req: Request, choice) -> None:
         step = req.seq.accept(choice)
-        if step is not None:
-            req._put(step)
         if req.seq.finish_reason is not None:
             self._free(slot)
-            req._put(Request.DONE)
-        else:
-            self._last[slot] = choice.token
+            req._put_last(step)
+            return
+        if step is not None:
+            req._put(step)
+        self._last[slot] = choice.token
 
     def _drop_cancelled(self) -> None:
         for i, req in enumerate(self._slots):

@@ -395,10 +395,14 @@ class _Sink:
         self._pending: list = []  # put by the engine, not yet moved to the queue
 
     def put(self, item) -> None:
+        self.put_many([item])
+
+    def put_many(self, items: list) -> None:
         """From the engine thread: one wake-up of the loop for all the events it has not taken yet."""
         with self._lock:
-            self._pending.append(item)
-            if len(self._pending) > 1:
+            waiting = bool(self._pending)
+            self._pending.extend(items)
+            if waiting:
                 return
         try:
             self.loop.call_soon_threadsafe(self._move)
@@ -560,9 +564,11 @@ class _EventStream(Response):
         watch = asyncio.ensure_future(self.sink.watch(receive))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async for data in self._events():
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            last = False
+            async for data, last in self._events():  # the last event ends the body in the same write
+                await send({"type": "http.response.body", "body": data, "more_body": not last})
+            if not last:  # the client went away
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             watch.cancel()
             for r in self.reqs:
@@ -570,6 +576,7 @@ class _EventStream(Response):
                     r.cancel()
 
     async def _events(self):
+        """(bytes, last) to send: the events of the tokens that came, gathered; the last holds [DONE]."""
         g, reqs, q = self.g, self.reqs, self.sink.queue
         tok = self.server.tokenizer
         cid, created = P.new_id(g.kind), P.now()
@@ -581,17 +588,21 @@ class _EventStream(Response):
 
         if g.kind == "chat":
             yield b"".join(P.sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None}])) for i in range(len(reqs)))
+                                         "logprobs": None, "finish_reason": None}])) for i in range(len(reqs))), False
         elif g.echo:
             yield b"".join(P.sse(chunk([{"index": i, "text": g.echo[i // g.n], "logprobs": None,
-                                         "finish_reason": None}])) for i in range(len(reqs)))
+                                         "finish_reason": None}])) for i in range(len(reqs))), False
         left = len(reqs)
         while left:
             items = [await q.get()]
-            # let tokens gather for a moment, longer the more requests run: fewer, larger events under load
-            await asyncio.sleep(min(STREAM_PACE * max(self.server.engine.active, 1), 0.02))
             while not q.empty():
                 items.append(q.get_nowait())
+            if not any(item is EngineRequest.DONE or item is _Sink.GONE for _, item in items):
+                # let tokens gather for a moment, longer the more requests run: fewer, larger events under load
+                # (a finished request is answered at once: its client's next request waits for the end)
+                await asyncio.sleep(min(STREAM_PACE * max(self.server.engine.active, 1), 0.02))
+                while not q.empty():
+                    items.append(q.get_nowait())
             if any(item is _Sink.GONE for _, item in items):
                 return
             pending: dict[int, list] = {}  # tag -> steps not yet sent, in order
@@ -628,12 +639,13 @@ class _EventStream(Response):
                 out.append(P.sse(chunk([done])))
             for tag in list(pending):
                 flush(tag)
+            if not left:  # the last events, the usage and [DONE] in one write
+                if g.include_usage:
+                    prompt_tokens = sum(len(p) for p in g.prompts)
+                    out.append(P.sse(chunk([], usage=P.usage(prompt_tokens, sum(len(r.token_ids) for r in reqs)))))
+                out.append(b"data: [DONE]\n\n")
             if out:
-                yield b"".join(out)
-        if g.include_usage:
-            prompt_tokens = sum(len(p) for p in g.prompts)
-            yield P.sse(chunk([], usage=P.usage(prompt_tokens, sum(len(r.token_ids) for r in reqs))))
-        yield b"data: [DONE]\n\n"
+                yield b"".join(out), not left
 
 
 def model_id_for(path: str | None) -> tuple[str, tuple[str, ...]]:
