@@ -59,7 +59,7 @@ def _check_decode(model: Decoder, atol: float, steps: int = 5, long: bool = Fals
 def test_native_step_equals_full_forward(shape, forced):
     model = _model(shape)
     runner = _check_decode(model, atol=2e-5)
-    plans = runner._path[4]  # kept, or still in trials: the C step at each thread count
+    plans = runner._path[4, torch.get_num_threads()]  # kept, or still in trials: the C step at each thread count
     assert 4 in runner._native and all(native for native, _ in (plans if isinstance(plans, dict) else [plans]))
 
 
@@ -128,12 +128,13 @@ def test_shapes_it_does_not_cover_keep_the_pytorch_step(name, forced):
 def test_each_row_count_keeps_the_fastest_plan(monkeypatch):
     """Without LMFORGE_NATIVE the plans (C step or not, the caller's threads or one) take turns for NATIVE_TRIALS
     timed steps each (after an untimed one), then the fastest is kept for that row count and runs at its threads;
-    the caller's thread count is restored after every step."""
+    the caller's thread count is restored after every step; another runner of the model keeps the choice."""
     monkeypatch.delenv("LMFORGE_NATIVE", raising=False)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        runner = SlotRunner(_model("llama"), 2, 48)
+        model = _model("llama")
+        runner = SlotRunner(model, 2, 48)
         runner.prefill(0, [1, 2])
         ran = []
         real_run = native.NativeStep.run
@@ -147,13 +148,18 @@ def test_each_row_count_keeps_the_fastest_plan(monkeypatch):
         for t in range(len(plans) * (NATIVE_TRIALS + 1)):
             runner.decode([3 + t, None])
             assert torch.get_num_threads() == 2
-        chosen = runner._path[2]  # decided: a plan per row count
+        chosen = runner._path[2, 2]  # decided: a plan per row count (and caller's threads)
         assert chosen in plans and sorted(ran) == [1] * (NATIVE_TRIALS + 1) + [2] * (NATIVE_TRIALS + 1)
         ran.clear()
         for t in range(4):
             runner.decode([20 + t, None])
         assert ran == ([chosen[1]] * 4 if chosen[0] else [])
-        runner._path[2] = (True, 1)  # a kept plan runs at its threads
+        again = SlotRunner(model, 2, 48)  # a new generation with the same model: no trials
+        again.prefill(0, [1, 2])
+        ran.clear()
+        again.decode([5, None])
+        assert again._path[2, 2] == chosen and ran == ([chosen[1]] if chosen[0] else [])
+        runner._path[2, 2] = (True, 1)  # a kept plan runs at its threads
         runner.decode([30, None])
         assert ran[-1] == 1 and torch.get_num_threads() == 2
     finally:

@@ -133,6 +133,15 @@ def stream_layout(model: nn.Module) -> int:
     return len(weights)
 
 
+def decode_plans(model: nn.Module) -> dict:
+    """The decode plans measured for ``model`` (see SlotRunner._plan_for), kept on it and shared by its runners:
+    a new generation (a chat turn, each ``generate`` call) does not time them again."""
+    plans = model.__dict__.get("_lmforge_decode_plans")
+    if plans is None:
+        plans = model.__dict__["_lmforge_decode_plans"] = {}
+    return plans
+
+
 def fast_path_supported(model: Decoder) -> bool:
     """Whether the lean decode step covers this model (everything but GLM's 2D positions and bottleneck adapters,
     in eval mode; prefix/prompt tuning only fill the start of the cache and need nothing of the decode step)."""
@@ -167,7 +176,7 @@ class SlotRunner:
         self.fast = fast_path_supported(model)
         self._native_ok: bool | None = None  # NativeStep.supported, asked at the first decode step
         self._native: dict[int, NativeStep] = {}  # rows -> the step planned for them
-        self._path: dict[int, Plan | dict[Plan, list[float]]] = {}  # rows -> the plan kept, or the trials' times
+        self._path = decode_plans(model)  # (rows, threads) -> the plan kept, or the trials' times
         self._warm: set[int] = set()
         self.local = [cfg.layer_is_local(i) for i in range(cfg.n_layer)]
         if cfg.position == "rope":
@@ -238,7 +247,7 @@ class SlotRunner:
                     logits = step.run(x, lens) if use else None
             if logits is None:
                 logits = self._fast(tok, pos, n, S, ragged) if self.fast else self._slow(tok, pos, n, S)
-            self._timed(n, plan, time.perf_counter() - t0)
+            self._timed((n, threads), plan, time.perf_counter() - t0)
         finally:
             if plan[1] != threads:
                 torch.set_num_threads(threads)
@@ -275,26 +284,26 @@ class SlotRunner:
         and the C side is single-threaded, so many rows over long contexts can be faster on PyTorch's threads
         (SmolLM2 int4: C faster at 1 and 16 rows, by 1.5x and ~1.1x). ``LMFORGE_NATIVE=1`` always takes the C
         step (where it applies)."""
-        chosen = self._path.get(n)
+        threads = torch.get_num_threads()
+        chosen = self._path.get((n, threads))
         if isinstance(chosen, tuple):
             return chosen
         if chosen is None:
             forced = native and os.environ.get("LMFORGE_NATIVE") == "1"
-            threads = torch.get_num_threads()
             cands = [(p, t) for p in ((True,) if forced else (True, False) if native else (False,))
                      for t in ((threads, 1) if threads > 1 else (threads,))]
             if len(cands) == 1:
-                self._path[n] = cands[0]
+                self._path[n, threads] = cands[0]
                 return cands[0]
-            chosen = self._path[n] = {c: [] for c in cands}
+            chosen = self._path[n, threads] = {c: [] for c in cands}
         return min(chosen, key=lambda c: len(chosen[c]))  # the first with the fewest trials
 
-    def _timed(self, n: int, plan: Plan, seconds: float) -> None:
-        times = self._path.get(n)
+    def _timed(self, key: tuple[int, int], plan: Plan, seconds: float) -> None:
+        times = self._path.get(key)
         if isinstance(times, dict) and plan in times:
             times[plan].append(seconds)
             if min(len(t) for t in times.values()) > NATIVE_TRIALS:
-                self._path[n] = min(times, key=lambda c: min(times[c][1:]))
+                self._path[key] = min(times, key=lambda c: min(times[c][1:]))
 
     def _head_fn(self):
         """The output projection as a function of the final hidden states (n, D) float32."""
