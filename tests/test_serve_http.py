@@ -4,7 +4,6 @@ cancellation of requests whose client went away, the OpenAPI docs, and the comma
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
@@ -16,6 +15,8 @@ import time
 import pytest
 
 pytest.importorskip("fastapi", reason="needs fastapi and uvicorn (pip install fastapi uvicorn)")
+
+from pacing import paced  # noqa: E402
 
 from lmforge.infer.engine import Engine, Request  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
@@ -211,24 +212,6 @@ def wait_for(cond, what: str, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def paced(engine: Engine, seconds: float = 0.002):
-    """Decode steps of at least ``seconds``: a test that acts while a request still runs does not depend on how fast
-    the model decodes (stories260K: 500 tokens in about 70 ms)."""
-    runner = engine.runner
-    real = runner.decode
-
-    def slow(tokens):
-        time.sleep(seconds)
-        return real(tokens)
-
-    runner.decode = slow
-    try:
-        yield
-    finally:
-        del runner.decode
 
 
 def test_non_streaming_request_is_cancelled_when_the_client_goes_away(server):
