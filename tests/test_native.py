@@ -8,7 +8,7 @@ import torch
 from slot_decode import decode_against_full_forward
 
 from lmforge.infer import native
-from lmforge.infer.engine import NATIVE_TRIALS, SlotRunner
+from lmforge.infer.engine import MIN_CACHE_LEN, NATIVE_TRIALS, SlotRunner
 from lmforge.model import Decoder
 from lmforge.presets import get_preset
 from lmforge.quant import QuantConfig, quantize_model, set_compute
@@ -66,6 +66,28 @@ def test_native_step_equals_full_forward(shape, forced):
 @pytest.mark.parametrize("shape", ["hd64-mqa-gelu", "llama"])
 def test_native_step_over_longer_contexts(shape, forced):
     _check_decode(_model(shape), atol=2e-5, steps=18, long=True)
+
+
+@pytest.mark.parametrize("step", ["1", "0"])
+def test_the_cache_grows_while_decoding(step, monkeypatch):
+    """The cache is allocated as slots and positions are used: slots 0, 1 and 3 prefilled one after another grow it
+    to 1, 2 and 4 slots; rows crossing MIN_CACHE_LEN positions double it mid-decoding. What was written is kept and
+    the C step (or the PyTorch one) is planned on the new cache: logits equal full forwards; ``release`` gives it
+    back."""
+    monkeypatch.setenv("LMFORGE_NATIVE", step)
+    torch.manual_seed(0)
+    model = Decoder(get_preset("tiny-llama", block_size=1024, vocab_size=97)).eval().requires_grad_(False)
+    runner = SlotRunner(model, 4, 1024)
+    assert (runner.slots, runner.cap) == (0, 0)
+    m = MIN_CACHE_LEN
+    seqs = {0: [(5 * i) % 97 for i in range(m - 4)], 1: [3], 3: [(3 * i) % 97 for i in range(30)]}
+    worst = max((got - want).abs().max().item() for _, got, want in decode_against_full_forward(
+        runner, model, seqs, steps=8))
+    assert worst <= 2e-5, worst
+    assert (runner.slots, runner.cap) == (4, 2 * m) and runner.k.shape[1::2] == (4, 2 * m)
+    assert (4 in runner._native) == (step == "1")
+    runner.release()
+    assert (runner.slots, runner.cap) == (0, 0) and runner.k.numel() == 0
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, None)])

@@ -18,7 +18,7 @@ pytest.importorskip("fastapi", reason="needs fastapi and uvicorn (pip install fa
 
 from pacing import paced  # noqa: E402
 
-from lmforge.infer.engine import Engine, Request  # noqa: E402
+from lmforge.infer.engine import MIN_CACHE_LEN, Engine, Request, SlotRunner  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.serve.server import ModelServer  # noqa: E402
 
@@ -354,7 +354,7 @@ def test_cli_flags_env_key_and_allowed_hosts():
 
 
 def test_default_threads_and_batch_rules(stories):
-    from lmforge.commands.serve import KV_BUDGET, default_max_batch, default_threads
+    from lmforge.commands.serve import DEFAULT_MAX_BATCH, default_threads
 
     model, _ = stories
     assert default_threads(model, cores=8) == 8  # all cores, the serving thread keeping one (see Engine)
@@ -369,7 +369,28 @@ def test_default_threads_and_batch_rules(stories):
             return iter([])
 
     assert default_threads(Big(), cores=8) == 8 and default_threads(Big(), cores=1) == 1
-    cfg = model.cfg
-    assert default_max_batch(cfg, None, 4) == 16
-    per_slot = 2 * cfg.n_layer * cfg.kv_heads * cfg.block_size * cfg.head_size * 4
-    assert default_max_batch(cfg, None, 4 * (KV_BUDGET // per_slot // 3)) == 3
+    assert DEFAULT_MAX_BATCH == 16  # with the cache budget below
+
+
+def test_requests_are_admitted_while_the_cache_stays_within_the_budget(stories):
+    """The engine admits a request only while the key/value cache, every running request at its limit, stays within
+    ``kv_budget`` (what `lmforge serve` gives its default --max-batch): requests that may fill the context run two
+    at a time under a budget of two full slots, short ones four at a time (an idle engine gives back a cache far
+    longer than its next request needs)."""
+    model, tok = stories
+    probe = SlotRunner(model, 4)
+    assert probe.max_len == 512 == 2 * MIN_CACHE_LEN
+    eng = Engine(model, tok, max_batch=4, kv_budget=2 * probe.max_len * probe.per_pos)
+    ids = [tok.bos_id] + tok.encode("Once upon a time")
+    try:
+        for max_new, together in ((1000, 2), (20, 4)):
+            wait_for(lambda: eng.active == 0, "the engine to be idle")
+            eng.max_active = 0
+            reqs = eng.submit_group([(ids, SamplingParams(temperature=0, max_new_tokens=max_new), i)
+                                     for i in range(4)])
+            outs = [[st.token for st in r] for r in reqs]
+            assert len({tuple(o) for o in outs}) == 1 and len(outs[0]) == min(max_new, probe.max_len - len(ids))
+            assert eng.max_active == together, (max_new, eng.max_active)
+        assert (eng.runner.slots, eng.runner.cap) == (4, 256)  # the long requests' cache was given back
+    finally:
+        eng.close()

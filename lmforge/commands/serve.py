@@ -21,8 +21,10 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' for /v1/* (default: $LMFORGE_API_KEY, else no key; "
                    "prefer the environment variable: command lines are visible to other users in ps)")
-    p.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (default 16, fewer "
-                   f"when their key/value cache would pass {KV_BUDGET >> 20} MiB; lower --max-len to fit more)")
+    p.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (default 16; then a "
+                   "request waits while admitting it could grow the key/value cache past "
+                   f"{KV_BUDGET >> 20} MiB, counting every running request's prompt and max_tokens: give max_tokens "
+                   "or lower --max-len to run more long requests at once)")
     p.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's)")
     p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for "
                    "(default: the context)")
@@ -45,6 +47,10 @@ def add_parser(sub, name: str, help_: str) -> None:
 
 
 KV_BUDGET = 1 << 30  # bytes of key/value cache the default --max-batch may take
+# sequences decoded together by default (16 clients then decode >= 4x one). The cache is allocated as requests use
+# it, and the engine admits a request only while the cache, every running request at its limit, stays within
+# KV_BUDGET: many short requests run together, long ones fewer at a time (SmolLM2, 8,192 positions: two)
+DEFAULT_MAX_BATCH = 16
 
 
 def default_threads(model, cores: int | None = None) -> int:
@@ -55,13 +61,6 @@ def default_threads(model, cores: int | None = None) -> int:
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores)
-
-
-def default_max_batch(cfg, max_len: int | None, dtype_bytes: int) -> int:
-    """16 sequences (16 clients then decode >= 4x one), fewer when their key/value cache would pass ``KV_BUDGET``."""
-    ctx = min(max_len or cfg.block_size, cfg.block_size)
-    per_slot = 2 * cfg.n_layer * cfg.kv_heads * ctx * cfg.head_size * dtype_bytes
-    return max(1, min(16, KV_BUDGET // max(per_slot, 1)))
 
 
 def run(args) -> None:
@@ -88,8 +87,7 @@ def run(args) -> None:
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
     model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
     threads = args.threads or default_threads(model)
-    dtype_bytes = next(model.parameters()).element_size()
-    max_batch = args.max_batch or default_max_batch(model.cfg, args.max_len, dtype_bytes)
+    max_batch = args.max_batch or DEFAULT_MAX_BATCH
     mid, aliases = model_id_for(args.model)
     if args.model_id:
         mid, aliases = args.model_id, (mid, *aliases)
@@ -98,7 +96,8 @@ def run(args) -> None:
         server = ModelServer(model, tok, mid, args.host, args.port, api_key=args.api_key, max_batch=max_batch,
                              max_len=args.max_len, max_tokens=args.max_tokens, max_body=args.max_body,
                              template=template, aliases=aliases, max_queue=args.max_queue, allowed_hosts=hosts,
-                             cors_origins=tuple(args.cors_origin), threads=threads)
+                             cors_origins=tuple(args.cors_origin), threads=threads,
+                             kv_budget=None if args.max_batch else KV_BUDGET)
     except OSError as e:
         raise LMForgeError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     if not _loopback(args.host) and not args.api_key:

@@ -44,6 +44,7 @@ from lmforge.quant import QuantLinear
 
 NATIVE_TRIALS = 3  # timed steps of each plan before a row count keeps the fastest (see SlotRunner._plan_for)
 Plan = tuple[bool, int]  # how a decode step runs: (the C-assisted step, torch threads)
+MIN_CACHE_LEN = 256  # positions the key/value cache starts with (it doubles from there as prompts and steps need)
 
 
 class _SlotView:
@@ -57,6 +58,7 @@ class _SlotView:
         if end > self.r.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.r.max_len}")
         s = self.slot
+        self.r.reserve(s + 1, end)
         self.r.k[layer, s : s + 1, :, self.pos : end] = k
         self.r.v[layer, s : s + 1, :, self.pos : end] = v
         return self.r.k[layer, s : s + 1, :, :end], self.r.v[layer, s : s + 1, :, :end]
@@ -70,6 +72,7 @@ class _SlotsView:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k.shape[2]
+        self.r.reserve(int(self.slots.max()) + 1, end)
         self.r.k[layer][self.slots, :, self.pos : end] = k
         self.r.v[layer][self.slots, :, self.pos : end] = v
         return self.r.k[layer][self.slots, :, :end], self.r.v[layer][self.slots, :, :end]
@@ -150,7 +153,11 @@ def fast_path_supported(model: Decoder) -> bool:
 
 
 class SlotRunner:
-    """A key/value cache of ``n_slots`` sequences of up to ``max_len`` positions, with prefill and batched decode."""
+    """A key/value cache of ``n_slots`` sequences of up to ``max_len`` positions, with prefill and batched decode.
+
+    The cache is allocated as it is used: ``slots`` x ``cap`` positions, grown by doubling when a prompt or a step
+    needs more (what is written is copied), and given back by ``release``. Sixteen short chats with SmolLM2 (8,192
+    positions of context) take 16 x 256 positions, not 16 x 8,192 (5.9 GB)."""
 
     def __init__(self, model: Decoder, n_slots: int, max_len: int | None = None) -> None:
         cfg = model.cfg
@@ -161,11 +168,13 @@ class SlotRunner:
                                     self.dtype, self.device)  # checked before allocating
         if hasattr(model, "rotary"):
             model.rotary.ensure(self.max_len)  # rotary tables are built lazily for long contexts
-        shape = (cfg.n_layer, n_slots, cfg.kv_heads, self.max_len, cfg.head_size)
-        self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.k_flat = [t.view(-1, cfg.head_size) for t in self.k.unbind(0)]  # (slots * kv_heads * max_len, hd)
-        self.v_flat = [t.view(-1, cfg.head_size) for t in self.v.unbind(0)]
+        # bytes of one position of one slot, keys and values of every layer
+        self.per_pos = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_size * p.element_size()
+        self.slots = self.cap = 0  # allocated so far (reserve grows them)
+        self.k = self.v = torch.zeros(cfg.n_layer, 0, cfg.kv_heads, 0, cfg.head_size, device=self.device,
+                                      dtype=self.dtype)
+        self.k_flat: list[torch.Tensor] = []  # per layer (slots * kv_heads * cap, head_dim) views
+        self.v_flat: list[torch.Tensor] = []
         self._heads = torch.arange(cfg.kv_heads, device=self.device)[None]
         self._layers: list[_Layer] | None = None
         self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -182,6 +191,51 @@ class SlotRunner:
         if cfg.position == "rope":
             self._rope_matrix_parts()
         stream_layout(model)
+
+    # ---- the cache --------------------------------------------------------------------------------
+    def _grown(self, slots: int, length: int) -> tuple[int, int]:
+        s = self.slots if slots <= self.slots else min(self.n_slots, 1 << (slots - 1).bit_length())
+        c = self.cap if length <= self.cap else min(self.max_len, max(length, 2 * self.cap, MIN_CACHE_LEN))
+        return s, c
+
+    def cache_bytes(self, slots: int, length: int) -> int:
+        """Bytes the cache would take once it holds ``slots`` slots of ``length`` positions."""
+        s, c = self._grown(slots, length)
+        return s * c * self.per_pos
+
+    def reserve(self, slots: int, length: int) -> None:
+        """Make the cache hold slots ``0..slots-1`` with ``length`` positions each (slots grow to powers of two,
+        positions by doubling; what is written is kept). A step planned on the old cache is planned again."""
+        if slots <= self.slots and length <= self.cap:
+            return
+        if slots > self.n_slots or length > self.max_len:
+            raise ValueError(f"KV cache full: {slots} slots x {length} positions > {self.n_slots} x {self.max_len}")
+        s, c = self._grown(slots, length)
+        cfg = self.cfg
+        shape = (cfg.n_layer, s, cfg.kv_heads, c, cfg.head_size)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        if self.slots and self.cap:
+            k[:, : self.slots, :, : self.cap] = self.k
+            v[:, : self.slots, :, : self.cap] = self.v
+        self._set_cache(k, v)
+
+    def release(self) -> None:
+        """Give the cache back (nothing is running): the next prefill allocates what it needs."""
+        if self.slots or self.cap:
+            cfg = self.cfg
+            empty = torch.zeros(cfg.n_layer, 0, cfg.kv_heads, 0, cfg.head_size, device=self.device, dtype=self.dtype)
+            self._set_cache(empty, empty)
+            self.lens = [0] * self.n_slots
+            release_free_memory()
+
+    def _set_cache(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v
+        self.slots, self.cap = k.shape[1], k.shape[3]
+        self.k_flat = [t.view(-1, self.cfg.head_size) for t in k.unbind(0)]
+        self.v_flat = [t.view(-1, self.cfg.head_size) for t in v.unbind(0)]
+        self._views.clear()
+        self._native.clear()
 
     # ---- prefill ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -224,6 +278,7 @@ class SlotRunner:
         S = max(lens) + 1
         if S > self.max_len:
             raise ValueError(f"KV cache full: {S} positions > max_len {self.max_len}")
+        self.reserve(n, S)
         tok = torch.tensor([t if t is not None else 0 for t in tokens], device=self.device)
         pos = torch.tensor(lens, device=self.device)
         ragged = any(t is None or lens[i] != S - 1 for i, t in enumerate(tokens))
@@ -370,7 +425,7 @@ class SlotRunner:
         x = self._embed(tok, pos)
         rope = self._rope_matrix(pos) if cfg.position == "rope" else None
         keys = self.keys[None, :S]
-        nkv, M, H = cfg.kv_heads, self.max_len, cfg.n_head
+        nkv, M, H = cfg.kv_heads, self.cap, cfg.n_head
         rep = H // nkv
         neg = torch.finfo(self.dtype).min
         # additive attention biases (n * kv_heads, heads per kv head, S) for dense and local layers
@@ -389,7 +444,7 @@ class SlotRunner:
         else:
             zero = torch.zeros(n * nkv, rep, S, device=self.device, dtype=self.dtype)
             masks = {False: zero, True: zero}
-        # where each row's new key/value goes in the flattened (slots * kv_heads * max_len, head_dim) cache
+        # where each row's new key/value goes in the flattened (slots * kv_heads * cap, head_dim) cache
         widx = ((self.rows[:n, None] * nkv + self._heads) * M + pos[:, None]).view(-1)
         if n not in self._views:
             self._views[n] = (self.k[:, :n].flatten(1, 2), self.v[:, :n].flatten(1, 2))
@@ -641,9 +696,9 @@ class Engine:
     own thread at one torch thread (``lmforge serve``: no pool) and gives this thread its threads avoids that."""
 
     def __init__(self, model: Decoder, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, kv_budget: int | None = None) -> None:
         model.eval()
-        self.model, self.tokenizer, self.threads = model, tokenizer, threads
+        self.model, self.tokenizer, self.threads, self.kv_budget = model, tokenizer, threads, kv_budget
         self.runner = SlotRunner(model, max_batch, max_len)
         # the context requests get: prefix/prompt tuning's virtual tokens take the start of every slot
         self.max_len = self.runner.max_len - self.runner.nv
@@ -735,10 +790,16 @@ class Engine:
                     self._cv.wait()
                 if self._closed:
                     break
+                if self._waiting and not any(self._slots):  # idle: a cache far longer than the next request
+                    need = self._need(self._waiting[next(iter(self._waiting))][0])  # needs goes back (it is kept
+                    if self.runner.cap >= 2 * max(need, MIN_CACHE_LEN):  # otherwise: no allocation, no replanning)
+                        self.runner.release()
                 admitted = []
                 self._drop_cancelled_waiting()
                 while self._waiting and None in self._slots:
                     slot = self._slots.index(None)
+                    if not self._fits(slot, self._waiting[next(iter(self._waiting))][0]):
+                        break
                     self._slots[slot] = req = self._next_waiting()
                     admitted.append((slot, req))
             try:
@@ -755,6 +816,20 @@ class Engine:
                         self._fail(req, f"{type(e).__name__}: {e}")
         for req in [*(r for g in self._waiting.values() for r in g), *(r for r in self._slots if r is not None)]:
             self._fail(req, "the engine was closed")
+
+    def _need(self, req: Request) -> int:
+        """Cache positions ``req`` may fill: its prompt and every token it may generate."""
+        return self.runner.nv + len(req.seq.prompt_ids) + req.seq.limit
+
+    def _fits(self, slot: int, req: Request) -> bool:
+        """Whether admitting ``req`` into ``slot`` keeps the cache within ``kv_budget`` even when every running
+        request runs to its limit (a request alone is always admitted). Without a budget, always."""
+        running = [(i, r) for i, r in enumerate(self._slots) if r is not None]
+        if self.kv_budget is None or not running:
+            return True
+        slots = max(slot, *(i for i, _ in running)) + 1
+        length = max(self._need(req), *(self._need(r) for _, r in running))
+        return self.runner.cache_bytes(slots, min(length, self.runner.max_len)) <= self.kv_budget
 
     def _admit_many(self, admitted: list[tuple[int, Request]]) -> None:
         """Prefill new requests together (in groups of similar length); a failing group is retried one by one."""

@@ -269,14 +269,14 @@ class NativeStep:
             y_qkv = self._probe(qkv, attn_in)
             attn = _AttnArgs(
                 n=n, nh=a.n_head, nkv=a.n_kv, hd=a.hd, rd=cfg.rotary_dim if self.rotary else 0,
-                interleaved=int(cfg.rope_interleaved), max_len=runner.max_len,
+                interleaved=int(cfg.rope_interleaved), max_len=runner.cap,
                 y_bf=int(y_qkv.dtype == torch.bfloat16), out_bf=int(proj[1] == torch.bfloat16),
                 y_stride=y_qkv.stride(0), out_stride=ha.stride(0),
                 scale=a.scale if a.scale is not None else a.hd ** -0.5, pos=_addr(self.pos),
                 cos=_addr(self.rotary[0]) if self.rotary else None, sin=_addr(self.rotary[1]) if self.rotary else None,
                 bias=_addr(self._keep_t(qkv[3])), k=_addr(runner.k[i]), v=_addr(runner.v[i]), out=_addr(ha),
                 tmp=_addr(self._keep_t(torch.zeros((a.n_head + 2 * a.n_kv) * a.hd
-                                                    + a.n_head // a.n_kv * (runner.max_len + a.hd)))))
+                                                    + a.n_head // a.n_kv * (runner.cap + a.hd)))))
             y_proj = self._probe(proj, ha)
             norm2 = self._norm_args(_norm_kind(blk.norm2), fc1, (proj, y_proj))
             f_in = self._buffer(fc2)

@@ -64,7 +64,8 @@ class ModelServer:
                  api_key: str | None = None, max_batch: int = 16, max_len: int | None = None,
                  max_tokens: int | None = None, max_body: int = 1 << 20, template: str | None = None,
                  aliases: tuple[str, ...] = (), max_queue: int = 64, allowed_hosts: tuple[str, ...] = (),
-                 cors_origins: tuple[str, ...] = (), threads: int | None = None) -> None:
+                 cors_origins: tuple[str, ...] = (), threads: int | None = None,
+                 kv_budget: int | None = None) -> None:
         if max_queue < 1 or max_body < 1:
             raise ValueError("max_queue and max_body must be >= 1")
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
@@ -78,7 +79,8 @@ class ModelServer:
         self.page = resources.files("lmforge.serve").joinpath("static/index.html").read_bytes()
         self.hosts = HostCheck(host, allowed_hosts)
         self.sock = _bind(host, port)
-        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_len, threads=threads)
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_len, threads=threads,
+                             kv_budget=kv_budget)
         ctx = self.engine.max_len
         self.limits = Limits(context=ctx, max_tokens=min(max_tokens or ctx, ctx))
         self.app = build_app(self)
