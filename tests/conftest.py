@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_tmpdir(tmp_path_factory):
+    """Commands the tests run put their temporary files under pytest's own temporary directory (torchrun leaves a
+    torchelastic_* directory behind on every run), which pytest prunes."""
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("subprocess-tmp"))
+    yield
+    if before is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = before
 
 
 @pytest.fixture(scope="session")
