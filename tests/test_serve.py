@@ -241,7 +241,7 @@ def test_cli_serve_binds_localhost_and_answers(tmp_path):
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
-        assert f"http://127.0.0.1:{port}" in line, line
+        assert f"http://127.0.0.1:{port}" in line and "batch 2," in line, line  # an explicit --max-batch: no budget
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         assert [m.id for m in c.models.list().data] == ["stories260K.bin"]
     finally:

@@ -103,7 +103,8 @@ def run(args) -> None:
     if not _loopback(args.host) and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use the model",
               file=sys.stderr)
-    print(f"serving {mid} on {server.url} (context {server.limits.context}, batch {max_batch}, threads {threads}, "
+    batch = f"batch {max_batch}" + ("" if args.max_batch else f" within a {KV_BUDGET >> 20} MiB key/value cache")
+    print(f"serving {mid} on {server.url} (context {server.limits.context}, {batch}, threads {threads}, "
           f"template {server.template.name}); chat page at {server.url}/, API docs at {server.url}/docs",
           file=sys.stderr, flush=True)
     try:
