@@ -693,7 +693,11 @@ class Engine:
     parallel work keeps a pool of workers of its own; once the threads of all pools outnumber the cores, libgomp
     stops spinning between parallel regions and every packed-kernel call waits for a worker to wake: SmolLM2 int4
     decoded 43 tokens/s in this thread against 147 in the main thread, 2 threads on 2 cores. A caller that keeps its
-    own thread at one torch thread (``lmforge serve``: no pool) and gives this thread its threads avoids that."""
+    own thread at one torch thread (``lmforge serve``: no pool) and gives this thread its threads avoids that.
+
+    ``kv_budget``: bytes the key/value cache may grow to. A waiting request is admitted only while the cache, with
+    every running request at its prompt plus its limit, stays within it (a request alone always is); the others
+    wait their turn. None: every free slot takes a request."""
 
     def __init__(self, model: Decoder, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  threads: int | None = None, kv_budget: int | None = None) -> None:
