@@ -88,6 +88,7 @@ def run(args) -> None:
     model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
     threads = args.threads or default_threads(model)
     max_batch = args.max_batch or DEFAULT_MAX_BATCH
+    budget = None if args.max_batch else KV_BUDGET  # an explicit --max-batch is the user's to size
     mid, aliases = model_id_for(args.model)
     if args.model_id:
         mid, aliases = args.model_id, (mid, *aliases)
@@ -97,13 +98,13 @@ def run(args) -> None:
                              max_len=args.max_len, max_tokens=args.max_tokens, max_body=args.max_body,
                              template=template, aliases=aliases, max_queue=args.max_queue, allowed_hosts=hosts,
                              cors_origins=tuple(args.cors_origin), threads=threads,
-                             kv_budget=None if args.max_batch else KV_BUDGET)
+                             kv_budget=budget)
     except OSError as e:
         raise LMForgeError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     if not _loopback(args.host) and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use the model",
               file=sys.stderr)
-    batch = f"batch {max_batch}" + ("" if args.max_batch else f" within a {KV_BUDGET >> 20} MiB key/value cache")
+    batch = f"batch {max_batch}" + (f" within a {budget >> 20} MiB key/value cache" if budget else "")
     print(f"serving {mid} on {server.url} (context {server.limits.context}, {batch}, threads {threads}, "
           f"template {server.template.name}); chat page at {server.url}/, API docs at {server.url}/docs",
           file=sys.stderr, flush=True)

@@ -69,10 +69,11 @@ class _SlotsView:
 
     def __init__(self, runner: SlotRunner, slots: torch.Tensor) -> None:
         self.r, self.slots, self.pos = runner, slots, 0
+        self.top = int(slots.max()) + 1  # slots the cache must hold
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k.shape[2]
-        self.r.reserve(int(self.slots.max()) + 1, end)
+        self.r.reserve(self.top, end)
         self.r.k[layer][self.slots, :, self.pos : end] = k
         self.r.v[layer][self.slots, :, self.pos : end] = v
         return self.r.k[layer][self.slots, :, :end], self.r.v[layer][self.slots, :, :end]
@@ -171,8 +172,7 @@ class SlotRunner:
         # bytes of one position of one slot, keys and values of every layer
         self.per_pos = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_size * p.element_size()
         self.slots = self.cap = 0  # allocated so far (reserve grows them)
-        self.k = self.v = torch.zeros(cfg.n_layer, 0, cfg.kv_heads, 0, cfg.head_size, device=self.device,
-                                      dtype=self.dtype)
+        self.k = self.v = self._cache(0, 0)
         self.k_flat: list[torch.Tensor] = []  # per layer (slots * kv_heads * cap, head_dim) views
         self.v_flat: list[torch.Tensor] = []
         self._heads = torch.arange(cfg.kv_heads, device=self.device)[None]
@@ -210,11 +210,8 @@ class SlotRunner:
             return
         if slots > self.n_slots or length > self.max_len:
             raise ValueError(f"KV cache full: {slots} slots x {length} positions > {self.n_slots} x {self.max_len}")
-        s, c = self._grown(slots, length)
-        cfg = self.cfg
-        shape = (cfg.n_layer, s, cfg.kv_heads, c, cfg.head_size)
-        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        size = self._grown(slots, length)
+        k, v = self._cache(*size), self._cache(*size)
         if self.slots and self.cap:
             k[:, : self.slots, :, : self.cap] = self.k
             v[:, : self.slots, :, : self.cap] = self.v
@@ -223,11 +220,15 @@ class SlotRunner:
     def release(self) -> None:
         """Give the cache back (nothing is running): the next prefill allocates what it needs."""
         if self.slots or self.cap:
-            cfg = self.cfg
-            empty = torch.zeros(cfg.n_layer, 0, cfg.kv_heads, 0, cfg.head_size, device=self.device, dtype=self.dtype)
+            empty = self._cache(0, 0)
             self._set_cache(empty, empty)
             self.lens = [0] * self.n_slots
             release_free_memory()
+
+    def _cache(self, slots: int, length: int) -> torch.Tensor:
+        cfg = self.cfg
+        return torch.zeros(cfg.n_layer, slots, cfg.kv_heads, length, cfg.head_size, device=self.device,
+                           dtype=self.dtype)
 
     def _set_cache(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k, v
@@ -773,6 +774,10 @@ class Engine:
         """Groups (API calls) with a request waiting for a slot."""
         return len(self._waiting)
 
+    def _head(self) -> Request:
+        """The request ``_next_waiting`` would take (call with the lock held)."""
+        return self._waiting[next(iter(self._waiting))][0]
+
     def _next_waiting(self) -> Request:
         """The next request to admit: round-robin over the waiting groups (call with the lock held)."""
         key = next(iter(self._waiting))
@@ -794,15 +799,15 @@ class Engine:
                     self._cv.wait()
                 if self._closed:
                     break
-                if self._waiting and not any(self._slots):  # idle: a cache far longer than the next request
-                    need = self._need(self._waiting[next(iter(self._waiting))][0])  # needs goes back (it is kept
-                    if self.runner.cap >= 2 * max(need, MIN_CACHE_LEN):  # otherwise: no allocation, no replanning)
+                # idle: a cache far longer than the next request needs goes back (it is kept otherwise: no
+                if self._waiting and not any(self._slots):  # allocation, no replanning)
+                    if self.runner.cap >= 2 * max(self._need(self._head()), MIN_CACHE_LEN):
                         self.runner.release()
                 admitted = []
                 self._drop_cancelled_waiting()
                 while self._waiting and None in self._slots:
                     slot = self._slots.index(None)
-                    if not self._fits(slot, self._waiting[next(iter(self._waiting))][0]):
+                    if not self._fits(slot, self._head()):
                         break
                     self._slots[slot] = req = self._next_waiting()
                     admitted.append((slot, req))
@@ -833,7 +838,7 @@ class Engine:
             return True
         slots = max(slot, *(i for i, _ in running)) + 1
         length = max(self._need(req), *(self._need(r) for _, r in running))
-        return self.runner.cache_bytes(slots, min(length, self.runner.max_len)) <= self.kv_budget
+        return self.runner.cache_bytes(slots, length) <= self.kv_budget
 
     def _admit_many(self, admitted: list[tuple[int, Request]]) -> None:
         """Prefill new requests together (in groups of similar length); a failing group is retried one by one."""
