@@ -4,12 +4,14 @@ cancellation of requests whose client went away, the OpenAPI docs, and the comma
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -20,7 +22,7 @@ from pacing import paced  # noqa: E402
 
 from lmforge.infer.engine import MIN_CACHE_LEN, Engine, Request, SlotRunner  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
-from lmforge.serve.server import ModelServer  # noqa: E402
+from lmforge.serve.server import ModelServer, _Sink  # noqa: E402
 
 MODEL = "stories260K.bin"
 KEY = "k3y"
@@ -259,6 +261,37 @@ def test_a_finished_stream_ends_in_one_write(server):
     last = [json.loads(e[6:]) for e in body[-2].split(b"\n\n") if e.startswith(b"data: {")]
     assert body[-2].endswith(b"data: [DONE]\n\n")
     assert last[-2]["choices"][0]["finish_reason"] == "length" and last[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_the_engine_wakes_the_loop_only_for_a_waiting_reader():
+    """Events put while a request's coroutine writes or paces its stream are only appended (a wake-up of the event
+    loop per token of each stream took the interpreter lock from the engine that often); a coroutine waiting in
+    ``get`` is woken by the first put, once, and gets everything put."""
+
+    async def main() -> None:
+        sink = _Sink()
+        wakes: list = []
+        wake = sink.loop.call_soon_threadsafe
+        sink.loop.call_soon_threadsafe = lambda *a: wakes.append(a) or wake(*a)
+        engine = threading.Thread(target=lambda: [sink.put((0, i)) for i in range(100)])
+        engine.start()
+        engine.join()
+        assert wakes == [] and [i for _, i in sink.take()] == list(range(100)) and sink.take() == []
+        reader = asyncio.ensure_future(sink.get())
+        await asyncio.sleep(0.01)
+        assert not reader.done()
+        engine = threading.Thread(target=lambda: (sink.put_many([(0, "a"), (1, "b")]), sink.put((0, "c"))))
+        engine.start()
+        engine.join()
+        assert await asyncio.wait_for(reader, 10) == [(0, "a"), (1, "b"), (0, "c")] and len(wakes) == 1
+        reader = asyncio.ensure_future(sink.get())  # a reader that is cancelled leaves no waiter behind
+        await asyncio.sleep(0.01)
+        reader.cancel()
+        await asyncio.sleep(0)
+        sink.put((0, "d"))
+        assert len(wakes) == 1 and await sink.get() == [(0, "d")]
+
+    asyncio.run(main())
 
 
 def test_full_queue_answers_429_with_retry_after(stories):

@@ -386,42 +386,65 @@ class _H11(H11Protocol):
 
 
 class _Sink:
-    """Where the engine thread puts ``(tag, item)`` events: an asyncio queue of the serving loop."""
+    """Where the engine thread puts ``(tag, item)`` events for one HTTP request, and its coroutine takes them.
+
+    The engine wakes the event loop only when the coroutine is waiting for events: events that come while it writes
+    or paces its stream are only appended (one wake-up of the loop per token of every stream cost the engine its
+    interpreter lock that often)."""
 
     GONE = object()  # the client went away
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
         self._lock = threading.Lock()
-        self._pending: list = []  # put by the engine, not yet moved to the queue
+        self._items: list = []  # put, not yet taken
+        self._waiter: asyncio.Future | None = None  # set while the coroutine waits in get()
 
     def put(self, item) -> None:
         self.put_many([item])
 
     def put_many(self, items: list) -> None:
-        """From the engine thread: one wake-up of the loop for all the events it has not taken yet."""
+        """From the engine thread (or the loop): append, and wake the reader if it waits."""
         with self._lock:
-            waiting = bool(self._pending)
-            self._pending.extend(items)
-            if waiting:
-                return
-        try:
-            self.loop.call_soon_threadsafe(self._move)
-        except RuntimeError:  # the loop is closed: nobody is listening
-            pass
+            self._items.extend(items)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            try:
+                self.loop.call_soon_threadsafe(_wake, waiter)
+            except RuntimeError:  # the loop is closed: nobody is listening
+                pass
 
-    def _move(self) -> None:
+    def take(self) -> list:
+        """Every event put since the last take (perhaps none)."""
         with self._lock:
-            items, self._pending = self._pending, []
-        for item in items:
-            self.queue.put_nowait(item)
+            items, self._items = self._items, []
+        return items
+
+    async def get(self) -> list:
+        """Every event put since the last take; waits for one when there is none."""
+        with self._lock:
+            if self._items:
+                items, self._items = self._items, []
+                return items
+            self._waiter = fut = self.loop.create_future()
+        try:
+            await fut
+        finally:
+            with self._lock:
+                if self._waiter is fut:
+                    self._waiter = None
+        return self.take()
 
     async def watch(self, receive) -> None:
         """Wait until the client disconnects, then tell the reader."""
         while (await receive())["type"] != "http.disconnect":
             pass
-        self.queue.put_nowait((None, self.GONE))
+        self.put((None, self.GONE))
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def build_app(server: ModelServer) -> FastAPI:
@@ -518,13 +541,13 @@ async def _generate(server: ModelServer, request: Request, kind: str) -> Respons
         steps: list[list] = [[] for _ in reqs]
         left = len(reqs)
         while left:
-            tag, item = await sink.queue.get()
-            if item is _Sink.GONE:  # nobody will read the answer: stop decoding it now
-                return Response(status_code=499)
-            if item is EngineRequest.DONE:
-                left -= 1
-            else:
-                steps[tag].append(item)
+            for tag, item in await sink.get():
+                if item is _Sink.GONE:  # nobody will read the answer: stop decoding it now
+                    return Response(status_code=499)
+                if item is EngineRequest.DONE:
+                    left -= 1
+                else:
+                    steps[tag].append(item)
     finally:
         watch.cancel()
         for r in reqs:
@@ -579,7 +602,7 @@ class _EventStream(Response):
 
     async def _events(self):
         """(bytes, last) to send: the events of the tokens that came, gathered; the last holds [DONE]."""
-        g, reqs, q = self.g, self.reqs, self.sink.queue
+        g, reqs, sink = self.g, self.reqs, self.sink
         tok = self.server.tokenizer
         cid, created = P.new_id(g.kind), P.now()
         obj = "chat.completion.chunk" if g.kind == "chat" else "text_completion"
@@ -596,15 +619,12 @@ class _EventStream(Response):
                                          "finish_reason": None}])) for i in range(len(reqs))), False
         left = len(reqs)
         while left:
-            items = [await q.get()]
-            while not q.empty():
-                items.append(q.get_nowait())
+            items = await sink.get()
             if not any(item is EngineRequest.DONE or item is _Sink.GONE for _, item in items):
                 # let tokens gather for a moment, longer the more requests run: fewer, larger events under load
                 # (a finished request is answered at once: its client's next request waits for the end)
                 await asyncio.sleep(min(STREAM_PACE * max(self.server.engine.active, 1), 0.02))
-                while not q.empty():
-                    items.append(q.get_nowait())
+                items += sink.take()
             if any(item is _Sink.GONE for _, item in items):
                 return
             pending: dict[int, list] = {}  # tag -> steps not yet sent, in order
