@@ -7,7 +7,7 @@ import pytest
 import torch
 from slot_decode import decode_against_full_forward
 
-from lmforge.infer import native
+from lmforge.infer import engine, native
 from lmforge.infer.engine import MIN_CACHE_LEN, NATIVE_TRIALS, SlotRunner
 from lmforge.model import Decoder
 from lmforge.presets import get_preset
@@ -88,6 +88,65 @@ def test_the_cache_grows_while_decoding(step, monkeypatch):
     assert (4 in runner._native) == (step == "1")
     runner.release()
     assert (runner.slots, runner.cap) == (0, 0) and runner.k.numel() == 0
+
+
+def _prefill_counting(model, monkeypatch) -> list:
+    """Count the decoder's forwards (a prefill through the decoder is one)."""
+    calls, orig = [], model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_short_prompts_prefill_through_the_c_step(shape, monkeypatch):
+    """Every prompt token is a row of one C step (19 rows padded to 32): each prompt's logits equal a full forward's
+    and its keys and values the decoder prefill's; a slot prefilled before keeps its cache (padding rows write
+    nothing); the decoder is not called."""
+    model = _model(shape)
+    prompts = {0: [5, 6, 7, 8, 9, 10, 11], 1: [3], 3: [40 + i for i in range(11)]}
+    caches = {}
+    for limit in (engine.NATIVE_PREFILL_ROWS, 0):
+        monkeypatch.setattr(engine, "NATIVE_PREFILL_ROWS", limit)
+        runner = SlotRunner(model, 4, 64)
+        runner.prefill(2, [1, 2, 3])
+        kept = runner.k[:, 2].clone(), runner.v[:, 2].clone()
+        calls = _prefill_counting(model, monkeypatch)
+        logits = runner.prefill_many(list(prompts), list(prompts.values()))
+        monkeypatch.undo()
+        assert len(calls) == (0 if limit else 1) and (32 in runner._native) == bool(limit)
+        assert runner.lens == [7, 1, 3, 11]
+        assert torch.equal(runner.k[:, 2], kept[0]) and torch.equal(runner.v[:, 2], kept[1])
+        for (slot, ids), got in zip(prompts.items(), logits):
+            with torch.no_grad():
+                want = model(torch.tensor([ids]))[0, -1]
+            assert torch.allclose(got, want, atol=2e-5, rtol=1e-5), (slot, (got - want).abs().max())
+        caches[limit] = runner
+    c, d = caches.values()
+    for slot, ids in prompts.items():
+        for a, b in ((c.k, d.k), (c.v, d.v)):
+            assert torch.allclose(a[:, slot, :, : len(ids)], b[:, slot, :, : len(ids)], atol=2e-5)
+    assert c.prefill(1, [3, 4, 5]).shape == (97,) and c.lens[1] == 3  # one prompt alone: 3 rows, padded to 4
+    assert 4 in c._native
+
+
+def test_quantized_and_long_prompts_keep_the_decoder_prefill(monkeypatch):
+    """Quantized products compute by row count (the C step's few rows would round in bfloat16), and prompts over
+    NATIVE_PREFILL_ROWS tokens are the decoder's batched products' work: both prefill through the decoder."""
+    model = _model("llama")
+    runner = SlotRunner(model, 2, 64)
+    calls = _prefill_counting(model, monkeypatch)
+    monkeypatch.setattr(engine, "NATIVE_PREFILL_ROWS", 8)
+    runner.prefill_many([0, 1], [[1, 2, 3, 4, 5], [6, 7, 8, 9]])
+    runner.prefill(0, list(range(1, 10)))
+    assert len(calls) == 2
+    runner.prefill(1, [1, 2, 3])
+    assert len(calls) == 2
+    monkeypatch.undo()
+    quantize_model(model, QuantConfig(bits=8))
+    runner = SlotRunner(model, 2, 64)
+    calls = _prefill_counting(model, monkeypatch)
+    runner.prefill(0, [1, 2, 3])
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, None)])

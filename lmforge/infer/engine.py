@@ -22,6 +22,7 @@ groups, so one call with 256 sequences cannot starve a call with one.
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import queue
 import sys
@@ -44,6 +45,7 @@ from lmforge.quant import QuantLinear
 
 NATIVE_TRIALS = 3  # timed steps of each plan before a row count keeps the fastest (see SlotRunner._plan_for)
 Plan = tuple[bool, int]  # how a decode step runs: (the C-assisted step, torch threads)
+NATIVE_PREFILL_ROWS = 256  # prompts of up to this many tokens in all are prefilled by the C step
 MIN_CACHE_LEN = 256  # positions the key/value cache starts with (it doubles from there as prompts and steps need)
 
 
@@ -183,6 +185,8 @@ class SlotRunner:
         self.rows = torch.arange(n_slots, device=self.device)
         self.keys = torch.arange(self.max_len, device=self.device)
         self.fast = fast_path_supported(model)
+        # quantized products compute by row count (bfloat16 kernels for a few rows): a prefill stays the decoder's
+        self._quantized = any(isinstance(m, QuantLinear) for m in model.modules())
         self._native_ok: bool | None = None  # NativeStep.supported, asked at the first decode step
         self._native: dict[int, NativeStep] = {}  # rows -> the step planned for them
         self._path = decode_plans(model)  # (rows, threads) -> the plan kept, or the trials' times
@@ -247,6 +251,9 @@ class SlotRunner:
         if len(ids) + self.nv > self.max_len:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {self.max_len - self.nv}")
         self.lens[slot] = 0
+        logits = self._prefill_native([slot], [ids])
+        if logits is not None:
+            return logits[0]
         x = torch.tensor([ids], device=self.device)
         view = _SlotView(self, slot)
         h = self.model.hidden_states(x, cache=view)[:, -1]
@@ -259,16 +266,49 @@ class SlotRunner:
         after a prompt); logits (len(prompts), V) after each prompt's last token."""
         if any(not p for p in prompts) or max(len(p) for p in prompts) + self.nv > self.max_len:
             raise ValueError("every prompt must hold between 1 and max_len tokens")
-        P = max(len(p) for p in prompts)
-        ids = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=self.device)
         for s in slots:
             self.lens[s] = 0
+        logits = self._prefill_native(slots, prompts)
+        if logits is not None:
+            return logits
+        P = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=self.device)
         rows = torch.tensor(slots, device=self.device)
         h = self.model.hidden_states(ids, cache=_SlotsView(self, rows))
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         for s, p in zip(slots, prompts):
             self.lens[s] = len(p) + self.nv
         return self.model.lm_head(h[torch.arange(len(prompts), device=self.device), last])
+
+    def _prefill_native(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor | None:
+        """Short prompts through the C step (``lmforge.infer.native``): every prompt token is a row at its slot and
+        position, a prompt's rows in order, so each attends to the keys its predecessors wrote in the same call.
+        Rows are padded to a power of two up to 16, then to a multiple of 32 (steps are planned per row count). A
+        prefill through the decoder pays its per-layer Python whatever the prompt's length: a 9-token prompt of
+        stories260K took 0.63 ms there, 0.20 ms here. Logits (len(prompts), V) after each prompt's last token, or
+        None where the C step does not apply, the model is quantized (its products compute by row count: the
+        prefill stays the decoder's) or the prompts hold more than ``NATIVE_PREFILL_ROWS`` tokens."""
+        total = sum(len(p) for p in prompts)
+        if not self.fast or total > NATIVE_PREFILL_ROWS or self._native_ok is False or self._quantized:
+            return None
+        self.reserve(max(slots) + 1, max(len(p) for p in prompts))
+        n = 1 << (total - 1).bit_length() if total <= 16 else -(-total // 32) * 32
+        step = self._native_step(n)
+        if step is None:
+            return None
+        tok = [t for p in prompts for t in p] + [0] * (n - total)
+        pos = [i for p in prompts for i in range(len(p))] + [-1] * (n - total)
+        rows = [s for s, p in zip(slots, prompts) for _ in p] + [0] * (n - total)
+        last = list(itertools.accumulate(len(p) for p in prompts))
+        x = self._embed(torch.tensor(tok, device=self.device), torch.tensor([max(i, 0) for i in pos]))
+        try:
+            logits = step.run(x, pos, rows, [i - 1 for i in last])
+        except Stale:
+            self._native.clear()
+            return None
+        for s, p in zip(slots, prompts):
+            self.lens[s] = len(p)
+        return logits
 
     # ---- decode -----------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -143,7 +143,8 @@ typedef struct {
     int32_t n, nh, nkv, hd, rd, interleaved, max_len, y_bf, out_bf;
     int64_t y_stride, out_stride;
     float scale;
-    const int32_t *pos;            /* (n): each row's new position (its key count before this token) */
+    const int32_t *pos;            /* (n): each row's new position (its key count before this token); < 0: skip */
+    const int32_t *slot;           /* (n): each row's cache slot, or NULL: row r is slot r */
     const float *cos, *sin;        /* (positions, rd) rotary tables, or NULL: no rotation */
     const float *bias;             /* NULL or ((nh + 2 nkv) hd): the qkv projection's bias */
     float *k, *v;                  /* this layer's cache (slots, nkv, max_len, hd), float32 */
@@ -273,6 +274,8 @@ static void attend_any(const float *q, const float *K, const float *V, int t, in
     }
 }
 
+/* Rows in order, each writing its key and value before it attends: the tokens of one prompt as rows of one slot at
+   consecutive positions are a causal prefill in one call. */
 void lmf_attention(const attn_args *a, const void *y) {
     const int nh = a->nh, nkv = a->nkv, hd = a->hd, rep = nh / nkv, width = (nh + 2 * nkv) * hd;
     const size_t M = (size_t)a->max_len;
@@ -283,14 +286,15 @@ void lmf_attention(const attn_args *a, const void *y) {
 #pragma omp simd
             for (int i = 0; i < width; i++) row[i] += a->bias[i];
         }
-        const int t = a->pos[r];
+        const int t = a->pos[r], sl = a->slot ? a->slot[r] : r;
+        if (t < 0) continue;  /* a padding row */
         if (a->cos) {
             const float *c = a->cos + (size_t)t * a->rd, *s = a->sin + (size_t)t * a->rd;
             for (int h = 0; h < nh + nkv; h++) rotate(row + (size_t)h * hd, c, s, a->rd, a->interleaved);
         }
         char *out = row_at(a->out, a->out_bf, a->out_stride, r);
         for (int g = 0; g < nkv; g++) {  /* the rep query heads of kv head g (heads g rep .. g rep + rep - 1) */
-            float *K = a->k + ((size_t)r * nkv + g) * M * hd, *V = a->v + ((size_t)r * nkv + g) * M * hd;
+            float *K = a->k + ((size_t)sl * nkv + g) * M * hd, *V = a->v + ((size_t)sl * nkv + g) * M * hd;
             memcpy(K + (size_t)t * hd, row + (size_t)(nh + g) * hd, (size_t)hd * sizeof(float));
             memcpy(V + (size_t)t * hd, row + (size_t)(nh + nkv + g) * hd, (size_t)hd * sizeof(float));
             attend_any(row + (size_t)g * rep * hd, K, V, t, rep, a->scale, M, p, o, hd);

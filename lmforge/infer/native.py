@@ -143,8 +143,8 @@ class _NormArgs(ctypes.Structure):
 class _AttnArgs(ctypes.Structure):
     _fields_ = [("n", _i32), ("nh", _i32), ("nkv", _i32), ("hd", _i32), ("rd", _i32), ("interleaved", _i32),
                 ("max_len", _i32), ("y_bf", _i32), ("out_bf", _i32), ("y_stride", _i64), ("out_stride", _i64),
-                ("scale", _f32), ("pos", _ptr), ("cos", _ptr), ("sin", _ptr), ("bias", _ptr), ("k", _ptr),
-                ("v", _ptr), ("out", _ptr), ("tmp", _ptr)]
+                ("scale", _f32), ("pos", _ptr), ("slot", _ptr), ("cos", _ptr), ("sin", _ptr), ("bias", _ptr),
+                ("k", _ptr), ("v", _ptr), ("out", _ptr), ("tmp", _ptr)]
 
 
 class _ActArgs(ctypes.Structure):
@@ -246,6 +246,8 @@ class NativeStep:
         D = cfg.n_embd
         self.pos = torch.zeros(n, dtype=torch.int32)
         self._pos_np = self.pos.numpy()
+        self.slot = torch.arange(n, dtype=torch.int32)  # row r -> its cache slot (r, unless run is given slots)
+        self._slot_np, self._identity = self.slot.numpy(), True
         self.x = torch.zeros(n, D)
         self.final = torch.zeros(n, D)
         self._buffers: dict[tuple, torch.Tensor] = {}
@@ -272,7 +274,7 @@ class NativeStep:
                 interleaved=int(cfg.rope_interleaved), max_len=runner.cap,
                 y_bf=int(y_qkv.dtype == torch.bfloat16), out_bf=int(proj[1] == torch.bfloat16),
                 y_stride=y_qkv.stride(0), out_stride=ha.stride(0),
-                scale=a.scale if a.scale is not None else a.hd ** -0.5, pos=_addr(self.pos),
+                scale=a.scale if a.scale is not None else a.hd ** -0.5, pos=_addr(self.pos), slot=_addr(self.slot),
                 cos=_addr(self.rotary[0]) if self.rotary else None, sin=_addr(self.rotary[1]) if self.rotary else None,
                 bias=_addr(self._keep_t(qkv[3])), k=_addr(runner.k[i]), v=_addr(runner.v[i]), out=_addr(ha),
                 tmp=_addr(self._keep_t(torch.zeros((a.n_head + 2 * a.n_kv) * a.hd
@@ -372,8 +374,17 @@ class NativeStep:
         """Whether the tensors this step points into are still the model's (rotary tables grow lazily)."""
         return self.rotary is None or (self.model.rotary.cos is self.rotary[0])
 
-    def run(self, x0: torch.Tensor, lens: list[int]) -> torch.Tensor:
-        """x0 (n, D): the embedded tokens; lens: each row's position. Logits (n, V)."""
+    def run(self, x0: torch.Tensor, lens: list[int], slots: list[int] | None = None,
+            last: list[int] | None = None) -> torch.Tensor:
+        """x0 (n, D): the embedded tokens; lens: each row's position (< 0: a padding row, left out). Logits (n, V);
+        with ``slots`` (each row's cache slot; default row r is slot r) and ``last`` (the rows wanted), the logits
+        of the ``last`` rows only, by the model's output layer (a prefill: the rows of a prompt in order)."""
+        if slots is not None:
+            self._slot_np[:] = slots
+            self._identity = False
+        elif not self._identity:
+            self._slot_np[:] = range(self.n)
+            self._identity = True
         lib = self.lib
         norm, attention, activation = lib.lmf_add_norm, lib.lmf_attention, lib.lmf_activation
         self._pos_np[:] = lens
@@ -388,6 +399,8 @@ class NativeStep:
             activation(act, y.data_ptr())
             y = fc2(f)
             norm(after, y.data_ptr())
+        if last is not None:
+            return self.model.lm_head(self.final[last])
         return self.head(self.final)
 
 
