@@ -63,7 +63,7 @@ def test_native_step_equals_full_forward(shape, forced):
     assert 4 in runner._native and all(native for native, _ in (plans if isinstance(plans, dict) else [plans]))
 
 
-@pytest.mark.parametrize("shape", ["hd64-mqa-gelu", "llama"])
+@pytest.mark.parametrize("shape", ["hd64-mqa-gelu", "llama", "hd8-relu-geglu"])
 def test_native_step_over_longer_contexts(shape, forced):
     _check_decode(_model(shape), atol=2e-5, steps=18, long=True)
 
