@@ -55,12 +55,46 @@ def _check_decode(model: Decoder, atol: float, steps: int = 5, long: bool = Fals
     return runner
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["one-call", "torch-products"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_native_step_equals_full_forward(shape, forced):
+def test_native_step_equals_full_forward(shape, whole, forced, monkeypatch):
+    """Small models run the whole step as one C call with its own products (biases included); larger ones keep
+    PyTorch's products between the C calls (SMALL_PRODUCTS = 0 here)."""
+    if not whole:
+        monkeypatch.setattr(native, "SMALL_PRODUCTS", 0)
     model = _model(shape)
     runner = _check_decode(model, atol=2e-5)
     plans = runner._path[4, torch.get_num_threads()]  # kept, or still in trials: the C step at each thread count
     assert 4 in runner._native and all(native for native, _ in (plans if isinstance(plans, dict) else [plans]))
+    assert (runner._native[4]._step is not None) == (whole and bool(native.library().lmf_linear_fast()))
+
+
+def test_one_call_step_follows_changed_weights(monkeypatch):
+    """The one-call step keeps its weights transposed: a weight changed in place (an optimizer step between PPO
+    rollouts) or replaced plans the step again, and its logits follow the new weights as the PyTorch step's do."""
+    model = _model("llama")
+    runners = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LMFORGE_NATIVE", flag)
+        runners[flag] = SlotRunner(model, 2, 64)
+        runners[flag].prefill(0, [5, 6, 7])
+        runners[flag].decode([8, None])
+    first = runners["1"]._native[2]
+    assert first._step is not None or not native.library().lmf_linear_fast()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight.mul_(1.5)
+        model.lm_head.weight.mul_(0.5)
+    got = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LMFORGE_NATIVE", flag)
+        got[flag] = runners[flag].decode([9, None])[0]
+    assert runners["1"]._native[2] is not first and not runners["0"]._native
+    assert torch.allclose(got["1"], got["0"], atol=2e-5), (got["1"] - got["0"]).abs().max()
+    second = runners["1"]._native[2]
+    model.blocks[0].attn.proj.weight = torch.nn.Parameter(model.blocks[0].attn.proj.weight * 2, requires_grad=False)
+    monkeypatch.setenv("LMFORGE_NATIVE", "1")
+    runners["1"].decode([10, None])
+    assert runners["1"]._native[2] is not second
 
 
 @pytest.mark.parametrize("shape", ["hd64-mqa-gelu", "llama", "hd8-relu-geglu"])

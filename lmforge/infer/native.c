@@ -530,3 +530,107 @@ void lmf_head_refine(const head_args *a, const void *y) {
         }
     }
 }
+
+/* ---- small float32 products, and the whole step in one call ----------------------------------- */
+
+typedef struct {
+    int32_t n, K, N, Np;           /* rows, inputs, outputs, outputs padded to a multiple of 16 */
+    int64_t x_stride;              /* elements per input row */
+    const float *x;                /* (n, x_stride) */
+    const float *wt;               /* (K, Np): the weight transposed, zero past N */
+    const float *bias;             /* NULL or (Np), zero past N */
+    float *out;                    /* (n, Np) */
+} lin_args;
+
+int lmf_linear_fast(void) {  /* whether lmf_linear has its vector kernel here */
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#if defined(__AVX512F__)
+/* Rows r0 .. r0 + R - 1, outputs j0 .. j0 + 16 NB - 1: R x NB accumulators, each weight load used by R rows. */
+static inline __attribute__((always_inline)) void lin_block(const lin_args *a, int r0, int j0, const int R,
+                                                            const int NB) {
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++)
+            acc[r][b] = a->bias ? _mm512_loadu_ps(a->bias + j0 + 16 * b) : _mm512_setzero_ps();
+    const float *w = a->wt + j0;
+    for (int k = 0; k < a->K; k++, w += a->Np) {
+        __m512 wk[4];
+        for (int b = 0; b < NB; b++) wk[b] = _mm512_loadu_ps(w + 16 * b);
+        for (int r = 0; r < R; r++) {
+            const __m512 xr = _mm512_set1_ps(a->x[(size_t)(r0 + r) * a->x_stride + k]);
+            for (int b = 0; b < NB; b++) acc[r][b] = _mm512_fmadd_ps(xr, wk[b], acc[r][b]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) _mm512_storeu_ps(a->out + (size_t)(r0 + r) * a->Np + j0 + 16 * b, acc[r][b]);
+}
+
+#define LIN_ROWS(R)                                                                   \
+    for (; j + 64 <= a->Np; j += 64) lin_block(a, r, j, R, 4);                        \
+    switch ((a->Np - j) / 16) {                                                       \
+    case 3: lin_block(a, r, j, R, 3); break;                                          \
+    case 2: lin_block(a, r, j, R, 2); break;                                          \
+    case 1: lin_block(a, r, j, R, 1); break;                                          \
+    }
+#endif
+
+/* out = x W^T (+ bias), float32, for products small enough that a framework's call costs more than the arithmetic
+   (stories260K: 64 x 128 weights; PyTorch's F.linear took 5-10 us a call, most of a step of 21 of them). */
+void lmf_linear(const lin_args *a) {
+#if defined(__AVX512F__)
+    int r = 0;
+    for (; r + 4 <= a->n; r += 4) {
+        int j = 0;
+        LIN_ROWS(4)
+    }
+    for (; r < a->n; r++) {
+        int j = 0;
+        LIN_ROWS(1)
+    }
+#else
+    for (int r = 0; r < a->n; r++) {
+        float *o = a->out + (size_t)r * a->Np;
+        for (int j = 0; j < a->Np; j++) o[j] = a->bias ? a->bias[j] : 0.f;
+        for (int k = 0; k < a->K; k++) {
+            const float xk = a->x[(size_t)r * a->x_stride + k];
+            const float *w = a->wt + (size_t)k * a->Np;
+#pragma omp simd
+            for (int j = 0; j < a->Np; j++) o[j] += xk * w[j];
+        }
+    }
+#endif
+}
+
+typedef struct {
+    int32_t n_layer;
+    const norm_args *first;        /* the first norm (reads the embedded tokens in x) */
+    const lin_args *const *lin;    /* 4 per layer: qkv, proj, fc1, fc2 */
+    const attn_args *const *attn;  /* per layer */
+    const norm_args *const *norm2; /* per layer: + proj, then the MLP's norm */
+    const act_args *const *act;    /* per layer */
+    const norm_args *const *after; /* per layer: + fc2, then the next layer's norm (or the final one) */
+    const lin_args *head;          /* the output projection */
+} step_args;
+
+/* A whole decoding step when every product is an lmf_linear: one call, no interpreter between the layers. */
+void lmf_step(const step_args *s) {
+    lmf_add_norm(s->first, NULL);
+    for (int i = 0; i < s->n_layer; i++) {
+        const lin_args *const *l = s->lin + 4 * i;
+        lmf_linear(l[0]);
+        lmf_attention(s->attn[i], l[0]->out);
+        lmf_linear(l[1]);
+        lmf_add_norm(s->norm2[i], l[1]->out);
+        lmf_linear(l[2]);
+        lmf_activation(s->act[i], l[2]->out);
+        lmf_linear(l[3]);
+        lmf_add_norm(s->after[i], l[3]->out);
+    }
+    lmf_linear(s->head);
+}

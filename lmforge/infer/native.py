@@ -4,7 +4,8 @@ A decoding step of SmolLM2-135M in int4 makes 121 packed-kernel calls and about 
 token (norms, rotary embedding, cache writes, attention over a few hundred keys, activations). Each small operation
 costs PyTorch's dispatch and allocation, a few microseconds, whatever its size: half of the step. Here the matrix
 products stay PyTorch's, and everything between two of them is one C call over preallocated buffers: per layer four
-products and four calls.
+products and four calls. For small models (float32 linear layers of ``SMALL_PRODUCTS`` weights at most, such as
+stories260K) the products are C too, and the whole step is one call that holds no interpreter lock between layers.
 
 Built with the system's C compiler (``cc -O3 -march=native``) into ``~/.cache/lmforge/native/`` (keyed by the
 source, the compiler and the CPU), once per machine; where there is no compiler, or ``LMFORGE_NATIVE=0``, decoding
@@ -35,6 +36,7 @@ from lmforge.quant import QuantLinear
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
+SMALL_PRODUCTS = 1 << 20  # float32 weights (all linear layers) up to which the whole step is one C call
 ACTIVATION_CODES = {"silu": 0, "swiglu": 0, "gelu": 1, "geglu": 1, "gelu_tanh": 2, "geglu_tanh": 2, "relu": 3,
                     "reglu": 3}
 _LIB: ctypes.CDLL | None | bool = False  # False: not tried yet; None: not available here
@@ -109,6 +111,10 @@ def _load(path: Path) -> ctypes.CDLL:
     for name in ("lmf_add_norm", "lmf_attention", "lmf_activation", "lmf_head_refine"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], None
+    for name in ("lmf_linear", "lmf_step"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = [ctypes.c_void_p], None
+    lib.lmf_linear_fast.argtypes, lib.lmf_linear_fast.restype = [], ctypes.c_int
     return lib
 
 
@@ -155,6 +161,16 @@ class _ActArgs(ctypes.Structure):
 class _HeadArgs(ctypes.Structure):
     _fields_ = [("n", _i32), ("N", _i32), ("K", _i32), ("k", _i32), ("y_stride", _i64), ("q", _ptr), ("scales", _ptr),
                 ("bias", _ptr), ("x", _ptr), ("out", _ptr), ("idx", _ptr)]
+
+
+class _LinArgs(ctypes.Structure):
+    _fields_ = [("n", _i32), ("K", _i32), ("N", _i32), ("Np", _i32), ("x_stride", _i64), ("x", _ptr), ("wt", _ptr),
+                ("bias", _ptr), ("out", _ptr)]
+
+
+class _StepArgs(ctypes.Structure):
+    _fields_ = [("n_layer", _i32), ("first", _ptr), ("lin", _ptr), ("attn", _ptr), ("norm2", _ptr), ("act", _ptr),
+                ("after", _ptr), ("head", _ptr)]
 
 
 def _addr(t: torch.Tensor | None) -> int | None:
@@ -256,13 +272,16 @@ class NativeStep:
         self.layers = []
         norms = [_norm_kind(b.norm1) for b in m.blocks] + [_norm_kind(m.norm_f if cfg.final_norm else None)]
         prods = []
+        self._weights: list | None = [] if self._small() else None  # (module, weight, version) of C products
+        product = self._c_linear if self._weights is not None else (lambda mod: _product(mod, n))
         for blk in m.blocks:
-            p = [_product(mod, n) for mod in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2)]
+            p = [product(mod) for mod in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2)]
             if any(x is None for x in p):
                 raise ValueError("a layer this step does not cover")
             prods.append(p)
         # the first norm reads the embedded tokens already in x
         self.first = self._norm_args(norms[0], prods[0][0], None)
+        args: list[tuple] = []
         for i, blk in enumerate(m.blocks):
             qkv, proj, fc1, fc2 = prods[i]
             a = blk.attn
@@ -292,10 +311,69 @@ class NativeStep:
             nxt = prods[i + 1][0] if i + 1 < len(m.blocks) else None
             after = self._norm_args(norms[i + 1], nxt, (fc2, y_fc2))
             self._keep += [attn, norm2, act, after]
+            args.append((attn, norm2, act, after))
             self.layers.append((qkv[0], ctypes.addressof(attn), attn_in, proj[0], ctypes.addressof(norm2), ha,
                                 fc1[0], ctypes.addressof(act), self._buffer(fc1), fc2[0], ctypes.addressof(after),
                                 f_in))
         self.head = self._refined_head() or runner._head_fn()
+        self._step: _StepArgs | None = None
+        if self._weights is not None:
+            head = self._c_linear(m.lm_head)
+            head[0](self.final)  # its input is the final norm's output
+            self._head_args, V = head[0].args, m.lm_head.out_features
+            self._head_shape = (n, self._head_args.Np)
+            arrays = [(ctypes.c_void_p * len(a))(*(ctypes.addressof(x) for x in a)) for a in (
+                [p[0].args for layer in prods for p in layer], *zip(*args))]
+            self._step = _StepArgs(n_layer=len(m.blocks), first=ctypes.addressof(self.first),
+                                   lin=ctypes.addressof(arrays[0]), attn=ctypes.addressof(arrays[1]),
+                                   norm2=ctypes.addressof(arrays[2]), act=ctypes.addressof(arrays[3]),
+                                   after=ctypes.addressof(arrays[4]), head=ctypes.addressof(self._head_args))
+            self._keep += [arrays, self._step]
+            self._step_at, self._vocab = ctypes.addressof(self._step), V
+
+    def _small(self) -> bool:
+        """Whether every product (and the output projection) is a plain float32 ``nn.Linear`` on the CPU, their
+        weights SMALL_PRODUCTS floats at most in all, and the C products are vectorized here: then the products are
+        ``lmf_linear`` and the whole step is one call (``lmf_step``)."""
+        m = self.model
+        mods = [mod for b in m.blocks for mod in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)] + [m.lm_head]
+        for mod in mods:
+            if type(mod) is not nn.Linear or mod._forward_hooks or mod._forward_pre_hooks:
+                return False
+            if mod.weight.dtype != torch.float32 or mod.weight.device.type != "cpu" or (
+                    mod.bias is not None and mod.bias.dtype != torch.float32):
+                return False
+            try:
+                mod.weight._version  # noqa: B018 - inference tensors have none (their changes could not be seen)
+            except RuntimeError:
+                return False
+        return sum(mod.weight.numel() for mod in mods) <= SMALL_PRODUCTS and bool(self.lib.lmf_linear_fast())
+
+    def _c_linear(self, mod: nn.Linear):
+        """``mod`` as an ``lmf_linear`` product: (fn, float32, K, None); fn(x) writes (n, N) into its own output
+        buffer (row stride: N padded to 16) and returns a view of it. The weight is kept transposed: ``run`` plans
+        again (Stale) once the layer's weight changes."""
+        K, N = mod.in_features, mod.out_features
+        Np = -(-N // 16) * 16
+        wt = torch.zeros(K, Np)
+        wt[:, :N] = mod.weight.detach().t()
+        bias = None
+        if mod.bias is not None:
+            bias = torch.zeros(Np)
+            bias[:N] = mod.bias.detach()
+        out = torch.zeros(self.n, Np)
+        args = _LinArgs(n=self.n, K=K, N=N, Np=Np, x_stride=K, wt=_addr(self._keep_t(wt)),
+                        bias=_addr(self._keep_t(bias)), out=_addr(out))
+        self._keep += [args, out]
+        self._weights.append((mod, mod.weight, mod.weight._version))
+        fn, at, view = self.lib.lmf_linear, ctypes.addressof(args), out[:, :N]
+
+        def linear(x: torch.Tensor) -> torch.Tensor:
+            args.x, args.x_stride = x.data_ptr(), x.stride(0)
+            fn(at)
+            return view
+        linear.args = args
+        return linear, torch.float32, K, None
 
     def _refined_head(self):
         """An int8 output projection that recomputes its top candidates exactly after the bfloat16 kernel
@@ -386,9 +464,19 @@ class NativeStep:
             self._slot_np[:] = range(self.n)
             self._identity = True
         lib = self.lib
-        norm, attention, activation = lib.lmf_add_norm, lib.lmf_attention, lib.lmf_activation
         self._pos_np[:] = lens
         self.x.copy_(x0)
+        if self._step is not None:
+            for mod, w, version in self._weights:
+                if mod.weight is not w or w._version != version:
+                    raise Stale
+            logits = torch.empty(self._head_shape)  # a new tensor per step: callers may keep the logits
+            self._head_args.out = logits.data_ptr()
+            lib.lmf_step(self._step_at)
+            if self._vocab != logits.shape[1]:
+                logits = logits[:, : self._vocab].contiguous()
+            return logits if last is None else logits[last]
+        norm, attention, activation = lib.lmf_add_norm, lib.lmf_attention, lib.lmf_activation
         norm(ctypes.addressof(self.first), None)
         for qkv, attn, h, proj, norm2, a, fc1, act, h2, fc2, after, f in self.layers:
             y = qkv(h)  # held in a name: a temporary would be freed before the C call reads it
