@@ -397,12 +397,15 @@ def test_engine_survives_a_failing_request_and_cancellation(stories, prompts, si
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])  # untied, tied output projection
 def test_frozen_float32_weights_decode_column_major_with_the_same_results(tmp_path, name):
-    """A model nothing trains gets its linear weights laid out column-major for decoding (same shapes and values,
-    tied weights still one tensor, saved files unchanged); a model with trainable weights is left as it is."""
+    """A model nothing trains gets its linear weights laid out for decoding (same shapes and values, tied weights
+    still one tensor, saved files unchanged): row-major where the C step's lmf_gemv reads them (rows of a multiple
+    of 16 inputs, AVX512), column-major for PyTorch's product otherwise; a model with trainable weights is left as
+    it is."""
     from safetensors.torch import load_file
 
     from lmforge.checkpoint import save_checkpoint
     from lmforge.infer.engine import stream_layout
+    from lmforge.infer.native import library
 
     torch.manual_seed(0)
     cfg = get_preset(name, block_size=64, vocab_size=97)
@@ -414,9 +417,13 @@ def test_frozen_float32_weights_decode_column_major_with_the_same_results(tmp_pa
     model.requires_grad_(False)
     with torch.inference_mode():
         assert generate(model, prompt, p) == want  # SlotRunner lays the weights out
-    w = model.blocks[0].mlp.fc1.weight
-    assert w.stride() == (1, w.shape[0]) and not w.is_inference()
-    assert model.lm_head.weight.stride()[0] == 1
+    lib = library()
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            w = m.weight
+            row = lib is not None and lib.lmf_gemv_ok(w.shape[1])
+            assert (w.is_contiguous() if row else w.stride() == (1, w.shape[0])) and not w.is_inference()
+    assert model.__dict__["_lmforge_laid_out"]
     assert (model.lm_head.weight is model.wte.weight) == cfg.tie_embeddings
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k

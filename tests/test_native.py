@@ -69,6 +69,31 @@ def test_native_step_equals_full_forward(shape, whole, forced, monkeypatch):
     assert (runner._native[4]._step is not None) == (whole and bool(native.library().lmf_linear_fast()))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemv_products_of_a_few_rows(bias):
+    """A float32 layer of a few rows (a decoding step of a large float32 model) as lmf_gemv, reading the weight in
+    place: equal to F.linear for 1-4 rows, 16-row blocks and a remainder of outputs (N = 200), strided input rows;
+    an in-place change is read; a replaced weight makes it Stale; K not a multiple of 16 keeps F.linear."""
+    if not native.library().lmf_gemv_ok(64):
+        pytest.skip("no AVX512 here: float32 products stay PyTorch's")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 200, bias=bias).requires_grad_(False)
+    for rows in (1, 2, 3, 4):
+        fn = native.gemv(lin, rows)
+        x = torch.randn(rows, 160)[:, :128]  # rows 160 floats apart
+        want = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        assert torch.allclose(fn(x), want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    assert torch.allclose(fn(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    fresh = native.gemv(lin, 4, fresh=True)
+    assert fresh(x) is not fresh(x) and fn(x) is fn(x)
+    lin.weight = torch.nn.Parameter(lin.weight.clone(), requires_grad=False)
+    with pytest.raises(native.Stale):
+        fn(x)
+    assert native.gemv(torch.nn.Linear(72, 16), 1) is None
+
+
 def test_one_call_step_follows_changed_weights(monkeypatch):
     """The one-call step keeps its weights transposed: a weight changed in place (an optimizer step between PPO
     rollouts) or replaced plans the step again, and its logits follow the new weights as the PyTorch step's do."""

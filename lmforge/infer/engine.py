@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.infer.generate import Sequence, Step
-from lmforge.infer.native import NativeStep, Stale
+from lmforge.infer.native import NativeStep, Stale, library
 from lmforge.infer.sampling import SamplingParams, TokenSampler, select
 from lmforge.memory import drop_file_pages, file_mappings, release_free_memory
 from lmforge.model import Decoder
@@ -103,19 +103,24 @@ class _RowsView:
 
 
 def stream_layout(model: nn.Module) -> int:
-    """Lay out each plain float32 CPU linear weight column-major, in place: the same shape and values in the
-    storage of its transpose, the layout whose one-row products (decoding) stream fastest here. Measured on
-    SmolLM2-135M (two cores): its 49,152-row output projection 23 vs 13 GB/s, a float32 decoding step 40 vs 46 ms;
-    prefill's many-row products run at the same speed in both. Only for a model nothing trains (no parameter
-    requires grad: the inference commands freeze what they load), so no optimizer or DDP bucket sees a layout
-    change. Returns the number of float32 linear weights now in that layout."""
+    """Lay out each plain float32 CPU linear weight, in place, as its one-row products (decoding) stream fastest
+    here: row-major where the C step's ``lmf_gemv`` reads it (AVX512, rows of a multiple of 16 inputs: 28-36 GB/s
+    on SmolLM2-135M), else column-major (the same shape and values in the storage of its transpose) for PyTorch's
+    product (its 49,152-row output projection 23 GB/s column-major, 13 row-major; prefill's many-row products run
+    at the same speed in both). Tensors loaded on a mapping of a file are copied off it (its pages handed back).
+    Only for a model nothing trains (no parameter requires grad: the inference commands freeze what they load), so
+    no optimizer or DDP bucket sees a layout change. Returns the number of float32 linear weights laid out."""
     params = list(model.parameters())
     if not params or any(p.requires_grad for p in params):
         return 0
+    lib = library()
     weights = {id(m.weight): m.weight for m in model.modules() if type(m) is nn.Linear and m.weight.dim() == 2
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32}  # tied: once
-    todo = [w for w in weights.values() if w.stride() != (1, w.shape[0])]
-    if not todo:  # nothing to do (a model laid out by an earlier runner reads no maps and copies nothing)
+    def row_major(w: torch.Tensor) -> bool:
+        return lib is not None and bool(lib.lmf_gemv_ok(w.shape[1]))
+
+    todo = [w for w in weights.values() if not (w.is_contiguous() if row_major(w) else w.stride() == (1, w.shape[0]))]
+    if not todo and model.__dict__.get("_lmforge_laid_out"):  # by an earlier runner: no maps read, nothing copied
         return len(weights)
     mapped = file_mappings()
     tensors = {id(t): t for t in (*params, *model.buffers())}.values()
@@ -131,12 +136,19 @@ def stream_layout(model: nn.Module) -> int:
 
     with torch.no_grad(), torch.inference_mode(False):  # ordinary tensors, even when called in inference mode
         for w in todo:
-            replace(w, w.data.t().contiguous().t())
+            replace(w, w.data.contiguous() if row_major(w) else w.data.t().contiguous().t())
         if mapped:  # tensors loaded from safetensors share one mapping of the file: the rest copied too
             for t in tensors:
-                if id(t) not in weights and t.device.type == "cpu":
+                if t.device.type == "cpu" and (id(t) not in weights or _on_mapping(t, mapped)):
                     replace(t, t.data.clone())
+    model.__dict__["_lmforge_laid_out"] = True
     return len(weights)
+
+
+def _on_mapping(t: torch.Tensor, mapped) -> bool:
+    """Whether ``t``'s storage lies in one of the file mappings ``mapped`` ((start, end) address ranges)."""
+    p = t.untyped_storage().data_ptr()
+    return any(start <= p < end for start, end, *_ in mapped)
 
 
 def decode_plans(model: nn.Module) -> dict:

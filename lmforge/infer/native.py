@@ -37,6 +37,7 @@ from lmforge.quant import QuantLinear
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
 SMALL_PRODUCTS = 1 << 20  # float32 weights (all linear layers) up to which the whole step is one C call
+GEMV_ROWS = 4  # float32 products of up to this many rows are lmf_gemv (bandwidth-bound: MKL's reached 15.7 GB/s)
 ACTIVATION_CODES = {"silu": 0, "swiglu": 0, "gelu": 1, "geglu": 1, "gelu_tanh": 2, "geglu_tanh": 2, "relu": 3,
                     "reglu": 3}
 _LIB: ctypes.CDLL | None | bool = False  # False: not tried yet; None: not available here
@@ -115,6 +116,8 @@ def _load(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = [ctypes.c_void_p], None
     lib.lmf_linear_fast.argtypes, lib.lmf_linear_fast.restype = [], ctypes.c_int
+    lib.lmf_gemv.argtypes, lib.lmf_gemv.restype = [ctypes.c_void_p], None
+    lib.lmf_gemv_ok.argtypes, lib.lmf_gemv_ok.restype = [ctypes.c_int], ctypes.c_int
     return lib
 
 
@@ -168,6 +171,11 @@ class _LinArgs(ctypes.Structure):
                 ("bias", _ptr), ("out", _ptr)]
 
 
+class _GemvArgs(ctypes.Structure):
+    _fields_ = [("n", _i32), ("K", _i32), ("N", _i32), ("x_stride", _i64), ("out_stride", _i64), ("x", _ptr),
+                ("w", _ptr), ("bias", _ptr), ("out", _ptr)]
+
+
 class _StepArgs(ctypes.Structure):
     _fields_ = [("n_layer", _i32), ("first", _ptr), ("lin", _ptr), ("attn", _ptr), ("norm2", _ptr), ("act", _ptr),
                 ("after", _ptr), ("head", _ptr)]
@@ -184,6 +192,33 @@ class Stale(Exception):
 # ---- the linear layers -------------------------------------------------------------------------------
 
 
+def gemv(mod: nn.Linear, rows: int, fresh: bool = False):
+    """A float32 ``nn.Linear`` as ``lmf_gemv`` for ``rows`` rows, reading its weight in place: fn(x (rows, K)) ->
+    (rows, N), into one output buffer (a new one per call when ``fresh``). None where the kernel does not apply
+    (no AVX512, K not a multiple of 16, a weight that is not contiguous). Stale once the weight is replaced."""
+    lib, w, b = library(), mod.weight, mod.bias
+    if lib is None or not w.is_contiguous() or not lib.lmf_gemv_ok(mod.in_features):
+        return None
+    b = None if b is None else b.detach().contiguous()
+    N, ptr, params = mod.out_features, w.data_ptr(), mod._parameters
+    out = torch.empty(rows, N)
+    args = _GemvArgs(n=rows, K=mod.in_features, N=N, out_stride=N, w=ptr, bias=_addr(b), out=_addr(out))
+    fn, at = lib.lmf_gemv, ctypes.addressof(args)
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        nonlocal out
+        if params["weight"] is not w or w.data_ptr() != ptr:
+            raise Stale
+        if fresh:
+            out = torch.empty(rows, N)
+            args.out = out.data_ptr()
+        args.x, args.x_stride = x.data_ptr(), x.stride(0)
+        fn(at)
+        return out
+    product.keep = (w, b, args)
+    return product
+
+
 def _product(mod: nn.Module, rows: int):
     """(fn, input dtype, padded K, bias for C or None) computing ``mod`` on a (rows, padded K) buffer; fn returns
     (rows, >= N) in float32 or bfloat16, rows contiguous. None for a layer this step does not cover."""
@@ -193,6 +228,10 @@ def _product(mod: nn.Module, rows: int):
         w, b = mod.weight, mod.bias
         if w.dtype != torch.float32 or w.device.type != "cpu" or (b is not None and b.dtype != torch.float32):
             return None
+        if rows <= GEMV_ROWS:
+            fn = gemv(mod, rows)
+            if fn is not None:
+                return fn, torch.float32, mod.in_features, None
         return (lambda x: F.linear(x, w, b)), torch.float32, mod.in_features, None
     if type(mod) is not QuantLinear or mod.compute not in ("auto", "float32", "bfloat16"):
         return None
@@ -272,7 +311,7 @@ class NativeStep:
         self.layers = []
         norms = [_norm_kind(b.norm1) for b in m.blocks] + [_norm_kind(m.norm_f if cfg.final_norm else None)]
         prods = []
-        self._weights: list | None = [] if self._small() else None  # (module, weight, version) of C products
+        self._weights: list | None = [] if self._small() else None  # (module, weight, version, address)
         product = self._c_linear if self._weights is not None else (lambda mod: _product(mod, n))
         for blk in m.blocks:
             p = [product(mod) for mod in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2)]
@@ -315,7 +354,7 @@ class NativeStep:
             self.layers.append((qkv[0], ctypes.addressof(attn), attn_in, proj[0], ctypes.addressof(norm2), ha,
                                 fc1[0], ctypes.addressof(act), self._buffer(fc1), fc2[0], ctypes.addressof(after),
                                 f_in))
-        self.head = self._refined_head() or runner._head_fn()
+        self.head = self._refined_head() or self._gemv_head() or runner._head_fn()
         self._step: _StepArgs | None = None
         if self._weights is not None:
             head = self._c_linear(m.lm_head)
@@ -330,6 +369,16 @@ class NativeStep:
                                    after=ctypes.addressof(arrays[4]), head=ctypes.addressof(self._head_args))
             self._keep += [arrays, self._step]
             self._step_at, self._vocab = ctypes.addressof(self._step), V
+
+    def _gemv_head(self):
+        """A float32 output projection as ``lmf_gemv`` (a new output per step) for a few rows, else None."""
+        mod = self.model.lm_head
+        if type(mod) is not nn.Linear or self.n > GEMV_ROWS or mod._forward_hooks or mod._forward_pre_hooks:
+            return None
+        if mod.weight.dtype != torch.float32 or mod.weight.device.type != "cpu" or (
+                mod.bias is not None and mod.bias.dtype != torch.float32):
+            return None
+        return gemv(mod, self.n, fresh=True)
 
     def _small(self) -> bool:
         """Whether every product (and the output projection) is a plain float32 ``nn.Linear`` on the CPU, their
@@ -365,7 +414,7 @@ class NativeStep:
         args = _LinArgs(n=self.n, K=K, N=N, Np=Np, x_stride=K, wt=_addr(self._keep_t(wt)),
                         bias=_addr(self._keep_t(bias)), out=_addr(out))
         self._keep += [args, out]
-        self._weights.append((mod, mod.weight, mod.weight._version))
+        self._weights.append((mod, mod.weight, mod.weight._version, mod.weight.data_ptr()))
         fn, at, view = self.lib.lmf_linear, ctypes.addressof(args), out[:, :N]
 
         def linear(x: torch.Tensor) -> torch.Tensor:
@@ -467,8 +516,8 @@ class NativeStep:
         self._pos_np[:] = lens
         self.x.copy_(x0)
         if self._step is not None:
-            for mod, w, version in self._weights:
-                if mod.weight is not w or w._version != version:
+            for mod, w, version, ptr in self._weights:
+                if mod.weight is not w or w._version != version or w.data_ptr() != ptr:
                     raise Stale
             logits = torch.empty(self._head_shape)  # a new tensor per step: callers may keep the logits
             self._head_args.out = logits.data_ptr()
