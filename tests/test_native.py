@@ -97,7 +97,7 @@ def test_gemv_products_of_a_few_rows(bias):
 def test_one_call_step_follows_changed_weights(monkeypatch):
     """The one-call step keeps its weights transposed: a weight changed in place (an optimizer step between PPO
     rollouts) or replaced plans the step again, and its logits follow the new weights as the PyTorch step's do."""
-    model = _model("llama")
+    model = _model("llama").requires_grad_(True)  # trainable: both runners leave the weights' layout as it is
     runners = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("LMFORGE_NATIVE", flag)
@@ -120,6 +120,27 @@ def test_one_call_step_follows_changed_weights(monkeypatch):
     monkeypatch.setenv("LMFORGE_NATIVE", "1")
     runners["1"].decode([10, None])
     assert runners["1"]._native[2] is not second
+
+
+def test_one_call_step_follows_a_changed_bias(monkeypatch):
+    """A bias changed alone (bias-only tuning) plans the one-call step again too: the logits follow it as the
+    PyTorch step's do."""
+    model = _model("qwen").requires_grad_(True)  # qkv bias; trainable: the weights' layout stays as it is
+    runners = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LMFORGE_NATIVE", flag)
+        runners[flag] = SlotRunner(model, 1, 64)
+        runners[flag].prefill(0, [5, 6, 7])
+        runners[flag].decode([8])
+    first = runners["1"]._native[1]
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.bias.add_(0.5)
+    got = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LMFORGE_NATIVE", flag)
+        got[flag] = runners[flag].decode([9])[0]
+    assert runners["1"]._native[1] is not first
+    assert torch.allclose(got["1"], got["0"], atol=2e-5), (got["1"] - got["0"]).abs().max()
 
 
 @pytest.mark.parametrize("shape", ["hd64-mqa-gelu", "llama", "hd8-relu-geglu"])

@@ -311,7 +311,7 @@ class NativeStep:
         self.layers = []
         norms = [_norm_kind(b.norm1) for b in m.blocks] + [_norm_kind(m.norm_f if cfg.final_norm else None)]
         prods = []
-        self._weights: list | None = [] if self._small() else None  # (module, weight, version, address)
+        self._weights: list | None = [] if self._small() else None  # what the C products copied, to check
         product = self._c_linear if self._weights is not None else (lambda mod: _product(mod, n))
         for blk in m.blocks:
             p = [product(mod) for mod in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2)]
@@ -392,16 +392,16 @@ class NativeStep:
             if mod.weight.dtype != torch.float32 or mod.weight.device.type != "cpu" or (
                     mod.bias is not None and mod.bias.dtype != torch.float32):
                 return False
-            try:
-                mod.weight._version  # noqa: B018 - inference tensors have none (their changes could not be seen)
+            try:  # inference tensors have no version counter (their changes could not be seen)
+                [t._version for t in (mod.weight, mod.bias) if t is not None]
             except RuntimeError:
                 return False
         return sum(mod.weight.numel() for mod in mods) <= SMALL_PRODUCTS and bool(self.lib.lmf_linear_fast())
 
     def _c_linear(self, mod: nn.Linear):
         """``mod`` as an ``lmf_linear`` product: (fn, float32, K, None); fn(x) writes (n, N) into its own output
-        buffer (row stride: N padded to 16) and returns a view of it. The weight is kept transposed: ``run`` plans
-        again (Stale) once the layer's weight changes."""
+        buffer (row stride: N padded to 16) and returns a view of it. The weight is kept transposed (and the bias
+        padded): ``run`` plans again (Stale) once either changes in place or is replaced."""
         K, N = mod.in_features, mod.out_features
         Np = -(-N // 16) * 16
         wt = torch.zeros(K, Np)
@@ -414,7 +414,9 @@ class NativeStep:
         args = _LinArgs(n=self.n, K=K, N=N, Np=Np, x_stride=K, wt=_addr(self._keep_t(wt)),
                         bias=_addr(self._keep_t(bias)), out=_addr(out))
         self._keep += [args, out]
-        self._weights.append((mod, mod.weight, mod.weight._version, mod.weight.data_ptr()))
+        for name, t in (("weight", mod.weight), ("bias", mod.bias)):
+            if t is not None:
+                self._weights.append((mod._parameters, name, t, t._version, t.data_ptr()))
         fn, at, view = self.lib.lmf_linear, ctypes.addressof(args), out[:, :N]
 
         def linear(x: torch.Tensor) -> torch.Tensor:
@@ -516,8 +518,8 @@ class NativeStep:
         self._pos_np[:] = lens
         self.x.copy_(x0)
         if self._step is not None:
-            for mod, w, version, ptr in self._weights:
-                if mod.weight is not w or w._version != version or w.data_ptr() != ptr:
+            for params, name, t, version, ptr in self._weights:
+                if params[name] is not t or t._version != version or t.data_ptr() != ptr:
                     raise Stale
             logits = torch.empty(self._head_shape)  # a new tensor per step: callers may keep the logits
             self._head_args.out = logits.data_ptr()
