@@ -91,6 +91,14 @@ def test_greedy_choice_is_torch_argmax_with_ties_nan_and_strided_rows():
     mixed = greedy[:2] + [TokenSampler(SamplingParams(temperature=1.0, seed=0), [], 40)] + greedy[3:]
     picked = [c.token for c in select(logits, mixed)]
     assert picked[:2] == expect[:2] and picked[3:] == expect[3:]
+    # plain greedy rows take a shortcut; a greedy row that reports log-probabilities or is penalized does not
+    assert all(g.plain for g in greedy) and all(c.logprob is None for c in select(logits, greedy))
+    lp = TokenSampler(SamplingParams(temperature=0, logprobs=True), [], 40)
+    pen = TokenSampler(SamplingParams(temperature=0, repetition_penalty=2.0), [7], 40)
+    assert not lp.plain and not pen.plain
+    out = select(logits, [greedy[0], lp, pen, greedy[3], greedy[4]])
+    assert out[1].token == 7 and out[1].logprob == pytest.approx(torch.log_softmax(logits[1], -1)[7].item())
+    assert out[2].token == 11 and pen.counts[11] == 1  # NaN still wins; the penalty's counts are kept
 
 
 def test_draws_follow_the_distribution_and_seeds_reproduce():

@@ -522,7 +522,7 @@ class NativeStep:
                 if params[name] is not t or t._version != version or t.data_ptr() != ptr:
                     raise Stale
             logits = torch.empty(self._head_shape)  # a new tensor per step: callers may keep the logits
-            self._head_args.out = logits.data_ptr()
+            self._head_args.out, self._logits = logits.data_ptr(), logits  # (never a freed address in the args)
             lib.lmf_step(self._step_at)
             if self._vocab != logits.shape[1]:
                 logits = logits[:, : self._vocab].contiguous()
