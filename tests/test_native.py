@@ -381,3 +381,45 @@ def test_int8_output_projection_recomputes_its_top_candidates_exactly(top, force
             assert exact[want.topk(3).indices].all()  # the largest are among the recomputed
             assert (got[s] - want).abs().max() <= 0.02 * want.abs().max()  # the rest: bfloat16 rounding
         head.compute = "bfloat16"
+
+
+@pytest.mark.parametrize("rows", [2, 3, 13])  # row chunks of 8, 4, 2 and 1
+def test_int8_output_projection_of_several_rows_on_int8_activations(rows, forced):
+    """Several rows of the int8 output projection run lmf_head_vnni (activations quantized to int8 per group of 32
+    inputs, int32 dot products; AVX512-VNNI) and then the exact recomputation: the top candidates equal the float32
+    computation, the greedy choice is its choice, the rest is close; the interleaved weight is built once per
+    module; one row keeps the bfloat16 kernel."""
+    if not native.library().lmf_vnni_ok():
+        pytest.skip("no AVX512-VNNI here: the bfloat16 kernel serves every row count")
+    torch.manual_seed(0)
+    model = Decoder(get_preset("tiny-gpt2", block_size=64, vocab_size=112)).eval().requires_grad_(False)
+    quantize_model(model, QuantConfig(bits=8))
+    set_compute(model, "float32")
+    head = model.lm_head
+    head.refine_top, head.compute = 8, "bfloat16"
+    runner = SlotRunner(model, rows, 48)
+    seqs = {s: [(5 + 3 * s + i) % 112 for i in range(1 + s % 5)] for s in range(rows)}
+    for s, ids in seqs.items():
+        runner.prefill(s, ids)
+    new = [(20 + s) % 112 for s in range(rows)]
+    got = runner.decode(new)
+    assert runner._native[rows].head.__name__ == "head" and "_lmforge_vnni" in head.__dict__
+    built = head.__dict__["_lmforge_vnni"]
+    head.compute = "float32"
+    for s, t in enumerate(new):
+        with torch.no_grad():
+            want = model(torch.tensor([seqs[s] + [t]]))[0, -1]
+        exact = (got[s] - want).abs() <= 2e-5
+        assert exact.sum() >= 8 and got[s].argmax() == want.argmax() and exact[want.topk(3).indices].all()
+        assert (got[s] - want).abs().max() <= 0.03 * want.abs().max()
+    head.compute = "bfloat16"
+    again = SlotRunner(model, rows, 48)  # a new runner of that many rows: the interleaved weight is reused
+    for s in range(rows):
+        again.prefill(s, [1, 2])
+    again.decode([3] * rows)
+    assert rows in again._native and head.__dict__["_lmforge_vnni"] is built
+    one = SlotRunner(model, 1, 48)
+    one.prefill(0, [1, 2])
+    one.decode([3])
+    assert one._native[1]._vnni_head(head, None) is None
+

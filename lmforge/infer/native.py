@@ -37,6 +37,7 @@ from lmforge.quant import QuantLinear
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
 SMALL_PRODUCTS = 1 << 20  # float32 weights (all linear layers) up to which the whole step is one C call
+VNNI_HEAD_ROWS = 2  # an int8 output projection of at least this many rows runs on int8 activations (lmf_head_vnni)
 GEMV_ROWS = 4  # float32 products of up to this many rows are lmf_gemv (bandwidth-bound: MKL's reached 15.7 GB/s)
 ACTIVATION_CODES = {"silu": 0, "swiglu": 0, "gelu": 1, "geglu": 1, "gelu_tanh": 2, "geglu_tanh": 2, "relu": 3,
                     "reglu": 3}
@@ -118,6 +119,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmf_linear_fast.argtypes, lib.lmf_linear_fast.restype = [], ctypes.c_int
     lib.lmf_gemv.argtypes, lib.lmf_gemv.restype = [ctypes.c_void_p], None
     lib.lmf_gemv_ok.argtypes, lib.lmf_gemv_ok.restype = [ctypes.c_int], ctypes.c_int
+    lib.lmf_head_vnni.argtypes, lib.lmf_head_vnni.restype = [ctypes.c_void_p], None
+    lib.lmf_vnni_ok.argtypes, lib.lmf_vnni_ok.restype = [], ctypes.c_int
     return lib
 
 
@@ -174,6 +177,11 @@ class _LinArgs(ctypes.Structure):
 class _GemvArgs(ctypes.Structure):
     _fields_ = [("n", _i32), ("K", _i32), ("N", _i32), ("x_stride", _i64), ("out_stride", _i64), ("x", _ptr),
                 ("w", _ptr), ("bias", _ptr), ("out", _ptr)]
+
+
+class _VnniArgs(ctypes.Structure):
+    _fields_ = [("n", _i32), ("N", _i32), ("K", _i32), ("qi", _ptr), ("qsum", _ptr), ("scales", _ptr), ("bias", _ptr),
+                ("x", _ptr), ("out", _ptr), ("xq", _ptr), ("xs", _ptr)]
 
 
 class _StepArgs(ctypes.Structure):
@@ -451,6 +459,21 @@ class NativeStep:
                          idx=_addr(self._keep_t(torch.zeros(k, dtype=torch.int32))))
         self._keep.append(args)
         fn, at, shape = self.lib.lmf_head_refine, ctypes.addressof(args), (n, mod.out_features)
+        vnni = self._vnni_head(mod, args)
+        if vnni is not None:
+            vfn, vargs = vnni
+            vat = ctypes.addressof(vargs)
+
+            def head(x: torch.Tensor) -> torch.Tensor:
+                if mod._decode is not decode:
+                    raise Stale
+                out = torch.empty(shape)  # a new tensor per step: callers may keep the logits
+                vargs.x = args.x = x.data_ptr()
+                vargs.out = args.out = out.data_ptr()
+                vfn(vat)
+                fn(at, None)
+                return out
+            return head
 
         def head(x: torch.Tensor) -> torch.Tensor:
             if mod._decode is not decode:
@@ -461,6 +484,31 @@ class NativeStep:
             fn(at, y.data_ptr())
             return out
         return head
+
+    def _vnni_head(self, mod: QuantLinear, args: _HeadArgs):
+        """For VNNI_HEAD_ROWS rows or more on an AVX512-VNNI CPU: (lmf_head_vnni, its arguments), the weight
+        interleaved once per module (kept on it while its int8 weight is the same: 28 MB for SmolLM2). None
+        otherwise (the bfloat16 kernel stays: at one row both read the weight at memory speed)."""
+        n, N, K = self.n, mod.out_features, mod.in_features
+        q = mod.qweight
+        if n < VNNI_HEAD_ROWS or not self.lib.lmf_vnni_ok() or N % 16 or K % 32 or q.dtype != torch.int8:
+            return None
+        if q.shape != (N, K) or not q.is_contiguous():
+            return None
+        cached = mod.__dict__.get("_lmforge_vnni")
+        if cached is None or cached[0] is not q or cached[1] != q.data_ptr():
+            with torch.inference_mode(False):
+                qi = q.detach().view(N // 16, 16, K // 4, 4).permute(0, 2, 1, 3).contiguous()
+                groups = q.detach().view(N // 16, 16, K // 32, 32).sum(-1, dtype=torch.int32) * 128
+                qsum = groups.permute(0, 2, 1).contiguous()  # (N / 16, K / 32, 16)
+            cached = mod.__dict__["_lmforge_vnni"] = (q, q.data_ptr(), qi, qsum)
+        _, _, qi, qsum = cached
+        vargs = _VnniArgs(n=n, N=N, K=K, qi=_addr(self._keep_t(qi)), qsum=_addr(self._keep_t(qsum)),
+                          scales=args.scales, bias=args.bias,
+                          xq=_addr(self._keep_t(torch.zeros(n * K, dtype=torch.uint8))),
+                          xs=_addr(self._keep_t(torch.zeros(n * K // 32))))
+        self._keep.append(vargs)
+        return self.lib.lmf_head_vnni, vargs
 
     def _keep_t(self, t: torch.Tensor | None) -> torch.Tensor | None:
         if t is not None:
