@@ -406,18 +406,32 @@ class NativeStep:
                 return False
         return sum(mod.weight.numel() for mod in mods) <= SMALL_PRODUCTS and bool(self.lib.lmf_linear_fast())
 
+    def _transposed(self, mod: nn.Linear, Np: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight transposed to (K, Np) and the bias padded to Np, shared by the runner's steps (one per row
+        count) while the module's weight and bias are the same tensors, unchanged."""
+        cache = self.runner.__dict__.setdefault("_transposed", {})
+        w, b = mod.weight, mod.bias
+        sig = [(t, t._version, t.data_ptr()) for t in (w, b) if t is not None]
+        hit = cache.get(id(mod))
+        if hit is not None and len(hit[0]) == len(sig) and all(
+                x is t and v == vt and p == pt for (x, v, p), (t, vt, pt) in zip(hit[0], sig)):
+            return hit[1], hit[2]
+        wt = torch.zeros(mod.in_features, Np)
+        wt[:, : mod.out_features] = w.detach().t()
+        bias = None
+        if b is not None:
+            bias = torch.zeros(Np)
+            bias[: mod.out_features] = b.detach()
+        cache[id(mod)] = (sig, wt, bias)
+        return wt, bias
+
     def _c_linear(self, mod: nn.Linear):
         """``mod`` as an ``lmf_linear`` product: (fn, float32, K, None); fn(x) writes (n, N) into its own output
         buffer (row stride: N padded to 16) and returns a view of it. The weight is kept transposed (and the bias
         padded): ``run`` plans again (Stale) once either changes in place or is replaced."""
         K, N = mod.in_features, mod.out_features
         Np = -(-N // 16) * 16
-        wt = torch.zeros(K, Np)
-        wt[:, :N] = mod.weight.detach().t()
-        bias = None
-        if mod.bias is not None:
-            bias = torch.zeros(Np)
-            bias[:N] = mod.bias.detach()
+        wt, bias = self._transposed(mod, Np)
         out = torch.zeros(self.n, Np)
         args = _LinArgs(n=self.n, K=K, N=N, Np=Np, x_stride=K, wt=_addr(self._keep_t(wt)),
                         bias=_addr(self._keep_t(bias)), out=_addr(out))
