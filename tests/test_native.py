@@ -296,6 +296,7 @@ def test_each_row_count_keeps_the_fastest_plan(monkeypatch):
     timed steps each (after an untimed one), then the fastest is kept for that row count and runs at its threads;
     the caller's thread count is restored after every step; another runner of the model keeps the choice."""
     monkeypatch.delenv("LMFORGE_NATIVE", raising=False)
+    monkeypatch.setattr(native, "SMALL_PRODUCTS", 0)  # PyTorch's products between the C calls: plans are timed
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -330,6 +331,22 @@ def test_each_row_count_keeps_the_fastest_plan(monkeypatch):
         assert ran[-1] == 1 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_one_call_step_is_kept_without_trials(monkeypatch):
+    """A small model's one-call step has no PyTorch product to win back by threads or by the PyTorch step: it is
+    kept at the first step, at the caller's threads, and every step runs it."""
+    monkeypatch.delenv("LMFORGE_NATIVE", raising=False)
+    model = _model("llama")
+    runner = SlotRunner(model, 2, 48)
+    runner.prefill(0, [1, 2])
+    if not runner._native_step(2).whole:
+        pytest.skip("no vectorized C products here")
+    calls = []
+    monkeypatch.setattr(runner, "_fast", lambda *a: calls.append(a))
+    for t in range(3):
+        runner.decode([3 + t, None])
+    assert runner._path[2, torch.get_num_threads()] == (True, torch.get_num_threads()) and calls == []
 
 
 def test_off_switch_and_a_missing_compiler(monkeypatch, tmp_path):

@@ -338,7 +338,7 @@ class SlotRunner:
         ragged = any(t is None or lens[i] != S - 1 for i, t in enumerate(tokens))
         logits = None
         step = self._native_step(n) if self.fast else None
-        plan = self._plan_for(n, step is not None)
+        plan = self._plan_for(n, step is not None, whole=step is not None and step.whole)
         use = step is not None and plan[0]
         threads = torch.get_num_threads()
         if plan[1] != threads:
@@ -384,7 +384,7 @@ class SlotRunner:
                 return None
         return step
 
-    def _plan_for(self, n: int, native: bool) -> Plan:
+    def _plan_for(self, n: int, native: bool, whole: bool = False) -> Plan:
         """How a step of ``n`` rows runs: (the C-assisted step or not, torch threads), measured, not assumed. The
         candidates are both steps (the C one where ``native``) at the caller's threads and at one thread. Until each
         has run NATIVE_TRIALS timed steps of ``n`` rows (after one untimed step: layouts are built then) they take
@@ -392,10 +392,15 @@ class SlotRunner:
         (stories260K, 2 cores: one row 0.09 ms a step on one thread, 0.12-0.20 ms on two; 16 rows faster on two),
         and the C side is single-threaded, so many rows over long contexts can be faster on PyTorch's threads
         (SmolLM2 int4: C faster at 1 and 16 rows, by 1.5x and ~1.1x). ``LMFORGE_NATIVE=1`` always takes the C
-        step (where it applies)."""
+        step (where it applies). A ``whole`` step (a small model's one C call, no PyTorch product in it) is kept
+        without trials: the PyTorch step pays per layer what it saves (stories260K: 0.05 against 0.3 ms a row),
+        and trials of the slower plans cost a serving model 3-16 ms a step under load."""
         threads = torch.get_num_threads()
         chosen = self._path.get((n, threads))
         if isinstance(chosen, tuple):
+            return chosen
+        if whole:
+            chosen = self._path[n, threads] = (True, threads)
             return chosen
         if chosen is None:
             forced = native and os.environ.get("LMFORGE_NATIVE") == "1"

@@ -364,6 +364,7 @@ class NativeStep:
                                 f_in))
         self.head = self._refined_head() or self._gemv_head() or runner._head_fn()
         self._step: _StepArgs | None = None
+        self.whole = False  # the whole step is one C call (lmf_step)
         if self._weights is not None:
             head = self._c_linear(m.lm_head)
             head[0](self.final)  # its input is the final norm's output
@@ -376,7 +377,7 @@ class NativeStep:
                                    norm2=ctypes.addressof(arrays[2]), act=ctypes.addressof(arrays[3]),
                                    after=ctypes.addressof(arrays[4]), head=ctypes.addressof(self._head_args))
             self._keep += [arrays, self._step]
-            self._step_at, self._vocab = ctypes.addressof(self._step), V
+            self._step_at, self._vocab, self.whole = ctypes.addressof(self._step), V, True
 
     def _gemv_head(self):
         """A float32 output projection as ``lmf_gemv`` (a new output per step) for a few rows, else None."""
