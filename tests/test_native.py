@@ -208,8 +208,8 @@ def test_short_prompts_prefill_through_the_c_step(shape, monkeypatch):
     assert c.prefill(1, [3, 4, 5]).shape == (97,) and c.lens[1] == 3  # one prompt alone: 3 rows, padded to 4
     assert 4 in c._native
     if c._native[4]._step is not None:  # one-call steps of several row counts share the transposed weights
-        shared = {e[1].data_ptr() for e in c._transposed.values()}
-        assert len(c._transposed) == 4 * model.cfg.n_layer + 1
+        shared = {e[1].data_ptr() for e in c.transposed.values()}
+        assert len(c.transposed) == 4 * model.cfg.n_layer + 1
         for st in (c._native[32], c._native[4]):
             assert shared <= {t.data_ptr() for t in st._keep if isinstance(t, torch.Tensor)}
 

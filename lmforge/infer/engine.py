@@ -201,6 +201,7 @@ class SlotRunner:
         self._quantized = any(isinstance(m, QuantLinear) for m in model.modules())
         self._native_ok: bool | None = None  # NativeStep.supported, asked at the first decode step
         self._native: dict[int, NativeStep] = {}  # rows -> the step planned for them
+        self.transposed: dict = {}  # id(linear) -> (signature, weight transposed, bias): shared by the C steps
         self._path = decode_plans(model)  # (rows, threads) -> the plan kept, or the trials' times
         self._warm: set[int] = set()
         self.local = [cfg.layer_is_local(i) for i in range(cfg.n_layer)]

@@ -200,6 +200,27 @@ class Stale(Exception):
 # ---- the linear layers -------------------------------------------------------------------------------
 
 
+def _plain_linear(mod: nn.Module) -> bool:
+    """A plain ``nn.Linear`` (no hooks) with float32 weight and bias on the CPU: what F.linear or a C product can
+    compute in its place."""
+    if type(mod) is not nn.Linear or mod._forward_hooks or mod._forward_pre_hooks:
+        return False
+    w, b = mod.weight, mod.bias
+    return w.dtype == torch.float32 and w.device.type == "cpu" and (b is None or b.dtype == torch.float32)
+
+
+def _signature(mod: nn.Linear) -> list[tuple]:
+    """(tensor, version, address) of the weight and bias: a copy of them is current while these are unchanged."""
+    return [(t, t._version, t.data_ptr()) for t in (mod.weight, mod.bias) if t is not None]
+
+
+def _unchanged(mod: nn.Linear, sig: list[tuple]) -> bool:
+    """Whether ``mod``'s weight and bias are the tensors of ``sig``, not changed in place nor moved since."""
+    now = [t for t in (mod.weight, mod.bias) if t is not None]
+    return len(now) == len(sig) and all(
+        t is s and t._version == v and t.data_ptr() == a for t, (s, v, a) in zip(now, sig))
+
+
 def gemv(mod: nn.Linear, rows: int, fresh: bool = False):
     """A float32 ``nn.Linear`` as ``lmf_gemv`` for ``rows`` rows, reading its weight in place: fn(x (rows, K)) ->
     (rows, N), into one output buffer (a new one per call when ``fresh``). None where the kernel does not apply
@@ -233,9 +254,9 @@ def _product(mod: nn.Module, rows: int):
     if mod._forward_hooks or mod._forward_pre_hooks:
         return None
     if type(mod) is nn.Linear:
-        w, b = mod.weight, mod.bias
-        if w.dtype != torch.float32 or w.device.type != "cpu" or (b is not None and b.dtype != torch.float32):
+        if not _plain_linear(mod):
             return None
+        w, b = mod.weight, mod.bias
         if rows <= GEMV_ROWS:
             fn = gemv(mod, rows)
             if fn is not None:
@@ -382,12 +403,7 @@ class NativeStep:
     def _gemv_head(self):
         """A float32 output projection as ``lmf_gemv`` (a new output per step) for a few rows, else None."""
         mod = self.model.lm_head
-        if type(mod) is not nn.Linear or self.n > GEMV_ROWS or mod._forward_hooks or mod._forward_pre_hooks:
-            return None
-        if mod.weight.dtype != torch.float32 or mod.weight.device.type != "cpu" or (
-                mod.bias is not None and mod.bias.dtype != torch.float32):
-            return None
-        return gemv(mod, self.n, fresh=True)
+        return gemv(mod, self.n, fresh=True) if self.n <= GEMV_ROWS and _plain_linear(mod) else None
 
     def _small(self) -> bool:
         """Whether every product (and the output projection) is a plain float32 ``nn.Linear`` on the CPU, their
@@ -396,13 +412,10 @@ class NativeStep:
         m = self.model
         mods = [mod for b in m.blocks for mod in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)] + [m.lm_head]
         for mod in mods:
-            if type(mod) is not nn.Linear or mod._forward_hooks or mod._forward_pre_hooks:
-                return False
-            if mod.weight.dtype != torch.float32 or mod.weight.device.type != "cpu" or (
-                    mod.bias is not None and mod.bias.dtype != torch.float32):
+            if not _plain_linear(mod):
                 return False
             try:  # inference tensors have no version counter (their changes could not be seen)
-                [t._version for t in (mod.weight, mod.bias) if t is not None]
+                _signature(mod)
             except RuntimeError:
                 return False
         return sum(mod.weight.numel() for mod in mods) <= SMALL_PRODUCTS and bool(self.lib.lmf_linear_fast())
@@ -410,20 +423,17 @@ class NativeStep:
     def _transposed(self, mod: nn.Linear, Np: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight transposed to (K, Np) and the bias padded to Np, shared by the runner's steps (one per row
         count) while the module's weight and bias are the same tensors, unchanged."""
-        cache = self.runner.__dict__.setdefault("_transposed", {})
-        w, b = mod.weight, mod.bias
-        sig = [(t, t._version, t.data_ptr()) for t in (w, b) if t is not None]
+        cache = self.runner.transposed
         hit = cache.get(id(mod))
-        if hit is not None and len(hit[0]) == len(sig) and all(
-                x is t and v == vt and p == pt for (x, v, p), (t, vt, pt) in zip(hit[0], sig)):
+        if hit is not None and _unchanged(mod, hit[0]):
             return hit[1], hit[2]
         wt = torch.zeros(mod.in_features, Np)
-        wt[:, : mod.out_features] = w.detach().t()
+        wt[:, : mod.out_features] = mod.weight.detach().t()
         bias = None
-        if b is not None:
+        if mod.bias is not None:
             bias = torch.zeros(Np)
-            bias[: mod.out_features] = b.detach()
-        cache[id(mod)] = (sig, wt, bias)
+            bias[: mod.out_features] = mod.bias.detach()
+        cache[id(mod)] = (_signature(mod), wt, bias)
         return wt, bias
 
     def _c_linear(self, mod: nn.Linear):
@@ -437,9 +447,8 @@ class NativeStep:
         args = _LinArgs(n=self.n, K=K, N=N, Np=Np, x_stride=K, wt=_addr(self._keep_t(wt)),
                         bias=_addr(self._keep_t(bias)), out=_addr(out))
         self._keep += [args, out]
-        for name, t in (("weight", mod.weight), ("bias", mod.bias)):
-            if t is not None:
-                self._weights.append((mod._parameters, name, t, t._version, t.data_ptr()))
+        params = mod._parameters  # flat (dict, name, tensor, version, address) rows: run checks them every step
+        self._weights += [(params, name, *sig) for name, sig in zip(("weight", "bias"), _signature(mod))]
         fn, at, view = self.lib.lmf_linear, ctypes.addressof(args), out[:, :N]
 
         def linear(x: torch.Tensor) -> torch.Tensor:
@@ -474,29 +483,22 @@ class NativeStep:
                          idx=_addr(self._keep_t(torch.zeros(k, dtype=torch.int32))))
         self._keep.append(args)
         fn, at, shape = self.lib.lmf_head_refine, ctypes.addressof(args), (n, mod.out_features)
-        vnni = self._vnni_head(mod, args)
-        if vnni is not None:
-            vfn, vargs = vnni
-            vat = ctypes.addressof(vargs)
-
-            def head(x: torch.Tensor) -> torch.Tensor:
-                if mod._decode is not decode:
-                    raise Stale
-                out = torch.empty(shape)  # a new tensor per step: callers may keep the logits
-                vargs.x = args.x = x.data_ptr()
-                vargs.out = args.out = out.data_ptr()
-                vfn(vat)
-                fn(at, None)
-                return out
-            return head
+        vnni = self._vnni_head(mod, args)  # several rows: int8 activations instead of the bfloat16 kernel
+        vfn, vargs = vnni if vnni is not None else (None, None)
+        vat = ctypes.addressof(vargs) if vargs is not None else None
 
         def head(x: torch.Tensor) -> torch.Tensor:
             if mod._decode is not decode:
                 raise Stale
-            y = mm(x)
             out = torch.empty(shape)  # a new tensor per step: callers may keep the logits
             args.x, args.out = x.data_ptr(), out.data_ptr()
-            fn(at, y.data_ptr())
+            if vfn is None:
+                y = mm(x)
+                fn(at, y.data_ptr())
+            else:  # its logits go straight into out
+                vargs.x, vargs.out = args.x, args.out
+                vfn(vat)
+                fn(at, None)
             return out
         return head
 
@@ -581,7 +583,7 @@ class NativeStep:
         self._pos_np[:] = lens
         self.x.copy_(x0)
         if self._step is not None:
-            for params, name, t, version, ptr in self._weights:
+            for params, name, t, version, ptr in self._weights:  # as _unchanged, inlined: a loop per step
                 if params[name] is not t or t._version != version or t.data_ptr() != ptr:
                     raise Stale
             logits = torch.empty(self._head_shape)  # a new tensor per step: callers may keep the logits

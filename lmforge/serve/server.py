@@ -423,16 +423,15 @@ class _Sink:
     async def get(self) -> list:
         """Every event put since the last take; waits for one when there is none."""
         with self._lock:
-            if self._items:
-                items, self._items = self._items, []
-                return items
-            self._waiter = fut = self.loop.create_future()
-        try:
-            await fut
-        finally:
-            with self._lock:
-                if self._waiter is fut:
-                    self._waiter = None
+            fut = None if self._items else self.loop.create_future()
+            self._waiter = fut
+        if fut is not None:
+            try:
+                await fut
+            finally:
+                with self._lock:
+                    if self._waiter is fut:
+                        self._waiter = None
         return self.take()
 
     async def watch(self, receive) -> None:
