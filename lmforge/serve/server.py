@@ -399,15 +399,19 @@ class _Sink:
         self._lock = threading.Lock()
         self._items: list = []  # put, not yet taken
         self._waiter: asyncio.Future | None = None  # set while the coroutine waits in get()
+        self._pacer: asyncio.Future | None = None  # set while it paces its stream in pause()
 
     def put(self, item) -> None:
         self.put_many([item])
 
     def put_many(self, items: list) -> None:
         """From the engine thread (or the loop): append, and wake the reader if it waits."""
+        last = items[-1][1] if items else None
         with self._lock:
             self._items.extend(items)
             waiter, self._waiter = self._waiter, None
+            if waiter is None and (last is EngineRequest.DONE or last is self.GONE):
+                waiter, self._pacer = self._pacer, None  # a pacing reader answers an end at once
         if waiter is not None:
             try:
                 self.loop.call_soon_threadsafe(_wake, waiter)
@@ -433,6 +437,21 @@ class _Sink:
                     if self._waiter is fut:
                         self._waiter = None
         return self.take()
+
+    async def pause(self, seconds: float) -> None:
+        """Wait ``seconds`` for more events to gather, or less: until a request's end (or the client's) is put."""
+        with self._lock:
+            if any(item is EngineRequest.DONE or item is self.GONE for _, item in self._items):
+                return
+            fut = self._pacer = self.loop.create_future()
+        timer = self.loop.call_later(seconds, _wake, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            with self._lock:
+                if self._pacer is fut:
+                    self._pacer = None
 
     async def watch(self, receive) -> None:
         """Wait until the client disconnects, then tell the reader."""
@@ -622,7 +641,7 @@ class _EventStream(Response):
             if not any(item is EngineRequest.DONE or item is _Sink.GONE for _, item in items):
                 # let tokens gather for a moment, longer the more requests run: fewer, larger events under load
                 # (a finished request is answered at once: its client's next request waits for the end)
-                await asyncio.sleep(min(STREAM_PACE * max(self.server.engine.active, 1), 0.02))
+                await sink.pause(min(STREAM_PACE * max(self.server.engine.active, 1), 0.02))
                 items += sink.take()
             if any(item is _Sink.GONE for _, item in items):
                 return
