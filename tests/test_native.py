@@ -246,8 +246,8 @@ def test_native_step_quantized_float32_kernels_equal_full_forward(bits, group, f
 
 
 def test_native_step_quantized_auto_mode_matches_the_pytorch_step(monkeypatch):
-    """With bfloat16 activations (auto mode on AVX512) the C step rounds where the PyTorch step rounds: the same
-    logits up to bfloat16 rounding, far closer than either is to the float32 forward."""
+    """Auto mode: the PyTorch step's bfloat16 activations (on AVX512) and the C step's (the same, or lmf_int4's int8
+    activations with AVX512-VNNI) give the same logits up to their rounding."""
     model = _model("silu-interleaved")
     quantize_model(model, QuantConfig(bits=4, group_size=32))
     out = {}

@@ -294,6 +294,34 @@ def test_the_engine_wakes_the_loop_only_for_a_waiting_reader():
     asyncio.run(main())
 
 
+def test_a_pacing_stream_answers_the_end_of_a_request_at_once():
+    """A stream pacing its events (letting tokens gather under load) stops pacing when its request ends (or its
+    client goes away): the client's next request waited out the pace (up to 16 ms at 16 running requests), with a
+    slot idle meanwhile. Tokens alone let the pace run to its end."""
+
+    async def main() -> None:
+        sink = _Sink()
+        t = time.perf_counter()
+        await sink.pause(0.05)  # nothing comes: the whole pace
+        assert time.perf_counter() - t >= 0.045
+        for last in (Request.DONE, _Sink.GONE):
+            pacer = asyncio.ensure_future(sink.pause(30))
+            await asyncio.sleep(0.01)
+            threading.Thread(target=lambda: sink.put_many([(0, "a"), (0, "b")])).start()  # tokens: still pacing
+            await asyncio.sleep(0.02)
+            assert not pacer.done()
+            t = time.perf_counter()
+            threading.Thread(target=lambda last=last: sink.put_many([(0, "c"), (0, last)])).start()
+            await asyncio.wait_for(pacer, 5)
+            assert time.perf_counter() - t < 1 and [i for _, i in sink.take()] == ["a", "b", "c", last]
+        sink.put((0, Request.DONE))  # an end already there: no pause at all
+        t = time.perf_counter()
+        await sink.pause(30)
+        assert time.perf_counter() - t < 1
+
+    asyncio.run(main())
+
+
 def test_full_queue_answers_429_with_retry_after(stories):
     with ModelServer(*stories, MODEL, "127.0.0.1", 0, max_batch=1, max_queue=1) as srv, paced(srv.engine):
         e = srv.engine

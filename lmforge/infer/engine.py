@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.infer.generate import Sequence, Step
-from lmforge.infer.native import NativeStep, Stale, library
+from lmforge.infer.native import NativeStep, Stale, int4_ok, library
 from lmforge.infer.sampling import SamplingParams, TokenSampler, select
 from lmforge.memory import drop_file_pages, file_mappings, release_free_memory
 from lmforge.model import Decoder
@@ -197,8 +197,9 @@ class SlotRunner:
         self.rows = torch.arange(n_slots, device=self.device)
         self.keys = torch.arange(self.max_len, device=self.device)
         self.fast = fast_path_supported(model)
-        # quantized products compute by row count (bfloat16 kernels for a few rows): a prefill stays the decoder's
-        self._quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+        # quantized products compute by row count (bfloat16 kernels for a few rows): a prefill stays the decoder's,
+        # except where every one is lmf_int4 (int8 activations, each row computed alike at any row count)
+        self._quantized = any(isinstance(m, QuantLinear) and not int4_ok(m) for m in model.blocks.modules())
         self._native_ok: bool | None = None  # NativeStep.supported, asked at the first decode step
         self._native: dict[int, NativeStep] = {}  # rows -> the step planned for them
         self.transposed: dict = {}  # id(linear) -> (signature, weight transposed, bias): shared by the C steps
@@ -299,8 +300,9 @@ class SlotRunner:
         Rows are padded to a power of two up to 16, then to a multiple of 32 (steps are planned per row count). A
         prefill through the decoder pays its per-layer Python whatever the prompt's length: a 9-token prompt of
         stories260K took 0.63 ms there, 0.13 ms here. Logits (len(prompts), V) after each prompt's last token, or
-        None where the C step does not apply, the model is quantized (its products compute by row count: the
-        prefill stays the decoder's) or the prompts hold more than ``NATIVE_PREFILL_ROWS`` tokens."""
+        None where the C step does not apply, the model is quantized other than in lmf_int4's layers (the others
+        compute by row count: the prefill stays the decoder's) or the prompts hold more than ``NATIVE_PREFILL_ROWS``
+        tokens."""
         total = sum(len(p) for p in prompts)
         if not self.fast or total > NATIVE_PREFILL_ROWS or self._native_ok is False or self._quantized:
             return None
@@ -339,7 +341,7 @@ class SlotRunner:
         ragged = any(t is None or lens[i] != S - 1 for i, t in enumerate(tokens))
         logits = None
         step = self._native_step(n) if self.fast else None
-        plan = self._plan_for(n, step is not None, whole=step is not None and step.whole)
+        plan = self._plan_for(n, step is not None, whole=step is not None and step.c_products)
         use = step is not None and plan[0]
         threads = torch.get_num_threads()
         if plan[1] != threads:
@@ -390,12 +392,13 @@ class SlotRunner:
         candidates are both steps (the C one where ``native``) at the caller's threads and at one thread. Until each
         has run NATIVE_TRIALS timed steps of ``n`` rows (after one untimed step: layouts are built then) they take
         turns; then the fastest is kept. Small products lose more to the threads' hand-offs than they gain
-        (stories260K, 2 cores: one row 0.09 ms a step on one thread, 0.12-0.20 ms on two; 16 rows faster on two),
-        and the C side is single-threaded, so many rows over long contexts can be faster on PyTorch's threads
-        (SmolLM2 int4: C faster at 1 and 16 rows, by 1.5x and ~1.1x). ``LMFORGE_NATIVE=1`` always takes the C
-        step (where it applies). A ``whole`` step (a small model's one C call, no PyTorch product in it) is kept
-        without trials: the PyTorch step pays per layer what it saves (stories260K: 0.05 against 0.3 ms a row),
-        and trials of the slower plans cost a serving model 3-16 ms a step under load."""
+        (stories260K, 2 cores: one row 0.09 ms a step on one thread, 0.12-0.20 ms on two; 16 rows faster on two).
+        ``LMFORGE_NATIVE=1`` always takes the C step (where it applies). A ``whole`` step (no PyTorch product in it:
+        a small model's one C call, or every product lmf_int4) is kept without trials, at the caller's threads (its
+        C calls share work among them only where it is large enough): the PyTorch step pays per layer what it saves
+        (stories260K: 0.05 against 0.3 ms a row; SmolLM2 int4: 4.0 against 5.1 ms at one row), its trials would
+        build PyTorch's packed copy of every int4 weight, and trials of the slower plans cost a serving model 3-16 ms
+        a step under load."""
         threads = torch.get_num_threads()
         chosen = self._path.get((n, threads))
         if isinstance(chosen, tuple):

@@ -2,10 +2,14 @@
 
 A decoding step of SmolLM2-135M in int4 makes 121 packed-kernel calls and about 1,100 small tensor operations per
 token (norms, rotary embedding, cache writes, attention over a few hundred keys, activations). Each small operation
-costs PyTorch's dispatch and allocation, a few microseconds, whatever its size: half of the step. Here the matrix
-products stay PyTorch's, and everything between two of them is one C call over preallocated buffers: per layer four
-products and four calls. For small models (float32 linear layers of ``SMALL_PRODUCTS`` weights at most, such as
-stories260K) the products are C too, and the whole step is one call that holds no interpreter lock between layers.
+costs PyTorch's dispatch and allocation, a few microseconds, whatever its size: half of the step. Here everything
+between two matrix products is one C call over preallocated buffers: per layer four products and four calls. The
+products are PyTorch's, or C where that is faster: float32 products of a few rows (``lmf_gemv``), int4 products with
+integer dot products (``lmf_int4``, AVX512-VNNI), an int8 output projection of several rows (``lmf_head_vnni``). For
+small models (float32 linear layers of ``SMALL_PRODUCTS`` weights at most, such as stories260K) the whole step is one
+call that holds no interpreter lock between layers. Attention of many rows and the large C products share their
+work among the calling thread's OpenMP threads: the library is built with ``-fopenmp`` and uses the libgomp PyTorch
+loaded (one pool of threads; ``shares_torch_openmp``).
 
 Built with the system's C compiler (``cc -O3 -march=native``) into ``~/.cache/lmforge/native/`` (keyed by the
 source, the compiler and the CPU), once per machine; where there is no compiler, or ``LMFORGE_NATIVE=0``, decoding
@@ -31,13 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.memory import release_free_memory
 from lmforge.model.norms import RMSNorm
 from lmforge.quant import QuantLinear
+from lmforge.quant.packing import unpack_int4
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
+OPENMP = ["-fopenmp"]  # tried first: large C work then runs on PyTorch's OpenMP threads (shares_torch_openmp)
 SMALL_PRODUCTS = 1 << 20  # float32 weights (all linear layers) up to which the whole step is one C call
 VNNI_HEAD_ROWS = 2  # an int8 output projection of at least this many rows runs on int8 activations (lmf_head_vnni)
+INT4_ROWS = 1  # int4 products of at least this many rows run on integer activations (lmf_int4, AVX512-VNNI)
 GEMV_ROWS = 4  # float32 products of up to this many rows are lmf_gemv (bandwidth-bound: MKL's reached 15.7 GB/s)
 ACTIVATION_CODES = {"silu": 0, "swiglu": 0, "gelu": 1, "geglu": 1, "gelu_tanh": 2, "geglu_tanh": 2, "relu": 3,
                     "reglu": 3}
@@ -91,9 +99,12 @@ def build(force: bool = False) -> Path | None:
         except OSError:
             continue  # not writable: try the next place
         try:
-            out = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                                 timeout=120)
-            if out.returncode != 0:
+            for extra in (OPENMP, []):  # without OpenMP where the compiler has none
+                out = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                                     text=True, timeout=120)
+                if out.returncode == 0:
+                    break
+            else:
                 return None
             os.replace(tmp, lib)  # atomic: concurrent builds each write their own file
             for old in base.glob("lmforge_native_*.so"):  # builds of earlier sources (unlinking a loaded one is safe)
@@ -121,7 +132,29 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmf_gemv_ok.argtypes, lib.lmf_gemv_ok.restype = [ctypes.c_int], ctypes.c_int
     lib.lmf_head_vnni.argtypes, lib.lmf_head_vnni.restype = [ctypes.c_void_p], None
     lib.lmf_vnni_ok.argtypes, lib.lmf_vnni_ok.restype = [], ctypes.c_int
+    lib.lmf_openmp.argtypes, lib.lmf_openmp.restype = [], ctypes.c_void_p
+    lib.lmf_int4.argtypes, lib.lmf_int4.restype = [ctypes.c_void_p], None
+    ctypes.c_int.in_dll(lib, "lmf_parallel_ok").value = int(shares_torch_openmp(lib))
     return lib
+
+
+def shares_torch_openmp(lib: ctypes.CDLL) -> bool:
+    """Whether the library's OpenMP runtime is the one PyTorch's CPU kernels use (libgomp, matched by its name when
+    the library was opened), so work it shares among threads runs on PyTorch's pool. A second runtime would keep a
+    pool of its own on the same cores, each pool waiting on the other's: the C code then keeps to its calling
+    thread."""
+    ours = lib.lmf_openmp()
+    if not ours:
+        return False
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = Path(torch.__file__).parent / "lib" / name
+        if path.exists():
+            try:
+                theirs = ctypes.cast(ctypes.CDLL(str(path)).omp_get_max_threads, ctypes.c_void_p).value
+            except (OSError, AttributeError):
+                return False
+            return theirs == ours
+    return False
 
 
 def library() -> ctypes.CDLL | None:
@@ -182,6 +215,12 @@ class _GemvArgs(ctypes.Structure):
 class _VnniArgs(ctypes.Structure):
     _fields_ = [("n", _i32), ("N", _i32), ("K", _i32), ("qi", _ptr), ("qsum", _ptr), ("scales", _ptr), ("bias", _ptr),
                 ("x", _ptr), ("out", _ptr), ("xq", _ptr), ("xs", _ptr)]
+
+
+class _Int4Args(ctypes.Structure):
+    _fields_ = [("n", _i32), ("N", _i32), ("K", _i32), ("G", _i32), ("x_stride", _i64), ("out_stride", _i64),
+                ("w", _ptr), ("scales", _ptr), ("zeros", _ptr), ("x", _ptr), ("out", _ptr), ("xq", _ptr),
+                ("xs", _ptr)]
 
 
 class _StepArgs(ctypes.Structure):
@@ -248,7 +287,82 @@ def gemv(mod: nn.Linear, rows: int, fresh: bool = False):
     return product
 
 
-def _product(mod: nn.Module, rows: int):
+def _int4_layout(mod: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``mod``'s int4 weight as lmf_int4 reads it (kept on the module while its weight is the same; the same size as
+    the weight): levels (N / 16, K / 32, 4, 64) bytes, byte 4 c + j of row m of a block holding output 16 t + c's
+    inputs 4 m + j (low 4 bits) and 16 + 4 m + j (high 4 bits); scales and zeros (N / 16, K / G, 16) float32."""
+    q, s, z = mod.qweight, mod.scales, mod.zeros
+    key = [(t, t._version, t.data_ptr()) for t in (q, s, z) if t is not None]
+    cached = mod.__dict__.get("_lmforge_int4")
+    if cached is not None and all(a is b and v == w and p == r for (a, v, p), (b, w, r) in zip(cached[0], key)):
+        return cached[1]
+    with torch.no_grad(), torch.inference_mode(False):
+        N, K = q.shape[0], q.shape[1] * 2
+        Np = N + -N % 16
+        lv = unpack_int4(q)
+        if Np != N:
+            lv = F.pad(lv, (0, 0, 0, Np - N), value=8)
+        lv = lv.view(Np // 16, 16, K // 32, 2, 4, 4)  # (tile, output, block, half, m, j)
+        w = (lv[:, :, :, 0] | (lv[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4).contiguous()  # (tile, block, m, c, j)
+
+        def tiled(t: torch.Tensor) -> torch.Tensor:
+            t = F.pad(t.float(), (0, 0, 0, Np - N)) if Np != N else t.float()
+            return t.view(Np // 16, 16, -1).transpose(1, 2).contiguous()
+        layout = (w.view(Np // 16, K // 32, 256), tiled(s), None if z is None else tiled(z))
+        del lv, w
+    mod.__dict__["_lmforge_int4"] = (key, layout)
+    release_free_memory()  # the temporaries (the unpacked levels: twice the weight)
+    return layout
+
+
+def int4_ok(mod: nn.Module) -> bool:
+    """Whether ``mod`` is an int4 ``QuantLinear`` (auto compute mode, groups of a multiple of 32, on the CPU) that
+    ``lmf_int4`` computes here (AVX512-VNNI)."""
+    if type(mod) is not QuantLinear or mod.bits != 4 or mod.compute != "auto" or mod.group_size % 32:
+        return False
+    lib = library()
+    return (lib is not None and bool(lib.lmf_vnni_ok()) and mod.qweight.device.type == "cpu"
+            and not mod._forward_hooks and not mod._forward_pre_hooks)
+
+
+def int4(mod: QuantLinear, rows: int, buffers: tuple[torch.Tensor, ...] | None = None):
+    """An int4 ``QuantLinear`` as ``lmf_int4`` (activations as two int8 parts, AVX512-VNNI) for ``rows`` rows:
+    fn(x (rows, padded K) float32) -> (rows, >= N) float32 without the bias, into one output buffer. ``buffers``:
+    (output, int8 scratch, float scratch) flat tensors of at least rows x N, 2 rows x K and 3 rows x K / 32 elements,
+    which products run one after another may share (a step's products: each output is read before the next one).
+    None where the kernel does not apply (see ``int4_ok``). Each row's result is the same whatever the row count (a
+    prefill through the C step computes what decoding computes)."""
+    if not int4_ok(mod):
+        return None
+    lib = library()
+    w, s, z = _int4_layout(mod)
+    N, K = w.shape[0] * 16, w.shape[1] * 32
+    if buffers is None:
+        buffers = int4_buffers(rows, N, K)
+    out, xq, xs = buffers[0][: rows * N].view(rows, N), buffers[1], buffers[2]
+    if xq.numel() < 2 * rows * K or xs.numel() < rows * K // 32 * 3:
+        raise ValueError("int4 scratch buffers too small")
+    args = _Int4Args(n=rows, N=N, K=K, G=mod.group_size, x_stride=K, out_stride=N, w=w.data_ptr(), scales=s.data_ptr(),
+                     zeros=_addr(z), out=out.data_ptr(), xq=xq.data_ptr(), xs=xs.data_ptr())
+    at, fn, decode = ctypes.addressof(args), lib.lmf_int4, mod._decode
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        if mod._decode is not decode:  # a new weight or compute mode empties it
+            raise Stale
+        args.x, args.x_stride = x.data_ptr(), x.stride(0)
+        fn(at)
+        return out
+    product.keep = (args, w, s, z, buffers)  # what the C side points into
+    return product
+
+
+def int4_buffers(rows: int, N: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``int4``'s buffers for products of up to N outputs and K (padded) inputs."""
+    N, K = N + -N % 16, K + -K % 32
+    return torch.empty(rows * N), torch.empty(2 * rows * K, dtype=torch.int8), torch.empty(rows * K // 32 * 3)
+
+
+def _product(mod: nn.Module, rows: int, buffers: tuple[torch.Tensor, ...] | None = None):
     """(fn, input dtype, padded K, bias for C or None) computing ``mod`` on a (rows, padded K) buffer; fn returns
     (rows, >= N) in float32 or bfloat16, rows contiguous. None for a layer this step does not cover."""
     if mod._forward_hooks or mod._forward_pre_hooks:
@@ -266,6 +380,10 @@ def _product(mod: nn.Module, rows: int):
         return None
     if mod.qweight.device.type != "cpu":
         return None
+    if rows >= INT4_ROWS:
+        fn = int4(mod, rows, buffers)
+        if fn is not None:
+            return fn, torch.float32, mod.qweight.shape[1] * 2, mod.bias
     mode, decode = mod._mode(torch.empty(rows, mod.in_features)), mod._decode
     if mode == "dequant":
         def deq(x):
@@ -341,11 +459,18 @@ class NativeStep:
         norms = [_norm_kind(b.norm1) for b in m.blocks] + [_norm_kind(m.norm_f if cfg.final_norm else None)]
         prods = []
         self._weights: list | None = [] if self._small() else None  # what the C products copied, to check
-        product = self._c_linear if self._weights is not None else (lambda mod: _product(mod, n))
+        lin = [mod for blk in m.blocks for mod in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2)]
+        i4 = [mod for mod in lin if int4_ok(mod)]
+        shared = int4_buffers(n, max(mod.out_features for mod in i4), max(mod.qweight.shape[1] * 2 for mod in i4)) \
+            if i4 else None  # the int4 products' output and scratch, one after another
+        product = self._c_linear if self._weights is not None else (lambda mod: _product(mod, n, shared))
+        c_products = True  # every product is a C kernel (no PyTorch product between the C calls)
         for blk in m.blocks:
-            p = [product(mod) for mod in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2)]
+            mods = (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2)
+            p = [product(mod) for mod in mods]
             if any(x is None for x in p):
                 raise ValueError("a layer this step does not cover")
+            c_products = c_products and (self._weights is not None or all(n >= INT4_ROWS and int4_ok(x) for x in mods))
             prods.append(p)
         # the first norm reads the embedded tokens already in x
         self.first = self._norm_args(norms[0], prods[0][0], None)
@@ -383,9 +508,11 @@ class NativeStep:
             self.layers.append((qkv[0], ctypes.addressof(attn), attn_in, proj[0], ctypes.addressof(norm2), ha,
                                 fc1[0], ctypes.addressof(act), self._buffer(fc1), fc2[0], ctypes.addressof(after),
                                 f_in))
-        self.head = self._refined_head() or self._gemv_head() or runner._head_fn()
+        self._head = None  # the output projection of every row, made at its first use (a prefill's step does
+        # not use it: its last rows go through the model's own layer)
         self._step: _StepArgs | None = None
         self.whole = False  # the whole step is one C call (lmf_step)
+        self.c_products = c_products  # (so the PyTorch step, which pays per layer what the C calls save, is no rival)
         if self._weights is not None:
             head = self._c_linear(m.lm_head)
             head[0](self.final)  # its input is the final norm's output
@@ -606,6 +733,13 @@ class NativeStep:
         if last is not None:
             return self.model.lm_head(self.final[last])
         return self.head(self.final)
+
+    @property
+    def head(self):
+        """The output projection of every row (see run)."""
+        if self._head is None:
+            self._head = self._refined_head() or self._gemv_head() or self.runner._head_fn()
+        return self._head
 
 
 __all__ = ["NativeStep", "Stale", "build", "library"]

@@ -1,0 +1,222 @@
+"""The C step's int4 products with integer dot products (``lmf_int4``) and its work shared among OpenMP threads
+(attention of many rows, the int4 and int8-head products): against independent formulas, the same numbers at any row
+count and thread count, and a prefill of an int4 model through the C step."""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+
+import pytest
+import torch
+import torch.nn.functional as F
+from slot_decode import decode_against_full_forward
+
+from lmforge.infer import native
+from lmforge.infer.engine import SlotRunner
+from lmforge.model import Decoder
+from lmforge.presets import get_preset
+from lmforge.quant import QuantConfig, QuantLinear, quantize_model
+from lmforge.quant.packing import unpack_int4
+
+LIB = native.library()
+pytestmark = pytest.mark.skipif(LIB is None, reason="no C compiler here: decoding keeps the PyTorch step")
+vnni = pytest.mark.skipif(LIB is None or not LIB.lmf_vnni_ok(), reason="no AVX512-VNNI here: lmf_int4 does not apply")
+
+
+def _reference(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """x (R, padded K) @ W^T as lmf_int4 defines it, in float64: each block of 32 inputs as two int8 parts
+    x ~ d (c + f / 254), d = max|x| / 127, c = round(x / d), f = round((x - d c) 254 / d) (ties to even); the integer
+    dot products with the levels q - 8, scaled by the weight's group scale and d / 254, plus each group's zero times
+    the sum of its inputs."""
+    R, K = x.shape
+    N, G = mod.out_features, mod.group_size
+    xb = x.view(R, K // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    inv2 = torch.where(amax > 0, 254.0 * 127.0 / amax, torch.zeros_like(amax))
+    c = torch.round(xb * inv)  # float32 products, as the kernel computes them
+    f = torch.round((xb.double() - (amax / 127.0).double() * c.double()).float() * inv2)
+    parts = 254 * c.double() + f.double()
+    d = (amax / 127.0 / 254.0).double()
+    lv = unpack_int4(mod.qweight).double().view(N, K // 32, 32) - 8
+    s = mod.scales.double().repeat_interleave(G // 32, dim=1)  # (N, K / 32): each block's group scale
+    y = torch.einsum("rbk,nbk->rnb", parts, lv) * d.view(R, 1, K // 32) * s[None]
+    if mod.zeros is not None:
+        z = mod.zeros.double().repeat_interleave(G // 32, dim=1)
+        y = y + z[None] * xb.double().sum(-1)[:, None, :]
+    return y.sum(-1)
+
+
+@vnni
+@pytest.mark.parametrize("n_out,k,group,symmetric", [(200, 576, 32, False), (96, 200, 64, True),
+                                                     (48, 320, 128, False)])
+def test_int4_products_equal_the_formula(n_out, k, group, symmetric):
+    """Outputs not a multiple of 16 (padded), inputs padded to the group size, groups of 32 to 128, with and without
+    zeros; rows in chunks of 8, 4, 2 and 1; every row the same at any row count (a prefill computes what decoding
+    computes); close to the float product of the dequantized weight."""
+    torch.manual_seed(0)
+    mod = QuantLinear.from_linear(torch.nn.Linear(k, n_out, bias=False), 4, group, symmetric=symmetric)
+    kp = mod.qweight.shape[1] * 2
+    x = torch.randn(15, k) * torch.rand(15, 1) * 3
+    x[3, : min(k, 64)] = 0  # blocks of zeros: scale 0
+    xp = F.pad(x, (0, kp - k))
+    want = _reference(mod, xp)
+    rows = {}
+    for r in (15, 13, 1):
+        got = native.int4(mod, r)(xp[:r].contiguous())[:, :n_out]
+        assert torch.allclose(got.double(), want[:r], rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        rows[r] = got.clone()
+    assert torch.equal(rows[15][:13], rows[13]) and torch.equal(rows[15][:1], rows[1])
+    dense = x @ mod.dequantize().t()  # the float product of the dequantized weight, to 1e-4 (bfloat16: 3e-3)
+    assert (rows[15] - dense).norm() / dense.norm() < 1e-4
+
+
+@vnni
+def test_int4_layout_is_built_once_and_follows_a_new_weight():
+    torch.manual_seed(0)
+    mod = QuantLinear.from_linear(torch.nn.Linear(64, 32), 4, 32)
+    x = torch.randn(2, 64)
+    first = native.int4(mod, 2)
+    built = mod.__dict__["_lmforge_int4"]
+    native.int4(mod, 3)
+    assert mod.__dict__["_lmforge_int4"] is built
+    mod.set_weight(torch.randn(32, 64))  # a new weight: the old product is stale, a new one reads the new layout
+    with pytest.raises(native.Stale):
+        first(x)
+    got = native.int4(mod, 2)(x)
+    assert mod.__dict__["_lmforge_int4"] is not built
+    assert torch.allclose(got.double(), _reference(mod, x), rtol=1e-5, atol=1e-5)
+
+
+def _int4_model(block_size: int = 64) -> Decoder:
+    torch.manual_seed(0)
+    model = Decoder(get_preset("tiny-llama", block_size=block_size, vocab_size=97)).eval().requires_grad_(False)
+    quantize_model(model, QuantConfig(bits=4, group_size=32, embedding=False))
+    return model
+
+
+@vnni
+def test_an_int4_model_prefills_through_the_c_step_and_decodes_without_trials(monkeypatch):
+    """Every product of the blocks is lmf_int4: short prompts prefill through the C step (the decoder is not called)
+    with the logits and cache a decoding step would give, and the C step is kept from the first step without timed
+    trials of the PyTorch step (which would build PyTorch's packed copy of every weight)."""
+    monkeypatch.delenv("LMFORGE_NATIVE", raising=False)
+    model = _int4_model()
+    prompts = {0: [5, 6, 7, 8, 9], 2: [3, 4]}
+    runner = SlotRunner(model, 4, 64)
+    calls, orig = [], model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    got = runner.prefill_many(list(prompts), list(prompts.values()))
+    assert calls == [] and 8 in runner._native and runner.lens[:3] == [5, 0, 2]
+    stepwise = SlotRunner(model, 4, 64)  # the same prompts one token per decoding step (slot 2 in the last two: an
+    for i in range(5):  # idle row writes position 0 of its slot)
+        want = stepwise.decode([prompts[0][i], None, prompts[2][i - 3] if i >= 3 else None, None])
+    assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1], want[2], atol=1e-5)
+    for slot, ids in prompts.items():
+        assert torch.allclose(runner.k[:, slot, :, : len(ids)], stepwise.k[:, slot, :, : len(ids)], atol=1e-6)
+    plans = dict(runner._path)
+    assert plans and all(p == (True, torch.get_num_threads()) for p in plans.values())
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and mod is not model.lm_head:
+            assert not mod._kernel  # no PyTorch kernel layout built
+
+
+@vnni
+def test_int4_model_decoding_equals_its_float_weights(monkeypatch):
+    """Decoding an int4 model (the C step, lmf_int4) gives the logits of its dequantized float32 weights (a copy's
+    forward with ``compute="dequant"``) to 1e-4 of their scale."""
+    monkeypatch.setenv("LMFORGE_NATIVE", "1")
+    model = _int4_model()
+    reference = copy.deepcopy(model)
+    for mod in reference.modules():
+        if isinstance(mod, QuantLinear):
+            mod.compute = "dequant"
+    runner = SlotRunner(model, 4, 64)
+    seqs = {0: [5, 6, 7, 8, 9, 10, 11], 1: [3], 3: [40, 41, 42, 43]}
+    for _, got, want in decode_against_full_forward(runner, reference, seqs, 5):
+        assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    assert "_lmforge_int4" in model.blocks[0].mlp.fc1.__dict__
+
+
+def _parallel(on: bool) -> None:
+    ctypes.c_int.in_dll(LIB, "lmf_parallel_ok").value = int(on)
+
+
+def _runs() -> int:
+    """Calls so far that shared their work among threads."""
+    return ctypes.c_long.in_dll(LIB, "lmf_parallel_runs").value
+
+
+@pytest.fixture
+def two_threads():
+    before, flag = torch.get_num_threads(), ctypes.c_int.in_dll(LIB, "lmf_parallel_ok").value
+    if not LIB.lmf_openmp() or not flag:
+        pytest.skip("this build keeps its work on the calling thread (no single OpenMP runtime)")
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+    _parallel(bool(flag))
+
+
+def test_the_library_shares_pytorchs_openmp_runtime():
+    """The library calls the libgomp PyTorch's kernels use (one pool of threads), whatever other runtimes other
+    packages bring (scikit-learn's own libgomp here); a runtime of its own would keep the work on its calling
+    thread."""
+    if not LIB.lmf_openmp():
+        pytest.skip("built without OpenMP here")
+    assert native.shares_torch_openmp(LIB) and ctypes.c_int.in_dll(LIB, "lmf_parallel_ok").value == 1
+
+    class Other:
+        def lmf_openmp(self):
+            return LIB.lmf_openmp() + 16  # another runtime's function
+    assert not native.shares_torch_openmp(Other())
+
+
+def test_attention_shared_among_threads_computes_what_one_thread_does(two_threads, monkeypatch):
+    """Attention of many rows over long contexts (above ATTN_PARALLEL_WORK) runs on two threads: a prefill of several
+    prompts through the C step (a prompt's rows stay in order in one thread) and decoding rows at 400 keys give the
+    same logits and cache bit for bit as one thread, equal to full forwards."""
+    monkeypatch.setenv("LMFORGE_NATIVE", "1")
+    monkeypatch.setattr(native, "SMALL_PRODUCTS", 0)  # products between the C calls: attention is its own call
+    torch.manual_seed(0)
+    model = Decoder(get_preset("tiny-llama", block_size=512, vocab_size=97, n_embd=128, n_head=2, n_kv_head=1,
+                               intermediate_size=160)).eval().requires_grad_(False)
+    short = {0: [(7 * i) % 97 for i in range(100)], 1: [(5 * i) % 97 for i in range(90)],
+             3: [(3 * i) % 97 for i in range(40)]}
+    long = {s: [(s + 3 * i) % 97 for i in range(400)] for s in range(4)}  # the decoder's prefill (> 256 rows)
+    out = {}
+    for on in (False, True):
+        _parallel(on)
+        runner = SlotRunner(model, 4, 512)
+        before = _runs()
+        first = runner.prefill_many(list(short), list(short.values()))
+        assert (_runs() - before == model.cfg.n_layer) == on and 256 in runner._native  # 230 rows, padded
+        k, v = runner.k[:, :4].clone(), runner.v[:, :4].clone()
+        runner.prefill_many(list(long), list(long.values()))
+        before = _runs()
+        steps = [runner.decode([(i + 1) % 97, 2, 5, 3]) for i in range(3)]
+        assert (_runs() - before >= model.cfg.n_layer) == on  # (steps also try one thread: a plan's trials)
+        out[on] = (first, k, v, *steps, runner.k[:, :4].clone(), runner.v[:, :4].clone())
+    assert all(torch.equal(a, b) for a, b in zip(out[False], out[True]))
+    for ids, got in zip(short.values(), out[True][0]):
+        with torch.no_grad():
+            want = model(torch.tensor([ids]))[0, -1]
+        assert torch.allclose(got, want, atol=5e-5, rtol=1e-5)
+    with torch.no_grad():
+        want = model(torch.tensor([long[2] + [5, 5, 5]]))[0, -1]
+    assert torch.allclose(out[True][-3][2], want, atol=5e-5, rtol=1e-5)
+
+
+@vnni
+def test_int4_products_shared_among_threads_compute_what_one_thread_does(two_threads):
+    torch.manual_seed(0)
+    mod = QuantLinear.from_linear(torch.nn.Linear(256, 512), 4, 32)
+    x = torch.randn(16, 256)
+    got = {}
+    for on in (False, True):
+        _parallel(on)
+        before = _runs()
+        got[on] = native.int4(mod, 16)(x).clone()
+        assert _runs() - before == on
+    assert torch.equal(got[False], got[True])
