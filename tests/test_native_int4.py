@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import subprocess
 
 import pytest
 import torch
@@ -159,12 +160,21 @@ def two_threads():
     _parallel(bool(flag))
 
 
-def test_the_library_shares_pytorchs_openmp_runtime():
-    """The library calls the libgomp PyTorch's kernels use (one pool of threads), whatever other runtimes other
-    packages bring (scikit-learn's own libgomp here); a runtime of its own would keep the work on its calling
-    thread."""
+def _compiler_has_openmp(tmp_path) -> bool:
+    src = tmp_path / "omp.c"
+    src.write_text("#include <omp.h>\nint f(void) { return omp_get_max_threads(); }\n")
+    cc = native._compiler()
+    return cc is not None and subprocess.run([cc, "-fopenmp", "-shared", "-fPIC", "-o", str(tmp_path / "omp.so"),
+                                              str(src)], capture_output=True).returncode == 0
+
+
+def test_the_library_shares_pytorchs_openmp_runtime(tmp_path):
+    """Where the compiler has OpenMP the library is built with it, and calls the libgomp PyTorch's kernels use (one
+    pool of threads), whatever other runtimes other packages bring (scikit-learn's own libgomp here); a runtime of
+    its own would keep the work on its calling thread."""
     if not LIB.lmf_openmp():
-        pytest.skip("built without OpenMP here")
+        assert not _compiler_has_openmp(tmp_path), "native.c did not build with -fopenmp here"
+        pytest.skip("no OpenMP in this compiler")
     assert native.shares_torch_openmp(LIB) and ctypes.c_int.in_dll(LIB, "lmf_parallel_ok").value == 1
 
     class Other:

@@ -421,7 +421,25 @@ static void attention_rows(const attn_args *a, const void *y, int r0, int r1, fl
     }
 }
 
+#define INT4_PARALLEL_WORK 65536.0  /* rows x outputs x inputs from which lmf_int4 and lmf_head_vnni share
+                                       their outputs among the threads */
+int lmf_parallel_ok = 0;  /* set by the loader when this library's OpenMP runtime is PyTorch's */
+long lmf_parallel_runs = 0;  /* calls that shared their work among threads (for tests) */
+
+/* tile(args, t) for t = 0 .. tiles - 1 (each tile independent): shared among the calling thread's OpenMP team when
+   the product's work (rows x outputs x inputs) is large enough. */
+static __attribute__((unused)) void for_tiles(int tiles, double work, void (*tile)(const void *, int),
+                                              const void *args) {
 #if defined(_OPENMP)
+    const int par = lmf_parallel_ok && !omp_in_parallel() && work >= INT4_PARALLEL_WORK;
+    lmf_parallel_runs += par && omp_get_max_threads() > 1;
+#pragma omp parallel for schedule(static) if (par)
+#endif
+    for (int t = 0; t < tiles; t++) tile(args, t);
+}
+
+#if defined(_OPENMP)
+
 /* Attention of several rows reads every row's keys and values once: 16 SmolLM2 rows at 150 keys are 110 MB a step,
    which one core streams at about 14 GB/s (7.9 ms). Rows are shared between the threads of the calling thread's
    OpenMP team (PyTorch's own pool: the library links the libgomp PyTorch loaded) when there is at least this much
@@ -429,10 +447,6 @@ static void attention_rows(const attn_args *a, const void *y, int r0, int r1, fl
 #define ATTN_PARALLEL_WORK 200000
 #define ATTN_MAX_THREADS 64
 #endif
-#define INT4_PARALLEL_WORK 65536.0  /* rows x outputs x inputs from which lmf_int4 and lmf_head_vnni share
-                                       their outputs among the threads */
-int lmf_parallel_ok = 0;  /* set by the loader when this library's OpenMP runtime is PyTorch's */
-long lmf_parallel_runs = 0;  /* calls that shared their work among threads (for tests) */
 
 void *lmf_openmp(void) {  /* the OpenMP runtime's omp_get_max_threads as this library calls it, or NULL: no OpenMP */
 #if defined(_OPENMP)
@@ -819,6 +833,15 @@ static inline __attribute__((always_inline)) void vnni_rows(const vnni_args *a, 
             _mm512_storeu_ps(a->out + (size_t)(r0 + r) * a->N + (size_t)jb * 16, _mm512_fmadd_ps(accf[r], sc, b));
     }
 }
+
+static void vnni_tile(const void *args, int jb) {  /* every row of outputs jb * 16 .. + 15 */
+    const vnni_args *a = args;
+    int r = 0;
+    for (; r + 8 <= a->n; r += 8) vnni_rows(a, jb, r, 8);
+    if (r + 4 <= a->n) { vnni_rows(a, jb, r, 4); r += 4; }
+    if (r + 2 <= a->n) { vnni_rows(a, jb, r, 2); r += 2; }
+    if (r < a->n) vnni_rows(a, jb, r, 1);
+}
 #endif
 
 /* out = x W^T + bias with x quantized to int8 in groups of 32 inputs (scale max|x| / 127 per group, as llama.cpp's
@@ -840,18 +863,7 @@ void lmf_head_vnni(const vnni_args *a) {
             for (int i = 0; i < 32; i++) q[i] = (uint8_t)((int)__builtin_rintf(x[i] * inv) + 128);
         }
     }
-    const int tiles = a->N / 16;
-#if defined(_OPENMP)
-    const int par = lmf_parallel_ok && !omp_in_parallel() && (double)a->n * a->N * K >= INT4_PARALLEL_WORK;
-#pragma omp parallel for schedule(static) if (par)
-#endif
-    for (int jb = 0; jb < tiles; jb++) {
-        int r = 0;
-        for (; r + 8 <= a->n; r += 8) vnni_rows(a, jb, r, 8);
-        if (r + 4 <= a->n) { vnni_rows(a, jb, r, 4); r += 4; }
-        if (r + 2 <= a->n) { vnni_rows(a, jb, r, 2); r += 2; }
-        if (r < a->n) vnni_rows(a, jb, r, 1);
-    }
+    for_tiles(a->N / 16, (double)a->n * a->N * K, vnni_tile, a);
 #else
     (void)a;
 #endif
@@ -919,6 +931,14 @@ static inline __attribute__((always_inline)) void i4_rows(const i4_args *a, int 
     for (int r = 0; r < R; r++)
         _mm512_storeu_ps(a->out + (size_t)(r0 + r) * a->out_stride + (size_t)jb * 16, acc[r]);
 }
+
+static void i4_tile(const void *args, int jb) {  /* every row of outputs jb * 16 .. + 15 */
+    const i4_args *a = args;
+    int r = 0;
+    for (; r + 4 <= a->n; r += 4) i4_rows(a, jb, r, 4);
+    if (r + 2 <= a->n) { i4_rows(a, jb, r, 2); r += 2; }
+    if (r < a->n) i4_rows(a, jb, r, 1);
+}
 #endif
 
 /* out = x W^T for an int4 weight W[n, k] = (q - 8) s + z (groups of G inputs; lmforge's format, llama.cpp's Q4_0 and
@@ -955,18 +975,7 @@ void lmf_int4(const i4_args *a) {
             p[2] = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
         }
     }
-    const int tiles = a->N / 16;
-#if defined(_OPENMP)
-    const int par = lmf_parallel_ok && !omp_in_parallel() && (double)a->n * a->N * K >= INT4_PARALLEL_WORK;
-    lmf_parallel_runs += par && omp_get_max_threads() > 1;
-#pragma omp parallel for schedule(static) if (par)
-#endif
-    for (int jb = 0; jb < tiles; jb++) {
-        int r = 0;
-        for (; r + 4 <= a->n; r += 4) i4_rows(a, jb, r, 4);
-        if (r + 2 <= a->n) { i4_rows(a, jb, r, 2); r += 2; }
-        if (r < a->n) i4_rows(a, jb, r, 1);
-    }
+    for_tiles(a->N / 16, (double)a->n * a->N * K, i4_tile, a);
 #else
     (void)a;
 #endif
