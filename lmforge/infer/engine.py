@@ -198,7 +198,7 @@ class SlotRunner:
         self.keys = torch.arange(self.max_len, device=self.device)
         self.fast = fast_path_supported(model)
         # quantized products compute by row count (bfloat16 kernels for a few rows): a prefill stays the decoder's,
-        # except where every one is lmf_int4 (int8 activations, each row computed alike at any row count)
+        # except where every one is lmf_int4 (integer dot products: each row computed alike at any row count)
         self._quantized = any(isinstance(m, QuantLinear) and not int4_ok(m) for m in model.blocks.modules())
         self._native_ok: bool | None = None  # NativeStep.supported, asked at the first decode step
         self._native: dict[int, NativeStep] = {}  # rows -> the step planned for them
