@@ -294,6 +294,25 @@ def test_the_engine_wakes_the_loop_only_for_a_waiting_reader():
     asyncio.run(main())
 
 
+def test_connections_send_without_nagles_delay(server):
+    """Every accepted connection has TCP_NODELAY (asyncio sets it only on sockets made with IPPROTO_TCP, and the
+    listening socket was made with protocol 0): with Nagle on, each streamed response on a kept-alive connection
+    (OpenAI's client keeps them) waited for the client's delayed ACK, about 40 ms."""
+    assert server.sock.proto == socket.IPPROTO_TCP
+    s = socket.create_connection(server.address, timeout=30)
+    try:
+        s.sendall(request("POST", "/v1/completions", completion(), {**JSON, "Connection": "keep-alive"}))
+        out = b""
+        while b"\r\n\r\n" not in out:
+            out += s.recv(65536)
+        conns = list(server._uvicorn.server_state.connections)
+        assert conns
+        for c in conns:
+            assert c.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        s.close()
+
+
 def test_a_pacing_stream_answers_the_end_of_a_request_at_once():
     """A stream pacing its events (letting tokens gather under load) stops pacing when its request ends (or its
     client goes away): the client's next request waited out the pace (up to 16 ms at 16 running requests), with a

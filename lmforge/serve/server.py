@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import os
 import socket
 import sys
 import threading
@@ -180,9 +181,23 @@ class ModelServer:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket (bound here, so a busy port is an error before anything starts and port 0 works)."""
+    """A listening socket (bound here, so a busy port is an error before anything starts and port 0 works). Its
+    protocol is TCP by number, so asyncio turns Nagle's algorithm off on every connection it accepts (it does so only
+    for sockets made with IPPROTO_TCP; ``socket.create_server`` makes them with 0): with Nagle on, each streamed
+    response on a kept-alive connection waited for the client's delayed ACK, about 40 ms (stories260K, 128 tokens:
+    43-48 ms a request instead of 9; OpenAI's client keeps its connections)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=1024)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        if os.name != "nt" and hasattr(socket, "SO_REUSEADDR"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
     sock.set_inheritable(True)
     return sock
 
