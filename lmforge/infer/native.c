@@ -1,16 +1,19 @@
 /* The small operations of one decoding step, in C (see lmforge/infer/native.py).
 
    A decoding step of a small model is hundreds of small tensor operations per token, and on a CPU each costs the
-   framework's few microseconds of dispatch and allocation whatever its size. The matrix products stay PyTorch's
-   (its packed int4/int8 kernels, or F.linear); what lies between two of them is one call here: the residual add
-   and the next norm, rotary embedding + the cache write + attention for one query per row, the MLP's activation.
+   framework's few microseconds of dispatch and allocation whatever its size. What lies between two matrix products
+   is one call here: the residual add and the next norm, rotary embedding + the cache write + attention for one query
+   per row, the MLP's activation. The products are PyTorch's, or here where that is faster: small float32 models'
+   (lmf_linear, lmf_step), float32 products of a few rows (lmf_gemv), int4 products (lmf_int4) and an int8 output
+   projection of several rows (lmf_head_vnni).
    Rows are independent sequences (row r is slot r of the cache, at its own position), or the tokens of prompts in
    order (each row names its slot): a prefill.
 
    Activations move between the products as float32 or bfloat16 rows (``*_bf`` flags), padded to a row stride;
    bfloat16 is rounded to nearest even like PyTorch. Arithmetic is float32 throughout.
-   No allocation, and no threads of its own: attention of many rows shares them among the calling thread's OpenMP
-   team (PyTorch's pool; see lmf_attention). */
+   No threads of its own: attention of many rows and the large products share their work among the calling thread's
+   OpenMP team (PyTorch's pool; see lmf_attention and for_tiles). Nothing is allocated but a scratch buffer per
+   worker thread (thread_scratch). */
 
 #include <math.h>
 #include <stdint.h>
@@ -438,16 +441,6 @@ static __attribute__((unused)) void for_tiles(int tiles, double work, void (*til
     for (int t = 0; t < tiles; t++) tile(args, t);
 }
 
-#if defined(_OPENMP)
-
-/* Attention of several rows reads every row's keys and values once: 16 SmolLM2 rows at 150 keys are 110 MB a step,
-   which one core streams at about 14 GB/s (7.9 ms). Rows are shared between the threads of the calling thread's
-   OpenMP team (PyTorch's own pool: the library links the libgomp PyTorch loaded) when there is at least this much
-   work (keys x query channels summed over the rows); rows of one slot stay in one thread, in order. */
-#define ATTN_PARALLEL_WORK 200000
-#define ATTN_MAX_THREADS 64
-#endif
-
 void *lmf_openmp(void) {  /* the OpenMP runtime's omp_get_max_threads as this library calls it, or NULL: no OpenMP */
 #if defined(_OPENMP)
     return (void *)&omp_get_max_threads;
@@ -455,7 +448,14 @@ void *lmf_openmp(void) {  /* the OpenMP runtime's omp_get_max_threads as this li
     return NULL;
 #endif
 }
+
 #if defined(_OPENMP)
+/* Attention of several rows reads every row's keys and values once: 16 SmolLM2 rows at 150 keys are 110 MB a step,
+   which one core streams at about 14 GB/s (7.9 ms). Rows are shared between the threads of the calling thread's
+   OpenMP team (PyTorch's own pool: the library links the libgomp PyTorch loaded) when there is at least this much
+   work (keys x query channels summed over the rows); rows of one slot stay in one thread, in order. */
+#define ATTN_PARALLEL_WORK 200000
+#define ATTN_MAX_THREADS 64
 
 static float *thread_scratch(size_t floats) {  /* a buffer per worker thread, grown as needed, never freed */
     static __thread float *buf = NULL;
@@ -493,13 +493,15 @@ void lmf_attention(const attn_args *a, const void *y) {
             char failed[ATTN_MAX_THREADS] = {0};
             lmf_parallel_runs++;
 #pragma omp parallel num_threads(nt)
-            {
-                const int i = omp_get_thread_num();
-                float *tmp = i == 0 ? a->tmp : thread_scratch(floats);
-                if (tmp)
-                    attention_rows(a, y, cut[i], cut[i + 1], tmp);
-                else
-                    failed[i] = 1;
+            {   /* the team may be smaller than asked: its threads take the parts in turn */
+                const int me = omp_get_thread_num();
+                float *tmp = me == 0 ? a->tmp : thread_scratch(floats);
+                for (int i = me; i < nt; i += omp_get_num_threads()) {
+                    if (tmp)
+                        attention_rows(a, y, cut[i], cut[i + 1], tmp);
+                    else
+                        failed[i] = 1;
+                }
             }
             for (int i = 1; i < nt; i++)  /* no memory for a worker's scratch: its rows here */
                 if (failed[i]) attention_rows(a, y, cut[i], cut[i + 1], a->tmp);
@@ -809,29 +811,27 @@ int lmf_vnni_ok(void) {
 static inline __attribute__((always_inline)) void vnni_rows(const vnni_args *a, int jb, int r0, const int R) {
     const int K4 = a->K / 4, G = a->K / 32;
     const int32_t *xq = (const int32_t *)a->xq;
-    {
-        const int8_t *w = a->qi + (size_t)jb * K4 * 64;
-        const int32_t *qs = a->qsum + (size_t)jb * G * 16;
-        __m512 accf[8];
-        for (int r = 0; r < R; r++) accf[r] = _mm512_setzero_ps();
-        for (int g = 0; g < G; g++) {
-            __m512i acc[8];
-            for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
-            for (int k = 8 * g; k < 8 * g + 8; k++) {
-                const __m512i wk = _mm512_loadu_si512((const void *)(w + (size_t)k * 64));
-                for (int r = 0; r < R; r++)
-                    acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(xq[(size_t)(r0 + r) * K4 + k]), wk);
-            }
-            const __m512i q = _mm512_loadu_si512((const void *)(qs + (size_t)g * 16));
+    const int8_t *w = a->qi + (size_t)jb * K4 * 64;
+    const int32_t *qs = a->qsum + (size_t)jb * G * 16;
+    __m512 accf[8];
+    for (int r = 0; r < R; r++) accf[r] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m512i acc[8];
+        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
+        for (int k = 8 * g; k < 8 * g + 8; k++) {
+            const __m512i wk = _mm512_loadu_si512((const void *)(w + (size_t)k * 64));
             for (int r = 0; r < R; r++)
-                accf[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], q)),
-                                          _mm512_set1_ps(a->xs[(size_t)(r0 + r) * G + g]), accf[r]);
+                acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(xq[(size_t)(r0 + r) * K4 + k]), wk);
         }
-        const __m512 sc = _mm512_loadu_ps(a->scales + (size_t)jb * 16);
-        const __m512 b = a->bias ? _mm512_loadu_ps(a->bias + (size_t)jb * 16) : _mm512_setzero_ps();
+        const __m512i q = _mm512_loadu_si512((const void *)(qs + (size_t)g * 16));
         for (int r = 0; r < R; r++)
-            _mm512_storeu_ps(a->out + (size_t)(r0 + r) * a->N + (size_t)jb * 16, _mm512_fmadd_ps(accf[r], sc, b));
+            accf[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], q)),
+                                      _mm512_set1_ps(a->xs[(size_t)(r0 + r) * G + g]), accf[r]);
     }
+    const __m512 sc = _mm512_loadu_ps(a->scales + (size_t)jb * 16);
+    const __m512 b = a->bias ? _mm512_loadu_ps(a->bias + (size_t)jb * 16) : _mm512_setzero_ps();
+    for (int r = 0; r < R; r++)
+        _mm512_storeu_ps(a->out + (size_t)(r0 + r) * a->N + (size_t)jb * 16, _mm512_fmadd_ps(accf[r], sc, b));
 }
 
 static void vnni_tile(const void *args, int jb) {  /* every row of outputs jb * 16 .. + 15 */
@@ -869,7 +869,7 @@ void lmf_head_vnni(const vnni_args *a) {
 #endif
 }
 
-/* ---- int4 products on int8 activations, AVX512-VNNI ---------------------------------------------------- */
+/* ---- int4 products with integer dot products, AVX512-VNNI ------------------------------------------------- */
 
 typedef struct {
     int32_t n, N, K, G;            /* rows, outputs (a multiple of 16), inputs (padded: a multiple of 32), group size
@@ -948,7 +948,7 @@ static void i4_tile(const void *args, int jb) {  /* every row of outputs jb * 16
    farther from float32 than bfloat16 does). Per block, the dot products of the levels (0..15, unsigned) with both
    parts by vpdpbusd, then s (d' dot - 8 d' sum) + z sum(x), d' = d / 254. PyTorch's int4 kernel dequantizes each
    weight to float per use; here 32 inputs x 16 outputs are 16 instructions a row. Output columns are shared among
-   the OpenMP team (see lmf_attention). */
+   the OpenMP team (for_tiles). */
 void lmf_int4(const i4_args *a) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
     const int K = a->K, nb = K / 32;

@@ -248,14 +248,14 @@ def _plain_linear(mod: nn.Module) -> bool:
     return w.dtype == torch.float32 and w.device.type == "cpu" and (b is None or b.dtype == torch.float32)
 
 
-def _signature(mod: nn.Linear) -> list[tuple]:
-    """(tensor, version, address) of the weight and bias: a copy of them is current while these are unchanged."""
-    return [(t, t._version, t.data_ptr()) for t in (mod.weight, mod.bias) if t is not None]
+def _signature(*tensors: torch.Tensor | None) -> list[tuple]:
+    """(tensor, version, address) of each given tensor: a copy made of them is current while these are unchanged."""
+    return [(t, t._version, t.data_ptr()) for t in tensors if t is not None]
 
 
-def _unchanged(mod: nn.Linear, sig: list[tuple]) -> bool:
-    """Whether ``mod``'s weight and bias are the tensors of ``sig``, not changed in place nor moved since."""
-    now = [t for t in (mod.weight, mod.bias) if t is not None]
+def _unchanged(sig: list[tuple], *tensors: torch.Tensor | None) -> bool:
+    """Whether ``tensors`` are those of ``sig``, not changed in place nor moved since."""
+    now = [t for t in tensors if t is not None]
     return len(now) == len(sig) and all(
         t is s and t._version == v and t.data_ptr() == a for t, (s, v, a) in zip(now, sig))
 
@@ -292,9 +292,8 @@ def _int4_layout(mod: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     the weight): levels (N / 16, K / 32, 4, 64) bytes, byte 4 c + j of row m of a block holding output 16 t + c's
     inputs 4 m + j (low 4 bits) and 16 + 4 m + j (high 4 bits); scales and zeros (N / 16, K / G, 16) float32."""
     q, s, z = mod.qweight, mod.scales, mod.zeros
-    key = [(t, t._version, t.data_ptr()) for t in (q, s, z) if t is not None]
     cached = mod.__dict__.get("_lmforge_int4")
-    if cached is not None and all(a is b and v == w and p == r for (a, v, p), (b, w, r) in zip(cached[0], key)):
+    if cached is not None and _unchanged(cached[0], q, s, z):
         return cached[1]
     with torch.no_grad(), torch.inference_mode(False):
         N, K = q.shape[0], q.shape[1] * 2
@@ -310,7 +309,7 @@ def _int4_layout(mod: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
             return t.view(Np // 16, 16, -1).transpose(1, 2).contiguous()
         layout = (w.view(Np // 16, K // 32, 256), tiled(s), None if z is None else tiled(z))
         del lv, w
-    mod.__dict__["_lmforge_int4"] = (key, layout)
+    mod.__dict__["_lmforge_int4"] = (_signature(q, s, z), layout)
     release_free_memory()  # the temporaries (the unpacked levels: twice the weight)
     return layout
 
@@ -464,13 +463,10 @@ class NativeStep:
         shared = int4_buffers(n, max(mod.out_features for mod in i4), max(mod.qweight.shape[1] * 2 for mod in i4)) \
             if i4 else None  # the int4 products' output and scratch, one after another
         product = self._c_linear if self._weights is not None else (lambda mod: _product(mod, n, shared))
-        c_products = True  # every product is a C kernel (no PyTorch product between the C calls)
         for blk in m.blocks:
-            mods = (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2)
-            p = [product(mod) for mod in mods]
+            p = [product(mod) for mod in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2)]
             if any(x is None for x in p):
                 raise ValueError("a layer this step does not cover")
-            c_products = c_products and (self._weights is not None or all(n >= INT4_ROWS and int4_ok(x) for x in mods))
             prods.append(p)
         # the first norm reads the embedded tokens already in x
         self.first = self._norm_args(norms[0], prods[0][0], None)
@@ -512,7 +508,9 @@ class NativeStep:
         # not use it: its last rows go through the model's own layer)
         self._step: _StepArgs | None = None
         self.whole = False  # the whole step is one C call (lmf_step)
-        self.c_products = c_products  # (so the PyTorch step, which pays per layer what the C calls save, is no rival)
+        # every product a C kernel, no PyTorch product between the C calls: the PyTorch step, which pays per layer
+        # what the C calls save, is no rival
+        self.c_products = self._weights is not None or (n >= INT4_ROWS and len(i4) == len(lin))
         if self._weights is not None:
             head = self._c_linear(m.lm_head)
             head[0](self.final)  # its input is the final norm's output
@@ -542,7 +540,7 @@ class NativeStep:
             if not _plain_linear(mod):
                 return False
             try:  # inference tensors have no version counter (their changes could not be seen)
-                _signature(mod)
+                _signature(mod.weight, mod.bias)
             except RuntimeError:
                 return False
         return sum(mod.weight.numel() for mod in mods) <= SMALL_PRODUCTS and bool(self.lib.lmf_linear_fast())
@@ -552,7 +550,7 @@ class NativeStep:
         count) while the module's weight and bias are the same tensors, unchanged."""
         cache = self.runner.transposed
         hit = cache.get(id(mod))
-        if hit is not None and _unchanged(mod, hit[0]):
+        if hit is not None and _unchanged(hit[0], mod.weight, mod.bias):
             return hit[1], hit[2]
         wt = torch.zeros(mod.in_features, Np)
         wt[:, : mod.out_features] = mod.weight.detach().t()
@@ -560,7 +558,7 @@ class NativeStep:
         if mod.bias is not None:
             bias = torch.zeros(Np)
             bias[: mod.out_features] = mod.bias.detach()
-        cache[id(mod)] = (_signature(mod), wt, bias)
+        cache[id(mod)] = (_signature(mod.weight, mod.bias), wt, bias)
         return wt, bias
 
     def _c_linear(self, mod: nn.Linear):
@@ -575,7 +573,8 @@ class NativeStep:
                         bias=_addr(self._keep_t(bias)), out=_addr(out))
         self._keep += [args, out]
         params = mod._parameters  # flat (dict, name, tensor, version, address) rows: run checks them every step
-        self._weights += [(params, name, *sig) for name, sig in zip(("weight", "bias"), _signature(mod))]
+        sigs = _signature(mod.weight, mod.bias)
+        self._weights += [(params, name, *sig) for name, sig in zip(("weight", "bias"), sigs)]
         fn, at, view = self.lib.lmf_linear, ctypes.addressof(args), out[:, :N]
 
         def linear(x: torch.Tensor) -> torch.Tensor:
