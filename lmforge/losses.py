@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmforge.matmul import linear, matmul
+
 IGNORE = -100
 
 
@@ -362,7 +364,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gb = torch.zeros_like(bias, dtype=acc) if need_b else None
         for s in range(0, n, chunk):
             hc, yc = h[s : s + chunk], targets[s : s + chunk]
-            logits = (hc @ weight.t()).to(acc)
+            logits = linear(hc, weight).to(acc)
             if bias is not None:
                 logits += bias.to(acc)
             valid = yc != ignore_index
@@ -376,9 +378,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g *= valid[:, None]
                 g = g.to(h.dtype)
                 if need_h:
-                    gh[s : s + chunk] = g @ weight
+                    gh[s : s + chunk] = matmul(g, weight)
                 if need_w:
-                    gw += (g.t() @ hc).to(acc)
+                    gw += matmul(g.t(), hc).to(acc)
                 if need_b:
                     gb += g.to(acc).sum(0)
         ctx.save_for_backward(gh, gw, gb)

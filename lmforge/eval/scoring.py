@@ -26,6 +26,7 @@ import torch
 from lmforge.data.preference import common_prefix
 from lmforge.errors import LMForgeError
 from lmforge.losses import cross_entropy
+from lmforge.matmul import call
 from lmforge.model import Decoder, KVCache
 
 MIN_SHARED = 32  # tokens two contexts must share to run their prefix once (about one demonstration)
@@ -79,7 +80,7 @@ def _logprobs_of(model: Decoder, hidden: torch.Tensor, targets: torch.Tensor, ch
     """log p(target) per position from final hidden states (..., T, d) and targets (..., T); the output layer runs
     on ``chunk`` positions at a time so (T, vocab) logits never exist for long windows."""
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    out = [-cross_entropy(model.lm_head(flat_h[i : i + chunk]), flat_t[i : i + chunk], reduction="none")
+    out = [-cross_entropy(call(model.lm_head, flat_h[i : i + chunk]), flat_t[i : i + chunk], reduction="none")
            for i in range(0, flat_h.shape[0], chunk)]
     return torch.cat(out).view(targets.shape)
 
@@ -261,7 +262,7 @@ class Scorer:
             P += shared
         h = model.hidden_states(ids, position_ids=_positions(model, pos), key_mask=mask if padded else None,
                                 cache=cache)
-        first = torch.log_softmax(model.lm_head(h[:, -1]).float(), dim=-1)
+        first = torch.log_softmax(call(model.lm_head, h[:, -1]).float(), dim=-1)
         best = first.argmax(-1).tolist()
         rows: list[tuple[int, int]] = []  # (group, choice) of continuations longer than one token
         for b, g in enumerate(groups):
@@ -298,7 +299,7 @@ class Scorer:
             self.tokens += int((tgt != -100).sum())
             valid = tgt != -100
             lp = _logprobs_of(model, h2, tgt.clamp_min(0)).masked_fill(~valid, 0.0).sum(-1)
-            greedy = ((model.lm_head(h2).argmax(-1) == tgt) | ~valid).all(-1) if self.want_greedy else None
+            greedy = ((call(model.lm_head, h2).argmax(-1) == tgt) | ~valid).all(-1) if self.want_greedy else None
             for r, (b, c) in enumerate(part):
                 out[b][c][0] += float(lp[r])
                 out[b][c][1] = bool(out[b][c][1] and (greedy is None or greedy[r]))

@@ -38,6 +38,7 @@ from torch import nn
 from lmforge.infer.generate import Sequence, Step
 from lmforge.infer.native import NativeStep, Stale, int4_ok, library
 from lmforge.infer.sampling import SamplingParams, TokenSampler, select
+from lmforge.matmul import linear
 from lmforge.memory import drop_file_pages, file_mappings, release_free_memory
 from lmforge.model import Decoder
 from lmforge.model.cache import kv_cache_len
@@ -548,7 +549,7 @@ def _linear_fn(mod: nn.Module):
     quantized linear layers without hooks); other wrappers (LoRA...) are called as modules."""
     if type(mod) is nn.Linear:
         w, b = mod.weight, mod.bias
-        return lambda x: F.linear(x, w, b)
+        return lambda x: linear(x, w, b)
     if type(mod) is QuantLinear and not (mod._forward_hooks or mod._forward_pre_hooks):
         def quant(x):  # (rows, K) input: the layer's function for that many rows, made by its first forward
             fn = mod._decode.get(x.shape[0])  # (filled only for float32 CPU input in auto mode; read per call:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.matmul import linear
 from lmforge.memory import release_free_memory
 from lmforge.model.norms import RMSNorm
 from lmforge.quant import QuantLinear
@@ -374,7 +375,7 @@ def _product(mod: nn.Module, rows: int, buffers: tuple[torch.Tensor, ...] | None
             fn = gemv(mod, rows)
             if fn is not None:
                 return fn, torch.float32, mod.in_features, None
-        return (lambda x: F.linear(x, w, b)), torch.float32, mod.in_features, None
+        return (lambda x: linear(x, w, b)), torch.float32, mod.in_features, None
     if type(mod) is not QuantLinear or mod.compute not in ("auto", "float32", "bfloat16"):
         return None
     if mod.qweight.device.type != "cpu":

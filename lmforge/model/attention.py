@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.matmul import call
 from lmforge.model.cache import KVCache
 from lmforge.model.positions import rotate
 
@@ -34,7 +35,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         nh, nkv, hd = self.n_head, self.n_kv, self.hd
-        y = self.qkv(x)
+        y = call(self.qkv, x)
         qk = y[..., : (nh + nkv) * hd].view(B, T, nh + nkv, hd).transpose(1, 2)
         if rope is not None:  # queries and keys share the positions: one rotation of both (fewer ops per step)
             qk = self._rotate(qk, rope)
@@ -55,7 +56,7 @@ class Attention(nn.Module):
             # head instead copied the whole cache per layer (16x slower for one query over 512 keys at batch 128)
             enable_gqa=self.n_kv != self.n_head,
         )
-        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+        return call(self.proj, y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
     def _rotate(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if self.glm2d_rotary:  # ChatGLM-6B: first half by position, second half by block position

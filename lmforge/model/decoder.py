@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 from lmforge.losses import cross_entropy
+from lmforge.matmul import call
 from lmforge.model.attention import Attention
 from lmforge.model.cache import KVCache, PrefixedKV
 from lmforge.model.mlp import MLP
@@ -175,7 +176,7 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, vocab); ``head=False``: the final hidden states instead (for a fused output loss)."""
         h = self.hidden_states(input_ids, position_ids, prefix_len, key_mask, cache, segment_ids, branch_ids)
-        return self.lm_head(h) if head else h
+        return call(self.lm_head, h) if head else h
 
     def hidden_states(
         self,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.matmul import call
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -32,10 +33,10 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[cfg.mlp]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
+        h = call(self.fc1, x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
             h = self.act(h)
-        return self.fc2(h)
+        return call(self.fc2, h)

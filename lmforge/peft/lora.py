@@ -20,11 +20,11 @@ import re
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LMForgeError
 from lmforge.interop.hf import _t_split, check_exportable, guess_arch  # _t_split: GPT-2's Conv1D
+from lmforge.matmul import call, linear
 from lmforge.model.swap import find_modules, get_module, replace_modules, set_module
 from lmforge.peft.base import adapter_modules
 from lmforge.quant.modules import QuantEmbedding, QuantLinear
@@ -93,7 +93,7 @@ class LoRALinear(nn.Module):
             if s > pos:
                 pieces.append(y[..., pos:s])
             a, b = self.lora_A[n], self.lora_B[n]
-            d = F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+            d = linear(linear(x, a.to(x.dtype)), b.to(x.dtype))
             pieces.append(y[..., s:e] + (sign * self.scaling[n]) * d)
             pos = e
         if pos < self.out_features:
@@ -101,7 +101,7 @@ class LoRALinear(nn.Module):
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = call(self.base, x)
         if self.merged:
             return self._update(y, x, -1.0) if self.disabled else y
         if self.disabled:

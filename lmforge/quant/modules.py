@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LMForgeError
+from lmforge.matmul import linear
 from lmforge.memory import release_free_memory
 from lmforge.quant.packing import dequantize_int4, dequantize_int8, padded_k, quantize_int4, quantize_int8, unpack_int4
 
@@ -46,7 +47,7 @@ class FrozenWeightGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        return grad @ ctx.mod.dequantize().to(grad.dtype), None
+        return linear(grad, ctx.mod.dequantize().to(grad.dtype).t()), None
 
 
 def _default_compute() -> str:
@@ -326,11 +327,11 @@ class QuantLinear(nn.Module):
         for i in range(0, n, step):
             j = min(i + step, n)
             if self.bits == 8:  # the per-channel scale commutes with the matmul
-                outs.append(F.linear(x, self.qweight[i:j].to(x.dtype)) * self.scales[i:j].to(x.dtype))
+                outs.append(linear(x, self.qweight[i:j].to(x.dtype)) * self.scales[i:j].to(x.dtype))
             else:
                 zeros = self.zeros[i:j] if self.zeros is not None else None
                 w = dequantize_int4(self.qweight[i:j], self.scales[i:j], zeros, k)
-                outs.append(F.linear(x, w.to(x.dtype)))
+                outs.append(linear(x, w.to(x.dtype)))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.matmul import linear
 from lmforge.quant.modules import FrozenWeightGrad
 from lmforge.quant.packing import pack_int4, unpack_int4
 
@@ -109,7 +110,7 @@ class NF4Linear(nn.Module):
         if x.requires_grad and torch.is_grad_enabled():
             return FrozenWeightGrad.apply(x, self)
         w = self.dequantize().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nf4, block={BLOCK}, "

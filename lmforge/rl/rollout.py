@@ -22,6 +22,7 @@ from torch import nn
 from lmforge.infer.generate import generate_batch
 from lmforge.infer.sampling import SamplingParams
 from lmforge.losses import entropy_from_logits, token_logprobs
+from lmforge.matmul import call
 from lmforge.model import Decoder
 
 
@@ -121,7 +122,7 @@ def response_hidden(model: Decoder, rollout: Rollout) -> torch.Tensor:
 
 def response_logits(model: Decoder, rollout: Rollout) -> torch.Tensor:
     """Logits predicting each response token (B, R, V)."""
-    return model.lm_head(response_hidden(model, rollout))
+    return call(model.lm_head, response_hidden(model, rollout))
 
 
 def policy_logprobs(model: Decoder, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False

@@ -52,6 +52,7 @@ from lmforge.losses import (
     token_logprobs,
     value_loss,
 )
+from lmforge.matmul import call
 from lmforge.model.heads import ScalarHeadModel, load_scalar_model, save_scalar_model
 from lmforge.peft import apply_peft, save_adapter
 from lmforge.peft.base import disable_adapter
@@ -240,7 +241,7 @@ class PPOModel(nn.Module):
         m = rollout.response_mask
         if self.critic is None:
             h = response_hidden(self.actor, rollout)
-            logits = self.actor.lm_head(h)
+            logits = call(self.actor.lm_head, h)
             lp = token_logprobs(logits, rollout.responses, temperature).masked_fill(~m, 0.0)
             ent = entropy_from_logits(logits, temperature).masked_fill(~m, 0.0)
             v = self.value_head(h.float()).squeeze(-1).masked_fill(~m, 0.0)

@@ -28,6 +28,7 @@ from torch import nn
 
 from lmforge.errors import LMForgeError
 from lmforge.eval import run_task
+from lmforge.matmul import linear
 from lmforge.train import distributed as D
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import MetricsWriter, model_flops_per_token, plot_losses
@@ -114,7 +115,7 @@ def bf16_is_faster(model: nn.Module, tokens: int) -> bool:
                 for _ in range(3):
                     t0 = time.perf_counter()
                     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                        y = torch.nn.functional.linear(x, w)
+                        y = linear(x, w)  # float32: the library the model's layers use (lmforge.matmul)
                     y.float().sum().backward()
                     best = min(best, time.perf_counter() - t0)
                 total[dtype] += best * count
