@@ -155,6 +155,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument("--baseline", default="auto", choices=["auto", "harness", "loop"])
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--cases", nargs="+", default=["mmlu", "arc", "arc_fewshot", "perplexity"],
+                    choices=["mmlu", "arc", "arc_fewshot", "perplexity"], help="which cases to run (default: all)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,9 +178,10 @@ def main() -> None:
         args.mmlu = str(dedup_mmlu(Path(args.mmlu), Path(tmp) / "mmlu", args.shots + 1))
         cases = {"mmlu": EvalConfig("mmlu", args.mmlu, fewshot_data=args.mmlu, shots=args.shots, limit=args.limit),
                  "arc": EvalConfig("arc", args.arc, limit=args.limit)}
-        if args.arc_shots:
+        if args.arc_shots and "arc_fewshot" in args.cases:
             cases[f"arc_{args.arc_shots}shot"] = EvalConfig("arc", args.arc, fewshot_data=args.arc_train,
                                                             shots=args.arc_shots, limit=args.arc_fewshot_limit)
+        cases = {k: v for k, v in cases.items() if k in args.cases or k.startswith("arc_")}
         mine = {}
         for name, cfg in cases.items():
             t = time.perf_counter()
@@ -221,24 +224,26 @@ def main() -> None:
             print(f"{name}: lmforge {eps:.2f} ex/s (acc {res.metrics['acc']:.4f}), {out['baseline']} "
                   f"{base[name][1]:.2f} ex/s (acc {base[name][0]:.4f}): {eps / base[name][1]:.2f}x")
         # perplexity on the bundled tinyshakespeare
-        from lmforge.assets import TINYSHAKESPEARE
+        if "perplexity" in args.cases:
+            from lmforge.assets import TINYSHAKESPEARE
 
-        text_ids = tok.encode(Path(TINYSHAKESPEARE).read_text(encoding="utf-8")[: args.ppl_tokens * 8])
-        ids = text_ids[: args.ppl_tokens]
-        txt = Path(tmp) / "ppl.txt"
-        txt.write_text(tok.decode(ids), encoding="utf-8")
-        window = min(args.window, model.cfg.block_size)
-        t = time.perf_counter()
-        res = evaluate(model, tok, EvalConfig("perplexity", str(txt), context=window, stride=min(args.stride, window)))
-        dt_mine = time.perf_counter() - t
-        t = time.perf_counter()
-        ppl_hf = hf_sliding_window(hf, tok.encode(txt.read_text(encoding="utf-8")), window, min(args.stride, window))
-        dt_hf = time.perf_counter() - t
-        out["perplexity"] = {"tokens": res.n, "lmforge_ppl": res.metrics["ppl"],
-                             "lmforge_tokens_per_s": res.n / dt_mine, "transformers_ppl": ppl_hf,
-                             "transformers_tokens_per_s": res.n / dt_hf, "speedup": dt_hf / dt_mine}
-        print(f"perplexity: lmforge {res.n / dt_mine:.0f} tok/s (ppl {res.metrics['ppl']:.3f}), transformers loop "
-              f"{res.n / dt_hf:.0f} tok/s (ppl {ppl_hf:.3f}): {dt_hf / dt_mine:.2f}x")
+            text_ids = tok.encode(Path(TINYSHAKESPEARE).read_text(encoding="utf-8")[: args.ppl_tokens * 8])
+            ids = text_ids[: args.ppl_tokens]
+            txt = Path(tmp) / "ppl.txt"
+            txt.write_text(tok.decode(ids), encoding="utf-8")
+            window = min(args.window, model.cfg.block_size)
+            t = time.perf_counter()
+            stride = min(args.stride, window)
+            res = evaluate(model, tok, EvalConfig("perplexity", str(txt), context=window, stride=stride))
+            dt_mine = time.perf_counter() - t
+            t = time.perf_counter()
+            ppl_hf = hf_sliding_window(hf, tok.encode(txt.read_text(encoding="utf-8")), window, stride)
+            dt_hf = time.perf_counter() - t
+            out["perplexity"] = {"tokens": res.n, "lmforge_ppl": res.metrics["ppl"],
+                                 "lmforge_tokens_per_s": res.n / dt_mine, "transformers_ppl": ppl_hf,
+                                 "transformers_tokens_per_s": res.n / dt_hf, "speedup": dt_hf / dt_mine}
+            print(f"perplexity: lmforge {res.n / dt_mine:.0f} tok/s (ppl {res.metrics['ppl']:.3f}), transformers loop "
+                  f"{res.n / dt_hf:.0f} tok/s (ppl {ppl_hf:.3f}): {dt_hf / dt_mine:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 
