@@ -25,6 +25,7 @@ import torch
 
 from lmforge.data.preference import common_prefix
 from lmforge.errors import LMForgeError
+from lmforge.infer.native import flash_attention_in
 from lmforge.losses import cross_entropy
 from lmforge.matmul import call
 from lmforge.model import Decoder, KVCache
@@ -122,6 +123,10 @@ class Scorer:
     @torch.inference_mode()
     def score_greedy(self, groups: list[Group]) -> list[list[tuple[float, bool]]]:
         """(sum of log-probabilities, whether greedy decoding would produce it) of each continuation."""
+        with flash_attention_in(self.model):
+            return self._score_greedy(groups)
+
+    def _score_greedy(self, groups: list[Group]) -> list[list[tuple[float, bool]]]:
         out: list[list] = [[] for _ in groups]
         prepared = [self._truncate(g) for g in groups]
         families, alone = self._families(prepared)
@@ -306,9 +311,14 @@ class Scorer:
 
     # ---- perplexity ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
+    @torch.inference_mode()
     def rolling(self, ids: list[int], context: int | None = None, stride: int | None = None) -> tuple[float, int]:
         """(sum of negative log-likelihoods in nats, tokens predicted) of ``ids``: the first token is predicted
         from the prefix token, each window holds ``context`` inputs and scores the tokens it adds."""
+        with flash_attention_in(self.model):
+            return self._rolling(ids, context, stride)
+
+    def _rolling(self, ids: list[int], context: int | None, stride: int | None) -> tuple[float, int]:
         L = min(context or self.block_size, self.block_size)
         seq = [prefix_token(self.tok), *ids]
         wins = rolling_windows(len(ids), L, L if stride is None else stride)  # (0 is refused, not the default)

@@ -980,3 +980,186 @@ void lmf_int4(const i4_args *a) {
     (void)a;
 #endif
 }
+
+/* ---- attention of whole sequences (scoring, prefill): float32 flash attention ----------------------------- */
+
+/* Softmax attention of T query rows against S keys per sequence, without the (T, S) scores: each block of up to
+   FLASH_Q query vectors (the query heads of one key/value head, times consecutive rows) walks the keys FLASH_K at a
+   time with a running maximum and sum (flash attention's online softmax). Keys a query may not see cost nothing:
+   causal blocks stop at their last row's key, and a tile whose mask hides every key is skipped. A mask value at or
+   below -1e30 hides its key (the decoder's masks use the float minimum), any other value is added to the score; a
+   query that sees no key gets zeros. Blocks are shared among the OpenMP threads. */
+
+typedef struct {
+    int32_t B, H, KV, T, S, D, causal;  /* causal (without a mask): key j is seen by query t iff j <= t + S - T */
+    float scale;
+    int64_t q_sb, q_sh, q_st;           /* q (B, H, T, D), strides in elements; D contiguous */
+    int64_t k_sb, k_sh, k_ss;           /* k (B, KV, S, D) */
+    int64_t v_sb, v_sh, v_ss;           /* v (B, KV, S, D) */
+    int64_t m_sb, m_sh, m_st;           /* mask (B or 1, H or 1, T, S), additive; stride 0 broadcasts */
+    const float *q, *k, *v, *mask;      /* mask may be NULL */
+    float *out;                         /* (B, T, H, D) contiguous */
+} flash_args;
+
+#define FLASH_Q 12
+#define FLASH_K 16
+#define FLASH_MAX_D 256
+#define FLASH_HIDDEN -1e30f
+
+int lmf_flash_ok(int D) {  /* whether lmf_flash has its vector kernel for heads of D channels here */
+#if defined(__AVX512F__)
+    return D % 16 == 0 && D <= FLASH_MAX_D;
+#else
+    (void)D;
+    return 0;
+#endif
+}
+
+#if defined(__AVX512F__)
+/* out += p v over a tile's keys for all FLASH_Q query vectors, W (16 or 32) output channels from c on */
+#define FLASH_PV(W)                                                                                      \
+    do {                                                                                                 \
+        __m512 lo[FLASH_Q], hi[FLASH_Q];                                                                 \
+        for (int i = 0; i < FLASH_Q; i++) {                                                              \
+            lo[i] = _mm512_mul_ps(_mm512_load_ps(acc + (size_t)i * D + c), _mm512_set1_ps(corr[i]));     \
+            if (W == 32)                                                                                 \
+                hi[i] = _mm512_mul_ps(_mm512_load_ps(acc + (size_t)i * D + c + 16), _mm512_set1_ps(corr[i])); \
+        }                                                                                                \
+        for (int jj = 0; jj < jn; jj++) {                                                                \
+            const float *vr = vb + (int64_t)(j0 + jj) * a->v_ss + c;                                     \
+            const __m512 v0 = _mm512_loadu_ps(vr), v1 = W == 32 ? _mm512_loadu_ps(vr + 16) : v0;        \
+            for (int i = 0; i < FLASH_Q; i++) {                                                          \
+                const __m512 pi = _mm512_set1_ps(p[i][jj]);                                              \
+                lo[i] = _mm512_fmadd_ps(pi, v0, lo[i]);                                                  \
+                if (W == 32) hi[i] = _mm512_fmadd_ps(pi, v1, hi[i]);                                     \
+            }                                                                                            \
+        }                                                                                                \
+        for (int i = 0; i < FLASH_Q; i++) {                                                              \
+            _mm512_store_ps(acc + (size_t)i * D + c, lo[i]);                                             \
+            if (W == 32) _mm512_store_ps(acc + (size_t)i * D + c + 16, hi[i]);                           \
+        }                                                                                                \
+    } while (0)
+
+static void flash_block(const flash_args *a, const float *kt, int S16, int b, int g, int h0, int nh, int t0,
+                        int nr) {
+    const int D = a->D, G = a->H / a->KV, nq = nh * nr, shift = a->S - a->T;
+    float qs[FLASH_Q * FLASH_MAX_D] __attribute__((aligned(64)));
+    float acc[FLASH_Q * FLASH_MAX_D] __attribute__((aligned(64)));
+    float p[FLASH_Q][FLASH_K] __attribute__((aligned(64)));
+    float mx[FLASH_Q], sum[FLASH_Q], corr[FLASH_Q];
+    const float *mrow[FLASH_Q];
+    int trow[FLASH_Q];
+    for (int i = 0; i < FLASH_Q; i++) {  /* query vector i: head h0 + i / nr, row t0 + i % nr; unused ones are 0 */
+        float *dst = qs + (size_t)i * D;
+        mx[i] = -INFINITY;
+        sum[i] = 0.0f;
+        if (i < nq) {
+            const int h = g * G + h0 + i / nr, t = t0 + i % nr;
+            const float *src = a->q + b * a->q_sb + h * a->q_sh + t * a->q_st;
+            for (int d = 0; d < D; d++) dst[d] = src[d] * a->scale;
+            trow[i] = t;
+            mrow[i] = a->mask ? a->mask + b * a->m_sb + h * a->m_sh + t * a->m_st : NULL;
+        } else {
+            memset(dst, 0, (size_t)D * sizeof(float));
+            trow[i] = t0;
+            mrow[i] = NULL;
+        }
+        memset(acc + (size_t)i * D, 0, (size_t)D * sizeof(float));
+    }
+    const float *vb = a->v + b * a->v_sb + g * a->v_sh;
+    int end = a->S;
+    if (!a->mask && a->causal) {
+        const int last = t0 + nr - 1 + shift + 1;
+        end = last < end ? last : end;
+    }
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int j0 = 0; j0 < end; j0 += FLASH_K) {
+        const int jn = end - j0 < FLASH_K ? end - j0 : FLASH_K;
+        const __mmask16 inside = (__mmask16)((1u << jn) - 1u);
+        __mmask16 seen[FLASH_Q];
+        int any = 0;
+        for (int i = 0; i < FLASH_Q; i++) {
+            __mmask16 m = i < nq ? inside : 0;
+            if (m && mrow[i]) {
+                const __m512 mv = _mm512_maskz_loadu_ps(inside, mrow[i] + j0);
+                m &= _mm512_cmp_ps_mask(mv, _mm512_set1_ps(FLASH_HIDDEN), _CMP_GT_OQ);
+            } else if (m && a->causal) {
+                const __m512i j = _mm512_add_epi32(iota, _mm512_set1_epi32(j0));
+                m &= _mm512_cmple_epi32_mask(j, _mm512_set1_epi32(trow[i] + shift));
+            }
+            seen[i] = m;
+            any |= m != 0;
+        }
+        if (!any) continue;
+        __m512 sc[FLASH_Q];
+        for (int i = 0; i < FLASH_Q; i++) sc[i] = _mm512_setzero_ps();
+        for (int d = 0; d < D; d++) {
+            const __m512 kv = _mm512_load_ps(kt + (size_t)d * S16 + j0);
+            for (int i = 0; i < FLASH_Q; i++) sc[i] = _mm512_fmadd_ps(_mm512_set1_ps(qs[(size_t)i * D + d]), kv, sc[i]);
+        }
+        for (int i = 0; i < FLASH_Q; i++) {
+            if (!seen[i]) {
+                corr[i] = 1.0f;
+                _mm512_store_ps(p[i], _mm512_setzero_ps());
+                continue;
+            }
+            __m512 s = sc[i];
+            if (mrow[i]) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(inside, mrow[i] + j0));
+            const float top = _mm512_mask_reduce_max_ps(seen[i], s);
+            const float mnew = top > mx[i] ? top : mx[i];
+            corr[i] = mx[i] == -INFINITY ? 0.0f : fast_expf(mx[i] - mnew);
+            _mm512_store_ps(p[i], _mm512_sub_ps(s, _mm512_set1_ps(mnew)));
+#pragma omp simd
+            for (int jj = 0; jj < FLASH_K; jj++) p[i][jj] = fast_expf(p[i][jj]);
+            const __m512 pv = _mm512_maskz_load_ps(seen[i], p[i]);
+            _mm512_store_ps(p[i], pv);
+            sum[i] = sum[i] * corr[i] + _mm512_reduce_add_ps(pv);
+            mx[i] = mnew;
+        }
+        int c = 0;
+        for (; c + 32 <= D; c += 32) FLASH_PV(32);
+        for (; c < D; c += 16) FLASH_PV(16);
+    }
+    for (int i = 0; i < nq; i++) {
+        const int h = g * G + h0 + i / nr, t = t0 + i % nr;
+        float *o = a->out + (((int64_t)b * a->T + t) * a->H + h) * D;
+        const float inv = sum[i] > 0.0f ? 1.0f / sum[i] : 0.0f;
+        for (int d = 0; d < D; d++) o[d] = acc[(size_t)i * D + d] * inv;
+    }
+}
+#endif
+
+int lmf_flash(const flash_args *a) {  /* 1 when done; 0 without the kernel or the memory for the keys */
+#if defined(__AVX512F__)
+    const int G = a->H / a->KV, hc = G < FLASH_Q ? G : FLASH_Q, nhc = (G + hc - 1) / hc;
+    const int R = FLASH_Q / hc, nrb = (a->T + R - 1) / R, D = a->D, S16 = (a->S + FLASH_K - 1) / FLASH_K * FLASH_K;
+    const int units = nhc * nrb;
+    float *kt = (float *)aligned_alloc(64, (size_t)D * S16 * sizeof(float));
+    if (!kt) return 0;
+    for (int b = 0; b < a->B; b++) {
+        for (int g = 0; g < a->KV; g++) {
+            const float *kb = a->k + b * a->k_sb + g * a->k_sh;  /* the keys, transposed: kt[d][j] */
+            for (int j = 0; j < S16; j++) {
+                const float *kr = kb + (int64_t)j * a->k_ss;
+                for (int d = 0; d < D; d++) kt[(size_t)d * S16 + j] = j < a->S ? kr[d] : 0.0f;
+            }
+#if defined(_OPENMP)
+            const double work = (double)G * a->T * a->S * D;
+            const int par = lmf_parallel_ok && !omp_in_parallel() && units > 1 && work >= 4.0 * ATTN_PARALLEL_WORK;
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+#endif
+            for (int u = 0; u < units; u++) {  /* the last row blocks first: causal ones late in a sequence cost most */
+                const int rb = nrb - 1 - u % nrb, hcx = u / nrb;
+                const int h0 = hcx * hc, nh = G - h0 < hc ? G - h0 : hc, t0 = rb * R;
+                const int nr = a->T - t0 < R ? a->T - t0 : R;
+                flash_block(a, kt, S16, b, g, h0, nh, t0, nr);
+            }
+        }
+    }
+    free(kt);
+    return 1;
+#else
+    (void)a;
+    return 0;
+#endif
+}

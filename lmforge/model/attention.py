@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,9 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale
         self.interleaved = cfg.rope_interleaved
         self.glm2d_rotary = cfg.position == "glm2d" and cfg.glm2d == "rotary"
+        # another attention for inference, set by lmforge.infer.native.flash_attention_in: (q, k, v, mask, causal,
+        # scale) -> (B, T, n_head, head_size), or None to leave those inputs to SDPA
+        self.kernel: Callable[..., torch.Tensor | None] | None = None
 
     def forward(
         self,
@@ -44,6 +49,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         causal = mask is None and T > 1 and k.shape[2] == T
+        if self.kernel is not None and not torch.is_grad_enabled() and not (self.training and self.dropout):
+            out = self.kernel(q, k, v, mask, causal, self.scale)  # (B, T, nh, hd), or None: not for these
+            if out is not None:
+                return call(self.proj, out.view(B, T, nh * hd))
         y = F.scaled_dot_product_attention(
             q,
             k,
