@@ -155,3 +155,30 @@ def test_torchrun_two_processes_match_one(tmp_path, mode):
     a, b = losses(one), losses(two)
     assert a.keys() == b.keys() and len(a) == 6
     assert all(abs(a[k] - b[k]) < 1e-4 for k in a)
+
+
+def test_auto_precision_under_torchrun_is_the_first_process_choice(monkeypatch):
+    """``auto`` times kernels in each process; under torchrun every process takes the first one's choice (a loaded
+    process could measure otherwise and compute in another precision)."""
+    import lmforge.train.loop as L
+    from lmforge.train import distributed as D
+
+    sent = []
+
+    def all_reduce(values, d):  # the first process measured fp32: it sends 0, every other process sends 0
+        sent.append((d.rank, list(values)))
+        return [0.0]
+
+    monkeypatch.setattr(L, "pick_precision", lambda *a, **k: torch.bfloat16)  # what this process measured
+    monkeypatch.setattr(L.D, "sum_all", all_reduce)
+    model = torch.nn.Linear(4, 4)
+    cpu = torch.device("cpu")
+    assert L.train_precision(TrainConfig(precision="auto"), cpu, model, D.Dist(rank=1, world=2)) is None
+    assert sent == [(1, [0.0])]
+    monkeypatch.setattr(L.D, "sum_all", lambda values, d: sent.append((d.rank, list(values))) or list(values))
+    assert L.train_precision(TrainConfig(precision="auto"), cpu, model, D.Dist(rank=0, world=2)) is torch.bfloat16
+    assert sent[-1] == (0, [1.0])
+    n = len(sent)
+    assert L.train_precision(TrainConfig(precision="auto"), cpu, model) is torch.bfloat16  # one process: its own
+    assert L.train_precision(TrainConfig(precision="bf16"), cpu, model, D.Dist(rank=1, world=2)) is torch.bfloat16
+    assert len(sent) == n  # nothing to agree on

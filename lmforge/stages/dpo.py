@@ -188,7 +188,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
             if resume:
                 raise LMForgeError(f"{ref_path} is missing: cannot resume full-model DPO without the reference")
             model.to(device)
-            amp = train_precision(t, device, model)
+            amp = train_precision(t, device, model, dist)
 
             def ref_of(groups: list) -> torch.Tensor:  # each process computes its share (torchrun), all get all
                 rows = D.map_shards(lambda part: list(reference_logprobs(model, part, pad, t.batch_size, amp, share)),

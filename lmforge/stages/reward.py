@@ -444,7 +444,8 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
                   "val_prompts": len(val_g)}
     if cfg.head_init == "probe" and not resume:  # a resumed run has its head in the checkpoint
         model.to(device)
-        fit = probe_head(model, train_g, pad, t.batch_size, train_precision(t, device, model), t.seed, dist)
+        fit = probe_head(model, train_g, pad, t.batch_size, train_precision(t, device, model, dist), t.seed,
+                         dist)
         run_config["head_probe"] = fit
         log(f"head fitted to the frozen features of the training pairs (linear probe): L2 {fit['l2']:g} by "
             f"{fit['folds']}-fold cross-validation, held-out-fold accuracy {fit['cv_accuracy']:.3f}, "
@@ -466,7 +467,7 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
 
             unwrap(raw.decoder)  # adapter merged: the saved reward model needs no base
         # scored where it trained, in its precision (fp32 on the CPU: 15+ min for hh-rlhf's pairs on SmolLM2)
-        amp = train_precision(t, next(raw.parameters()).device, raw)
+        amp = train_precision(t, next(raw.parameters()).device, raw, dist)
 
         def scores(groups: list[Group], desc: str, normalized: bool) -> list[list[float]]:
             return D.map_shards(lambda part: score_groups(raw, part, pad, t.batch_size, normalized=normalized,

@@ -76,11 +76,18 @@ def pick_precision(name: str, device: torch.device, model: nn.Module | None = No
     return torch.bfloat16 if bf16_is_faster(model, tokens) else None
 
 
-def train_precision(cfg: TrainConfig, device: torch.device, model: nn.Module) -> torch.dtype | None:
+def train_precision(cfg: TrainConfig, device: torch.device, model: nn.Module,
+                    dist: D.Dist | None = None) -> torch.dtype | None:
     """The autocast dtype the Trainer uses for ``model`` (stages that run the model before training, e.g. DPO's
-    reference pass, use the same so that the policy starts exactly at the reference)."""
+    reference pass, use the same so that the policy starts exactly at the reference). With ``dist`` (torchrun) every
+    process takes the first one's choice: ``auto`` on a CPU times kernels in each process, and processes that measured
+    differently (one of them loaded) would compute in different precisions."""
     tokens = cfg.batch_size * getattr(getattr(model, "cfg", None), "block_size", 256)
-    return pick_precision(cfg.precision, device, model, min(tokens, 4096))
+    dtype = pick_precision(cfg.precision, device, model, min(tokens, 4096))
+    if dist is not None and dist.enabled and cfg.precision == "auto" and device.type == "cpu":
+        first = D.sum_all([float(dtype is not None) if dist.main else 0.0], dist)[0]
+        dtype = torch.bfloat16 if first > 0.5 else None
+    return dtype
 
 
 @contextlib.contextmanager
@@ -163,7 +170,7 @@ class Trainer:
             raise LMForgeError(f"train.best_mode={cfg.best_mode!r}: allowed values are ['min', 'max']")
         self.optimizer = make_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
                                         cfg.decay_embeddings, self.device.type)
-        self.amp_dtype = train_precision(cfg, self.device, self.raw_model)
+        self.amp_dtype = train_precision(cfg, self.device, self.raw_model, self.dist)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
         self.best_val = math.inf if cfg.best_mode == "min" else -math.inf  # best value of train.best_metric
