@@ -311,7 +311,6 @@ class Scorer:
 
     # ---- perplexity ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    @torch.inference_mode()
     def rolling(self, ids: list[int], context: int | None = None, stride: int | None = None) -> tuple[float, int]:
         """(sum of negative log-likelihoods in nats, tokens predicted) of ``ids``: the first token is predicted
         from the prefix token, each window holds ``context`` inputs and scores the tokens it adds."""
