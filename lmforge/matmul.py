@@ -11,13 +11,19 @@ their gradients through it too; ``call(module, x)`` runs a plain ``nn.Linear`` (
 module as it is. The choice: ``LMFORGE_FP32_GEMM=onednn|mkl``, else oneDNN on x86 processors that are not Intel's.
 Products under ``MIN_MACS`` multiply-adds keep ``F.linear`` (oneDNN's fixed cost is ~12 us a call), as do other
 dtypes and devices, autocast, ``torch.compile`` and tensor subclasses.
+
+``packed_weights_in(model)``: within it, inference products (no gradients) of ``model``'s plain linear layers read a
+copy of each weight in oneDNN's blocked layout, made once on entry, instead of oneDNN reordering the weight at every
+call (here 5-15 % faster at 300-1,024 rows, 25-60 % at 7-64; the evaluation scorer runs in it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +32,7 @@ from torch.nn.modules import module as _module
 
 MIN_MACS = 1 << 20
 _ENV = "LMFORGE_FP32_GEMM"
+_PACKED = "_lmf_packed"  # attribute of an nn.Linear within packed_weights_in: (weight, its _version, packed copy)
 
 
 def _cpu_vendor() -> str:
@@ -114,7 +121,58 @@ def _hooked(mod: nn.Module) -> bool:
 
 
 def call(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mod(x)``; a plain ``nn.Linear`` without hooks runs through ``linear``."""
+    """``mod(x)``; a plain ``nn.Linear`` without hooks runs through ``linear`` (or its packed weight, within
+    ``packed_weights_in`` and without gradients)."""
     if type(mod) is nn.Linear and not _hooked(mod):
-        return linear(x, mod.weight, mod.bias)
+        w = mod.weight
+        packed = mod.__dict__.get(_PACKED)
+        if (packed is not None and packed[0] is w and packed[1] == w._version and not torch.is_grad_enabled()
+                and _eligible(x, w, x.numel() * w.shape[0])):
+            return _onednn(x, packed[2], mod.bias)
+        return linear(x, w, mod.bias)
     return mod(x)
+
+
+def _available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (0 where it cannot be read)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+@contextlib.contextmanager
+def packed_weights_in(model: nn.Module, budget: int | None = None) -> Iterator[None]:
+    """Within: inference products of ``model``'s plain float32 CPU ``nn.Linear`` layers (through ``call``, without
+    gradients, where oneDNN is chosen) read a copy of the weight in oneDNN's blocked layout. The copies take the
+    weights' memory again: layers are packed, largest first, while they fit ``budget`` bytes (default: a quarter of
+    the available memory). A weight changed within is used as it is (its version is checked at each call)."""
+    if budget is None:
+        budget = _available_bytes() // 4
+    layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
+              and m.weight.device.type == "cpu" and m.weight.layout == torch.strided
+              and (m.bias is None or m.bias.dtype == torch.float32)]
+    if not onednn_chosen() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        layers = []
+    copies: dict[int, torch.Tensor] = {}  # a weight shared by several layers (tied output layer) is packed once
+    packed = []
+    for m in sorted(layers, key=lambda m: -m.weight.numel()):
+        w = m.weight
+        if id(w) not in copies:
+            size = w.numel() * w.element_size()
+            if size > budget:
+                continue
+            with torch.no_grad():
+                copies[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+            budget -= size
+        m.__dict__[_PACKED] = (w, w._version, copies[id(w)])
+        packed.append(m)
+    try:
+        yield
+    finally:
+        for m in packed:
+            m.__dict__.pop(_PACKED, None)

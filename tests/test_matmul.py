@@ -147,3 +147,34 @@ def test_a_decoder_training_step_matches_the_mkl_path(onednn, monkeypatch):
     assert abs(loss1 - loss2) < 1e-5
     for k in grads1:
         torch.testing.assert_close(grads1[k], grads2[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_packed_weights_serve_inference_only_while_the_weight_is_unchanged(onednn, monkeypatch):
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        pytest.skip("this PyTorch build cannot pack oneDNN weights")
+    seen = []
+    counting = M._onednn
+    monkeypatch.setattr(M, "_onednn", lambda x, w, b: (seen.append(w.is_mkldnn), counting(x, w, b))[1])
+    g = torch.Generator().manual_seed(0)
+    head = nn.Linear(96, 300, bias=False)
+    model = nn.Sequential(nn.Linear(96, 96), head, nn.Linear(96, 300))
+    model[2].weight = head.weight  # tied: one packed copy
+    x = torch.randn(4, 50, 96, generator=g)
+    with M.packed_weights_in(model):
+        assert model[1].__dict__[M._PACKED][2] is model[2].__dict__[M._PACKED][2]
+        with torch.no_grad():
+            for m in model:
+                torch.testing.assert_close(M.call(m, x), F.linear(x, m.weight, m.bias), rtol=0, atol=1e-4)
+        assert seen == [True, True, True]
+        seen.clear()
+        y = M.call(model[0], x)  # gradients on: the plain weight
+        assert seen == [False] and y.requires_grad
+        seen.clear()
+        with torch.no_grad():
+            model[0].weight.mul_(2)  # changed within: read as it is now
+            torch.testing.assert_close(M.call(model[0], x), F.linear(x, model[0].weight, model[0].bias), rtol=0,
+                                       atol=1e-4)
+        assert seen == [False]
+    assert all(M._PACKED not in m.__dict__ for m in model)
+    with M.packed_weights_in(model, budget=96 * 96 * 4), torch.no_grad():  # room for the smallest weight only
+        assert [M._PACKED in m.__dict__ for m in model] == [True, False, False]

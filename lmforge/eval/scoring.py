@@ -27,7 +27,7 @@ from lmforge.data.preference import common_prefix
 from lmforge.errors import LMForgeError
 from lmforge.infer.native import flash_attention_in
 from lmforge.losses import cross_entropy
-from lmforge.matmul import call
+from lmforge.matmul import call, packed_weights_in
 from lmforge.model import Decoder, KVCache
 
 MIN_SHARED = 32  # tokens two contexts must share to run their prefix once (about one demonstration)
@@ -123,7 +123,7 @@ class Scorer:
     @torch.inference_mode()
     def score_greedy(self, groups: list[Group]) -> list[list[tuple[float, bool]]]:
         """(sum of log-probabilities, whether greedy decoding would produce it) of each continuation."""
-        with flash_attention_in(self.model):
+        with flash_attention_in(self.model), packed_weights_in(self.model):
             return self._score_greedy(groups)
 
     def _score_greedy(self, groups: list[Group]) -> list[list[tuple[float, bool]]]:
@@ -314,7 +314,7 @@ class Scorer:
     def rolling(self, ids: list[int], context: int | None = None, stride: int | None = None) -> tuple[float, int]:
         """(sum of negative log-likelihoods in nats, tokens predicted) of ``ids``: the first token is predicted
         from the prefix token, each window holds ``context`` inputs and scores the tokens it adds."""
-        with flash_attention_in(self.model):
+        with flash_attention_in(self.model), packed_weights_in(self.model):
             return self._rolling(ids, context, stride)
 
     def _rolling(self, ids: list[int], context: int | None, stride: int | None) -> tuple[float, int]:
