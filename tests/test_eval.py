@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -401,6 +402,34 @@ def test_cli_arc_jsonl_cmmlu_perplexity_gsm8k(tmp_path):
                 "--output", str(tmp_path / "c2.json"))
     p = json.loads((tmp_path / "c2.json").read_text())["records"][0]["prompt"]
     assert p.startswith("Q: There are 15 trees") and p.count("The answer is") == 2 and p.endswith("\nA:")
+
+
+def test_cli_evaluates_the_model_with_its_adapter(tmp_path):
+    from test_lora_cli import make_adapter
+
+    make_adapter(tmp_path / "ad", "lora", {"targets": "all-linear"})
+    txt = tmp_path / "t.txt"
+    txt.write_text("Once upon a time, there was a little girl named Lily. She liked to play outside. " * 4)
+    base = lmforge("eval", "--task", "perplexity", "--data", str(txt)).stdout.strip().splitlines()[-1]
+    adapted = lmforge("eval", "--task", "perplexity", "--data", str(txt), "--adapter", str(tmp_path / "ad"))
+    last = adapted.stdout.strip().splitlines()[-1]
+    assert float(last.split("ppl=")[1].split()[0]) > float(base.split("ppl=")[1].split()[0]) * 1.01  # random B
+
+
+def test_zero_shot_cot_prompt_and_answer(stories, tmp_path):
+    from lmforge.eval import EvalConfig, evaluate
+
+    model, tok = stories
+    gsm = tmp_path / "g.jsonl"
+    gsm.write_text('{"question": "Lily has 2 apples and gets 3 more. How many?", "answer": "2+3=5\\n#### 5"}\n')
+    res = evaluate(model, tok, EvalConfig("gsm8k", str(gsm), cot=True, shots=0, max_new_tokens=6))
+    rec = res.records[0]
+    assert rec["prompt"] == "Q: Lily has 2 apples and gets 3 more. How many?\nA: Let's think step by step."
+    assert res.config["prompt_task"] == "gsm8k_cot_zeroshot" and rec["gold"] == "5"
+    text = rec["generations"][0]
+    m = re.search(r"The answer is (-?[0-9.,]+)\.", text)  # the CoT answer form, nothing else
+    strict = m.group(1).replace(",", "").rstrip(".") if m else INVALID
+    assert rec["strict"] == strict and len(rec["generations"]) == 1
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -76,7 +76,7 @@ def run(args) -> None:
                      select=args.select, order=args.order, seed=args.seed, cot=args.cot, samples=args.samples,
                      temperature=args.temperature, max_new_tokens=args.max_new_tokens, limit=args.limit,
                      context=args.context, stride=args.stride, batch_tokens=args.batch_tokens, add_bos=args.bos)
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device)
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
     model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
     res = evaluate(model, tok, cfg)
     if args.output:
