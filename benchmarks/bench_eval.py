@@ -104,8 +104,10 @@ def harness_tasks(folder: Path, mmlu: Path, arc: Path, subjects: list[str], arc_
     return names
 
 
-def run_harness(hf, hf_tok, tasks_dir: Path, tasks: list[str], limit: int, shots: int) -> tuple[float, float]:
-    """(mean accuracy over ``tasks``, seconds) of lm-evaluation-harness' ``hf`` model at batch size 1."""
+def run_harness(hf, hf_tok, tasks_dir: Path, tasks: list[str], limit: int,
+                shots: int) -> tuple[float, float, dict[tuple[str, int], list[float]]]:
+    """(mean accuracy over ``tasks``, seconds, each question's choice log-likelihoods by (task, doc_id)) of
+    lm-evaluation-harness' ``hf`` model at batch size 1."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -113,9 +115,25 @@ def run_harness(hf, hf_tok, tasks_dir: Path, tasks: list[str], limit: int, shots
     lm = HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=1)
     tm = TaskManager(include_path=str(tasks_dir))
     t = time.perf_counter()
-    r = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, limit=limit, task_manager=tm)
+    r = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, limit=limit, task_manager=tm,
+                                log_samples=True)
     dt = time.perf_counter() - t
-    return sum(r["results"][n]["acc,none"] for n in tasks) / len(tasks), dt
+    lls = {(n, int(x["doc_id"])): [float(c[0]) for c in x["filtered_resps"]] for n in tasks for x in r["samples"][n]}
+    return sum(r["results"][n]["acc,none"] for n in tasks) / len(tasks), dt, lls
+
+
+def agreement(records: list[dict], keys: list[tuple[str, int]], lls: dict) -> str:
+    """How often lmforge's choice (``records``, keyed like the harness' samples by ``keys``) is the harness', and
+    the largest difference of a choice's log-likelihood."""
+    same, diff, n = 0, 0.0, 0
+    for rec, key in zip(records, keys):
+        if key not in lls:
+            continue
+        theirs = lls[key]
+        n += 1
+        same += rec["choice"] == max(range(len(theirs)), key=lambda j: (theirs[j], -j))
+        diff = max(diff, *(abs(a - b) for a, b in zip(rec["scores"], theirs)))
+    return f"same choice as the harness on {same}/{n} questions, log-likelihoods within {diff:.1e}"
 
 
 @torch.no_grad()
@@ -187,7 +205,7 @@ def main() -> None:
             t = time.perf_counter()
             res = evaluate(model, tok, cfg)
             mine[name] = (res, time.perf_counter() - t)
-        base = {}
+        base, agree = {}, {}
         if use_harness:
             from transformers import AutoTokenizer
 
@@ -205,8 +223,18 @@ def main() -> None:
                 tasks, limit, n = ((names, per_subject, sum(min(per_subject, sum(d["subject"] == s for d in docs))
                                                            for s in subjects)) if name == "mmlu" else
                                    (["lmf_arc_fs" if cfg.shots else "lmf_arc"], cfg.limit, min(cfg.limit, n_arc)))
-                acc, dt = run_harness(hf, hf_tok, tdir, tasks, limit, cfg.shots)
+                acc, dt, lls = run_harness(hf, hf_tok, tdir, tasks, limit, cfg.shots)
                 base[name] = (acc, n / dt)
+                recs = mine[name][0].records
+                if name == "mmlu":  # doc ids count within each subject's file
+                    seen: dict[str, int] = {}
+                    keys = []
+                    for r in recs:
+                        keys.append((f"lmf_mmlu_{r['subject']}", seen.get(r["subject"], 0)))
+                        seen[r["subject"]] = seen.get(r["subject"], 0) + 1
+                else:
+                    keys = [(tasks[0], i) for i in range(len(recs))]
+                agree[name] = agreement(recs, keys, lls)
         else:
             for name in cases:
                 res, _ = mine[name]
@@ -223,6 +251,9 @@ def main() -> None:
                          "speedup": eps / base[name][1]}
             print(f"{name}: lmforge {eps:.2f} ex/s (acc {res.metrics['acc']:.4f}), {out['baseline']} "
                   f"{base[name][1]:.2f} ex/s (acc {base[name][0]:.4f}): {eps / base[name][1]:.2f}x")
+            if name in agree:
+                out[name]["agreement"] = agree[name]
+                print(f"{name}: {agree[name]}")
         # perplexity on the bundled tinyshakespeare
         if "perplexity" in args.cases:
             from lmforge.assets import TINYSHAKESPEARE
