@@ -2,14 +2,16 @@
 `lmforge generate` on the same model.
 
     python benchmarks/bench_serve.py [--model PATH] [--tokens 128] [--requests 3] [--clients 1 4 16] [--rounds 3]
-                                     [--threads N] [--max-batch N] [--no-generate]
+                                     [--threads N] [--max-batch N] [--no-generate] [--connections new|keep|both]
 
 The server (`lmforge serve`, with its default --threads and --max-batch unless given) runs in a child process on a
 free 127.0.0.1 port; each client thread sends ``--requests`` streaming completions one after another (greedy,
 ``ignore_eos`` so every request yields ``--tokens`` tokens) and reads the server-sent events to the end. Aggregate
 tokens/s = completion tokens of all clients / wall time, best of ``--rounds`` rounds in which the client counts
-alternate. Targets (issue 14): one client >= 0.8x `lmforge generate` (measured here too, best of the rounds), and
-16 clients >= 4x one client (continuous batching decodes all running requests together).
+alternate; each round measures a new connection per request and one kept-alive connection per client (OpenAI's
+client keeps its connections), unless ``--connections`` picks one. Targets (issue 14): one client >= 0.8x
+`lmforge generate` (measured here too, best of the rounds), and 16 clients >= 4x one client (continuous batching
+decodes all running requests together); the `generate` ratio is taken with a new connection per request.
 
 To re-take the --threads default's measurement on a quiet machine, run it for a tiny and a large model with
 ``--threads 1`` and ``--threads <cores>``: the default is all cores (``lmforge.commands.serve.default_threads``).
@@ -40,10 +42,14 @@ def free_port() -> int:
 
 
 MODEL_ID = "stories260K.bin"
+CONN = {False: "new connection per request", True: "kept-alive connections"}
 
 
-def stream_completion(port: int, prompt: str, tokens: int) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+def stream_completion(port: int, prompt: str, tokens: int, conn: http.client.HTTPConnection | None = None) -> int:
+    """One streamed completion; on ``conn`` (kept alive) if given, else on a connection of its own."""
+    own = conn is None
+    if conn is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     body = json.dumps({"model": MODEL_ID, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
                        "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}})
     conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
@@ -56,7 +62,8 @@ def stream_completion(port: int, prompt: str, tokens: int) -> int:
         if not block:
             break
         tail = (tail + block)[-4096:]
-    conn.close()
+    if own:
+        conn.close()
     events = [e for e in tail.split(b"\n\n") if e.startswith(b"data: {")]
     if not tail.rstrip().endswith(b"data: [DONE]") or not events:
         raise RuntimeError(f"stream did not end with usage and [DONE]: {tail[-300:]!r}")
@@ -71,18 +78,24 @@ def health(port: int) -> dict:
     return out
 
 
-def run_clients(port: int, clients: int, requests: int, tokens: int) -> tuple[float, int]:
+def run_clients(port: int, clients: int, requests: int, tokens: int, keep: bool = False) -> tuple[float, int]:
+    """(seconds, tokens) of ``clients`` threads sending ``requests`` streamed completions each, one after another;
+    ``keep``: each client sends them on one kept-alive connection (as OpenAI's client does), else one each."""
     counts = [0] * clients
     errors: list[BaseException] = []
     start = threading.Barrier(clients + 1)
 
     def client(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300) if keep else None
         start.wait()
         try:
             for r in range(requests):
-                counts[i] += stream_completion(port, PROMPTS[(i + r) % len(PROMPTS)], tokens)
+                counts[i] += stream_completion(port, PROMPTS[(i + r) % len(PROMPTS)], tokens, conn)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
+        finally:
+            if conn is not None:
+                conn.close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -127,6 +140,9 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: its own)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over the client counts; the best is reported")
     ap.add_argument("--no-generate", action="store_true", help="skip the `lmforge generate` comparison")
+    ap.add_argument("--connections", choices=["new", "keep", "both"], default="both",
+                    help="a new connection per request, one kept-alive connection per client (as OpenAI's client "
+                    "keeps them), or both in each round (default)")
     args = ap.parse_args()
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -145,23 +161,29 @@ def main() -> None:
         MODEL_ID = model_id(port)
         stream_completion(port, "warm up", 8)
         print(f"lmforge serve, {MODEL_ID}, {args.tokens} tokens per request, {args.requests} requests per client")
-        rates: dict[int, float] = {}
+        modes = {"new": (False,), "keep": (True,), "both": (False, True)}[args.connections]
+        best: dict[tuple[bool, int], float] = {}
         for r in range(args.rounds):  # client counts alternate within a round: all see the same machine load
-            for c in args.clients:
-                before = health(port)
-                dt, n = run_clients(port, c, args.requests, args.tokens)
-                after = health(port)
-                steps = after["steps"] - before["steps"]
-                busy = after["decode_seconds"] - before["decode_seconds"]
-                rates[c] = max(rates.get(c, 0.0), n / dt)
-                print(f"round {r + 1}: {c:3d} clients: {n:6d} tokens in {dt:6.2f} s = {n / dt:8.0f} tok/s aggregate "
-                      f"({n / dt / c:6.0f} tok/s per client; {steps} decode steps, {n / max(steps, 1):.1f} rows/step, "
-                      f"{busy / max(steps, 1) * 1e3:.2f} ms/step, decoding {busy / dt:.0%} of the time)")
-        print("best of rounds: " + ", ".join(f"{c} clients {rates[c]:.0f} tok/s" for c in args.clients))
-        if 1 in rates:
-            for c in rates:
-                if c != 1:
-                    print(f"{c} clients / 1 client: {rates[c] / rates[1]:.2f}x (target >= 4x for 16)")
+            for keep in modes:
+                for c in args.clients:
+                    before = health(port)
+                    dt, n = run_clients(port, c, args.requests, args.tokens, keep)
+                    after = health(port)
+                    steps = after["steps"] - before["steps"]
+                    busy = after["decode_seconds"] - before["decode_seconds"]
+                    best[keep, c] = max(best.get((keep, c), 0.0), n / dt)
+                    print(f"round {r + 1}, {CONN[keep]}: {c:3d} clients: {n:6d} tokens in {dt:6.2f} s = {n / dt:8.0f} "
+                          f"tok/s aggregate ({n / dt / c:6.0f} tok/s per client; {steps} decode steps, "
+                          f"{n / max(steps, 1):.1f} rows/step, {busy / max(steps, 1) * 1e3:.2f} ms/step, decoding "
+                          f"{busy / dt:.0%} of the time)")
+        for keep in modes:
+            print(f"best of rounds, {CONN[keep]}: " + ", ".join(f"{c} clients {best[keep, c]:.0f} tok/s"
+                                                                for c in args.clients))
+            if (keep, 1) in best:
+                for c in args.clients:
+                    if c != 1:
+                        print(f"  {c} clients / 1 client: {best[keep, c] / best[keep, 1]:.2f}x (target >= 4x for 16)")
+        rates = {c: best[modes[0], c] for c in args.clients}
     finally:
         proc.terminate()
         proc.wait(10)
