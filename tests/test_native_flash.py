@@ -81,7 +81,8 @@ def test_what_it_does_not_take_is_left_to_sdpa():
 
 def _tiny(**kw) -> Decoder:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=200, n_layer=2, n_head=6, n_kv_head=2, n_embd=192, block_size=128, **kw)
+    cfg = ModelConfig(**{"vocab_size": 200, "n_layer": 2, "n_head": 6, "n_kv_head": 2, "n_embd": 192,
+                         "block_size": 128, **kw})
     return Decoder(cfg).eval()
 
 
@@ -142,3 +143,35 @@ def test_sdpa_and_the_kernel_agree_on_eval_scores():
                 logp = torch.log_softmax(model(x)[0], -1)
                 want = sum(float(logp[len(g.context) - 1 + i, t]) for i, t in enumerate(cont))
                 assert abs(lp - want) < 1e-4
+
+
+def test_engine_prefill_of_long_prompts_runs_the_kernel(monkeypatch):
+    """A prompt over the C step's prefill rows goes through the decoder with lmf_flash (counted), one or several
+    at once; the logits and the cache's next step equal those of a plain forward."""
+    from lmforge.infer import engine as E
+
+    model = _tiny(block_size=512)
+    calls = []
+    real = native.flash_attention
+
+    def counted(*a):
+        out = real(*a)
+        calls.append(out is not None)  # None: left to SDPA
+        return out
+
+    monkeypatch.setattr(native, "flash_attention", counted)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(1, 200, (E.NATIVE_PREFILL_ROWS + 20,), generator=g).tolist(), torch.randint(
+        1, 200, (E.NATIVE_PREFILL_ROWS + 7,), generator=g).tolist()
+    runner = E.SlotRunner(model, 2)
+    first = runner.prefill(0, a)
+    assert calls == [True] * model.cfg.n_layer
+    both = runner.prefill_many([0, 1], [a, b])  # one forward of both
+    assert calls == [True] * 2 * model.cfg.n_layer
+    step = runner.decode([5, 6])
+    with torch.inference_mode():
+        for logits, ids, nxt, row in ((first, a, 5, 0), (both[0], a, 5, 0), (both[1], b, 6, 1)):
+            want = model(torch.tensor([ids + [nxt]]))[0]
+            torch.testing.assert_close(logits, want[-2], rtol=0, atol=1e-4)
+            if logits is not first:
+                torch.testing.assert_close(step[row], want[-1], rtol=0, atol=1e-4)

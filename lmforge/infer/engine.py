@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.infer.generate import Sequence, Step
-from lmforge.infer.native import NativeStep, Stale, int4_ok, library
+from lmforge.infer.native import NativeStep, Stale, flash_attention_in, int4_ok, library
 from lmforge.infer.sampling import SamplingParams, TokenSampler, select
 from lmforge.matmul import linear
 from lmforge.memory import drop_file_pages, file_mappings, release_free_memory
@@ -271,7 +271,8 @@ class SlotRunner:
             return logits[0]
         x = torch.tensor([ids], device=self.device)
         view = _SlotView(self, slot)
-        h = self.model.hidden_states(x, cache=view)[:, -1]
+        with flash_attention_in(self.model):  # long prompts: attention through lmf_flash (float32 CPU)
+            h = self.model.hidden_states(x, cache=view)[:, -1]
         self.lens[slot] = view.pos
         return self.model.lm_head(h)[0]
 
@@ -289,7 +290,8 @@ class SlotRunner:
         P = max(len(p) for p in prompts)
         ids = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=self.device)
         rows = torch.tensor(slots, device=self.device)
-        h = self.model.hidden_states(ids, cache=_SlotsView(self, rows))
+        with flash_attention_in(self.model):
+            h = self.model.hidden_states(ids, cache=_SlotsView(self, rows))
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         for s, p in zip(slots, prompts):
             self.lens[s] = len(p) + self.nv
