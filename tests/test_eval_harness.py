@@ -110,6 +110,13 @@ def test_adapter_greedy_flag(stories):
     lm = LMForgeLM(model=model, tokenizer=tok)
     (gen,) = lm.generate_until([Instance("generate_until", {}, ("Once upon a time", {"until": ["\n"],
                                                                                       "max_gen_toks": 5}), 0)])
+    # several requests are generated together, each as it would be alone
+    prompts = [("Once upon a time", 5), ("Lily and her mom went to the park. They saw a", 9), ("Tom", 3)]
+    many = lm.generate_until([Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": n}), k)
+                              for k, (p, n) in enumerate(prompts)])
+    alone = [lm.generate_until([Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": n}), 0)])[0]
+             for p, n in prompts]
+    assert many == alone and many[0] == gen
     reqs = [Instance("loglikelihood", {}, ("Once upon a time", gen), 0),
             Instance("loglikelihood", {}, ("Once upon a time", gen + " zebra"), 0)]
     (lp1, g1), (lp2, g2) = lm.loglikelihood(reqs)

@@ -82,6 +82,7 @@ class LMForgeLM(LM):
 
         out = [""] * len(requests)
         bos = [self.tok.bos_id] if self.scorer.add_bos and self.tok.bos_id is not None else []
+        jobs = []  # (request index, prompt ids, sampling, stop strings)
         for i, r in enumerate(requests):
             ctx, kw = r.args
             kw = dict(kw or {})
@@ -92,10 +93,14 @@ class LMForgeLM(LM):
             room = self.model.cfg.block_size - n
             ids = (bos + self.tok.encode(ctx))[-max(room, 1):]
             stop_ids = [self.tok.eos_id] if self.tok.eos_id is not None else []
-            params = SamplingParams(temperature=temp, top_p=1.0, max_new_tokens=n, stop_ids=stop_ids, stop=until,
-                                    seed=0)
-            (new,) = generate_batch(self.model, [ids], params, self.tok)
-            out[i] = cut_at_stop(self.tok.decode(new), until)
+            jobs.append((i, ids, SamplingParams(temperature=temp, top_p=1.0, max_new_tokens=n, stop_ids=stop_ids,
+                                                stop=until, seed=0), until))
+        jobs.sort(key=lambda j: -len(j[1]))  # batches of similar lengths: little padding
+        for b in range(0, len(jobs), self.scorer.max_batch):
+            part = jobs[b : b + self.scorer.max_batch]
+            news = generate_batch(self.model, [j[1] for j in part], [j[2] for j in part], self.tok)
+            for (i, _, _, until), new in zip(part, news, strict=True):
+                out[i] = cut_at_stop(self.tok.decode(new), until)
         return out
 
 
