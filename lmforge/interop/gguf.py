@@ -1,8 +1,9 @@
 """llama.cpp GGUF files: LLaMA-architecture models (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors) and their tokenizers.
 
-Reading the container uses the ``gguf`` package (llama.cpp's own Python reader); tokenizers read only the header,
-with ``read_metadata`` (a small parser: the package's reader costs ~80 MB for a 49k-token vocabulary). Tensors are
-dequantized exactly with numpy (other ggml types fall back to ``gguf.quants.dequantize``). llama.cpp's converter
+The container is read by a small parser of its own (``read_metadata``, ``read_tensors``: the header's values, and
+each tensor's bytes mapped from the file). The ``gguf`` package's reader (llama.cpp's) makes a numpy view per array
+element: 3.6 s and ~80 MB for SmolLM2's 49k-token vocabulary. Tensors are dequantized exactly with numpy (other ggml
+types fall back to the package's ``gguf.quants.dequantize``). llama.cpp's converter
 permutes the query and key rows of LLaMA models for interleaved-pair rotary (Meta's layout); lmforge rotates halves
 like Hugging Face, so the rows are permuted back on import (the exact inverse of
 ``convert_hf_to_gguf.LlamaModel.permute``).
@@ -49,16 +50,6 @@ def _gguf():
     return gguf
 
 
-def _reader(path: Path):
-    gguf = _gguf()
-    try:
-        return gguf.GGUFReader(str(path))
-    except (OSError, ValueError, AssertionError, KeyError, IndexError, EOFError, TypeError, struct.error) as e:
-        # the reader raises these for damaged or truncated files
-        raise LMForgeError(f"{path}: not a readable GGUF file (truncated or damaged): {type(e).__name__}: "
-                           f"{' '.join(str(e).split())[:200]}") from None
-
-
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<?", 10: "<u8", 11: "<i8", 12: "<f8"}
 STRING, ARRAY = 8, 9
@@ -68,16 +59,79 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     """The key/value fields of a GGUF file (what ``gguf_metadata`` gives), read straight from its header.
 
     The ``gguf`` package's reader makes a numpy view per array element: for a 49k-token vocabulary that is ~160 MB
-    while reading and ~80 MB left behind in the allocator. This parser builds only the Python values."""
+    while reading and ~80 MB left behind in the allocator, and 3.6 s for SmolLM2's header. This parser builds only
+    the Python values (0.15 s)."""
+    return _read_header(Path(path), tensors=False)[0]
+
+
+class GGUFTensor:
+    """One tensor of a GGUF file: ``shape`` as GGUF lists it (ne0, the contiguous dimension, first), the ggml type
+    id, and ``data``, its bytes (a read-only view of the mapped file)."""
+
+    __slots__ = ("name", "shape", "tensor_type", "n_elements", "data")
+
+    def __init__(self, name: str, shape: tuple[int, ...], tensor_type: int, data: np.ndarray) -> None:
+        self.name, self.shape, self.tensor_type, self.data = name, shape, tensor_type, data
+        self.n_elements = int(np.prod(shape, dtype=np.int64)) if shape else 1
+
+    @property
+    def type_name(self) -> str:
+        return TYPE_NAMES.get(self.tensor_type) or _ggml_type_name(self.tensor_type)
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
+    """(metadata, tensors) of a GGUF file, the tensors' data mapped from the file, not read."""
     path = Path(path)
+    meta, infos, start = _read_header(path, tensors=True)
+    try:
+        mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise LMForgeError(f"{path}: cannot read: {e}") from None
+    out = []
+    for name, dims, t, offset in infos:
+        n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        size = _tensor_bytes(t, n)
+        a = start + offset
+        if size is None or a + size > mapped.size:
+            why = f"ggml type {t} is unknown" if size is None else "its data runs past the end of the file"
+            raise LMForgeError(f"{path}: not a readable GGUF file (truncated or damaged): tensor {name!r}: {why}")
+        out.append(GGUFTensor(name, dims, t, mapped[a : a + size]))
+    return meta, out
+
+
+_BLOCK_BYTES = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q8_0: (QK, 2 + QK), Q4_0: (QK, 2 + QK // 2),
+                Q4_1: (QK, 4 + QK // 2)}  # ggml type -> (elements per block, bytes per block)
+
+
+def _tensor_bytes(t: int, n: int) -> int | None:
+    """Bytes of ``n`` elements of ggml type ``t`` (other types: from the gguf package's table); None if unknown."""
+    block = _BLOCK_BYTES.get(t)
+    if block is None:
+        try:
+            gguf = _gguf()
+            block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)]
+        except (LMForgeError, ValueError, KeyError):
+            return None
+    return n // block[0] * block[1]
+
+
+def _ggml_type_name(t: int) -> str:
+    try:
+        return _gguf().GGMLQuantizationType(t).name
+    except (LMForgeError, ValueError):
+        return str(t)
+
+
+def _read_header(path: Path, tensors: bool) -> tuple[dict[str, Any], list, int]:
+    """(metadata, [(name, dims, ggml type, offset)] when ``tensors``, offset of the tensor data)."""
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _parse_metadata(data, path)
+            return _parse_header(data, path, tensors)
     except (OSError, ValueError) as e:  # mmap of an empty file raises ValueError
         raise LMForgeError(f"{path}: cannot read: {e}") from None
 
 
-def _parse_metadata(data, path: Path) -> dict[str, Any]:
+def _parse_header(data, path: Path, tensors: bool) -> tuple[dict[str, Any], list, int]:
     pos = 0
 
     def take(fmt: str):
@@ -101,8 +155,17 @@ def _parse_metadata(data, path: Path) -> dict[str, Any]:
             return string()
         if t == ARRAY:
             it, n = take("<I"), take("<Q")
-            if it == STRING:
-                return [string() for _ in range(n)]
+            if it == STRING:  # a vocabulary: 49k strings; this loop is the header's cost
+                out, at, end, unpack = [], pos, len(data), struct.unpack_from
+                for _ in range(n):
+                    (size,) = unpack("<Q", data, at)
+                    at += 8
+                    if at + size > end:
+                        raise EOFError("string past the end of the file")
+                    out.append(data[at : at + size].decode("utf-8", errors="replace"))
+                    at += size
+                pos = at
+                return out
             if it in _NP:
                 a = np.frombuffer(data, dtype=_NP[it], count=n, offset=pos)
                 pos += a.nbytes
@@ -120,12 +183,21 @@ def _parse_metadata(data, path: Path) -> dict[str, Any]:
         version = take("<4xI")
         if version < 2:
             raise ValueError(f"GGUF version {version} (lmforge reads 2 and 3)")
-        take("<Q")  # tensor count
+        n_tensors = take("<Q")
         out: dict[str, Any] = {}
         for _ in range(take("<Q")):
             key = string()
             out[key] = value(take("<I"))
-        return out
+        infos = []
+        if tensors:
+            for _ in range(n_tensors):
+                name = string()
+                dims = tuple(take("<Q") for _ in range(take("<I")))
+                infos.append((name, dims, take("<I"), take("<Q")))
+        align = int(out.get("general.alignment", 32))
+        if align <= 0:
+            raise ValueError(f"general.alignment={align}")
+        return out, infos, -(-pos // align) * align
     except (ValueError, EOFError, struct.error) as e:
         raise LMForgeError(f"{path}: not a readable GGUF file (truncated or damaged): {type(e).__name__}: "
                            f"{' '.join(str(e).split())[:200]}") from None
@@ -194,7 +266,8 @@ def dequantize(raw: np.ndarray, ggml_type: int, n_elements: int) -> np.ndarray:
 
 
 def tensor_to_torch(t, source: str = "gguf") -> torch.Tensor:
-    """A ``gguf.ReaderTensor`` as a float32 torch tensor in PyTorch's (outer, ..., inner) order."""
+    """A ``GGUFTensor`` (or a ``gguf.ReaderTensor``) as a float32 torch tensor in PyTorch's (outer, ..., inner)
+    order."""
     shape = tuple(int(x) for x in reversed(list(t.shape)))  # GGUF lists ne0 (the contiguous dim) first
     try:
         flat = dequantize(t.data, int(t.tensor_type), int(t.n_elements))
@@ -269,9 +342,8 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], d
     """(config, lmforge float32 state dict, metadata) of a LLaMA-architecture GGUF file."""
     path = Path(path)
     src = str(path)
-    reader = _reader(path)
-    meta = gguf_metadata(reader)
-    tensors = {t.name: t for t in reader.tensors}
+    meta, found = read_tensors(path)
+    tensors = {t.name: t for t in found}
     cfg = config_from_gguf(meta, set(tensors), src)
 
     def get(name: str) -> torch.Tensor:
@@ -302,9 +374,7 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], d
 
 def gguf_block_weight_types(path: str | Path) -> set[str]:
     """ggml type names (``Q4_1``, ``F16``...) of the 2-D weights inside the blocks of a GGUF file."""
-    reader = _reader(Path(path))
-    return {getattr(t.tensor_type, "name", str(t.tensor_type)) for t in reader.tensors
-            if t.name.startswith("blk.") and len(t.shape) == 2}
+    return {t.type_name for t in read_tensors(path)[1] if t.name.startswith("blk.") and len(t.shape) == 2}
 
 
 def load_gguf_model(path: str | Path):
@@ -499,13 +569,14 @@ class GGUFBPETokenizer(_GGUFTokenizerBase):
         b2u = bytes_to_unicode()
         u2b = {c: b for b, c in b2u.items()}
         self._bytes: list[bytes] = []
+        chars, byte_of = u2b.keys(), u2b.__getitem__
         for t, ty in zip(self.tokens, self.types):
             if ty == CONTROL:
                 self._bytes.append(b"")  # not rendered (llama.cpp without special=true)
-            elif ty == USER_DEFINED or any(c not in u2b for c in t):
+            elif ty == USER_DEFINED or not chars >= set(t):
                 self._bytes.append(t.encode("utf-8"))
             else:
-                self._bytes.append(bytes(u2b[c] for c in t))
+                self._bytes.append(bytes(map(byte_of, t)))
 
     def _encode_plain(self, text: str, at_start: bool) -> list[int]:
         return self._hf.encode(text, add_special_tokens=False).ids
