@@ -150,7 +150,8 @@ def packed_weights_in(model: nn.Module, budget: int | None = None) -> Iterator[N
     """Within: inference products of ``model``'s plain float32 CPU ``nn.Linear`` layers (through ``call``, without
     gradients, where oneDNN is chosen) read a copy of the weight in oneDNN's blocked layout. The copies take the
     weights' memory again: layers are packed, largest first, while they fit ``budget`` bytes (default: a quarter of
-    the available memory). A weight changed within is used as it is (its version is checked at each call)."""
+    the available memory; where it cannot be read, none). A weight changed within is used as it is (its version is
+    checked at each call). Nested within another, it leaves the layers the outer one packed as they are."""
     if budget is None:
         budget = _available_bytes() // 4
     layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
@@ -161,6 +162,8 @@ def packed_weights_in(model: nn.Module, budget: int | None = None) -> Iterator[N
     copies: dict[int, torch.Tensor] = {}  # a weight shared by several layers (tied output layer) is packed once
     packed = []
     for m in sorted(layers, key=lambda m: -m.weight.numel()):
+        if _PACKED in m.__dict__:  # packed by an enclosing packed_weights_in: left to it
+            continue
         w = m.weight
         if id(w) not in copies:
             size = w.numel() * w.element_size()

@@ -175,6 +175,10 @@ def test_packed_weights_serve_inference_only_while_the_weight_is_unchanged(onedn
             torch.testing.assert_close(M.call(model[0], x), F.linear(x, model[0].weight, model[0].bias), rtol=0,
                                        atol=1e-4)
         assert seen == [False]
+        outer = model[1].__dict__[M._PACKED]
+        with M.packed_weights_in(model):  # nested: the outer copies stay, and stay after it
+            assert model[1].__dict__[M._PACKED] is outer
+        assert model[1].__dict__[M._PACKED] is outer
     assert all(M._PACKED not in m.__dict__ for m in model)
     with M.packed_weights_in(model, budget=96 * 96 * 4), torch.no_grad():  # room for the smallest weight only
         assert [M._PACKED in m.__dict__ for m in model] == [True, False, False]
