@@ -4,7 +4,9 @@
     python benchmarks/bench_matmul.py --rows 16 256   # other row counts
 
 Prints GFLOP/s of ``F.linear`` and of ``lmforge.matmul.linear`` on the same tensors in the same run, forward and
-the two gradient products, and which library lmforge chose here (``LMFORGE_FP32_GEMM`` overrides the choice).
+the two gradient products, and which library lmforge chose here (``LMFORGE_FP32_GEMM`` overrides the choice); then
+inference forwards of an ``nn.Linear`` through ``matmul.call`` with and without ``packed_weights_in`` (the weight
+in oneDNN's blocked layout, as the evaluation scorer runs them).
 """
 
 from __future__ import annotations
@@ -56,6 +58,18 @@ def main() -> None:
                       f"{t_ref / t_ours:>7.2f}x")
     print(f"all products: F.linear {tot['F.linear'] * 1e3:.1f} ms, lmforge {tot['lmforge'] * 1e3:.1f} ms "
           f"({tot['F.linear'] / tot['lmforge']:.2f}x)")
+    print(f"\n{'product':<8}{'rows':>6}  {'inference':<9}{'plain':>10}{'packed':>10}{'ratio':>8}   (GFLOP/s)")
+    for rows in sorted({*args.rows, 16, 64, 256}):
+        for name, (k, n) in SHAPES.items():
+            lin = torch.nn.Linear(k, n, bias=False)
+            x = torch.randn(rows, k)
+            flops = 2 * rows * k * n
+            with torch.inference_mode():
+                t_plain = best(lambda lin=lin, x=x: M.call(lin, x), args.reps)
+                with M.packed_weights_in(lin):
+                    t_packed = best(lambda lin=lin, x=x: M.call(lin, x), args.reps)
+            print(f"{name:<8}{rows:>6}  {'forward':<9}{flops / t_plain / 1e9:>10.0f}{flops / t_packed / 1e9:>10.0f}"
+                  f"{t_plain / t_packed:>7.2f}x")
 
 
 if __name__ == "__main__":
