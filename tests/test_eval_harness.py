@@ -101,7 +101,7 @@ def test_harness_tasks_through_the_adapter(stories, tmp_path, monkeypatch):
     assert all(isinstance(g, str) and "." not in g for g in gens) and any(gens)
 
 
-def test_adapter_greedy_flag(stories):
+def test_adapter_greedy_flag(stories, monkeypatch):
     from lm_eval.api.instance import Instance
 
     from lmforge.eval.harness import LMForgeLM
@@ -112,8 +112,15 @@ def test_adapter_greedy_flag(stories):
                                                                                       "max_gen_toks": 5}), 0)])
     # several requests are generated together, each as it would be alone
     prompts = [("Once upon a time", 5), ("Lily and her mom went to the park. They saw a", 9), ("Tom", 3)]
+    from lmforge.infer import generate as G
+
+    calls = []
+    real = G.generate_batch
+    monkeypatch.setattr(G, "generate_batch", lambda *a, **k: (calls.append(len(a[1])), real(*a, **k))[1])
     many = lm.generate_until([Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": n}), k)
                               for k, (p, n) in enumerate(prompts)])
+    monkeypatch.undo()
+    assert calls == [3]  # one batch
     alone = [lm.generate_until([Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": n}), 0)])[0]
              for p, n in prompts]
     assert many == alone and many[0] == gen

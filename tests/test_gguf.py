@@ -18,7 +18,6 @@ from lmforge.errors import LMForgeError  # noqa: E402
 from lmforge.interop.gguf import (  # noqa: E402
     GGUFSPMTokenizer,
     dequantize,
-    gguf_metadata,
     llama2c_tokenizer_metadata,
     load_gguf_model,
     load_gguf_tokenizer,
@@ -239,6 +238,11 @@ def test_read_metadata_matches_the_gguf_reader(tmp_path):
         (tmp_path / "bad.gguf").write_bytes(bad)
         with pytest.raises(LMForgeError, match=why):
             read_metadata(tmp_path / "bad.gguf")
+
+
+def gguf_metadata(reader) -> dict:
+    """The gguf package reader's key/value fields, as ``read_metadata`` gives them (without its GGUF.* counters)."""
+    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
 def _same_tensors_as_the_gguf_reader(path) -> int:

@@ -22,6 +22,7 @@ groups, so one call with 256 sequences cannot starve a call with one.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import queue
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.infer.generate import Sequence, Step
-from lmforge.infer.native import NativeStep, Stale, flash_attention_in, int4_ok, library
+from lmforge.infer.native import FLASH_MIN_ROWS, NativeStep, Stale, flash_attention_in, int4_ok, library
 from lmforge.infer.sampling import SamplingParams, TokenSampler, select
 from lmforge.matmul import linear
 from lmforge.memory import drop_file_pages, file_mappings, release_free_memory
@@ -271,7 +272,7 @@ class SlotRunner:
             return logits[0]
         x = torch.tensor([ids], device=self.device)
         view = _SlotView(self, slot)
-        with flash_attention_in(self.model):  # long prompts: attention through lmf_flash (float32 CPU)
+        with _flash_for(self.model, len(ids)):  # long prompts: attention through lmf_flash (float32 CPU)
             h = self.model.hidden_states(x, cache=view)[:, -1]
         self.lens[slot] = view.pos
         return self.model.lm_head(h)[0]
@@ -290,7 +291,7 @@ class SlotRunner:
         P = max(len(p) for p in prompts)
         ids = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=self.device)
         rows = torch.tensor(slots, device=self.device)
-        with flash_attention_in(self.model):
+        with _flash_for(self.model, P):
             h = self.model.hidden_states(ids, cache=_SlotsView(self, rows))
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         for s, p in zip(slots, prompts):
@@ -544,6 +545,12 @@ class SlotRunner:
         elif self._final is not None:
             x = self._final(x)
         return self._head(x)
+
+
+def _flash_for(model: nn.Module, rows: int):
+    """``flash_attention_in(model)`` for a forward of ``rows`` query rows; nothing under ``FLASH_MIN_ROWS``, where the
+    kernel never applies (setting and restoring every layer's kernel costs ~0.2 ms on SmolLM2)."""
+    return flash_attention_in(model) if rows >= FLASH_MIN_ROWS else contextlib.nullcontext()
 
 
 def _linear_fn(mod: nn.Module):

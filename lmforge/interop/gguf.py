@@ -56,7 +56,7 @@ STRING, ARRAY = 8, 9
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The key/value fields of a GGUF file (what ``gguf_metadata`` gives), read straight from its header.
+    """The key/value fields of a GGUF file (what the ``gguf`` package's reader gives), read straight from its header.
 
     The ``gguf`` package's reader makes a numpy view per array element: for a 49k-token vocabulary that is ~160 MB
     while reading and ~80 MB left behind in the allocator, and 3.6 s for SmolLM2's header. This parser builds only
@@ -89,13 +89,13 @@ def read_tensors(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
         raise LMForgeError(f"{path}: cannot read: {e}") from None
     out = []
     for name, dims, t, offset in infos:
-        n = int(np.prod(dims, dtype=np.int64)) if dims else 1
-        size = _tensor_bytes(t, n)
-        a = start + offset
+        tensor = GGUFTensor(name, dims, t, mapped[:0])
+        size, a = _tensor_bytes(t, tensor.n_elements), start + offset
         if size is None or a + size > mapped.size:
             why = f"ggml type {t} is unknown" if size is None else "its data runs past the end of the file"
             raise LMForgeError(f"{path}: not a readable GGUF file (truncated or damaged): tensor {name!r}: {why}")
-        out.append(GGUFTensor(name, dims, t, mapped[a : a + size]))
+        tensor.data = mapped[a : a + size]
+        out.append(tensor)
     return meta, out
 
 
@@ -201,16 +201,6 @@ def _parse_header(data, path: Path, tensors: bool) -> tuple[dict[str, Any], list
     except (ValueError, EOFError, struct.error) as e:
         raise LMForgeError(f"{path}: not a readable GGUF file (truncated or damaged): {type(e).__name__}: "
                            f"{' '.join(str(e).split())[:200]}") from None
-
-
-def gguf_metadata(reader) -> dict[str, Any]:
-    """All key/value fields (strings, numbers, lists) except the GGUF header counters."""
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        out[key] = field.contents()
-    return out
 
 
 # ---- dequantization (numpy, exact) --------------------------------------------------------------
