@@ -17,6 +17,9 @@ their defaults:
   split, so the held-out pairs stay unseen), then ``lmforge dpo --peft lora`` from that model (it is also the
   reference); held-out implicit-reward accuracy per evaluation.
 - ``sft-reward``: ``lmforge reward --peft lora --head-init probe`` from that SFT model; held-out accuracy as above.
+- ``reward-probe``: ``lmforge reward --head-init probe --epochs 0``: the head fitted to the frozen model's features
+  is the reward model (~8 min); its held-out accuracy as the command measures it (training precision) and by
+  ``lmforge reward score`` (float32) on the held-out pairs, written here from the same split.
 
 Hours on two CPU cores (reward model ~45 min, PPO 30 iterations ~30 min, DPO ~45 min); a SmolLM2 LoRA step needs
 13-17 GB of memory, so the stages run one after the other. ``DIR`` keeps every run; a stage whose output exists is
@@ -72,13 +75,14 @@ def first_turn_prompts(data: Path, out: Path, n_eval: int = 64) -> tuple[Path, P
     return files[0], files[1]
 
 
-def chosen_train_file(data: Path, out: Path) -> Path:
-    """The training pairs' records as they are in ``data`` (the held-out pairs left out), for ``lmforge sft``,
-    which trains on each prompt and its chosen reply."""
-    train, _ = read_split(PrefData(path=str(data)), TrainConfig().seed)
+def split_file(data: Path, out: Path, held_out: bool = False) -> Path:
+    """The training (or held-out) pairs' records as they are in ``data``, in a file of their own: the training ones
+    for ``lmforge sft``, which trains on each prompt and its chosen reply; the held-out ones for ``reward score``."""
+    train, held = read_split(PrefData(path=str(data)), TrainConfig().seed)
     lines = data.read_text(encoding="utf-8").splitlines()
-    path = out / "sft_chosen_train.jsonl"
-    path.write_text("".join(lines[int(r.source.rsplit(":", 1)[1]) - 1] + "\n" for r in train), encoding="utf-8")
+    path = out / ("heldout_pairs.jsonl" if held_out else "sft_chosen_train.jsonl")
+    recs = held if held_out else train
+    path.write_text("".join(lines[int(r.source.rsplit(":", 1)[1]) - 1] + "\n" for r in recs), encoding="utf-8")
     return path
 
 
@@ -90,6 +94,24 @@ def reward_stage(name: str, model: Path, data: str, rm: Path, out: Path) -> None
     final = json.loads((rm / "value_head.json").read_text()).get("val_accuracy")
     shown = ", ".join(f"{s}: {v:.3f}" for s, v in evals(rm, "val_accuracy"))
     print(f"{name}: held-out accuracy by step {shown}; saved model {final:.3f}")
+
+
+def probe_reward_stage(model: Path, data: str, rm: Path, out: Path) -> None:
+    """``lmforge reward --head-init probe --epochs 0`` (unless ``rm`` holds one); held-out accuracy as the command
+    measured it and by ``lmforge reward score`` in float32."""
+    if not (rm / "value_head.json").is_file():
+        lmforge(out / f"{rm.name}.log", "reward", "--model", str(model), "--data", data, "--out", str(rm),
+                "--head-init", "probe", "--epochs", "0", "--overwrite")
+    head = json.loads((rm / "value_head.json").read_text())
+    held = split_file(Path(data), out, held_out=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "lmforge", "reward", "score", "--model", str(rm), "--data", str(held),
+                        "--output", str(out / f"{rm.name}-heldout-scores.jsonl")], capture_output=True, text=True,
+                       env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"lmforge reward score failed:\n{r.stderr[-3000:]}")
+    print(f"reward-probe: 5-fold accuracy on the training prompts {head['head_probe']['cv_accuracy']:.3f}; held-out "
+          f"{head['val_accuracy']:.3f} (training precision), `reward score` {r.stdout.strip().splitlines()[-1]}")
 
 
 def dpo_stage(name: str, model: Path, data: str, dpo: Path, out: Path) -> None:
@@ -105,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for the runs (kept; finished stages are reused)")
     ap.add_argument("--stages", nargs="+", default=["reward", "ppo", "dpo"],
-                    choices=["reward", "ppo", "dpo", "sft-dpo", "sft-reward"])
+                    choices=["reward", "ppo", "dpo", "sft-dpo", "sft-reward", "reward-probe"])
     ap.add_argument("--data", default=str(HH), help="preference file (default: the shared hh-rlhf harmless pairs)")
     ap.add_argument("--ppo-steps", type=int, default=30, help="PPO iterations (the acceptance asks for <= 30)")
     a = ap.parse_args()
@@ -134,12 +156,14 @@ def main() -> None:
     sft = out / "sft-chosen"
     if {"sft-dpo", "sft-reward"} & set(a.stages) and not (sft / "adapter_config.json").is_file():
         lmforge(out / "sft-chosen.log", "sft", "--model", str(gguf), "--data",
-                str(chosen_train_file(Path(a.data), out)), "--out", str(sft), "--peft", "lora", "--epochs", "1",
+                str(split_file(Path(a.data), out)), "--out", str(sft), "--peft", "lora", "--epochs", "1",
                 "--overwrite")
     if "sft-reward" in a.stages:
         reward_stage("sft-reward", sft, a.data, out / "reward-from-sft", out)
     if "sft-dpo" in a.stages:
         dpo_stage("sft-dpo", sft, a.data, out / "dpo-from-sft", out)
+    if "reward-probe" in a.stages:
+        probe_reward_stage(gguf, a.data, out / "reward-probe", out)
 
 
 if __name__ == "__main__":

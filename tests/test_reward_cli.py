@@ -307,6 +307,27 @@ def test_fitted_head_alone_is_kept_when_training_only_makes_it_worse(tmp_path):
     assert head["val_accuracy"] == pytest.approx(evals[0]["val_accuracy"], abs=0.05)
 
 
+def test_epochs_0_makes_the_fitted_head_the_reward_model(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in word_pairs(100)))
+    out = tmp_path / "rm"
+    r = run("reward", "--data", str(data), "--out", str(out), "--head-init", "probe", "--epochs", "0",
+            "--data.val_fraction", "0.25")
+    assert r.returncode == 0, r.stderr
+    assert "no fine-tuning (--epochs 0: the fitted head is the model)" in r.stderr
+    assert not list(out.glob("ckpt-*")) and not (out / "metrics.jsonl").exists()  # no training step was taken
+    head = json.loads((out / "value_head.json").read_text())
+    assert head["val_accuracy"] >= 0.8 and head["head_probe"]["cv_accuracy"] > 0.7  # chance is 0.5
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in word_pairs(40, seed=9)))
+    s = run("reward", "score", "--model", str(out), "--data", str(held), "--output", str(tmp_path / "s.jsonl"))
+    assert s.returncode == 0, s.stderr
+    assert float(s.stdout.strip().splitlines()[-1].removeprefix("accuracy=")) >= 0.8
+    for flags in (["--epochs", "0"], ["--epochs", "0", "--head-init", "probe", "--peft", "lora"]):
+        bad = run("reward", "--data", str(data), "--out", str(tmp_path / "o"), *flags)
+        assert bad.returncode == 1 and "--epochs 0 fine-tunes nothing" in bad.stderr.strip().splitlines()[-1]
+
+
 def test_an_unknown_head_init_is_refused_in_one_line(tmp_path):
     cfg = tmp_path / "rm.yaml"
     cfg.write_text("head_init: zeros\n")
@@ -316,6 +337,7 @@ def test_an_unknown_head_init_is_refused_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("cmd,flags,says", [
     ("reward", ["--margin", "nan"], "--margin nan: must be a finite number"),
+    ("reward", ["--epochs", "-1"], "--epochs -1.0: must be >= 0"),
     ("dpo", ["--beta", "nan"], "--beta nan: must be a positive number"),  # NaN passed `beta <= 0`: a NaN loss
     ("dpo", ["--beta", "inf"], "--beta inf: must be a positive number"),
     ("dpo", ["--label-smoothing", "0.5"], "--label-smoothing 0.5: must be in [0, 0.5)"),

@@ -24,7 +24,8 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--template", help="chat template name or Jinja (default: the model's own, else plain text)")
     p.add_argument("--peft", help="lora | qlora (merged into the saved reward model; options --peft.KEY VALUE)")
     p.add_argument("--margin", type=float, help="loss margin: -log sigmoid(r_w - r_l - margin) (default 0)")
-    p.add_argument("--epochs", type=float, help="passes over the training prompts (default 1)")
+    p.add_argument("--epochs", type=float, help="passes over the training prompts (default 1; 0 with --head-init "
+                   "probe: no fine-tuning, the head fitted to the frozen model's features is the reward model)")
     p.add_argument("--head-init", choices=["probe", "normal"],
                    help="normal (default): a random head, N(0, 1/sqrt(d+1)); probe: fit the head to the frozen "
                         "model's features first (a linear probe, L2 by cross-validation), then fine-tune at a tenth "

@@ -66,7 +66,7 @@ class RewardConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: dict[str, Any] = field(default_factory=dict)
     margin: float = 0.0  # loss -log sigmoid(r_w - r_l - margin)
-    epochs: float = 1.0  # InstructGPT: one epoch (the reward model overfits after one)
+    epochs: float = 1.0  # InstructGPT: one epoch (the reward model overfits after one); 0: the probe is the model
     head_init: str = "normal"  # normal: N(0, 1/sqrt(d+1)); probe: fit it to the frozen features first (LP-FT)
     out: str = "runs/reward"
 
@@ -383,6 +383,12 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
         raise LMForgeError(f"head_init={cfg.head_init!r}: allowed values are ['probe', 'normal']")
     if not math.isfinite(cfg.margin):
         raise LMForgeError(f"--margin {cfg.margin}: must be a finite number")
+    if not (math.isfinite(cfg.epochs) and cfg.epochs >= 0):
+        raise LMForgeError(f"--epochs {cfg.epochs}: must be >= 0")
+    probe_only = cfg.epochs == 0  # the linear probe is the reward model: nothing is fine-tuned
+    if probe_only and (cfg.head_init != "probe" or cfg.peft.get("method")):
+        raise LMForgeError("--epochs 0 fine-tunes nothing: it makes the head fitted to the frozen model's features "
+                           "the reward model, so it needs --head-init probe and no --peft")
     out = Path(cfg.out)
     D.check_mode(cfg.train.distributed, "reward")
     device = device_for(cfg.train.device)
@@ -433,16 +439,18 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
         if "best_metric" not in explicit_train:
             t.best_metric, t.best_mode = "val_loss", "min"
     pairs = sum(len(ranked_pairs(len(g))) for g in train_g)
-    log(f"reward: {len(train_g)} train prompts ({pairs} pairs) / {len(val_g)} held-out; "
-        f"{plan_steps(cfg.epochs, steps, t.max_iters)} of {t.batch_size} prompts; max_len {max_len}"
+    plan = "no fine-tuning (--epochs 0: the fitted head is the model)" if probe_only else \
+        f"{plan_steps(cfg.epochs, steps, t.max_iters)} of {t.batch_size} prompts"
+    log(f"reward: {len(train_g)} train prompts ({pairs} pairs) / {len(val_g)} held-out; {plan}; max_len {max_len}"
         f"{', responses share one pass over the prompt' if share else ''}; "
         f"{'template ' + template.name if template else 'plain text'}; "
-        f"{'peft ' + method + ' ' + json.dumps(resolved) if method else 'full fine-tuning'}; trainable "
-        f"{trainable:,} of {n_params:,} parameters; lr {t.lr:g}, margin {cfg.margin:g}, best by {t.best_metric}")
+        + (f"the head's {model.head.weight.numel() + 1:,} parameters fitted, {n_params:,} frozen" if probe_only else
+           f"{'peft ' + method + ' ' + json.dumps(resolved) if method else 'full fine-tuning'}; trainable "
+           f"{trainable:,} of {n_params:,} parameters; lr {t.lr:g}, margin {cfg.margin:g}, best by {t.best_metric}"))
 
     run_config = {**cfg.to_dict(), "resolved_peft": resolved, "train_prompts": len(train_g),
                   "val_prompts": len(val_g)}
-    if cfg.head_init == "probe" and not resume:  # a resumed run has its head in the checkpoint
+    if cfg.head_init == "probe" and (probe_only or not resume):  # a resumed run has its head in the checkpoint
         model.to(device)
         fit = probe_head(model, train_g, pad, t.batch_size, train_precision(t, device, model, dist), t.seed,
                          dist)
@@ -450,17 +458,24 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
         log(f"head fitted to the frozen features of the training pairs (linear probe): L2 {fit['l2']:g} by "
             f"{fit['folds']}-fold cross-validation, held-out-fold accuracy {fit['cv_accuracy']:.3f}, "
             f"loss {fit['cv_loss']:.4f}")
-    trainer = Trainer(model, t, train, reward_loss_fn(cfg.margin), out, val_data=val, tokenizer=tok,
-                      run_config=run_config, device=device, dist=dist, log=log, units="prompts",
-                      start_is_candidate=cfg.head_init == "probe")  # the fitted head alone may be the best
+    trainer = None if probe_only else Trainer(
+        model, t, train, reward_loss_fn(cfg.margin), out, val_data=val, tokenizer=tok, run_config=run_config,
+        device=device, dist=dist, log=log, units="prompts",
+        start_is_candidate=cfg.head_init == "probe")  # the fitted head alone may be the best
     try:
-        result = trainer.fit(resume=resume)
-        raw = trainer.raw_model
-        best = out / "best"
-        if dist.main and best.is_file() and (out / best.read_text().strip()).is_dir():  # the best checkpoint
-            s = load_training_checkpoint(out / best.read_text().strip())
-            raw.load_state_dict(s["train_model"] if s["train_model"] is not None else s["model"], strict=False)
-            log(f"final model from {best.read_text().strip()} ({t.best_metric} {trainer.best_val:.4f})")
+        if trainer is None:
+            result: dict[str, Any] = {"step": 0}
+            raw = model.to(device)
+            if dist.main:
+                out.mkdir(parents=True, exist_ok=True)
+        else:
+            result = trainer.fit(resume=resume)
+            raw = trainer.raw_model
+            best = out / "best"
+            if dist.main and best.is_file() and (out / best.read_text().strip()).is_dir():  # the best checkpoint
+                s = load_training_checkpoint(out / best.read_text().strip())
+                raw.load_state_dict(s["train_model"] if s["train_model"] is not None else s["model"], strict=False)
+                log(f"final model from {best.read_text().strip()} ({t.best_metric} {trainer.best_val:.4f})")
         D.broadcast_module(raw, dist)  # the first process's weights to every process: each scores a share
         if method is not None:
             from lmforge.peft.lora import unwrap
@@ -480,9 +495,13 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
         extra = {"template": template.source if template else None, "margin": cfg.margin, "max_len": max_len,
                  "base_model": cfg.model, "peft": resolved or None,
                  "normalized_over": f"{len(raw_scores)} responses of {len(train_g)} training prompts"}
+        if "head_probe" in run_config:
+            extra["head_probe"] = run_config["head_probe"]
         if val_g:
             extra["val_accuracy"] = pair_accuracy(scores(val_g, "held-out", True))
             result["val_accuracy_final"] = extra["val_accuracy"]
+            if probe_only:
+                result["val_accuracy"] = extra["val_accuracy"]
         if dist.main:
             write_reward_dir(raw.to("cpu"), out, tok, template, extra)
             log(f"reward normalised: gain {raw.norm_gain.item():.4g}, bias {raw.norm_bias.item():.4g}")
