@@ -103,15 +103,12 @@ def probe_reward_stage(model: Path, data: str, rm: Path, out: Path) -> None:
         lmforge(out / f"{rm.name}.log", "reward", "--model", str(model), "--data", data, "--out", str(rm),
                 "--head-init", "probe", "--epochs", "0", "--overwrite")
     head = json.loads((rm / "value_head.json").read_text())
-    held = split_file(Path(data), out, held_out=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-m", "lmforge", "reward", "score", "--model", str(rm), "--data", str(held),
-                        "--output", str(out / f"{rm.name}-heldout-scores.jsonl")], capture_output=True, text=True,
-                       env=env)
-    if r.returncode != 0:
-        raise SystemExit(f"lmforge reward score failed:\n{r.stderr[-3000:]}")
+    held, log = split_file(Path(data), out, held_out=True), out / f"{rm.name}-score.log"
+    lmforge(log, "reward", "score", "--model", str(rm), "--data", str(held), "--output",
+            str(out / f"{rm.name}-heldout-scores.jsonl"))
+    acc = [ln for ln in log.read_text().splitlines() if ln.startswith("accuracy=")][-1]
     print(f"reward-probe: 5-fold accuracy on the training prompts {head['head_probe']['cv_accuracy']:.3f}; held-out "
-          f"{head['val_accuracy']:.3f} (training precision), `reward score` {r.stdout.strip().splitlines()[-1]}")
+          f"{head['val_accuracy']:.3f} (training precision), `reward score` {acc}")
 
 
 def dpo_stage(name: str, model: Path, data: str, dpo: Path, out: Path) -> None:
