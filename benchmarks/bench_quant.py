@@ -10,7 +10,9 @@ before loading); decoding is single stream from a short prompt, ``lmforge.infer.
 ``model.generate(do_sample=False, use_cache=True)``; children alternate within a round and the best round counts.
 Perplexity: held-out TinyStories text (../shared/data/corpora/en/tinystories_sample.txt) for stories260K,
 corpus.en for SmolLM2. With llama-cpp-python installed (``pip install llama-cpp-python``: built from the registry's
-source package), SmolLM2's GGUF also runs in llama.cpp (greedy, the same prompt ids and thread count). "RSS MB" is
+source package), SmolLM2's GGUF also runs in llama.cpp (greedy, the same prompt ids and thread count). "int4-g32
+lean" is the int4 directory decoded without PyTorch (``benchmarks/lean_decode.py``: ``lmforge.infer.lean``, what
+`lmforge generate` runs for it; a process that never imports torch, as llama.cpp's). "RSS MB" is
 the peak resident memory a child adds by loading and decoding; "total MB" the child process's peak.
 """
 
@@ -85,6 +87,9 @@ def run_child(kind: str, path: Path, prompt: list[int], n_tokens: int, compute: 
     if kind == "llamacpp":  # its own script: a process without torch, so its memory is llama.cpp's own
         cmd = [sys.executable, str(ROOT / "benchmarks" / "llamacpp_peer.py"), str(path), json.dumps(prompt),
                str(n_tokens), compute or "2"]
+    if kind == "lean":  # lmforge's runtime without torch (`lmforge generate`'s default for an int4 directory)
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "lean_decode.py"), str(path), json.dumps(prompt),
+               str(n_tokens)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if r.returncode != 0:
@@ -174,6 +179,13 @@ def bench_model(name: str, n_tokens: int, rounds: int, tmp: Path) -> None:
             ("int8 bf16-act", "lm", dirs["int8"], "bfloat16"), ("int4-g32", "lm", dirs["int4-g32"], "auto"),
             ("int4-g32 bf16-act", "lm", dirs["int4-g32"], "bfloat16"), ("transformers fp32", "hf", tmp / f"{name}-hf",
                                                                         None)]
+    from lmforge.infer import lean
+
+    why = lean.unsupported(dirs["int4-g32"])
+    if why is None:
+        runs.insert(4, ("int4-g32 lean", "lean", dirs["int4-g32"], None))
+    else:
+        print(f"  int4 without PyTorch (lmforge.infer.lean): skipped ({why})")
     if name == "smollm2":
         try:
             import llama_cpp  # noqa: F401
@@ -194,14 +206,16 @@ def bench_model(name: str, n_tokens: int, rounds: int, tmp: Path) -> None:
     for label, _, _, _ in runs:
         v = label.split()[0] if label != "transformers fp32" else "transformers"
         r = best[label]
-        p = ppl.get(label, ppl["fp32"])
+        p = ppl.get(label, ppl.get(v, ppl["fp32"]))  # the lean runtime: its directory's (PyTorch's forward)
         q = f"{p:>9.4f}{100 * (p / ppl['fp32'] - 1):>+7.2f}%" if v != "llama.cpp" else f"{'-':>9}{'-':>8}"
         print(f"  {label:<20}{size[v] / 1e6:>9.2f}{r['rss_mb']:>9.1f}{r['total_mb']:>9.1f}{r['tok_s']:>9.1f}"
               f"{r['tok_s'] / ref:>8.2f}{r['tok_s'] / best['fp32']['tok_s']:>9.2f}{q}")
     if "llama.cpp Q4_1" in best:
         lc = best["llama.cpp Q4_1"]
-        print(f"  int4-g32 vs llama.cpp (the same Q4_1 weights): {best['int4-g32']['tok_s'] / lc['tok_s']:.2f}x "
-              f"tokens/s, {best['int4-g32']['total_mb']:.0f} vs {lc['total_mb']:.0f} MB peak resident (process)")
+        for v in ("int4-g32", "int4-g32 lean"):
+            if v in best:
+                print(f"  {v} vs llama.cpp (the same Q4_1 weights): {best[v]['tok_s'] / lc['tok_s']:.2f}x tokens/s, "
+                      f"{best[v]['total_mb']:.0f} vs {lc['total_mb']:.0f} MB peak resident (process)")
     print(f"  file size fp32/int8 = {size['fp32'] / size['int8']:.2f}x, fp32/int4 = "
           f"{size['fp32'] / size['int4-g32']:.2f}x; RSS fp32/int8 = "
           f"{best['fp32']['rss_mb'] / best['int8']['rss_mb']:.2f}x, fp32/int4 = "

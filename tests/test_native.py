@@ -7,7 +7,7 @@ import pytest
 import torch
 from slot_decode import decode_against_full_forward
 
-from lmforge.infer import engine, native
+from lmforge.infer import clib, engine, native
 from lmforge.infer.engine import MIN_CACHE_LEN, NATIVE_TRIALS, SlotRunner
 from lmforge.model import Decoder
 from lmforge.presets import get_preset
@@ -353,7 +353,7 @@ def test_off_switch_and_a_missing_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("LMFORGE_NATIVE", "0")
     assert native.library() is None
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.setattr(clib.shutil, "which", lambda name: None)
     assert native.build() is None
 
 
@@ -370,7 +370,7 @@ def test_a_damaged_library_in_the_cache_is_built_again(monkeypatch, tmp_path):
     monkeypatch.delenv("LMFORGE_NATIVE", raising=False)
     lib = native.build()
     lib.write_bytes(b"not a shared library")
-    monkeypatch.setattr(native, "_LIB", False)
+    monkeypatch.setattr(clib, "_LIB", False)
     assert native.library() is not None and native.library().lmf_attention
     assert lib.read_bytes() != b"not a shared library"
 

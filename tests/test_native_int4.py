@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from slot_decode import decode_against_full_forward
 
-from lmforge.infer import native
+from lmforge.infer import clib, native
 from lmforge.infer.engine import SlotRunner
 from lmforge.model import Decoder
 from lmforge.presets import get_preset
@@ -163,7 +163,7 @@ def two_threads():
 def _compiler_has_openmp(tmp_path) -> bool:
     src = tmp_path / "omp.c"
     src.write_text("#include <omp.h>\nint f(void) { return omp_get_max_threads(); }\n")
-    cc = native._compiler()
+    cc = clib._compiler()
     return cc is not None and subprocess.run([cc, "-fopenmp", "-shared", "-fPIC", "-o", str(tmp_path / "omp.so"),
                                               str(src)], capture_output=True).returncode == 0
 
@@ -175,12 +175,12 @@ def test_the_library_shares_pytorchs_openmp_runtime(tmp_path):
     if not LIB.lmf_openmp():
         assert not _compiler_has_openmp(tmp_path), "native.c did not build with -fopenmp here"
         pytest.skip("no OpenMP in this compiler")
-    assert native.shares_torch_openmp(LIB) and ctypes.c_int.in_dll(LIB, "lmf_parallel_ok").value == 1
+    assert clib.shares_torch_openmp(LIB) and ctypes.c_int.in_dll(LIB, "lmf_parallel_ok").value == 1
 
     class Other:
         def lmf_openmp(self):
             return LIB.lmf_openmp() + 16  # another runtime's function
-    assert not native.shares_torch_openmp(Other())
+    assert not clib.shares_torch_openmp(Other())
 
 
 def test_attention_shared_among_threads_computes_what_one_thread_does(two_threads, monkeypatch):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from collections.abc import Iterable
+from pathlib import Path
 from typing import TextIO
 
-from lmforge.commands.common import add_model_args, load_model_and_tokenizer
+from lmforge.commands.args import add_model_args, check_vocab, find_tokenizer_path, read_template
+from lmforge.errors import LMForgeError
 
 
 def add_parser(sub, name: str, help_: str) -> None:
@@ -20,33 +24,98 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (1.0 = off; default 0.9)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * max prob (0 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    p.add_argument("--runtime", choices=("auto", "lean", "torch"), default="auto",
+                   help="lean: an int4 directory (lmforge quantize --bits 4) decoded by the C step from numpy, in a "
+                        "process that never imports PyTorch (~180 MB resident for SmolLM2-135M instead of ~470; CPUs "
+                        "with AVX512-VNNI; greedy gives PyTorch's tokens, a --seed other samples); torch: PyTorch; "
+                        "auto (default): lean where it applies (no --adapter, on the CPU), else torch")
     p.set_defaults(func=run)
 
 
 def run(args) -> None:
-    from lmforge.errors import LMForgeError
-    from lmforge.infer.sampling import SamplingParams
-
     if args.max_new_tokens < 0:
         raise LMForgeError("--max-new-tokens must be >= 0")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise LMForgeError("--temperature must be >= 0 and --top-p in (0, 1]")
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
-    model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
+    if args.top_k < 0 or not 0 <= args.min_p <= 1:
+        raise LMForgeError("--top-k must be >= 0 and --min-p in [0, 1]")
+    if args.runtime != "torch":
+        why = _lean_unsupported(args)
+        if why is None:
+            return _run_lean(args)
+        if args.runtime == "lean":
+            raise LMForgeError(f"{args.model or 'the bundled stories260K'}: --runtime lean: {why}")
+    _run_torch(args)
+
+
+def _lean_unsupported(args) -> str | None:
+    """Why ``args`` cannot decode without PyTorch, or None."""
+    from lmforge.infer import lean
+
+    if not args.model:
+        return "the bundled stories260K is a float32 checkpoint (lean decodes int4 directories)"
+    if args.adapter:
+        return "an --adapter needs PyTorch"
+    if args.device not in ("auto", "cpu"):
+        return f"--device {args.device}"
+    if args.device == "auto" and any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/kfd")):
+        return "a GPU is present (--device cpu to decode on the CPU without PyTorch)"
+    return lean.unsupported(args.model)
+
+
+def _prompt(tok, text: str) -> tuple[list[int], list[int]]:
+    """The prompt's ids (BOS first where the tokenizer has one) and the stop ids."""
     bos = [tok.bos_id] if tok.bos_id is not None else []
-    prompt = bos + tok.encode(args.prompt)
+    prompt = bos + tok.encode(text)
     if not prompt:
         raise LMForgeError("empty prompt and the tokenizer has no BOS token: give --prompt")
-    stops = [i for i in (tok.eos_id, tok.bos_id) if i is not None]  # BOS delimits documents (llama2.c)
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed, stop_ids=stops)
-    start = time.perf_counter()
-    n, first = write_generation(model, tok, prompt, params, sys.stdout)
+    return prompt, [i for i in (tok.eos_id, tok.bos_id) if i is not None]  # BOS delimits documents (llama2.c)
+
+
+def _report(n: int, start: float, first: float) -> None:
     dt = time.perf_counter() - start
     if n:  # the first token carries the prompt's pass and one-off set-up (kernel layouts): said apart
         wait = first - start
         then = f", then {(n - 1) / (dt - wait):.1f} tok/s" if n > 1 and dt > wait else ""
         print(f"achieved tok/s: {n / dt:.1f} ({n} tokens; first token after {wait:.2f} s{then})", file=sys.stderr)
+
+
+def _run_lean(args) -> None:
+    from lmforge.config import ModelConfig
+    from lmforge.infer import lean
+    from lmforge.tokenizer import load_tokenizer
+
+    path = Path(args.model)
+    cfg = ModelConfig.load(path / lean.CONFIG)
+    tok_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer_path(path, cfg.vocab_size)
+    if tok_path is None:
+        raise LMForgeError(f"{path}: no tokenizer found beside the model; pass --tokenizer PATH")
+    tok = load_tokenizer(str(tok_path))
+    read_template(path, tok)
+    check_vocab(cfg, tok, str(path), str(tok_path))
+    prompt, stops = _prompt(tok, args.prompt)
+    if len(prompt) >= cfg.block_size and args.max_new_tokens > 0:
+        raise LMForgeError(f"prompt of {len(prompt)} tokens leaves no room in the context of {cfg.block_size}")
+    start = time.perf_counter()
+    model = lean.LeanModel(path, max_len=len(prompt) + args.max_new_tokens)
+    tokens = lean.generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
+                           args.seed, stops)
+    n, first = write_tokens(tok, prompt, tokens, sys.stdout)
+    _report(n, start, first)
+
+
+def _run_torch(args) -> None:
+    from lmforge.commands.common import load_model_and_tokenizer
+    from lmforge.infer.sampling import SamplingParams
+
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
+    model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
+    prompt, stops = _prompt(tok, args.prompt)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed, stop_ids=stops)
+    start = time.perf_counter()
+    n, first = write_generation(model, tok, prompt, params, sys.stdout)
+    _report(n, start, first)
 
 
 def write_generation(model, tok, prompt: list[int], params, out: TextIO) -> tuple[int, float]:
@@ -68,5 +137,26 @@ def write_generation(model, tok, prompt: list[int], params, out: TextIO) -> tupl
             out.write(step.text)
             out.flush()
     out.write("\n")
+    out.flush()
+    return n, first
+
+
+def write_tokens(tok, prompt: list[int], tokens: Iterable[int], out: TextIO) -> tuple[int, float]:
+    """``write_generation`` for token ids from any source (the lean runtime's): the same text, through the same
+    incremental detokenizer."""
+    from lmforge.infer.text import TextStream
+
+    out.write(tok.decode_bytes(prompt).decode("utf-8", errors="replace"))
+    out.flush()
+    text, n, first = TextStream(tok, prompt), 0, 0.0
+    for t in tokens:
+        n += 1
+        if n == 1:
+            first = time.perf_counter()
+        piece = text.push(t)
+        if piece:
+            out.write(piece)
+            out.flush()
+    out.write(text.flush() + "\n")
     out.flush()
     return n, first

@@ -11,9 +11,9 @@ call that holds no interpreter lock between layers. Attention of many rows and t
 work among the calling thread's OpenMP threads: the library is built with ``-fopenmp`` and uses the libgomp PyTorch
 loaded (one pool of threads; ``shares_torch_openmp``).
 
-Built with the system's C compiler (``cc -O3 -march=native``) into ``~/.cache/lmforge/native/`` (keyed by the
-source, the compiler and the CPU), once per machine; where there is no compiler, or ``LMFORGE_NATIVE=0``, decoding
-keeps the PyTorch path (``SlotRunner._fast``), which computes the same numbers up to float rounding.
+The library is built and loaded by ``lmforge.infer.clib`` (once per machine); where there is no compiler, or
+``LMFORGE_NATIVE=0``, decoding keeps the PyTorch path (``SlotRunner._fast``), which computes the same numbers up to
+float rounding.
 
 ``NativeStep.supported(model)`` says which models it covers: pre-norm blocks with RMSNorm or LayerNorm, rotary,
 learned or no positions, a plain or gated MLP with SiLU, GELU or ReLU, and linear layers that are plain float32 or
@@ -24,19 +24,27 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.infer.clib import (
+    ACTIVATION_CODES,
+    _ActArgs,
+    _AttnArgs,
+    _FlashArgs,
+    _GemvArgs,
+    _HeadArgs,
+    _Int4Args,
+    _LinArgs,
+    _NormArgs,
+    _StepArgs,
+    _VnniArgs,
+    build,
+    library,
+)
 from lmforge.matmul import linear
 from lmforge.memory import release_free_memory
 from lmforge.model.attention import Attention
@@ -44,201 +52,10 @@ from lmforge.model.norms import RMSNorm
 from lmforge.quant import QuantLinear
 from lmforge.quant.packing import unpack_int4
 
-SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
-OPENMP = ["-fopenmp"]  # tried first: large C work then runs on PyTorch's OpenMP threads (shares_torch_openmp)
 SMALL_PRODUCTS = 1 << 20  # float32 weights (all linear layers) up to which the whole step is one C call
 VNNI_HEAD_ROWS = 2  # an int8 output projection of at least this many rows runs on int8 activations (lmf_head_vnni)
 INT4_ROWS = 1  # int4 products of at least this many rows run on integer activations (lmf_int4, AVX512-VNNI)
 GEMV_ROWS = 4  # float32 products of up to this many rows are lmf_gemv (bandwidth-bound: MKL's reached 15.7 GB/s)
-ACTIVATION_CODES = {"silu": 0, "swiglu": 0, "gelu": 1, "geglu": 1, "gelu_tanh": 2, "geglu_tanh": 2, "relu": 3,
-                    "reglu": 3}
-_LIB: ctypes.CDLL | None | bool = False  # False: not tried yet; None: not available here
-
-
-def _cpu_signature() -> str:
-    """What ``-march=native`` depends on: the CPU's model name and flags (a cache shared by machines stays right)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features", "CPU part"))]
-    return "\n".join(sorted(set(keep)))
-
-
-def _cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/lmforge/native`` (``~/.cache`` by default), beside the checkpoint-hash cache."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge" / "native"
-
-
-def _compiler() -> str | None:
-    """The C compiler: ``$CC``, else cc, gcc or clang on the PATH."""
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        path = shutil.which(cc) if cc else None
-        if path:
-            return path
-    return None
-
-
-def build(force: bool = False) -> Path | None:
-    """Compile ``native.c`` for this machine (once; later calls find the library in the cache). None when there is
-    no working C compiler."""
-    cc = _compiler()
-    if cc is None:
-        return None
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_signature()]).encode())
-    user = getattr(os, "getuid", lambda: 0)()
-    for base in (_cache_dir(), Path(tempfile.gettempdir()) / f"lmforge-native-{user}"):
-        lib = base / f"lmforge_native_{key.hexdigest()[:16]}.so"
-        if lib.exists() and not force:
-            return lib
-        try:
-            base.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=base)
-            os.close(fd)
-        except OSError:
-            continue  # not writable: try the next place
-        try:
-            for extra in (OPENMP, []):  # without OpenMP where the compiler has none
-                out = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
-                                     text=True, timeout=120)
-                if out.returncode == 0:
-                    break
-            else:
-                return None
-            os.replace(tmp, lib)  # atomic: concurrent builds each write their own file
-            for old in base.glob("lmforge_native_*.so"):  # builds of earlier sources (unlinking a loaded one is safe)
-                if old != lib:
-                    old.unlink(missing_ok=True)
-            return lib
-        except (OSError, subprocess.SubprocessError):
-            return None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return None
-
-
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    for name in ("lmf_add_norm", "lmf_attention", "lmf_activation", "lmf_head_refine"):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], None
-    for name in ("lmf_linear", "lmf_step"):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = [ctypes.c_void_p], None
-    lib.lmf_linear_fast.argtypes, lib.lmf_linear_fast.restype = [], ctypes.c_int
-    lib.lmf_gemv.argtypes, lib.lmf_gemv.restype = [ctypes.c_void_p], None
-    lib.lmf_gemv_ok.argtypes, lib.lmf_gemv_ok.restype = [ctypes.c_int], ctypes.c_int
-    lib.lmf_head_vnni.argtypes, lib.lmf_head_vnni.restype = [ctypes.c_void_p], None
-    lib.lmf_vnni_ok.argtypes, lib.lmf_vnni_ok.restype = [], ctypes.c_int
-    lib.lmf_openmp.argtypes, lib.lmf_openmp.restype = [], ctypes.c_void_p
-    lib.lmf_int4.argtypes, lib.lmf_int4.restype = [ctypes.c_void_p], None
-    lib.lmf_flash.argtypes, lib.lmf_flash.restype = [ctypes.c_void_p], ctypes.c_int
-    lib.lmf_flash_ok.argtypes, lib.lmf_flash_ok.restype = [ctypes.c_int], ctypes.c_int
-    ctypes.c_int.in_dll(lib, "lmf_parallel_ok").value = int(shares_torch_openmp(lib))
-    return lib
-
-
-def shares_torch_openmp(lib: ctypes.CDLL) -> bool:
-    """Whether the library's OpenMP runtime is the one PyTorch's CPU kernels use (libgomp, matched by its name when
-    the library was opened), so work it shares among threads runs on PyTorch's pool. A second runtime would keep a
-    pool of its own on the same cores, each pool waiting on the other's: the C code then keeps to its calling
-    thread."""
-    ours = lib.lmf_openmp()
-    if not ours:
-        return False
-    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
-        path = Path(torch.__file__).parent / "lib" / name
-        if path.exists():
-            try:
-                theirs = ctypes.cast(ctypes.CDLL(str(path)).omp_get_max_threads, ctypes.c_void_p).value
-            except (OSError, AttributeError):
-                return False
-            return theirs == ours
-    return False
-
-
-def library() -> ctypes.CDLL | None:
-    """The compiled helpers (built on first use), or None where that is not possible or ``LMFORGE_NATIVE=0``."""
-    global _LIB
-    if os.environ.get("LMFORGE_NATIVE", "1") == "0":
-        return None
-    if _LIB is False:
-        _LIB = None
-        for force in (False, True):  # a file in the cache that does not load (damaged) is built again, once
-            try:
-                path = build(force)
-                _LIB = _load(path) if path is not None else None
-                break
-            except Exception:  # noqa: BLE001 - whatever goes wrong here, decoding keeps the PyTorch step
-                continue
-    return _LIB
-
-
-# ---- the argument blocks (mirroring native.c) --------------------------------------------------------
-
-_i32, _i64, _f32, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-
-
-class _NormArgs(ctypes.Structure):
-    _fields_ = [("n", _i32), ("d", _i32), ("kind", _i32), ("y_bf", _i32), ("out_bf", _i32),
-                ("y_stride", _i64), ("out_stride", _i64), ("eps", _f32), ("x", _ptr), ("y_bias", _ptr),
-                ("w", _ptr), ("b", _ptr), ("out", _ptr), ("tmp", _ptr)]
-
-
-class _AttnArgs(ctypes.Structure):
-    _fields_ = [("n", _i32), ("nh", _i32), ("nkv", _i32), ("hd", _i32), ("rd", _i32), ("interleaved", _i32),
-                ("max_len", _i32), ("y_bf", _i32), ("out_bf", _i32), ("y_stride", _i64), ("out_stride", _i64),
-                ("scale", _f32), ("pos", _ptr), ("slot", _ptr), ("cos", _ptr), ("sin", _ptr), ("bias", _ptr),
-                ("k", _ptr), ("v", _ptr), ("out", _ptr), ("tmp", _ptr)]
-
-
-class _ActArgs(ctypes.Structure):
-    _fields_ = [("n", _i32), ("f", _i32), ("gated", _i32), ("act", _i32), ("y_bf", _i32), ("out_bf", _i32),
-                ("y_stride", _i64), ("out_stride", _i64), ("bias", _ptr), ("out", _ptr), ("tmp", _ptr)]
-
-
-class _HeadArgs(ctypes.Structure):
-    _fields_ = [("n", _i32), ("N", _i32), ("K", _i32), ("k", _i32), ("y_stride", _i64), ("q", _ptr), ("scales", _ptr),
-                ("bias", _ptr), ("x", _ptr), ("out", _ptr), ("idx", _ptr)]
-
-
-class _LinArgs(ctypes.Structure):
-    _fields_ = [("n", _i32), ("K", _i32), ("N", _i32), ("Np", _i32), ("x_stride", _i64), ("x", _ptr), ("wt", _ptr),
-                ("bias", _ptr), ("out", _ptr)]
-
-
-class _GemvArgs(ctypes.Structure):
-    _fields_ = [("n", _i32), ("K", _i32), ("N", _i32), ("x_stride", _i64), ("out_stride", _i64), ("x", _ptr),
-                ("w", _ptr), ("bias", _ptr), ("out", _ptr)]
-
-
-class _VnniArgs(ctypes.Structure):
-    _fields_ = [("n", _i32), ("N", _i32), ("K", _i32), ("qi", _ptr), ("qsum", _ptr), ("scales", _ptr), ("bias", _ptr),
-                ("x", _ptr), ("out", _ptr), ("xq", _ptr), ("xs", _ptr)]
-
-
-class _Int4Args(ctypes.Structure):
-    _fields_ = [("n", _i32), ("N", _i32), ("K", _i32), ("G", _i32), ("x_stride", _i64), ("out_stride", _i64),
-                ("w", _ptr), ("scales", _ptr), ("zeros", _ptr), ("x", _ptr), ("out", _ptr), ("xq", _ptr),
-                ("xs", _ptr)]
-
-
-class _FlashArgs(ctypes.Structure):
-    _fields_ = ([(n, _i32) for n in ("B", "H", "KV", "T", "S", "D", "causal")] + [("scale", _f32)]
-                + [(n, _i64) for n in ("q_sb", "q_sh", "q_st", "k_sb", "k_sh", "k_ss", "v_sb", "v_sh", "v_ss",
-                                       "m_sb", "m_sh", "m_st")]
-                + [(n, _ptr) for n in ("q", "k", "v", "mask", "out")])
-
-
-class _StepArgs(ctypes.Structure):
-    _fields_ = [("n_layer", _i32), ("first", _ptr), ("lin", _ptr), ("attn", _ptr), ("norm2", _ptr), ("act", _ptr),
-                ("after", _ptr), ("head", _ptr)]
 
 
 def _addr(t: torch.Tensor | None) -> int | None:

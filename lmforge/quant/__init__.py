@@ -1,13 +1,13 @@
 """Weight-only quantization: formats and formulas (``packing``), modules (``modules``), whole models (``quantize``,
 ``gptq``) and checkpoints (``io``). The public names are re-exported here."""
 
+from lmforge.infer.clib import REFINE_TOP
 from lmforge.quant.config import FORMAT, GROUP_SIZES, METHODS, QUANT_FILE, VERSION, QuantConfig
 from lmforge.quant.gptq import gptq_int4, gptq_model, self_calibration
 from lmforge.quant.io import load_quantized, quantized_state_dict, read_quant_config, save_quantized, weight_bytes
 from lmforge.quant.modules import (
     COMPUTE_MODES,
     DECODE_ROWS,
-    REFINE_TOP,
     QuantEmbedding,
     QuantLinear,
     head_is_tied,

@@ -26,8 +26,8 @@ COMPUTE_MODES = ("auto", "float32", "bfloat16", "dequant")
 DECODE_ROWS = 64
 # An output projection (``refine_top`` set) recomputes its REFINE_TOP largest outputs per row exactly after a
 # bfloat16 kernel: that kernel rounds its output to bfloat16 (logits near 25 to steps of 0.125), which ties and swaps
-# the top candidates of greedy decoding; the tail of the distribution keeps the fast values.
-REFINE_TOP = 64
+# the top candidates of greedy decoding; the tail of the distribution keeps the fast values. (REFINE_TOP lives with
+# the C helpers, which a process without PyTorch also uses.)
 _DECODE_MODE: dict[tuple, str] = {}  # (bits, N, K, group, rows) -> the fastest mode, measured
 # The packed kernels as plain functions: called through ``torch.ops.aten`` each call costs ~1 us more (overload
 # resolution), and decoding SmolLM2 calls them 121 times a token.

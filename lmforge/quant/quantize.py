@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from lmforge.errors import LMForgeError
+from lmforge.infer.clib import REFINE_TOP
 from lmforge.model.swap import replace_modules
 from lmforge.quant.config import QuantConfig
 from lmforge.quant.gptq import gptq_model, self_calibration
-from lmforge.quant.modules import COMPUTE_MODES, REFINE_TOP, QuantEmbedding, QuantLinear, tie_head
+from lmforge.quant.modules import COMPUTE_MODES, QuantEmbedding, QuantLinear, tie_head
 from lmforge.quant.nf4 import NF4Linear
 
 

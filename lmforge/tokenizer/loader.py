@@ -18,7 +18,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     if not p.exists():
         raise LMForgeError(f"{p}: no such tokenizer file or directory")
     if p.suffix == ".gguf":
-        from lmforge.interop.gguf import load_gguf_tokenizer
+        from lmforge.interop.gguf_file import load_gguf_tokenizer
 
         return load_gguf_tokenizer(p)
     if p.is_dir():
@@ -42,7 +42,7 @@ def load_tokenizer(path: str) -> Tokenizer:
 
             return CharTokenizer.load(str(p))
         if kind == "gguf" or (p / "tokenizer.gguf").is_file():
-            from lmforge.interop.gguf import load_gguf_tokenizer
+            from lmforge.interop.gguf_file import load_gguf_tokenizer
 
             return load_gguf_tokenizer(p)
         if (p / "tokenizer.json").is_file():

@@ -1,0 +1,64 @@
+"""Argument parsing and model/tokenizer file helpers shared by the commands that take ``--model``, without torch
+(``lmforge.commands.common`` re-exports them beside the helpers that need torch)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lmforge.errors import LMForgeError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="lmforge checkpoint dir (also `lmforge quantize` output), Hugging Face dir, "
+                                   "llama2.c .bin or GGUF file (default: the bundled stories260K)")
+    p.add_argument("--tokenizer", help="tokenizer path (default: found with the model)")
+    p.add_argument("--adapter", help="a PEFT adapter directory (lmforge sft --peft output, or PEFT's "
+                                     "adapter_config.json + adapter_model.safetensors) applied to --model")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+
+
+def find_tokenizer_path(model_path: Path, vocab_size: int) -> Path | None:
+    """Tokenizer beside a model: the checkpoint dir itself, or llama2.c's tokenizer.bin / tok{vocab}.bin."""
+    if model_path.is_dir() or model_path.suffix == ".gguf":  # GGUF files carry their tokenizer
+        return model_path
+    for name in ("tokenizer.bin", f"tok{vocab_size}.bin", "tokenizer.model"):
+        if (model_path.parent / name).exists():
+            return model_path.parent / name
+    return None
+
+
+def find_tokenizer_files(path: Path) -> bool:
+    return any((path / n).is_file() for n in ("tokenizer_config.json", "tokenizer.bin", "tokenizer.model"))
+
+
+def read_template(path: Path, tok) -> None:
+    """The chat template a fine-tuned model (or adapter) was trained with, saved beside it."""
+    template = path / "chat_template.jinja"
+    if path.is_dir() and template.is_file():
+        tok.chat_template = template.read_text(encoding="utf-8")
+
+
+def max_vocab_padding(tok_vocab: int) -> int:
+    """How many more rows a model's embedding may have than its tokenizer has ids: checkpoints round the vocabulary
+    up for speed (GPT-2 50,257 -> 50,304, GPT-NeoX 50,277 -> 50,432, Qwen2 151,665 -> 151,936): up to 128 rows or
+    1/256 of the vocabulary, whichever is more."""
+    return max(128, tok_vocab // 256)
+
+
+def check_vocab(cfg, tok, model_src: str, tok_src: str) -> None:
+    """Refuse a tokenizer that does not belong to the model, both ways: every tokenizer id must be a row of the
+    model, the model's vocabulary may exceed the tokenizer's only by padding (else it would generate ids that have
+    no text), and the model's BOS/EOS ids must be tokens of the tokenizer."""
+    if tok.vocab_size > cfg.vocab_size:
+        raise LMForgeError(f"{tok_src}: tokenizer has {tok.vocab_size:,} tokens but the model {model_src} only "
+                           f"{cfg.vocab_size:,}: not the model's tokenizer")
+    if cfg.vocab_size - tok.vocab_size > max_vocab_padding(tok.vocab_size):
+        raise LMForgeError(f"{tok_src}: tokenizer has {tok.vocab_size:,} tokens but the model {model_src} has "
+                           f"{cfg.vocab_size:,} (ids {tok.vocab_size:,}..{cfg.vocab_size - 1:,} would have no text): "
+                           "not the model's tokenizer")
+    for name in ("bos_id", "eos_id"):
+        i = getattr(cfg, name)
+        if i is not None and not 0 <= i < tok.vocab_size:
+            raise LMForgeError(f"{tok_src}: the model {model_src} has {name.replace('_id', '').upper()} token {i}, "
+                               f"outside the tokenizer's {tok.vocab_size:,} tokens: not the model's tokenizer")

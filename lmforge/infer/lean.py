@@ -1,0 +1,423 @@
+"""Decoding an int4 directory (``lmforge quantize --bits 4``) in a process without PyTorch.
+
+``import torch`` alone makes a process 219 MB resident, more than a 135M-parameter model's int4 weights (108 MB).
+The decoding step of such a model is already C from end to end (``native.c``: int4 products on integer dot products,
+norms, rotary attention over the cache, activations, the int8 output projection with its top candidates recomputed
+exactly), so here it is driven from numpy arrays instead of PyTorch tensors: the same C calls in the same order on
+the same weights, laid out as ``lmforge.infer.native`` lays them out. The safetensors file is mapped, not read: the
+int4 layers are rearranged into the kernel's layout once (the file's pages are let go after), and the embedding table
+stays mapped (a token reads one row of it). SmolLM2-135M-Instruct: about 180 MB resident against 470 MB for the same
+directory through PyTorch (``benchmarks/bench_quant.py``).
+
+``lmforge generate`` takes this path for an int4 directory on a CPU with AVX512-VNNI (``unsupported`` says why not
+otherwise, and the PyTorch path runs); ``--runtime torch`` keeps PyTorch. Greedy decoding gives the tokens the
+PyTorch path gives; sampling draws from the same distribution with numpy's generator, so a ``--seed`` gives other
+samples than under PyTorch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LMForgeError
+from lmforge.infer import clib
+from lmforge.infer.clib import (
+    ACTIVATION_CODES,
+    REFINE_TOP,
+    _ActArgs,
+    _AttnArgs,
+    _HeadArgs,
+    _Int4Args,
+    _NormArgs,
+    _VnniArgs,
+)
+
+CONFIG, QUANT_FILE, WEIGHTS = "config.json", "quantization.json", "model.safetensors"  # as lmforge.model.weights
+PREFILL_ROWS = 64  # prompt tokens per step of the prefill (rows of one call)
+_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8, "I32": np.int32, "I64": np.int64}
+_NORMS = {"rmsnorm": 1, "layernorm": 2}  # native.c's norm kinds
+
+
+def _aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array whose data starts on a 64-byte boundary (as PyTorch's allocations do)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(n + 64, np.uint8)
+    off = -raw.ctypes.data % 64
+    return raw[off : off + n].view(dtype).reshape(shape)
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+class SafetensorsMap:
+    """A safetensors file mapped read-only: ``get(name)`` is a numpy view of the file's bytes (no copy)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            n = int.from_bytes(self.mm[:8], "little")
+            if not 0 < n <= len(self.mm) - 8:
+                raise ValueError("header length out of range")
+            header = json.loads(self.mm[8 : 8 + n])
+            if not isinstance(header, dict):
+                raise ValueError("header is not a mapping")
+        except (OSError, ValueError) as e:
+            raise LMForgeError(f"{path}: cannot read safetensors: {e}") from None
+        header.pop("__metadata__", None)
+        self.header, self.base = header, 8 + n
+
+    def get(self, name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The tensor ``name``, which must be ``dtype`` (safetensors' name: F32, U8, I8...) of ``shape``."""
+        e = self.header.get(name)
+        if e is None:
+            raise LMForgeError(f"{self.path}: tensor {name!r} is missing")
+        if e.get("dtype") != dtype or tuple(e.get("shape", ())) != shape:
+            raise LMForgeError(f"{self.path}: tensor {name!r} is {e.get('dtype')} {tuple(e.get('shape', ()))}; the "
+                               f"config and quantization.json need {dtype} {shape}")
+        begin, end = e["data_offsets"]
+        dt = np.dtype(_DTYPES[dtype])
+        if end - begin != int(np.prod(shape)) * dt.itemsize or self.base + end > len(self.mm):
+            raise LMForgeError(f"{self.path}: tensor {name!r} runs past the end of the file (truncated)")
+        return np.frombuffer(self.mm, dt, int(np.prod(shape)), self.base + begin).reshape(shape)
+
+    def release(self) -> None:
+        """Let go of the pages read so far (they stay in the page cache; a later read maps them again): what has been
+        copied into another layout no longer counts towards this process's resident memory."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self.mm.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        """Unmap (every view must be gone)."""
+        self.mm.close()
+
+
+def unsupported(path: str | Path) -> str | None:
+    """Why the directory cannot decode here without PyTorch, or None if it can."""
+    path = Path(path)
+    if not (path / QUANT_FILE).is_file():
+        return "not an lmforge quantize directory"
+    try:
+        q = json.loads((path / QUANT_FILE).read_text())
+        cfg = ModelConfig.load(path / CONFIG)
+    except (OSError, ValueError, LMForgeError) as e:
+        return f"unreadable: {e}"
+    if q.get("bits") != 4 or q.get("group_size", 1) % 32 or not q.get("embedding"):
+        return "not int4 in groups of 32/64/128 with an int8 embedding table"
+    if not cfg.tie_embeddings:  # (int4 where quantized: PyTorch's path computes it another way)
+        return "an untied output projection"
+    if cfg.position not in ("rope", "none") or cfg.norm_placement != "pre" or cfg.parallel_block:
+        return f"{cfg.position} positions / {cfg.norm_placement} norms / parallel blocks"
+    if cfg.attn_pattern != "dense" or cfg.embedding_norm or cfg.rmsnorm_unit_offset or not cfg.final_norm:
+        return "local attention, an embedding norm, unit-offset or no final norm"
+    if cfg.mlp not in ACTIVATION_CODES or cfg.n_head % cfg.kv_heads or cfg.norm not in _NORMS:
+        return f"{cfg.mlp} MLP / {cfg.n_head} heads over {cfg.kv_heads} / {cfg.norm}"
+    if cfg.position == "rope" and cfg.rotary_dim % 2:
+        return "an odd rotary dimension"
+    if cfg.n_embd % 32 or cfg.vocab_size % 16:
+        return "widths the int8 head kernel does not take"
+    lib = clib.library()
+    if lib is None:
+        return "no C compiler (or LMFORGE_NATIVE=0)"
+    if not lib.lmf_vnni_ok():
+        return "no AVX512-VNNI on this CPU"
+    return None
+
+
+class LeanModel:
+    """An int4 directory ready to decode one sequence of up to ``max_len`` positions with the C step."""
+
+    def __init__(self, path: str | Path, max_len: int | None = None) -> None:
+        path = Path(path)
+        why = unsupported(path)
+        if why:
+            raise LMForgeError(f"{path}: cannot decode without PyTorch: {why}")
+        self.lib = lib = clib.library()
+        self.cfg = cfg = ModelConfig.load(path / CONFIG)
+        q = json.loads((path / QUANT_FILE).read_text())
+        self.max_len = min(max_len or cfg.block_size, cfg.block_size)
+        self.group = G = int(q["group_size"])
+        D, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+        nh, nkv, hd = cfg.n_head, cfg.kv_heads, cfg.head_size
+        R = PREFILL_ROWS
+        f = _layer_widths(cfg, G)
+        wf = SafetensorsMap(path / WEIGHTS)
+        try:
+            norm_w = lambda name: self._float(wf, name, (D,))  # noqa: E731
+            layers = []
+            for i in range(L):
+                b = f"blocks.{i}"
+                lin = {k: self._int4(wf, f"{b}.{k}", n, Kp, q.get("symmetric", True), bias)
+                       for k, (n, Kp, bias) in f.items()}
+                norms = [(norm_w(f"{b}.norm{j}.weight"),
+                          norm_w(f"{b}.norm{j}.bias") if cfg.norm == "layernorm" and cfg.norm_bias else None)
+                         for j in (1, 2)]
+                layers.append((lin, norms))
+                wf.release()
+            final = (norm_w("norm_f.weight"),
+                     norm_w("norm_f.bias") if cfg.norm == "layernorm" and cfg.norm_bias else None)
+            hq = wf.get("wte.qweight", "I8", (V, D))  # the tied output projection's weight
+            self.head_scales = self._float(wf, "wte.scales", (V,))
+            self.head_bias = self._float(wf, "lm_head.bias", (V,)) if cfg.lm_head_bias else None
+            qi = _aligned((V // 16, D // 4, 16, 4), np.int8)  # lmf_head_vnni's interleaving (native._vnni_head)
+            qi[:] = hq.reshape(V // 16, 16, D // 4, 4).transpose(0, 2, 1, 3)
+            qsum = _aligned((V // 16, D // 32, 16), np.int32)
+            qsum[:] = (hq.reshape(V // 16, 16, D // 32, 32).sum(-1, dtype=np.int32) * 128).transpose(0, 2, 1)
+            self.emb_scales = self.head_scales
+            del hq
+        finally:
+            wf.close()
+        # mapped again, untouched: a token reads one row of the table (and the head's exact top candidates theirs)
+        self._wmap = SafetensorsMap(path / WEIGHTS)
+        self.emb = self._wmap.get("wte.qweight", "I8", (V, D))
+        self.head_q = self.emb
+        floats = [self.emb_scales, self.head_scales, self.head_bias, *final]
+        for lin, norms in layers:  # norms, and int4 scales, zeros and biases
+            floats += [x for t in norms for x in t] + [y for v in lin.values() for y in v[1:]]
+        if any(a is not None and not np.isfinite(a).all() for a in floats):
+            raise LMForgeError(f"{path / WEIGHTS}: non-finite weights (damaged)")
+
+        # the cache and the buffers, and the calls' argument blocks (as NativeStep plans them)
+        self.k = np.zeros((L, 1, nkv, self.max_len, hd), np.float32)
+        self.v = np.zeros_like(self.k)
+        self.pos, self.slot = np.zeros(R, np.int32), np.zeros(R, np.int32)
+        self.x, self.final = _aligned((R, D), np.float32), _aligned((R, D), np.float32)
+        Nmax = max(n + -n % 16 for n, _, _ in f.values())
+        Kmax = max(K for _, K, _ in f.values())
+        self.out = _aligned((R * Nmax,), np.float32)
+        self.xq, self.xs = _aligned((2 * R * Kmax,), np.int8), _aligned((R * Kmax // 32 * 3,), np.float32)
+        self.inputs = {K: _aligned((R, K), np.float32) for K in {K for _, K, _ in f.values()}}
+        rd = cfg.rotary_dim if cfg.position == "rope" else 0
+        self.cos, self.sin = _rotary(rd, self.max_len, cfg.rope_theta, cfg.rope_interleaved) if rd else (None, None)
+        self.attn_tmp = _aligned(((nh + 2 * nkv) * hd + nh // nkv * (self.max_len + hd),), np.float32)
+        self.norm_tmp = _aligned((D,), np.float32)
+        self.act_tmp = _aligned((2 * cfg.hidden_size,), np.float32)
+        keep, self._blocks = [], []  # argument blocks (and arrays) the C side points into
+
+        def norm_args(w, b, out, added):
+            y_stride, y_bias = (0, None) if added is None else (added[0] + -added[0] % 16, added[1])
+            a = _NormArgs(n=R, d=D, kind=_NORMS[cfg.norm], y_bf=0, out_bf=0, y_stride=y_stride,
+                          out_stride=out.shape[1], eps=cfg.norm_eps, x=_ptr(self.x), y_bias=_ptr(y_bias), w=_ptr(w),
+                          b=_ptr(b), out=_ptr(out), tmp=_ptr(self.norm_tmp))
+            keep.append(a)
+            return a
+
+        def product(w, s, z, n, K, bias):
+            Np = n + -n % 16
+            a = _Int4Args(n=R, N=Np, K=K, G=G, x_stride=K, out_stride=Np, w=_ptr(w), scales=_ptr(s), zeros=_ptr(z),
+                          out=_ptr(self.out), xq=_ptr(self.xq), xs=_ptr(self.xs))
+            keep.append(a)
+            return a
+
+        scale = cfg.attn_scale if cfg.attn_scale is not None else hd ** -0.5
+        for i, (lin, norms) in enumerate(layers):
+            qkv, proj, fc1 = lin["attn.qkv"], lin["attn.proj"], lin["mlp.fc1"]
+            p = [product(*lin[k][:3], *f[k]) for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+            h_qkv, h_proj = self.inputs[f["attn.qkv"][1]], self.inputs[f["attn.proj"][1]]
+            h_fc1, h_fc2 = self.inputs[f["mlp.fc1"][1]], self.inputs[f["mlp.fc2"][1]]
+            first = norm_args(*norms[0], h_qkv, None if i == 0 else (f["mlp.fc2"][0], layers[i - 1][0]["mlp.fc2"][3]))
+            n_qkv = f["attn.qkv"][0]
+            attn = _AttnArgs(n=R, nh=nh, nkv=nkv, hd=hd, rd=rd, interleaved=int(cfg.rope_interleaved),
+                             max_len=self.max_len, y_bf=0, out_bf=0, y_stride=n_qkv + -n_qkv % 16,
+                             out_stride=h_proj.shape[1], scale=scale, pos=_ptr(self.pos), slot=_ptr(self.slot),
+                             cos=_ptr(self.cos), sin=_ptr(self.sin), bias=_ptr(qkv[3]), k=_ptr(self.k[i]),
+                             v=_ptr(self.v[i]), out=_ptr(h_proj), tmp=_ptr(self.attn_tmp))
+            norm2 = norm_args(*norms[1], h_fc1, (f["attn.proj"][0], proj[3]))
+            n_fc1 = f["mlp.fc1"][0]
+            act = _ActArgs(n=R, f=cfg.hidden_size, gated=int(cfg.gated),
+                           act=ACTIVATION_CODES[cfg.mlp], y_bf=0, out_bf=0, y_stride=n_fc1 + -n_fc1 % 16,
+                           out_stride=h_fc2.shape[1], bias=_ptr(fc1[3]), out=_ptr(h_fc2), tmp=_ptr(self.act_tmp))
+            keep += [attn, act]
+            self._blocks.append((first, i > 0, h_qkv, p[0], attn, h_proj, p[1], norm2, h_fc1, p[2], act, h_fc2,
+                                 p[3]))
+        self.after = norm_args(*final, self.final, (f["mlp.fc2"][0], layers[-1][0]["mlp.fc2"][3]))
+        self.logits = _aligned((1, V), np.float32)  # the head runs on the last row only
+        k = min(REFINE_TOP, V)
+        self.idx = np.zeros(k, np.int32)
+        self.xq_head, self.xs_head = _aligned((D,), np.uint8), _aligned((D // 32,), np.float32)
+        self.vnni = _VnniArgs(n=1, N=V, K=D, qi=_ptr(qi), qsum=_ptr(qsum), scales=_ptr(self.head_scales),
+                              bias=_ptr(self.head_bias), x=_ptr(self.final), out=_ptr(self.logits),
+                              xq=_ptr(self.xq_head), xs=_ptr(self.xs_head))
+        self.refine = _HeadArgs(n=1, N=V, K=D, k=k, y_stride=V, q=_ptr(self.head_q), scales=_ptr(self.head_scales),
+                                bias=_ptr(self.head_bias), x=_ptr(self.final), out=_ptr(self.logits),
+                                idx=_ptr(self.idx))
+        self._keep = (keep, layers, final, qi, qsum)
+        self._rows = R
+        self._calls = (lib.lmf_add_norm, lib.lmf_attention, lib.lmf_activation, lib.lmf_int4)
+        self.length = 0  # positions of the sequence in the cache
+
+    @staticmethod
+    def _float(wf: SafetensorsMap, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        a = _aligned(shape, np.float32)
+        a[:] = wf.get(name, "F32", shape)
+        return a
+
+    def _int4(self, wf: SafetensorsMap, name: str, n: int, Kp: int, symmetric: bool, bias: bool):
+        """(levels, scales, zeros, bias) of an int4 layer of n outputs and Kp (padded) inputs in lmf_int4's layout
+        (native._int4_layout)."""
+        G = self.group
+        q = wf.get(f"{name}.qweight", "U8", (n, Kp // 2))
+        s = wf.get(f"{name}.scales", "F32", (n, Kp // G))
+        z = None if symmetric else wf.get(f"{name}.zeros", "F32", (n, Kp // G))
+        Np = n + -n % 16
+        lv = np.full((Np, Kp), 8, np.uint8)
+        lv[:n, 0::2], lv[:n, 1::2] = q & 15, q >> 4
+        lv = lv.reshape(Np // 16, 16, Kp // 32, 2, 4, 4)
+        w = _aligned((Np // 16, Kp // 32, 4, 16, 4), np.uint8)
+        w[:] = (lv[:, :, :, 0] | (lv[:, :, :, 1] << 4)).transpose(0, 2, 3, 1, 4)
+
+        def tiled(t):
+            out = _aligned((Np // 16, Kp // G, 16), np.float32)
+            full = np.zeros((Np, Kp // G), np.float32)
+            full[:n] = t
+            out[:] = full.reshape(Np // 16, 16, -1).transpose(0, 2, 1)
+            return out
+        b = None
+        if bias:
+            b = _aligned((Np,), np.float32)
+            b[:n] = wf.get(f"{name}.bias", "F32", (n,))
+        return w.reshape(Np // 16, Kp // 32, 256), tiled(s), None if z is None else tiled(z), b
+
+    def _set_rows(self, n: int) -> None:
+        if n == self._rows:
+            return
+        for blk in self._blocks:
+            for a in blk:
+                if isinstance(a, ctypes.Structure):
+                    a.n = n
+        self.after.n = n
+        self._rows = n
+
+    def step(self, tokens: list[int], last: bool = True) -> np.ndarray | None:
+        """Run ``tokens`` (at most PREFILL_ROWS) at the next positions of the sequence; the logits (V,) of the last
+        one, float32 (a view, overwritten by the next step), or None when ``last`` is False."""
+        n, p0 = len(tokens), self.length
+        if p0 + n > self.max_len:
+            raise LMForgeError(f"the sequence would pass {self.max_len} positions (the model's context or --max-len)")
+        self._set_rows(n)
+        ids = np.asarray(tokens, np.int64)
+        x = self.x[:n]
+        np.multiply(self.emb[ids], self.emb_scales[ids, None], out=x, casting="unsafe")
+        if self.cfg.embedding_scale != 1.0:
+            x *= np.float32(self.cfg.embedding_scale)
+        self.pos[:n] = np.arange(p0, p0 + n, dtype=np.int32)
+        norm, attention, activation, int4 = self._calls
+        out = self.out.ctypes.data
+        for first, add, h_qkv, qkv, attn, h_proj, proj, norm2, h_fc1, fc1, act, h_fc2, fc2 in self._blocks:
+            norm(ctypes.byref(first), out if add else None)  # the residual += the last product, then the norm
+            qkv.x = h_qkv.ctypes.data
+            int4(ctypes.byref(qkv))
+            attention(ctypes.byref(attn), out)
+            proj.x = h_proj.ctypes.data
+            int4(ctypes.byref(proj))
+            norm(ctypes.byref(norm2), out)
+            fc1.x = h_fc1.ctypes.data
+            int4(ctypes.byref(fc1))
+            activation(ctypes.byref(act), out)
+            fc2.x = h_fc2.ctypes.data
+            int4(ctypes.byref(fc2))
+        self.length = p0 + n
+        if not last:
+            return None
+        norm(ctypes.byref(self.after), out)
+        if n > 1:  # the last row's final norm output to row 0, where the head reads
+            self.final[0] = self.final[n - 1]
+        self.lib.lmf_head_vnni(ctypes.byref(self.vnni))
+        self.lib.lmf_head_refine(ctypes.byref(self.refine), None)
+        return self.logits[0]
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        """Run a prompt; the logits after its last token."""
+        if not tokens:
+            raise LMForgeError("empty prompt")
+        for i in range(0, len(tokens), PREFILL_ROWS):
+            logits = self.step(tokens[i : i + PREFILL_ROWS], last=i + PREFILL_ROWS >= len(tokens))
+        return logits
+
+    def close(self) -> None:
+        self.emb = self.head_q = None
+        self._wmap.close()
+
+
+def _layer_widths(cfg: ModelConfig, group: int) -> dict[str, tuple[int, int, bool]]:
+    """Each linear layer of a block: (outputs, inputs padded to the group size, has a bias)."""
+    D, hd, nh, nkv, hidden = cfg.n_embd, cfg.head_size, cfg.n_head, cfg.kv_heads, cfg.hidden_size
+    widths = {"attn.qkv": ((nh + 2 * nkv) * hd, D, cfg.qkv_bias), "attn.proj": (D, nh * hd, cfg.attn_out_bias),
+              "mlp.fc1": ((2 if cfg.gated else 1) * hidden, D, cfg.mlp_bias), "mlp.fc2": (D, hidden, cfg.mlp_bias)}
+    return {k: (n, K + -K % group, b) for k, (n, K, b) in widths.items()}
+
+
+def _rotary(dim: int, n: int, theta: float, interleaved: bool) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (n, dim) float32, as ``lmforge.model.positions.Rotary`` makes them."""
+    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
+    freqs = np.outer(np.arange(n, dtype=np.float32), inv_freq.astype(np.float32)).astype(np.float32)
+    emb = np.repeat(freqs, 2, axis=-1) if interleaved else np.concatenate([freqs, freqs], axis=-1)
+    cos, sin = _aligned(emb.shape, np.float32), _aligned(emb.shape, np.float32)
+    cos[:], sin[:] = np.cos(emb), np.sin(emb)
+    return cos, sin
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float,
+           rng: np.random.Generator) -> int:
+    """A token from logits (V,), as ``lmforge.infer.sampling.sample`` draws it (greedy at temperature 0)."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    probs = distribution(logits, temperature, top_k, top_p, min_p)
+    return int(rng.choice(probs.shape[0], p=probs))
+
+
+def distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """The probabilities ``sample`` draws from (float64, summing to 1): temperature, then top-k, min-p and top-p."""
+    z = logits.astype(np.float64) / temperature
+    if top_k and top_k < z.shape[0]:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    if min_p > 0:
+        probs[probs < min_p * probs.max()] = 0.0
+    if top_p < 1.0:
+        probs /= probs.sum()
+        V, m = probs.shape[0], 256  # sort only the m most likely tokens, m grown until they hold top_p
+        while True:
+            cand = np.argpartition(-probs, m - 1)[:m] if m < V else np.arange(V)
+            if m >= V or probs[cand].sum() >= top_p:
+                break
+            m *= 8
+        order = cand[np.argsort(-probs[cand], kind="stable")]
+        sp = probs[order]
+        before = np.cumsum(sp) - sp  # mass of strictly more likely tokens
+        keep = before < top_p  # the smallest set reaching top_p
+        probs = np.zeros_like(probs)
+        probs[order[keep]] = sp[keep]
+    return probs / probs.sum()
+
+
+def generate(model: LeanModel, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None,
+             stop_ids: list[int] | None = None) -> Iterator[int]:
+    """Token ids after ``prompt`` until a stop id (not yielded), ``max_new_tokens`` or the end of the model's
+    positions, as ``lmforge.infer.generate.stream`` yields them."""
+    rng = np.random.default_rng(seed)
+    stops = set(stop_ids or [])
+    n = min(max_new_tokens, model.max_len - model.length - len(prompt))
+    if n <= 0:
+        return
+    logits = model.prefill(prompt)
+    for i in range(n):
+        t = sample(logits, temperature, top_k, top_p, min_p, rng)
+        if t in stops:
+            return
+        yield t
+        if i < n - 1:
+            logits = model.step([t])
