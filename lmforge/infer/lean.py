@@ -372,35 +372,47 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min
     """A token from logits (V,), as ``lmforge.infer.sampling.sample`` draws it (greedy at temperature 0)."""
     if temperature <= 0:
         return int(np.argmax(logits))
-    probs = distribution(logits, temperature, top_k, top_p, min_p)
-    return int(rng.choice(probs.shape[0], p=probs))
+    idx, p = support(logits, temperature, top_k, top_p, min_p)
+    c = np.cumsum(p)
+    return int(idx[min(int(np.searchsorted(c, rng.random() * c[-1], side="right")), len(idx) - 1)])
 
 
-def distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
-    """The probabilities ``sample`` draws from (float64, summing to 1): temperature, then top-k, min-p and top-p."""
+def support(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
+            min_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens ``sample`` may draw and their probabilities (float64, summing to 1): temperature, then top-k, min-p
+    and top-p (the smallest set of most likely tokens whose mass reaches top_p, found among the tokens above a
+    threshold lowered until they hold that mass: no sort of the whole vocabulary)."""
     z = logits.astype(np.float64) / temperature
     if top_k and top_k < z.shape[0]:
-        kth = np.partition(z, -top_k)[-top_k]
-        z = np.where(z < kth, -np.inf, z)
+        z = np.where(z < np.partition(z, -top_k)[-top_k], -np.inf, z)
     probs = np.exp(z - z.max())
     probs /= probs.sum()
     if min_p > 0:
         probs[probs < min_p * probs.max()] = 0.0
     if top_p < 1.0:
         probs /= probs.sum()
-        V, m = probs.shape[0], 256  # sort only the m most likely tokens, m grown until they hold top_p
+        t = probs.max() * 1e-3
         while True:
-            cand = np.argpartition(-probs, m - 1)[:m] if m < V else np.arange(V)
-            if m >= V or probs[cand].sum() >= top_p:
+            cand = np.flatnonzero(probs >= t) if t > 0 else np.arange(probs.shape[0])
+            if t == 0 or probs[cand].sum() >= top_p:
                 break
-            m *= 8
+            t = t * 1e-3 if t > 1e-200 else 0.0
         order = cand[np.argsort(-probs[cand], kind="stable")]
         sp = probs[order]
-        before = np.cumsum(sp) - sp  # mass of strictly more likely tokens
-        keep = before < top_p  # the smallest set reaching top_p
-        probs = np.zeros_like(probs)
-        probs[order[keep]] = sp[keep]
-    return probs / probs.sum()
+        keep = np.cumsum(sp) - sp < top_p  # mass of strictly more likely tokens below top_p
+        idx, p = order[keep], sp[keep]
+    else:
+        idx = np.flatnonzero(probs)
+        p = probs[idx]
+    return idx, p / p.sum()
+
+
+def distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """``support`` as probabilities over the whole vocabulary."""
+    idx, p = support(logits, temperature, top_k, top_p, min_p)
+    out = np.zeros(logits.shape[0])
+    out[idx] = p
+    return out
 
 
 def generate(model: LeanModel, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
