@@ -25,8 +25,8 @@ from lmforge.interop.hf import read_hf_dir
 from lmforge.interop.llama2c import read_llama2c
 from lmforge.model import Decoder
 from lmforge.model.weights import CONFIG, WEIGHTS, build_model, model_state_dict, reinit_buffers, replace_dir
-from lmforge.quant.config import QUANT_FILE
 from lmforge.quant.io import load_quantized
+from lmforge.quant_config import QUANT_FILE
 
 MANIFEST = "MANIFEST.json"
 # files of a training checkpoint that loading the model does not read (checked by --resume instead)

@@ -24,17 +24,18 @@ from lmforge.quant import QuantConfig, quantize_model, save_quantized
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _int4_dir(tmp_path: Path, preset: str, group: int, symmetric: bool, tied: bool = True) -> Path:
+def _int4_dir(tmp_path: Path, preset: str, group: int, symmetric: bool, tied: bool = True, tokenizer=None,
+              **kw) -> Path:
     """An int4 directory of a random tiny model (the output projection tied to the int8 embedding table, as
     SmolLM2's and Qwen2's are; an untied one is int4 in such a directory, which stays with PyTorch)."""
     torch.manual_seed(0)
-    cfg = get_preset(preset, block_size=96, vocab_size=128, tie_embeddings=tied)
+    cfg = get_preset(preset, block_size=96, tie_embeddings=tied, **{"vocab_size": 128, **kw})
     model = Decoder(cfg).eval().requires_grad_(False)
     for p in model.parameters():  # weights of a trained model's scale, so logits spread
         p.mul_(3.0)
     quantize_model(model, QuantConfig(bits=4, group_size=group, symmetric=symmetric, lm_head=not tied))
     out = tmp_path / f"{preset}-g{group}"
-    save_quantized(model, out)
+    save_quantized(model, out, tokenizer)
     if not tied:
         return out
     why = lean.unsupported(out)
@@ -66,6 +67,27 @@ def test_logits_and_tokens_equal_the_pytorch_decoding_path(tmp_path, preset, gro
         t = int(np.argmax(w))
         want, got = runner.decode([t]), ours.step([t])
     assert ours.length == 90
+
+
+def test_narrow_attention_output_padded_like_the_embedding(tmp_path):
+    """4 heads of 12 (48 columns) and a 64-wide embedding, both one group of 64 with zero points: the logits of each
+    position are those of the directory's dequantized weights through the full PyTorch forward (the padding columns
+    of the attention output's buffer stay zero; stale ones gave 40% errors)."""
+    from lmforge.quant import QuantLinear
+
+    path = _int4_dir(tmp_path, "tiny-llama", 64, False, head_dim=12)
+    model = load_model(path).requires_grad_(False)
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.compute = "dequant"
+    prompt = [int(t) for t in torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(1))]
+    want = model(torch.tensor([prompt]))[0]
+    ours = lean.LeanModel(path, max_len=96)
+    got = [ours.prefill(prompt[:4]).copy()] + [ours.step([t]).copy() for t in prompt[4:]]  # (one buffer)
+    for i, g in enumerate(got):
+        w = want[3 + i].numpy()
+        top = np.argsort(-w)[:16]
+        assert np.abs(g[top] - w[top]).max() <= 1e-3 * np.abs(w).max(), i
 
 
 def test_sampling_matches_the_pytorch_distribution():
@@ -144,27 +166,73 @@ def test_generate_takes_it_by_default_without_torch_and_prints_what_pytorch_prin
 
 
 def test_lean_runtime_refuses_what_it_cannot_run_and_damaged_files(tmp_path):
-    """``--runtime lean`` on a float checkpoint: one line naming the reason. A non-finite scale or a truncated file:
-    one line naming the file, exit 1, no traceback."""
+    """``--runtime lean`` on a float checkpoint: one line naming the reason. Damaged directories through `lmforge
+    generate` itself: a non-finite scale, a truncated file, a quantization.json that does not describe the file (its
+    ``symmetric`` flipped either way) or is malformed: exit 1, one line naming the file, no traceback."""
     from lmforge.assets import STORIES260K
+    from lmforge.tokenizer import load_tokenizer
 
     r = _generate(["--model", str(STORIES260K), "--runtime", "lean", "--max-new-tokens", "4"])
     assert r.returncode == 1 and "Traceback" not in r.stderr and "--runtime lean" in r.stderr
     untied = _int4_dir(tmp_path / "untied", "tiny-llama", 32, False, tied=False)
     assert lean.unsupported(untied) == "an untied output projection"
-    path = _int4_dir(tmp_path, "tiny-llama", 32, False)
-    raw = bytearray((path / "model.safetensors").read_bytes())
+    tok = load_tokenizer(str(STORIES260K.parent / "tok512.bin"))
+    damaged = []
+
+    def copy(name: str, sym: bool = False) -> Path:
+        path = _int4_dir(tmp_path / name, "tiny-llama", 32, sym, vocab_size=512, tokenizer=tok)
+        damaged.append(path)
+        return path
+
+    ok = copy("ok")
+    r = _generate(["--model", str(ok), "--max-new-tokens", "4"])
+    assert r.returncode == 0 and "TORCH False" in r.stderr, r.stderr[-2000:]
+    raw = bytearray((ok / "model.safetensors").read_bytes())
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + n])
-    b, _ = header["blocks.0.attn.qkv.scales"]["data_offsets"]
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in path.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
-    raw[8 + n + b : 8 + n + b + 4] = np.array([np.nan], np.float32).tobytes()
-    (bad / "model.safetensors").write_bytes(bytes(raw))
-    with pytest.raises(lean.LMForgeError, match="non-finite"):
-        lean.LeanModel(bad)
-    (bad / "model.safetensors").write_bytes(bytes(raw[: len(raw) // 2]))
-    with pytest.raises(lean.LMForgeError, match="truncated"):
-        lean.LeanModel(bad)
+    b, _ = json.loads(raw[8 : 8 + n])["blocks.0.attn.qkv.scales"]["data_offsets"]
+    nan = bytearray(raw)
+    nan[8 + n + b : 8 + n + b + 4] = np.array([np.nan], np.float32).tobytes()
+    (copy("nan") / "model.safetensors").write_bytes(bytes(nan))
+    (copy("truncated") / "model.safetensors").write_bytes(bytes(raw[: len(raw) // 2]))
+    for name, sym, key, value in [("asym-said-sym", False, "symmetric", True),
+                                  ("sym-said-asym", True, "symmetric", False),
+                                  ("group-null", False, "group_size", None), ("group-list", False, "group_size", [32])]:
+        path = copy(name, sym)
+        q = json.loads((path / "quantization.json").read_text())
+        q[key] = value
+        (path / "quantization.json").write_text(json.dumps(q))
+    want = {"nan": "non-finite", "truncated": "truncated", "asym-said-sym": "unexpected tensor",
+            "sym-said-asym": "is missing", "group-null": "group_size", "group-list": "group_size"}
+    for path in damaged[1:]:
+        r = _generate(["--model", str(path), "--max-new-tokens", "4"])
+        lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("TORCH")]
+        name = path.parent.name
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
+        assert len(lines) == 1 and str(path) in lines[0] and want[name] in lines[0], (name, lines)
+
+
+def test_rotary_tables_are_pytorchs():
+    """The cos/sin tables equal ``lmforge.model.positions.Rotary``'s to a float32 rounding (numpy's float32 pow had
+    put angles 2.4e-4 apart by position 8,192)."""
+    from lmforge.model.positions import Rotary
+
+    for theta, dim, interleaved in [(10000.0, 64, False), (100000.0, 64, True), (500000.0, 128, False),
+                                    (10000.0, 12, False)]:
+        ref = Rotary(dim, 8192, theta, interleaved)
+        ref.ensure(8192)
+        cos, sin = lean._rotary(dim, 8192, theta, interleaved)
+        assert np.abs(cos - ref.cos.numpy()).max() <= 2e-7 and np.abs(sin - ref.sin.numpy()).max() <= 2e-7
+
+
+def test_a_failed_read_does_not_hide_its_error(tmp_path):
+    """A tensor missing from the file: the error says so (closing the mapping while a view of it lives on does not
+    raise over it)."""
+    path = _int4_dir(tmp_path, "tiny-llama", 32, False)
+    wf = lean.SafetensorsMap(path / "model.safetensors")
+    view = wf.get("wte.qweight", "I8", (128, 64))
+    with pytest.raises(lean.LMForgeError, match="missing"):
+        try:
+            wf.get("nothing", "F32", (1,))
+        finally:
+            wf.close()
+    assert view.sum() is not None  # still readable: unmapped with its last view

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -90,10 +91,13 @@ def test_int4_layout_is_built_once_and_follows_a_new_weight():
     assert torch.allclose(got.double(), _reference(mod, x), rtol=1e-5, atol=1e-5)
 
 
-def _int4_model(block_size: int = 64) -> Decoder:
+def _int4_model(block_size: int = 64, group: int = 32, symmetric: bool = True, **kw) -> Decoder:
     torch.manual_seed(0)
-    model = Decoder(get_preset("tiny-llama", block_size=block_size, vocab_size=97)).eval().requires_grad_(False)
-    quantize_model(model, QuantConfig(bits=4, group_size=32, embedding=False))
+    model = Decoder(get_preset("tiny-llama", block_size=block_size, vocab_size=97, **kw)).eval().requires_grad_(False)
+    if kw:  # weights of a trained model's scale, so that a wrong product shows
+        for p in model.parameters():
+            p.mul_(3.0)
+    quantize_model(model, QuantConfig(bits=4, group_size=group, symmetric=symmetric, embedding=False))
     return model
 
 
@@ -124,11 +128,15 @@ def test_an_int4_model_prefills_through_the_c_step_and_decodes_without_trials(mo
 
 
 @vnni
-def test_int4_model_decoding_equals_its_float_weights(monkeypatch):
+@pytest.mark.parametrize("shape", [{}, dict(head_dim=12, group=64, symmetric=False)])
+def test_int4_model_decoding_equals_its_float_weights(shape, monkeypatch):
     """Decoding an int4 model (the C step, lmf_int4) gives the logits of its dequantized float32 weights (a copy's
-    forward with ``compute="dequant"``) to 1e-4 of their scale."""
+    forward with ``compute="dequant"``) to 1e-4 of their scale. Second shape: the attention output (4 heads of 12) is
+    narrower than the embedding (64) but both are padded to one group of 64, with zero points: the padding columns of
+    each product's input must stay zero (stale ones gave 40% errors). Its weights are three times larger, and so is
+    the activations' rounding: 1e-3."""
     monkeypatch.setenv("LMFORGE_NATIVE", "1")
-    model = _int4_model()
+    model = _int4_model(**shape)
     reference = copy.deepcopy(model)
     for mod in reference.modules():
         if isinstance(mod, QuantLinear):
@@ -136,7 +144,7 @@ def test_int4_model_decoding_equals_its_float_weights(monkeypatch):
     runner = SlotRunner(model, 4, 64)
     seqs = {0: [5, 6, 7, 8, 9, 10, 11], 1: [3], 3: [40, 41, 42, 43]}
     for _, got, want in decode_against_full_forward(runner, reference, seqs, 5):
-        assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+        assert (got - want).abs().max().item() <= (1e-3 if shape else 1e-4) * want.abs().max().item()
     assert "_lmforge_int4" in model.blocks[0].mlp.fc1.__dict__
 
 
@@ -181,6 +189,20 @@ def test_the_library_shares_pytorchs_openmp_runtime(tmp_path):
         def lmf_openmp(self):
             return LIB.lmf_openmp() + 16  # another runtime's function
     assert not clib.shares_torch_openmp(Other())
+
+
+def test_whether_to_share_work_is_decided_again_when_pytorch_comes():
+    """The library loaded in a process without PyTorch uses its own pool; importing ``lmforge.infer.native`` (which
+    imports PyTorch) decides again: here, as if PyTorch's pool were another runtime, the C code keeps to its
+    calling thread."""
+    code = ("import ctypes, sys\nfrom lmforge.infer import clib\nlib = clib.library()\n"
+            "assert lib is not None and 'torch' not in sys.modules\n"
+            "before = ctypes.c_int.in_dll(lib, 'lmf_parallel_ok').value\n"
+            "clib.shares_torch_openmp = lambda lib: False\nimport lmforge.infer.native\n"
+            "print(before, ctypes.c_int.in_dll(lib, 'lmf_parallel_ok').value)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert out.stdout.split() == [str(int(bool(LIB.lmf_openmp()))), "0"]
 
 
 def test_attention_shared_among_threads_computes_what_one_thread_does(two_threads, monkeypatch):

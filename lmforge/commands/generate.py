@@ -96,8 +96,8 @@ def _run_lean(args) -> None:
     prompt, stops = _prompt(tok, args.prompt)
     if len(prompt) >= cfg.block_size and args.max_new_tokens > 0:
         raise LMForgeError(f"prompt of {len(prompt)} tokens leaves no room in the context of {cfg.block_size}")
-    start = time.perf_counter()
     model = lean.LeanModel(path, max_len=len(prompt) + args.max_new_tokens)
+    start = time.perf_counter()  # (as for PyTorch's path: after the model is loaded)
     tokens = lean.generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
                            args.seed, stops)
     n, first = write_tokens(tok, prompt, tokens, sys.stdout)

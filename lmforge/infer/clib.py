@@ -111,10 +111,18 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmf_int4.argtypes, lib.lmf_int4.restype = [ctypes.c_void_p], None
     lib.lmf_flash.argtypes, lib.lmf_flash.restype = [ctypes.c_void_p], ctypes.c_int
     lib.lmf_flash_ok.argtypes, lib.lmf_flash_ok.restype = [ctypes.c_int], ctypes.c_int
-    # its own OpenMP pool is the only one in a process without PyTorch; with PyTorch, only PyTorch's pool
-    parallel = shares_torch_openmp(lib) if "torch" in sys.modules else bool(lib.lmf_openmp())
-    ctypes.c_int.in_dll(lib, "lmf_parallel_ok").value = int(parallel)
+    set_parallel(lib)
     return lib
+
+
+def set_parallel(lib: ctypes.CDLL | None = None) -> None:
+    """Whether the C code may share its work among OpenMP threads: its own pool is the only one in a process without
+    PyTorch; with PyTorch, only when that pool is PyTorch's. Decided when the library loads, and again when PyTorch
+    is imported after that (``lmforge.infer.native`` calls this on import)."""
+    lib = lib or (_LIB or None)
+    if lib is not None:
+        parallel = shares_torch_openmp(lib) if "torch" in sys.modules else bool(lib.lmf_openmp())
+        ctypes.c_int.in_dll(lib, "lmf_parallel_ok").value = int(parallel)
 
 
 def shares_torch_openmp(lib: ctypes.CDLL) -> bool:

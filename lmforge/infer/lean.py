@@ -38,11 +38,13 @@ from lmforge.infer.clib import (
     _NormArgs,
     _VnniArgs,
 )
+from lmforge.quant_config import QUANT_FILE, QuantConfig, read_quant_config
 
-CONFIG, QUANT_FILE, WEIGHTS = "config.json", "quantization.json", "model.safetensors"  # as lmforge.model.weights
+CONFIG, WEIGHTS = "config.json", "model.safetensors"  # as lmforge.model.weights
 PREFILL_ROWS = 64  # prompt tokens per step of the prefill (rows of one call)
 _DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8, "I32": np.int32, "I64": np.int64}
 _NORMS = {"rmsnorm": 1, "layernorm": 2}  # native.c's norm kinds
+_LINEAR = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # a block's linear layers
 
 
 def _aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -76,6 +78,7 @@ class SafetensorsMap:
             raise LMForgeError(f"{path}: cannot read safetensors: {e}") from None
         header.pop("__metadata__", None)
         self.header, self.base = header, 8 + n
+        self.read: set[str] = set()  # the names ``get`` has handed out
 
     def get(self, name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
         """The tensor ``name``, which must be ``dtype`` (safetensors' name: F32, U8, I8...) of ``shape``."""
@@ -85,10 +88,14 @@ class SafetensorsMap:
         if e.get("dtype") != dtype or tuple(e.get("shape", ())) != shape:
             raise LMForgeError(f"{self.path}: tensor {name!r} is {e.get('dtype')} {tuple(e.get('shape', ()))}; the "
                                f"config and quantization.json need {dtype} {shape}")
-        begin, end = e["data_offsets"]
+        offsets = e.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+            raise LMForgeError(f"{self.path}: tensor {name!r} has no valid data_offsets")
+        begin, end = offsets
         dt = np.dtype(_DTYPES[dtype])
         if end - begin != int(np.prod(shape)) * dt.itemsize or self.base + end > len(self.mm):
             raise LMForgeError(f"{self.path}: tensor {name!r} runs past the end of the file (truncated)")
+        self.read.add(name)
         return np.frombuffer(self.mm, dt, int(np.prod(shape)), self.base + begin).reshape(shape)
 
     def release(self) -> None:
@@ -98,40 +105,50 @@ class SafetensorsMap:
             self.mm.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
-        """Unmap (every view must be gone)."""
-        self.mm.close()
+        """Unmap; while views of it are still alive (an error raised while reading keeps them in its traceback) the
+        mapping goes with the last of them instead."""
+        try:
+            self.mm.close()
+        except BufferError:
+            pass
+
+
+def _inspect(path: Path) -> tuple[str | None, ModelConfig | None, QuantConfig | None]:
+    """(why the directory cannot decode here without PyTorch or None, its model config, its quantization config)."""
+    if not (path / QUANT_FILE).is_file():
+        return "not an lmforge quantize directory", None, None
+    try:
+        q, layers = read_quant_config(path)
+        cfg = ModelConfig.load(path / CONFIG)
+    except (OSError, ValueError, LMForgeError) as e:
+        return f"unreadable: {e}", None, None
+    if q.bits != 4 or not q.embedding:
+        return "not int4 with an int8 embedding table", cfg, q
+    if not cfg.tie_embeddings:  # (int4 where quantized: PyTorch's path computes it another way)
+        return "an untied output projection", cfg, q
+    if sorted(layers) != sorted(f"blocks.{i}.{k}" for i in range(cfg.n_layer) for k in _LINEAR):
+        return "not every linear layer of the blocks int4", cfg, q
+    if cfg.position not in ("rope", "none") or cfg.norm_placement != "pre" or cfg.parallel_block:
+        return f"{cfg.position} positions / {cfg.norm_placement} norms / parallel blocks", cfg, q
+    if cfg.attn_pattern != "dense" or cfg.embedding_norm or cfg.rmsnorm_unit_offset or not cfg.final_norm:
+        return "local attention, an embedding norm, unit-offset or no final norm", cfg, q
+    if cfg.mlp not in ACTIVATION_CODES or cfg.n_head % cfg.kv_heads or cfg.norm not in _NORMS:
+        return f"{cfg.mlp} MLP / {cfg.n_head} heads over {cfg.kv_heads} / {cfg.norm}", cfg, q
+    if cfg.position == "rope" and cfg.rotary_dim % 2:
+        return "an odd rotary dimension", cfg, q
+    if cfg.n_embd % 32 or cfg.vocab_size % 16:
+        return "widths the int8 head kernel does not take", cfg, q
+    lib = clib.library()
+    if lib is None:
+        return "no C compiler (or LMFORGE_NATIVE=0)", cfg, q
+    if not lib.lmf_vnni_ok():
+        return "no AVX512-VNNI on this CPU", cfg, q
+    return None, cfg, q
 
 
 def unsupported(path: str | Path) -> str | None:
     """Why the directory cannot decode here without PyTorch, or None if it can."""
-    path = Path(path)
-    if not (path / QUANT_FILE).is_file():
-        return "not an lmforge quantize directory"
-    try:
-        q = json.loads((path / QUANT_FILE).read_text())
-        cfg = ModelConfig.load(path / CONFIG)
-    except (OSError, ValueError, LMForgeError) as e:
-        return f"unreadable: {e}"
-    if q.get("bits") != 4 or q.get("group_size", 1) % 32 or not q.get("embedding"):
-        return "not int4 in groups of 32/64/128 with an int8 embedding table"
-    if not cfg.tie_embeddings:  # (int4 where quantized: PyTorch's path computes it another way)
-        return "an untied output projection"
-    if cfg.position not in ("rope", "none") or cfg.norm_placement != "pre" or cfg.parallel_block:
-        return f"{cfg.position} positions / {cfg.norm_placement} norms / parallel blocks"
-    if cfg.attn_pattern != "dense" or cfg.embedding_norm or cfg.rmsnorm_unit_offset or not cfg.final_norm:
-        return "local attention, an embedding norm, unit-offset or no final norm"
-    if cfg.mlp not in ACTIVATION_CODES or cfg.n_head % cfg.kv_heads or cfg.norm not in _NORMS:
-        return f"{cfg.mlp} MLP / {cfg.n_head} heads over {cfg.kv_heads} / {cfg.norm}"
-    if cfg.position == "rope" and cfg.rotary_dim % 2:
-        return "an odd rotary dimension"
-    if cfg.n_embd % 32 or cfg.vocab_size % 16:
-        return "widths the int8 head kernel does not take"
-    lib = clib.library()
-    if lib is None:
-        return "no C compiler (or LMFORGE_NATIVE=0)"
-    if not lib.lmf_vnni_ok():
-        return "no AVX512-VNNI on this CPU"
-    return None
+    return _inspect(Path(path))[0]
 
 
 class LeanModel:
@@ -139,25 +156,29 @@ class LeanModel:
 
     def __init__(self, path: str | Path, max_len: int | None = None) -> None:
         path = Path(path)
-        why = unsupported(path)
+        why, cfg, q = _inspect(path)
         if why:
             raise LMForgeError(f"{path}: cannot decode without PyTorch: {why}")
-        self.lib = lib = clib.library()
-        self.cfg = cfg = ModelConfig.load(path / CONFIG)
-        q = json.loads((path / QUANT_FILE).read_text())
+        self.lib = clib.library()
+        self.cfg = cfg
         self.max_len = min(max_len or cfg.block_size, cfg.block_size)
-        self.group = G = int(q["group_size"])
+        self.group = q.group_size
+        self._plan(*self._load(path, q.symmetric))
+        self.length = 0  # positions of the sequence in the cache
+
+    def _load(self, path: Path, symmetric: bool) -> tuple[list, tuple, tuple]:
+        """The weights: each block's int4 layers in lmf_int4's layout and its norms, the final norm, and the int8 head
+        interleaved for lmf_head_vnni; the embedding table (also the head's rows) mapped, the file checked."""
+        cfg = self.cfg
         D, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
-        nh, nkv, hd = cfg.n_head, cfg.kv_heads, cfg.head_size
-        R = PREFILL_ROWS
-        f = _layer_widths(cfg, G)
+        f = _layer_widths(cfg, self.group)
         wf = SafetensorsMap(path / WEIGHTS)
         try:
             norm_w = lambda name: self._float(wf, name, (D,))  # noqa: E731
             layers = []
             for i in range(L):
                 b = f"blocks.{i}"
-                lin = {k: self._int4(wf, f"{b}.{k}", n, Kp, q.get("symmetric", True), bias)
+                lin = {k: self._int4(wf, f"{b}.{k}", n, Kp, symmetric, bias)
                        for k, (n, Kp, bias) in f.items()}
                 norms = [(norm_w(f"{b}.norm{j}.weight"),
                           norm_w(f"{b}.norm{j}.bias") if cfg.norm == "layernorm" and cfg.norm_bias else None)
@@ -167,27 +188,37 @@ class LeanModel:
             final = (norm_w("norm_f.weight"),
                      norm_w("norm_f.bias") if cfg.norm == "layernorm" and cfg.norm_bias else None)
             hq = wf.get("wte.qweight", "I8", (V, D))  # the tied output projection's weight
-            self.head_scales = self._float(wf, "wte.scales", (V,))
+            self.scales = self._float(wf, "wte.scales", (V,))  # per row: the embedding's and the tied head's
             self.head_bias = self._float(wf, "lm_head.bias", (V,)) if cfg.lm_head_bias else None
             qi = _aligned((V // 16, D // 4, 16, 4), np.int8)  # lmf_head_vnni's interleaving (native._vnni_head)
             qi[:] = hq.reshape(V // 16, 16, D // 4, 4).transpose(0, 2, 1, 3)
             qsum = _aligned((V // 16, D // 32, 16), np.int32)
             qsum[:] = (hq.reshape(V // 16, 16, D // 32, 32).sum(-1, dtype=np.int32) * 128).transpose(0, 2, 1)
-            self.emb_scales = self.head_scales
             del hq
+            extra = sorted(set(wf.header) - wf.read)
+            if extra:
+                raise LMForgeError(f"{path / WEIGHTS}: unexpected tensor {extra[0]!r} ({len(extra)} unused): "
+                                   f"{QUANT_FILE} does not describe this file")
         finally:
             wf.close()
         # mapped again, untouched: a token reads one row of the table (and the head's exact top candidates theirs)
         self._wmap = SafetensorsMap(path / WEIGHTS)
         self.emb = self._wmap.get("wte.qweight", "I8", (V, D))
-        self.head_q = self.emb
-        floats = [self.emb_scales, self.head_scales, self.head_bias, *final]
+        floats = [self.scales, self.head_bias, *final]
         for lin, norms in layers:  # norms, and int4 scales, zeros and biases
             floats += [x for t in norms for x in t] + [y for v in lin.values() for y in v[1:]]
         if any(a is not None and not np.isfinite(a).all() for a in floats):
             raise LMForgeError(f"{path / WEIGHTS}: non-finite weights (damaged)")
+        return layers, final, (qi, qsum)
 
-        # the cache and the buffers, and the calls' argument blocks (as NativeStep plans them)
+    def _plan(self, layers: list, final: tuple, head: tuple) -> None:
+        """The cache, the buffers and the C calls' argument blocks (as NativeStep plans them)."""
+        cfg, lib, G = self.cfg, self.lib, self.group
+        D, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+        nh, nkv, hd = cfg.n_head, cfg.kv_heads, cfg.head_size
+        R = PREFILL_ROWS
+        f = _layer_widths(cfg, G)
+        qi, qsum = head
         self.k = np.zeros((L, 1, nkv, self.max_len, hd), np.float32)
         self.v = np.zeros_like(self.k)
         self.pos, self.slot = np.zeros(R, np.int32), np.zeros(R, np.int32)
@@ -196,7 +227,10 @@ class LeanModel:
         Kmax = max(K for _, K, _ in f.values())
         self.out = _aligned((R * Nmax,), np.float32)
         self.xq, self.xs = _aligned((2 * R * Kmax,), np.int8), _aligned((R * Kmax // 32 * 3,), np.float32)
-        self.inputs = {K: _aligned((R, K), np.float32) for K in {K for _, K, _ in f.values()}}
+        # each product's input buffer, shared by the products of one real and padded width: only the real columns
+        # are ever written, so the padding stays zero (asymmetric products multiply it by zero points)
+        widths = {"attn.qkv": D, "attn.proj": nh * hd, "mlp.fc1": D, "mlp.fc2": cfg.hidden_size}
+        self.inputs = {(widths[k], K): _aligned((R, K), np.float32) for k, (_, K, _) in f.items()}
         rd = cfg.rotary_dim if cfg.position == "rope" else 0
         self.cos, self.sin = _rotary(rd, self.max_len, cfg.rope_theta, cfg.rope_interleaved) if rd else (None, None)
         self.attn_tmp = _aligned(((nh + 2 * nkv) * hd + nh // nkv * (self.max_len + hd),), np.float32)
@@ -223,8 +257,8 @@ class LeanModel:
         for i, (lin, norms) in enumerate(layers):
             qkv, proj, fc1 = lin["attn.qkv"], lin["attn.proj"], lin["mlp.fc1"]
             p = [product(*lin[k][:3], *f[k]) for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
-            h_qkv, h_proj = self.inputs[f["attn.qkv"][1]], self.inputs[f["attn.proj"][1]]
-            h_fc1, h_fc2 = self.inputs[f["mlp.fc1"][1]], self.inputs[f["mlp.fc2"][1]]
+            h_qkv, h_proj, h_fc1, h_fc2 = (self.inputs[widths[k], f[k][1]]
+                                           for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
             first = norm_args(*norms[0], h_qkv, None if i == 0 else (f["mlp.fc2"][0], layers[i - 1][0]["mlp.fc2"][3]))
             n_qkv = f["attn.qkv"][0]
             attn = _AttnArgs(n=R, nh=nh, nkv=nkv, hd=hd, rd=rd, interleaved=int(cfg.rope_interleaved),
@@ -245,16 +279,15 @@ class LeanModel:
         k = min(REFINE_TOP, V)
         self.idx = np.zeros(k, np.int32)
         self.xq_head, self.xs_head = _aligned((D,), np.uint8), _aligned((D // 32,), np.float32)
-        self.vnni = _VnniArgs(n=1, N=V, K=D, qi=_ptr(qi), qsum=_ptr(qsum), scales=_ptr(self.head_scales),
+        self.vnni = _VnniArgs(n=1, N=V, K=D, qi=_ptr(qi), qsum=_ptr(qsum), scales=_ptr(self.scales),
                               bias=_ptr(self.head_bias), x=_ptr(self.final), out=_ptr(self.logits),
                               xq=_ptr(self.xq_head), xs=_ptr(self.xs_head))
-        self.refine = _HeadArgs(n=1, N=V, K=D, k=k, y_stride=V, q=_ptr(self.head_q), scales=_ptr(self.head_scales),
+        self.refine = _HeadArgs(n=1, N=V, K=D, k=k, y_stride=V, q=_ptr(self.emb), scales=_ptr(self.scales),
                                 bias=_ptr(self.head_bias), x=_ptr(self.final), out=_ptr(self.logits),
                                 idx=_ptr(self.idx))
         self._keep = (keep, layers, final, qi, qsum)
         self._rows = R
         self._calls = (lib.lmf_add_norm, lib.lmf_attention, lib.lmf_activation, lib.lmf_int4)
-        self.length = 0  # positions of the sequence in the cache
 
     @staticmethod
     def _float(wf: SafetensorsMap, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -307,7 +340,7 @@ class LeanModel:
         self._set_rows(n)
         ids = np.asarray(tokens, np.int64)
         x = self.x[:n]
-        np.multiply(self.emb[ids], self.emb_scales[ids, None], out=x, casting="unsafe")
+        np.multiply(self.emb[ids], self.scales[ids, None], out=x, casting="unsafe")
         if self.cfg.embedding_scale != 1.0:
             x *= np.float32(self.cfg.embedding_scale)
         self.pos[:n] = np.arange(p0, p0 + n, dtype=np.int32)
@@ -345,7 +378,7 @@ class LeanModel:
         return logits
 
     def close(self) -> None:
-        self.emb = self.head_q = None
+        self.emb = None
         self._wmap.close()
 
 
@@ -358,10 +391,13 @@ def _layer_widths(cfg: ModelConfig, group: int) -> dict[str, tuple[int, int, boo
 
 
 def _rotary(dim: int, n: int, theta: float, interleaved: bool) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin (n, dim) float32, as ``lmforge.model.positions.Rotary`` makes them."""
-    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
-    freqs = np.outer(np.arange(n, dtype=np.float32), inv_freq.astype(np.float32)).astype(np.float32)
-    emb = np.repeat(freqs, 2, axis=-1) if interleaved else np.concatenate([freqs, freqs], axis=-1)
+    """cos and sin (n, dim) float32, as ``lmforge.model.positions.Rotary`` makes them: the float32 exponents, theta to
+    their power correctly rounded to float32 (PyTorch's float32 pow gives the same bits for the usual thetas; numpy's
+    float32 pow did not), float32 angles, and their cos and sin rounded from float64."""
+    e = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = np.float32(1.0) / (np.float64(theta) ** e.astype(np.float64)).astype(np.float32)
+    freqs = np.outer(np.arange(n, dtype=np.float32), inv_freq).astype(np.float32)
+    emb = (np.repeat(freqs, 2, axis=-1) if interleaved else np.concatenate([freqs, freqs], axis=-1)).astype(np.float64)
     cos, sin = _aligned(emb.shape, np.float32), _aligned(emb.shape, np.float32)
     cos[:], sin[:] = np.cos(emb), np.sin(emb)
     return cos, sin

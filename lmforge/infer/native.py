@@ -44,6 +44,7 @@ from lmforge.infer.clib import (
     _VnniArgs,
     build,
     library,
+    set_parallel,
 )
 from lmforge.matmul import linear
 from lmforge.memory import release_free_memory
@@ -56,6 +57,7 @@ SMALL_PRODUCTS = 1 << 20  # float32 weights (all linear layers) up to which the 
 VNNI_HEAD_ROWS = 2  # an int8 output projection of at least this many rows runs on int8 activations (lmf_head_vnni)
 INT4_ROWS = 1  # int4 products of at least this many rows run on integer activations (lmf_int4, AVX512-VNNI)
 GEMV_ROWS = 4  # float32 products of up to this many rows are lmf_gemv (bandwidth-bound: MKL's reached 15.7 GB/s)
+set_parallel()  # the library may have loaded before PyTorch did (lmforge generate asks the lean runtime first)
 
 
 def _addr(t: torch.Tensor | None) -> int | None:
@@ -364,7 +366,7 @@ class NativeStep:
             qkv, proj, fc1, fc2 = prods[i]
             a = blk.attn
             attn_in = self._buffer(qkv)
-            ha = self._buffer(proj)
+            ha = self._buffer(proj, a.n_head * a.hd)
             y_qkv = self._probe(qkv, attn_in)
             attn = _AttnArgs(
                 n=n, nh=a.n_head, nkv=a.n_kv, hd=a.hd, rd=cfg.rotary_dim if self.rotary else 0,
@@ -378,9 +380,9 @@ class NativeStep:
                                                     + a.n_head // a.n_kv * (runner.cap + a.hd)))))
             y_proj = self._probe(proj, ha)
             norm2 = self._norm_args(_norm_kind(blk.norm2), fc1, (proj, y_proj))
-            f_in = self._buffer(fc2)
-            y_fc1 = self._probe(fc1, self._buffer(fc1))
             hidden = fc2_k = blk.mlp.fc2.in_features
+            f_in = self._buffer(fc2, hidden)
+            y_fc1 = self._probe(fc1, self._buffer(fc1))
             act = _ActArgs(n=n, f=hidden, gated=int(blk.mlp.gated), act=ACTIVATION_CODES[cfg.mlp],
                            y_bf=int(y_fc1.dtype == torch.bfloat16), out_bf=int(fc2[1] == torch.bfloat16),
                            y_stride=y_fc1.stride(0), out_stride=f_in.stride(0), bias=_addr(self._keep_t(fc1[3])),
@@ -548,10 +550,12 @@ class NativeStep:
             self._keep.append(t)
         return t
 
-    def _buffer(self, prod) -> torch.Tensor:
-        """The input buffer of a product (shared by products of the same input width and dtype: each is read by its
-        product before the next one is written). Padding columns stay zero."""
-        key = (prod[1], prod[2])
+    def _buffer(self, prod, width: int | None = None) -> torch.Tensor:
+        """The input buffer of a product whose input is ``width`` (default n_embd) columns wide, shared by the products
+        of the same width, padded width and dtype (each is read by its product before the next one is written). Only
+        the first ``width`` columns are ever written, so the padding columns stay zero (asymmetric int4 products
+        multiply them by zero points)."""
+        key = (prod[1], prod[2], width or self.cfg.n_embd)
         if key not in self._buffers:
             self._buffers[key] = torch.zeros(self.n, prod[2], dtype=prod[1])
         return self._buffers[key]

@@ -13,9 +13,9 @@ from torch import nn
 from lmforge.errors import LMForgeError
 from lmforge.model.swap import find_modules, replace_modules
 from lmforge.peft import lora
-from lmforge.quant.config import GROUP_SIZES
 from lmforge.quant.modules import QuantLinear
 from lmforge.quant.nf4 import NF4Linear
+from lmforge.quant_config import GROUP_SIZES
 
 DEFAULTS: dict[str, Any] = {**lora.DEFAULTS, "quant": "nf4", "double_quant": True, "group_size": 64}
 SUGGESTED_LR, SUGGESTED_LR_PARAMS = lora.SUGGESTED_LR, lora.SUGGESTED_LR_PARAMS  # only the base's storage differs

@@ -2,7 +2,6 @@
 ``gptq``) and checkpoints (``io``). The public names are re-exported here."""
 
 from lmforge.infer.clib import REFINE_TOP
-from lmforge.quant.config import FORMAT, GROUP_SIZES, METHODS, QUANT_FILE, VERSION, QuantConfig
 from lmforge.quant.gptq import gptq_int4, gptq_model, self_calibration
 from lmforge.quant.io import load_quantized, quantized_state_dict, read_quant_config, save_quantized, weight_bytes
 from lmforge.quant.modules import (
@@ -25,6 +24,7 @@ from lmforge.quant.packing import (
     unpack_int4,
 )
 from lmforge.quant.quantize import mark_head, quantizable_layers, quantize_model, set_compute, weight_count
+from lmforge.quant_config import FORMAT, GROUP_SIZES, METHODS, QUANT_FILE, VERSION, QuantConfig
 
 __all__ = [
     "COMPUTE_MODES", "DECODE_ROWS", "FORMAT", "GROUP_SIZES", "METHODS", "QUANT_FILE", "REFINE_TOP", "VERSION",

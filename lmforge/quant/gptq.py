@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from lmforge.model import KVCache
 from lmforge.model.swap import set_module
-from lmforge.quant.config import QuantConfig
 from lmforge.quant.modules import QuantLinear
 from lmforge.quant.packing import (
     _EPS,
@@ -24,6 +23,7 @@ from lmforge.quant.packing import (
     refit_int4_params,
     search_int4_params,
 )
+from lmforge.quant_config import QuantConfig
 
 # ---- GPTQ (Frantar et al. 2022): quantize column by column, spreading each column's error over the columns not
 # yet quantized using the inverse Hessian of the layer's inputs. Blocks are processed in order on the outputs of the

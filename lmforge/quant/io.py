@@ -18,9 +18,9 @@ from lmforge.errors import LMForgeError
 from lmforge.model import Decoder
 from lmforge.model.swap import set_module
 from lmforge.model.weights import CONFIG, WEIGHTS, reinit_buffers, replace_dir
-from lmforge.quant.config import FORMAT, QUANT_FILE, VERSION, QuantConfig
 from lmforge.quant.modules import QuantEmbedding, QuantLinear, head_is_tied, tie_head
 from lmforge.quant.quantize import mark_head, set_compute
+from lmforge.quant_config import FORMAT, QUANT_FILE, VERSION, QuantConfig, read_quant_config
 
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -59,26 +59,6 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer=None, extra_fil
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def read_quant_config(path: Path) -> tuple[QuantConfig, list[str]]:
-    f = path / QUANT_FILE
-    try:
-        d = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise LMForgeError(f"{f}: cannot read: {e}") from None
-    if d.get("format") != FORMAT:
-        raise LMForgeError(f"{f}: field format={d.get('format')!r}: expected {FORMAT!r}")
-    if d.get("version") != VERSION:
-        raise LMForgeError(f"{f}: field version={d.get('version')!r}: this lmforge reads version {VERSION}")
-    try:
-        qcfg = QuantConfig(bits=d["bits"], group_size=d.get("group_size"), symmetric=d.get("symmetric", True),
-                           lm_head=d.get("lm_head", False), embedding=d.get("embedding", False))
-        layers = list(d["layers"])
-    except KeyError as e:
-        raise LMForgeError(f"{f}: missing field {e.args[0]!r}") from None
-    qcfg.validate()
-    return qcfg, layers
 
 
 def load_quantized(path: str | Path, compute: str | None = None):

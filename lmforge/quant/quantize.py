@@ -8,10 +8,10 @@ from torch import nn
 from lmforge.errors import LMForgeError
 from lmforge.infer.clib import REFINE_TOP
 from lmforge.model.swap import replace_modules
-from lmforge.quant.config import QuantConfig
 from lmforge.quant.gptq import gptq_model, self_calibration
 from lmforge.quant.modules import COMPUTE_MODES, QuantEmbedding, QuantLinear, tie_head
 from lmforge.quant.nf4 import NF4Linear
+from lmforge.quant_config import QuantConfig
 
 
 def weight_count(model: nn.Module) -> int:
