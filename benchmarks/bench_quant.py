@@ -12,7 +12,10 @@ Perplexity: held-out TinyStories text (../shared/data/corpora/en/tinystories_sam
 corpus.en for SmolLM2. With llama-cpp-python installed (``pip install llama-cpp-python``: built from the registry's
 source package), SmolLM2's GGUF also runs in llama.cpp (greedy, the same prompt ids and thread count). "int4-g32
 lean" is the int4 directory decoded without PyTorch (``benchmarks/lean_decode.py``: ``lmforge.infer.lean``, what
-`lmforge generate` runs for it; a process that never imports torch, as llama.cpp's). "RSS MB" is
+`lmforge generate` runs for it; a process that never imports torch, as llama.cpp's). "fp32" is what `lmforge
+generate` runs for the float32 checkpoint: SmolLM2 (64 MiB of block weights or more) decodes speculatively, its int4
+copy proposing and the model checking several tokens a pass (greedy: the same tokens; the draft is built once per
+loaded model, 0.4 s, in the warm-up); "fp32 no draft" is `--draft none` (stories260K: the two are the same). "RSS MB" is
 the peak resident memory a child adds by loading and decoding; "total MB" the child process's peak.
 """
 
@@ -71,12 +74,14 @@ def child(kind: str, path: str, prompt: list[int], n_tokens: int, compute: str |
 
         base = rss_mb()
         model = load_model(path).requires_grad_(False)  # as `lmforge generate` loads it
-        if compute:
+        draft = None if compute == "no-draft" else "auto"  # (`lmforge generate --draft none`)
+        if compute and compute != "no-draft":
             set_compute(model, compute)
         params = SamplingParams(temperature=0, max_new_tokens=n_tokens)
-        list(stream(model, prompt, SamplingParams(temperature=0, max_new_tokens=4)))  # warm-up (kernel layouts)
+        # warm-up: kernel layouts, and the int4 draft of a float32 model (once per loaded model)
+        list(stream(model, prompt, SamplingParams(temperature=0, max_new_tokens=4), draft=draft))
         t = time.perf_counter()
-        n = sum(1 for _ in stream(model, prompt, params))
+        n = sum(1 for _ in stream(model, prompt, params, draft=draft))
         dt = time.perf_counter() - t
         peak = rss_mb("VmHWM")
     print(json.dumps({"rss_mb": peak - base, "total_mb": peak, "tok_s": n / dt, "n": n}))
@@ -175,7 +180,8 @@ def bench_model(name: str, n_tokens: int, rounds: int, tmp: Path) -> None:
         print(f"  quantized {v} ({q.method}, {'symmetric' if q.symmetric else 'asymmetric'}) in {qt:.1f} s")
     size = {v: (d / "model.safetensors").stat().st_size for v, d in dirs.items()}
     size["transformers"] = (tmp / f"{name}-hf" / "model.safetensors").stat().st_size
-    runs = [("fp32", "lm", dirs["fp32"], None), ("int8", "lm", dirs["int8"], "auto"),
+    runs = [("fp32", "lm", dirs["fp32"], None), ("fp32 no draft", "lm", dirs["fp32"], "no-draft"),
+            ("int8", "lm", dirs["int8"], "auto"),
             ("int8 bf16-act", "lm", dirs["int8"], "bfloat16"), ("int4-g32", "lm", dirs["int4-g32"], "auto"),
             ("int4-g32 bf16-act", "lm", dirs["int4-g32"], "bfloat16"), ("transformers fp32", "hf", tmp / f"{name}-hf",
                                                                         None)]

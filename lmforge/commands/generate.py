@@ -29,6 +29,11 @@ def add_parser(sub, name: str, help_: str) -> None:
                         "process that never imports PyTorch (~180 MB resident for SmolLM2-135M instead of ~470; CPUs "
                         "with AVX512-VNNI; greedy gives PyTorch's tokens, a --seed other samples); torch: PyTorch; "
                         "auto (default): lean where it applies (no --adapter, on the CPU), else torch")
+    p.add_argument("--draft", choices=("auto", "int4", "none"), default="auto",
+                   help="speculative decoding: the model's int4 copy proposes tokens and the model checks several in "
+                        "one pass over its weights (greedy: the same tokens; sampling: the same distribution, other "
+                        "samples for a --seed). auto (default): for float32 models of 64 MiB of block weights or more "
+                        "on a CPU with the int4 kernel (AVX512-VNNI); int4: always; none: off")
     p.set_defaults(func=run)
 
 
@@ -113,12 +118,22 @@ def _run_torch(args) -> None:
     prompt, stops = _prompt(tok, args.prompt)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             max_new_tokens=args.max_new_tokens, seed=args.seed, stop_ids=stops)
+    draft = args.draft if args.draft != "int4" else _draft(model)
     start = time.perf_counter()
-    n, first = write_generation(model, tok, prompt, params, sys.stdout)
+    n, first = write_generation(model, tok, prompt, params, sys.stdout, None if draft == "none" else draft)
     _report(n, start, first)
 
 
-def write_generation(model, tok, prompt: list[int], params, out: TextIO) -> tuple[int, float]:
+def _draft(model):
+    from lmforge.infer.speculative import draft_unsupported, make_draft
+
+    why = draft_unsupported(model, any_size=True)
+    if why:
+        raise LMForgeError(f"--draft int4: {why}")
+    return make_draft(model)
+
+
+def write_generation(model, tok, prompt: list[int], params, out: TextIO, draft="auto") -> tuple[int, float]:
     """Write the prompt's text, then the generated text as it comes, then a newline; the number of tokens and the
     ``time.perf_counter()`` at which the first one came.
 
@@ -129,7 +144,7 @@ def write_generation(model, tok, prompt: list[int], params, out: TextIO) -> tupl
     out.write(tok.decode_bytes(prompt).decode("utf-8", errors="replace"))
     out.flush()
     n, first = 0, 0.0
-    for step in stream_steps(model, prompt, params, tok):
+    for step in stream_steps(model, prompt, params, tok, draft=draft):
         n += step.token >= 0
         if n == 1 and not first:
             first = time.perf_counter()

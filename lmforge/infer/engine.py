@@ -298,7 +298,24 @@ class SlotRunner:
             self.lens[s] = len(p) + self.nv
         return self.model.lm_head(h[torch.arange(len(prompts), device=self.device), last])
 
-    def _prefill_native(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor | None:
+    @torch.inference_mode()
+    def extend(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """Write ``ids`` into ``slot`` at its next positions in one forward; the logits (len(ids), V) after each of them
+        (speculative decoding checks drafted tokens so: setting ``lens[slot]`` back takes positions back)."""
+        start = self.lens[slot]
+        if not ids or start + len(ids) > self.max_len:
+            raise ValueError(f"KV cache full: {start + len(ids)} positions > max_len {self.max_len}")
+        logits = self._prefill_native([slot], [ids], start, every=True)
+        if logits is not None:
+            return logits
+        view = _SlotView(self, slot)
+        view.pos = start
+        h = self.model.hidden_states(torch.tensor([ids], device=self.device), cache=view)[0]
+        self.lens[slot] = view.pos
+        return self.model.lm_head(h)
+
+    def _prefill_native(self, slots: list[int], prompts: list[list[int]], start: int = 0,
+                        every: bool = False) -> torch.Tensor | None:
         """Short prompts through the C step (``lmforge.infer.native``): every prompt token is a row at its slot and
         position, a prompt's rows in order, so each attends to the keys its predecessors wrote in the same call.
         Rows are padded to a power of two up to 16, then to a multiple of 32 (steps are planned per row count). A
@@ -306,28 +323,28 @@ class SlotRunner:
         stories260K took 0.63 ms there, 0.13 ms here. Logits (len(prompts), V) after each prompt's last token, or
         None where the C step does not apply, the model is quantized other than in lmf_int4's layers (the others
         compute by row count: the prefill stays the decoder's) or the prompts hold more than ``NATIVE_PREFILL_ROWS``
-        tokens."""
+        tokens. ``start``: the prompts continue their slots from that position; ``every``: the logits of every row."""
         total = sum(len(p) for p in prompts)
         if not self.fast or total > NATIVE_PREFILL_ROWS or self._native_ok is False or self._quantized:
             return None
-        self.reserve(max(slots) + 1, max(len(p) for p in prompts))
+        self.reserve(max(slots) + 1, start + max(len(p) for p in prompts))
         n = 1 << (total - 1).bit_length() if total <= 16 else -(-total // 32) * 32
         step = self._native_step(n)
         if step is None:
             return None
         tok = [t for p in prompts for t in p] + [0] * (n - total)
-        pos = [i for p in prompts for i in range(len(p))] + [-1] * (n - total)
+        pos = [start + i for p in prompts for i in range(len(p))] + [-1] * (n - total)
         rows = [s for s, p in zip(slots, prompts) for _ in p] + [0] * (n - total)
         last = list(itertools.accumulate(len(p) for p in prompts))
         dev = self.device
         x = self._embed(torch.tensor(tok, device=dev), torch.tensor([max(i, 0) for i in pos], device=dev))
         try:
-            logits = step.run(x, pos, rows, [i - 1 for i in last])
+            logits = step.run(x, pos, rows, list(range(total)) if every else [i - 1 for i in last])
         except Stale:
             self._native.clear()
             return None
         for s, p in zip(slots, prompts):
-            self.lens[s] = len(p)
+            self.lens[s] = start + len(p)
         return logits
 
     # ---- decode -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.infer.sampling import Choice, SamplingParams, TokenSampler, select
+from lmforge.infer.speculative import draft_unsupported, make_draft, speculative_steps
 from lmforge.infer.text import TextStream  # also importable from here, as before
 from lmforge.model import Decoder, KVCache
 
@@ -76,11 +77,14 @@ class Sequence:
 
 @torch.inference_mode()
 def stream_steps(model: Decoder, prompt_ids: list[int], params: SamplingParams, tokenizer=None,
-                 seq: Sequence | None = None) -> Iterator[Step]:
+                 seq: Sequence | None = None, draft: Decoder | str | None = "auto") -> Iterator[Step]:
     """Generate one sequence, yielding a ``Step`` per token (with text when a tokenizer is given).
 
     Stops at a stop id (not yielded), a stop string (text cut before it), ``max_new_tokens`` or the context end.
-    Pass ``seq`` to read ``finish_reason`` and the full text afterwards.
+    Pass ``seq`` to read ``finish_reason`` and the full text afterwards. ``draft``: a model proposing tokens for
+    speculative decoding (``lmforge.infer.speculative``: the same tokens and distribution, fewer passes over the
+    weights); "auto" (default): the model's int4 copy where that pays (a float32 model of 64 MiB of block weights or
+    more on a CPU with the int4 kernel), None: none.
     """
     from lmforge.infer.engine import SlotRunner
 
@@ -95,7 +99,13 @@ def stream_steps(model: Decoder, prompt_ids: list[int], params: SamplingParams, 
     seq = seq or Sequence(prompt_ids, params, tokenizer, ctx, cfg.vocab_size)
     if seq.finish_reason is not None:
         return
-    runner = SlotRunner(model, 1, min(cfg.block_size, nv + len(prompt_ids) + params.max_new_tokens))
+    cap = min(cfg.block_size, nv + len(prompt_ids) + params.max_new_tokens)
+    if draft == "auto":
+        draft = make_draft(model) if draft_unsupported(model) is None else None
+    if draft is not None and seq.limit > 1 and not nv:
+        yield from speculative_steps(model, draft, seq, cap)
+        return
+    runner = SlotRunner(model, 1, cap)
     logits = runner.prefill(0, prompt_ids)[None]
     while True:
         (choice,) = select(logits, [seq.sampler])
@@ -107,10 +117,11 @@ def stream_steps(model: Decoder, prompt_ids: list[int], params: SamplingParams, 
         logits = runner.decode([choice.token])
 
 
-def stream(model: Decoder, prompt_ids: list[int], params: SamplingParams, tokenizer=None) -> Iterator[int]:
+def stream(model: Decoder, prompt_ids: list[int], params: SamplingParams, tokenizer=None,
+           draft: Decoder | str | None = "auto") -> Iterator[int]:
     """Yield new token ids one by one until a stop id, ``max_new_tokens`` or the context length (stop strings
-    too when a tokenizer is given)."""
-    for step in stream_steps(model, prompt_ids, params, tokenizer):
+    too when a tokenizer is given); ``draft`` as in ``stream_steps``."""
+    for step in stream_steps(model, prompt_ids, params, tokenizer, draft=draft):
         if step.token >= 0:
             yield step.token
 

@@ -1,0 +1,147 @@
+"""Speculative decoding with a draft made from the model itself (its int4 copy).
+
+A float32 model on a CPU decodes at the speed its weights stream from memory: each token reads every weight once
+(SmolLM2-135M: 540 MB a token; two cores here stream about 21 GB/s). Checking several tokens in one forward reads
+them once too, so a cheap draft proposes ``k`` tokens and the model checks them all in one step of ``k + 1`` rows
+(Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding"). The draft is the model's own
+weights rounded to int4 in groups of 32 (``lmforge.quant``, its C kernel five times faster a token): it proposes
+what the model would choose almost always (SmolLM2: 98% of greedy tokens).
+
+Every emitted token is chosen by the model's own logits, at its position, by the sequence's own sampler (one choice
+per emitted token, in order, with the same random generator): greedy decoding gives the model's tokens, sampling
+draws from the model's distribution with the same seed, penalties and log-probabilities as without a draft. A
+drafted token is kept while the model's choice equals it; the first choice that differs is emitted instead and the
+round ends (after ``k`` kept tokens the last row gives one more). The logits of a checked row come from a product of
+several rows, which rounds differently from one row's product: a near tie between two tokens can break the other
+way than in plain decoding.
+
+``k`` adapts (HF transformers' assisted generation rule: +2 after a round that kept every drafted token, -1
+otherwise, within 1..``MAX_DRAFT``), and drafting stops for the rest of a sequence whose drafted tokens are kept less
+than half the time (sampling at a high temperature), where it would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from lmforge.infer.native import int4_ok
+from lmforge.infer.sampling import chosen, select, sparse_distribution
+from lmforge.memory import release_free_memory
+from lmforge.model import Decoder
+from lmforge.quant import QuantConfig, QuantEmbedding, QuantLinear, quantize_model
+
+DRAFT_MIN_BYTES = 64 << 20  # float32 block weights from which a draft pays (beyond CPU caches: bandwidth-bound)
+MAX_DRAFT = 15  # drafted tokens per round at most
+START_DRAFT = 4
+MIN_KEPT = 0.5  # below this share of drafted tokens kept (after CHECK_AFTER drafted), drafting stops
+CHECK_AFTER = 32
+
+
+def draft_unsupported(model: Decoder, any_size: bool = False) -> str | None:
+    """Why ``model`` gets no int4 draft by default (``--draft auto``; ``any_size``: whatever its size, as
+    ``--draft int4``), or None if it does."""
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu" or p.dtype != torch.float32:
+        return "not a float32 model on the CPU"
+    if model.num_virtual_tokens:
+        return "virtual tokens (prefix/prompt tuning)"
+    if any(isinstance(m, (QuantLinear, QuantEmbedding)) or hasattr(m, "adapter_params") for m in model.modules()):
+        return "a quantized or adapted model"
+    size = sum(m.weight.numel() * 4 for m in model.blocks.modules() if isinstance(m, nn.Linear))
+    if size < DRAFT_MIN_BYTES and not any_size:
+        return f"block weights of {size / 2**20:.0f} MiB (a draft pays from {DRAFT_MIN_BYTES >> 20} MiB)"
+    probe = QuantLinear(32, 16, 4, 32, False)
+    if not int4_ok(probe):
+        return "no int4 kernel here (AVX512-VNNI and a C compiler)"
+    return None
+
+
+def make_draft(model: Decoder) -> Decoder:
+    """The model's int4 copy (groups of 32, asymmetric, round to nearest; int8 embedding table), sharing its
+    norms and other small tensors; built once per model and kept on it (its weights are rounded from the model's
+    at that time: a changed model keeps correct output, the draft only proposes worse)."""
+    draft = model.__dict__.get("_lmforge_draft")
+    if draft is None:
+        memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+        with torch.inference_mode(False):  # (stream_steps runs in inference mode: the C step's layouts need normal
+            draft = copy.deepcopy(model, memo)  # tensors) module objects of its own, the model's tensors
+            quantize_model(draft, QuantConfig(bits=4, group_size=32, symmetric=False))
+        draft.eval().requires_grad_(False)
+        release_free_memory()  # the rounding's temporaries (a layer's float copies)
+        model.__dict__["_lmforge_draft"] = draft  # (not a submodule: no state dict, no parameters)
+    return draft
+
+
+def accept(p: torch.Tensor, q: torch.Tensor, d: int, gen: torch.Generator) -> tuple[bool, int]:
+    """Speculative sampling's step: ``d`` drawn from the draft's distribution ``q`` is kept with probability
+    min(1, p(d) / q(d)), else a token is drawn from max(p - q, 0) normalised; the token is then distributed as ``p``
+    (Leviathan et al. 2023, appendix A.1). (kept, token)."""
+    if torch.rand(1, generator=gen).item() * float(q[d]) < float(p[d]):
+        return True, d
+    rest = (p - q).clamp_(min=0)
+    return False, int(torch.multinomial(rest if float(rest.sum()) > 0 else p, 1, generator=gen))
+
+
+def speculative_steps(model: Decoder, draft: Decoder, seq, cap: int) -> Iterator:
+    """Decode ``seq`` (a ``lmforge.infer.generate.Sequence``) with ``model``, ``draft`` proposing; a cache of ``cap``
+    positions. Yields ``Step``s as ``stream_steps`` does."""
+    from lmforge.infer.engine import SlotRunner
+
+    prompt, params, sampler = seq.prompt_ids, seq.params, seq.sampler
+    sampling = not params.greedy and not params.penalized  # else the model's own choice is compared
+    gen = sampler.generator
+    target, small = SlotRunner(model, 1, cap), SlotRunner(draft, 1, cap)
+    ids = list(prompt)  # every token of the sequence so far
+    k, drafted, kept = START_DRAFT, 0, 0
+
+    def emit(choice):
+        ids.append(choice.token)
+        return choice.token, seq.accept(choice)
+
+    def propose(logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        if not sampling:
+            return int(logits.argmax()), None
+        q = sparse_distribution(logits, params)
+        return int(torch.multinomial(q, 1, generator=gen)), q
+
+    tok, step = emit(select(target.prefill(0, prompt)[None], [sampler])[0])
+    small.prefill(0, prompt)
+    while True:
+        if step is not None:
+            yield step
+        if seq.finish_reason is not None:
+            return
+        base = target.lens[0]  # tok is emitted, in neither cache yet
+        room = min(cap - 1 - base, seq.limit - len(seq.out_ids) - 1)
+        n = min(k, room) if drafted < CHECK_AFTER or kept >= MIN_KEPT * drafted else 0
+        if n <= 0:
+            tok, step = emit(select(target.decode([tok]), [sampler])[0])
+            continue
+        x, q = propose(small.extend(0, ids[small.lens[0] :])[-1])  # tok and what the draft has not seen yet
+        proposal, qs = [x], [q]
+        for _ in range(n - 1):
+            x, q = propose(small.decode([x])[0])
+            proposal.append(x)
+            qs.append(q)
+        rows = target.extend(0, [tok] + proposal)
+        drafted += n
+        for i in range(n + 1):
+            d = proposal[i] if i < n else -1
+            if i < n and sampling:
+                ok, d = accept(sparse_distribution(rows[i], params), qs[i], d, gen)
+                tok, step = emit(chosen(rows[i], sampler, d))
+            else:
+                tok, step = emit(select(rows[i : i + 1], [sampler])[0])
+                ok = tok == d
+            if not ok or i == n or seq.finish_reason is not None:
+                break
+            kept += 1
+            yield step
+        target.lens[0] = base + 1 + i  # tok and the kept tokens; the last choice is in neither cache
+        small.lens[0] = min(small.lens[0], base + 1 + i)
+        k = min(k + 2, MAX_DRAFT) if i == n else max(k - 1, 1)
