@@ -410,7 +410,7 @@ def test_int8_output_projection_of_several_rows_on_int8_activations(rows, forced
     """Several rows of the int8 output projection run lmf_head_vnni (activations quantized to int8 per group of 32
     inputs, int32 dot products; AVX512-VNNI) and then the exact recomputation: the top candidates equal the float32
     computation, the greedy choice is its choice, the rest is close; the interleaved weight is built once per
-    module; one row keeps the bfloat16 kernel."""
+    module and serves one row too."""
     if not native.library().lmf_vnni_ok():
         pytest.skip("no AVX512-VNNI here: the bfloat16 kernel serves every row count")
     torch.manual_seed(0)
@@ -440,8 +440,12 @@ def test_int8_output_projection_of_several_rows_on_int8_activations(rows, forced
         again.prefill(s, [1, 2])
     again.decode([3] * rows)
     assert rows in again._native and head.__dict__["_lmforge_vnni"] is built
-    one = SlotRunner(model, 1, 48)
+    one = SlotRunner(model, 1, 48)  # one row too (VNNI_HEAD_ROWS = 1), on the same interleaved weight
     one.prefill(0, [1, 2])
-    one.decode([3])
-    assert one._native[1]._vnni_head(head, None) is None
+    got = one.decode([3])[0]
+    assert one._native[1].head.__name__ == "head" and head.__dict__["_lmforge_vnni"] is built
+    head.compute = "float32"
+    with torch.no_grad():
+        want = model(torch.tensor([[1, 2, 3]]))[0, -1]
+    assert got.argmax() == want.argmax() and ((got - want).abs() <= 2e-5)[want.topk(3).indices].all()
 

@@ -54,7 +54,8 @@ from lmforge.quant import QuantLinear
 from lmforge.quant.packing import unpack_int4
 
 SMALL_PRODUCTS = 1 << 20  # float32 weights (all linear layers) up to which the whole step is one C call
-VNNI_HEAD_ROWS = 2  # an int8 output projection of at least this many rows runs on int8 activations (lmf_head_vnni)
+VNNI_HEAD_ROWS = 1  # an int8 output projection of at least this many rows runs on int8 activations (lmf_head_vnni;
+# one row too: SmolLM2 int4 169-173 -> 206-214 tokens/s on a Xeon with AMX, where the bfloat16 kernel was slower)
 INT4_ROWS = 1  # int4 products of at least this many rows run on integer activations (lmf_int4, AVX512-VNNI)
 GEMV_ROWS = 4  # float32 products of up to this many rows are lmf_gemv (bandwidth-bound: MKL's reached 15.7 GB/s)
 set_parallel()  # the library may have loaded before PyTorch did (lmforge generate asks the lean runtime first)
@@ -522,7 +523,7 @@ class NativeStep:
     def _vnni_head(self, mod: QuantLinear, args: _HeadArgs):
         """For VNNI_HEAD_ROWS rows or more on an AVX512-VNNI CPU: (lmf_head_vnni, its arguments), the weight
         interleaved once per module (kept on it while its int8 weight is the same: 28 MB for SmolLM2). None
-        otherwise (the bfloat16 kernel stays: at one row both read the weight at memory speed)."""
+        otherwise (the bfloat16 kernel stays)."""
         n, N, K = self.n, mod.out_features, mod.in_features
         q = mod.qweight
         if n < VNNI_HEAD_ROWS or not self.lib.lmf_vnni_ok() or N % 16 or K % 32 or q.dtype != torch.int8:
