@@ -131,3 +131,25 @@ def test_generate_with_a_draft_prints_what_plain_decoding_prints():
     plain = subprocess.run(base + ["--draft", "none"], capture_output=True, text=True, env=env, timeout=300)
     assert ours.returncode == 0 and plain.returncode == 0, ours.stderr[-2000:] + plain.stderr[-2000:]
     assert ours.stdout == plain.stdout and len(ours.stdout) > 100
+
+
+def test_engine_decodes_a_lone_request_speculatively():
+    """The serving engine with a Speculator: a request running alone takes rounds of the draft (greedy: plain
+    decoding's tokens); requests running together take batched steps, with their plain tokens too."""
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.speculative import Speculator
+
+    model = _model()
+    plain = {p: [s.token for s in stream_steps(model, [p, 5, 9], SamplingParams(temperature=0, max_new_tokens=30),
+                                               draft=None)] for p in (1, 2, 3)}
+    engine = Engine(model, max_batch=4, max_len=128)
+    engine.speculator = spec = Speculator(make_draft(model), engine.runner.max_len)
+    try:
+        alone = engine.submit([1, 5, 9], SamplingParams(temperature=0, max_new_tokens=30))
+        assert [s.token for s in alone.result()] == plain[1] and spec.rounds > 0
+        rounds = spec.rounds
+        together = [engine.submit([p, 5, 9], SamplingParams(temperature=0, max_new_tokens=30)) for p in (2, 3)]
+        assert [[s.token for s in r.result()] for r in together] == [plain[2], plain[3]]
+        assert spec.rounds - rounds < 10  # mostly batched steps (the last one alone may speculate)
+    finally:
+        engine.close()

@@ -43,6 +43,9 @@ def add_parser(sub, name: str, help_: str) -> None:
                    "Jinja file (default: the tokenizer's own, else plain)")
     p.add_argument("--model-id", default=None, help="id to list the model under (default: its directory or "
                    "file name)")
+    p.add_argument("--draft", choices=("auto", "none"), default="auto", help="a request running alone decodes "
+                   "speculatively, the model's int4 copy proposing (as lmforge generate --draft). auto (default): "
+                   "float32 models of 64 MiB of block weights or more on a CPU with the int4 kernel; none: off")
     p.set_defaults(func=run)
 
 
@@ -98,7 +101,7 @@ def run(args) -> None:
                              max_len=args.max_len, max_tokens=args.max_tokens, max_body=args.max_body,
                              template=template, aliases=aliases, max_queue=args.max_queue, allowed_hosts=hosts,
                              cors_origins=tuple(args.cors_origin), threads=threads,
-                             kv_budget=budget)
+                             kv_budget=budget, draft=None if args.draft == "none" else "auto")
     except OSError as e:
         raise LMForgeError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     if not _loopback(args.host) and not args.api_key:

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.infer.generate import Sequence, Step
 from lmforge.infer.native import FLASH_MIN_ROWS, NativeStep, Stale, flash_attention_in, int4_ok, library
 from lmforge.infer.sampling import SamplingParams, TokenSampler, select
+from lmforge.infer.sequence import Sequence, Step
 from lmforge.matmul import linear
 from lmforge.memory import drop_file_pages, file_mappings, release_free_memory
 from lmforge.model import Decoder
@@ -299,20 +299,21 @@ class SlotRunner:
         return self.model.lm_head(h[torch.arange(len(prompts), device=self.device), last])
 
     @torch.inference_mode()
-    def extend(self, slot: int, ids: list[int]) -> torch.Tensor:
+    def extend(self, slot: int, ids: list[int], every: bool = True) -> torch.Tensor:
         """Write ``ids`` into ``slot`` at its next positions in one forward; the logits (len(ids), V) after each of them
-        (speculative decoding checks drafted tokens so: setting ``lens[slot]`` back takes positions back)."""
+        (``every=False``: (1, V) after the last). Speculative decoding checks drafted tokens so; setting
+        ``lens[slot]`` back takes positions back."""
         start = self.lens[slot]
         if not ids or start + len(ids) > self.max_len:
             raise ValueError(f"KV cache full: {start + len(ids)} positions > max_len {self.max_len}")
-        logits = self._prefill_native([slot], [ids], start, every=True)
+        logits = self._prefill_native([slot], [ids], start, every=every)
         if logits is not None:
             return logits
         view = _SlotView(self, slot)
         view.pos = start
         h = self.model.hidden_states(torch.tensor([ids], device=self.device), cache=view)[0]
         self.lens[slot] = view.pos
-        return self.model.lm_head(h)
+        return self.model.lm_head(h if every else h[-1:])
 
     def _prefill_native(self, slots: list[int], prompts: list[list[int]], start: int = 0,
                         every: bool = False) -> torch.Tensor | None:
@@ -787,12 +788,16 @@ class Engine:
 
     ``kv_budget``: bytes the key/value cache may grow to. A waiting request is admitted only while the cache, with
     every running request at its prompt plus its limit, stays within it (a request alone always is); the others
-    wait their turn. None: every free slot takes a request."""
+    wait their turn. None: every free slot takes a request.
+
+    ``speculator`` (``lmforge.infer.speculative.Speculator``): while one request runs alone, its tokens come from
+    rounds of speculative decoding (several a pass over the weights) instead of one-row steps."""
 
     def __init__(self, model: Decoder, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
-                 threads: int | None = None, kv_budget: int | None = None) -> None:
+                 threads: int | None = None, kv_budget: int | None = None, speculator=None) -> None:
         model.eval()
         self.model, self.tokenizer, self.threads, self.kv_budget = model, tokenizer, threads, kv_budget
+        self.speculator = speculator
         self.runner = SlotRunner(model, max_batch, max_len)
         # the context requests get: prefix/prompt tuning's virtual tokens take the start of every slot
         self.max_len = self.runner.max_len - self.runner.nv
@@ -905,7 +910,10 @@ class Engine:
                 self.max_active = max(self.max_active, self.active)
                 self._drop_cancelled()
                 if any(t is not None for t in self._last):
-                    self._decode_step()
+                    if self.speculator is not None and self.active == 1 and not self._waiting:
+                        self._speculate()  # one request alone: several tokens a pass over the weights
+                    else:
+                        self._decode_step()
             except Exception as e:  # noqa: BLE001 - a bug must not leave requests waiting forever
                 traceback.print_exc(file=sys.stderr)
                 for i, req in enumerate(self._slots):
@@ -997,6 +1005,23 @@ class Engine:
         self.busy += time.perf_counter() - t0
         for i, c in zip(rows, choices):
             self._emit(i, self._slots[i], c)
+
+    def _speculate(self) -> None:
+        """A round of speculative decoding for the one running request."""
+        slot = next(i for i, t in enumerate(self._last) if t is not None)
+        req = self._slots[slot]
+        t0 = time.perf_counter()
+        try:
+            for choice in self.speculator.round(self.runner, slot, req.seq, self._last[slot]):
+                self._emit(slot, req, choice)
+                self.tokens += 1
+        except Exception as e:  # noqa: BLE001 - fail the request, keep serving
+            traceback.print_exc(file=sys.stderr)
+            self._free(slot)
+            self._fail(req, f"{type(e).__name__}: {e}")
+            return
+        self.steps += 1
+        self.busy += time.perf_counter() - t0
 
     def _emit(self, slot: int, req: Request, choice) -> None:
         step = req.seq.accept(choice)

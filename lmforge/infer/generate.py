@@ -13,66 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.infer.sampling import Choice, SamplingParams, TokenSampler, select
+from lmforge.infer.engine import SlotRunner
+from lmforge.infer.sampling import SamplingParams, select
+from lmforge.infer.sequence import Sequence, Step  # noqa: F401 - also importable from here, as before
 from lmforge.infer.speculative import draft_unsupported, make_draft, speculative_steps
-from lmforge.infer.text import TextStream  # also importable from here, as before
+from lmforge.infer.text import TextStream  # noqa: F401 - also importable from here, as before
 from lmforge.model import Decoder, KVCache
-
-
-@dataclass
-class Step:
-    """One generated token and the text it made visible (may be empty while a character or a possible stop
-    string is incomplete; ``text`` of the last step also carries any text held back until the end)."""
-
-    token: int
-    text: str = ""
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-
-
-class Sequence:
-    """Per-sequence generation state: sampler, stop ids/strings, limits, output ids, text and finish reason."""
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer=None, max_len: int | None = None,
-                 vocab_size: int | None = None) -> None:
-        if params.stop and tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        self.prompt_ids, self.params = list(prompt_ids), params
-        self.sampler = TokenSampler(params, prompt_ids, vocab_size or 1 << 20)
-        self.stop_ids = set(params.stop_ids)
-        room = (max_len - len(prompt_ids)) if max_len is not None else params.max_new_tokens
-        self.limit = min(params.max_new_tokens, room)
-        self.text = TextStream(tokenizer, prompt_ids, params.stop) if tokenizer is not None else None
-        self.out_ids: list[int] = []
-        self.steps: list[Step] = []
-        self.finish_reason: str | None = None if self.limit > 0 else "length"
-
-    def accept(self, choice: Choice) -> Step | None:
-        """Take the sampled token; return the step to report (None if it ended generation without output)."""
-        tok = choice.token
-        if tok in self.stop_ids:
-            self.finish_reason = "stop"
-            if self.text is not None:
-                tail = self.text.flush()
-                if tail:  # held-back text is still output; attach it to an empty step
-                    return Step(-1, tail)
-            return None
-        self.out_ids.append(tok)
-        step = Step(tok, "", choice.logprob, choice.top_logprobs)
-        if self.text is not None:
-            step.text = self.text.push(tok)
-            if self.text.stopped:
-                self.finish_reason = "stop"
-        if self.finish_reason is None and len(self.out_ids) >= self.limit:
-            self.finish_reason = "length"
-        if self.finish_reason == "length" and self.text is not None:
-            step.text += self.text.flush()
-        self.steps.append(step)
-        return step
-
-    @property
-    def output_text(self) -> str:
-        return self.text.text if self.text is not None else ""
 
 
 @torch.inference_mode()
@@ -86,8 +32,6 @@ def stream_steps(model: Decoder, prompt_ids: list[int], params: SamplingParams, 
     weights); "auto" (default): the model's int4 copy where that pays (a float32 model of 64 MiB of block weights or
     more on a CPU with the int4 kernel), None: none.
     """
-    from lmforge.infer.engine import SlotRunner
-
     params.check()
     if not prompt_ids:
         raise ValueError("the prompt must hold at least one token (e.g. BOS)")

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from lmforge.infer.engine import SlotRunner
 from lmforge.infer.native import int4_ok
 from lmforge.infer.sampling import chosen, select, sparse_distribution
 from lmforge.memory import release_free_memory
@@ -87,61 +88,86 @@ def accept(p: torch.Tensor, q: torch.Tensor, d: int, gen: torch.Generator) -> tu
     return False, int(torch.multinomial(rest if float(rest.sum()) > 0 else p, 1, generator=gen))
 
 
-def speculative_steps(model: Decoder, draft: Decoder, seq, cap: int) -> Iterator:
-    """Decode ``seq`` (a ``lmforge.infer.generate.Sequence``) with ``model``, ``draft`` proposing; a cache of ``cap``
-    positions. Yields ``Step``s as ``stream_steps`` does."""
-    from lmforge.infer.engine import SlotRunner
+class Speculator:
+    """The draft's side of speculative decoding, for one sequence at a time: its own cache (of ``max_len``
+    positions), caught up with whichever sequence it is asked to continue, and the adaptive draft length."""
 
-    prompt, params, sampler = seq.prompt_ids, seq.params, seq.sampler
-    sampling = not params.greedy and not params.penalized  # else the model's own choice is compared
-    gen = sampler.generator
-    target, small = SlotRunner(model, 1, cap), SlotRunner(draft, 1, cap)
-    ids = list(prompt)  # every token of the sequence so far
-    k, drafted, kept = START_DRAFT, 0, 0
+    def __init__(self, draft: Decoder, max_len: int) -> None:
+        self.draft, self.small = draft, SlotRunner(draft, 1, max_len)
+        self.owner = None  # the Sequence the draft's cache holds the start of
+        self.k, self.drafted, self.kept = START_DRAFT, 0, 0
+        self.rounds = 0  # rounds that drafted (for tests and statistics)
 
-    def emit(choice):
-        ids.append(choice.token)
-        return choice.token, seq.accept(choice)
+    @classmethod
+    def auto(cls, model: Decoder, max_len: int, draft: Decoder | str | None = "auto") -> Speculator | None:
+        """A Speculator for ``model`` with ``draft`` ("auto": its int4 copy where that pays; None: none)."""
+        if draft == "auto":
+            draft = make_draft(model) if draft_unsupported(model) is None else None
+        return cls(draft, max_len) if draft is not None and not model.num_virtual_tokens else None
 
-    def propose(logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        if not sampling:
-            return int(logits.argmax()), None
-        q = sparse_distribution(logits, params)
-        return int(torch.multinomial(q, 1, generator=gen)), q
-
-    tok, step = emit(select(target.prefill(0, prompt)[None], [sampler])[0])
-    small.prefill(0, prompt)
-    while True:
-        if step is not None:
-            yield step
-        if seq.finish_reason is not None:
-            return
-        base = target.lens[0]  # tok is emitted, in neither cache yet
-        room = min(cap - 1 - base, seq.limit - len(seq.out_ids) - 1)
-        n = min(k, room) if drafted < CHECK_AFTER or kept >= MIN_KEPT * drafted else 0
+    def round(self, target: SlotRunner, slot: int, seq, tok: int) -> Iterator:
+        """The next choices of ``seq`` in ``slot`` of ``target``, whose last emitted token ``tok`` is in no cache
+        yet: one plain decoding step, or the draft's proposals checked in one step of ``target``. The caller accepts
+        each choice into ``seq`` before the next is made; a finished ``seq`` ends the round."""
+        params, sampler = seq.params, seq.sampler
+        sampling = not params.greedy and not params.penalized  # else the model's own choice is compared
+        gen, small = sampler.generator, self.small
+        if self.owner is not seq:
+            self.owner, small.lens[0] = seq, 0
+            self.k, self.drafted, self.kept = START_DRAFT, 0, 0
+        base = target.lens[slot]
+        room = min(target.max_len - 1 - base, seq.limit - len(seq.out_ids) - 1)
+        worth = self.drafted < CHECK_AFTER or self.kept >= MIN_KEPT * self.drafted
+        n = min(self.k, room) if worth else 0
         if n <= 0:
-            tok, step = emit(select(target.decode([tok]), [sampler])[0])
-            continue
-        x, q = propose(small.extend(0, ids[small.lens[0] :])[-1])  # tok and what the draft has not seen yet
+            yield select(target.decode([None] * slot + [tok])[slot : slot + 1], [sampler])[0]
+            return
+
+        def propose(logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+            if not sampling:
+                return int(logits.argmax()), None
+            q = sparse_distribution(logits, params)
+            return int(torch.multinomial(q, 1, generator=gen)), q
+
+        ids = seq.prompt_ids + seq.out_ids  # ends with tok
+        x, q = propose(small.extend(0, ids[small.lens[0] :], every=False)[-1])  # what the draft has not seen yet
         proposal, qs = [x], [q]
         for _ in range(n - 1):
             x, q = propose(small.decode([x])[0])
             proposal.append(x)
             qs.append(q)
-        rows = target.extend(0, [tok] + proposal)
-        drafted += n
-        for i in range(n + 1):
-            d = proposal[i] if i < n else -1
-            if i < n and sampling:
-                ok, d = accept(sparse_distribution(rows[i], params), qs[i], d, gen)
-                tok, step = emit(chosen(rows[i], sampler, d))
-            else:
-                tok, step = emit(select(rows[i : i + 1], [sampler])[0])
-                ok = tok == d
-            if not ok or i == n or seq.finish_reason is not None:
-                break
-            kept += 1
-            yield step
-        target.lens[0] = base + 1 + i  # tok and the kept tokens; the last choice is in neither cache
-        small.lens[0] = min(small.lens[0], base + 1 + i)
-        k = min(k + 2, MAX_DRAFT) if i == n else max(k - 1, 1)
+        rows = target.extend(slot, [tok] + proposal)
+        self.drafted += n
+        self.rounds += 1
+        try:
+            for i in range(n + 1):
+                d = proposal[i] if i < n else -1
+                if i < n and sampling:
+                    ok, d = accept(sparse_distribution(rows[i], params), qs[i], d, gen)
+                    choice = chosen(rows[i], sampler, d)
+                else:
+                    choice = select(rows[i : i + 1], [sampler])[0]
+                    ok = choice.token == d
+                yield choice
+                if not ok or i == n or seq.finish_reason is not None:
+                    break
+                self.kept += 1
+        finally:  # tok and the kept tokens stay in the caches; the last choice is in neither
+            target.lens[slot] = base + 1 + i
+            small.lens[0] = min(small.lens[0], base + 1 + i)
+        self.k = min(self.k + 2, MAX_DRAFT) if i == n else max(self.k - 1, 1)
+
+
+def speculative_steps(model: Decoder, draft: Decoder, seq, cap: int) -> Iterator:
+    """Decode ``seq`` (a ``lmforge.infer.sequence.Sequence``) with ``model``, ``draft`` proposing; a cache of
+    ``cap`` positions. Yields ``Step``s as ``lmforge.infer.generate.stream_steps`` does."""
+    target, spec = SlotRunner(model, 1, cap), Speculator(draft, cap)
+    choice = select(target.prefill(0, seq.prompt_ids)[None], [seq.sampler])[0]
+    step = seq.accept(choice)
+    if step is not None:
+        yield step
+    while seq.finish_reason is None:
+        for c in spec.round(target, 0, seq, choice.token):
+            choice, step = c, seq.accept(c)
+            if step is not None:
+                yield step

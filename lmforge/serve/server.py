@@ -44,6 +44,7 @@ from lmforge.infer.chat import end_of_turn, get_template
 from lmforge.infer.engine import Engine
 from lmforge.infer.engine import Request as EngineRequest
 from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.speculative import Speculator
 from lmforge.serve import protocol as P
 from lmforge.serve.protocol import APIError, GenRequest, Limits
 
@@ -66,7 +67,7 @@ class ModelServer:
                  max_tokens: int | None = None, max_body: int = 1 << 20, template: str | None = None,
                  aliases: tuple[str, ...] = (), max_queue: int = 64, allowed_hosts: tuple[str, ...] = (),
                  cors_origins: tuple[str, ...] = (), threads: int | None = None,
-                 kv_budget: int | None = None) -> None:
+                 kv_budget: int | None = None, draft: str | None = "auto") -> None:
         if max_queue < 1 or max_body < 1:
             raise ValueError("max_queue and max_body must be >= 1")
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
@@ -82,6 +83,8 @@ class ModelServer:
         self.sock = _bind(host, port)
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_len, threads=threads,
                              kv_budget=kv_budget)
+        # a request running alone decodes speculatively (a float32 model of 64 MiB of block weights or more)
+        self.engine.speculator = Speculator.auto(model, self.engine.runner.max_len, draft)
         ctx = self.engine.max_len
         self.limits = Limits(context=ctx, max_tokens=min(max_tokens or ctx, ctx))
         self.app = build_app(self)
