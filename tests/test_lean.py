@@ -125,14 +125,78 @@ def test_top_p_over_a_large_vocabulary_keeps_the_smallest_set_reaching_it(scale)
     assert (got > 0).sum() == (want > 0).sum() > 1 and np.allclose(got, want, rtol=1e-9, atol=1e-15)
 
 
-def _generate(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    """`lmforge generate ARGS` in a fresh interpreter, reporting on stderr whether torch was imported."""
-    code = ("import runpy, sys\nsys.argv = ['lmforge', 'generate'] + sys.argv[1:]\n"
+def _generate(args: list[str], env_extra: dict | None = None, command: str = "generate",
+              stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`lmforge generate ARGS` (or another command) in a fresh interpreter, reporting on stderr whether torch was
+    imported."""
+    code = (f"import runpy, sys\nsys.argv = ['lmforge', '{command}'] + sys.argv[1:]\n"
             "try:\n    runpy.run_module('lmforge', run_name='__main__')\nexcept SystemExit as e:\n"
             "    code = e.code\nelse:\n    code = 0\n"
             "print('TORCH', 'torch' in sys.modules, file=sys.stderr)\nsys.exit(code)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300,
+                          input=stdin)
+
+
+def _stories_int4(tmp_path: Path) -> Path:
+    """stories260K (a trained model: its text is words) as an int4 directory with its tokenizer."""
+    from lmforge.assets import STORIES260K
+    from lmforge.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = load_model(STORIES260K)
+    cfg = model.cfg
+    if cfg.n_embd % 32 or cfg.vocab_size % 16:
+        pytest.skip("stories260K's widths do not fit the int4 kernel")
+    quantize_model(model, QuantConfig(bits=4, group_size=32, symmetric=False))
+    out = tmp_path / "int4"
+    save_quantized(model, out, load_tokenizer(str(STORIES260K.parent / "tok512.bin")))
+    why = lean.unsupported(out)
+    if why:
+        pytest.skip(f"no decoding without PyTorch here: {why}")
+    return out
+
+
+def test_chat_takes_it_by_default_without_torch_and_replies_what_pytorch_replies(tmp_path):
+    """`lmforge chat --model INT4DIR`: three turns (the cache kept between them) without importing torch, the
+    replies PyTorch's path gives (greedy); a repetition penalty needs PyTorch (``--runtime lean`` says so)."""
+    out = _stories_int4(tmp_path)
+    turns = "Tell me about a dog.\nWhat did he eat?\nAnd then?\n"
+    args = ["--model", str(out), "--temperature", "0", "--max-new-tokens", "30"]
+    ours = _generate(args, command="chat", stdin=turns)
+    theirs = _generate(args + ["--runtime", "torch"], command="chat", stdin=turns)
+    assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr[-2000:] + theirs.stderr[-2000:]
+    assert "TORCH False" in ours.stderr and "TORCH True" in theirs.stderr
+    assert ours.stdout == theirs.stdout and len(set(ours.stdout.split())) > 10
+    r = _generate(args + ["--runtime", "lean", "--repetition-penalty", "1.2"], command="chat", stdin=turns)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "repetition-penalty" in r.stderr
+
+
+def test_chat_keeps_the_conversation_in_the_cache(tmp_path):
+    """A second turn runs only the positions after the prefix it shares with the cached conversation."""
+    import argparse
+
+    from lmforge.commands.chat import _Lean
+
+    out = _stories_int4(tmp_path)
+    args = argparse.Namespace(model=str(out), tokenizer=None, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                              seed=None)
+    session = _Lean(args, "plain")
+    from lmforge.infer.chat import encode_chat
+
+    first = encode_chat(session.tok, "plain", [{"role": "user", "content": "Hi."}])
+    rows = []
+    step = session.model.step
+    session.model.step = lambda tokens, last=True: rows.append(len(tokens)) or step(tokens, last)
+    "".join(session.reply(first, 20))
+    assert rows[0] == len(first) and session.cached[: len(first)] == first
+    history = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": session.text.strip()},
+               {"role": "user", "content": "More."}]
+    second = encode_chat(session.tok, "plain", history)
+    shared = next(i for i, (a, b) in enumerate(zip(session.cached + [-1], second)) if a != b)
+    rows.clear()
+    "".join(session.reply(second, 20))
+    assert shared > len(first) // 2 and rows[0] == len(second) - shared
 
 
 def test_generate_takes_it_by_default_without_torch_and_prints_what_pytorch_prints(tmp_path):

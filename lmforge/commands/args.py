@@ -62,3 +62,18 @@ def check_vocab(cfg, tok, model_src: str, tok_src: str) -> None:
         if i is not None and not 0 <= i < tok.vocab_size:
             raise LMForgeError(f"{tok_src}: the model {model_src} has {name.replace('_id', '').upper()} token {i}, "
                                f"outside the tokenizer's {tok.vocab_size:,} tokens: not the model's tokenizer")
+
+
+def template_arg(value: str | None) -> str | None:
+    """``--template``: a built-in name, a Jinja file's text or a Jinja string (None: the tokenizer's own)."""
+    from lmforge.infer.chat import BUILTIN, get_template
+
+    if value is None or value.lower() in BUILTIN:
+        return value
+    p = Path(value)
+    if p.is_file():
+        return p.read_text()
+    get_template(value)  # a Jinja string, or an error naming the choices
+    if "{" not in value:
+        raise LMForgeError(f"--template {value!r}: no such template file")
+    return value

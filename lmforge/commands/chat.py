@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
-from lmforge.commands.common import add_model_args, load_model_and_tokenizer
+from lmforge.commands.args import add_model_args, check_vocab, find_tokenizer_path, read_template, template_arg
+from lmforge.commands.generate import lean_unsupported
+from lmforge.errors import LMForgeError
 
 HELP = "commands: /reset clears the conversation, /exit quits (so does end of input)"
 
@@ -23,33 +27,135 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * max prob (0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL repetition penalty (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    p.add_argument("--runtime", choices=("auto", "lean", "torch"), default="auto",
+                   help="as lmforge generate --runtime: an int4 directory chats without PyTorch (lean; ~220 MB "
+                        "resident for SmolLM2-135M instead of ~480; the conversation's cached positions are kept "
+                        "between turns) where it applies (no --adapter, no --repetition-penalty, the CPU), else torch")
     p.set_defaults(func=run)
 
 
-def run(args) -> None:
-    from lmforge.commands.serve import _read_template
-    from lmforge.errors import LMForgeError
-    from lmforge.infer.chat import encode_chat, end_of_turn, get_template
-    from lmforge.infer.generate import Sequence, stream_steps
-    from lmforge.infer.sampling import SamplingParams
-
+def _check(args) -> None:
     if args.max_new_tokens < 1:
         raise LMForgeError("--max-new-tokens must be >= 1")
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
-    model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
-    model.eval()
-    template = get_template(_read_template(args.template), tok)
-    stops, stop_ids = end_of_turn(template, tok)
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed, stop_ids=stop_ids, stop=stops,
-                            repetition_penalty=args.repetition_penalty)
-    try:
-        params.check()
-    except ValueError as e:
-        raise LMForgeError(str(e)) from None
+    if not args.temperature >= 0 or not 0 < args.top_p <= 1:
+        raise LMForgeError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.top_k < 0 or not 0 <= args.min_p <= 1:
+        raise LMForgeError("--top-k must be >= 0 and --min-p in [0, 1]")
+    if not args.repetition_penalty > 0:
+        raise LMForgeError("--repetition-penalty must be > 0")
+
+
+def run(args) -> None:
+    _check(args)
+    template = template_arg(args.template)
+    why = lean_unsupported(args) if args.runtime != "torch" else "--runtime torch"
+    if why is None and args.repetition_penalty != 1.0:
+        why = "--repetition-penalty needs PyTorch's sampler"
+    if why is None:
+        session: _Torch | _Lean = _Lean(args, template)
+    elif args.runtime == "lean":
+        raise LMForgeError(f"{args.model or 'the bundled stories260K'}: --runtime lean: {why}")
+    else:
+        session = _Torch(args, template)
+    _loop(args, session)
+
+
+class _Torch:
+    """Replies through PyTorch (``lmforge.infer.generate.stream_steps``; a float32 model may decode speculatively)."""
+
+    def __init__(self, args, template: str | None) -> None:
+        from lmforge.commands.common import load_model_and_tokenizer
+        from lmforge.infer.chat import end_of_turn, get_template
+
+        model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
+        model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
+        model.eval()
+        self.model, self.tok, self.args = model, tok, args
+        self.template = get_template(template, tok)
+        self.stops, self.stop_ids = end_of_turn(self.template, tok)
+        self.ctx = model.cfg.block_size - model.num_virtual_tokens  # prefix/prompt tuning take the first positions
+        self.seq = None
+
+    @property
+    def text(self) -> str:
+        """The last reply's text so far."""
+        return self.seq.output_text if self.seq is not None else ""
+
+    def reply(self, ids: list[int], max_new: int) -> Iterator[str]:
+        from lmforge.infer.generate import Sequence, stream_steps
+        from lmforge.infer.sampling import SamplingParams
+
+        a = self.args
+        p = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                           max_new_tokens=max_new, seed=a.seed, stop_ids=self.stop_ids, stop=self.stops,
+                           repetition_penalty=a.repetition_penalty)
+        self.seq = seq = Sequence(ids, p, self.tok, self.ctx, self.model.cfg.vocab_size)
+        for step in stream_steps(self.model, ids, p, self.tok, seq=seq):
+            yield step.text
+
+
+class _Lean:
+    """Replies from an int4 directory without PyTorch (``lmforge.infer.lean``). The key/value cache keeps the
+    conversation: a turn computes only the positions after the longest prefix it shares with the cached tokens."""
+
+    def __init__(self, args, template: str | None) -> None:
+        from lmforge.config import ModelConfig
+        from lmforge.infer import lean
+        from lmforge.infer.chat import end_of_turn, get_template
+        from lmforge.tokenizer import load_tokenizer
+
+        path = Path(args.model)
+        cfg = ModelConfig.load(path / lean.CONFIG)
+        tok_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer_path(path, cfg.vocab_size)
+        if tok_path is None:
+            raise LMForgeError(f"{path}: no tokenizer found beside the model; pass --tokenizer PATH")
+        tok = load_tokenizer(str(tok_path))
+        read_template(path, tok)
+        check_vocab(cfg, tok, str(path), str(tok_path))
+        self.tok, self.args, self.ctx = tok, args, cfg.block_size
+        self.template = get_template(template, tok)
+        self.stops, self.stop_ids = end_of_turn(self.template, tok)
+        # the cache at the full context: its pages are taken only as positions are written
+        self.model = lean.LeanModel(path, max_len=cfg.block_size)
+        self.cached: list[int] = []  # the tokens whose positions the cache holds
+        self.stream = None
+
+    @property
+    def text(self) -> str:
+        """The last reply's text so far."""
+        return self.stream.text if self.stream is not None else ""
+
+    def reply(self, ids: list[int], max_new: int) -> Iterator[str]:
+        from lmforge.infer import lean
+        from lmforge.infer.text import TextStream
+
+        a, model = self.args, self.model
+        keep = 0
+        for x, y in zip(self.cached, ids[:-1]):  # (the last prompt token is always run: its logits are needed)
+            if x != y:
+                break
+            keep += 1
+        model.length = keep
+        out: list[int] = []
+        self.stream = stream = TextStream(self.tok, ids, self.stops)
+        try:
+            for t in lean.generate(model, ids[keep:], max_new, a.temperature, a.top_k, a.top_p, a.min_p, a.seed,
+                                   self.stop_ids):
+                out.append(t)
+                yield stream.push(t)
+                if stream.stopped:
+                    break
+            yield stream.flush()
+        finally:
+            self.cached = (ids + out)[: model.length]
+
+
+def _loop(args, session: _Torch | _Lean) -> None:
+    from lmforge.infer.chat import encode_chat
+
+    tok, template, ctx = session.tok, session.template, session.ctx
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
-    ctx = model.cfg.block_size - model.num_virtual_tokens  # prefix/prompt tuning take the first positions
     tty = sys.stdin.isatty()
     print(f"chatting with {args.model or 'stories260K'} (template {template.name}); {HELP}", file=sys.stderr)
     out = sys.stdout
@@ -82,12 +188,9 @@ def run(args) -> None:
             print(f"message too long: {len(ids)} tokens for a context of {ctx}", file=sys.stderr)
             history.pop()
             continue
-        p = SamplingParams(**{**params.__dict__, "max_new_tokens": min(args.max_new_tokens, ctx - len(ids))})
-        seq = Sequence(ids, p, tok, ctx, model.cfg.vocab_size)
         started = False
         try:
-            for step in stream_steps(model, ids, p, tok, seq=seq):
-                piece = step.text
+            for piece in session.reply(ids, min(args.max_new_tokens, ctx - len(ids))):
                 if not started:
                     piece = piece.lstrip()
                     started = bool(piece)
@@ -98,4 +201,4 @@ def run(args) -> None:
             print("\n(interrupted)", file=sys.stderr)
         out.write("\n")
         out.flush()
-        history.append({"role": "assistant", "content": seq.output_text.strip()})
+        history.append({"role": "assistant", "content": session.text.strip()})

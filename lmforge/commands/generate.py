@@ -45,7 +45,7 @@ def run(args) -> None:
     if args.top_k < 0 or not 0 <= args.min_p <= 1:
         raise LMForgeError("--top-k must be >= 0 and --min-p in [0, 1]")
     if args.runtime != "torch":
-        why = _lean_unsupported(args)
+        why = lean_unsupported(args)
         if why is None:
             return _run_lean(args)
         if args.runtime == "lean":
@@ -53,7 +53,7 @@ def run(args) -> None:
     _run_torch(args)
 
 
-def _lean_unsupported(args) -> str | None:
+def lean_unsupported(args) -> str | None:
     """Why ``args`` cannot decode without PyTorch, or None."""
     from lmforge.infer import lean
 

@@ -6,6 +6,7 @@ import ipaddress
 import os
 import sys
 
+from lmforge.commands.args import template_arg
 from lmforge.commands.common import add_model_args, load_model_and_tokenizer
 
 
@@ -80,7 +81,7 @@ def run(args) -> None:
         raise LMForgeError("--max-queue and --max-body must be >= 1")
     if not 0 <= args.port < 65536:
         raise LMForgeError(f"--port {args.port}: must be in [0, 65535]")
-    template = _read_template(args.template)
+    template = template_arg(args.template)
     # this thread (HTTP, loading) keeps one torch thread, so it never grows an OpenMP pool of its own: the engine's
     # thread decodes with `threads` (see Engine: two pools on two cores made SmolLM2 int4 3x slower)
     torch.set_num_threads(1)
@@ -115,23 +116,6 @@ def run(args) -> None:
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
-
-
-def _read_template(value: str | None) -> str | None:
-    from pathlib import Path
-
-    from lmforge.errors import LMForgeError
-    from lmforge.infer.chat import BUILTIN, get_template
-
-    if value is None or value.lower() in BUILTIN:
-        return value
-    p = Path(value)
-    if p.is_file():
-        return p.read_text()
-    get_template(value)  # a Jinja string, or an error naming the choices
-    if "{" not in value:
-        raise LMForgeError(f"--template {value!r}: no such template file")
-    return value
 
 
 def _loopback(host: str) -> bool:

@@ -56,6 +56,17 @@ def _aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
     return raw[off : off + n].view(dtype).reshape(shape)
 
 
+def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """Zeroed float32 memory whose pages are taken only as they are written: an anonymous mapping without huge
+    pages (numpy asks for huge pages on large arrays; a chat's first tokens then took 2 MB per layer and head of the
+    key/value cache: 360 MB for SmolLM2's 8,192 positions)."""
+    n = int(np.prod(shape))
+    m = mmap.mmap(-1, max(4 * n, 1))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        m.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(m, np.float32, n).reshape(shape)
+
+
 def _ptr(a: np.ndarray | None) -> int | None:
     return None if a is None else a.ctypes.data
 
@@ -219,8 +230,8 @@ class LeanModel:
         R = PREFILL_ROWS
         f = _layer_widths(cfg, G)
         qi, qsum = head
-        self.k = np.zeros((L, 1, nkv, self.max_len, hd), np.float32)
-        self.v = np.zeros_like(self.k)
+        self.k = _lazy_zeros((L, 1, nkv, self.max_len, hd))  # (pages taken as positions are written)
+        self.v = _lazy_zeros((L, 1, nkv, self.max_len, hd))
         self.pos, self.slot = np.zeros(R, np.int32), np.zeros(R, np.int32)
         self.x, self.final = _aligned((R, D), np.float32), _aligned((R, D), np.float32)
         Nmax = max(n + -n % 16 for n, _, _ in f.values())
