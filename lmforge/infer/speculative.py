@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -41,6 +42,7 @@ MAX_DRAFT = 15  # drafted tokens per round at most
 START_DRAFT = 4
 MIN_KEPT = 0.5  # below this share of drafted tokens kept (after CHECK_AFTER drafted), drafting stops
 CHECK_AFTER = 32
+_DRAFTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its draft, while the model lives
 
 
 def draft_unsupported(model: Decoder, any_size: bool = False) -> str | None:
@@ -64,17 +66,19 @@ def draft_unsupported(model: Decoder, any_size: bool = False) -> str | None:
 
 def make_draft(model: Decoder) -> Decoder:
     """The model's int4 copy (groups of 32, asymmetric, round to nearest; int8 embedding table), sharing its
-    norms and other small tensors; built once per model and kept on it (its weights are rounded from the model's
-    at that time: a changed model keeps correct output, the draft only proposes worse)."""
-    draft = model.__dict__.get("_lmforge_draft")
+    norms and other small tensors; built once per model and kept while the model lives (its weights are rounded from
+    the model's at that time: a changed model keeps correct output, the draft only proposes worse)."""
+    draft = _DRAFTS.get(model)
     if draft is None:
         memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
         with torch.inference_mode(False):  # (stream_steps runs in inference mode: the C step's layouts need normal
             draft = copy.deepcopy(model, memo)  # tensors) module objects of its own, the model's tensors
+            for key in [k for k in draft.__dict__ if k.startswith("_lmforge")]:  # the model's decode plans, ...
+                del draft.__dict__[key]
             quantize_model(draft, QuantConfig(bits=4, group_size=32, symmetric=False))
         draft.eval().requires_grad_(False)
         release_free_memory()  # the rounding's temporaries (a layer's float copies)
-        model.__dict__["_lmforge_draft"] = draft  # (not a submodule: no state dict, no parameters)
+        _DRAFTS[model] = draft  # (not on the model: no state dict, not copied with it)
     return draft
 
 
