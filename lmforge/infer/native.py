@@ -54,6 +54,8 @@ from lmforge.quant import QuantLinear
 from lmforge.quant.packing import unpack_int4
 
 SMALL_PRODUCTS = 1 << 20  # float32 weights (all linear layers) up to which the whole step is one C call
+HEAD_ALL_ROWS = 64  # a prefill step of up to this many rows computes its int8 output projection for every row in
+# C and keeps the rows wanted (through the module, its first call timed every kernel: 0.34 s and 75 MB at the peak)
 VNNI_HEAD_ROWS = 1  # an int8 output projection of at least this many rows runs on int8 activations (lmf_head_vnni;
 # one row too: SmolLM2 int4 169-173 -> 206-214 tokens/s on a Xeon with AMX, where the bfloat16 kernel was slower)
 INT4_ROWS = 1  # int4 products of at least this many rows run on integer activations (lmf_int4, AVX512-VNNI)
@@ -396,8 +398,9 @@ class NativeStep:
             self.layers.append((qkv[0], ctypes.addressof(attn), attn_in, proj[0], ctypes.addressof(norm2), ha,
                                 fc1[0], ctypes.addressof(act), self._buffer(fc1), fc2[0], ctypes.addressof(after),
                                 f_in))
-        self._head = None  # the output projection of every row, made at its first use (a prefill's step does
-        # not use it: its last rows go through the model's own layer)
+        self._head = None  # the output projection of every row, made at its first use (a prefill's step of many
+        # rows does not use it: its last rows go through the model's own layer)
+        self.head_in_c = self._refined_head_applies()
         self._step: _StepArgs | None = None
         self.whole = False  # the whole step is one C call (lmf_step)
         # every product a C kernel, no PyTorch product between the C calls: the PyTorch step, which pays per layer
@@ -476,6 +479,13 @@ class NativeStep:
         linear.args = args
         return linear, torch.float32, K, None
 
+    def _refined_head_applies(self) -> bool:
+        """Whether ``_refined_head`` may apply (the checks that need no kernel built)."""
+        mod = self.model.lm_head
+        return (type(mod) is QuantLinear and mod.bits == 8 and bool(mod.refine_top) and mod.compute in
+                ("auto", "bfloat16") and not mod._forward_hooks and not mod._forward_pre_hooks
+                and mod.qweight.device.type == "cpu")
+
     def _refined_head(self):
         """An int8 output projection that recomputes its top candidates exactly after the bfloat16 kernel
         (``QuantLinear.refine_top``, the auto mode's choice for decoding): the kernel as QuantLinear calls it, then
@@ -539,7 +549,9 @@ class NativeStep:
         if cached is None or cached[0] is not q or cached[1] != q.data_ptr():
             with torch.inference_mode(False):
                 qi = q.detach().view(N // 16, 16, K // 4, 4).permute(0, 2, 1, 3).contiguous()
-                groups = q.detach().view(N // 16, 16, K // 32, 32).sum(-1, dtype=torch.int32) * 128
+                # (a sum over the whole weight at once made an int32 copy of it: 113 MB more at the peak for SmolLM2)
+                groups = torch.cat([c.sum(-1, dtype=torch.int32) * 128
+                                    for c in q.detach().view(N // 16, 16, K // 32, 32).split(256)])
                 qsum = groups.permute(0, 2, 1).contiguous()  # (N / 16, K / 32, 16)
             cached = mod.__dict__["_lmforge_vnni"] = (q, q.data_ptr(), qi, qsum)
         _, _, qi, qsum = cached
@@ -629,6 +641,10 @@ class NativeStep:
             y = fc2(f)
             norm(after, y.data_ptr())
         if last is not None:
+            if self.n <= HEAD_ALL_ROWS and self.head_in_c:  # every row in C, then the wanted ones
+                head = self.head  # (made now: it may turn out not to be C after all)
+                if self.head_in_c:
+                    return head(self.final)[last]
             return self.model.lm_head(self.final[last])
         return self.head(self.final)
 
@@ -636,7 +652,9 @@ class NativeStep:
     def head(self):
         """The output projection of every row (see run)."""
         if self._head is None:
-            self._head = self._refined_head() or self._gemv_head() or self.runner._head_fn()
+            refined = self._refined_head()
+            self.head_in_c = refined is not None
+            self._head = refined or self._gemv_head() or self.runner._head_fn()
         return self._head
 
 
