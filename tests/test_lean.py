@@ -202,21 +202,7 @@ def test_chat_keeps_the_conversation_in_the_cache(tmp_path):
 def test_generate_takes_it_by_default_without_torch_and_prints_what_pytorch_prints(tmp_path):
     """`lmforge generate --model INT4DIR` decodes without importing torch and prints the text the PyTorch path prints
     (greedy), with the same last line; ``--runtime torch`` keeps PyTorch."""
-    torch.manual_seed(0)
-    from lmforge.assets import STORIES260K
-
-    model = load_model(STORIES260K)  # a trained model: its text is words
-    cfg = model.cfg
-    if cfg.n_embd % 32 or cfg.vocab_size % 16:
-        pytest.skip("stories260K's widths do not fit the int4 kernel")
-    quantize_model(model, QuantConfig(bits=4, group_size=32, symmetric=False))
-    out = tmp_path / "int4"
-    from lmforge.tokenizer import load_tokenizer
-
-    save_quantized(model, out, load_tokenizer(str(STORIES260K.parent / "tok512.bin")))
-    why = lean.unsupported(out)
-    if why:
-        pytest.skip(f"no decoding without PyTorch here: {why}")
+    out = _stories_int4(tmp_path)
     args = ["--model", str(out), "--prompt", "Once upon a time", "--temperature", "0", "--max-new-tokens", "40"]
     ours, theirs = _generate(args), _generate(args + ["--runtime", "torch"])
     assert ours.returncode == 0, ours.stderr[-2000:]

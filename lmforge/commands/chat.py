@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
-from lmforge.commands.args import add_model_args, check_vocab, find_tokenizer_path, read_template, template_arg
-from lmforge.commands.generate import lean_unsupported
+from lmforge.commands.args import add_model_args, template_arg
+from lmforge.commands.generate import lean_files, lean_unsupported
 from lmforge.errors import LMForgeError
 
 HELP = "commands: /reset clears the conversation, /exit quits (so does end of input)"
@@ -99,19 +98,10 @@ class _Lean:
     conversation: a turn computes only the positions after the longest prefix it shares with the cached tokens."""
 
     def __init__(self, args, template: str | None) -> None:
-        from lmforge.config import ModelConfig
         from lmforge.infer import lean
         from lmforge.infer.chat import end_of_turn, get_template
-        from lmforge.tokenizer import load_tokenizer
 
-        path = Path(args.model)
-        cfg = ModelConfig.load(path / lean.CONFIG)
-        tok_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer_path(path, cfg.vocab_size)
-        if tok_path is None:
-            raise LMForgeError(f"{path}: no tokenizer found beside the model; pass --tokenizer PATH")
-        tok = load_tokenizer(str(tok_path))
-        read_template(path, tok)
-        check_vocab(cfg, tok, str(path), str(tok_path))
+        path, cfg, tok = lean_files(args)
         self.tok, self.args, self.ctx = tok, args, cfg.block_size
         self.template = get_template(template, tok)
         self.stops, self.stop_ids = end_of_turn(self.template, tok)

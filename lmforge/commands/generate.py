@@ -85,7 +85,8 @@ def _report(n: int, start: float, first: float) -> None:
         print(f"achieved tok/s: {n / dt:.1f} ({n} tokens; first token after {wait:.2f} s{then})", file=sys.stderr)
 
 
-def _run_lean(args) -> None:
+def lean_files(args):
+    """(directory, ModelConfig, tokenizer) of ``--model``/``--tokenizer`` for the lean runtime (no PyTorch)."""
     from lmforge.config import ModelConfig
     from lmforge.infer import lean
     from lmforge.tokenizer import load_tokenizer
@@ -98,6 +99,13 @@ def _run_lean(args) -> None:
     tok = load_tokenizer(str(tok_path))
     read_template(path, tok)
     check_vocab(cfg, tok, str(path), str(tok_path))
+    return path, cfg, tok
+
+
+def _run_lean(args) -> None:
+    from lmforge.infer import lean
+
+    path, cfg, tok = lean_files(args)
     prompt, stops = _prompt(tok, args.prompt)
     if len(prompt) >= cfg.block_size and args.max_new_tokens > 0:
         raise LMForgeError(f"prompt of {len(prompt)} tokens leaves no room in the context of {cfg.block_size}")
