@@ -77,3 +77,11 @@ def template_arg(value: str | None) -> str | None:
     if "{" not in value:
         raise LMForgeError(f"--template {value!r}: no such template file")
     return value
+
+
+def check_sampling_args(args) -> None:
+    """--temperature, --top-p, --top-k and --min-p in range, else one line naming them."""
+    if not args.temperature >= 0 or not 0 < args.top_p <= 1:
+        raise LMForgeError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.top_k < 0 or not 0 <= args.min_p <= 1:
+        raise LMForgeError("--top-k must be >= 0 and --min-p in [0, 1]")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 
-from lmforge.commands.args import add_model_args, template_arg
+from lmforge.commands.args import add_model_args, check_sampling_args, template_arg
 from lmforge.commands.generate import lean_files, lean_unsupported
 from lmforge.errors import LMForgeError
 
@@ -36,10 +36,7 @@ def add_parser(sub, name: str, help_: str) -> None:
 def _check(args) -> None:
     if args.max_new_tokens < 1:
         raise LMForgeError("--max-new-tokens must be >= 1")
-    if not args.temperature >= 0 or not 0 < args.top_p <= 1:
-        raise LMForgeError("--temperature must be >= 0 and --top-p in (0, 1]")
-    if args.top_k < 0 or not 0 <= args.min_p <= 1:
-        raise LMForgeError("--top-k must be >= 0 and --min-p in [0, 1]")
+    check_sampling_args(args)
     if not args.repetition_penalty > 0:
         raise LMForgeError("--repetition-penalty must be > 0")
 

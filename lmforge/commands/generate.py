@@ -9,7 +9,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from lmforge.commands.args import add_model_args, check_vocab, find_tokenizer_path, read_template
+from lmforge.commands.args import (
+    add_model_args,
+    check_sampling_args,
+    check_vocab,
+    find_tokenizer_path,
+    read_template,
+)
 from lmforge.errors import LMForgeError
 
 
@@ -40,10 +46,7 @@ def add_parser(sub, name: str, help_: str) -> None:
 def run(args) -> None:
     if args.max_new_tokens < 0:
         raise LMForgeError("--max-new-tokens must be >= 0")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise LMForgeError("--temperature must be >= 0 and --top-p in (0, 1]")
-    if args.top_k < 0 or not 0 <= args.min_p <= 1:
-        raise LMForgeError("--top-k must be >= 0 and --min-p in [0, 1]")
+    check_sampling_args(args)
     if args.runtime != "torch":
         why = lean_unsupported(args)
         if why is None:

@@ -16,7 +16,7 @@ import torch
 from lmforge.infer.engine import SlotRunner
 from lmforge.infer.sampling import SamplingParams, select
 from lmforge.infer.sequence import Sequence, Step  # noqa: F401 - also importable from here, as before
-from lmforge.infer.speculative import draft_unsupported, make_draft, speculative_steps
+from lmforge.infer.speculative import resolve_draft, speculative_steps
 from lmforge.infer.text import TextStream  # noqa: F401 - also importable from here, as before
 from lmforge.model import Decoder, KVCache
 
@@ -44,8 +44,7 @@ def stream_steps(model: Decoder, prompt_ids: list[int], params: SamplingParams, 
     if seq.finish_reason is not None:
         return
     cap = min(cfg.block_size, nv + len(prompt_ids) + params.max_new_tokens)
-    if draft == "auto":
-        draft = make_draft(model) if draft_unsupported(model) is None else None
+    draft = resolve_draft(model, draft)
     if draft is not None and seq.limit > 1 and not nv:
         yield from speculative_steps(model, draft, seq, cap)
         return

@@ -487,16 +487,12 @@ class NativeStep:
                 and mod.qweight.device.type == "cpu")
 
     def _refined_head(self):
-        """An int8 output projection that recomputes its top candidates exactly after the bfloat16 kernel
-        (``QuantLinear.refine_top``, the auto mode's choice for decoding): the kernel as QuantLinear calls it, then
-        the conversion, bias and recomputation in one C call (PyTorch's topk alone took 100 us of 49,152 logits).
-        None for any other output projection (it keeps ``SlotRunner._head_fn``)."""
+        """An int8 output projection (``QuantLinear.refine_top`` set) that recomputes its top candidates exactly in C
+        after lmf_head_vnni (int8 activations, AVX512-VNNI) or, without it, after the bfloat16 kernel as QuantLinear
+        calls it: the conversion, bias and recomputation in one C call (PyTorch's topk alone took 100 us of 49,152
+        logits). None for any other output projection (it keeps ``SlotRunner._head_fn``)."""
         mod, n = self.model.lm_head, self.n
-        if type(mod) is not QuantLinear or mod.bits != 8 or not mod.refine_top:
-            return None
-        if mod.compute not in ("auto", "bfloat16"):
-            return None
-        if mod._forward_hooks or mod._forward_pre_hooks or mod.qweight.device.type != "cpu":
+        if not self._refined_head_applies():
             return None
         k, N = min(mod.refine_top, mod.out_features), mod.out_features
         args = _HeadArgs(n=n, N=N, K=mod.in_features, k=k, y_stride=N, q=_addr(self._keep_t(mod.qweight)),

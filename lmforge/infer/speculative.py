@@ -7,13 +7,14 @@ them once too, so a cheap draft proposes ``k`` tokens and the model checks them 
 weights rounded to int4 in groups of 32 (``lmforge.quant``, its C kernel five times faster a token): it proposes
 what the model would choose almost always (SmolLM2: 98% of greedy tokens).
 
-Every emitted token is chosen by the model's own logits, at its position, by the sequence's own sampler (one choice
-per emitted token, in order, with the same random generator): greedy decoding gives the model's tokens, sampling
-draws from the model's distribution with the same seed, penalties and log-probabilities as without a draft. A
-drafted token is kept while the model's choice equals it; the first choice that differs is emitted instead and the
-round ends (after ``k`` kept tokens the last row gives one more). The logits of a checked row come from a product of
-several rows, which rounds differently from one row's product: a near tie between two tokens can break the other
-way than in plain decoding.
+Greedy decoding and penalized sampling choose every emitted token by the model's own logits, at its position, with
+the sequence's own sampler (one choice per emitted token, in order, with the same random generator): the tokens,
+penalties and log-probabilities of plain decoding. A drafted token is kept while the model's choice equals it; the
+first choice that differs is emitted instead and the round ends (after ``k`` kept tokens the last row gives one
+more). Sampling without penalties is speculative sampling (``accept``): the tokens follow the model's distribution,
+but a seed draws other samples than without a draft. The logits of a checked row come from a product of several
+rows, which rounds differently from one row's product: a near tie between two tokens can break the other way than
+in plain decoding.
 
 ``k`` adapts (HF transformers' assisted generation rule: +2 after a round that kept every drafted token, -1
 otherwise, within 1..``MAX_DRAFT``), and drafting stops for the rest of a sequence whose drafted tokens are kept less
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from lmforge.infer.engine import SlotRunner
-from lmforge.infer.native import int4_ok
+from lmforge.infer.native import library
 from lmforge.infer.sampling import chosen, select, sparse_distribution
 from lmforge.memory import release_free_memory
 from lmforge.model import Decoder
@@ -58,10 +59,17 @@ def draft_unsupported(model: Decoder, any_size: bool = False) -> str | None:
     size = sum(m.weight.numel() * 4 for m in model.blocks.modules() if isinstance(m, nn.Linear))
     if size < DRAFT_MIN_BYTES and not any_size:
         return f"block weights of {size / 2**20:.0f} MiB (a draft pays from {DRAFT_MIN_BYTES >> 20} MiB)"
-    probe = QuantLinear(32, 16, 4, 32, False)
-    if not int4_ok(probe):
+    lib = library()
+    if lib is None or not lib.lmf_vnni_ok():
         return "no int4 kernel here (AVX512-VNNI and a C compiler)"
     return None
+
+
+def resolve_draft(model: Decoder, draft: Decoder | str | None) -> Decoder | None:
+    """``draft`` as given, or for "auto" the model's int4 copy where that pays (None where it does not)."""
+    if isinstance(draft, str):  # "auto"
+        return make_draft(model) if draft_unsupported(model) is None else None
+    return draft
 
 
 def make_draft(model: Decoder) -> Decoder:
@@ -97,7 +105,7 @@ class Speculator:
     positions), caught up with whichever sequence it is asked to continue, and the adaptive draft length."""
 
     def __init__(self, draft: Decoder, max_len: int) -> None:
-        self.draft, self.small = draft, SlotRunner(draft, 1, max_len)
+        self.small = SlotRunner(draft, 1, max_len)
         self.owner = None  # the Sequence the draft's cache holds the start of
         self.k, self.drafted, self.kept = START_DRAFT, 0, 0
         self.rounds = 0  # rounds that drafted (for tests and statistics)
@@ -105,8 +113,7 @@ class Speculator:
     @classmethod
     def auto(cls, model: Decoder, max_len: int, draft: Decoder | str | None = "auto") -> Speculator | None:
         """A Speculator for ``model`` with ``draft`` ("auto": its int4 copy where that pays; None: none)."""
-        if draft == "auto":
-            draft = make_draft(model) if draft_unsupported(model) is None else None
+        draft = resolve_draft(model, draft)
         return cls(draft, max_len) if draft is not None and not model.num_virtual_tokens else None
 
     def round(self, target: SlotRunner, slot: int, seq, tok: int) -> Iterator:
