@@ -205,6 +205,38 @@ def test_whether_to_share_work_is_decided_again_when_pytorch_comes():
     assert out.stdout.split() == [str(int(bool(LIB.lmf_openmp()))), "0"]
 
 
+def test_whole_step_shares_its_rows_among_threads(two_threads, monkeypatch):
+    """A small model's whole step (one lmf_step call) of several rows is shared among the threads, each taking its
+    rows through every layer (one parallel region a step; attention alone is below ATTN_PARALLEL_WORK here, so one
+    thread computed it all before): a prefill of several prompts (a prompt's rows stay in one thread, in order) and
+    16 decoding rows at different positions give the same logits and cache bit for bit as one thread, equal to full
+    forwards. One row stays on the calling thread."""
+    monkeypatch.setenv("LMFORGE_NATIVE", "1")
+    torch.manual_seed(0)
+    model = Decoder(get_preset("tiny-llama", block_size=128, vocab_size=97, n_embd=64, n_head=4, n_kv_head=2,
+                               intermediate_size=128)).eval().requires_grad_(False)
+    prompts = {s: [(s + 3 * i + 1) % 97 for i in range(3 + 2 * s)] for s in range(16)}
+    out = {}
+    for on in (False, True):
+        _parallel(on)
+        runner = SlotRunner(model, 16, 128)
+        first = runner.prefill_many(list(prompts), list(prompts.values()))
+        assert runner._native_step(16).whole
+        before = _runs()
+        steps = [runner.decode([(s + i) % 97 for s in range(16)]) for i in range(3)]
+        assert _runs() - before == (3 if on else 0)  # one region a step, none inside it
+        before = _runs()
+        runner.decode([5])
+        assert _runs() == before
+        out[on] = (first, *steps, runner.k[:, :16].clone(), runner.v[:, :16].clone())
+    assert all(torch.equal(a, b) for a, b in zip(out[False], out[True]))
+    for s in (0, 7, 15):
+        ids = prompts[s] + [(s + i) % 97 for i in range(3)]
+        with torch.no_grad():
+            want = model(torch.tensor([ids]))[0, -1]
+        assert torch.allclose(out[True][3][s], want, atol=5e-5, rtol=1e-5)
+
+
 def test_attention_shared_among_threads_computes_what_one_thread_does(two_threads, monkeypatch):
     """Attention of many rows over long contexts (above ATTN_PARALLEL_WORK) runs on two threads: a prefill of several
     prompts through the C step (a prompt's rows stay in order in one thread) and decoding rows at 400 keys give the

@@ -11,8 +11,8 @@
 
    Activations move between the products as float32 or bfloat16 rows (``*_bf`` flags), padded to a row stride;
    bfloat16 is rounded to nearest even like PyTorch. Arithmetic is float32 throughout.
-   No threads of its own: attention of many rows and the large products share their work among the calling thread's
-   OpenMP team (PyTorch's pool; see lmf_attention and for_tiles). Nothing is allocated but a scratch buffer per
+   No threads of its own: a small model's step of several rows, attention of many rows and the large products share
+   their work among the calling thread's OpenMP team (PyTorch's pool; see lmf_step, lmf_attention and for_tiles). Nothing is allocated but a scratch buffer per
    worker thread (thread_scratch). */
 
 #include <math.h>
@@ -99,11 +99,10 @@ typedef struct {
     float *tmp;                    /* d floats */
 } norm_args;
 
-/* x += y (+ bias) when y is not NULL; then out = norm(x). */
-void lmf_add_norm(const norm_args *a, const void *y) {
+/* Rows r0 .. r1 - 1: x += y (+ bias) when y is not NULL; then out = norm(x). t: d floats of scratch. */
+static void add_norm_rows(const norm_args *a, const void *y, int r0, int r1, float *t) {
     const int d = a->d;
-    float *t = a->tmp;
-    for (int r = 0; r < a->n; r++) {
+    for (int r = r0; r < r1; r++) {
         float *x = a->x + (size_t)r * d;
         if (y) {
             load_row(row_at((void *)y, a->y_bf, a->y_stride, r), a->y_bf, t, d);
@@ -146,6 +145,8 @@ void lmf_add_norm(const norm_args *a, const void *y) {
         store_row(row_at(a->out, a->out_bf, a->out_stride, r), a->out_bf, t, d);
     }
 }
+
+void lmf_add_norm(const norm_args *a, const void *y) { add_norm_rows(a, y, 0, a->n, a->tmp); }
 
 /* ---- rotary embedding, cache write, attention for one query per row ------------------------- */
 
@@ -545,11 +546,10 @@ static void activate(float *x, int n, int act) {
     }
 }
 
-/* out = act(gate) * up for a gated MLP (y = [gate | up]), else act(y). */
-void lmf_activation(const act_args *a, const void *y) {
+/* Rows r0 .. r1 - 1: out = act(gate) * up for a gated MLP (y = [gate | up]), else act(y). t: 2 f floats. */
+static void activation_rows(const act_args *a, const void *y, int r0, int r1, float *t) {
     const int f = a->f, width = a->gated ? 2 * f : f;
-    float *t = a->tmp;
-    for (int r = 0; r < a->n; r++) {
+    for (int r = r0; r < r1; r++) {
         load_row(row_at((void *)y, a->y_bf, a->y_stride, r), a->y_bf, t, width);
         if (a->bias) {
 #pragma omp simd
@@ -563,6 +563,8 @@ void lmf_activation(const act_args *a, const void *y) {
         store_row(row_at(a->out, a->out_bf, a->out_stride, r), a->out_bf, t, f);
     }
 }
+
+void lmf_activation(const act_args *a, const void *y) { activation_rows(a, y, 0, a->n, a->tmp); }
 
 /* ---- the int8 output projection's exact top candidates ---------------------------------------- */
 
@@ -678,21 +680,22 @@ static inline __attribute__((always_inline)) void lin_block(const lin_args *a, i
     }
 #endif
 
-/* out = x W^T (+ bias), float32, for products small enough that a framework's call costs more than the arithmetic
-   (stories260K: 64 x 128 weights; PyTorch's F.linear took 5-10 us a call, most of a step of 21 of them). */
-void lmf_linear(const lin_args *a) {
+/* Rows r0 .. r1 - 1 of out = x W^T (+ bias), float32, for products small enough that a framework's call costs more
+   than the arithmetic (stories260K: 64 x 128 weights; PyTorch's F.linear took 5-10 us a call, most of a step of 21
+   of them). */
+static void linear_rows(const lin_args *a, int r0, int r1) {
 #if defined(__AVX512F__)
-    int r = 0;
-    for (; r + 4 <= a->n; r += 4) {
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
         int j = 0;
         LIN_ROWS(4)
     }
-    for (; r < a->n; r++) {
+    for (; r < r1; r++) {
         int j = 0;
         LIN_ROWS(1)
     }
 #else
-    for (int r = 0; r < a->n; r++) {
+    for (int r = r0; r < r1; r++) {
         float *o = a->out + (size_t)r * a->Np;
         for (int j = 0; j < a->Np; j++) o[j] = a->bias ? a->bias[j] : 0.f;
         for (int k = 0; k < a->K; k++) {
@@ -705,6 +708,8 @@ void lmf_linear(const lin_args *a) {
 #endif
 }
 
+void lmf_linear(const lin_args *a) { linear_rows(a, 0, a->n); }
+
 typedef struct {
     int32_t n_layer;
     const norm_args *first;        /* the first norm (reads the embedded tokens in x) */
@@ -716,21 +721,78 @@ typedef struct {
     const lin_args *head;          /* the output projection */
 } step_args;
 
-/* A whole decoding step when every product is an lmf_linear: one call, no interpreter between the layers. */
-void lmf_step(const step_args *s) {
-    lmf_add_norm(s->first, NULL);
+/* Rows r0 .. r1 - 1 of a whole step (rows are independent but for the rows of one slot, kept together and in
+   order); norm, act and attn: scratch of d, 2 f and attn->tmp's floats, or NULL: the args' own. */
+static void step_rows(const step_args *s, int r0, int r1, float *norm, float *act, float *attn) {
+    add_norm_rows(s->first, NULL, r0, r1, norm ? norm : s->first->tmp);
     for (int i = 0; i < s->n_layer; i++) {
         const lin_args *const *l = s->lin + 4 * i;
-        lmf_linear(l[0]);
-        lmf_attention(s->attn[i], l[0]->out);
-        lmf_linear(l[1]);
-        lmf_add_norm(s->norm2[i], l[1]->out);
-        lmf_linear(l[2]);
-        lmf_activation(s->act[i], l[2]->out);
-        lmf_linear(l[3]);
-        lmf_add_norm(s->after[i], l[3]->out);
+        linear_rows(l[0], r0, r1);
+        attention_rows(s->attn[i], l[0]->out, r0, r1, attn ? attn : s->attn[i]->tmp);
+        linear_rows(l[1], r0, r1);
+        add_norm_rows(s->norm2[i], l[1]->out, r0, r1, norm ? norm : s->norm2[i]->tmp);
+        linear_rows(l[2], r0, r1);
+        activation_rows(s->act[i], l[2]->out, r0, r1, act ? act : s->act[i]->tmp);
+        linear_rows(l[3], r0, r1);
+        add_norm_rows(s->after[i], l[3]->out, r0, r1, norm ? norm : s->after[i]->tmp);
     }
-    lmf_linear(s->head);
+    linear_rows(s->head, r0, r1);
+}
+
+#if defined(_OPENMP)
+/* Multiply-adds from which a step of several rows is shared among the threads: the rows of a small model take a few
+   microseconds each (stories260K: 257k multiply-adds, about 10 us), a parallel region's hand-off a few more. */
+#define STEP_PARALLEL_WORK 400000.0
+#endif
+
+/* A whole decoding step when every product is an lmf_linear: one call, no interpreter between the layers. Rows are
+   shared among the calling thread's OpenMP team (each thread takes its rows through every layer, no waiting between
+   them) when there is enough work; the rows of one slot (a prompt's tokens) stay together, in order. The arithmetic
+   per row is the same on any number of threads: the logits and cache do not depend on it. */
+void lmf_step(const step_args *s) {
+    const int n = s->first->n;
+#if defined(_OPENMP)
+    int nt = omp_get_max_threads();
+    nt = nt < ATTN_MAX_THREADS ? nt : ATTN_MAX_THREADS;
+    if (lmf_parallel_ok && nt > 1 && n > 1 && !omp_in_parallel()) {
+        const attn_args *a = s->attn[0];
+        double row = s->head->K * (double)s->head->Np, work = 0, done = 0;
+        for (int k = 0; k < 4 * s->n_layer; k++) row += s->lin[k]->K * (double)s->lin[k]->Np;
+        const double per_key = 2.0 * a->nh * a->hd * s->n_layer;
+        for (int r = 0; r < n; r++) work += a->pos[r] >= 0 ? row + per_key * (a->pos[r] + 1) : 0.0;
+        if (work >= STEP_PARALLEL_WORK) {
+            int cut[ATTN_MAX_THREADS + 1], k = 1;  /* thread k takes rows cut[k] .. cut[k + 1] - 1 */
+            cut[0] = 0;
+            for (int r = 0; r < n && k < nt; r++) {
+                const int sl = a->slot ? a->slot[r] : r, prev = r && a->slot ? a->slot[r - 1] : r - 1;
+                if (r && sl != prev && done >= work * k / nt) cut[k++] = r;
+                done += a->pos[r] >= 0 ? row + per_key * (a->pos[r] + 1) : 0.0;
+            }
+            for (; k <= nt; k++) cut[k] = n;
+            const size_t d = (size_t)s->first->d, f2 = 2 * (size_t)s->act[0]->f,
+                         at = (size_t)(a->nh + 2 * a->nkv) * a->hd + (size_t)(a->nh / a->nkv) * ((size_t)a->max_len + a->hd);
+            char failed[ATTN_MAX_THREADS] = {0};
+            lmf_parallel_runs++;
+#pragma omp parallel num_threads(nt)
+            {   /* the team may be smaller than asked: its threads take the parts in turn */
+                const int me = omp_get_thread_num();
+                float *tmp = me == 0 ? NULL : thread_scratch(d + f2 + at);
+                for (int i = me; i < nt; i += omp_get_num_threads()) {
+                    if (me == 0)
+                        step_rows(s, cut[i], cut[i + 1], NULL, NULL, NULL);
+                    else if (tmp)
+                        step_rows(s, cut[i], cut[i + 1], tmp, tmp + d, tmp + d + f2);
+                    else
+                        failed[i] = 1;
+                }
+            }
+            for (int i = 1; i < nt; i++)  /* no memory for a worker's scratch: its rows here */
+                if (failed[i]) step_rows(s, cut[i], cut[i + 1], NULL, NULL, NULL);
+            return;
+        }
+    }
+#endif
+    step_rows(s, 0, n, NULL, NULL, NULL);
 }
 
 /* ---- float32 products of a few rows against large weights --------------------------------------- */
