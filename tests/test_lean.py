@@ -237,6 +237,10 @@ def test_lean_runtime_refuses_what_it_cannot_run_and_damaged_files(tmp_path):
     ok = copy("ok")
     r = _generate(["--model", str(ok), "--max-new-tokens", "4"])
     assert r.returncode == 0 and "TORCH False" in r.stderr, r.stderr[-2000:]
+    for runtime in ("auto", "torch"):  # a draft of an int4 model is refused on either runtime, not ignored
+        r = _generate(["--model", str(ok), "--max-new-tokens", "4", "--draft", "int4", "--runtime", runtime])
+        lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("TORCH")]
+        assert r.returncode == 1 and len(lines) == 1 and "error: --draft int4: " in lines[0], r.stderr
     raw = bytearray((ok / "model.safetensors").read_bytes())
     n = int.from_bytes(raw[:8], "little")
     b, _ = json.loads(raw[8 : 8 + n])["blocks.0.attn.qkv.scales"]["data_offsets"]

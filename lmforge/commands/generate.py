@@ -50,6 +50,9 @@ def run(args) -> None:
     if args.runtime != "torch":
         why = lean_unsupported(args)
         if why is None:
+            if args.draft == "int4":  # as the PyTorch path refuses a quantized model's draft
+                raise LMForgeError(f"--draft int4: {args.model} is an int4 model already (a draft speeds up float32 "
+                                   "models)")
             return _run_lean(args)
         if args.runtime == "lean":
             raise LMForgeError(f"{args.model or 'the bundled stories260K'}: --runtime lean: {why}")
