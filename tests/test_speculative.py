@@ -63,6 +63,24 @@ def test_greedy_gives_plain_decodings_tokens(bad_draft):
         assert ours == plain and len(ours) == n
 
 
+def test_the_first_token_does_not_wait_for_the_draft(monkeypatch):
+    """With ``draft="auto"`` (where a draft pays) the first token comes from the prompt's forward before the draft is
+    built; the draft then proposes the rest (greedy: plain decoding's tokens)."""
+    from lmforge.infer import speculative
+
+    model = _model()
+    monkeypatch.setattr(speculative, "draft_unsupported", lambda model, any_size=False: None)
+    events = []
+    monkeypatch.setattr(speculative, "make_draft", lambda m: events.append("draft") or make_draft(m))
+    params = SamplingParams(temperature=0, max_new_tokens=20)
+    steps = stream_steps(model, [1, 5, 9, 13], params, draft="auto")
+    first = next(steps)
+    assert events == []
+    ours = [first.token] + [s.token for s in steps]
+    assert events == ["draft"]
+    assert ours == [s.token for s in stream_steps(model, [1, 5, 9, 13], params, draft=None)]
+
+
 def test_penalties_seeds_and_logprobs_stay_the_samplers():
     """Sampling with a repetition penalty (the model's own choice is compared with the draft's): the same seed gives
     plain decoding's tokens and log-probabilities."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -144,7 +145,7 @@ def _draft(model):
     why = draft_unsupported(model, any_size=True)
     if why:
         raise LMForgeError(f"--draft int4: {why}")
-    return make_draft(model)
+    return functools.partial(make_draft, model)  # built after the first token
 
 
 def write_generation(model, tok, prompt: list[int], params, out: TextIO, draft="auto") -> tuple[int, float]:

@@ -139,10 +139,11 @@ def stream_layout(model: nn.Module) -> int:
     with torch.no_grad(), torch.inference_mode(False):  # ordinary tensors, even when called in inference mode
         for w in todo:
             replace(w, w.data.contiguous() if row_major(w) else w.data.t().contiguous().t())
-        if mapped:  # tensors loaded from safetensors share one mapping of the file: the rest copied too
-            for t in tensors:
-                if t.device.type == "cpu" and (id(t) not in weights or _on_mapping(t, mapped)):
-                    replace(t, t.data.clone())
+        # tensors loaded from safetensors share one mapping of the file: the rest on it copied too (only those: a
+        # tensor another model shares, as a draft shares the model's norms, keeps the storage its runners point into)
+        for t in tensors:
+            if t.device.type == "cpu" and _on_mapping(t, mapped):
+                replace(t, t.data.clone())
     model.__dict__["_lmforge_laid_out"] = True
     return len(weights)
 
@@ -359,8 +360,6 @@ class SlotRunner:
             raise ValueError(f"KV cache full: {S} positions > max_len {self.max_len}")
         self.reserve(n, S)
         tok = torch.tensor([t if t is not None else 0 for t in tokens], device=self.device)
-        pos = torch.tensor(lens, device=self.device)
-        ragged = any(t is None or lens[i] != S - 1 for i, t in enumerate(tokens))
         logits = None
         step = self._native_step(n) if self.fast else None
         plan = self._plan_for(n, step is not None, whole=step is not None and step.c_products)
@@ -370,8 +369,8 @@ class SlotRunner:
             torch.set_num_threads(plan[1])
         t0 = time.perf_counter()
         try:
-            if use:
-                x = self._embed(tok, pos)
+            if use:  # (positions as a tensor only for learned ones: a small model's step is ~20 us in C)
+                x = self._embed(tok, torch.tensor(lens) if self.cfg.position == "learned" else None)
                 try:
                     logits = step.run(x, lens)
                 except Stale:  # a layer's weight or compute mode changed: planned again (a redone step rewrites
@@ -380,7 +379,12 @@ class SlotRunner:
                     use = step is not None
                     logits = step.run(x, lens) if use else None
             if logits is None:
-                logits = self._fast(tok, pos, n, S, ragged) if self.fast else self._slow(tok, pos, n, S)
+                pos = torch.tensor(lens, device=self.device)
+                if self.fast:
+                    ragged = any(t is None or lens[i] != S - 1 for i, t in enumerate(tokens))
+                    logits = self._fast(tok, pos, n, S, ragged)
+                else:
+                    logits = self._slow(tok, pos, n, S)
             self._timed((n, threads), plan, time.perf_counter() - t0)
         finally:
             if plan[1] != threads:
@@ -449,8 +453,9 @@ class SlotRunner:
         """The output projection as a function of the final hidden states (n, D) float32."""
         return _linear_fn(self.model.lm_head)
 
-    def _embed(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """The decode step's input (n, D): token embeddings (scaled), learned positions, embedding norm."""
+    def _embed(self, tok: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        """The decode step's input (n, D): token embeddings (scaled), learned positions (``pos``: needed only for
+        them), embedding norm."""
         m, cfg = self.model, self.cfg
         x = F.embedding(tok, m.wte.weight) if type(m.wte) is nn.Embedding else m.wte(tok)  # (n, D)
         if cfg.embedding_scale != 1.0:

@@ -44,7 +44,7 @@ def stream_steps(model: Decoder, prompt_ids: list[int], params: SamplingParams, 
     if seq.finish_reason is not None:
         return
     cap = min(cfg.block_size, nv + len(prompt_ids) + params.max_new_tokens)
-    draft = resolve_draft(model, draft)
+    draft = resolve_draft(model, draft, lazy=True)
     if draft is not None and seq.limit > 1 and not nv:
         yield from speculative_steps(model, draft, seq, cap)
         return

@@ -24,9 +24,10 @@ than half the time (sampling at a high temperature), where it would cost more th
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -65,10 +66,13 @@ def draft_unsupported(model: Decoder, any_size: bool = False) -> str | None:
     return None
 
 
-def resolve_draft(model: Decoder, draft: Decoder | str | None) -> Decoder | None:
-    """``draft`` as given, or for "auto" the model's int4 copy where that pays (None where it does not)."""
+def resolve_draft(model: Decoder, draft: Decoder | str | None, lazy: bool = False):
+    """``draft`` as given, or for "auto" the model's int4 copy where that pays (None where it does not); ``lazy``:
+    a function building that copy (``speculative_steps`` builds it after the first token)."""
     if isinstance(draft, str):  # "auto"
-        return make_draft(model) if draft_unsupported(model) is None else None
+        if draft_unsupported(model) is not None:
+            return None
+        return functools.partial(make_draft, model) if lazy else make_draft(model)
     return draft
 
 
@@ -169,14 +173,17 @@ class Speculator:
         self.k = min(self.k + 2, MAX_DRAFT) if i == n else max(self.k - 1, 1)
 
 
-def speculative_steps(model: Decoder, draft: Decoder, seq, cap: int) -> Iterator:
-    """Decode ``seq`` (a ``lmforge.infer.sequence.Sequence``) with ``model``, ``draft`` proposing; a cache of
-    ``cap`` positions. Yields ``Step``s as ``lmforge.infer.generate.stream_steps`` does."""
-    target, spec = SlotRunner(model, 1, cap), Speculator(draft, cap)
+def speculative_steps(model: Decoder, draft: Decoder | Callable[[], Decoder], seq, cap: int) -> Iterator:
+    """Decode ``seq`` (a ``lmforge.infer.sequence.Sequence``) with ``model``, ``draft`` proposing (or a function
+    making it, called after the first token: the first token does not wait for the draft, 0.4 s for SmolLM2); a
+    cache of ``cap`` positions. Yields ``Step``s as ``lmforge.infer.generate.stream_steps`` does."""
+    target = SlotRunner(model, 1, cap)
     choice = select(target.prefill(0, seq.prompt_ids)[None], [seq.sampler])[0]
     step = seq.accept(choice)
     if step is not None:
         yield step
+    if seq.finish_reason is None:
+        spec = Speculator(draft if isinstance(draft, nn.Module) else draft(), cap)
     while seq.finish_reason is None:
         for c in spec.round(target, 0, seq, choice.token):
             choice, step = c, seq.accept(c)
