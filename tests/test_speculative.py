@@ -81,6 +81,22 @@ def test_the_first_token_does_not_wait_for_the_draft(monkeypatch):
     assert ours == [s.token for s in stream_steps(model, [1, 5, 9, 13], params, draft=None)]
 
 
+def test_a_drafts_runner_leaves_the_models_planned_step_alone():
+    """The draft shares the model's norms; a runner of the draft made after the model's step was planned (its C
+    step points into those tensors) moves none of them, and the model's logits stay the same."""
+    from lmforge.infer.speculative import Speculator
+
+    model = _model()
+    runner = SlotRunner(model, 1, 64)
+    runner.prefill(0, [1, 5, 9, 13])
+    before = runner.extend(0, [7, 8, 9])
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    Speculator(make_draft(model), 64)
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+    runner.lens[0] = 4
+    assert torch.equal(runner.extend(0, [7, 8, 9]), before)
+
+
 def test_penalties_seeds_and_logprobs_stay_the_samplers():
     """Sampling with a repetition penalty (the model's own choice is compared with the draft's): the same seed gives
     plain decoding's tokens and log-probabilities."""

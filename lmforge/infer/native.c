@@ -768,7 +768,12 @@ void lmf_step(const step_args *s) {
                 if (r && sl != prev && done >= work * k / nt) cut[k++] = r;
                 done += a->pos[r] >= 0 ? row + per_key * (a->pos[r] + 1) : 0.0;
             }
+            const int parts = k;  /* one: a single slot's rows (a prompt), kept on this thread */
             for (; k <= nt; k++) cut[k] = n;
+            if (parts == 1) {
+                step_rows(s, 0, n, NULL, NULL, NULL);
+                return;
+            }
             const size_t d = (size_t)s->first->d, f2 = 2 * (size_t)s->act[0]->f,
                          at = (size_t)(a->nh + 2 * a->nkv) * a->hd + (size_t)(a->nh / a->nkv) * ((size_t)a->max_len + a->hd);
             char failed[ATTN_MAX_THREADS] = {0};
