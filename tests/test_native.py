@@ -71,14 +71,16 @@ def test_native_step_equals_full_forward(shape, whole, forced, monkeypatch):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_gemv_products_of_a_few_rows(bias):
-    """A float32 layer of a few rows (a decoding step of a large float32 model) as lmf_gemv, reading the weight in
-    place: equal to F.linear for 1-4 rows, 16-row blocks and a remainder of outputs (N = 200), strided input rows;
-    an in-place change is read; a replaced weight makes it Stale; K not a multiple of 16 keeps F.linear."""
+    """A float32 layer of up to GEMV_ROWS rows (a decoding step of a large float32 model, a speculative check, a
+    short prefill) as lmf_gemv, reading the weight in place: equal to F.linear for 1-7 rows (blocks of 4 rows and
+    each remainder), 16, 33 and 64 rows, a remainder of outputs past the blocks of 4 (N = 202) and the last tile's
+    part, strided input rows; an in-place change is read; a replaced weight makes it Stale; K not a multiple of 16
+    keeps F.linear."""
     if not native.library().lmf_gemv_ok(64):
         pytest.skip("no AVX512 here: float32 products stay PyTorch's")
     torch.manual_seed(0)
-    lin = torch.nn.Linear(128, 200, bias=bias).requires_grad_(False)
-    for rows in (1, 2, 3, 4):
+    lin = torch.nn.Linear(128, 202, bias=bias).requires_grad_(False)
+    for rows in (1, 2, 3, 4, 5, 6, 7, 16, 33, native.GEMV_ROWS):
         fn = native.gemv(lin, rows)
         x = torch.randn(rows, 160)[:, :128]  # rows 160 floats apart
         want = torch.nn.functional.linear(x, lin.weight, lin.bias)

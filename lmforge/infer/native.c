@@ -185,15 +185,9 @@ static void rotate(float *x, const float *c, const float *s, int rd, int interle
 /* Scores of 16 keys K[0..15] (rows of hd floats, hd a multiple of 16) against q, times scale, into p[0..15]: the
    16 products as 16-lane partial sums, then one transposing tree of shuffles and adds sums all 16 at once (a
    horizontal sum per key took twice as long). */
-static inline __attribute__((always_inline)) void scores16(const float *restrict q, const float *restrict K,
-                                                             float scale, float *restrict p, const int hd) {
-    __m512 v[16], c[8], e[4], s[2];
-    for (int b = 0; b < 16; b++) {
-        const float *kb = K + (size_t)b * hd;
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kb));
-        for (int i = 16; i < hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(kb + i), acc);
-        v[b] = acc;
-    }
+/* The sums of 16 vectors: lane b of the result is the sum of v[b]'s lanes (a transposing tree of shuffles). */
+static inline __attribute__((always_inline)) __m512 sum16(const __m512 *v) {
+    __m512 c[8], e[4], s[2];
     for (int k = 0; k < 8; k++)  /* c[k]: 128-bit lanes 0-1 key 2k, 2-3 key 2k+1 */
         c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
                              _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
@@ -205,7 +199,19 @@ static inline __attribute__((always_inline)) void scores16(const float *restrict
                              _mm512_shuffle_ps(e[2 * k], e[2 * k + 1], 0xEE));
     const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(s[0], s[1], 0x88), _mm512_shuffle_ps(s[0], s[1], 0xDD));
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);  /* r[4i+p]: key 4p+i */
-    _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_permutexvar_ps(order, r), _mm512_set1_ps(scale)));
+    return _mm512_permutexvar_ps(order, r);
+}
+
+static inline __attribute__((always_inline)) void scores16(const float *restrict q, const float *restrict K,
+                                                             float scale, float *restrict p, const int hd) {
+    __m512 v[16];
+    for (int b = 0; b < 16; b++) {
+        const float *kb = K + (size_t)b * hd;
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kb));
+        for (int i = 16; i < hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(kb + i), acc);
+        v[b] = acc;
+    }
+    _mm512_storeu_ps(p, _mm512_mul_ps(sum16(v), _mm512_set1_ps(scale)));
 }
 #endif
 
@@ -820,21 +826,59 @@ int lmf_gemv_ok(int K) {  /* whether lmf_gemv has its vector kernel for rows of 
 #endif
 }
 
-/* out = x W^T (+ bias) for a few rows: each block of 16 weight rows (contiguous) is read once from memory and used
-   for every row of x, its 16 dot products summed by scores16's transposing tree. A decoding step of a float32 model
-   is these products, bound by memory bandwidth: PyTorch's (MKL's) matrix-vector product reached 15.7 GB/s on
-   SmolLM2's 576-wide rows on either thread count here, this one ~28 on one thread. */
-void lmf_gemv(const gemv_args *a) {
 #if defined(__AVX512F__)
-    const int K = a->K, N = a->N, full = N / 16 * 16;
-    for (int j = 0; j < full; j += 16) {
-        const float *wb = a->w + (size_t)j * K;
-        for (int r = 0; r < a->n; r++) {
-            float *o = a->out + (size_t)r * a->out_stride + j;
-            scores16(a->x + (size_t)r * a->x_stride, wb, 1.0f, o, K);
-            if (a->bias) _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_loadu_ps(a->bias + j)));
+#define GEMM_TILE 64      /* outputs per tile of the many-row product (the unit shared among threads) */
+
+/* Rows r0 .. r0 + R - 1 (R <= 4) against weight rows j0 .. j0 + 3: 4 R accumulators over K (each weight load used
+   by R rows, each input load by 4 outputs), summed by one tree: lane 4 r + j holds row r, output j. */
+static inline __attribute__((always_inline)) void gemm_block(const gemv_args *a, int r0, int j0, const int R,
+                                                             const float *ahead) {
+    const int K = a->K;
+    __m512 acc[16];
+    for (int b = 0; b < 16; b++) acc[b] = _mm512_setzero_ps();
+    const float *w = a->w + (size_t)j0 * K, *x = a->x + (size_t)r0 * a->x_stride;
+    for (int k = 0; k < K; k += 16) {
+        __m512 wk[4];
+        if (ahead)  /* the next weight rows, while this block computes (the hardware's prefetch waits for misses) */
+            for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(ahead + (size_t)j * K + k), _MM_HINT_T0);
+        for (int j = 0; j < 4; j++) wk[j] = _mm512_loadu_ps(w + (size_t)j * K + k);
+        for (int r = 0; r < R; r++) {
+            const __m512 xr = _mm512_loadu_ps(x + (size_t)r * a->x_stride + k);
+            for (int j = 0; j < 4; j++) acc[4 * r + j] = _mm512_fmadd_ps(xr, wk[j], acc[4 * r + j]);
         }
     }
+    float sums[16];
+    _mm512_storeu_ps(sums, sum16(acc));
+    const __m128 bias = a->bias ? _mm_loadu_ps(a->bias + j0) : _mm_setzero_ps();
+    for (int r = 0; r < R; r++)
+        _mm_storeu_ps(a->out + (size_t)(r0 + r) * a->out_stride + j0, _mm_add_ps(_mm_loadu_ps(sums + 4 * r), bias));
+}
+
+static void gemm_tile(const void *args, int t) {  /* outputs t GEMM_TILE .. (to N / 4 * 4) of every row */
+    const gemv_args *a = args;
+    const int end = a->N / 4 * 4, j1 = (t + 1) * GEMM_TILE < end ? (t + 1) * GEMM_TILE : end;
+    for (int j = t * GEMM_TILE; j < j1; j += 4) {
+        const float *ahead = j + 8 <= end ? a->w + (size_t)(j + 4) * a->K : NULL;  /* in the first rows' pass */
+        int r = 0;
+        for (; r + 4 <= a->n; r += 4, ahead = NULL) gemm_block(a, r, j, 4, ahead);
+        switch (a->n - r) {
+        case 3: gemm_block(a, r, j, 3, ahead); break;
+        case 2: gemm_block(a, r, j, 2, ahead); break;
+        case 1: gemm_block(a, r, j, 1, ahead); break;
+        }
+    }
+}
+#endif
+
+/* out = x W^T (+ bias) for rows of a float32 model's decoding step (or a short prefill), the weight read in place:
+   blocks of 4 rows x 4 outputs (gemm_block), tiles of outputs shared among the threads, the next weight rows
+   prefetched while a block computes. One row is bound by memory bandwidth (SmolLM2's 425 MB of block weights on 2
+   threads: 13.9 ms, PyTorch's (MKL's) product 14.9; the earlier one-thread kernel 29.6), many rows by arithmetic
+   (16 rows: 25.0 ms against 36.8, 64 rows 56.4 against 61.5). */
+void lmf_gemv(const gemv_args *a) {
+#if defined(__AVX512F__)
+    const int K = a->K, N = a->N, full = N / 4 * 4;
+    for_tiles((full + GEMM_TILE - 1) / GEMM_TILE, (double)a->n * N * K, gemm_tile, a);
     for (int j = full; j < N; j++) {
         const float *wj = a->w + (size_t)j * K;
         for (int r = 0; r < a->n; r++) {
