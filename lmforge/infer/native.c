@@ -832,15 +832,16 @@ int lmf_gemv_ok(int K) {  /* whether lmf_gemv has its vector kernel for rows of 
 /* Rows r0 .. r0 + R - 1 (R <= 4) against weight rows j0 .. j0 + 3: 4 R accumulators over K (each weight load used
    by R rows, each input load by 4 outputs), summed by one tree: lane 4 r + j holds row r, output j. */
 static inline __attribute__((always_inline)) void gemm_block(const gemv_args *a, int r0, int j0, const int R,
-                                                             const float *ahead) {
+                                                             const float *ahead, const int mask) {
     const int K = a->K;
     __m512 acc[16];
     for (int b = 0; b < 16; b++) acc[b] = _mm512_setzero_ps();
     const float *w = a->w + (size_t)j0 * K, *x = a->x + (size_t)r0 * a->x_stride;
     for (int k = 0; k < K; k += 16) {
         __m512 wk[4];
-        if (ahead)  /* the next weight rows, while this block computes (the hardware's prefetch waits for misses) */
-            for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(ahead + (size_t)j * K + k), _MM_HINT_T0);
+        if (ahead)  /* the next weight rows (those of mask), while this block computes */
+            for (int j = 0; j < 4; j++)
+                if (mask >> j & 1) _mm_prefetch((const char *)(ahead + (size_t)j * K + k), _MM_HINT_T1);
         for (int j = 0; j < 4; j++) wk[j] = _mm512_loadu_ps(w + (size_t)j * K + k);
         for (int r = 0; r < R; r++) {
             const __m512 xr = _mm512_loadu_ps(x + (size_t)r * a->x_stride + k);
@@ -854,27 +855,36 @@ static inline __attribute__((always_inline)) void gemm_block(const gemv_args *a,
         _mm_storeu_ps(a->out + (size_t)(r0 + r) * a->out_stride + j0, _mm_add_ps(_mm_loadu_ps(sums + 4 * r), bias));
 }
 
+static inline int pass_mask(int p, int passes) {  /* the weight rows (of 4) pass p of passes prefetches */
+    int m = 0;
+    for (int j = 0; j < 4; j++) m |= (j % (passes < 4 ? passes : 4) == p) << j;
+    return m;
+}
+
 static void gemm_tile(const void *args, int t) {  /* outputs t GEMM_TILE .. (to N / 4 * 4) of every row */
     const gemv_args *a = args;
     const int end = a->N / 4 * 4, j1 = (t + 1) * GEMM_TILE < end ? (t + 1) * GEMM_TILE : end;
     for (int j = t * GEMM_TILE; j < j1; j += 4) {
-        const float *ahead = j + 8 <= end ? a->w + (size_t)(j + 4) * a->K : NULL;  /* in the first rows' pass */
-        int r = 0;
-        for (; r + 4 <= a->n; r += 4, ahead = NULL) gemm_block(a, r, j, 4, ahead);
+        /* the next block's weight rows are prefetched while this one computes, spread over the passes of rows */
+        const float *ahead = j + 8 <= end ? a->w + (size_t)(j + 4) * a->K : NULL;
+        const int passes = (a->n + 3) / 4;
+        int r = 0, p = 0;
+        for (; r + 4 <= a->n; r += 4, p++) gemm_block(a, r, j, 4, ahead, pass_mask(p, passes));
         switch (a->n - r) {
-        case 3: gemm_block(a, r, j, 3, ahead); break;
-        case 2: gemm_block(a, r, j, 2, ahead); break;
-        case 1: gemm_block(a, r, j, 1, ahead); break;
+        case 3: gemm_block(a, r, j, 3, ahead, pass_mask(p, passes)); break;
+        case 2: gemm_block(a, r, j, 2, ahead, pass_mask(p, passes)); break;
+        case 1: gemm_block(a, r, j, 1, ahead, pass_mask(p, passes)); break;
         }
     }
 }
 #endif
 
 /* out = x W^T (+ bias) for rows of a float32 model's decoding step (or a short prefill), the weight read in place:
-   blocks of 4 rows x 4 outputs (gemm_block), tiles of outputs shared among the threads, the next weight rows
-   prefetched while a block computes. One row is bound by memory bandwidth (SmolLM2's 425 MB of block weights on 2
-   threads: 13.9 ms, PyTorch's (MKL's) product 14.9; the earlier one-thread kernel 29.6), many rows by arithmetic
-   (16 rows: 25.0 ms against 36.8, 64 rows 56.4 against 61.5). */
+   blocks of 4 rows x 4 outputs (gemm_block), tiles of outputs shared among the threads, the next block's weight
+   rows prefetched into L2 while a block computes (spread over its passes of rows). One row is bound by memory
+   bandwidth (SmolLM2's 425 MB of block weights, 2 threads: 13.6 ms, PyTorch's (MKL's) product 14.4, the earlier
+   one-thread kernel 29.6), many rows by arithmetic (16 rows: 21.7 ms against 36.5; 64 rows 56.5 against 58.2; 128
+   rows 103 against 89: MKL's blocking wins there). */
 void lmf_gemv(const gemv_args *a) {
 #if defined(__AVX512F__)
     const int K = a->K, N = a->N, full = N / 4 * 4;

@@ -59,7 +59,7 @@ HEAD_ALL_ROWS = 64  # a prefill step of up to this many rows computes its int8 o
 VNNI_HEAD_ROWS = 1  # an int8 output projection of at least this many rows runs on int8 activations (lmf_head_vnni;
 # one row too: SmolLM2 int4 169-173 -> 206-214 tokens/s on a Xeon with AMX, where the bfloat16 kernel was slower)
 INT4_ROWS = 1  # int4 products of at least this many rows run on integer activations (lmf_int4, AVX512-VNNI)
-GEMV_ROWS = 64  # float32 products of up to this many rows are lmf_gemv (SmolLM2: 1.06x MKL at 1 row, 1.4x at 16)
+GEMV_ROWS = 64  # float32 products of up to this many rows are lmf_gemv (SmolLM2: 1.06x MKL at 1 row, 1.7x at 16)
 set_parallel()  # the library may have loaded before PyTorch did (lmforge generate asks the lean runtime first)
 
 
