@@ -12,8 +12,8 @@
    Activations move between the products as float32 or bfloat16 rows (``*_bf`` flags), padded to a row stride;
    bfloat16 is rounded to nearest even like PyTorch. Arithmetic is float32 throughout.
    No threads of its own: a small model's step of several rows, attention of many rows and the large products share
-   their work among the calling thread's OpenMP team (PyTorch's pool; see lmf_step, lmf_attention and for_tiles). Nothing is allocated but a scratch buffer per
-   worker thread (thread_scratch). */
+   their work among the calling thread's OpenMP team (PyTorch's pool; see lmf_step, lmf_attention and for_tiles).
+   Nothing is allocated but a scratch buffer per worker thread (thread_scratch). */
 
 #include <math.h>
 #include <stdint.h>
@@ -182,9 +182,6 @@ static void rotate(float *x, const float *c, const float *s, int rd, int interle
 }
 
 #if defined(__AVX512F__)
-/* Scores of 16 keys K[0..15] (rows of hd floats, hd a multiple of 16) against q, times scale, into p[0..15]: the
-   16 products as 16-lane partial sums, then one transposing tree of shuffles and adds sums all 16 at once (a
-   horizontal sum per key took twice as long). */
 /* The sums of 16 vectors: lane b of the result is the sum of v[b]'s lanes (a transposing tree of shuffles). */
 static inline __attribute__((always_inline)) __m512 sum16(const __m512 *v) {
     __m512 c[8], e[4], s[2];
@@ -202,6 +199,9 @@ static inline __attribute__((always_inline)) __m512 sum16(const __m512 *v) {
     return _mm512_permutexvar_ps(order, r);
 }
 
+/* Scores of 16 keys K[0..15] (rows of hd floats, hd a multiple of 16) against q, times scale, into p[0..15]: the
+   16 products as 16-lane partial sums, then one transposing tree of shuffles and adds sums all 16 at once (a
+   horizontal sum per key took twice as long). */
 static inline __attribute__((always_inline)) void scores16(const float *restrict q, const float *restrict K,
                                                              float scale, float *restrict p, const int hd) {
     __m512 v[16];
@@ -781,7 +781,8 @@ void lmf_step(const step_args *s) {
                 return;
             }
             const size_t d = (size_t)s->first->d, f2 = 2 * (size_t)s->act[0]->f,
-                         at = (size_t)(a->nh + 2 * a->nkv) * a->hd + (size_t)(a->nh / a->nkv) * ((size_t)a->max_len + a->hd);
+                         at = (size_t)(a->nh + 2 * a->nkv) * a->hd +
+                              (size_t)(a->nh / a->nkv) * ((size_t)a->max_len + a->hd);
             char failed[ATTN_MAX_THREADS] = {0};
             lmf_parallel_runs++;
 #pragma omp parallel num_threads(nt)
@@ -806,7 +807,7 @@ void lmf_step(const step_args *s) {
     step_rows(s, 0, n, NULL, NULL, NULL);
 }
 
-/* ---- float32 products of a few rows against large weights --------------------------------------- */
+/* ---- float32 products of up to 64 rows against large weights ------------------------------------ */
 
 typedef struct {
     int32_t n, K, N;               /* rows, inputs, outputs */
