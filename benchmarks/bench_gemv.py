@@ -11,24 +11,14 @@ product once; best of 10 passes, twice in turn. Each product is checked against 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from bench_matmul import best  # (benchmarks/ is the script's directory)
 from torch import nn
 
 from lmforge.infer.native import GEMV_ROWS, gemv, library
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (in, out) of one SmolLM2 layer
-
-
-def best(fn, passes: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(passes):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:
@@ -64,7 +54,7 @@ def main() -> None:
 
         a = b = float("inf")
         for _ in range(2):
-            a, b = min(a, best(ours)), min(b, best(theirs))
+            a, b = min(a, best(ours, 10)), min(b, best(theirs, 10))
         flops = 2 * rows * sum(m.weight.numel() for m in mods)
         print(f"{rows:4d} rows: lmf_gemv {a * 1e3:7.2f} ms ({flops / a / 1e9:5.0f} GFLOPS), F.linear "
               f"{b * 1e3:7.2f} ms ({flops / b / 1e9:5.0f} GFLOPS): {b / a:.2f}x")

@@ -476,6 +476,28 @@ static float *thread_scratch(size_t floats) {  /* a buffer per worker thread, gr
 }
 #endif
 
+static size_t attn_floats(const attn_args *a) {  /* the scratch attention_rows takes (attn_args.tmp) */
+    return (size_t)(a->nh + 2 * a->nkv) * a->hd + (size_t)(a->nh / a->nkv) * ((size_t)a->max_len + a->hd);
+}
+
+/* The work of rows 0 .. n - 1 (fixed + per_key (keys) a row, none for a padding row), and cut[0 .. nt]: thread k
+   takes rows cut[k] .. cut[k + 1] - 1, about its share of the work, the rows of one slot together and in order.
+   Returns the work; *parts: how many threads got rows (one: a single slot's rows). */
+static double slot_cuts(const attn_args *a, int n, int nt, double fixed, double per_key, int *cut, int *parts) {
+    double work = 0, done = 0;
+    for (int r = 0; r < n; r++) work += a->pos[r] >= 0 ? fixed + per_key * (a->pos[r] + 1) : 0.0;
+    int k = 1;
+    cut[0] = 0;
+    for (int r = 0; r < n && k < nt; r++) {
+        const int sl = a->slot ? a->slot[r] : r, prev = r && a->slot ? a->slot[r - 1] : r - 1;
+        if (r && sl != prev && done >= work * k / nt) cut[k++] = r;
+        done += a->pos[r] >= 0 ? fixed + per_key * (a->pos[r] + 1) : 0.0;
+    }
+    *parts = k;
+    for (; k <= nt; k++) cut[k] = n;
+    return work;
+}
+
 /* Rows in order, each writing its key and value before it attends: the tokens of one prompt as rows of one slot at
    consecutive positions are a causal prefill in one call. */
 void lmf_attention(const attn_args *a, const void *y) {
@@ -483,20 +505,10 @@ void lmf_attention(const attn_args *a, const void *y) {
     int nt = omp_get_max_threads();
     nt = nt < ATTN_MAX_THREADS ? nt : ATTN_MAX_THREADS;
     if (lmf_parallel_ok && nt > 1 && a->n > 1 && !omp_in_parallel()) {
-        double work = 0;
-        for (int r = 0; r < a->n; r++) work += a->pos[r] >= 0 ? (double)(a->pos[r] + 1) : 0.0;
+        int cut[ATTN_MAX_THREADS + 1], parts;
+        const double work = slot_cuts(a, a->n, nt, 0.0, 1.0, cut, &parts);
         if (work * a->nh * a->hd >= ATTN_PARALLEL_WORK) {
-            int cut[ATTN_MAX_THREADS + 1], k = 1;  /* thread k takes rows cut[k] .. cut[k + 1] - 1 */
-            double done = 0;
-            cut[0] = 0;
-            for (int r = 0; r < a->n && k < nt; r++) {
-                const int sl = a->slot ? a->slot[r] : r, prev = r && a->slot ? a->slot[r - 1] : r - 1;
-                if (r && sl != prev && done >= work * k / nt) cut[k++] = r;
-                done += a->pos[r] >= 0 ? (double)(a->pos[r] + 1) : 0.0;
-            }
-            for (; k <= nt; k++) cut[k] = a->n;
-            const size_t floats = (size_t)(a->nh + 2 * a->nkv) * a->hd +
-                                  (size_t)(a->nh / a->nkv) * ((size_t)a->max_len + a->hd);
+            const size_t floats = attn_floats(a);
             char failed[ATTN_MAX_THREADS] = {0};
             lmf_parallel_runs++;
 #pragma omp parallel num_threads(nt)
@@ -762,27 +774,16 @@ void lmf_step(const step_args *s) {
     nt = nt < ATTN_MAX_THREADS ? nt : ATTN_MAX_THREADS;
     if (lmf_parallel_ok && nt > 1 && n > 1 && !omp_in_parallel()) {
         const attn_args *a = s->attn[0];
-        double row = s->head->K * (double)s->head->Np, work = 0, done = 0;
+        double row = s->head->K * (double)s->head->Np;  /* multiply-adds a row */
         for (int k = 0; k < 4 * s->n_layer; k++) row += s->lin[k]->K * (double)s->lin[k]->Np;
-        const double per_key = 2.0 * a->nh * a->hd * s->n_layer;
-        for (int r = 0; r < n; r++) work += a->pos[r] >= 0 ? row + per_key * (a->pos[r] + 1) : 0.0;
+        int cut[ATTN_MAX_THREADS + 1], parts;
+        const double work = slot_cuts(a, n, nt, row, 2.0 * a->nh * a->hd * s->n_layer, cut, &parts);
         if (work >= STEP_PARALLEL_WORK) {
-            int cut[ATTN_MAX_THREADS + 1], k = 1;  /* thread k takes rows cut[k] .. cut[k + 1] - 1 */
-            cut[0] = 0;
-            for (int r = 0; r < n && k < nt; r++) {
-                const int sl = a->slot ? a->slot[r] : r, prev = r && a->slot ? a->slot[r - 1] : r - 1;
-                if (r && sl != prev && done >= work * k / nt) cut[k++] = r;
-                done += a->pos[r] >= 0 ? row + per_key * (a->pos[r] + 1) : 0.0;
-            }
-            const int parts = k;  /* one: a single slot's rows (a prompt), kept on this thread */
-            for (; k <= nt; k++) cut[k] = n;
-            if (parts == 1) {
+            if (parts == 1) {  /* a single slot's rows (a prompt): on this thread, no parallel region */
                 step_rows(s, 0, n, NULL, NULL, NULL);
                 return;
             }
-            const size_t d = (size_t)s->first->d, f2 = 2 * (size_t)s->act[0]->f,
-                         at = (size_t)(a->nh + 2 * a->nkv) * a->hd +
-                              (size_t)(a->nh / a->nkv) * ((size_t)a->max_len + a->hd);
+            const size_t d = (size_t)s->first->d, f2 = 2 * (size_t)s->act[0]->f, at = attn_floats(a);
             char failed[ATTN_MAX_THREADS] = {0};
             lmf_parallel_runs++;
 #pragma omp parallel num_threads(nt)
