@@ -829,7 +829,7 @@ int lmf_gemv_ok(int K) {  /* whether lmf_gemv has its vector kernel for rows of 
 }
 
 #if defined(__AVX512F__)
-#define GEMM_TILE 64      /* outputs per tile of the many-row product (the unit shared among threads) */
+#define GEMM_TILE 32      /* outputs per tile, the unit shared among threads (SmolLM2's 576 outputs: 18 tiles, 9 each) */
 
 /* Rows r0 .. r0 + R - 1 (R <= 4) against weight rows j0 .. j0 + 3: 4 R accumulators over K (each weight load used
    by R rows, each input load by 4 outputs), summed by one tree: lane 4 r + j holds row r, output j. */
@@ -884,9 +884,9 @@ static void gemm_tile(const void *args, int t) {  /* outputs t GEMM_TILE .. (to 
 /* out = x W^T (+ bias) for rows of a float32 model's decoding step (or a short prefill), the weight read in place:
    blocks of 4 rows x 4 outputs (gemm_block), tiles of outputs shared among the threads, the next block's weight
    rows prefetched into L2 while a block computes (spread over its passes of rows). One row is bound by memory
-   bandwidth (SmolLM2's 425 MB of block weights, 2 threads: 13.6 ms, PyTorch's (MKL's) product 14.4, the earlier
-   one-thread kernel 29.6), many rows by arithmetic (16 rows: 21.7 ms against 36.5; 64 rows 56.5 against 58.2; 128
-   rows 103 against 89: MKL's blocking wins there). */
+   bandwidth, many rows by arithmetic. benchmarks/bench_gemv.py (SmolLM2's block weights, 2 threads) against
+   PyTorch's (MKL's) product: one row 15.1 ms against 16.5 (the earlier one-thread kernel took twice MKL's time),
+   16 rows 22.5 against 39.1, 64 rows 60.9 against 63.2; 128 rows 108.5 against 99.4 (MKL's blocking wins there). */
 void lmf_gemv(const gemv_args *a) {
 #if defined(__AVX512F__)
     const int K = a->K, N = a->N, full = N / 4 * 4;
