@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,14 +23,16 @@ from lmforge.model import Decoder, KVCache
 
 @torch.inference_mode()
 def stream_steps(model: Decoder, prompt_ids: list[int], params: SamplingParams, tokenizer=None,
-                 seq: Sequence | None = None, draft: Decoder | str | None = "auto") -> Iterator[Step]:
+                 seq: Sequence | None = None, draft: Decoder | Callable[[], Decoder] | str | None = "auto"
+                 ) -> Iterator[Step]:
     """Generate one sequence, yielding a ``Step`` per token (with text when a tokenizer is given).
 
     Stops at a stop id (not yielded), a stop string (text cut before it), ``max_new_tokens`` or the context end.
     Pass ``seq`` to read ``finish_reason`` and the full text afterwards. ``draft``: a model proposing tokens for
     speculative decoding (``lmforge.infer.speculative``: the same tokens and distribution, fewer passes over the
-    weights); "auto" (default): the model's int4 copy where that pays (a float32 model of 64 MiB of block weights or
-    more on a CPU with the int4 kernel), None: none.
+    weights), or a function making it (called after the first token); "auto" (default): the model's int4 copy where
+    that pays (a float32 model of 64 MiB of block weights or more on a CPU with the int4 kernel), built after the
+    first token; None: none.
     """
     params.check()
     if not prompt_ids:
