@@ -795,14 +795,15 @@ class Engine:
     every running request at its prompt plus its limit, stays within it (a request alone always is); the others
     wait their turn. None: every free slot takes a request.
 
-    ``speculator`` (``lmforge.infer.speculative.Speculator``): while one request runs alone, its tokens come from
-    rounds of speculative decoding (several a pass over the weights) instead of one-row steps."""
+    ``speculator`` (an attribute, ``lmforge.infer.speculative.Speculator`` or None): while one request runs alone,
+    its tokens come from rounds of speculative decoding (several a pass over the weights) instead of one-row
+    steps."""
 
     def __init__(self, model: Decoder, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
-                 threads: int | None = None, kv_budget: int | None = None, speculator=None) -> None:
+                 threads: int | None = None, kv_budget: int | None = None) -> None:
         model.eval()
         self.model, self.tokenizer, self.threads, self.kv_budget = model, tokenizer, threads, kv_budget
-        self.speculator = speculator
+        self.speculator = None  # set by the caller (it reads runner.max_len)
         self.runner = SlotRunner(model, max_batch, max_len)
         # the context requests get: prefix/prompt tuning's virtual tokens take the start of every slot
         self.max_len = self.runner.max_len - self.runner.nv

@@ -182,8 +182,9 @@ def speculative_steps(model: Decoder, draft: Decoder | Callable[[], Decoder], se
     step = seq.accept(choice)
     if step is not None:
         yield step
-    if seq.finish_reason is None:
-        spec = Speculator(draft if isinstance(draft, nn.Module) else draft(), cap)
+    if seq.finish_reason is not None:
+        return
+    spec = Speculator(draft if isinstance(draft, nn.Module) else draft(), cap)
     while seq.finish_reason is None:
         for c in spec.round(target, 0, seq, choice.token):
             choice, step = c, seq.accept(c)
