@@ -145,6 +145,27 @@ def test_one_call_step_follows_a_changed_bias(monkeypatch):
     assert torch.allclose(got["1"], got["0"], atol=2e-5), (got["1"] - got["0"]).abs().max()
 
 
+def test_the_step_gathers_a_plain_embedding_tables_rows_itself(forced, monkeypatch):
+    """A plain float32 table is read by the C step's input (a numpy gather, no tensor operations): prefill and
+    decode never call ``_embed``, the logits equal full forwards, and a table changed in place or replaced is
+    followed. Learned positions still go through ``_embed``."""
+    model = _model("llama")
+
+    def refused(*a, **k):
+        raise AssertionError("_embed called")
+
+    monkeypatch.setattr(SlotRunner, "_embed", refused)
+    _check_decode(model, 2e-5)
+    with torch.no_grad():
+        model.wte.weight[:50].mul_(-2.0)  # in place: the step reads the same memory
+    _check_decode(model, 2e-5)
+    model.wte.weight = torch.nn.Parameter(model.wte.weight.flip(0).clone(), requires_grad=False)
+    runner = _check_decode(model, 2e-5)
+    assert runner._table[0] is model.wte.weight
+    with pytest.raises(AssertionError, match="_embed called"):
+        _check_decode(_model("gpt2"), 2e-5)
+
+
 @pytest.mark.parametrize("shape", ["hd64-mqa-gelu", "llama", "hd8-relu-geglu"])
 def test_native_step_over_longer_contexts(shape, forced):
     _check_decode(_model(shape), atol=2e-5, steps=18, long=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 import sys
@@ -112,6 +113,9 @@ def run(args) -> None:
     print(f"serving {mid} on {server.url} (context {server.limits.context}, {batch}, threads {threads}, "
           f"template {server.template.name}); chat page at {server.url}/, API docs at {server.url}/docs",
           file=sys.stderr, flush=True)
+    # what is loaded lives as long as the server: out of the collector's sight, a full collection no longer walks it
+    # (stories260K, 16 clients: one took 78 ms, 4 % of the run went to collections; 1 % after)
+    gc.freeze()
     try:
         server.serve_forever()
     except KeyboardInterrupt:

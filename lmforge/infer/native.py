@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -344,6 +345,7 @@ class NativeStep:
         self.slot = torch.arange(n, dtype=torch.int32)  # row r -> its cache slot (r, unless run is given slots)
         self._slot_np, self._identity = self.slot.numpy(), True
         self.x = torch.zeros(n, D)
+        self._x_np = self.x.numpy()
         self.final = torch.zeros(n, D)
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._keep: list = []  # argument blocks and tensors the C side points into
@@ -601,11 +603,12 @@ class NativeStep:
         """Whether the tensors this step points into are still the model's (rotary tables grow lazily)."""
         return self.rotary is None or (self.model.rotary.cos is self.rotary[0])
 
-    def run(self, x0: torch.Tensor, lens: list[int], slots: list[int] | None = None,
+    def run(self, x0: torch.Tensor | tuple[np.ndarray, list[int]], lens: list[int], slots: list[int] | None = None,
             last: list[int] | None = None) -> torch.Tensor:
-        """x0 (n, D): the embedded tokens; lens: each row's position (< 0: a padding row, left out). Logits (n, V);
-        with ``slots`` (each row's cache slot; default row r is slot r) and ``last`` (the rows wanted), the logits
-        of the ``last`` rows only, by the model's output layer (a prefill: the rows of a prompt in order)."""
+        """x0 (n, D): the embedded tokens, or (a float32 embedding table as numpy, the n token ids) whose rows are
+        gathered here; lens: each row's position (< 0: a padding row, left out). Logits (n, V); with ``slots`` (each
+        row's cache slot; default row r is slot r) and ``last`` (the rows wanted), the logits of the ``last`` rows
+        only, by the model's output layer (a prefill: the rows of a prompt in order)."""
         if slots is not None:
             self._slot_np[:] = slots
             self._identity = False
@@ -614,7 +617,10 @@ class NativeStep:
             self._identity = True
         lib = self.lib
         self._pos_np[:] = lens
-        self.x.copy_(x0)
+        if isinstance(x0, torch.Tensor):
+            self.x.copy_(x0)
+        else:
+            self._x_np[:] = x0[0][x0[1]]
         if self._step is not None:
             for params, name, t, version, ptr in self._weights:  # as _unchanged, inlined: a loop per step
                 if params[name] is not t or t._version != version or t.data_ptr() != ptr:

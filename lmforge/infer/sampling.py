@@ -121,7 +121,7 @@ class TokenSampler:
         return logits
 
 
-@dataclass
+@dataclass(slots=True)
 class Choice:
     token: int
     logprob: float | None = None  # log-probability under the model (before penalties, temperature, truncation)

@@ -10,7 +10,7 @@ from lmforge.infer.sampling import Choice, SamplingParams, TokenSampler
 from lmforge.infer.text import TextStream
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     """One generated token and the text it made visible (may be empty while a character or a possible stop
     string is incomplete; ``text`` of the last step also carries any text held back until the end)."""
@@ -35,7 +35,6 @@ class Sequence:
         self.limit = min(params.max_new_tokens, room)
         self.text = TextStream(tokenizer, prompt_ids, params.stop) if tokenizer is not None else None
         self.out_ids: list[int] = []
-        self.steps: list[Step] = []
         self.finish_reason: str | None = None if self.limit > 0 else "length"
 
     def accept(self, choice: Choice) -> Step | None:
@@ -58,7 +57,6 @@ class Sequence:
             self.finish_reason = "length"
         if self.finish_reason == "length" and self.text is not None:
             step.text += self.text.flush()
-        self.steps.append(step)
         return step
 
     @property
