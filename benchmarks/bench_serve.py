@@ -129,6 +129,16 @@ def model_id(port: int) -> str:
     return out["data"][0]["id"]
 
 
+def resident_mb(pid: int) -> tuple[int, int] | None:
+    """(resident, peak resident) MB of process ``pid`` (Linux's /proc; None elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            d = {ln.split(":")[0]: int(ln.split()[1]) >> 10 for ln in f if ln.startswith(("VmRSS", "VmHWM"))}
+        return d["VmRSS"], d["VmHWM"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def main() -> None:
     global MODEL_ID
     ap = argparse.ArgumentParser()
@@ -160,6 +170,7 @@ def main() -> None:
         print(line.strip())
         MODEL_ID = model_id(port)
         stream_completion(port, "warm up", 8)
+        warm = resident_mb(proc.pid)
         print(f"lmforge serve, {MODEL_ID}, {args.tokens} tokens per request, {args.requests} requests per client")
         modes = {"new": (False,), "keep": (True,), "both": (False, True)}[args.connections]
         best: dict[tuple[bool, int], float] = {}
@@ -184,6 +195,9 @@ def main() -> None:
                     if c != 1:
                         print(f"  {c} clients / 1 client: {best[keep, c] / best[keep, 1]:.2f}x (target >= 4x for 16)")
         rates = {c: best[modes[0], c] for c in args.clients}
+        end = resident_mb(proc.pid)
+        if warm and end:
+            print(f"server memory: {warm[0]} MB resident after one request, {end[0]} MB at the end, peak {end[1]} MB")
     finally:
         proc.terminate()
         proc.wait(10)

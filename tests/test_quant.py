@@ -334,6 +334,58 @@ def test_save_load_gives_identical_logits(tmp_path, qcfg):
             assert loaded.lm_head.weight is loaded.wte.weight
 
 
+def test_a_quantized_directory_is_used_in_place_from_its_file(tmp_path):
+    """``save_quantized`` aligns every tensor to 64 bytes in the file, so ``load_quantized`` uses them on a mapping of
+    it (no copy in the process's own memory); safetensors' own reader reads the file alike. A file of safetensors'
+    writer (8-byte alignment) still loads, its tensors copied."""
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.memory import file_mappings
+
+    model = quantize_model(_stories(), QuantConfig(4, 32, False))
+    save_quantized(model, tmp_path / "q")
+    path = tmp_path / "q" / "model.safetensors"
+    ref = load_file(str(path))
+    loaded = load_quantized(tmp_path / "q")
+    mapped = file_mappings()
+    bufs = {**dict(loaded.named_parameters()), **dict(loaded.named_buffers())}
+    for k, t in ref.items():
+        assert torch.equal(bufs[k], t)
+        assert bufs[k].data_ptr() % 64 == 0
+        start = bufs[k].data_ptr()
+        assert any(lo <= start < hi for lo, hi in mapped), f"{k} was copied"
+    save_file(ref, str(path), metadata={"format": "pt"})  # another writer: tensors 8-byte aligned only
+    old = load_quantized(tmp_path / "q")
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(old(ids), loaded(ids))
+    assert all(t.data_ptr() % 64 == 0 for t in (*old.parameters(), *old.buffers()))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are given back on Linux only")
+def test_a_loaded_int4_weight_changed_in_place_keeps_its_change(tmp_path):
+    """Building the C step's int4 layout gives back the pages of the weight it copied (read again from the file when
+    needed), but not of a weight written since loading: those pages hold the change."""
+    from lmforge.infer import native
+
+    save_quantized(quantize_model(_stories(), QuantConfig(4, 32, False)), tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    mods = sorted((m for m in loaded.modules() if isinstance(m, QuantLinear) and m.bits == 4),
+                  key=lambda m: -m.qweight.numel())  # the largest: whole pages of their own in the file
+    assert mods[1].qweight.numel() >= 2 * 4096
+    if not native.int4_ok(mods[0]):
+        pytest.skip("no lmf_int4 here (AVX512-VNNI and a C compiler)")
+    kept, changed = mods[0], mods[1]
+    want = kept.qweight.clone()
+    with torch.no_grad():
+        changed.qweight.bitwise_xor_(0x11)
+    mine = changed.qweight.clone()
+    for m in (kept, changed):
+        native._int4_layout(m)
+    assert torch.equal(kept.qweight, want)  # given back, read again from the file
+    assert torch.equal(changed.qweight, mine)  # its change is still there
+
+
 def safe_open_keys(path: Path) -> list[str]:
     from safetensors import safe_open
 

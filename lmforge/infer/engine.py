@@ -44,7 +44,7 @@ from lmforge.matmul import linear
 from lmforge.memory import drop_file_pages, file_mappings, release_free_memory
 from lmforge.model import Decoder
 from lmforge.model.cache import kv_cache_len
-from lmforge.quant import QuantLinear
+from lmforge.quant import QuantEmbedding, QuantLinear
 
 NATIVE_TRIALS = 3  # timed steps of each plan before a row count keeps the fastest (see SlotRunner._plan_for)
 Plan = tuple[bool, int]  # how a decode step runs: (the C-assisted step, torch threads)
@@ -127,6 +127,8 @@ def stream_layout(model: nn.Module) -> int:
         return len(weights)
     mapped = file_mappings()
     tensors = {id(t): t for t in (*params, *model.buffers())}.values()
+    quantized = {id(b) for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))
+                 for b in m.buffers(recurse=False)}
     # pages are handed back only from a storage no other tensor of the model views (two parameters loaded from
     # one tensor of the file keep theirs until both are copied)
     users = collections.Counter(t.untyped_storage().data_ptr() for t in tensors)
@@ -142,8 +144,10 @@ def stream_layout(model: nn.Module) -> int:
             replace(w, w.data.contiguous() if row_major(w) else w.data.t().contiguous().t())
         # tensors loaded from safetensors share one mapping of the file: the rest on it copied too (only those: a
         # tensor another model shares, as a draft shares the model's norms, keeps the storage its runners point into)
+        # (not a quantized layer's: lmforge.quant.io maps them to be used in place, and the C layouts built from
+        # them hand their pages back)
         for t in tensors:
-            if t.device.type == "cpu" and _on_mapping(t, mapped):
+            if t.device.type == "cpu" and _on_mapping(t, mapped) and id(t) not in quantized:
                 replace(t, t.data.clone())
     model.__dict__["_lmforge_laid_out"] = True
     return len(weights)

@@ -18,7 +18,6 @@ samples than under PyTorch.
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,11 +37,11 @@ from lmforge.infer.clib import (
     _NormArgs,
     _VnniArgs,
 )
+from lmforge.mapped import SafetensorsMap
 from lmforge.quant_config import QUANT_FILE, QuantConfig, read_quant_config
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"  # as lmforge.model.weights
 PREFILL_ROWS = 64  # prompt tokens per step of the prefill (rows of one call)
-_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8, "I32": np.int32, "I64": np.int64}
 _NORMS = {"rmsnorm": 1, "layernorm": 2}  # native.c's norm kinds
 _LINEAR = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # a block's linear layers
 
@@ -69,59 +68,6 @@ def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
 
 def _ptr(a: np.ndarray | None) -> int | None:
     return None if a is None else a.ctypes.data
-
-
-class SafetensorsMap:
-    """A safetensors file mapped read-only: ``get(name)`` is a numpy view of the file's bytes (no copy)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            with open(path, "rb") as f:
-                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            n = int.from_bytes(self.mm[:8], "little")
-            if not 0 < n <= len(self.mm) - 8:
-                raise ValueError("header length out of range")
-            header = json.loads(self.mm[8 : 8 + n])
-            if not isinstance(header, dict):
-                raise ValueError("header is not a mapping")
-        except (OSError, ValueError) as e:
-            raise LMForgeError(f"{path}: cannot read safetensors: {e}") from None
-        header.pop("__metadata__", None)
-        self.header, self.base = header, 8 + n
-        self.read: set[str] = set()  # the names ``get`` has handed out
-
-    def get(self, name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-        """The tensor ``name``, which must be ``dtype`` (safetensors' name: F32, U8, I8...) of ``shape``."""
-        e = self.header.get(name)
-        if e is None:
-            raise LMForgeError(f"{self.path}: tensor {name!r} is missing")
-        if e.get("dtype") != dtype or tuple(e.get("shape", ())) != shape:
-            raise LMForgeError(f"{self.path}: tensor {name!r} is {e.get('dtype')} {tuple(e.get('shape', ()))}; the "
-                               f"config and quantization.json need {dtype} {shape}")
-        offsets = e.get("data_offsets")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
-            raise LMForgeError(f"{self.path}: tensor {name!r} has no valid data_offsets")
-        begin, end = offsets
-        dt = np.dtype(_DTYPES[dtype])
-        if end - begin != int(np.prod(shape)) * dt.itemsize or self.base + end > len(self.mm):
-            raise LMForgeError(f"{self.path}: tensor {name!r} runs past the end of the file (truncated)")
-        self.read.add(name)
-        return np.frombuffer(self.mm, dt, int(np.prod(shape)), self.base + begin).reshape(shape)
-
-    def release(self) -> None:
-        """Let go of the pages read so far (they stay in the page cache; a later read maps them again): what has been
-        copied into another layout no longer counts towards this process's resident memory."""
-        if hasattr(mmap, "MADV_DONTNEED"):
-            self.mm.madvise(mmap.MADV_DONTNEED)
-
-    def close(self) -> None:
-        """Unmap; while views of it are still alive (an error raised while reading keeps them in its traceback) the
-        mapping goes with the last of them instead."""
-        try:
-            self.mm.close()
-        except BufferError:
-            pass
 
 
 def _inspect(path: Path) -> tuple[str | None, ModelConfig | None, QuantConfig | None]:

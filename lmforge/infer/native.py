@@ -48,7 +48,7 @@ from lmforge.infer.clib import (
     set_parallel,
 )
 from lmforge.matmul import linear
-from lmforge.memory import release_free_memory
+from lmforge.memory import drop_file_pages, file_mappings, release_free_memory
 from lmforge.model.attention import Attention
 from lmforge.model.norms import RMSNorm
 from lmforge.quant import QuantLinear
@@ -206,7 +206,24 @@ def _int4_layout(mod: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         del lv, w
     mod.__dict__["_lmforge_int4"] = (_signature(q, s, z), layout)
     release_free_memory()  # the temporaries (the unpacked levels: twice the weight)
+    drop_loaded_pages(q, s, z)
     return layout
+
+
+def drop_loaded_pages(*tensors: torch.Tensor | None) -> None:
+    """Give back the resident pages of tensors still on the mapping of the file they were loaded from and unchanged
+    since (``lmforge.quant.io`` maps a quantized directory's weights): their contents were just copied into a kernel
+    layout, and what reads them again (an embedding row, a product another path computes) maps them again from the
+    file. A tensor written since it was loaded (its version counter moved) keeps its pages: they hold its changes."""
+    mapped = None
+    for t in tensors:
+        if t is None or t.device.type != "cpu" or t.is_inference():
+            continue
+        if t._version:
+            continue
+        if mapped is None:
+            mapped = file_mappings()
+        drop_file_pages(t.data_ptr(), t.numel() * t.element_size(), mapped)
 
 
 def int4_ok(mod: nn.Module) -> bool:
@@ -552,6 +569,7 @@ class NativeStep:
                                     for c in q.detach().view(N // 16, 16, K // 32, 32).split(256)])
                 qsum = groups.permute(0, 2, 1).contiguous()  # (N / 16, K / 32, 16)
             cached = mod.__dict__["_lmforge_vnni"] = (q, q.data_ptr(), qi, qsum)
+            drop_loaded_pages(q)  # an embedding's table: a token maps its one row again
         _, _, qi, qsum = cached
         vargs = _VnniArgs(n=n, N=N, K=K, qi=_addr(self._keep_t(qi)), qsum=_addr(self._keep_t(qsum)),
                           scales=args.scales, bias=args.bias,

@@ -9,18 +9,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
+from lmforge.mapped import SafetensorsMap, write_aligned
 from lmforge.model import Decoder
 from lmforge.model.swap import set_module
 from lmforge.model.weights import CONFIG, WEIGHTS, reinit_buffers, replace_dir
 from lmforge.quant.modules import QuantEmbedding, QuantLinear, head_is_tied, tie_head
 from lmforge.quant.quantize import mark_head, set_compute
 from lmforge.quant_config import FORMAT, QUANT_FILE, VERSION, QuantConfig, read_quant_config
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+_ST_DTYPES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -49,7 +53,7 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer=None, extra_fil
                 "embedding_format": "int8, one scale per row (wte.qweight, wte.scales); a tied lm_head uses it",
                 "int4_packing": "two per byte along K, even column in the low nibble; K zero-padded to G"}
         (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        save_file(quantized_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt", "lmforge": FORMAT})
+        _save_weights(quantized_state_dict(model), tmp / WEIGHTS)
         if tokenizer is not None:
             tokenizer.save(str(tmp))
         for f in extra_files or []:
@@ -61,15 +65,42 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer=None, extra_fil
     return path
 
 
+def _save_weights(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """``sd`` as a safetensors file whose tensors are 64-byte aligned (``lmforge.mapped.write_aligned``): loading
+    maps it and uses its tensors in place."""
+    tensors = {}
+    for k, t in sd.items():
+        t = t.detach().cpu().contiguous()
+        tensors[k] = (_ST_DTYPES[t.dtype], tuple(t.shape), memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    write_aligned(path, tensors, {"format": "pt", "lmforge": FORMAT})
+
+
+def _mapped_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path`` as views of a private (copy-on-write) mapping of it: nothing is
+    read until used, and pages whose contents were copied into a kernel's layout can be given back
+    (``lmforge.memory.drop_file_pages``). A tensor not 64-byte aligned in the file (files written before
+    ``write_aligned``, or by other tools) is copied into memory of its own: PyTorch's packed kernels need the
+    alignment."""
+    wf = SafetensorsMap(path, writable=True)
+    sd = {}
+    for k in wf.header:
+        dtype, shape, offset, nbytes = wf.entry(k)
+        if dtype not in _TORCH_DTYPES:
+            raise LMForgeError(f"{path}: tensor {k!r} has dtype {dtype}, which lmforge does not load")
+        t = torch.frombuffer(wf.mm, dtype=torch.uint8, count=nbytes, offset=offset) if nbytes else \
+            torch.empty(0, dtype=torch.uint8)
+        t = t.view(_TORCH_DTYPES[dtype]).view(shape)
+        sd[k] = t if t.data_ptr() % 64 == 0 else t.clone()
+    return sd
+
+
 def load_quantized(path: str | Path, compute: str | None = None):
-    """Load a directory written by ``save_quantized`` (``lmforge quantize``) into a Decoder with QuantLinear layers."""
+    """Load a directory written by ``save_quantized`` (``lmforge quantize``) into a Decoder with QuantLinear layers.
+    Its weights stay on a mapping of the file (``_mapped_weights``)."""
     path = Path(path)
     cfg = ModelConfig.load(path / CONFIG)
     qcfg, layers = read_quant_config(path)
-    try:
-        sd = load_file(str(path / WEIGHTS))
-    except (SafetensorError, OSError) as e:
-        raise LMForgeError(f"{path / WEIGHTS}: cannot read safetensors: {e}") from None
+    sd = _mapped_weights(path / WEIGHTS)
     with torch.device("meta"):
         model = Decoder(cfg)
     for name in layers:
@@ -98,12 +129,10 @@ def load_quantized(path: str | Path, compute: str | None = None):
     extra = sorted(set(sd) - set(expected))
     if extra:
         raise LMForgeError(f"{path / WEIGHTS}: unexpected tensor {extra[0]!r} ({len(extra)} unused)")
-    # assign: the loaded tensors become the buffers (no meta-device allocation, see positions.py). safetensors hands
-    # out tensors at any 8-byte offset; PyTorch's packed kernels crash on those: each gets an aligned copy, one at a
-    # time (every loaded tensor has its own storage, so the peak is one tensor more than the weights).
-    for k in sd:
-        if sd[k].data_ptr() % 64:
-            sd[k] = sd[k].clone()
+    for k, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise LMForgeError(f"{path / WEIGHTS}: tensor {k!r} holds NaN or infinite values (damaged weights)")
+    # assign: the loaded tensors become the buffers (no meta-device allocation, see positions.py)
     model.load_state_dict(sd, strict=False, assign=True)
     if tied_float:
         model.lm_head.weight = model.wte.weight
