@@ -362,6 +362,15 @@ def test_a_quantized_directory_is_used_in_place_from_its_file(tmp_path):
     assert all(t.data_ptr() % 64 == 0 for t in (*old.parameters(), *old.buffers()))
 
 
+def test_a_quantized_directory_with_non_finite_scales_is_refused(tmp_path):
+    """NaN in a scale (a damaged file whose tensors still parse): refused with one line naming the tensor."""
+    model = quantize_model(_stories(), QuantConfig(4, 32, False))
+    model.blocks[1].mlp.fc2.scales[0, 0] = float("nan")
+    save_quantized(model, tmp_path / "q")
+    with pytest.raises(LMForgeError, match=r"blocks\.1\.mlp\.fc2\.scales.*NaN or infinite"):
+        load_quantized(tmp_path / "q")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are given back on Linux only")
 def test_a_loaded_int4_weight_changed_in_place_keeps_its_change(tmp_path):
     """Building the C step's int4 layout gives back the pages of the weight it copied (read again from the file when
