@@ -3,6 +3,7 @@
 
     python benchmarks/bench_serve.py [--model PATH] [--tokens 128] [--requests 3] [--clients 1 4 16] [--rounds 3]
                                      [--threads N] [--max-batch N] [--no-generate] [--connections new|keep|both]
+                                     [--runtime auto|lean|torch]
 
 The server (`lmforge serve`, with its default --threads and --max-batch unless given) runs in a child process on a
 free 127.0.0.1 port; each client thread sends ``--requests`` streaming completions one after another (greedy,
@@ -150,6 +151,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: its own)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over the client counts; the best is reported")
     ap.add_argument("--no-generate", action="store_true", help="skip the `lmforge generate` comparison")
+    ap.add_argument("--runtime", choices=["auto", "lean", "torch"], default=None,
+                    help="the server's and generate's --runtime (default: their own, auto: lean for an int4 directory)")
     ap.add_argument("--connections", choices=["new", "keep", "both"], default="both",
                     help="a new connection per request, one kept-alive connection per client (as OpenAI's client "
                     "keeps them), or both in each round (default)")
@@ -157,6 +160,8 @@ def main() -> None:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     model = ["--model", args.model] if args.model else []
+    if args.runtime:
+        model += ["--runtime", args.runtime]
     extra = [*model]
     for flag, v in (("--threads", args.threads), ("--max-batch", args.max_batch)):
         if v is not None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lmforge.checkpoint import load_model
-from lmforge.infer import lean
+from lmforge.infer import lean, lean_sampling
 from lmforge.infer.engine import SlotRunner
 from lmforge.model import Decoder
 from lmforge.presets import get_preset
@@ -103,9 +103,9 @@ def test_sampling_matches_the_pytorch_distribution():
         allowed = set()
         for s in range(400):  # PyTorch's support of the distribution
             allowed.add(int(sample(torch.tensor(logits)[None], p, torch.Generator().manual_seed(s))))
-        drawn = {lean.sample(logits, 0.7, rng=rng, **kw) for _ in range(400)}
+        drawn = {lean_sampling.sample(logits, 0.7, rng=rng, **kw) for _ in range(400)}
         assert drawn <= allowed and len(drawn) > 1, kw
-    assert lean.sample(logits, 0.0, 0, 1.0, 0.0, rng) == int(np.argmax(logits))
+    assert lean_sampling.sample(logits, 0.0, 0, 1.0, 0.0, rng) == int(np.argmax(logits))
 
 
 @pytest.mark.parametrize("scale", [0.05, 3.0])
@@ -113,7 +113,7 @@ def test_top_p_over_a_large_vocabulary_keeps_the_smallest_set_reaching_it(scale)
     """A 49,152-token vocabulary: nearly flat logits (top-p needs thousands of tokens, more than the first sorted
     candidates) and peaked ones give the distribution a full sort gives."""
     logits = np.random.default_rng(2).normal(size=49152).astype(np.float32) * scale
-    got = lean.distribution(logits, 0.8, 0, 0.9, 0.0)
+    got = lean_sampling.distribution(logits, 0.8, 0, 0.9, 0.0)
     z = logits.astype(np.float64) / 0.8
     p = np.exp(z - z.max())
     p /= p.sum()
@@ -290,3 +290,112 @@ def test_a_failed_read_does_not_hide_its_error(tmp_path):
         finally:
             wf.close()
     assert view.sum() is not None  # still readable: unmapped with its last view
+
+
+def _lean_tokens(path: Path, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens of one sequence alone through ``LeanModel``."""
+    return list(lean.generate(lean.LeanModel(path, max_len=96), prompt, n, temperature=0.0))
+
+
+def test_engine_batches_sequences_as_each_decodes_alone_and_as_pytorch_does(tmp_path):
+    """``LeanEngine`` (what `lmforge serve` runs for an int4 directory): seven greedy requests of 1 to 70 prompt
+    tokens over three slots (prompts prefilled together, packed into calls; slots reused as requests end) give each
+    the tokens it gets decoding alone (the C step's rows are independent) and the tokens of PyTorch's engine on the
+    same directory."""
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.params import SamplingParams
+
+    path = _int4_dir(tmp_path, "tiny-llama", 32, False)
+    g = torch.Generator().manual_seed(2)
+    prompts = [[int(t) for t in torch.randint(0, 128, (n,), generator=g)] for n in (1, 5, 70, 12, 3, 40, 2)]
+    engine = lean.LeanEngine(path, max_batch=3, max_len=96)
+    theirs = Engine(load_model(path).requires_grad_(False), max_batch=3, max_len=96)
+    try:
+        got = [r.token_ids for r in _all(engine, prompts, SamplingParams(temperature=0, max_new_tokens=16))]
+        want = [r.token_ids for r in _all(theirs, prompts, SamplingParams(temperature=0, max_new_tokens=16))]
+    finally:
+        engine.close()
+        theirs.close()
+    assert engine.prefill_batches >= 1 and engine.max_active == 3
+    assert got == [_lean_tokens(path, p, 16) for p in prompts]
+    assert got == want and all(len(t) == 16 for t in got)
+
+
+def _all(engine, prompts: list[list[int]], params) -> list:
+    reqs = engine.submit_group([(p, params, i) for i, p in enumerate(prompts)])
+    for r in reqs:
+        r.result()
+    return reqs
+
+
+def test_engine_samples_with_a_seed_reports_logprobs_and_frees_pages_when_idle(tmp_path):
+    """Sampled requests with a seed repeat themselves, log-probabilities are reported, and an idle engine whose cache
+    held far more positions than the next request needs gives the cache's pages back."""
+    from lmforge.infer.params import SamplingParams
+
+    path = _int4_dir(tmp_path, "tiny-llama", 32, False)
+    engine = lean.LeanEngine(path, max_batch=2, max_len=96)
+    try:
+        p = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=20, seed=7, logprobs=True, top_logprobs=2)
+        a = engine.submit(list(range(3, 83)), p).result()
+        assert len(a) == 16 and engine.model.top == 95  # 80 prompt positions, 15 more written (the context: 96)
+        b = engine.submit([1, 2], p).result()
+        assert engine.model.top == 21  # forgotten before the short request, which wrote 21
+    finally:
+        engine.close()
+    assert [s.token for s in a] != [s.token for s in b]
+    c = lean.LeanEngine(path, max_batch=2, max_len=96)
+    try:
+        assert [s.token for s in c.submit(list(range(3, 83)), p).result()] == [s.token for s in a]
+    finally:
+        c.close()
+    assert all(s.logprob <= 0 and len(s.top_logprobs) == 2 for s in a)
+
+
+def _serve(args: list[str]) -> tuple[subprocess.Popen, int, str]:
+    """`lmforge serve ARGS` on a free port: the process, the port and its first line."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--port", str(port), *args],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return proc, port, proc.stderr.readline()
+
+
+def _post(port: int, path: str, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def test_serve_takes_it_by_default_without_torch_and_answers_what_pytorch_answers(tmp_path):
+    """`lmforge serve --model INT4DIR` runs in a process that never loads PyTorch's library and answers a chat and a
+    completion (greedy) as `lmforge serve --runtime torch` does; ``--runtime lean`` refuses a float checkpoint with
+    one line."""
+    out = _stories_int4(tmp_path)
+    chat = {"model": "int4", "messages": [{"role": "user", "content": "Tell me about a dog."}], "max_tokens": 30,
+            "temperature": 0}
+    completion = {"model": "int4", "prompt": "Once upon a time", "max_tokens": 30, "temperature": 0}
+    answers = {}
+    for runtime in ("auto", "torch"):
+        proc, port, line = _serve(["--model", str(out), "--runtime", runtime])
+        try:
+            assert "serving" in line, line + proc.stderr.read()[-2000:]
+            assert ("lean runtime" if runtime == "auto" else "torch runtime") in line, line
+            maps = Path(f"/proc/{proc.pid}/maps")
+            if maps.exists():
+                assert ("libtorch" in maps.read_text()) == (runtime == "torch")
+            answers[runtime] = (_post(port, "/v1/chat/completions", chat)["choices"][0]["message"]["content"],
+                                _post(port, "/v1/completions", completion)["choices"][0]["text"])
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    assert answers["auto"] == answers["torch"] and len(answers["auto"][1].split()) > 4
+    bad = subprocess.run([sys.executable, "-m", "lmforge", "serve", "--runtime", "lean"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert bad.returncode == 1 and "--runtime lean" in bad.stderr and "Traceback" not in bad.stderr

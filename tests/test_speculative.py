@@ -15,7 +15,7 @@ import torch
 
 from lmforge.infer.engine import SlotRunner
 from lmforge.infer.generate import Sequence, stream_steps
-from lmforge.infer.sampling import SamplingParams, distribution
+from lmforge.infer.sampling import SamplingParams, TokenSampler, distribution
 from lmforge.infer.speculative import accept, draft_unsupported, make_draft, speculative_steps
 from lmforge.model import Decoder
 from lmforge.presets import get_preset
@@ -133,7 +133,7 @@ def test_sampled_sequences_follow_the_model():
     p = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=3)
     firsts: dict[int, list[int]] = {}
     for seed in range(600):
-        seq = Sequence(prompt, SamplingParams(**{**p.__dict__, "seed": seed}), None, 128, 96)
+        seq = Sequence(prompt, SamplingParams(**{**p.__dict__, "seed": seed}), None, 128, 96, TokenSampler)
         out = [s.token for s in speculative_steps(model, draft, seq, 16)]
         firsts.setdefault(out[0], []).append(out[1])
     first, seconds = max(firsts.items(), key=lambda kv: len(kv[1]))

@@ -79,13 +79,13 @@ class _Torch:
 
     def reply(self, ids: list[int], max_new: int) -> Iterator[str]:
         from lmforge.infer.generate import Sequence, stream_steps
-        from lmforge.infer.sampling import SamplingParams
+        from lmforge.infer.sampling import SamplingParams, TokenSampler
 
         a = self.args
         p = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                            max_new_tokens=max_new, seed=a.seed, stop_ids=self.stop_ids, stop=self.stops,
                            repetition_penalty=a.repetition_penalty)
-        self.seq = seq = Sequence(ids, p, self.tok, self.ctx, self.model.cfg.vocab_size)
+        self.seq = seq = Sequence(ids, p, self.tok, self.ctx, self.model.cfg.vocab_size, TokenSampler)
         for step in stream_steps(self.model, ids, p, self.tok, seq=seq):
             yield step.text
 

@@ -7,8 +7,9 @@ import ipaddress
 import os
 import sys
 
-from lmforge.commands.args import template_arg
-from lmforge.commands.common import add_model_args, load_model_and_tokenizer
+from lmforge.commands.args import add_model_args, template_arg
+from lmforge.commands.generate import lean_files, lean_unsupported
+from lmforge.errors import LMForgeError
 
 
 def add_parser(sub, name: str, help_: str) -> None:
@@ -33,8 +34,12 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
     p.add_argument("--max-queue", type=int, default=64, help="generation requests that may wait for a decoding "
                    "slot; more are answered 429 with Retry-After (default 64)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads of the decoding thread (default: all "
+    p.add_argument("--threads", type=int, default=None, help="threads of the decoding thread (default: all "
                    "cores; the HTTP thread keeps one torch thread of its own)")
+    p.add_argument("--runtime", choices=("auto", "lean", "torch"), default="auto",
+                   help="lean: an int4 directory (lmforge quantize --bits 4) served by the C step from NumPy in a "
+                   "process without PyTorch (SmolLM2-135M: ~230 MB resident instead of ~430, and faster; needs "
+                   "AVX512-VNNI; no --draft, no --adapter); torch: PyTorch; auto (default): lean where it applies")
     p.add_argument("--allowed-hosts", default="", help="comma-separated extra names the Host header may carry "
                    "(default: localhost names and the bind address; '*' = any). Other hosts get 400: a web page "
                    "cannot reach the server through a DNS name of its own")
@@ -69,9 +74,6 @@ def default_threads(model, cores: int | None = None) -> int:
 
 
 def run(args) -> None:
-    import torch
-
-    from lmforge.errors import LMForgeError
     from lmforge.serve.server import ModelServer, model_id_for
 
     for flag in ("max_batch", "threads", "max_len", "max_tokens"):
@@ -83,17 +85,29 @@ def run(args) -> None:
     if not 0 <= args.port < 65536:
         raise LMForgeError(f"--port {args.port}: must be in [0, 65535]")
     template = template_arg(args.template)
-    # this thread (HTTP, loading) keeps one torch thread, so it never grows an OpenMP pool of its own: the engine's
-    # thread decodes with `threads` (see Engine: two pools on two cores made SmolLM2 int4 3x slower)
-    torch.set_num_threads(1)
     # the engine's thread takes the interpreter back after each kernel call within 1 ms instead of Python's 5 while
     # this thread runs HTTP (stories260K, 2 cores: one stream 5,600-5,800 -> 6,150-6,250 tokens/s, 16 ~5 % more)
     sys.setswitchinterval(0.001)
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
-    model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
-    threads = args.threads or default_threads(model)
     max_batch = args.max_batch or DEFAULT_MAX_BATCH
     budget = None if args.max_batch else KV_BUDGET  # an explicit --max-batch is the user's to size
+    if args.threads:  # the C code's OpenMP pool (lean) takes it when the library loads, before anything else does
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    why = lean_unsupported(args) if args.runtime != "torch" else "--runtime torch"
+    if why is None:
+        model, engine, tok, threads, runtime = None, *_lean_engine(args, max_batch, budget), "lean"
+    elif args.runtime == "lean":
+        raise LMForgeError(f"{args.model or 'the bundled stories260K'}: --runtime lean: {why}")
+    else:
+        import torch
+
+        from lmforge.commands.common import load_model_and_tokenizer
+
+        # this thread (HTTP, loading) keeps one torch thread, so it never grows an OpenMP pool of its own: the
+        # engine's thread decodes with `threads` (see Engine: two pools on two cores made SmolLM2 int4 3x slower)
+        torch.set_num_threads(1)
+        model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
+        model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
+        threads, engine, runtime = args.threads or default_threads(model), None, "torch"
     mid, aliases = model_id_for(args.model)
     if args.model_id:
         mid, aliases = args.model_id, (mid, *aliases)
@@ -103,7 +117,7 @@ def run(args) -> None:
                              max_len=args.max_len, max_tokens=args.max_tokens, max_body=args.max_body,
                              template=template, aliases=aliases, max_queue=args.max_queue, allowed_hosts=hosts,
                              cors_origins=tuple(args.cors_origin), threads=threads,
-                             kv_budget=budget, draft=None if args.draft == "none" else "auto")
+                             kv_budget=budget, draft=None if args.draft == "none" else "auto", engine=engine)
     except OSError as e:
         raise LMForgeError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     if not _loopback(args.host) and not args.api_key:
@@ -111,7 +125,8 @@ def run(args) -> None:
               file=sys.stderr)
     batch = f"batch {max_batch}" + (f" within a {budget >> 20} MiB key/value cache" if budget else "")
     print(f"serving {mid} on {server.url} (context {server.limits.context}, {batch}, threads {threads}, "
-          f"template {server.template.name}); chat page at {server.url}/, API docs at {server.url}/docs",
+          f"{runtime} runtime, template {server.template.name}); chat page at {server.url}/, API docs at "
+          f"{server.url}/docs",
           file=sys.stderr, flush=True)
     # what is loaded lives as long as the server: out of the collector's sight, a full collection no longer walks it
     # (stories260K, 16 clients: one took 78 ms, 4 % of the run went to collections; 1 % after)
@@ -120,6 +135,16 @@ def run(args) -> None:
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
+
+
+def _lean_engine(args, max_batch: int, budget: int | None):
+    """(engine, tokenizer, threads) of an int4 directory decoded without PyTorch."""
+    from lmforge.infer.lean import LeanEngine
+
+    threads = args.threads or default_threads(None)
+    path, cfg, tok = lean_files(args)
+    max_len = min(args.max_len or cfg.block_size, cfg.block_size)
+    return LeanEngine(path, tok, max_batch=max_batch, max_len=max_len, kv_budget=budget), tok, threads
 
 
 def _loopback(host: str) -> bool:

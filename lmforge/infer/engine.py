@@ -12,11 +12,8 @@ heads folded into the batch, residual adds ride on ``addmm``, and for small floa
 stream is kept as ``[x, -x]`` so each RMSNorm is one LayerNorm call. GLM models (and models in training mode) decode
 through ``Decoder.forward`` with per-row positions and a key mask.
 
-``Engine`` runs a background loop over a ``SlotRunner``: requests wait in a queue, enter a free slot as soon as one is
-free (prefill), and every loop iteration decodes all active slots together. A finished or cancelled request frees
-its slot without stopping the others (a cancelled one at the next step). Requests submitted together
-(``submit_group``: the n choices of one API call) wait as a group, and free slots go round-robin over the waiting
-groups, so one call with 256 sequences cannot starve a call with one.
+``Engine`` is ``lmforge.infer.batching.BatchEngine`` (continuous batching: the scheduling, without PyTorch) over a
+``SlotRunner``.
 """
 
 from __future__ import annotations
@@ -25,21 +22,16 @@ import collections
 import contextlib
 import itertools
 import os
-import queue
-import sys
-import threading
 import time
-import traceback
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.infer.batching import BatchEngine, EngineError, Request
 from lmforge.infer.native import FLASH_MIN_ROWS, NativeStep, Stale, flash_attention_in, int4_ok, library
-from lmforge.infer.sampling import SamplingParams, TokenSampler, select
-from lmforge.infer.sequence import Sequence, Step
+from lmforge.infer.sampling import TokenSampler, select
 from lmforge.matmul import linear
 from lmforge.memory import drop_file_pages, file_mappings, release_free_memory
 from lmforge.model import Decoder
@@ -243,6 +235,12 @@ class SlotRunner:
             k[:, : self.slots, :, : self.cap] = self.k
             v[:, : self.slots, :, : self.cap] = self.v
         self._set_cache(k, v)
+
+    def idle(self, positions: int) -> None:
+        """Nothing runs and the next request needs ``positions``: a cache far longer goes back (it is kept otherwise:
+        no allocation, no replanning)."""
+        if self.cap >= 2 * max(positions, MIN_CACHE_LEN):
+            self.release()
 
     def release(self) -> None:
         """Give the cache back (nothing is running): the next prefill allocates what it needs."""
@@ -735,365 +733,25 @@ class _Layer:
 # ---- continuous batching -------------------------------------------------------------------------
 
 
-class EngineError(RuntimeError):
-    """A request failed inside the engine (the engine itself keeps running)."""
-
-
-class Request:
-    """One submitted generation: iterate it for ``Step``s; then ``finish_reason``, ``token_ids``, ``prompt_len``.
-
-    Events go to a queue of ``(tag, item)`` pairs: the request's own, or one shared by several requests (pass
-    ``sink``) so a caller can follow them all; an item is a ``Step`` or ``Request.DONE``.
-    """
-
-    DONE = object()
-
-    def __init__(self, seq: Sequence, sink: queue.SimpleQueue | None = None, tag=None) -> None:
-        self.seq, self.tag = seq, tag
-        self._q = sink if sink is not None else queue.SimpleQueue()
-        self.cancelled = False
-        self.error: str | None = None
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.seq.finish_reason
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.seq.out_ids
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.seq.prompt_ids)
-
-    @property
-    def text(self) -> str:
-        return self.seq.output_text
-
-    def cancel(self) -> None:
-        """Stop generating (e.g. the client went away); the engine frees the slot at its next step."""
-        self.cancelled = True
-
-    def _put(self, item) -> None:
-        self._q.put((self.tag, item))
-
-    def _put_last(self, step) -> None:
-        """The last step (or None) and DONE together: a sink with ``put_many`` gets them in one call, so its
-        reader never sees the last token without the end."""
-        items = ([(self.tag, step)] if step is not None else []) + [(self.tag, Request.DONE)]
-        put_many = getattr(self._q, "put_many", None)
-        if put_many is not None:
-            put_many(items)
-        else:
-            for item in items:
-                self._q.put(item)
-
-    def __iter__(self) -> Iterator[Step]:
-        while True:
-            _, item = self._q.get()
-            if item is Request.DONE:
-                if self.error is not None:
-                    raise EngineError(self.error)
-                return
-            yield item
-
-    def result(self) -> list[Step]:
-        return list(self)
-
-
-class Engine:
-    """Continuous batching over ``max_batch`` slots in a background thread. ``submit`` is thread-safe.
+class Engine(BatchEngine):
+    """``BatchEngine`` over a PyTorch model (``SlotRunner``), tokens selected by ``lmforge.infer.sampling``.
 
     ``threads``: torch threads of the engine's thread (default: torch's setting). With OpenMP, a thread that runs
     parallel work keeps a pool of workers of its own; once the threads of all pools outnumber the cores, libgomp
     stops spinning between parallel regions and every packed-kernel call waits for a worker to wake: SmolLM2 int4
     decoded 43 tokens/s in this thread against 147 in the main thread, 2 threads on 2 cores. A caller that keeps its
-    own thread at one torch thread (``lmforge serve``: no pool) and gives this thread its threads avoids that.
-
-    ``kv_budget``: bytes the key/value cache may grow to. A waiting request is admitted only while the cache, with
-    every running request at its prompt plus its limit, stays within it (a request alone always is); the others
-    wait their turn. None: every free slot takes a request.
-
-    ``speculator`` (an attribute, ``lmforge.infer.speculative.Speculator`` or None): while one request runs alone,
-    its tokens come from rounds of speculative decoding (several a pass over the weights) instead of one-row
-    steps."""
+    own thread at one torch thread (``lmforge serve``: no pool) and gives this thread its threads avoids that."""
 
     def __init__(self, model: Decoder, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  threads: int | None = None, kv_budget: int | None = None) -> None:
         model.eval()
-        self.model, self.tokenizer, self.threads, self.kv_budget = model, tokenizer, threads, kv_budget
-        self.speculator = None  # set by the caller (it reads runner.max_len)
-        self.runner = SlotRunner(model, max_batch, max_len)
-        # the context requests get: prefix/prompt tuning's virtual tokens take the start of every slot
-        self.max_len = self.runner.max_len - self.runner.nv
-        self._waiting: collections.OrderedDict[int, collections.deque[Request]] = collections.OrderedDict()
-        self._group_ids = iter(range(1 << 62))
-        self._slots: list[Request | None] = [None] * max_batch
-        self._last: list[int | None] = [None] * max_batch
-        self._cv = threading.Condition()
-        self._closed = False
-        self.steps = 0  # batched decode steps run (for tests and statistics)
-        self.tokens = 0  # tokens generated
-        self.busy = 0.0  # seconds spent in decode steps
-        self.prefill_batches = 0  # prefills of several prompts in one forward
-        self.max_active = 0
-        self.cancelled = 0  # requests stopped by cancel() before they finished
-        self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
-        self._thread.start()
+        self.model, self.threads = model, threads
+        super().__init__(SlotRunner(model, max_batch, max_len), model.cfg.vocab_size, select, TokenSampler,
+                         tokenizer, max_batch, kv_budget)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: queue.SimpleQueue | None = None,
-               tag=None) -> Request:
-        """Queue a request. Raises ValueError for an empty prompt, one that fills the context, or bad params.
-        Events go to the request's own queue, or to ``sink`` (anything with ``put``) as ``(tag, item)``."""
-        return self.submit_group([(prompt_ids, params, tag)], sink)[0]
-
-    def submit_group(self, items: list[tuple[list[int], SamplingParams, object]], sink=None) -> list[Request]:
-        """Queue ``(prompt_ids, params, tag)`` requests as one group (all or none: a ValueError queues nothing).
-        Waiting groups take free slots in turn, one request at a time."""
-        reqs = [self._request(ids, params, sink, tag) for ids, params, tag in items]
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("the engine is closed")
-            if reqs:
-                self._waiting[next(self._group_ids)] = collections.deque(reqs)
-            self._cv.notify()
-        return reqs
-
-    def _request(self, prompt_ids: list[int], params: SamplingParams, sink, tag) -> Request:
-        params.check()
-        if not prompt_ids:
-            raise ValueError("the prompt must hold at least one token")
-        if len(prompt_ids) >= self.max_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context of {self.max_len}")
-        vocab = self.model.cfg.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary of {vocab}")
-        seq = Sequence(prompt_ids, params, self.tokenizer, self.max_len, vocab)
-        return Request(seq, sink, tag)
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-        self._thread.join(timeout=10)
-
-    @property
-    def active(self) -> int:
-        return sum(r is not None for r in self._slots)
-
-    @property
-    def waiting(self) -> int:
-        """Requests waiting for a slot."""
-        with self._cv:
-            return sum(len(g) for g in self._waiting.values())
-
-    @property
-    def waiting_groups(self) -> int:
-        """Groups (API calls) with a request waiting for a slot."""
-        return len(self._waiting)
-
-    def _head(self) -> Request:
-        """The request ``_next_waiting`` would take (call with the lock held)."""
-        return self._waiting[next(iter(self._waiting))][0]
-
-    def _next_waiting(self) -> Request:
-        """The next request to admit: round-robin over the waiting groups (call with the lock held)."""
-        key = next(iter(self._waiting))
-        group = self._waiting[key]
-        req = group.popleft()
-        if group:
-            self._waiting.move_to_end(key)
-        else:
-            del self._waiting[key]
-        return req
-
-    # ---- the loop ---------------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _thread_setup(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
-        while True:
-            with self._cv:
-                while not self._closed and not self._waiting and not any(self._slots):
-                    self._cv.wait()
-                if self._closed:
-                    break
-                # idle: a cache far longer than the next request needs goes back (it is kept otherwise: no
-                if self._waiting and not any(self._slots):  # allocation, no replanning)
-                    if self.runner.cap >= 2 * max(self._need(self._head()), MIN_CACHE_LEN):
-                        self.runner.release()
-                admitted = []
-                self._drop_cancelled_waiting()
-                while self._waiting and None in self._slots:
-                    slot = self._slots.index(None)
-                    if not self._fits(slot, self._head()):
-                        break
-                    self._slots[slot] = req = self._next_waiting()
-                    admitted.append((slot, req))
-            try:
-                self._admit_many(admitted)
-                self.max_active = max(self.max_active, self.active)
-                self._drop_cancelled()
-                if any(t is not None for t in self._last):
-                    if self.speculator is not None and self.active == 1 and not self._waiting:
-                        self._speculate()  # one request alone: several tokens a pass over the weights
-                    else:
-                        self._decode_step()
-            except Exception as e:  # noqa: BLE001 - a bug must not leave requests waiting forever
-                traceback.print_exc(file=sys.stderr)
-                for i, req in enumerate(self._slots):
-                    if req is not None:
-                        self._free(i)
-                        self._fail(req, f"{type(e).__name__}: {e}")
-        for req in [*(r for g in self._waiting.values() for r in g), *(r for r in self._slots if r is not None)]:
-            self._fail(req, "the engine was closed")
-
-    def _need(self, req: Request) -> int:
-        """Cache positions ``req`` may fill: its prompt and every token it may generate."""
-        return self.runner.nv + len(req.seq.prompt_ids) + req.seq.limit
-
-    def _fits(self, slot: int, req: Request) -> bool:
-        """Whether admitting ``req`` into ``slot`` keeps the cache within ``kv_budget`` even when every running
-        request runs to its limit (a request alone is always admitted). Without a budget, always."""
-        running = [(i, r) for i, r in enumerate(self._slots) if r is not None]
-        if self.kv_budget is None or not running:
-            return True
-        slots = max(slot, *(i for i, _ in running)) + 1
-        length = max(self._need(req), *(self._need(r) for _, r in running))
-        return self.runner.cache_bytes(slots, length) <= self.kv_budget
-
-    def _admit_many(self, admitted: list[tuple[int, Request]]) -> None:
-        """Prefill new requests together (in groups of similar length); a failing group is retried one by one."""
-        live = []
-        for slot, req in admitted:
-            if req.cancelled or req.seq.finish_reason is not None:  # cancelled, or nothing to generate
-                self._free(slot)
-                req._put(Request.DONE)
-            else:
-                live.append((slot, req))
-        live.sort(key=lambda sr: len(sr[1].seq.prompt_ids))
-        groups: list[list[tuple[int, Request]]] = []
-        for sr in live:  # padding to the longest prompt of a group costs at most as much as the real tokens
-            n = len(sr[1].seq.prompt_ids)
-            g = groups[-1] if groups else None
-            if g is not None and (len(g) + 1) * n <= max(2 * (n + sum(len(r.seq.prompt_ids) for _, r in g)), 64):
-                g.append(sr)
-            else:
-                groups.append([sr])
-        for g in groups:
-            if len(g) == 1:
-                self._admit(*g[0])
-                continue
-            try:
-                logits = self.runner.prefill_many([s for s, _ in g], [r.seq.prompt_ids for _, r in g])
-                choices = select(logits, [r.seq.sampler for _, r in g])
-                self.prefill_batches += 1
-            except Exception:  # noqa: BLE001 - find the failing request alone
-                for slot, req in g:
-                    self._admit(slot, req)
-                continue
-            for (slot, req), c in zip(g, choices):
-                self._emit(slot, req, c)
-
-    def _admit(self, slot: int, req: Request) -> None:
-        try:
-            if req.cancelled or req.seq.finish_reason is not None:  # cancelled, or nothing to generate
-                raise _Cancelled
-            logits = self.runner.prefill(slot, req.seq.prompt_ids)
-            (choice,) = select(logits[None], [req.seq.sampler])
-            self._emit(slot, req, choice)
-        except _Cancelled:
-            self._free(slot)
-            req._put(Request.DONE)
-        except Exception as e:  # noqa: BLE001 - one failing request never stops the engine
-            self._free(slot)
-            self._fail(req, f"{type(e).__name__}: {e}")
-
-    def _decode_step(self) -> None:
-        n = max(i for i, t in enumerate(self._last) if t is not None) + 1
-        tokens = self._last[:n]
-        t0 = time.perf_counter()
-        try:
-            logits = self.runner.decode(tokens)
-            rows = [i for i, t in enumerate(tokens) if t is not None]
-            choices = select(logits if len(rows) == n else logits[rows], [self._slots[i].seq.sampler for i in rows])
-        except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
-            traceback.print_exc(file=sys.stderr)
-            for i, t in enumerate(tokens):
-                if t is not None:
-                    req = self._slots[i]
-                    self._free(i)
-                    self._fail(req, f"{type(e).__name__}: {e}")
-            return
-        self.steps += 1
-        self.tokens += len(rows)
-        self.busy += time.perf_counter() - t0
-        for i, c in zip(rows, choices):
-            self._emit(i, self._slots[i], c)
-
-    def _speculate(self) -> None:
-        """A round of speculative decoding for the one running request."""
-        slot = next(i for i, t in enumerate(self._last) if t is not None)
-        req = self._slots[slot]
-        t0 = time.perf_counter()
-        try:
-            for choice in self.speculator.round(self.runner, slot, req.seq, self._last[slot]):
-                self._emit(slot, req, choice)
-                self.tokens += 1
-        except Exception as e:  # noqa: BLE001 - fail the request, keep serving
-            traceback.print_exc(file=sys.stderr)
-            self._free(slot)
-            self._fail(req, f"{type(e).__name__}: {e}")
-            return
-        self.steps += 1
-        self.busy += time.perf_counter() - t0
-
-    def _emit(self, slot: int, req: Request, choice) -> None:
-        step = req.seq.accept(choice)
-        if req.seq.finish_reason is not None:
-            self._free(slot)
-            req._put_last(step)
-            return
-        if step is not None:
-            req._put(step)
-        self._last[slot] = choice.token
-
-    def _drop_cancelled(self) -> None:
-        for i, req in enumerate(self._slots):
-            if req is not None and req.cancelled and req.seq.finish_reason is None:
-                req.seq.finish_reason = "cancelled"
-                self.cancelled += 1
-                self._free(i)
-                req._put(Request.DONE)
-
-    def _drop_cancelled_waiting(self) -> None:
-        """Finish cancelled requests that are still waiting (call with the lock held)."""
-        for key in [k for k, g in self._waiting.items() if any(r.cancelled for r in g)]:
-            group = self._waiting[key]
-            for req in [r for r in group if r.cancelled]:
-                group.remove(req)
-                if req.seq.finish_reason is None:
-                    req.seq.finish_reason = "cancelled"
-                    self.cancelled += 1
-                req._put(Request.DONE)
-            if not group:
-                del self._waiting[key]
-
-    def _free(self, slot: int) -> None:
-        with self._cv:
-            self._slots[slot] = None
-            self._last[slot] = None
-
-    @staticmethod
-    def _fail(req: Request, message: str) -> None:
-        req.error = message
-        if req.seq.finish_reason is None:
-            req.seq.finish_reason = "error"
-        req._put(Request.DONE)
 
 
-class _Cancelled(Exception):
-    pass
-
-
-__all__ = ["Engine", "EngineError", "Request", "SlotRunner", "TokenSampler", "fast_path_supported"]
+__all__ = ["BatchEngine", "Engine", "EngineError", "Request", "SlotRunner", "TokenSampler", "fast_path_supported"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.infer.engine import SlotRunner
-from lmforge.infer.sampling import SamplingParams, select
+from lmforge.infer.sampling import SamplingParams, TokenSampler, select
 from lmforge.infer.sequence import Sequence, Step  # noqa: F401 - also importable from here, as before
 from lmforge.infer.speculative import resolve_draft, speculative_steps
 from lmforge.infer.text import TextStream  # noqa: F401 - also importable from here, as before
@@ -42,7 +42,7 @@ def stream_steps(model: Decoder, prompt_ids: list[int], params: SamplingParams, 
     ctx = cfg.block_size - nv
     if len(prompt_ids) >= ctx and params.max_new_tokens > 0:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context of {ctx}")
-    seq = seq or Sequence(prompt_ids, params, tokenizer, ctx, cfg.vocab_size)
+    seq = seq or Sequence(prompt_ids, params, tokenizer, ctx, cfg.vocab_size, TokenSampler)
     if seq.finish_reason is not None:
         return
     cap = min(cfg.block_size, nv + len(prompt_ids) + params.max_new_tokens)
@@ -86,7 +86,7 @@ class Completion:
 def complete(model: Decoder, tokenizer, prompt_ids: list[int], params: SamplingParams) -> Completion:
     """Generate one sequence and return its text (stop strings applied), ids and finish reason."""
     seq = Sequence(prompt_ids, params, tokenizer, model.cfg.block_size - model.num_virtual_tokens,
-                   model.cfg.vocab_size)
+                   model.cfg.vocab_size, TokenSampler)
     steps = list(stream_steps(model, prompt_ids, params, tokenizer, seq=seq))
     return Completion(seq.output_text, list(seq.out_ids), seq.finish_reason or "length",
                       [s.logprob for s in steps if s.token >= 0])
@@ -106,7 +106,8 @@ def generate_batch(model: Decoder, prompts: list[list[int]], params: SamplingPar
     B, P = len(prompts), max(len(p) for p in prompts)
     nv = model.num_virtual_tokens  # prefix/prompt tuning: the decoder adds its virtual tokens before the prompts
     ctx = cfg.block_size - nv
-    seqs = [Sequence(p, sp, tokenizer, ctx - (P - len(p)), cfg.vocab_size) for p, sp in zip(prompts, plist)]
+    seqs = [Sequence(p, sp, tokenizer, ctx - (P - len(p)), cfg.vocab_size, TokenSampler)
+            for p, sp in zip(prompts, plist)]
     for sp in plist:
         sp.check()
     steps = max(s.limit for s in seqs)

@@ -26,7 +26,8 @@ import numpy as np
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
-from lmforge.infer import clib
+from lmforge.infer import clib, lean_sampling
+from lmforge.infer.batching import BatchEngine
 from lmforge.infer.clib import (
     ACTIVATION_CODES,
     REFINE_TOP,
@@ -109,9 +110,10 @@ def unsupported(path: str | Path) -> str | None:
 
 
 class LeanModel:
-    """An int4 directory ready to decode one sequence of up to ``max_len`` positions with the C step."""
+    """An int4 directory ready to decode with the C step: ``slots`` sequences of up to ``max_len`` positions each in
+    its key/value cache (``run``), the first of them also as one sequence (``step``, ``prefill``)."""
 
-    def __init__(self, path: str | Path, max_len: int | None = None) -> None:
+    def __init__(self, path: str | Path, max_len: int | None = None, slots: int = 1) -> None:
         path = Path(path)
         why, cfg, q = _inspect(path)
         if why:
@@ -119,7 +121,7 @@ class LeanModel:
         self.lib = clib.library()
         self.cfg = cfg
         self.max_len = min(max_len or cfg.block_size, cfg.block_size)
-        self.group = q.group_size
+        self.group, self.slots = q.group_size, slots
         self._plan(*self._load(path, q.symmetric))
         self.length = 0  # positions of the sequence in the cache
 
@@ -173,11 +175,12 @@ class LeanModel:
         cfg, lib, G = self.cfg, self.lib, self.group
         D, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
         nh, nkv, hd = cfg.n_head, cfg.kv_heads, cfg.head_size
-        R = PREFILL_ROWS
+        R = self.rows = max(PREFILL_ROWS, self.slots)  # rows of one call at most
         f = _layer_widths(cfg, G)
         qi, qsum = head
-        self.k = _lazy_zeros((L, 1, nkv, self.max_len, hd))  # (pages taken as positions are written)
-        self.v = _lazy_zeros((L, 1, nkv, self.max_len, hd))
+        self.k = _lazy_zeros((L, self.slots, nkv, self.max_len, hd))  # (pages taken as positions are written)
+        self.v = _lazy_zeros((L, self.slots, nkv, self.max_len, hd))
+        self.top = 0  # positions written in some slot (their pages taken)
         self.pos, self.slot = np.zeros(R, np.int32), np.zeros(R, np.int32)
         self.x, self.final = _aligned((R, D), np.float32), _aligned((R, D), np.float32)
         Nmax = max(n + -n % 16 for n, _, _ in f.values())
@@ -232,10 +235,10 @@ class LeanModel:
             self._blocks.append((first, i > 0, h_qkv, p[0], attn, h_proj, p[1], norm2, h_fc1, p[2], act, h_fc2,
                                  p[3]))
         self.after = norm_args(*final, self.final, (f["mlp.fc2"][0], layers[-1][0]["mlp.fc2"][3]))
-        self.logits = _aligned((1, V), np.float32)  # the head runs on the last row only
+        self.logits = _aligned((R, V), np.float32)  # the head runs on the wanted rows only, moved to the first
         k = min(REFINE_TOP, V)
         self.idx = np.zeros(k, np.int32)
-        self.xq_head, self.xs_head = _aligned((D,), np.uint8), _aligned((D // 32,), np.float32)
+        self.xq_head, self.xs_head = _aligned((R * D,), np.uint8), _aligned((R * D // 32,), np.float32)
         self.vnni = _VnniArgs(n=1, N=V, K=D, qi=_ptr(qi), qsum=_ptr(qsum), scales=_ptr(self.scales),
                               bias=_ptr(self.head_bias), x=_ptr(self.final), out=_ptr(self.logits),
                               xq=_ptr(self.xq_head), xs=_ptr(self.xs_head))
@@ -288,19 +291,19 @@ class LeanModel:
         self.after.n = n
         self._rows = n
 
-    def step(self, tokens: list[int], last: bool = True) -> np.ndarray | None:
-        """Run ``tokens`` (at most PREFILL_ROWS) at the next positions of the sequence; the logits (V,) of the last
-        one, float32 (a view, overwritten by the next step), or None when ``last`` is False."""
-        n, p0 = len(tokens), self.length
-        if p0 + n > self.max_len:
-            raise LMForgeError(f"the sequence would pass {self.max_len} positions (the model's context or --max-len)")
+    def run(self, tokens: list[int], pos, slots, want: list[int]) -> np.ndarray | None:
+        """Run ``tokens`` (at most ``rows``), token r at position ``pos[r]`` of slot ``slots[r]`` (a prompt's tokens
+        in order: each sees the ones before it); the logits (len(want), V) of the rows ``want``, float32 (a view,
+        overwritten by the next call), or None when none is wanted."""
+        n = len(tokens)
         self._set_rows(n)
         ids = np.asarray(tokens, np.int64)
         x = self.x[:n]
         np.multiply(self.emb[ids], self.scales[ids, None], out=x, casting="unsafe")
         if self.cfg.embedding_scale != 1.0:
             x *= np.float32(self.cfg.embedding_scale)
-        self.pos[:n] = np.arange(p0, p0 + n, dtype=np.int32)
+        self.pos[:n], self.slot[:n] = pos, slots
+        self.top = max(self.top, int(self.pos[:n].max()) + 1)
         norm, attention, activation, int4 = self._calls
         out = self.out.ctypes.data
         for first, add, h_qkv, qkv, attn, h_proj, proj, norm2, h_fc1, fc1, act, h_fc2, fc2 in self._blocks:
@@ -316,15 +319,34 @@ class LeanModel:
             activation(ctypes.byref(act), out)
             fc2.x = h_fc2.ctypes.data
             int4(ctypes.byref(fc2))
-        self.length = p0 + n
-        if not last:
+        if not want:
             return None
         norm(ctypes.byref(self.after), out)
-        if n > 1:  # the last row's final norm output to row 0, where the head reads
-            self.final[0] = self.final[n - 1]
+        m = len(want)
+        if want != list(range(m)):  # the wanted rows' final norm outputs first, where the head reads
+            self.final[:m] = self.final[want]
+        self.vnni.n = self.refine.n = m
         self.lib.lmf_head_vnni(ctypes.byref(self.vnni))
         self.lib.lmf_head_refine(ctypes.byref(self.refine), None)
-        return self.logits[0]
+        return self.logits[:m]
+
+    def step(self, tokens: list[int], last: bool = True) -> np.ndarray | None:
+        """Run ``tokens`` (at most PREFILL_ROWS) at the next positions of the sequence in slot 0; the logits (V,) of
+        the last one, float32 (a view, overwritten by the next step), or None when ``last`` is False."""
+        n, p0 = len(tokens), self.length
+        if p0 + n > self.max_len:
+            raise LMForgeError(f"the sequence would pass {self.max_len} positions (the model's context or --max-len)")
+        logits = self.run(tokens, np.arange(p0, p0 + n, dtype=np.int32), 0, [n - 1] if last else [])
+        self.length = p0 + n
+        return None if logits is None else logits[0]
+
+    def forget(self) -> None:
+        """Give the pages of the key/value cache back (its contents become zeros)."""
+        for a in (self.k, self.v):
+            while not isinstance(a, mmap.mmap):  # down the array's bases to the anonymous mapping
+                a = a.obj if isinstance(a, memoryview) else a.base
+            a.madvise(mmap.MADV_DONTNEED)
+        self.top = 0
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Run a prompt; the logits after its last token."""
@@ -337,6 +359,74 @@ class LeanModel:
     def close(self) -> None:
         self.emb = None
         self._wmap.close()
+
+
+class LeanRunner:
+    """The runner of a ``LeanEngine`` (see ``lmforge.infer.batching.BatchEngine``): ``LeanModel``'s slots, each
+    sequence's length kept here."""
+
+    nv = 0  # no virtual tokens
+
+    def __init__(self, model: LeanModel) -> None:
+        self.model, self.max_len = model, model.max_len
+        self.lens = [0] * model.slots
+        cfg = model.cfg
+        self._position_bytes = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_size * 4  # keys and values of a position
+
+    def cache_bytes(self, slots: int, length: int) -> int:
+        return slots * length * self._position_bytes
+
+    def idle(self, positions: int) -> None:
+        """Nothing runs: a cache that held far more positions than the next request needs gives its pages back."""
+        if self.model.top >= 2 * max(positions, 32):  # (pages taken again cost a fault per 4 kB)
+            self.model.forget()
+
+    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
+        return self.prefill_many([slot], [ids])[0]
+
+    def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> np.ndarray:
+        """The prompts into their slots from position 0, their tokens packed into calls of up to ``rows`` rows;
+        the logits (B, V) after each prompt."""
+        m = self.model
+        lens = np.array([len(p) for p in prompts])
+        if lens.min() < 1 or lens.max() > self.max_len:
+            raise ValueError(f"prompts of 1 to {self.max_len} tokens only")
+        tokens = np.concatenate([np.asarray(p, np.int64) for p in prompts])
+        pos = np.concatenate([np.arange(n, dtype=np.int32) for n in lens])
+        slot = np.repeat(np.asarray(slots, np.int32), lens)
+        last = np.cumsum(lens) - 1  # each prompt's last row
+        out = np.empty((len(prompts), m.cfg.vocab_size), np.float32)
+        for a in range(0, len(tokens), m.rows):
+            b = min(a + m.rows, len(tokens))
+            mine = np.flatnonzero((last >= a) & (last < b))  # prompts that end in this call
+            logits = m.run(tokens[a:b], pos[a:b], slot[a:b], (last[mine] - a).tolist())
+            if logits is not None:
+                out[mine] = logits
+        for s, n in zip(slots, lens):
+            self.lens[s] = int(n)
+        return out
+
+    def decode(self, tokens: list[int | None]) -> np.ndarray:
+        """One token for each slot given one (a view of the logits (k, V) of those slots, in slot order)."""
+        slots = [i for i, t in enumerate(tokens) if t is not None]
+        pos = [self.lens[i] for i in slots]
+        if max(pos) >= self.max_len:
+            raise ValueError(f"a sequence would pass {self.max_len} positions")
+        logits = self.model.run([tokens[i] for i in slots], pos, slots, list(range(len(slots))))
+        for i in slots:
+            self.lens[i] += 1
+        return logits
+
+
+class LeanEngine(BatchEngine):
+    """``BatchEngine`` over an int4 directory without PyTorch (``lmforge serve --runtime lean``): continuous batching
+    of ``max_batch`` sequences through the C step, tokens selected by ``lean_sampling`` (NumPy)."""
+
+    def __init__(self, path: str | Path, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
+                 kv_budget: int | None = None) -> None:
+        self.model = LeanModel(path, max_len, slots=max_batch)
+        super().__init__(LeanRunner(self.model), self.model.cfg.vocab_size, lean_sampling.select,
+                         lean_sampling.LeanSampler, tokenizer, max_batch, kv_budget)
 
 
 def _layer_widths(cfg: ModelConfig, group: int) -> dict[str, tuple[int, int, bool]]:
@@ -360,54 +450,6 @@ def _rotary(dim: int, n: int, theta: float, interleaved: bool) -> tuple[np.ndarr
     return cos, sin
 
 
-def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float,
-           rng: np.random.Generator) -> int:
-    """A token from logits (V,), as ``lmforge.infer.sampling.sample`` draws it (greedy at temperature 0)."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    idx, p = support(logits, temperature, top_k, top_p, min_p)
-    c = np.cumsum(p)
-    return int(idx[min(int(np.searchsorted(c, rng.random() * c[-1], side="right")), len(idx) - 1)])
-
-
-def support(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
-            min_p: float) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens ``sample`` may draw and their probabilities (float64, summing to 1): temperature, then top-k, min-p
-    and top-p (the smallest set of most likely tokens whose mass reaches top_p, found among the tokens above a
-    threshold lowered until they hold that mass: no sort of the whole vocabulary)."""
-    z = logits.astype(np.float64) / temperature
-    if top_k and top_k < z.shape[0]:
-        z = np.where(z < np.partition(z, -top_k)[-top_k], -np.inf, z)
-    probs = np.exp(z - z.max())
-    probs /= probs.sum()
-    if min_p > 0:
-        probs[probs < min_p * probs.max()] = 0.0
-    if top_p < 1.0:
-        probs /= probs.sum()
-        t = probs.max() * 1e-3
-        while True:
-            cand = np.flatnonzero(probs >= t) if t > 0 else np.arange(probs.shape[0])
-            if t == 0 or probs[cand].sum() >= top_p:
-                break
-            t = t * 1e-3 if t > 1e-200 else 0.0
-        order = cand[np.argsort(-probs[cand], kind="stable")]
-        sp = probs[order]
-        keep = np.cumsum(sp) - sp < top_p  # mass of strictly more likely tokens below top_p
-        idx, p = order[keep], sp[keep]
-    else:
-        idx = np.flatnonzero(probs)
-        p = probs[idx]
-    return idx, p / p.sum()
-
-
-def distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
-    """``support`` as probabilities over the whole vocabulary."""
-    idx, p = support(logits, temperature, top_k, top_p, min_p)
-    out = np.zeros(logits.shape[0])
-    out[idx] = p
-    return out
-
-
 def generate(model: LeanModel, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None,
              stop_ids: list[int] | None = None) -> Iterator[int]:
@@ -420,7 +462,7 @@ def generate(model: LeanModel, prompt: list[int], max_new_tokens: int, temperatu
         return
     logits = model.prefill(prompt)
     for i in range(n):
-        t = sample(logits, temperature, top_k, top_p, min_p, rng)
+        t = lean_sampling.sample(logits, temperature, top_k, top_p, min_p, rng)
         if t in stops:
             return
         yield t

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmforge.infer.sampling import Choice, SamplingParams, TokenSampler
+from lmforge.infer.params import Choice, SamplingParams
 from lmforge.infer.text import TextStream
 
 
@@ -22,14 +22,15 @@ class Step:
 
 
 class Sequence:
-    """Per-sequence generation state: sampler, stop ids/strings, limits, output ids, text and finish reason."""
+    """Per-sequence generation state: sampler, stop ids/strings, limits, output ids, text and finish reason.
+    ``sampler_type``: ``lmforge.infer.sampling.TokenSampler`` (PyTorch) or ``lean_sampling.LeanSampler`` (NumPy)."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer=None, max_len: int | None = None,
-                 vocab_size: int | None = None) -> None:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer, max_len: int | None,
+                 vocab_size: int | None, sampler_type: type) -> None:
         if params.stop and tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         self.prompt_ids, self.params = list(prompt_ids), params
-        self.sampler = TokenSampler(params, prompt_ids, vocab_size or 1 << 20)
+        self.sampler = sampler_type(params, prompt_ids, vocab_size or 1 << 20)
         self.stop_ids = set(params.stop_ids)
         room = (max_len - len(prompt_ids)) if max_len is not None else params.max_new_tokens
         self.limit = min(params.max_new_tokens, room)

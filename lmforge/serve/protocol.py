@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.params import SamplingParams
 
 
 class APIError(Exception):
