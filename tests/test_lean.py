@@ -352,6 +352,28 @@ def test_engine_samples_with_a_seed_reports_logprobs_and_frees_pages_when_idle(t
     assert all(s.logprob <= 0 and len(s.top_logprobs) == 2 for s in a)
 
 
+def test_a_failing_cache_release_does_not_stop_the_engine(tmp_path):
+    """An error while the idle engine gives its cache back (in its thread, outside any request) is reported and the
+    requests are still served (it used to end the engine's thread: every request then waited forever)."""
+    from lmforge.infer.batching import Request
+    from lmforge.infer.params import SamplingParams
+
+    path = _int4_dir(tmp_path, "tiny-llama", 32, False)
+    engine = lean.LeanEngine(path, max_batch=2, max_len=96)
+
+    def broken(positions: int) -> None:
+        raise OSError("madvise failed")
+
+    engine.runner.idle = broken
+    try:
+        for _ in range(2):  # (read with a timeout: without the fix the request's end never comes)
+            req = engine.submit([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=5))
+            events = [req._q.get(timeout=60)[1] for _ in range(6)]
+            assert events[-1] is Request.DONE and len(req.token_ids) == 5
+    finally:
+        engine.close()
+
+
 def _serve(args: list[str]) -> tuple[subprocess.Popen, int, str]:
     """`lmforge serve ARGS` on a free port: the process, the port and its first line."""
     import socket

@@ -208,7 +208,10 @@ class BatchEngine:
                 if self._closed:
                     break
                 if self._waiting and not any(self._slots):  # idle: the runner may give back a long cache
-                    self.runner.idle(self._need(self._head()))
+                    try:
+                        self.runner.idle(self._need(self._head()))
+                    except Exception:  # noqa: BLE001 - the cache is only kept; the engine's thread must not end
+                        traceback.print_exc(file=sys.stderr)
                 admitted = []
                 self._drop_cancelled_waiting()
                 while self._waiting and None in self._slots:
