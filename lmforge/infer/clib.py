@@ -111,6 +111,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmf_int4.argtypes, lib.lmf_int4.restype = [ctypes.c_void_p], None
     lib.lmf_flash.argtypes, lib.lmf_flash.restype = [ctypes.c_void_p], ctypes.c_int
     lib.lmf_flash_ok.argtypes, lib.lmf_flash_ok.restype = [ctypes.c_int], ctypes.c_int
+    lib.lmf_amx_init.argtypes, lib.lmf_amx_init.restype = [], ctypes.c_int
+    if os.environ.get("LMFORGE_AMX", "1") != "0":
+        lib.lmf_amx_init()  # int4 products of several rows on AMX tiles where the CPU and the OS allow them
     set_parallel(lib)
     return lib
 

@@ -19,6 +19,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -906,6 +910,59 @@ void lmf_gemv(const gemv_args *a) {
 #endif
 }
 
+/* ---- AMX tiles ----------------------------------------------------------------------------------------- */
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AMX_TILE__) && \
+    defined(__AMX_INT8__) && defined(__linux__)
+#define LMF_AMX 1
+/* AMX (Intel's tile matrix unit: eight tiles of up to 16 rows x 64 bytes, and int8 dot products of whole tiles) for
+   the int8 and int4 products of several rows: the integer sums of each group of 32 inputs that the VNNI kernels
+   form with vpdpbusd come from one tile instruction for 16 rows x 16 outputs, then the same float arithmetic in the
+   same order, so the results are bitwise the VNNI kernels' (at any row count, as rows computed alone). */
+int lmf_amx = 0;  /* the OS lets this process use AMX tiles (lmf_amx_init); 0 keeps lmf_int4 on AVX512-VNNI */
+
+int lmf_amx_init(void) {  /* asks Linux for the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM); 1 when granted */
+    lmf_amx = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    return lmf_amx;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+static void amx_configure(int M) {  /* tiles 0, 1: M rows x 32 activation bytes; 2, 3: 8 x 64 levels; 4-7: M x 16 */
+    static __thread int configured = 0;  /* the M this thread's tiles are set for */
+    if (configured == M) return;
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = t == 2 || t == 3 ? 8 : M;
+        c.colsb[t] = t < 2 ? 32 : 64;
+    }
+    _tile_loadconfig(&c);
+    configured = M;
+}
+
+static uint8_t *amx_scratch(size_t bytes) {  /* a 64-byte aligned buffer per thread, grown as needed, never freed */
+    static __thread uint8_t *buf = NULL;
+    static __thread size_t cap = 0;
+    if (bytes > cap) {
+        free(buf);
+        buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        cap = buf ? bytes : 0;
+    }
+    return buf;
+}
+
+#else
+int lmf_amx = 0;
+int lmf_amx_init(void) { return 0; }
+#endif
+#define AMX_MIN_ROWS 8  /* rows from which lmf_int4 and lmf_head_vnni take the tiles (at 4 the VNNI kernels were as fast) */
+
 /* ---- the int8 output projection for several rows: int8 activations, AVX512-VNNI ------------------ */
 
 typedef struct {
@@ -965,6 +1022,71 @@ static void vnni_tile(const void *args, int jb) {  /* every row of outputs jb * 
     if (r + 2 <= a->n) { vnni_rows(a, jb, r, 2); r += 2; }
     if (r < a->n) vnni_rows(a, jb, r, 1);
 }
+
+#if defined(LMF_AMX)
+/* vnni_rows on AMX tiles for rows r0 .. r0 + M - 1 (M <= 16): per group of 32 inputs, the rows' activations (a tile
+   of M x 32 bytes) times the weight's 8 x 64 bytes as stored (tdpbusd), groups two at a time in turn (tiles 0, 2, 4
+   and 1, 3, 5) so one group's tile products run while the one before it is scaled. */
+static inline __attribute__((always_inline)) void head_amx_rows(const vnni_args *a, int jb, int r0, const int M,
+                                                                int32_t *c) {
+    const int K = a->K, G = K / 32;
+    const int8_t *w = a->qi + (size_t)jb * (K / 4) * 64;
+    const int32_t *qs = a->qsum + (size_t)jb * G * 16;
+    const uint8_t *x = a->xq + (size_t)r0 * K;
+    __m512 accf[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < M; r++) accf[r] = _mm512_setzero_ps();
+    amx_configure(M);
+#define HEAD_GROUP(g, A, B, C, buf)                          \
+    do {                                                     \
+        _tile_loadd(A, x + 32 * (size_t)(g), K);             \
+        _tile_loadd(B, w + (size_t)(g) * 512, 64);           \
+        _tile_zero(C);                                       \
+        _tile_dpbusd(C, A, B);                               \
+        _tile_stored(C, (buf), 64);                          \
+    } while (0)
+#define HEAD_DONE(g, buf)                                                                                      \
+    do {                                                                                                       \
+        const __m512i q = _mm512_loadu_si512((const void *)(qs + (size_t)(g) * 16));                          \
+        _Pragma("GCC unroll 16") for (int r = 0; r < M; r++) accf[r] = _mm512_fmadd_ps(                        \
+            _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512((buf) + 16 * r), q)),                       \
+            _mm512_set1_ps(a->xs[(size_t)(r0 + r) * G + (g)]), accf[r]);                                       \
+    } while (0)
+    int g = 0;
+    for (; g + 2 <= G; g += 2) {
+        HEAD_GROUP(g, 0, 2, 4, c);
+        if (g) HEAD_DONE(g - 1, c + 256);
+        HEAD_GROUP(g + 1, 1, 3, 5, c + 256);
+        HEAD_DONE(g, c);
+    }
+    if (g < G) {
+        HEAD_GROUP(g, 0, 2, 4, c);
+        if (g) HEAD_DONE(g - 1, c + 256);
+        HEAD_DONE(g, c);
+    } else if (G) {
+        HEAD_DONE(G - 1, c + 256);
+    }
+#undef HEAD_GROUP
+#undef HEAD_DONE
+    const __m512 sc = _mm512_loadu_ps(a->scales + (size_t)jb * 16);
+    const __m512 b = a->bias ? _mm512_loadu_ps(a->bias + (size_t)jb * 16) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int r = 0; r < M; r++)
+        _mm512_storeu_ps(a->out + (size_t)(r0 + r) * a->N + (size_t)jb * 16, _mm512_fmadd_ps(accf[r], sc, b));
+}
+
+static void head_amx_tile(const void *args, int jb) {  /* every row of outputs jb * 16 .. + 15 */
+    const vnni_args *a = args;
+    int32_t *c = (int32_t *)amx_scratch(2048);
+    if (!c) {
+        vnni_tile(args, jb);
+        return;
+    }
+    int r = 0;
+    for (; r + 16 <= a->n; r += 16) head_amx_rows(a, jb, r, 16, c);
+    if (r < a->n) head_amx_rows(a, jb, r, a->n - r, c);
+}
+#endif
 #endif
 
 /* out = x W^T + bias with x quantized to int8 in groups of 32 inputs (scale max|x| / 127 per group, as llama.cpp's
@@ -986,6 +1108,12 @@ void lmf_head_vnni(const vnni_args *a) {
             for (int i = 0; i < 32; i++) q[i] = (uint8_t)((int)__builtin_rintf(x[i] * inv) + 128);
         }
     }
+#if defined(LMF_AMX)
+    if (lmf_amx && a->n >= AMX_MIN_ROWS) {
+        for_tiles(a->N / 16, (double)a->n * a->N * K, head_amx_tile, a);
+        return;
+    }
+#endif
     for_tiles(a->N / 16, (double)a->n * a->N * K, vnni_tile, a);
 #else
     (void)a;
@@ -1064,6 +1192,117 @@ static void i4_tile(const void *args, int jb) {  /* every row of outputs jb * 16
 }
 #endif
 
+#if defined(LMF_AMX)
+/* lmf_int4 on AMX tiles: per block of 32 inputs, the levels of 16 outputs (the layout above, unpacked to a byte a
+   level: a tile of 8 rows x 64 bytes) times up to 16 rows' coarse and fine parts (two tiles of rows x 32 bytes) are
+   two tdpbsud (signed activations, unsigned levels). */
+
+/* Float arithmetic of one block for rows r0 .. r0 + M - 1 from the tiles' int32 results, as i4_rows does it:
+   254 coarse + fine is an integer below 2^24, exact in float whichever way it is formed. */
+static inline __attribute__((always_inline)) void amx_combine(const i4_args *a, const int32_t *cc, const int32_t *cf,
+                                                              int b, int r0, const int M, __m512 *acc, __m512 s,
+                                                              __m512 z, const int zeros) {
+    const int nb = a->K / 32;
+    const __m512 f254 = _mm512_set1_ps(254.0f);
+#pragma GCC unroll 16
+    for (int r = 0; r < M; r++) {
+        const __m512 dd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cc + 16 * r)), f254,
+                                          _mm512_cvtepi32_ps(_mm512_load_si512(cf + 16 * r)));
+        const float *p = a->xs + ((size_t)(r0 + r) * nb + b) * 3;
+        const __m512 t = _mm512_fmsub_ps(_mm512_set1_ps(p[0]), dd, _mm512_set1_ps(p[1]));
+        acc[r] = _mm512_fmadd_ps(s, t, acc[r]);
+        if (zeros) acc[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(p[2]), acc[r]);
+    }
+}
+
+/* Outputs jb * 16 .. + 15 of rows r0 .. r0 + M - 1 (M <= 16) from the unpacked levels lv (nb x 512 bytes). Two
+   blocks in flight: block b's tile products (tiles 4, 5 or 6, 7) run while block b - 1's results are combined. */
+static inline __attribute__((always_inline)) void amx_rows(const i4_args *a, int jb, int r0, const int M,
+                                                           const uint8_t *lv, int32_t *c, const int zeros) {
+    const int nb = a->K / 32, gb = a->G / 32, ng = a->K / a->G;
+    const float *sc = a->scales + (size_t)jb * ng * 16, *zr = a->zeros ? a->zeros + (size_t)jb * ng * 16 : NULL;
+    const int8_t *x = a->xq + (size_t)r0 * nb * 64;
+    const size_t stride = (size_t)nb * 64;
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
+    amx_configure(M);
+#define AMX_PRODUCT(b, C0, C1, BT)                                                     \
+    do {                                                                               \
+        _tile_loadd(0, x + (size_t)(b) * 64, stride);                                  \
+        _tile_loadd(1, x + (size_t)(b) * 64 + 32, stride);                             \
+        _tile_loadd(BT, lv + (size_t)(b) * 512, 64);                                   \
+        _tile_zero(C0);                                                                \
+        _tile_zero(C1);                                                                \
+        _tile_dpbsud(C0, 0, BT);                                                       \
+        _tile_dpbsud(C1, 1, BT);                                                       \
+    } while (0)
+#define AMX_STORE(C0, C1, buf)                                                         \
+    do {                                                                               \
+        _tile_stored(C0, (buf), 64);                                                   \
+        _tile_stored(C1, (buf) + 256, 64);                                             \
+    } while (0)
+#define AMX_DONE(b, buf)                                                               \
+    amx_combine(a, (buf), (buf) + 256, (b), r0, M, acc, _mm512_loadu_ps(sc + (size_t)((b) / gb) * 16), \
+                zeros ? _mm512_loadu_ps(zr + (size_t)((b) / gb) * 16) : _mm512_setzero_ps(), zeros)
+    /* block b's products are issued before block b - 1's results are read, and stored after: the reads never wait
+       behind a tile store of their own iteration */
+    AMX_PRODUCT(0, 4, 5, 2);
+    AMX_STORE(4, 5, c);
+    int b = 1;  /* here block b - 1's results are in c */
+    for (; b + 2 <= nb; b += 2) {
+        AMX_PRODUCT(b, 6, 7, 3);
+        AMX_DONE(b - 1, c);
+        AMX_STORE(6, 7, c + 512);
+        AMX_PRODUCT(b + 1, 4, 5, 2);
+        AMX_DONE(b, c + 512);
+        AMX_STORE(4, 5, c);
+    }
+    if (b < nb) {
+        AMX_PRODUCT(b, 6, 7, 3);
+        AMX_DONE(b - 1, c);
+        AMX_STORE(6, 7, c + 512);
+        AMX_DONE(b, c + 512);
+    } else {
+        AMX_DONE(b - 1, c);
+    }
+#undef AMX_PRODUCT
+#undef AMX_STORE
+#undef AMX_DONE
+#pragma GCC unroll 16
+    for (int r = 0; r < M; r++)
+        _mm512_storeu_ps(a->out + (size_t)(r0 + r) * a->out_stride + (size_t)jb * 16, acc[r]);
+}
+
+static void amx_tile(const void *args, int jb) {  /* every row of outputs jb * 16 .. + 15 */
+    const i4_args *a = args;
+    const int nb = a->K / 32;
+    uint8_t *lv = amx_scratch((size_t)nb * 512 + 4096);
+    if (!lv) {  /* no memory for the unpacked levels: the VNNI kernel */
+        i4_tile(args, jb);
+        return;
+    }
+    int32_t *c = (int32_t *)(lv + (size_t)nb * 512);  /* two blocks' results: 2 x (2 x 16 x 16) int32 */
+    const uint8_t *w = a->w + (size_t)jb * nb * 256;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++)  /* rows m and 4 + m of the block's tile: inputs 4m .. and 16 + 4m .. */
+        for (int m = 0; m < 4; m++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(w + (size_t)b * 256 + 64 * m));
+            _mm512_store_si512((void *)(lv + (size_t)b * 512 + 64 * m), _mm512_and_si512(v, low));
+            _mm512_store_si512((void *)(lv + (size_t)b * 512 + 256 + 64 * m),
+                               _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+        }
+    int r = 0;
+    if (a->zeros) {
+        for (; r + 16 <= a->n; r += 16) amx_rows(a, jb, r, 16, lv, c, 1);
+        if (r < a->n) amx_rows(a, jb, r, a->n - r, lv, c, 1);
+    } else {
+        for (; r + 16 <= a->n; r += 16) amx_rows(a, jb, r, 16, lv, c, 0);
+        if (r < a->n) amx_rows(a, jb, r, a->n - r, lv, c, 0);
+    }
+}
+#endif
+
 /* out = x W^T for an int4 weight W[n, k] = (q - 8) s + z (groups of G inputs; lmforge's format, llama.cpp's Q4_0 and
    Q4_1) with integer dot products (AVX512-VNNI): each block of 32 inputs is two int8 parts, x ~ d (c + f / 254) with
    d = max|x| / 127, c = round(x / d) and f = round((x - d c) 254 / d) (a relative error of about 2e-5 against
@@ -1098,6 +1337,12 @@ void lmf_int4(const i4_args *a) {
             p[2] = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
         }
     }
+#if defined(LMF_AMX)
+    if (lmf_amx && a->n >= AMX_MIN_ROWS) {
+        for_tiles(a->N / 16, (double)a->n * a->N * K, amx_tile, a);
+        return;
+    }
+#endif
     for_tiles(a->N / 16, (double)a->n * a->N * K, i4_tile, a);
 #else
     (void)a;
