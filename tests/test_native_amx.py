@@ -5,6 +5,8 @@ with and without zero points, for groups of 32 to 128 and odd and even block cou
 from __future__ import annotations
 
 import ctypes
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -78,3 +80,27 @@ def test_int8_head_on_tiles_equals_the_vnni_kernel_bit_for_bit(rows, K):
     xr = torch.where(s > 0, torch.round(xb / torch.where(s > 0, s, 1)), 0) * s
     want = xr.view(rows, K) @ q.double().t() * scales.double() + bias.double()
     assert torch.allclose(tiles.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_tiles_taken_in_turn_with_pytorchs_bfloat16_products():
+    """PyTorch's oneDNN runs bfloat16 products on the same tiles and threads and releases them after: the kernels
+    configure their tiles for each call and release them too (a configuration kept per thread from the last call met
+    released tiles here: SIGILL)."""
+    code = """
+import torch
+from lmforge.infer import native
+from lmforge.quant import QuantLinear
+torch.manual_seed(0)
+mod = QuantLinear.from_linear(torch.nn.Linear(576, 256, bias=False), 4, 32)
+x = torch.randn(16, 576)
+product = native.int4(mod, 16)
+want = product(x).clone()
+a, b = torch.randn(256, 512, dtype=torch.bfloat16), torch.randn(512, 256, dtype=torch.bfloat16)
+for _ in range(3):
+    y = a @ b
+    assert torch.equal(product(x), want)
+assert torch.allclose(y.float(), a.float() @ b.float(), rtol=0.05, atol=0.5)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -932,9 +932,10 @@ typedef struct {
     uint8_t rows[16];
 } amx_config;
 
-static void amx_configure(int M) {  /* tiles 0, 1: M rows x 32 activation bytes; 2, 3: 8 x 64 levels; 4-7: M x 16 */
-    static __thread int configured = 0;  /* the M this thread's tiles are set for */
-    if (configured == M) return;
+/* Tiles 0, 1: M rows x 32 bytes (activations); 2, 3: 8 x 64 (weights); 4-7: M x 64 (int32 results), unless the
+   thread's tiles are already so (*configured == M). */
+static void amx_configure(int M, int *configured) {
+    if (*configured == M) return;
     amx_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
@@ -943,7 +944,26 @@ static void amx_configure(int M) {  /* tiles 0, 1: M rows x 32 activation bytes;
         c.colsb[t] = t < 2 ? 32 : 64;
     }
     _tile_loadconfig(&c);
-    configured = M;
+    *configured = M;
+}
+
+/* fn(args, t, &configured) for t = 0 .. tiles - 1, shared as for_tiles shares them; each thread configures its tiles
+   in fn as it needs them and releases them when its share is done: no tile state is left on the thread for other
+   code (PyTorch's oneDNN uses the tiles too), nor taken from it. */
+static void amx_for_tiles(int tiles, double work, void (*fn)(const void *, int, int *), const void *args) {
+#if defined(_OPENMP)
+    const int par = lmf_parallel_ok && !omp_in_parallel() && work >= INT4_PARALLEL_WORK;
+    lmf_parallel_runs += par && omp_get_max_threads() > 1;
+#pragma omp parallel if (par)
+#endif
+    {
+        int configured = 0;
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+        for (int t = 0; t < tiles; t++) fn(args, t, &configured);
+        if (configured) _tile_release();
+    }
 }
 
 static uint8_t *amx_scratch(size_t bytes) {  /* a 64-byte aligned buffer per thread, grown as needed, never freed */
@@ -1028,7 +1048,7 @@ static void vnni_tile(const void *args, int jb) {  /* every row of outputs jb * 
    of M x 32 bytes) times the weight's 8 x 64 bytes as stored (tdpbusd), groups two at a time in turn (tiles 0, 2, 4
    and 1, 3, 5) so one group's tile products run while the one before it is scaled. */
 static inline __attribute__((always_inline)) void head_amx_rows(const vnni_args *a, int jb, int r0, const int M,
-                                                                int32_t *c) {
+                                                                int32_t *c, int *configured) {
     const int K = a->K, G = K / 32;
     const int8_t *w = a->qi + (size_t)jb * (K / 4) * 64;
     const int32_t *qs = a->qsum + (size_t)jb * G * 16;
@@ -1036,7 +1056,7 @@ static inline __attribute__((always_inline)) void head_amx_rows(const vnni_args 
     __m512 accf[16];
 #pragma GCC unroll 16
     for (int r = 0; r < M; r++) accf[r] = _mm512_setzero_ps();
-    amx_configure(M);
+    amx_configure(M, configured);
 #define HEAD_GROUP(g, A, B, C, buf)                          \
     do {                                                     \
         _tile_loadd(A, x + 32 * (size_t)(g), K);             \
@@ -1075,7 +1095,7 @@ static inline __attribute__((always_inline)) void head_amx_rows(const vnni_args 
         _mm512_storeu_ps(a->out + (size_t)(r0 + r) * a->N + (size_t)jb * 16, _mm512_fmadd_ps(accf[r], sc, b));
 }
 
-static void head_amx_tile(const void *args, int jb) {  /* every row of outputs jb * 16 .. + 15 */
+static void head_amx_tile(const void *args, int jb, int *configured) {  /* every row of outputs jb * 16 .. + 15 */
     const vnni_args *a = args;
     int32_t *c = (int32_t *)amx_scratch(2048);
     if (!c) {
@@ -1083,8 +1103,8 @@ static void head_amx_tile(const void *args, int jb) {  /* every row of outputs j
         return;
     }
     int r = 0;
-    for (; r + 16 <= a->n; r += 16) head_amx_rows(a, jb, r, 16, c);
-    if (r < a->n) head_amx_rows(a, jb, r, a->n - r, c);
+    for (; r + 16 <= a->n; r += 16) head_amx_rows(a, jb, r, 16, c, configured);
+    if (r < a->n) head_amx_rows(a, jb, r, a->n - r, c, configured);
 }
 #endif
 #endif
@@ -1110,7 +1130,7 @@ void lmf_head_vnni(const vnni_args *a) {
     }
 #if defined(LMF_AMX)
     if (lmf_amx && a->n >= AMX_MIN_ROWS) {
-        for_tiles(a->N / 16, (double)a->n * a->N * K, head_amx_tile, a);
+        amx_for_tiles(a->N / 16, (double)a->n * a->N * K, head_amx_tile, a);
         return;
     }
 #endif
@@ -1218,7 +1238,8 @@ static inline __attribute__((always_inline)) void amx_combine(const i4_args *a, 
 /* Outputs jb * 16 .. + 15 of rows r0 .. r0 + M - 1 (M <= 16) from the unpacked levels lv (nb x 512 bytes). Two
    blocks in flight: block b's tile products (tiles 4, 5 or 6, 7) run while block b - 1's results are combined. */
 static inline __attribute__((always_inline)) void amx_rows(const i4_args *a, int jb, int r0, const int M,
-                                                           const uint8_t *lv, int32_t *c, const int zeros) {
+                                                           const uint8_t *lv, int32_t *c, const int zeros,
+                                                           int *configured) {
     const int nb = a->K / 32, gb = a->G / 32, ng = a->K / a->G;
     const float *sc = a->scales + (size_t)jb * ng * 16, *zr = a->zeros ? a->zeros + (size_t)jb * ng * 16 : NULL;
     const int8_t *x = a->xq + (size_t)r0 * nb * 64;
@@ -1226,7 +1247,7 @@ static inline __attribute__((always_inline)) void amx_rows(const i4_args *a, int
     __m512 acc[16];
 #pragma GCC unroll 16
     for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
-    amx_configure(M);
+    amx_configure(M, configured);
 #define AMX_PRODUCT(b, C0, C1, BT)                                                     \
     do {                                                                               \
         _tile_loadd(0, x + (size_t)(b) * 64, stride);                                  \
@@ -1274,7 +1295,7 @@ static inline __attribute__((always_inline)) void amx_rows(const i4_args *a, int
         _mm512_storeu_ps(a->out + (size_t)(r0 + r) * a->out_stride + (size_t)jb * 16, acc[r]);
 }
 
-static void amx_tile(const void *args, int jb) {  /* every row of outputs jb * 16 .. + 15 */
+static void amx_tile(const void *args, int jb, int *configured) {  /* every row of outputs jb * 16 .. + 15 */
     const i4_args *a = args;
     const int nb = a->K / 32;
     uint8_t *lv = amx_scratch((size_t)nb * 512 + 4096);
@@ -1294,11 +1315,11 @@ static void amx_tile(const void *args, int jb) {  /* every row of outputs jb * 1
         }
     int r = 0;
     if (a->zeros) {
-        for (; r + 16 <= a->n; r += 16) amx_rows(a, jb, r, 16, lv, c, 1);
-        if (r < a->n) amx_rows(a, jb, r, a->n - r, lv, c, 1);
+        for (; r + 16 <= a->n; r += 16) amx_rows(a, jb, r, 16, lv, c, 1, configured);
+        if (r < a->n) amx_rows(a, jb, r, a->n - r, lv, c, 1, configured);
     } else {
-        for (; r + 16 <= a->n; r += 16) amx_rows(a, jb, r, 16, lv, c, 0);
-        if (r < a->n) amx_rows(a, jb, r, a->n - r, lv, c, 0);
+        for (; r + 16 <= a->n; r += 16) amx_rows(a, jb, r, 16, lv, c, 0, configured);
+        if (r < a->n) amx_rows(a, jb, r, a->n - r, lv, c, 0, configured);
     }
 }
 #endif
@@ -1339,7 +1360,7 @@ void lmf_int4(const i4_args *a) {
     }
 #if defined(LMF_AMX)
     if (lmf_amx && a->n >= AMX_MIN_ROWS) {
-        for_tiles(a->N / 16, (double)a->n * a->N * K, amx_tile, a);
+        amx_for_tiles(a->N / 16, (double)a->n * a->N * K, amx_tile, a);
         return;
     }
 #endif
