@@ -284,3 +284,30 @@ def test_int4_products_shared_among_threads_compute_what_one_thread_does(two_thr
         got[on] = native.int4(mod, 16)(x).clone()
         assert _runs() - before == on
     assert torch.equal(got[False], got[True])
+
+
+def test_top_candidates_of_many_rows_recomputed_on_several_threads(two_threads):
+    """lmf_head_refine (after lmf_head_vnni) shares its rows among the threads: the same logits bit for bit as one
+    thread; each row's REFINE candidates are its largest approximate logits, recomputed from the int8 rows exactly."""
+    torch.manual_seed(0)
+    n, N, K, k = 13, 1000, 64, 24
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    scales, bias, x = torch.rand(N) / 50, torch.randn(N), torch.randn(n, K)
+    approx = torch.randn(n, N) * 3
+    approx[2, 500:520] = 10.0  # ties at the top
+    idx = torch.zeros(k, dtype=torch.int32)
+    got = {}
+    for on in (False, True):
+        _parallel(on)
+        out = approx.clone()
+        args = clib._HeadArgs(n=n, N=N, K=K, k=k, y_stride=N, q=q.data_ptr(), scales=scales.data_ptr(),
+                              bias=bias.data_ptr(), x=x.data_ptr(), out=out.data_ptr(), idx=idx.data_ptr())
+        LIB.lmf_head_refine(ctypes.byref(args), None)
+        got[on] = out
+    assert torch.equal(got[False], got[True])
+    exact = (x.double() @ (q.double() * scales.double()[:, None]).t() + bias.double()).float()
+    for r in range(n):
+        changed = (got[True][r] != approx[r]).nonzero().flatten()
+        top = approx[r].topk(k).indices
+        assert set(changed.tolist()) <= set(top.tolist()) and len(changed) >= k - 1
+        assert torch.allclose(got[True][r, top], exact[r, top], rtol=1e-5, atol=1e-5)

@@ -336,6 +336,31 @@ static void attend8(const float *restrict q, const float *restrict K, const floa
 }
 #endif
 
+#if defined(__AVX512F__)
+/* o (rep, hd) = the rep heads' weights p (h M + j) times the values V (t + 1, hd), the rep x hd / 16 sums in registers
+   across the keys (summed in memory, each key's multiply-add loaded and stored every output: a third of SmolLM2's
+   attention). The same multiply-adds in the same order. */
+static inline __attribute__((always_inline)) void weigh_values(const float *restrict p, const float *restrict V, int t,
+                                                                 size_t M, float *restrict o, const int rep,
+                                                                 const int hd) {
+    __m512 acc[16];
+    const int w = hd / 16;
+#pragma GCC unroll 16
+    for (int i = 0; i < rep * w; i++) acc[i] = _mm512_setzero_ps();
+    for (int j = 0; j <= t; j++) {
+        const float *vj = V + (size_t)j * hd;
+#pragma GCC unroll 4
+        for (int h = 0; h < rep; h++) {
+            const __m512 wj = _mm512_set1_ps(p[(size_t)h * M + j]);
+#pragma GCC unroll 8
+            for (int i = 0; i < w; i++) acc[h * w + i] = _mm512_fmadd_ps(wj, _mm512_loadu_ps(vj + 16 * i), acc[h * w + i]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < rep * w; i++) _mm512_storeu_ps(o + 16 * i, acc[i]);
+}
+#endif
+
 /* Attention of the rep query heads q (rep, hd) sharing one kv head over keys/values K, V (t + 1, hd): o (rep, hd).
    Inlined into a copy per common head size, so the loops over hd have a constant length (fully unrolled, one
    horizontal sum per key and head). p: rep * M floats of scratch. */
@@ -383,6 +408,19 @@ static inline __attribute__((always_inline)) void attend(const float *restrict q
         }
     }
     softmax_rows(p, rep, t, M);
+#if defined(__AVX512F__)
+    if (hd % 16 == 0 && hd <= 128) {  /* the rep heads' outputs held in registers across the keys */
+        switch (rep * 16 + hd / 16) {
+        case 16 + 4: weigh_values(p, V, t, M, o, 1, 64); return;
+        case 32 + 4: weigh_values(p, V, t, M, o, 2, 64); return;
+        case 48 + 4: weigh_values(p, V, t, M, o, 3, 64); return;
+        case 64 + 4: weigh_values(p, V, t, M, o, 4, 64); return;
+        case 16 + 8: weigh_values(p, V, t, M, o, 1, 128); return;
+        case 32 + 8: weigh_values(p, V, t, M, o, 2, 128); return;
+        default: break;
+        }
+    }
+#endif
     memset(o, 0, (size_t)rep * hd * sizeof(float));
     for (int j = 0; j <= t; j++) {  /* outputs: each value read once for the rep heads */
         const float *vj = V + (size_t)j * hd;
@@ -604,53 +642,73 @@ typedef struct {
    ((q * scale) . x, as dequantize + matmul computes it): y comes from a bfloat16 kernel, whose rounding (steps of
    0.125 near 25) ties and swaps the top candidates of greedy decoding. The k largest are found in one pass: blocks
    of 16 whose largest entry is below the current k-th largest are skipped. */
-void lmf_head_refine(const head_args *a, const void *y) {
-    const int N = a->N, K = a->K, k = a->k < a->N ? a->k : a->N;
-    int32_t *idx = a->idx;
-    for (int r = 0; r < a->n; r++) {
-        float *o = a->out + (size_t)r * N;
-        if (y) {  /* NULL: out already holds the approximate logits, bias included (lmf_head_vnni) */
-            const bf16_t *yr = (const bf16_t *)y + (size_t)r * a->y_stride;
+static void refine_row(const head_args *a, const void *y, int r, int k, int32_t *idx) {
+    const int N = a->N, K = a->K;
+    float *o = a->out + (size_t)r * N;
+    if (y) {  /* NULL: out already holds the approximate logits, bias included (lmf_head_vnni) */
+        const bf16_t *yr = (const bf16_t *)y + (size_t)r * a->y_stride;
 #pragma omp simd
-            for (int j = 0; j < N; j++) o[j] = bf16_to_f32(yr[j]);
-            if (a->bias) {
+        for (int j = 0; j < N; j++) o[j] = bf16_to_f32(yr[j]);
+        if (a->bias) {
 #pragma omp simd
-                for (int j = 0; j < N; j++) o[j] += a->bias[j];
-            }
-        }
-        if (k <= 0) continue;
-        int low = 0;  /* position in idx of the smallest kept entry */
-        for (int c = 0; c < k; c++) {
-            idx[c] = c;
-            if (o[c] < o[idx[low]]) low = c;
-        }
-        float floor = o[idx[low]];
-        for (int j0 = k; j0 < N; j0 += 16) {
-            const int j1 = j0 + 16 < N ? j0 + 16 : N;
-            float bm = o[j0];
-            for (int j = j0 + 1; j < j1; j++) bm = o[j] > bm ? o[j] : bm;
-            if (!(bm > floor)) continue;
-            for (int j = j0; j < j1; j++) {
-                if (o[j] > floor) {
-                    idx[low] = j;
-                    low = 0;
-                    for (int c = 1; c < k; c++)
-                        if (o[idx[c]] < o[idx[low]]) low = c;
-                    floor = o[idx[low]];
-                }
-            }
-        }
-        const float *x = a->x + (size_t)r * K;
-        for (int c = 0; c < k; c++) {
-            const int j = idx[c];
-            const int8_t *qj = a->q + (size_t)j * K;
-            const float s = a->scales[j];
-            float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-            for (int i = 0; i < K; i++) acc += ((float)qj[i] * s) * x[i];
-            o[j] = a->bias ? acc + a->bias[j] : acc;
+            for (int j = 0; j < N; j++) o[j] += a->bias[j];
         }
     }
+    if (k <= 0) return;
+    int low = 0;  /* position in idx of the smallest kept entry */
+    for (int c = 0; c < k; c++) {
+        idx[c] = c;
+        if (o[c] < o[idx[low]]) low = c;
+    }
+    float floor = o[idx[low]];
+    for (int j0 = k; j0 < N; j0 += 16) {
+        const int j1 = j0 + 16 < N ? j0 + 16 : N;
+#if defined(__AVX512F__)
+        const __mmask16 live = (__mmask16)(j1 - j0 == 16 ? 0xFFFFu : (1u << (j1 - j0)) - 1u);
+        if (!_mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, o + j0), _mm512_set1_ps(floor), _CMP_GT_OQ))
+            continue;  /* nothing above the floor in this block */
+#else
+        float bm = o[j0];
+        for (int j = j0 + 1; j < j1; j++) bm = o[j] > bm ? o[j] : bm;
+        if (!(bm > floor)) continue;
+#endif
+        for (int j = j0; j < j1; j++) {
+            if (o[j] > floor) {
+                idx[low] = j;
+                low = 0;
+                for (int c = 1; c < k; c++)
+                    if (o[idx[c]] < o[idx[low]]) low = c;
+                floor = o[idx[low]];
+            }
+        }
+    }
+    const float *x = a->x + (size_t)r * K;
+    for (int c = 0; c < k; c++) {
+        const int j = idx[c];
+        const int8_t *qj = a->q + (size_t)j * K;
+        const float s = a->scales[j];
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int i = 0; i < K; i++) acc += ((float)qj[i] * s) * x[i];
+        o[j] = a->bias ? acc + a->bias[j] : acc;
+    }
+}
+
+#define REFINE_LOCAL 256  /* candidates a row may keep on its thread's stack (more: rows in turn in a->idx) */
+
+void lmf_head_refine(const head_args *a, const void *y) {
+    const int k = a->k < a->N ? a->k : a->N;
+#if defined(_OPENMP)
+    if (lmf_parallel_ok && a->n > 1 && k <= REFINE_LOCAL && !omp_in_parallel()) {  /* rows shared among threads */
+#pragma omp parallel for schedule(static)
+        for (int r = 0; r < a->n; r++) {
+            int32_t idx[REFINE_LOCAL];
+            refine_row(a, y, r, k, idx);
+        }
+        return;
+    }
+#endif
+    for (int r = 0; r < a->n; r++) refine_row(a, y, r, k, a->idx);
 }
 
 /* ---- small float32 products, and the whole step in one call ----------------------------------- */
