@@ -421,3 +421,38 @@ def test_serve_takes_it_by_default_without_torch_and_answers_what_pytorch_answer
     bad = subprocess.run([sys.executable, "-m", "lmforge", "serve", "--runtime", "lean"], capture_output=True,
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert bad.returncode == 1 and "--runtime lean" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_an_error_while_admitting_fails_the_waiting_requests_not_the_engine(tmp_path):
+    """An error in the engine's admission bookkeeping (here the cache budget's arithmetic) fails the requests that
+    were waiting, with the error, and the engine serves the next ones (it used to end the engine's thread)."""
+    from lmforge.infer.batching import Request
+    from lmforge.infer.params import SamplingParams
+
+    path = _int4_dir(tmp_path, "tiny-llama", 32, False)
+    engine = lean.LeanEngine(path, max_batch=2, max_len=96, kv_budget=1 << 30)
+    real, calls = engine.runner.cache_bytes, []
+
+    def broken(slots: int, length: int) -> int:
+        calls.append(slots)
+        if len(calls) == 1:
+            raise ArithmeticError("budget arithmetic failed")
+        return real(slots, length)
+
+    engine.runner.cache_bytes = broken
+    params = SamplingParams(temperature=0, max_new_tokens=80)
+    try:
+        first = engine.submit([1, 2, 3], params)  # alone: admitted without the budget's arithmetic
+        second = engine.submit([4, 5], params)  # next to it (80 tokens take longer than this): the arithmetic fails
+        assert second._q.get(timeout=60)[1] is Request.DONE and "budget arithmetic failed" in second.error
+        assert not second.token_ids
+        while first._q.get(timeout=60)[1] is not Request.DONE:
+            pass
+        assert len(first.token_ids) == 80 and first.error is None
+        third, fourth = engine.submit([6, 7], params), engine.submit([8], params)  # the engine goes on
+        for req in (third, fourth):
+            while req._q.get(timeout=60)[1] is not Request.DONE:
+                pass
+            assert len(req.token_ids) == 80 and req.error is None
+    finally:
+        engine.close()

@@ -213,13 +213,19 @@ class BatchEngine:
                     except Exception:  # noqa: BLE001 - the cache is only kept; the engine's thread must not end
                         traceback.print_exc(file=sys.stderr)
                 admitted = []
-                self._drop_cancelled_waiting()
-                while self._waiting and None in self._slots:
-                    slot = self._slots.index(None)
-                    if not self._fits(slot, self._head()):
-                        break
-                    self._slots[slot] = req = self._next_waiting()
-                    admitted.append((slot, req))
+                try:
+                    self._drop_cancelled_waiting()
+                    while self._waiting and None in self._slots:
+                        slot = self._slots.index(None)
+                        if not self._fits(slot, self._head()):
+                            break
+                        self._slots[slot] = req = self._next_waiting()
+                        admitted.append((slot, req))
+                except Exception as e:  # noqa: BLE001 - the waiting requests fail, the engine and running ones go on
+                    traceback.print_exc(file=sys.stderr)
+                    for req in [r for g in self._waiting.values() for r in g]:
+                        self._fail(req, f"{type(e).__name__}: {e}")
+                    self._waiting.clear()
             try:
                 self._admit_many(admitted)
                 self.max_active = max(self.max_active, self.active)
