@@ -239,8 +239,9 @@ def test_whole_step_shares_its_rows_among_threads(two_threads, monkeypatch):
 
 def test_attention_shared_among_threads_computes_what_one_thread_does(two_threads, monkeypatch):
     """Attention of many rows over long contexts (above ATTN_PARALLEL_WORK) runs on two threads: a prefill of several
-    prompts through the C step (a prompt's rows stay in order in one thread) and decoding rows at 400 keys give the
-    same logits and cache bit for bit as one thread, equal to full forwards."""
+    prompts through the C step (every row's key and value written first, then the rows attend in halves of the work,
+    here cut inside the second prompt) and decoding rows at 400 keys give the same logits and cache bit for bit as one
+    thread, equal to full forwards."""
     monkeypatch.setenv("LMFORGE_NATIVE", "1")
     monkeypatch.setattr(native, "SMALL_PRODUCTS", 0)  # products between the C calls: attention is its own call
     torch.manual_seed(0)

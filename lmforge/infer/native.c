@@ -445,32 +445,43 @@ static void attend_any(const float *q, const float *K, const float *V, int t, in
     }
 }
 
-/* Rows r0 .. r1 - 1 in order, each writing its key and value before it attends; tmp: the scratch of one thread. */
-static void attention_rows(const attn_args *a, const void *y, int r0, int r1, float *tmp) {
+#define ROW_KV 1      /* attention_row: write the row's key and value into the cache */
+#define ROW_ATTEND 2  /* and/or attend over the cache (its keys up to its own position written) */
+
+/* Row r's part of attention (what: ROW_KV, ROW_ATTEND or both); tmp: the scratch of one thread. */
+static void attention_row(const attn_args *a, const void *y, int r, float *tmp, int what) {
     const int nh = a->nh, nkv = a->nkv, hd = a->hd, rep = nh / nkv, width = (nh + 2 * nkv) * hd;
     const size_t M = (size_t)a->max_len;
+    const int t = a->pos[r], sl = a->slot ? a->slot[r] : r;
+    if (t < 0) return;  /* a padding row */
     float *row = tmp, *p = tmp + width, *o = p + (size_t)rep * M;
-    for (int r = r0; r < r1; r++) {
-        load_row(row_at((void *)y, a->y_bf, a->y_stride, r), a->y_bf, row, width);
-        if (a->bias) {
+    load_row(row_at((void *)y, a->y_bf, a->y_stride, r), a->y_bf, row, width);
+    if (a->bias) {
 #pragma omp simd
-            for (int i = 0; i < width; i++) row[i] += a->bias[i];
-        }
-        const int t = a->pos[r], sl = a->slot ? a->slot[r] : r;
-        if (t < 0) continue;  /* a padding row */
-        if (a->cos) {
-            const float *c = a->cos + (size_t)t * a->rd, *s = a->sin + (size_t)t * a->rd;
-            for (int h = 0; h < nh + nkv; h++) rotate(row + (size_t)h * hd, c, s, a->rd, a->interleaved);
-        }
-        char *out = row_at(a->out, a->out_bf, a->out_stride, r);
-        for (int g = 0; g < nkv; g++) {  /* the rep query heads of kv head g (heads g rep .. g rep + rep - 1) */
-            float *K = a->k + ((size_t)sl * nkv + g) * M * hd, *V = a->v + ((size_t)sl * nkv + g) * M * hd;
+        for (int i = 0; i < width; i++) row[i] += a->bias[i];
+    }
+    if (a->cos) {  /* the query heads (0 .. nh - 1) to attend, the key heads (nh .. nh + nkv - 1) to write */
+        const float *c = a->cos + (size_t)t * a->rd, *s = a->sin + (size_t)t * a->rd;
+        const int h0 = what & ROW_ATTEND ? 0 : nh, h1 = what & ROW_KV ? nh + nkv : nh;
+        for (int h = h0; h < h1; h++) rotate(row + (size_t)h * hd, c, s, a->rd, a->interleaved);
+    }
+    char *out = row_at(a->out, a->out_bf, a->out_stride, r);
+    for (int g = 0; g < nkv; g++) {  /* the rep query heads of kv head g (heads g rep .. g rep + rep - 1) */
+        float *K = a->k + ((size_t)sl * nkv + g) * M * hd, *V = a->v + ((size_t)sl * nkv + g) * M * hd;
+        if (what & ROW_KV) {
             memcpy(K + (size_t)t * hd, row + (size_t)(nh + g) * hd, (size_t)hd * sizeof(float));
             memcpy(V + (size_t)t * hd, row + (size_t)(nh + nkv + g) * hd, (size_t)hd * sizeof(float));
+        }
+        if (what & ROW_ATTEND) {
             attend_any(row + (size_t)g * rep * hd, K, V, t, rep, a->scale, M, p, o, hd);
             store_row(out + (size_t)g * rep * hd * (a->out_bf ? 2 : 4), a->out_bf, o, rep * hd);
         }
     }
+}
+
+/* Rows r0 .. r1 - 1 in order, each writing its key and value before it attends. */
+static void attention_rows(const attn_args *a, const void *y, int r0, int r1, float *tmp) {
+    for (int r = r0; r < r1; r++) attention_row(a, y, r, tmp, ROW_KV | ROW_ATTEND);
 }
 
 #define INT4_PARALLEL_WORK 65536.0  /* rows x outputs x inputs from which lmf_int4 and lmf_head_vnni share
@@ -523,16 +534,17 @@ static size_t attn_floats(const attn_args *a) {  /* the scratch attention_rows t
 }
 
 /* The work of rows 0 .. n - 1 (fixed + per_key (keys) a row, none for a padding row), and cut[0 .. nt]: thread k
-   takes rows cut[k] .. cut[k + 1] - 1, about its share of the work, the rows of one slot together and in order.
-   Returns the work; *parts: how many threads got rows (one: a single slot's rows). */
-static double slot_cuts(const attn_args *a, int n, int nt, double fixed, double per_key, int *cut, int *parts) {
+   takes rows cut[k] .. cut[k + 1] - 1, about its share of the work, the rows of one slot together and in order
+   unless any_cut. Returns the work; *parts: how many threads got rows (one: a single slot's rows). */
+static double row_cuts(const attn_args *a, int n, int nt, double fixed, double per_key, int *cut, int *parts,
+                       int any_cut) {
     double work = 0, done = 0;
     for (int r = 0; r < n; r++) work += a->pos[r] >= 0 ? fixed + per_key * (a->pos[r] + 1) : 0.0;
     int k = 1;
     cut[0] = 0;
     for (int r = 0; r < n && k < nt; r++) {
         const int sl = a->slot ? a->slot[r] : r, prev = r && a->slot ? a->slot[r - 1] : r - 1;
-        if (r && sl != prev && done >= work * k / nt) cut[k++] = r;
+        if (r && (any_cut || sl != prev) && done >= work * k / nt) cut[k++] = r;
         done += a->pos[r] >= 0 ? fixed + per_key * (a->pos[r] + 1) : 0.0;
     }
     *parts = k;
@@ -541,28 +553,52 @@ static double slot_cuts(const attn_args *a, int n, int nt, double fixed, double 
 }
 
 /* Rows in order, each writing its key and value before it attends: the tokens of one prompt as rows of one slot at
-   consecutive positions are a causal prefill in one call. */
+   consecutive positions are a causal prefill in one call. Shared among the threads: rows each of its own slot (batched
+   decoding) in parts of whole rows; where a slot has several rows (a prefill), every row's key and value is written
+   first (rows shared alike), then the rows attend in parts cut anywhere (a prompt's rows had all run on one thread:
+   half of a 1,024-token SmolLM2 prefill). */
 void lmf_attention(const attn_args *a, const void *y) {
 #if defined(_OPENMP)
     int nt = omp_get_max_threads();
     nt = nt < ATTN_MAX_THREADS ? nt : ATTN_MAX_THREADS;
     if (lmf_parallel_ok && nt > 1 && a->n > 1 && !omp_in_parallel()) {
+        int shared = 0;  /* a slot with several rows */
+        for (int r = 1; r < a->n && !shared; r++) shared = a->slot && a->slot[r] == a->slot[r - 1];
         int cut[ATTN_MAX_THREADS + 1], parts;
-        const double work = slot_cuts(a, a->n, nt, 0.0, 1.0, cut, &parts);
+        const double work = row_cuts(a, a->n, nt, 0.0, 1.0, cut, &parts, shared);
         if (work * a->nh * a->hd >= ATTN_PARALLEL_WORK) {
             const size_t floats = attn_floats(a);
             char failed[ATTN_MAX_THREADS] = {0};
+            int short_of_memory = 0;
             lmf_parallel_runs++;
 #pragma omp parallel num_threads(nt)
             {   /* the team may be smaller than asked: its threads take the parts in turn */
                 const int me = omp_get_thread_num();
                 float *tmp = me == 0 ? a->tmp : thread_scratch(floats);
-                for (int i = me; i < nt; i += omp_get_num_threads()) {
-                    if (tmp)
-                        attention_rows(a, y, cut[i], cut[i + 1], tmp);
-                    else
-                        failed[i] = 1;
+                if (shared) {
+                    if (!tmp) {
+#pragma omp atomic write
+                        short_of_memory = 1;
+                    }
+#pragma omp barrier
+                    if (!short_of_memory) {
+#pragma omp for schedule(static)
+                        for (int r = 0; r < a->n; r++) attention_row(a, y, r, tmp, ROW_KV);
+                        for (int i = me; i < nt; i += omp_get_num_threads())
+                            for (int r = cut[i]; r < cut[i + 1]; r++) attention_row(a, y, r, tmp, ROW_ATTEND);
+                    }
+                } else {
+                    for (int i = me; i < nt; i += omp_get_num_threads()) {
+                        if (tmp)
+                            attention_rows(a, y, cut[i], cut[i + 1], tmp);
+                        else
+                            failed[i] = 1;
+                    }
                 }
+            }
+            if (short_of_memory) {  /* no memory for a worker's scratch: every row here */
+                attention_rows(a, y, 0, a->n, a->tmp);
+                return;
             }
             for (int i = 1; i < nt; i++)  /* no memory for a worker's scratch: its rows here */
                 if (failed[i]) attention_rows(a, y, cut[i], cut[i + 1], a->tmp);
@@ -839,7 +875,7 @@ void lmf_step(const step_args *s) {
         double row = s->head->K * (double)s->head->Np;  /* multiply-adds a row */
         for (int k = 0; k < 4 * s->n_layer; k++) row += s->lin[k]->K * (double)s->lin[k]->Np;
         int cut[ATTN_MAX_THREADS + 1], parts;
-        const double work = slot_cuts(a, n, nt, row, 2.0 * a->nh * a->hd * s->n_layer, cut, &parts);
+        const double work = row_cuts(a, n, nt, row, 2.0 * a->nh * a->hd * s->n_layer, cut, &parts, 0);
         if (work >= STEP_PARALLEL_WORK) {
             if (parts == 1) {  /* a single slot's rows (a prompt): on this thread, no parallel region */
                 step_rows(s, 0, n, NULL, NULL, NULL);
