@@ -291,11 +291,11 @@ def test_top_candidates_of_many_rows_recomputed_on_several_threads(two_threads):
     """lmf_head_refine (after lmf_head_vnni) shares its rows among the threads: the same logits bit for bit as one
     thread; each row's REFINE candidates are its largest approximate logits, recomputed from the int8 rows exactly."""
     torch.manual_seed(0)
-    n, N, K, k = 13, 1000, 64, 24
+    n, N, K, k = 13, 6000, 64, 24  # (rows x vocabulary above INT4_PARALLEL_WORK: shared)
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
     scales, bias, x = torch.rand(N) / 50, torch.randn(N), torch.randn(n, K)
     approx = torch.randn(n, N) * 3
-    approx[2, 500:520] = 10.0  # ties at the top
+    approx[2, 500:520] = 20.0  # ties at the top
     idx = torch.zeros(k, dtype=torch.int32)
     got = {}
     for on in (False, True):
@@ -303,7 +303,9 @@ def test_top_candidates_of_many_rows_recomputed_on_several_threads(two_threads):
         out = approx.clone()
         args = clib._HeadArgs(n=n, N=N, K=K, k=k, y_stride=N, q=q.data_ptr(), scales=scales.data_ptr(),
                               bias=bias.data_ptr(), x=x.data_ptr(), out=out.data_ptr(), idx=idx.data_ptr())
+        before = _runs()
         LIB.lmf_head_refine(ctypes.byref(args), None)
+        assert _runs() - before == on
         got[on] = out
     assert torch.equal(got[False], got[True])
     exact = (x.double() @ (q.double() * scales.double()[:, None]).t() + bias.double()).float()

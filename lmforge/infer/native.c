@@ -338,8 +338,8 @@ static void attend8(const float *restrict q, const float *restrict K, const floa
 
 #if defined(__AVX512F__)
 /* o (rep, hd) = the rep heads' weights p (h M + j) times the values V (t + 1, hd), the rep x hd / 16 sums in registers
-   across the keys (summed in memory, each key's multiply-add loaded and stored every output: a third of SmolLM2's
-   attention). The same multiply-adds in the same order. */
+   across the keys (they had been summed in memory, every output loaded and stored again for each key). The same
+   multiply-adds in the same order. */
 static inline __attribute__((always_inline)) void weigh_values(const float *restrict p, const float *restrict V, int t,
                                                                  size_t M, float *restrict o, const int rep,
                                                                  const int hd) {
@@ -556,7 +556,7 @@ static double row_cuts(const attn_args *a, int n, int nt, double fixed, double p
    consecutive positions are a causal prefill in one call. Shared among the threads: rows each of its own slot (batched
    decoding) in parts of whole rows; where a slot has several rows (a prefill), every row's key and value is written
    first (rows shared alike), then the rows attend in parts cut anywhere (a prompt's rows had all run on one thread:
-   half of a 1,024-token SmolLM2 prefill). */
+   a 1,024-token SmolLM2 int4 prefill 1,010 -> 1,490 tokens/s). */
 void lmf_attention(const attn_args *a, const void *y) {
 #if defined(_OPENMP)
     int nt = omp_get_max_threads();
@@ -677,7 +677,8 @@ typedef struct {
 /* out = float(y) + bias, then the k largest entries of each row recomputed exactly from x and the int8 rows
    ((q * scale) . x, as dequantize + matmul computes it): y comes from a bfloat16 kernel, whose rounding (steps of
    0.125 near 25) ties and swaps the top candidates of greedy decoding. The k largest are found in one pass: blocks
-   of 16 whose largest entry is below the current k-th largest are skipped. */
+   of 16 with no entry above the current k-th largest are skipped. Rows of a large vocabulary are shared among the
+   threads. */
 static void refine_row(const head_args *a, const void *y, int r, int k, int32_t *idx) {
     const int N = a->N, K = a->K;
     float *o = a->out + (size_t)r * N;
@@ -735,7 +736,9 @@ static void refine_row(const head_args *a, const void *y, int r, int k, int32_t 
 void lmf_head_refine(const head_args *a, const void *y) {
     const int k = a->k < a->N ? a->k : a->N;
 #if defined(_OPENMP)
-    if (lmf_parallel_ok && a->n > 1 && k <= REFINE_LOCAL && !omp_in_parallel()) {  /* rows shared among threads */
+    if (lmf_parallel_ok && a->n > 1 && k <= REFINE_LOCAL && (double)a->n * a->N >= INT4_PARALLEL_WORK &&
+        !omp_in_parallel()) {  /* rows shared among threads (a small vocabulary's rows stay here) */
+        lmf_parallel_runs++;
 #pragma omp parallel for schedule(static)
         for (int r = 0; r < a->n; r++) {
             int32_t idx[REFINE_LOCAL];
