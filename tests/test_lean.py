@@ -19,22 +19,29 @@ from lmforge.infer import lean, lean_sampling
 from lmforge.infer.engine import SlotRunner
 from lmforge.model import Decoder
 from lmforge.presets import get_preset
-from lmforge.quant import QuantConfig, quantize_model, save_quantized
+from lmforge.quant import QuantConfig, QuantLinear, quantize_model, save_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _int4_dir(tmp_path: Path, preset: str, group: int, symmetric: bool, tied: bool = True, tokenizer=None,
-              **kw) -> Path:
+              half: bool = False, **kw) -> Path:
     """An int4 directory of a random tiny model (the output projection tied to the int8 embedding table, as
-    SmolLM2's and Qwen2's are; an untied one is int4 in such a directory, which stays with PyTorch)."""
+    SmolLM2's and Qwen2's are; an untied one is int4 in such a directory, which stays with PyTorch). ``half``: every
+    int4 scale and zero a float16 value, as a GGUF's Q4_1 weights give (both paths lay them out as float16)."""
     torch.manual_seed(0)
     cfg = get_preset(preset, block_size=96, tie_embeddings=tied, **{"vocab_size": 128, **kw})
     model = Decoder(cfg).eval().requires_grad_(False)
     for p in model.parameters():  # weights of a trained model's scale, so logits spread
         p.mul_(3.0)
     quantize_model(model, QuantConfig(bits=4, group_size=group, symmetric=symmetric, lm_head=not tied))
-    out = tmp_path / f"{preset}-g{group}"
+    if half:
+        for mod in model.modules():
+            if isinstance(mod, QuantLinear) and mod.bits == 4:
+                for t in (mod.scales, mod.zeros):
+                    if t is not None:
+                        t.copy_(t.half().float())
+    out = tmp_path / f"{preset}-g{group}{'-half' if half else ''}"
     save_quantized(model, out, tokenizer)
     if not tied:
         return out
@@ -47,16 +54,18 @@ def _int4_dir(tmp_path: Path, preset: str, group: int, symmetric: bool, tied: bo
 CASES = [("tiny-llama", 32, False), ("tiny-qwen", 128, True)]  # qwen: qkv biases, fc2's K padded to 384
 
 
-@pytest.mark.parametrize("preset,group,symmetric", CASES)
-def test_logits_and_tokens_equal_the_pytorch_decoding_path(tmp_path, preset, group, symmetric):
+@pytest.mark.parametrize("preset,group,symmetric,half",
+                         [(*c, False) for c in CASES] + [("tiny-llama", 32, False, True)])
+def test_logits_and_tokens_equal_the_pytorch_decoding_path(tmp_path, preset, group, symmetric, half):
     """The same directory through PyTorch's SlotRunner (the C step with PyTorch tensors): a 70-token prompt (two
     prefill chunks) and 20 greedy steps give the same top logits (the output projection recomputes its top candidates
-    exactly in both) and the same tokens."""
-    path = _int4_dir(tmp_path, preset, group, symmetric)
+    exactly in both) and the same tokens; with float16 scales and zeros too."""
+    path = _int4_dir(tmp_path, preset, group, symmetric, half=half)
     model = load_model(path).requires_grad_(False)
     prompt = [int(t) for t in torch.randint(0, 128, (70,), generator=torch.Generator().manual_seed(1))]
     runner = SlotRunner(model, 1, 96)
     ours = lean.LeanModel(path, max_len=96)
+    assert all(blk[3].half == half for blk in ours._blocks)
     want = runner.prefill(0, prompt)
     got = ours.prefill(prompt)
     for step in range(20):

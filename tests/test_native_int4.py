@@ -314,3 +314,34 @@ def test_top_candidates_of_many_rows_recomputed_on_several_threads(two_threads):
         top = approx[r].topk(k).indices
         assert set(changed.tolist()) <= set(top.tolist()) and len(changed) >= k - 1
         assert torch.allclose(got[True][r, top], exact[r, top], rtol=1e-5, atol=1e-5)
+
+
+@vnni
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_float16_scales_and_zeros_give_the_same_products(symmetric):
+    """Scales and zeros that are all float16 values (a GGUF's Q4_1 weights) are laid out as float16, half the bytes,
+    and the products equal those from the float32 layout bit for bit, at 1, 9 and 16 rows (VNNI and, where present,
+    AMX tiles); one value that is not a float16 keeps the layer float32."""
+    torch.manual_seed(0)
+    mod = QuantLinear.from_linear(torch.nn.Linear(576, 200, bias=False), 4, 32, symmetric=symmetric)
+    with torch.no_grad():
+        mod.scales.copy_(mod.scales.half().float())
+        if mod.zeros is not None:
+            mod.zeros.copy_(mod.zeros.half().float())
+    w, s, z, half = native._int4_layout(mod)
+    assert half and s.dtype == torch.float16 and (z is None or z.dtype == torch.float16)
+    x = torch.randn(16, 576)
+    want = _reference(mod, x)
+    for rows in (1, 9, 16):
+        got = native.int4(mod, rows)(x[:rows].contiguous())[:, :200].clone()
+        out, xq, xs = native.int4_buffers(rows, w.shape[0] * 16, 576)
+        s32, z32 = s.float(), None if z is None else z.float()  # the float32 layout of the same values
+        args = clib._Int4Args(n=rows, N=w.shape[0] * 16, K=576, G=32, x_stride=576, out_stride=w.shape[0] * 16,
+                              w=w.data_ptr(), scales=s32.data_ptr(), zeros=native._addr(z32), x=x.data_ptr(),
+                              out=out.data_ptr(), xq=xq.data_ptr(), xs=xs.data_ptr(), half=0)
+        LIB.lmf_int4(ctypes.byref(args))
+        assert torch.equal(got, out[: rows * w.shape[0] * 16].view(rows, -1)[:, :200])
+        assert torch.allclose(got.double(), want[:rows], rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    with torch.no_grad():
+        mod.scales[3, 2] += 1e-6  # not a float16 value: the layer stays float32
+    assert native._int4_layout(mod)[3] is False

@@ -210,7 +210,7 @@ class _VnniArgs(ctypes.Structure):
 class _Int4Args(ctypes.Structure):
     _fields_ = [("n", _i32), ("N", _i32), ("K", _i32), ("G", _i32), ("x_stride", _i64), ("out_stride", _i64),
                 ("w", _ptr), ("scales", _ptr), ("zeros", _ptr), ("x", _ptr), ("out", _ptr), ("xq", _ptr),
-                ("xs", _ptr)]
+                ("xs", _ptr), ("half", _i32)]
 
 
 class _FlashArgs(ctypes.Structure):

@@ -206,17 +206,17 @@ class LeanModel:
             keep.append(a)
             return a
 
-        def product(w, s, z, n, K, bias):
+        def product(w, s, z, half, n, K, bias):
             Np = n + -n % 16
             a = _Int4Args(n=R, N=Np, K=K, G=G, x_stride=K, out_stride=Np, w=_ptr(w), scales=_ptr(s), zeros=_ptr(z),
-                          out=_ptr(self.out), xq=_ptr(self.xq), xs=_ptr(self.xs))
+                          out=_ptr(self.out), xq=_ptr(self.xq), xs=_ptr(self.xs), half=int(half))
             keep.append(a)
             return a
 
         scale = cfg.attn_scale if cfg.attn_scale is not None else hd ** -0.5
         for i, (lin, norms) in enumerate(layers):
             qkv, proj, fc1 = lin["attn.qkv"], lin["attn.proj"], lin["mlp.fc1"]
-            p = [product(*lin[k][:3], *f[k]) for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+            p = [product(*lin[k][:3], lin[k][4], *f[k]) for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
             h_qkv, h_proj, h_fc1, h_fc2 = (self.inputs[widths[k], f[k][1]]
                                            for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
             first = norm_args(*norms[0], h_qkv, None if i == 0 else (f["mlp.fc2"][0], layers[i - 1][0]["mlp.fc2"][3]))
@@ -256,8 +256,8 @@ class LeanModel:
         return a
 
     def _int4(self, wf: SafetensorsMap, name: str, n: int, Kp: int, symmetric: bool, bias: bool):
-        """(levels, scales, zeros, bias) of an int4 layer of n outputs and Kp (padded) inputs in lmf_int4's layout
-        (native._int4_layout)."""
+        """(levels, scales, zeros, bias, whether the scales and zeros are float16) of an int4 layer of n outputs and
+        Kp (padded) inputs in lmf_int4's layout (native._int4_layout)."""
         G = self.group
         q = wf.get(f"{name}.qweight", "U8", (n, Kp // 2))
         s = wf.get(f"{name}.scales", "F32", (n, Kp // G))
@@ -269,17 +269,20 @@ class LeanModel:
         w = _aligned((Np // 16, Kp // 32, 4, 16, 4), np.uint8)
         w[:] = (lv[:, :, :, 0] | (lv[:, :, :, 1] << 4)).transpose(0, 2, 3, 1, 4)
 
-        def tiled(t):
-            out = _aligned((Np // 16, Kp // G, 16), np.float32)
+        def tiled(t, dtype):
+            out = _aligned((Np // 16, Kp // G, 16), dtype)
             full = np.zeros((Np, Kp // G), np.float32)
             full[:n] = t
             out[:] = full.reshape(Np // 16, 16, -1).transpose(0, 2, 1)
             return out
+        # float16 where every scale and zero is one exactly (native._int4_layout)
+        half = all(np.array_equal(t.astype(np.float16).astype(np.float32), t) for t in (s, z) if t is not None)
+        dtype = np.float16 if half else np.float32
         b = None
         if bias:
             b = _aligned((Np,), np.float32)
             b[:n] = wf.get(f"{name}.bias", "F32", (n,))
-        return w.reshape(Np // 16, Kp // 32, 256), tiled(s), None if z is None else tiled(z), b
+        return w.reshape(Np // 16, Kp // 32, 256), tiled(s, dtype), None if z is None else tiled(z, dtype), b, half
 
     def _set_rows(self, n: int) -> None:
         if n == self._rows:

@@ -1244,12 +1244,21 @@ typedef struct {
                                       (a multiple of 32) */
     int64_t x_stride, out_stride;  /* in floats */
     const uint8_t *w;              /* (N / 16, K / 32, 4, 64): see lmf_int4 */
-    const float *scales, *zeros;   /* (N / 16, K / G, 16); zeros NULL: symmetric */
+    const float *scales, *zeros;   /* (N / 16, K / G, 16), float32 or float16 (half); zeros NULL: symmetric */
     const float *x;                /* (n, x_stride) float32, K used (padding columns zero) */
     float *out;                    /* (n, out_stride) */
     int8_t *xq;                    /* 2 n K bytes of scratch: per row and block of 32 inputs, two int8 parts */
     float *xs;                     /* 3 n K / 32 floats of scratch */
+    int32_t half;                  /* scales and zeros are float16 (each value exact: the same products) */
 } i4_args;
+
+#if defined(__AVX512F__)
+/* 16 scales or zeros of an int4 product from element i of float32 or (half) float16 values. */
+static inline __attribute__((always_inline)) __m512 i4_params(const float *base, size_t i, int half) {
+    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)))
+                : _mm512_loadu_ps(base + i);
+}
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 /* Outputs jb * 16 .. + 15 for rows r0 .. r0 + R - 1: each block of 32 inputs x 16 outputs (256 bytes, two 4-bit
@@ -1258,7 +1267,9 @@ typedef struct {
 static inline __attribute__((always_inline)) void i4_rows(const i4_args *a, int jb, int r0, const int R) {
     const int nb = a->K / 32, gb = a->G / 32, ng = a->K / a->G;
     const uint8_t *w = a->w + (size_t)jb * nb * 256;
-    const float *sc = a->scales + (size_t)jb * ng * 16, *zr = a->zeros ? a->zeros + (size_t)jb * ng * 16 : NULL;
+    const float *sc = a->scales, *zr = a->zeros;  /* this tile's from element jb ng 16 on */
+    const size_t p0 = (size_t)jb * ng * 16;
+    const int half = a->half;
     const __m512i low = _mm512_set1_epi8(0x0F), f254 = _mm512_set1_epi32(254);
     const size_t rs = (size_t)nb * 64;  /* bytes from one row's block to the next row's */
     __m512 acc[4];
@@ -1283,8 +1294,8 @@ static inline __attribute__((always_inline)) void i4_rows(const i4_args *a, int 
                 e[r] = _mm512_dpbusd_epi32(e[r], q[m], _mm512_set1_epi32(xr[8 + m]));  /* the fine part */
             }
         }
-        const __m512 s = _mm512_loadu_ps(sc + (size_t)(b / gb) * 16);
-        const __m512 z = zr ? _mm512_loadu_ps(zr + (size_t)(b / gb) * 16) : _mm512_setzero_ps();
+        const __m512 s = i4_params(sc, p0 + (size_t)(b / gb) * 16, half);
+        const __m512 z = zr ? i4_params(zr, p0 + (size_t)(b / gb) * 16, half) : _mm512_setzero_ps();
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             /* 254 x the coarse dot plus the fine one: |sum| < 2^24, exact in float */
@@ -1338,7 +1349,9 @@ static inline __attribute__((always_inline)) void amx_rows(const i4_args *a, int
                                                            const uint8_t *lv, int32_t *c, const int zeros,
                                                            int *configured) {
     const int nb = a->K / 32, gb = a->G / 32, ng = a->K / a->G;
-    const float *sc = a->scales + (size_t)jb * ng * 16, *zr = a->zeros ? a->zeros + (size_t)jb * ng * 16 : NULL;
+    const float *sc = a->scales, *zr = a->zeros;  /* this tile's from element jb ng 16 on */
+    const size_t p0 = (size_t)jb * ng * 16;
+    const int half = a->half;
     const int8_t *x = a->xq + (size_t)r0 * nb * 64;
     const size_t stride = (size_t)nb * 64;
     __m512 acc[16];
@@ -1361,8 +1374,8 @@ static inline __attribute__((always_inline)) void amx_rows(const i4_args *a, int
         _tile_stored(C1, (buf) + 256, 64);                                             \
     } while (0)
 #define AMX_DONE(b, buf)                                                               \
-    amx_combine(a, (buf), (buf) + 256, (b), r0, M, acc, _mm512_loadu_ps(sc + (size_t)((b) / gb) * 16), \
-                zeros ? _mm512_loadu_ps(zr + (size_t)((b) / gb) * 16) : _mm512_setzero_ps(), zeros)
+    amx_combine(a, (buf), (buf) + 256, (b), r0, M, acc, i4_params(sc, p0 + (size_t)((b) / gb) * 16, half), \
+                zeros ? i4_params(zr, p0 + (size_t)((b) / gb) * 16, half) : _mm512_setzero_ps(), zeros)
     /* block b's products are issued before block b - 1's results are read, and stored after: the reads never wait
        behind a tile store of their own iteration */
     AMX_PRODUCT(0, 4, 5, 2);

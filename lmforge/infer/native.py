@@ -182,10 +182,12 @@ def gemv(mod: nn.Linear, rows: int, fresh: bool = False):
     return product
 
 
-def _int4_layout(mod: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _int4_layout(mod: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
     """``mod``'s int4 weight as lmf_int4 reads it (kept on the module while its weight is the same; the same size as
     the weight): levels (N / 16, K / 32, 4, 64) bytes, byte 4 c + j of row m of a block holding output 16 t + c's
-    inputs 4 m + j (low 4 bits) and 16 + 4 m + j (high 4 bits); scales and zeros (N / 16, K / G, 16) float32."""
+    inputs 4 m + j (low 4 bits) and 16 + 4 m + j (high 4 bits); scales and zeros (N / 16, K / G, 16), float16 where
+    every value is one exactly (a GGUF's Q4_1 weights: half the bytes a token reads for them, the same products) and
+    float32 otherwise; and whether they are float16."""
     q, s, z = mod.qweight, mod.scales, mod.zeros
     cached = mod.__dict__.get("_lmforge_int4")
     if cached is not None and _unchanged(cached[0], q, s, z):
@@ -202,7 +204,10 @@ def _int4_layout(mod: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         def tiled(t: torch.Tensor) -> torch.Tensor:
             t = F.pad(t.float(), (0, 0, 0, Np - N)) if Np != N else t.float()
             return t.view(Np // 16, 16, -1).transpose(1, 2).contiguous()
-        layout = (w.view(Np // 16, K // 32, 256), tiled(s), None if z is None else tiled(z))
+        st, zt = tiled(s), None if z is None else tiled(z)
+        sh, zh = st.half(), None if zt is None else zt.half()
+        half = torch.equal(sh.float(), st) and (zt is None or torch.equal(zh.float(), zt))
+        layout = (w.view(Np // 16, K // 32, 256), *((sh, zh) if half else (st, zt)), half)
         del lv, w
     mod.__dict__["_lmforge_int4"] = (_signature(q, s, z), layout)
     release_free_memory()  # the temporaries (the unpacked levels: twice the weight)
@@ -246,7 +251,7 @@ def int4(mod: QuantLinear, rows: int, buffers: tuple[torch.Tensor, ...] | None =
     if not int4_ok(mod):
         return None
     lib = library()
-    w, s, z = _int4_layout(mod)
+    w, s, z, half = _int4_layout(mod)
     N, K = w.shape[0] * 16, w.shape[1] * 32
     if buffers is None:
         buffers = int4_buffers(rows, N, K)
@@ -254,7 +259,7 @@ def int4(mod: QuantLinear, rows: int, buffers: tuple[torch.Tensor, ...] | None =
     if xq.numel() < 2 * rows * K or xs.numel() < rows * K // 32 * 3:
         raise ValueError("int4 scratch buffers too small")
     args = _Int4Args(n=rows, N=N, K=K, G=mod.group_size, x_stride=K, out_stride=N, w=w.data_ptr(), scales=s.data_ptr(),
-                     zeros=_addr(z), out=out.data_ptr(), xq=xq.data_ptr(), xs=xs.data_ptr())
+                     zeros=_addr(z), out=out.data_ptr(), xq=xq.data_ptr(), xs=xs.data_ptr(), half=int(half))
     at, fn, decode = ctypes.addressof(args), lib.lmf_int4, mod._decode
 
     def product(x: torch.Tensor) -> torch.Tensor:
