@@ -38,7 +38,7 @@ def add_parser(sub, name: str, help_: str) -> None:
                    "cores; the HTTP thread keeps one torch thread of its own)")
     p.add_argument("--runtime", choices=("auto", "lean", "torch"), default="auto",
                    help="lean: an int4 directory (lmforge quantize --bits 4) served by the C step from NumPy in a "
-                   "process without PyTorch (SmolLM2-135M int4: ~240 MB resident instead of ~450, and faster; needs "
+                   "process without PyTorch (SmolLM2-135M int4: ~215 MB resident instead of ~425, and faster; needs "
                    "AVX512-VNNI; no --draft, no --adapter); torch: PyTorch; auto (default): lean where it applies")
     p.add_argument("--allowed-hosts", default="", help="comma-separated extra names the Host header may carry "
                    "(default: localhost names and the bind address; '*' = any). Other hosts get 400: a web page "
