@@ -490,15 +490,32 @@ int lmf_parallel_ok = 0;  /* set by the loader when this library's OpenMP runtim
 long lmf_parallel_runs = 0;  /* calls that shared their work among threads (for tests) */
 
 /* tile(args, t) for t = 0 .. tiles - 1 (each tile independent): shared among the calling thread's OpenMP team when
-   the product's work (rows x outputs x inputs) is large enough. */
+   the product's work (rows x outputs x inputs) is large enough; then done() (if given) on each thread of the team. */
 static __attribute__((unused)) void for_tiles(int tiles, double work, void (*tile)(const void *, int),
-                                              const void *args) {
+                                              const void *args, void (*done)(void)) {
 #if defined(_OPENMP)
     const int par = lmf_parallel_ok && !omp_in_parallel() && work >= INT4_PARALLEL_WORK;
     lmf_parallel_runs += par && omp_get_max_threads() > 1;
-#pragma omp parallel for schedule(static) if (par)
+#pragma omp parallel if (par)
 #endif
-    for (int t = 0; t < tiles; t++) tile(args, t);
+    {
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+        for (int t = 0; t < tiles; t++) tile(args, t);
+        if (done) done();
+    }
+}
+
+static __attribute__((unused)) float *thread_scratch(size_t floats) {  /* a 64-byte aligned buffer per thread, grown as needed, never freed */
+    static __thread float *buf = NULL;
+    static __thread size_t cap = 0;
+    if (floats > cap) {
+        free(buf);
+        buf = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+        cap = buf ? floats : 0;
+    }
+    return buf;
 }
 
 void *lmf_openmp(void) {  /* the OpenMP runtime's omp_get_max_threads as this library calls it, or NULL: no OpenMP */
@@ -513,20 +530,10 @@ void *lmf_openmp(void) {  /* the OpenMP runtime's omp_get_max_threads as this li
 /* Attention of several rows reads every row's keys and values once: 16 SmolLM2 rows at 150 keys are 110 MB a step,
    which one core streams at about 14 GB/s (7.9 ms). Rows are shared between the threads of the calling thread's
    OpenMP team (PyTorch's own pool: the library links the libgomp PyTorch loaded) when there is at least this much
-   work (keys x query channels summed over the rows); rows of one slot stay in one thread, in order. */
+   work (keys x query channels summed over the rows); see lmf_attention for the rows of one slot (a prompt). */
 #define ATTN_PARALLEL_WORK 200000
 #define ATTN_MAX_THREADS 64
 
-static float *thread_scratch(size_t floats) {  /* a buffer per worker thread, grown as needed, never freed */
-    static __thread float *buf = NULL;
-    static __thread size_t cap = 0;
-    if (floats > cap) {
-        free(buf);
-        buf = malloc(floats * sizeof(float));
-        cap = buf ? floats : 0;
-    }
-    return buf;
-}
 #endif
 
 static size_t attn_floats(const attn_args *a) {  /* the scratch attention_rows takes (attn_args.tmp) */
@@ -991,7 +998,7 @@ static void gemm_tile(const void *args, int t) {  /* outputs t GEMM_TILE .. (to 
 void lmf_gemv(const gemv_args *a) {
 #if defined(__AVX512F__)
     const int K = a->K, N = a->N, full = N / 4 * 4;
-    for_tiles((full + GEMM_TILE - 1) / GEMM_TILE, (double)a->n * N * K, gemm_tile, a);
+    for_tiles((full + GEMM_TILE - 1) / GEMM_TILE, (double)a->n * N * K, gemm_tile, a, NULL);
     for (int j = full; j < N; j++) {
         const float *wj = a->w + (size_t)j * K;
         for (int r = 0; r < a->n; r++) {
@@ -1029,10 +1036,12 @@ typedef struct {
     uint8_t rows[16];
 } amx_config;
 
+static __thread int amx_rows_set = 0;  /* the M this thread's tiles are configured for during a for_tiles; 0: none */
+
 /* Tiles 0, 1: M rows x 32 bytes (activations); 2, 3: 8 x 64 (weights); 4-7: M x 64 (int32 results), unless the
-   thread's tiles are already so (*configured == M). */
-static void amx_configure(int M, int *configured) {
-    if (*configured == M) return;
+   thread's tiles are already so. */
+static void amx_configure(int M) {
+    if (amx_rows_set == M) return;
     amx_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
@@ -1041,37 +1050,14 @@ static void amx_configure(int M, int *configured) {
         c.colsb[t] = t < 2 ? 32 : 64;
     }
     _tile_loadconfig(&c);
-    *configured = M;
+    amx_rows_set = M;
 }
 
-/* fn(args, t, &configured) for t = 0 .. tiles - 1, shared as for_tiles shares them; each thread configures its tiles
-   in fn as it needs them and releases them when its share is done: no tile state is left on the thread for other
-   code (PyTorch's oneDNN uses the tiles too), nor taken from it. */
-static void amx_for_tiles(int tiles, double work, void (*fn)(const void *, int, int *), const void *args) {
-#if defined(_OPENMP)
-    const int par = lmf_parallel_ok && !omp_in_parallel() && work >= INT4_PARALLEL_WORK;
-    lmf_parallel_runs += par && omp_get_max_threads() > 1;
-#pragma omp parallel if (par)
-#endif
-    {
-        int configured = 0;
-#if defined(_OPENMP)
-#pragma omp for schedule(static)
-#endif
-        for (int t = 0; t < tiles; t++) fn(args, t, &configured);
-        if (configured) _tile_release();
-    }
-}
-
-static uint8_t *amx_scratch(size_t bytes) {  /* a 64-byte aligned buffer per thread, grown as needed, never freed */
-    static __thread uint8_t *buf = NULL;
-    static __thread size_t cap = 0;
-    if (bytes > cap) {
-        free(buf);
-        buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        cap = buf ? bytes : 0;
-    }
-    return buf;
+/* for_tiles' done() for tile work: each thread releases its tiles when its share is done, so no tile state is left
+   on the thread for other code (PyTorch's oneDNN uses the tiles too), nor taken from it. */
+static void amx_done(void) {
+    if (amx_rows_set) _tile_release();
+    amx_rows_set = 0;
 }
 
 #else
@@ -1145,7 +1131,7 @@ static void vnni_tile(const void *args, int jb) {  /* every row of outputs jb * 
    of M x 32 bytes) times the weight's 8 x 64 bytes as stored (tdpbusd), groups two at a time in turn (tiles 0, 2, 4
    and 1, 3, 5) so one group's tile products run while the one before it is scaled. */
 static inline __attribute__((always_inline)) void head_amx_rows(const vnni_args *a, int jb, int r0, const int M,
-                                                                int32_t *c, int *configured) {
+                                                                int32_t *c) {
     const int K = a->K, G = K / 32;
     const int8_t *w = a->qi + (size_t)jb * (K / 4) * 64;
     const int32_t *qs = a->qsum + (size_t)jb * G * 16;
@@ -1153,7 +1139,7 @@ static inline __attribute__((always_inline)) void head_amx_rows(const vnni_args 
     __m512 accf[16];
 #pragma GCC unroll 16
     for (int r = 0; r < M; r++) accf[r] = _mm512_setzero_ps();
-    amx_configure(M, configured);
+    amx_configure(M);
 #define HEAD_GROUP(g, A, B, C, buf)                          \
     do {                                                     \
         _tile_loadd(A, x + 32 * (size_t)(g), K);             \
@@ -1192,16 +1178,16 @@ static inline __attribute__((always_inline)) void head_amx_rows(const vnni_args 
         _mm512_storeu_ps(a->out + (size_t)(r0 + r) * a->N + (size_t)jb * 16, _mm512_fmadd_ps(accf[r], sc, b));
 }
 
-static void head_amx_tile(const void *args, int jb, int *configured) {  /* every row of outputs jb * 16 .. + 15 */
+static void head_amx_tile(const void *args, int jb) {  /* every row of outputs jb * 16 .. + 15 */
     const vnni_args *a = args;
-    int32_t *c = (int32_t *)amx_scratch(2048);
+    int32_t *c = (int32_t *)(uint8_t *)thread_scratch(2048 / 4);
     if (!c) {
         vnni_tile(args, jb);
         return;
     }
     int r = 0;
-    for (; r + 16 <= a->n; r += 16) head_amx_rows(a, jb, r, 16, c, configured);
-    if (r < a->n) head_amx_rows(a, jb, r, a->n - r, c, configured);
+    for (; r + 16 <= a->n; r += 16) head_amx_rows(a, jb, r, 16, c);
+    if (r < a->n) head_amx_rows(a, jb, r, a->n - r, c);
 }
 #endif
 #endif
@@ -1227,11 +1213,11 @@ void lmf_head_vnni(const vnni_args *a) {
     }
 #if defined(LMF_AMX)
     if (lmf_amx && a->n >= AMX_MIN_ROWS) {
-        amx_for_tiles(a->N / 16, (double)a->n * a->N * K, head_amx_tile, a);
+        for_tiles(a->N / 16, (double)a->n * a->N * K, head_amx_tile, a, amx_done);
         return;
     }
 #endif
-    for_tiles(a->N / 16, (double)a->n * a->N * K, vnni_tile, a);
+    for_tiles(a->N / 16, (double)a->n * a->N * K, vnni_tile, a, NULL);
 #else
     (void)a;
 #endif
@@ -1346,8 +1332,7 @@ static inline __attribute__((always_inline)) void amx_combine(const i4_args *a, 
 /* Outputs jb * 16 .. + 15 of rows r0 .. r0 + M - 1 (M <= 16) from the unpacked levels lv (nb x 512 bytes). Two
    blocks in flight: block b's tile products (tiles 4, 5 or 6, 7) run while block b - 1's results are combined. */
 static inline __attribute__((always_inline)) void amx_rows(const i4_args *a, int jb, int r0, const int M,
-                                                           const uint8_t *lv, int32_t *c, const int zeros,
-                                                           int *configured) {
+                                                           const uint8_t *lv, int32_t *c, const int zeros) {
     const int nb = a->K / 32, gb = a->G / 32, ng = a->K / a->G;
     const float *sc = a->scales, *zr = a->zeros;  /* this tile's from element jb ng 16 on */
     const size_t p0 = (size_t)jb * ng * 16;
@@ -1357,7 +1342,7 @@ static inline __attribute__((always_inline)) void amx_rows(const i4_args *a, int
     __m512 acc[16];
 #pragma GCC unroll 16
     for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
-    amx_configure(M, configured);
+    amx_configure(M);
 #define AMX_PRODUCT(b, C0, C1, BT)                                                     \
     do {                                                                               \
         _tile_loadd(0, x + (size_t)(b) * 64, stride);                                  \
@@ -1376,8 +1361,8 @@ static inline __attribute__((always_inline)) void amx_rows(const i4_args *a, int
 #define AMX_DONE(b, buf)                                                               \
     amx_combine(a, (buf), (buf) + 256, (b), r0, M, acc, i4_params(sc, p0 + (size_t)((b) / gb) * 16, half), \
                 zeros ? i4_params(zr, p0 + (size_t)((b) / gb) * 16, half) : _mm512_setzero_ps(), zeros)
-    /* block b's products are issued before block b - 1's results are read, and stored after: the reads never wait
-       behind a tile store of their own iteration */
+    /* two blocks in flight: block b's tile products are issued before block b - 1's results are combined (5-8 %
+       faster at 16 and 64 rows than one block at a time) */
     AMX_PRODUCT(0, 4, 5, 2);
     AMX_STORE(4, 5, c);
     int b = 1;  /* here block b - 1's results are in c */
@@ -1405,10 +1390,10 @@ static inline __attribute__((always_inline)) void amx_rows(const i4_args *a, int
         _mm512_storeu_ps(a->out + (size_t)(r0 + r) * a->out_stride + (size_t)jb * 16, acc[r]);
 }
 
-static void amx_tile(const void *args, int jb, int *configured) {  /* every row of outputs jb * 16 .. + 15 */
+static void amx_tile(const void *args, int jb) {  /* every row of outputs jb * 16 .. + 15 */
     const i4_args *a = args;
     const int nb = a->K / 32;
-    uint8_t *lv = amx_scratch((size_t)nb * 512 + 4096);
+    uint8_t *lv = (uint8_t *)thread_scratch(((size_t)nb * 512 + 4096) / 4);
     if (!lv) {  /* no memory for the unpacked levels: the VNNI kernel */
         i4_tile(args, jb);
         return;
@@ -1425,11 +1410,11 @@ static void amx_tile(const void *args, int jb, int *configured) {  /* every row 
         }
     int r = 0;
     if (a->zeros) {
-        for (; r + 16 <= a->n; r += 16) amx_rows(a, jb, r, 16, lv, c, 1, configured);
-        if (r < a->n) amx_rows(a, jb, r, a->n - r, lv, c, 1, configured);
+        for (; r + 16 <= a->n; r += 16) amx_rows(a, jb, r, 16, lv, c, 1);
+        if (r < a->n) amx_rows(a, jb, r, a->n - r, lv, c, 1);
     } else {
-        for (; r + 16 <= a->n; r += 16) amx_rows(a, jb, r, 16, lv, c, 0, configured);
-        if (r < a->n) amx_rows(a, jb, r, a->n - r, lv, c, 0, configured);
+        for (; r + 16 <= a->n; r += 16) amx_rows(a, jb, r, 16, lv, c, 0);
+        if (r < a->n) amx_rows(a, jb, r, a->n - r, lv, c, 0);
     }
 }
 #endif
@@ -1470,11 +1455,11 @@ void lmf_int4(const i4_args *a) {
     }
 #if defined(LMF_AMX)
     if (lmf_amx && a->n >= AMX_MIN_ROWS) {
-        amx_for_tiles(a->N / 16, (double)a->n * a->N * K, amx_tile, a);
+        for_tiles(a->N / 16, (double)a->n * a->N * K, amx_tile, a, amx_done);
         return;
     }
 #endif
-    for_tiles(a->N / 16, (double)a->n * a->N * K, i4_tile, a);
+    for_tiles(a->N / 16, (double)a->n * a->N * K, i4_tile, a, NULL);
 #else
     (void)a;
 #endif
