@@ -316,6 +316,43 @@ def test_top_candidates_of_many_rows_recomputed_on_several_threads(two_threads):
         assert torch.allclose(got[True][r, top], exact[r, top], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("act,kind", [(0, 1), (2, 2)])
+def test_norms_and_activations_of_many_rows_shared_among_threads(two_threads, act, kind):
+    """lmf_add_norm (residual + bias added, then RMSNorm or LayerNorm) and lmf_activation (gated SiLU, GELU) of 16
+    rows share their rows among the threads: the same outputs and residual stream bit for bit as one thread, equal
+    to the formulas; 2 rows stay on the calling thread."""
+    torch.manual_seed(0)
+    d, f, eps = 576, 1536, 1e-5
+    w, b, yb = torch.randn(d), torch.randn(d), torch.randn(d)
+    x0, y = torch.randn(16, d), torch.randn(16, 640)  # y: 640 columns a row, d of them used
+    up, ab = torch.randn(16, 2 * f + 16), torch.randn(2 * f)
+    got = {}
+    for n, on in ((16, False), (16, True), (2, True)):
+        _parallel(on)
+        x, out, tmp = x0.clone(), torch.zeros(16, d), torch.zeros(d)
+        na = clib._NormArgs(n=n, d=d, kind=kind, y_bf=0, out_bf=0, y_stride=640, out_stride=d, eps=eps,
+                            x=x.data_ptr(), y_bias=yb.data_ptr(), w=w.data_ptr(), b=b.data_ptr() if kind == 2 else None,
+                            out=out.data_ptr(), tmp=tmp.data_ptr())
+        h, t2 = torch.zeros(16, f), torch.zeros(2 * f)
+        aa = clib._ActArgs(n=n, f=f, gated=1, act=act, y_bf=0, out_bf=0, y_stride=2 * f + 16, out_stride=f,
+                           bias=ab.data_ptr(), out=h.data_ptr(), tmp=t2.data_ptr())
+        runs = ctypes.c_long.in_dll(LIB, "lmf_rows_runs")
+        before = runs.value
+        LIB.lmf_add_norm(ctypes.byref(na), ctypes.c_void_p(y.data_ptr()))
+        LIB.lmf_activation(ctypes.byref(aa), ctypes.c_void_p(up.data_ptr()))
+        assert runs.value - before == (2 if on and n == 16 else 0)
+        got[n, on] = (x[:n], out[:n], h[:n])
+    assert all(torch.equal(a, c) for a, c in zip(got[16, False], got[16, True]))
+    assert all(torch.equal(a, c[:2]) for a, c in zip(got[2, True], got[16, True]))
+    x, out, h = got[16, True]
+    res = x0 + y[:, :d] + yb
+    norm = F.rms_norm(res, (d,), w, eps) if kind == 1 else F.layer_norm(res, (d,), w, b, eps)
+    z = up[:, : 2 * f] + ab
+    gate = F.silu(z[:, :f]) if act == 0 else F.gelu(z[:, :f], approximate="tanh")
+    assert torch.allclose(x, res, atol=1e-6) and torch.allclose(out, norm, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(h, gate * z[:, f:], atol=1e-4, rtol=1e-4)
+
+
 @vnni
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_float16_scales_and_zeros_give_the_same_products(symmetric):
