@@ -3,7 +3,7 @@
 
     python benchmarks/bench_serve.py [--model PATH] [--tokens 128] [--requests 3] [--clients 1 4 16] [--rounds 3]
                                      [--threads N] [--max-batch N] [--no-generate] [--connections new|keep|both]
-                                     [--runtime auto|lean|torch]
+                                     [--runtime auto|lean|torch] [--kv-cache-dtype auto|float16|float32]
 
 The server (`lmforge serve`, with its default --threads and --max-batch unless given) runs in a child process on a
 free 127.0.0.1 port; each client thread sends ``--requests`` streaming completions one after another (greedy,
@@ -153,6 +153,8 @@ def main() -> None:
     ap.add_argument("--no-generate", action="store_true", help="skip the `lmforge generate` comparison")
     ap.add_argument("--runtime", choices=["auto", "lean", "torch"], default=None,
                     help="the server's and generate's --runtime (default: their own, auto: lean for an int4 directory)")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "float16", "float32"], default=None,
+                    help="the server's and generate's --kv-cache-dtype (default: their own)")
     ap.add_argument("--connections", choices=["new", "keep", "both"], default="both",
                     help="a new connection per request, one kept-alive connection per client (as OpenAI's client "
                     "keeps them), or both in each round (default)")
@@ -162,6 +164,8 @@ def main() -> None:
     model = ["--model", args.model] if args.model else []
     if args.runtime:
         model += ["--runtime", args.runtime]
+    if args.kv_cache_dtype:
+        model += ["--kv-cache-dtype", args.kv_cache_dtype]
     extra = [*model]
     for flag, v in (("--threads", args.threads), ("--max-batch", args.max_batch)):
         if v is not None:

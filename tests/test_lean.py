@@ -54,24 +54,27 @@ def _int4_dir(tmp_path: Path, preset: str, group: int, symmetric: bool, tied: bo
 CASES = [("tiny-llama", 32, False), ("tiny-qwen", 128, True)]  # qwen: qkv biases, fc2's K padded to 384
 
 
-@pytest.mark.parametrize("preset,group,symmetric,half",
-                         [(*c, False) for c in CASES] + [("tiny-llama", 32, False, True)])
-def test_logits_and_tokens_equal_the_pytorch_decoding_path(tmp_path, preset, group, symmetric, half):
+@pytest.mark.parametrize("preset,group,symmetric,half,kv",
+                         [(*c, False, "float32") for c in CASES] + [("tiny-llama", 32, False, True, "float32")]
+                         + [(*c, False, "float16") for c in CASES])
+def test_logits_and_tokens_equal_the_pytorch_decoding_path(tmp_path, preset, group, symmetric, half, kv):
     """The same directory through PyTorch's SlotRunner (the C step with PyTorch tensors): a 70-token prompt (two
     prefill chunks) and 20 greedy steps give the same top logits (the output projection recomputes its top candidates
-    exactly in both) and the same tokens; with float16 scales and zeros too."""
+    exactly in both) and the same tokens; with float16 scales and zeros too. The float16 key/value cache (the
+    default) gives top logits within 2e-3 of the largest and the same tokens here."""
     path = _int4_dir(tmp_path, preset, group, symmetric, half=half)
     model = load_model(path).requires_grad_(False)
     prompt = [int(t) for t in torch.randint(0, 128, (70,), generator=torch.Generator().manual_seed(1))]
     runner = SlotRunner(model, 1, 96)
-    ours = lean.LeanModel(path, max_len=96)
-    assert all(blk[3].half == half for blk in ours._blocks)
+    ours = lean.LeanModel(path, max_len=96, kv_dtype=kv)
+    assert all(blk[3].half == half for blk in ours._blocks) and ours.k.dtype == np.dtype(kv)
+    tol = 1e-4 if kv == "float32" else 2e-3
     want = runner.prefill(0, prompt)
     got = ours.prefill(prompt)
     for step in range(20):
         w = want.reshape(-1).numpy()
         top = np.argsort(-w)[:16]
-        assert np.allclose(got[top], w[top], rtol=1e-4, atol=1e-4 * np.abs(w).max()), step
+        assert np.allclose(got[top], w[top], rtol=tol, atol=tol * np.abs(w).max()), step
         assert int(np.argmax(got)) == int(np.argmax(w))
         t = int(np.argmax(w))
         want, got = runner.decode([t]), ours.step([t])
@@ -91,7 +94,7 @@ def test_narrow_attention_output_padded_like_the_embedding(tmp_path):
             mod.compute = "dequant"
     prompt = [int(t) for t in torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(1))]
     want = model(torch.tensor([prompt]))[0]
-    ours = lean.LeanModel(path, max_len=96)
+    ours = lean.LeanModel(path, max_len=96, kv_dtype="float32")  # (float16 keys move these logits by 1e-3)
     got = [ours.prefill(prompt[:4]).copy()] + [ours.step([t]).copy() for t in prompt[4:]]  # (one buffer)
     for i, g in enumerate(got):
         w = want[3 + i].numpy()
@@ -210,7 +213,8 @@ def test_chat_keeps_the_conversation_in_the_cache(tmp_path):
 
 def test_generate_takes_it_by_default_without_torch_and_prints_what_pytorch_prints(tmp_path):
     """`lmforge generate --model INT4DIR` decodes without importing torch and prints the text the PyTorch path prints
-    (greedy), with the same last line; ``--runtime torch`` keeps PyTorch."""
+    (greedy), with the same last line, with its float16 key/value cache and with ``--kv-cache-dtype float32``;
+    ``--runtime torch`` keeps PyTorch, and refuses a float16 cache with one line."""
     out = _stories_int4(tmp_path)
     args = ["--model", str(out), "--prompt", "Once upon a time", "--temperature", "0", "--max-new-tokens", "40"]
     ours, theirs = _generate(args), _generate(args + ["--runtime", "torch"])
@@ -219,6 +223,10 @@ def test_generate_takes_it_by_default_without_torch_and_prints_what_pytorch_prin
     assert "TORCH False" in ours.stderr and "TORCH True" in theirs.stderr
     assert ours.stdout == theirs.stdout and ours.stdout.startswith("Once upon a time") and len(ours.stdout) > 60
     assert ours.stderr.splitlines()[-2].startswith("achieved tok/s: ")
+    exact = _generate(args + ["--kv-cache-dtype", "float32"])  # PyTorch's numbers (the default cache: float16)
+    assert exact.returncode == 0 and exact.stdout == theirs.stdout, exact.stderr[-2000:]
+    r = _generate(args + ["--runtime", "torch", "--kv-cache-dtype", "float16"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "--kv-cache-dtype float16" in r.stderr
     sampled = _generate(args[:-4] + ["--max-new-tokens", "30", "--seed", "3"])
     again = _generate(args[:-4] + ["--max-new-tokens", "30", "--seed", "3"])
     assert sampled.returncode == 0 and sampled.stdout == again.stdout  # a seed repeats itself
@@ -301,23 +309,24 @@ def test_a_failed_read_does_not_hide_its_error(tmp_path):
     assert view.sum() is not None  # still readable: unmapped with its last view
 
 
-def _lean_tokens(path: Path, prompt: list[int], n: int) -> list[int]:
+def _lean_tokens(path: Path, prompt: list[int], n: int, kv: str = "float16") -> list[int]:
     """Greedy tokens of one sequence alone through ``LeanModel``."""
-    return list(lean.generate(lean.LeanModel(path, max_len=96), prompt, n, temperature=0.0))
+    return list(lean.generate(lean.LeanModel(path, max_len=96, kv_dtype=kv), prompt, n, temperature=0.0))
 
 
-def test_engine_batches_sequences_as_each_decodes_alone_and_as_pytorch_does(tmp_path):
+@pytest.mark.parametrize("kv", ["float16", "float32"])
+def test_engine_batches_sequences_as_each_decodes_alone_and_as_pytorch_does(tmp_path, kv):
     """``LeanEngine`` (what `lmforge serve` runs for an int4 directory): seven greedy requests of 1 to 70 prompt
     tokens over three slots (prompts prefilled together, packed into calls; slots reused as requests end) give each
-    the tokens it gets decoding alone (the C step's rows are independent) and the tokens of PyTorch's engine on the
-    same directory."""
+    the tokens it gets decoding alone (the C step's rows are independent) and, with a float32 key/value cache, the
+    tokens of PyTorch's engine on the same directory (with the default float16 cache, here too)."""
     from lmforge.infer.engine import Engine
     from lmforge.infer.params import SamplingParams
 
     path = _int4_dir(tmp_path, "tiny-llama", 32, False)
     g = torch.Generator().manual_seed(2)
     prompts = [[int(t) for t in torch.randint(0, 128, (n,), generator=g)] for n in (1, 5, 70, 12, 3, 40, 2)]
-    engine = lean.LeanEngine(path, max_batch=3, max_len=96)
+    engine = lean.LeanEngine(path, max_batch=3, max_len=96, kv_dtype=kv)
     theirs = Engine(load_model(path).requires_grad_(False), max_batch=3, max_len=96)
     try:
         got = [r.token_ids for r in _all(engine, prompts, SamplingParams(temperature=0, max_new_tokens=16))]
@@ -326,7 +335,7 @@ def test_engine_batches_sequences_as_each_decodes_alone_and_as_pytorch_does(tmp_
         engine.close()
         theirs.close()
     assert engine.prefill_batches >= 1 and engine.max_active == 3
-    assert got == [_lean_tokens(path, p, 16) for p in prompts]
+    assert got == [_lean_tokens(path, p, 16, kv) for p in prompts]
     assert got == want and all(len(t) == 16 for t in got)
 
 

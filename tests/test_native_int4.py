@@ -9,6 +9,7 @@ import ctypes
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -314,6 +315,61 @@ def test_top_candidates_of_many_rows_recomputed_on_several_threads(two_threads):
         top = approx[r].topk(k).indices
         assert set(changed.tolist()) <= set(top.tolist()) and len(changed) >= k - 1
         assert torch.allclose(got[True][r, top], exact[r, top], rtol=1e-5, atol=1e-5)
+
+
+def _attention(y: torch.Tensor, pos: list[int], slot: list[int], nh: int, nkv: int, hd: int, M: int, k, v,
+               half: bool) -> torch.Tensor:
+    """lmf_attention of the rows y (n, (nh + 2 nkv) hd) at pos/slot over the cache k, v (no rotation, no bias)."""
+    n = len(pos)
+    out = torch.zeros(n, nh * hd)
+    floats = (nh + 2 * nkv) * hd + nh // nkv * (M + hd) + (2 * M * hd if half else 0)
+    tmp = torch.zeros(floats)
+    p, s = torch.tensor(pos, dtype=torch.int32), torch.tensor(slot, dtype=torch.int32)
+    a = clib._AttnArgs(n=n, nh=nh, nkv=nkv, hd=hd, rd=0, interleaved=0, max_len=M, y_bf=0, out_bf=0,
+                       y_stride=y.shape[1], out_stride=nh * hd, scale=hd ** -0.5, pos=p.data_ptr(), slot=s.data_ptr(),
+                       cos=None, sin=None, bias=None, k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+                       tmp=tmp.data_ptr(), kv_half=int(half))
+    LIB.lmf_attention(ctypes.byref(a), ctypes.c_void_p(y.data_ptr()))
+    return out
+
+
+@pytest.mark.parametrize("hd", [64, 8])
+def test_a_float16_cache_keeps_rounded_keys_and_attends_as_float32_over_them(two_threads, hd):
+    """``kv_half``: each key and value is written to the cache rounded to float16 (as NumPy rounds: nearest, ties to
+    even; subnormals kept), and attention over it equals attention over a float32 cache holding the same rounded
+    values bit for bit: two prompts prefilled together (rows of one slot cut between the threads), then a decoding
+    step of three slots, on one thread and on two (the same), for heads of 64 and of 8 channels."""
+    if not LIB.lmf_kv_half_ok():
+        pytest.skip("no float16 cache here (AVX512F and F16C)")
+    torch.manual_seed(0)
+    nh, nkv, M = 4, 2, 256
+    width = (nh + 2 * nkv) * hd
+    prefill = ([0] * 120 + [1] * 80, list(range(120)) + list(range(80)))
+    decode = ([0, 1, 2], [120, 80, 0])
+    ys = [torch.randn(200, width) * 2, torch.randn(3, width) * 2]
+    ys[0][:3, nh * hd] = torch.tensor([1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 3e-6])  # ties to even; a subnormal
+    results = {}
+    for on in (False, True):
+        _parallel(on)
+        for half in (False, True):
+            dtype = torch.float16 if half else torch.float32
+            k, v = torch.zeros(3, nkv, M, hd, dtype=dtype), torch.zeros(3, nkv, M, hd, dtype=dtype)
+            outs = []
+            for y, (slot, pos) in zip(ys, (prefill, decode)):
+                y = y.clone()
+                if not half:  # the float32 cache gets the values the float16 one keeps
+                    y[:, nh * hd:] = y[:, nh * hd:].half().float()
+                before = _runs()
+                outs.append(_attention(y, pos, slot, nh, nkv, hd, M, k, v, half))
+                assert (_runs() - before == 1) == (on and len(pos) > 3)
+            results[on, half] = (*outs, k.float(), v.float())
+    assert all(torch.equal(a, b) for a, b in zip(results[False, True], results[True, True]))
+    assert all(torch.equal(a, b) for a, b in zip(results[True, False], results[True, True]))
+    k16 = results[True, True][2]
+    for r, (s, t) in enumerate(zip(*prefill)):
+        g = torch.from_numpy(ys[0][r, nh * hd:(nh + nkv) * hd].numpy().astype(np.float16).astype(np.float32))
+        assert torch.equal(k16[s, :, t].reshape(-1), g), r
+    assert k16[0, 0, 0, 0] == 1.0 and k16[0, 0, 1, 0] == 1 + 4 * 2.0 ** -11 and 0 < k16[0, 0, 2, 0] < 2.0 ** -14
 
 
 @pytest.mark.parametrize("act,kind", [(0, 1), (2, 2)])

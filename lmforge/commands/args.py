@@ -18,6 +18,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
 
 
+def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-dtype", choices=("auto", "float16", "float32"), default="auto",
+                   help="the lean runtime's key/value cache: float16 reads half the bytes in attention (llama.cpp's "
+                        "default; logits within about 1e-3 of float32's), float32 gives the PyTorch runtime's numbers "
+                        "exactly; auto (default): float16 (PyTorch keeps the model's dtype)")
+
+
+def lean_kv_dtype(args) -> str:
+    """The lean runtime's cache dtype for ``--kv-cache-dtype``."""
+    return "float32" if getattr(args, "kv_cache_dtype", "auto") == "float32" else "float16"
+
+
+def check_torch_kv_cache(args) -> None:
+    """``--kv-cache-dtype`` with the PyTorch runtime: auto only (its cache keeps the model's dtype), else one line."""
+    if getattr(args, "kv_cache_dtype", "auto") != "auto":
+        raise LMForgeError(f"--kv-cache-dtype {args.kv_cache_dtype}: a choice of the lean runtime (an int4 directory "
+                           "on a CPU); PyTorch keeps the cache in the model's dtype")
+
+
 def find_tokenizer_path(model_path: Path, vocab_size: int) -> Path | None:
     """Tokenizer beside a model: the checkpoint dir itself, or llama2.c's tokenizer.bin / tok{vocab}.bin."""
     if model_path.is_dir() or model_path.suffix == ".gguf":  # GGUF files carry their tokenizer

@@ -5,7 +5,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 
-from lmforge.commands.args import add_model_args, check_sampling_args, template_arg
+from lmforge.commands.args import (
+    add_kv_cache_arg,
+    add_model_args,
+    check_sampling_args,
+    check_torch_kv_cache,
+    lean_kv_dtype,
+    template_arg,
+)
 from lmforge.commands.generate import lean_files, lean_unsupported
 from lmforge.errors import LMForgeError
 
@@ -30,6 +37,7 @@ def add_parser(sub, name: str, help_: str) -> None:
                    help="as lmforge generate --runtime: an int4 directory chats without PyTorch (lean; ~220 MB "
                         "resident for SmolLM2-135M instead of ~480; the conversation's cached positions are kept "
                         "between turns) where it applies (no --adapter, no --repetition-penalty, the CPU), else torch")
+    add_kv_cache_arg(p)
     p.set_defaults(func=run)
 
 
@@ -52,6 +60,7 @@ def run(args) -> None:
     elif args.runtime == "lean":
         raise LMForgeError(f"{args.model or 'the bundled stories260K'}: --runtime lean: {why}")
     else:
+        check_torch_kv_cache(args)
         session = _Torch(args, template)
     _loop(args, session)
 
@@ -103,7 +112,7 @@ class _Lean:
         self.template = get_template(template, tok)
         self.stops, self.stop_ids = end_of_turn(self.template, tok)
         # the cache at the full context: its pages are taken only as positions are written
-        self.model = lean.LeanModel(path, max_len=cfg.block_size)
+        self.model = lean.LeanModel(path, max_len=cfg.block_size, kv_dtype=lean_kv_dtype(args))
         self.cached: list[int] = []  # the tokens whose positions the cache holds
         self.stream = None
 

@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import TextIO
 
 from lmforge.commands.args import (
+    add_kv_cache_arg,
     add_model_args,
     check_sampling_args,
+    check_torch_kv_cache,
     check_vocab,
     find_tokenizer_path,
+    lean_kv_dtype,
     read_template,
 )
 from lmforge.errors import LMForgeError
@@ -36,6 +39,7 @@ def add_parser(sub, name: str, help_: str) -> None:
                         "process that never imports PyTorch (~180 MB resident for SmolLM2-135M instead of ~470; CPUs "
                         "with AVX512-VNNI; greedy gives PyTorch's tokens, a --seed other samples); torch: PyTorch; "
                         "auto (default): lean where it applies (no --adapter, on the CPU), else torch")
+    add_kv_cache_arg(p)
     p.add_argument("--draft", choices=("auto", "int4", "none"), default="auto",
                    help="speculative decoding: the model's int4 copy proposes tokens and the model checks several in "
                         "one pass over its weights (greedy: the same tokens; sampling: the same distribution, other "
@@ -116,7 +120,7 @@ def _run_lean(args) -> None:
     prompt, stops = _prompt(tok, args.prompt)
     if len(prompt) >= cfg.block_size and args.max_new_tokens > 0:
         raise LMForgeError(f"prompt of {len(prompt)} tokens leaves no room in the context of {cfg.block_size}")
-    model = lean.LeanModel(path, max_len=len(prompt) + args.max_new_tokens)
+    model = lean.LeanModel(path, max_len=len(prompt) + args.max_new_tokens, kv_dtype=lean_kv_dtype(args))
     start = time.perf_counter()  # (as for PyTorch's path: after the model is loaded)
     tokens = lean.generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
                            args.seed, stops)
@@ -128,6 +132,7 @@ def _run_torch(args) -> None:
     from lmforge.commands.common import load_model_and_tokenizer
     from lmforge.infer.sampling import SamplingParams
 
+    check_torch_kv_cache(args)
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
     model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
     prompt, stops = _prompt(tok, args.prompt)

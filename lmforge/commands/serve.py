@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from lmforge.commands.args import add_model_args, template_arg
+from lmforge.commands.args import add_kv_cache_arg, add_model_args, check_torch_kv_cache, lean_kv_dtype, template_arg
 from lmforge.commands.generate import lean_files, lean_unsupported
 from lmforge.errors import LMForgeError
 
@@ -40,6 +40,7 @@ def add_parser(sub, name: str, help_: str) -> None:
                    help="lean: an int4 directory (lmforge quantize --bits 4) served by the C step from NumPy in a "
                    "process without PyTorch (SmolLM2-135M int4: ~215 MB resident instead of ~425, and faster; needs "
                    "AVX512-VNNI; no --draft, no --adapter); torch: PyTorch; auto (default): lean where it applies")
+    add_kv_cache_arg(p)
     p.add_argument("--allowed-hosts", default="", help="comma-separated extra names the Host header may carry "
                    "(default: localhost names and the bind address; '*' = any). Other hosts get 400: a web page "
                    "cannot reach the server through a DNS name of its own")
@@ -102,6 +103,8 @@ def run(args) -> None:
 
         from lmforge.commands.common import load_model_and_tokenizer
 
+        check_torch_kv_cache(args)
+
         # this thread (HTTP, loading) keeps one torch thread, so it never grows an OpenMP pool of its own: the
         # engine's thread decodes with `threads` (see Engine: two pools on two cores made SmolLM2 int4 3x slower)
         torch.set_num_threads(1)
@@ -144,7 +147,8 @@ def _lean_engine(args, max_batch: int, budget: int | None):
     threads = args.threads or default_threads(None)
     path, cfg, tok = lean_files(args)
     max_len = min(args.max_len or cfg.block_size, cfg.block_size)
-    return LeanEngine(path, tok, max_batch=max_batch, max_len=max_len, kv_budget=budget), tok, threads
+    engine = LeanEngine(path, tok, max_batch=max_batch, max_len=max_len, kv_budget=budget, kv_dtype=lean_kv_dtype(args))
+    return engine, tok, threads
 
 
 def _loopback(host: str) -> bool:

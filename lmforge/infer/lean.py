@@ -56,15 +56,15 @@ def _aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
     return raw[off : off + n].view(dtype).reshape(shape)
 
 
-def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """Zeroed float32 memory whose pages are taken only as they are written: an anonymous mapping without huge
+def _lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """Zeroed memory whose pages are taken only as they are written: an anonymous mapping without huge
     pages (numpy asks for huge pages on large arrays; a chat's first tokens then took 2 MB per layer and head of the
     key/value cache: 360 MB for SmolLM2's 8,192 positions)."""
-    n = int(np.prod(shape))
-    m = mmap.mmap(-1, max(4 * n, 1))
+    n, dtype = int(np.prod(shape)), np.dtype(dtype)
+    m = mmap.mmap(-1, max(dtype.itemsize * n, 1))
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         m.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(m, np.float32, n).reshape(shape)
+    return np.frombuffer(m, dtype, n).reshape(shape)
 
 
 def _ptr(a: np.ndarray | None) -> int | None:
@@ -111,9 +111,12 @@ def unsupported(path: str | Path) -> str | None:
 
 class LeanModel:
     """An int4 directory ready to decode with the C step: ``slots`` sequences of up to ``max_len`` positions each in
-    its key/value cache (``run``), the first of them also as one sequence (``step``, ``prefill``)."""
+    its key/value cache (``run``), the first of them also as one sequence (``step``, ``prefill``). ``kv_dtype``: the
+    cache's, "float16" (half the bytes attention reads, as llama.cpp keeps it; float32 where the library cannot) or
+    "float32" (the PyTorch runtime's: the same numbers)."""
 
-    def __init__(self, path: str | Path, max_len: int | None = None, slots: int = 1) -> None:
+    def __init__(self, path: str | Path, max_len: int | None = None, slots: int = 1,
+                 kv_dtype: str = "float16") -> None:
         path = Path(path)
         why, cfg, q = _inspect(path)
         if why:
@@ -122,6 +125,9 @@ class LeanModel:
         self.cfg = cfg
         self.max_len = min(max_len or cfg.block_size, cfg.block_size)
         self.group, self.slots = q.group_size, slots
+        if kv_dtype not in ("float16", "float32"):
+            raise LMForgeError(f"key/value cache dtype {kv_dtype!r}: float16 or float32")
+        self.kv_dtype = np.dtype(np.float16 if kv_dtype == "float16" and self.lib.lmf_kv_half_ok() else np.float32)
         self._plan(*self._load(path, q.symmetric))
         self.length = 0  # positions of the sequence in the cache
 
@@ -178,8 +184,9 @@ class LeanModel:
         R = self.rows = max(PREFILL_ROWS, self.slots)  # rows of one call at most
         f = _layer_widths(cfg, G)
         qi, qsum = head
-        self.k = _lazy_zeros((L, self.slots, nkv, self.max_len, hd))  # (pages taken as positions are written)
-        self.v = _lazy_zeros((L, self.slots, nkv, self.max_len, hd))
+        half = self.kv_dtype == np.float16
+        self.k = _lazy_zeros((L, self.slots, nkv, self.max_len, hd), self.kv_dtype)  # (pages taken as written)
+        self.v = _lazy_zeros((L, self.slots, nkv, self.max_len, hd), self.kv_dtype)
         self.top = 0  # positions written in some slot (their pages taken)
         self.pos, self.slot = np.zeros(R, np.int32), np.zeros(R, np.int32)
         self.x, self.final = _aligned((R, D), np.float32), _aligned((R, D), np.float32)
@@ -193,7 +200,8 @@ class LeanModel:
         self.inputs = {(widths[k], K): _aligned((R, K), np.float32) for k, (_, K, _) in f.items()}
         rd = cfg.rotary_dim if cfg.position == "rope" else 0
         self.cos, self.sin = _rotary(rd, self.max_len, cfg.rope_theta, cfg.rope_interleaved) if rd else (None, None)
-        self.attn_tmp = _aligned(((nh + 2 * nkv) * hd + nh // nkv * (self.max_len + hd),), np.float32)
+        self.attn_tmp = _aligned(((nh + 2 * nkv) * hd + nh // nkv * (self.max_len + hd)  # native.attn_floats
+                                  + (2 * self.max_len * hd if half else 0),), np.float32)
         self.norm_tmp = _aligned((D,), np.float32)
         self.act_tmp = _aligned((2 * cfg.hidden_size,), np.float32)
         keep, self._blocks = [], []  # argument blocks (and arrays) the C side points into
@@ -225,7 +233,7 @@ class LeanModel:
                              max_len=self.max_len, y_bf=0, out_bf=0, y_stride=n_qkv + -n_qkv % 16,
                              out_stride=h_proj.shape[1], scale=scale, pos=_ptr(self.pos), slot=_ptr(self.slot),
                              cos=_ptr(self.cos), sin=_ptr(self.sin), bias=_ptr(qkv[3]), k=_ptr(self.k[i]),
-                             v=_ptr(self.v[i]), out=_ptr(h_proj), tmp=_ptr(self.attn_tmp))
+                             v=_ptr(self.v[i]), out=_ptr(h_proj), tmp=_ptr(self.attn_tmp), kv_half=int(half))
             norm2 = norm_args(*norms[1], h_fc1, (f["attn.proj"][0], proj[3]))
             n_fc1 = f["mlp.fc1"][0]
             act = _ActArgs(n=R, f=cfg.hidden_size, gated=int(cfg.gated),
@@ -374,7 +382,8 @@ class LeanRunner:
         self.model, self.max_len = model, model.max_len
         self.lens = [0] * model.slots
         cfg = model.cfg
-        self._position_bytes = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_size * 4  # keys and values of a position
+        self._position_bytes = (2 * cfg.n_layer * cfg.kv_heads * cfg.head_size  # keys and values of a position
+                                * model.kv_dtype.itemsize)
 
     def cache_bytes(self, slots: int, length: int) -> int:
         return slots * length * self._position_bytes
@@ -426,8 +435,8 @@ class LeanEngine(BatchEngine):
     of ``max_batch`` sequences through the C step, tokens selected by ``lean_sampling`` (NumPy)."""
 
     def __init__(self, path: str | Path, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
-                 kv_budget: int | None = None) -> None:
-        self.model = LeanModel(path, max_len, slots=max_batch)
+                 kv_budget: int | None = None, kv_dtype: str = "float16") -> None:
+        self.model = LeanModel(path, max_len, slots=max_batch, kv_dtype=kv_dtype)
         super().__init__(LeanRunner(self.model), self.model.cfg.vocab_size, lean_sampling.select,
                          lean_sampling.LeanSampler, tokenizer, max_batch, kv_budget)
 

@@ -238,10 +238,37 @@ typedef struct {
     const int32_t *slot;           /* (n): each row's cache slot, or NULL: row r is slot r */
     const float *cos, *sin;        /* (positions, rd) rotary tables, or NULL: no rotation */
     const float *bias;             /* NULL or ((nh + 2 nkv) hd): the qkv projection's bias */
-    float *k, *v;                  /* this layer's cache (slots, nkv, max_len, hd), float32 */
+    float *k, *v;                  /* this layer's cache (slots, nkv, max_len, hd), float32 (or float16: kv_half) */
     void *out;                     /* (n, out_stride): the heads' outputs, nh * hd per row */
-    float *tmp;                    /* (nh + 2 nkv) hd + (nh / nkv) (max_len + hd) floats */
+    float *tmp;                    /* attn_floats(a) floats */
+    int32_t kv_half;               /* k and v hold IEEE float16 (lmf_kv_half_ok), not float32 */
 } attn_args;
+
+int lmf_kv_half_ok(void) {  /* whether lmf_attention keeps a float16 cache here (attn_args.kv_half) */
+#if defined(__AVX512F__) && defined(__F16C__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#if defined(__AVX512F__) && defined(__F16C__)
+/* n floats to float16 (rounded to nearest, ties to even, as NumPy's astype(float16)) and back (exact). */
+static void floats_to_halves(uint16_t *restrict dst, const float *restrict src, size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(dst + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; i++) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+static void halves_to_floats(float *restrict dst, const uint16_t *restrict src, size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+    for (; i < n; i++) dst[i] = _cvtsh_ss(src[i]);
+}
+#endif
 
 static void rotate(float *x, const float *c, const float *s, int rd, int interleaved) {
     if (interleaved) {  /* pairs (x0, x1) -> (x0 c - x1 s, x1 c + x0 s) */
@@ -262,6 +289,12 @@ static void rotate(float *x, const float *c, const float *s, int rd, int interle
 }
 
 #if defined(__AVX512F__)
+/* 16 floats from element i of float32 or (half) float16 values: int4 scales and zeros, a float16 cache's keys. */
+static inline __attribute__((always_inline)) __m512 load16(const float *base, size_t i, int half) {
+    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)))
+                : _mm512_loadu_ps(base + i);
+}
+
 /* The sums of 16 vectors: lane b of the result is the sum of v[b]'s lanes (a transposing tree of shuffles). */
 static inline __attribute__((always_inline)) __m512 sum16(const __m512 *v) {
     __m512 c[8], e[4], s[2];
@@ -279,16 +312,17 @@ static inline __attribute__((always_inline)) __m512 sum16(const __m512 *v) {
     return _mm512_permutexvar_ps(order, r);
 }
 
-/* Scores of 16 keys K[0..15] (rows of hd floats, hd a multiple of 16) against q, times scale, into p[0..15]: the
-   16 products as 16-lane partial sums, then one transposing tree of shuffles and adds sums all 16 at once (a
-   horizontal sum per key took twice as long). */
+/* Scores of the 16 keys from key j0 of K (rows of hd floats, or float16 values: half; hd a multiple of 16) against
+   q, times scale, into p[0..15]: the 16 products as 16-lane partial sums, then one transposing tree of shuffles and
+   adds sums all 16 at once (a horizontal sum per key took twice as long). */
 static inline __attribute__((always_inline)) void scores16(const float *restrict q, const float *restrict K,
-                                                             float scale, float *restrict p, const int hd) {
+                                                             size_t j0, float scale, float *restrict p, const int hd,
+                                                             const int half) {
     __m512 v[16];
     for (int b = 0; b < 16; b++) {
-        const float *kb = K + (size_t)b * hd;
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kb));
-        for (int i = 16; i < hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(kb + i), acc);
+        const size_t kb = (j0 + b) * hd;
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), load16(K, kb, half));
+        for (int i = 16; i < hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(K, kb + i, half), acc);
         v[b] = acc;
     }
     _mm512_storeu_ps(p, _mm512_mul_ps(sum16(v), _mm512_set1_ps(scale)));
@@ -418,18 +452,20 @@ static void attend8(const float *restrict q, const float *restrict K, const floa
    multiply-adds in the same order. */
 static inline __attribute__((always_inline)) void weigh_values(const float *restrict p, const float *restrict V, int t,
                                                                  size_t M, float *restrict o, const int rep,
-                                                                 const int hd) {
+                                                                 const int hd, const int half) {
     __m512 acc[16];
     const int w = hd / 16;
 #pragma GCC unroll 16
     for (int i = 0; i < rep * w; i++) acc[i] = _mm512_setzero_ps();
     for (int j = 0; j <= t; j++) {
-        const float *vj = V + (size_t)j * hd;
+        __m512 vj[8];  /* value j (w <= 8 vectors) */
+#pragma GCC unroll 8
+        for (int i = 0; i < w; i++) vj[i] = load16(V, (size_t)j * hd + 16 * i, half);
 #pragma GCC unroll 4
         for (int h = 0; h < rep; h++) {
             const __m512 wj = _mm512_set1_ps(p[(size_t)h * M + j]);
 #pragma GCC unroll 8
-            for (int i = 0; i < w; i++) acc[h * w + i] = _mm512_fmadd_ps(wj, _mm512_loadu_ps(vj + 16 * i), acc[h * w + i]);
+            for (int i = 0; i < w; i++) acc[h * w + i] = _mm512_fmadd_ps(wj, vj[i], acc[h * w + i]);
         }
     }
 #pragma GCC unroll 16
@@ -443,7 +479,7 @@ static inline __attribute__((always_inline)) void weigh_values(const float *rest
 static inline __attribute__((always_inline)) void attend(const float *restrict q, const float *restrict K,
                                                            const float *restrict V, int t, int rep, float scale,
                                                            size_t M, float *restrict p, float *restrict o,
-                                                           const int hd) {
+                                                           const int hd, const int half, float *restrict kt) {
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
     if (hd == 8) {
         attend8(q, K, V, t, rep, scale, M, p, o);
@@ -464,16 +500,24 @@ static inline __attribute__((always_inline)) void attend(const float *restrict q
         }
     } else {
         int j0 = 0;
+        const float *Kt = K;  /* the keys from j0 on as floats (a float16 cache's converted into kt) */
 #if defined(__AVX512F__)
         if (hd % 16 == 0) {
             for (int h = 0; h < rep; h++)
                 for (int j = 0; j + 16 <= t + 1; j += 16)
-                    scores16(q + (size_t)h * hd, K + (size_t)j * hd, scale, p + (size_t)h * M + j, hd);
+                    scores16(q + (size_t)h * hd, K, (size_t)j, scale, p + (size_t)h * M + j, hd, half);
             j0 = (t + 1) / 16 * 16;
+            Kt = K + (size_t)j0 * hd;
+#if defined(__F16C__)
+            if (half) {
+                halves_to_floats(kt, (const uint16_t *)K + (size_t)j0 * hd, (size_t)(t + 1 - j0) * hd);
+                Kt = kt;
+            }
+#endif
         }
 #endif
         for (int j = j0; j <= t; j++) {  /* each key read once for the rep heads */
-            const float *kj = K + (size_t)j * hd;
+            const float *kj = Kt + (size_t)(j - j0) * hd;
             for (int h = 0; h < rep; h++) {
                 const float *qh = q + (size_t)h * hd;
                 float s = 0.f;
@@ -487,12 +531,12 @@ static inline __attribute__((always_inline)) void attend(const float *restrict q
 #if defined(__AVX512F__)
     if (hd % 16 == 0 && hd <= 128) {  /* the rep heads' outputs held in registers across the keys */
         switch (rep * 16 + hd / 16) {
-        case 16 + 4: weigh_values(p, V, t, M, o, 1, 64); return;
-        case 32 + 4: weigh_values(p, V, t, M, o, 2, 64); return;
-        case 48 + 4: weigh_values(p, V, t, M, o, 3, 64); return;
-        case 64 + 4: weigh_values(p, V, t, M, o, 4, 64); return;
-        case 16 + 8: weigh_values(p, V, t, M, o, 1, 128); return;
-        case 32 + 8: weigh_values(p, V, t, M, o, 2, 128); return;
+        case 16 + 4: weigh_values(p, V, t, M, o, 1, 64, half); return;
+        case 32 + 4: weigh_values(p, V, t, M, o, 2, 64, half); return;
+        case 48 + 4: weigh_values(p, V, t, M, o, 3, 64, half); return;
+        case 64 + 4: weigh_values(p, V, t, M, o, 4, 64, half); return;
+        case 16 + 8: weigh_values(p, V, t, M, o, 1, 128, half); return;
+        case 32 + 8: weigh_values(p, V, t, M, o, 2, 128, half); return;
         default: break;
         }
     }
@@ -510,16 +554,32 @@ static inline __attribute__((always_inline)) void attend(const float *restrict q
 }
 
 #define ATTEND_CASE(HD) \
-    case HD: attend(q, K, V, t, rep, scale, M, p, o, HD); break;
+    case HD: attend(q, K, V, t, rep, scale, M, p, o, HD, 0, NULL); break;
 
 static void attend_any(const float *q, const float *K, const float *V, int t, int rep, float scale, size_t M,
                        float *p, float *o, int hd) {
     switch (hd) {
         ATTEND_CASE(8) ATTEND_CASE(16) ATTEND_CASE(32) ATTEND_CASE(64) ATTEND_CASE(80) ATTEND_CASE(96)
         ATTEND_CASE(128) ATTEND_CASE(256)
-    default: attend(q, K, V, t, rep, scale, M, p, o, hd);
+    default: attend(q, K, V, t, rep, scale, M, p, o, hd, 0, NULL);
     }
 }
+
+#if defined(__AVX512F__) && defined(__F16C__)
+/* Whether attend reads a float16 cache in place for rep query heads of hd channels (its values' sums in registers);
+   other shapes convert the keys and values to floats first. */
+static int attend_half_ok(int rep, int hd) { return (hd == 64 && rep <= 4) || (hd == 128 && rep <= 2); }
+
+/* attend over float16 keys and values Kh, Vh read in place (attend_half_ok): the same arithmetic as over floats
+   holding the same values. kt: 16 hd floats of scratch (the last keys short of 16). */
+static void attend_half(const float *q, const uint16_t *Kh, const uint16_t *Vh, int t, int rep, float scale, size_t M,
+                        float *p, float *o, int hd, float *kt) {
+    if (hd == 64)
+        attend(q, (const float *)Kh, (const float *)Vh, t, rep, scale, M, p, o, 64, 1, kt);
+    else
+        attend(q, (const float *)Kh, (const float *)Vh, t, rep, scale, M, p, o, 128, 1, kt);
+}
+#endif
 
 #define ROW_KV 1      /* attention_row: write the row's key and value into the cache */
 #define ROW_ATTEND 2  /* and/or attend over the cache (its keys up to its own position written) */
@@ -543,15 +603,36 @@ static void attention_row(const attn_args *a, const void *y, int r, float *tmp, 
     }
     char *out = row_at(a->out, a->out_bf, a->out_stride, r);
     for (int g = 0; g < nkv; g++) {  /* the rep query heads of kv head g (heads g rep .. g rep + rep - 1) */
-        float *K = a->k + ((size_t)sl * nkv + g) * M * hd, *V = a->v + ((size_t)sl * nkv + g) * M * hd;
-        if (what & ROW_KV) {
-            memcpy(K + (size_t)t * hd, row + (size_t)(nh + g) * hd, (size_t)hd * sizeof(float));
-            memcpy(V + (size_t)t * hd, row + (size_t)(nh + nkv + g) * hd, (size_t)hd * sizeof(float));
+        const size_t at = ((size_t)sl * nkv + g) * M * hd;  /* this slot and head's keys in the cache */
+        const float *q = row + (size_t)g * rep * hd;
+        if (!a->kv_half) {
+            if (what & ROW_KV) {
+                memcpy(a->k + at + (size_t)t * hd, row + (size_t)(nh + g) * hd, (size_t)hd * sizeof(float));
+                memcpy(a->v + at + (size_t)t * hd, row + (size_t)(nh + nkv + g) * hd, (size_t)hd * sizeof(float));
+            }
+            if (!(what & ROW_ATTEND)) continue;
+            attend_any(q, a->k + at, a->v + at, t, rep, a->scale, M, p, o, hd);
+        } else {
+#if defined(__AVX512F__) && defined(__F16C__)
+            uint16_t *Kh = (uint16_t *)a->k + at, *Vh = (uint16_t *)a->v + at;
+            float *kf = o + (size_t)rep * hd, *vf = kf + M * hd;
+            if (what & ROW_KV) {
+                floats_to_halves(Kh + (size_t)t * hd, row + (size_t)(nh + g) * hd, hd);
+                floats_to_halves(Vh + (size_t)t * hd, row + (size_t)(nh + nkv + g) * hd, hd);
+            }
+            if (!(what & ROW_ATTEND)) continue;
+            if (attend_half_ok(rep, hd)) {  /* read in place */
+                attend_half(q, Kh, Vh, t, rep, a->scale, M, p, o, hd, kf);
+            } else {  /* other shapes: the keys and values converted first */
+                halves_to_floats(kf, Kh, (size_t)(t + 1) * hd);
+                halves_to_floats(vf, Vh, (size_t)(t + 1) * hd);
+                attend_any(q, kf, vf, t, rep, a->scale, M, p, o, hd);
+            }
+#else
+            continue;  /* (never set here: lmf_kv_half_ok) */
+#endif
         }
-        if (what & ROW_ATTEND) {
-            attend_any(row + (size_t)g * rep * hd, K, V, t, rep, a->scale, M, p, o, hd);
-            store_row(out + (size_t)g * rep * hd * (a->out_bf ? 2 : 4), a->out_bf, o, rep * hd);
-        }
+        store_row(out + (size_t)g * rep * hd * (a->out_bf ? 2 : 4), a->out_bf, o, rep * hd);
     }
 }
 
@@ -579,7 +660,8 @@ void *lmf_openmp(void) {  /* the OpenMP runtime's omp_get_max_threads as this li
 #endif
 
 static size_t attn_floats(const attn_args *a) {  /* the scratch attention_rows takes (attn_args.tmp) */
-    return (size_t)(a->nh + 2 * a->nkv) * a->hd + (size_t)(a->nh / a->nkv) * ((size_t)a->max_len + a->hd);
+    const size_t kv = a->kv_half ? 2 * (size_t)a->max_len * a->hd : 0;  /* a head's keys and values as floats */
+    return (size_t)(a->nh + 2 * a->nkv) * a->hd + (size_t)(a->nh / a->nkv) * ((size_t)a->max_len + a->hd) + kv;
 }
 
 /* The work of rows 0 .. n - 1 (fixed + per_key (keys) a row, none for a padding row), and cut[0 .. nt]: thread k
@@ -1301,13 +1383,6 @@ typedef struct {
     int32_t half;                  /* scales and zeros are float16 (each value exact: the same products) */
 } i4_args;
 
-#if defined(__AVX512F__)
-/* 16 scales or zeros of an int4 product from element i of float32 or (half) float16 values. */
-static inline __attribute__((always_inline)) __m512 i4_params(const float *base, size_t i, int half) {
-    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)))
-                : _mm512_loadu_ps(base + i);
-}
-#endif
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 /* Outputs jb * 16 .. + 15 for rows r0 .. r0 + R - 1: each block of 32 inputs x 16 outputs (256 bytes, two 4-bit
@@ -1346,8 +1421,8 @@ static inline __attribute__((always_inline)) void i4_rows(const i4_args *a, int 
                 e[r] = _mm512_dpbusd_epi32(e[r], q[m], _mm512_set1_epi32(xr[8 + m]));  /* the fine part */
             }
         }
-        const __m512 s = i4_params(sc, p0 + (size_t)(b / gb) * 16, half);
-        const __m512 z = zr ? i4_params(zr, p0 + (size_t)(b / gb) * 16, half) : _mm512_setzero_ps();
+        const __m512 s = load16(sc, p0 + (size_t)(b / gb) * 16, half);
+        const __m512 z = zr ? load16(zr, p0 + (size_t)(b / gb) * 16, half) : _mm512_setzero_ps();
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             /* 254 x the coarse dot plus the fine one: |sum| < 2^24, exact in float */
@@ -1425,8 +1500,8 @@ static inline __attribute__((always_inline)) void amx_rows(const i4_args *a, int
         _tile_stored(C1, (buf) + 256, 64);                                             \
     } while (0)
 #define AMX_DONE(b, buf)                                                               \
-    amx_combine(a, (buf), (buf) + 256, (b), r0, M, acc, i4_params(sc, p0 + (size_t)((b) / gb) * 16, half), \
-                zeros ? i4_params(zr, p0 + (size_t)((b) / gb) * 16, half) : _mm512_setzero_ps(), zeros)
+    amx_combine(a, (buf), (buf) + 256, (b), r0, M, acc, load16(sc, p0 + (size_t)((b) / gb) * 16, half), \
+                zeros ? load16(zr, p0 + (size_t)((b) / gb) * 16, half) : _mm512_setzero_ps(), zeros)
     /* two blocks in flight: block b's tile products are issued before block b - 1's results are combined (5-8 %
        faster at 16 and 64 rows than one block at a time) */
     AMX_PRODUCT(0, 4, 5, 2);
