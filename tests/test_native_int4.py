@@ -336,9 +336,10 @@ def _attention(y: torch.Tensor, pos: list[int], slot: list[int], nh: int, nkv: i
 @pytest.mark.parametrize("hd", [64, 8])
 def test_a_float16_cache_keeps_rounded_keys_and_attends_as_float32_over_them(two_threads, hd):
     """``kv_half``: each key and value is written to the cache rounded to float16 (as NumPy rounds: nearest, ties to
-    even; subnormals kept), and attention over it equals attention over a float32 cache holding the same rounded
-    values bit for bit: two prompts prefilled together (rows of one slot cut between the threads), then a decoding
-    step of three slots, on one thread and on two (the same), for heads of 64 and of 8 channels."""
+    even; subnormals kept; beyond float16's range clamped to +-65504), and attention over it equals attention over a
+    float32 cache holding the same rounded values bit for bit: two prompts prefilled together (rows of one slot cut
+    between the threads), then a decoding step of three slots, on one thread and on two (the same), for heads of 64
+    (read in place) and of 8 channels (converted first)."""
     if not LIB.lmf_kv_half_ok():
         pytest.skip("no float16 cache here (AVX512F and F16C)")
     torch.manual_seed(0)
@@ -348,6 +349,7 @@ def test_a_float16_cache_keeps_rounded_keys_and_attends_as_float32_over_them(two
     decode = ([0, 1, 2], [120, 80, 0])
     ys = [torch.randn(200, width) * 2, torch.randn(3, width) * 2]
     ys[0][:3, nh * hd] = torch.tensor([1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 3e-6])  # ties to even; a subnormal
+    ys[0][3:5, nh * hd + 1] = torch.tensor([1e5, -1e6])  # beyond float16: clamped, not infinite
     results = {}
     for on in (False, True):
         _parallel(on)
@@ -358,7 +360,7 @@ def test_a_float16_cache_keeps_rounded_keys_and_attends_as_float32_over_them(two
             for y, (slot, pos) in zip(ys, (prefill, decode)):
                 y = y.clone()
                 if not half:  # the float32 cache gets the values the float16 one keeps
-                    y[:, nh * hd:] = y[:, nh * hd:].half().float()
+                    y[:, nh * hd:] = y[:, nh * hd:].clamp(-65504, 65504).half().float()
                 before = _runs()
                 outs.append(_attention(y, pos, slot, nh, nkv, hd, M, k, v, half))
                 assert (_runs() - before == 1) == (on and len(pos) > 3)
@@ -367,9 +369,11 @@ def test_a_float16_cache_keeps_rounded_keys_and_attends_as_float32_over_them(two
     assert all(torch.equal(a, b) for a, b in zip(results[True, False], results[True, True]))
     k16 = results[True, True][2]
     for r, (s, t) in enumerate(zip(*prefill)):
-        g = torch.from_numpy(ys[0][r, nh * hd:(nh + nkv) * hd].numpy().astype(np.float16).astype(np.float32))
+        g = torch.from_numpy(ys[0][r, nh * hd:(nh + nkv) * hd].clamp(-65504, 65504).numpy().astype(np.float16)
+                             .astype(np.float32))
         assert torch.equal(k16[s, :, t].reshape(-1), g), r
     assert k16[0, 0, 0, 0] == 1.0 and k16[0, 0, 1, 0] == 1 + 4 * 2.0 ** -11 and 0 < k16[0, 0, 2, 0] < 2.0 ** -14
+    assert k16[0, 0, 3, 1] == 65504 and k16[0, 0, 4, 1] == -65504 and results[True, True][0].isfinite().all()
 
 
 @pytest.mark.parametrize("act,kind", [(0, 1), (2, 2)])

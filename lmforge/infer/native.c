@@ -253,13 +253,21 @@ int lmf_kv_half_ok(void) {  /* whether lmf_attention keeps a float16 cache here 
 }
 
 #if defined(__AVX512F__) && defined(__F16C__)
-/* n floats to float16 (rounded to nearest, ties to even, as NumPy's astype(float16)) and back (exact). */
+#define HALF_MAX 65504.0f
+
+/* n floats to float16 (rounded to nearest, ties to even, as NumPy's astype(float16); beyond float16's range clamped
+   to +-65504, not made infinite: one such key would turn its row's attention into NaN) and back (exact). */
 static void floats_to_halves(uint16_t *restrict dst, const float *restrict src, size_t n) {
+    const __m512 hi = _mm512_set1_ps(HALF_MAX), lo = _mm512_set1_ps(-HALF_MAX);
     size_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm256_storeu_si256((__m256i *)(dst + i),
-                            _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    for (; i < n; i++) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    for (; i + 16 <= n; i += 16) {  /* (min/max return their second operand for a NaN: NaN stays NaN) */
+        const __m512 x = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_loadu_ps(src + i)));
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    for (; i < n; i++) {
+        const float x = src[i] > HALF_MAX ? HALF_MAX : (src[i] < -HALF_MAX ? -HALF_MAX : src[i]);
+        dst[i] = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
 }
 
 static void halves_to_floats(float *restrict dst, const uint16_t *restrict src, size_t n) {
