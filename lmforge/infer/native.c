@@ -270,8 +270,8 @@ static void floats_to_halves(uint16_t *restrict dst, const float *restrict src, 
     }
 }
 
-static void halves_to_floats(float *restrict dst, const uint16_t *restrict src, size_t n) {
-    size_t i = 0;
+static void halves_to_floats(float *restrict dst, const uint16_t *restrict src, int n) {
+    int i = 0;
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
     for (; i < n; i++) dst[i] = _cvtsh_ss(src[i]);
@@ -320,17 +320,16 @@ static inline __attribute__((always_inline)) __m512 sum16(const __m512 *v) {
     return _mm512_permutexvar_ps(order, r);
 }
 
-/* Scores of the 16 keys from key j0 of K (rows of hd floats, or float16 values: half; hd a multiple of 16) against
-   q, times scale, into p[0..15]: the 16 products as 16-lane partial sums, then one transposing tree of shuffles and
-   adds sums all 16 at once (a horizontal sum per key took twice as long). */
+/* Scores of 16 keys K[0..15] (rows of hd floats, hd a multiple of 16) against q, times scale, into p[0..15]: the
+   16 products as 16-lane partial sums, then one transposing tree of shuffles and adds sums all 16 at once (a
+   horizontal sum per key took twice as long). */
 static inline __attribute__((always_inline)) void scores16(const float *restrict q, const float *restrict K,
-                                                             size_t j0, float scale, float *restrict p, const int hd,
-                                                             const int half) {
+                                                             float scale, float *restrict p, const int hd) {
     __m512 v[16];
     for (int b = 0; b < 16; b++) {
-        const size_t kb = (j0 + b) * hd;
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), load16(K, kb, half));
-        for (int i = 16; i < hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(K, kb + i, half), acc);
+        const float *kb = K + (size_t)b * hd;
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kb));
+        for (int i = 16; i < hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(kb + i), acc);
         v[b] = acc;
     }
     _mm512_storeu_ps(p, _mm512_mul_ps(sum16(v), _mm512_set1_ps(scale)));
@@ -483,7 +482,8 @@ static inline __attribute__((always_inline)) void weigh_values(const float *rest
 
 /* Attention of the rep query heads q (rep, hd) sharing one kv head over keys/values K, V (t + 1, hd): o (rep, hd).
    Inlined into a copy per common head size, so the loops over hd have a constant length (fully unrolled, one
-   horizontal sum per key and head). p: rep * M floats of scratch. */
+   horizontal sum per key and head). p: rep * M floats of scratch. half (hd 64 or 128, attend_half_ok): K and V hold
+   float16 values, the keys converted 16 at a time into kt (16 hd floats), the values read in place. */
 static inline __attribute__((always_inline)) void attend(const float *restrict q, const float *restrict K,
                                                            const float *restrict V, int t, int rep, float scale,
                                                            size_t M, float *restrict p, float *restrict o,
@@ -511,17 +511,22 @@ static inline __attribute__((always_inline)) void attend(const float *restrict q
         const float *Kt = K;  /* the keys from j0 on as floats (a float16 cache's converted into kt) */
 #if defined(__AVX512F__)
         if (hd % 16 == 0) {
-            for (int h = 0; h < rep; h++)
-                for (int j = 0; j + 16 <= t + 1; j += 16)
-                    scores16(q + (size_t)h * hd, K, (size_t)j, scale, p + (size_t)h * M + j, hd, half);
             j0 = (t + 1) / 16 * 16;
             Kt = K + (size_t)j0 * hd;
 #if defined(__F16C__)
-            if (half) {
-                halves_to_floats(kt, (const uint16_t *)K + (size_t)j0 * hd, (size_t)(t + 1 - j0) * hd);
+            if (half) {  /* float16 keys: each block of 16 converted once for the rep heads (read in place by each
+                            head, a 1,024-token prefill was 10 % slower), the last ones short of 16 as well */
+                for (int j = 0; j < j0; j += 16) {
+                    halves_to_floats(kt, (const uint16_t *)K + (size_t)j * hd, 16 * hd);
+                    for (int h = 0; h < rep; h++) scores16(q + (size_t)h * hd, kt, scale, p + (size_t)h * M + j, hd);
+                }
+                halves_to_floats(kt, (const uint16_t *)K + (size_t)j0 * hd, (t + 1 - j0) * hd);
                 Kt = kt;
-            }
+            } else
 #endif
+                for (int h = 0; h < rep; h++)
+                    for (int j = 0; j < j0; j += 16)
+                        scores16(q + (size_t)h * hd, K + (size_t)j * hd, scale, p + (size_t)h * M + j, hd);
         }
 #endif
         for (int j = j0; j <= t; j++) {  /* each key read once for the rep heads */
@@ -574,12 +579,12 @@ static void attend_any(const float *q, const float *K, const float *V, int t, in
 }
 
 #if defined(__AVX512F__) && defined(__F16C__)
-/* Whether attend reads a float16 cache in place for rep query heads of hd channels (its values' sums in registers);
+/* Whether attend reads a float16 cache itself for rep query heads of hd channels (its values' sums in registers);
    other shapes convert the keys and values to floats first. */
 static int attend_half_ok(int rep, int hd) { return (hd == 64 && rep <= 4) || (hd == 128 && rep <= 2); }
 
-/* attend over float16 keys and values Kh, Vh read in place (attend_half_ok): the same arithmetic as over floats
-   holding the same values. kt: 16 hd floats of scratch (the last keys short of 16). */
+/* attend over float16 keys and values Kh, Vh (attend_half_ok): the same arithmetic as over floats holding the same
+   values. kt: 16 hd floats of scratch. */
 static void attend_half(const float *q, const uint16_t *Kh, const uint16_t *Vh, int t, int rep, float scale, size_t M,
                         float *p, float *o, int hd, float *kt) {
     if (hd == 64)
@@ -629,11 +634,11 @@ static void attention_row(const attn_args *a, const void *y, int r, float *tmp, 
                 floats_to_halves(Vh + (size_t)t * hd, row + (size_t)(nh + nkv + g) * hd, hd);
             }
             if (!(what & ROW_ATTEND)) continue;
-            if (attend_half_ok(rep, hd)) {  /* read in place */
+            if (attend_half_ok(rep, hd)) {  /* read by attend */
                 attend_half(q, Kh, Vh, t, rep, a->scale, M, p, o, hd, kf);
             } else {  /* other shapes: the keys and values converted first */
-                halves_to_floats(kf, Kh, (size_t)(t + 1) * hd);
-                halves_to_floats(vf, Vh, (size_t)(t + 1) * hd);
+                halves_to_floats(kf, Kh, (t + 1) * hd);
+                halves_to_floats(vf, Vh, (t + 1) * hd);
                 attend_any(q, kf, vf, t, rep, a->scale, M, p, o, hd);
             }
 #else
