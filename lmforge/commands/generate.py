@@ -37,8 +37,9 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--runtime", choices=("auto", "lean", "torch"), default="auto",
                    help="lean: an int4 directory (lmforge quantize --bits 4) decoded by the C step from numpy, in a "
                         "process that never imports PyTorch (~180 MB resident for SmolLM2-135M instead of ~470; CPUs "
-                        "with AVX512-VNNI; greedy gives PyTorch's tokens, a --seed other samples); torch: PyTorch; "
-                        "auto (default): lean where it applies (no --adapter, on the CPU), else torch")
+                        "with AVX512-VNNI; greedy gives PyTorch's tokens, exactly its numbers with --kv-cache-dtype "
+                        "float32; a --seed other samples); torch: PyTorch; auto (default): lean where it applies (no "
+                        "--adapter, on the CPU), else torch")
     add_kv_cache_arg(p)
     p.add_argument("--draft", choices=("auto", "int4", "none"), default="auto",
                    help="speculative decoding: the model's int4 copy proposes tokens and the model checks several in "
