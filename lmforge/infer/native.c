@@ -297,7 +297,7 @@ static void rotate(float *x, const float *c, const float *s, int rd, int interle
 }
 
 #if defined(__AVX512F__)
-/* 16 floats from element i of float32 or (half) float16 values: int4 scales and zeros, a float16 cache's keys. */
+/* 16 floats from element i of float32 or (half) float16 values: int4 scales and zeros, a float16 cache's values. */
 static inline __attribute__((always_inline)) __m512 load16(const float *base, size_t i, int half) {
     return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)))
                 : _mm512_loadu_ps(base + i);
