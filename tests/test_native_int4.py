@@ -337,17 +337,18 @@ def _attention(y: torch.Tensor, pos: list[int], slot: list[int], nh: int, nkv: i
 def test_a_float16_cache_keeps_rounded_keys_and_attends_as_float32_over_them(two_threads, hd):
     """``kv_half``: each key and value is written to the cache rounded to float16 (as NumPy rounds: nearest, ties to
     even; subnormals kept; beyond float16's range clamped to +-65504), and attention over it equals attention over a
-    float32 cache holding the same rounded values bit for bit: two prompts prefilled together (rows of one slot cut
-    between the threads), then a decoding step of three slots, on one thread and on two (the same), for heads of 64
-    (read in place) and of 8 channels (converted first)."""
+    float32 cache holding the same rounded values bit for bit: one prompt's rows (attending over a float32 copy of
+    its slot's keys), two prompts' rows together (rows of one slot cut between the threads), then a decoding step of
+    three slots, on one thread and on two (the same), for heads of 64 (read by attend) and of 8 channels (converted
+    first)."""
     if not LIB.lmf_kv_half_ok():
         pytest.skip("no float16 cache here (AVX512F and F16C)")
     torch.manual_seed(0)
     nh, nkv, M = 4, 2, 256
     width = (nh + 2 * nkv) * hd
-    prefill = ([0] * 120 + [1] * 80, list(range(120)) + list(range(80)))
-    decode = ([0, 1, 2], [120, 80, 0])
-    ys = [torch.randn(200, width) * 2, torch.randn(3, width) * 2]
+    calls = [([0] * 120, list(range(120))), ([1] * 150 + [2] * 3, list(range(150)) + [0, 1, 2]),
+             ([0, 1, 2], [120, 150, 3])]
+    ys = [torch.randn(len(pos), width) * 2 for _, pos in calls]
     ys[0][:3, nh * hd] = torch.tensor([1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 3e-6])  # ties to even; a subnormal
     ys[0][3:5, nh * hd + 1] = torch.tensor([1e5, -1e6])  # beyond float16: clamped, not infinite
     results = {}
@@ -357,7 +358,7 @@ def test_a_float16_cache_keeps_rounded_keys_and_attends_as_float32_over_them(two
             dtype = torch.float16 if half else torch.float32
             k, v = torch.zeros(3, nkv, M, hd, dtype=dtype), torch.zeros(3, nkv, M, hd, dtype=dtype)
             outs = []
-            for y, (slot, pos) in zip(ys, (prefill, decode)):
+            for y, (slot, pos) in zip(ys, calls):
                 y = y.clone()
                 if not half:  # the float32 cache gets the values the float16 one keeps
                     y[:, nh * hd:] = y[:, nh * hd:].clamp(-65504, 65504).half().float()
@@ -367,11 +368,11 @@ def test_a_float16_cache_keeps_rounded_keys_and_attends_as_float32_over_them(two
             results[on, half] = (*outs, k.float(), v.float())
     assert all(torch.equal(a, b) for a, b in zip(results[False, True], results[True, True]))
     assert all(torch.equal(a, b) for a, b in zip(results[True, False], results[True, True]))
-    k16 = results[True, True][2]
-    for r, (s, t) in enumerate(zip(*prefill)):
-        g = torch.from_numpy(ys[0][r, nh * hd:(nh + nkv) * hd].clamp(-65504, 65504).numpy().astype(np.float16)
-                             .astype(np.float32))
-        assert torch.equal(k16[s, :, t].reshape(-1), g), r
+    k16 = results[True, True][-2]
+    for y, (slots, pos) in zip(ys, calls):
+        for r, (s, t) in enumerate(zip(slots, pos)):
+            g = y[r, nh * hd:(nh + nkv) * hd].clamp(-65504, 65504).numpy().astype(np.float16).astype(np.float32)
+            assert torch.equal(k16[s, :, t].reshape(-1), torch.from_numpy(g)), (s, t)
     assert k16[0, 0, 0, 0] == 1.0 and k16[0, 0, 1, 0] == 1 + 4 * 2.0 ** -11 and 0 < k16[0, 0, 2, 0] < 2.0 ** -14
     assert k16[0, 0, 3, 1] == 65504 and k16[0, 0, 4, 1] == -65504 and results[True, True][0].isfinite().all()
 
