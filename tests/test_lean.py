@@ -416,7 +416,7 @@ def _post(port: int, path: str, body: dict) -> dict:
 def test_serve_takes_it_by_default_without_torch_and_answers_what_pytorch_answers(tmp_path):
     """`lmforge serve --model INT4DIR` runs in a process that never loads PyTorch's library and answers a chat and a
     completion (greedy) as `lmforge serve --runtime torch` does; ``--runtime lean`` refuses a float checkpoint with
-    one line."""
+    one line, and `serve`/`chat` with PyTorch refuse a ``--kv-cache-dtype`` with one line."""
     out = _stories_int4(tmp_path)
     chat = {"model": "int4", "messages": [{"role": "user", "content": "Tell me about a dog."}], "max_tokens": 30,
             "temperature": 0}
@@ -439,6 +439,11 @@ def test_serve_takes_it_by_default_without_torch_and_answers_what_pytorch_answer
     bad = subprocess.run([sys.executable, "-m", "lmforge", "serve", "--runtime", "lean"], capture_output=True,
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert bad.returncode == 1 and "--runtime lean" in bad.stderr and "Traceback" not in bad.stderr
+    for command in ("serve", "chat"):  # a cache dtype is the lean runtime's choice: one line from PyTorch's
+        bad = subprocess.run([sys.executable, "-m", "lmforge", command, "--runtime", "torch", "--kv-cache-dtype",
+                              "float32"], capture_output=True, text=True, timeout=120, input="",
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert bad.returncode == 1 and "--kv-cache-dtype float32" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_an_error_while_admitting_fails_the_waiting_requests_not_the_engine(tmp_path):

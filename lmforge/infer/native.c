@@ -662,22 +662,14 @@ static void attention_rows(const attn_args *a, const void *y, int r0, int r1, fl
 
 /* A float16 cache, and rows that are all one prompt's (one slot, at least PROMPT_COPY_ROWS): scratch for a float32
    copy of the slot's keys and values (2 nkv x max_len x hd: keys of head g from g max_len hd, values from
-   (nkv + g) max_len hd), the calling thread's, grown as needed; else (or without the memory) NULL. Each row had
-   converted the keys it attends over: a 1,024-token SmolLM2 prefill was 6 % slower than with a float32 cache, now
-   as fast. */
+   (nkv + g) max_len hd): the calling thread's thread_scratch, which lmf_attention does not otherwise use on it (its
+   rows take attn_args.tmp); else (or without the memory) NULL. Each row had converted the keys it attends over: a
+   1,024-token SmolLM2 prefill was 6 % slower than with a float32 cache, now as fast. */
 static float *prompt_copy(const attn_args *a) {
     if (!a->kv_half || a->n < PROMPT_COPY_ROWS || !a->slot) return NULL;
     for (int r = 0; r < a->n; r++)
         if (a->pos[r] < 0 || a->slot[r] != a->slot[0]) return NULL;
-    static __thread float *buf = NULL;
-    static __thread size_t cap = 0;
-    const size_t floats = 2 * (size_t)a->nkv * a->max_len * a->hd;
-    if (floats > cap) {
-        free(buf);
-        buf = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
-        cap = buf ? floats : 0;
-    }
-    return buf;
+    return thread_scratch(2 * (size_t)a->nkv * a->max_len * a->hd);
 }
 
 /* Part h (0 .. 2 nkv - 1: keys of head h, then values of head h - nkv) of the copy: positions 0 .. the rows' last. */
