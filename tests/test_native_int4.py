@@ -377,6 +377,34 @@ def test_a_float16_cache_keeps_rounded_keys_and_attends_as_float32_over_them(two
     assert k16[0, 0, 3, 1] == 65504 and k16[0, 0, 4, 1] == -65504 and results[True, True][0].isfinite().all()
 
 
+@pytest.mark.parametrize("hd", [8, 64])
+def test_attention_weights_below_e_to_the_minus_64_of_the_top_are_zero(hd):
+    """Softmax weights of keys scoring more than 64 below the top key are exactly 0 (EXP_FLOOR): next to the top's
+    weight they are nothing in float32, and they (or their products with values) would be subnormal floats, on which
+    every multiply takes a microcode assist (stories260K's attention took 5x as long). Keys 70 below the top with
+    values of 1e30 add nothing (the exact softmax would add 0.4 from each); keys 20 below with values of 1e8 do count.
+    Heads of 8 (attend8) and of 64 channels, blocks of 16 keys and the rest."""
+    torch.manual_seed(0)
+    nh, nkv, M, t = 2, 1, 64, 40
+    k, v = torch.zeros(1, nkv, M, hd), torch.randn(1, nkv, M, hd)
+    gap = torch.full((t + 1,), -5.0)
+    gap[0], gap[3:30:4], gap[5:40:9] = 0.0, -70.0, -20.0
+    v[0, 0, : t + 1][gap == -70.0] = 1e30
+    v[0, 0, : t + 1][gap == -20.0] = 1e8
+    y = torch.zeros(1, (nh + 2 * nkv) * hd)
+    y[0, 0] = y[0, hd] = hd ** 0.5  # both query heads: score of key j = its first channel (scale hd^-0.5)
+    k[0, 0, :t, 0] = gap[:t]
+    y[0, nh * hd], y[0, (nh + nkv) * hd:] = gap[t], v[0, 0, t]  # the row's own key and value, written by the call
+    out = _attention(y, [t], [0], nh, nkv, hd, M, k, v, half=False).view(nh, hd).double()
+    w = torch.exp(gap.double())
+    vals = v[0, 0, : t + 1].double()
+    kept = torch.where(gap < -64, 0.0, w)
+    want = (kept / kept.sum()) @ vals
+    assert torch.allclose(out, want.expand(nh, hd), rtol=1e-5, atol=1e-5)
+    exact = (w / w.sum()) @ vals
+    assert ((exact - want).abs() > 1).all()  # (the floor is what makes the difference here)
+
+
 @pytest.mark.parametrize("act,kind", [(0, 1), (2, 2)])
 def test_norms_and_activations_of_many_rows_shared_among_threads(two_threads, act, kind):
     """lmf_add_norm (residual + bias added, then RMSNorm or LayerNorm) and lmf_activation (gated SiLU, GELU) of 16
