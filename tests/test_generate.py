@@ -218,6 +218,42 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes(stories):
     assert ts.stopped and shown == tok.decode([tok.bos_id] + ids).split("wörld")[0]
 
 
+def test_text_stream_takes_a_tokens_own_bytes_where_the_tokenizer_knows_them(stories):
+    """A tokenizer's ``bytes_after(prev, id)`` (llama2c: a token's piece after one that showed text) replaces the two
+    window decodes: the same pieces, token by token, as without it, over random ids with BOS, EOS, <unk>, byte
+    tokens (characters split across tokens) and text; the decodes are skipped for most tokens."""
+    import random
+
+    _, tok = stories
+
+    class Plain:  # the same tokenizer without bytes_after
+        decode_bytes = staticmethod(tok.decode_bytes)
+
+    rng = random.Random(0)
+    special = [0, tok.bos_id, tok.eos_id]
+    calls = [0]
+    counted = tok.decode_bytes
+
+    def counting(ids):
+        calls[0] += 1
+        return counted(ids)
+
+    for trial in range(200):
+        ids = [rng.choice(special) if rng.random() < 0.1 else rng.randrange(3, tok.vocab_size) for _ in range(40)]
+        prompt = [rng.randrange(3, tok.vocab_size)] if trial % 2 else [tok.bos_id]
+        fast, plain = TextStream(tok, prompt, stop=["e t"] if trial % 3 == 0 else None), TextStream(Plain(), prompt)
+        if trial % 3 == 0:
+            plain = TextStream(Plain(), prompt, stop=["e t"])
+        tok.decode_bytes = counting
+        try:
+            got = [fast.push(i) for i in ids] + [fast.flush()]
+        finally:
+            del tok.decode_bytes
+        assert got == [plain.push(i) for i in ids] + [plain.flush()], ids
+        assert fast.text == plain.text
+    assert calls[0] < 200 * 40  # (two decodes a token without it)
+
+
 # ---- batched decode ------------------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ class TextStream:
 
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] | None = None) -> None:
         self.tok = tokenizer
+        self._after = getattr(tokenizer, "bytes_after", None)  # a token's bytes after another, where they are known
         self.ids = list(prompt_ids[-4:])
         self.prefix, self.read = 0, len(self.ids)
         self.stop = [s for s in (stop or []) if s]
@@ -44,6 +45,17 @@ class TextStream:
         return out
 
     def _decode_new(self, final: bool) -> str:
+        ids = self.ids
+        if self._after is not None and self.read == len(ids) - 1 and self.read:  # one new token after shown ones
+            raw = self._after(ids[-2], ids[-1])  # (the two decodes below, without them: 1-2 us a token less)
+            if raw is not None:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = None
+                if text is not None and not text.endswith("\ufffd"):
+                    self._consumed()
+                    return text
         dec = self.tok.decode_bytes
         before = dec(self.ids[self.prefix : self.read])
         after = dec(self.ids[self.prefix :])
@@ -68,12 +80,16 @@ class TextStream:
             text, incomplete = raw.decode("utf-8", errors="replace"), False
         if incomplete:
             return ""
+        self._consumed()
+        return text
+
+    def _consumed(self) -> None:
+        """The new tokens are shown: the next decode's window starts at them."""
         self.prefix, self.read = self.read, len(self.ids)
         if self.prefix > 64:  # keep the window short
             del self.ids[: self.prefix]
             self.read -= self.prefix
             self.prefix = 0
-        return text
 
     def _show(self, new: str) -> str:
         buf = self.pending + new

@@ -228,6 +228,16 @@ class Llama2cTokenizer(Tokenizer):
         """The bytes of one token as it appears mid-text (no start-of-text space stripping)."""
         return self._out[i]
 
+    def bytes_after(self, prev: int, i: int) -> bytes | None:
+        """The bytes token ``i`` adds right after token ``prev`` (``decode_bytes`` of a text ending in ``prev`` and
+        then ``i`` minus that of the text up to ``prev``), where that is its piece as is: ``prev`` shown text (so
+        ``i`` is not where a leading space is stripped) and ``i`` is no BOS. None otherwise, and for ids out of
+        range (``decode_bytes`` says what is wrong)."""
+        out = self._out
+        if 0 <= prev < len(out) and 0 <= i < len(out) and out[prev] and i != self.bos_id:
+            return out[i]
+        return None
+
     def decode_bytes(self, ids: list[int]) -> bytes:
         """run.c's decode, done right: BOS/EOS/<unk> produce nothing, the piece after BOS (or the first piece)
         drops its leading space (the dummy prefix), ``<0xXX>`` pieces are raw bytes."""
