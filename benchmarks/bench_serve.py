@@ -12,7 +12,9 @@ tokens/s = completion tokens of all clients / wall time, best of ``--rounds`` ro
 alternate; each round measures a new connection per request and one kept-alive connection per client (OpenAI's
 client keeps its connections), unless ``--connections`` picks one. Targets (issue 14): one client >= 0.8x
 `lmforge generate` (measured here too, best of the rounds), and 16 clients >= 4x one client (continuous batching
-decodes all running requests together); the `generate` ratio is taken with a new connection per request.
+decodes all running requests together); the `generate` ratio is taken with a new connection per request. With two or
+more rounds the ratio of each round (its client counts measured back to back) is printed too, with their median: the
+machine's speed drifts between runs, and one client is measured over a few hundredths of a second.
 
 To re-take the --threads default's measurement on a quiet machine, run it for a tiny and a large model with
 ``--threads 1`` and ``--threads <cores>``: the default is all cores (``lmforge.commands.serve.default_threads``).
@@ -25,6 +27,7 @@ import http.client
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -183,6 +186,7 @@ def main() -> None:
         print(f"lmforge serve, {MODEL_ID}, {args.tokens} tokens per request, {args.requests} requests per client")
         modes = {"new": (False,), "keep": (True,), "both": (False, True)}[args.connections]
         best: dict[tuple[bool, int], float] = {}
+        each: dict[tuple[bool, int], list[float]] = {}  # every round's rate
         for r in range(args.rounds):  # client counts alternate within a round: all see the same machine load
             for keep in modes:
                 for c in args.clients:
@@ -192,6 +196,7 @@ def main() -> None:
                     steps = after["steps"] - before["steps"]
                     busy = after["decode_seconds"] - before["decode_seconds"]
                     best[keep, c] = max(best.get((keep, c), 0.0), n / dt)
+                    each.setdefault((keep, c), []).append(n / dt)
                     print(f"round {r + 1}, {CONN[keep]}: {c:3d} clients: {n:6d} tokens in {dt:6.2f} s = {n / dt:8.0f} "
                           f"tok/s aggregate ({n / dt / c:6.0f} tok/s per client; {steps} decode steps, "
                           f"{n / max(steps, 1):.1f} rows/step, {busy / max(steps, 1) * 1e3:.2f} ms/step, decoding "
@@ -203,6 +208,10 @@ def main() -> None:
                 for c in args.clients:
                     if c != 1:
                         print(f"  {c} clients / 1 client: {best[keep, c] / best[keep, 1]:.2f}x (target >= 4x for 16)")
+                        per = sorted(a / b for a, b in zip(each[keep, c], each[keep, 1]))
+                        if len(per) > 1:  # the machine's speed drifts: the ratio within each round shows how much
+                            print(f"    within each round: {', '.join(f'{r:.2f}x' for r in per)} "
+                                  f"(median {statistics.median(per):.2f}x)")
         rates = {c: best[modes[0], c] for c in args.clients}
         end = resident_mb(proc.pid)
         if warm and end:
