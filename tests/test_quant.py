@@ -438,6 +438,42 @@ def test_gptq_default_path_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(ids), before, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method,symmetric", [("rtn", True), ("rtn", False), ("gptq", True)])
+def test_int4_scales_and_zeros_are_rounded_to_float16_values(method, symmetric):
+    """``quantize_model`` rounds every int4 layer's scales and zeros to float16 values (float32 tensors), its levels
+    kept: the C step lays them out as float16 (half the bytes a token reads). Each dequantized weight moves by at most
+    the rounding of its group's parameters (levels -8..7: 8 x 2^-11 of the scale, 2^-11 of the zero); a layer whose
+    scales leave float16's range keeps float32."""
+    from lmforge.infer import native
+    from lmforge.quant.quantize import half_params
+
+    torch.manual_seed(0)
+    model = _stories()
+    plain = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    calib = self_calibration(model, 2, 32) if method == "gptq" else None
+    quantize_model(model, QuantConfig(4, 32, symmetric, method=method), calib)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.bits == 4]
+    assert len(layers) == 20
+    for name, m in layers:
+        assert torch.equal(m.scales.half().float(), m.scales), name
+        assert m.zeros is None or torch.equal(m.zeros.half().float(), m.zeros), name
+    name, m = layers[0]
+    if native.library() is not None and native.int4_ok(m):
+        assert native._int4_layout(m)[-1]  # read as float16
+    # against the same levels with unrounded parameters (round to nearest: quantize_int4's)
+    if method == "rtn":
+        q, s, z = quantize_int4(plain[name], 32, symmetric)
+        assert torch.equal(q, m.qweight)
+        moved = (m.dequantize() - dequantize_int4(q, s, z, m.in_features)).abs()
+        bound = 8 * s.abs() * 2.0 ** -11 + (0 if z is None else z.abs() * 2.0 ** -11)
+        assert (moved <= bound.repeat_interleave(32, dim=1)[:, : m.in_features] * 1.001 + 1e-12).all()
+    big = QuantLinear.from_linear(torch.nn.Linear(64, 4), 4, 32)
+    with torch.no_grad():
+        big.scales[0, 0] = 1e6
+    kept = big.scales.clone()
+    assert not half_params(big) and torch.equal(big.scales, kept)
+
+
 def test_load_rejects_inconsistent_files(tmp_path):
     import json
 

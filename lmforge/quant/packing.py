@@ -13,6 +13,9 @@ Formats (what ``quantization.json`` documents and ``model.safetensors`` holds fo
   Those are round to nearest (``method="rtn"``, ``quantize_int4``). GPTQ (the default of ``lmforge quantize``)
   stores the same format with searched scales: a scale may be negative (symmetric: the extra level -8 lands on
   the side of the group's largest magnitude, like llama.cpp's Q4_0) and groups may be clipped; see ``gptq_int4``.
+  ``quantize_model`` then rounds every int4 layer's scales and zeros to float16 values (still float32 tensors, the
+  levels kept; ``half_params``), as llama.cpp's Q4 blocks hold them: the C step reads them as float16. A layer that
+  round to nearest keeps exactly (a GGUF's Q4_1 blocks) keeps its parameters.
 
 The token embedding table is int8 with one scale per row (``QuantEmbedding``: ``wte.qweight`` int8 (V, D),
 ``wte.scales`` float32 (V,)) unless ``embedding=False``; a tied output projection is then an int8 ``QuantLinear``
