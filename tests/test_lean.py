@@ -28,19 +28,19 @@ def _int4_dir(tmp_path: Path, preset: str, group: int, symmetric: bool, tied: bo
               half: bool = False, **kw) -> Path:
     """An int4 directory of a random tiny model (the output projection tied to the int8 embedding table, as
     SmolLM2's and Qwen2's are; an untied one is int4 in such a directory, which stays with PyTorch). ``half``: every
-    int4 scale and zero a float16 value, as a GGUF's Q4_1 weights give (both paths lay them out as float16)."""
+    int4 scale and zero a float16 value, as ``quantize_model`` and a GGUF's Q4_1 weights give them (both paths lay
+    them out as float16); else moved off float16's values (float32, as directories quantized before it hold them)."""
     torch.manual_seed(0)
     cfg = get_preset(preset, block_size=96, tie_embeddings=tied, **{"vocab_size": 128, **kw})
     model = Decoder(cfg).eval().requires_grad_(False)
     for p in model.parameters():  # weights of a trained model's scale, so logits spread
         p.mul_(3.0)
     quantize_model(model, QuantConfig(bits=4, group_size=group, symmetric=symmetric, lm_head=not tied))
-    if half:
-        for mod in model.modules():
-            if isinstance(mod, QuantLinear) and mod.bits == 4:
-                for t in (mod.scales, mod.zeros):
-                    if t is not None:
-                        t.copy_(t.half().float())
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and mod.bits == 4:
+            for t in (mod.scales, mod.zeros):
+                if t is not None:
+                    t.copy_(t.half().float() if half else t * (1 + 2.0 ** -14))
     out = tmp_path / f"{preset}-g{group}{'-half' if half else ''}"
     save_quantized(model, out, tokenizer)
     if not tied:
