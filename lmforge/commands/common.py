@@ -7,8 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from lmforge.commands.args import (  # torch-free helpers that moved there; still importable from here
     add_model_args,  # noqa: F401
     check_vocab,
@@ -18,6 +16,7 @@ from lmforge.commands.args import (  # torch-free helpers that moved there; stil
     read_template,
 )
 from lmforge.errors import LMForgeError
+from lmforge.train.distributed import pick_device
 
 
 def add_resume_args(p: argparse.ArgumentParser) -> None:
@@ -54,15 +53,6 @@ def resolve_resume(args, out: str | Path) -> bool:
     if resume and not resuming:
         report(f"no checkpoint to resume from in {out}: starting from scratch")
     return resuming
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise LMForgeError(f"--device {name!r}: {e}") from None
 
 
 def load_model_and_tokenizer(model: str | None, tokenizer: str | None, device: str = "auto",

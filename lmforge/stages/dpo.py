@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,6 @@ from lmforge.stages.reward import (
     CHAT_TEMPLATE_FILE,
     GroupBatches,
     PrefData,
-    device_for,
     encode_group,
     longest_first,
     pad_id_of,
@@ -152,12 +150,8 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     explicit_train = explicit_train or set()
     out = Path(cfg.out)
     D.check_mode(cfg.train.distributed, "dpo")
-    device = device_for(cfg.train.device)
-    dist = D.init(device)
-
-    def log(msg: str) -> None:
-        if dist.main:
-            print(msg, file=sys.stderr)
+    device, dist = D.start(cfg.train.device)
+    log = dist.log
 
     cfg.model = default_model(cfg.model)
     model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")

@@ -498,7 +498,7 @@ def plot_ppo(metrics: Path, png: Path) -> Path | None:
 
 
 def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool = False) -> dict[str, Any]:
-    from lmforge.commands.common import load_model_and_tokenizer, pick_device
+    from lmforge.commands.common import load_model_and_tokenizer
     from lmforge.data.sft import default_template
     from lmforge.infer.chat import encode_chat, end_of_turn, get_template
     from lmforge.stages.sft import POLICY_LR_SCALE, suggested_lr
@@ -507,7 +507,7 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
     o, t = cfg.ppo, cfg.train
     D.one_process("ppo")  # every process would run the whole loop and write the same files
     out = Path(cfg.out)
-    device = pick_device(t.device)
+    device = D.pick_device(t.device)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr)

@@ -135,13 +135,8 @@ def glm_loss_fn(vocab: int, block_size: int, glm2d: bool):
 
 
 def run_pretrain(run: RunConfig, resume: bool = False) -> dict[str, Any]:
-    from lmforge.commands.common import pick_device
-
     out = Path(run.out)
-    device = pick_device(run.train.device)
-    dist = D.init(device)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+    device, dist = D.start(run.train.device)
     if run.data.objective not in OBJECTIVES:
         raise LMForgeError(f"data.objective={run.data.objective!r}: allowed values are {list(OBJECTIVES)}")
     if dist.main:

@@ -225,12 +225,6 @@ def pad_id_of(tok) -> int:
     return tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
 
 
-def device_for(name: str):
-    from lmforge.commands.common import pick_device
-
-    return pick_device(name)
-
-
 # ---- training -----------------------------------------------------------------------------------------------------
 
 
@@ -391,12 +385,8 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
                            "the reward model, so it needs --head-init probe and no --peft")
     out = Path(cfg.out)
     D.check_mode(cfg.train.distributed, "reward")
-    device = device_for(cfg.train.device)
-    dist = D.init(device)
-
-    def log(msg: str) -> None:
-        if dist.main:
-            print(msg, file=sys.stderr)
+    device, dist = D.start(cfg.train.device)
+    log = dist.log
 
     cfg.model = default_model(cfg.model)
     decoder, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
@@ -552,7 +542,7 @@ def load_reward_model(path: str | Path, device: str = "cpu") -> tuple[ScalarHead
     if source:
         tok.chat_template = source
         template = get_template(source, tok)
-    return model.to(device_for(device)), tok, template
+    return model.to(D.pick_device(device)), tok, template
 
 
 def score_file(model_dir: str, data: str, output: str | None, max_len: int = 0, batch_size: int = 8

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,21 +154,15 @@ def sft_loss(model, batch):
 def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool = False) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.data``; ``explicit_train``: train keys the user set (others get SFT
     defaults derived from the data and method)."""
-    from lmforge.commands.common import load_model_and_tokenizer, pick_device
+    from lmforge.commands.common import load_model_and_tokenizer
     from lmforge.data.sft import default_template
     from lmforge.infer.chat import get_template
 
     explicit_train = explicit_train or set()
     out = Path(cfg.out)
     D.check_mode(cfg.train.distributed, "sft")
-    device = pick_device(cfg.train.device)
-    dist = D.init(device)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-
-    def log(msg: str) -> None:
-        if dist.main:
-            print(msg, file=sys.stderr)
+    device, dist = D.start(cfg.train.device)
+    log = dist.log
 
     cfg.model = default_model(cfg.model)
     model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")

@@ -27,6 +27,11 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    def log(self, msg: str) -> None:
+        """A progress line on stderr, from the main process only."""
+        if self.main:
+            print(msg, file=sys.stderr)
+
 
 def launched_world() -> int:
     """The number of processes torchrun started (1 without torchrun)."""
@@ -46,6 +51,26 @@ def check_mode(mode: str, stage: str) -> None:
     if launched_world() > 1 and mode == "fsdp":
         raise LMForgeError(f"{stage}: train.distributed=fsdp shards pretraining only (lmforge pretrain); "
                            f"fine-tuning commands run data-parallel: --train.distributed ddp")
+
+
+def pick_device(name: str) -> torch.device:
+    """``--device``: auto (CUDA when present, else the CPU) or a torch device name; a bad name is one line."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise LMForgeError(f"--device {name!r}: {e}") from None
+
+
+def start(device: str) -> tuple[torch.device, Dist]:
+    """A training stage's device and process group: ``pick_device``, then ``init``; under torchrun on CUDA each
+    process takes the GPU of its local rank."""
+    dev = pick_device(device)
+    d = init(dev)
+    if d.enabled and dev.type == "cuda":
+        dev = torch.device("cuda", d.local_rank)
+    return dev, d
 
 
 def init(device: torch.device) -> Dist:
