@@ -2,7 +2,7 @@
 
 Nothing here unpickles: weights are safetensors, or ``torch.load(weights_only=True)`` for legacy HF ``.bin``.
 A checkpoint's ``MANIFEST.json`` (size and sha256 of every file) is checked on every load; a file already verified
-with the same size, mtime and inode is not hashed again (the cache is ``~/.cache/lmforge/verified.json``).
+with the same size, mtime, inode and ctime is not hashed again (the cache is ``~/.cache/lmforge/verified.json``).
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ def _cache_path() -> Path:
 
 
 def _stat_key(path: Path) -> list[int]:
+    """What a verified file must still have for its hash to be trusted again: size, mtime, inode and ctime (which
+    no one can set back: a file rewritten and given its old mtime with ``touch -d`` or ``os.utime`` is hashed again)."""
     st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def _read_cache() -> dict[str, Any]:
@@ -87,6 +89,11 @@ def _remember(digests: dict[str, str]) -> None:
         pass
 
 
+def _plain_name(name: str) -> bool:
+    """A file name of the directory itself: no path separators, nothing absolute, not . or .."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
 def verify_manifest(directory: Path, required: bool = False, skip: frozenset[str] = frozenset()) -> str | None:
     """None if every file listed in ``directory/MANIFEST.json`` (except ``skip``) has its size and sha256, else what
     is wrong. A missing manifest is fine unless ``required``. Entries may be a bare sha256 (older training
@@ -105,7 +112,13 @@ def verify_manifest(directory: Path, required: bool = False, skip: frozenset[str
     for name, entry in manifest.items():
         if name in skip:
             continue
-        digest, size = (entry, None) if isinstance(entry, str) else (entry.get("sha256"), entry.get("size"))
+        if not _plain_name(name):
+            return f"MANIFEST.json names {name!r}, not a file of the checkpoint (corrupt)"
+        digest, size = (entry, None) if isinstance(entry, str) else (
+            entry.get("sha256"), entry.get("size")) if isinstance(entry, dict) else (None, None)
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+                and (size is None or (type(size) is int and size >= 0))):
+            return f"MANIFEST.json: the entry of {name} is not a size and sha256 (corrupt)"
         p = directory / name
         if not p.is_file():
             return f"{name} is missing"

@@ -118,7 +118,7 @@ def test_flipped_bytes_truncation_and_nan_weights_are_refused(stories_ckpt, tmp_
     one_line(lmforge("generate", "--model", nan, "--max-new-tokens", "4"), "NaN or infinite")
 
 
-def test_verification_is_cached_by_size_mtime_and_inode(stories_ckpt, tmp_path, monkeypatch):
+def test_verification_is_cached_by_size_mtime_inode_and_ctime(stories_ckpt, tmp_path, monkeypatch):
     import lmforge.checkpoint as ck
 
     d = tmp_path / "c"
@@ -133,9 +133,43 @@ def test_verification_is_cached_by_size_mtime_and_inode(stories_ckpt, tmp_path, 
     assert hashed == []  # nothing hashed a second time
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
     w = d / "model.safetensors"
-    flip(w, w.stat().st_size // 2, bytes(64))  # rewriting the file changes its mtime: hashed again, and refused
+    st = w.stat()
+    flip(w, st.st_size // 2, bytes(64))  # rewritten, and given its old mtime back: its ctime still tells
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert w.stat().st_mtime_ns == st.st_mtime_ns
     with pytest.raises(LMForgeError, match="model.safetensors fails its checksum"):
         load_checkpoint(d)
+
+
+@pytest.mark.parametrize("entry,says", [
+    ([1, 2], "the entry of model.safetensors is not a size and sha256"),
+    (None, "the entry of model.safetensors is not a size and sha256"),
+    ({"size": "abc", "sha256": "0" * 64}, "the entry of model.safetensors is not a size and sha256"),
+    ({"size": 5}, "the entry of model.safetensors is not a size and sha256"),
+])
+def test_a_malformed_manifest_entry_is_refused_in_one_line(stories_ckpt, tmp_path, entry, says):
+    d = tmp_path / "c"
+    shutil.copytree(stories_ckpt, d)
+    manifest = json.loads((d / MANIFEST).read_text())
+    manifest["model.safetensors"] = entry
+    (d / MANIFEST).write_text(json.dumps(manifest))
+    one_line(lmforge("generate", "--model", d, "--max-new-tokens", "4"), str(d), "MANIFEST.json", says)
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../c/config.json", "sub/x", ".", ""])
+def test_manifest_names_outside_the_checkpoint_are_refused(stories_ckpt, tmp_path, name):
+    """A manifest lists the checkpoint's own files: a path elsewhere (hashed, and named in the error, before) is
+    refused without being read."""
+    import lmforge.checkpoint as ck
+
+    d = tmp_path / "c"
+    shutil.copytree(stories_ckpt, d)
+    manifest = json.loads((d / MANIFEST).read_text())
+    manifest[name] = "0" * 64
+    (d / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(LMForgeError, match="not a file of the checkpoint"):
+        load_checkpoint(d)
+    assert ck._plain_name("model.safetensors") and ck._plain_name("ckpt..x")
 
 
 # ---- training checkpoints: refuse, move aside, fall back, clean up ------------------------------------------
