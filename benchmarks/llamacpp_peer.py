@@ -5,6 +5,10 @@ process's peak.
     python benchmarks/llamacpp_peer.py MODEL.gguf "[1, 2, 3]" TOKENS THREADS
 
 ``pip install llama-cpp-python`` builds llama.cpp from the registry's source package (about 5 minutes on 2 cores).
+On a CPU with AMX, 0.3.36's native build (``-march=native``) crashed in ``ggml_backend_amx_mul_mat`` on the first
+Q4_1 product (a segmentation fault; ``bench_quant.py`` then leaves llama.cpp out and says so); built without AMX it
+runs: ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
+-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" pip install llama-cpp-python``.
 """
 
 from __future__ import annotations
