@@ -509,6 +509,17 @@ def test_tokenizer_train_refuses_bad_inputs_and_outputs(tmp_path):
     one_line(train("--input", good, "--vocab-size", "300", "--output", ro / "tok"), str(ro / "tok"))
     r = train("--input", good, "--vocab-size", "300", "--output", tmp_path / "ok")
     assert r.returncode == 0 and (tmp_path / "ok" / "tokenizer.json").is_file(), r.stderr
+    # an output that holds something (a tokenizer, a run) is not written over without --overwrite
+    before = (tmp_path / "ok" / "tokenizer.json").read_bytes()
+    one_line(train("--input", good, "--vocab-size", "290", "--output", tmp_path / "ok"), str(tmp_path / "ok"),
+             "not empty (holds tokenizer.json, tokenizer_config.json)", "--overwrite")
+    assert (tmp_path / "ok" / "tokenizer.json").read_bytes() == before
+    r = lmforge("tokenizer", "train", "--kind", "char", "--input", good, "--vocab-size", "10", "--output",
+                tmp_path / "ok", "--overwrite")
+    assert r.returncode == 0 and "a char tokenizer has a token per character" in r.stderr, r.stderr
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["char_vocab.json", "tokenizer_config.json"]
+    one_line(train("--input", tmp_path / "ok", "--vocab-size", "300", "--output", tmp_path / "t4"),
+             f"{tmp_path / 'ok'}: is a directory")
 
 
 def unwritable_dir(tmp_path: Path) -> Path:

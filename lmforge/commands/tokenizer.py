@@ -17,6 +17,8 @@ def add_parser(sub, name: str, help_: str) -> None:
     t.add_argument("--kind", choices=["bytelevel-bpe", "llama-bpe", "char"], required=True)
     t.add_argument("--output", required=True, help="directory for tokenizer.json + tokenizer_config.json")
     t.add_argument("--special-tokens", nargs="*", default=[], help="extra special tokens")
+    t.add_argument("--overwrite", action="store_true",
+                   help="write into an --output directory that is not empty (its tokenizer files are replaced)")
     t.set_defaults(func=run_train)
     for step, fn, h in (("encode", run_encode, "read UTF-8 text on stdin, print the ids as a JSON array"),
                         ("decode", run_decode, "read a JSON array of ids on stdin, print the text")):
@@ -28,9 +30,12 @@ def add_parser(sub, name: str, help_: str) -> None:
 def run_train(args) -> None:
     from lmforge.tokenizer.train import train_tokenizer
 
-    tok = train_tokenizer(args.input, args.vocab_size, args.kind, args.output, args.special_tokens)
-    short = (f" (--vocab-size {args.vocab_size:,} asked: the text holds no more merges; more text gives more)"
-             if tok.vocab_size < args.vocab_size and args.kind != "char" else "")
+    tok = train_tokenizer(args.input, args.vocab_size, args.kind, args.output, args.special_tokens, args.overwrite)
+    short = ""
+    if args.kind == "char" and tok.vocab_size != args.vocab_size:
+        short = f" (--vocab-size {args.vocab_size:,} asked: a char tokenizer has a token per character of the text)"
+    elif tok.vocab_size < args.vocab_size:
+        short = f" (--vocab-size {args.vocab_size:,} asked: the text holds no more merges; more text gives more)"
     print(f"wrote {args.output}: {args.kind}, {tok.vocab_size} tokens{short}", file=sys.stderr)
 
 

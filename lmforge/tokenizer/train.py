@@ -40,22 +40,37 @@ def check_text_file(path: Path) -> int:
     return chars
 
 
-def check_output_dir(output: str) -> None:
-    """The output must be a directory we can write (created if missing): checked before training."""
+# what a trained tokenizer writes (HFTokenizer / CharTokenizer .save): --overwrite removes these first
+WRITTEN = ("tokenizer.json", "tokenizer_config.json", "char_vocab.json")
+
+
+def check_output_dir(output: str, overwrite: bool = False) -> None:
+    """The output must be a directory we can write (created if missing) and, unless ``overwrite``, empty: checked
+    before training. With ``overwrite`` the tokenizer files a previous run wrote there are removed."""
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise LMForgeError(f"{out}: exists and is not a directory; --output names a directory for the tokenizer")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+        raise LMForgeError(f"{out}: not empty (holds {', '.join(held[:3])}{more}); give a new directory, or "
+                           "--overwrite to replace the tokenizer in it")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
         os.close(fd)
         os.unlink(probe)
+        if overwrite:
+            for name in WRITTEN:
+                (out / name).unlink(missing_ok=True)
     except OSError as e:
         raise LMForgeError(f"{out}: cannot write the tokenizer there: {e.strerror}") from None
 
 
 def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | None = None,
-                    special_tokens: list[str] | None = None) -> Tokenizer:
+                    special_tokens: list[str] | None = None, overwrite: bool = False) -> Tokenizer:
+    """A tokenizer of ``kind`` trained on ``files``, saved to ``output`` (a new or empty directory, or any with
+    ``overwrite``) if given."""
     if kind not in KINDS:
         raise LMForgeError(f"--kind {kind!r}: allowed values are {list(KINDS)}")
     specials = SPECIALS.get(kind, []) + [s for s in (special_tokens or []) if s not in SPECIALS.get(kind, [])]
@@ -66,13 +81,15 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
         raise LMForgeError("no input files")
     chars = 0
     for f in files:
+        if Path(f).is_dir():
+            raise LMForgeError(f"{f}: is a directory; --input takes text files")
         if not Path(f).is_file():
             raise LMForgeError(f"{f}: no such input file")
         chars += check_text_file(Path(f))
     if not chars:
         raise LMForgeError(f"{files[0]}: no text to train on (the input is empty)")
     if output:
-        check_output_dir(output)
+        check_output_dir(output, overwrite)
     if kind == "char":
         from lmforge.tokenizer.char import CharTokenizer
 
