@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,15 +22,30 @@ ARGS = ["pretrain", "--recipe", "baby-gpt-shakespeare", "--model.n_layer", "2", 
         "--train.eval_iters", "2", "--save-interval", "3", "--train.decay_iters", "6", "--train.warmup_iters", "2"]
 
 
-def pretrain(out: Path, *extra: str, procs: int = 0) -> subprocess.CompletedProcess:
+def pretrain(out: Path, *extra: str, procs: int = 0, ok: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "lmforge", *ARGS, "--out", str(out), *extra]
     if procs:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
                "-m", "lmforge", *ARGS, "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0 or not ok, r.stderr[-3000:]
     return r
+
+
+def refused_resume(out: Path, says: str, procs: int = 0) -> None:
+    """``--resume`` (and ``--resume-or-start``) with another number of processes than the checkpoints were written
+    by: one line per process saying so, exit status 1, and nothing moved aside or written (it is not damage)."""
+    before = sorted(p.name for p in out.iterdir())
+    for flag in ("--resume", "--resume-or-start"):
+        r = pretrain(out, "--max-iters", "9", "--train.batch_size", "2", flag, procs=procs, ok=False)
+        assert r.returncode != 0
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("lmforge pretrain: error:")]
+        # (under torchrun the first process to fail may get the other stopped before it prints its line)
+        assert 1 <= len(lines) <= max(procs, 1) and all(says in ln for ln in lines), r.stderr[-3000:]
+        assert "lmforge/" not in r.stderr and "damaged" not in r.stderr  # no traceback from lmforge
+        assert procs or len(r.stderr.strip().splitlines()) == 1  # refused before the model loads
+        assert sorted(p.name for p in out.iterdir()) == before
 
 
 def final(out: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
@@ -52,6 +68,14 @@ def test_pretrain_command_under_torchrun_matches_one_process(tmp_path, single, m
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=f"{name} {k}")
+    refused_resume(tmp_path, "written by a run of 2 process(es), this one has 1: resume it with torchrun "
+                   "--nproc-per-node 2")
+
+
+def test_a_one_process_run_is_not_resumed_by_two(tmp_path, single):
+    run = tmp_path / "run"
+    shutil.copytree(single, run)
+    refused_resume(run, "written by a run of 1 process(es), this one has 2: resume it with one process", procs=2)
 
 
 def test_fsdp_run_resumes_exactly(tmp_path):

@@ -227,6 +227,24 @@ def test_resume_refuses_damaged_runs_falls_back_past_a_malicious_optimizer_and_c
     assert verify(out / "ckpt-0000002") is None
 
 
+def test_resume_with_another_data_stream_is_refused_and_nothing_moved_aside(tmp_path):
+    """A checkpoint whose data stream has another shape (here the batch size; the number of processes is tested
+    under torchrun) cannot be resumed, but it is not damaged: one line, and no checkpoint moved aside (an older one
+    of the same run used to be resumed with the newer ones moved aside as ``.damaged``)."""
+    out = tmp_path / "run"
+    r = lmforge("pretrain", *SMALL, "--out", out, "--max-iters", "4", "--save-interval", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = sorted(p.name for p in out.iterdir())
+    for flag in ("--resume", "--resume-or-start"):
+        r = lmforge("pretrain", *SMALL, "--out", out, "--max-iters", "6", "--train.batch_size", "3", flag)
+        # (found once the data is loaded: after the run's "model ..." progress line)
+        assert r.returncode == 1 and r.stderr.splitlines()[0].startswith("model gpt2:"), r.stderr[-3000:]
+        one_line(subprocess.CompletedProcess(r.args, 1, r.stdout, "\n".join(r.stderr.splitlines()[1:])),
+                 str(out / "ckpt-0000004"), "cannot resume from it: its data stream has batch_size=2, this run's "
+                 "has 3")
+        assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_trainer_resume_refuses_when_no_checkpoint_loads(tmp_path):
     """The library path (Trainer.fit(resume=True)) refuses too, leaving the damaged checkpoint in place."""
     script = Path(__file__).parent / "train_script.py"

@@ -67,7 +67,7 @@ from lmforge.rl.rollout import (
     sample_rollout,
 )
 from lmforge.train import distributed as D
-from lmforge.train.batches import TokenWindows
+from lmforge.train.batches import TokenWindows, check_stream
 from lmforge.train.config import TrainConfig, _fill, apply_defaults
 from lmforge.train.loop import Trainer
 
@@ -380,9 +380,7 @@ class PPOSource:
                 "ptx": None if self.ptx is None else self.ptx.state_dict()}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
-        if s.get("prompts") != len(self.prompts):
-            raise LMForgeError(f"the checkpoint was made with {s.get('prompts')} prompts, these are "
-                               f"{len(self.prompts)}: cannot resume the same run")
+        check_stream({"prompts": s.get("prompts")}, {"prompts": len(self.prompts)})
         self.iteration, self.epoch, self.cursor = s["iteration"], s["epoch"], s["cursor"]
         self.early_stops = s["early_stops"]
         self.kl.load_state_dict(s["kl"])

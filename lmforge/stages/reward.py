@@ -38,7 +38,7 @@ from lmforge.model.decoder import supports_branches
 from lmforge.model.heads import ScalarHeadModel, load_scalar_model, read_head_config, save_scalar_model
 from lmforge.quant import weight_count
 from lmforge.train import distributed as D
-from lmforge.train.batches import length_grouped
+from lmforge.train.batches import check_stream, length_grouped
 from lmforge.train.config import TrainConfig, _fill, apply_defaults, plan_steps, stage_defaults
 from lmforge.train.loop import Trainer, autocast, to_device, train_precision
 
@@ -158,10 +158,7 @@ class GroupBatches:
                 "groups": len(self.groups), "batch_size": self.batch_size, "world": self.world}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
-        for k, v in {"groups": len(self.groups), "batch_size": self.batch_size, "world": self.world}.items():
-            if k in s and s[k] != v:
-                raise LMForgeError(f"data state has {k}={s[k]!r} but this dataset has {v!r}: cannot resume the "
-                                   "same stream")
+        check_stream(s, {"world": self.world, "groups": len(self.groups), "batch_size": self.batch_size})
         self.seed, self.epoch, self.cursor, self.batches = s["seed"], s["epoch"], s["cursor"], s["batches"]
         self._order = self._permutation(self.epoch)
 

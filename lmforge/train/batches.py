@@ -25,6 +25,24 @@ MODES = ("random", "sequential")
 Batch = dict[str, Any]
 
 
+class StreamMismatch(LMForgeError):
+    """A checkpoint's data stream is not this run's (another dataset, batch size or number of processes): the run
+    cannot resume from it, though nothing in it is damaged."""
+
+
+def check_stream(saved: dict[str, Any], mine: dict[str, Any]) -> None:
+    """Refuse (StreamMismatch) to continue a data stream ``saved`` whose shape differs from this run's ``mine``."""
+    for k, v in mine.items():
+        if k not in saved or saved[k] == v:
+            continue
+        if k == "world":
+            how = f"torchrun --nproc-per-node {saved[k]}" if saved[k] > 1 else "one process (without torchrun)"
+            raise StreamMismatch(f"written by a run of {saved[k]} process(es), this one has {v}: resume it with "
+                                 f"{how}, or give a new --out to start over")
+        raise StreamMismatch(f"its data stream has {k}={saved[k]!r}, this run's has {v!r}: cannot resume the same "
+                             "stream (a new --out starts over)")
+
+
 @runtime_checkable
 class BatchSource(Protocol):
     """What the Trainer draws batches from."""
@@ -42,7 +60,7 @@ class BatchSource(Protocol):
         ...
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
-        """Continue exactly where ``state_dict()`` was taken."""
+        """Continue exactly where ``state_dict()`` was taken; a stream of another shape: StreamMismatch."""
         ...
 
     def fixed_batches(self, n: int, seed: int) -> list[Batch]:
@@ -128,12 +146,8 @@ class TokenWindows:
                 "batch_size": self.batch_size, "world": self.world, "tokens": len(self.tokens)}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
-        mine = {"mode": self.mode, "block_size": self.block_size, "batch_size": self.batch_size,
-                "world": self.world, "tokens": len(self.tokens)}
-        for k, v in mine.items():
-            if k in s and s[k] != v:
-                raise LMForgeError(f"data state has {k}={s[k]!r} but this dataset has {v!r}: cannot resume the "
-                                   "same stream")
+        check_stream(s, {"world": self.world, "mode": self.mode, "block_size": self.block_size,
+                         "batch_size": self.batch_size, "tokens": len(self.tokens)})
         self.gen.manual_seed(s["seed"])
         self.seed, self.batches = s["seed"], 0
         self.skip(s["batches"])
@@ -293,12 +307,8 @@ class ExampleBatches:
                 "packing": self.packing}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
-        mine = {"examples": len(self.examples), "batch_size": self.batch_size, "world": self.world,
-                "packing": self.packing}
-        for k, v in mine.items():
-            if k in s and s[k] != v:
-                raise LMForgeError(f"data state has {k}={s[k]!r} but this dataset has {v!r}: cannot resume the "
-                                   "same stream")
+        check_stream(s, {"world": self.world, "examples": len(self.examples), "batch_size": self.batch_size,
+                         "packing": self.packing})
         self.seed, self.epoch, self.cursor, self.batches = s["seed"], s["epoch"], s["cursor"], s["batches"]
         self._order = self._permutation(self.epoch)
 

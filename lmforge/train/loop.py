@@ -30,6 +30,7 @@ from lmforge.errors import LMForgeError
 from lmforge.eval import run_task
 from lmforge.matmul import linear
 from lmforge.train import distributed as D
+from lmforge.train.batches import StreamMismatch
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import MetricsWriter, model_flops_per_token, plot_losses
 from lmforge.train.optim import lr_at, make_optimizer
@@ -223,6 +224,8 @@ class Trainer:
 
     def restore(self, ckpt: Path) -> None:
         s = load_training_checkpoint(ckpt)
+        t = s["trainer"]
+        self.train_data.load_state_dict(t["train_data"])  # first: a stream of another shape loads nothing else
         msd = s["train_model"] if s["train_model"] is not None else s["model"]
         if self.raw_model.cfg.tie_embeddings and "wte.weight" in msd:
             msd["lm_head.weight"] = msd["wte.weight"]
@@ -240,10 +243,8 @@ class Trainer:
                     e.copy_(params[k].detach())
         D.load_full_state(self.model, self.optimizer, msd, s["optimizer"], self.dist)
         set_rng_state(s["rng"])
-        t = s["trainer"]
         self.step, self.best_val, self.rollbacks = t["step"], t["best_val"], t["rollbacks"]
         self.recent = deque(t["recent"], maxlen=self.cfg.spike_window)
-        self.train_data.load_state_dict(t["train_data"])
         self.last_ckpt = ckpt
 
     def resume(self) -> bool:
@@ -255,6 +256,8 @@ class Trainer:
         for ckpt in reversed(list_checkpoints(self.out)):
             try:
                 self.restore(ckpt)
+            except StreamMismatch as e:  # not damage: nothing is moved aside, nothing older is tried
+                raise LMForgeError(f"{ckpt}: cannot resume from it: {e}") from None
             except LMForgeError as e:  # a failed checksum, or a file refused by weights_only
                 damaged.append((ckpt, str(e).removeprefix(f"{ckpt}: ")))
                 self.log(f"skipping {e}")

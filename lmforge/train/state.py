@@ -31,6 +31,8 @@ import torch
 from lmforge.checkpoint import MANIFEST, verify_manifest, write_manifest
 from lmforge.errors import LMForgeError
 from lmforge.files import public_modes
+from lmforge.train.batches import StreamMismatch, check_stream
+from lmforge.train.distributed import launched_world
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})$")
 TMP_PREFIX = ".tmp-ckpt-"
@@ -38,7 +40,7 @@ TRAIN_WEIGHTS = "train_weights.safetensors"  # raw weights, present when model.s
 EMA_WEIGHTS = "ema_weights.safetensors"  # a PEFT run's average of its trainable weights (its export holds them too)
 __all__ = ["EMA_WEIGHTS", "MANIFEST", "TRAIN_WEIGHTS", "NoUsableCheckpoint", "clean_partial_saves",
            "latest_checkpoint", "list_checkpoints", "load_training_checkpoint", "move_aside", "prepare_run_dir",
-           "prune", "save_training_checkpoint", "usable", "verify"]
+           "prune", "save_training_checkpoint", "usable", "verify", "check_processes"]
 
 
 class NoUsableCheckpoint(LMForgeError):
@@ -167,6 +169,19 @@ def load_training_checkpoint(ckpt: Path) -> dict[str, Any]:
             "rng": _load_pt(ckpt / "rng.pt"), "trainer": trainer}
 
 
+def check_processes(ckpt: Path) -> None:
+    """Refuse, before anything loads, to resume ``ckpt`` with another number of processes than wrote it (each
+    process's share of the data stream depends on it); the Trainer checks the rest of the stream's shape."""
+    try:
+        saved = json.loads((ckpt / "trainer_state.json").read_text()).get("train_data") or {}
+    except (OSError, ValueError):
+        return  # (reported as damage by the load itself)
+    try:
+        check_stream(saved, {"world": launched_world()})
+    except StreamMismatch as e:
+        raise LMForgeError(f"{ckpt}: cannot resume from it: {e}") from None
+
+
 def usable(ckpt: Path) -> str | None:
     """None if ``ckpt`` verifies and every file loads (a trial load, discarded), else what is wrong."""
     try:
@@ -215,6 +230,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, start_over: bool, main: bool = 
         for ckpt in reversed(ckpts):
             problem = usable(ckpt)
             if problem is None:
+                check_processes(ckpt)
                 return True  # the trainer resumes from it and moves the damaged newer ones aside
             problems.append((ckpt, problem))
         if not start_over:
