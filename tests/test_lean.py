@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.checkpoint import load_model
+from lmforge.checkpoint import load_model, write_manifest
 from lmforge.infer import lean, lean_sampling
 from lmforge.infer.engine import SlotRunner
 from lmforge.model import Decoder
@@ -274,7 +274,8 @@ def test_lean_runtime_refuses_what_it_cannot_run_and_damaged_files(tmp_path):
         (path / "quantization.json").write_text(json.dumps(q))
     want = {"nan": "non-finite", "truncated": "truncated", "asym-said-sym": "unexpected tensor",
             "sym-said-asym": "is missing", "group-null": "group_size", "group-list": "group_size"}
-    for path in damaged[1:]:
+    for path in damaged[1:]:  # the manifest refuses each (test_robust); updated, so each check is tested itself
+        write_manifest(path)
         r = _generate(["--model", str(path), "--max-new-tokens", "4"])
         lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("TORCH")]
         name = path.parent.name

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.assets import STORIES260K, STORIES260K_TOKENIZER
-from lmforge.checkpoint import load_model, save_checkpoint
+from lmforge.checkpoint import load_model, save_checkpoint, write_manifest
 from lmforge.errors import LMForgeError
 from lmforge.quant import (
     DECODE_ROWS,
@@ -355,6 +355,7 @@ def test_a_quantized_directory_is_used_in_place_from_its_file(tmp_path):
         start = bufs[k].data_ptr()
         assert any(lo <= start < hi for lo, hi in mapped), f"{k} was copied"
     save_file(ref, str(path), metadata={"format": "pt"})  # another writer: tensors 8-byte aligned only
+    (tmp_path / "q" / "MANIFEST.json").unlink()  # (as directories written before manifests were)
     old = load_quantized(tmp_path / "q")
     ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -482,6 +483,9 @@ def test_load_rejects_inconsistent_files(tmp_path):
     d = json.loads(qj.read_text())
     d.update(bits=4, group_size=32)
     qj.write_text(json.dumps(d))
+    with pytest.raises(LMForgeError, match="quantization.json has .* bytes, its manifest says"):
+        load_quantized(tmp_path / "q")
+    write_manifest(tmp_path / "q")  # the edit made to look intended: the layer check itself
     with pytest.raises(LMForgeError, match="blocks.0.attn.qkv"):
         load_quantized(tmp_path / "q")
     with pytest.raises(LMForgeError, match="group-size"):

@@ -118,8 +118,28 @@ def test_flipped_bytes_truncation_and_nan_weights_are_refused(stories_ckpt, tmp_
     one_line(lmforge("generate", "--model", nan, "--max-new-tokens", "4"), "NaN or infinite")
 
 
+@pytest.mark.parametrize("runtime", ["torch", "lean"])
+def test_a_damaged_quantized_directory_is_refused(tmp_path, runtime):
+    """`lmforge quantize` writes MANIFEST.json too, and both runtimes verify it: 64 flipped bytes in the middle of
+    the int4 weights generated other text with exit status 0 before (only NaN scales were caught)."""
+    from lmforge.infer import lean
+
+    q = tmp_path / "q4"
+    r = lmforge("quantize", "--bits", "4", "--method", "rtn", "--output", q)
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((q / MANIFEST).read_text())
+    assert {"config.json", "quantization.json", "model.safetensors"} <= set(manifest)
+    if runtime == "lean" and lean.unsupported(q):
+        pytest.skip(f"the lean runtime cannot run here: {lean.unsupported(q)}")
+    gen = ("generate", "--model", q, "--max-new-tokens", "4", "--temperature", "0", "--runtime", runtime)
+    assert lmforge(*gen).returncode == 0
+    w = q / "model.safetensors"
+    flip(w, w.stat().st_size // 2, bytes(64))
+    one_line(lmforge(*gen), str(q), "damaged quantized directory", "model.safetensors fails its checksum")
+
+
 def test_verification_is_cached_by_size_mtime_inode_and_ctime(stories_ckpt, tmp_path, monkeypatch):
-    import lmforge.checkpoint as ck
+    import lmforge.manifest as ck
 
     d = tmp_path / "c"
     shutil.copytree(stories_ckpt, d)
@@ -160,7 +180,7 @@ def test_a_malformed_manifest_entry_is_refused_in_one_line(stories_ckpt, tmp_pat
 def test_manifest_names_outside_the_checkpoint_are_refused(stories_ckpt, tmp_path, name):
     """A manifest lists the checkpoint's own files: a path elsewhere (hashed, and named in the error, before) is
     refused without being read."""
-    import lmforge.checkpoint as ck
+    import lmforge.manifest as ck
 
     d = tmp_path / "c"
     shutil.copytree(stories_ckpt, d)

@@ -37,11 +37,11 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from lmforge.checkpoint import sha256_file
 from lmforge.data.io import iter_records
 from lmforge.errors import LMForgeError
 from lmforge.infer.generate import generate_batch
 from lmforge.infer.sampling import SamplingParams, cut_at_stop
+from lmforge.manifest import sha256_file
 from lmforge.train.loop import write_json
 
 # ---- ROUGE-L ------------------------------------------------------------------------------------------------

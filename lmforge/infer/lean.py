@@ -38,6 +38,7 @@ from lmforge.infer.clib import (
     _NormArgs,
     _VnniArgs,
 )
+from lmforge.manifest import verify_manifest
 from lmforge.mapped import SafetensorsMap
 from lmforge.quant_config import QUANT_FILE, QuantConfig, read_quant_config
 
@@ -121,6 +122,9 @@ class LeanModel:
         why, cfg, q = _inspect(path)
         if why:
             raise LMForgeError(f"{path}: cannot decode without PyTorch: {why}")
+        problem = verify_manifest(path)
+        if problem:
+            raise LMForgeError(f"{path}: damaged quantized directory: {problem}")
         self.lib = clib.library()
         self.cfg = cfg
         self.max_len = min(max_len or cfg.block_size, cfg.block_size)

@@ -13,6 +13,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
+from lmforge.manifest import verify_manifest, write_manifest
 from lmforge.mapped import SafetensorsMap, write_aligned
 from lmforge.model import Decoder
 from lmforge.model.swap import set_module
@@ -59,6 +60,7 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer=None, extra_fil
         for f in extra_files or []:
             if not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
+        write_manifest(tmp)
         replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -98,6 +100,9 @@ def load_quantized(path: str | Path, compute: str | None = None):
     """Load a directory written by ``save_quantized`` (``lmforge quantize``) into a Decoder with QuantLinear layers.
     Its weights stay on a mapping of the file (``_mapped_weights``)."""
     path = Path(path)
+    problem = verify_manifest(path)  # (directories written before manifests were: none to check)
+    if problem:
+        raise LMForgeError(f"{path}: damaged quantized directory: {problem}")
     cfg = ModelConfig.load(path / CONFIG)
     qcfg, layers = read_quant_config(path)
     sd = _mapped_weights(path / WEIGHTS)

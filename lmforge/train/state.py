@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.checkpoint import MANIFEST, verify_manifest, write_manifest
 from lmforge.errors import LMForgeError
 from lmforge.files import public_modes
+from lmforge.manifest import MANIFEST, verify_manifest, write_manifest
 from lmforge.train.batches import StreamMismatch, check_stream
 from lmforge.train.distributed import launched_world
 
