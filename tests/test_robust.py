@@ -617,3 +617,23 @@ def test_data_prepare_into_unwritable_or_missing_directories(tmp_path):
              str(ro / "data"), "cannot write")
     r = lmforge("data", "prepare", text, "--tokenizer", STORIES260K_TOKENIZER, "--output", tmp_path / "new" / "data")
     assert r.returncode == 0 and (tmp_path / "new" / "data" / "index.json").is_file(), r.stderr
+
+
+def test_a_broken_template_file_is_refused_at_start_naming_it(tmp_path):
+    """``--template FILE`` is read and parsed before anything loads: a syntax error names the file and line (the
+    server started, then answered every chat request 500); a binary file, one with no Jinja in it, a directory and a
+    missing file each get their own line (a UnicodeDecodeError, the whole of /etc/passwd quoted, "not a built-in")."""
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{{ bos_token }}\n{% for m in messages %}\n{% for x in %}\n")
+    blob = tmp_path / "t.bin"
+    blob.write_bytes(bytes(range(128, 256)))
+    prose = tmp_path / "prose.txt"
+    prose.write_text("root:x:0:0:root:/root:/bin/bash\n" * 40)
+    cases = [(bad, [str(bad), "cannot parse (line 3)"]), (blob, [str(blob), "not UTF-8"]),
+             (prose, [str(prose), "not a Jinja chat template"]), (tmp_path, [str(tmp_path), "is a directory"]),
+             (tmp_path / "missing.jinja", ["missing.jinja: no such file"])]
+    for path, needles in cases:
+        for cmd in ("serve", "chat"):
+            line = one_line(lmforge(cmd, "--template", path, "--port", "0") if cmd == "serve" else
+                            lmforge(cmd, "--template", path), *needles)
+            assert len(line) < 300, line

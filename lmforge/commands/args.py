@@ -85,16 +85,32 @@ def check_vocab(cfg, tok, model_src: str, tok_src: str) -> None:
 
 def template_arg(value: str | None) -> str | None:
     """``--template``: a built-in name, a Jinja file's text or a Jinja string (None: the tokenizer's own)."""
-    from lmforge.infer.chat import BUILTIN, get_template
+    from lmforge.infer.chat import BUILTIN, _compile, get_template
 
     if value is None or value.lower() in BUILTIN:
         return value
     p = Path(value)
+    jinja = "{{" in value or "{%" in value
+    if not jinja and p.is_dir():
+        raise LMForgeError(f"{p}: is a directory; --template takes a built-in name, a Jinja file or a Jinja string")
+    if not jinja and not p.is_file() and ("/" in value or p.suffix):
+        raise LMForgeError(f"--template {value}: no such file (nor a built-in: {', '.join(BUILTIN)})")
     if p.is_file():
-        return p.read_text()
-    get_template(value)  # a Jinja string, or an error naming the choices
-    if "{" not in value:
-        raise LMForgeError(f"--template {value!r}: no such template file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise LMForgeError(f"{p}: not UTF-8 text; --template takes a Jinja chat template file") from None
+        except OSError as e:
+            raise LMForgeError(f"{p}: cannot read the template: {e.strerror}") from None
+        if "{{" not in text and "{%" not in text:
+            raise LMForgeError(f"{p}: not a Jinja chat template (no {{{{ }}}} or {{% %}} in it)")
+        try:
+            _compile(text)  # parsed now: a broken file is refused at start, not at the first request
+        except LMForgeError as e:
+            raise LMForgeError(f"{p}: {e}") from None
+        return text
+    get_template(value)  # a Jinja string (else an error naming the choices), parsed now
+    _compile(value)
     return value
 
 

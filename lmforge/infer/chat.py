@@ -140,7 +140,9 @@ def _compile(source: str):
     try:
         return env.from_string(source)
     except TemplateError as e:
-        raise LMForgeError(f"chat template: cannot parse: {e}") from None
+        line = getattr(e, "lineno", None)
+        raise LMForgeError(f"chat template: cannot parse{f' (line {line})' if line else ''}: "
+                           f"{getattr(e, 'message', None) or e}") from None
 
 
 def check_messages(messages) -> list[dict[str, str]]:
