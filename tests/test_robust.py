@@ -637,3 +637,16 @@ def test_a_broken_template_file_is_refused_at_start_naming_it(tmp_path):
             line = one_line(lmforge(cmd, "--template", path, "--port", "0") if cmd == "serve" else
                             lmforge(cmd, "--template", path), *needles)
             assert len(line) < 300, line
+
+
+def test_pretrain_on_a_text_file_that_cannot_train_names_it(tmp_path):
+    """``--data.path`` a binary, an empty or a too-short text file: one line naming the file (and the line, or the
+    split and the block size), not a UnicodeDecodeError, "vocab_size=0" or an unnamed token count."""
+    blob, empty, short = tmp_path / "bin.dat", tmp_path / "empty.txt", tmp_path / "hw.txt"
+    blob.write_bytes(b"ok\n" + bytes(range(128, 256)) * 8)
+    empty.write_text("\n\n")
+    short.write_text("hello world\n")
+    for path, needles in [(blob, [f"{blob}:2: not UTF-8"]), (empty, [str(empty), "no text to train on"]),
+                          (short, [str(short), "the train split has only", "need at least block_size+1"])]:
+        one_line(lmforge("pretrain", *SMALL, "--data.path", path, "--out", tmp_path / "run", "--max-iters", "1"),
+                 *needles)

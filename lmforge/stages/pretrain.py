@@ -68,6 +68,10 @@ def load_tokens(run: RunConfig, out: Path):
 
         tok, train, val = load_prepared(path)
         return tok, train, val
+    from lmforge.tokenizer.train import check_text_file
+
+    if not check_text_file(path):  # UTF-8 (else one line naming the file and line) and not empty
+        raise LMForgeError(f"{path}: no text to train on (the file is empty or blank)")
     tok = build_tokenizer(run.data.tokenizer, path, out)
     text = path.read_text(encoding="utf-8")
     ids = np.asarray(tok.encode(text), dtype=np.uint16 if tok.vocab_size < 65536 else np.uint32)
@@ -157,8 +161,14 @@ def run_pretrain(run: RunConfig, resume: bool = False) -> dict[str, Any]:
     torch.manual_seed(run.train.seed)
     model = Decoder(cfg)
     t = run.train
-    train = TokenWindows(train_ids, run.data.block_size, t.batch_size, seed=t.seed, rank=dist.rank, world=dist.world)
-    val = TokenWindows(val_ids, run.data.block_size, t.batch_size, seed=t.seed + 1, rank=dist.rank, world=dist.world)
+    windows = {}
+    for split, ids, seed in (("train", train_ids, t.seed), ("validation", val_ids, t.seed + 1)):
+        try:
+            windows[split] = TokenWindows(ids, run.data.block_size, t.batch_size, seed=seed, rank=dist.rank,
+                                          world=dist.world)
+        except LMForgeError as e:  # too few tokens: name the data and the split
+            raise LMForgeError(f"{run.data.path}: the {split} split has {e} (data.block_size)") from None
+    train, val = windows["train"], windows["validation"]
     if dist.main:
         print(f"model {cfg.name}: {model.num_params():,} parameters; {len(train_ids):,} train / {len(val_ids):,} "
               f"val tokens; device {device}", file=sys.stderr)
