@@ -58,9 +58,17 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError as e:
         raise LMForgeError(f"--device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LMForgeError(f"--device {name}: no CUDA device here (this torch {torch.__version__} "
+                           f"{'has no CUDA support' if torch.version.cuda is None else 'finds no GPU'}); use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LMForgeError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LMForgeError(f"--device {name}: MPS is not available here; use cpu")
+    return dev
 
 
 def start(device: str) -> tuple[torch.device, Dist]:

@@ -146,7 +146,12 @@ def _load_pt(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for code in the file, RuntimeError/EOFError for damage
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        if lines and lines[0].startswith("Weights only load failed"):  # torch's advice to load it anyway: not ours
+            what = next((ln for ln in lines[1:] if "GLOBAL" in ln or "Unsupported" in ln), lines[-1])
+            raise LMForgeError(f"{path}: refused to load: it holds more than tensors ({what[:200]}), which could "
+                               "run code") from None
+        first = lines[0] if lines else type(e).__name__
         raise LMForgeError(f"{path}: refused to load ({type(e).__name__}: {first[:200]})") from None
 
 
