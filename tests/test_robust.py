@@ -657,3 +657,11 @@ def test_pretrain_on_a_text_file_that_cannot_train_names_it(tmp_path):
 def test_device_cuda_without_cuda_is_one_line():
     """(was: AssertionError "Torch not compiled with CUDA enabled")"""
     one_line(lmforge("generate", "--device", "cuda", "--max-new-tokens", "2"), "--device cuda: no CUDA device here")
+
+
+def test_an_api_key_no_client_could_send_is_refused_at_start():
+    """A non-ASCII key made every request 401 (the right key included); an empty one let every request in."""
+    env = {k: v for k, v in os.environ.items() if k != "LMFORGE_API_KEY"}
+    one_line(lmforge("serve", "--port", "0", env={**env, "LMFORGE_API_KEY": "ключ"}), "must be printable ASCII")
+    one_line(lmforge("serve", "--port", "0", "--api-key", "two words", env=env), "must be printable ASCII")
+    one_line(lmforge("serve", "--port", "0", env={**env, "LMFORGE_API_KEY": ""}), "is empty")

@@ -83,6 +83,10 @@ def run(args) -> None:
             raise LMForgeError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.max_queue < 1 or args.max_body < 1:
         raise LMForgeError("--max-queue and --max-body must be >= 1")
+    if args.api_key is not None and not (args.api_key and all(33 <= ord(c) <= 126 for c in args.api_key)):
+        raise LMForgeError("--api-key (or LMFORGE_API_KEY): must be printable ASCII without spaces, as an HTTP header "
+                           "carries it (a client could never send this one)" if args.api_key else
+                           "--api-key (or LMFORGE_API_KEY) is empty: give a key, or unset it to serve without one")
     if not 0 <= args.port < 65536:
         raise LMForgeError(f"--port {args.port}: must be in [0, 65535]")
     template = template_arg(args.template)
