@@ -342,7 +342,7 @@ def test_resume_exactly_from_state_dict(mode):
     for b in ref[4:]:
         assert torch.equal(fresh.next_batch()["input_ids"], b["input_ids"])
     assert all(torch.equal(a["targets"], b["targets"]) for a, b in zip(ds.fixed_batches(3, 5), ref))
-    with pytest.raises(LMForgeError, match="block_size=32 but this dataset has 16"):
+    with pytest.raises(LMForgeError, match="block_size=32, this run.s has 16"):
         TokenWindows(TOKENS, 16, 4, mode=mode).load_state_dict(state)
 
 

@@ -422,6 +422,11 @@ def test_prepare_single_file_falls_back_to_tail_split_and_pretrain_refuses_an_em
     assert r.returncode == 0, r.stderr
     one_line(lmforge("pretrain", *SMALL, "--data.path", tmp_path / "noval", "--out", tmp_path / "run2"),
              str(tmp_path / "noval" / "val.bin"), "0 tokens")
+    empty = tmp_path / "empty.txt"  # one line, not a note about a split fallback before it
+    empty.write_text("")
+    r = lmforge("data", "prepare", empty, "--tokenizer", tmp_path / "tok", "--output", tmp_path / "e")
+    r.stderr = "\n".join(ln for ln in r.stderr.splitlines() if not ln.startswith("tokenize:"))  # (its progress bar)
+    one_line(r, str(empty), "no tokens for the train split (the input is empty)")
 
 
 # ---- convert an HF directory without tokenizer files -------------------------------------------------------

@@ -296,6 +296,9 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
             pool.close()
             pool.join()
             pool = None
+        if not (writers["train"].tokens or writers["val"].tokens):
+            what = "the inputs are" if len(inputs) > 1 else "the input is"
+            raise LMForgeError(f"{inputs[0]}: no tokens for the train split ({what} empty)")
         fallback = cfg["hash"] and not (writers["train"].tokens and writers["val"].tokens)
         if fallback:  # too few documents for a split by document (one large file): cut the stream's tail instead
             whole = writers["train"] if writers["train"].tokens else writers["val"]
