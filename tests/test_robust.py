@@ -638,8 +638,8 @@ def test_a_broken_template_file_is_refused_at_start_naming_it(tmp_path):
     cases = [(bad, [str(bad), "cannot parse (line 3)"]), (blob, [str(blob), "not UTF-8"]),
              (prose, [str(prose), "not a Jinja chat template"]), (tmp_path, [str(tmp_path), "is a directory"]),
              (tmp_path / "missing.jinja", ["missing.jinja: no such file"])]
-    for path, needles in cases:
-        for cmd in ("serve", "chat"):
+    for i, (path, needles) in enumerate(cases):  # (the server with each: the same check, at the same place)
+        for cmd in ("serve", "chat") if i == 0 else ("chat",):
             line = one_line(lmforge(cmd, "--template", path, "--port", "0") if cmd == "serve" else
                             lmforge(cmd, "--template", path), *needles)
             assert len(line) < 300, line
