@@ -670,3 +670,13 @@ def test_an_api_key_no_client_could_send_is_refused_at_start():
     one_line(lmforge("serve", "--port", "0", env={**env, "LMFORGE_API_KEY": "ключ"}), "must be printable ASCII")
     one_line(lmforge("serve", "--port", "0", "--api-key", "two words", env=env), "must be printable ASCII")
     one_line(lmforge("serve", "--port", "0", env={**env, "LMFORGE_API_KEY": ""}), "is empty")
+
+
+def test_a_seed_beyond_64_bits_is_refused_by_argparse(tmp_path):
+    """(was: "ValueError: Overflow when unpacking long long" once sampling began, OverflowError in data prepare)"""
+    big = str(2**80)
+    for cmd in (["generate", "--max-new-tokens", "2"], ["data", "prepare", str(TINYSHAKESPEARE), "--tokenizer",
+                                                          str(STORIES260K_TOKENIZER), "--output", str(tmp_path / "d")]):
+        r = lmforge(*cmd, "--seed", big)
+        assert r.returncode == 2 and f"argument --seed: {big}: must be in [0, 2**63 - 1]" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "d").exists()

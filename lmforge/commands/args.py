@@ -18,6 +18,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
 
 
+MAX_SEED = 2**63 - 1
+
+
+def seed_type(value: str) -> int:
+    """``--seed``: an integer in [0, 2**63 - 1] (torch's and NumPy's generators take no more), else argparse's line."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
+    if not 0 <= n <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value}: must be in [0, 2**63 - 1]")
+    return n
+
+
 def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=("auto", "float16", "float32"), default="auto",
                    help="the lean runtime's key/value cache: float16 reads half the bytes in attention (llama.cpp's "

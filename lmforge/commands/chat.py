@@ -11,6 +11,7 @@ from lmforge.commands.args import (
     check_sampling_args,
     check_torch_kv_cache,
     lean_kv_dtype,
+    seed_type,
     template_arg,
 )
 from lmforge.commands.generate import lean_files, lean_unsupported
@@ -32,7 +33,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * max prob (0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL repetition penalty (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    p.add_argument("--seed", type=seed_type, default=None, help="random seed (default: random)")
     p.add_argument("--runtime", choices=("auto", "lean", "torch"), default="auto",
                    help="as lmforge generate --runtime: an int4 directory chats without PyTorch (lean; ~220 MB "
                         "resident for SmolLM2-135M instead of ~480; the conversation's cached positions are kept "

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from lmforge.commands.args import seed_type
 from lmforge.commands.common import add_model_args, load_model_and_tokenizer
 from lmforge.errors import LMForgeError
 
@@ -31,7 +32,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--select", default="first_n", choices=METHODS, help="how demonstrations are chosen "
                    "(default first_n; similar = BM25 nearest, diverse = maximal marginal relevance)")
     p.add_argument("--order", default="as_drawn", choices=ORDERS, help="demonstration order (default as_drawn)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of random selection and sampling (default 1234)")
+    p.add_argument("--seed", type=seed_type, default=1234, help="seed of random selection and sampling (default 1234)")
     p.add_argument("--cot", action="store_true", help="chain of thought (gsm8k): with --shots K the 8 exemplars of "
                    "Wei et al. (or --fewshot-data rationales), without shots \"Let's think step by step.\"")
     p.add_argument("--samples", type=int, default=1, help="self-consistency: sample N answers, majority vote")

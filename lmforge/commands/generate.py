@@ -19,6 +19,7 @@ from lmforge.commands.args import (
     find_tokenizer_path,
     lean_kv_dtype,
     read_template,
+    seed_type,
 )
 from lmforge.errors import LMForgeError
 
@@ -33,7 +34,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (1.0 = off; default 0.9)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * max prob (0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    p.add_argument("--seed", type=seed_type, default=None, help="random seed (default: random)")
     p.add_argument("--runtime", choices=("auto", "lean", "torch"), default="auto",
                    help="lean: an int4 directory (lmforge quantize --bits 4) decoded by the C step from numpy, in a "
                         "process that never imports PyTorch (~180 MB resident for SmolLM2-135M instead of ~470; CPUs "

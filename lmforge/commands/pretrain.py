@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmforge.commands.args import seed_type
 from lmforge.commands.common import add_resume_args, report, resolve_resume
 from lmforge.errors import LMForgeError
 
@@ -23,7 +24,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--save-interval", type=int, help="write a checkpoint every N steps (the last step always is)")
     p.add_argument("--max-iters", type=int, help="optimizer steps")
     p.add_argument("--eval-interval", type=int, help="evaluate every N steps")
-    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--seed", type=seed_type, help="random seed")
     p.set_defaults(func=run, accepts_overrides=True)
 
 

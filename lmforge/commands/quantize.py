@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lmforge.commands.args import seed_type
 from lmforge.errors import LMForgeError
 from lmforge.files import check_output
 
@@ -37,7 +38,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--calib-len", type=int, default=512,
                    help="tokens per calibration sequence (default 512, at most the model's context): calibrate on "
                         "the positions the model is used at")
-    p.add_argument("--seed", type=int, default=0, help="seed for self-generated calibration (default 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed for self-generated calibration (default 0)")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=run)

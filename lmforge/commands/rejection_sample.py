@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lmforge.commands.args import seed_type
+
 
 def add_parser(sub, name: str, help_: str) -> None:
     p = sub.add_parser(
@@ -20,7 +22,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per sample (default 128)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences generated together (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed_type, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.set_defaults(func=run)
 

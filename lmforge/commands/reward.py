@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lmforge.commands.args import seed_type
 from lmforge.commands.common import add_resume_args, report, resolve_resume
 from lmforge.commands.sft import _drop_none
 from lmforge.errors import LMForgeError
@@ -35,7 +36,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--out", help="run directory (default runs/reward): checkpoints, metrics, then the reward model")
     add_resume_args(p)
     p.add_argument("--max-iters", type=int, help="optimizer steps (default: from --epochs)")
-    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--seed", type=seed_type, help="random seed")
     p.set_defaults(func=run, accepts_overrides=True)
     ps = p.add_subparsers(dest="action", metavar="ACTION")
     s = ps.add_parser("score", help="score preference pairs with a reward model",

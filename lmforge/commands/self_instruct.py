@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import fields
 
+from lmforge.commands.args import seed_type
 from lmforge.commands.common import add_model_args, load_model_and_tokenizer
 
 
@@ -46,7 +47,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--max-rounds", type=int, help="stop after this many rounds (default 0 = no limit)")
     p.add_argument("--patience", type=int,
                    help="stop after this many rounds in a row that keep no instruction (default 5; 0 = never)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="random seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

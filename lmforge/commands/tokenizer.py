@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
 from lmforge.errors import LMForgeError
+
+
+def _nonempty(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must name a directory")
+    return value
 
 
 def add_parser(sub, name: str, help_: str) -> None:
@@ -15,7 +22,8 @@ def add_parser(sub, name: str, help_: str) -> None:
     t.add_argument("--input", nargs="+", required=True, help="UTF-8 text files")
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--kind", choices=["bytelevel-bpe", "llama-bpe", "char"], required=True)
-    t.add_argument("--output", required=True, help="directory for tokenizer.json + tokenizer_config.json")
+    t.add_argument("--output", required=True, type=_nonempty,
+                   help="directory for tokenizer.json + tokenizer_config.json")
     t.add_argument("--special-tokens", nargs="*", default=[], help="extra special tokens")
     t.add_argument("--overwrite", action="store_true",
                    help="write into an --output directory that is not empty (its tokenizer files are replaced)")

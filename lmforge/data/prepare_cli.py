@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lmforge.commands.args import seed_type
+
 DESCRIPTION = """Tokenize .txt/.jsonl/.json/.parquet files (optionally .gz) into train.bin/val.bin (raw uint16, or
 uint32 for vocabularies over 65,536, memory-mappable with numpy), per-document offsets, a copy of the tokenizer and
 index.json. A .txt file is one document unless --doc-separator is given. Documents are packed back to back with BOS
@@ -30,7 +32,7 @@ def add_parser(sub, name: str, help_: str) -> None:
                    help="split .txt files into documents on STR (escapes like \\n are decoded, e.g. '\\n\\n' or "
                    "'<|endoftext|>'); default: a whole file is one document")
     p.add_argument("--workers", type=int, default=0, metavar="N", help="tokenizer processes (default: min(2, CPUs))")
-    p.add_argument("--seed", type=int, default=0, help="seed of the document split hash (default 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of the document split hash (default 0)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared output")
     p.set_defaults(func=run)
