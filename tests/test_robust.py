@@ -680,3 +680,15 @@ def test_a_seed_beyond_64_bits_is_refused_by_argparse(tmp_path):
         r = lmforge(*cmd, "--seed", big)
         assert r.returncode == 2 and f"argument --seed: {big}: must be in [0, 2**63 - 1]" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and not (tmp_path / "d").exists()
+
+
+def test_hf_export_keeps_the_users_umask(stories_ckpt, tmp_path):
+    """(model.safetensors came out 0600, the other files 0644)"""
+    old = os.umask(0o022)
+    try:
+        r = lmforge("convert", "--from", "lmforge", "--to", "hf", stories_ckpt, tmp_path / "hf")
+        assert r.returncode == 0, r.stderr[-2000:]
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes

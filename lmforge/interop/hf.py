@@ -16,6 +16,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
+from lmforge.files import public_modes
 
 Tensor = torch.Tensor
 
@@ -653,6 +654,7 @@ def write_hf_dir(path: Path, cfg: ModelConfig, sd: dict[str, Tensor]) -> None:
     hf_sd = state_dict_to_hf(sd, cfg, arch)
     tmp = path / "model.safetensors.tmp"
     save_file(hf_sd, str(tmp), metadata={"format": "pt"})
+    public_modes(tmp)  # (safetensors writes 0600: the user's umask instead, as for every other output)
     tmp.replace(path / "model.safetensors")
     (path / "config.json").write_text(json.dumps(hf_config_dict(cfg, arch), indent=2) + "\n")
     gen = {k: v for k, v in _tokens_hf(cfg).items() if v is not None}
