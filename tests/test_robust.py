@@ -692,3 +692,24 @@ def test_hf_export_keeps_the_users_umask(stories_ckpt, tmp_path):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+def test_a_malformed_trainer_state_is_damage_and_the_run_resumes_from_the_one_before(tmp_path):
+    """trainer_state.json of [] or a step of "abc" (its manifest updated) gave an AttributeError/TypeError naming
+    nothing, with no fall back; now it is damage like any other: moved aside, named, the older checkpoint used."""
+    out = tmp_path / "run"
+    r = lmforge("pretrain", *SMALL, "--out", out, "--max-iters", "4", "--save-interval", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    state = out / "ckpt-0000004" / "trainer_state.json"
+    good = json.loads(state.read_text())
+    for bad in ([], {**good, "step": "abc"}):
+        state.write_text(json.dumps(bad))
+        write_manifest(state.parent)
+        with pytest.raises(LMForgeError, match="ckpt-0000004: damaged checkpoint: trainer_state.json"):
+            from lmforge.train.state import load_training_checkpoint
+
+            load_training_checkpoint(state.parent)
+    r = lmforge("pretrain", *SMALL, "--out", out, "--max-iters", "6", "--save-interval", "2", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trainer_state.json: field 'step'" in r.stderr and f"resumed from {out / 'ckpt-0000002'}" in r.stderr
+    assert (out / "ckpt-0000004.damaged").is_dir()

@@ -155,6 +155,25 @@ def _load_pt(path: Path) -> Any:
         raise LMForgeError(f"{path}: refused to load ({type(e).__name__}: {first[:200]})") from None
 
 
+# what Trainer.restore reads from trainer_state.json, and the types it needs
+_TRAINER_FIELDS = {"step": int, "best_val": (int, float), "recent": list, "rollbacks": int, "train_data": dict}
+
+
+def _trainer_state(path: Path) -> dict[str, Any]:
+    """trainer_state.json, refused as damage (naming it and the field) unless it holds what a resume reads."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LMForgeError(f"{path.parent}: damaged checkpoint: {path.name}: {' '.join(str(e).split())}") from None
+    if not isinstance(state, dict):
+        raise LMForgeError(f"{path.parent}: damaged checkpoint: {path.name} is not a JSON object")
+    for k, kind in _TRAINER_FIELDS.items():
+        if k not in state or isinstance(state[k], bool) or not isinstance(state[k], kind):
+            raise LMForgeError(f"{path.parent}: damaged checkpoint: {path.name}: field {k!r} is missing or of the "
+                               "wrong type")
+    return state
+
+
 def load_training_checkpoint(ckpt: Path) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -167,9 +186,9 @@ def load_training_checkpoint(ckpt: Path) -> dict[str, Any]:
     try:
         model = load_file(str(model_file)) if model_file is not None else {}
         train_model = load_file(str(train_weights)) if train_weights.is_file() else None
-        trainer = json.loads((ckpt / "trainer_state.json").read_text())
     except (SafetensorError, OSError, ValueError) as e:
         raise LMForgeError(f"{ckpt}: damaged checkpoint: {' '.join(str(e).split())}") from None
+    trainer = _trainer_state(ckpt / "trainer_state.json")
     return {"model": model, "train_model": train_model, "optimizer": _load_pt(ckpt / "optimizer.pt"),
             "rng": _load_pt(ckpt / "rng.pt"), "trainer": trainer}
 
