@@ -713,3 +713,15 @@ def test_a_malformed_trainer_state_is_damage_and_the_run_resumes_from_the_one_be
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trainer_state.json: field 'step'" in r.stderr and f"resumed from {out / 'ckpt-0000002'}" in r.stderr
     assert (out / "ckpt-0000004.damaged").is_dir()
+
+
+def test_quantize_and_convert_refuse_a_tokenizer_that_is_not_the_models(tmp_path):
+    """(both wrote a directory `generate` then refused; GPTQ calibrated with the wrong tokenizer)"""
+    from lmforge.tokenizer.train import train_tokenizer
+
+    train_tokenizer([str(TINYSHAKESPEARE)], 65, "char", str(tmp_path / "chars"))
+    for cmd in (["quantize", "--model", STORIES260K, "--bits", "4", "--method", "rtn", "--output", tmp_path / "q"],
+                ["convert", "--from", "llama2c", "--to", "lmforge", STORIES260K, tmp_path / "q"]):
+        one_line(lmforge(*cmd, "--tokenizer", tmp_path / "chars"), str(tmp_path / "chars"), "65 tokens",
+                 "not the model's tokenizer")
+        assert not (tmp_path / "q").exists()

@@ -6,6 +6,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from lmforge.commands.args import check_vocab
 from lmforge.errors import LMForgeError
 from lmforge.files import check_output
 
@@ -73,6 +74,8 @@ def run(args) -> None:
         if args.tokenizer:
             raise
         tok = None
+    if tok is not None:
+        check_vocab(model.cfg, tok, str(src), str(tok_path))
     if tok is None:
         print(f"warning: no tokenizer found with {src}: converting the weights only (give --tokenizer PATH to carry "
               "one along)", file=sys.stderr)

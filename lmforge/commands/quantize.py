@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lmforge.commands.args import seed_type
+from lmforge.commands.args import check_vocab, seed_type
 from lmforge.errors import LMForgeError
 from lmforge.files import check_output
 
@@ -122,6 +122,8 @@ def run(args) -> None:
         raise LMForgeError(f"{path}: the model is already quantized")
     before = weight_bytes(model)
     tok, raw_tok = _load_tokenizer(path, args.tokenizer, model.cfg.vocab_size)
+    if tok is not None:  # refused here, as `generate` would refuse the output
+        check_vocab(model.cfg, tok, str(path), args.tokenizer or str(path))
     calib = None
     if method == "gptq":
         calib = _calibration_ids(args, tok, model)
