@@ -72,7 +72,7 @@ def _remember(digests: dict[str, str]) -> None:
         pass
 
 
-def _plain_name(name: str) -> bool:
+def plain_name(name: str) -> bool:
     """A file name of the directory itself: no path separators, nothing absolute, not . or .."""
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
@@ -95,7 +95,7 @@ def verify_manifest(directory: Path, required: bool = False, skip: frozenset[str
     for name, entry in manifest.items():
         if name in skip:
             continue
-        if not _plain_name(name):
+        if not plain_name(name):
             return f"MANIFEST.json names {name!r}, not a file of the checkpoint (corrupt)"
         digest, size = (entry, None) if isinstance(entry, str) else (
             entry.get("sha256"), entry.get("size")) if isinstance(entry, dict) else (None, None)
@@ -119,4 +119,4 @@ def verify_manifest(directory: Path, required: bool = False, skip: frozenset[str
     return None
 
 
-__all__ = ["MANIFEST", "sha256_file", "verify_manifest", "write_manifest"]
+__all__ = ["MANIFEST", "plain_name", "sha256_file", "verify_manifest", "write_manifest"]

@@ -189,7 +189,7 @@ def test_manifest_names_outside_the_checkpoint_are_refused(stories_ckpt, tmp_pat
     (d / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(LMForgeError, match="not a file of the checkpoint"):
         load_checkpoint(d)
-    assert ck._plain_name("model.safetensors") and ck._plain_name("ckpt..x")
+    assert ck.plain_name("model.safetensors") and ck.plain_name("ckpt..x")
 
 
 # ---- training checkpoints: refuse, move aside, fall back, clean up ------------------------------------------
@@ -725,3 +725,27 @@ def test_quantize_and_convert_refuse_a_tokenizer_that_is_not_the_models(tmp_path
         one_line(lmforge(*cmd, "--tokenizer", tmp_path / "chars"), str(tmp_path / "chars"), "65 tokens",
                  "not the model's tokenizer")
         assert not (tmp_path / "q").exists()
+
+
+def test_prepared_data_with_ids_beyond_the_vocabulary_or_files_outside_it_is_refused(tmp_path):
+    """0xFFFF written into train.bin made pretrain die with "IndexError: index out of range in self" when a bad
+    batch was drawn (or never, if none was); index.json could name a split file outside the dataset."""
+    from lmforge.tokenizer.train import train_tokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text(TINYSHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    train_tokenizer([str(TINYSHAKESPEARE)], 65, "char", str(tmp_path / "tok"))
+    r = lmforge("data", "prepare", text, "--tokenizer", tmp_path / "tok", "--output", tmp_path / "d")
+    assert r.returncode == 0, r.stderr
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "d", bad)
+    flip(bad / "train.bin", 2000, b"\xff\xff")
+    one_line(lmforge("pretrain", *SMALL, "--data.path", bad, "--out", tmp_path / "run", "--max-iters", "1"),
+             str(bad / "train.bin"), "token id 65,535 (first bad one at token 1,000)", "damaged data")
+    escape = tmp_path / "escape"
+    shutil.copytree(tmp_path / "d", escape)
+    index = json.loads((escape / "index.json").read_text())
+    index["splits"]["train"]["file"] = "../d/train.bin"
+    (escape / "index.json").write_text(json.dumps(index))
+    one_line(lmforge("pretrain", *SMALL, "--data.path", escape, "--out", tmp_path / "run2", "--max-iters", "1"),
+             "index.json", "'../d/train.bin' is not a file of the dataset")

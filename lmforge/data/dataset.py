@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.errors import LMForgeError
+from lmforge.manifest import plain_name
 from lmforge.train.batches import TokenWindows
 
 __all__ = ["PreparedData", "TokenWindows", "document_offsets", "load_prepared", "open_prepared"]
@@ -97,6 +98,9 @@ def open_prepared(path: str | Path, verify_tokenizer: bool = True) -> PreparedDa
         if not tok_dir.is_dir() or tokenizer_hash(tok_dir) != index["tokenizer_sha256"]:
             raise LMForgeError(f"{tok_dir}: tokenizer files changed since the data was prepared (hash mismatch)")
     for s in index["splits"].values():
+        for k in ("file", "offsets"):
+            if not isinstance(s.get(k), str) or not plain_name(s[k]):
+                raise LMForgeError(f"{path / INDEX}: split file {s.get(k)!r} is not a file of the dataset")
         f, n = path / s["file"], int(s["tokens"])
         if not f.is_file() or f.stat().st_size != n * data.dtype.itemsize:
             raise LMForgeError(f"{f}: size does not match {INDEX} ({n:,} tokens): truncated or corrupt")
@@ -109,6 +113,14 @@ def open_prepared(path: str | Path, verify_tokenizer: bool = True) -> PreparedDa
 def load_prepared(path: str | Path):
     """(tokenizer, train tokens, val tokens) of a prepared directory; arrays are read-only memmaps."""
     data = open_prepared(path)
+    vocab = int(data.index["vocab_size"])
+    for split in ("train", "val"):  # one pass over each map: damaged ids would fail only when drawn, maybe hours in
+        t = data.tokens(split)
+        top = int(t.max()) if len(t) else -1
+        if top >= vocab:
+            at = int(np.argmax(t >= vocab))
+            raise LMForgeError(f"{data.path / data._split(split)['file']}: token id {top:,} (first bad one at token "
+                               f"{at:,}) is beyond the {vocab:,}-token vocabulary: damaged data")
     return data.tokenizer(), data.tokens("train"), data.tokens("val")
 
 
