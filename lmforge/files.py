@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 from lmforge.errors import LMForgeError
 
 
@@ -37,3 +42,51 @@ def check_output(out: Path, overwrite: bool, sources: list[Path], flag: str) -> 
             raise LMForgeError(f"{flag} {out}: it would replace {src}, which is being read; write elsewhere")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise LMForgeError(f"{flag} {out}: exists; pass --overwrite to replace it")
+
+
+LOCK_FILE = ".lock"
+_held: dict[Path, list] = {}  # resolved directory -> [fd, count]
+
+
+class DirLock:
+    """An exclusive lock on a run directory, held while the ``with`` block runs (re-entrant within a process).
+
+    A second process writing into the same directory (a second ``--resume`` in the same ``--out``) would delete
+    the first one's checkpoint being saved and interleave their files: it is refused with one line naming the
+    process that holds the directory. ``flock`` is released by the kernel when the holder dies (even by kill -9),
+    so a stale ``.lock`` file never blocks a later run. Where ``fcntl`` does not exist (Windows) nothing is locked."""
+
+    def __init__(self, directory: str | Path, flag: str = "--out") -> None:
+        self.dir, self.flag = Path(directory), flag
+
+    def __enter__(self) -> DirLock:
+        key = self.dir.resolve()
+        if key in _held:
+            _held[key][1] += 1
+            return self
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode("ascii", "replace").strip()
+                os.close(fd)
+                who = f"process {holder}" if holder.isdigit() else "another process"
+                raise LMForgeError(f"{self.flag} {self.dir}: in use by {who} (another lmforge run writing into it); "
+                                   f"wait for it to end, or choose another {self.flag}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held[key] = [fd, 1]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        key = self.dir.resolve()
+        held = _held.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _held[key]
+            os.close(held[0])  # releases the flock (the file stays: deleting it would race a process locking it)

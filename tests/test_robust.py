@@ -248,6 +248,51 @@ def test_resume_refuses_damaged_runs_falls_back_past_a_malicious_optimizer_and_c
     assert verify(out / "ckpt-0000002") is None
 
 
+HOLD_LOCK = """
+import sys, time
+from lmforge.files import DirLock
+with DirLock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_in_the_same_out_is_refused_while_the_first_runs(tmp_path):
+    """Two runs in one --out: the second (``--resume``, ``--overwrite``, the pipeline) is refused in one line naming
+    the live process, before it touches anything: it used to delete the first one's checkpoint being saved
+    (``.tmp-ckpt-*``), killing it. A holder killed with -9 leaves only a ``.lock`` file, which blocks nothing."""
+    out = tmp_path / "run"
+    out.mkdir()
+    saving = out / ".tmp-ckpt-live"  # the first run's checkpoint being written
+    saving.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for flags in (["--resume"], ["--overwrite"], ["--resume-or-start"]):
+            one_line(lmforge("pretrain", *SMALL, "--out", out, "--max-iters", "2", *flags), f"--out {out}",
+                     f"in use by process {holder.pid}", "choose another --out")
+        one_line(lmforge("sft", "--out", out, "--train.max_iters", "1", "--resume"), f"in use by process {holder.pid}")
+        one_line(lmforge("pipeline", "--out", out), f"--out {out}", f"in use by process {holder.pid}")
+        assert saving.is_dir() and sorted(p.name for p in out.iterdir()) == [".lock", ".tmp-ckpt-live"]
+    finally:
+        holder.kill()
+        holder.wait()
+    r = lmforge("pretrain", *SMALL, "--out", out, "--max-iters", "2", "--resume")  # the killed holder blocks nothing
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not saving.exists() and (out / "ckpt-0000002").is_dir()
+
+
+def test_dir_lock_is_reentrant_within_a_process(tmp_path):
+    from lmforge.files import DirLock
+
+    with DirLock(tmp_path / "r"), DirLock(tmp_path / "r"):  # the command, then the Trainer inside it
+        pass
+    with DirLock(tmp_path / "r"):  # released: taken again
+        r = subprocess.run([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "r")], capture_output=True, text=True,
+                           timeout=60)
+    assert r.returncode != 0 and f"in use by process {os.getpid()}" in r.stderr
+
+
 def test_resume_with_another_data_stream_is_refused_and_nothing_moved_aside(tmp_path):
     """A checkpoint whose data stream has another shape (here the batch size; the number of processes is tested
     under torchrun) cannot be resumed, but it is not damaged: one line, and no checkpoint moved aside (an older one

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from lmforge.commands.args import (  # torch-free helpers that moved there; still importable from here
     add_model_args,  # noqa: F401
@@ -16,7 +19,10 @@ from lmforge.commands.args import (  # torch-free helpers that moved there; stil
     read_template,
 )
 from lmforge.errors import LMForgeError
+from lmforge.files import DirLock
 from lmforge.train.distributed import pick_device
+
+T = TypeVar("T")
 
 
 def add_resume_args(p: argparse.ArgumentParser) -> None:
@@ -41,6 +47,13 @@ def report(msg: str) -> None:
     """A line on stderr from the first process only."""
     if is_main_process():
         print(msg, file=sys.stderr)
+
+
+def train_in(args, out: str | Path, train: Callable[[bool], T]) -> T:
+    """Run ``train(resuming)`` in the run directory ``out``: its lock held by the first process for the whole run (a
+    second run in the same ``--out`` is refused before it touches anything), --resume/--overwrite applied first."""
+    with DirLock(out) if is_main_process() else contextlib.nullcontext():
+        return train(resolve_resume(args, out))
 
 
 def resolve_resume(args, out: str | Path) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lmforge.commands.args import seed_type
-from lmforge.commands.common import add_resume_args, report, resolve_resume
+from lmforge.commands.common import add_resume_args, report, train_in
 from lmforge.commands.sft import _drop_none
 from lmforge.errors import LMForgeError
 
@@ -54,7 +54,7 @@ def run(args) -> None:
     if d.get("peft") and "method" not in d["peft"]:
         raise LMForgeError(f"peft options {sorted(d['peft'])} given without a method: add --peft METHOD")
     cfg = load_ppo_config(d, where=args.config or "command line")
-    s = run_ppo(cfg, explicit_train=explicit, resume=resolve_resume(args, cfg.out))
+    s = train_in(args, cfg.out, lambda resume: run_ppo(cfg, explicit_train=explicit, resume=resume))
     last = s["last"]
     msg = (f"done: {s['iterations']} iterations, score {last.get('score', float('nan')):.4f}, "
            f"KL {last.get('kl', float('nan')):.4f}, beta {s['beta']:.4g}, early stops {s['early_stops']}")

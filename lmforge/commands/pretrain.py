@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.commands.args import seed_type
-from lmforge.commands.common import add_resume_args, report, resolve_resume
+from lmforge.commands.common import add_resume_args, report, train_in
 from lmforge.errors import LMForgeError
 
 
@@ -78,8 +78,7 @@ def run(args) -> None:
     d = merge(merge(d, flags), parse_overrides(getattr(args, "overrides", [])))
     cfg = load_run_config(d, where=source)
     check_prepared_data(cfg.data.path, cfg.data.block_size)
-    resuming = resolve_resume(args, cfg.out)
-    result = run_pretrain(cfg, resume=resuming)
+    result = train_in(args, cfg.out, lambda resume: run_pretrain(cfg, resume=resume))
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
                         if k in ("step", "train_loss", "val_loss", "best_val", "tokens_per_s", "mfu") and v is not None)
     report(f"done: {summary}; run directory {cfg.out}")  # under torchrun only the first process reports

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lmforge.commands.args import seed_type
-from lmforge.commands.common import add_resume_args, report, resolve_resume
+from lmforge.commands.common import add_resume_args, report, train_in
 from lmforge.commands.sft import _drop_none
 from lmforge.errors import LMForgeError
 
@@ -67,7 +67,7 @@ def run(args) -> None:
     if d.get("peft") and "method" not in d["peft"]:
         raise LMForgeError(f"peft options {sorted(d['peft'])} given without a method: add --peft lora")
     cfg = load_reward_config(d, where=args.config or "command line")
-    result = run_reward(cfg, explicit_train=explicit, resume=resolve_resume(args, cfg.out))
+    result = train_in(args, cfg.out, lambda resume: run_reward(cfg, explicit_train=explicit, resume=resume))
     keys = ("step", "train_loss", "val_loss", "val_accuracy", "val_margin", "best_val")
     summary = ", ".join(f"{k} {result[k]:.4g}" for k in keys if isinstance(result.get(k), (int, float)))
     report(f"done: {summary}; reward model in {cfg.out}")  # under torchrun only the first process reports

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lmforge.commands.args import seed_type
-from lmforge.commands.common import add_resume_args, report, resolve_resume
+from lmforge.commands.common import add_resume_args, report, train_in
 from lmforge.errors import LMForgeError
 
 
@@ -59,8 +59,7 @@ def run(args) -> None:
     if d.get("peft") and "method" not in d["peft"]:
         raise LMForgeError(f"peft options {sorted(d['peft'])} given without a method: add --peft METHOD")
     cfg = load_sft_config(d, where=source)
-    resuming = resolve_resume(args, cfg.out)
-    result = run_sft(cfg, explicit_train=explicit, resume=resuming)
+    result = train_in(args, cfg.out, lambda resume: run_sft(cfg, explicit_train=explicit, resume=resume))
     keys = ("step", "train_loss", "val_loss", "best_val", "trainable_params")
     summary = ", ".join(f"{k} {result[k]:.4g}" if isinstance(result[k], float) else f"{k} {result[k]}"
                         for k in keys if result.get(k) is not None)

@@ -25,6 +25,7 @@ import torch
 
 from lmforge.cli import error_line, run_command
 from lmforge.errors import LMForgeError
+from lmforge.files import DirLock
 from lmforge.model.weights import replace_dir
 from lmforge.pipeline.measure import kl_from, measure_policy
 from lmforge.pipeline.report import write_report
@@ -244,7 +245,8 @@ def run_pipeline(p: Pipeline, out: Path, from_stage: str | None = None, only: st
     if world > 1:
         os.environ[KEEP_GROUP] = "1"
     try:
-        return _run(p, out, from_stage, only, dry_run, echo, device, main)
+        with DirLock(out) if main and not dry_run else contextlib.nullcontext():  # one pipeline per --out at a time
+            return _run(p, out, from_stage, only, dry_run, echo, device, main)
     finally:
         if world > 1:
             os.environ.pop(KEEP_GROUP, None)

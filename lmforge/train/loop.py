@@ -28,6 +28,7 @@ from torch import nn
 
 from lmforge.errors import LMForgeError
 from lmforge.eval import run_task
+from lmforge.files import DirLock
 from lmforge.matmul import linear
 from lmforge.train import distributed as D
 from lmforge.train.batches import StreamMismatch
@@ -396,6 +397,12 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to ``max_iters`` (from the newest usable checkpoint with ``resume``), holding the run directory's
+        lock (the first process) so that no second run writes into it meanwhile."""
+        with DirLock(self.out) if self.dist.main else contextlib.nullcontext():
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         from tqdm import tqdm
 
         cfg = self.cfg
