@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmforge.errors import LMForgeError
+from lmforge.yamlfile import read_yaml_file
 
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post", "sandwich", "deepnorm")
@@ -225,17 +226,14 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
-        try:
-            text = path.read_text()
-            d = json.loads(text) if path.suffix == ".json" else _load_yaml(text)
-        except (OSError, ValueError) as e:
-            raise LMForgeError(f"{path}: cannot read model config: {e}") from None
+        if path.suffix == ".json":
+            try:
+                d = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise LMForgeError(f"{path}: cannot read model config: {e}") from None
+        else:
+            d = read_yaml_file(path, "model config")
         if not isinstance(d, dict):
             raise LMForgeError(f"{path}: a model config must be a mapping")
         return cls.from_dict(d, source=str(path))
 
-
-def _load_yaml(text: str) -> Any:
-    import yaml
-
-    return yaml.safe_load(text)

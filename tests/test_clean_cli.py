@@ -115,7 +115,8 @@ def test_clean_cli_config_stages_and_eval(corpus, tmp_path):
     ("stages: [lang, dedup]\n", "stages[1]: unknown stage 'dedup' (allowed: lang, markup, quality"),
     ("stages:\n  - quality: {min_word: 3}\n", "stages[0].quality: unknown key 'min_word' (allowed: min_words,"),
     ("stage: [pii]\n", "unknown key 'stage' (allowed: stages, batch_size)"),
-    ("stages: [pii\n", "not a valid YAML file"),
+    ("stages: [pii\n", ":2: invalid YAML"),
+    ("stages: [pii]\nstages: [lang]\n", ":2: duplicate key 'stages' (also on line 1)"),
 ])
 def test_clean_cli_config_errors(corpus, tmp_path, yaml_text, msg):
     _, jl, _, _ = corpus
@@ -123,7 +124,7 @@ def test_clean_cli_config_errors(corpus, tmp_path, yaml_text, msg):
     cfg.write_text(yaml_text)
     line = one_line_error(clean(jl, "--config", cfg, "--output", tmp_path / "o.jsonl", "--report",
                                 tmp_path / "r.json"))
-    assert f"{cfg}: " in line and msg in line
+    assert f"{cfg}:" in line and msg in line
     assert not (tmp_path / "o.jsonl").exists()
 
 

@@ -91,6 +91,45 @@ def test_config_errors_are_one_line(tmp_path):
         assert len(r.stderr.strip().splitlines()) <= 2 and "Traceback" not in r.stderr
 
 
+def test_config_files_are_read_strictly_and_errors_name_file_line_and_field(tmp_path):
+    """A config's errors name the file, the line and the field (``bad.yaml:3: train.lr``); a duplicate key is refused
+    (YAML kept the last silently); a binary file and an empty config give one line (were a UnicodeDecodeError and
+    ".: not a prepared dataset")."""
+    def write(name: str, data: str | bytes):
+        (tmp_path / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+        return str(tmp_path / name)
+
+    cases = [
+        (write("field.yaml", "data:\n  path: builtin:tinyshakespeare\ntrain:\n  lr: abc\n"),
+         "field.yaml:4: train.lr: expected float, got 'abc'"),
+        (write("dup.yaml", "train:\n  max_iters: 5\n  max_iters: 7\n"),
+         "dup.yaml:3: duplicate key 'max_iters' (also on line 2)"),
+        (write("unknown.yaml", "\nmodel: {}\ntrian: {}\n"), "unknown.yaml:3: unknown key 'trian'"),
+        (write("bin.yaml", b"train:\n  lr: 1\n\xd0\xff\x00"), "bin.yaml:3: not UTF-8 text"),
+        (write("empty.yaml", ""), "data.path is not set"),
+        (write("list.yaml", "- 1\n"), "must be a mapping of sections"),
+    ]
+    for path, needle in cases:
+        r = lmforge("pretrain", "--config", path, "--out", str(tmp_path / "o"))
+        assert r.returncode == 1 and needle in r.stderr, (path, r.stderr[-800:])
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    # a flag overriding the bad value: no file line is blamed for what the command line set
+    r = lmforge("pretrain", "--config", cases[0][0], "--train.lr", "x", "--out", str(tmp_path / "o"))
+    assert "field.yaml: train.lr: expected float, got 'x'" in r.stderr, r.stderr
+
+
+def test_yaml_reader_keeps_merge_keys_and_lines(tmp_path):
+    from lmforge.yamlfile import merge, read_yaml_file
+
+    p = tmp_path / "c.yaml"
+    p.write_text("base: &b {lr: 1, wd: 2}\ntrain:\n  <<: *b\n  lr: 3\n")
+    d = read_yaml_file(p)
+    assert d == {"base": {"lr": 1, "wd": 2}, "train": {"lr": 3, "wd": 2}}  # a merge key may be overridden
+    assert d.lines == {"base": 1, "train": 2} and d["train"].lines["lr"] == 4
+    m = merge(d, {"train": {"lr": 5}})
+    assert m["train"]["lr"] == 5 and "lr" not in m["train"].lines and d["train"].lines["lr"] == 4
+
+
 def test_packed_documents_do_not_leak_attention():
     eos = 0
     cfg = ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_embd=32, n_head=4, multiple_of=16)

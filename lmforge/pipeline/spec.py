@@ -30,6 +30,7 @@ import yaml
 
 from lmforge.assets import builtin_path
 from lmforge.errors import LMForgeError
+from lmforge.yamlfile import read_yaml_file
 
 
 @dataclass(frozen=True)
@@ -207,15 +208,8 @@ def parse_pipeline(d: dict[str, Any], source: str, text: str = "") -> Pipeline:
 
 def read_pipeline(path: str | Path) -> Pipeline:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-        d = yaml.safe_load(text) or {}
-    except OSError as e:
-        raise LMForgeError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise LMForgeError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML: "
-                           f"{getattr(e, 'problem', e)}") from None
+    d = read_yaml_file(path, "pipeline") or {}
+    text = path.read_text(encoding="utf-8")
     if not isinstance(d, dict):
         raise LMForgeError(f"{path}: a pipeline is a mapping with a 'stages' list")
     return parse_pipeline(d, str(path), text)

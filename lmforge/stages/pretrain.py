@@ -24,6 +24,9 @@ OBJECTIVES = ("causal", "prefix", "glm")
 
 
 def resolve_path(spec: str) -> Path:
+    if not spec:
+        raise LMForgeError("data.path is not set: give --data.path (a prepared directory, a text file, or "
+                           "builtin:tinyshakespeare) or a --recipe (see lmforge pretrain --list-recipes)")
     if spec.startswith("builtin:"):
         return builtin_path(spec, "data.path")
     path = Path(spec)

@@ -12,6 +12,12 @@ from typing import Any
 import yaml
 
 from lmforge.errors import LMForgeError
+from lmforge.yamlfile import (
+    YamlMap,
+    key_at,
+    merge,  # noqa: F401  (re-exported: the commands merge flags into configs)
+    read_yaml_file,
+)
 
 
 @dataclass
@@ -156,31 +162,28 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     return value
 
 
-def _fill(cls: type, d: dict[str, Any], where: str) -> Any:
+def _fill(cls: type, d: dict[str, Any], where: str, key: str = "") -> Any:
+    """``cls`` built from mapping ``d``; errors name ``where`` (the config's source), the file line where the YAML
+    holds one, and the key (``train.lr``)."""
     if not isinstance(d, dict):
-        raise LMForgeError(f"{where}: expected a mapping, got {d!r}")
+        raise LMForgeError(f"{where}: {key + ': ' if key else ''}expected a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls)]
     kwargs = {}
     for k, v in d.items():
+        sub = f"{key}.{k}" if key else str(k)
+        at = key_at(d, k) or where
         if k not in names:
-            raise LMForgeError(f"{where}: unknown key {k!r}; allowed: {names}")
+            raise LMForgeError(f"{at}: {key + ': ' if key else ''}unknown key {k!r}; allowed: {names}")
         t = hints[k]
         if dataclasses.is_dataclass(t):
-            kwargs[k] = _fill(t, v, f"{where}.{k}")
+            kwargs[k] = _fill(t, v, where, sub)
         else:
-            kwargs[k] = _coerce(v, t, f"{where}.{k}")
+            kwargs[k] = _coerce(v, t, f"{at}: {sub}")
     obj = cls(**kwargs)
     if isinstance(obj, TrainConfig):
-        obj.check(where.removesuffix(".train"))
+        obj.check(where)
     return obj
-
-
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -219,15 +222,10 @@ def load_run_config(d: dict[str, Any], where: str = "config") -> RunConfig:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise LMForgeError(f"{path}: cannot read: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise LMForgeError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    """A run config file: a mapping of sections whose keys remember their lines (for errors naming them)."""
+    d = read_yaml_file(path, "run config")
+    if d is None:
+        return YamlMap(source=str(path))
     if not isinstance(d, dict):
-        raise LMForgeError(f"{path}: a run config must be a mapping of sections")
+        raise LMForgeError(f"{path}: a run config must be a mapping of sections, got {type(d).__name__}")
     return d

@@ -21,6 +21,7 @@ from lmforge.data.clean.quality import QualityFilter
 from lmforge.data.io import BadRecords, Document, input_bytes, iter_documents
 from lmforge.errors import LMForgeError
 from lmforge.files import current_umask
+from lmforge.yamlfile import read_yaml_file
 
 STAGES: dict[str, type[Stage]] = {c.name: c for c in (
     LanguageFilter, MarkupFilter, QualityFilter, PerplexityFilter, SentenceDedup, ExactDedup, NearDedup,
@@ -76,15 +77,10 @@ def parse_stage_specs(cfg: Any, src: str | None = None) -> tuple[list[tuple[str,
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML cleaning config; relative ``eval_files`` are resolved against the working directory, then
     against the config file's directory."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise LMForgeError(f"{p}: no such config file")
-    try:
-        cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise LMForgeError(f"{p}: not a valid YAML file ({str(e).splitlines()[0]})") from None
+    cfg = read_yaml_file(p, "cleaning config")
     parse_stage_specs(cfg, str(p))
     for item in (cfg or {}).get("stages", []):
         if isinstance(item, dict) and "decontaminate" in item and isinstance(item["decontaminate"], dict):

@@ -1,0 +1,107 @@
+"""Reading YAML files users write (run configs, pipelines, cleaning and model configs): one-line errors naming the
+file and line, duplicate keys refused, and every mapping remembering the line of each key so that a bad value
+found later names it too (no torch: data tools import this)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.errors import LMForgeError
+
+__all__ = ["YamlMap", "key_at", "merge", "parse_yaml", "read_yaml_file"]
+
+
+class YamlMap(dict):
+    """A mapping read from a YAML file: ``source`` is the file, ``lines[key]`` the line its key is on."""
+
+    def __init__(self, *args: Any, source: str = "", **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.source = source
+        self.lines: dict[Any, int] = {}
+
+
+def key_at(d: Any, key: Any) -> str:
+    """``FILE:LINE`` where ``key`` of mapping ``d`` was written, or "" when it did not come from a file."""
+    line = getattr(d, "lines", {}).get(key)
+    return f"{d.source}:{line}" if line and d.source else ""
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` (flags, overrides) on top of ``base``, recursively; a key ``over`` sets no longer points to a line
+    of ``base``'s file."""
+    out = copy.copy(base)
+    if isinstance(out, YamlMap):
+        out.lines = dict(base.lines)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+            if isinstance(out, YamlMap):
+                out.lines.pop(k, None)
+    return out
+
+
+class _Loader(yaml.SafeLoader):
+    source = ""
+
+
+def _mapping(loader: _Loader, node: yaml.MappingNode):
+    m = YamlMap(source=loader.source)
+    yield m
+    own = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
+    loader.flatten_mapping(node)  # '<<' merge keys: theirs first, then the mapping's own (which may override them)
+    first = len(node.value) - own
+    for i, (kn, vn) in enumerate(node.value):
+        key = loader.construct_object(kn, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value",
+                                                    kn.start_mark) from None
+        line = kn.start_mark.line + 1
+        if i >= first and key in m and m.lines.get(key, 0) > 0:
+            raise LMForgeError(f"{loader.source}:{line}: duplicate key {key!r} (also on line {m.lines[key]}); "
+                               "keep one")
+        m[key] = loader.construct_object(vn, deep=False)
+        m.lines[key] = line if i >= first else -line  # (negative: came from a merge key, may be overridden)
+    m.lines = {k: abs(v) for k, v in m.lines.items()}
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _mapping)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse ``text`` (read from ``source``), refusing duplicate keys; mappings come back as YamlMap."""
+    loader = _Loader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise LMForgeError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml_file(path: str | Path, what: str = "config") -> Any:
+    """Read and parse a YAML file; any failure is one line naming it (and the line, where there is one)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise LMForgeError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise LMForgeError(f"{path}:{line}: not UTF-8 text (byte {e.start}); a {what} is a YAML text file") from None
+    if "\0" in text:
+        raise LMForgeError(f"{path}:{text[:text.index(chr(0))].count(chr(10)) + 1}: holds a NUL byte; a {what} "
+                           "is a YAML text file")
+    return parse_yaml(text.removeprefix("\ufeff"), str(path))
