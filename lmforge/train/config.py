@@ -90,6 +90,13 @@ class TrainConfig:
         for name in ("beta1", "beta2", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 bad(name, "must be in [0, 1)")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                bad(name, f"allowed values are {list(allowed)}")
+
+
+CHOICES = {"precision": ("auto", "fp32", "bf16", "fp16"), "schedule": ("cosine", "constant", "wsd", "linear"),
+           "distributed": ("auto", "ddp", "fsdp", "none"), "best_mode": ("min", "max")}
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.errors import LMForgeError
+from lmforge.train.config import CHOICES
 
 
 @dataclass
@@ -111,7 +112,7 @@ def wrap(model: nn.Module, d: Dist, mode: str, device: torch.device) -> nn.Modul
             fully_shard(block)
         fully_shard(model)
         return model
-    raise LMForgeError(f"train.distributed={mode!r}: allowed values are ['auto', 'ddp', 'fsdp', 'none']")
+    raise LMForgeError(f"train.distributed={mode!r}: allowed values are {list(CHOICES['distributed'])}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

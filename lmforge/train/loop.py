@@ -32,7 +32,7 @@ from lmforge.files import DirLock
 from lmforge.matmul import linear
 from lmforge.train import distributed as D
 from lmforge.train.batches import StreamMismatch
-from lmforge.train.config import TrainConfig
+from lmforge.train.config import CHOICES, TrainConfig
 from lmforge.train.metrics import MetricsWriter, model_flops_per_token, plot_losses
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.state import (
@@ -70,7 +70,7 @@ def pick_precision(name: str, device: torch.device, model: nn.Module | None = No
     if name in ("bf16", "fp16"):
         return torch.bfloat16 if name == "bf16" else torch.float16
     if name != "auto":
-        raise LMForgeError(f"train.precision={name!r}: allowed values are ['auto', 'fp32', 'bf16', 'fp16']")
+        raise LMForgeError(f"train.precision={name!r}: allowed values are {list(CHOICES['precision'])}")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type != "cpu" or model is None or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -168,8 +168,6 @@ class Trainer:
         if not self.trainable:
             raise LMForgeError("the model has no trainable parameters")
         cfg.check()  # (a stage may have set some of them after the config was read)
-        if cfg.best_mode not in ("min", "max"):
-            raise LMForgeError(f"train.best_mode={cfg.best_mode!r}: allowed values are ['min', 'max']")
         self.optimizer = make_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
                                         cfg.decay_embeddings, self.device.type)
         self.amp_dtype = train_precision(cfg, self.device, self.raw_model, self.dist)

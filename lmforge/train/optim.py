@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from lmforge.errors import LMForgeError
+from lmforge.train.config import CHOICES
 
-SCHEDULES = ("cosine", "constant", "wsd", "linear")
+SCHEDULES = CHOICES["schedule"]
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
