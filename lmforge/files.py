@@ -42,6 +42,23 @@ def check_output(out: Path, overwrite: bool, sources: list[Path], flag: str) -> 
             raise LMForgeError(f"{flag} {out}: it would replace {src}, which is being read; write elsewhere")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise LMForgeError(f"{flag} {out}: exists; pass --overwrite to replace it")
+    check_replaceable(out, flag)
+
+
+def check_replaceable(out: Path, flag: str = "--output") -> None:
+    """Before any work: an existing directory ``out`` that an output will replace by renaming a new one into place
+    must be renameable (a mount point or an immutable directory is not: that failed only at the end)."""
+    if not out.is_dir():
+        return
+    if os.path.ismount(out):
+        raise LMForgeError(f"{flag} {out}: is a mount point, which cannot be replaced; give a directory inside it "
+                           f"({flag} {out / 'data'})")
+    probe = out.with_name(f".{out.name}.probe-{os.getpid()}")
+    try:
+        os.rename(out, probe)
+    except OSError as e:
+        raise LMForgeError(f"{flag} {out}: cannot be replaced ({e.strerror}); give another {flag}") from None
+    os.rename(probe, out)
 
 
 LOCK_FILE = ".lock"

@@ -639,7 +639,9 @@ def test_data_clean_outputs(tmp_path):
     outdir.mkdir()
     one_line(clean("--output", outdir, "--report", tmp_path / "r.json"), str(outdir), "is a directory")
     assert not (tmp_path / "r.json").exists()
-    one_line(clean("--output", tmp_path / "missing" / "o.jsonl", "--report", tmp_path / "r.json"), "does not exist")
+    r = clean("--output", tmp_path / "new" / "o.jsonl", "--report", tmp_path / "new2" / "r.json")
+    assert r.returncode == 0 and (tmp_path / "new" / "o.jsonl").is_file() and (tmp_path / "new2" / "r.json").is_file()
+    one_line(clean("--output", src / "o.jsonl", "--report", tmp_path / "r.json"), f"{src / 'o.jsonl'}: cannot write")
     ro = unwritable_dir(tmp_path)
     one_line(clean("--output", ro / "o.jsonl", "--report", tmp_path / "r.json"), str(ro / "o.jsonl"), "cannot write")
     one_line(clean("--output", tmp_path / "o.jsonl", "--report", ro / "r.json"), str(ro / "r.json"), "cannot write")
@@ -652,6 +654,10 @@ def test_data_clean_outputs(tmp_path):
         out.chmod(0o644)
         one_line(clean("--output", out, "--report", tmp_path / "r.json"), str(out), "--overwrite")
         assert out.read_text() == "precious\n"
+        report = tmp_path / "report.json"  # an existing report is replaced only with --overwrite too
+        report.write_text("precious\n")
+        one_line(clean("--output", tmp_path / "o2.jsonl", "--report", report), f"{report}: exists", "--overwrite")
+        assert report.read_text() == "precious\n" and not (tmp_path / "o2.jsonl").exists()
         r = clean("--output", out, "--report", tmp_path / "r.json", "--overwrite")
         assert r.returncode == 0, r.stderr
         assert "<EMAIL>" in out.read_text()
@@ -668,6 +674,26 @@ def test_data_prepare_into_unwritable_or_missing_directories(tmp_path):
              str(ro / "data"), "cannot write")
     r = lmforge("data", "prepare", text, "--tokenizer", STORIES260K_TOKENIZER, "--output", tmp_path / "new" / "data")
     assert r.returncode == 0 and (tmp_path / "new" / "data" / "index.json").is_file(), r.stderr
+
+
+def test_an_output_directory_that_cannot_be_replaced_is_refused_before_any_work(tmp_path):
+    """An existing (empty) output directory that cannot be renamed (immutable here; a mount point likewise) is
+    refused before tokenizing or converting (``data prepare`` failed at the very end with "Operation not permitted"
+    and no flag named)."""
+    out = tmp_path / "imm"
+    out.mkdir()
+    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here (needs root and a file system that supports it)")
+    try:
+        text = tmp_path / "a.txt"
+        text.write_text("Once upon a time there was a cat. " * 20)
+        one_line(lmforge("data", "prepare", text, "--tokenizer", STORIES260K_TOKENIZER, "--output", out),
+                 f"--output {out}: cannot be replaced")
+        one_line(lmforge("convert", "--from", "llama2c", STORIES260K, "--to", "lmforge", out),
+                 f"destination {out}: cannot be replaced")
+        assert not list(tmp_path.glob(".imm*"))
+    finally:
+        subprocess.run(["chattr", "-i", str(out)])
 
 
 def test_a_broken_template_file_is_refused_at_start_naming_it(tmp_path):

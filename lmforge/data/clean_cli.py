@@ -45,7 +45,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="processes for the per-document stages before the first de-duplication stage "
                    "(default: 2 from 16 MB of input on, if there are 2 CPUs)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --output and --report files")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     p.set_defaults(func=run)
 

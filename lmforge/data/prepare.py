@@ -34,7 +34,7 @@ import numpy as np
 
 from lmforge.data.io import BadRecords, Document, file_kind, iter_documents
 from lmforge.errors import LMForgeError
-from lmforge.files import current_umask
+from lmforge.files import check_replaceable, current_umask
 
 INDEX = "index.json"
 FORMAT = "lmforge-tokens-v1"
@@ -240,6 +240,7 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LMForgeError(f"{out}: exists and is not a prepared dataset (no {INDEX}); refusing to replace it")
 
+    check_replaceable(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -137,9 +137,8 @@ class AtomicFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         parent = self.path.parent if str(self.path.parent) else Path(".")
-        if not parent.is_dir():
-            raise LMForgeError(f"{self.path}: directory {parent} does not exist")
         try:
+            parent.mkdir(parents=True, exist_ok=True)  # (as data prepare and tokenizer train make their outputs)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
         except OSError as e:
             raise LMForgeError(f"{self.path}: cannot write in {parent}: {e.strerror}") from None
@@ -227,7 +226,7 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
           score: Any = None, workers: int = 0, overwrite: bool = True) -> dict[str, Any]:
     """Clean ``inputs`` into JSONL ``output`` (``{"text": ..., other input fields}`` per line); write the report
     (also returned) to ``report``. Both files are written to temporary files and renamed into place at the end;
-    an existing ``output`` is refused unless ``overwrite``, and both destinations are checked before any work.
+    an existing ``output`` or ``report`` is refused unless ``overwrite``; both are checked before any work.
 
     ``workers``: processes for the leading per-document stages (0: two from 16 MB of input on, when there are
     two CPUs; a ``score`` callable keeps everything in this process)."""
@@ -256,7 +255,7 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
             raise LMForgeError(f"{p}: no such input file")
     check_output_file(out_path, overwrite)
     if report is not None:
-        check_output_file(Path(report), True, "--report")
+        check_output_file(Path(report), overwrite, "--report")
     stages = build_stages(cfg, src, **({"score": score} if score is not None else {}))
     total = input_bytes(inputs)
     if workers < 0:
