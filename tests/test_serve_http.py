@@ -152,6 +152,9 @@ def test_cross_site_requests_are_refused(server):
                                             {"Content-Type": "text/plain", "Origin": "http://evil.example"}))
     assert st == 415 and error(st, out)["code"] == "unsupported_media_type"
     assert "access-control-allow-origin" not in headers
+    # a compressed body is not decoded: 415 naming the header (it was parsed as if plain)
+    st, _, out = http(server, request("POST", "/v1/completions", body, {**JSON, "Content-Encoding": "gzip"}))
+    assert st == 415 and error(st, out)["param"] == "Content-Encoding", out
     # DNS rebinding: the page's own name in Host
     st, _, out = http(server, request("POST", "/v1/completions", body, {**JSON, "Host": "evil.example:8000"}))
     assert st == 400 and error(st, out)["code"] == "host_not_allowed"
@@ -432,6 +435,14 @@ def test_cli_flags_env_key_and_allowed_hosts():
     bad = subprocess.run([sys.executable, "-m", "lmforge", "serve", "--threads", "0"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode != 0 and "--threads" in bad.stderr and "Traceback" not in bad.stderr
+    # an origin CORS could never match (a browser sends scheme://host[:port]) is refused, not silently useless
+    for origin in ("evil", "localhost:3000", "http://app.example/", "http://app.example:99999", "ftp://x"):
+        bad = subprocess.run([sys.executable, "-m", "lmforge", "serve", "--cors-origin", origin],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "not a web origin" in bad.stderr and "Traceback" not in bad.stderr, origin
+    from lmforge.commands.args import origin_type
+
+    assert origin_type("HTTP://App.Example:3000") == "http://app.example:3000" and origin_type("*") == "*"
 
 
 def test_default_threads_and_batch_rules(stories):

@@ -32,6 +32,25 @@ def seed_type(value: str) -> int:
     return n
 
 
+def origin_type(value: str) -> str:
+    """``--cors-origin``: ``*`` or a web origin as browsers send it (``scheme://host[:port]``, no path), which is
+    what CORS compares byte for byte: ``localhost:3000`` or ``http://x/`` would never match and CORS stayed off."""
+    from urllib.parse import urlsplit
+
+    if value == "*":
+        return value
+    try:
+        u = urlsplit(value)
+        port = u.port
+    except ValueError:
+        u, port = None, None
+    if (u is None or u.scheme not in ("http", "https") or not u.hostname or u.path or u.query or u.fragment
+            or u.username or u.password or value != value.strip() or (port is not None and not 0 < port < 65536)):
+        raise argparse.ArgumentTypeError(f"{value!r}: not a web origin; give scheme://host[:port] (e.g. "
+                                         "http://localhost:3000, no path) or '*'")
+    return value.lower()  # (browsers send the scheme and host in lower case; CORS compares exactly)
+
+
 def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=("auto", "float16", "float32"), default="auto",
                    help="the lean runtime's key/value cache: float16 reads half the bytes in attention (llama.cpp's "

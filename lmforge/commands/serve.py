@@ -7,7 +7,14 @@ import ipaddress
 import os
 import sys
 
-from lmforge.commands.args import add_kv_cache_arg, add_model_args, check_torch_kv_cache, lean_kv_dtype, template_arg
+from lmforge.commands.args import (
+    add_kv_cache_arg,
+    add_model_args,
+    check_torch_kv_cache,
+    lean_kv_dtype,
+    origin_type,
+    template_arg,
+)
 from lmforge.commands.generate import lean_files, lean_unsupported
 from lmforge.errors import LMForgeError
 
@@ -44,9 +51,9 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--allowed-hosts", default="", help="comma-separated extra names the Host header may carry "
                    "(default: localhost names and the bind address; '*' = any). Other hosts get 400: a web page "
                    "cannot reach the server through a DNS name of its own")
-    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="let web pages from "
-                   "ORIGIN (e.g. http://localhost:3000; repeatable; '*' = any) call the API from a browser "
-                   "(default: CORS off)")
+    p.add_argument("--cors-origin", action="append", default=[], type=origin_type, metavar="ORIGIN",
+                   help="let web pages from ORIGIN (scheme://host[:port], e.g. http://localhost:3000; repeatable; "
+                   "'*' = any) call the API from a browser (default: CORS off)")
     p.add_argument("--template", default=None, help="chat template: chatml, llama2, chatglm, alpaca, plain or a "
                    "Jinja file (default: the tokenizer's own, else plain)")
     p.add_argument("--model-id", default=None, help="id to list the model under (default: its directory or "

@@ -358,6 +358,10 @@ class _Guard:
         if length is not None and int(length) > limit:
             raise APIError(413, f"request body of {int(length)} bytes exceeds the limit of {limit}",
                            code="request_too_large")
+        encoding = (_header(scope, b"content-encoding") or "identity").strip().lower()
+        if encoding != "identity":  # (RFC 7694: 415 for a content coding the server does not decode)
+            raise APIError(415, f"Content-Encoding {encoding!r} is not supported: send the body uncompressed",
+                           param="Content-Encoding", code="unsupported_media_type")
         if generate:
             ctype = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
             if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):
