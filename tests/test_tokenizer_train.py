@@ -70,3 +70,20 @@ def test_cli_train_encode_decode(corpus, tmp_path):
     missing = cli("train", "--input", str(tmp_path / "nope.txt"), "--vocab-size", "300", "--kind", "char",
                   "--output", str(tmp_path / "x"))
     assert missing.returncode == 1 and "nope.txt" in missing.stderr
+
+
+def test_cli_encode_decode_refuse_bad_stdin_naming_it(tmp_path):
+    """Invalid UTF-8 on stdin names stdin and the byte (was a UnicodeDecodeError naming nothing); decode refuses
+    true/false (JSON booleans passed as ids 1/0) and names the first bad id; --input that is a device or a pipe is
+    not "no such input file"."""
+    tok = str(STORIES260K_TOKENIZER)
+    r = subprocess.run([sys.executable, "-m", "lmforge", "tokenizer", "encode", "--tokenizer", tok],
+                       input=b"ab\xffc", capture_output=True, timeout=120)
+    assert r.returncode == 1 and b"stdin: not UTF-8 text (byte 0xff at offset 2)" in r.stderr, r.stderr
+    for stdin, needle in (("[true]", "got true"), ("[1, 2, 99999]", "got 99999"), ('{"a": 1}', 'got {"a": 1}')):
+        r = cli("decode", "--tokenizer", tok, stdin=stdin)
+        assert r.returncode == 1 and "stdin: expected a JSON array of integers in [0, 512)" in r.stderr, r.stderr
+        assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli("train", "--input", "/dev/zero", "--vocab-size", "300", "--kind", "bytelevel-bpe", "--output",
+            str(tmp_path / "t"))
+    assert r.returncode == 1 and "/dev/zero: not a regular file" in r.stderr, r.stderr

@@ -50,19 +50,31 @@ def run_train(args) -> None:
 def run_encode(args) -> None:
     from lmforge.tokenizer import load_tokenizer
 
-    text = sys.stdin.buffer.read().decode("utf-8", errors="strict")
-    print(json.dumps(load_tokenizer(args.tokenizer).encode(text)))
+    tok = load_tokenizer(args.tokenizer)  # (a wrong path is said before stdin is read)
+    print(json.dumps(tok.encode(read_stdin())))
 
 
 def run_decode(args) -> None:
     from lmforge.tokenizer import load_tokenizer
 
-    raw = sys.stdin.read()
+    tok = load_tokenizer(args.tokenizer)
     try:
-        ids = json.loads(raw)
+        ids = json.loads(read_stdin())
     except ValueError as e:
         raise LMForgeError(f"stdin: not a JSON array of ids: {e}") from None
-    tok = load_tokenizer(args.tokenizer)
-    if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids):
-        raise LMForgeError(f"stdin: expected a JSON array of integers in [0, {tok.vocab_size})")
+    ok = isinstance(ids, list) and all(type(i) is int and 0 <= i < tok.vocab_size for i in ids)  # (not true/false)
+    if not ok:
+        bad = next((i for i in ids if not (type(i) is int and 0 <= i < tok.vocab_size)), None) if isinstance(
+            ids, list) else ids
+        raise LMForgeError(f"stdin: expected a JSON array of integers in [0, {tok.vocab_size}), got "
+                           f"{json.dumps(bad)[:40]}")
     sys.stdout.write(tok.decode(ids))
+
+
+def read_stdin() -> str:
+    """All of stdin as UTF-8 text (one line naming stdin and the byte if it is not)."""
+    raw = sys.stdin.buffer.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LMForgeError(f"stdin: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None

@@ -83,6 +83,9 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
     for f in files:
         if Path(f).is_dir():
             raise LMForgeError(f"{f}: is a directory; --input takes text files")
+        if Path(f).exists() and not Path(f).is_file():
+            raise LMForgeError(f"{f}: not a regular file (a device or a pipe); --input takes text files, which "
+                               "training reads more than once: write a pipe's text to a file first")
         if not Path(f).is_file():
             raise LMForgeError(f"{f}: no such input file")
         chars += check_text_file(Path(f))
