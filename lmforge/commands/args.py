@@ -118,7 +118,7 @@ def check_vocab(cfg, tok, model_src: str, tok_src: str) -> None:
 
 def template_arg(value: str | None) -> str | None:
     """``--template``: a built-in name, a Jinja file's text or a Jinja string (None: the tokenizer's own)."""
-    from lmforge.infer.chat import BUILTIN, _compile, get_template
+    from lmforge.infer.chat import BUILTIN, compile_template, get_template
 
     if value is None or value.lower() in BUILTIN:
         return value
@@ -138,12 +138,12 @@ def template_arg(value: str | None) -> str | None:
         if "{{" not in text and "{%" not in text:
             raise LMForgeError(f"{p}: not a Jinja chat template (no {{{{ }}}} or {{% %}} in it)")
         try:
-            _compile(text)  # parsed now: a broken file is refused at start, not at the first request
+            compile_template(text)  # parsed now: a broken file is refused at start, not at the first request
         except LMForgeError as e:
             raise LMForgeError(f"{p}: {e}") from None
         return text
     get_template(value)  # a Jinja string (else an error naming the choices), parsed now
-    _compile(value)
+    compile_template(value)
     return value
 
 

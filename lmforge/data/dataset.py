@@ -42,9 +42,10 @@ class PreparedData:
         return np.dtype(self.index["dtype"]).newbyteorder("<")
 
     def num_tokens(self, split: str) -> int:
-        return int(self._split(split)["tokens"])
+        return int(self.split(split)["tokens"])
 
-    def _split(self, split: str) -> dict[str, Any]:
+    def split(self, split: str) -> dict[str, Any]:
+        """The split's entry in index.json (file, offsets, tokens, documents)."""
         if split not in self.index["splits"]:
             raise LMForgeError(f"{self.path}: no split {split!r} (have {', '.join(self.index['splits'])})")
         return self.index["splits"][split]
@@ -53,7 +54,7 @@ class PreparedData:
         """The split's token ids, memory-mapped (not read into memory)."""
         key = f"tokens:{split}"
         if key not in self._cache:
-            s = self._split(split)
+            s = self.split(split)
             n = int(s["tokens"])
             f = self.path / s["file"]
             self._cache[key] = (np.memmap(f, dtype=self.dtype, mode="r", shape=(n,)) if n
@@ -64,7 +65,7 @@ class PreparedData:
         """int64 start offset of each document in the split (the first one is 0)."""
         key = f"offsets:{split}"
         if key not in self._cache:
-            self._cache[key] = np.fromfile(self.path / self._split(split)["offsets"], dtype="<i8")
+            self._cache[key] = np.fromfile(self.path / self.split(split)["offsets"], dtype="<i8")
         return self._cache[key]
 
     def tokenizer(self):
@@ -119,7 +120,7 @@ def load_prepared(path: str | Path):
         top = int(t.max()) if len(t) else -1
         if top >= vocab:
             at = int(np.argmax(t >= vocab))
-            raise LMForgeError(f"{data.path / data._split(split)['file']}: token id {top:,} (first bad one at token "
+            raise LMForgeError(f"{data.path / data.split(split)['file']}: token id {top:,} (first bad one at token "
                                f"{at:,}) is beyond the {vocab:,}-token vocabulary: damaged data")
     return data.tokenizer(), data.tokens("train"), data.tokens("val")
 

@@ -120,7 +120,7 @@ def get_template(template: str | ChatTemplate | None, tokenizer=None) -> ChatTem
 
 
 @lru_cache(maxsize=32)
-def _compile(source: str):
+def compile_template(source: str):
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -186,7 +186,7 @@ def apply_template(template: str | ChatTemplate | None, messages: list[dict], ad
         bos_token = specials.get(tokenizer.bos_id, bos_token)
         eos_token = specials.get(tokenizer.eos_id, eos_token)
     try:
-        return _compile(t.source).render(messages=msgs, add_generation_prompt=add_generation_prompt,
+        return compile_template(t.source).render(messages=msgs, add_generation_prompt=add_generation_prompt,
                                          bos_token=bos_token, eos_token=eos_token, **extra)
     except TemplateError as e:
         raise ValueError(f"chat template {t.name}: {e}") from None

@@ -13,6 +13,7 @@ VOCAB_FILE = "char_vocab.json"
 
 class CharTokenizer(Tokenizer):
     kind = "char"
+    FILES = (VOCAB_FILE, "tokenizer_config.json")  # what save() writes
 
     def __init__(self, chars: list[str]) -> None:
         self.chars = list(chars)
@@ -60,7 +61,7 @@ class CharTokenizer(Tokenizer):
         d.mkdir(parents=True, exist_ok=True)
         (d / VOCAB_FILE).write_text(json.dumps(self.chars, ensure_ascii=False) + "\n", encoding="utf-8")
         meta = {"kind": "char", "bos_id": None, "eos_id": None, "pad_id": None, "vocab_size": self.vocab_size}
-        (d / "tokenizer_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (d / self.FILES[1]).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str) -> CharTokenizer:

@@ -14,6 +14,8 @@ META = "tokenizer_config.json"
 
 
 class HFTokenizer(Tokenizer):
+    FILES = ("tokenizer.json", META)  # what save() writes
+
     def __init__(self, tok, kind: str, bos: str | None = None, eos: str | None = None, pad: str | None = None,
                  chat_template: str | None = None) -> None:
         self.tok, self.kind, self.chat_template = tok, kind, chat_template
@@ -46,7 +48,7 @@ class HFTokenizer(Tokenizer):
     def save(self, directory: str) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.tok.save(str(d / "tokenizer.json"))
+        self.tok.save(str(d / self.FILES[0]))
         inv = {i: self.tok.id_to_token(i) for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
         meta = {"kind": self.kind, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
                 "bos_token": inv.get(self.bos_id), "eos_token": inv.get(self.eos_id),

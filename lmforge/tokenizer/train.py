@@ -9,6 +9,8 @@ from pathlib import Path
 
 from lmforge.errors import LMForgeError
 from lmforge.tokenizer.base import Tokenizer
+from lmforge.tokenizer.char import CharTokenizer
+from lmforge.tokenizer.hf import HFTokenizer
 
 KINDS = ("bytelevel-bpe", "llama-bpe", "char")
 SPECIALS = {"bytelevel-bpe": ["<|endoftext|>"], "llama-bpe": ["<unk>", "<s>", "</s>"]}
@@ -40,8 +42,7 @@ def check_text_file(path: Path) -> int:
     return chars
 
 
-# what a trained tokenizer writes (HFTokenizer / CharTokenizer .save): --overwrite removes these first
-WRITTEN = ("tokenizer.json", "tokenizer_config.json", "char_vocab.json")
+WRITTEN = {*HFTokenizer.FILES, *CharTokenizer.FILES}  # what a trained tokenizer writes: --overwrite removes them
 
 
 def check_output_dir(output: str, overwrite: bool = False) -> None:
@@ -94,8 +95,6 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
     if output:
         check_output_dir(output, overwrite)
     if kind == "char":
-        from lmforge.tokenizer.char import CharTokenizer
-
         text = "".join(Path(f).read_text(encoding="utf-8") for f in files)
         tok = CharTokenizer.from_text(text)
     else:
@@ -108,8 +107,6 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
 def _train_bpe(files: list[str], vocab_size: int, kind: str, special_tokens: list[str] | None) -> Tokenizer:
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
-
-    from lmforge.tokenizer.hf import HFTokenizer
 
     specials = SPECIALS[kind] + [s for s in (special_tokens or []) if s not in SPECIALS[kind]]
     if kind == "bytelevel-bpe":
