@@ -182,3 +182,19 @@ def test_auto_precision_under_torchrun_is_the_first_process_choice(monkeypatch):
     assert L.train_precision(TrainConfig(precision="auto"), cpu, model) is torch.bfloat16  # one process: its own
     assert L.train_precision(TrainConfig(precision="bf16"), cpu, model, D.Dist(rank=1, world=2)) is torch.bfloat16
     assert len(sent) == n  # nothing to agree on
+
+
+def test_a_stream_of_another_shape_is_refused_on_load():
+    """The Trainer's own check (what a command cannot know before loading: another dataset's token count)."""
+    import numpy as np
+
+    from lmforge.train.batches import StreamMismatch, TokenWindows
+
+    a = TokenWindows(np.arange(1000), 8, 2, seed=1)
+    a.next_batch()
+    state = a.state_dict()
+    b = TokenWindows(np.arange(1000), 8, 2, seed=5)
+    b.load_state_dict(state)
+    assert b.next_batch()["input_ids"].tolist() == a.next_batch()["input_ids"].tolist()
+    with pytest.raises(StreamMismatch, match="tokens=1000, this run's has 999"):
+        TokenWindows(np.arange(999), 8, 2).load_state_dict(state)

@@ -49,20 +49,21 @@ def report(msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def train_in(args, out: str | Path, train: Callable[[bool], T]) -> T:
+def train_in(args, out: str | Path, train: Callable[[bool], T], stream: dict | None = None) -> T:
     """Run ``train(resuming)`` in the run directory ``out``: its lock held by the first process for the whole run (a
-    second run in the same ``--out`` is refused before it touches anything), --resume/--overwrite applied first."""
+    second run in the same ``--out`` is refused before it touches anything), --resume/--overwrite applied first
+    (``stream``: data-stream settings a checkpoint resumed must share, checked before anything loads)."""
     with DirLock(out) if is_main_process() else contextlib.nullcontext():
-        return train(resolve_resume(args, out))
+        return train(resolve_resume(args, out, stream))
 
 
-def resolve_resume(args, out: str | Path) -> bool:
+def resolve_resume(args, out: str | Path, stream: dict | None = None) -> bool:
     """Prepare a run directory for --resume/--resume-or-start/--overwrite; True if training resumes from it."""
     from lmforge.train.state import prepare_run_dir
 
     resume = args.resume or args.resume_or_start
     resuming = prepare_run_dir(Path(out), resume, args.resume_or_start or args.overwrite, is_main_process(),
-                               report)
+                               report, stream)
     if resume and not resuming:
         report(f"no checkpoint to resume from in {out}: starting from scratch")
     return resuming

@@ -78,7 +78,8 @@ def run(args) -> None:
     d = merge(merge(d, flags), parse_overrides(getattr(args, "overrides", [])))
     cfg = load_run_config(d, where=source)
     check_prepared_data(cfg.data.path, cfg.data.block_size)
-    result = train_in(args, cfg.out, lambda resume: run_pretrain(cfg, resume=resume))
+    result = train_in(args, cfg.out, lambda resume: run_pretrain(cfg, resume=resume),
+                      stream={"batch_size": cfg.train.batch_size, "block_size": cfg.data.block_size})
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
                         if k in ("step", "train_loss", "val_loss", "best_val", "tokens_per_s", "mfu") and v is not None)
     report(f"done: {summary}; run directory {cfg.out}")  # under torchrun only the first process reports

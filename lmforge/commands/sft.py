@@ -59,7 +59,8 @@ def run(args) -> None:
     if d.get("peft") and "method" not in d["peft"]:
         raise LMForgeError(f"peft options {sorted(d['peft'])} given without a method: add --peft METHOD")
     cfg = load_sft_config(d, where=source)
-    result = train_in(args, cfg.out, lambda resume: run_sft(cfg, explicit_train=explicit, resume=resume))
+    result = train_in(args, cfg.out, lambda resume: run_sft(cfg, explicit_train=explicit, resume=resume),
+                      stream={"batch_size": cfg.train.batch_size})
     keys = ("step", "train_loss", "val_loss", "best_val", "trainable_params")
     summary = ", ".join(f"{k} {result[k]:.4g}" if isinstance(result[k], float) else f"{k} {result[k]}"
                         for k in keys if result.get(k) is not None)

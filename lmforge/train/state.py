@@ -193,15 +193,16 @@ def load_training_checkpoint(ckpt: Path) -> dict[str, Any]:
             "rng": _load_pt(ckpt / "rng.pt"), "trainer": trainer}
 
 
-def check_processes(ckpt: Path) -> None:
+def check_processes(ckpt: Path, stream: dict[str, Any] | None = None) -> None:
     """Refuse, before anything loads, to resume ``ckpt`` with another number of processes than wrote it (each
-    process's share of the data stream depends on it); the Trainer checks the rest of the stream's shape."""
+    process's share of the data stream depends on it), or another of the ``stream`` settings a command knows
+    before loading (its batch size); the Trainer checks the rest of the stream's shape."""
     try:
         saved = json.loads((ckpt / "trainer_state.json").read_text()).get("train_data") or {}
     except (OSError, ValueError):
         return  # (reported as damage by the load itself)
     try:
-        check_stream(saved, {"world": launched_world()})
+        check_stream(saved, {"world": launched_world(), **(stream or {})})
     except StreamMismatch as e:
         raise LMForgeError(f"{ckpt}: cannot resume from it: {e}") from None
 
@@ -237,7 +238,8 @@ def clean_partial_saves(run_dir: Path, warn=print) -> list[Path]:
     return removed
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, start_over: bool, main: bool = True, warn=print) -> bool:
+def prepare_run_dir(run_dir: Path, resume: bool, start_over: bool, main: bool = True, warn=print,
+                    stream: dict[str, Any] | None = None) -> bool:
     """Decide, before training, whether a run in ``run_dir`` resumes (True) or starts from scratch (False).
 
     ``resume``: continue from the newest usable checkpoint (a run directory without checkpoints starts fresh); if
@@ -254,7 +256,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, start_over: bool, main: bool = 
         for ckpt in reversed(ckpts):
             problem = usable(ckpt)
             if problem is None:
-                check_processes(ckpt)
+                check_processes(ckpt, stream)
                 return True  # the trainer resumes from it and moves the damaged newer ones aside
             problems.append((ckpt, problem))
         if not start_over:
