@@ -88,6 +88,16 @@ def test_malformed_content_length_is_400_and_nothing_runs(server, length):
     assert server.engine.tokens == tokens
 
 
+def test_headers_over_the_limit_get_431(server):
+    """h11 stops reading headers past 16 KiB that have not ended: 431 (uvicorn answered 400) as a JSON body."""
+    head = request("GET", "/v1/models", headers={"X-Big": "a" * 20_000})
+    st, headers, out = http(server, head[: head.index(b"\r\n\r\n")])  # (the headers never end)
+    assert st == 431 and error(st, out)["code"] == "header_too_large"
+    assert headers["content-type"] == JSON["Content-Type"]
+    st, _, out = http(server, b"GARBAGE\r\n\r\n")  # the next connection's parse error is 400 again
+    assert st == 400 and error(st, out)["code"] == "bad_request"
+
+
 @pytest.mark.parametrize("te", ["gzip, chunked", "chunked"])
 def test_transfer_encoding_with_content_length_is_refused(server, te):
     body = completion()

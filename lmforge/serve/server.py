@@ -398,15 +398,37 @@ class _CORS(CORSMiddleware):
 
 
 class _H11(H11Protocol):
-    """uvicorn's h11 protocol, answering a malformed request with a JSON error body."""
+    """uvicorn's h11 protocol, answering a malformed request with a JSON error body, and headers over h11's limit
+    with the status h11 gives for them (431; uvicorn answered every parse error 400)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.error_status = 400
+        next_event = self.conn.next_event
+
+        def noting_status():  # (uvicorn drops the exception's error_status_hint)
+            try:
+                return next_event()
+            except h11.RemoteProtocolError as e:
+                self.error_status = e.error_status_hint
+                raise
+
+        self.conn.next_event = noting_status
 
     def send_400_response(self, msg: str) -> None:
-        body = json.dumps(APIError(400, f"malformed HTTP request: {msg} (request line, headers, Content-Length or "
-                                   "Transfer-Encoding)", code="bad_request").body()).encode()
+        status = self.error_status
+        if status == 431:
+            reason, error = b"Request Header Fields Too Large", APIError(
+                431, "request header fields too large (over 16 KiB)", code="header_too_large")
+        else:
+            status, reason, error = 400, b"Bad Request", APIError(
+                400, f"malformed HTTP request: {msg} (request line, headers, Content-Length or Transfer-Encoding)",
+                code="bad_request")
+        body = json.dumps(error.body()).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close")]
         try:
-            self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")))
+            self.transport.write(self.conn.send(h11.Response(status_code=status, headers=headers, reason=reason)))
             self.transport.write(self.conn.send(h11.Data(data=body)))
             self.transport.write(self.conn.send(h11.EndOfMessage()))
         except h11.LocalProtocolError:  # a response had already started
