@@ -45,6 +45,21 @@ def check_output(out: Path, overwrite: bool, sources: list[Path], flag: str) -> 
     check_replaceable(out, flag)
 
 
+def read_utf8(path: Path, what: str = "") -> str:
+    """The text of ``path`` (UTF-8, a leading byte-order mark dropped); cannot read it or not UTF-8: one line naming
+    the file (and the line of the first bad byte). ``what``: the kind of file, said in the errors."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise LMForgeError(f"{path}: cannot read{' the ' + what if what else ''}: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        kind = f"; a {what} is a text file" if what else ""
+        raise LMForgeError(f"{path}:{line}: not UTF-8 text (byte {e.start}){kind}") from None
+
+
 def check_replaceable(out: Path, flag: str = "--output") -> None:
     """Before any work: an existing directory ``out`` that an output will replace by renaming a new one into place
     must be renameable (a mount point or an immutable directory is not: that failed only at the end)."""

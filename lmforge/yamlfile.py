@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from lmforge.errors import LMForgeError
+from lmforge.files import read_utf8
 
 __all__ = ["YamlMap", "key_at", "merge", "parse_yaml", "read_yaml_file"]
 
@@ -92,16 +93,8 @@ def parse_yaml(text: str, source: str) -> Any:
 def read_yaml_file(path: str | Path, what: str = "config") -> Any:
     """Read and parse a YAML file; any failure is one line naming it (and the line, where there is one)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise LMForgeError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise LMForgeError(f"{path}:{line}: not UTF-8 text (byte {e.start}); a {what} is a YAML text file") from None
+    text = read_utf8(path, what)
     if "\0" in text:
         raise LMForgeError(f"{path}:{text[:text.index(chr(0))].count(chr(10)) + 1}: holds a NUL byte; a {what} "
                            "is a YAML text file")
-    return parse_yaml(text.removeprefix("\ufeff"), str(path))
+    return parse_yaml(text, str(path))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lmforge.errors import LMForgeError
+from lmforge.files import read_utf8
 
 TXT_SPLITS = ("file", "line", "paragraph", "raw")
 _KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -336,15 +337,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """(where, record) for every record of a JSON list or JSONL file; ``where`` is ``file:line``."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise LMForgeError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise LMForgeError(f"{path}:{line}: not UTF-8 text") from None
+    text = read_utf8(path)
     stripped = text.lstrip()
     if stripped.startswith("[") or (stripped.startswith("{") and path.suffix == ".json"):
         try:
