@@ -96,9 +96,13 @@ class DirLock:
         if key in _held:
             _held[key][1] += 1
             return self
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        if self.dir.exists() and not self.dir.is_dir():
+            raise LMForgeError(f"{self.flag} {self.dir}: exists and is not a directory; {self.flag} names a directory")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        except OSError as e:
+            raise LMForgeError(f"{self.flag} {self.dir}: cannot write there: {e.strerror or e}") from None
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -285,6 +285,12 @@ def test_a_second_run_in_the_same_out_is_refused_while_the_first_runs(tmp_path):
 def test_dir_lock_is_reentrant_within_a_process(tmp_path):
     from lmforge.files import DirLock
 
+    (tmp_path / "f").write_text("")
+    with pytest.raises(LMForgeError, match=r"--out .*f: exists and is not a directory"), DirLock(tmp_path / "f"):
+        pass
+    with pytest.raises(LMForgeError, match=r"--out .*: cannot write there"), DirLock(tmp_path / "f" / "run"):
+        pass
+
     with DirLock(tmp_path / "r"), DirLock(tmp_path / "r"):  # the command, then the Trainer inside it
         pass
     with DirLock(tmp_path / "r"):  # released: taken again
