@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -112,6 +113,10 @@ class DirLock:
                 who = f"process {holder}" if holder.isdigit() else "another process"
                 raise LMForgeError(f"{self.flag} {self.dir}: in use by {who} (another lmforge run writing into it); "
                                    f"wait for it to end, or choose another {self.flag}") from None
+            except OSError as e:  # a file system without locks (some network or FUSE ones): run unlocked
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    os.close(fd)
+                    raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         _held[key] = [fd, 1]
