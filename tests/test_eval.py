@@ -455,3 +455,17 @@ def test_run_task_library_function(stories, tmp_path):
     assert set(m) >= {"acc", "acc_norm", "n"} and m["n"] == 1.0
     with pytest.raises(Exception, match="unknown eval task option"):
         run_task(model, tok, {"task": "jsonl", "data": str(js), "shot": 1})
+
+
+def test_cli_output_never_replaces_an_input_or_an_existing_file(tmp_path):
+    """--output was written over whatever was there, the --data file included (no --overwrite existed)."""
+    story = tmp_path / "story.txt"
+    story.write_text("Once upon a time there was a cat.\n")
+    r = lmforge("eval", "--task", "perplexity", "--data", str(story), "--output", str(story), check=False)
+    assert r.returncode == 1 and "which is being read" in r.stderr and story.read_text().startswith("Once")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    r = lmforge("eval", "--task", "perplexity", "--data", str(story), "--output", str(notes), check=False)
+    assert r.returncode == 1 and "exists; pass --overwrite" in r.stderr and notes.read_text() == "mine\n"
+    lmforge("eval", "--task", "perplexity", "--data", str(story), "--output", str(notes), "--overwrite")
+    assert json.loads(notes.read_text())["task"] == "perplexity" and not list(tmp_path.glob(".notes*"))

@@ -680,6 +680,17 @@ def test_data_prepare_into_unwritable_or_missing_directories(tmp_path):
     assert r.returncode == 0 and (tmp_path / "new" / "data" / "index.json").is_file(), r.stderr
 
 
+def test_convert_to_llama2c_never_replaces_a_tokenizer_bin_beside_it(tmp_path):
+    """llama2.c reads tokenizer.bin beside the model: an existing one was replaced without --overwrite."""
+    (tmp_path / "tokenizer.bin").write_text("mine\n")
+    one_line(lmforge("convert", "--from", "llama2c", "--to", "llama2c", STORIES260K, tmp_path / "m.bin"),
+             f"{tmp_path / 'tokenizer.bin'}: exists; pass --overwrite")
+    assert (tmp_path / "tokenizer.bin").read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "tokenizer.bin"]
+    r = lmforge("convert", "--from", "llama2c", "--to", "llama2c", STORIES260K, tmp_path / "m.bin", "--overwrite")
+    assert r.returncode == 0 and (tmp_path / "tokenizer.bin").stat().st_size > 1000, r.stderr
+
+
 def test_an_output_directory_that_cannot_be_replaced_is_refused_before_any_work(tmp_path):
     """An existing (empty) output directory that cannot be renamed (immutable here; a mount point likewise) is
     refused before tokenizing or converting (``data prepare`` failed at the very end with "Operation not permitted"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -91,13 +92,20 @@ def run(args) -> None:
         from lmforge.interop.llama2c import write_llama2c
 
         dst.parent.mkdir(parents=True, exist_ok=True)
-        write_llama2c(dst, model.cfg, model_state_dict(model) | {"lm_head.weight": model.lm_head.weight})
-        if tok is not None:
-            tok_dir = dst.parent / f".{dst.stem}.tok"
-            tok_dir.mkdir(exist_ok=True)
-            tok.save(str(tok_dir))
+        tok_dir = dst.parent / f".{dst.stem}.tok"
+        beside = dst.parent / "tokenizer.bin"  # where llama2.c looks for it
+        try:
+            if tok is not None:  # written first: an existing tokenizer.bin is refused before the model is written
+                tok_dir.mkdir(exist_ok=True)
+                tok.save(str(tok_dir))
+                same = tok_path is not None and beside.exists() and beside.resolve() == tok_path.resolve()
+                if (tok_dir / "tokenizer.bin").exists() and beside.exists() and not args.overwrite and not same:
+                    raise LMForgeError(f"{beside}: exists; pass --overwrite to replace it (a llama2c model's "
+                                       "tokenizer is written beside it)")
+            write_llama2c(dst, model.cfg, model_state_dict(model) | {"lm_head.weight": model.lm_head.weight})
             if (tok_dir / "tokenizer.bin").exists():
-                shutil.move(str(tok_dir / "tokenizer.bin"), dst.parent / "tokenizer.bin")
+                os.replace(tok_dir / "tokenizer.bin", beside)
+        finally:
             shutil.rmtree(tok_dir, ignore_errors=True)
     print(f"wrote {dst} ({args.src_format} -> {args.dst_format}, {model.num_params():,} parameters)",
           file=sys.stderr)

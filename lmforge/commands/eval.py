@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from lmforge.commands.args import seed_type
 from lmforge.commands.common import add_model_args, load_model_and_tokenizer
 from lmforge.errors import LMForgeError
+from lmforge.files import check_output
 
 DESCRIPTION = (
     "Evaluate a model on a task read from local files, scored as lm-evaluation-harness scores it: multiple choice "
@@ -45,6 +47,7 @@ def add_parser(sub, name: str, help_: str) -> None:
                    help="tokens per forward (default 1024 on a CPU, 4096 on a GPU)")
     p.add_argument("--bos", action="store_true", help="start every prompt with BOS (the harness does not)")
     p.add_argument("--output", help="write the results JSON (every question's prompt, scores and choice) here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(func=run)
 
 
@@ -77,13 +80,18 @@ def run(args) -> None:
                      select=args.select, order=args.order, seed=args.seed, cot=args.cot, samples=args.samples,
                      temperature=args.temperature, max_new_tokens=args.max_new_tokens, limit=args.limit,
                      context=args.context, stride=args.stride, batch_tokens=args.batch_tokens, add_bos=args.bos)
+    if args.output:  # before any work: never over what is read, nor over an existing file without --overwrite
+        sources = [Path(p) for p in (args.data, args.fewshot_data, args.model, args.tokenizer, args.adapter) if p]
+        check_output(Path(args.output), args.overwrite, sources, "--output")
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
     model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
     res = evaluate(model, tok, cfg)
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**res.to_json(), "model": args.model}, indent=1, ensure_ascii=False) + "\n")
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({**res.to_json(), "model": args.model}, indent=1, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
     print(format_table(res))
     sys.stdout.flush()
     print(res.summary_line())
