@@ -151,6 +151,18 @@ class ModelConfig:
             "glm2d": GLM2D_KINDS,
             "attn_pattern": ATTN_PATTERNS,
         }
+        for f in fields(self):  # (annotations are strings here: from __future__ import annotations)
+            v = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(v, bool):
+                raise LMForgeError(f"config field {f.name}={v!r}: must be true or false")
+            if f.type == "str" and not isinstance(v, str):
+                raise LMForgeError(f"config field {f.name}={v!r}: must be a string")
+        if not isinstance(self.extra, dict):
+            raise LMForgeError(f"config field extra={self.extra!r}: must be a mapping")
+        for key in ("bos_id", "eos_id", "pad_id"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise LMForgeError(f"config field {key}={v!r}: must be a token id (an integer >= 0) or null")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise LMForgeError(f"config field {key}={getattr(self, key)!r}: allowed values are {list(allowed)}")

@@ -13,7 +13,7 @@ import yaml
 from lmforge.errors import LMForgeError
 from lmforge.files import read_utf8
 
-__all__ = ["YamlMap", "key_at", "merge", "parse_yaml", "read_yaml_file"]
+__all__ = ["YamlMap", "key_at", "merge", "parse_value", "parse_yaml", "read_yaml_file"]
 
 
 class YamlMap(dict):
@@ -38,6 +38,9 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out, YamlMap):
         out.lines = dict(base.lines)
     for k, v in over.items():
+        if isinstance(v, dict) and out.get(k) is not None and not isinstance(out[k], dict):
+            at = key_at(base, k)
+            raise LMForgeError(f"{at + ': ' if at else ''}{k}: expected a mapping of settings, got {out[k]!r}")
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v)
         else:
@@ -81,13 +84,57 @@ def parse_yaml(text: str, source: str) -> Any:
     loader = _Loader(text)
     loader.source = source
     try:
-        return loader.get_single_data()
+        data = loader.get_single_data()
+        _check_size(data, source)
+        return data
+    except RecursionError:
+        raise LMForgeError(f"{source}: nested too deeply to be a config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         raise LMForgeError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
     finally:
         loader.dispose()
+
+
+class _ValueLoader(yaml.SafeLoader):
+    """YAML for a command-line value: as in files, except that dates stay text (--data.path 2024-01-01)."""
+
+
+_ValueLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def parse_value(raw: str, flag: str) -> Any:
+    """A ``--section.key VALUE`` flag's value, read as YAML (numbers, true/false, null, [lists]); one line naming
+    the flag if it does not parse."""
+    try:
+        return yaml.load(raw, Loader=_ValueLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as e:
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LMForgeError(f"{flag} {raw!r}: cannot read the value ({why}); quote text that holds YAML "
+                           "syntax") from None
+    except RecursionError:
+        raise LMForgeError(f"{flag}: the value is nested too deeply") from None
+
+
+MAX_VALUES = 1_000_000  # values a file may expand to through its aliases (a few KB can name billions: "laughs")
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Refuse a document whose aliases expand it past MAX_VALUES values (copying or saving it would never end)."""
+    seen, todo = 0, [data]
+    while todo:
+        x = todo.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise LMForgeError(f"{source}: its aliases (*name) expand it to more than {MAX_VALUES:,} values; "
+                               "refusing it")
+        if isinstance(x, dict):
+            todo.extend(x.values())
+        elif isinstance(x, list):
+            todo.extend(x)
 
 
 def read_yaml_file(path: str | Path, what: str = "config") -> Any:

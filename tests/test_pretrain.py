@@ -119,6 +119,35 @@ def test_config_files_are_read_strictly_and_errors_name_file_line_and_field(tmp_
     assert "field.yaml: train.lr: expected float, got 'x'" in r.stderr, r.stderr
 
 
+def test_config_sections_and_values_of_the_wrong_shape_are_refused(tmp_path):
+    """Found by an audit: ``train: 5`` was dropped silently (1,000 default steps ran), a quoted boolean made a tied
+    model, ``model: [1]`` / ``eval_tasks: 5`` / a bad flag value gave a raw TypeError or ParserError, a few KB of
+    nested aliases ran out of memory, deep nesting gave a RecursionError, and ``--data.path 2024-01-01`` a date."""
+    head = "data: {path: builtin:tinyshakespeare, tokenizer: char, block_size: 16}\n"
+    small = "model: {family: gpt2, n_layer: 1, n_embd: 16, n_head: 2, block_size: 16}\n"
+    laughs = "model:\n  extra:\n    a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
+    cases = [
+        (head + small + "train: 5\n", "c.yaml:3: train: expected a mapping of settings, got 5"),
+        (head + small + "train: {eval_tasks: [5]}\n", "c.yaml:3: train.eval_tasks[0]: expected a mapping, got 5"),
+        (head + "model: [1]\n", "c.yaml:2: model: expected a mapping, got [1]"),
+        (head + small.replace("}", ", tie_embeddings: 'false'}"), "tie_embeddings='false': must be true or false"),
+        (head + small.replace("}", ", eos_id: -5}"), "eos_id=-5: must be a token id"),
+        (laughs, "c.yaml: its aliases (*name) expand it to more than 1,000,000 values"),
+        ("a: " + "[" * 3000 + "]" * 3000 + "\n", "c.yaml: nested too deeply"),
+    ]
+    for text, needle in cases:
+        (tmp_path / "c.yaml").write_text(text)
+        r = lmforge("pretrain", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"))
+        assert r.returncode == 1 and needle in r.stderr, (text[:80], r.stderr[-800:])
+        assert len(r.stderr.strip().splitlines()) == 1
+    for flags, needle in ((["--train.lr", "[a"], "--train.lr '[a': cannot read the value"),
+                          (["--train", "5", "--train.lr", "1"], "--train was given a value, not settings"),
+                          (["--data.path", "2024-01-01"], "data.path='2024-01-01': no such file")):
+        r = lmforge("pretrain", "--recipe", "baby-gpt-shakespeare", *flags, "--out", str(tmp_path / "o"))
+        assert r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_yaml_reader_keeps_merge_keys_and_lines(tmp_path):
     from lmforge.yamlfile import merge, read_yaml_file
 

@@ -9,13 +9,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmforge.errors import LMForgeError
 from lmforge.yamlfile import (
     YamlMap,
     key_at,
     merge,  # noqa: F401  (re-exported: the commands merge flags into configs)
+    parse_value,
     read_yaml_file,
 )
 
@@ -157,6 +156,14 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
+    if origin is dict or typ is dict:
+        if not isinstance(value, dict):
+            raise LMForgeError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if origin is list or typ is list:
+        if not isinstance(value, list):
+            raise LMForgeError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):
@@ -210,7 +217,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                 raise LMForgeError(f"--{key} needs a value")
             raw = items[i + 1]
             i += 2
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_value(raw, f"--{key}") if raw != "" else ""
         if isinstance(value, str):
             try:
                 value = float(value) if any(c in value for c in "eE.") and value[0] in "0123456789.-" else value
@@ -218,8 +225,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                 pass
         node = out
         parts = key.split(".")
-        for p in parts[:-1]:
+        for j, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise LMForgeError(f"--{key}: --{'.'.join(parts[: j + 1])} was given a value, not settings")
+        if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+            raise LMForgeError(f"--{key}: a section of settings; give --{key}.NAME VALUE")
         node[parts[-1]] = value
     return out
 
