@@ -835,3 +835,20 @@ def test_prepared_data_with_ids_beyond_the_vocabulary_or_files_outside_it_is_ref
     (escape / "index.json").write_text(json.dumps(index))
     one_line(lmforge("pretrain", *SMALL, "--data.path", escape, "--out", tmp_path / "run2", "--max-iters", "1"),
              "index.json", "'../d/train.bin' is not a file of the dataset")
+
+
+def test_prompts_that_are_not_utf8_or_too_long_are_refused_naming_the_flag(tmp_path):
+    """Bytes that are not UTF-8 in --prompt or on chat's stdin failed in the tokenizer ("Unable to cast Python
+    instance ... to C++ type"); a prompt longer than the context was a ValueError naming no flag, after the prompt
+    was echoed; a --system message filling the context answered every message "message too long"."""
+    r = subprocess.run([sys.executable.encode(), b"-m", b"lmforge", b"generate", b"--prompt", b"caf\xe9"],
+                       capture_output=True, text=True, timeout=300)
+    one_line(r, "--prompt: not UTF-8 text (byte 0xe9 at character 3)")
+    r = lmforge("generate", "--prompt", "word " * 1000)
+    one_line(r, "--prompt:", "leave no room in the model's context of 512")
+    assert r.stdout == ""
+    r = subprocess.run([sys.executable, "-m", "lmforge", "chat", "--max-new-tokens", "4"], input=b"caf\xe9\nOnce\n",
+                       capture_output=True, timeout=300)
+    assert r.returncode == 0 and b"message: not UTF-8 text (byte 0xe9 at character 3); not sent" in r.stderr
+    assert r.stdout.strip(), r.stderr  # the next message was answered
+    one_line(lmforge("chat", "--system", "word " * 1000), "--system:", "fills the model's context of 512")

@@ -51,6 +51,18 @@ def origin_type(value: str) -> str:
     return value.lower()  # (browsers send the scheme and host in lower case; CORS compares exactly)
 
 
+def utf8_text(text: str, what: str) -> str:
+    """``text`` (from the command line or stdin, where bytes that are not UTF-8 arrive as lone surrogates), or one
+    line naming ``what`` and the first such byte (the tokenizer failed with "Unable to cast ... to C++ type")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = ord(text[e.start])
+        byte = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"character U+{ch:04X}"
+        raise LMForgeError(f"{what}: not UTF-8 text ({byte} at character {e.start})") from None
+    return text
+
+
 def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=("auto", "float16", "float32"), default="auto",
                    help="the lean runtime's key/value cache: float16 reads half the bytes in attention (llama.cpp's "

@@ -13,6 +13,7 @@ from lmforge.commands.args import (
     lean_kv_dtype,
     seed_type,
     template_arg,
+    utf8_text,
 )
 from lmforge.commands.generate import lean_files, lean_unsupported
 from lmforge.errors import LMForgeError
@@ -151,7 +152,10 @@ def _loop(args, session: _Torch | _Lean) -> None:
     from lmforge.infer.chat import encode_chat
 
     tok, template, ctx = session.tok, session.template, session.ctx
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system = [{"role": "system", "content": utf8_text(args.system, "--system")}] if args.system else []
+    if system and len(encode_chat(tok, template, [*system, {"role": "user", "content": "hi"}])) >= ctx:
+        raise LMForgeError(f"--system: with a one-word message it fills the model's context of {ctx:,} tokens; "
+                           "shorten it")
     history: list[dict[str, str]] = []
     tty = sys.stdin.isatty()
     print(f"chatting with {args.model or 'stories260K'} (template {template.name}); {HELP}", file=sys.stderr)
@@ -165,6 +169,11 @@ def _loop(args, session: _Torch | _Lean) -> None:
             break
         text = line.strip()
         if not text:
+            continue
+        try:
+            utf8_text(text, "message")
+        except LMForgeError as e:
+            print(f"{e}; not sent", file=sys.stderr)
             continue
         if text in ("/exit", "/quit", "/bye"):
             break

@@ -20,6 +20,7 @@ from lmforge.commands.args import (
     lean_kv_dtype,
     read_template,
     seed_type,
+    utf8_text,
 )
 from lmforge.errors import LMForgeError
 
@@ -81,12 +82,16 @@ def lean_unsupported(args) -> str | None:
     return lean.unsupported(args.model)
 
 
-def _prompt(tok, text: str) -> tuple[list[int], list[int]]:
-    """The prompt's ids (BOS first where the tokenizer has one) and the stop ids."""
+def _prompt(tok, text: str, context: int, max_new_tokens: int) -> tuple[list[int], list[int]]:
+    """The prompt's ids (BOS first where the tokenizer has one) and the stop ids; refused in one line naming
+    --prompt when it is not UTF-8 or leaves no room in the ``context`` for a token."""
     bos = [tok.bos_id] if tok.bos_id is not None else []
-    prompt = bos + tok.encode(text)
+    prompt = bos + tok.encode(utf8_text(text, "--prompt"))
     if not prompt:
         raise LMForgeError("empty prompt and the tokenizer has no BOS token: give --prompt")
+    if len(prompt) >= context and max_new_tokens > 0:
+        raise LMForgeError(f"--prompt: {len(prompt):,} tokens leave no room in the model's context of {context:,} "
+                           "(shorten it)")
     return prompt, [i for i in (tok.eos_id, tok.bos_id) if i is not None]  # BOS delimits documents (llama2.c)
 
 
@@ -119,9 +124,7 @@ def _run_lean(args) -> None:
     from lmforge.infer import lean
 
     path, cfg, tok = lean_files(args)
-    prompt, stops = _prompt(tok, args.prompt)
-    if len(prompt) >= cfg.block_size and args.max_new_tokens > 0:
-        raise LMForgeError(f"prompt of {len(prompt)} tokens leaves no room in the context of {cfg.block_size}")
+    prompt, stops = _prompt(tok, args.prompt, cfg.block_size, args.max_new_tokens)
     model = lean.LeanModel(path, max_len=len(prompt) + args.max_new_tokens, kv_dtype=lean_kv_dtype(args))
     start = time.perf_counter()  # (as for PyTorch's path: after the model is loaded)
     tokens = lean.generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
@@ -137,7 +140,7 @@ def _run_torch(args) -> None:
     check_torch_kv_cache(args)
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
     model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
-    prompt, stops = _prompt(tok, args.prompt)
+    prompt, stops = _prompt(tok, args.prompt, model.cfg.block_size - model.num_virtual_tokens, args.max_new_tokens)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             max_new_tokens=args.max_new_tokens, seed=args.seed, stop_ids=stops)
     draft = args.draft if args.draft != "int4" else _draft(model)
