@@ -143,6 +143,13 @@ def test_errors_name_file_line_and_field(tmp_path):
         _parse("stages:\n  - sft: {}\n  - sft: {}\n", tmp_path)
     with pytest.raises(LMForgeError, match=r"p\.yaml:2: invalid YAML"):
         _parse("stages:\n  - sft: {model: [}\n", tmp_path)
+    # a stage's flags or measure settings of the wrong shape (a TypeError; kl_max: abc was taken)
+    with pytest.raises(LMForgeError, match=r"p\.yaml:2: tokenizer: expected a mapping of flags, got 5"):
+        _parse("stages:\n  - tokenizer: 5\n", tmp_path)
+    with pytest.raises(LMForgeError, match=r"p\.yaml:2: measure\.kl_max: expected float, got 'abc'"):
+        _parse("measure:\n  kl_max: abc\nstages:\n  - sft: {}\n", tmp_path)
+    with pytest.raises(LMForgeError, match=r"p\.yaml:1: measure: expected a mapping"):
+        _parse("measure: 5\nstages:\n  - sft: {}\n", tmp_path)
 
 
 def test_argv_overrides_and_hash(tmp_path):

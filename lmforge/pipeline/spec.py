@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ import yaml
 
 from lmforge.assets import builtin_path
 from lmforge.errors import LMForgeError
-from lmforge.yamlfile import read_yaml_file
+from lmforge.train.config import coerce
+from lmforge.yamlfile import key_at, read_yaml_file
 
 
 @dataclass(frozen=True)
@@ -173,11 +175,14 @@ def parse_pipeline(d: dict[str, Any], source: str, text: str = "") -> Pipeline:
     if not isinstance(items, list) or not items:
         raise LMForgeError(f"{source}: 'stages' must be a non-empty list of COMMAND: {{flags}} items")
     measure = MeasureConfig()
+    if not isinstance(d.get("measure") or {}, dict):
+        raise LMForgeError(f"{key_at(d, 'measure') or source}: measure: expected a mapping of settings")
+    hints = typing.get_type_hints(MeasureConfig)
     for k, v in (d.get("measure") or {}).items():
         if k not in MeasureConfig.__dataclass_fields__:
             known = ", ".join(MeasureConfig.__dataclass_fields__)
             raise LMForgeError(f"{source}: measure.{k}: unknown; known: {known}")
-        setattr(measure, k, v)
+        setattr(measure, k, coerce(v, hints[k], f"{key_at(d['measure'], k) or source}: measure.{k}"))
     stages: list[Stage] = []
     for i, item in enumerate(items):
         where = f"{source}:{lines[i]}" if i < len(lines) else f"{source}: stages[{i}]"
@@ -186,9 +191,9 @@ def parse_pipeline(d: dict[str, Any], source: str, text: str = "") -> Pipeline:
         kind, flags = next(iter(item.items()))
         if kind not in KINDS:
             raise LMForgeError(f"{where}: unknown stage command {kind!r}; known: {', '.join(KINDS)}")
+        if not isinstance(flags if flags is not None else {}, dict):
+            raise LMForgeError(f"{where}: {kind}: expected a mapping of flags, got {flags!r}")
         flags = dict(flags or {})
-        if not isinstance(flags, dict):
-            raise LMForgeError(f"{where}: {kind}: expected a mapping of flags")
         name = str(flags.pop("name", kind))
         do_measure = bool(flags.pop("measure", True))
         if any(s.name == name for s in stages):

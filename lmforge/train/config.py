@@ -148,14 +148,14 @@ def apply_defaults(t: TrainConfig, chosen: dict[str, Any], explicit: set[str]) -
             setattr(t, k, v)
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
+def coerce(value: Any, typ: Any, where: str) -> Any:
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
     if typ is Any or value is None and (type(None) in args):
         return value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        return coerce(value, inner[0], where)
     if origin is dict or typ is dict:
         if not isinstance(value, dict):
             raise LMForgeError(f"{where}: expected a mapping, got {value!r}")
@@ -163,7 +163,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if origin is list or typ is list:
         if not isinstance(value, list):
             raise LMForgeError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):
@@ -193,7 +193,7 @@ def _fill(cls: type, d: dict[str, Any], where: str, key: str = "") -> Any:
         if dataclasses.is_dataclass(t):
             kwargs[k] = _fill(t, v, where, sub)
         else:
-            kwargs[k] = _coerce(v, t, f"{at}: {sub}")
+            kwargs[k] = coerce(v, t, f"{at}: {sub}")
     obj = cls(**kwargs)
     if isinstance(obj, TrainConfig):
         obj.check(where)
