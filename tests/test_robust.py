@@ -852,3 +852,14 @@ def test_prompts_that_are_not_utf8_or_too_long_are_refused_naming_the_flag(tmp_p
     assert r.returncode == 0 and b"message: not UTF-8 text (byte 0xe9 at character 3); not sent" in r.stderr
     assert r.stdout.strip(), r.stderr  # the next message was answered
     one_line(lmforge("chat", "--system", "word " * 1000), "--system:", "fills the model's context of 512")
+
+
+def test_builtin_data_names_work_in_every_command(tmp_path):
+    """``builtin:NAME`` worked in pretrain and pipeline files but not in sft/dpo/ppo ("cannot read: No such file")."""
+    r = lmforge("sft", "--data", "builtin:stories_instruct", "--max-iters", "1", "--out", tmp_path / "s")
+    assert r.returncode == 0, r.stderr[-2000:]
+    from lmforge.data.io import iter_records
+    from lmforge.stages.ppo import read_prompts
+
+    assert next(iter_records("builtin:stories_preferences"))[1] and read_prompts("builtin:stories_prompts")
+    one_line(lmforge("dpo", "--data", "builtin:nope", "--out", tmp_path / "d"), "no built-in file 'nope'")

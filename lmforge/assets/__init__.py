@@ -33,6 +33,12 @@ def builtin_path(spec: str, what: str = "path") -> Path:
     return BUILTIN[name]
 
 
+def local_path(spec: str | Path, what: str = "path") -> Path:
+    """A data path as users give it: ``builtin:NAME`` (one of BUILTIN) or a file path."""
+    spec = str(spec)
+    return builtin_path(spec, what) if spec.startswith("builtin:") else Path(spec)
+
+
 def default_model(path: str | None) -> str:
     """A command's ``--model``, or the bundled stories260K when none is given."""
     return path or str(STORIES260K)

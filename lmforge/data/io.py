@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from lmforge.assets import local_path
 from lmforge.errors import LMForgeError
 from lmforge.files import read_utf8
 
@@ -336,7 +337,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """(where, record) for every record of a JSON list or JSONL file; ``where`` is ``file:line``."""
-    path = Path(path)
+    path = local_path(path)
     text = read_utf8(path)
     stripped = text.lstrip()
     if stripped.startswith("[") or (stripped.startswith("{") and path.suffix == ".json"):

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.assets import default_model
+from lmforge.assets import default_model, local_path
 from lmforge.checkpoint import save_checkpoint
 from lmforge.errors import LMForgeError
 from lmforge.losses import (
@@ -168,7 +168,7 @@ def load_reward_fn(spec: str) -> RewardFn:
 def read_prompts(path: str) -> list[Any]:
     """Prompts from JSONL (``prompt``, ``instruction`` [+ ``input``] or ``messages``) or a text file (one per line).
     Each item is a string or a list of chat messages."""
-    p = Path(path)
+    p = local_path(path, "--prompts")
     if not p.is_file():
         raise LMForgeError(f"--prompts {path}: no such file")
     lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]

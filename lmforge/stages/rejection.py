@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lmforge.assets import local_path
 from lmforge.data.io import iter_records
 from lmforge.data.preference import PreferenceRecord
 from lmforge.errors import LMForgeError
@@ -23,7 +24,7 @@ from lmforge.stages.reward import encode_group, load_reward_model, pad_id_of, pi
 def read_prompts(path: str | Path) -> list[tuple[list[dict[str, str]], str | None]]:
     """(messages, plain prompt text or None) per prompt: JSONL/JSON with ``prompt`` (a string or messages) or
     ``messages``, or a text file with one prompt per line."""
-    path = Path(path)
+    path = local_path(path, "--prompts")
     if not path.is_file():
         raise LMForgeError(f"{path}: no such file")
     out: list[tuple[list[dict[str, str]], str | None]] = []
