@@ -115,6 +115,7 @@ def test_clean_cli_config_stages_and_eval(corpus, tmp_path):
     ("stages: [lang, dedup]\n", "stages[1]: unknown stage 'dedup' (allowed: lang, markup, quality"),
     ("stages:\n  - quality: {min_word: 3}\n", "stages[0].quality: unknown key 'min_word' (allowed: min_words,"),
     ("stage: [pii]\n", "unknown key 'stage' (allowed: stages, batch_size)"),
+    ("stages:\n  - quality: {min_words: abc}\n", "stage quality: min_words: expected int, got 'abc'"),
     ("stages: [pii\n", ":2: invalid YAML"),
     ("stages: [pii]\nstages: [lang]\n", ":2: duplicate key 'stages' (also on line 1)"),
 ])

@@ -141,7 +141,9 @@ def test_config_sections_and_values_of_the_wrong_shape_are_refused(tmp_path):
         r = lmforge("pretrain", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"))
         assert r.returncode == 1 and needle in r.stderr, (text[:80], r.stderr[-800:])
         assert len(r.stderr.strip().splitlines()) == 1
-    for flags, needle in ((["--train.lr", "[a"], "--train.lr '[a': cannot read the value"),
+    for flags, needle in ((["--data.block_size", "-4"], "data.block_size=-4: must be >= 1"),
+                          (["--data.val_fraction", "2"], "data.val_fraction=2.0: must be in [0, 1)"),
+                          (["--train.lr", "[a"], "--train.lr '[a': cannot read the value"),
                           (["--train", "5", "--train.lr", "1"], "--train was given a value, not settings"),
                           (["--data.path", "2024-01-01"], "data.path='2024-01-01': no such file")):
         r = lmforge("pretrain", "--recipe", "baby-gpt-shakespeare", *flags, "--out", str(tmp_path / "o"))

@@ -17,10 +17,8 @@ from lmforge.model import Decoder
 from lmforge.model.decoder import segment_positions
 from lmforge.train import distributed as D
 from lmforge.train.batches import TokenWindows
-from lmforge.train.config import RunConfig
+from lmforge.train.config import OBJECTIVES, RunConfig
 from lmforge.train.loop import Trainer
-
-OBJECTIVES = ("causal", "prefix", "glm")
 
 
 def resolve_path(spec: str) -> Path:

@@ -94,6 +94,7 @@ class TrainConfig:
                 bad(name, f"allowed values are {list(allowed)}")
 
 
+OBJECTIVES = ("causal", "prefix", "glm")  # data.objective
 CHOICES = {"precision": ("auto", "fp32", "bf16", "fp16"), "schedule": ("cosine", "constant", "wsd", "linear"),
            "distributed": ("auto", "ddp", "fsdp", "none"), "best_mode": ("min", "max")}
 
@@ -106,6 +107,16 @@ class DataConfig:
     val_fraction: float = 0.1
     objective: str = "causal"  # causal | prefix | glm
     isolate_documents: bool = False  # packed documents (split at EOS) do not attend to each other
+
+    def check(self, source: str = "") -> None:
+        """One line naming the first setting out of range, before anything loads."""
+        where = f" ({source})" if source and source != "command line" else ""
+        if self.block_size < 1:
+            raise LMForgeError(f"data.block_size={self.block_size}: must be >= 1{where}")
+        if not 0 <= self.val_fraction < 1:
+            raise LMForgeError(f"data.val_fraction={self.val_fraction}: must be in [0, 1){where}")
+        if self.objective not in OBJECTIVES:
+            raise LMForgeError(f"data.objective={self.objective!r}: allowed values are {list(OBJECTIVES)}{where}")
 
 
 @dataclass
@@ -195,7 +206,7 @@ def _fill(cls: type, d: dict[str, Any], where: str, key: str = "") -> Any:
         else:
             kwargs[k] = coerce(v, t, f"{at}: {sub}")
     obj = cls(**kwargs)
-    if isinstance(obj, TrainConfig):
+    if isinstance(obj, (TrainConfig, DataConfig)):
         obj.check(where)
     return obj
 

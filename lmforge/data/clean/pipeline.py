@@ -232,7 +232,7 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
     two CPUs; a ``score`` callable keeps everything in this process)."""
     from tqdm import tqdm
 
-    src = None
+    src = getattr(config, "source", None) or None  # a mapping read by load_config names its file
     if isinstance(config, (str, Path)):
         src = str(config)
         config = load_config(config)
