@@ -97,6 +97,9 @@ class DirLock:
         if key in _held:
             _held[key][1] += 1
             return self
+        if self.dir.is_symlink() and not self.dir.exists():
+            raise LMForgeError(f"{self.flag} {self.dir}: a symbolic link to {os.readlink(self.dir)}, which does not "
+                               "exist")
         if self.dir.exists() and not self.dir.is_dir():
             raise LMForgeError(f"{self.flag} {self.dir}: exists and is not a directory; {self.flag} names a directory")
         try:

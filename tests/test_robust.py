@@ -290,6 +290,10 @@ def test_dir_lock_is_reentrant_within_a_process(tmp_path):
         pass
     with pytest.raises(LMForgeError, match=r"--out .*: cannot write there"), DirLock(tmp_path / "f" / "run"):
         pass
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(LMForgeError, match=r"dangling: a symbolic link to .*gone, which does not exist"), DirLock(
+            tmp_path / "dangling"):
+        pass
 
     with DirLock(tmp_path / "r"), DirLock(tmp_path / "r"):  # the command, then the Trainer inside it
         pass

@@ -87,3 +87,6 @@ def test_cli_encode_decode_refuse_bad_stdin_naming_it(tmp_path):
     r = cli("train", "--input", "/dev/zero", "--vocab-size", "300", "--kind", "bytelevel-bpe", "--output",
             str(tmp_path / "t"))
     assert r.returncode == 1 and "/dev/zero: not a regular file" in r.stderr, r.stderr
+    r = cli("train", "--input", str(STORIES260K_TOKENIZER), "--kind", "char", "--output", str(tmp_path / "t"),
+            "--vocab-size", "300", "--special-tokens", "")
+    assert r.returncode == 1 and "--special-tokens: an empty or blank token" in r.stderr, r.stderr

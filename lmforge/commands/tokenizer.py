@@ -38,6 +38,8 @@ def add_parser(sub, name: str, help_: str) -> None:
 def run_train(args) -> None:
     from lmforge.tokenizer.train import train_tokenizer
 
+    if any(not t.strip() for t in args.special_tokens):
+        raise LMForgeError("--special-tokens: an empty or blank token; give the tokens' text")
     tok = train_tokenizer(args.input, args.vocab_size, args.kind, args.output, args.special_tokens, args.overwrite)
     short = ""
     if args.kind == "char" and tok.vocab_size != args.vocab_size:
