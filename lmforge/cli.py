@@ -88,6 +88,12 @@ def run_command(argv: list[str]) -> None:
     args.func(args)
 
 
+# Under torchrun every process usually meets the same error (a config, a file): the first process of a machine says
+# it at once, the others wait this long first, so that when the first one failed too torchrun ends them before they
+# repeat it; an error of their own is still said, a moment later.
+OTHER_RANKS_WAIT = 3.0
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_command(argv)
@@ -102,17 +108,12 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("LMFORGE_DEBUG", "") not in ("", "0"):
             traceback.print_exc()
         elif os.environ.get("LOCAL_RANK", "0") != "0":
-            time.sleep(OTHER_RANKS_WAIT)  # see OTHER_RANKS_WAIT
+            time.sleep(OTHER_RANKS_WAIT)
         rank = os.environ.get("RANK", "0")
         print(f"lmforge {args.command}: error: {'' if rank == '0' else f'[rank {rank}] '}{error_line(e)}",
               file=sys.stderr)
         sys.exit(1)
 
-
-# Under torchrun every process usually meets the same error (a config, a file): the first process of a machine says
-# it at once, the others wait this long first, so that when the first one failed too torchrun ends them before they
-# repeat it; an error of their own is still said, a moment later.
-OTHER_RANKS_WAIT = 3.0
 
 
 def error_line(e: BaseException) -> str:

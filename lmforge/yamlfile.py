@@ -81,6 +81,9 @@ _Loader.add_constructor("tag:yaml.org,2002:map", _mapping)
 
 def parse_yaml(text: str, source: str) -> Any:
     """Parse ``text`` (read from ``source``), refusing duplicate keys; mappings come back as YamlMap."""
+    if "\0" in text:
+        raise LMForgeError(f"{source}:{text[:text.index(chr(0))].count(chr(10)) + 1}: holds a NUL byte; not YAML "
+                           "text")
     loader = _Loader(text)
     loader.source = source
     try:
@@ -140,8 +143,4 @@ def _check_size(data: Any, source: str) -> None:
 def read_yaml_file(path: str | Path, what: str = "config") -> Any:
     """Read and parse a YAML file; any failure is one line naming it (and the line, where there is one)."""
     path = Path(path)
-    text = read_utf8(path, what)
-    if "\0" in text:
-        raise LMForgeError(f"{path}:{text[:text.index(chr(0))].count(chr(10)) + 1}: holds a NUL byte; a {what} "
-                           "is a YAML text file")
-    return parse_yaml(text, str(path))
+    return parse_yaml(read_utf8(path, what), str(path))

@@ -31,8 +31,9 @@ import yaml
 
 from lmforge.assets import builtin_path
 from lmforge.errors import LMForgeError
+from lmforge.files import read_utf8
 from lmforge.train.config import coerce
-from lmforge.yamlfile import key_at, read_yaml_file
+from lmforge.yamlfile import key_at, parse_yaml
 
 
 @dataclass(frozen=True)
@@ -213,8 +214,8 @@ def parse_pipeline(d: dict[str, Any], source: str, text: str = "") -> Pipeline:
 
 def read_pipeline(path: str | Path) -> Pipeline:
     path = Path(path)
-    d = read_yaml_file(path, "pipeline") or {}
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, "pipeline")
+    d = parse_yaml(text, str(path)) or {}
     if not isinstance(d, dict):
         raise LMForgeError(f"{path}: a pipeline is a mapping with a 'stages' list")
     return parse_pipeline(d, str(path), text)
