@@ -41,8 +41,17 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.splitlines()[0],
+class FlagError(LMForgeError):
+    """Flags argparse refused, raised instead of printing usage and exiting (``parse_command(strict=True)``)."""
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise FlagError(f"{self.prog}: {message}")
+
+
+def build_parser(only: str | None = None, parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser = parser_class(prog="lmforge", description=__doc__.splitlines()[0],
                                      epilog="A failure prints one line (lmforge COMMAND: error: ...) and exits 1; "
                                      "set LMFORGE_DEBUG=1 to see the traceback. Decoding builds a small C helper "
                                      "with the system's cc on first use (~/.cache/lmforge/native); LMFORGE_NATIVE=0 "
@@ -63,12 +72,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_command(argv: list[str]) -> argparse.Namespace:
+def parse_command(argv: list[str], strict: bool = False) -> argparse.Namespace:
     """The parsed arguments of ``lmforge ARGV`` (``--section.key value`` overrides in ``args.overrides``); exits
-    with a usage message on bad arguments, as argparse does."""
+    with a usage message on bad arguments, as argparse does, or with ``strict`` raises ``FlagError``."""
     first = next((a for a in argv if not a.startswith("-")), None)
     known = {c[0] for c in COMMANDS}
-    parser = build_parser(first if first in known else None)
+    parser = build_parser(first if first in known else None, _RaisingParser if strict else argparse.ArgumentParser)
     argv, dotted = _split_dotted(argv)
     args, extra = parser.parse_known_args(argv)
     extra = extra + dotted
@@ -77,6 +86,8 @@ def parse_command(argv: list[str]) -> argparse.Namespace:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = extra
     if not getattr(args, "func", None):
+        if strict:
+            raise FlagError(f"lmforge {' '.join(argv)}: not a complete command")
         parser.print_help()
         sys.exit(0 if args.command is None else 2)
     return args

@@ -152,6 +152,39 @@ def test_errors_name_file_line_and_field(tmp_path):
         _parse("measure: 5\nstages:\n  - sft: {}\n", tmp_path)
 
 
+def test_stage_flags_are_checked_before_anything_runs(tmp_path):
+    """A flag the stage's command does not know, a value of the wrong type or a setting its config refuses fails
+    --dry-run naming the YAML line (they passed it and failed at run time as 'bad flags (see LOG)'); a stage may not
+    set its own output, which the pipeline overrode silently."""
+    from lmforge.pipeline.spec import check_flags
+
+    def refused(text: str, pattern: str, overrides: dict | None = None) -> None:
+        with pytest.raises(LMForgeError, match=pattern):
+            p = _parse(text, tmp_path)
+            apply_overrides(p, overrides or {})
+            check_flags(p)
+
+    tok = "stages:\n  - tokenizer: {input: builtin:stories_corpus, kind: char, %s}\n"
+    refused(tok % "vocab-size: 64, nosuch: 1", r"p\.yaml:2: tokenizer: .*unrecognized arguments: --nosuch 1 "
+                                 r"\(see lmforge tokenizer train --help\)")
+    refused(tok % "vocab-size: abc", r"p\.yaml:2: tokenizer: .*--vocab-size: invalid int value: 'abc'")
+    refused(tok % "output: mine, vocab-size: 64", r"p\.yaml:2: tokenizer: output: set by the pipeline")
+    sft = tok % "vocab-size: 64" + "  - sft: {model: {from: tokenizer}, data: x.json%s}\n"
+    refused(sft % ", train: {lr: abc}", r"p\.yaml:3: sft: train\.lr: expected float, got 'abc'")
+    refused(sft % ", nosuch: {a: 1}", r"p\.yaml:3: sft: unknown key 'nosuch'")
+    refused(sft % "", r"--sft\.out: sft: out: set by the pipeline", {"sft": {"out": "elsewhere"}})
+    refused(sft % "", r"p\.yaml:3: sft: unknown key 'colour'", {"sft": {"colour": "red"}})
+    refused(sft % "", r"--measure\.kl_max: expected float, got 'abc'", {"measure": {"kl_max": "abc"}})
+    p = _parse(sft % ", train: {lr: 1e-4}", tmp_path)
+    check_flags(p)  # a valid pipeline passes, its `from:` inputs not made yet
+    assert not (tmp_path / "runs").exists()
+    r = subprocess.run([sys.executable, "-m", "lmforge", "pipeline", str(tmp_path / "p.yaml"), "--dry-run",
+                        "--sft.train.lr", "abc", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"lmforge pipeline: error: {tmp_path / 'p.yaml'}:3: sft: train.lr: expected float, got 'abc' "
+        "(see lmforge sft --help)"]
+
+
 def test_argv_overrides_and_hash(tmp_path):
     d = yaml.safe_load("""
 stages:

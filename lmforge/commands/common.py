@@ -49,10 +49,17 @@ def report(msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
+class Planned(Exception):
+    """Raised by ``train_in`` when the command was only to check its settings (``args.plan_only``, set by the
+    pipeline's flag check): the config was read and checked, nothing else was done."""
+
+
 def train_in(args, out: str | Path, train: Callable[[bool], T], stream: dict | None = None) -> T:
     """Run ``train(resuming)`` in the run directory ``out``: its lock held by the first process for the whole run (a
     second run in the same ``--out`` is refused before it touches anything), --resume/--overwrite applied first
     (``stream``: data-stream settings a checkpoint resumed must share, checked before anything loads)."""
+    if getattr(args, "plan_only", False):
+        raise Planned
     with DirLock(out) if is_main_process() else contextlib.nullcontext():
         return train(resolve_resume(args, out, stream))
 

@@ -77,7 +77,8 @@ def run(args) -> None:
              for k, v in flags.items() if v is not None}
     d = merge(merge(d, flags), parse_overrides(getattr(args, "overrides", [])))
     cfg = load_run_config(d, where=source)
-    check_prepared_data(cfg.data.path, cfg.data.block_size)
+    if not getattr(args, "plan_only", False):  # the pipeline's flag check: the data may not be prepared yet
+        check_prepared_data(cfg.data.path, cfg.data.block_size)
     result = train_in(args, cfg.out, lambda resume: run_pretrain(cfg, resume=resume),
                       stream={"batch_size": cfg.train.batch_size, "block_size": cfg.data.block_size})
     summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()

@@ -29,7 +29,7 @@ from lmforge.files import DirLock
 from lmforge.model.weights import replace_dir
 from lmforge.pipeline.measure import kl_from, measure_policy
 from lmforge.pipeline.report import write_report
-from lmforge.pipeline.spec import Pipeline, Stage, resolve_value, stage_argv, stage_hash
+from lmforge.pipeline.spec import Pipeline, Stage, check_flags, resolve_value, stage_argv, stage_hash
 from lmforge.train.distributed import KEEP_GROUP
 from lmforge.train.loop import write_json
 
@@ -240,6 +240,7 @@ def run_pipeline(p: Pipeline, out: Path, from_stage: str | None = None, only: st
     for name in (from_stage, only):
         if name is not None:
             p.stage(name)
+    check_flags(p)
     rank, world = _rank()
     main = rank == 0
     if world > 1:

@@ -14,7 +14,8 @@ The YAML::
 
 Each stage is ``COMMAND: {flags}``: the flags of ``lmforge COMMAND --help`` without dashes (``vocab-size`` or
 ``vocab_size``), nested mappings for ``--section.key`` overrides (``train: {lr: 1e-3}`` is ``--train.lr 1e-3``),
-``inputs`` for positional arguments, ``true`` for a switch. The stage's output flag is set by the pipeline.
+``inputs`` for positional arguments, ``true`` for a switch. The stage's output flag is set by the pipeline (a stage
+giving it is refused). Every stage's flags are parsed by its command, and its config checked, before anything runs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from typing import Any
 import yaml
 
 from lmforge.assets import builtin_path
+from lmforge.cli import parse_command
+from lmforge.commands.common import Planned
 from lmforge.errors import LMForgeError
 from lmforge.files import read_utf8
 from lmforge.train.config import coerce
@@ -109,6 +112,15 @@ class Stage:
     @property
     def spec(self) -> Kind:
         return KINDS[self.kind]
+
+    def where(self, source: str) -> str:
+        """``FILE:LINE`` of the stage in its YAML, for errors."""
+        return f"{source}:{self.line}" if self.line else f"{source}: stage {self.name}"
+
+    def pipeline_flags(self) -> tuple[str, ...]:
+        """Flags the pipeline sets itself (the stage's output), which a stage may not give."""
+        own = (self.spec.output_flag.lstrip("-"),)
+        return own + ("report", "overwrite") if self.kind == "clean" else own
 
 
 @dataclass(frozen=True)
@@ -200,6 +212,8 @@ def parse_pipeline(d: dict[str, Any], source: str, text: str = "") -> Pipeline:
         if any(s.name == name for s in stages):
             raise LMForgeError(f"{where}: a second stage named {name!r}; give it `name: OTHER`")
         args = _flatten(flags)
+        for path in args:
+            _check_not_own(Stage(name, kind, {}), path, where)
         for path, v in args.items():
             for ref in v if isinstance(v, list) else [v]:
                 if isinstance(ref, Ref) and not any(s.name == ref.stage for s in stages) and not (
@@ -226,7 +240,8 @@ def apply_overrides(p: Pipeline, overrides: dict[str, Any]) -> None:
     for key, value in _flatten(overrides).items():
         head, rest = key[0], key[1:]
         if head == "measure" and len(rest) == 1 and rest[0] in MeasureConfig.__dataclass_fields__:
-            setattr(p.measure, rest[0], value)
+            hint = typing.get_type_hints(MeasureConfig)[rest[0]]
+            setattr(p.measure, rest[0], coerce(value, hint, f"--measure.{rest[0]}"))
         elif head == "base" and not rest:
             p.base = str(value)
             p.stages = [s for s in p.stages if s.kind not in PRETRAINING]
@@ -235,10 +250,36 @@ def apply_overrides(p: Pipeline, overrides: dict[str, Any]) -> None:
         else:
             stage = p.stage(head)
             rest = (rest[0].replace("_", "-"),) + rest[1:] if len(rest) == 1 else rest
+            _check_not_own(stage, rest, f"--{'.'.join(key)}")
             for k in list(stage.args):  # --sft.max_iters replaces max-iters
                 if _norm(k) == _norm(rest):
                     del stage.args[k]
             stage.args[rest] = value
+
+
+def _check_not_own(stage: Stage, path: tuple[str, ...], where: str) -> None:
+    if len(path) == 1 and path[0].replace("_", "-") in stage.pipeline_flags():
+        raise LMForgeError(f"{where}: {stage.kind}: {path[0]}: set by the pipeline (the stage writes into "
+                           f"OUT/{stage.name}); remove it, or use --out for the run directory")
+
+
+def check_flags(p: Pipeline) -> None:
+    """Every stage's flags parsed by its command's own parser, before anything runs: an unknown flag or a value of
+    the wrong type is refused naming the stage's line (``{from: X}`` inputs stand in as placeholder paths)."""
+    products = {s.name: Path(p.out) / s.name for s in p.stages}
+    for st in p.stages:
+        try:
+            argv = stage_argv(st, products, p.base or "BASE", Path(p.out) / st.name)
+            args = parse_command(argv, strict=True)
+            if getattr(args, "accepts_overrides", False):  # the training commands: their config read and checked
+                args.plan_only = True
+                try:
+                    args.func(args)
+                except Planned:
+                    pass
+        except LMForgeError as e:
+            raise LMForgeError(f"{st.where(p.source)}: {st.kind}: {str(e).removeprefix('command line: ')} (see lmforge "
+                               f"{' '.join(st.spec.command)} --help)") from None
 
 
 def _norm(path: tuple[str, ...]) -> tuple[str, ...]:
