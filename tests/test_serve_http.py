@@ -89,11 +89,17 @@ def test_malformed_content_length_is_400_and_nothing_runs(server, length):
 
 
 def test_headers_over_the_limit_get_431(server):
-    """h11 stops reading headers past 16 KiB that have not ended: 431 (uvicorn answered 400) as a JSON body."""
+    """Headers past 16 KiB: 431 (uvicorn answered 400) as a JSON body, whether they are still arriving (h11's limit)
+    or arrived whole in one write (which h11 let through)."""
     head = request("GET", "/v1/models", headers={"X-Big": "a" * 20_000})
     st, headers, out = http(server, head[: head.index(b"\r\n\r\n")])  # (the headers never end)
     assert st == 431 and error(st, out)["code"] == "header_too_large"
     assert headers["content-type"] == JSON["Content-Type"]
+    for size in (17_000, 60_000):  # a whole head arriving in one write: h11 let it through, 200
+        st, _, out = http(server, request("GET", "/health", headers={"X-Big": "a" * size}))
+        assert st == 431 and error(st, out)["code"] == "header_too_large", size
+    st, _, out = http(server, request("GET", "/health", headers={"X-Big": "a" * 16_000}))
+    assert st == 200  # under the limit
     st, _, out = http(server, b"GARBAGE\r\n\r\n")  # the next connection's parse error is 400 again
     assert st == 400 and error(st, out)["code"] == "bad_request"
 

@@ -38,6 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match
+from uvicorn.protocols.http import h11_impl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from lmforge.infer.batching import BatchEngine
@@ -397,21 +398,32 @@ class _CORS(CORSMiddleware):
         return JSONResponse(body, status_code=resp.status_code, headers=headers)
 
 
+def _head_size(r: h11.Request) -> int:
+    """Bytes of a request's line and headers as sent (each header ``name: value\\r\\n``)."""
+    return len(r.method) + len(r.target) + 12 + sum(len(k) + len(v) + 4 for k, v in r.headers.raw_items())
+
+
 class _H11(H11Protocol):
     """uvicorn's h11 protocol, answering a malformed request with a JSON error body, and headers over h11's limit
-    with the status h11 gives for them (431; uvicorn answered every parse error 400)."""
+    with the status h11 gives for them (431; uvicorn answered every parse error 400). h11 applies its limit only to
+    a request head still arriving; one that arrives whole in a single read is measured here against the same limit."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: uvicorn.Config, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
         self.error_status = 400
+        limit = config.h11_max_incomplete_event_size or h11_impl.DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
         next_event = self.conn.next_event
 
         def noting_status():  # (uvicorn drops the exception's error_status_hint)
             try:
-                return next_event()
+                event = next_event()
             except h11.RemoteProtocolError as e:
                 self.error_status = e.error_status_hint
                 raise
+            if isinstance(event, h11.Request) and _head_size(event) > limit:
+                self.error_status = 431
+                raise h11.RemoteProtocolError("request head over the limit", error_status_hint=431)
+            return event
 
         self.conn.next_event = noting_status
 
