@@ -188,3 +188,18 @@ def test_glm_blank_infilling_objective_runs(tmp_path):
     assert cfg["vocab_size"] == 65 + 5 and cfg["position"] == "glm2d"
     vals = [x["val_loss"] for x in rows(out) if "val_loss" in x]
     assert len(vals) == 3 and all(v == v and v < 6 for v in vals)
+
+
+def test_loss_plot_of_a_run_named_with_bytes_that_are_not_utf8(tmp_path):
+    """A --out name holding bytes that are not UTF-8 (a surrogate escape in Python) trained, then failed in
+    matplotlib drawing the plot's title."""
+    import os
+
+    from lmforge.train.metrics import plot_losses
+
+    run = tmp_path / os.fsdecode(b"bad\xffname")
+    run.mkdir()
+    rows = [{"step": i, "train_loss": 3.0 - 0.1 * i} for i in range(1, 6)] + [{"step": 5, "val_loss": 2.6}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot_losses(run / "metrics.jsonl", run / "loss.png") == run / "loss.png"
+    assert (run / "loss.png").stat().st_size > 1000

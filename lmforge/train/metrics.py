@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend()
-    ax.set_title(metrics.parent.name)
+    ax.set_title(os.fsencode(metrics.parent.name).decode("utf-8", "replace"))  # (a name that is not UTF-8: U+FFFD)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
