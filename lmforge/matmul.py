@@ -65,7 +65,15 @@ def onednn_chosen() -> bool:
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if not _dense(w):  # rows at another stride (a slice of a wider matrix): oneDNN's reference kernel, ~400x slower
+        w = w.contiguous()
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def _dense(w: torch.Tensor) -> bool:
+    """Whether a 2-D weight is stored row-major or as the transpose of a row-major matrix, with no gaps."""
+    (n, k), (s0, s1) = w.shape, w.stride()
+    return (s1 == 1 and (s0 == k or n == 1)) or (s0 == 1 and (s1 == n or k == 1))
 
 
 class _Linear(torch.autograd.Function):
