@@ -439,6 +439,20 @@ def test_gptq_default_path_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(ids), before, rtol=1e-4, atol=1e-4)
 
 
+def test_gptq_runs_each_block_only_as_far_as_a_layer_needs():
+    """Each layer's statistics need the block only up to that layer: the forwards stop there (qkv's and proj's
+    inside the attention), and the float block's last statistics forward gives its output. Per block the attention
+    runs to its end 5 times (float: for fc1, fc2; quantized: for fc1, fc2 and the output) where every forward ran
+    whole (10 times), the same weights coming out."""
+    model = _stories()
+    calib = self_calibration(model, 2, 32)
+    finished = []
+    for i, block in enumerate(model.blocks):
+        block.attn.register_forward_hook(lambda mod, inp, out, i=i: finished.append(i))  # (copied with the block)
+    quantize_model(model, QuantConfig(4, 32, method="gptq"), calib)
+    assert [finished.count(i) for i in range(len(model.blocks))] == [5] * len(model.blocks)
+
+
 @pytest.mark.parametrize("method,symmetric", [("rtn", True), ("rtn", False), ("gptq", True)])
 def test_int4_scales_and_zeros_are_rounded_to_float16_values(method, symmetric):
     """``quantize_model`` rounds every int4 layer's scales and zeros to float16 values (float32 tensors), its levels

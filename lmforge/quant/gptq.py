@@ -157,27 +157,39 @@ def gptq_model(model: nn.Module, qcfg: QuantConfig, calibration: torch.Tensor, p
         names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
         order = sorted(names, key=lambda n: (["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"] + [n]).index(n))
         fp_block = copy.deepcopy(block) if correct_inputs else None
+        fp_out = None
         for name in order:
             lin = block.get_submodule(name)
             kin = lin.in_features
             stats: dict[str, Any] = {"h": torch.zeros(kin, kin), "c": torch.zeros(kin, kin), "n": 0, "fp": []}
+            stop = name != order[-1]  # a forward ends once this layer has its input; the last one runs whole
 
-            def acc(mod, inp, out, stats=stats):
+            def acc(mod, inp, out, stats=stats, stop=stop):
                 a = inp[0].reshape(-1, inp[0].shape[-1]).float().cpu()
                 stats["h"] += 2 * a.t() @ a
                 if stats["fp"]:
                     stats["c"] += 2 * (stats["fp"].pop(0) - a).t() @ a
                 stats["n"] += a.shape[0]
+                if stop:
+                    raise _Stop
 
-            def keep(mod, inp, out, stats=stats):
+            def keep(mod, inp, out, stats=stats, stop=stop):
                 stats["fp"].append(inp[0].reshape(-1, inp[0].shape[-1]).float().cpu())
+                if stop:
+                    raise _Stop
 
             h = lin.register_forward_hook(acc)
             hf = fp_block.get_submodule(name).register_forward_hook(keep) if fp_block is not None else None
             try:  # the float inputs first, then the quantized ones (acc pairs them up)
                 if fp_block is not None:
-                    fp_block(x_fp, *rest, **kwargs)
-                block(x, *rest, **kwargs)
+                    try:
+                        fp_out = fp_block(x_fp, *rest, **kwargs)  # (the last layer's: the float block's output)
+                    except _Stop:
+                        pass
+                try:
+                    block(x, *rest, **kwargs)
+                except _Stop:
+                    pass
             finally:
                 h.remove()
                 if hf is not None:
@@ -198,5 +210,5 @@ def gptq_model(model: nn.Module, qcfg: QuantConfig, calibration: torch.Tensor, p
                 ql.bias = lin.bias.detach().float().clone()
             set_module(block, name, ql.to(lin.weight.device))
         x = block(x, *rest, **kwargs)
-        if fp_block is not None:
-            x_fp = fp_block(x_fp, *rest, **kwargs)
+        if fp_out is not None:
+            x_fp = fp_out
