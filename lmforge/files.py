@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from pathlib import Path
 
 try:
@@ -44,6 +45,61 @@ def check_output(out: Path, overwrite: bool, sources: list[Path], flag: str) -> 
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise LMForgeError(f"{flag} {out}: exists; pass --overwrite to replace it")
     check_replaceable(out, flag)
+
+
+def check_output_file(out: Path, overwrite: bool, sources: list[Path | None] = (), flag: str = "--output") -> None:
+    """Before any work: refuse (one line) a file output that is a directory, one that would replace what is being
+    read (an input, or an existing file inside an input directory), and an existing file unless ``overwrite``."""
+    if out.is_dir():
+        raise LMForgeError(f"{flag} {out}: is a directory; {flag} names a file")
+    target = out.resolve()
+    for src in sources:
+        if src is not None and src.exists() and (target == src.resolve() or (
+                out.exists() and src.resolve() in target.parents)):
+            raise LMForgeError(f"{flag} {out}: it would replace {'a file of ' if src.is_dir() else ''}{src}, which "
+                               "is being read; write elsewhere")
+    if out.exists() and not overwrite:
+        raise LMForgeError(f"{flag} {out}: exists; pass --overwrite to replace it")
+
+
+class AtomicFile:
+    """A temporary file beside ``path``, renamed over it by ``commit()``; removed if never committed. The file gets
+    the permissions of a file the user creates (0666 minus the umask), not ``mkstemp``'s 0600."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)  # (as data prepare and tokenizer train make their outputs)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
+        except OSError as e:
+            raise LMForgeError(f"{self.path}: cannot write in {parent}: {e.strerror}") from None
+        self.tmp = Path(tmp)
+        self.f = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+
+    def commit(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        os.fchmod(self.f.fileno(), 0o666 & ~current_umask())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all (a temporary file beside it, renamed over it)."""
+    out = AtomicFile(path)
+    try:
+        out.f.write(text)
+        out.commit()
+    except BaseException:
+        out.discard()
+        raise
 
 
 def read_utf8(path: Path, what: str = "") -> str:

@@ -99,3 +99,27 @@ def test_peft_command_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "invalid choice" in r.stderr
     r = lmforge("peft", "--help")
     assert r.returncode == 0 and "merge" in r.stdout and "export" in r.stdout
+
+
+def test_peft_outputs_never_replace_inputs_or_existing_outputs(tmp_path):
+    """merge and export replaced any --output (an unrelated directory, the adapter itself, the base) with exit 0;
+    export --format hf carried no tokenizer, so `generate` could not use its output."""
+    make_adapter(tmp_path / "ad", "lora", {"targets": "q"})
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("important")
+    for cmd in (["merge"], ["export"], ["export", "--format", "hf"]):
+        r = lmforge("peft", *cmd, "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "mine"))
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+            f"lmforge peft: error: --output {tmp_path / 'mine'}: exists; pass --overwrite to replace it"], r.stderr
+        r = lmforge("peft", *cmd, "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "ad"))
+        assert r.returncode == 1 and "which is being read" in r.stderr, r.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "important"
+    assert (tmp_path / "ad" / "adapter_model.safetensors").exists()
+    r = lmforge("peft", "merge", "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "mine"), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    r = lmforge("peft", "export", "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "hf"),
+                "--format", "hf")
+    assert r.returncode == 0, r.stderr
+    assert find_tokenizer_path(tmp_path / "hf", 512) is not None
+    r = lmforge("generate", "--model", str(tmp_path / "hf"), "--prompt", "Once", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr

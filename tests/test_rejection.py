@@ -53,3 +53,50 @@ def test_rejection_sample_errors_are_one_line(tmp_path):
             "--out", str(tmp_path / "o.jsonl"))
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("lmforge rejection-sample: error: ")
     assert "Traceback" not in r.stderr
+
+
+def test_outputs_are_checked_before_any_work_and_long_prompts_left_out(tmp_path, stories):
+    """rejection-sample --out and reward score --output replaced any file, their own inputs and the reward model's
+    weights included; a prompt longer than the context was written as a blank reply; --batch-size -1 scored
+    nothing with exit 0."""
+    model, tok = stories
+    torch.manual_seed(0)
+    rm_dir = save_scalar_model(ScalarHeadModel(model), tmp_path / "rm", tok)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat sat on the mat " * 300 + "\nTom saw a dog.\n")
+    weights = (rm_dir / "model.safetensors").read_bytes()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Hi", "chosen": "A cat.", "rejected": "A dog."}) + "\n")
+
+    def sample(*args: str) -> subprocess.CompletedProcess:
+        return run("rejection-sample", "--model", "", "--reward", str(rm_dir), "--prompts", str(prompts), "--k", "2",
+                   "--max-new-tokens", "4", *args)
+
+    def refused(r: subprocess.CompletedProcess, message: str) -> None:
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].endswith(message), r.stderr
+
+    refused(sample("--out", str(prompts)), f"--out {prompts}: it would replace {prompts}, which is being read; "
+                                           "write elsewhere")
+    refused(sample("--out", str(rm_dir / "model.safetensors")), "which is being read; write elsewhere")
+    refused(sample("--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", "0"), "--max-new-tokens 0: must be >= 1")
+    refused(sample("--out", str(tmp_path / "o.jsonl"), "--top-p", "0"), "--top-p 0.0: must be in (0, 1]")
+    r = sample("--out", str(tmp_path / "o.jsonl"))
+    assert r.returncode == 0 and "1 of 2 prompts leave no room in the policy's context of 512 tokens" in r.stderr
+    rows = [json.loads(ln) for ln in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [row["messages"][0]["content"] for row in rows] == ["Tom saw a dog."]
+    refused(sample("--out", str(tmp_path / "o.jsonl")), "exists; pass --overwrite to replace it")
+    assert sample("--out", str(tmp_path / "o.jsonl"), "--overwrite").returncode == 0
+
+    def score(*args: str) -> subprocess.CompletedProcess:
+        return run("reward", "score", "--model", str(rm_dir), "--data", str(pairs), *args)
+
+    refused(score("--output", str(pairs)), "which is being read; write elsewhere")
+    refused(score("--output", str(rm_dir / "model.safetensors")), f"it would replace a file of {rm_dir}, which is "
+                                                                 "being read; write elsewhere")
+    refused(score("--output", str(tmp_path)), f"--output {tmp_path}: is a directory; --output names a file")
+    refused(score("--batch-size", "-1"), "--batch-size -1: must be >= 1")
+    assert (rm_dir / "model.safetensors").read_bytes() == weights
+    assert score("--output", str(tmp_path / "s.jsonl")).returncode == 0
+    refused(score("--output", str(tmp_path / "s.jsonl")), "exists; pass --overwrite to replace it")
+    refused(run("eval", "--task", "perplexity", "--data", str(prompts), "--output", str(tmp_path / "rm")),
+            "is a directory; --output names a file")  # (it passed the check, then failed after the evaluation)

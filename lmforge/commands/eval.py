@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 from lmforge.commands.args import seed_type
 from lmforge.commands.common import add_model_args, load_model_and_tokenizer
 from lmforge.errors import LMForgeError
-from lmforge.files import check_output
+from lmforge.files import check_output_file, write_text_atomic
 
 DESCRIPTION = (
     "Evaluate a model on a task read from local files, scored as lm-evaluation-harness scores it: multiple choice "
@@ -82,16 +81,13 @@ def run(args) -> None:
                      context=args.context, stride=args.stride, batch_tokens=args.batch_tokens, add_bos=args.bos)
     if args.output:  # before any work: never over what is read, nor over an existing file without --overwrite
         sources = [Path(p) for p in (args.data, args.fewshot_data, args.model, args.tokenizer, args.adapter) if p]
-        check_output(Path(args.output), args.overwrite, sources, "--output")
+        check_output_file(Path(args.output), args.overwrite, sources)
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
     model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
     res = evaluate(model, tok, cfg)
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({**res.to_json(), "model": args.model}, indent=1, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
+        write_text_atomic(args.output, json.dumps({**res.to_json(), "model": args.model}, indent=1,
+                                                  ensure_ascii=False) + "\n")
     print(format_table(res))
     sys.stdout.flush()
     print(res.summary_line())

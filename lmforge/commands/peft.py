@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
+from lmforge.files import check_output
 
 EXPORT_FORMATS = ("peft", "lmforge", "hf")
 
@@ -23,6 +24,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     m.add_argument("--adapter", required=True, help="adapter directory")
     m.add_argument("--output", required=True, help="output checkpoint directory")
     m.add_argument("--tokenizer", help="tokenizer to carry along (default: found with the base)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     m.set_defaults(func=run_merge)
     e = ps.add_parser("export", help="rewrite an adapter in PEFT's layout, lmforge's, or as a merged HF model",
                       description="peft: adapter_config.json + adapter_model.safetensors keyed as peft names them "
@@ -34,6 +36,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     e.add_argument("--format", choices=EXPORT_FORMATS, default="peft", help="peft (default), lmforge or hf")
     e.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     e.add_argument("--base-name", help="base_model_name_or_path to record (default: the base path)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     e.set_defaults(func=run_export)
 
 
@@ -57,6 +60,9 @@ def _load(args):
     from lmforge.peft import load_adapter
 
     path = _base_path(args)
+    tok = Path(args.tokenizer) if getattr(args, "tokenizer", None) else None
+    # before any work: never over the adapter, the base or the tokenizer, nor over an output without --overwrite
+    check_output(Path(args.output), args.overwrite, [Path(args.adapter), path, tok], "--output")
     model = load_model(path)
     resolved = load_adapter(model, args.adapter)
     return path, model.eval(), resolved
@@ -64,6 +70,7 @@ def _load(args):
 
 def run_merge(args) -> None:
     from lmforge.checkpoint import save_checkpoint
+    from lmforge.commands.args import check_vocab
     from lmforge.commands.quantize import _load_tokenizer
     from lmforge.peft.lora import lora_layers, unwrap
 
@@ -74,11 +81,14 @@ def run_merge(args) -> None:
     n = len(lora_layers(model))
     unwrap(model)
     tok, _ = _load_tokenizer(path, args.tokenizer, model.cfg.vocab_size)
+    if tok is not None:  # refused here, as `generate` would refuse the output
+        check_vocab(model.cfg, tok, str(path), args.tokenizer or str(path))
     out = save_checkpoint(model, args.output, tok)
     print(f"{out}: {resolved['method']} adapter merged into {n} layers of {path}")
 
 
 def run_export(args) -> None:
+    from lmforge.commands.quantize import _load_tokenizer
     from lmforge.interop.hf import write_hf_dir
     from lmforge.peft import save_adapter
     from lmforge.peft.lora import lora_layers, unwrap
@@ -89,8 +99,12 @@ def run_export(args) -> None:
         if not lora_layers(model):
             raise LMForgeError(f"--format hf: a {method} adapter cannot be merged into the weights; use peft/lmforge")
         unwrap(model)
+        tok, _ = _load_tokenizer(path, None, model.cfg.vocab_size)
         write_hf_dir(Path(args.output), model.cfg, dict(model.state_dict()))
-        print(f"{args.output}: the base with the adapter merged, as a transformers checkpoint")
+        if tok is not None:  # (as `convert --to hf`): a directory generate and transformers can use
+            tok.save(str(args.output))
+        print(f"{args.output}: the base with the adapter merged, as a transformers checkpoint"
+              f"{'' if tok is not None else ' (no tokenizer found with the base: weights only)'}")
         return
     out = save_adapter(model, args.output, args.base_name or str(path), resolved, method, args.format)
     print(f"{out}: {method} adapter in {args.format}'s layout")

@@ -18,6 +18,7 @@ def add_parser(sub, name: str, help_: str) -> None:
                                                     "with one prompt per line")
     p.add_argument("--k", type=int, default=8, help="samples per prompt (default 8)")
     p.add_argument("--out", required=True, help="output JSONL (SFT format)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per sample (default 128)")
@@ -28,9 +29,22 @@ def add_parser(sub, name: str, help_: str) -> None:
 
 
 def run(args) -> None:
+    import math
+    from pathlib import Path
+
+    from lmforge.errors import LMForgeError
+    from lmforge.files import check_output_file
     from lmforge.stages.rejection import run_rejection
     from lmforge.train.distributed import one_process
 
     one_process("rejection-sample")
+    for flag, ok, need in (("--k", args.k >= 1, ">= 1"), ("--max-new-tokens", args.max_new_tokens >= 1, ">= 1"),
+                           ("--batch-size", args.batch_size >= 1, ">= 1"),
+                           ("--temperature", math.isfinite(args.temperature) and args.temperature >= 0, ">= 0"),
+                           ("--top-p", 0 < args.top_p <= 1, "in (0, 1]")):
+        if not ok:
+            raise LMForgeError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {need}")
+    check_output_file(Path(args.out), args.overwrite, [Path(args.model), Path(args.reward), Path(args.prompts),
+                                                        Path(args.tokenizer) if args.tokenizer else None], "--out")
     run_rejection(args.model, args.reward, args.prompts, args.out, args.k, args.temperature, args.top_p,
                   args.max_new_tokens, args.batch_size, args.seed, args.device, args.tokenizer)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lmforge.commands.args import seed_type
 from lmforge.commands.common import add_resume_args, report, train_in
 from lmforge.commands.sft import _drop_none
 from lmforge.errors import LMForgeError
+from lmforge.files import check_output_file
 
 
 def add_parser(sub, name: str, help_: str) -> None:
@@ -46,6 +49,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     s.add_argument("--model", required=True, help="reward model directory (written by `lmforge reward`)")
     s.add_argument("--data", required=True, help="preference data file (same formats as training)")
     s.add_argument("--output", help="JSONL file for the per-pair scores (default: stdout)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     s.add_argument("--max-len", type=int, default=0, help="tokens per prompt + response (default: as in training)")
     s.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
     s.set_defaults(func=run_score, accepts_overrides=False)
@@ -76,5 +80,11 @@ def run(args) -> None:
 def run_score(args) -> None:
     from lmforge.stages.reward import score_file
 
+    if args.batch_size < 1:
+        raise LMForgeError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.max_len < 0:
+        raise LMForgeError(f"--max-len {args.max_len}: must be >= 0 (0: as in training)")
+    if args.output:  # before any work: never over what is read, nor over an existing file without --overwrite
+        check_output_file(Path(args.output), args.overwrite, [Path(args.model), Path(args.data)])
     acc = score_file(args.model, args.data, args.output, args.max_len, args.batch_size)
     print(f"accuracy={acc:.3f}")

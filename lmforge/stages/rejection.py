@@ -15,6 +15,7 @@ from lmforge.assets import local_path
 from lmforge.data.io import iter_records
 from lmforge.data.preference import PreferenceRecord
 from lmforge.errors import LMForgeError
+from lmforge.files import write_text_atomic
 from lmforge.infer.chat import apply_template, encode_text_with_specials, end_of_turn
 from lmforge.infer.generate import generate_batch
 from lmforge.infer.sampling import SamplingParams
@@ -87,13 +88,25 @@ def run_rejection(model: str, reward: str, prompts: str, out: str, k: int = 8, t
     template = pick_template(tok, "")
     rm, rtok, rtemplate = load_reward_model(reward, device)
     items = read_prompts(prompts)
+    ctx = policy.cfg.block_size - policy.num_virtual_tokens
+    encoded_all = [encode_prompt(tok, template, msgs, text) for msgs, text in items]
+    fits = [i for i, (ids, _) in enumerate(encoded_all) if len(ids) < ctx]
+    if len(fits) < len(items):  # no room to answer: left out, not written as a blank reply
+        first = next(i for i in range(len(items)) if i not in set(fits))
+        log(f"rejection-sample: {len(items) - len(fits)} of {len(items)} prompts leave no room in the policy's "
+            f"context of {ctx} tokens and are left out (the first: prompt {first + 1}, "
+            f"{len(encoded_all[first][0])} tokens)")
+        if not fits:
+            raise LMForgeError(f"--prompts {prompts}: no prompt fits the policy's context of {ctx} tokens")
+    items, encoded_all = [items[i] for i in fits], [encoded_all[i] for i in fits]
     torch.manual_seed(seed)
     per = max(1, batch_size // k)
     best_scores, mean_scores = [], []
     lines = []
+    blank = 0
     for s in range(0, len(items), per):
         chunk = items[s : s + per]
-        encoded = [encode_prompt(tok, template, msgs, text) for msgs, text in chunk]
+        encoded = encoded_all[s : s + per]
         rows = [ids for ids, _ in encoded for _ in range(k)]
         params = [SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                  stop_ids=list(stop), seed=seed + s * k + j)
@@ -109,10 +122,16 @@ def run_rejection(model: str, reward: str, prompts: str, out: str, k: int = 8, t
             j = max(range(k), key=lambda i: scores[i])
             best_scores.append(scores[j])
             mean_scores.append(sum(scores) / k)
+            if not resp[j].strip():  # a blank reply is no SFT example
+                blank += 1
+                continue
             lines.append(json.dumps({"messages": [*msgs, {"role": "assistant", "content": resp[j]}],
                                      "reward": scores[j], "rewards": scores}))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if blank:
+        log(f"rejection-sample: {blank} prompts whose best sample was empty are left out")
+    if not lines:
+        raise LMForgeError(f"rejection-sample: every best sample was empty; nothing written to {out}")
+    write_text_atomic(out, "\n".join(lines) + "\n")
     n = len(best_scores)
     result = {"prompts": n, "k": k, "mean_best_reward": sum(best_scores) / n, "mean_reward": sum(mean_scores) / n}
     log(f"rejection-sample: {n} prompts x {k} samples; mean reward {result['mean_reward']:.4f}, best-of-{k} "

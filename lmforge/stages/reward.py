@@ -32,7 +32,7 @@ from tqdm import tqdm
 from lmforge.assets import default_model
 from lmforge.data.preference import PreferenceRecord, collate_groups, encode_response, read_preference_file, shared_len
 from lmforge.errors import LMForgeError
-from lmforge.files import public_modes
+from lmforge.files import public_modes, write_text_atomic
 from lmforge.losses import ranked_pairs, ranked_reward_loss
 from lmforge.model.decoder import supports_branches
 from lmforge.model.heads import ScalarHeadModel, load_scalar_model, read_head_config, save_scalar_model
@@ -561,7 +561,7 @@ def score_file(model_dir: str, data: str, output: str | None, max_len: int = 0, 
             lines.append(json.dumps(row))
     text = "\n".join(lines) + "\n"
     if output:
-        Path(output).write_text(text)
+        write_text_atomic(output, text)
     else:
         sys.stdout.write(text)
     return pair_accuracy(scores)

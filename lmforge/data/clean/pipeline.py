@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from lmforge.data.clean.pii import PIIScrubber
 from lmforge.data.clean.quality import QualityFilter
 from lmforge.data.io import BadRecords, Document, input_bytes, iter_documents
 from lmforge.errors import LMForgeError
-from lmforge.files import current_umask
+from lmforge.files import AtomicFile, check_output_file
 from lmforge.yamlfile import read_yaml_file
 
 STAGES: dict[str, type[Stage]] = {c.name: c for c in (
@@ -122,42 +121,6 @@ def _batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
         yield batch
 
 
-def check_output_file(path: Path, overwrite: bool, flag: str = "--output") -> None:
-    """Refuse, before any work, an output that is a directory, or an existing file without ``overwrite``."""
-    if path.is_dir():
-        raise LMForgeError(f"{path}: is a directory; {flag} names a file")
-    if path.exists() and not overwrite:
-        raise LMForgeError(f"{path}: exists; pass --overwrite to replace it")
-
-
-class AtomicFile:
-    """A temporary file beside ``path``, renamed over it by ``commit()``; removed if never committed. The file gets
-    the permissions of a file the user creates (0666 minus the umask), not ``mkstemp``'s 0600."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        parent = self.path.parent if str(self.path.parent) else Path(".")
-        try:
-            parent.mkdir(parents=True, exist_ok=True)  # (as data prepare and tokenizer train make their outputs)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
-        except OSError as e:
-            raise LMForgeError(f"{self.path}: cannot write in {parent}: {e.strerror}") from None
-        self.tmp = Path(tmp)
-        self.f = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
-
-    def commit(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        os.fchmod(self.f.fileno(), 0o666 & ~current_umask())
-        self.f.close()
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        if not self.f.closed:
-            self.f.close()
-        self.tmp.unlink(missing_ok=True)
-
-
 def run_stages(stages: list[Stage], docs: Iterable[Document], batch_size: int = BATCH_SIZE) -> Iterator[Document]:
     """Stream ``docs`` through ``stages`` in batches; yield the survivors in input order."""
     for batch in _batches(docs, batch_size):
@@ -255,7 +218,7 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
             raise LMForgeError(f"{p}: no such input file")
     check_output_file(out_path, overwrite)
     if report is not None:
-        check_output_file(Path(report), overwrite, "--report")
+        check_output_file(Path(report), overwrite, flag="--report")
     stages = build_stages(cfg, src, **({"score": score} if score is not None else {}))
     total = input_bytes(inputs)
     if workers < 0:
