@@ -231,3 +231,17 @@ def test_collate_groups_feeds_reward_and_dpo_losses(stories):
         start = len(ex["input_ids"]) - len(resp)
         single = token_logprobs(model(ids)[0, start - 1 : -1], torch.tensor(resp)).sum()
         assert logps[row].item() == pytest.approx(single.item(), abs=1e-4)
+
+
+def test_a_json_file_holding_one_record_with_a_list_of_messages_is_that_record(tmp_path):
+    """A .json file of one preference record whose only list-of-objects field is its responses (or chosen) was taken
+    for a {"data": [...]} wrapper ("field 'chosen': missing"); the same record as .jsonl read fine."""
+    msgs = [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]
+    for rec in ({"prompt": "x", "responses": msgs}, {"prompt": "x", "chosen": msgs[:1], "rejected": "b"}):
+        path = tmp_path / "one.json"
+        path.write_text(json.dumps(rec))
+        (tmp_path / "one.jsonl").write_text(json.dumps(rec) + "\n")
+        assert len(read_preference_file(path)) == 1
+        assert read_preference_file(path)[0].responses == read_preference_file(tmp_path / "one.jsonl")[0].responses
+    path.write_text(json.dumps({"data": [{"prompt": "x", "chosen": "a", "rejected": "b"}] * 2}))  # a wrapper still
+    assert len(read_preference_file(path)) == 2

@@ -364,7 +364,9 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
 
 
 def _looks_like_record(d: dict) -> bool:
-    return any(k in d for k in ("instruction", "conversations", "messages", "instances"))
+    """A single record (instruction, chat or preference data), not a wrapper such as {"data": [...]}."""
+    return any(k in d for k in ("instruction", "conversations", "messages", "instances", "prompt", "chosen",
+                                "rejected", "responses"))
 
 
 def _record_lines(text: str) -> list[int]:
