@@ -151,6 +151,12 @@ def test_fit_recovers_a_law_and_predicts_a_held_out_run():
     assert law.loss(runs[-1].params, runs[-1].tokens) == pytest.approx(runs[-1].loss, rel=0.01)
     with pytest.raises(Exception, match="at least 5 runs"):
         fit_law(runs[:3])
+    # one run given five times is one point ("fitted" with the start values); a Huber delta <= 0 or NaN crashed
+    with pytest.raises(LMForgeError, match=r"distinct \(parameters, tokens\), got 1 among 5 runs"):
+        fit_law(runs[:1] * 5)
+    for delta in (0.0, -1.0, math.nan):
+        with pytest.raises(LMForgeError, match="the Huber delta must be a finite number > 0"):
+            fit_law(runs[:-1], delta)
 
 
 # ---- the command ---------------------------------------------------------------------------------------------------

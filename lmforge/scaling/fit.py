@@ -51,8 +51,12 @@ def fit_law(runs: list[Run], delta: float = 1e-3, top: int = 32,
     """Best (law, objective) over L-BFGS runs started from the ``top`` best points of the initialisation grid."""
     from scipy.optimize import minimize
 
-    if len(runs) < 5:
-        raise LMForgeError(f"fitting 5 parameters needs at least 5 runs, got {len(runs)}")
+    if not (math.isfinite(delta) and delta > 0):
+        raise LMForgeError(f"--delta {delta}: the Huber delta must be a finite number > 0")
+    points = {(r.params, r.tokens) for r in runs}
+    if len(points) < 5:  # (one run given five times is one point: the fit would mean nothing)
+        raise LMForgeError(f"fitting 5 parameters needs at least 5 runs of distinct (parameters, tokens), got "
+                           f"{len(points)}" + (f" among {len(runs)} runs" if len(points) < len(runs) else ""))
     logn = np.log([r.params for r in runs])
     logd = np.log([r.tokens for r in runs])
     logl = np.log([r.loss for r in runs])
