@@ -100,3 +100,21 @@ def test_outputs_are_checked_before_any_work_and_long_prompts_left_out(tmp_path,
     refused(score("--output", str(tmp_path / "s.jsonl")), "exists; pass --overwrite to replace it")
     refused(run("eval", "--task", "perplexity", "--data", str(prompts), "--output", str(tmp_path / "rm")),
             "is a directory; --output names a file")  # (it passed the check, then failed after the evaluation)
+
+
+def test_eval_and_rejection_sample_flags_out_of_range_are_one_line_naming_the_flag(tmp_path, stories):
+    """They gave ValueError/UnicodeDecodeError text (no file name), or --context 0 was silently the model's."""
+    model, tok = stories
+    rm_dir = save_scalar_model(ScalarHeadModel(model), tmp_path / "rm", tok)
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(b"caf\xe9\n")
+    r = run("rejection-sample", "--model", "", "--reward", str(rm_dir), "--prompts", str(prompts), "--out",
+            str(tmp_path / "o.jsonl"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"lmforge rejection-sample: error: {prompts}:1: not UTF-8 text (byte 3); a prompts file is a text file")
+    prompts.write_text("Once upon a time.\n")
+    for flag, value, need in (("--max-new-tokens", "-3", ">= 1"), ("--temperature", "-1", ">= 0"),
+                              ("--context", "0", ">= 2"), ("--samples", "0", ">= 1")):
+        r = run("eval", "--task", "perplexity", "--data", str(prompts), flag, value)
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+            f"lmforge eval: error: {flag} {float(value) if flag == '--temperature' else value}: must be {need}"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -75,6 +76,14 @@ def run(args) -> None:
         raise LMForgeError("--limit must be >= 1")
     if args.batch_tokens is not None and args.batch_tokens < 1:
         raise LMForgeError("--batch-tokens must be >= 1")
+    for flag, value, ok, need in (
+            ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1"),
+            ("--samples", args.samples, args.samples >= 1, ">= 1"),
+            ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0, ">= 0"),
+            ("--context", args.context, args.context is None or args.context >= 2, ">= 2"),
+            ("--stride", args.stride, args.stride is None or args.stride >= 1, ">= 1")):
+        if not ok:
+            raise LMForgeError(f"{flag} {value}: must be {need}")
     cfg = EvalConfig(task=args.task, data=args.data, fewshot_data=args.fewshot_data, shots=args.shots,
                      select=args.select, order=args.order, seed=args.seed, cot=args.cot, samples=args.samples,
                      temperature=args.temperature, max_new_tokens=args.max_new_tokens, limit=args.limit,

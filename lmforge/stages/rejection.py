@@ -15,7 +15,7 @@ from lmforge.assets import local_path
 from lmforge.data.io import iter_records
 from lmforge.data.preference import PreferenceRecord
 from lmforge.errors import LMForgeError
-from lmforge.files import write_text_atomic
+from lmforge.files import read_utf8, write_text_atomic
 from lmforge.infer.chat import apply_template, encode_text_with_specials, end_of_turn
 from lmforge.infer.generate import generate_batch
 from lmforge.infer.sampling import SamplingParams
@@ -30,7 +30,7 @@ def read_prompts(path: str | Path) -> list[tuple[list[dict[str, str]], str | Non
         raise LMForgeError(f"{path}: no such file")
     out: list[tuple[list[dict[str, str]], str | None]] = []
     if path.suffix not in (".jsonl", ".json"):
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in read_utf8(path, "prompts file").splitlines():
             if line.strip():
                 out.append(([{"role": "user", "content": line}], line))
     else:
