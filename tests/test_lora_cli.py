@@ -93,6 +93,10 @@ def test_peft_command_errors_are_one_line(tmp_path):
     r = lmforge("peft", "merge", "--adapter", str(tmp_path), "--output", str(tmp_path / "m"))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "adapter_config.json: cannot read" in r.stderr
+    (tmp_path / "adapter_config.json").write_text("[]")  # (an AttributeError)
+    r = lmforge("peft", "merge", "--adapter", str(tmp_path), "--output", str(tmp_path / "m"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"lmforge peft: error: {tmp_path / 'adapter_config.json'}: expected a JSON object of settings, got list"]
     make_adapter(tmp_path / "ad", "lora", {"targets": "q"})
     r = lmforge("peft", "export", "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "x"),
                 "--format", "onnx")

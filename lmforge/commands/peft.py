@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
@@ -43,11 +42,10 @@ def add_parser(sub, name: str, help_: str) -> None:
 def _base_path(args) -> Path:
     if args.model:
         return Path(args.model)
+    from lmforge.peft import read_adapter_base
+
     cfg_file = Path(args.adapter) / "adapter_config.json"
-    try:
-        base = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError) as e:
-        raise LMForgeError(f"{cfg_file}: cannot read: {e}") from None
+    base = read_adapter_base(args.adapter)
     if not base:
         raise LMForgeError(f"{cfg_file}: no base_model_name_or_path; pass --model BASE")
     if not Path(base).exists():

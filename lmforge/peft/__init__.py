@@ -43,7 +43,8 @@ LMFORGE_TYPE = "LMFORGE"
 FORMATS = ("peft", "lmforge")
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "METHODS", "apply_peft", "is_adapter_dir", "load_adapter",
-           "merge_adapter", "read_adapter", "read_adapter_base", "save_adapter", "unmerge_adapter"]
+           "merge_adapter", "read_adapter", "read_adapter_base", "read_adapter_config", "save_adapter",
+           "unmerge_adapter"]
 
 
 def get_method(method: str) -> ModuleType:
@@ -134,10 +135,7 @@ def read_adapter(path: str | Path) -> tuple[str, dict[str, Any], dict[str, torch
     p = Path(path)
     if not is_adapter_dir(p):
         raise LMForgeError(f"{p}: not an adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    try:
-        config = json.loads((p / ADAPTER_CONFIG).read_text())
-    except (OSError, ValueError) as e:
-        raise LMForgeError(f"{p / ADAPTER_CONFIG}: cannot read: {e}") from None
+    config = read_adapter_config(p)
     try:
         with safe_open(str(p / ADAPTER_WEIGHTS), framework="pt") as f:
             meta = f.metadata() or {}
@@ -155,12 +153,21 @@ def read_adapter(path: str | Path) -> tuple[str, dict[str, Any], dict[str, torch
     return method, config, tensors
 
 
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """An adapter directory's ``adapter_config.json`` (a JSON object; else one line naming the file)."""
+    f = Path(path) / ADAPTER_CONFIG
+    try:
+        config = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LMForgeError(f"{f}: cannot read: {e}") from None
+    if not isinstance(config, dict):
+        raise LMForgeError(f"{f}: expected a JSON object of settings, got {type(config).__name__}")
+    return config
+
+
 def read_adapter_base(path: str | Path) -> str | None:
     """The base model an adapter directory names (``base_model_name_or_path``), if any."""
-    try:
-        return json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError) as e:
-        raise LMForgeError(f"{Path(path) / ADAPTER_CONFIG}: cannot read: {e}") from None
+    return read_adapter_config(path).get("base_model_name_or_path")
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
