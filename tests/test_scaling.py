@@ -203,3 +203,30 @@ def test_cli_sweep_then_fit_tiny(tmp_path):
     f = json.loads(lmforge("fit", *runs, "--json").stdout)
     assert len(f["runs"]) == 6 and all(x["loss"] > 0 for x in f["runs"])
     assert {x["name"] for x in f["runs"]} == {x["name"] for x in d["runs"]}
+    bad = lmforge("sweep", "--out", str(tmp_path / "dup"), "--sizes", "1x8,1x8,1x16", "--iters", "2,3",
+                  check=False)  # (the same run fitted several times: "0.00 % error")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith(
+        "lmforge scaling: error: --sizes: 1x8 is given twice")
+
+
+def test_sweep_trains_a_stored_run_again_when_its_settings_changed(tmp_path, monkeypatch):
+    """A stored run was reused whatever the sweep's batch or block size now was: the old results fitted as new."""
+    import lmforge.scaling.sweep as S
+    import lmforge.stages.pretrain as P
+
+    trained = []
+
+    def fake_pretrain(rc):
+        trained.append(rc.train.batch_size)
+        Path(rc.out).mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(P, "run_pretrain", fake_pretrain)
+    monkeypatch.setattr(S, "read_run", lambda out: S.Run(1e3 * len(str(out)), 1e4, 3.0, Path(out).name))
+    monkeypatch.setattr(S, "fit_law", lambda runs: (S.ChinchillaLaw(1.0, 1.0, 1.0, 0.3, 0.3), 0.0))
+    monkeypatch.setattr(S, "plot", lambda result, law, png: png)
+    cfg = S.SweepConfig(out=str(tmp_path), sizes=[(1, 8), (1, 16)], iters=[2, 3, 4], batch_size=2)
+    S.sweep(cfg, quiet=True)
+    S.sweep(cfg, quiet=True)  # the same settings: every run reused
+    assert trained == [2] * 6
+    S.sweep(S.SweepConfig(out=str(tmp_path), sizes=[(1, 8), (1, 16)], iters=[2, 3, 4], batch_size=1), quiet=True)
+    assert trained == [2] * 6 + [1] * 6

@@ -3,7 +3,10 @@ L(N, D) on all runs but the one of largest compute, and compare the fit's predic
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +49,12 @@ def sweep(cfg: SweepConfig, quiet: bool = False) -> dict:
     """Train (or reuse finished) grid runs, fit on all but the largest-compute run, predict it."""
     from lmforge.stages.pretrain import run_pretrain
 
+    for what, values in (("--sizes", cfg.sizes), ("--iters", cfg.iters)):
+        if len(set(values)) != len(values):
+            twice = values[next(i for i, v in enumerate(values) if v in values[:i])]
+            shown = f"{twice[0]}x{twice[1]}" if isinstance(twice, tuple) else twice
+            raise LMForgeError(f"{what}: {shown} is given twice (a run counted twice makes the fit look better than "
+                               "it is)")
     if len(cfg.sizes) * len(cfg.iters) < 6:
         raise LMForgeError("a sweep needs at least 6 runs (5 to fit the 5 parameters, 1 to predict)")
     runs: list[Run] = []
@@ -54,9 +63,14 @@ def sweep(cfg: SweepConfig, quiet: bool = False) -> dict:
             rc = run_config(cfg, layers, width, iters)
             out = Path(rc.out)
             done = out / "sweep_done"
+            settings = json.dumps(dataclasses.asdict(rc), sort_keys=True, default=str)
+            if done.exists() and done.read_text().strip() != settings:  # batch, block, data, ... changed
+                if not quiet:
+                    print(f"{out.name}: trained with other settings: training it again", file=sys.stderr)
+                shutil.rmtree(out)
             if not done.exists():
                 run_pretrain(rc)
-                done.write_text("ok\n")
+                done.write_text(settings + "\n")
             runs.append(read_run(out))
     runs.sort(key=lambda r: r.params * r.tokens)
     held, fit_runs = runs[-1], runs[:-1]
