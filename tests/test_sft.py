@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,12 @@ def test_mixing_caps_and_weights_and_heldout_split():
     assert len(half) == 50 and len({c.messages[0]["content"] for c in half}) == 50
     train, val = split_heldout(a, 0.1, seed=0)
     assert len(val) == 10 and len(train) == 90 and not {id(c) for c in val} & {id(c) for c in train}
+    # NaN and inf crashed (ValueError, OverflowError), 1e9 filled the memory, a negative cap a ValueError
+    for w in (math.nan, math.inf, 1e9, -1.0):
+        with pytest.raises(LMForgeError, match=r"data\.weights: .*a weight is a number in \[0, 1000\]"):
+            mix([a, b], weights=[1.0, w])
+    with pytest.raises(LMForgeError, match=r"data\.cap: -5: must be >= 0"):
+        mix([a], cap=-5)
 
 
 def test_only_assistant_turns_are_scored_with_their_end_of_turn(stories):

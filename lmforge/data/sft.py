@@ -218,18 +218,25 @@ def read_conversations(path: str | Path, fmt: str = "auto", skip_bad: bool = Fal
     return out
 
 
+MAX_WEIGHT = 1000  # a dataset repeated more often than this is a typo, not a mixture
+
+
 def mix(datasets: list[list[Conversation]], weights: list[float] | None = None, cap: int = 0,
         seed: int = 0) -> list[Conversation]:
     """Examples-proportional mixing (T5/FLAN): dataset i contributes ``min(n_i, cap)`` examples (cap 0: all),
     times its weight (2.0 repeats each example twice, 0.5 keeps a random half), drawn with ``seed``."""
     weights = weights or [1.0] * len(datasets)
     if len(weights) != len(datasets):
-        raise LMForgeError(f"{len(weights)} data weights for {len(datasets)} datasets")
+        raise LMForgeError(f"data.weights: {len(weights)} weights for {len(datasets)} datasets")
+    for w in weights:  # (NaN, inf and 1e9 crashed or filled the memory)
+        if not (isinstance(w, (int, float)) and 0 <= w <= MAX_WEIGHT):
+            raise LMForgeError(f"data.weights: {w!r}: a weight is a number in [0, {MAX_WEIGHT}] (2.0 repeats each "
+                               "example twice, 0.5 keeps a random half)")
+    if not (isinstance(cap, int) and cap >= 0):
+        raise LMForgeError(f"data.cap: {cap!r}: must be >= 0 (examples per dataset; 0: all)")
     rng = random.Random(seed)
     out: list[Conversation] = []
     for convs, w in zip(datasets, weights):
-        if w < 0:
-            raise LMForgeError(f"data weight {w}: must be >= 0")
         pool = list(convs)
         if cap and len(pool) > cap:
             pool = rng.sample(pool, cap)
