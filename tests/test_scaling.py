@@ -169,7 +169,7 @@ def lmforge(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return r
 
 
-def test_cli_chinchilla_kaplan_memory_json():
+def test_cli_chinchilla_kaplan_memory_json(tmp_path):
     r = json.loads(lmforge("chinchilla", "--compute", "1e21", "--json").stdout)
     assert r["compute"] == 1e21 and r["params"] == pytest.approx(HOFFMANN.optimal(1e21)[0])
     r = json.loads(lmforge("chinchilla", "--params", "70B", "--tokens", "1.4T", "--fit", "epoch", "--json").stdout)
@@ -185,6 +185,17 @@ def test_cli_chinchilla_kaplan_memory_json():
     assert bad.returncode == 1 and "give --compute" in bad.stderr and "Traceback" not in bad.stderr
     bad = lmforge("memory", "--model", "no-such-model", check=False)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    hf = tmp_path / "hf"  # a Hugging Face checkpoint's config (it was refused as "unknown field(s)")
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000, "tie_word_embeddings": True}))
+    r = json.loads(lmforge("memory", "--model", str(hf), "--json").stdout)
+    assert r["params"]["total"] == 134_515_008  # SmolLM2-135M
+    (tmp_path / "empty.json").write_text("{}")  # was the defaults' 134M model
+    bad = lmforge("memory", "--model", str(tmp_path / "empty.json"), check=False)
+    assert bad.returncode == 1 and "empty.json: not a model config" in bad.stderr
     bad = lmforge("chinchilla", "--compute", "-1", check=False)  # said "not a number"
     assert bad.returncode == 2 and "--compute: not a positive number: '-1'" in bad.stderr
 

@@ -178,6 +178,17 @@ def load_config(spec: str):
         p = p / "config.json"
     if p.is_file():
         try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise LMForgeError(f"{p}: cannot read a model config: {e}") from None
+        if isinstance(d, dict) and "model_type" in d:  # a Hugging Face config.json
+            from lmforge.interop.hf import config_from_hf
+
+            return config_from_hf(d, str(p))[0]
+        if not (isinstance(d, dict) and "n_layer" in d and "n_embd" in d):  # ({} was the defaults' 134M model)
+            raise LMForgeError(f"{p}: not a model config (an lmforge config.json with n_layer and n_embd, or a "
+                               "Hugging Face one with model_type)")
+        try:
             return ModelConfig.load(p)
         except (OSError, ValueError, TypeError) as e:
             raise LMForgeError(f"{p}: not an lmforge config.json: {e}") from None
