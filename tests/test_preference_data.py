@@ -116,6 +116,10 @@ def test_json_array_reports_element_line(tmp_path):
     ok = _write(tmp_path, "ok.json", [good, good], as_array=True)
     recs = read_preference_file(ok)
     assert len(recs) == 2 and recs[1].source.endswith(":7")
+    junk = tmp_path / "junk.json"  # an element that is not an object before the records: they were one line off
+    junk.write_text('[\n  "junk",\n  {"prompt": "b", "chosen": "x", "rejected": "y"}\n]\n')
+    with pytest.raises(LMForgeError, match=r"junk\.json:2: "):
+        read_preference_file(junk)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": \n')
     with pytest.raises(LMForgeError, match=r"bad\.jsonl:2: malformed JSON"):

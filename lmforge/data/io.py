@@ -370,8 +370,8 @@ def _looks_like_record(d: dict) -> bool:
 
 
 def _record_lines(text: str) -> list[int]:
-    """Line numbers where the top-level objects of a JSON list start (for error messages)."""
-    lines, depth, in_str, esc, line = [], 0, False, False, 1
+    """Line numbers where the elements of a top-level JSON list start, whatever their type (for error messages)."""
+    lines, depth, in_str, esc, line, expect = [], 0, False, False, 1, False
     for ch in text:
         if ch == "\n":
             line += 1
@@ -383,12 +383,16 @@ def _record_lines(text: str) -> list[int]:
             elif ch == '"':
                 in_str = False
             continue
+        if expect and not ch.isspace() and ch != "]":  # an element of the top-level list starts here
+            lines.append(line)
+            expect = False
         if ch == '"':
             in_str = True
         elif ch in "[{":
-            if depth == 1 and ch == "{":
-                lines.append(line)
             depth += 1
+            expect = depth == 1 and ch == "["
         elif ch in "]}":
             depth -= 1
+        elif ch == "," and depth == 1:
+            expect = True
     return lines
