@@ -112,6 +112,12 @@ def test_eval_and_rejection_sample_flags_out_of_range_are_one_line_naming_the_fl
             str(tmp_path / "o.jsonl"))
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         f"lmforge rejection-sample: error: {prompts}:1: not UTF-8 text (byte 3); a prompts file is a text file")
+    r = run("rejection-sample", "--model", "", "--reward", str(rm_dir), "--prompts", str(tmp_path), "--out",
+            str(tmp_path / "o.jsonl"))  # (a directory: "no such file")
+    assert r.stderr.strip().splitlines()[-1].endswith(f"--prompts {tmp_path}: is a directory; give a file")
+    r = subprocess.run([sys.executable, "-m", "lmforge", "chat", "--template", ""], input="hi\n", text=True,
+                       capture_output=True, timeout=300)  # (".: is a directory")
+    assert r.returncode == 1 and "--template '': empty; give a built-in name" in r.stderr, r.stderr
     prompts.write_text("Once upon a time.\n")
     for flag, value, need in (("--max-new-tokens", "-3", ">= 1"), ("--temperature", "-1", ">= 0"),
                               ("--context", "0", ">= 2"), ("--samples", "0", ">= 1")):

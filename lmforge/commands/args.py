@@ -134,6 +134,9 @@ def template_arg(value: str | None) -> str | None:
 
     if value is None or value.lower() in BUILTIN:
         return value
+    if not value.strip():  # (Path("") is ".": "is a directory")
+        raise LMForgeError(f"--template {value!r}: empty; give a built-in name ({', '.join(BUILTIN)}), a Jinja file "
+                           "or a Jinja string")
     p = Path(value)
     jinja = "{{" in value or "{%" in value
     if not jinja and p.is_dir():

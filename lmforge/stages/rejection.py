@@ -27,7 +27,7 @@ def read_prompts(path: str | Path) -> list[tuple[list[dict[str, str]], str | Non
     ``messages``, or a text file with one prompt per line."""
     path = local_path(path, "--prompts")
     if not path.is_file():
-        raise LMForgeError(f"{path}: no such file")
+        raise LMForgeError(f"--prompts {path}: {'is a directory; give a file' if path.is_dir() else 'no such file'}")
     out: list[tuple[list[dict[str, str]], str | None]] = []
     if path.suffix not in (".jsonl", ".json"):
         for line in read_utf8(path, "prompts file").splitlines():
