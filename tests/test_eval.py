@@ -443,6 +443,28 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 1 and "--cot" in r.stderr
 
 
+def test_malformed_arc_and_gsm8k_records_are_refused_naming_their_line(tmp_path):
+    """An ARC record with 1 choice text for 2 labels was scored (always wrong); a null GSM8K answer became the gold
+    answer "None"; a missing field showed a KeyError repr."""
+    from lmforge.eval.tasks import load_arc, load_gsm8k
+
+    arc = tmp_path / "arc.jsonl"
+    good = {"question": "x", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}
+    for bad, why in (({**good, "choices": {"text": ["a"], "label": ["A", "B"]}}, "1 choice texts for 2 labels"),
+                     ({"question": "x", "answerKey": "B"}, "no field 'choices'"),
+                     ({**good, "answerKey": "C"}, "an answerKey among the labels")):
+        arc.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(LMForgeError, match=rf"arc\.jsonl:2: not an ARC record \(.*{re.escape(why)}"):
+            load_arc(arc)
+    gsm = tmp_path / "gsm.jsonl"
+    for bad in ({"question": "x", "answer": None}, {"question": ["x"], "answer": "#### 2"}, {"question": "x"}):
+        gsm.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(LMForgeError, match=r"gsm\.jsonl:1: expected fields question \(text\) and answer"):
+            load_gsm8k(gsm)
+    gsm.write_text(json.dumps({"question": "x", "answer": 2}) + "\n")
+    assert load_gsm8k(gsm)[0]["answer"] == "2"
+
+
 def test_run_task_library_function(stories, tmp_path):
     from lmforge.eval import run_task
 

@@ -144,8 +144,14 @@ def load_arc(path: Path) -> list[dict]:
                 else:
                     stem, texts, labels = q, d["choices"]["text"], d["choices"]["label"]
                 gold = labels.index(d["answerKey"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise LMForgeError(f"{where}: not an ARC record ({e!r})") from None
+            except KeyError as e:
+                raise LMForgeError(f"{where}: not an ARC record (no field {e.args[0]!r})") from None
+            except (TypeError, ValueError):
+                raise LMForgeError(f"{where}: not an ARC record (question with choices text and label, and an "
+                                   "answerKey among the labels)") from None
+            if len(texts) != len(labels) or not all(isinstance(t, str) for t in [stem, *texts]):
+                raise LMForgeError(f"{where}: not an ARC record ({len(texts)} choice texts for {len(labels)} "
+                                   "labels, or a question or choice that is not text)")
             docs.append({"question": stem, "choices": texts, "gold": gold, "id": d.get("id", where)})
     return docs
 
@@ -177,8 +183,9 @@ def load_gsm8k(path: Path) -> list[dict]:
     docs = []
     for f in _files(path, "*.jsonl"):
         for d in read_jsonl(f):
-            if "question" not in d or "answer" not in d:
-                raise LMForgeError(f"{f}:{d['_line']}: expected fields question and answer")
+            if not isinstance(d.get("question"), str) or not isinstance(d.get("answer"), (str, int, float)) or \
+                    isinstance(d.get("answer"), bool):  # (a null answer became the gold answer "None")
+                raise LMForgeError(f"{f}:{d['_line']}: expected fields question (text) and answer (text or a number)")
             docs.append({"question": d["question"], "answer": str(d["answer"]),
                          "id": d.get("id", f"{f.name}:{d['_line']}")})
     return docs
