@@ -65,7 +65,8 @@ def onednn_chosen() -> bool:
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    if not _dense(w):  # rows at another stride (a slice of a wider matrix): oneDNN's reference kernel, ~400x slower
+    if w.layout == torch.strided and not _dense(w):  # rows at another stride (a slice of a wider matrix): oneDNN's
+        # reference kernel, ~400x slower (a packed weight of packed_weights_in is laid out by oneDNN itself)
         w = w.contiguous()
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
