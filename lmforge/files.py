@@ -90,7 +90,6 @@ class AtomicFile:
         self.tmp.unlink(missing_ok=True)
 
 
-
 def write_text_atomic(path: str | Path, text: str) -> None:
     """``text`` into ``path`` whole or not at all (a temporary file beside it, renamed over it)."""
     out = AtomicFile(path)

@@ -38,12 +38,14 @@ def run(args) -> None:
     from lmforge.train.distributed import one_process
 
     one_process("rejection-sample")
-    for flag, ok, need in (("--k", args.k >= 1, ">= 1"), ("--max-new-tokens", args.max_new_tokens >= 1, ">= 1"),
-                           ("--batch-size", args.batch_size >= 1, ">= 1"),
-                           ("--temperature", math.isfinite(args.temperature) and args.temperature >= 0, ">= 0"),
-                           ("--top-p", 0 < args.top_p <= 1, "in (0, 1]")):
+    for flag, value, ok, need in (
+            ("--k", args.k, args.k >= 1, ">= 1"), ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1,
+                                                   ">= 1"),
+            ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+            ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0, ">= 0"),
+            ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")):
         if not ok:
-            raise LMForgeError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {need}")
+            raise LMForgeError(f"{flag} {value}: must be {need}")
     check_output_file(Path(args.out), args.overwrite, [Path(args.model), Path(args.reward), Path(args.prompts),
                                                         Path(args.tokenizer) if args.tokenizer else None], "--out")
     run_rejection(args.model, args.reward, args.prompts, args.out, args.k, args.temperature, args.top_p,

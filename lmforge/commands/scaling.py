@@ -189,8 +189,8 @@ def load_config(spec: str):
             raise LMForgeError(f"{p}: not a model config (an lmforge config.json with n_layer and n_embd, or a "
                                "Hugging Face one with model_type)")
         try:
-            return ModelConfig.load(p)
-        except (OSError, ValueError, TypeError) as e:
+            return ModelConfig.from_dict(d, source=str(p))
+        except (ValueError, TypeError) as e:
             raise LMForgeError(f"{p}: not an lmforge config.json: {e}") from None
     return get_preset(spec)
 

@@ -92,7 +92,7 @@ def run_rejection(model: str, reward: str, prompts: str, out: str, k: int = 8, t
     encoded_all = [encode_prompt(tok, template, msgs, text) for msgs, text in items]
     fits = [i for i, (ids, _) in enumerate(encoded_all) if len(ids) < ctx]
     if len(fits) < len(items):  # no room to answer: left out, not written as a blank reply
-        first = next(i for i in range(len(items)) if i not in set(fits))
+        first = next(i for i, (ids, _) in enumerate(encoded_all) if len(ids) >= ctx)
         log(f"rejection-sample: {len(items) - len(fits)} of {len(items)} prompts leave no room in the policy's "
             f"context of {ctx} tokens and are left out (the first: prompt {first + 1}, "
             f"{len(encoded_all[first][0])} tokens)")
