@@ -68,6 +68,8 @@ def test_kaplan_formulas():
     r = kaplan_report(compute=8.64e19)  # one PF-day
     assert r["efficient"]["params"] == pytest.approx(1.3e9) and r["loss_C"] == pytest.approx((3.1e8) ** 0.05)
     assert r["critical_batch_tokens"] == pytest.approx(2e8 / r["loss_C"] ** (1 / 0.21))
+    with pytest.raises(LMForgeError, match="at most two"):  # C = 6ND: all three can contradict each other
+        kaplan_report(compute=1e21, params=70e9, tokens=1e12)
 
 
 def test_zero_memory_matches_the_paper_example():
@@ -196,6 +198,10 @@ def test_cli_chinchilla_kaplan_memory_json(tmp_path):
     (tmp_path / "empty.json").write_text("{}")  # was the defaults' 134M model
     bad = lmforge("memory", "--model", str(tmp_path / "empty.json"), check=False)
     assert bad.returncode == 1 and "empty.json: not a model config" in bad.stderr
+    bad = lmforge("memory", "--model", "gpt2-small", "--seq-len", "0", check=False)  # was the model's context
+    assert bad.returncode == 1 and "--seq-len 0: must be >= 1" in bad.stderr
+    bad = lmforge("memory", "--model", "gpt2-small", "--fsdp", "--zero", "1", check=False)  # became zero 3
+    assert bad.returncode == 1 and "cannot be combined with --zero 1" in bad.stderr
     bad = lmforge("chinchilla", "--compute", "-1", check=False)  # said "not a number"
     assert bad.returncode == 2 and "--compute: not a positive number: '-1'" in bad.stderr
 

@@ -198,6 +198,10 @@ def load_config(spec: str):
 def run_memory(args) -> None:
     from lmforge.scaling.memory import Parallel, analytic_params, flops_per_token, memory_estimate
 
+    if args.seq_len is not None and args.seq_len < 1:
+        raise LMForgeError(f"--seq-len {args.seq_len}: must be >= 1 (leave it out for the model's context)")
+    if args.fsdp and args.zero not in (0, 3):
+        raise LMForgeError(f"--fsdp is full sharding (--zero 3); it cannot be combined with --zero {args.zero}")
     cfg = load_config(args.model)
     seq = args.seq_len or cfg.block_size
     par = Parallel(dp=args.dp, tp=args.tp, pp=args.pp, zero=3 if args.fsdp else args.zero, recompute=args.recompute)

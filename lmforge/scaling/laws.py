@@ -137,6 +137,8 @@ def kaplan_report(compute: float | None = None, params: float | None = None, tok
         raise LMForgeError("give --compute, --params or --tokens")
     if any(x is not None and not (x > 0 and math.isfinite(x)) for x in (compute, params, tokens)):
         raise LMForgeError("--compute, --params and --tokens must be positive numbers")
+    if None not in (compute, params, tokens):  # C = 6ND ties them: a third value can only contradict the other two
+        raise LMForgeError("give at most two of --compute, --params and --tokens (C = 6·N·D fixes the third)")
     out: dict = {"constants": dict(k)}
     if params is not None:
         out["loss_N"] = (k["N_c"] / params) ** k["alpha_N"]
