@@ -265,3 +265,8 @@ def test_cli_models_table(capsys):
         main(["models", "palm-9b"])
     assert e.value.code == 1
     assert "palm-8b" in capsys.readouterr().err
+    for argv, msg in ((["models", "--family", "gpt3", "gpt2-small"], "none of gpt2-small is of --family 'gpt3'"),
+                      (["models", "--config"], "give --json too")):  # an empty table / nothing printed, exit 0
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 1 and msg in capsys.readouterr().err

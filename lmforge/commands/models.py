@@ -53,6 +53,8 @@ def rows(names: list[str] | None = None, family: str | None = None, with_config:
         if with_config:
             row["config"] = cfg.to_dict()
         out.append(row)
+    if names and family is not None and not out:  # an empty table said nothing about why
+        raise LMForgeError(f"none of {', '.join(names)} is of --family {family!r}")
     return out
 
 
@@ -74,6 +76,8 @@ def format_table(data: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.config and not args.json:
+        raise LMForgeError("--config adds each preset's full config to --json output; give --json too")
     data = rows(args.names, args.family, with_config=args.config)
     if args.json:
         print(json.dumps(data, indent=1))
