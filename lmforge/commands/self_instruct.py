@@ -7,6 +7,7 @@ from dataclasses import fields
 
 from lmforge.commands.args import seed_type
 from lmforge.commands.common import add_model_args, load_model_and_tokenizer
+from lmforge.errors import LMForgeError
 
 
 def add_parser(sub, name: str, help_: str) -> None:
@@ -83,5 +84,9 @@ def run(args) -> None:
     dt = time.perf_counter() - t0
     print(f"{dt:.0f} s; {backend.prompt_tokens:,} prompt and {backend.new_tokens:,} generated tokens")
     short = f" (--num {cfg.num} not reached: {rep['stopped']})" if rep["stopped"] else ""
+    if not rep["examples"]:  # an empty data.json is no SFT data: say so rather than "done"
+        raise LMForgeError(f"{args.out}/data.json: no examples kept ({rep['kept']} instructions kept of "
+                           f"{rep['generated']} generated{short}); the run is saved: --resume it with more "
+                           "--max-rounds, or use a stronger --model")
     print(f"self-instruct done: {rep['kept']} instructions kept of {rep['generated']} generated{short}; "
           f"{rep['examples']} examples in {args.out}/data.json")
