@@ -190,6 +190,11 @@ def test_lmforge_layout_for_bases_without_a_transformers_equivalent(tmp_path):
         assert (fresh(x) - want).abs().max().item() <= 1e-6
     with pytest.raises(LMForgeError, match="PEFT format"):
         save_adapter(model, tmp_path / "ad2", None, resolved, fmt="peft")
+    llama, hf_dir = make_base("llama-gqa", tmp_path)  # a PEFT-format adapter of another model on this base
+    save_adapter(llama, tmp_path / "ad3", str(hf_dir), apply_peft(llama, "lora", {"targets": "q"}))
+    with pytest.raises(LMForgeError) as e:  # said "PEFT adapter: the base has no transformers equivalent (cannot
+        load_adapter(Decoder(cfg), tmp_path / "ad3")  # export ...)", naming neither the adapter nor its base
+    assert str(e.value).startswith(f"{tmp_path / 'ad3'}: not an adapter for this base model (it was made for {hf_dir})")
 
 
 @pytest.mark.skipif(not SMOLLM2.is_file(), reason=f"{SMOLLM2} absent (scripts/fetch_smollm2.sh)")

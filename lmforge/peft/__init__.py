@@ -190,7 +190,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
                                        f"{tuple(tensors[k].shape)}, the model needs {tuple(p.shape)}")
                 p.copy_(tensors[k])
     elif hasattr(mod, "from_peft"):
-        resolved = mod.from_peft(model, config, tensors)
+        try:
+            resolved = mod.from_peft(model, config, tensors)
+        except lora.NoHFLayout as e:  # most often: the adapter of another model (it said "cannot export")
+            base = config.get("base_model_name_or_path")
+            made = f" (it was made for {base})" if base else ""
+            raise LMForgeError(f"{adapter_dir}: not an adapter for this base model{made}: {e}") from None
     else:
         raise LMForgeError(f"{adapter_dir}: {method} adapters load from lmforge's layout only")
     set_trainable_params(model)

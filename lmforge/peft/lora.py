@@ -453,6 +453,10 @@ def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
+class NoHFLayout(LMForgeError):
+    """A PEFT-format adapter met a base model that has no transformers layout (its module names do not apply)."""
+
+
 def from_peft(model: nn.Module, adapter_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Apply a PEFT LoRA adapter (made by lmforge or by ``peft``) to a Decoder and load its weights."""
     c = adapter_config
@@ -466,7 +470,8 @@ def from_peft(model: nn.Module, adapter_config: dict[str, Any], tensors: dict[st
     try:
         maps, _ = _row_maps(model.cfg)
     except LMForgeError as e:
-        raise LMForgeError(f"PEFT adapter: the base has no transformers equivalent ({e})") from None
+        raise NoHFLayout(f"a PEFT-format adapter names the modules of a transformers model, and the base has no "
+                         f"transformers layout ({e})") from None
     where = {h: (layer, idx) for layer, lst in maps.items() for h, idx in lst}
     mods: dict[str, dict[str, torch.Tensor]] = {}
     for k, t in tensors.items():
