@@ -301,6 +301,11 @@ def test_csv_forms(tmp_path):
         (d,) = read_choice_csv(f)
         assert d["gold"] == 2 and len(d["choices"]) == 4
     assert read_choice_csv(a)[0]["subject"] == "astronomy" and read_choice_csv(a)[0]["question"] == "What, is it?"
+    no_choices = tmp_path / "noch.csv"  # said: "answer 'A' is neither a letter A-J nor an index 0--1"
+    for text, where in (("question,answer\nWhat?,A\n", "header"), ("What?,A\n", "first row")):
+        no_choices.write_text(text)
+        with pytest.raises(LMForgeError, match=f"noch.csv:1: 0 choice column\\(s\\) in the {where}: expected"):
+            read_choice_csv(no_choices)
 
 
 # ---- generation answers -------------------------------------------------------------------------------------------

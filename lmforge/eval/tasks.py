@@ -108,6 +108,10 @@ def read_choice_csv(path: Path) -> list[dict]:
     else:
         qi, ci, ai = 0, list(range(1, len(rows[0]) - 1)), len(rows[0]) - 1
         body = list(enumerate(rows, 1))
+    if len(ci) < 2:  # (a header with question and answer alone read as "answer 'A' is neither A-J nor 0--1")
+        found = "header" if "question" in head and "answer" in head else "first row"
+        raise LMForgeError(f"{path}:1: {len(ci)} choice column(s) in the {found}: expected question,A,B,C,D,answer "
+                           "(no header), question,choice0,...,answer or question,A,B,...,answer")
     subject = subject_of(path)
     for n, r in body:
         if not any(x.strip() for x in r):
