@@ -224,6 +224,13 @@ def test_cli_sweep_then_fit_tiny(tmp_path):
                   check=False)  # (the same run fitted several times: "0.00 % error")
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith(
         "lmforge scaling: error: --sizes: 1x8 is given twice")
+    for flags, msg in ((["--iters", "0,2"], "--iters 0: must be >= 1"),  # said "train.eval_interval=0"
+                       (["--eval-iters", "0"], "--eval-iters 0: must be >= 1"),  # trained, then "no val_loss"
+                       (["--sizes", "0x8,1x16,2x16"], "--sizes 0x8: must be >= 1"),
+                       (["--batch-size", "0"], "--batch-size 0: must be >= 1")):
+        bad = lmforge("sweep", "--out", str(tmp_path / "bad"), *flags, check=False)
+        assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [f"lmforge scaling: error: {msg}"]
+    assert not (tmp_path / "bad").exists()
 
 
 def test_sweep_trains_a_stored_run_again_when_its_settings_changed(tmp_path, monkeypatch):

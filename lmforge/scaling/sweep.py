@@ -55,6 +55,13 @@ def sweep(cfg: SweepConfig, quiet: bool = False) -> dict:
             shown = f"{twice[0]}x{twice[1]}" if isinstance(twice, tuple) else twice
             raise LMForgeError(f"{what}: {shown} is given twice (a run counted twice makes the fit look better than "
                                "it is)")
+    for flag, bad in (("--iters", [v for v in cfg.iters if v < 1]),  # (they were named as train.* fields)
+                      ("--sizes", [f"{a}x{b}" for a, b in cfg.sizes if a < 1 or b < 1]),
+                      ("--batch-size", [cfg.batch_size] if cfg.batch_size < 1 else []),
+                      ("--block-size", [cfg.block_size] if cfg.block_size < 1 else []),
+                      ("--eval-iters", [cfg.eval_iters] if cfg.eval_iters < 1 else [])):
+        if bad:
+            raise LMForgeError(f"{flag} {bad[0]}: must be >= 1")
     if len(cfg.sizes) * len(cfg.iters) < 6:
         raise LMForgeError("a sweep needs at least 6 runs (5 to fit the 5 parameters, 1 to predict)")
     runs: list[Run] = []
