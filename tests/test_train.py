@@ -17,7 +17,7 @@ from lmforge.config import ModelConfig
 from lmforge.model import Decoder
 from lmforge.stages.pretrain import causal_loss
 from lmforge.train.batches import TokenWindows
-from lmforge.train.config import TrainConfig, load_run_config, parse_overrides
+from lmforge.train.config import TrainConfig, coerce, load_run_config, parse_overrides
 from lmforge.train.loop import Trainer
 from lmforge.train.optim import lr_at, param_groups
 from lmforge.train.state import latest_checkpoint, verify
@@ -74,6 +74,8 @@ def test_overrides_and_config_errors():
         load_run_config({"train": {"lrr": 1}})
     with pytest.raises(LMForgeError, match="train.max_iters: expected int"):
         load_run_config({"train": {"max_iters": "many"}})
+    with pytest.raises(LMForgeError, match=r"^data.weights: expected a list, got '1,2' \(a list is written \[1,2\]\)$"):
+        coerce(parse_overrides(["--data.weights", "1,2"])["data"]["weights"], list[float], "data.weights")
 
 
 @pytest.mark.parametrize("ema", [[], ["--ema", "0.9"]], ids=["plain", "ema"])

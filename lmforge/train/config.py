@@ -173,7 +173,8 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
         return value
     if origin is list or typ is list:
         if not isinstance(value, list):
-            raise LMForgeError(f"{where}: expected a list, got {value!r}")
+            hint = f" (a list is written [{value}])" if isinstance(value, str) and "," in value else ""
+            raise LMForgeError(f"{where}: expected a list, got {value!r}{hint}")
         return [coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
