@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmforge.data.preference import Prompt, read_prompts
 from lmforge.errors import LMForgeError
 from lmforge.losses import AdaptiveKLController, masked_mean, policy_loss
 from lmforge.stages.ppo import (
@@ -22,7 +24,6 @@ from lmforge.stages.ppo import (
     kl_horizon,
     load_reward_fn,
     make_loss_fn,
-    read_prompts,
     run_ppo,
 )
 
@@ -115,12 +116,23 @@ def test_reward_function_from_file_and_prompts(tmp_path):
                  '{"messages": [{"role": "user", "content": "d"}, {"role": "assistant", "content": "e"}]}\n'
                  '{"messages": [{"role": "user", "content": "f"}, {"role": "assistant", "content": "g"}, '
                  '{"role": "user", "content": "h"}]}\n')
-    assert read_prompts(str(p)) == ["a", "b\n\nc", [{"role": "user", "content": "d"}],
-                                    [{"role": "user", "content": "f"}, {"role": "assistant", "content": "g"},
-                                     {"role": "user", "content": "h"}]]  # earlier turns are the conversation
+    got = read_prompts(str(p))
+    assert [x.messages for x in got] == [
+        [{"role": "user", "content": "a"}], [{"role": "user", "content": "b\nc"}],  # Alpaca's join, as SFT's
+        [{"role": "user", "content": "d"}],  # a final answer is not part of the prompt
+        [{"role": "user", "content": "f"}, {"role": "assistant", "content": "g"},
+         {"role": "user", "content": "h"}]]  # earlier turns are the conversation
+    assert [x.text for x in got] == ["a", None, None, None] and [x.user_text for x in got] == ["a", "b\nc", "d", "h"]
     t = tmp_path / "p.txt"
     t.write_text("one\n\ntwo\n")
-    assert read_prompts(str(t)) == ["one", "two"]
+    assert read_prompts(str(t)) == [Prompt([{"role": "user", "content": "one"}], "one"),
+                                    Prompt([{"role": "user", "content": "two"}], "two")]
+    for line, msg in (('{"messages": [{"role": "wizard", "content": "x"}]}', "unknown role 'wizard'"),  # was passed on
+                      ('{"messages": [{"role": "assistant", "content": "x"}]}', "the prompt has no user turn"),
+                      ('{"query": "x"}', "field 'prompt': missing"), ('[1]', "expected a JSON object")):
+        p.write_text(line + "\n")
+        with pytest.raises(LMForgeError, match=f"p.jsonl:1: .*{re.escape(msg)}"):
+            read_prompts(str(p))
 
 
 def _source(tmp_path, scores, opts: PPOOptions):

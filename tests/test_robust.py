@@ -863,7 +863,7 @@ def test_builtin_data_names_work_in_every_command(tmp_path):
     r = lmforge("sft", "--data", "builtin:stories_instruct", "--max-iters", "1", "--out", tmp_path / "s")
     assert r.returncode == 0, r.stderr[-2000:]
     from lmforge.data.io import iter_records
-    from lmforge.stages.ppo import read_prompts
+    from lmforge.data.preference import read_prompts
 
     assert next(iter_records("builtin:stories_preferences"))[1] and read_prompts("builtin:stories_prompts")
     one_line(lmforge("dpo", "--data", "builtin:nope", "--out", tmp_path / "d"), "no built-in file 'nope'")

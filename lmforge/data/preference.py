@@ -10,6 +10,10 @@ Accepted records (``.jsonl``, or a ``.json`` array), detected by their fields:
   share their prefix up to the last "\\n\\nAssistant:" both contain, and differ after it (a reply may be empty);
 - ranked lists: ``{"prompt" | "conversations" | "messages": ..., "responses": [best, ..., worst]}``.
 
+Prompts alone (PPO rollouts, rejection sampling, the pipeline's measures; ``read_prompts``) are read from the same
+fields (``prompt``, ``messages``, ``conversations`` or ``instruction`` + ``input``, with ``system``; a
+conversation's final assistant turns are dropped), or from a text file with one prompt per line.
+
 A response may be a string, a ``{"from", "value"}`` or ``{"role", "content"}`` dict, or a list of such messages
 ending with the assistant reply. Files are read as SFT data is (``lmforge.data.io.iter_records``); errors are
 one line: ``file:line: field 'name': what is wrong``.
@@ -20,12 +24,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from lmforge.assets import local_path
 from lmforge.data.io import SHAREGPT_ROLES, iter_records
 from lmforge.errors import LMForgeError
+from lmforge.files import read_utf8
 from lmforge.infer.chat import apply_template, encode_text_with_specials, end_of_turn, get_template
 from lmforge.losses import IGNORE
 
@@ -158,13 +164,19 @@ def hh_messages(prompt_text: str) -> list[dict[str, str]]:
     return msgs
 
 
-def _prompt_of(rec: dict) -> tuple[list[dict[str, str]], str | None]:
-    """The prompt messages (and the plain-text prompt, when the source is text) of a record that names one."""
-    if "conversations" in rec:
-        return _check_prompt(_with_system(rec, _messages(rec["conversations"], "conversations")),
-                             "conversations"), None
-    if "messages" in rec:
-        return _check_prompt(_with_system(rec, _messages(rec["messages"], "messages")), "messages"), None
+def _prompt_of(rec: dict, drop_reply: bool = False) -> tuple[list[dict[str, str]], str | None]:
+    """The prompt messages (and the plain-text prompt, when the source is text) of a record that names one.
+    ``drop_reply``: a conversation's final assistant turns are its answer, not part of the prompt."""
+
+    def conversation(fld: str) -> list[dict[str, str]]:
+        msgs = _with_system(rec, _messages(rec[fld], fld))
+        while drop_reply and msgs and msgs[-1]["role"] == "assistant":
+            msgs.pop()
+        return _check_prompt(msgs, fld)
+
+    for fld in ("conversations", "messages"):
+        if fld in rec:
+            return conversation(fld), None
     if "instruction" in rec:
         ins, inp = rec["instruction"], rec.get("input") or ""
         if not isinstance(ins, str) or not isinstance(inp, str) or not ins.strip():
@@ -176,7 +188,7 @@ def _prompt_of(rec: dict) -> tuple[list[dict[str, str]], str | None]:
         if not p.strip():
             raise _Bad("prompt", "empty prompt")
         return _with_system(rec, [{"role": "user", "content": p}]), p
-    return _check_prompt(_with_system(rec, _messages(p, "prompt")), "prompt"), None
+    return conversation("prompt"), None
 
 
 def _implicit(rec: dict) -> PreferenceRecord:
@@ -239,6 +251,44 @@ def read_preference_file(path: str | Path) -> list[PreferenceRecord]:
         out.append(rec)
     if not out:
         raise LMForgeError(f"{path}: no records")
+    return out
+
+
+class Prompt(NamedTuple):
+    """A prompt to generate from: chat messages ending with a user turn, and the plain text when the source gave
+    the prompt as text (a line of a text file, a ``prompt`` string), which a model without a chat template reads."""
+
+    messages: list[dict[str, str]]
+    text: str | None = None
+
+    @property
+    def user_text(self) -> str:
+        """The last user message: the prompt a reward function sees."""
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
+
+def read_prompts(path: str | Path, flag: str = "--prompts") -> list[Prompt]:
+    """Prompts from a ``.jsonl``/``.json`` file (``prompt``, ``messages``, ``conversations`` or ``instruction`` +
+    ``input`` records, as preference and SFT files give them) or a text file with one prompt per line."""
+    p = local_path(path, flag)
+    if not p.is_file():
+        raise LMForgeError(f"{flag} {p}: {'is a directory; give a file' if p.is_dir() else 'no such file'}")
+    out: list[Prompt] = []
+    if p.suffix.lower() not in (".jsonl", ".json"):
+        out = [Prompt([{"role": "user", "content": ln}], ln)
+               for ln in read_utf8(p, "prompts file").splitlines() if ln.strip()]
+    else:
+        for where, rec in iter_records(p):
+            try:
+                if not isinstance(rec, dict):
+                    raise _Bad("(record)", f"expected a JSON object, got {type(rec).__name__}")
+                if not any(k in rec for k in ("prompt", "messages", "conversations", "instruction")):
+                    raise _Bad("prompt", "missing (expected 'prompt', 'messages', 'conversations' or 'instruction')")
+                out.append(Prompt(*_prompt_of(rec, drop_reply=True)))
+            except ValueError as e:
+                raise LMForgeError(f"{where}: {e}") from None
+    if not out:
+        raise LMForgeError(f"{flag} {p}: no prompts")
     return out
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lmforge.commands.common import load_model_and_tokenizer
-from lmforge.data.preference import PreferenceRecord
+from lmforge.data.preference import PreferenceRecord, read_prompts
 from lmforge.data.sft import default_template
 from lmforge.data.stories import sample_responses
 from lmforge.errors import LMForgeError
@@ -20,14 +20,14 @@ from lmforge.eval import run_task
 from lmforge.infer.chat import encode_chat, end_of_turn
 from lmforge.pipeline.spec import MeasureConfig, resolve_value
 from lmforge.rl.rollout import policy_logprobs, sample_rollout
-from lmforge.stages.ppo import load_reward_fn, prompt_text, read_prompts
+from lmforge.stages.ppo import load_reward_fn
 from lmforge.stages.reward import encode_group, load_reward_model, pad_id_of, score_groups
 
 
 def held_out_prompts(cfg: MeasureConfig) -> list[str]:
     if not cfg.prompts:
         return []
-    return [prompt_text(p) for p in read_prompts(str(resolve_value(cfg.prompts, {}, None)))]
+    return [p.user_text for p in read_prompts(str(resolve_value(cfg.prompts, {}, None)))]
 
 
 def measure_policy(model_path: str | Path, cfg: MeasureConfig, device: str = "auto",

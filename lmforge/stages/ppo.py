@@ -35,8 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.assets import default_model, local_path
+from lmforge.assets import default_model
 from lmforge.checkpoint import save_checkpoint
+from lmforge.data.preference import read_prompts
 from lmforge.errors import LMForgeError
 from lmforge.losses import (
     AdaptiveKLController,
@@ -163,48 +164,6 @@ def load_reward_fn(spec: str) -> RewardFn:
     if not callable(fn):
         raise LMForgeError(f"--reward {spec!r}: {where} has no function {name}")
     return fn
-
-
-def read_prompts(path: str) -> list[Any]:
-    """Prompts from JSONL (``prompt``, ``instruction`` [+ ``input``] or ``messages``) or a text file (one per line).
-    Each item is a string or a list of chat messages."""
-    p = local_path(path, "--prompts")
-    if not p.is_file():
-        raise LMForgeError(f"--prompts {path}: no such file")
-    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    out: list[Any] = []
-    for i, ln in enumerate(lines, 1):
-        if not ln.lstrip().startswith("{"):
-            out.append(ln.strip())
-            continue
-        try:
-            rec = json.loads(ln)
-        except ValueError as e:
-            raise LMForgeError(f"{path}:{i}: not valid JSON: {e}") from None
-        if isinstance(rec.get("messages"), list):
-            msgs = list(rec["messages"])
-            while msgs and msgs[-1].get("role") == "assistant":  # a final answer is not part of the prompt;
-                msgs.pop()  # earlier assistant turns are (multi-turn conversations)
-            if not msgs:
-                raise LMForgeError(f"{path}:{i}: 'messages' holds no user turn")
-            out.append(msgs)
-        elif isinstance(rec.get("prompt"), str):
-            out.append(rec["prompt"])
-        elif isinstance(rec.get("instruction"), str):
-            out.append(rec["instruction"] + ("\n\n" + rec["input"] if rec.get("input") else ""))
-        else:
-            raise LMForgeError(f"{path}:{i}: expected a 'prompt', 'instruction' or 'messages' field")
-    if not out:
-        raise LMForgeError(f"--prompts {path}: no prompts")
-    return out
-
-
-def prompt_text(p: Any) -> str:
-    """The text a reward function sees for a prompt (the last user message of a conversation)."""
-    if isinstance(p, str):
-        return p
-    users = [m.get("content", "") for m in p if m.get("role") == "user"]
-    return users[-1] if users else ""
 
 
 # ---- the models -----------------------------------------------------------------------------------------------
@@ -533,13 +492,12 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
     def encode_all(items):
         ids, texts, dropped = [], [], 0
         for p in items:
-            msgs = p if isinstance(p, list) else [{"role": "user", "content": p}]
-            e = encode_chat(tok, template, msgs)
+            e = encode_chat(tok, template, p.messages)
             if len(e) > room:
                 dropped += 1
                 continue
             ids.append(e)
-            texts.append(prompt_text(p))
+            texts.append(p.user_text)
         return ids, texts, dropped
 
     prompts, texts, dropped = encode_all(raw)

@@ -6,50 +6,17 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmforge.assets import local_path
-from lmforge.data.io import iter_records
-from lmforge.data.preference import PreferenceRecord
+from lmforge.data.preference import PreferenceRecord, read_prompts
 from lmforge.errors import LMForgeError
-from lmforge.files import read_utf8, write_text_atomic
+from lmforge.files import write_text_atomic
 from lmforge.infer.chat import apply_template, encode_text_with_specials, end_of_turn
 from lmforge.infer.generate import generate_batch
 from lmforge.infer.sampling import SamplingParams
 from lmforge.stages.reward import encode_group, load_reward_model, pad_id_of, pick_template, score_groups
-
-
-def read_prompts(path: str | Path) -> list[tuple[list[dict[str, str]], str | None]]:
-    """(messages, plain prompt text or None) per prompt: JSONL/JSON with ``prompt`` (a string or messages) or
-    ``messages``, or a text file with one prompt per line."""
-    path = local_path(path, "--prompts")
-    if not path.is_file():
-        raise LMForgeError(f"--prompts {path}: {'is a directory; give a file' if path.is_dir() else 'no such file'}")
-    out: list[tuple[list[dict[str, str]], str | None]] = []
-    if path.suffix not in (".jsonl", ".json"):
-        for line in read_utf8(path, "prompts file").splitlines():
-            if line.strip():
-                out.append(([{"role": "user", "content": line}], line))
-    else:
-        for where, rec in iter_records(path):
-            p = rec.get("prompt", rec.get("messages")) if isinstance(rec, dict) else None
-            if isinstance(p, str) and p.strip():
-                out.append(([{"role": "user", "content": p}], p))
-            elif isinstance(p, list) and p and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                    and isinstance(m.get("role"), str) for m in p):
-                msgs = [{"role": m["role"], "content": m["content"]} for m in p]
-                if msgs[-1]["role"] != "user":
-                    raise LMForgeError(f"{where}: the prompt must end with a user message")
-                out.append((msgs, None))
-            else:
-                raise LMForgeError(f"{where}: field 'prompt': expected a string or a list of {{role, content}} "
-                                   "messages (or a 'messages' field)")
-    if not out:
-        raise LMForgeError(f"{path}: no prompts")
-    return out
 
 
 def encode_prompt(tok, template, messages: list[dict[str, str]], text: str | None) -> tuple[list[int], list[int]]:
