@@ -45,17 +45,24 @@ class FlagError(LMForgeError):
     """Flags argparse refused, raised instead of printing usage and exiting (``parse_command(strict=True)``)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error on one line, like every other failure (argparse prints the usage block)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class _RaisingParser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         raise FlagError(f"{self.prog}: {message}")
 
 
-def build_parser(only: str | None = None, parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, parser_class: type = _Parser) -> argparse.ArgumentParser:
     parser = parser_class(prog="lmforge", description=__doc__.splitlines()[0],
-                                     epilog="A failure prints one line (lmforge COMMAND: error: ...) and exits 1; "
-                                     "set LMFORGE_DEBUG=1 to see the traceback. Decoding builds a small C helper "
-                                     "with the system's cc on first use (~/.cache/lmforge/native); LMFORGE_NATIVE=0 "
-                                     "decodes with PyTorch alone.")
+                          epilog="A failure prints one line (lmforge COMMAND: error: ...) and exits 1 (2 for a bad "
+                          "or missing flag); set LMFORGE_DEBUG=1 to see the traceback. Decoding builds a small C "
+                          "helper with the system's cc on first use (~/.cache/lmforge/native); LMFORGE_NATIVE=0 "
+                          "decodes with PyTorch alone.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module, help_ in COMMANDS:
         if only is not None and name != only:
@@ -77,7 +84,7 @@ def parse_command(argv: list[str], strict: bool = False) -> argparse.Namespace:
     with a usage message on bad arguments, as argparse does, or with ``strict`` raises ``FlagError``."""
     first = next((a for a in argv if not a.startswith("-")), None)
     known = {c[0] for c in COMMANDS}
-    parser = build_parser(first if first in known else None, _RaisingParser if strict else argparse.ArgumentParser)
+    parser = build_parser(first if first in known else None, _RaisingParser if strict else _Parser)
     argv, dotted = _split_dotted(argv)
     args, extra = parser.parse_known_args(argv)
     extra = extra + dotted

@@ -82,6 +82,19 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback():
     assert r.returncode == 1 and "Traceback" in r.stderr and r.stderr.rstrip().endswith("the traceback)")
 
 
+def test_usage_errors_are_one_line(capsys):
+    from lmforge.cli import main
+
+    for argv, msg in ((["eval", "--data", "x"], "lmforge eval: error: the following arguments are required: --task"),
+                      (["scaling", "memory", "--model", "gpt2-small", "--zero", "5"],
+                       "lmforge scaling memory: error: argument --zero: invalid choice: 5")):
+        with pytest.raises(SystemExit) as e:  # argparse printed its usage block first
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(msg), err
+        assert err.rstrip().endswith(f"(see {msg.split(': error')[0]} --help)")
+
+
 # ---- checkpoints are verified on every load ----------------------------------------------------------------
 def test_manifest_has_size_and_hash_and_a_good_checkpoint_generates(stories_ckpt):
     manifest = json.loads((stories_ckpt / MANIFEST).read_text())
