@@ -127,6 +127,9 @@ def test_reward_function_from_file_and_prompts(tmp_path):
     t.write_text("one\n\ntwo\n")
     assert read_prompts(str(t)) == [Prompt([{"role": "user", "content": "one"}], "one"),
                                     Prompt([{"role": "user", "content": "two"}], "two")]
+    t.write_text('\n{"prompt": "a"}\n')  # PPO read such lines as records, rejection-sample as prompts
+    with pytest.raises(LMForgeError, match=r"p.txt:2: a JSON record in a text file .* name the file .jsonl"):
+        read_prompts(str(t))
     for line, msg in (('{"messages": [{"role": "wizard", "content": "x"}]}', "unknown role 'wizard'"),  # was passed on
                       ('{"messages": [{"role": "assistant", "content": "x"}]}', "the prompt has no user turn"),
                       ('{"query": "x"}', "field 'prompt': missing"), ('[1]', "expected a JSON object")):

@@ -21,6 +21,7 @@ one line: ``file:line: field 'name': what is wrong``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,6 +268,15 @@ class Prompt(NamedTuple):
         return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
 
 
+def _is_json_object(line: str) -> bool:
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 def read_prompts(path: str | Path, flag: str = "--prompts") -> list[Prompt]:
     """Prompts from a ``.jsonl``/``.json`` file (``prompt``, ``messages``, ``conversations`` or ``instruction`` +
     ``input`` records, as preference and SFT files give them) or a text file with one prompt per line."""
@@ -275,8 +285,12 @@ def read_prompts(path: str | Path, flag: str = "--prompts") -> list[Prompt]:
         raise LMForgeError(f"{flag} {p}: {'is a directory; give a file' if p.is_dir() else 'no such file'}")
     out: list[Prompt] = []
     if p.suffix.lower() not in (".jsonl", ".json"):
-        out = [Prompt([{"role": "user", "content": ln}], ln)
-               for ln in read_utf8(p, "prompts file").splitlines() if ln.strip()]
+        lines = read_utf8(p, "prompts file").splitlines()
+        out = [Prompt([{"role": "user", "content": ln}], ln) for ln in lines if ln.strip()]
+        first = next((i for i, ln in enumerate(lines, 1) if ln.strip()), None)
+        if first is not None and _is_json_object(lines[first - 1]):  # JSONL records would become literal prompts
+            raise LMForgeError(f"{p}:{first}: a JSON record in a text file of prompts (one per line); name the "
+                               "file .jsonl to read its records")
     else:
         for where, rec in iter_records(p):
             try:
