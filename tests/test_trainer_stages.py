@@ -184,6 +184,89 @@ def test_a_non_finite_loss_without_the_spike_guard_stops_before_the_update(tmp_p
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+class _InfGrad(torch.autograd.Function):
+    """The identity, with an infinite gradient: a finite loss whose update would write NaN into the weights."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_infinite_gradients_of_a_finite_loss_never_reach_the_weights(tmp_path, guard):
+    from lmforge.errors import LMForgeError
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 40, (2000,))
+    model = Decoder(CFG)
+    calls = []
+
+    def inf_grad_at_third_step(m, batch):
+        calls.append(1)
+        loss, *rest = sft_loss(m, batch)
+        return (_InfGrad.apply(loss) if len(calls) == 3 else loss, *rest)
+
+    t = TrainConfig(max_iters=5, eval_interval=100, device="cpu", precision="fp32", spike_guard=guard, lr=1e-3,
+                    save_interval=1)
+    trainer = Trainer(model, t, TokenWindows(tokens, 16, 2), inf_grad_at_third_step, tmp_path)
+    if guard:
+        assert trainer.fit()["step"] == 5
+        rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if r.get("event") == "rollback"] == [2]
+    else:
+        with pytest.raises(LMForgeError, match="the gradient norm is (inf|nan) at step 2: stopped before the update"):
+            trainer.fit()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("guard,at", [(True, 4), (False, 4), (False, 6)])
+def test_an_update_that_overflows_the_weights_is_never_saved(tmp_path, guard, at):
+    """A finite loss whose update overflowed (train.lr 1e30) wrote NaN checkpoints, rolled back to them, and the run
+    exited 0 with a NaN model. Now: rolled back to the last finite checkpoint, or one line without the guard."""
+    from lmforge.errors import LMForgeError
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 40, (2000,))
+    model = Decoder(CFG)
+    t = TrainConfig(max_iters=6, eval_interval=100, device="cpu", precision="fp32", spike_guard=guard, lr=1e-3,
+                    save_interval=2)
+    trainer = Trainer(model, t, TokenWindows(tokens, 16, 2), sft_loss, tmp_path / "run")
+    step, updates = trainer.optimizer.step, []
+
+    def overflowing_step(*a, **k):  # one update overflows, once, at a checkpoint (4) or the end (6)
+        out = step(*a, **k)
+        updates.append(1)
+        if len(updates) == at:
+            with torch.no_grad():
+                model.blocks[0].mlp.fc2.weight[0, 0] = float("inf")
+        return out
+
+    trainer.optimizer.step = overflowing_step
+    if guard:
+        out = trainer.fit()
+        assert out["step"] == 6 and len(updates) == 8  # steps 3-4 again after the rollback to ckpt-2
+        rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        (ev,) = [r for r in rows if r.get("event") == "rollback"]
+        assert ev["step"] == 4 and ev["to_step"] == 2
+    else:
+        with pytest.raises(LMForgeError, match=f"weights hold NaN or infinite values after step {at} .* not saved; "
+                                               f"the last checkpoint is .*ckpt-{at - 2:07d}"):
+            trainer.fit()
+        assert not (tmp_path / "run" / f"ckpt-{at:07d}").exists()
+    for ck in sorted((tmp_path / "run").glob("ckpt-*")):
+        load_training_checkpoint(ck)  # every one finite (the load refuses others)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc2.weight[0, 0] = float("nan")
+    trainer.save()  # as an earlier version wrote them: the load refuses it, so resume moves it aside
+    with pytest.raises(LMForgeError, match=r"damaged checkpoint: model.safetensors: tensor 'blocks.0.mlp.fc2.weight' "
+                                           "holds NaN"):
+        load_training_checkpoint(trainer.last_ckpt)
+
+
 def test_frozen_base_checkpoints_only_trainable_weights_and_resumes_exactly(tmp_path):
     def make():
         torch.manual_seed(0)

@@ -319,12 +319,21 @@ class Trainer:
         std = (sum((x - mean) ** 2 for x in self.recent) / len(self.recent)) ** 0.5
         return loss > mean + max(self.cfg.spike_factor * std, self.cfg.spike_min_jump * abs(mean))
 
-    def rollback(self, loss: float) -> None:
-        """PaLM's remedy: restart from the last good checkpoint and skip the batches that led to the spike."""
+    def weights_finite(self) -> bool:
+        """Whether every trainable weight is finite, on every rank (all ranks get the same answer)."""
+        with torch.no_grad():
+            bad = sum(int(not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()))
+                      for p in self.trainable.values())
+        return D.sum_all([float(bad)], self.dist)[0] == 0
+
+    def rollback(self, loss: float, what: str | None = None) -> None:
+        """PaLM's remedy: restart from the last good checkpoint and skip the batches that led to the spike.
+        ``what`` says what went wrong (default: a loss spike at this step)."""
+        what = what or f"loss spike at step {self.step} (loss {loss:.4g})"
         self.rollbacks += 1
         if self.rollbacks > self.cfg.max_rollbacks:
-            raise LMForgeError(f"loss spike at step {self.step} (loss {loss:.4g}) after {self.cfg.max_rollbacks} "
-                               "rollbacks: giving up; lower train.lr or raise train.max_rollbacks")
+            raise LMForgeError(f"{what} after {self.cfg.max_rollbacks} rollbacks: giving up; lower train.lr or "
+                               "raise train.max_rollbacks")
         position = self.train_data.state_dict()
         spike_step = self.step
         self.optimizer.zero_grad(set_to_none=True)
@@ -334,8 +343,8 @@ class Trainer:
             self.rollbacks = rollbacks
         self.train_data.load_state_dict(position)  # resume the data *after* the offending batches...
         self.train_data.skip(self.cfg.spike_skip * self.cfg.grad_accum)  # ...and skip some more
-        self.log(f"loss spike at step {spike_step} (loss {loss:.4g}): rolled back to step {self.step}, "
-                 f"skipping {self.cfg.spike_skip} batch(es) past the spike")
+        self.log(f"{what}: rolled back to step {self.step}, skipping {self.cfg.spike_skip} batch(es) past the "
+                 "spike")
         self.metrics.write({"step": spike_step, "event": "rollback", "loss": loss, "to_step": self.step})
 
     # ---- weight averaging ---------------------------------------------------------------------
@@ -435,14 +444,18 @@ class Trainer:
                     g["lr"] = lr
                 at_start = (self.train_data.state_dict(), rng_state())  # an interrupt mid-step rewinds to here
                 loss, norm, tokens, metrics = self.train_step()
-                if cfg.spike_guard and self.is_spike(loss):
-                    self.rollback(loss)
+                # a finite loss can come with infinite gradients, which the update would write into the weights
+                # (fp16's scaler skips such steps itself)
+                bad_grads = not math.isfinite(norm) and not self.scaler.is_enabled()
+                if cfg.spike_guard and (self.is_spike(loss) or bad_grads):
+                    self.rollback(loss, f"gradient norm {norm} at step {self.step}" if bad_grads else None)
                     bar.n = self.step
                     bar.refresh()
                     continue
-                if not math.isfinite(loss) and not self.scaler.is_enabled():  # (fp16's scaler skips such steps)
+                if (not math.isfinite(loss) or bad_grads) and not self.scaler.is_enabled():
                     where = f"; the last checkpoint is {self.last_ckpt}" if self.last_ckpt is not None else ""
-                    raise LMForgeError(f"loss is {loss} at step {self.step}: stopped before the update, which would "
+                    what = f"loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
+                    raise LMForgeError(f"{what} at step {self.step}: stopped before the update, which would "
                                        f"write NaN into the weights{where}")
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -463,7 +476,19 @@ class Trainer:
                 rate = {"tok_s": f"{tps:,.0f}"} if self.count_tokens else {f"{self.units}_s": f"{tps:,.2f}"}
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **rate, refresh=False)
                 save_due = save_due or self.step % cfg.save_interval == 0
-                if save_due and self.step < cfg.max_iters and not exhausted() and at_boundary():
+                save_now = save_due and self.step < cfg.max_iters and not exhausted() and at_boundary()
+                if (save_now or self.step >= cfg.max_iters or exhausted()) and not self.weights_finite():
+                    # finite losses, yet the update overflowed (a learning rate far too high): no checkpoint, no
+                    # final model of such weights; the last checkpoint was written before
+                    what = f"weights hold NaN or infinite values after step {self.step} (is train.lr too high?)"
+                    if not cfg.spike_guard or self.last_ckpt is None or not self.last_ckpt.exists():
+                        where = f"; the last checkpoint is {self.last_ckpt}" if self.last_ckpt is not None else ""
+                        raise LMForgeError(f"{what}: not saved{where}")
+                    self.rollback(math.nan, what)
+                    bar.n = self.step
+                    bar.refresh()
+                    continue
+                if save_now:
                     self.save()
                     save_due = False
                     t0 = time.perf_counter()  # and checkpoint writing

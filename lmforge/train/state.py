@@ -188,6 +188,11 @@ def load_training_checkpoint(ckpt: Path) -> dict[str, Any]:
         train_model = load_file(str(train_weights)) if train_weights.is_file() else None
     except (SafetensorError, OSError, ValueError) as e:
         raise LMForgeError(f"{ckpt}: damaged checkpoint: {' '.join(str(e).split())}") from None
+    for name, sd in ((model_file, model), (train_weights, train_model or {})):
+        bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if bad is not None:  # (a run that diverged once wrote such; resuming from it repeats the divergence)
+            raise LMForgeError(f"{ckpt}: damaged checkpoint: {Path(name).name}: tensor {bad!r} holds NaN or "
+                               "infinite values")
     trainer = _trainer_state(ckpt / "trainer_state.json")
     return {"model": model, "train_model": train_model, "optimizer": _load_pt(ckpt / "optimizer.pt"),
             "rng": _load_pt(ckpt / "rng.pt"), "trainer": trainer}
