@@ -158,3 +158,10 @@ def test_dpo_errors_are_one_line(tmp_path):
     r = run("dpo", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"))
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("lmforge dpo: error: ")
     assert "Traceback" not in r.stderr
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(6)))
+    for cmd, what in (("dpo", "pairs"), ("reward", "prompts")):  # (5 of the 6 train: one is held out)
+        r = run(cmd, "--data", str(pairs), "--train.batch_size", "10000000", "--out", str(tmp_path / "o"))
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+            f"lmforge {cmd}: error: train.batch_size 10000000 is more than the "), r.stderr
+        assert f"training {what}: every batch would repeat them" in r.stderr

@@ -222,6 +222,12 @@ def test_sft_command_errors_are_one_line(tmp_path):
     assert "bad.json:1: field 'output' is missing" in r.stderr and "Traceback" not in r.stderr
     r = run("sft", "--data", str(bad), "--peft.r", "4")
     assert r.returncode != 0 and "without a method" in r.stderr
+    good = tmp_path / "good.jsonl"  # a batch of 10**9 rows wrapped round 5 examples until memory ran out
+    good.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i}."}) + "\n" for i in range(5)))
+    r = run("sft", "--data", str(good), "--train.batch_size", "1000000000", "--out", str(tmp_path / "o"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "lmforge sft: error: train.batch_size 1000000000 is more than the 4 training examples: every batch would "
+        "repeat them; use at most 4")  # (one of the 5 is held out)
 
 
 @pytest.mark.parametrize("method", ["lora", "prefix"])

@@ -38,6 +38,7 @@ from lmforge.stages.reward import (
     read_split,
 )
 from lmforge.train import distributed as D
+from lmforge.train.batches import check_batch_fits
 from lmforge.train.config import TrainConfig, _fill, apply_defaults, plan_steps, stage_defaults
 from lmforge.train.loop import Trainer, autocast, to_device, train_precision
 
@@ -162,6 +163,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     train_g, val_g = pair_groups(tok, train_recs, template, max_len), pair_groups(tok, val_recs, template, max_len)
     if not train_g:
         raise LMForgeError(f"{cfg.data.path}: no training pairs")
+    check_batch_fits(cfg.train.batch_size, D.launched_world(), len(train_g), "pairs")
     method = cfg.peft.get("method") if cfg.peft else None
     if method is None and is_quantized(model):
         raise LMForgeError(f"{cfg.model}: a quantized model cannot be fully fine-tuned; use --peft qlora (or lora)")

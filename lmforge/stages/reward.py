@@ -38,7 +38,7 @@ from lmforge.model.decoder import supports_branches
 from lmforge.model.heads import ScalarHeadModel, load_scalar_model, read_head_config, save_scalar_model
 from lmforge.quant import weight_count
 from lmforge.train import distributed as D
-from lmforge.train.batches import check_stream, length_grouped
+from lmforge.train.batches import check_batch_fits, check_stream, length_grouped
 from lmforge.train.config import TrainConfig, _fill, apply_defaults, plan_steps, stage_defaults
 from lmforge.train.loop import Trainer, autocast, to_device, train_precision
 
@@ -393,6 +393,7 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
     train_recs, val_recs = read_split(cfg.data, cfg.train.seed)
     train_g = [encode_group(tok, r, template, max_len) for r in train_recs]
     val_g = [encode_group(tok, r, template, max_len) for r in val_recs]
+    check_batch_fits(cfg.train.batch_size, D.launched_world(), len(train_g), "prompts")
 
     method = cfg.peft.get("method") if cfg.peft else None
     resolved: dict[str, Any] = {}

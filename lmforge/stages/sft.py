@@ -22,7 +22,7 @@ from lmforge.losses import IGNORE, lm_loss
 from lmforge.peft import apply_peft, get_method, save_adapter
 from lmforge.quant import weight_count
 from lmforge.train import distributed as D
-from lmforge.train.batches import ExampleBatches
+from lmforge.train.batches import ExampleBatches, check_batch_fits
 from lmforge.train.config import TrainConfig, _fill, apply_defaults, plan_steps, stage_defaults
 from lmforge.train.loop import Trainer
 
@@ -188,6 +188,7 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
     t = cfg.train
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
     truncated = []
+    check_batch_fits(t.batch_size, dist.world, len(train_ex), "examples")
     train = ExampleBatches(train_ex, t.batch_size, max_len, pad, cfg.data.packing, seed=t.seed, rank=dist.rank,
                            world=dist.world, on_truncate=truncated.append, by_length=cfg.data.group_by_length)
     val = ExampleBatches(val_ex, t.batch_size, max_len, pad, cfg.data.packing, shuffle=False, rank=dist.rank,

@@ -43,6 +43,15 @@ def check_stream(saved: dict[str, Any], mine: dict[str, Any]) -> None:
                              "stream (a new --out starts over)")
 
 
+def check_batch_fits(batch_size: int, world: int, count: int, what: str) -> None:
+    """Refuse a batch larger than the training set: every batch would repeat it (train.batch_size 1e9 on 18
+    examples built a billion rows until memory ran out)."""
+    if batch_size * world > count:
+        procs = f" x {world} processes" if world > 1 else ""
+        raise LMForgeError(f"train.batch_size {batch_size}{procs} is more than the {count} training {what}: every "
+                           f"batch would repeat them; use at most {max(1, count // world)}")
+
+
 @runtime_checkable
 class BatchSource(Protocol):
     """What the Trainer draws batches from."""
