@@ -165,3 +165,10 @@ def test_dpo_errors_are_one_line(tmp_path):
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
             f"lmforge {cmd}: error: train.batch_size 10000000 is more than the "), r.stderr
         assert f"training {what}: every batch would repeat them" in r.stderr
+    for cmd, flags, says in (("dpo", ["--epochs", "-2"], "--epochs -2.0: must be a positive number"),  # 1 step
+                             ("sft", ["--epochs", "nan"], "--epochs nan: must be a positive number"),  # ValueError
+                             ("reward", ["--epochs", "inf"], "--epochs inf: must be >= 0"),
+                             ("sft", ["--data.max_len", "-5"], "data.max_len -5: must be >= 0")):  # the context
+        r = run(cmd, "--data", str(pairs), *flags, "--out", str(tmp_path / "o"))  # (sft reads the chosen replies)
+        assert r.returncode == 1 and r.stderr.startswith(f"lmforge {cmd}: error: {says}"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1

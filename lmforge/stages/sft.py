@@ -23,7 +23,14 @@ from lmforge.peft import apply_peft, get_method, save_adapter
 from lmforge.quant import weight_count
 from lmforge.train import distributed as D
 from lmforge.train.batches import ExampleBatches, check_batch_fits
-from lmforge.train.config import TrainConfig, _fill, apply_defaults, plan_steps, stage_defaults
+from lmforge.train.config import (
+    TrainConfig,
+    _fill,
+    apply_defaults,
+    check_epochs_and_max_len,
+    plan_steps,
+    stage_defaults,
+)
 from lmforge.train.loop import Trainer
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -159,6 +166,7 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
     from lmforge.infer.chat import get_template
 
     explicit_train = explicit_train or set()
+    check_epochs_and_max_len(cfg.epochs, cfg.data.max_len)
     out = Path(cfg.out)
     D.check_mode(cfg.train.distributed, "sft")
     device, dist = D.start(cfg.train.device)
