@@ -3,6 +3,8 @@ KV-cache generator and the batched engine against full-forward greedy decoding, 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from lmforge.infer.engine import Engine, fast_path_supported
 from lmforge.infer.generate import generate, generate_batch
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Decoder, KVCache
-from lmforge.peft import adapter, prefix, prompt, ptuning
+from lmforge.peft import adapter, lora, prefix, prompt, ptuning, qlora
 from lmforge.peft.base import disable_adapter, get_adapter_params, set_trainable_params
 
 V = 97
@@ -292,6 +294,21 @@ def test_bad_options_are_one_line_errors():
     prompt.apply(model, {"num_virtual_tokens": 2})
     with pytest.raises(LMForgeError, match="one virtual-token method"):
         prefix.apply(model, {"num_virtual_tokens": 2})
+    block = tiny("llama").cfg.block_size
+    for mod, opts, says in (  # each reached PyTorch (naming no option), was ignored or rounded, or exhausted memory
+            (adapter, {"init_std": -1}, "peft.init_std -1: must be >= 0"),
+            (adapter, {"scaling": "nan"}, "peft.scaling nan: must be a finite number"),
+            (prefix, {"num_virtual_tokens": block}, f"peft.num_virtual_tokens {block}: must be less than the model"),
+            (ptuning, {"encoder_num_layers": 0}, "peft.encoder_num_layers 0: must be >= 1"),
+            (ptuning, {"encoder_dropout": 2.0}, "peft.encoder_dropout 2.0: must be in [0, 1)"),
+            (prompt, {"num_virtual_tokens": 2.5}, "peft.num_virtual_tokens 2.5: expected an integer"),
+            (lora, {"r": 2.5}, "peft.r 2.5: the rank must be a positive integer"),
+            (lora, {"alpha": float("inf")}, "peft.alpha inf: must be a finite number"),
+            (lora, {"r": 100000}, "peft.r 100000: larger than the adapted layers allow"),
+            (qlora, {"group_size": 7}, "peft.group_size 7: applies to --peft.quant int4")):
+        with pytest.raises(LMForgeError, match=re.escape(says)):
+            mod.apply(tiny("llama"), opts)
+    assert prompt.apply(tiny("llama"), {"num_virtual_tokens": 3.0})["num_virtual_tokens"] == 3
 
 
 # ---- KV cache, generation, engine --------------------------------------------------------------------------------

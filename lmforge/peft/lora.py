@@ -213,12 +213,17 @@ def linear_layers(model: nn.Module) -> list[str]:
 def resolve(options: dict[str, Any] | None) -> dict[str, Any]:
     opts = {**DEFAULTS, **(options or {})}
     try:
-        opts["r"], opts["alpha"], opts["dropout"] = int(opts["r"]), float(opts["alpha"]), float(opts["dropout"])
+        r, opts["alpha"], opts["dropout"] = float(opts["r"]), float(opts["alpha"]), float(opts["dropout"])
     except (TypeError, ValueError) as e:
         raise LMForgeError(f"peft options: {e}") from None
+    if not r.is_integer():  # (2.5 trained rank 2)
+        raise LMForgeError(f"peft.r {opts['r']}: the rank must be a positive integer")
+    opts["r"] = int(r)
     opts["rslora"] = _bool(opts["rslora"], "rslora")
     if opts["r"] <= 0:
         raise LMForgeError(f"peft.r {opts['r']}: the rank must be positive")
+    if not math.isfinite(opts["alpha"]):  # (NaN was blamed on train.lr after five rollbacks)
+        raise LMForgeError(f"peft.alpha {opts['alpha']}: must be a finite number")
     if not 0 <= opts["dropout"] < 1:
         raise LMForgeError(f"peft.dropout {opts['dropout']}: must be in [0, 1)")
     if not isinstance(opts["targets"], str):
@@ -255,6 +260,10 @@ def apply(model: nn.Module, options: dict[str, Any] | None = None) -> dict[str, 
             plan[name] = {k: (s, e, opts["r"], sc) for k, (s, e) in sl.items()}
     if not plan:
         raise LMForgeError(f"peft.targets {opts['targets']!r}: no layer of this model matches")
+    room = min(min(get_module(model, n).in_features, get_module(model, n).out_features) for n in plan)
+    if opts["r"] > room:  # a rank above min(in, out) adds nothing; 100000 allocated until memory ran out
+        raise LMForgeError(f"peft.r {opts['r']}: larger than the adapted layers allow (min(in, out) = {room}: a "
+                           "higher rank adds nothing)")
     replace_modules(model, plan, lambda n, old: LoRALinear(old, plan[n], opts["dropout"]))
     return opts
 

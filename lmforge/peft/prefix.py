@@ -28,6 +28,7 @@ from lmforge.peft.prompt import (
     peft_config,
     positive,
     resolve,
+    virtual_tokens,
 )
 
 PEFT_TYPE = "PREFIX_TUNING"  # adapter_config.json's peft_type
@@ -102,7 +103,7 @@ def vocab_prefix(model: nn.Module, n: int) -> torch.Tensor:
 def apply(model: nn.Module, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Give every layer of ``model`` trainable key/value prefixes (in place); the resolved options."""
     resolved = resolve(DEFAULTS, options, "prefix")
-    n = positive(resolved, "num_virtual_tokens")
+    n = virtual_tokens(model, resolved)
     if resolved["init"] not in INITS:
         raise LMForgeError(f"peft.init must be one of {', '.join(INITS)}, got {resolved['init']!r}")
     cfg = model.cfg

@@ -49,15 +49,44 @@ class SoftPrompt(nn.Module):
 
 
 # ---- shared by the prompt-learning methods -----------------------------------------------------------------------
+# ranges of the numeric options of the adapter and virtual-token methods: (least, below) with None for unbounded
+# (they reached PyTorch as "normal expects std >= 0.0" or "num_layers must be greater than zero", naming no option)
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "num_virtual_tokens": (1, None), "bottleneck_size": (1, None), "encoder_hidden_size": (1, None),
+    "encoder_num_layers": (1, None), "encoder_dropout": (0, 1), "init_std": (0, None),
+}
+
+
 def resolve(defaults: dict[str, Any], options: dict[str, Any] | None, method: str) -> dict[str, Any]:
     """``defaults`` updated by ``options`` (values from the command line may be strings: converted to the default's
-    type); an unknown name is a one-line error naming ``peft.KEY``."""
+    type); an unknown name, a non-finite number, a fraction for an integer or a value out of its range is a
+    one-line error naming ``peft.KEY``."""
     out = dict(defaults)
     for k, v in (options or {}).items():
         if k not in defaults:
             raise LMForgeError(f"unknown option peft.{k} for --peft {method} (known: {', '.join(sorted(defaults))})")
-        out[k] = _convert(v, defaults[k], k)
+        v = _convert(v, defaults[k], k)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise LMForgeError(f"peft.{k} {v}: must be a finite number")
+        if isinstance(defaults[k], int) and not isinstance(defaults[k], bool) and isinstance(v, float):
+            if not v.is_integer():
+                raise LMForgeError(f"peft.{k} {v}: expected an integer")
+            v = int(v)
+        lo, below = RANGES.get(k, (None, None))
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (
+                lo is not None and v < lo or below is not None and v >= below):
+            raise LMForgeError(f"peft.{k} {v}: must be {f'in [{lo}, {below})' if below is not None else f'>= {lo}'}")
+        out[k] = v
     return out
+
+
+def virtual_tokens(model: nn.Module, resolved: dict[str, Any]) -> int:
+    """``peft.num_virtual_tokens``, which must leave room for text in the model's context."""
+    n = positive(resolved, "num_virtual_tokens")
+    if n >= model.cfg.block_size:
+        raise LMForgeError(f"peft.num_virtual_tokens {n}: must be less than the model's context of "
+                           f"{model.cfg.block_size} positions (the virtual tokens take positions of it)")
+    return n
 
 
 def _convert(value: Any, default: Any, key: str) -> Any:
@@ -183,7 +212,7 @@ def apply(model: nn.Module, options: dict[str, Any] | None = None, tokenizer=Non
     """Put ``num_virtual_tokens`` soft tokens at the input of ``model`` (in place); the resolved options.
     ``tokenizer`` (a loaded lmforge tokenizer) serves TEXT initialisation when no path is given."""
     resolved = resolve(DEFAULTS, options, "prompt")
-    n = positive(resolved, "num_virtual_tokens")
+    n = virtual_tokens(model, resolved)
     init = str(resolved["prompt_tuning_init"]).upper()
     if init not in INITS:
         raise LMForgeError(f"peft.prompt_tuning_init must be one of {', '.join(INITS)}, got {init!r}")

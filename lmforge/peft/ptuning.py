@@ -23,6 +23,7 @@ from lmforge.peft.prompt import (
     peft_config,
     positive,
     resolve,
+    virtual_tokens,
 )
 
 PEFT_TYPE = "P_TUNING"  # adapter_config.json's peft_type
@@ -70,7 +71,7 @@ class PromptEncoder(nn.Module):
 def apply(model: nn.Module, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Put a P-tuning prompt encoder at the input of ``model`` (in place); the resolved options."""
     resolved = resolve(DEFAULTS, options, "ptuning")
-    n = positive(resolved, "num_virtual_tokens")
+    n = virtual_tokens(model, resolved)
     kind = str(resolved["encoder_reparameterization_type"]).upper()
     if kind not in TYPES:
         raise LMForgeError(f"peft.encoder_reparameterization_type must be MLP or LSTM, got {kind!r}")

@@ -32,6 +32,9 @@ def resolve(options: dict[str, Any] | None) -> dict[str, Any]:
         opts["group_size"] = int(opts["group_size"])
     except (TypeError, ValueError):
         raise LMForgeError(f"peft.group_size {opts['group_size']!r}: expected an integer") from None
+    if opts["quant"] == "nf4" and opts["group_size"] != DEFAULTS["group_size"]:  # (it was ignored)
+        raise LMForgeError(f"peft.group_size {opts['group_size']}: applies to --peft.quant int4 (nf4 quantizes "
+                           "blocks of 64)")
     if opts["quant"] == "int4" and opts["group_size"] not in GROUP_SIZES:
         raise LMForgeError(f"peft.group_size {opts['group_size']}: allowed values are {list(GROUP_SIZES)}")
     lo = lora.resolve({k: v for k, v in opts.items() if k in lora.DEFAULTS})
