@@ -131,6 +131,11 @@ def test_bad_records_name_file_line_and_field(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     with pytest.raises(LMForgeError, match=r"broken\.jsonl:2: malformed JSON"):
         list(iter_records(tmp_path / "broken.jsonl"))
+    bad = BadCounts()  # --skip-bad counts a line that is not JSON (it stopped the run, as without the flag)
+    assert len(read_conversations(tmp_path / "broken.jsonl", skip_bad=True, bad=bad)) == 1 and bad.total == 1
+    (tmp_path / "lines.json").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n')
+    with pytest.raises(LMForgeError, match=r"lines\.json:2: malformed JSON \(Extra data .*name the file \.jsonl"):
+        list(iter_records(tmp_path / "lines.json"))
 
 
 def test_mixing_caps_and_weights_and_heldout_split():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -335,8 +335,10 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 # ---- records of instruction and preference files (JSON lists or JSONL) ------------------------------------------
 
 
-def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """(where, record) for every record of a JSON list or JSONL file; ``where`` is ``file:line``."""
+def iter_records(path: str | Path, on_malformed: Callable[[str, str], None] | None = None
+                 ) -> Iterator[tuple[str, Any]]:
+    """(where, record) for every record of a JSON list or JSONL file; ``where`` is ``file:line``. A JSONL line that
+    is not JSON is an error, or with ``on_malformed`` is passed to it as (where, reason) and skipped."""
     path = local_path(path)
     text = read_utf8(path)
     stripped = text.lstrip()
@@ -344,7 +346,9 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise LMForgeError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            hint = "; one record per line is JSONL: name the file .jsonl" if (
+                e.msg == "Extra data" and stripped.startswith("{")) else ""
+            raise LMForgeError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}){hint}") from None
         if isinstance(data, dict):  # {"data": [...]} or a single record
             lists = [v for v in data.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
             data = lists[0] if len(lists) == 1 and not _looks_like_record(data) else [data]
@@ -359,7 +363,11 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise LMForgeError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            reason = f"malformed JSON ({e.msg} at column {e.colno})"
+            if on_malformed is None:
+                raise LMForgeError(f"{path}:{n}: {reason}") from None
+            on_malformed(f"{path}:{n}", reason)
+            continue
         yield f"{path}:{n}", rec
 
 

@@ -199,7 +199,12 @@ def read_conversations(path: str | Path, fmt: str = "auto", skip_bad: bool = Fal
     if fmt not in FORMATS:
         raise LMForgeError(f"data format {fmt!r}: allowed values are {list(FORMATS)}")
     out = []
-    for where, rec in iter_records(path):
+
+    def malformed(where: str, reason: str) -> None:  # with skip_bad a line that is not JSON is counted, as in data
+        if bad is not None:  # clean/prepare (it stopped the run)
+            bad.add(str(path), where, reason)
+
+    for where, rec in iter_records(path, malformed if skip_bad else None):
         try:
             if (detect_format(rec) if fmt == "auto" else fmt) == "preference":  # parsed once, the record kept
                 pref = _fill_record(_preference(rec), variables or {})  # an empty best reply is data: no _check
