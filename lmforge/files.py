@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 try:
     import fcntl
@@ -189,3 +191,30 @@ class DirLock:
         if held[1] == 0:
             del _held[key]
             os.close(held[0])  # releases the flock (the file stays: deleting it would race a process locking it)
+
+
+def cache_path(name: str) -> Path:
+    """A file of lmforge's cache directory (``$XDG_CACHE_HOME/lmforge``, else ``~/.cache/lmforge``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge" / name
+
+
+def read_cache(name: str) -> dict[str, Any]:
+    """The JSON object in cache file ``name`` ({} when absent or unreadable)."""
+    try:
+        d = json.loads(cache_path(name).read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_cache(name: str, d: dict[str, Any]) -> None:
+    """Replace cache file ``name`` atomically (best effort: a read-only cache directory is fine)."""
+    path = cache_path(name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(d, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
+
+from lmforge.files import read_cache, write_cache
 
 MANIFEST = "MANIFEST.json"
+VERIFIED = "verified.json"  # the cache of files already hashed
 
 
 # ---- manifests: size + sha256 of every file, verified on load ------------------------------------------------
@@ -32,10 +32,6 @@ def write_manifest(directory: Path) -> None:
     (directory / MANIFEST).write_text(json.dumps(entries, indent=2) + "\n")
 
 
-def _cache_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge" / "verified.json"
-
-
 def _stat_key(path: Path) -> list[int]:
     """What a verified file must still have for its hash to be trusted again: size, mtime, inode and ctime (which
     no one can set back: a file rewritten and given its old mtime with ``touch -d`` or ``os.utime`` is hashed again)."""
@@ -43,17 +39,9 @@ def _stat_key(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
-def _read_cache() -> dict[str, Any]:
-    try:
-        d = json.loads(_cache_path().read_text())
-        return d if isinstance(d, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def _remember(digests: dict[str, str]) -> None:
     """Record files whose hash was just computed (best effort: a read-only cache directory is fine)."""
-    cache = _read_cache()
+    cache = read_cache(VERIFIED)
     for name, digest in digests.items():
         try:
             cache[name] = [*_stat_key(Path(name)), digest]
@@ -61,15 +49,7 @@ def _remember(digests: dict[str, str]) -> None:
             continue
     if len(cache) > 4096:  # keep the newest entries only
         cache = dict(list(cache.items())[-2048:])
-    path = _cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".verified.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(cache, f)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    write_cache(VERIFIED, cache)
 
 
 def plain_name(name: str) -> bool:
@@ -90,7 +70,7 @@ def verify_manifest(directory: Path, required: bool = False, skip: frozenset[str
             raise ValueError("not a mapping")
     except (OSError, ValueError):
         return "MANIFEST.json is corrupt"
-    cache = _read_cache()
+    cache = read_cache(VERIFIED)
     hashed: dict[str, str] = {}
     for name, entry in manifest.items():
         if name in skip:

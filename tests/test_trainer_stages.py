@@ -184,6 +184,34 @@ def test_a_non_finite_loss_without_the_spike_guard_stops_before_the_update(tmp_p
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_auto_precision_is_remembered_and_a_resume_keeps_the_saved_one(tmp_path, monkeypatch):
+    """bf16 or fp32 was timed anew by every run: runs of one seed differed, and a resume could switch precision."""
+    import lmforge.train.loop as L
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = Decoder(CFG)
+    L._BF16_FASTER.clear()
+    first = L.bf16_is_faster(model, 64)
+    cache = json.loads((tmp_path / "cache" / "lmforge" / L.PRECISION_CACHE).read_text())
+    assert list(cache.values()) == [first]
+    (tmp_path / "cache" / "lmforge" / L.PRECISION_CACHE).write_text(json.dumps({k: not v for k, v in cache.items()}))
+    L._BF16_FASTER.clear()  # a new process: the machine's remembered decision, not a new timing
+    assert L.bf16_is_faster(model, 64) is (not first)
+    L._BF16_FASTER.clear()
+
+    tokens = torch.randint(0, 40, (2000,))
+    t = TrainConfig(max_iters=2, eval_interval=100, device="cpu", precision="auto", save_interval=1)
+    trainer = Trainer(Decoder(CFG), t, TokenWindows(tokens, 16, 2), sft_loss, tmp_path / "run")
+    trainer.set_precision(None)  # whatever was measured, the run is fp32...
+    trainer.fit()
+    assert load_training_checkpoint(tmp_path / "run" / "ckpt-0000002")["trainer"]["precision"] == "fp32"
+    t.max_iters = 3
+    again = Trainer(Decoder(CFG), t, TokenWindows(tokens, 16, 2), sft_loss, tmp_path / "run")
+    again.set_precision(torch.bfloat16)  # ...and a resume that measured bf16 goes on in fp32
+    again.fit(resume=True)
+    assert again.amp_dtype is None
+
+
 class _InfGrad(torch.autograd.Function):
     """The identity, with an infinite gradient: a finite loss whose update would write NaN into the weights."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import platform
 import sys
 import time
 from collections import deque
@@ -28,7 +29,7 @@ from torch import nn
 
 from lmforge.errors import LMForgeError
 from lmforge.eval import run_task
-from lmforge.files import DirLock
+from lmforge.files import DirLock, read_cache, write_cache
 from lmforge.matmul import linear
 from lmforge.train import distributed as D
 from lmforge.train.batches import StreamMismatch
@@ -113,6 +114,11 @@ def bf16_is_faster(model: nn.Module, tokens: int) -> bool:
         if isinstance(m, nn.Linear):
             shapes[tuple(m.weight.shape)] = shapes.get(tuple(m.weight.shape), 0) + 1
     key = (tuple(sorted(shapes.items())), tokens)
+    # decided once per machine, library version, thread count and shapes, and remembered on disk: a decision timed
+    # anew by every run made runs of one seed differ, and a resumed run could switch precision under load
+    disk = f"{_cpu_name()}|torch {torch.__version__}|{torch.get_num_threads()} threads|{key}"
+    if key not in _BF16_FASTER and isinstance(read_cache(PRECISION_CACHE).get(disk), bool):
+        _BF16_FASTER[key] = read_cache(PRECISION_CACHE)[disk]
     if key not in _BF16_FASTER:
         g = torch.Generator().manual_seed(0)  # never the global RNG (exact resume)
         total = {None: 0.0, torch.bfloat16: 0.0}
@@ -129,7 +135,21 @@ def bf16_is_faster(model: nn.Module, tokens: int) -> bool:
                     best = min(best, time.perf_counter() - t0)
                 total[dtype] += best * count
         _BF16_FASTER[key] = total[torch.bfloat16] < 0.9 * total[None]  # a clear win only
+        cache = read_cache(PRECISION_CACHE)
+        write_cache(PRECISION_CACHE, {**dict(list(cache.items())[-255:]), disk: _BF16_FASTER[key]})
     return _BF16_FASTER[key]
+
+
+PRECISION_CACHE = "precision.json"
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
 
 
 class Trainer:
@@ -170,8 +190,7 @@ class Trainer:
         cfg.check()  # (a stage may have set some of them after the config was read)
         self.optimizer = make_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
                                         cfg.decay_embeddings, self.device.type)
-        self.amp_dtype = train_precision(cfg, self.device, self.raw_model, self.dist)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.set_precision(train_precision(cfg, self.device, self.raw_model, self.dist))
         self.step = 0
         self.best_val = math.inf if cfg.best_mode == "min" else -math.inf  # best value of train.best_metric
         self.recent: deque[float] = deque(maxlen=cfg.spike_window)
@@ -185,10 +204,14 @@ class Trainer:
             self.ema = {k: p.detach().clone() for k, p in self.trainable.items()}
 
     # ---- state --------------------------------------------------------------------------------
+    def set_precision(self, dtype: torch.dtype | None) -> None:
+        self.amp_dtype = dtype
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
+
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "best_val": self.best_val, "recent": list(self.recent),
                 "rollbacks": self.rollbacks, "train_data": self.train_data.state_dict(),
-                "run_config": self.run_config}
+                "run_config": self.run_config, "precision": PRECISION_NAMES[self.amp_dtype]}
 
     def save(self) -> Path | None:
         msd, osd = D.full_state(self.model, self.optimizer, self.dist)
@@ -245,6 +268,10 @@ class Trainer:
         self.step, self.best_val, self.rollbacks = t["step"], t["best_val"], t["rollbacks"]
         self.recent = deque(t["recent"], maxlen=self.cfg.spike_window)
         self.last_ckpt = ckpt
+        saved = {v: k for k, v in PRECISION_NAMES.items()}.get(t.get("precision"), self.amp_dtype)
+        if self.cfg.precision == "auto" and saved != self.amp_dtype:  # the run goes on as it began (exact resume)
+            self.log(f"{ckpt.name} was trained in {PRECISION_NAMES[saved]}: continuing in it (train.precision auto)")
+            self.set_precision(saved)
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint that verifies and loads; damaged newer ones are moved aside (never
@@ -417,6 +444,9 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.dist.rank)
         if resume:
             self.resume()
+        if cfg.precision == "auto" and self.device.type == "cpu":
+            self.log(f"train.precision auto: {PRECISION_NAMES[self.amp_dtype]}"
+                     + (" (bf16 products measured faster for these layers on this machine)" if self.amp_dtype else ""))
         self.metrics = MetricsWriter(self.out, enabled=self.dist.main, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                                      run_config=self.run_config, truncate_after=self.step)
         flops_tok = model_flops_per_token(self.raw_model) if self.count_tokens else 0.0
