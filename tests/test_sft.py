@@ -33,6 +33,7 @@ from lmforge.quant import QuantConfig, quantize_model, weight_count
 from lmforge.stages.sft import SFTConfig, SFTData, build_examples
 from lmforge.train.config import TrainConfig, plan_steps, stage_defaults
 from lmforge.train.loop import Trainer
+from lmforge.train.metrics import model_flops_per_token
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct"
 
@@ -227,6 +228,20 @@ def test_sft_command_errors_are_one_line(tmp_path):
     assert "bad.json:1: field 'output' is missing" in r.stderr and "Traceback" not in r.stderr
     r = run("sft", "--data", str(bad), "--peft.r", "4")
     assert r.returncode != 0 and "without a method" in r.stderr
+    held = tmp_path / "q8"  # a quantized model's directory: its weights were replaced, quantization.json left
+    held.mkdir()
+    for n in ("config.json", "model.safetensors", "quantization.json"):
+        (held / n).write_text("{}")
+    r = run("sft", "--data", str(bad), "--out", str(held))
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"lmforge sft: error: {held}: already holds a model (config.json, model.safetensors, quantization.json) and "
+        "no checkpoint to resume from; pass --overwrite to replace it, or choose another --out")
+    r = run("sft", "--model", str(held), "--data", str(bad), "--out", str(held), "--overwrite")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"lmforge sft: error: --out {held}: it would replace {held}, the model being trained from; write elsewhere")
+    r = run("sft", "--data", str(bad), "--out", str(held), "--overwrite")  # (then the data is refused)
+    assert r.returncode == 1 and "field 'output' is missing" in r.stderr
+    assert not any((held / n).exists() for n in ("config.json", "model.safetensors", "quantization.json"))
     good = tmp_path / "good.jsonl"  # a batch of 10**9 rows wrapped round 5 examples until memory ran out
     good.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i}."}) + "\n" for i in range(5)))
     r = run("sft", "--data", str(good), "--train.batch_size", "1000000000", "--out", str(tmp_path / "o"))
@@ -258,6 +273,10 @@ def test_sft_with_peft_saves_adapter_only_and_loads_as_model(tmp_path, method):
     again = run("sft", "--data", str(data), "--out", str(out), "--max-iters", "4", "--peft", method,
                 "--train.batch_size", "4", "--resume")
     assert again.returncode == 0 and "resumed from" in again.stderr, again.stderr
+    full = run("sft", "--model", str(out), "--data", str(data), "--out", str(tmp_path / "full"))  # its base frozen:
+    assert full.returncode == 1 and full.stderr.strip().splitlines()[-1] == (  # "no trainable parameters"
+        f"lmforge sft: error: {out}: an adapter directory; fully fine-tuning needs a plain model: add --peft METHOD "
+        "(new adapters start from it), or make one with lmforge peft merge first")
 
 
 def test_benchmark_tasks_run_at_each_evaluation(tmp_path):
@@ -335,3 +354,6 @@ def test_a_quantized_base_counts_as_the_weights_it_stands_for():
     q8 = load_model(STORIES260K)
     quantize_model(q8, QuantConfig(8, embedding=True))  # the tied output projection shares the table: counted once
     assert weight_count(q8) == full
+    # the trainer's FLOPs per token (MFU) of such a model read wte.weight, which a quantized table has not: sft --peft
+    # lora on a `lmforge quantize` directory crashed with AttributeError before its first step
+    assert model_flops_per_token(q8) == model_flops_per_token(load_model(STORIES260K))

@@ -68,6 +68,11 @@ def resolve_resume(args, out: str | Path, stream: dict | None = None) -> bool:
     """Prepare a run directory for --resume/--resume-or-start/--overwrite; True if training resumes from it."""
     from lmforge.train.state import prepare_run_dir
 
+    model = getattr(args, "model", None)
+    if isinstance(model, str) and Path(model).exists():  # (it replaced the model it had read)
+        m, o = Path(model).resolve(), Path(out).resolve()
+        if m == o or o in m.parents:
+            raise LMForgeError(f"--out {out}: it would replace {model}, the model being trained from; write elsewhere")
     resume = args.resume or args.resume_or_start
     resuming = prepare_run_dir(Path(out), resume, args.resume_or_start or args.overwrite, is_main_process(),
                                report, stream)

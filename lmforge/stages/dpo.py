@@ -147,7 +147,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
 
     from lmforge.commands.common import load_model_and_tokenizer
     from lmforge.peft import apply_peft, save_adapter
-    from lmforge.stages.sft import POLICY_LR_SCALE, is_quantized, suggested_lr, write_final
+    from lmforge.stages.sft import POLICY_LR_SCALE, check_full_finetune, suggested_lr, write_final
 
     if cfg.loss not in DPO_LOSS_TYPES:
         raise LMForgeError(f"--loss {cfg.loss}: allowed values are {', '.join(DPO_LOSS_TYPES)}")
@@ -173,8 +173,8 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
         raise LMForgeError(f"{cfg.data.path}: no training pairs")
     check_batch_fits(cfg.train.batch_size, D.launched_world(), len(train_g), "pairs")
     method = cfg.peft.get("method") if cfg.peft else None
-    if method is None and is_quantized(model):
-        raise LMForgeError(f"{cfg.model}: a quantized model cannot be fully fine-tuned; use --peft qlora (or lora)")
+    if method is None:
+        check_full_finetune(model, cfg.model)
     t = cfg.train
     pad = pad_id_of(tok)
     share = cfg.data.share_prompt and supports_branches(model.cfg)

@@ -20,6 +20,7 @@ from lmforge.errors import LMForgeError
 from lmforge.files import public_modes
 from lmforge.losses import IGNORE, lm_loss
 from lmforge.peft import apply_peft, get_method, save_adapter
+from lmforge.peft.base import get_adapter_params
 from lmforge.quant import weight_count
 from lmforge.train import distributed as D
 from lmforge.train.batches import ExampleBatches, check_batch_fits
@@ -180,8 +181,8 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
     if cfg.data.packing and method in ("prefix", "prompt", "ptuning"):
         raise LMForgeError(f"--packing cannot be combined with --peft {method}: its virtual tokens would be shared "
                            "by every example packed into a row")
-    if method is None and is_quantized(model):
-        raise LMForgeError(f"{cfg.model}: a quantized model cannot be fully fine-tuned; use --peft qlora (or lora)")
+    if method is None:
+        check_full_finetune(model, cfg.model)
     resolved_peft: dict[str, Any] = {}
     if method is not None:
         resolved_peft = apply_peft(model, method, {k: v for k, v in cfg.peft.items() if k != "method"}, tok)
@@ -261,3 +262,13 @@ def write_final(model, out: Path, tok, export, partial: bool) -> None:
 
 def is_quantized(model) -> bool:
     return any(type(m).__name__ in ("QuantLinear", "QuantEmbedding") for m in model.modules())
+
+
+def check_full_finetune(model, path: str) -> None:
+    """Refuse full fine-tuning of a quantized model or of an adapter directory (its base frozen: "no trainable
+    parameters")."""
+    if is_quantized(model):
+        raise LMForgeError(f"{path}: a quantized model cannot be fully fine-tuned; use --peft qlora (or lora)")
+    if get_adapter_params(model):
+        raise LMForgeError(f"{path}: an adapter directory; fully fine-tuning needs a plain model: add --peft METHOD "
+                           "(new adapters start from it), or make one with lmforge peft merge first")

@@ -11,11 +11,13 @@ from typing import Any
 
 from torch import nn
 
+from lmforge.quant.quantize import weight_count
+
 
 def model_flops_per_token(model: nn.Module) -> float:
     """Training FLOPs per token: 6N for the weights plus 12*L*H*Q*T for attention scores (PaLM, appendix B)."""
     cfg = model.cfg
-    n = sum(p.numel() for p in model.parameters()) - model.wte.weight.numel()
+    n = weight_count(model) - cfg.vocab_size * cfg.n_embd  # (a quantized embedding has no .weight: sft crashed)
     return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * cfg.block_size
 
 

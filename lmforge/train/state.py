@@ -254,7 +254,13 @@ def prepare_run_dir(run_dir: Path, resume: bool, start_over: bool, main: bool = 
     if main:
         clean_partial_saves(run_dir, warn)
     ckpts = list_checkpoints(run_dir)
+    held = [n for n in MODEL_FILES if (run_dir / n).is_file()]
     if not ckpts:
+        if held and not start_over:  # a model of its own (a quantized one was left unloadable beside new weights)
+            raise LMForgeError(f"{run_dir}: already holds a model ({', '.join(held)}) and no checkpoint to resume "
+                               "from; pass --overwrite to replace it, or choose another --out")
+        if held and main:
+            remove_model_files(run_dir)
         return False
     if resume:
         problems = []
@@ -278,7 +284,21 @@ def prepare_run_dir(run_dir: Path, resume: bool, start_over: bool, main: bool = 
             warn(f"moved {ckpt} ({problem}) to {move_aside(ckpt)}; starting from scratch")
     if main and (run_dir / "best").is_file():
         (run_dir / "best").unlink()
+    if main:
+        remove_model_files(run_dir)
     return False
+
+
+# the files of a finished model in a run directory (its weights, config, adapter, quantization, checksums): a run
+# started over removes them, so that nothing of the previous model is left beside the new one
+MODEL_FILES = ("config.json", "model.safetensors", "quantization.json", "adapter_config.json",
+               "adapter_model.safetensors", "MANIFEST.json")
+
+
+def remove_model_files(run_dir: Path) -> None:
+    for n in MODEL_FILES:
+        if (run_dir / n).is_file():
+            (run_dir / n).unlink()
 
 
 def prune(run_dir: Path, keep_last: int, protect: set[str] = frozenset()) -> None:
