@@ -88,6 +88,11 @@ def test_second_run_reuses_and_changed_flag_reruns_downstream(run):
     shutil.rmtree(out / "quantize")  # a deleted output is made again
     r = lmforge("pipeline", str(SMALL), "--out", str(out))
     assert "1 run and 7 reused" in last_line(r) and "] quantize         done" in r.stdout
+    with open(out / "quantize" / "model.safetensors", "r+b") as f:  # a damaged one too (it was reused, "cached")
+        f.truncate(1000)
+    r = lmforge("pipeline", str(SMALL), "--out", str(out))
+    assert "] quantize         output damaged (model.safetensors has 1,000 bytes" in r.stdout, r.stdout
+    assert "1 run and 7 reused" in last_line(r) and "] quantize         done" in r.stdout
 
 
 def test_interrupted_training_stage_resumes(run, tmp_path):

@@ -26,6 +26,7 @@ import torch
 from lmforge.cli import error_line, run_command
 from lmforge.errors import LMForgeError
 from lmforge.files import DirLock
+from lmforge.manifest import verify_manifest
 from lmforge.model.weights import replace_dir
 from lmforge.pipeline.measure import kl_from, measure_policy
 from lmforge.pipeline.report import write_report
@@ -276,6 +277,11 @@ def _run(p: Pipeline, out: Path, from_stage: str | None, only: str | None, dry_r
         complete = bool(marker and marker.get("hash") == h and marker.get("status") == "complete"
                         and Path(marker.get("product", "")).exists())  # a deleted output is made again
         rerun = force or only == st.name
+        damage = verify_manifest(Path(marker["product"])) if complete and Path(marker["product"]).is_dir() else None
+        if damage and not rerun:  # (it was reused as "cached", and the run ended pointing at a damaged model)
+            complete = False
+            if main:
+                echo(f"{label} output damaged ({damage}): running it again")
         if complete and not rerun:
             products[st.name] = Path(marker["product"])
             reward = products[st.name] if st.kind == "reward" else reward
