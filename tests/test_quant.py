@@ -609,6 +609,9 @@ def test_quantize_command_and_generate_subprocess(tmp_path, capsys):
     assert {"config.json", "quantization.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
     with pytest.raises(LMForgeError, match="group-size"):
         _run_quantize(["--bits", "4", "--group-size", "16", "--output", str(tmp_path / "bad")])
+    with pytest.raises(LMForgeError, match=r"^--calib-samples 100000000: .*lower --calib-samples$"):  # "--max-len"
+        _run_quantize(["--bits", "4", "--calib-samples", "100000000", "--calib-len", "8", "--output",
+                       str(tmp_path / "bad")])
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-m", "lmforge", "generate", "--model", str(out), "--max-new-tokens", "30",
                         "--temperature", "0"], capture_output=True, text=True, env=env, timeout=120)

@@ -87,6 +87,7 @@ def _calibration_ids(args, tok, model):
 def run(args) -> None:
     from lmforge.assets import STORIES260K
     from lmforge.checkpoint import load_model
+    from lmforge.model.cache import kv_cache_len
     from lmforge.quant import (
         QuantConfig,
         QuantLinear,
@@ -128,6 +129,11 @@ def run(args) -> None:
     if method == "gptq":
         calib = _calibration_ids(args, tok, model)
         if calib is None:
+            try:  # the samples are generated together (the cache's own message named a --max-len quantize lacks)
+                kv_cache_len(model.cfg, args.calib_samples, min(args.calib_len, model.cfg.block_size))
+            except LMForgeError:
+                raise LMForgeError(f"--calib-samples {args.calib_samples}: generating them together needs a key/value "
+                                   "cache larger than this machine's memory allows; lower --calib-samples") from None
             print(f"lmforge quantize: sampling {args.calib_samples} x {min(args.calib_len, model.cfg.block_size)} "
                   f"calibration tokens from the "
                   f"model", file=sys.stderr)
