@@ -4,6 +4,7 @@ engine against single-sequence generation, stop ids/strings and incremental deto
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -507,3 +508,11 @@ def test_column_major_layout_keeps_two_parameters_that_view_one_loaded_tensor(tm
     assert stream_layout(model) > 0
     torch.testing.assert_close(model.wte.weight, want, rtol=0, atol=0)
     torch.testing.assert_close(model.lm_head.weight, want, rtol=0, atol=0)
+
+
+def test_an_infinite_temperature_is_refused():
+    """It sampled uniformly (random bytes, exit 0) while NaN and negative values were refused."""
+    for t in (math.inf, math.nan, -1.0):
+        with pytest.raises(ValueError, match="must be a finite number >= 0"):
+            SamplingParams(temperature=t).check()
+    SamplingParams(temperature=0.0).check()

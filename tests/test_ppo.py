@@ -93,6 +93,9 @@ def test_ppo_command_errors(prompts, tmp_path):
     assert r.returncode == 1 and "exactly one of --reward-model" in r.stderr and "Traceback" not in r.stderr
     r = _run("--reward", "lmforge.data.stories:nope", "--prompts", str(prompts), "--out", str(tmp_path / "x"))
     assert r.returncode == 1 and "has no function nope" in r.stderr
+    r = _run("--reward", "lmforge.data.stories:length", "--prompts", str(prompts), "--out", str(tmp_path / "x"),
+             "--steps", "-3")  # said "train.max_iters=-12: must be >= 0"
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "lmforge ppo: error: --steps -3: must be >= 1"
     f = tmp_path / "rw.py"
     f.write_text("def nan(prompts, responses):\n    return [float('nan')] * len(responses)\n"
                  "def none(prompts, responses):\n    return [None] * len(responses)\n")

@@ -4,6 +4,7 @@ tokens with PyTorch, ``lmforge.infer.lean_sampling`` with NumPy)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -33,8 +34,8 @@ class SamplingParams:
 
     def check(self) -> None:
         """Raise ValueError naming the first field out of range."""
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0")
+        if not 0 <= self.temperature < math.inf:  # (inf sampled uniformly: random bytes with exit 0)
+            raise ValueError(f"temperature={self.temperature}: must be a finite number >= 0")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k}: must be >= 0")
         if not 0 < self.top_p <= 1:

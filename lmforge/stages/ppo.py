@@ -473,8 +473,10 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
         raise LMForgeError("pass exactly one of --reward-model DIR and --reward module:function")
     if not cfg.prompts:
         raise LMForgeError("no prompts: pass --prompts FILE")
-    if o.temperature <= 0:
+    if not 0 < o.temperature < math.inf:
         raise LMForgeError("ppo.temperature must be > 0 (PPO samples; its log-probs are those of the sampler)")
+    if cfg.steps < 1:  # (it said "train.max_iters=-12", a value the user never gave)
+        raise LMForgeError(f"--steps {cfg.steps}: must be >= 1")
     if o.adaptive_kl:
         kl_horizon(o, cfg.steps)  # checked before anything loads
     cfg.model = default_model(cfg.model)
