@@ -37,15 +37,24 @@ def public_modes(path: Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
+# the files of a model directory (weights, config, adapter, quantization, checksums): what --overwrite may replace
+MODEL_FILES = ("config.json", "model.safetensors", "quantization.json", "adapter_config.json",
+               "adapter_model.safetensors", "MANIFEST.json")
+
+
 def check_output(out: Path, overwrite: bool, sources: list[Path], flag: str) -> None:
     """Before any work: refuse (one line) an output that would replace what is being read (the same path, or a
-    directory holding it), and an existing non-empty output unless ``overwrite``."""
+    directory holding it), an existing non-empty output unless ``overwrite``, and with it a non-empty directory
+    that holds no model (--overwrite deleted whatever it held)."""
     target = out.resolve()
     for src in sources:
         if src is not None and src.exists() and (target == src.resolve() or target in src.resolve().parents):
             raise LMForgeError(f"{flag} {out}: it would replace {src}, which is being read; write elsewhere")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise LMForgeError(f"{flag} {out}: exists; pass --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()) and not any((out / n).is_file() for n in MODEL_FILES):
+        raise LMForgeError(f"{flag} {out}: holds no model (none of {', '.join(MODEL_FILES)}); --overwrite replaces a "
+                           "model directory only: empty it or choose another")
     check_replaceable(out, flag)
 
 

@@ -120,7 +120,12 @@ def test_peft_outputs_never_replace_inputs_or_existing_outputs(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "important"
     assert (tmp_path / "ad" / "adapter_model.safetensors").exists()
     r = lmforge("peft", "merge", "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "mine"), "--overwrite")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1 and "holds no model" in r.stderr, r.stderr  # --overwrite deleted whatever it held
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "important"
+    for _ in range(2):  # a model directory is replaced with --overwrite
+        r = lmforge("peft", "merge", "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "merged"),
+                    "--overwrite")
+        assert r.returncode == 0, r.stderr
     r = lmforge("peft", "export", "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "hf"),
                 "--format", "hf")
     assert r.returncode == 0, r.stderr

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import LMForgeError
-from lmforge.files import public_modes
+from lmforge.files import MODEL_FILES, public_modes
 from lmforge.manifest import MANIFEST, verify_manifest, write_manifest
 from lmforge.train.batches import StreamMismatch, check_stream
 from lmforge.train.distributed import launched_world
@@ -289,13 +289,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, start_over: bool, main: bool = 
     return False
 
 
-# the files of a finished model in a run directory (its weights, config, adapter, quantization, checksums): a run
-# started over removes them, so that nothing of the previous model is left beside the new one
-MODEL_FILES = ("config.json", "model.safetensors", "quantization.json", "adapter_config.json",
-               "adapter_model.safetensors", "MANIFEST.json")
-
-
 def remove_model_files(run_dir: Path) -> None:
+    """A run started over removes the previous model's files, so that nothing of it is left beside the new one."""
     for n in MODEL_FILES:
         if (run_dir / n).is_file():
             (run_dir / n).unlink()
