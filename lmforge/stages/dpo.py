@@ -39,14 +39,7 @@ from lmforge.stages.reward import (
 )
 from lmforge.train import distributed as D
 from lmforge.train.batches import check_batch_fits
-from lmforge.train.config import (
-    TrainConfig,
-    _fill,
-    apply_defaults,
-    check_epochs_and_max_len,
-    plan_steps,
-    stage_defaults,
-)
+from lmforge.train.config import TrainConfig, _fill, apply_defaults, check_epochs_max_len, plan_steps, stage_defaults
 from lmforge.train.loop import Trainer, autocast, to_device, train_precision
 
 REFERENCE_FILE = "reference_logprobs.safetensors"
@@ -156,7 +149,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     if not 0 <= cfg.label_smoothing < 0.5:
         raise LMForgeError(f"--label-smoothing {cfg.label_smoothing}: must be in [0, 0.5)")
     explicit_train = explicit_train or set()
-    check_epochs_and_max_len(cfg.epochs, cfg.data.max_len)
+    check_epochs_max_len(cfg.epochs, cfg.data.max_len)
     out = Path(cfg.out)
     D.check_mode(cfg.train.distributed, "dpo")
     device, dist = D.start(cfg.train.device)

@@ -39,14 +39,7 @@ from lmforge.model.heads import ScalarHeadModel, load_scalar_model, read_head_co
 from lmforge.quant import weight_count
 from lmforge.train import distributed as D
 from lmforge.train.batches import check_batch_fits, check_stream, length_grouped
-from lmforge.train.config import (
-    TrainConfig,
-    _fill,
-    apply_defaults,
-    check_epochs_and_max_len,
-    plan_steps,
-    stage_defaults,
-)
+from lmforge.train.config import TrainConfig, _fill, apply_defaults, check_epochs_max_len, plan_steps, stage_defaults
 from lmforge.train.loop import Trainer, autocast, to_device, train_precision
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -381,7 +374,7 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
         raise LMForgeError(f"head_init={cfg.head_init!r}: allowed values are ['probe', 'normal']")
     if not math.isfinite(cfg.margin):
         raise LMForgeError(f"--margin {cfg.margin}: must be a finite number")
-    check_epochs_and_max_len(cfg.epochs, cfg.data.max_len, zero_epochs=True)
+    check_epochs_max_len(cfg.epochs, cfg.data.max_len, zero_epochs=True)
     probe_only = cfg.epochs == 0  # the linear probe is the reward model: nothing is fine-tuned
     if probe_only and (cfg.head_init != "probe" or cfg.peft.get("method")):
         raise LMForgeError("--epochs 0 fine-tunes nothing: it makes the head fitted to the frozen model's features "

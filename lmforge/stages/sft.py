@@ -24,14 +24,7 @@ from lmforge.peft.base import get_adapter_params
 from lmforge.quant import weight_count
 from lmforge.train import distributed as D
 from lmforge.train.batches import ExampleBatches, check_batch_fits
-from lmforge.train.config import (
-    TrainConfig,
-    _fill,
-    apply_defaults,
-    check_epochs_and_max_len,
-    plan_steps,
-    stage_defaults,
-)
+from lmforge.train.config import TrainConfig, _fill, apply_defaults, check_epochs_max_len, plan_steps, stage_defaults
 from lmforge.train.loop import Trainer
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -167,7 +160,7 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
     from lmforge.infer.chat import get_template
 
     explicit_train = explicit_train or set()
-    check_epochs_and_max_len(cfg.epochs, cfg.data.max_len)
+    check_epochs_max_len(cfg.epochs, cfg.data.max_len)
     out = Path(cfg.out)
     D.check_mode(cfg.train.distributed, "sft")
     device, dist = D.start(cfg.train.device)
@@ -216,7 +209,7 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
                                                                              else f"{k} {v}" for k, v in
                                                                              shown.items()))
     if truncated:
-        log(f"truncated {truncated[0]} example(s) to {max_len + 1} tokens")
+        log(f"truncated {truncated[0]} example(s) to max_len {max_len}")
 
     tok.chat_template = template.source
     base_ref = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model

@@ -145,7 +145,7 @@ def stage_defaults(steps: int, lr: float, has_val: bool, warmup_div: int = 10, t
             "spike_min_jump": 1.0}
 
 
-def check_epochs_and_max_len(epochs: float, max_len: int, zero_epochs: bool = False) -> None:
+def check_epochs_max_len(epochs: float, max_len: int, zero_epochs: bool = False) -> None:
     """One line for ``--epochs`` that is not a positive finite number (``zero_epochs``: 0 allowed), and for a
     negative ``data.max_len`` (0: the model's context). -1 epochs trained one step; NaN gave a bare ValueError."""
     if not (math.isfinite(epochs) and (epochs >= 0 if zero_epochs else epochs > 0)):
