@@ -609,6 +609,12 @@ def test_quantize_command_and_generate_subprocess(tmp_path, capsys):
     assert {"config.json", "quantization.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
     with pytest.raises(LMForgeError, match="group-size"):
         _run_quantize(["--bits", "4", "--group-size", "16", "--output", str(tmp_path / "bad")])
+    adapter = tmp_path / "ad"  # said "not a checkpoint directory (no config.json)"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "x"}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(LMForgeError, match=r"an adapter directory; merge it into its base first \(lmforge peft merge"):
+        _run_quantize(["--model", str(adapter), "--bits", "8", "--output", str(tmp_path / "bad")])
     with pytest.raises(LMForgeError, match=r"^--calib-samples 100000000: .*lower --calib-samples$"):  # "--max-len"
         _run_quantize(["--bits", "4", "--calib-samples", "100000000", "--calib-len", "8", "--output",
                        str(tmp_path / "bad")])

@@ -88,6 +88,7 @@ def run(args) -> None:
     from lmforge.assets import STORIES260K
     from lmforge.checkpoint import load_model
     from lmforge.model.cache import kv_cache_len
+    from lmforge.peft import is_adapter_dir
     from lmforge.quant import (
         QuantConfig,
         QuantLinear,
@@ -102,6 +103,9 @@ def run(args) -> None:
         args.group_size = 32
     path = Path(args.model) if args.model else STORIES260K
     method, symmetric = args.method, not args.asymmetric
+    if path.is_dir() and is_adapter_dir(path) and not (path / "config.json").is_file():  # ("not a checkpoint")
+        raise LMForgeError(f"{path}: an adapter directory; merge it into its base first (lmforge peft merge "
+                           f"--adapter {path} --output MERGED), then quantize MERGED")
     if args.bits == 4 and method is None and args.group_size == 32 and path.suffix == ".gguf" and path.is_file():
         from lmforge.interop.gguf import gguf_block_weight_types
 
