@@ -45,6 +45,13 @@ def replace_dir(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def check_finite(sd: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse (one line naming ``source`` and the tensor) floating weights holding NaN or infinite values."""
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise LMForgeError(f"{source}: tensor {bad!r} holds NaN or infinite values (damaged weights)")
+
+
 def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> Decoder:
     """A Decoder with ``sd`` loaded, checking names and shapes with one-line errors."""
     with torch.device("meta"):
@@ -56,11 +63,10 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> D
         if tuple(sd[k].shape) != tuple(v.shape):
             raise LMForgeError(f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)} but the config needs "
                                f"{tuple(v.shape)}; does the config match the weights?")
-        if sd[k].is_floating_point() and not bool(torch.isfinite(sd[k]).all()):
-            raise LMForgeError(f"{source}: tensor {k!r} holds NaN or infinite values (damaged weights)")
     extra = sorted(set(sd) - set(expected))
     if extra:
         raise LMForgeError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unused)")
+    check_finite(sd, source)
     # assign: the loaded tensors become the parameters (no second copy of the weights in memory)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=False,
                           assign=True)

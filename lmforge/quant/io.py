@@ -17,7 +17,7 @@ from lmforge.manifest import verify_manifest, write_manifest
 from lmforge.mapped import SafetensorsMap, write_aligned
 from lmforge.model import Decoder
 from lmforge.model.swap import set_module
-from lmforge.model.weights import CONFIG, WEIGHTS, reinit_buffers, replace_dir
+from lmforge.model.weights import CONFIG, WEIGHTS, check_finite, reinit_buffers, replace_dir
 from lmforge.quant.modules import QuantEmbedding, QuantLinear, head_is_tied, tie_head
 from lmforge.quant.quantize import mark_head, set_compute
 from lmforge.quant_config import FORMAT, QUANT_FILE, VERSION, QuantConfig, read_quant_config
@@ -134,9 +134,7 @@ def load_quantized(path: str | Path, compute: str | None = None):
     extra = sorted(set(sd) - set(expected))
     if extra:
         raise LMForgeError(f"{path / WEIGHTS}: unexpected tensor {extra[0]!r} ({len(extra)} unused)")
-    for k, t in sd.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise LMForgeError(f"{path / WEIGHTS}: tensor {k!r} holds NaN or infinite values (damaged weights)")
+    check_finite(sd, str(path / WEIGHTS))
     # assign: the loaded tensors become the buffers (no meta-device allocation, see positions.py)
     model.load_state_dict(sd, strict=False, assign=True)
     if tied_float:

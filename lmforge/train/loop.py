@@ -117,8 +117,9 @@ def bf16_is_faster(model: nn.Module, tokens: int) -> bool:
     # decided once per machine, library version, thread count and shapes, and remembered on disk: a decision timed
     # anew by every run made runs of one seed differ, and a resumed run could switch precision under load
     disk = f"{_cpu_name()}|torch {torch.__version__}|{torch.get_num_threads()} threads|{key}"
-    if key not in _BF16_FASTER and isinstance(read_cache(PRECISION_CACHE).get(disk), bool):
-        _BF16_FASTER[key] = read_cache(PRECISION_CACHE)[disk]
+    cache = read_cache(PRECISION_CACHE) if key not in _BF16_FASTER else {}
+    if isinstance(cache.get(disk), bool):
+        _BF16_FASTER[key] = cache[disk]
     if key not in _BF16_FASTER:
         g = torch.Generator().manual_seed(0)  # never the global RNG (exact resume)
         total = {None: 0.0, torch.bfloat16: 0.0}
@@ -135,7 +136,6 @@ def bf16_is_faster(model: nn.Module, tokens: int) -> bool:
                     best = min(best, time.perf_counter() - t0)
                 total[dtype] += best * count
         _BF16_FASTER[key] = total[torch.bfloat16] < 0.9 * total[None]  # a clear win only
-        cache = read_cache(PRECISION_CACHE)
         write_cache(PRECISION_CACHE, {**dict(list(cache.items())[-255:]), disk: _BF16_FASTER[key]})
     return _BF16_FASTER[key]
 
@@ -346,6 +346,9 @@ class Trainer:
         std = (sum((x - mean) ** 2 for x in self.recent) / len(self.recent)) ** 0.5
         return loss > mean + max(self.cfg.spike_factor * std, self.cfg.spike_min_jump * abs(mean))
 
+    def _last_ckpt_note(self) -> str:
+        return f"; the last checkpoint is {self.last_ckpt}" if self.last_ckpt is not None else ""
+
     def weights_finite(self) -> bool:
         """Whether every trainable weight is finite, on every rank (all ranks get the same answer)."""
         with torch.no_grad():
@@ -483,10 +486,9 @@ class Trainer:
                     bar.refresh()
                     continue
                 if (not math.isfinite(loss) or bad_grads) and not self.scaler.is_enabled():
-                    where = f"; the last checkpoint is {self.last_ckpt}" if self.last_ckpt is not None else ""
                     what = f"loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
                     raise LMForgeError(f"{what} at step {self.step}: stopped before the update, which would "
-                                       f"write NaN into the weights{where}")
+                                       f"write NaN into the weights{self._last_ckpt_note()}")
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -512,8 +514,7 @@ class Trainer:
                     # final model of such weights; the last checkpoint was written before
                     what = f"weights hold NaN or infinite values after step {self.step} (is train.lr too high?)"
                     if not cfg.spike_guard or self.last_ckpt is None or not self.last_ckpt.exists():
-                        where = f"; the last checkpoint is {self.last_ckpt}" if self.last_ckpt is not None else ""
-                        raise LMForgeError(f"{what}: not saved{where}")
+                        raise LMForgeError(f"{what}: not saved{self._last_ckpt_note()}")
                     self.rollback(math.nan, what)
                     bar.n = self.step
                     bar.refresh()

@@ -31,6 +31,7 @@ import torch
 from lmforge.errors import LMForgeError
 from lmforge.files import MODEL_FILES, public_modes
 from lmforge.manifest import MANIFEST, verify_manifest, write_manifest
+from lmforge.model.weights import check_finite
 from lmforge.train.batches import StreamMismatch, check_stream
 from lmforge.train.distributed import launched_world
 
@@ -188,11 +189,8 @@ def load_training_checkpoint(ckpt: Path) -> dict[str, Any]:
         train_model = load_file(str(train_weights)) if train_weights.is_file() else None
     except (SafetensorError, OSError, ValueError) as e:
         raise LMForgeError(f"{ckpt}: damaged checkpoint: {' '.join(str(e).split())}") from None
-    for name, sd in ((model_file, model), (train_weights, train_model or {})):
-        bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
-        if bad is not None:  # (a run that diverged once wrote such; resuming from it repeats the divergence)
-            raise LMForgeError(f"{ckpt}: damaged checkpoint: {Path(name).name}: tensor {bad!r} holds NaN or "
-                               "infinite values")
+    for name, sd in ((model_file, model), (train_weights, train_model or {})):  # (resuming a run that diverged
+        check_finite(sd, f"{ckpt}: damaged checkpoint: {Path(name).name}")  # repeated its divergence)
     trainer = _trainer_state(ckpt / "trainer_state.json")
     return {"model": model, "train_model": train_model, "optimizer": _load_pt(ckpt / "optimizer.pt"),
             "rng": _load_pt(ckpt / "rng.pt"), "trainer": trainer}
