@@ -189,8 +189,9 @@ def load_training_checkpoint(ckpt: Path) -> dict[str, Any]:
         train_model = load_file(str(train_weights)) if train_weights.is_file() else None
     except (SafetensorError, OSError, ValueError) as e:
         raise LMForgeError(f"{ckpt}: damaged checkpoint: {' '.join(str(e).split())}") from None
-    for name, sd in ((model_file, model), (train_weights, train_model or {})):  # (resuming a run that diverged
-        check_finite(sd, f"{ckpt}: damaged checkpoint: {Path(name).name}")  # repeated its divergence)
+    for f, sd in ((model_file, model), (train_weights, train_model)):  # (resuming a run that diverged repeated
+        if sd:  # its divergence; an adapter's checkpoint has no model file)
+            check_finite(sd, f"{ckpt}: damaged checkpoint: {f.name}")
     trainer = _trainer_state(ckpt / "trainer_state.json")
     return {"model": model, "train_model": train_model, "optimizer": _load_pt(ckpt / "optimizer.pt"),
             "rng": _load_pt(ckpt / "rng.pt"), "trainer": trainer}
