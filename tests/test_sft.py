@@ -236,6 +236,8 @@ def test_sft_command_errors_are_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         f"lmforge sft: error: {held}: already holds a model (config.json, model.safetensors, quantization.json) and "
         "no checkpoint to resume from; pass --overwrite to replace it, or choose another --out")
+    r = run("sft", "--data", str(bad), "--out", str(held), "--resume-or-start")  # (it removed the model's files)
+    assert r.returncode == 1 and "already holds a model" in r.stderr and (held / "quantization.json").is_file()
     r = run("sft", "--model", str(held), "--data", str(bad), "--out", str(held), "--overwrite")
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         f"lmforge sft: error: --out {held}: it would replace {held}, the model being trained from; write elsewhere")

@@ -35,7 +35,8 @@ def add_resume_args(p: argparse.ArgumentParser) -> None:
                    "(ckpt-N.damaged) and start from scratch")
     p.add_argument("--overwrite", action="store_true",
                    help="start from scratch in an --out that already holds checkpoints (deleted; damaged ones are "
-                   "moved aside); with --resume: only when none is usable")
+                   "moved aside) or a model without checkpoints (its files deleted); with --resume: only when none is "
+                   "usable")
 
 
 def is_main_process() -> bool:
@@ -75,7 +76,7 @@ def resolve_resume(args, out: str | Path, stream: dict | None = None) -> bool:
             raise LMForgeError(f"--out {out}: it would replace {model}, the model being trained from; write elsewhere")
     resume = args.resume or args.resume_or_start
     resuming = prepare_run_dir(Path(out), resume, args.resume_or_start or args.overwrite, is_main_process(),
-                               report, stream)
+                               report, stream, replace_model=args.overwrite)
     if resume and not resuming:
         report(f"no checkpoint to resume from in {out}: starting from scratch")
     return resuming

@@ -243,19 +243,22 @@ def clean_partial_saves(run_dir: Path, warn=print) -> list[Path]:
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, start_over: bool, main: bool = True, warn=print,
-                    stream: dict[str, Any] | None = None) -> bool:
+                    stream: dict[str, Any] | None = None, replace_model: bool | None = None) -> bool:
     """Decide, before training, whether a run in ``run_dir`` resumes (True) or starts from scratch (False).
 
     ``resume``: continue from the newest usable checkpoint (a run directory without checkpoints starts fresh); if
     there are checkpoints but none is usable, refuse (NoUsableCheckpoint) unless ``start_over``, which moves them
     aside. Without ``resume``, existing checkpoints are refused unless ``start_over``: good ones are then deleted,
-    damaged ones moved aside. Only the ``main`` process changes files; the others reach the same decision."""
+    damaged ones moved aside. A directory holding a model but no checkpoint (not a run of ours) is replaced only with
+    ``replace_model`` (--overwrite; default: ``start_over``). Only the ``main`` process changes files; the others reach
+    the same decision."""
+    replace_model = start_over if replace_model is None else replace_model
     if main:
         clean_partial_saves(run_dir, warn)
     ckpts = list_checkpoints(run_dir)
     held = [n for n in MODEL_FILES if (run_dir / n).is_file()]
     if not ckpts:
-        if held and not start_over:  # a model of its own (a quantized one was left unloadable beside new weights)
+        if held and not replace_model:  # a model of its own (a quantized one was left unloadable beside new weights)
             raise LMForgeError(f"{run_dir}: already holds a model ({', '.join(held)}) and no checkpoint to resume "
                                "from; pass --overwrite to replace it, or choose another --out")
         if held and main:
