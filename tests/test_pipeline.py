@@ -175,10 +175,10 @@ def test_stage_flags_are_checked_before_anything_runs(tmp_path):
     refused(tok % "vocab-size: abc", r"p\.yaml:2: tokenizer: .*--vocab-size: invalid int value: 'abc'")
     refused(tok % "output: mine, vocab-size: 64", r"p\.yaml:2: tokenizer: output: set by the pipeline")
     sft = tok % "vocab-size: 64" + "  - sft: {model: {from: tokenizer}, data: x.json%s}\n"
-    refused(sft % ", train: {lr: abc}", r"p\.yaml:3: sft: train\.lr: expected float, got 'abc'")
-    refused(sft % ", nosuch: {a: 1}", r"p\.yaml:3: sft: unknown key 'nosuch'")
+    refused(sft % ", train: {lr: abc}", r"p\.yaml:3: sft: --train\.lr: expected float, got 'abc'")
+    refused(sft % ", nosuch: {a: 1}", r"p\.yaml:3: sft: --nosuch\.a: unknown section 'nosuch'")
     refused(sft % "", r"--sft\.out: sft: out: set by the pipeline", {"sft": {"out": "elsewhere"}})
-    refused(sft % "", r"p\.yaml:3: sft: unknown key 'colour'", {"sft": {"colour": "red"}})
+    refused(sft % "", r"p\.yaml:3: sft: --colour: unknown flag", {"sft": {"colour": "red"}})
     refused(sft % "", r"--measure\.kl_max: expected float, got 'abc'", {"measure": {"kl_max": "abc"}})
     p = _parse(sft % ", train: {lr: 1e-4}", tmp_path)
     check_flags(p)  # a valid pipeline passes, its `from:` inputs not made yet
@@ -186,7 +186,7 @@ def test_stage_flags_are_checked_before_anything_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lmforge", "pipeline", str(tmp_path / "p.yaml"), "--dry-run",
                         "--sft.train.lr", "abc", "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        f"lmforge pipeline: error: {tmp_path / 'p.yaml'}:3: sft: train.lr: expected float, got 'abc' "
+        f"lmforge pipeline: error: {tmp_path / 'p.yaml'}:3: sft: --train.lr: expected float, got 'abc' "
         "(see lmforge sft --help)"]
 
 

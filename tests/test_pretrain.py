@@ -77,8 +77,16 @@ def _lines(path):
 def test_config_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: [1\n")
+    good = tmp_path / "good.yaml"
+    good.write_text("train:\n  lr: 0.001\n")
     for args, needle in [
-        (["--recipe", "baby-gpt-shakespeare", "--train.lrr", "1"], "unknown key 'lrr'"),
+        (["--recipe", "baby-gpt-shakespeare", "--train.lrr", "1"], "--train.lrr: unknown setting; train has: "),
+        # a flag's mistake is blamed on the flag, not on the config file it is merged into
+        (["--config", str(good), "--train.lr", "abc"], "error: --train.lr: expected float, got 'abc'"),
+        (["--config", str(good), "--trian.lr", "1"], "error: --trian.lr: unknown section 'trian'; sections: model, "
+                                                      "data, train\n"),
+        (["--config", str(good), "--bogus-flag", "1"], "error: --bogus-flag: unknown flag; a setting is "
+                                                        "--SECTION.KEY VALUE"),
         (["--recipe", "baby-gpt-shakespeare", "--train.precision", "fp8", "--out", str(tmp_path / "o")],
          "train.precision='fp8'"),
         (["--recipe", "baby-gpt-shakespeare", "--train.schedule", "cosin"], "train.schedule='cosin': allowed values"),

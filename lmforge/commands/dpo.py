@@ -37,7 +37,7 @@ def add_parser(sub, name: str, help_: str) -> None:
 
 
 def run(args) -> None:
-    from lmforge.stages.dpo import load_dpo_config, run_dpo
+    from lmforge.stages.dpo import DPOConfig, load_dpo_config, run_dpo
     from lmforge.train.config import merge, parse_overrides, read_yaml
 
     d: dict = read_yaml(args.config) if args.config else {}
@@ -45,7 +45,7 @@ def run(args) -> None:
                         "loss": args.loss, "beta": args.beta, "label_smoothing": args.label_smoothing,
                         "data": {"path": args.data, "val_path": args.val_data, "template": args.template},
                         "train": {"max_iters": args.max_iters, "seed": args.seed}, "peft": {"method": args.peft}})
-    d = merge(merge(d, flags), parse_overrides(getattr(args, "overrides", [])))
+    d = merge(merge(d, flags), parse_overrides(getattr(args, "overrides", []), DPOConfig))
     explicit = set((d.get("train") or {}).keys())
     if isinstance(d.get("peft"), str):
         d["peft"] = {"method": d["peft"]}

@@ -39,7 +39,7 @@ def add_parser(sub, name: str, help_: str) -> None:
 
 
 def run(args) -> None:
-    from lmforge.stages.ppo import load_ppo_config, run_ppo
+    from lmforge.stages.ppo import PPOConfig, load_ppo_config, run_ppo
     from lmforge.train.config import merge, parse_overrides, read_yaml
 
     d: dict = read_yaml(args.config) if args.config else {}
@@ -47,7 +47,7 @@ def run(args) -> None:
                         "reward": args.reward, "prompts": args.prompts, "eval_prompts": args.eval_prompts,
                         "ptx_data": args.ptx_data, "template": args.template, "steps": args.steps, "out": args.out,
                         "train": {"seed": args.seed}, "peft": {"method": args.peft}})
-    d = merge(merge(d, flags), parse_overrides(getattr(args, "overrides", [])))
+    d = merge(merge(d, flags), parse_overrides(getattr(args, "overrides", []), PPOConfig))
     explicit = set((d.get("train") or {}).keys())
     if isinstance(d.get("peft"), str):
         d["peft"] = {"method": d["peft"]}

@@ -53,7 +53,7 @@ def check_prepared_data(path: str, block_size: int) -> None:
 
 def run(args) -> None:
     from lmforge.stages.pretrain import run_pretrain
-    from lmforge.train.config import load_run_config, merge, parse_overrides, read_yaml
+    from lmforge.train.config import RunConfig, load_run_config, merge, parse_overrides, read_yaml
 
     if args.list_recipes:
         for name, path in recipes().items():
@@ -75,7 +75,7 @@ def run(args) -> None:
                                         "eval_interval": args.eval_interval, "seed": args.seed}}
     flags = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
              for k, v in flags.items() if v is not None}
-    d = merge(merge(d, flags), parse_overrides(getattr(args, "overrides", [])))
+    d = merge(merge(d, flags), parse_overrides(getattr(args, "overrides", []), RunConfig))
     cfg = load_run_config(d, where=source)
     if not getattr(args, "plan_only", False):  # the pipeline's flag check: the data may not be prepared yet
         check_prepared_data(cfg.data.path, cfg.data.block_size)

@@ -56,7 +56,7 @@ def add_parser(sub, name: str, help_: str) -> None:
 
 
 def run(args) -> None:
-    from lmforge.stages.reward import load_reward_config, run_reward
+    from lmforge.stages.reward import RewardConfig, load_reward_config, run_reward
     from lmforge.train.config import merge, parse_overrides, read_yaml
 
     d: dict = read_yaml(args.config) if args.config else {}
@@ -64,7 +64,7 @@ def run(args) -> None:
                         "margin": args.margin, "head_init": args.head_init,
                         "data": {"path": args.data, "val_path": args.val_data, "template": args.template},
                         "train": {"max_iters": args.max_iters, "seed": args.seed}, "peft": {"method": args.peft}})
-    d = merge(merge(d, flags), parse_overrides(getattr(args, "overrides", [])))
+    d = merge(merge(d, flags), parse_overrides(getattr(args, "overrides", []), RewardConfig))
     explicit = set((d.get("train") or {}).keys())
     if isinstance(d.get("peft"), str):
         d["peft"] = {"method": d["peft"]}

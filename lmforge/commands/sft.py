@@ -39,7 +39,7 @@ def add_parser(sub, name: str, help_: str) -> None:
 
 
 def run(args) -> None:
-    from lmforge.stages.sft import load_sft_config, run_sft
+    from lmforge.stages.sft import SFTConfig, load_sft_config, run_sft
     from lmforge.train.config import merge, parse_overrides, read_yaml
 
     d: dict = read_yaml(args.config) if args.config else {}
@@ -51,7 +51,7 @@ def run(args) -> None:
                    "train": {"max_iters": args.max_iters, "seed": args.seed},
                    "peft": {"method": args.peft}}
     flags = _drop_none(flags)
-    overrides = parse_overrides(getattr(args, "overrides", []))
+    overrides = parse_overrides(getattr(args, "overrides", []), SFTConfig)
     d = merge(merge(d, flags), overrides)
     explicit = set((d.get("train") or {}).keys())
     if isinstance(d.get("peft"), str):

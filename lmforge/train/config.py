@@ -221,8 +221,10 @@ def _fill(cls: type, d: dict[str, Any], where: str, key: str = "") -> Any:
     return obj
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """['--train.lr', '3e-4', '--out', 'x'] -> {'train': {'lr': 3e-4}, 'out': 'x'}; values parsed as YAML."""
+def parse_overrides(items: list[str], cls: type | None = None) -> dict[str, Any]:
+    """['--train.lr', '3e-4', '--out', 'x'] -> {'train': {'lr': 3e-4}, 'out': 'x'}; values parsed as YAML. With
+    ``cls`` (the command's config) every one is checked against it here, so that an unknown or ill-typed setting is
+    blamed on its flag, not on the config file it is merged into."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(items):
@@ -253,7 +255,32 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
             raise LMForgeError(f"--{key}: a section of settings; give --{key}.NAME VALUE")
         node[parts[-1]] = value
+    if cls is not None:
+        check_overrides(out, cls)
     return out
+
+
+def check_overrides(over: dict[str, Any], cls: type, prefix: str = "") -> None:
+    """Raise naming the flag (``--train.lrr``) when a setting of ``over`` is not one of ``cls`` or not of its type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for k, v in over.items():
+        flag = f"--{prefix}{k}"
+        if k not in names:
+            if prefix:
+                raise LMForgeError(f"{flag}: unknown setting; {prefix[:-1]} has: {', '.join(names)}")
+            sections = [n for n in names if dataclasses.is_dataclass(hints[n]) or typing.get_origin(hints[n]) is dict]
+            if isinstance(v, dict) and v:
+                raise LMForgeError(f"{flag}.{next(iter(v))}: unknown section {k!r}; sections: {', '.join(sections)}")
+            raise LMForgeError(f"{flag.replace('_', '-')}: unknown flag; a setting is --SECTION.KEY VALUE with "
+                               f"SECTION one of {', '.join(sections)}")
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            if not isinstance(v, dict):
+                raise LMForgeError(f"{flag}: a section of settings; give {flag}.NAME VALUE")
+            check_overrides(v, t, f"{flag[2:]}.")
+        else:
+            coerce(v, t, flag)
 
 
 def load_run_config(d: dict[str, Any], where: str = "config") -> RunConfig:
