@@ -148,6 +148,31 @@ def test_loss_spike_rolls_back_and_skips_batches(tmp_path):
     assert out["step"] == 30 and math.isfinite(out["train_loss"])
 
 
+def test_a_spike_that_comes_back_after_a_rollback_goes_one_checkpoint_further_back(tmp_path):
+    """Rolling back to the same checkpoint replayed a spike its weights led to until the run gave up; the second
+    rollback before any new checkpoint now goes to the one before."""
+    cfg = ModelConfig(vocab_size=61, block_size=16, n_layer=1, n_embd=32, n_head=4, multiple_of=16)
+    torch.manual_seed(0)
+    train = TokenWindows(tokens()[:4000], 16, 4, seed=1)
+    t = TrainConfig(max_iters=20, batch_size=4, lr=3e-3, warmup_iters=2, eval_interval=100, eval_iters=0,
+                    log_interval=1, save_interval=5, keep_last=3, spike_window=4, spike_factor=3.0)
+    reached: list[int] = []
+
+    def loss_fn(m, batch):
+        loss, n = causal_loss(m, batch)
+        reached.append(trainer.step)
+        return (loss * 50 if trainer.step == 12 and reached.count(12) <= 2 else loss), n  # step 12 spikes twice
+
+    trainer = Trainer(Decoder(cfg), t, train, loss_fn, tmp_path / "run")
+    logs: list[str] = []
+    trainer.log = logs.append
+    out = trainer.fit()
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["to_step"]) for r in rows if r.get("event") == "rollback"] == [(12, 10), (12, 5)]
+    assert any("came back after the rollback to ckpt-0000010: one checkpoint further back" in m for m in logs)
+    assert out["step"] == 20 and reached.count(12) == 3
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one(tmp_path, mode):
     one, two = tmp_path / "one", tmp_path / "two"

@@ -40,6 +40,7 @@ from lmforge.train.state import (
     EMA_WEIGHTS,
     TRAIN_WEIGHTS,
     NoUsableCheckpoint,
+    checkpoint_step,
     clean_partial_saves,
     list_checkpoints,
     load_training_checkpoint,
@@ -196,6 +197,7 @@ class Trainer:
         self.recent: deque[float] = deque(maxlen=cfg.spike_window)
         self.rollbacks = 0
         self.last_ckpt: Path | None = None
+        self.rolled_back_to: Path | None = None  # the checkpoint the last rollback restored, until the next save
         self.ema: dict[str, torch.Tensor] | None = None
         if cfg.ema_decay:
             if not 0.0 < cfg.ema_decay < 1.0:
@@ -242,6 +244,7 @@ class Trainer:
             prune(self.out, self.cfg.keep_last, protect)
         D.barrier(self.dist)
         self.last_ckpt = self.out / f"ckpt-{self.step:07d}"
+        self.rolled_back_to = None
         return path
 
     def restore(self, ckpt: Path) -> None:
@@ -358,7 +361,9 @@ class Trainer:
 
     def rollback(self, loss: float, what: str | None = None) -> None:
         """PaLM's remedy: restart from the last good checkpoint and skip the batches that led to the spike.
-        ``what`` says what went wrong (default: a loss spike at this step)."""
+        ``what`` says what went wrong (default: a loss spike at this step). A spike that comes back before the next
+        checkpoint, new data and all, came from the weights restored: the next rollback goes one checkpoint further
+        back (where there is one; PaLM restarted about 100 steps before the spike)."""
         what = what or f"loss spike at step {self.step} (loss {loss:.4g})"
         self.rollbacks += 1
         if self.rollbacks > self.cfg.max_rollbacks:
@@ -367,14 +372,22 @@ class Trainer:
         position = self.train_data.state_dict()
         spike_step = self.step
         self.optimizer.zero_grad(set_to_none=True)
+        further = ""
         if self.last_ckpt is not None and self.last_ckpt.exists():
+            target = self.last_ckpt
+            if target == self.rolled_back_to:
+                older = [c for c in list_checkpoints(self.out) if checkpoint_step(c) < checkpoint_step(target)]
+                if older:
+                    further = f" (it came back after the rollback to {target.name}: one checkpoint further back)"
+                    target = older[-1]
             rollbacks = self.rollbacks
-            self.restore(self.last_ckpt)
+            self.restore(target)
             self.rollbacks = rollbacks
+            self.rolled_back_to = target
         self.train_data.load_state_dict(position)  # resume the data *after* the offending batches...
         self.train_data.skip(self.cfg.spike_skip * self.cfg.grad_accum)  # ...and skip some more
-        self.log(f"{what}: rolled back to step {self.step}, skipping {self.cfg.spike_skip} batch(es) past the "
-                 "spike")
+        self.log(f"{what}: rolled back to step {self.step}{further}, skipping {self.cfg.spike_skip} batch(es) past "
+                 "the spike")
         self.metrics.write({"step": spike_step, "event": "rollback", "loss": loss, "to_step": self.step})
 
     # ---- weight averaging ---------------------------------------------------------------------

@@ -125,11 +125,16 @@ def verify(ckpt: Path) -> str | None:
     return verify_manifest(ckpt, required=True)
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The step of a ``ckpt-NNNNNNN`` directory."""
+    return int(CKPT_RE.match(ckpt.name).group(1))
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
     found = [p for p in run_dir.iterdir() if p.is_dir() and CKPT_RE.match(p.name)]
-    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: Path, warn=print) -> Path | None:
