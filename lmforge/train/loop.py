@@ -127,15 +127,16 @@ def bf16_is_faster(model: nn.Module, tokens: int) -> bool:
         for (out_f, in_f), count in shapes.items():
             w = torch.randn(out_f, in_f, generator=g, requires_grad=True)
             x = torch.randn(tokens, in_f, generator=g, requires_grad=True)
-            for dtype in total:
-                best = math.inf
-                for _ in range(3):
+            best = dict.fromkeys(total, math.inf)
+            for _ in range(3):  # the two in turn, so that a burst of load elsewhere slows both alike
+                for dtype in total:
                     t0 = time.perf_counter()
                     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                         y = linear(x, w)  # float32: the library the model's layers use (lmforge.matmul)
                     y.float().sum().backward()
-                    best = min(best, time.perf_counter() - t0)
-                total[dtype] += best * count
+                    best[dtype] = min(best[dtype], time.perf_counter() - t0)
+            for dtype in total:
+                total[dtype] += best[dtype] * count
         _BF16_FASTER[key] = total[torch.bfloat16] < 0.9 * total[None]  # a clear win only
         write_cache(PRECISION_CACHE, {**dict(list(cache.items())[-255:]), disk: _BF16_FASTER[key]})
     return _BF16_FASTER[key]
