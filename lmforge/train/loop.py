@@ -467,7 +467,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.out, enabled=self.dist.main, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                                      run_config=self.run_config, truncate_after=self.step)
         flops_tok = model_flops_per_token(self.raw_model) if self.count_tokens else 0.0
-        peak = _peak_flops(self.device) * self.dist.world
+        peak = _peak_flops(self.device, self.amp_dtype) * self.dist.world
         total = cfg.decay_iters or cfg.max_iters
         self.model.train()
         bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not self.dist.main, file=sys.stderr,
@@ -634,23 +634,26 @@ def to_device(batch: Any, device: torch.device) -> Any:
 _PEAK: dict[str, float] = {}
 
 
-def _peak_flops(device: torch.device) -> float:
-    """Measured fp32 matmul peak of this device (FLOP/s), used for MFU."""
-    key = str(device)
+def _peak_flops(device: torch.device, dtype: torch.dtype | None = None) -> float:
+    """Measured matmul peak of this device (FLOP/s) in the training's precision (fp32 for None, else autocast to
+    ``dtype``) through the products the model uses (``lmforge.matmul``), for MFU. (An fp32 peak of torch's own
+    product put a bf16 run's MFU above 1.)"""
+    key = f"{device}|{dtype}"
     if key not in _PEAK:
         n = 1024
         g = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG (exact resume)
         a, b = (torch.randn(n, n, device=device, generator=g) for _ in range(2))
-        for _ in range(2):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t, reps = time.perf_counter(), 0
-        while time.perf_counter() - t < 0.3:
-            a @ b
-            reps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        with autocast(device, dtype):
+            for _ in range(2):
+                linear(a, b)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t, reps = time.perf_counter(), 0
+            while time.perf_counter() - t < 0.3:
+                linear(a, b)
+                reps += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
         _PEAK[key] = 2 * n**3 * reps / (time.perf_counter() - t)
     return _PEAK[key]
 
