@@ -175,6 +175,17 @@ def test_raw_http_errors(server):
     assert st == 401
     st, body = raw_request(server, "POST", "/v1/completions", b"[1, 2]", {"Content-Type": "application/json"})
     assert st == 400
+    # no model: the served one, as vLLM's and llama.cpp's servers answer (it was 400 "model: required")
+    js = {"Content-Type": "application/json"}
+    body = json.dumps({"prompt": "Once", "max_tokens": 3, "temperature": 0}).encode()
+    st, body = raw_request(server, "POST", "/v1/completions", body, js)
+    assert st == 200 and body["model"] == MODEL and body["usage"]["completion_tokens"] == 3
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    st, body = raw_request(server, "POST", "/v1/chat/completions", body, js)
+    assert st == 200 and body["model"] == MODEL
+    st, body = raw_request(server, "POST", "/v1/completions", json.dumps({"model": "", "prompt": "x"}).encode(),
+                           {"Content-Type": "application/json"})
+    assert st == 400 and body["error"]["param"] == "model"
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(server, client):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -54,7 +55,8 @@ Stop = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX
 
 
 class _Common(_Schema):
-    model: str = Field(min_length=1, description="a model id from GET /v1/models")
+    model: str | None = Field(None, min_length=1, description="a model id from GET /v1/models; omitted: the served "
+                              "model (as vLLM's and llama.cpp's servers take it)")
     max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -179,8 +181,8 @@ def _validate(schema: type[_Schema], raw: bytes) -> Any:
         raise validation_error(e) from None
 
 
-def _check_common(r: _Common, model_ids: set[str]) -> None:
-    if r.model not in model_ids:
+def _check_common(r: _Common, model_ids: Sequence[str]) -> None:
+    if r.model is not None and r.model not in model_ids:
         raise APIError(404, f"The model `{r.model}` does not exist", param="model", code="model_not_found")
     if r.logit_bias:
         raise _bad("logit_bias", "not supported by this server")
@@ -222,7 +224,9 @@ def _max_tokens(r: _Common, limits: Limits, keys: tuple[str, ...]) -> tuple[int 
     return None, keys[0]
 
 
-def parse_completion(raw: bytes, tokenizer, limits: Limits, model_ids: set[str], stop_ids: list[int]) -> GenRequest:
+def parse_completion(raw: bytes, tokenizer, limits: Limits, model_ids: Sequence[str], stop_ids: list[int]
+                     ) -> GenRequest:
+    """A /v1/completions body checked and encoded (``model_ids``: the served model's id first, then its aliases)."""
     r = _validate(CompletionRequest, raw)
     _check_common(r, model_ids)
     if r.suffix:
@@ -256,11 +260,11 @@ def parse_completion(raw: bytes, tokenizer, limits: Limits, model_ids: set[str],
     for ids in prompts:
         m = mt if explicit else min(mt, max(limits.context - len(ids), 0)) or None
         params.append(_params(r, len(ids), m, key, limits, stop_ids, r.logprobs))
-    return GenRequest("completion", r.model, prompts, params, n, bool(r.stream),
+    return GenRequest("completion", r.model or model_ids[0], prompts, params, n, bool(r.stream),
                       bool(r.stream_options and r.stream_options.include_usage), texts if r.echo else [], r.logprobs)
 
 
-def parse_chat(raw: bytes, tokenizer, limits: Limits, model_ids: set[str], template, stop_ids: list[int],
+def parse_chat(raw: bytes, tokenizer, limits: Limits, model_ids: Sequence[str], template, stop_ids: list[int],
                template_stops: list[str]) -> GenRequest:
     from lmforge.infer.chat import check_messages, encode_chat
 
@@ -285,7 +289,7 @@ def parse_chat(raw: bytes, tokenizer, limits: Limits, model_ids: set[str], templ
     logprobs = (r.top_logprobs or 0) if lp else None
     params = _params(r, len(ids), mt, key, limits, stop_ids, logprobs)
     params.stop = list(dict.fromkeys([*params.stop, *template_stops]))
-    return GenRequest("chat", r.model, [ids], [params], r.n or 1, bool(r.stream),
+    return GenRequest("chat", r.model or model_ids[0], [ids], [params], r.n or 1, bool(r.stream),
                       bool(r.stream_options and r.stream_options.include_usage), [], logprobs)
 
 

@@ -85,7 +85,7 @@ class ModelServer:
         if max_queue < 1 or max_body < 1:
             raise ValueError("max_queue and max_body must be >= 1")
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
-        self.model_ids = {model_id, *aliases}
+        self.model_ids = (model_id, *aliases)  # the served id first (a request without a model gets it)
         self.api_key = api_key or None
         self.max_body, self.max_queue = max_body, max_queue
         self.template = get_template(template, tokenizer)
