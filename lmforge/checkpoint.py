@@ -64,7 +64,8 @@ def save_checkpoint(model: Decoder, path: str | Path, tokenizer=None) -> Path:
 
 def load_checkpoint(path: str | Path) -> Decoder:
     path = Path(path)
-    problem = verify_manifest(path, skip=TRAINING_ONLY)
+    # a training checkpoint is always written with its manifest: one without it was tampered with or cut short
+    problem = verify_manifest(path, required=(path / "trainer_state.json").is_file(), skip=TRAINING_ONLY)
     if problem:
         raise LMForgeError(f"{path}: damaged checkpoint: {problem}")
     cfg = ModelConfig.load(path / CONFIG)

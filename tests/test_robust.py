@@ -130,6 +130,12 @@ def test_flipped_bytes_truncation_and_nan_weights_are_refused(stories_ckpt, tmp_
     (nan / MANIFEST).unlink()  # a checkpoint without a manifest is still checked for non-finite weights
     one_line(lmforge("generate", "--model", nan, "--max-new-tokens", "4"), "NaN or infinite")
 
+    # a training checkpoint is always written with its manifest: removing it no longer skips the checksums
+    (flipped / "trainer_state.json").write_text("{}")
+    (flipped / MANIFEST).unlink()
+    one_line(lmforge("generate", "--model", flipped, "--max-new-tokens", "4"), str(flipped),
+             "damaged checkpoint: no MANIFEST.json (incomplete)")
+
 
 @pytest.mark.parametrize("runtime", ["torch", "lean"])
 def test_a_damaged_quantized_directory_is_refused(tmp_path, runtime):
