@@ -53,6 +53,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _RaisingParser(argparse.ArgumentParser):
+    """The pipeline's parser of a stage's flags: errors raised; no abbreviations (a YAML key ``max_iter`` is a typo,
+    not ``--max-iters``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # type: ignore[override]
         raise FlagError(f"{self.prog}: {message}")
 

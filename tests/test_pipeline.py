@@ -179,6 +179,7 @@ def test_stage_flags_are_checked_before_anything_runs(tmp_path):
     refused(sft % ", nosuch: {a: 1}", r"p\.yaml:3: sft: --nosuch\.a: unknown section 'nosuch'")
     refused(sft % "", r"--sft\.out: sft: out: set by the pipeline", {"sft": {"out": "elsewhere"}})
     refused(sft % "", r"p\.yaml:3: sft: --colour: unknown flag", {"sft": {"colour": "red"}})
+    refused(sft % ", max_iter: 3", r"p\.yaml:3: sft: --max-iter: unknown flag")  # (argparse took it as --max-iters)
     refused(sft % "", r"--measure\.kl_max: expected float, got 'abc'", {"measure": {"kl_max": "abc"}})
     p = _parse(sft % ", train: {lr: 1e-4}", tmp_path)
     check_flags(p)  # a valid pipeline passes, its `from:` inputs not made yet
