@@ -151,6 +151,13 @@ def test_fine_tuning_refuses_fsdp_in_one_line_and_ppo_refuses_several_processes(
         r = subprocess.run([sys.executable, "-m", "lmforge", *cmd], capture_output=True, text=True, timeout=120,
                            env=env)
         assert r.returncode != 0 and f"{cmd[0]} runs in one process: not under torchrun (WORLD_SIZE=2)" in r.stderr
+    # train.distributed none under torchrun trained an unsynchronised replica per process and saved rank 0's
+    for cmd in (ARGS, ["sft", "--data", "builtin:stories_instruct"]):
+        r = subprocess.run([sys.executable, "-m", "lmforge", *cmd, "--out", str(tmp_path / "n"), "--train.distributed",
+                            "none"], capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].endswith(
+            "train.distributed=none under torchrun (WORLD_SIZE=2): each process would train a replica of its own on "
+            "its share of the data; use ddp or fsdp, or run one process"), r.stderr
 
 
 def test_reward_head_probe_under_ddp_shares_the_feature_pass(tmp_path):

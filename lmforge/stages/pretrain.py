@@ -141,6 +141,7 @@ def glm_loss_fn(vocab: int, block_size: int, glm2d: bool):
 
 def run_pretrain(run: RunConfig, resume: bool = False) -> dict[str, Any]:
     out = Path(run.out)
+    D.check_not_none(run.train.distributed)
     device, dist = D.start(run.train.device)
     if run.data.objective not in OBJECTIVES:
         raise LMForgeError(f"data.objective={run.data.objective!r}: allowed values are {list(OBJECTIVES)}")

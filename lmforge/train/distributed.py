@@ -49,9 +49,18 @@ def check_mode(mode: str, stage: str) -> None:
     """Before anything loads: the fine-tuning stages run data-parallel only. Their final steps (merging adapters,
     fitting and normalising a reward head, storing reference log-probs) work on a whole model in one process,
     which FSDP never holds."""
+    check_not_none(mode)
     if launched_world() > 1 and mode == "fsdp":
         raise LMForgeError(f"{stage}: train.distributed=fsdp shards pretraining only (lmforge pretrain); "
                            f"fine-tuning commands run data-parallel: --train.distributed ddp")
+
+
+def check_not_none(mode: str) -> None:
+    """``train.distributed none`` under torchrun trained a replica in each process, never synchronised, each on its
+    share of the data, and saved the first one: refused."""
+    if launched_world() > 1 and mode == "none":
+        raise LMForgeError(f"train.distributed=none under torchrun (WORLD_SIZE={launched_world()}): each process would "
+                           "train a replica of its own on its share of the data; use ddp or fsdp, or run one process")
 
 
 def pick_device(name: str) -> torch.device:
@@ -99,7 +108,8 @@ def init(device: torch.device) -> Dist:
 def wrap(model: nn.Module, d: Dist, mode: str, device: torch.device) -> nn.Module:
     """DDP (replicated weights, averaged gradients) or FSDP (ZeRO-3: parameters, gradients and optimizer state
     sharded across ranks, gathered per block for compute)."""
-    if not d.enabled or mode == "none":
+    check_not_none(mode)
+    if not d.enabled:
         return model
     if mode in ("auto", "ddp"):
         from torch.nn.parallel import DistributedDataParallel as DDP
