@@ -79,8 +79,10 @@ def test_a_one_process_run_is_not_resumed_by_two(tmp_path, single):
 
 
 def test_fsdp_run_resumes_exactly(tmp_path):
+    """With dropout: each process's random generators are checkpointed (only the first one's were, and on resume
+    the second drew the first one's masks)."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    fsdp = ("--train.batch_size", "2", "--train.distributed", "fsdp")
+    fsdp = ("--train.batch_size", "2", "--train.distributed", "fsdp", "--model.dropout", "0.1")
     pretrain(full, "--max-iters", "6", *fsdp, procs=2)
     pretrain(cut, "--max-iters", "3", *fsdp, procs=2)
     r = pretrain(cut, "--max-iters", "6", "--resume", *fsdp, procs=2)

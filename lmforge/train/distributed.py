@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -163,6 +164,15 @@ def broadcast_module(module: nn.Module, d: Dist) -> None:
     with torch.no_grad():
         for t in (*module.parameters(), *module.buffers()):
             dist.broadcast(t.data, src=0)
+
+
+def gather_objects(obj: Any, d: Dist) -> list[Any]:
+    """``obj`` of every rank, in rank order (on every rank)."""
+    if not d.enabled:
+        return [obj]
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_gather_list(mine: list, d: Dist) -> list:

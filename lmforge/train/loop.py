@@ -219,6 +219,7 @@ class Trainer:
     def save(self) -> Path | None:
         msd, osd = D.full_state(self.model, self.optimizer, self.dist)
         ema = None if self.ema is None else {k: D.full_tensor(e).cpu() for k, e in self.ema.items()}  # every rank
+        rngs = D.gather_objects(rng_state(), self.dist)  # every rank's generators: its dropout masks are its own
         path = None
         if self.dist.main:
             msd = {k: v for k, v in msd.items() if not (self.raw_model.cfg.tie_embeddings and _is_lm_head(k))}
@@ -237,7 +238,8 @@ class Trainer:
             if self.partial:  # only trainable weights: the raw ones to resume from (and their average, if any)
                 name = TRAIN_WEIGHTS if train_sd is None else EMA_WEIGHTS
             path = save_training_checkpoint(self.out, self.step, msd, self.raw_model.cfg, osd, self.trainer_state(),
-                                            self.tokenizer, train_sd, export=export, weights_name=name)
+                                            self.tokenizer, train_sd, export=export, weights_name=name,
+                                            rng={**rngs[0], "ranks": rngs[1:]} if len(rngs) > 1 else rngs[0])
             protect = {path.name}
             best = self.out / "best"
             if best.exists():
@@ -268,7 +270,9 @@ class Trainer:
                 for k, e in self.ema.items():
                     e.copy_(params[k].detach())
         D.load_full_state(self.model, self.optimizer, msd, s["optimizer"], self.dist)
-        set_rng_state(s["rng"])
+        rng, ranks = s["rng"], s["rng"].get("ranks") or []
+        # each rank's own generators (a checkpoint written before they were kept gives every rank rank 0's)
+        set_rng_state(ranks[self.dist.rank - 1] if 0 < self.dist.rank <= len(ranks) else rng)
         self.step, self.best_val, self.rollbacks = t["step"], t["best_val"], t["rollbacks"]
         self.recent = deque(t["recent"], maxlen=self.cfg.spike_window)
         self.last_ckpt = ckpt

@@ -78,12 +78,14 @@ def set_rng_state(s: dict[str, Any]) -> None:
 def save_training_checkpoint(run_dir: Path, step: int, model_sd: dict[str, torch.Tensor], model_cfg,
                              optimizer_sd: dict[str, Any], trainer_state: dict[str, Any], tokenizer=None,
                              train_sd: dict[str, torch.Tensor] | None = None,
-                             export: Callable[[Path], None] | None = None, weights_name: str | None = None) -> Path:
+                             export: Callable[[Path], None] | None = None, weights_name: str | None = None,
+                             rng: dict[str, Any] | None = None) -> Path:
     """Write ``run_dir/ckpt-{step}`` atomically and return its path. ``train_sd``: the raw training weights when
     ``model_sd`` holds their moving average (written as ``train_weights.safetensors``, used only to resume).
     ``export(dir)`` adds files (a chat template; a PEFT stage's adapter files). ``weights_name``: ``model_sd`` holds
     only the trainable weights and is stored under that name, with no config.json (the export makes the checkpoint
-    loadable: adapter files and a reference to the base)."""
+    loadable: adapter files and a reference to the base). ``rng``: the random generators' state to store (default:
+    this process's; a run of several processes stores the others' under ``"ranks"``)."""
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +102,7 @@ def save_training_checkpoint(run_dir: Path, step: int, model_sd: dict[str, torch
             save_file({k: v.contiguous() for k, v in train_sd.items()}, str(tmp / TRAIN_WEIGHTS),
                       metadata={"format": "pt"})
         torch.save(optimizer_sd, tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(str(tmp))
