@@ -148,6 +148,21 @@ def test_loss_spike_rolls_back_and_skips_batches(tmp_path):
     assert out["step"] == 30 and math.isfinite(out["train_loss"])
 
 
+@pytest.mark.parametrize("every,at", [(0, [0, 8]), (2, [0, 4, 8])])
+def test_sample_every_n_evaluations(tmp_path, every, at):
+    """train.sample_every was checked and never read: samples came at the start and the end only."""
+    cfg = ModelConfig(vocab_size=61, block_size=16, n_layer=1, n_embd=32, n_head=4, multiple_of=16)
+    t = TrainConfig(max_iters=8, batch_size=4, eval_interval=2, eval_iters=1, save_interval=100,
+                    sample_every=every)
+    data = tokens()
+    steps: list[int] = []
+    trainer = Trainer(Decoder(cfg), t, TokenWindows(data[:2000], 16, 4, seed=1), causal_loss, tmp_path / "run",
+                      val_data=TokenWindows(data[2000:3000], 16, 4, seed=2),
+                      sample_fn=lambda m: steps.append(trainer.step) or "text", log=lambda m: None)
+    trainer.fit()
+    assert steps == at
+
+
 def test_a_spike_that_comes_back_after_a_rollback_goes_one_checkpoint_further_back(tmp_path):
     """Rolling back to the same checkpoint replayed a spike its weights led to until the run gave up; the second
     rollback before any new checkpoint now goes to the one before."""

@@ -55,7 +55,7 @@ class TrainConfig:
     max_rollbacks: int = 5
     tensorboard: bool = False
     wandb: bool = False
-    sample_every: int = 0  # print a sample every N evals (0 = off)
+    sample_every: int = 0  # a sample at every N-th evaluation too (always one at the start and at the end)
     best_metric: str = "val_loss"  # evaluation metric that picks the `best` checkpoint (val_loss, val_accuracy, ...)
     best_mode: str = "min"  # min | max
     # benchmark tasks run at every evaluation, logged as <name>_<metric> (e.g. mmlu_acc); each is `lmforge eval`'s

@@ -602,7 +602,8 @@ class Trainer:
                     self.save()  # every rank takes part; the best file below points to it
                 if self.dist.main and (self.step > 0 or self.start_is_candidate):
                     (self.out / "best").write_text(f"ckpt-{self.step:07d}\n")
-        if self.sample_fn is not None and (final or self.step == 0):
+        every = self.cfg.sample_every * self.cfg.eval_interval
+        if self.sample_fn is not None and (final or self.step == 0 or (every and self.step % every == 0)):
             if self.dist.enabled and self.cfg.distributed == "fsdp":  # no rank holds the whole model: none samples
                 if self.step == 0:
                     self.log("samples are not generated under FSDP (every rank holds a shard of the weights)")
