@@ -93,6 +93,16 @@ def test_fsdp_run_resumes_exactly(tmp_path):
             assert torch.equal(a[k], b[k]), f"{name} {k}"
 
 
+def test_eval_tasks_under_fsdp_are_refused_in_one_line(tmp_path):
+    """No process holds the whole model under FSDP: the tasks were skipped without a word (a bad spec too)."""
+    r = pretrain(tmp_path, "--max-iters", "2", "--train.batch_size", "2", "--train.distributed", "fsdp",
+                 "--train.eval_tasks", "[{task: nosuch, data: x}]", procs=2, ok=False)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("lmforge pretrain: error:")]
+    assert r.returncode != 0 and lines[:1] == ["lmforge pretrain: error: train.eval_tasks: not run under "
+                                           "train.distributed=fsdp (no process holds the whole model); use ddp, or "
+                                           "run lmforge eval on the checkpoints"], r.stderr[-2000:]
+
+
 def torchrun(*args: str, procs: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
            "-m", "lmforge", *args]

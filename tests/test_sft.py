@@ -297,6 +297,9 @@ def test_benchmark_tasks_run_at_each_evaluation(tmp_path):
     assert len(ppl) == 3 and all(p > 1 for p in ppl)  # steps 0, 1 and 2
     best = min((row for row in rows if "stories_ppl" in row and row["step"] > 0), key=lambda row: row["stories_ppl"])
     assert (out / "best").read_text().strip() == f"ckpt-{best['step']:07d}"
+    r = run("sft", "--data", str(data), "--out", str(tmp_path / "bad"), "--max-iters", "1",
+            "--train.eval_tasks", f"[{{task: nosuch, data: {text}, name: mine}}]")
+    assert r.returncode == 1 and "error: train.eval_tasks mine: unknown task 'nosuch'" in r.stderr, r.stderr
 
 
 def test_examples_whose_response_is_cut_off_are_dropped_or_refused():

@@ -181,6 +181,9 @@ class Trainer:
             for m in self.raw_model.modules():
                 if hasattr(m, "gradient_checkpointing"):
                     m.gradient_checkpointing = True
+        if cfg.eval_tasks and self.dist.enabled and cfg.distributed == "fsdp":  # (they were skipped silently)
+            raise LMForgeError("train.eval_tasks: not run under train.distributed=fsdp (no process holds the whole "
+                               "model); use ddp, or run lmforge eval on the checkpoints")
         self.model = D.wrap(self.raw_model, self.dist, cfg.distributed, self.device)
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -484,8 +487,8 @@ class Trainer:
             exhausted = getattr(self.train_data, "exhausted", lambda: False)
             at_boundary = getattr(self.train_data, "at_boundary", lambda: True)
             save_due = False
-            evaluates = (self.val_data is not None and cfg.eval_iters > 0) or bool(  # writes a line when it runs
-                cfg.eval_tasks and not (self.dist.enabled and cfg.distributed == "fsdp"))
+            # writes a line when it runs
+            evaluates = (self.val_data is not None and cfg.eval_iters > 0) or bool(cfg.eval_tasks)
             while self.step < cfg.max_iters and not exhausted():
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                     self._eval_and_log(last)
@@ -560,16 +563,20 @@ class Trainer:
 
     def run_eval_tasks(self) -> dict[str, float]:
         """``train.eval_tasks`` on the (averaged) model: {name_metric: value}. Rank 0 runs them on its full copy of the
-        weights; under FSDP no rank holds one, so none does."""
+        weights (under FSDP no rank holds one: refused when the Trainer is made)."""
         out: dict[str, float] = {}
-        if not self.cfg.eval_tasks or (self.dist.enabled and self.cfg.distributed == "fsdp"):
+        if not self.cfg.eval_tasks:
             return out
         if self.dist.main:
             with self.averaged_weights():
                 for spec in self.cfg.eval_tasks:
                     spec = dict(spec)
                     name = str(spec.pop("name", spec.get("task", "task")))
-                    for k, v in run_task(self.raw_model, self.tokenizer, spec).items():
+                    try:
+                        result = run_task(self.raw_model, self.tokenizer, spec)
+                    except LMForgeError as e:  # (it named neither the setting nor the task)
+                        raise LMForgeError(f"train.eval_tasks {name}: {e}") from None
+                    for k, v in result.items():
                         out[f"{name}_{k}"] = v
         if self.dist.enabled:  # every rank logs and compares the same numbers
             obj = [out]
