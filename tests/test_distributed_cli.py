@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,29 @@ def test_fsdp_run_resumes_exactly(tmp_path):
         a, b = final(full, name), final(cut, name)
         for k in a:
             assert torch.equal(a[k], b[k]), f"{name} {k}"
+
+
+def test_ctrl_c_under_torchrun_writes_a_final_checkpoint(tmp_path):
+    """A Ctrl-C reaches each process at another point of its step: one went to save (a collective) while the other
+    was inside the step's all-reduce, and both hung until torchrun killed them (2 runs in 6). Every process now stops
+    at the same step and the checkpoint of that step is written."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lmforge",
+           *ARGS, "--out", str(tmp_path), "--max-iters", "100000", "--train.batch_size", "2", "--save-interval", "1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        metrics = tmp_path / "metrics.jsonl"
+        while time.monotonic() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 20):
+            time.sleep(0.2)  # training for a while (an evaluation every 3 steps: collectives of every kind)
+        proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C does to torchrun (it passes it on)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    said = re.findall(r"interrupted at step (\d+): writing a final checkpoint", err)
+    assert len(said) == 1, err[-3000:]
+    assert (tmp_path / f"ckpt-{int(said[0]):07d}").is_dir(), err[-3000:]
 
 
 def test_eval_tasks_under_fsdp_are_refused_in_one_line(tmp_path):

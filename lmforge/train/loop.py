@@ -17,7 +17,9 @@ import contextlib
 import json
 import math
 import platform
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -202,6 +204,7 @@ class Trainer:
         self.rollbacks = 0
         self.last_ckpt: Path | None = None
         self.rolled_back_to: Path | None = None  # the checkpoint the last rollback restored, until the next save
+        self.interrupted = False  # a Ctrl-C noted under torchrun, acted on by every process at once
         self.ema: dict[str, torch.Tensor] | None = None
         if cfg.ema_decay:
             if not 0.0 < cfg.ema_decay < 1.0:
@@ -308,6 +311,22 @@ class Trainer:
         self.log(f"no complete checkpoint in {self.out}: starting from scratch")
         return False
 
+    def _defer_interrupt(self) -> Any:
+        """Under torchrun a Ctrl-C reaches each process at another point of its step: one that stopped at once to
+        save met the other inside a collective of the step, and both waited for ever. The first Ctrl-C is noted
+        instead, and every process stops at the next step's reduction; a second one stops at once. Returns the
+        previous handler (None where signals cannot be handled: not the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def note(signum, frame) -> None:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+            self.log("interrupted: stopping every process at the end of this step (Ctrl-C again: at once)")
+
+        return signal.signal(signal.SIGINT, note)
+
     # ---- one optimizer step -------------------------------------------------------------------
     def _autocast(self):
         return autocast(self.device, self.amp_dtype)
@@ -335,7 +354,10 @@ class Trainer:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
         keys = sorted(sums)
-        total, units, *vals = D.sum_all([total, units, *(sums[k] for k in keys)], self.dist)
+        total, units, stop, *vals = D.sum_all([total, units, float(self.interrupted), *(sums[k] for k in keys)],
+                                              self.dist)
+        if stop:  # one process was interrupted: all stop here together (the step is rewound, not taken)
+            raise KeyboardInterrupt
         self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.trainable.values() if p.grad is not None]
         if units > 0 and grads:  # gradients are of the sum (averaged over ranks by DDP/FSDP): make them the mean
@@ -481,6 +503,8 @@ class Trainer:
                    dynamic_ncols=True, desc="train", mininterval=0.1 if sys.stderr.isatty() else 10.0)
         last = {"step": self.step}
         t0 = time.perf_counter()
+        self.interrupted = False
+        previous = self._defer_interrupt() if self.dist.enabled else None
         try:
             # optional batch-source hooks (PPO): ``exhausted()`` ends training early; ``at_boundary()`` false
             # defers a due checkpoint to the next step where the source's state can be saved (a rollout boundary)
@@ -555,6 +579,8 @@ class Trainer:
             self.save()
             raise
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
             bar.close()
             self.metrics.close()
         if self.dist.main:
