@@ -189,12 +189,18 @@ def test_fine_tuning_refuses_fsdp_in_one_line_and_ppo_refuses_several_processes(
                            env=env)
         assert r.returncode != 0 and f"{cmd[0]} runs in one process: not under torchrun (WORLD_SIZE=2)" in r.stderr
     # train.distributed none under torchrun trained an unsynchronised replica per process and saved rank 0's
-    for cmd in (ARGS, ["sft", "--data", "builtin:stories_instruct"]):
+    for cmd, instead in ((ARGS, "use ddp or fsdp"), (["sft", "--data", "builtin:stories_instruct"], "use ddp")):
         r = subprocess.run([sys.executable, "-m", "lmforge", *cmd, "--out", str(tmp_path / "n"), "--train.distributed",
                             "none"], capture_output=True, text=True, timeout=120, env=env)
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].endswith(
             "train.distributed=none under torchrun (WORLD_SIZE=2): each process would train a replica of its own on "
-            "its share of the data; use ddp or fsdp, or run one process"), r.stderr
+            f"its share of the data; {instead}, or run one process"), r.stderr
+    # a stray WORLD_SIZE without torchrun's RANK (was "KeyError: 'RANK'")
+    r = subprocess.run([sys.executable, "-m", "lmforge", *ARGS, "--out", str(tmp_path / "w"), "--max-iters", "1"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "lmforge pretrain: error: WORLD_SIZE=2 is set but RANK is not: launch the processes with torchrun, or unset "
+        "WORLD_SIZE"), r.stderr
 
 
 def test_reward_head_probe_under_ddp_shares_the_feature_pass(tmp_path):

@@ -50,18 +50,18 @@ def check_mode(mode: str, stage: str) -> None:
     """Before anything loads: the fine-tuning stages run data-parallel only. Their final steps (merging adapters,
     fitting and normalising a reward head, storing reference log-probs) work on a whole model in one process,
     which FSDP never holds."""
-    check_not_none(mode)
+    check_not_none(mode, "use ddp")
     if launched_world() > 1 and mode == "fsdp":
         raise LMForgeError(f"{stage}: train.distributed=fsdp shards pretraining only (lmforge pretrain); "
                            f"fine-tuning commands run data-parallel: --train.distributed ddp")
 
 
-def check_not_none(mode: str) -> None:
+def check_not_none(mode: str, instead: str = "use ddp or fsdp") -> None:
     """``train.distributed none`` under torchrun trained a replica in each process, never synchronised, each on its
-    share of the data, and saved the first one: refused."""
+    share of the data, and saved the first one: refused (``instead``: what the command can do)."""
     if launched_world() > 1 and mode == "none":
         raise LMForgeError(f"train.distributed=none under torchrun (WORLD_SIZE={launched_world()}): each process would "
-                           "train a replica of its own on its share of the data; use ddp or fsdp, or run one process")
+                           f"train a replica of its own on its share of the data; {instead}, or run one process")
 
 
 def pick_device(name: str) -> torch.device:
@@ -97,6 +97,9 @@ def init(device: torch.device) -> Dist:
     world = launched_world()
     if world <= 1:
         return Dist()
+    if "RANK" not in os.environ:
+        raise LMForgeError(f"WORLD_SIZE={world} is set but RANK is not: launch the processes with torchrun, or unset "
+                           "WORLD_SIZE")
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
