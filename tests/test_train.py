@@ -169,7 +169,7 @@ def test_a_spike_that_comes_back_after_a_rollback_goes_one_checkpoint_further_ba
     cfg = ModelConfig(vocab_size=61, block_size=16, n_layer=1, n_embd=32, n_head=4, multiple_of=16)
     torch.manual_seed(0)
     train = TokenWindows(tokens()[:4000], 16, 4, seed=1)
-    t = TrainConfig(max_iters=20, batch_size=4, lr=3e-3, warmup_iters=2, eval_interval=100, eval_iters=0,
+    t = TrainConfig(max_iters=20, batch_size=4, lr=3e-3, warmup_iters=2, eval_interval=5, eval_iters=1,
                     log_interval=1, save_interval=5, keep_last=3, spike_window=4, spike_factor=3.0)
     reached: list[int] = []
 
@@ -178,7 +178,8 @@ def test_a_spike_that_comes_back_after_a_rollback_goes_one_checkpoint_further_ba
         reached.append(trainer.step)
         return (loss * 50 if trainer.step == 12 and reached.count(12) <= 2 else loss), n  # step 12 spikes twice
 
-    trainer = Trainer(Decoder(cfg), t, train, loss_fn, tmp_path / "run")
+    trainer = Trainer(Decoder(cfg), t, train, loss_fn, tmp_path / "run",
+                      val_data=TokenWindows(tokens()[4000:5000], 16, 4, seed=2))
     logs: list[str] = []
     trainer.log = logs.append
     out = trainer.fit()
@@ -186,6 +187,9 @@ def test_a_spike_that_comes_back_after_a_rollback_goes_one_checkpoint_further_ba
     assert [(r["step"], r["to_step"]) for r in rows if r.get("event") == "rollback"] == [(12, 10), (12, 5)]
     assert any("came back after the rollback to ckpt-0000010: one checkpoint further back" in m for m in logs)
     assert out["step"] == 20 and reached.count(12) == 3
+    # the step a rollback goes back to is not evaluated again (its weights were; the line showed the train loss of
+    # the discarded step after it, and metrics.jsonl repeated the step)
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 5, 10, 10, 15, 20]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

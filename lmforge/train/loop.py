@@ -205,6 +205,7 @@ class Trainer:
         self.last_ckpt: Path | None = None
         self.rolled_back_to: Path | None = None  # the checkpoint the last rollback restored, until the next save
         self.interrupted = False  # a Ctrl-C noted under torchrun, acted on by every process at once
+        self.rolled_back_eval: int | None = None  # the step the last rollback went back to (evaluated already)
         self.ema: dict[str, torch.Tensor] | None = None
         if cfg.ema_decay:
             if not 0.0 < cfg.ema_decay < 1.0:
@@ -414,6 +415,7 @@ class Trainer:
             self.restore(target)
             self.rollbacks = rollbacks
             self.rolled_back_to = target
+        self.rolled_back_eval = self.step
         self.train_data.load_state_dict(position)  # resume the data *after* the offending batches...
         self.train_data.skip(self.cfg.spike_skip * self.cfg.grad_accum)  # ...and skip some more
         self.log(f"{what}: rolled back to step {self.step}{further}, skipping {self.cfg.spike_skip} batch(es) past "
@@ -514,7 +516,9 @@ class Trainer:
             # writes a line when it runs
             evaluates = (self.val_data is not None and cfg.eval_iters > 0) or bool(cfg.eval_tasks)
             while self.step < cfg.max_iters and not exhausted():
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
+                # (not again at the step a rollback went back to: the weights are those it evaluated)
+                if (self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters) and \
+                        self.step != self.rolled_back_eval:
                     self._eval_and_log(last)
                     t0 = time.perf_counter()  # a step's time and tokens/s leave evaluation out
                 lr = lr_at(self.step, cfg.lr, cfg.schedule, cfg.warmup_iters, total, cfg.min_lr_ratio)
@@ -623,7 +627,7 @@ class Trainer:
             self.metrics.write(rec)
             shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in ev.items())
             self.log(f"step {self.step}: {shown}" + (f", train loss {last['train_loss']:.4f}"
-                                                     if "train_loss" in last else ""))
+                                                     if "train_loss" in rec else ""))
             key = self.cfg.best_metric
             if key not in ev and not (key == "val_loss" and self.val_data is None):
                 raise LMForgeError(f"train.best_metric={key!r}: not among the evaluation metrics {sorted(ev)}")
