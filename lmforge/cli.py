@@ -41,6 +41,10 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
+# the commands that run as several processes under torchrun (the others are refused there)
+PARALLEL = frozenset({"pretrain", "sft", "dpo", "reward", "pipeline"})
+
+
 class FlagError(LMForgeError):
     """Flags argparse refused, raised instead of printing usage and exiting (``parse_command(strict=True)``)."""
 
@@ -123,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_command(argv)
     try:
+        world = os.environ.get("WORLD_SIZE", "1")
+        if world not in ("", "1") and args.command not in PARALLEL:  # each process ran the whole command
+            raise LMForgeError(f"{args.command} runs in one process: not under torchrun (WORLD_SIZE={world})")
         args.func(args)
     except BrokenPipeError:
         sys.exit(0)

@@ -184,7 +184,9 @@ def test_fine_tuning_refuses_fsdp_in_one_line_and_ppo_refuses_several_processes(
                         "--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode != 0 and "ppo runs in one process: not under torchrun (WORLD_SIZE=2)" in r.stderr
     for cmd in (["rejection-sample", "--model", "m", "--reward", "r", "--prompts", "p", "--out", "o"],
-                ["self-instruct", "--seeds", "s.jsonl", "--num", "2", "--out", str(tmp_path / "si")]):
+                ["self-instruct", "--seeds", "s.jsonl", "--num", "2", "--out", str(tmp_path / "si")],
+                ["generate", "--max-new-tokens", "2"],  # (each process ran the whole command)
+                ["eval", "--task", "perplexity", "--data", "builtin:stories_heldout"]):
         r = subprocess.run([sys.executable, "-m", "lmforge", *cmd], capture_output=True, text=True, timeout=120,
                            env=env)
         assert r.returncode != 0 and f"{cmd[0]} runs in one process: not under torchrun (WORLD_SIZE=2)" in r.stderr
