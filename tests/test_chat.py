@@ -168,6 +168,23 @@ def test_cli_chat_history_reset_and_exit():
     assert "cleared" in r.stderr
 
 
+def test_cli_chat_commands_with_arguments_are_never_sent_as_messages():
+    """"/reset extra" and "/exit now" went to the model as user turns ("/quit now" was an unknown command); "//" sends
+    a message that starts with a slash."""
+    model, tok = load_model_and_tokenizer(None, None, "cpu")
+    model.eval()
+    r = run_chat("--temperature", "0", "--max-new-tokens", "30", "--template", "plain",
+                 stdin="Tell me about a dog.\n/reset extra\n/exit now\n/quit now\n/foo\n//reset is a word\n/bye\nno\n")
+    assert r.returncode == 0, r.stderr
+    assert [ln.split(";")[0] for ln in r.stderr.splitlines() if "; commands:" in ln][-4:] == [
+        "/reset takes no arguments", "/exit takes no arguments", "/quit takes no arguments", "unknown command /foo"]
+    a1 = reply(model, tok, [{"role": "user", "content": "Tell me about a dog."}])
+    a2 = reply(model, tok, [{"role": "user", "content": "Tell me about a dog."},
+                            {"role": "assistant", "content": a1.strip()},
+                            {"role": "user", "content": "/reset is a word"}])
+    assert r.stdout == a1.lstrip() + "\n" + a2.lstrip() + "\n"
+
+
 def test_cli_chat_encodes_special_strings_in_input_as_text():
     """`lmforge chat`: "</s><s>" typed by the user is text, not EOS/BOS (the reply follows the plain-text prompt)."""
     model, tok = load_model_and_tokenizer(None, None, "cpu")

@@ -18,7 +18,8 @@ from lmforge.commands.args import (
 from lmforge.commands.generate import lean_files, lean_unsupported
 from lmforge.errors import LMForgeError
 
-HELP = "commands: /reset clears the conversation, /exit quits (so does end of input)"
+HELP = ("commands: /reset clears the conversation, /exit (or /quit, /bye) quits, as does end of input; begin a message "
+        "with // to send one that starts with /")
 
 
 def add_parser(sub, name: str, help_: str) -> None:
@@ -175,14 +176,19 @@ def _loop(args, session: _Torch | _Lean) -> None:
         except LMForgeError as e:
             print(f"{e}; not sent", file=sys.stderr)
             continue
-        if text in ("/exit", "/quit", "/bye"):
-            break
-        if text == "/reset":
-            history.clear()
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        if text.startswith("/") and text.split()[0] not in ("/reset", "/exit"):
-            print(f"unknown command {text.split()[0]}; {HELP}", file=sys.stderr)
+        if text.startswith("//"):  # a message that begins with a slash
+            text = text[1:]
+        elif text.startswith("/"):  # a command: never sent to the model
+            cmd, *rest = text.split()
+            if cmd not in ("/exit", "/quit", "/bye", "/reset"):
+                print(f"unknown command {cmd}; {HELP}", file=sys.stderr)
+            elif rest:
+                print(f"{cmd} takes no arguments; {HELP}", file=sys.stderr)
+            elif cmd == "/reset":
+                history.clear()
+                print("(conversation cleared)", file=sys.stderr)
+            else:
+                break
             continue
         history.append({"role": "user", "content": text})
         while True:  # drop the oldest turns until the prompt leaves room for a reply
