@@ -4,6 +4,8 @@ tokenizers (vs a reference BPE, transformers and sentencepiece), and SmolLM2-135
 from __future__ import annotations
 
 import os
+import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +273,47 @@ def test_read_tensors_matches_the_gguf_reader(tmp_path):
     (tmp_path / "head.gguf").write_bytes(data[:300])
     with pytest.raises(LMForgeError, match="truncated or damaged"):
         load_gguf_model(tmp_path / "head.gguf")
+
+
+def _raw_gguf(version: int = 3, kv: bytes = b"", n_kv: int = 0, tensors=(("a", (8,), 0),)) -> bytes:
+    """A GGUF file written by hand: ``kv`` holds ``n_kv`` encoded fields; ``tensors``: (name, dims, offset) of F32
+    tensors, 256 bytes of data after the header."""
+    def string(x: str) -> bytes:
+        return struct.pack("<Q", len(x.encode())) + x.encode()
+
+    infos = b"".join(string(n) + struct.pack("<I", len(d)) + b"".join(struct.pack("<Q", x) for x in d)
+                     + struct.pack("<IQ", 0, off) for n, d, off in tensors)
+    head = b"GGUF" + struct.pack("<IQQ", version, len(tensors), n_kv) + kv + infos
+    return head + bytes(-len(head) % 32) + bytes(256)
+
+
+def test_malformed_headers_are_refused_naming_the_file(tmp_path):
+    """llama.cpp's checks: versions above 3, duplicate tensor names (the later copy replaced the weight), offsets off
+    the alignment (the weights were read shifted); and headers that gave a bare RecursionError/TypeError/reshape
+    error (arrays nested 100,000 deep, an alignment that is a list, dimensions whose int64 product wraps to 0)."""
+    def key(name: str, payload: bytes) -> bytes:
+        return struct.pack("<Q", len(name)) + name.encode() + payload
+
+    nested = struct.pack("<I", 9) + (struct.pack("<IQ", 9, 1)) * 20 + struct.pack("<IQ", 4, 0)  # ARRAY of ARRAY ...
+    cases = [
+        (_raw_gguf(version=4), "GGUF version 4 (lmforge reads 2 and 3)"),
+        (_raw_gguf(kv=key("x", nested), n_kv=1), "arrays nested more than 8 deep"),
+        (_raw_gguf(kv=key("general.alignment", struct.pack("<IIQI", 9, 4, 1, 32)), n_kv=1),
+         "general.alignment=[32]"),
+        (_raw_gguf(tensors=(("a", (8,), 0), ("a", (8,), 32))), "duplicate tensor name 'a'"),
+        (_raw_gguf(tensors=(("a", (8,), 4),)), "tensor 'a' has offset 4, not a multiple of the alignment 32"),
+        (_raw_gguf(tensors=(("a", (2**32, 2**32), 0),)), "tensor 'a': its data runs past the end of the file"),
+    ]
+    assert read_tensors(_write(tmp_path / "good.gguf", _raw_gguf()))[1][0].n_elements == 8
+    for i, (data, why) in enumerate(cases):
+        path = _write(tmp_path / f"bad{i}.gguf", data)
+        with pytest.raises(LMForgeError, match=f"bad{i}.gguf: not a readable GGUF file .*{re.escape(why)}"):
+            read_tensors(path)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 def test_rejects_other_architectures(tmp_path):

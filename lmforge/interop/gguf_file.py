@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import mmap
 import struct
 from functools import lru_cache
@@ -67,7 +68,7 @@ class GGUFTensor:
 
     def __init__(self, name: str, shape: tuple[int, ...], tensor_type: int, data: np.ndarray) -> None:
         self.name, self.shape, self.tensor_type, self.data = name, shape, tensor_type, data
-        self.n_elements = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        self.n_elements = math.prod(int(d) for d in shape)  # Python ints: an int64 product wrapped round to 0
 
     @property
     def type_name(self) -> str:
@@ -144,8 +145,10 @@ def _parse_header(data, path: Path, tensors: bool) -> tuple[dict[str, Any], list
         pos += n
         return s.decode("utf-8", errors="replace")
 
-    def value(t: int):
+    def value(t: int, depth: int = 0):
         nonlocal pos
+        if depth > 8:
+            raise ValueError("arrays nested more than 8 deep")
         if t == STRING:
             return string()
         if t == ARRAY:
@@ -167,7 +170,7 @@ def _parse_header(data, path: Path, tensors: bool) -> tuple[dict[str, Any], list
                 values = a.tolist()
                 del a  # no view of the mapping may outlive it
                 return values
-            return [value(it) for _ in range(n)]  # arrays of arrays
+            return [value(it, depth + 1) for _ in range(n)]  # arrays of arrays
         if t in _SCALARS:
             return take(_SCALARS[t])
         raise ValueError(f"unknown value type {t}")
@@ -176,22 +179,31 @@ def _parse_header(data, path: Path, tensors: bool) -> tuple[dict[str, Any], list
         if data[:4] != b"GGUF":
             raise ValueError("no GGUF magic")
         version = take("<4xI")
-        if version < 2:
+        if not 2 <= version <= 3:
             raise ValueError(f"GGUF version {version} (lmforge reads 2 and 3)")
         n_tensors = take("<Q")
         out: dict[str, Any] = {}
         for _ in range(take("<Q")):
             key = string()
             out[key] = value(take("<I"))
-        infos = []
+        align = out.get("general.alignment", 32)
+        if type(align) is not int or align <= 0:
+            raise ValueError(f"general.alignment={align!r}")
+        infos, seen = [], set()
         if tensors:
             for _ in range(n_tensors):
                 name = string()
-                dims = tuple(take("<Q") for _ in range(take("<I")))
-                infos.append((name, dims, take("<I"), take("<Q")))
-        align = int(out.get("general.alignment", 32))
-        if align <= 0:
-            raise ValueError(f"general.alignment={align}")
+                n_dims = take("<I")
+                if n_dims > 8:  # (ggml's limit is 4)
+                    raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
+                dims = tuple(take("<Q") for _ in range(n_dims))
+                t, offset = take("<I"), take("<Q")
+                if name in seen:
+                    raise ValueError(f"duplicate tensor name {name!r}")
+                if offset % align:
+                    raise ValueError(f"tensor {name!r} has offset {offset}, not a multiple of the alignment {align}")
+                seen.add(name)
+                infos.append((name, dims, t, offset))
         return out, infos, -(-pos // align) * align
     except (ValueError, EOFError, struct.error) as e:
         raise LMForgeError(f"{path}: not a readable GGUF file (truncated or damaged): {type(e).__name__}: "
