@@ -525,3 +525,18 @@ def test_smollm2_tokenizer_matches_reference_bpe(smollm2, smollm2_path):
         pytest.skip(f"transformers cannot load the GGUF tokenizer: {e}")
     for text in texts:
         assert tok.encode(text) == hf.encode(text, add_special_tokens=False), text[:40]
+
+
+def test_smollm2_plain_prompts_get_no_bos(smollm2_path):
+    """SmolLM2's GGUF says tokenizer.ggml.add_bos_token = false and its BOS is <|im_start|>: every `generate --prompt`
+    and /v1/completions prompt began with an unclosed ChatML turn (llama.cpp and transformers add nothing)."""
+    from lmforge.commands.generate import _prompt
+    from lmforge.serve.protocol import Limits, parse_completion
+
+    tok = load_gguf_tokenizer(smollm2_path)
+    assert tok.add_bos is False and tok.prompt_prefix() == []
+    want = tok.encode("The capital of France is")
+    assert _prompt(tok, "The capital of France is", 8192, 4)[0] == want
+    req = parse_completion(b'{"prompt": "The capital of France is", "max_tokens": 1}', tok, Limits(8192, 8192),
+                           ("m",), [])
+    assert req.prompts == [want]

@@ -83,12 +83,11 @@ def lean_unsupported(args) -> str | None:
 
 
 def _prompt(tok, text: str, context: int, max_new_tokens: int) -> tuple[list[int], list[int]]:
-    """The prompt's ids (BOS first where the tokenizer has one) and the stop ids; refused in one line naming
-    --prompt when it is not UTF-8 or leaves no room in the ``context`` for a token."""
-    bos = [tok.bos_id] if tok.bos_id is not None else []
-    prompt = bos + tok.encode(utf8_text(text, "--prompt"))
+    """The prompt's ids (BOS first where the tokenizer has one and adds it) and the stop ids; refused in one line
+    naming --prompt when it is not UTF-8 or leaves no room in the ``context`` for a token."""
+    prompt = tok.prompt_prefix() + tok.encode(utf8_text(text, "--prompt"))
     if not prompt:
-        raise LMForgeError("empty prompt and the tokenizer has no BOS token: give --prompt")
+        raise LMForgeError("empty prompt and the tokenizer adds no BOS token: give --prompt")
     if len(prompt) >= context and max_new_tokens > 0:
         raise LMForgeError(f"--prompt: {len(prompt):,} tokens leave no room in the model's context of {context:,} "
                            "(shorten it)")

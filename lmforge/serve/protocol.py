@@ -242,8 +242,7 @@ def parse_completion(raw: bytes, tokenizer, limits: Limits, model_ids: Sequence[
     prompts, texts = [], []
     for i, item in enumerate(items):
         if isinstance(item, str):
-            bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-            ids = bos + tokenizer.encode(item)
+            ids = tokenizer.prompt_prefix() + tokenizer.encode(item)  # (SmolLM2's BOS is <|im_start|>: not added)
             texts.append(item)
         else:
             if not all(0 <= t < vocab for t in item):

@@ -10,12 +10,17 @@ class Tokenizer:
     bos_id: int | None = None
     eos_id: int | None = None
     pad_id: int | None = None
+    add_bos: bool = True  # text is encoded after BOS (False: a GGUF's tokenizer.ggml.add_bos_token = false)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         raise NotImplementedError
 
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
+
+    def prompt_prefix(self) -> list[int]:
+        """What a plain-text prompt starts with: BOS where the tokenizer has one and adds it."""
+        return [self.bos_id] if self.bos_id is not None and self.add_bos else []
 
     def _add_special(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
         """``ids`` with BOS in front and/or EOS at the end, when asked for and the tokenizer has them."""
