@@ -74,6 +74,10 @@ def test_a_seed_repeats_itself():
     p = SamplingParams(temperature=1.0, seed=11)
     a, b = ls.LeanSampler(p, [], 100), ls.LeanSampler(p, [], 100)
     assert [ls.select(x, [a])[0].token for _ in range(30)] == [ls.select(x, [b])[0].token for _ in range(30)]
+    # a negative seed (an int64, as OpenAI's API and the server's schema allow) was numpy's bare ValueError
+    neg = [ls.LeanSampler(SamplingParams(temperature=1.0, seed=seed), [], 100) for seed in (-1, 2**64 - 1)]
+    assert [ls.select(x, [neg[0]])[0].token for _ in range(30)] == [ls.select(x, [neg[1]])[0].token
+                                                                    for _ in range(30)]
 
 
 def test_importing_it_does_not_import_torch():

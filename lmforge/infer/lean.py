@@ -471,7 +471,7 @@ def generate(model: LeanModel, prompt: list[int], max_new_tokens: int, temperatu
              stop_ids: list[int] | None = None) -> Iterator[int]:
     """Token ids after ``prompt`` until a stop id (not yielded), ``max_new_tokens`` or the end of the model's
     positions, as ``lmforge.infer.generate.stream`` yields them."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(None if seed is None else seed % 2**64)  # (a negative int64 seed: as torch maps it)
     stops = set(stop_ids or [])
     n = min(max_new_tokens, model.max_len - model.length - len(prompt))
     if n <= 0:

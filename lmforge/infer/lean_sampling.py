@@ -68,7 +68,8 @@ class LeanSampler:
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int) -> None:
         self.params = params
-        self.rng = np.random.default_rng(params.seed if params.seed is not None else random.getrandbits(63))
+        # a negative (int64) seed as torch's manual_seed takes it (numpy refuses negative seeds)
+        self.rng = np.random.default_rng(params.seed % 2**64 if params.seed is not None else random.getrandbits(63))
         self.counts: np.ndarray | None = None
         self.seen: np.ndarray | None = None
         # greedy, no penalty, no log-probabilities: the token is the argmax and nothing else is kept or reported
