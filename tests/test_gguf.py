@@ -223,6 +223,15 @@ def test_spm_tokenizer_matches_sentencepiece():
         ids = tok.encode(text)
         assert ids == sp.encode(text), text[:40]
         assert tok.decode(ids) == sp.decode(ids)
+    # text after a special token gets the space prefix, as llama.cpp's spm gives it: a Llama-2 chat prompt is Meta's
+    # [BOS] + sp.encode("[INST] ... [/INST] ... ") + [EOS] per turn (it began "[" instead of "▁[" after <s>)
+    from lmforge.infer.chat import encode_chat
+
+    assert tok.encode("<s>[INST] x") == [sp.bos_id(), *sp.encode("[INST] x")]
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "How are you?"}]
+    assert encode_chat(tok, "llama2", msgs) == [sp.bos_id(), *sp.encode("[INST] Hi there [/INST] Hello! "),
+                                                sp.eos_id(), sp.bos_id(), *sp.encode("[INST] How are you? [/INST]")]
 
 
 def test_read_metadata_matches_the_gguf_reader(tmp_path):

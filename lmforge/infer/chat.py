@@ -292,7 +292,8 @@ def _encode_segments(tokenizer, text: str, literal: dict[int, str]) -> list[int]
         else:
             if literal:
                 piece = _PLACEHOLDER.sub(lambda m: literal[int(m.group(1))], piece)
-            ids += encode_plain(tokenizer, piece, at_start=k == 0)
+            # text at the start or after a special token (llama.cpp's spm prefixes its space there too)
+            ids += encode_plain(tokenizer, piece, at_start=k == 0 or pieces[k - 1][1])
     return ids
 
 

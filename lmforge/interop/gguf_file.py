@@ -360,13 +360,13 @@ class _GGUFTokenizerBase(Tokenizer):
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids: list[int] = []
-        first = True
+        after_special = True  # text at the start or after a special token gets the space prefix (llama.cpp's spm)
         for frag, special in self._split_specials(text):
             if special:
                 ids.append(self.token_to_id[frag])
             else:
-                ids.extend(self._encode_plain(frag, first))
-            first = False
+                ids.extend(self._encode_plain(frag, after_special))
+            after_special = special
         if bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if eos and self.eos_id is not None:
