@@ -123,6 +123,18 @@ def test_completion_streaming_and_token_prompt(client, server, stories):
                                                                         temperature=0, stream=True)]
     _, ref = completion_reference(stories, "Tom and Sue", 30, temperature=0)
     assert "".join(parts) == ref.text and sum(1 for p in parts if p) > 1
+    # streamed logprobs count text_offset into the whole choice (each chunk's began at 0), echo included
+    for echo in (False, True):
+        kw = dict(model=MODEL, prompt="Tom and Sue", max_tokens=12, temperature=0, logprobs=1, echo=echo)
+        whole = client.completions.create(**kw).choices[0].logprobs
+        with paced(server.engine):
+            chunks = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True)
+                      if c.choices and c.choices[0].logprobs]
+        assert len(chunks) > 1 and [o for c in chunks for o in c.text_offset] == whole.text_offset
+        assert [t for c in chunks for t in c.tokens] == whole.tokens and whole.text_offset[0] == (11 if echo else 0)
+    from lmforge.serve.protocol import token_str  # a special token is its name, not "" (two collided as keys)
+
+    assert (token_str(tok, tok.eos_id), token_str(tok, tok.bos_id)) == ("</s>", "<s>")
 
 
 def error_of(fn) -> openai.APIStatusError:

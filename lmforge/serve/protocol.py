@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lmforge.infer.chat import check_messages, encode_chat, special_tokens
 from lmforge.infer.params import SamplingParams
 
 
@@ -265,8 +266,6 @@ def parse_completion(raw: bytes, tokenizer, limits: Limits, model_ids: Sequence[
 
 def parse_chat(raw: bytes, tokenizer, limits: Limits, model_ids: Sequence[str], template, stop_ids: list[int],
                template_stops: list[str]) -> GenRequest:
-    from lmforge.infer.chat import check_messages, encode_chat
-
     r = _validate(ChatRequest, raw)
     _check_common(r, model_ids)
     rf = r.response_format
@@ -309,14 +308,18 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def token_bytes(tokenizer, i: int) -> bytes:
-    """The bytes one token stands for (without a decoder's start-of-text space stripping where possible)."""
+    """The bytes one token stands for (without a decoder's start-of-text space stripping where possible); a special
+    token that decodes to nothing is its own name (``<|im_end|>``), as OpenAI's and vLLM's logprobs show it."""
     if hasattr(tokenizer, "byte_of") and hasattr(tokenizer, "pieces"):  # llama2.c
-        if i in (tokenizer.bos_id, tokenizer.eos_id):
-            return b""
-        return tokenizer.byte_of.get(i, tokenizer.pieces[i])
-    if hasattr(tokenizer, "token_bytes"):
-        return tokenizer.token_bytes(i)
-    return tokenizer.decode_bytes([i])
+        b = b"" if i in (tokenizer.bos_id, tokenizer.eos_id) else tokenizer.byte_of.get(i, tokenizer.pieces[i])
+    elif hasattr(tokenizer, "token_bytes"):
+        b = tokenizer.token_bytes(i)
+    else:
+        b = tokenizer.decode_bytes([i])
+    if not b:
+        name = next((s for s, j in special_tokens(tokenizer).items() if j == i), "")
+        b = name.encode("utf-8")
+    return b
 
 
 def token_str(tokenizer, i: int) -> str:
@@ -336,6 +339,8 @@ def chat_logprobs(tokenizer, steps) -> dict[str, Any]:
 
 
 def completion_logprobs(tokenizer, steps, offset: int = 0) -> dict[str, Any]:
+    """The completions API's logprobs of ``steps``; ``text_offset`` counts from ``offset`` (the characters of the
+    choice's text before them: an echoed prompt, earlier chunks of a stream)."""
     tokens, lps, tops, offsets = [], [], [], []
     pos = offset
     for s in steps:

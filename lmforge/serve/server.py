@@ -702,6 +702,8 @@ class _EventStream(Response):
             yield b"".join(P.sse(chunk([{"index": i, "text": g.echo[i // g.n], "logprobs": None,
                                          "finish_reason": None}])) for i in range(len(reqs))), False
         left = len(reqs)
+        # each choice's characters so far (text_offset counts into the choice's whole text, as without streaming)
+        offsets = {i: len(g.echo[i // g.n]) if g.echo else 0 for i in range(len(reqs))}
         while left:
             items = await sink.get()
             if not any(item is EngineRequest.DONE or item is _Sink.GONE for _, item in items):
@@ -727,7 +729,9 @@ class _EventStream(Response):
                 else:
                     c["text"] = text
                     if g.logprobs is not None:
-                        c["logprobs"] = P.completion_logprobs(tok, steps)
+                        lp = c["logprobs"] = P.completion_logprobs(tok, steps, offsets[tag])
+                        if lp["tokens"]:
+                            offsets[tag] = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 out.append(P.sse(chunk([c])))
 
             for tag, item in items:
