@@ -203,9 +203,8 @@ class Trainer:
         self.recent: deque[float] = deque(maxlen=cfg.spike_window)
         self.rollbacks = 0
         self.last_ckpt: Path | None = None
-        self.rolled_back_to: Path | None = None  # the checkpoint the last rollback restored, until the next save
         self.interrupted = False  # a Ctrl-C noted under torchrun, acted on by every process at once
-        self.rolled_back_eval: int | None = None  # the step the last rollback went back to (evaluated already)
+        self.rolled_back_step: int | None = None  # the step the last rollback went back to (evaluated already)
         self.ema: dict[str, torch.Tensor] | None = None
         if cfg.ema_decay:
             if not 0.0 < cfg.ema_decay < 1.0:
@@ -254,7 +253,6 @@ class Trainer:
             prune(self.out, self.cfg.keep_last, protect)
         D.barrier(self.dist)
         self.last_ckpt = self.out / f"ckpt-{self.step:07d}"
-        self.rolled_back_to = None
         return path
 
     def restore(self, ckpt: Path) -> None:
@@ -406,7 +404,7 @@ class Trainer:
         further = ""
         if self.last_ckpt is not None and self.last_ckpt.exists():
             target = self.last_ckpt
-            if target == self.rolled_back_to:
+            if checkpoint_step(target) == self.rolled_back_step:  # no checkpoint since the last rollback
                 older = [c for c in list_checkpoints(self.out) if checkpoint_step(c) < checkpoint_step(target)]
                 if older:
                     further = f" (it came back after the rollback to {target.name}: one checkpoint further back)"
@@ -414,8 +412,7 @@ class Trainer:
             rollbacks = self.rollbacks
             self.restore(target)
             self.rollbacks = rollbacks
-            self.rolled_back_to = target
-        self.rolled_back_eval = self.step
+        self.rolled_back_step = self.step
         self.train_data.load_state_dict(position)  # resume the data *after* the offending batches...
         self.train_data.skip(self.cfg.spike_skip * self.cfg.grad_accum)  # ...and skip some more
         self.log(f"{what}: rolled back to step {self.step}{further}, skipping {self.cfg.spike_skip} batch(es) past "
@@ -518,7 +515,7 @@ class Trainer:
             while self.step < cfg.max_iters and not exhausted():
                 # (not again at the step a rollback went back to: the weights are those it evaluated)
                 if (self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters) and \
-                        self.step != self.rolled_back_eval:
+                        self.step != self.rolled_back_step:
                     self._eval_and_log(last)
                     t0 = time.perf_counter()  # a step's time and tokens/s leave evaluation out
                 lr = lr_at(self.step, cfg.lr, cfg.schedule, cfg.warmup_iters, total, cfg.min_lr_ratio)
