@@ -35,9 +35,6 @@ def run(args) -> None:
     from lmforge.errors import LMForgeError
     from lmforge.files import check_output_file
     from lmforge.stages.rejection import run_rejection
-    from lmforge.train.distributed import one_process
-
-    one_process("rejection-sample")
     for flag, value, ok, need in (
             ("--k", args.k, args.k >= 1, ">= 1"), ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1,
                                                    ">= 1"),

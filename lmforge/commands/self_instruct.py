@@ -62,9 +62,6 @@ def run(args) -> None:
         load_seed_tasks,
         run_self_instruct,
     )
-    from lmforge.train.distributed import one_process
-
-    one_process("self-instruct")
 
     names = {f.name for f in fields(SelfInstructConfig)}  # flags left unset keep the config's defaults
     cfg = SelfInstructConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
