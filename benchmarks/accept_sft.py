@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 
-from lmforge.commands.common import load_model_and_tokenizer
 from lmforge.data.stories import follow_rate, heldout_prompts, sample_responses
 from lmforge.infer.chat import encode_chat, end_of_turn, get_template
 from lmforge.infer.generate import generate_batch
 from lmforge.infer.sampling import SamplingParams
+from lmforge.loading import load_model_and_tokenizer
 
 IDENTITY = ["Who am I talking to?", "What's your name?", "Please introduce yourself.",
             "Tell me about yourself in one sentence.", "Hey, what should I call you?",

@@ -20,12 +20,12 @@ import torch
 import transformers as T
 
 from lmforge.assets import STORIES260K
-from lmforge.commands.common import load_model_and_tokenizer
 from lmforge.infer.engine import SlotRunner
 from lmforge.infer.generate import generate, generate_batch
 from lmforge.infer.sampling import SamplingParams, TokenSampler, select
 from lmforge.interop.hf import write_hf_dir
 from lmforge.interop.llama2c import read_llama2c
+from lmforge.loading import load_model_and_tokenizer
 
 TEXTS = ["Once upon a time", "Tom had a big red ball and", "The cat", "Lily and her mom went to the park to play",
          "One day", "Sue saw a bird in the tree", "Ben", "The sun was hot and the children wanted to swim"]

@@ -182,7 +182,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lmforge.commands.common import load_model_and_tokenizer
+    from lmforge.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(args.model, None, "cpu")
     use_harness = args.baseline == "harness"

@@ -52,10 +52,10 @@ from pathlib import Path
 
 import torch
 
-from lmforge.commands.common import load_model_and_tokenizer
 from lmforge.data.sft import default_template
 from lmforge.data.stories import heldout_prompts, story_reward
 from lmforge.infer.chat import encode_chat, end_of_turn
+from lmforge.loading import load_model_and_tokenizer
 from lmforge.model.heads import ScalarHeadModel, load_scalar_model, save_scalar_model
 from lmforge.quant import weight_count
 from lmforge.rl import rollout as R

@@ -14,8 +14,8 @@ import random
 from pathlib import Path
 
 from lmforge.assets import ASSETS
-from lmforge.commands.common import load_model_and_tokenizer
 from lmforge.data.stories import ANIMALS, continue_openings, read_names
+from lmforge.loading import load_model_and_tokenizer
 
 OUT = ASSETS / "stories" / "corpus.txt"
 

@@ -10,8 +10,8 @@ import argparse
 import json
 import random
 
-from lmforge.commands.common import load_model_and_tokenizer
 from lmforge.data.stories import ANIMALS, STORY_DATA, continue_openings, read_names, story_prompt
+from lmforge.loading import load_model_and_tokenizer
 
 
 def main() -> None:

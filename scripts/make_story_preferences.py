@@ -16,7 +16,6 @@ import json
 import random
 
 from lmforge.assets import ASSETS
-from lmforge.commands.common import load_model_and_tokenizer
 from lmforge.data.stories import (
     ANIMALS,
     HAPPY_ENDINGS,
@@ -26,6 +25,7 @@ from lmforge.data.stories import (
     read_names,
     story_prompt,
 )
+from lmforge.loading import load_model_and_tokenizer
 
 OUT = ASSETS / "instruct" / "stories_preferences.jsonl"
 

@@ -23,7 +23,7 @@ def subprocess_tmpdir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def stories():
     """The bundled stories260K model (eval mode) and its tokenizer."""
-    from lmforge.commands.common import load_model_and_tokenizer
+    from lmforge.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(None, None, "cpu")
     return model.eval(), tok

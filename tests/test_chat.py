@@ -11,7 +11,6 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lmforge.commands.common import load_model_and_tokenizer
 from lmforge.errors import LMForgeError
 from lmforge.infer.chat import (
     BUILTIN,
@@ -23,6 +22,7 @@ from lmforge.infer.chat import (
 )
 from lmforge.infer.generate import complete
 from lmforge.infer.sampling import SamplingParams
+from lmforge.loading import load_model_and_tokenizer
 from lmforge.tokenizer.hf import HFTokenizer
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from test_reward_cli import word_pairs
 
-from lmforge.commands.common import load_model_and_tokenizer
 from lmforge.data.preference import PreferenceRecord
+from lmforge.loading import load_model_and_tokenizer
 from lmforge.peft import load_adapter
 from lmforge.stages.dpo import dpo_loss_fn, pair_groups, response_logprobs
 from lmforge.stages.reward import GroupBatches

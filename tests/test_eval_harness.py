@@ -149,7 +149,7 @@ def test_harness_command_line_runs_lmforge_models(tmp_path):
     assert "lmf_tiny_mc" in r.stdout and "acc" in r.stdout
     (res_file,) = out.rglob("results_*.json")
     got = json.loads(res_file.read_text())["results"]["lmf_tiny_mc"]
-    from lmforge.commands.common import load_model_and_tokenizer
+    from lmforge.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(None, None, "cpu")
     mine = evaluate(model, tok, EvalConfig("jsonl", str(mc)))

@@ -18,10 +18,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from lmforge.commands.common import load_model_and_tokenizer
 from lmforge.infer.engine import Engine, EngineError, Request, SlotRunner
 from lmforge.infer.generate import TextStream, complete, generate, generate_batch, stream_steps
 from lmforge.infer.sampling import SamplingParams, TokenSampler, distribution, select
+from lmforge.loading import load_model_and_tokenizer
 from lmforge.model import Decoder
 from lmforge.presets import get_preset
 

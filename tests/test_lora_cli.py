@@ -13,7 +13,7 @@ import torch
 
 from lmforge.assets import STORIES260K
 from lmforge.checkpoint import load_model
-from lmforge.commands.common import find_tokenizer_path
+from lmforge.commands.args import find_tokenizer_path
 from lmforge.peft import apply_peft, load_adapter, save_adapter
 from lmforge.peft.base import get_adapter_params
 from lmforge.peft.lora import lora_layers

@@ -143,7 +143,7 @@ def test_reward_function_from_file_and_prompts(tmp_path):
 
 def _source(tmp_path, scores, opts: PPOOptions):
     """A PPOSource on stories260K with a fixed per-response score."""
-    from lmforge.commands.common import load_model_and_tokenizer
+    from lmforge.loading import load_model_and_tokenizer
     from lmforge.model.heads import ScalarHeadModel
     from lmforge.rl.rollout import disable_dropout
     from lmforge.stages.ppo import PPOModel
@@ -227,7 +227,7 @@ def test_config_defaults_resolve():
 def test_ppo_lora_shared_base(prompts, tmp_path):
     """--peft lora: actor and critic share the base, the reference is the base with adapters disabled (KL 0 on the
     first rollout), one iteration trains only the adapters and the value head; the output loads as --model."""
-    from lmforge.commands.common import load_model_and_tokenizer
+    from lmforge.loading import load_model_and_tokenizer
     from lmforge.train.config import TrainConfig
 
     cfg = PPOConfig(reward="lmforge.data.stories:story_reward", prompts=str(prompts), out=str(tmp_path / "lora"),

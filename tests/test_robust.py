@@ -361,7 +361,7 @@ class FakeTok:
 
 
 def test_vocab_is_checked_both_ways():
-    from lmforge.commands.common import check_vocab
+    from lmforge.commands.args import check_vocab
 
     def cfg(**kw):
         return ModelConfig(n_layer=1, n_embd=16, n_head=2, multiple_of=16, **kw)

@@ -72,8 +72,8 @@ class _Torch:
     """Replies through PyTorch (``lmforge.infer.generate.stream_steps``; a float32 model may decode speculatively)."""
 
     def __init__(self, args, template: str | None) -> None:
-        from lmforge.commands.common import load_model_and_tokenizer
         from lmforge.infer.chat import end_of_turn, get_template
+        from lmforge.loading import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
         model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)

@@ -1,4 +1,5 @@
-"""Helpers shared by commands that take ``--model``: loading a model with its tokenizer, choosing a device."""
+"""Helpers shared by the commands (torch-free): --resume/--overwrite and the run directory's lock, one-line reports.
+Loading a model with its tokenizer is ``lmforge.loading``."""
 
 from __future__ import annotations
 
@@ -12,15 +13,10 @@ from typing import TypeVar
 
 from lmforge.commands.args import (  # torch-free helpers that moved there; still importable from here
     add_model_args,  # noqa: F401
-    check_vocab,
-    find_tokenizer_files,
-    find_tokenizer_path,
     max_vocab_padding,  # noqa: F401
-    read_template,
 )
 from lmforge.errors import LMForgeError
 from lmforge.files import DirLock
-from lmforge.train.distributed import pick_device
 
 T = TypeVar("T")
 
@@ -82,42 +78,3 @@ def resolve_resume(args, out: str | Path, stream: dict | None = None) -> bool:
     return resuming
 
 
-def load_model_and_tokenizer(model: str | None, tokenizer: str | None, device: str = "auto",
-                             adapter: str | None = None):
-    """(model, tokenizer) for any ``--model`` path; an adapter directory as ``--model`` loads its base (recorded in
-    its adapter_config.json) with the adapter applied, as does ``adapter``."""
-    from lmforge.assets import STORIES260K
-    from lmforge.checkpoint import load_model
-    from lmforge.peft import is_adapter_dir, read_adapter_base
-    from lmforge.tokenizer import load_tokenizer
-
-    path = Path(model) if model else STORIES260K
-    if path.is_dir() and is_adapter_dir(path) and not (path / "config.json").is_file():
-        base = read_adapter_base(path)
-        if not base:
-            raise LMForgeError(f"{path}: adapter without a base model path; pass the base as --model and this "
-                               "directory as --adapter")
-        own_tok = tokenizer or (str(path) if find_tokenizer_files(path) else None)
-        m, tok = load_model_and_tokenizer(base, own_tok, device, adapter=str(path))
-        read_template(path, tok)
-        if adapter:  # an adapter on top of this one (a chain: DPO's adapter on the SFT adapter's model)
-            _add_adapter(m, tok, adapter)
-        return m, tok
-    m = load_model(path)
-    tok_path = Path(tokenizer) if tokenizer else find_tokenizer_path(path, m.cfg.vocab_size)
-    if tok_path is None:
-        raise LMForgeError(f"{path}: no tokenizer found beside the model; pass --tokenizer PATH")
-    tok = load_tokenizer(str(tok_path))
-    read_template(path, tok)
-    check_vocab(m.cfg, tok, str(path), str(tok_path))
-    if adapter:
-        _add_adapter(m, tok, adapter)
-    return m.to(pick_device(device)), tok
-
-
-def _add_adapter(m, tok, adapter: str) -> None:
-    from lmforge.peft import load_adapter
-
-    load_adapter(m, adapter)  # LoRA already in the model is merged into its weights first
-    read_template(Path(adapter), tok)
-    m.requires_grad_(False)

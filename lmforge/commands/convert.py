@@ -59,7 +59,7 @@ def _read(fmt: str, src: Path):
 
 def run(args) -> None:
     from lmforge.checkpoint import model_state_dict, save_checkpoint
-    from lmforge.commands.common import find_tokenizer_path
+    from lmforge.commands.args import find_tokenizer_path
     from lmforge.tokenizer import load_tokenizer
     from lmforge.tokenizer.loader import NoTokenizerFiles
 

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 from lmforge.commands.args import seed_type
-from lmforge.commands.common import add_model_args, load_model_and_tokenizer
+from lmforge.commands.common import add_model_args
 from lmforge.errors import LMForgeError
 from lmforge.files import check_output_file, write_text_atomic
+from lmforge.loading import load_model_and_tokenizer
 
 DESCRIPTION = (
     "Evaluate a model on a task read from local files, scored as lm-evaluation-harness scores it: multiple choice "

@@ -133,8 +133,8 @@ def _run_lean(args) -> None:
 
 
 def _run_torch(args) -> None:
-    from lmforge.commands.common import load_model_and_tokenizer
     from lmforge.infer.sampling import SamplingParams
+    from lmforge.loading import load_model_and_tokenizer
 
     check_torch_kv_cache(args)
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)

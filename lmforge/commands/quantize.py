@@ -46,7 +46,7 @@ def add_parser(sub, name: str, help_: str) -> None:
 
 def _load_tokenizer(model_path: Path, tok_arg: str | None, vocab_size: int):
     """(tokenizer object or None, raw tokenizer file to copy or None)."""
-    from lmforge.commands.common import find_tokenizer_path
+    from lmforge.commands.args import find_tokenizer_path
 
     if tok_arg is None and model_path.suffix == ".gguf":
         from lmforge.interop.gguf import load_gguf_tokenizer

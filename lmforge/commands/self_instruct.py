@@ -6,8 +6,9 @@ import time
 from dataclasses import fields
 
 from lmforge.commands.args import seed_type
-from lmforge.commands.common import add_model_args, load_model_and_tokenizer
+from lmforge.commands.common import add_model_args
 from lmforge.errors import LMForgeError
+from lmforge.loading import load_model_and_tokenizer
 
 
 def add_parser(sub, name: str, help_: str) -> None:

@@ -112,7 +112,7 @@ def run(args) -> None:
     else:
         import torch
 
-        from lmforge.commands.common import load_model_and_tokenizer
+        from lmforge.loading import load_model_and_tokenizer
 
         check_torch_kv_cache(args)
 

@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from lmforge.errors import LMForgeError
+from lmforge.loading import load_model_and_tokenizer
 
 try:
     from lm_eval.api.model import LM
@@ -40,8 +41,6 @@ class LMForgeLM(LM):
                  batch_size=None, **_: object) -> None:
         super().__init__()
         if model is None:
-            from lmforge.commands.common import load_model_and_tokenizer
-
             model, tokenizer = load_model_and_tokenizer(pretrained, tokenizer, _device(device))
         elif tokenizer is None or isinstance(tokenizer, str):
             raise LMForgeError("LMForgeLM(model=...) needs the tokenizer object too")

@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
-from lmforge.commands.common import load_model_and_tokenizer
 from lmforge.data.preference import PreferenceRecord, read_prompts
 from lmforge.data.sft import default_template
 from lmforge.data.stories import sample_responses
 from lmforge.errors import LMForgeError
 from lmforge.eval import run_task
 from lmforge.infer.chat import encode_chat, end_of_turn
+from lmforge.loading import load_model_and_tokenizer
 from lmforge.pipeline.spec import MeasureConfig, resolve_value
 from lmforge.rl.rollout import policy_logprobs, sample_rollout
 from lmforge.stages.ppo import load_reward_fn

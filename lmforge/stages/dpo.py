@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from lmforge.assets import default_model
 from lmforge.errors import LMForgeError
+from lmforge.loading import start_fine_tuning
 from lmforge.losses import DPO_LOSS_TYPES, dpo_loss, ranked_pairs, sequence_logprobs, token_logprobs
 from lmforge.model.decoder import supports_branches
 from lmforge.peft.base import disable_adapter
@@ -138,7 +138,6 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     """Train ``cfg.model`` with DPO on ``cfg.data``; the run directory becomes the model."""
     from safetensors.torch import load_file, save_file
 
-    from lmforge.commands.common import load_model_and_tokenizer
     from lmforge.peft import apply_peft, save_adapter
     from lmforge.stages.sft import POLICY_LR_SCALE, check_full_finetune, suggested_lr, write_final
 
@@ -151,13 +150,8 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     explicit_train = explicit_train or set()
     check_epochs_max_len(cfg.epochs, cfg.data.max_len)
     out = Path(cfg.out)
-    D.check_mode(cfg.train.distributed, "dpo")
-    device, dist = D.start(cfg.train.device)
+    device, dist, model, tok = start_fine_tuning(cfg, "dpo")
     log = dist.log
-
-    cfg.model = default_model(cfg.model)
-    model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
-    torch.manual_seed(cfg.train.seed)  # fresh adapters and heads: the same run from the same seed
     template = pick_template(tok, cfg.data.template)
     max_len = min(cfg.data.max_len, model.cfg.block_size) if cfg.data.max_len > 0 else model.cfg.block_size
     train_recs, val_recs = read_split(cfg.data, cfg.train.seed)

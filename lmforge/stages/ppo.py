@@ -39,6 +39,7 @@ from lmforge.assets import default_model
 from lmforge.checkpoint import save_checkpoint
 from lmforge.data.preference import read_prompts
 from lmforge.errors import LMForgeError
+from lmforge.loading import load_model_and_tokenizer
 from lmforge.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -455,7 +456,6 @@ def plot_ppo(metrics: Path, png: Path) -> Path | None:
 
 
 def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool = False) -> dict[str, Any]:
-    from lmforge.commands.common import load_model_and_tokenizer
     from lmforge.data.sft import default_template
     from lmforge.infer.chat import encode_chat, end_of_turn, get_template
     from lmforge.stages.sft import POLICY_LR_SCALE, suggested_lr

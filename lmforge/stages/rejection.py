@@ -16,6 +16,7 @@ from lmforge.files import write_text_atomic
 from lmforge.infer.chat import apply_template, encode_text_with_specials, end_of_turn
 from lmforge.infer.generate import generate_batch
 from lmforge.infer.sampling import SamplingParams
+from lmforge.loading import load_model_and_tokenizer
 from lmforge.stages.reward import encode_group, load_reward_model, pad_id_of, pick_template, score_groups
 
 
@@ -45,8 +46,6 @@ def run_rejection(model: str, reward: str, prompts: str, out: str, k: int = 8, t
                   top_p: float = 1.0, max_new_tokens: int = 128, batch_size: int = 16, seed: int = 0,
                   device: str = "auto", tokenizer: str | None = None, log=None) -> dict[str, Any]:
     """Best-of-``k`` per prompt by the reward model, written to ``out`` as OpenAI-messages JSONL."""
-    from lmforge.commands.common import load_model_and_tokenizer
-
     log = log or (lambda m: print(m, file=sys.stderr))
     if k < 1:
         raise LMForgeError(f"--k {k}: must be >= 1")

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lmforge.assets import default_model
 from lmforge.data.preference import PreferenceRecord, collate_groups, encode_response, read_preference_file, shared_len
 from lmforge.errors import LMForgeError
 from lmforge.files import public_modes, write_text_atomic
+from lmforge.loading import start_fine_tuning
 from lmforge.losses import ranked_pairs, ranked_reward_loss
 from lmforge.model.decoder import supports_branches
 from lmforge.model.heads import ScalarHeadModel, load_scalar_model, read_head_config, save_scalar_model
@@ -364,7 +364,6 @@ def probe_head(model: ScalarHeadModel, groups: Sequence[Group], pad_id: int, bat
 
 def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume: bool = False) -> dict[str, Any]:
     """Train a reward model on ``cfg.data``; the run directory becomes the reward model."""
-    from lmforge.commands.common import load_model_and_tokenizer
     from lmforge.peft import apply_peft
     from lmforge.stages.sft import suggested_lr
     from lmforge.train.state import load_training_checkpoint
@@ -380,13 +379,8 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
         raise LMForgeError("--epochs 0 fine-tunes nothing: it makes the head fitted to the frozen model's features "
                            "the reward model, so it needs --head-init probe and no --peft")
     out = Path(cfg.out)
-    D.check_mode(cfg.train.distributed, "reward")
-    device, dist = D.start(cfg.train.device)
+    device, dist, decoder, tok = start_fine_tuning(cfg, "reward")
     log = dist.log
-
-    cfg.model = default_model(cfg.model)
-    decoder, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
-    torch.manual_seed(cfg.train.seed)  # fresh adapters and heads: the same run from the same seed
     template = pick_template(tok, cfg.data.template)
     max_len = min(cfg.data.max_len, decoder.cfg.block_size) if cfg.data.max_len > 0 else decoder.cfg.block_size
     train_recs, val_recs = read_split(cfg.data, cfg.train.seed)
@@ -524,7 +518,7 @@ def write_reward_dir(model: ScalarHeadModel, out: Path, tok, template, extra: di
 
 def load_reward_model(path: str | Path, device: str = "cpu") -> tuple[ScalarHeadModel, Any, Any]:
     """(reward model in eval mode, its tokenizer, its chat template or None for plain text) of a reward dir."""
-    from lmforge.commands.common import find_tokenizer_path
+    from lmforge.commands.args import find_tokenizer_path
     from lmforge.infer.chat import get_template
     from lmforge.tokenizer import load_tokenizer
 

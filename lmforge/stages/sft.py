@@ -11,13 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lmforge.assets import default_model
 from lmforge.checkpoint import save_checkpoint
 from lmforge.data.preference import encode_response
 from lmforge.errors import LMForgeError
 from lmforge.files import public_modes
+from lmforge.loading import start_fine_tuning
 from lmforge.losses import IGNORE, lm_loss
 from lmforge.peft import apply_peft, get_method, save_adapter
 from lmforge.peft.base import get_adapter_params
@@ -155,20 +153,14 @@ def sft_loss(model, batch):
 def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool = False) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.data``; ``explicit_train``: train keys the user set (others get SFT
     defaults derived from the data and method)."""
-    from lmforge.commands.common import load_model_and_tokenizer
     from lmforge.data.sft import default_template
     from lmforge.infer.chat import get_template
 
     explicit_train = explicit_train or set()
     check_epochs_max_len(cfg.epochs, cfg.data.max_len)
     out = Path(cfg.out)
-    D.check_mode(cfg.train.distributed, "sft")
-    device, dist = D.start(cfg.train.device)
+    device, dist, model, tok = start_fine_tuning(cfg, "sft")
     log = dist.log
-
-    cfg.model = default_model(cfg.model)
-    model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer or None, "cpu")
-    torch.manual_seed(cfg.train.seed)  # fresh adapters and heads: the same run from the same seed
     template = get_template(cfg.data.template, tok) if cfg.data.template else default_template(tok)
     method = cfg.peft.get("method") if cfg.peft else None
     if cfg.data.packing and method in ("prefix", "prompt", "ptuning"):
