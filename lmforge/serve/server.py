@@ -48,6 +48,7 @@ from lmforge.infer.params import SamplingParams
 from lmforge.serve import protocol as P
 from lmforge.serve.protocol import APIError, GenRequest, Limits
 
+ANSWER_WAIT = 60.0  # seconds a request that is not streamed sleeps between looks at its events (an end wakes it)
 STREAM_PACE = 0.001  # seconds (per running request) a stream waits after a token for more to send together
 GENERATE = ("/v1/completions", "/v1/chat/completions")
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -632,6 +633,8 @@ async def _generate(server: ModelServer, request: Request, kind: str) -> Respons
                     left -= 1
                 else:
                     steps[tag].append(item)
+            if left:  # nothing to send before the end: sleep until a request's end or the client's is put (waking
+                await sink.pause(ANSWER_WAIT)  # for every token took the engine's interpreter lock that often)
     finally:
         watch.cancel()
         for r in reqs:
