@@ -15,7 +15,6 @@ from lmforge.errors import LMForgeError
 from lmforge.peft import is_adapter_dir, load_adapter, read_adapter_base
 from lmforge.tokenizer import load_tokenizer
 from lmforge.train import distributed as D
-from lmforge.train.distributed import pick_device
 
 
 def load_model_and_tokenizer(model: str | None, tokenizer: str | None, device: str = "auto",
@@ -43,7 +42,7 @@ def load_model_and_tokenizer(model: str | None, tokenizer: str | None, device: s
     check_vocab(m.cfg, tok, str(path), str(tok_path))
     if adapter:
         _add_adapter(m, tok, adapter)
-    return m.to(pick_device(device)), tok
+    return m.to(D.pick_device(device)), tok
 
 
 def _add_adapter(m, tok, adapter: str) -> None:
