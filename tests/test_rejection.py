@@ -124,3 +124,21 @@ def test_eval_and_rejection_sample_flags_out_of_range_are_one_line_naming_the_fl
         r = run("eval", "--task", "perplexity", "--data", str(prompts), flag, value)
         assert r.returncode == 1 and r.stderr.strip().splitlines() == [
             f"lmforge eval: error: {flag} {float(value) if flag == '--temperature' else value}: must be {need}"]
+
+
+def test_pipeline_rm_score_is_the_score_of_the_whole_prompt_and_response(tmp_path, stories):
+    """The pipeline's rm_score cut every (prompt, response) to length 0: a chat template's input became empty (a
+    crash in the SmolLM2 preset after 19 minutes of DPO), plain text kept only BOS + the response's first tokens."""
+    from lmforge.pipeline.measure import rm_scores
+
+    model, tok = stories
+    torch.manual_seed(0)
+    rm_dir = save_scalar_model(ScalarHeadModel(model), tmp_path / "rm", tok)
+    prompts, responses = ["Tom saw a dog.", "Lily had a cake."], ["The dog ran.", "She ate it all and smiled."]
+    got = rm_scores(rm_dir, prompts, responses, "cpu")
+    rm, rtok, template = load_reward_model(rm_dir)
+    for p, r, g in zip(prompts, responses, got):
+        (ex,) = encode_group(rtok, PreferenceRecord([{"role": "user", "content": p}], [r]), template, None)
+        assert len(ex["input_ids"]) > len(rtok.encode(r)) + 2  # the prompt is there
+        b = collate_groups([[ex]], 0)
+        assert g == pytest.approx(rm.score(b["input_ids"], b["attention_mask"]).item(), abs=1e-5)

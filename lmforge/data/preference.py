@@ -316,8 +316,8 @@ def encode_response(tokenizer, record: PreferenceRecord, i: int, template=None, 
 
     ``plain`` (default: when no ``template`` is given and the tokenizer has no chat template) joins the plain-text
     prompt and the response; otherwise the prompt messages are rendered with the chat template and the reply
-    is what the assistant turn adds. ``max_len``: prompt tokens are dropped from the left (BOS kept) down to
-    half of it, then the response is cut at the end."""
+    is what the assistant turn adds. ``max_len`` (None or 0: no limit): prompt tokens are dropped from the left
+    (BOS kept) down to half of it, then the response is cut at the end."""
     if plain is None:
         plain = template is None and not getattr(tokenizer, "chat_template", None)
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
@@ -340,7 +340,7 @@ def encode_response(tokenizer, record: PreferenceRecord, i: int, template=None, 
         r_ids.append(eos)  # the turn ends with EOS when the template has no end marker
     lead = [bos] if bos is not None and getattr(tokenizer, "add_bos", True) and (not p_ids or p_ids[0] != bos) else []
     p_ids = lead + p_ids
-    if max_len is not None and len(p_ids) + len(r_ids) > max_len:
+    if max_len and len(p_ids) + len(r_ids) > max_len:  # (0 or None: no limit)
         keep = max(len(p_ids) - (len(p_ids) + len(r_ids) - max_len), min(len(p_ids), max_len // 2))
         if keep < len(p_ids):
             head = p_ids[:1] if lead else []

@@ -21,7 +21,7 @@ from lmforge.loading import load_model_and_tokenizer
 from lmforge.pipeline.spec import MeasureConfig, resolve_value
 from lmforge.rl.rollout import policy_logprobs, sample_rollout
 from lmforge.stages.ppo import load_reward_fn
-from lmforge.stages.reward import encode_group, load_reward_model, pad_id_of, score_groups
+from lmforge.stages.reward import encode_group, load_reward_model, pad_id_of, score_groups, scoring_len
 
 
 def held_out_prompts(cfg: MeasureConfig) -> list[str]:
@@ -95,6 +95,7 @@ def kl_from(policy_path: str | Path, reference_path: str | Path, cfg: MeasureCon
 def rm_scores(reward_dir: str | Path, prompts: list[str], responses: list[str], device: str = "auto") -> list[float]:
     """A reward model's normalised score of each (prompt, response)."""
     model, tok, template = load_reward_model(reward_dir, device)
-    groups = [encode_group(tok, PreferenceRecord([{"role": "user", "content": p}], [r]), template, 0)
+    ml = scoring_len(reward_dir, model)  # (0 here cut every prompt away and all but the response's last token)
+    groups = [encode_group(tok, PreferenceRecord([{"role": "user", "content": p}], [r]), template, ml)
               for p, r in zip(prompts, responses)]
     return [g[0] for g in score_groups(model, groups, pad_id_of(tok))]

@@ -17,7 +17,14 @@ from lmforge.infer.chat import apply_template, encode_text_with_specials, end_of
 from lmforge.infer.generate import generate_batch
 from lmforge.infer.sampling import SamplingParams
 from lmforge.loading import load_model_and_tokenizer
-from lmforge.stages.reward import encode_group, load_reward_model, pad_id_of, pick_template, score_groups
+from lmforge.stages.reward import (
+    encode_group,
+    load_reward_model,
+    pad_id_of,
+    pick_template,
+    score_groups,
+    scoring_len,
+)
 
 
 def encode_prompt(tok, template, messages: list[dict[str, str]], text: str | None) -> tuple[list[int], list[int]]:
@@ -53,6 +60,7 @@ def run_rejection(model: str, reward: str, prompts: str, out: str, k: int = 8, t
     policy.eval().requires_grad_(False)  # inference only
     template = pick_template(tok, "")
     rm, rtok, rtemplate = load_reward_model(reward, device)
+    rm_len = scoring_len(reward, rm)  # as the reward model was trained
     items = read_prompts(prompts)
     ctx = policy.cfg.block_size - policy.num_virtual_tokens
     encoded_all = [encode_prompt(tok, template, msgs, text) for msgs, text in items]
@@ -83,7 +91,7 @@ def run_rejection(model: str, reward: str, prompts: str, out: str, k: int = 8, t
             resp = [decode_response(tok, ids, outs[c * k + j], template is None) for j in range(k)]
             resp = [r if r.strip() else " " for r in resp]  # an empty sample scores as a blank reply
             rec = PreferenceRecord(msgs, resp, text)
-            group = encode_group(rtok, rec, rtemplate, rm.cfg.block_size)
+            group = encode_group(rtok, rec, rtemplate, rm_len)
             scores = score_groups(rm, [group], pad_id_of(rtok), batch_size=1)[0]  # the prompt once for all k
             j = max(range(k), key=lambda i: scores[i])
             best_scores.append(scores[j])

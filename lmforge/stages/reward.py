@@ -536,14 +536,19 @@ def load_reward_model(path: str | Path, device: str = "cpu") -> tuple[ScalarHead
     return model.to(D.pick_device(device)), tok, template
 
 
+def scoring_len(path: str | Path, model: ScalarHeadModel, max_len: int = 0) -> int:
+    """The tokens a (prompt, response) is cut to for a reward model's score: ``max_len``, else the length it was
+    trained with (its head config), within its context."""
+    max_len = max_len or int(read_head_config(path).get("max_len") or 0)
+    return min(max_len, model.cfg.block_size) if max_len > 0 else model.cfg.block_size
+
+
 def score_file(model_dir: str, data: str, output: str | None, max_len: int = 0, batch_size: int = 8
                ) -> float:
     """Score every ranked pair of ``data`` with the reward model; JSONL per pair to ``output`` (or stdout); returns
     the pairwise accuracy."""
     model, tok, template = load_reward_model(model_dir, "auto")
-    block = model.cfg.block_size
-    max_len = max_len or int(read_head_config(model_dir).get("max_len") or 0)  # default: as in training
-    ml = min(max_len, block) if max_len > 0 else block
+    ml = scoring_len(model_dir, model, max_len)
     recs = read_preference_file(data)
     groups = [encode_group(tok, r, template, ml) for r in recs]
     scores = score_groups(model, groups, pad_id_of(tok), batch_size)
