@@ -95,7 +95,7 @@ def kl_from(policy_path: str | Path, reference_path: str | Path, cfg: MeasureCon
 def rm_scores(reward_dir: str | Path, prompts: list[str], responses: list[str], device: str = "auto") -> list[float]:
     """A reward model's normalised score of each (prompt, response)."""
     model, tok, template = load_reward_model(reward_dir, device)
-    ml = scoring_len(reward_dir, model)  # (0 here cut every prompt away and all but the response's last token)
+    ml = scoring_len(reward_dir, model)  # as it was trained (a length of 0 here cut the prompt away)
     groups = [encode_group(tok, PreferenceRecord([{"role": "user", "content": p}], [r]), template, ml)
               for p, r in zip(prompts, responses)]
     return [g[0] for g in score_groups(model, groups, pad_id_of(tok))]

@@ -633,8 +633,8 @@ async def _generate(server: ModelServer, request: Request, kind: str) -> Respons
                     left -= 1
                 else:
                     steps[tag].append(item)
-            if left:  # nothing to send before the end: sleep until a request's end or the client's is put (waking
-                await sink.pause(ANSWER_WAIT)  # for every token took the engine's interpreter lock that often)
+            if left:  # nothing is sent before the end: sleep until an end (a request's, the client's) is put; waking
+                await sink.pause(ANSWER_WAIT)  # for every token took the interpreter from the engine's thread
     finally:
         watch.cancel()
         for r in reqs:
