@@ -1,13 +1,15 @@
-"""Aggregate generation throughput of `lmforge serve` with 1, 4 and 16 concurrent streaming clients, against
-`lmforge generate` on the same model.
+"""Aggregate generation throughput of `lmforge serve` with 1, 4 and 16 concurrent clients (streaming by default),
+against `lmforge generate` on the same model.
 
     python benchmarks/bench_serve.py [--model PATH] [--tokens 128] [--requests 3] [--clients 1 4 16] [--rounds 3]
                                      [--threads N] [--max-batch N] [--no-generate] [--connections new|keep|both]
                                      [--runtime auto|lean|torch] [--kv-cache-dtype auto|float16|float32]
+                                     [--stream | --no-stream]
 
 The server (`lmforge serve`, with its default --threads and --max-batch unless given) runs in a child process on a
 free 127.0.0.1 port; each client thread sends ``--requests`` streaming completions one after another (greedy,
-``ignore_eos`` so every request yields ``--tokens`` tokens) and reads the server-sent events to the end. Aggregate
+``ignore_eos`` so every request yields ``--tokens`` tokens) and reads the server-sent events to the end (with
+``--no-stream``: the whole answer in one JSON body, as OpenAI's client asks unless told to stream). Aggregate
 tokens/s = completion tokens of all clients / wall time, best of ``--rounds`` rounds in which the client counts
 alternate; each round measures a new connection per request and one kept-alive connection per client (OpenAI's
 client keeps its connections), unless ``--connections`` picks one. Targets (issue 14): one client >= 0.8x
@@ -49,17 +51,25 @@ MODEL_ID = "stories260K.bin"
 CONN = {False: "new connection per request", True: "kept-alive connections"}
 
 
-def stream_completion(port: int, prompt: str, tokens: int, conn: http.client.HTTPConnection | None = None) -> int:
-    """One streamed completion; on ``conn`` (kept alive) if given, else on a connection of its own."""
+def stream_completion(port: int, prompt: str, tokens: int, conn: http.client.HTTPConnection | None = None,
+                      stream: bool = True) -> int:
+    """Completion tokens of one completion, streamed unless ``stream`` is false; on ``conn`` (kept alive) if given,
+    else on a connection of its own."""
     own = conn is None
     if conn is None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    body = json.dumps({"model": MODEL_ID, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
-                       "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}})
-    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    req = {"model": MODEL_ID, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    if stream:
+        req.update(stream=True, stream_options={"include_usage": True})
+    conn.request("POST", "/v1/completions", body=json.dumps(req), headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+    if not stream:
+        body = json.loads(resp.read())
+        if own:
+            conn.close()
+        return body["usage"]["completion_tokens"]
     tail = b""
     while True:  # read the stream as it comes; only the last events (usage, [DONE]) are parsed
         block = resp.read1(65536)
@@ -82,9 +92,11 @@ def health(port: int) -> dict:
     return out
 
 
-def run_clients(port: int, clients: int, requests: int, tokens: int, keep: bool = False) -> tuple[float, int]:
-    """(seconds, tokens) of ``clients`` threads sending ``requests`` streamed completions each, one after another;
-    ``keep``: each client sends them on one kept-alive connection (as OpenAI's client does), else one each."""
+def run_clients(port: int, clients: int, requests: int, tokens: int, keep: bool = False,
+                stream: bool = True) -> tuple[float, int]:
+    """(seconds, tokens) of ``clients`` threads sending ``requests`` completions each (streamed unless ``stream`` is
+    false), one after another; ``keep``: each client sends them on one kept-alive connection (as OpenAI's client
+    does), else one each."""
     counts = [0] * clients
     errors: list[BaseException] = []
     start = threading.Barrier(clients + 1)
@@ -94,7 +106,7 @@ def run_clients(port: int, clients: int, requests: int, tokens: int, keep: bool 
         start.wait()
         try:
             for r in range(requests):
-                counts[i] += stream_completion(port, PROMPTS[(i + r) % len(PROMPTS)], tokens, conn)
+                counts[i] += stream_completion(port, PROMPTS[(i + r) % len(PROMPTS)], tokens, conn, stream)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
         finally:
@@ -161,6 +173,8 @@ def main() -> None:
     ap.add_argument("--connections", choices=["new", "keep", "both"], default="both",
                     help="a new connection per request, one kept-alive connection per client (as OpenAI's client "
                     "keeps them), or both in each round (default)")
+    ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                    help="streamed completions (server-sent events, the default) or whole JSON answers (--no-stream)")
     args = ap.parse_args()
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -183,7 +197,8 @@ def main() -> None:
         MODEL_ID = model_id(port)
         stream_completion(port, "warm up", 8)
         warm = resident_mb(proc.pid)
-        print(f"lmforge serve, {MODEL_ID}, {args.tokens} tokens per request, {args.requests} requests per client")
+        print(f"lmforge serve, {MODEL_ID}, {args.tokens} tokens per request, {args.requests} requests per client, "
+              + ("streamed" if args.stream else "not streamed"))
         modes = {"new": (False,), "keep": (True,), "both": (False, True)}[args.connections]
         best: dict[tuple[bool, int], float] = {}
         each: dict[tuple[bool, int], list[float]] = {}  # every round's rate
@@ -191,7 +206,7 @@ def main() -> None:
             for keep in modes:
                 for c in args.clients:
                     before = health(port)
-                    dt, n = run_clients(port, c, args.requests, args.tokens, keep)
+                    dt, n = run_clients(port, c, args.requests, args.tokens, keep, args.stream)
                     after = health(port)
                     steps = after["steps"] - before["steps"]
                     busy = after["decode_seconds"] - before["decode_seconds"]
