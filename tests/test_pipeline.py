@@ -18,6 +18,7 @@ import yaml
 
 from lmforge.errors import LMForgeError
 from lmforge.pipeline import presets, read_pipeline
+from lmforge.pipeline.runner import marker_product
 from lmforge.pipeline.spec import Ref, apply_overrides, parse_pipeline, stage_argv, stage_hash
 
 SMALL = Path(__file__).parent / "data" / "pipeline_small.yaml"
@@ -93,6 +94,23 @@ def test_second_run_reuses_and_changed_flag_reruns_downstream(run):
     r = lmforge("pipeline", str(SMALL), "--out", str(out))
     assert "] quantize         output damaged (model.safetensors has 1,000 bytes" in r.stdout, r.stdout
     assert "1 run and 7 reused" in last_line(r) and "] quantize         done" in r.stdout
+
+
+def test_a_copied_run_directory_uses_its_own_outputs(run, tmp_path):
+    out, _ = run
+    moved = tmp_path / "copy"
+    shutil.copytree(out, moved, symlinks=True)
+    r = lmforge("pipeline", str(SMALL), "--out", str(moved), "--from", "dpo", "--dry-run")
+    dpo = next(ln for ln in r.stdout.splitlines() if "] dpo" in ln)
+    assert f"--model {moved / 'sft'} " in dpo, dpo  # not the original run's sft
+    r = lmforge("pipeline", str(SMALL), "--out", str(moved))
+    assert "8 stages, 0 run and 8 reused" in last_line(r)
+    rep = json.loads((moved / "report.json").read_text())
+    assert all(Path(s["product"]).is_relative_to(moved) for s in rep["stages"]), [s["product"] for s in rep["stages"]]
+    # markers written before held the path as that run named it
+    old = {"product": "runs/pipeline/pretrain/ckpt-0000500"}
+    assert marker_product(moved, "pretrain", old) == moved / "pretrain" / "ckpt-0000500"
+    assert marker_product(moved, "sft", {"product": "/abs/runs/pipeline/sft"}) == moved / "sft"
 
 
 def test_interrupted_training_stage_resumes(run, tmp_path):

@@ -75,6 +75,17 @@ def read_marker(out: Path, name: str) -> dict[str, Any] | None:
         return None
 
 
+def marker_product(out: Path, name: str, marker: dict[str, Any] | None) -> Path:
+    """The product a stage's marker records, in this run directory: markers hold it relative to the directory, so a
+    run moved, copied or named from another working directory uses its own outputs. (Older markers held the path as
+    the run named it, e.g. ``runs/pipeline/sft``: its part from the stage's directory on is taken.)"""
+    rel = Path((marker or {}).get("product") or name)
+    if rel.is_absolute() or rel.parts[0] != name:
+        parts = rel.parts
+        rel = Path(*parts[len(parts) - 1 - parts[::-1].index(name):]) if name in parts else Path(name)
+    return out / rel
+
+
 def product_path(stage: Stage, sdir: Path) -> Path:
     """Where a stage's product is: pretraining's best checkpoint (else its newest), a file, or the directory."""
     if stage.kind == "pretrain":  # `best` names the best checkpoint
@@ -274,18 +285,19 @@ def _run(p: Pipeline, out: Path, from_stage: str | None, only: str | None, dry_r
         force = force or st.name == from_stage
         sdir = out / st.name
         marker = read_marker(out, st.name)
+        done = marker_product(out, st.name, marker)
         complete = bool(marker and marker.get("hash") == h and marker.get("status") == "complete"
-                        and Path(marker.get("product", "")).exists())  # a deleted output is made again
+                        and done.exists())  # a deleted output is made again
         rerun = force or only == st.name
-        damage = verify_manifest(Path(marker["product"])) if complete and Path(marker["product"]).is_dir() else None
+        damage = verify_manifest(done) if complete and done.is_dir() else None
         if damage and not rerun:  # (it was reused as "cached", and the run ended pointing at a damaged model)
             complete = False
             if main:
                 echo(f"{label} output damaged ({damage}): running it again")
         if complete and not rerun:
-            products[st.name] = Path(marker["product"])
+            products[st.name] = done
             reward = products[st.name] if st.kind == "reward" else reward
-            res = StageResult(**{**marker["result"], "status": "cached"})
+            res = StageResult(**{**marker["result"], "status": "cached", "product": str(done)})
             results.append(res)
             measured[str(products[st.name])] = res.after
             if main:
@@ -353,7 +365,8 @@ def _run(p: Pipeline, out: Path, from_stage: str | None, only: str | None, dry_r
                 res.checks = stage_checks(st, res, p)
                 res.measure_s = time.perf_counter() - t1
                 res.status = "done"
-                write_json(marker_path(out, st.name), {"hash": h, "status": "complete", "product": str(product),
+                write_json(marker_path(out, st.name), {"hash": h, "status": "complete",
+                                                       "product": product.relative_to(out).as_posix(),
                                                        "result": res.to_dict()})
             else:
                 res = StageResult(**{**read_marker(out, st.name)["result"], "status": "done"})
