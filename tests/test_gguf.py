@@ -536,6 +536,26 @@ def test_smollm2_tokenizer_matches_reference_bpe(smollm2, smollm2_path):
         assert tok.encode(text) == hf.encode(text, add_special_tokens=False), text[:40]
 
 
+def test_smollm2_tokenizer_saved_loads_in_transformers_with_the_same_ids(smollm2, tmp_path):
+    """A GGUF tokenizer saved with a model (`convert --to hf`, any checkpoint) carries a tokenizer.json: it was only
+    tokenizer.gguf, which transformers' AutoTokenizer cannot read."""
+    from lmforge.tokenizer import load_tokenizer
+
+    T = pytest.importorskip("transformers")
+    _, tok = smollm2
+    tok.save(str(tmp_path / "tok"))
+    hf = T.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    texts = [_corpus(), *TRICKY, CHAT, "<|im_start|>system\nBe brief.<|im_end|>\n"]
+    for text in texts:
+        ids = tok.encode(text)
+        assert hf.encode(text) == ids, text[:40]
+        assert hf.decode(ids) == text
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).endswith(CHAT)
+    assert type(load_tokenizer(str(tmp_path / "tok"))).__name__ == "GGUFBPETokenizer"  # lmforge reads the GGUF
+
+
 def test_smollm2_plain_prompts_get_no_bos(smollm2_path):
     """SmolLM2's GGUF says tokenizer.ggml.add_bos_token = false and its BOS is <|im_start|>: every `generate --prompt`
     and /v1/completions prompt began with an unclosed ChatML turn (llama.cpp and transformers add nothing)."""

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from lmforge.assets import STORIES260K
 from lmforge.checkpoint import build_model, load_checkpoint, load_model, save_checkpoint
 from lmforge.errors import LMForgeError
 from lmforge.interop.hf import config_from_hf, state_dict_from_hf, write_hf_dir
-from lmforge.model import KVCache
+from lmforge.model import Decoder, KVCache
 
 T = pytest.importorskip("transformers")
 
@@ -83,6 +86,33 @@ def test_export_loads_in_transformers(name, tmp_path):
     again = load_model(tmp_path / "hf")
     with torch.no_grad():
         assert (again(x) - model(x)).abs().max().item() == 0.0
+
+
+def test_converted_model_names_its_tokenizers_special_tokens(tmp_path):
+    """Found by an audit: a tiny-llama trained with its own byte-level tokenizer (eos 0, no bos) was exported with
+    the LLaMA preset's bos 1 / eos 2, so transformers' generate stopped at token 2 (a '"') and never at the end of a
+    text. And a tokenizer transformers cannot read (llama2.c's) was written without a word."""
+    from lmforge.presets import get_preset
+    from lmforge.tokenizer.train import train_tokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time there was a cat. The cat sat on a mat.\n" * 50)
+    tok = train_tokenizer([str(text)], 300, "bytelevel-bpe", str(tmp_path / "tok"))
+    cfg = get_preset("tiny-llama", vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=4, n_kv_head=2,
+                     block_size=32)
+    assert (cfg.bos_id, cfg.eos_id) == (1, 2) and tok.eos_id == 0 and tok.bos_id is None
+    save_checkpoint(Decoder(cfg), tmp_path / "ck", tok)
+    r = subprocess.run([sys.executable, "-m", "lmforge", "convert", "--from", "lmforge", str(tmp_path / "ck"), "--to",
+                        "hf", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    conf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert conf["eos_token_id"] == gen["eos_token_id"] == 0
+    assert conf["bos_token_id"] is None and "bos_token_id" not in gen
+    assert T.AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token_id == 0
+    r = subprocess.run([sys.executable, "-m", "lmforge", "convert", "--from", "llama2c", str(STORIES260K), "--to",
+                        "hf", str(tmp_path / "s")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "the llama2c tokenizer is written in lmforge's format only" in r.stderr, r.stderr
 
 
 def test_lmforge_checkpoint_roundtrip(tmp_path):

@@ -51,6 +51,21 @@ def test_recipe_run_writes_metrics_plot_checkpoints_and_resumes(tmp_path):
     assert g.returncode == 0 and g.stdout.startswith("ROMEO:"), g.stderr
 
 
+def test_a_checkpoint_names_its_tokenizers_special_tokens(tmp_path):
+    """The tiny-llama preset's bos 1 / eos 2 are LLaMA's; its recipe trains a byte-level tokenizer whose end of text
+    is 0 and which has no bos: the checkpoint's config now names the tokenizer's (a model section may still set
+    them)."""
+    from lmforge.tokenizer import load_tokenizer
+
+    out = tmp_path / "run"
+    r = lmforge("pretrain", "--recipe", "tiny-llama-shakespeare", "--model.n_layer", "1", "--model.n_embd", "32",
+                "--train.eval_iters", "1", "--max-iters", "2", "--model.pad_id", "5", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = out / "ckpt-0000002"
+    conf, tok = json.loads((ck / "config.json").read_text()), load_tokenizer(str(ck))
+    assert (conf["bos_id"], conf["eos_id"], conf["pad_id"]) == (tok.bos_id, tok.eos_id, 5) == (None, 0, 5)
+
+
 def test_ctrl_c_writes_a_final_checkpoint(tmp_path):
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "lmforge", "pretrain", *SMALL, "--out", str(out), "--max-iters",

@@ -85,9 +85,9 @@ def run(args) -> None:
     elif args.dst_format == "hf":
         from lmforge.interop.hf import write_hf_dir
 
-        write_hf_dir(dst, model.cfg, dict(model.state_dict()))
-        if tok is not None:
-            tok.save(str(dst))
+        warning = write_hf_dir(dst, model.cfg, dict(model.state_dict()), tok)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     else:
         from lmforge.interop.llama2c import write_llama2c
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
@@ -98,9 +99,9 @@ def run_export(args) -> None:
             raise LMForgeError(f"--format hf: a {method} adapter cannot be merged into the weights; use peft/lmforge")
         unwrap(model)
         tok, _ = _load_tokenizer(path, None, model.cfg.vocab_size)
-        write_hf_dir(Path(args.output), model.cfg, dict(model.state_dict()))
-        if tok is not None:  # (as `convert --to hf`): a directory generate and transformers can use
-            tok.save(str(args.output))
+        warning = write_hf_dir(Path(args.output), model.cfg, dict(model.state_dict()), tok)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"{args.output}: the base with the adapter merged, as a transformers checkpoint"
               f"{'' if tok is not None else ' (no tokenizer found with the base: weights only)'}")
         return

@@ -401,8 +401,12 @@ class _GGUFTokenizerBase(Tokenizer):
         tmp.replace(d / TOKENIZER_FILE)
         conf = {"kind": "gguf", "file": TOKENIZER_FILE, "model": self.meta.get("tokenizer.ggml.model"),
                 "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
-                "chat_template": self.chat_template}
+                "chat_template": self.chat_template, **self._save_hf(d)}
         (d / "tokenizer_config.json").write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
+
+    def _save_hf(self, d: Path) -> dict[str, Any]:
+        """Write what transformers reads beside ``tokenizer.gguf`` (if this kind can); its tokenizer_config keys."""
+        return {}
 
 
 def _add_field(w, gguf, key: str, value: Any) -> None:
@@ -471,6 +475,27 @@ class GGUFBPETokenizer(_GGUFTokenizerBase):
 
     def token_bytes(self, i: int) -> bytes:
         return self._bytes[i]
+
+    def _save_hf(self, d: Path) -> dict[str, Any]:
+        """``tokenizer.json``: the same BPE and pre-tokenizer, the control and user-defined tokens as added tokens
+        (matched in text first, longest first, as here), byte-level decoding; BOS prepended if the GGUF says so."""
+        from tokenizers import AddedToken, decoders, processors
+
+        hf = self._hf.__class__.from_str(self._hf.to_str())  # a copy: this tokenizer's own encoder stays as it is
+        hf.add_special_tokens([AddedToken(t, special=ty == CONTROL, normalized=False)
+                               for t, ty in zip(self.tokens, self.types) if ty in (CONTROL, USER_DEFINED) and t])
+        hf.decoder = decoders.ByteLevel()
+        if self.add_bos and self.bos_id is not None:
+            bos = self.tokens[self.bos_id]
+            hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                              special_tokens=[(bos, self.bos_id)])
+        tmp = d / "tokenizer.json.tmp"
+        hf.save(str(tmp))
+        tmp.replace(d / "tokenizer.json")
+        name = {i: self.tokens[i] for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id) if i is not None}
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name.get(self.bos_id),
+                "eos_token": name.get(self.eos_id), "pad_token": name.get(self.pad_id),
+                "unk_token": name.get(self.unk_id), "add_bos_token": self.add_bos, "add_eos_token": self.add_eos}
 
 
 class GGUFSPMTokenizer(_GGUFTokenizerBase):

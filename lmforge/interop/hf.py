@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -645,9 +645,14 @@ def read_weights(path: Path) -> dict[str, Tensor]:
     raise LMForgeError(f"{path}: no *.safetensors or pytorch_model*.bin weights found")
 
 
-def write_hf_dir(path: Path, cfg: ModelConfig, sd: dict[str, Tensor]) -> None:
+def write_hf_dir(path: Path, cfg: ModelConfig, sd: dict[str, Tensor], tok=None) -> str | None:
+    """A transformers directory: config.json, generation_config.json, model.safetensors, and with ``tok`` the
+    tokenizer, whose special tokens config.json names (the ids text starts and ends at, not the model config's own).
+    Returns a warning when transformers cannot read the tokenizer written (lmforge's own format only)."""
     from safetensors.torch import save_file
 
+    if tok is not None:
+        cfg = replace(cfg, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     arch = guess_arch(cfg)
     check_exportable(cfg, arch)
     path.mkdir(parents=True, exist_ok=True)
@@ -659,3 +664,11 @@ def write_hf_dir(path: Path, cfg: ModelConfig, sd: dict[str, Tensor]) -> None:
     (path / "config.json").write_text(json.dumps(hf_config_dict(cfg, arch), indent=2) + "\n")
     gen = {k: v for k, v in _tokens_hf(cfg).items() if v is not None}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if tok is None:
+        return None
+    tok.save(str(path))
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
+        return None
+    kind = getattr(tok, "kind", "")
+    return (f"{path}: the {kind} tokenizer is written in lmforge's format only: lmforge reads the directory, "
+            "transformers' AutoTokenizer cannot (its weights and config load)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,9 @@ def run_pretrain(run: RunConfig, resume: bool = False) -> dict[str, Any]:
             tok, train_ids, val_ids = load_tokens(run, out)
     extra = 5 if run.data.objective == "glm" else 0  # [MASK] [gMASK] [sMASK] [S] [E]
     cfg = build_model_config(run.model, tok.vocab_size + extra, run.data.block_size)
+    # the special tokens are the tokenizer's unless the model section names them (a preset's are its family's:
+    # LLaMA's bos 1 and eos 2 whatever the tokenizer, which a converted model then handed to transformers)
+    cfg = replace(cfg, **{k: getattr(tok, k) for k in ("bos_id", "eos_id", "pad_id") if k not in run.model})
     if tok.vocab_size + extra > cfg.vocab_size:
         need = f"{tok.vocab_size}" + (" + 5 infilling tokens" if extra else "")
         raise LMForgeError(f"tokenizer has {need} tokens but model.vocab_size is {cfg.vocab_size}")
