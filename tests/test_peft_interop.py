@@ -123,6 +123,7 @@ PEFT_CASES = [
     ("llama-tied", "all-linear", {}),
     ("gpt2", ["c_attn", "c_proj"], {"fan_in_fan_out": True}),
     ("gpt_neox", ["query_key_value", "dense_4h_to_h"], {}),
+    ("llama-gqa", ["q_proj", "lm_head"], {}),  # peft also saves lm_head's base weight (save_embedding_layers)
 ]
 
 
@@ -148,6 +149,22 @@ def test_peft_made_adapter_loads_in_lmforge_with_the_same_logits(name, targets, 
     n_peft = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
     n_ours = sum(p.numel() for p in get_adapter_params(model).values())
     assert n_ours == n_peft  # the same modules adapted, at the same ranks
+
+
+def test_peft_copy_of_a_changed_base_layer_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, hf_dir = make_base("llama-gqa", tmp_path)
+    pm = peft.get_peft_model(T.AutoModelForCausalLM.from_pretrained(hf_dir),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    pm.save_pretrained(tmp_path / "ad")
+    f = tmp_path / "ad" / "adapter_model.safetensors"
+    sd = load_file(f)
+    key = next(k for k in sd if k.endswith("lm_head.base_layer.weight"))
+    sd[key] = sd[key] + 1.0
+    save_file(sd, f)
+    with pytest.raises(LMForgeError, match="is a changed copy of the base's lm_head weight"):
+        load_adapter(load_model(hf_dir), tmp_path / "ad")
 
 
 def test_bad_adapters_give_one_line_errors(tmp_path):

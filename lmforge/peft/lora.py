@@ -455,6 +455,17 @@ def _slice_name(cfg, layer: str, s: int, e: int) -> str:
     return known.get((s, e), f"{leaf}_{s}_{e}")
 
 
+def _same_base_copy(model: nn.Module, where: tuple[str, torch.Tensor], key: str, t: torch.Tensor) -> None:
+    """A copy of a base layer's weight, which ``peft`` saves beside a LoRA of an output or embedding layer
+    (``save_embedding_layers``, on by default then): taken when it is the base's, refused when it was changed."""
+    layer, idx = where
+    w = get_module(model, layer).weight
+    if t.shape != (len(idx), w.shape[1]) or not torch.equal(t.to(w.dtype), w.detach()[idx.to(w.device)].cpu()):
+        raise LMForgeError(f"adapter_model.safetensors: tensor {key!r} is a changed copy of the base's {layer} "
+                           "weight (peft's save_embedding_layers, e.g. after resizing the vocabulary); lmforge applies "
+                           "LoRA weights to the base as it is")
+
+
 def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
     for key, v in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -485,6 +496,9 @@ def from_peft(model: nn.Module, adapter_config: dict[str, Any], tensors: dict[st
     mods: dict[str, dict[str, torch.Tensor]] = {}
     for k, t in tensors.items():
         body = k[len(PREFIX):] if k.startswith(PREFIX) else k
+        if body.endswith(".base_layer.weight") and body[: -len(".base_layer.weight")] in where:
+            _same_base_copy(model, where[body[: -len(".base_layer.weight")]], k, t)
+            continue
         for kind in ("lora_A", "lora_B"):
             for suffix in (f".{kind}.weight", f".{kind}.default.weight"):
                 if body.endswith(suffix):
