@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from lmforge.checkpoint import build_model, load_checkpoint, load_model, save_ch
 from lmforge.errors import LMForgeError
 from lmforge.interop.hf import config_from_hf, state_dict_from_hf, write_hf_dir
 from lmforge.model import Decoder, KVCache
+from lmforge.tokenizer import load_tokenizer
+from lmforge.tokenizer.char import CharTokenizer
 
 T = pytest.importorskip("transformers")
 
@@ -91,7 +94,7 @@ def test_export_loads_in_transformers(name, tmp_path):
 def test_converted_model_names_its_tokenizers_special_tokens(tmp_path):
     """Found by an audit: a tiny-llama trained with its own byte-level tokenizer (eos 0, no bos) was exported with
     the LLaMA preset's bos 1 / eos 2, so transformers' generate stopped at token 2 (a '"') and never at the end of a
-    text. And a tokenizer transformers cannot read (llama2.c's) was written without a word."""
+    text. And llama2.c's tokenizer was written in its own format only, which transformers cannot read."""
     from lmforge.presets import get_preset
     from lmforge.tokenizer.train import train_tokenizer
 
@@ -110,9 +113,21 @@ def test_converted_model_names_its_tokenizers_special_tokens(tmp_path):
     assert conf["eos_token_id"] == gen["eos_token_id"] == 0
     assert conf["bos_token_id"] is None and "bos_token_id" not in gen
     assert T.AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token_id == 0
+    # llama2.c's tokenizer (the bundled stories260K) gets a tokenizer.json: the same ids in transformers
     r = subprocess.run([sys.executable, "-m", "lmforge", "convert", "--from", "llama2c", str(STORIES260K), "--to",
                         "hf", str(tmp_path / "s")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "the llama2c tokenizer is written in lmforge's format only" in r.stderr, r.stderr
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    ours, theirs = load_tokenizer(str(tmp_path / "s")), T.AutoTokenizer.from_pretrained(tmp_path / "s")
+    assert type(ours).__name__ == "Llama2cTokenizer"
+    for text in ("Once upon a time, Lily saw a big dog.", "  two  spaces\nand lines\n", "naïve 中文 🤖", ""):
+        assert theirs.encode(text) == [ours.bos_id, *ours.encode(text)], text
+        assert theirs.decode(ours.encode(text)) == text
+    # a tokenizer transformers cannot read is said so
+    chars = CharTokenizer.from_text("abcdefgh \n")
+    save_checkpoint(Decoder(replace(cfg, vocab_size=chars.vocab_size)), tmp_path / "ck2", chars)
+    r = subprocess.run([sys.executable, "-m", "lmforge", "convert", "--from", "lmforge", str(tmp_path / "ck2"), "--to",
+                        "hf", str(tmp_path / "c")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "the char tokenizer is written in lmforge's format only" in r.stderr, r.stderr
 
 
 def test_lmforge_checkpoint_roundtrip(tmp_path):

@@ -21,6 +21,7 @@ import json
 import re
 import struct
 from pathlib import Path
+from typing import Any
 
 from lmforge.errors import LMForgeError
 from lmforge.tokenizer._spm import ChunkedEncoder, cut_pattern, field, parse_model
@@ -273,8 +274,49 @@ class Llama2cTokenizer(Tokenizer):
         d.mkdir(parents=True, exist_ok=True)
         write_llama2c_tokenizer(d / FILE, self.pieces, self.scores)
         meta = {"kind": "llama2c", "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": None,
-                "vocab_size": self.vocab_size, "chat_template": None}
+                "vocab_size": self.vocab_size, "chat_template": None, **self._save_hf(d)}
         (d / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+    def _save_hf(self, d: Path) -> dict[str, Any]:
+        """``tokenizer.json`` beside ``tokenizer.bin`` for transformers, as its Llama converter makes one from a
+        SentencePiece model: the pieces (spaces as "▁"), merges ranked by the merged piece's score, byte fallback, a
+        "▁" before the text, BOS added. Its keys for tokenizer_config.json ({} when the pieces are not text)."""
+        from tokenizers import AddedToken, decoders, normalizers, processors
+        from tokenizers import Tokenizer as RawTokenizer
+        from tokenizers.models import BPE
+
+        try:
+            names = [p.decode("utf-8").replace(" ", "\u2581") for p in self.pieces]
+        except UnicodeDecodeError:
+            return {}
+        vocab: dict[str, int] = {}
+        for i, t in enumerate(names):
+            vocab.setdefault(t, i)
+        special = {i: names[i] for i in (0, self.bos_id, self.eos_id) if i is not None and 0 <= i < len(names)}
+        merges = []
+        for t, i in vocab.items():
+            if i in special or i in self.byte_of:
+                continue
+            for k in range(1, len(t)):
+                left, right = t[:k], t[k:]
+                if left in vocab and right in vocab:
+                    merges.append((-self.scores[i], vocab[left], vocab[right], left, right))
+        merges.sort()
+        hf = RawTokenizer(BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token=names[0], fuse_unk=True,
+                              byte_fallback=True))
+        hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                        decoders.Strip(" ", 1, 0)])
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special.values()])
+        if self.bos_id is not None and self.bos_id in special:
+            bos = special[self.bos_id]
+            hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                              special_tokens=[(bos, self.bos_id)])
+        tmp = d / "tokenizer.json.tmp"
+        hf.save(str(tmp))
+        tmp.replace(d / "tokenizer.json")
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": special.get(0),
+                "bos_token": special.get(self.bos_id), "eos_token": special.get(self.eos_id)}
 
 
 _SPACE_SPLIT = re.compile(r"(?<=[^ ])(?= )")

@@ -41,6 +41,10 @@ def load_tokenizer(path: str) -> Tokenizer:
             from lmforge.tokenizer.char import CharTokenizer
 
             return CharTokenizer.load(str(p))
+        if kind == "llama2c" and (p / "tokenizer.bin").is_file():  # (its tokenizer.json is for transformers)
+            from lmforge.tokenizer.llama2c import Llama2cTokenizer
+
+            return Llama2cTokenizer.load(p / "tokenizer.bin")
         if kind == "gguf" or (p / "tokenizer.gguf").is_file():
             from lmforge.interop.gguf_file import load_gguf_tokenizer
 
