@@ -130,6 +130,24 @@ def test_converted_model_names_its_tokenizers_special_tokens(tmp_path):
     assert r.returncode == 0 and "the char tokenizer is written in lmforge's format only" in r.stderr, r.stderr
 
 
+def test_mistral_sliding_window_bounds_the_context(tmp_path):
+    """Found by an audit: Mistral's ``sliding_window`` was ignored, so past the window lmforge's logits (dense
+    attention) differed from transformers' without a word. Within the window the two are the same: the context is
+    cut to it."""
+    hf_cfg = T.MistralConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, sliding_window=8)
+    torch.manual_seed(0)
+    hf = T.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "m")
+    model = load_model(tmp_path / "m")
+    assert model.cfg.block_size == 8
+    x = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() <= TOL
+    with pytest.raises(Exception, match="8"):
+        model(torch.randint(0, V, (1, 9)))
+
+
 def test_lmforge_checkpoint_roundtrip(tmp_path):
     _, model = make_pair("gpt2")  # tied embeddings: saved once
     save_checkpoint(model, tmp_path / "ck")

@@ -442,8 +442,12 @@ def _llama_to_lm(d: dict[str, Any], family: str) -> ModelConfig:
     attn_bias = d.get("attention_bias", family in ("qwen2", "glm"))
     if d.get("use_sliding_window"):
         raise LMForgeError("config.json: sliding-window attention is not supported")
+    context = d.get("max_position_embeddings", 2048)
+    window = d.get("sliding_window") if family == "mistral" else None
+    if isinstance(window, int) and not isinstance(window, bool) and 0 < window < context:
+        context = window  # within its window, sliding attention is dense attention: exact up to that length
     return ModelConfig(
-        family=family, vocab_size=d["vocab_size"], block_size=d.get("max_position_embeddings", 2048),
+        family=family, vocab_size=d["vocab_size"], block_size=context,
         n_layer=d["num_hidden_layers"], n_embd=d["hidden_size"], n_head=nh,
         n_kv_head=d.get("num_key_value_heads") or nh, head_dim=d.get("head_dim"), mlp="swiglu"
         if _act(d.get("hidden_act", "silu")) == "silu" else "geglu", intermediate_size=d["intermediate_size"],
