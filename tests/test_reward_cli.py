@@ -168,6 +168,9 @@ def test_reward_command_learns_a_word_preference_normalises_and_scores(tmp_path)
 
     g = run("generate", "--model", str(out), "--prompt", "Tom saw", "--max-new-tokens", "4", "--temperature", "0")
     assert g.returncode == 0, g.stderr
+    # converting it keeps the language model and says the head stays behind (found by an audit: said nothing)
+    c = run("convert", "--from", "lmforge", str(out), "--to", "hf", str(tmp_path / "hf"))
+    assert c.returncode == 0 and "is a reward/value model: its head (value_head.json" in c.stderr, c.stderr
 
 
 def test_reward_command_with_lora_saves_a_merged_reward_model(tmp_path):

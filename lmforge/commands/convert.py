@@ -60,6 +60,7 @@ def _read(fmt: str, src: Path):
 def run(args) -> None:
     from lmforge.checkpoint import model_state_dict, save_checkpoint
     from lmforge.commands.args import find_tokenizer_path
+    from lmforge.model.heads import HEAD_CONFIG
     from lmforge.tokenizer import load_tokenizer
     from lmforge.tokenizer.loader import NoTokenizerFiles
 
@@ -80,6 +81,9 @@ def run(args) -> None:
     if tok is None:
         print(f"warning: no tokenizer found with {src}: converting the weights only (give --tokenizer PATH to carry "
               "one along)", file=sys.stderr)
+    if (src / HEAD_CONFIG).is_file():
+        print(f"warning: {src} is a reward/value model: its head ({HEAD_CONFIG}, value_head.safetensors) is not "
+              f"converted; {dst} holds its language model only", file=sys.stderr)
     if args.dst_format == "lmforge":
         save_checkpoint(model, dst, tok)
     elif args.dst_format == "hf":
