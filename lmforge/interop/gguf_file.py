@@ -26,6 +26,7 @@ import numpy as np
 
 from lmforge.errors import LMForgeError
 from lmforge.tokenizer.base import Tokenizer
+from lmforge.tokenizer.hf import write_tokenizer_json
 
 TOKENIZER_FILE = "tokenizer.gguf"  # a tensor-less GGUF holding only tokenizer metadata (Tokenizer.save)
 QK = 32  # block size of Q8_0 / Q4_0 / Q4_1
@@ -479,19 +480,14 @@ class GGUFBPETokenizer(_GGUFTokenizerBase):
     def _save_hf(self, d: Path) -> dict[str, Any]:
         """``tokenizer.json``: the same BPE and pre-tokenizer, the control and user-defined tokens as added tokens
         (matched in text first, longest first, as here), byte-level decoding; BOS prepended if the GGUF says so."""
-        from tokenizers import AddedToken, decoders, processors
+        from tokenizers import AddedToken, decoders
 
         hf = self._hf.__class__.from_str(self._hf.to_str())  # a copy: this tokenizer's own encoder stays as it is
         hf.add_special_tokens([AddedToken(t, special=ty == CONTROL, normalized=False)
                                for t, ty in zip(self.tokens, self.types) if ty in (CONTROL, USER_DEFINED) and t])
         hf.decoder = decoders.ByteLevel()
-        if self.add_bos and self.bos_id is not None:
-            bos = self.tokens[self.bos_id]
-            hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                              special_tokens=[(bos, self.bos_id)])
-        tmp = d / "tokenizer.json.tmp"
-        hf.save(str(tmp))
-        tmp.replace(d / "tokenizer.json")
+        add_bos = self.add_bos and self.bos_id is not None
+        write_tokenizer_json(hf, d, (self.tokens[self.bos_id], self.bos_id) if add_bos else None)
         name = {i: self.tokens[i] for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id) if i is not None}
         return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name.get(self.bos_id),
                 "eos_token": name.get(self.eos_id), "pad_token": name.get(self.pad_id),

@@ -69,6 +69,19 @@ class HFTokenizer(Tokenizer):
                    meta.get("chat_template"))
 
 
+def write_tokenizer_json(hf, directory: Path, bos: tuple[str, int] | None = None) -> None:
+    """Save a ``tokenizers`` tokenizer as ``directory/tokenizer.json`` (atomically) for transformers; with ``bos``
+    (its text, its id) the tokenizer prepends it, as LLaMA's does."""
+    from tokenizers import processors
+
+    if bos is not None:
+        hf.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B",
+                                                          special_tokens=[bos])
+    tmp = directory / "tokenizer.json.tmp"
+    hf.save(str(tmp))
+    tmp.replace(directory / "tokenizer.json")
+
+
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's printable stand-ins for bytes, inverted (the byte-level BPE vocabulary is written in them)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))

@@ -26,6 +26,7 @@ from typing import Any
 from lmforge.errors import LMForgeError
 from lmforge.tokenizer._spm import ChunkedEncoder, cut_pattern, field, parse_model
 from lmforge.tokenizer.base import Tokenizer
+from lmforge.tokenizer.hf import write_tokenizer_json
 
 BYTE_PIECE = re.compile(rb"^<0x([0-9A-Fa-f]{2})>$")
 FILE = "tokenizer.bin"
@@ -281,7 +282,7 @@ class Llama2cTokenizer(Tokenizer):
         """``tokenizer.json`` beside ``tokenizer.bin`` for transformers, as its Llama converter makes one from a
         SentencePiece model: the pieces (spaces as "▁"), merges ranked by the merged piece's score, byte fallback, a
         "▁" before the text, BOS added. Its keys for tokenizer_config.json ({} when the pieces are not text)."""
-        from tokenizers import AddedToken, decoders, normalizers, processors
+        from tokenizers import AddedToken, decoders, normalizers
         from tokenizers import Tokenizer as RawTokenizer
         from tokenizers.models import BPE
 
@@ -308,13 +309,7 @@ class Llama2cTokenizer(Tokenizer):
         hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                         decoders.Strip(" ", 1, 0)])
         hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special.values()])
-        if self.bos_id is not None and self.bos_id in special:
-            bos = special[self.bos_id]
-            hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                              special_tokens=[(bos, self.bos_id)])
-        tmp = d / "tokenizer.json.tmp"
-        hf.save(str(tmp))
-        tmp.replace(d / "tokenizer.json")
+        write_tokenizer_json(hf, d, (special[self.bos_id], self.bos_id) if self.bos_id in special else None)
         return {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": special.get(0),
                 "bos_token": special.get(self.bos_id), "eos_token": special.get(self.eos_id)}
 
