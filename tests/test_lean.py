@@ -480,3 +480,47 @@ def test_an_error_while_admitting_fails_the_waiting_requests_not_the_engine(tmp_
             assert len(req.token_ids) == 80 and req.error is None
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("runtime", ["lean", "torch"])
+def test_engine_scores_the_prompt_when_asked(tmp_path, runtime):
+    """``prompt_logprobs`` (what `/v1/completions` asks with ``echo`` and ``logprobs``): before its first token a
+    request reports every prompt token's log-probability under the model (the first: None) and the top alternatives,
+    as a full forward of the model gives them; the tokens it then generates are those it generates without them, and
+    ``max_new_tokens=0`` gives the scores alone. Prompts longer than one call of the C step are scored across calls."""
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.params import SamplingParams
+    from lmforge.infer.sequence import PromptScores
+
+    path = _int4_dir(tmp_path, "tiny-llama", 32, False)
+    if runtime == "lean":  # the reference: one token at a time through the C step alone (its rows are independent)
+        engine = lean.LeanEngine(path, max_batch=2, max_len=96)
+
+        def log_softmax(ids):
+            m = lean.LeanModel(path, max_len=96)
+            return torch.log_softmax(torch.tensor(np.stack([m.step([t]).copy() for t in ids])).double(), -1)
+    else:  # a float model's full forward
+        torch.manual_seed(0)
+        model = Decoder(get_preset("tiny-llama", block_size=96, vocab_size=128)).eval().requires_grad_(False)
+        engine = Engine(model, max_batch=2, max_len=96)
+
+        def log_softmax(ids):
+            return torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)
+    g = torch.Generator().manual_seed(3)
+    try:
+        for n, new in ((1, 4), (9, 4), (70, 3), (12, 0)):
+            ids = [int(t) for t in torch.randint(0, 128, (n,), generator=g)]
+            plain = engine.submit(ids, SamplingParams(temperature=0, max_new_tokens=new)).result()
+            items = engine.submit(ids, SamplingParams(temperature=0, max_new_tokens=new, prompt_logprobs=2)).result()
+            assert isinstance(items[0], PromptScores) and not any(isinstance(i, PromptScores) for i in items[1:])
+            assert [s.token for s in items[1:]] == [s.token for s in plain] and len(plain) == new
+            with torch.no_grad():
+                logp = log_softmax(ids)
+            steps = items[0].steps
+            assert [s.token for s in steps] == ids and steps[0].logprob is None and steps[0].top_logprobs is None
+            want = [float(logp[i - 1, t]) for i, t in enumerate(ids) if i]
+            assert [s.logprob for s in steps[1:]] == pytest.approx(want, abs=1e-4)
+            for i, s in enumerate(steps[1:]):
+                assert [t for t, _ in s.top_logprobs] == logp[i].topk(2).indices.tolist()
+    finally:
+        engine.close()

@@ -131,10 +131,47 @@ def test_completion_streaming_and_token_prompt(client, server, stories):
             chunks = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True)
                       if c.choices and c.choices[0].logprobs]
         assert len(chunks) > 1 and [o for c in chunks for o in c.text_offset] == whole.text_offset
-        assert [t for c in chunks for t in c.tokens] == whole.tokens and whole.text_offset[0] == (11 if echo else 0)
+        n = len(ids) if echo else 0  # with echo the prompt's tokens come first
+        assert [t for c in chunks for t in c.tokens] == whole.tokens and whole.text_offset[n] == (11 if echo else 0)
     from lmforge.serve.protocol import token_str  # a special token is its name, not "" (two collided as keys)
 
     assert (token_str(tok, tok.eos_id), token_str(tok, tok.bos_id)) == ("</s>", "<s>")
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, server, stories):
+    """``echo`` with ``logprobs`` (what lm-evaluation-harness' ``local-completions`` sends to score a continuation:
+    max_tokens 1, logprobs 1, echo true): every prompt token's logprob under the model, the first null, then the
+    generated ones; text prompts (BOS added) and token-id prompts, streamed and not, max_tokens 0 and n choices."""
+    model, tok = stories
+    text = "Tom and Sue went to the park"
+    ids = [tok.bos_id] + tok.encode(text)
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    lp = r.choices[0].logprobs
+    _, ref = completion_reference(stories, text, 1, temperature=0)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids + ref.token_ids]))[0].double(), -1)
+    full = ids + ref.token_ids
+    assert len(lp.token_logprobs) == len(full) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([float(logp[i - 1, t]) for i, t in enumerate(full) if i], abs=1e-4)
+    assert all(len(top) == 1 for top in lp.top_logprobs[1:])
+    assert r.choices[0].text == tok.decode(ids) + ref.text and lp.text_offset == sorted(lp.text_offset)
+    # the harness' sum over the continuation: the scorer's log-likelihood of the last three tokens
+    cont = float(sum(logp[i - 1, full[i]] for i in range(len(ids) - 3, len(ids))))
+    assert sum(lp.token_logprobs[len(ids) - 3 : -1]) == pytest.approx(cont, abs=1e-4)
+    # a text prompt: the same numbers; max_tokens 0: the prompt's alone; n choices each carry them
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=0, logprobs=2, echo=True, n=2)
+    for c in r.choices:
+        assert c.text == text and c.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1 : len(ids)],
+                                                                                  abs=1e-6)
+        assert len(c.logprobs.tokens) == len(ids) and len(c.logprobs.top_logprobs[1]) == 2
+    # streamed: the echo chunk carries the prompt's logprobs, then the generated tokens follow
+    kw = dict(model=MODEL, prompt=text, max_tokens=5, temperature=0, logprobs=1, echo=True)
+    whole = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True) if c.choices]
+    assert chunks[0].text == text and len(chunks[0].logprobs.tokens) == len(ids)
+    assert "".join(c.text for c in chunks) == whole.text
+    got = [x for c in chunks if c.logprobs for x in c.logprobs.token_logprobs]
+    assert got[0] is None and got[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-6)
 
 
 def error_of(fn) -> openai.APIStatusError:

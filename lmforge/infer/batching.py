@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Iterator
 
 from lmforge.infer.params import SamplingParams
-from lmforge.infer.sequence import Sequence, Step
+from lmforge.infer.sequence import Sequence, Step, prompt_scores
 
 
 class EngineError(RuntimeError):
@@ -29,7 +29,8 @@ class Request:
     """One submitted generation: iterate it for ``Step``s; then ``finish_reason``, ``token_ids``, ``prompt_len``.
 
     Events go to a queue of ``(tag, item)`` pairs: the request's own, or one shared by several requests (pass
-    ``sink``) so a caller can follow them all; an item is a ``Step`` or ``Request.DONE``.
+    ``sink``) so a caller can follow them all; an item is a ``Step``, ``Request.DONE`` or, first, the prompt's
+    ``PromptScores`` when ``params.prompt_logprobs`` asked for them.
     """
 
     DONE = object()
@@ -91,7 +92,8 @@ class BatchEngine:
     """Continuous batching over ``max_batch`` slots in a background thread. ``submit`` is thread-safe.
 
     The engine schedules; a runner decodes. ``runner`` has ``max_len`` and ``nv`` (positions each slot may hold, and
-    how many of them virtual tokens take), ``prefill(slot, ids)`` (the logits (V,) after a prompt),
+    how many of them virtual tokens take), ``prefill(slot, ids, every=False)`` (the logits (V,) after a prompt;
+    ``every``: (len(ids), V) after each of its tokens),
     ``prefill_many(slots, prompts)`` (B, V), ``decode(tokens)`` (a token or None per slot: the logits of the slots
     given a token, (n, V) over the first n slots or one row per given token), ``cache_bytes(slots, length)`` and
     ``idle(positions)`` (nothing runs; the next request needs that many positions). ``select(logits, samplers)``
@@ -262,7 +264,9 @@ class BatchEngine:
         """Prefill new requests together (in groups of similar length); a failing group is retried one by one."""
         live = []
         for slot, req in admitted:
-            if req.cancelled or req.seq.finish_reason is not None:  # cancelled, or nothing to generate
+            if req.seq.params.prompt_logprobs is not None:  # its prompt is scored: a prefill of its own
+                self._admit(slot, req)
+            elif req.cancelled or req.seq.finish_reason is not None:  # cancelled, or nothing to generate
                 self._free(slot)
                 req._put(Request.DONE)
             else:
@@ -293,9 +297,18 @@ class BatchEngine:
 
     def _admit(self, slot: int, req: Request) -> None:
         try:
-            if req.cancelled or req.seq.finish_reason is not None:  # cancelled, or nothing to generate
+            top = req.seq.params.prompt_logprobs
+            if req.cancelled or (req.seq.finish_reason is not None and top is None):  # or nothing to do
                 raise _Cancelled
-            logits = self.runner.prefill(slot, req.seq.prompt_ids)
+            ids = req.seq.prompt_ids
+            if top is None:
+                logits = self.runner.prefill(slot, ids)
+            else:  # the logits after every prompt token: its scores, then the first token from the last row
+                rows = self.runner.prefill(slot, ids, every=True)
+                req._put(prompt_scores(rows, ids, top))
+                if req.seq.finish_reason is not None:  # max_tokens 0: the scores were all it asked for
+                    raise _Cancelled
+                logits = rows[-1]
             (choice,) = self._select(logits[None], [req.seq.sampler])
             self._emit(slot, req, choice)
         except _Cancelled:

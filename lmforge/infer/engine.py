@@ -265,22 +265,23 @@ class SlotRunner:
 
     # ---- prefill ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
-        """Write ``ids`` into ``slot`` from position 0; return the logits (V,) after the last one."""
+    def prefill(self, slot: int, ids: list[int], every: bool = False) -> torch.Tensor:
+        """Write ``ids`` into ``slot`` from position 0; return the logits (V,) after the last one (``every``:
+        (len(ids), V) after each)."""
         if not ids:
             raise ValueError("the prompt must hold at least one token (e.g. BOS)")
         if len(ids) + self.nv > self.max_len:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {self.max_len - self.nv}")
         self.lens[slot] = 0
-        logits = self._prefill_native([slot], [ids])
+        logits = self._prefill_native([slot], [ids], every=every)
         if logits is not None:
-            return logits[0]
+            return logits if every else logits[0]
         x = torch.tensor([ids], device=self.device)
         view = _SlotView(self, slot)
         with _flash_for(self.model, len(ids)):  # long prompts: attention through lmf_flash (float32 CPU)
-            h = self.model.hidden_states(x, cache=view)[:, -1]
+            h = self.model.hidden_states(x, cache=view)[0]
         self.lens[slot] = view.pos
-        return self.model.lm_head(h)[0]
+        return self.model.lm_head(h if every else h[-1])
 
     @torch.inference_mode()
     def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:

@@ -397,8 +397,20 @@ class LeanRunner:
         if self.model.top >= 2 * max(positions, 32):  # (pages taken again cost a fault per 4 kB)
             self.model.forget()
 
-    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
-        return self.prefill_many([slot], [ids])[0]
+    def prefill(self, slot: int, ids: list[int], every: bool = False) -> np.ndarray:
+        """``ids`` into ``slot`` from position 0: the logits (V,) after the last (``every``: (len(ids), V))."""
+        if not every:
+            return self.prefill_many([slot], [ids])[0]
+        m = self.model
+        if not 1 <= len(ids) <= self.max_len:
+            raise ValueError(f"prompts of 1 to {self.max_len} tokens only")
+        out = np.empty((len(ids), m.cfg.vocab_size), np.float32)
+        for a in range(0, len(ids), m.rows):
+            b = min(a + m.rows, len(ids))
+            out[a:b] = m.run(ids[a:b], np.arange(a, b, dtype=np.int32), np.full(b - a, slot, np.int32),
+                             list(range(b - a)))
+        self.lens[slot] = len(ids)
+        return out
 
     def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> np.ndarray:
         """The prompts into their slots from position 0, their tokens packed into calls of up to ``rows`` rows;

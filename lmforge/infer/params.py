@@ -23,6 +23,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (text-level: need a tokenizer)
     logprobs: bool = False  # report the log-probability of each chosen token
     top_logprobs: int = 0  # and of this many most likely tokens at each step
+    prompt_logprobs: int | None = None  # the prompt's tokens' log-probabilities too, with this many alternatives
 
     @property
     def greedy(self) -> bool:
@@ -48,6 +49,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0")
         if self.top_logprobs < 0:
             raise ValueError(f"top_logprobs={self.top_logprobs}: must be >= 0")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs={self.prompt_logprobs}: must be >= 0")
         if any(not s for s in self.stop):
             raise ValueError("stop: stop strings must not be empty")
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from lmforge.infer.params import Choice, SamplingParams
 from lmforge.infer.text import TextStream
 
@@ -19,6 +21,35 @@ class Step:
     text: str = ""
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass(slots=True)
+class PromptScores:
+    """The prompt's tokens scored by the model (``SamplingParams.prompt_logprobs``): a ``Step`` per prompt token, the
+    first without a log-probability (nothing comes before it). Sent once, before the first generated step."""
+
+    steps: list[Step]
+
+
+def prompt_scores(logits, ids: list[int], top: int, rows: int = 256) -> PromptScores:
+    """``PromptScores`` of ``ids`` from ``logits`` (len(ids), V): row i predicts token i + 1 (a torch tensor or a
+    NumPy array; log-softmax in float64, ``rows`` rows at a time)."""
+    x = logits.detach().float().cpu().numpy() if hasattr(logits, "detach") else np.asarray(logits, np.float32)
+    steps = [Step(ids[0])]
+    for a in range(0, len(ids) - 1, rows):
+        z = x[a : min(a + rows, len(ids) - 1)].astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
+        for r, row in enumerate(z):
+            tok = ids[a + r + 1]
+            tops = None
+            if top:
+                k = min(top, row.shape[0])
+                ix = np.argpartition(-row, k - 1)[:k]
+                ix = ix[np.argsort(-row[ix], kind="stable")]
+                tops = [(int(i), float(row[i])) for i in ix]
+            steps.append(Step(tok, "", float(row[tok]), tops))
+    return PromptScores(steps)
 
 
 class Sequence:

@@ -260,6 +260,8 @@ def parse_completion(raw: bytes, tokenizer, limits: Limits, model_ids: Sequence[
     for ids in prompts:
         m = mt if explicit else min(mt, max(limits.context - len(ids), 0)) or None
         params.append(_params(r, len(ids), m, key, limits, stop_ids, r.logprobs))
+        if r.echo and r.logprobs is not None:  # the echoed prompt's tokens get logprobs too (the first: null)
+            params[-1].prompt_logprobs = r.logprobs
     return GenRequest("completion", r.model or model_ids[0], prompts, params, n, bool(r.stream),
                       bool(r.stream_options and r.stream_options.include_usage), texts if r.echo else [], r.logprobs)
 
@@ -353,6 +355,28 @@ def completion_logprobs(tokenizer, steps, offset: int = 0) -> dict[str, Any]:
         offsets.append(pos)
         pos += len(t)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echo_logprobs(tokenizer, scores, text: str) -> dict[str, Any]:
+    """The completions API's logprobs of an echoed prompt (``lmforge.infer.sequence.PromptScores``), as OpenAI's
+    legacy API, vLLM and llama.cpp give them: every prompt token, the first with a null logprob and top_logprobs;
+    ``text_offset`` counts into the prompt's ``text`` (a token that adds no text there, BOS, takes no width)."""
+    tokens, lps, tops, offsets = [], [], [], []
+    pos = 0
+    for s in scores.steps:
+        t = token_str(tokenizer, s.token)
+        tokens.append(t)
+        lps.append(s.logprob)
+        tops.append({token_str(tokenizer, a): lp for a, lp in s.top_logprobs} if s.top_logprobs else None)
+        offsets.append(min(pos, len(text)))
+        if s.token not in (tokenizer.bos_id, tokenizer.eos_id) or text[pos : pos + len(t)] == t:
+            pos += len(t)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def join_logprobs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two parts of one choice's completions logprobs, one after the other."""
+    return {k: a[k] + b[k] for k in a}
 
 
 def sse(obj: Any) -> bytes:

@@ -45,6 +45,7 @@ from lmforge.infer.batching import BatchEngine
 from lmforge.infer.batching import Request as EngineRequest
 from lmforge.infer.chat import end_of_turn, get_template
 from lmforge.infer.params import SamplingParams
+from lmforge.infer.sequence import PromptScores
 from lmforge.serve import protocol as P
 from lmforge.serve.protocol import APIError, GenRequest, Limits
 
@@ -624,6 +625,7 @@ async def _generate(server: ModelServer, request: Request, kind: str) -> Respons
     watch = asyncio.ensure_future(sink.watch(request.receive))
     try:
         steps: list[list] = [[] for _ in reqs]
+        scores: dict[int, PromptScores] = {}  # echo with logprobs: each choice's prompt scored
         left = len(reqs)
         while left:
             for tag, item in await sink.get():
@@ -631,6 +633,8 @@ async def _generate(server: ModelServer, request: Request, kind: str) -> Respons
                     return Response(status_code=499)
                 if item is EngineRequest.DONE:
                     left -= 1
+                elif isinstance(item, PromptScores):
+                    scores[tag] = item
                 else:
                     steps[tag].append(item)
             if left:  # nothing is sent before the end: sleep until an end (a request's, the client's) is put; waking
@@ -656,6 +660,8 @@ async def _generate(server: ModelServer, request: Request, kind: str) -> Respons
             c = {"index": i, "text": prefix + r.text, "logprobs": None, "finish_reason": r.finish_reason}
             if g.logprobs is not None:
                 c["logprobs"] = P.completion_logprobs(tok, steps[i], len(prefix))
+                if i in scores:
+                    c["logprobs"] = P.join_logprobs(P.echo_logprobs(tok, scores[i], prefix), c["logprobs"])
         choices.append(c)
     prompt_tokens = sum(len(p) for p in g.prompts)
     return JSONResponse({"id": P.new_id(g.kind), "object": "chat.completion" if g.kind == "chat" else
@@ -701,7 +707,7 @@ class _EventStream(Response):
         if g.kind == "chat":
             yield b"".join(P.sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}])) for i in range(len(reqs))), False
-        elif g.echo:
+        elif g.echo and g.logprobs is None:  # (with logprobs: the echo is sent with its scores, when they come)
             yield b"".join(P.sse(chunk([{"index": i, "text": g.echo[i // g.n], "logprobs": None,
                                          "finish_reason": None}])) for i in range(len(reqs))), False
         left = len(reqs)
@@ -738,6 +744,11 @@ class _EventStream(Response):
                 out.append(P.sse(chunk([c])))
 
             for tag, item in items:
+                if isinstance(item, PromptScores):  # a choice's first event: its echoed prompt, scored
+                    echo = g.echo[tag // g.n]
+                    out.append(P.sse(chunk([{"index": tag, "text": echo, "finish_reason": None,
+                                             "logprobs": P.echo_logprobs(tok, item, echo)}])))
+                    continue
                 if item is not EngineRequest.DONE:
                     pending.setdefault(tag, []).append(item)
                     continue
