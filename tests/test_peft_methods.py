@@ -356,6 +356,16 @@ def test_engine_matches_full_forward(method):
     finally:
         eng.close()
     assert got == [greedy_full(model, p, 8) for p in prompts]
+    # the prompt's own tokens scored (a completion's echo with logprobs): after the virtual tokens, as a full forward
+    eng = Engine(model, max_batch=2, max_len=40)
+    try:
+        scores = eng.submit(prompts[1], SamplingParams(temperature=0, max_new_tokens=0, prompt_logprobs=0)).result()
+    finally:
+        eng.close()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompts[1]]))[0], -1)
+    want = [float(logp[i - 1, t]) for i, t in enumerate(prompts[1]) if i]
+    assert [s.logprob for s in scores[0].steps[1:]] == pytest.approx(want, abs=1e-5)
 
 
 def test_virtual_tokens_take_room_in_the_context():
