@@ -217,6 +217,11 @@ def test_health_needs_no_key_and_docs_describe_the_api(server):
     schemas = spec["components"]["schemas"]
     assert "messages" in schemas["ChatRequest"]["properties"] and "prompt" in schemas["CompletionRequest"]["required"]
     assert schemas["ChatRequest"]["properties"]["temperature"]["anyOf"][0]["maximum"] == 2
+    # errors documented as they are answered: OpenAI's body, 400 for a bad field (not FastAPI's 422)
+    responses = spec["paths"]["/v1/completions"]["post"]["responses"]
+    assert "422" not in json.dumps(spec) and "HTTPValidationError" not in schemas
+    assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    assert {"message", "type", "param", "code"} <= set(schemas["Error"]["properties"]["error"]["properties"])
 
 
 def open_generation(server, body: dict) -> socket.socket:

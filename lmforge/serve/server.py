@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match
@@ -54,6 +55,13 @@ STREAM_PACE = 0.001  # seconds (per running request) a stream waits after a toke
 GENERATE = ("/v1/completions", "/v1/chat/completions")
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 PARSE_INLINE = 16 << 10  # request bodies up to this size are parsed on the event loop
+ERRORS = {400: "Invalid request (param names the field)", 401: "Missing or wrong API key",
+          404: "Unknown model", 413: "Body over --max-body", 415: "Content-Type is not application/json",
+          429: "Queue full (see Retry-After)", 500: "Generation failed"}
+ERROR_SCHEMA = {"title": "Error", "type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+        "code": {"type": ["string", "null"]}}}}}
 
 
 def _torch_engine(model, tokenizer, max_batch: int, max_len: int | None, threads: int | None,
@@ -534,8 +542,10 @@ def _wake(fut: asyncio.Future) -> None:
 
 
 def build_app(server: ModelServer) -> FastAPI:
-    app = FastAPI(title="lmforge", version="0.1.0", docs_url="/docs", redoc_url=None,
-                  description=f"OpenAI-compatible API serving `{server.model_id}`.")
+    # the docs page's Swagger UI from files installed with fastapi-offline (FastAPI's own loads it from a CDN: a
+    # blank page offline, and third-party requests from a page on localhost)
+    app = FastAPIOffline(title="lmforge", version="0.1.0", docs_url="/docs", redoc_url=None,
+                         description=f"OpenAI-compatible API serving `{server.model_id}`.")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -607,6 +617,17 @@ def build_app(server: ModelServer) -> FastAPI:
             ref = {"$ref": f"#/components/schemas/{model_cls.__name__}"}
             schema["paths"][path]["post"]["requestBody"] = {"required": True,
                                                             "content": {"application/json": {"schema": ref}}}
+        # errors are OpenAI's JSON bodies with the status of each case (never FastAPI's 422 validation shape)
+        for ops in schema["paths"].values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            comps.pop(name, None)
+        comps["Error"] = ERROR_SCHEMA
+        err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        for path in GENERATE:
+            schema["paths"][path]["post"]["responses"].update({str(code): {"description": why, **err}
+                                                               for code, why in ERRORS.items()})
         app.openapi_schema = schema
         return schema
 
