@@ -152,6 +152,34 @@ def test_context_truncated_from_the_left_like_the_harness():
             assert v == pytest.approx(ref_loglik(model, g.context, cont), abs=1e-4)
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-bloom"])  # prefix sharing (families) and the plain path
+def test_only_continuations_that_overflow_lose_context_like_the_harness(name):
+    """At the context limit each (context, continuation) is cut on its own, as lm-evaluation-harness does
+    (``(context + continuation)[-(block_size + 1):][:-1]``): a choice that fits after the whole context keeps all of
+    it even when a longer choice of the same question overflows."""
+    model = random_model(name, block_size=64)
+    g = torch.Generator().manual_seed(4)
+
+    def rand(n: int) -> list[int]:
+        return torch.randint(0, 500, (n,), generator=g).tolist()
+
+    header = rand(40)  # shared by the first two questions: a family where prefixes are shared
+    groups = [Group(header + rand(15), [rand(3), rand(10), rand(14), rand(9), rand(14)]),  # 55 + 10 fits, 55 + 14 not
+              Group(header + rand(18), [rand(12), rand(2), rand(20)]),
+              Group(rand(60), [rand(1), rand(5), rand(6), rand(30)]),
+              Group(rand(70), [rand(2), rand(1)])]  # longer than the model's context: every choice is cut
+    got = Scorer(model, None, batch_tokens=256, max_batch=4).score(groups)
+    for gr, s in zip(groups, got):
+        assert len(s) == len(gr.continuations)
+        for cont, v in zip(gr.continuations, s):
+            assert v == pytest.approx(ref_loglik(model, gr.context, cont), abs=1e-4)
+    # the choice that fits is scored after the whole context: not what a cut by the longest choice gives
+    short = groups[0].continuations[1]
+    assert got[0][1] != pytest.approx(ref_loglik(model, groups[0].context[-(64 + 1 - 14):], short), abs=1e-3)
+    with pytest.raises(LMForgeError, match="does not fit"):
+        Scorer(model, None).score([Group([1, 2], [rand(65)])])
+
+
 def test_encode_pair_moves_trailing_space(stories):
     _, tok = stories
     ctx, cont = encode_pair(tok, "Answer: ", "Lily")
@@ -407,6 +435,17 @@ def test_cli_arc_jsonl_cmmlu_perplexity_gsm8k(tmp_path):
                 "--output", str(tmp_path / "c2.json"))
     p = json.loads((tmp_path / "c2.json").read_text())["records"][0]["prompt"]
     assert p.startswith("Q: There are 15 trees") and p.count("The answer is") == 2 and p.endswith("\nA:")
+
+
+def test_cli_perplexity_context_beyond_the_model_is_said(tmp_path):
+    """--context larger than the model's context was cut to it without a word."""
+    txt = tmp_path / "t.txt"
+    txt.write_text("Once upon a time, there was a little girl named Lily. She loved to play outside. " * 12)
+    big = lmforge("eval", "--task", "perplexity", "--data", str(txt), "--context", "4096")
+    assert "note: --context 4,096 is more than the model's context of 512: windows of 512 tokens" in big.stderr
+    fit = lmforge("eval", "--task", "perplexity", "--data", str(txt), "--context", "512")
+    assert "note:" not in fit.stderr, fit.stderr
+    assert big.stdout.strip().splitlines()[-1] == fit.stdout.strip().splitlines()[-1]
 
 
 def test_cli_evaluates_the_model_with_its_adapter(tmp_path):

@@ -155,3 +155,39 @@ def test_harness_command_line_runs_lmforge_models(tmp_path):
     mine = evaluate(model, tok, EvalConfig("jsonl", str(mc)))
     assert got["acc,none"] == pytest.approx(mine.metrics["acc"])
     assert got["acc_norm,none"] == pytest.approx(mine.metrics["acc_norm"])
+
+
+def test_adapter_cuts_each_request_on_its_own_at_the_context_limit(stories):
+    """LMForgeLM.loglikelihood at the context limit equals the harness' HFLM computation per request:
+    ``(context + continuation)[-(block_size + 1):][:-1]``, so a choice that fits keeps the whole context."""
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from lmforge.eval.harness import LMForgeLM
+    from lmforge.model import Decoder
+    from lmforge.presets import get_preset
+
+    _, tok = stories
+    torch.manual_seed(0)
+    model = Decoder(get_preset("tiny-llama").replace(block_size=32, vocab_size=tok.vocab_size)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    ctx = "Once upon a time, there was a little girl named Lily. She loved to play. One day she"
+    conts = [" ran", " went to the big park with her mom and dad to play", " saw a dog"]
+    c_ids = tok.encode(ctx)
+    lens = [len(tok.encode(ctx + c)) - len(c_ids) for c in conts]
+    assert len(c_ids) + min(lens) <= 33 < len(c_ids) + max(lens)  # one choice fits, one overflows
+
+    def ref(c: str) -> float:  # HFLM._encode_pair and _loglikelihood_tokens, one request at a time
+        whole = tok.encode(ctx + c)
+        cont = whole[len(c_ids):]
+        inp = torch.tensor([(c_ids + cont)[-(32 + 1):][:-1]])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(inp)[0].double(), -1)[-len(cont):]
+        return float(lp[torch.arange(len(cont)), torch.tensor(cont)].sum())
+
+    lm = LMForgeLM(model=model, tokenizer=tok)
+    got = lm.loglikelihood([Instance("loglikelihood", {}, (ctx, c), k) for k, c in enumerate(conts)])
+    for c, (lp, _) in zip(conts, got):
+        assert lp == pytest.approx(ref(c), abs=1e-4)

@@ -226,3 +226,50 @@ def test_loss_plot_of_a_run_named_with_bytes_that_are_not_utf8(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plot_losses(run / "metrics.jsonl", run / "loss.png") == run / "loss.png"
     assert (run / "loss.png").stat().st_size > 1000
+
+
+def test_a_split_too_small_after_the_tail_split_advises_a_larger_val_fraction(tmp_path):
+    """One small file: data prepare falls back to the tail split; pretrain's error advised --split-mode tail, which
+    had happened already. It now names the --val-fraction that gives the validation split a window."""
+    import pytest
+
+    from lmforge.assets import STORIES260K_TOKENIZER
+    from lmforge.commands.pretrain import check_prepared_data
+    from lmforge.data.prepare import prepare
+    from lmforge.errors import LMForgeError
+
+    text = tmp_path / "one.txt"
+    text.write_text("the cat sat on a mat and then it ran to the park with a dog. " * 60)
+    idx = prepare([str(text)], str(STORIES260K_TOKENIZER), str(tmp_path / "d"), progress=False)
+    assert idx["split_fallback"] == "tail"
+    with pytest.raises(LMForgeError) as e:
+        check_prepared_data(str(tmp_path / "d"), 128)
+    msg = str(e.value)
+    assert "val split holds" in msg and "--split-mode tail" not in msg and "larger --val-fraction" in msg, msg
+    need = float(msg.split("it was 0.001; ")[1].split()[0])
+    prepare([str(text)], str(STORIES260K_TOKENIZER), str(tmp_path / "d2"), val_fraction=need, progress=False)
+    check_prepared_data(str(tmp_path / "d2"), 128)  # the fraction it names is enough
+    # split by document (several documents): the tail split is still the advice
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"doc {i} " + "a cat sat. " * 30}) + "\n" for i in range(40)))
+    prepare([str(docs)], str(STORIES260K_TOKENIZER), str(tmp_path / "d3"), val_fraction=0.03, progress=False)
+    with pytest.raises(LMForgeError, match="--split-mode tail"):
+        check_prepared_data(str(tmp_path / "d3"), 4000)
+
+
+def test_list_recipes_shows_each_whole_description():
+    """--list-recipes printed the first comment line of each recipe only (cut mid-sentence)."""
+    from lmforge.commands.pretrain import recipes
+
+    r = lmforge("pretrain", "--list-recipes")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for name, path in recipes().items():
+        head = []
+        for ln in path.read_text().splitlines():
+            if not ln.startswith("#"):
+                break
+            head.append(ln.lstrip("#").strip())
+        assert len(head) >= 2 and all(h in out for h in head), (name, head)
+    assert "byte-level BPE tokenizer: loss curve, samples before and after" in out
+    assert out.splitlines()[0].startswith("baby-gpt-shakespeare ")

@@ -90,3 +90,31 @@ def test_cli_encode_decode_refuse_bad_stdin_naming_it(tmp_path):
     r = cli("train", "--input", str(STORIES260K_TOKENIZER), "--kind", "char", "--output", str(tmp_path / "t"),
             "--vocab-size", "300", "--special-tokens", "")
     assert r.returncode == 1 and "--special-tokens: an empty or blank token" in r.stderr, r.stderr
+
+
+def test_cli_decode_ends_its_line_on_a_terminal_and_is_exact_in_a_pipe():
+    """`lmforge tokenizer decode` left the shell's prompt on the text's line; a pipe still gets the text exactly."""
+    import os
+    import pty
+
+    tok = str(STORIES260K_TOKENIZER)
+    ids = json.dumps(load_tokenizer(tok).encode("Lily"))
+    main, sub = pty.openpty()
+    try:
+        r = subprocess.run([sys.executable, "-m", "lmforge", "tokenizer", "decode", "--tokenizer", tok],
+                           input=ids.encode(), stdout=sub, stderr=subprocess.PIPE, timeout=120)
+        os.close(sub)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(main, 1024)
+            except OSError:  # the terminal closed (EIO)
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(main)
+    assert r.returncode == 0, r.stderr
+    assert out == b"Lily\r\n"  # (the terminal turns "\n" into "\r\n")
+    assert cli("decode", "--tokenizer", tok, stdin=ids).stdout == "Lily"

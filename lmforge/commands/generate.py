@@ -29,7 +29,8 @@ def add_parser(sub, name: str, help_: str) -> None:
     p = sub.add_parser(name, help=help_, description="Generate text. With no --model, the bundled stories260K "
                        "(a 260K-parameter LLaMA trained on TinyStories) tells a story.")
     add_model_args(p)
-    p.add_argument("--prompt", default="", help="text to continue (default: start from BOS)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start from BOS; without one, from a "
+                   "newline as nanoGPT's sample.py, else from EOS)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (default 256)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
@@ -87,11 +88,35 @@ def _prompt(tok, text: str, context: int, max_new_tokens: int) -> tuple[list[int
     naming --prompt when it is not UTF-8 or leaves no room in the ``context`` for a token."""
     prompt = tok.prompt_prefix() + tok.encode(utf8_text(text, "--prompt"))
     if not prompt:
-        raise LMForgeError("empty prompt and the tokenizer adds no BOS token: give --prompt")
+        prompt = _start(tok)
+    if not prompt:
+        raise LMForgeError("empty prompt and the tokenizer adds no BOS token, cannot encode a newline and has no "
+                           "EOS: give --prompt")
     if len(prompt) >= context and max_new_tokens > 0:
         raise LMForgeError(f"--prompt: {len(prompt):,} tokens leave no room in the model's context of {context:,} "
                            "(shorten it)")
     return prompt, [i for i in (tok.eos_id, tok.bos_id) if i is not None]  # BOS delimits documents (llama2.c)
+
+
+def _start(tok) -> list[int]:
+    """What an empty prompt starts from when the tokenizer adds no BOS (a character-level GPT): a newline where
+    the tokenizer encodes one (nanoGPT's sample.py starts from "\\n"), else its EOS (what ends the document before),
+    else nothing."""
+    try:
+        ids = tok.encode("\n")
+    except LMForgeError:  # a character vocabulary without "\n"
+        ids = []
+    if ids and tok.decode(ids) == "\n":
+        return ids
+    return [tok.eos_id] if tok.eos_id is not None else []
+
+
+def _context_note(n: int, prompt: list[int], context: int, max_new_tokens: int) -> None:
+    """One line on stderr when generation stopped because the model's context was full, not at a stop token or
+    --max-new-tokens."""
+    if n < max_new_tokens and len(prompt) + n >= context:
+        print(f"note: stopped after {n:,} of {max_new_tokens:,} new tokens: the model's context of {context:,} "
+              f"positions is full ({len(prompt):,} of them the prompt's)", file=sys.stderr)
 
 
 def _report(n: int, start: float, first: float) -> None:
@@ -129,6 +154,7 @@ def _run_lean(args) -> None:
     tokens = lean.generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
                            args.seed, stops)
     n, first = write_tokens(tok, prompt, tokens, sys.stdout)
+    _context_note(n, prompt, cfg.block_size, args.max_new_tokens)
     _report(n, start, first)
 
 
@@ -139,12 +165,14 @@ def _run_torch(args) -> None:
     check_torch_kv_cache(args)
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
     model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
-    prompt, stops = _prompt(tok, args.prompt, model.cfg.block_size - model.num_virtual_tokens, args.max_new_tokens)
+    context = model.cfg.block_size - model.num_virtual_tokens
+    prompt, stops = _prompt(tok, args.prompt, context, args.max_new_tokens)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             max_new_tokens=args.max_new_tokens, seed=args.seed, stop_ids=stops)
     draft = args.draft if args.draft != "int4" else _draft(model)
     start = time.perf_counter()
     n, first = write_generation(model, tok, prompt, params, sys.stdout, None if draft == "none" else draft)
+    _context_note(n, prompt, context, args.max_new_tokens)
     _report(n, start, first)
 
 

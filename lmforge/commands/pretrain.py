@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from lmforge.commands.args import seed_type
@@ -34,6 +35,16 @@ def recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPES.glob("*.yaml"))}
 
 
+def recipe_description(text: str) -> list[str]:
+    """The comment lines that open a recipe (its description), without the "# " and with their indentation."""
+    out = []
+    for ln in text.splitlines():
+        if not ln.startswith("#"):
+            break
+        out.append(ln[2:].rstrip() if ln.startswith("# ") else ln[1:].rstrip())
+    return out
+
+
 def check_prepared_data(path: str, block_size: int) -> None:
     """A prepared data directory must hold more than ``block_size`` tokens in each split (one line if not)."""
     from lmforge.data.dataset import open_prepared
@@ -46,9 +57,25 @@ def check_prepared_data(path: str, block_size: int) -> None:
     data = open_prepared(p, verify_tokenizer=False)
     for split, s in data.index["splits"].items():
         if int(s["tokens"]) <= block_size:
+            advice = _small_split_advice(data.index, split, block_size)
             raise LMForgeError(f"{p / s['file']}: the {split} split holds {int(s['tokens']):,} tokens, fewer than "
-                               f"data.block_size+1 = {block_size + 1}; prepare it again (e.g. --split-mode tail) "
-                               "or lower --data.block_size")
+                               f"data.block_size+1 = {block_size + 1}; {advice}")
+
+
+def _small_split_advice(index: dict, split: str, block_size: int) -> str:
+    """What to do about a split of ``block_size`` tokens or fewer: the tail split when the data was split by
+    document, else (the tail split was used already, asked or as the fallback of a single file) a larger
+    --val-fraction, else more text."""
+    if index.get("split_mode") != "tail" and index.get("split_fallback") != "tail":
+        return "prepare it again (e.g. --split-mode tail) or lower --data.block_size"
+    total = sum(int(s["tokens"]) for s in index["splits"].values())
+    if split == "val" and total > 2 * (block_size + 1):  # both splits can hold a window
+        need = math.ceil((block_size + 1) / total * 1000) / 1000
+        was = index.get("val_fraction")
+        return (f"the tail split was used already: prepare it again with a larger --val-fraction (it was {was}; "
+                f"{need:g} or more of the {total:,} tokens holds a window) or lower --data.block_size")
+    return (f"the data holds {total:,} tokens in all: prepare more text (or a larger --val-fraction) or lower "
+            "--data.block_size")
 
 
 def run(args) -> None:
@@ -57,8 +84,10 @@ def run(args) -> None:
 
     if args.list_recipes:
         for name, path in recipes().items():
-            first = next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
-            print(f"{name:28s} {first}")
+            lines = recipe_description(path.read_text()) or [""]
+            print(f"{name:28s} {lines[0]}")
+            for ln in lines[1:]:  # the rest of the description under its first line
+                print(f"{'':28s} {ln}")
         return
     if args.recipe and args.config:
         raise LMForgeError("give either --recipe or --config, not both")

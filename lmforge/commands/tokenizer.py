@@ -29,7 +29,8 @@ def add_parser(sub, name: str, help_: str) -> None:
                    help="write into an --output directory that is not empty (its tokenizer files are replaced)")
     t.set_defaults(func=run_train)
     for step, fn, h in (("encode", run_encode, "read UTF-8 text on stdin, print the ids as a JSON array"),
-                        ("decode", run_decode, "read a JSON array of ids on stdin, print the text")):
+                        ("decode", run_decode, "read a JSON array of ids on stdin, print the text (and a newline on a "
+                                            "terminal)")):
         e = tsub.add_parser(step, help=h, description=h)
         e.add_argument("--tokenizer", required=True, help="lmforge tokenizer dir, or a llama2.c tokenizer.bin")
         e.set_defaults(func=fn)
@@ -70,7 +71,10 @@ def run_decode(args) -> None:
             ids, list) else ids
         raise LMForgeError(f"stdin: expected a JSON array of integers in [0, {tok.vocab_size}), got "
                            f"{json.dumps(bad)[:40]}")
-    sys.stdout.write(tok.decode(ids))
+    text = tok.decode(ids)
+    # a terminal gets a newline after the text (the shell's prompt went on its last line); a pipe or a file gets
+    # the text exactly, so that encode | decode gives the input back
+    sys.stdout.write(text + "\n" if sys.stdout.isatty() and not text.endswith("\n") else text)
 
 
 def read_stdin() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -249,6 +250,9 @@ def _generate(scorer: Scorer, task: Task, docs: list[dict], cfg: EvalConfig) -> 
 
 
 def _perplexity(scorer: Scorer, docs: list[dict], cfg: EvalConfig) -> EvalResult:
+    if cfg.context is not None and cfg.context > scorer.block_size:  # the windows are cut to the model's context
+        print(f"note: --context {cfg.context:,} is more than the model's context of {scorer.block_size:,}: "
+              f"windows of {scorer.block_size:,} tokens", file=sys.stderr)
     nll, n_tok, n_bytes, n_words, records = 0.0, 0, 0, 0, []
     for doc in docs:
         text = doc["text"]

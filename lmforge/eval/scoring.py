@@ -127,8 +127,20 @@ class Scorer:
             return self._score_greedy(groups)
 
     def _score_greedy(self, groups: list[Group]) -> list[list[tuple[float, bool]]]:
-        out: list[list] = [[] for _ in groups]
-        prepared = [self._truncate(g) for g in groups]
+        prepared, where = [], []  # groups whose continuations all fit after the same context; (group, choices)
+        for n, g in enumerate(groups):
+            for sub, idx in self._truncate(g):
+                prepared.append(sub)
+                where.append((n, idx))
+        out: list[list] = [[] for _ in prepared]
+        self._score_prepared(prepared, out)
+        res: list[list] = [[None] * len(g.continuations) for g in groups]
+        for (n, idx), row in zip(where, out):
+            for c, (lp, greedy) in zip(idx, row):
+                res[n][c] = (lp, greedy)
+        return res
+
+    def _score_prepared(self, prepared: list[Group], out: list[list]) -> None:
         families, alone = self._families(prepared)
         for fam in families:
             self._score_family(fam, prepared, out)
@@ -147,7 +159,6 @@ class Scorer:
             tail = max(tail, longest)
         if batch:
             self._score_batch([prepared[j] for j in batch], [out[j] for j in batch])
-        return [[(lp, g) for lp, g in row] for row in out]
 
     def _families(self, prepared: list[Group]) -> tuple[list[list[int]], list[int]]:
         """(families: runs of questions in token order whose neighbouring contexts share >= MIN_SHARED tokens,
@@ -234,15 +245,21 @@ class Scorer:
         self._pre = (list(ids), cache.k, cache.v)
         return cache.k, cache.v
 
-    def _truncate(self, g: Group) -> Group:
-        """Left-truncate the context so that context + longest continuation - 1 fits the model's context."""
+    def _truncate(self, g: Group) -> list[tuple[Group, list[int]]]:
+        """Split a question into groups of its continuations that share one context, each with the indices of its
+        continuations. As lm-evaluation-harness (``(context + continuation)[-(block_size + 1):][:-1]`` per request),
+        a continuation that fits after the whole context keeps it; one that would overflow the model's context
+        is scored after the context left-truncated to fit it alone (continuations of one length share one)."""
         if any(not c for c in g.continuations):
             raise LMForgeError("a continuation encodes to no tokens")
         longest = max(len(c) for c in g.continuations)
-        room = self.block_size + 1 - longest
-        if room < 1:
+        if longest > self.block_size:
             raise LMForgeError(f"a continuation of {longest} tokens does not fit the context of {self.block_size}")
-        return Group(g.context[-room:], g.continuations)
+        by_keep: dict[int, list[int]] = {}
+        for c, cont in enumerate(g.continuations):
+            by_keep.setdefault(min(len(g.context), self.block_size + 1 - len(cont)), []).append(c)
+        return [(Group(g.context[len(g.context) - keep:], [g.continuations[c] for c in idx]), idx)
+                for keep, idx in by_keep.items()]
 
     def _score_batch(self, groups: list[Group], out: list[list[float]], shared: int = 0) -> None:
         """Score a batch; its contexts' first ``shared`` tokens (the same in each) run once as a prefix."""
