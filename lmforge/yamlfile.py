@@ -13,7 +13,18 @@ import yaml
 from lmforge.errors import LMForgeError
 from lmforge.files import read_utf8
 
-__all__ = ["YamlMap", "key_at", "merge", "parse_value", "parse_yaml", "read_yaml_file"]
+__all__ = ["YamlMap", "key_at", "leading_comment", "merge", "parse_value", "parse_yaml", "read_yaml_file"]
+
+
+def leading_comment(text: str, paragraph: bool = False) -> list[str]:
+    """The comment lines that open a YAML file (a recipe's or pipeline's description), without the "# " and with
+    their indentation; ``paragraph``: up to the first empty comment line."""
+    out = []
+    for ln in text.splitlines():
+        if not ln.startswith("#") or (paragraph and not ln[1:].strip()):
+            break
+        out.append(ln[2:].rstrip() if ln.startswith("# ") else ln[1:].rstrip())
+    return out
 
 
 class YamlMap(dict):

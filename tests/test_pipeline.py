@@ -306,3 +306,15 @@ def test_print_default_states_the_time_the_readme_states():
     r = lmforge("pipeline", "--print-default")
     assert r.returncode == 0, r.stderr
     assert re.findall(r"about (\d+) minutes", r.stdout.splitlines()[0]) == [said.group(1)]
+
+
+def test_list_presets_shows_each_whole_description():
+    """`--list-presets` printed each preset's first comment line, cut mid-sentence; now its first paragraph."""
+    r = lmforge("pipeline", "--list-presets")
+    assert r.returncode == 0, r.stderr
+    shown = " ".join(r.stdout.split())
+    for name, path in presets().items():
+        lines = path.read_text().splitlines()
+        n = next(i for i, ln in enumerate(lines) if not ln.startswith("#") or not ln[1:].strip())
+        words = " ".join(w for ln in lines[:n] for w in ln[1:].split())
+        assert f"{name} {words}" in shown, name

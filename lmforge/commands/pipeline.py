@@ -13,6 +13,7 @@ from lmforge.pipeline.report import format_table
 from lmforge.pipeline.runner import run_pipeline
 from lmforge.pipeline.spec import apply_overrides
 from lmforge.train.config import parse_overrides
+from lmforge.yamlfile import leading_comment
 
 
 def add_parser(sub, name: str, help_: str) -> None:
@@ -60,8 +61,10 @@ def run(args) -> None:
         return
     if args.list_presets:
         for name, path in presets().items():
-            first = next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
-            print(f"{name:12s} {first}")
+            lines = leading_comment(path.read_text(), paragraph=True) or [""]
+            print(f"{name:12s} {lines[0]}")
+            for ln in lines[1:]:  # the rest of the description under its first line
+                print(f"{'':12s} {ln}")
         return
     if args.print_default or args.print_preset:
         sys.stdout.write(_preset(args.print_preset or "default").read_text(encoding="utf-8"))

@@ -8,6 +8,7 @@ from pathlib import Path
 from lmforge.commands.args import seed_type
 from lmforge.commands.common import add_resume_args, report, train_in
 from lmforge.errors import LMForgeError
+from lmforge.yamlfile import leading_comment
 
 
 def add_parser(sub, name: str, help_: str) -> None:
@@ -33,16 +34,6 @@ def recipes() -> dict[str, Path]:
     from lmforge.assets import RECIPES
 
     return {p.stem: p for p in sorted(RECIPES.glob("*.yaml"))}
-
-
-def recipe_description(text: str) -> list[str]:
-    """The comment lines that open a recipe (its description), without the "# " and with their indentation."""
-    out = []
-    for ln in text.splitlines():
-        if not ln.startswith("#"):
-            break
-        out.append(ln[2:].rstrip() if ln.startswith("# ") else ln[1:].rstrip())
-    return out
 
 
 def check_prepared_data(path: str, block_size: int) -> None:
@@ -84,7 +75,7 @@ def run(args) -> None:
 
     if args.list_recipes:
         for name, path in recipes().items():
-            lines = recipe_description(path.read_text()) or [""]
+            lines = leading_comment(path.read_text()) or [""]
             print(f"{name:28s} {lines[0]}")
             for ln in lines[1:]:  # the rest of the description under its first line
                 print(f"{'':28s} {ln}")
