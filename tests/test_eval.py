@@ -535,3 +535,14 @@ def test_cli_output_never_replaces_an_input_or_an_existing_file(tmp_path):
     assert r.returncode == 1 and "exists; pass --overwrite" in r.stderr and notes.read_text() == "mine\n"
     lmforge("eval", "--task", "perplexity", "--data", str(story), "--output", str(notes), "--overwrite")
     assert json.loads(notes.read_text())["task"] == "perplexity" and not list(tmp_path.glob(".notes*"))
+
+
+def test_context_and_stride_are_refused_where_they_do_nothing(stories, tmp_path):
+    """--context/--stride set perplexity's rolling windows; a multiple-choice task ignored them without a word."""
+    from lmforge.eval import EvalConfig, evaluate
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text(json.dumps({"question": "Q?", "choices": ["a", "b"], "answer": 0}) + "\n")
+    for kw in ({"context": 64}, {"stride": 32}):
+        with pytest.raises(LMForgeError, match="apply to perplexity"):
+            evaluate(*stories, EvalConfig(task="jsonl", data=str(data), **kw))

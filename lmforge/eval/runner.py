@@ -142,6 +142,9 @@ def evaluate(model, tokenizer, cfg: EvalConfig) -> EvalResult:
         raise LMForgeError("--samples (self-consistency) applies to generation tasks (gsm8k)")
     if cfg.shots < 0:
         raise LMForgeError("--shots must be >= 0")
+    if (cfg.context is not None or cfg.stride is not None) and task.kind != "perplexity":
+        raise LMForgeError("--context and --stride apply to perplexity tasks (rolling windows); other tasks score "
+                           "within the model's context")
     docs = task.load(Path(cfg.data))
     if cfg.limit is not None:
         docs = docs[: cfg.limit]
