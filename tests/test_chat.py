@@ -221,3 +221,22 @@ def test_gguf_tokenizer_messages_cannot_forge_turns():
     plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
     rendered = apply_template(get_template(None, tok), plain, tokenizer=tok)
     assert encode_chat(tok, None, plain) == encode_text_with_specials(tok, rendered)  # ordinary chats unchanged
+
+
+def test_a_named_template_whose_markers_are_text_is_said_once(hf_tok, stories, capsys, monkeypatch):
+    """--template chatml on a tokenizer without <|im_start|>/<|im_end|> as special tokens: they are encoded as text
+    (stories260K: 10 and 8 tokens); said once on stderr, not for a tokenizer that has them."""
+    from lmforge.infer import chat
+    from lmforge.infer.chat import get_template
+
+    monkeypatch.setattr(chat, "_warned", set())  # (another test of this process may have used the tokenizer)
+    raw, _ = hf_tok
+    get_template("chatml", HFTokenizer(raw, "hf", bos="<s>", eos="</s>"))
+    assert capsys.readouterr().err == ""
+    tok = stories[1]
+    for _ in range(3):
+        end_of_turn("chatml", tok)
+    err = capsys.readouterr().err
+    assert err.count("warning: chat template chatml: <|im_start|> 10 tokens, <|im_end|> 8 tokens") == 1, err
+    get_template("plain", tok)
+    assert capsys.readouterr().err == ""

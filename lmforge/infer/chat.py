@@ -11,6 +11,7 @@ Any Hugging Face-style Jinja ``chat_template`` string works too; it is rendered 
 from __future__ import annotations
 
 import re
+import sys
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -112,11 +113,32 @@ def get_template(template: str | ChatTemplate | None, tokenizer=None) -> ChatTem
     key = template.strip().lower()
     key = ALIASES.get(key, key)
     if key in BUILTIN:
+        if tokenizer is not None:
+            _warn_text_markers(BUILTIN[key], tokenizer)
         return BUILTIN[key]
     if "{{" in template or "{%" in template:
         stops = tuple(m for m in KNOWN_END_MARKERS if m in template)
         return ChatTemplate("jinja", template, stops)
     raise LMForgeError(f"chat template {template!r}: not a built-in ({', '.join(BUILTIN)}) nor a Jinja template")
+
+
+# the markers a built-in template is written with, which a tokenizer made for it has as single special tokens
+MARKERS = {"chatml": ("<|im_start|>", "<|im_end|>")}
+_warned: set[tuple[str, int]] = set()
+
+
+def _warn_text_markers(t: ChatTemplate, tokenizer) -> None:
+    """Say once (stderr) that a template's markers are not special tokens of ``tokenizer``: they are written and
+    read as text, several tokens each (a base model trained with them so learns them as words)."""
+    markers = MARKERS.get(t.name, ())
+    missing = [m for m in markers if m not in special_tokens(tokenizer)]
+    key = (t.name, id(tokenizer))
+    if not missing or key in _warned:
+        return
+    _warned.add(key)
+    sizes = ", ".join(f"{m} {len(tokenizer.encode(m))} tokens" for m in missing)
+    print(f"warning: chat template {t.name}: {sizes} (not special tokens of this tokenizer: written and read as "
+          "text; a reply still ends at the text of its end marker)", file=sys.stderr)
 
 
 @lru_cache(maxsize=32)
