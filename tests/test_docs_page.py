@@ -3,29 +3,16 @@ internet): Swagger UI loads from the server itself and lists the routes."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from browser import launch, sync_api
 
-import pytest
-
-CHROMIUM = "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"no browser at {CHROMIUM} (run scripts/install_browser.sh)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (run scripts/install_browser.sh)")
-
-from lmforge.serve.server import ModelServer  # noqa: E402
-
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from lmforge.serve.server import ModelServer
 
 
 def test_docs_work_offline(stories):
     srv = ModelServer(*stories, "stories260K.bin", "127.0.0.1", 0, max_batch=2).start()
     try:
         with sync_api.sync_playwright() as pw:
-            try:
-                browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-            except Exception as e:  # noqa: BLE001 - a broken browser install is an environment problem
-                pytest.skip(f"chromium did not start: {str(e).splitlines()[0]}")
+            browser = launch(pw)
             try:
                 page = browser.new_page()
                 page.set_default_timeout(30000)
