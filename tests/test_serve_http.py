@@ -208,6 +208,8 @@ def test_health_needs_no_key_and_docs_describe_the_api(server):
     assert st == 401 and error(st, out)["code"] == "invalid_api_key"
     st, headers, out = http(server, request("GET", "/", headers={"Authorization": ""}))
     assert st == 200 and headers["content-type"].startswith("text/html") and b"/v1/chat/completions" in out
+    st, _, out = http(server, request("GET", "/favicon.ico", headers={"Authorization": ""}))
+    assert st == 204 and out == b""  # (a browser asks on every page: no 404 in its console)
     st, headers, out = http(server, request("GET", "/docs"))
     assert st == 200 and headers["content-type"].startswith("text/html") and b"openapi.json" in out
     st, _, out = http(server, request("GET", "/openapi.json"))

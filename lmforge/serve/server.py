@@ -582,6 +582,10 @@ def build_app(server: ModelServer) -> FastAPI:
     async def page_file() -> Response:
         return HTMLResponse(server.page, headers={"Cache-Control": "no-cache"})
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:  # a browser asks for it on any page of the server: no icon, no 404 logged
+        return Response(status_code=204, headers={"Cache-Control": "max-age=86400"})
+
     @app.get("/health", summary="Liveness and engine statistics (no API key needed)")
     async def health() -> dict:
         return server.health()
