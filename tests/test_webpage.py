@@ -5,22 +5,13 @@ is never downloaded by Playwright."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from browser import launch, sync_api
 
-CHROMIUM = "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"no browser at {CHROMIUM} (run scripts/install_browser.sh)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (run scripts/install_browser.sh)")
-
-from lmforge.infer.chat import encode_chat, end_of_turn  # noqa: E402
-from lmforge.infer.generate import complete  # noqa: E402
-from lmforge.infer.sampling import SamplingParams  # noqa: E402
-from lmforge.serve.server import ModelServer  # noqa: E402
-
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from lmforge.infer.chat import encode_chat, end_of_turn
+from lmforge.infer.generate import complete
+from lmforge.infer.sampling import SamplingParams
+from lmforge.serve.server import ModelServer
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +24,7 @@ def server(stories):
 @pytest.fixture(scope="module")
 def page(server, tmp_path_factory):
     with sync_api.sync_playwright() as pw:
-        try:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        except Exception as e:  # noqa: BLE001 - a broken browser install is an environment problem
-            pytest.skip(f"chromium did not start: {str(e).splitlines()[0]}")
+        browser = launch(pw)
         pg = browser.new_page()
         pg.set_default_timeout(30000)
         pg.goto(server.url + "/")
