@@ -43,6 +43,23 @@ def test_train_save_load_roundtrip(kind, corpus, tmp_path):
         assert again.encode(sample) == again.tok.encode(sample, add_special_tokens=False).ids
 
 
+@pytest.mark.parametrize("kind", ["bytelevel-bpe", "llama-bpe"])
+def test_transformers_encodes_a_prompt_as_lmforge_does(kind, corpus, tmp_path):
+    """A saved tokenizer (what `convert --to hf` writes too) read by AutoTokenizer gives a prompt the ids lmforge's
+    prompts have: llama-bpe's with BOS first (its tokenizer.json had no post-processor: transformers left BOS out of
+    every prompt of a model trained with it), byte-level BPE's without."""
+    transformers = pytest.importorskip("transformers")
+    train_tokenizer([str(corpus)], 600, kind, str(tmp_path / "t"))
+    tok = load_tokenizer(str(tmp_path / "t"))
+    tok.save(str(tmp_path / "again"))
+    for d in ("t", "again"):
+        hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / d))
+        for t in TEXTS:
+            assert hf(t).input_ids == tok.prompt_prefix() + tok.encode(t), (d, t)
+    assert load_tokenizer(str(tmp_path / "again")).encode(TEXTS[0]) == tok.encode(TEXTS[0])  # read back alike
+    assert (tok.prompt_prefix() != []) == (kind == "llama-bpe")
+
+
 def cli(*args, stdin=""):
     return subprocess.run([sys.executable, "-m", "lmforge", "tokenizer", *args], input=stdin, capture_output=True,
                           text=True, timeout=120)

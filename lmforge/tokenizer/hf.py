@@ -46,9 +46,18 @@ class HFTokenizer(Tokenizer):
         return self.decode(ids).encode("utf-8")
 
     def save(self, directory: str) -> None:
+        """``tokenizer.json`` and lmforge's metadata (also transformers' ``tokenizer_config.json``). A tokenizer
+        whose prompts start with BOS (llama-bpe) is saved with a post-processor adding it, so transformers' encoding
+        of a prompt is lmforge's."""
+        from tokenizers import Tokenizer as RawTokenizer
+
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.tok.save(str(d / self.FILES[0]))
+        if self.prompt_prefix() and self.tok.post_processor is None:
+            bos = (self.tok.id_to_token(self.bos_id), self.bos_id)
+            write_tokenizer_json(RawTokenizer.from_str(self.tok.to_str()), d, bos)
+        else:
+            self.tok.save(str(d / self.FILES[0]))
         inv = {i: self.tok.id_to_token(i) for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
         meta = {"kind": self.kind, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
                 "bos_token": inv.get(self.bos_id), "eos_token": inv.get(self.eos_id),
