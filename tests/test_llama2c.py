@@ -100,8 +100,28 @@ def test_cli_convert_roundtrip_llama2c_lmforge_hf(tmp_path):
         extra = ["--tokenizer", str(STORIES260K_TOKENIZER)] if src_fmt == "hf" else []
         r = lmforge("convert", "--from", src_fmt, str(src), "--to", dst_fmt, str(dst), *extra)
         assert r.returncode == 0, r.stderr
+        assert "warning" not in r.stderr, r.stderr
     assert back.read_bytes() == STORIES260K.read_bytes()
     assert (back.parent / "tokenizer.bin").read_bytes() == STORIES260K_TOKENIZER.read_bytes()
     r = lmforge("generate", "--model", str(ck), "--temperature", "0", "--max-new-tokens", "200")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == EXPECTED_TEXT.strip()
+
+
+def test_cli_convert_to_llama2c_says_what_the_file_cannot_carry(tmp_path):
+    """llama2.c's run.c fixes RMSNorm's eps at 1e-5 and reads only its own tokenizer.bin: a tiny-llama (eps 1e-6)
+    with a byte-level BPE tokenizer was written without a word about either."""
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.model import Decoder
+    from lmforge.presets import get_preset
+    from lmforge.tokenizer.train import train_tokenizer
+
+    (tmp_path / "c.txt").write_text("Once upon a time there was a cat. " * 200)
+    tok = train_tokenizer([str(tmp_path / "c.txt")], 300, "bytelevel-bpe", str(tmp_path / "tok"))
+    cfg = get_preset("tiny-llama", vocab_size=tok.vocab_size, n_layer=1, block_size=32)
+    assert cfg.norm_eps == 1e-6
+    save_checkpoint(Decoder(cfg), tmp_path / "ck", tok)
+    r = lmforge("convert", "--from", "lmforge", str(tmp_path / "ck"), "--to", "llama2c", str(tmp_path / "m.bin"))
+    assert r.returncode == 0, r.stderr
+    assert "eps 1e-05, this model with 1e-06" in r.stderr and "has no llama2.c form" in r.stderr, r.stderr
+    assert (tmp_path / "m.bin").is_file() and not (tmp_path / "tokenizer.bin").exists()

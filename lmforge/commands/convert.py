@@ -93,7 +93,7 @@ def run(args) -> None:
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
     else:
-        from lmforge.interop.llama2c import write_llama2c
+        from lmforge.interop.llama2c import LLAMA2C_EPS, write_llama2c
 
         dst.parent.mkdir(parents=True, exist_ok=True)
         tok_dir = dst.parent / f".{dst.stem}.tok"
@@ -109,6 +109,13 @@ def run(args) -> None:
             write_llama2c(dst, model.cfg, model_state_dict(model) | {"lm_head.weight": model.lm_head.weight})
             if (tok_dir / "tokenizer.bin").exists():
                 os.replace(tok_dir / "tokenizer.bin", beside)
+            elif tok is not None:
+                print(f"warning: the {getattr(tok, 'kind', '')} tokenizer has no llama2.c form (tokenizer.bin): "
+                      f"{dst} is written without it", file=sys.stderr)
+            if model.cfg.norm_eps != LLAMA2C_EPS:
+                print(f"warning: llama2.c computes RMSNorm with eps {LLAMA2C_EPS:g}, this model with "
+                      f"{model.cfg.norm_eps:g}: its logits there differ slightly (the file holds no eps)",
+                      file=sys.stderr)
         finally:
             shutil.rmtree(tok_dir, ignore_errors=True)
     print(f"wrote {dst} ({args.src_format} -> {args.dst_format}, {model.num_params():,} parameters)",

@@ -18,6 +18,8 @@ from lmforge.errors import LMForgeError
 MAGIC_V1 = 0x616B3432  # "ak42"
 HEADER = struct.Struct("7i")
 
+LLAMA2C_EPS = 1e-5  # run.c's RMSNorm epsilon (not in the file)
+
 
 def _to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of a q/k projection from interleaved pairs to rotate-half order (HF's convert_llama permute)."""
@@ -34,7 +36,7 @@ def _config(dim: int, hidden: int, n_layers: int, n_heads: int, n_kv: int, vocab
             shared: bool, name: str) -> ModelConfig:
     return ModelConfig(
         name=name, family="llama", vocab_size=vocab, block_size=seq_len, n_layer=n_layers, n_embd=dim,
-        n_head=n_heads, n_kv_head=n_kv, mlp="swiglu", intermediate_size=hidden, norm="rmsnorm", norm_eps=1e-5,
+        n_head=n_heads, n_kv_head=n_kv, mlp="swiglu", intermediate_size=hidden, norm="rmsnorm", norm_eps=LLAMA2C_EPS,
         position="rope", tie_embeddings=shared, bos_id=1, eos_id=2,
         extra={"hf_model_type": "llama", "source_format": "llama2c"},
     )
