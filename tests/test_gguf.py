@@ -245,10 +245,11 @@ def test_read_metadata_matches_the_gguf_reader(tmp_path):
     assert isinstance(ours["tokenizer.ggml.scores"][0], float) and ours["tokenizer.chat_template"] == "{{ messages }}"
     data = path.read_bytes()
     for bad, why in [(data[:2000], "truncated or damaged"), (b"GGML" + data[4:], "truncated or damaged"),
-                     (b"", "cannot read")]:
+                     (b"", "cannot read"), (data[:100], r"damaged\): its header is cut short: unpack")]:
         (tmp_path / "bad.gguf").write_bytes(bad)
-        with pytest.raises(LMForgeError, match=why):
+        with pytest.raises(LMForgeError, match=why) as e:
             read_metadata(tmp_path / "bad.gguf")
+        assert "error: " not in str(e.value)  # (struct.error's name read "...: error: unpack_from ...")
 
 
 def gguf_metadata(reader) -> dict:

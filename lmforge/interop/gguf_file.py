@@ -207,7 +207,8 @@ def _parse_header(data, path: Path, tensors: bool) -> tuple[dict[str, Any], list
                 infos.append((name, dims, t, offset))
         return out, infos, -(-pos // align) * align
     except (ValueError, EOFError, struct.error) as e:
-        raise LMForgeError(f"{path}: not a readable GGUF file (truncated or damaged): {type(e).__name__}: "
+        what = "its header is cut short" if isinstance(e, struct.error) else type(e).__name__  # (struct's is "error")
+        raise LMForgeError(f"{path}: not a readable GGUF file (truncated or damaged): {what}: "
                            f"{' '.join(str(e).split())[:200]}") from None
 
 
