@@ -130,6 +130,36 @@ def test_converted_model_names_its_tokenizers_special_tokens(tmp_path):
     assert r.returncode == 0 and "the char tokenizer is written in lmforge's format only" in r.stderr, r.stderr
 
 
+def test_a_chat_template_file_is_carried_through_conversions(tmp_path):
+    """transformers saves a tokenizer's chat template as chat_template.jinja (not in tokenizer_config.json):
+    `convert --from hf` left it behind, so the converted model chatted in the fallback format and its HF export had
+    no template at all (found by an audit)."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    hf, _ = make_pair("llama")
+    words = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "user", "assistant", "hi", "\n"]
+    raw = RawTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.add_special_tokens(["<s>", "</s>", "<|im_start|>", "<|im_end|>"])
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = template
+    hf.save_pretrained(tmp_path / "src")
+    fast.save_pretrained(tmp_path / "src")
+    assert (tmp_path / "src" / "chat_template.jinja").is_file()
+    msgs = [{"role": "user", "content": "hi"}]
+    for src, fmt, dst in ((tmp_path / "src", "hf", tmp_path / "lmf"), (tmp_path / "lmf", "lmforge", tmp_path / "back")):
+        r = subprocess.run([sys.executable, "-m", "lmforge", "convert", "--from", fmt, str(src), "--to",
+                            "lmforge" if fmt == "hf" else "hf", str(dst)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    assert load_tokenizer(str(tmp_path / "lmf")).chat_template == template
+    back = T.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert back.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == fast.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True)
+
+
 def test_mistral_sliding_window_bounds_the_context(tmp_path):
     """Found by an audit: Mistral's ``sliding_window`` was ignored, so past the window lmforge's logits (dense
     attention) differed from transformers' without a word. Within the window the two are the same: the context is

@@ -132,3 +132,29 @@ def test_peft_outputs_never_replace_inputs_or_existing_outputs(tmp_path):
     assert find_tokenizer_path(tmp_path / "hf", 512) is not None
     r = lmforge("generate", "--model", str(tmp_path / "hf"), "--prompt", "Once", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
+
+
+def test_merge_and_hf_export_keep_the_adapters_chat_template(tmp_path):
+    """An adapter trained with a template (sft writes chat_template.jinja beside it): merging it, or exporting it
+    merged for transformers, dropped the template, so the merged model chatted in another format (found by an
+    audit)."""
+    from lmforge.infer.chat import BUILTIN, encode_chat
+    from lmforge.loading import load_model_and_tokenizer
+
+    make_adapter(tmp_path / "ad", "lora", {"targets": "q,v"})
+    chatml = BUILTIN["chatml"].source
+    (tmp_path / "ad" / "chat_template.jinja").write_text(chatml)
+    msgs = [{"role": "user", "content": "Hi"}]
+    r = lmforge("peft", "merge", "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "merged"))
+    assert r.returncode == 0, r.stderr
+    _, adapted_tok = load_model_and_tokenizer(str(tmp_path / "ad"), None)
+    _, merged_tok = load_model_and_tokenizer(str(tmp_path / "merged"), None)
+    assert encode_chat(merged_tok, None, msgs) == encode_chat(adapted_tok, None, msgs)
+    assert merged_tok.chat_template == chatml
+    T = pytest.importorskip("transformers")
+    r = lmforge("peft", "export", "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "hf"),
+                "--format", "hf")
+    assert r.returncode == 0, r.stderr
+    hf_tok = T.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")

@@ -103,6 +103,14 @@ def read_template(path: Path, tok) -> None:
         tok.chat_template = template.read_text(encoding="utf-8")
 
 
+def write_template(path: Path, tok) -> None:
+    """The tokenizer's chat template beside a model written to ``path`` (a directory), where ``read_template`` and
+    transformers read it; nothing when it has none."""
+    template = getattr(tok, "chat_template", None)
+    if isinstance(template, str) and template.strip() and Path(path).is_dir():
+        (Path(path) / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+
 def max_vocab_padding(tok_vocab: int) -> int:
     """How many more rows a model's embedding may have than its tokenizer has ids: checkpoints round the vocabulary
     up for speed (GPT-2 50,257 -> 50,304, GPT-NeoX 50,277 -> 50,432, Qwen2 151,665 -> 151,936): up to 128 rows or

@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lmforge.commands.args import check_vocab
+from lmforge.commands.args import check_vocab, find_tokenizer_path, read_template, write_template
 from lmforge.errors import LMForgeError
 from lmforge.files import check_output
 
@@ -59,7 +59,6 @@ def _read(fmt: str, src: Path):
 
 def run(args) -> None:
     from lmforge.checkpoint import model_state_dict, save_checkpoint
-    from lmforge.commands.args import find_tokenizer_path
     from lmforge.model.heads import HEAD_CONFIG
     from lmforge.tokenizer import load_tokenizer
     from lmforge.tokenizer.loader import NoTokenizerFiles
@@ -78,6 +77,8 @@ def run(args) -> None:
         tok = None
     if tok is not None:
         check_vocab(model.cfg, tok, str(src), str(tok_path))
+        for where in (tok_path, src):  # transformers saves a template as chat_template.jinja: carried along
+            read_template(where, tok)
     if tok is None:
         print(f"warning: no tokenizer found with {src}: converting the weights only (give --tokenizer PATH to carry "
               "one along)", file=sys.stderr)
@@ -86,10 +87,12 @@ def run(args) -> None:
               f"converted; {dst} holds its language model only", file=sys.stderr)
     if args.dst_format == "lmforge":
         save_checkpoint(model, dst, tok)
+        write_template(dst, tok)
     elif args.dst_format == "hf":
         from lmforge.interop.hf import write_hf_dir
 
         warning = write_hf_dir(dst, model.cfg, dict(model.state_dict()), tok)
+        write_template(dst, tok)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
     else:

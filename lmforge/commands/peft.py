@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lmforge.commands.args import read_template, write_template
 from lmforge.errors import LMForgeError
 from lmforge.files import check_output
 
@@ -67,6 +68,12 @@ def _load(args):
     return path, model.eval(), resolved
 
 
+def _templates(tok, base: Path, adapter: str) -> None:
+    """The chat template the merged weights answer to: the adapter's (what it was trained with), else the base's."""
+    read_template(base, tok)
+    read_template(Path(adapter), tok)
+
+
 def run_merge(args) -> None:
     from lmforge.checkpoint import save_checkpoint
     from lmforge.commands.args import check_vocab
@@ -82,7 +89,9 @@ def run_merge(args) -> None:
     tok, _ = _load_tokenizer(path, args.tokenizer, model.cfg.vocab_size)
     if tok is not None:  # refused here, as `generate` would refuse the output
         check_vocab(model.cfg, tok, str(path), args.tokenizer or str(path))
+        _templates(tok, path, args.adapter)
     out = save_checkpoint(model, args.output, tok)
+    write_template(Path(out), tok)
     print(f"{out}: {resolved['method']} adapter merged into {n} layers of {path}")
 
 
@@ -99,7 +108,10 @@ def run_export(args) -> None:
             raise LMForgeError(f"--format hf: a {method} adapter cannot be merged into the weights; use peft/lmforge")
         unwrap(model)
         tok, _ = _load_tokenizer(path, None, model.cfg.vocab_size)
+        if tok is not None:
+            _templates(tok, path, args.adapter)
         warning = write_hf_dir(Path(args.output), model.cfg, dict(model.state_dict()), tok)
+        write_template(Path(args.output), tok)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"{args.output}: the base with the adapter merged, as a transformers checkpoint"
