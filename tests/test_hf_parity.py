@@ -160,6 +160,24 @@ def test_a_chat_template_file_is_carried_through_conversions(tmp_path):
         msgs, tokenize=False, add_generation_prompt=True)
 
 
+def test_several_end_ids_survive_import_and_export(tmp_path):
+    """config.json's eos_token_id [2, 7] and generation_config.json's [2, 7, 9] (as Llama 3's and Qwen2.5's list
+    their ends) came back from lmforge as 2 alone, so transformers' generate of the export stopped at one of them
+    (found by an audit)."""
+    hf, _ = make_pair("llama")
+    hf.config.eos_token_id = [2, 7]
+    hf.generation_config.eos_token_id = [2, 7, 9]
+    hf.save_pretrained(tmp_path / "src")
+    for src, fmt, dst in ((tmp_path / "src", "hf", tmp_path / "lmf"), (tmp_path / "lmf", "lmforge", tmp_path / "back")):
+        r = subprocess.run([sys.executable, "-m", "lmforge", "convert", "--from", fmt, str(src), "--to",
+                            "lmforge" if fmt == "hf" else "hf", str(dst)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    assert load_checkpoint(tmp_path / "lmf").cfg.eos_id == 2
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "back" / name).read_text())["eos_token_id"] == [2, 7, 9], name
+    assert T.AutoModelForCausalLM.from_pretrained(tmp_path / "back").generation_config.eos_token_id == [2, 7, 9]
+
+
 def test_mistral_sliding_window_bounds_the_context(tmp_path):
     """Found by an audit: Mistral's ``sliding_window`` was ignored, so past the window lmforge's logits (dense
     attention) differed from transformers' without a word. Within the window the two are the same: the context is

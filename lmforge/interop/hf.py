@@ -20,6 +20,9 @@ from lmforge.files import public_modes
 
 Tensor = torch.Tensor
 
+EOS_LIST = "eos_token_ids"  # cfg.extra key: a source's end ids when it had several
+
+
 # ---- tensor transforms ------------------------------------------------------------------------
 
 
@@ -146,7 +149,17 @@ def _tokens(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tokens_hf(cfg: ModelConfig) -> dict[str, Any]:
-    return {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id}
+    """The special ids of a transformers config; EOS is a list where the source had several end ids (kept in
+    ``cfg.extra["eos_token_ids"]``), the config's EOS first."""
+    ends = cfg.extra.get(EOS_LIST) or []
+    eos = [cfg.eos_id, *(e for e in ends if e != cfg.eos_id)] if cfg.eos_id in ends else cfg.eos_id
+    return {"bos_token_id": cfg.bos_id, "eos_token_id": eos, "pad_token_id": cfg.pad_id}
+
+
+def _end_ids(*values: Any) -> list[int]:
+    """Every end id of config.json's and generation_config.json's ``eos_token_id`` (an id or a list), in order."""
+    ids = [v for x in values for v in (x if isinstance(x, list) else [x])]
+    return list(dict.fromkeys(v for v in ids if isinstance(v, int) and not isinstance(v, bool) and v >= 0))
 
 
 # ---- architectures ----------------------------------------------------------------------------
@@ -620,6 +633,16 @@ def read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
         raise LMForgeError(f"{cfg_path}: cannot read: {e}") from None
     cfg, arch = config_from_hf(d, str(cfg_path))
     cfg.name = path.name
+    gen_path = path / "generation_config.json"
+    try:
+        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise LMForgeError(f"{gen_path}: cannot read: {e}") from None
+    ends = _end_ids(d.get("eos_token_id"), gen.get("eos_token_id") if isinstance(gen, dict) else None)
+    if cfg.eos_id is None and ends:  # (some models name their end only in generation_config.json)
+        cfg.eos_id = ends[0]
+    if len(ends) > 1:  # several ends (Llama 3's, Qwen2.5's): kept for the export (lmforge stops at the first)
+        cfg.extra[EOS_LIST] = ends
     hf_sd = read_weights(path)
     return cfg, state_dict_from_hf(hf_sd, cfg, arch, str(path))
 
