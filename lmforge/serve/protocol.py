@@ -340,6 +340,11 @@ def chat_logprobs(tokenizer, steps) -> dict[str, Any]:
     return {"content": content}
 
 
+def _top_dict(tokenizer, step) -> dict[str, float] | None:
+    """A step's alternatives as the completions API names them (token text -> logprob), or None."""
+    return {token_str(tokenizer, a): lp for a, lp in step.top_logprobs} if step.top_logprobs else None
+
+
 def completion_logprobs(tokenizer, steps, offset: int = 0) -> dict[str, Any]:
     """The completions API's logprobs of ``steps``; ``text_offset`` counts from ``offset`` (the characters of the
     choice's text before them: an echoed prompt, earlier chunks of a stream)."""
@@ -351,7 +356,7 @@ def completion_logprobs(tokenizer, steps, offset: int = 0) -> dict[str, Any]:
         t = token_str(tokenizer, s.token)
         tokens.append(t)
         lps.append(s.logprob)
-        tops.append({token_str(tokenizer, a): lp for a, lp in s.top_logprobs or []} if s.top_logprobs else None)
+        tops.append(_top_dict(tokenizer, s))
         offsets.append(pos)
         pos += len(t)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -367,7 +372,7 @@ def echo_logprobs(tokenizer, scores, text: str) -> dict[str, Any]:
         t = token_str(tokenizer, s.token)
         tokens.append(t)
         lps.append(s.logprob)
-        tops.append({token_str(tokenizer, a): lp for a, lp in s.top_logprobs} if s.top_logprobs else None)
+        tops.append(_top_dict(tokenizer, s))
         offsets.append(min(pos, len(text)))
         if s.token not in (tokenizer.bos_id, tokenizer.eos_id) or text[pos : pos + len(t)] == t:
             pos += len(t)
