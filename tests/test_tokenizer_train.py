@@ -60,6 +60,36 @@ def test_transformers_encodes_a_prompt_as_lmforge_does(kind, corpus, tmp_path):
     assert (tok.prompt_prefix() != []) == (kind == "llama-bpe")
 
 
+@pytest.mark.parametrize("post", ["none", "no-bos", "bos", "config-says-no"])
+def test_a_transformers_directory_is_prompted_as_transformers_does(post, corpus, tmp_path):
+    """A tokenizer written by transformers is read with transformers' idea of BOS: SmolLM2's names a bos_token
+    but its post-processor adds nothing, so its prompts have no BOS (lmforge put one in front of every prompt, eval
+    question and served request). Saving it again through lmforge keeps that."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import processors
+
+    train_tokenizer([str(corpus)], 600, "llama-bpe", str(tmp_path / "t"))
+    raw = RawTokenizer.from_file(str(tmp_path / "t" / "tokenizer.json"))
+    raw.post_processor = {"none": None, "no-bos": processors.TemplateProcessing(single="$A", pair="$A $B"),
+                          "bos": processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                               special_tokens=[("<s>", 1)]),
+                          "config-says-no": None}[post]
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(tmp_path / "hf"))
+    if post == "config-says-no":  # (transformers 5 goes by the post-processor alone)
+        cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+        (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_bos_token": post == "bos"}))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    tok = load_tokenizer(str(tmp_path / "hf"))
+    tok.save(str(tmp_path / "again"))
+    for d in ("hf", "again"):
+        tok = load_tokenizer(str(tmp_path / d))
+        for t in TEXTS:
+            assert tok.prompt_prefix() + tok.encode(t) == hf(t).input_ids, (d, t)
+    assert tok.prompt_prefix() == ([1] if post == "bos" else [])
+
+
 def cli(*args, stdin=""):
     return subprocess.run([sys.executable, "-m", "lmforge", "tokenizer", *args], input=stdin, capture_output=True,
                           text=True, timeout=120)

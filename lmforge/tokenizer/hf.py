@@ -61,7 +61,8 @@ class HFTokenizer(Tokenizer):
         inv = {i: self.tok.id_to_token(i) for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
         meta = {"kind": self.kind, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
                 "bos_token": inv.get(self.bos_id), "eos_token": inv.get(self.eos_id),
-                "pad_token": inv.get(self.pad_id), "vocab_size": self.vocab_size, "chat_template": self.chat_template}
+                "pad_token": inv.get(self.pad_id), "add_bos_token": bool(self.prompt_prefix()),
+                "vocab_size": self.vocab_size, "chat_template": self.chat_template}
         (d / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
@@ -74,8 +75,28 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # noqa: BLE001 - the library raises bare Exceptions for bad files
             raise LMForgeError(f"{d / 'tokenizer.json'}: cannot read: {e}") from None
         meta = json.loads((d / META).read_text()) if (d / META).is_file() else {}
-        return cls(tok, meta.get("kind", "hf"), meta.get("bos_token"), meta.get("eos_token"), meta.get("pad_token"),
-                   meta.get("chat_template"))
+        out = cls(tok, meta.get("kind", "hf"), _token_text(meta.get("bos_token")), _token_text(meta.get("eos_token")),
+                  _token_text(meta.get("pad_token")), meta.get("chat_template"))
+        out.add_bos = _adds_bos(tok, out.bos_id, meta)
+        return out
+
+
+def _token_text(token) -> str | None:
+    """A special token as transformers' tokenizer_config.json writes it: a string or an AddedToken dict."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _adds_bos(tok, bos_id: int | None, meta: dict) -> bool:
+    """Whether a prompt starts with BOS, as transformers (5.x) encodes it: what the tokenizer's post-processor adds;
+    without one, ``add_bos_token`` where the config has it, else BOS only in a tokenizer lmforge wrote (its convention
+    since training: a transformers directory without a post-processor adds nothing)."""
+    if bos_id is None:
+        return False
+    if tok.post_processor is not None:
+        return tok.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+    if isinstance(meta.get("add_bos_token"), bool):
+        return meta["add_bos_token"]
+    return "kind" in meta
 
 
 def write_tokenizer_json(hf, directory: Path, bos: tuple[str, int] | None = None) -> None:
