@@ -12,6 +12,7 @@ from typing import Any, Literal
 from lmforge.errors import LMForgeError
 from lmforge.yamlfile import read_yaml_file
 
+END_IDS = "eos_token_ids"  # extra key: a source's end ids when it had several (Llama 3, Qwen2.5)
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post", "sandwich", "deepnorm")
 MLPS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh", "reglu")
@@ -90,6 +91,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def end_ids(self) -> list[int]:
+        """Every id that ends the model's generations: EOS and the source's others (``extra["eos_token_ids"]``, from
+        a transformers config's list)."""
+        ends = [self.eos_id, *(self.extra.get(END_IDS) or [])]
+        return list(dict.fromkeys(i for i in ends if isinstance(i, int) and not isinstance(i, bool)))
 
     # ---- derived quantities -------------------------------------------------------------------
     @property

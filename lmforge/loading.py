@@ -10,7 +10,7 @@ import torch
 
 from lmforge.assets import STORIES260K, default_model
 from lmforge.checkpoint import load_model
-from lmforge.commands.args import check_vocab, find_tokenizer_files, find_tokenizer_path, read_template
+from lmforge.commands.args import check_vocab, find_tokenizer_files, find_tokenizer_path, read_template, take_model_ends
 from lmforge.errors import LMForgeError
 from lmforge.peft import is_adapter_dir, load_adapter, read_adapter_base
 from lmforge.tokenizer import load_tokenizer
@@ -40,6 +40,7 @@ def load_model_and_tokenizer(model: str | None, tokenizer: str | None, device: s
     tok = load_tokenizer(str(tok_path))
     read_template(path, tok)
     check_vocab(m.cfg, tok, str(path), str(tok_path))
+    take_model_ends(m.cfg, tok)
     if adapter:
         _add_adapter(m, tok, adapter)
     return m.to(D.pick_device(device)), tok

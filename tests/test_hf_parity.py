@@ -178,6 +178,48 @@ def test_several_end_ids_survive_import_and_export(tmp_path):
     assert T.AutoModelForCausalLM.from_pretrained(tmp_path / "back").generation_config.eos_token_id == [2, 7, 9]
 
 
+def test_generation_stops_at_each_of_the_models_end_ids(tmp_path):
+    """A model whose generation_config.json lists several end ids (Llama 3's <|eot_id|> beside <|end_of_text|>)
+    stops at any of them in transformers; lmforge's generate (PyTorch and C decoding) and serve stopped only at
+    the tokenizer's EOS and ran on (found by an audit)."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    hf, _ = make_pair("llama")
+    words = ["<unk>", "<s>", "</s>", *(f"t{i}" for i in range(3, V))]
+    raw = RawTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.add_special_tokens(["<s>", "</s>"])
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    prompt = fast("t5 t6", return_tensors="pt").input_ids
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        free = hf.generate(prompt, max_new_tokens=16, do_sample=False)[0, prompt.shape[1]:].tolist()
+    k = next(i for i in range(2, len(free)) if free[i] not in free[:i] and free[i] > 2)  # an end id met later
+    hf.config.eos_token_id = [2, free[k]]
+    hf.generation_config.eos_token_id = [2, free[k]]
+    hf.save_pretrained(tmp_path / "src")
+    fast.save_pretrained(tmp_path / "src")
+    with torch.no_grad():
+        out = hf.generate(prompt, max_new_tokens=16, do_sample=False)[0, prompt.shape[1]:].tolist()
+    assert out == free[: k + 1]  # transformers stops at the end id
+    r = subprocess.run([sys.executable, "-m", "lmforge", "convert", "--from", "hf", str(tmp_path / "src"), "--to",
+                        "lmforge", str(tmp_path / "lmf")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for model in ("src", "lmf"):  # (the lmforge directory decodes in C, where the C helper builds)
+        r = subprocess.run([sys.executable, "-m", "lmforge", "generate", "--model", str(tmp_path / model),
+                            "--prompt", "t5 t6", "--temperature", "0", "--max-new-tokens", "16"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert f"({k} tokens;" in r.stderr, (model, k, r.stderr)
+        assert r.stdout.split() == ["t5", "t6", *fast.convert_ids_to_tokens(free[:k])], (model, r.stdout)
+    from lmforge.infer.chat import end_of_turn
+    from lmforge.loading import load_model_and_tokenizer
+
+    _, tok = load_model_and_tokenizer(str(tmp_path / "src"), None, "cpu")  # what serve and chat stop at
+    assert tok.stop_ids() == [2, 1, free[k]] and free[k] in end_of_turn("chatml", tok)[1]
+
+
 def test_mistral_sliding_window_bounds_the_context(tmp_path):
     """Found by an audit: Mistral's ``sliding_window`` was ignored, so past the window lmforge's logits (dense
     attention) differed from transformers' without a word. Within the window the two are the same: the context is

@@ -136,6 +136,12 @@ def check_vocab(cfg, tok, model_src: str, tok_src: str) -> None:
                                f"outside the tokenizer's {tok.vocab_size:,} tokens: not the model's tokenizer")
 
 
+def take_model_ends(cfg, tok) -> None:
+    """Give the tokenizer the model's end ids (its EOS and a transformers config's others), so every generation
+    stops at them as transformers' does."""
+    tok.end_ids = tuple(i for i in cfg.end_ids if 0 <= i < tok.vocab_size and i not in (tok.eos_id, tok.bos_id))
+
+
 def template_arg(value: str | None) -> str | None:
     """``--template``: a built-in name, a Jinja file's text or a Jinja string (None: the tokenizer's own)."""
     from lmforge.infer.chat import BUILTIN, compile_template, get_template

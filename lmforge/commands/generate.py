@@ -20,6 +20,7 @@ from lmforge.commands.args import (
     lean_kv_dtype,
     read_template,
     seed_type,
+    take_model_ends,
     utf8_text,
 )
 from lmforge.errors import LMForgeError
@@ -95,7 +96,7 @@ def _prompt(tok, text: str, context: int, max_new_tokens: int) -> tuple[list[int
     if len(prompt) >= context and max_new_tokens > 0:
         raise LMForgeError(f"--prompt: {len(prompt):,} tokens leave no room in the model's context of {context:,} "
                            "(shorten it)")
-    return prompt, [i for i in (tok.eos_id, tok.bos_id) if i is not None]  # BOS delimits documents (llama2.c)
+    return prompt, tok.stop_ids()
 
 
 def _start(tok) -> list[int]:
@@ -141,6 +142,7 @@ def lean_files(args):
     tok = load_tokenizer(str(tok_path))
     read_template(path, tok)
     check_vocab(cfg, tok, str(path), str(tok_path))
+    take_model_ends(cfg, tok)
     return path, cfg, tok
 
 

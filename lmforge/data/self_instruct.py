@@ -444,7 +444,7 @@ class ModelBackend:
         self.model, self.tok, self.batch_size = model, tokenizer, max(1, batch_size)
         self.context = model.cfg.block_size - model.num_virtual_tokens
         # BOS ends a document too (llama2.c models start the next story with it)
-        self.stop_ids = [i for i in (tokenizer.eos_id, tokenizer.bos_id) if i is not None]
+        self.stop_ids = tokenizer.stop_ids()
         self.prompt_tokens = self.new_tokens = 0
 
     def encode(self, text: str) -> list[int]:

@@ -216,7 +216,7 @@ def apply_template(template: str | ChatTemplate | None, messages: list[dict], ad
 
 def end_of_turn(template: str | ChatTemplate | None, tokenizer=None) -> tuple[list[str], list[int]]:
     """(stop strings, stop token ids) that end an assistant turn: the template's markers (as single tokens where the
-    tokenizer has them), the tokenizer's EOS, and BOS (a document boundary)."""
+    tokenizer has them), the tokenizer's EOS, BOS (a document boundary) and the model's other end ids."""
     t = get_template(template, tokenizer)
     strings, ids = list(t.stop), []
     if tokenizer is not None:
@@ -226,6 +226,7 @@ def end_of_turn(template: str | ChatTemplate | None, tokenizer=None) -> tuple[li
                 ids.append(specials[s])
         if t.stop_on_eos or not t.stop:
             ids += [i for i in (tokenizer.eos_id, tokenizer.bos_id) if i is not None]
+        ids += getattr(tokenizer, "end_ids", ())
     return strings, sorted(set(ids))
 
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.config import END_IDS, ModelConfig
 from lmforge.errors import LMForgeError
 from lmforge.files import public_modes
 
 Tensor = torch.Tensor
 
-EOS_LIST = "eos_token_ids"  # cfg.extra key: a source's end ids when it had several
+EOS_LIST = END_IDS  # cfg.extra key: a source's end ids when it had several
 
 
 # ---- tensor transforms ------------------------------------------------------------------------
@@ -641,7 +641,7 @@ def read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     ends = _end_ids(d.get("eos_token_id"), gen.get("eos_token_id") if isinstance(gen, dict) else None)
     if cfg.eos_id is None and ends:  # (some models name their end only in generation_config.json)
         cfg.eos_id = ends[0]
-    if len(ends) > 1:  # several ends (Llama 3's, Qwen2.5's): kept for the export (lmforge stops at the first)
+    if len(ends) > 1:  # several ends (Llama 3's, Qwen2.5's): generation stops at each; kept for the export
         cfg.extra[EOS_LIST] = ends
     hf_sd = read_weights(path)
     return cfg, state_dict_from_hf(hf_sd, cfg, arch, str(path))

@@ -100,7 +100,7 @@ class ModelServer:
         self.max_body, self.max_queue = max_body, max_queue
         self.template = get_template(template, tokenizer)
         self.chat_stops, self.chat_stop_ids = end_of_turn(self.template, tokenizer)
-        self.stop_ids = [i for i in (tokenizer.eos_id, tokenizer.bos_id) if i is not None]
+        self.stop_ids = tokenizer.stop_ids()
         self.created = P.now()
         self.page = resources.files("lmforge.serve").joinpath("static/index.html").read_bytes()
         self.hosts = HostCheck(host, allowed_hosts)
