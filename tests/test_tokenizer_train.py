@@ -88,6 +88,7 @@ def test_a_transformers_directory_is_prompted_as_transformers_does(post, corpus,
         for t in TEXTS:
             assert tok.prompt_prefix() + tok.encode(t) == hf(t).input_ids, (d, t)
     assert tok.prompt_prefix() == ([1] if post == "bos" else [])
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "again")).unk_token == "<unk>"  # (was lost)
 
 
 def cli(*args, stdin=""):

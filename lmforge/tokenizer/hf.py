@@ -61,8 +61,9 @@ class HFTokenizer(Tokenizer):
         inv = {i: self.tok.id_to_token(i) for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
         meta = {"kind": self.kind, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
                 "bos_token": inv.get(self.bos_id), "eos_token": inv.get(self.eos_id),
-                "pad_token": inv.get(self.pad_id), "add_bos_token": bool(self.prompt_prefix()),
-                "vocab_size": self.vocab_size, "chat_template": self.chat_template}
+                "pad_token": inv.get(self.pad_id), "unk_token": _unk_token(self.tok),
+                "add_bos_token": bool(self.prompt_prefix()), "vocab_size": self.vocab_size,
+                "chat_template": self.chat_template}
         (d / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
@@ -79,6 +80,14 @@ class HFTokenizer(Tokenizer):
                   _token_text(meta.get("pad_token")), meta.get("chat_template"))
         out.add_bos = _adds_bos(tok, out.bos_id, meta)
         return out
+
+
+
+def _unk_token(tok) -> str | None:
+    """The text of the tokenizer model's unknown token (BPE, WordLevel, WordPiece name one), for transformers'
+    ``unk_token``."""
+    unk = getattr(tok.model, "unk_token", None)
+    return unk if isinstance(unk, str) and tok.token_to_id(unk) is not None else None
 
 
 def _token_text(token) -> str | None:
