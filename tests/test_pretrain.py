@@ -246,15 +246,27 @@ def test_a_split_too_small_after_the_tail_split_advises_a_larger_val_fraction(tm
         check_prepared_data(str(tmp_path / "d"), 128)
     msg = str(e.value)
     assert "val split holds" in msg and "--split-mode tail" not in msg and "larger --val-fraction" in msg, msg
-    need = float(msg.split("it was 0.001; ")[1].split()[0])
+    need = float(msg.split("--val-fraction ")[1].split()[0])
     prepare([str(text)], str(STORIES260K_TOKENIZER), str(tmp_path / "d2"), val_fraction=need, progress=False)
     check_prepared_data(str(tmp_path / "d2"), 128)  # the fraction it names is enough
-    # split by document (several documents): the tail split is still the advice
+    # split by document (several documents): the tail split, with a fraction that gives the split its window
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": f"doc {i} " + "a cat sat. " * 30}) + "\n" for i in range(40)))
     prepare([str(docs)], str(STORIES260K_TOKENIZER), str(tmp_path / "d3"), val_fraction=0.03, progress=False)
-    with pytest.raises(LMForgeError, match="--split-mode tail"):
+    with pytest.raises(LMForgeError, match=r"--split-mode tail and --val-fraction 0.041 or more"):
+        check_prepared_data(str(tmp_path / "d3"), 300)
+    prepare([str(docs)], str(STORIES260K_TOKENIZER), str(tmp_path / "d4"), val_fraction=0.041, split_mode="tail",
+            progress=False)
+    check_prepared_data(str(tmp_path / "d4"), 300)  # what it advises works
+    # too little text for both splits (the tail split was advised, which could not help): more text, or a block
+    with pytest.raises(LMForgeError, match=r"holds 7,510 tokens in all: prepare more text or lower --data.block_size"
+                                           r" \(to 3,754 or less\)"):
         check_prepared_data(str(tmp_path / "d3"), 4000)
+    # the train split too small after the tail split (a large --val-fraction): a smaller one
+    prepare([str(docs)], str(STORIES260K_TOKENIZER), str(tmp_path / "d5"), val_fraction=0.97, split_mode="tail",
+            progress=False)
+    with pytest.raises(LMForgeError, match=r"train split .* a smaller --val-fraction 0.959 or less \(it was 0.97\)"):
+        check_prepared_data(str(tmp_path / "d5"), 300)
 
 
 def test_list_recipes_shows_each_whole_description():

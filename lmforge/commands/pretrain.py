@@ -54,19 +54,27 @@ def check_prepared_data(path: str, block_size: int) -> None:
 
 
 def _small_split_advice(index: dict, split: str, block_size: int) -> str:
-    """What to do about a split of ``block_size`` tokens or fewer: the tail split when the data was split by
-    document, else (the tail split was used already, asked or as the fallback of a single file) a larger
-    --val-fraction, else more text."""
-    if index.get("split_mode") != "tail" and index.get("split_fallback") != "tail":
-        return "prepare it again (e.g. --split-mode tail) or lower --data.block_size"
+    """What to do about a split of ``block_size`` tokens or fewer: more text when the whole data cannot give both
+    splits a window; else a --val-fraction that gives the split its window, with the tail split where the data was
+    split by document (a few documents make uneven splits)."""
     total = sum(int(s["tokens"]) for s in index["splits"].values())
-    if split == "val" and total > 2 * (block_size + 1):  # both splits can hold a window
-        need = math.ceil((block_size + 1) / total * 1000) / 1000
-        was = index.get("val_fraction")
-        return (f"the tail split was used already: prepare it again with a larger --val-fraction (it was {was}; "
-                f"{need:g} or more of the {total:,} tokens holds a window) or lower --data.block_size")
-    return (f"the data holds {total:,} tokens in all: prepare more text (or a larger --val-fraction) or lower "
-            "--data.block_size")
+    window = block_size + 1
+    if total <= 2 * window:
+        return (f"the data holds {total:,} tokens in all: prepare more text or lower --data.block_size (to "
+                f"{total // 2 - 1:,} or less)")
+    was = index.get("val_fraction")
+    tail = index.get("split_mode") == "tail" or index.get("split_fallback") == "tail"
+    if split == "val":
+        need = math.ceil(window / total * 1000) / 1000
+        fraction = f"--val-fraction {need:g} or more (it was {was}; of the {total:,} tokens)"
+        how = ("the tail split was used already: prepare it again with a larger " + fraction if tail else
+               "prepare it again with --split-mode tail" + (f" and {fraction}" if not was or was < need else ""))
+    else:
+        most = math.floor((total - window) / total * 1000) / 1000
+        fraction = f"--val-fraction {most:g} or less (it was {was})"
+        how = (f"prepare it again with a smaller {fraction}" if tail else
+               "prepare it again with --split-mode tail" + (f" and {fraction}" if was and was > most else ""))
+    return how + " or lower --data.block_size"
 
 
 def run(args) -> None:
