@@ -106,6 +106,17 @@ def test_dpo_command_raises_implicit_reward_accuracy_and_leaves_a_loadable_model
     again = run("dpo", "--data", str(data), "--out", str(out), "--max-iters", "9", "--train.batch_size", "8",
                 "--data.val_fraction", "0.25", "--resume")
     assert again.returncode == 0 and "resumed from" in again.stderr and "read from" in again.stderr, again.stderr
+    # the stored reference belongs to its model and pairs: another template (or model) is refused on --resume, and
+    # computed again by a new run (--overwrite read the old run's, so step 0 was not policy = reference)
+    other = ("dpo", "--data", str(data), "--out", str(out), "--max-iters", "1", "--train.batch_size", "8",
+             "--data.val_fraction", "0.25", "--data.template", "chatml")
+    r = run(*other, "--resume")
+    assert r.returncode == 1 and "stored for another reference model, template or data" in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("lmforge dpo: error: ") and "Traceback" not in r.stderr
+    r = run(*other, "--overwrite")
+    assert r.returncode == 0 and "read from" not in r.stderr, r.stderr
+    first = next(row for row in _rows(out) if "val_loss" in row)
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(math.log(2), abs=1e-4)
 
 
 def test_dpo_command_with_lora_uses_the_base_as_reference(tmp_path):

@@ -13,12 +13,15 @@ The run directory becomes the final model, as for SFT: a full checkpoint, or the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmforge.errors import LMForgeError
@@ -134,9 +137,43 @@ def _attach(groups, ref: torch.Tensor) -> None:
         g[0]["ref"], g[1]["ref"] = r[0], r[1]
 
 
+def reference_key(model: torch.nn.Module, splits: list[list]) -> str:
+    """What stored reference log-probs belong to: the reference model's weights (a float64 sum per tensor) and every
+    pair's tokens and scored positions in each split (the data, template, tokenizer and length limit)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + struct.pack("<d", t.detach().float().sum(dtype=torch.float64).item()))
+    for groups in splits:
+        h.update(b"#split")
+        for r in (r for g in groups for r in g):
+            h.update(np.asarray(r["input_ids"], np.int64).tobytes() + b"|")
+            h.update(np.asarray(r["labels"], np.int64).tobytes() + b"|")
+    return h.hexdigest()
+
+
+def _stored_reference(path: Path, key: str, counts: tuple[int, int], resume: bool) -> dict[str, torch.Tensor] | None:
+    """The reference log-probs stored with the run when they belong to this model and these pairs (``key``), else
+    None (they are computed again); a resumed run refuses others (its policy was trained against them)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        if resume:
+            raise LMForgeError(f"{path} is missing: cannot resume full-model DPO without the reference")
+        return None
+    with safe_open(str(path), "pt") as f:
+        stored = (f.metadata() or {}).get("key")
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    if stored == key or (stored is None and resume and (sd["train"].shape[0], sd["val"].shape[0]) == counts):
+        return sd  # (a file of an earlier lmforge has no key: its pair counts are checked)
+    if resume:
+        raise LMForgeError(f"{path}: stored for another reference model, template or data than this run's: resume "
+                           "with the --model, --template, --data and --data.max_len the run started with")
+    return None
+
+
 def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool = False) -> dict[str, Any]:
     """Train ``cfg.model`` with DPO on ``cfg.data``; the run directory becomes the model."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from lmforge.peft import apply_peft, save_adapter
     from lmforge.stages.sft import POLICY_LR_SCALE, check_full_finetune, suggested_lr, write_final
@@ -169,15 +206,11 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     if method is None:  # the reference log-probs, once, stored with the run
         out.mkdir(parents=True, exist_ok=True)
         ref_path = out / REFERENCE_FILE
-        if ref_path.is_file():
-            sd = load_file(str(ref_path))
-            if sd["train"].shape[0] != len(train_g) or sd["val"].shape[0] != len(val_g):
-                raise LMForgeError(f"{ref_path}: stored for other data ({sd['train'].shape[0]} train / "
-                                   f"{sd['val'].shape[0]} held-out pairs, now {len(train_g)} / {len(val_g)})")
+        key = reference_key(model, [train_g, val_g])
+        sd = _stored_reference(ref_path, key, (len(train_g), len(val_g)), resume)
+        if sd is not None:
             log(f"reference log-probs read from {ref_path}")
         else:
-            if resume:
-                raise LMForgeError(f"{ref_path} is missing: cannot resume full-model DPO without the reference")
             model.to(device)
             amp = train_precision(t, device, model, dist)
 
@@ -190,7 +223,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
             model.to("cpu")
             if dist.main:
                 tmp = ref_path.with_name(f".{ref_path.name}.tmp")
-                save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
+                save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"key": key})
                 tmp.replace(ref_path)  # whole or absent: a resumed run reads it back
             log(f"reference log-probs of {len(train_g) + len(val_g)} pairs stored in {ref_path}")
         _attach(train_g, sd["train"])
