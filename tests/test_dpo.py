@@ -133,6 +133,14 @@ def test_dpo_command_with_lora_uses_the_base_as_reference(tmp_path):
     assert (out / "adapter_config.json").is_file()
     g = run("generate", "--model", str(out), "--prompt", "Tom", "--max-new-tokens", "3", "--temperature", "0")
     assert g.returncode == 0, g.stderr
+    # resumed with a forgotten flag: refused in one line naming it (the objective or the adapters switched mid-run)
+    common = ("dpo", "--data", str(data), "--out", str(out), "--max-iters", "4", "--train.batch_size", "4",
+              "--data.val_fraction", "0.25", "--resume")
+    for flags, says in ((["--peft", "lora"], "it was trained with loss ipo (this run: sigmoid)"),
+                        (["--loss", "ipo"], "a --peft run (adapter_config.json): resume it with the same --peft")):
+        r = run(*common, *flags)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and last.startswith("lmforge dpo: error: ") and says in last, r.stderr
 
 
 def test_sft_on_the_chosen_answers_then_dpo_from_it(tmp_path):

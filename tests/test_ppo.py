@@ -66,6 +66,16 @@ def test_ppo_command_runs_and_resumes_exactly(prompts, tmp_path):
     resumed = _run(*common, "--out", str(tmp_path / "cut"), "--steps", "2", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
+    summary = json.loads((tmp_path / "cut" / "ppo_summary.json").read_text())
+    # resuming the finished run does nothing and keeps its figures (it said "score nan, KL nan", emptied "last")
+    again = _run(*common, "--out", str(tmp_path / "cut"), "--steps", "2", "--resume")
+    assert again.returncode == 0 and "nan" not in again.stderr, again.stderr[-2000:]
+    assert json.loads((tmp_path / "cut" / "ppo_summary.json").read_text()) == summary
+    # a resumed run with other settings (a forgotten flag) is refused: they switched mid-run without a word
+    other = [x if x != "8" else "16" for x in common]  # --ppo.max_new_tokens 16
+    r = _run(*other, "--out", str(tmp_path / "cut"), "--steps", "3", "--resume")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "it was trained with ppo.max_new_tokens 8 (this run: 16)" in r.stderr.strip().splitlines()[-1], r.stderr
     a, b = _policy_and_critic(tmp_path / "whole"), _policy_and_critic(tmp_path / "cut")
     assert a.keys() == b.keys()
     for k in a:
@@ -96,6 +106,20 @@ def test_ppo_command_errors(prompts, tmp_path):
     r = _run("--reward", "lmforge.data.stories:length", "--prompts", str(prompts), "--out", str(tmp_path / "x"),
              "--steps", "-3")  # said "train.max_iters=-12: must be >= 0"
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "lmforge ppo: error: --steps -3: must be >= 1"
+    common = ["--reward", "lmforge.data.stories:length", "--prompts", str(prompts), "--out", str(tmp_path / "x")]
+    for flags, says in ((["--ppo.kl_coef", "-1"], "ppo.kl_coef -1: must be >= 0"),  # (a KL bonus, exit 0)
+                        (["--ppo.kl_target", "nan"], "ppo.kl_target nan: must be a finite number"),
+                        (["--ppo.clip", "-1"], "ppo.clip -1: must be > 0"),
+                        (["--ppo.gamma", "2"], "ppo.gamma 2: must be in [0, 1]"),
+                        (["--ppo.kl_estimator", "k9"], "ppo.kl_estimator 'k9': allowed values are ['k1', 'k2', 'k3']"),
+                        (["--ppo.max_new_tokens", "0"], "ppo.max_new_tokens 0: must be >= 1"),
+                        (["--ptx-data", str(prompts)], "--ptx-data: PPO-ptx needs its weight too"),  # (was ignored)
+                        (["--eval-prompts", str(tmp_path / "none.txt")], "--eval-prompts"),  # (said --prompts)
+                        ):
+        r = _run(*common, *flags)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and last.startswith("lmforge ppo: error: ") and says in last, (flags, r.stderr)
+        assert "\nppo: " not in "\n" + r.stderr  # refused before the models load (the "ppo: ..." line)
     f = tmp_path / "rw.py"
     f.write_text("def nan(prompts, responses):\n    return [float('nan')] * len(responses)\n"
                  "def none(prompts, responses):\n    return [None] * len(responses)\n")

@@ -157,6 +157,8 @@ def _stored_reference(path: Path, key: str, counts: tuple[int, int], resume: boo
     from safetensors import safe_open
 
     if not path.is_file():
+        if resume and (path.parent / "adapter_config.json").is_file():  # (it said the reference was missing)
+            raise LMForgeError(f"{path.parent}: a --peft run (adapter_config.json): resume it with the same --peft")
         if resume:
             raise LMForgeError(f"{path} is missing: cannot resume full-model DPO without the reference")
         return None
@@ -268,7 +270,8 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     run_config = {**cfg.to_dict(), "resolved_peft": resolved, "train_pairs": len(train_g), "val_pairs": len(val_g)}
     trainer = Trainer(model, t, train, dpo_loss_fn(cfg.loss, cfg.beta, cfg.label_smoothing, method is not None),
                       out, val_data=val, tokenizer=tok, run_config=run_config, device=device, dist=dist, log=log,
-                      export_fn=export, units="pairs")
+                      export_fn=export, units="pairs",
+                      same_on_resume=("model", "peft", "loss", "beta", "label_smoothing", "data.template"))
     try:
         result = trainer.fit(resume=resume)
         if dist.main:

@@ -39,8 +39,10 @@ from lmforge.assets import default_model
 from lmforge.checkpoint import save_checkpoint
 from lmforge.data.preference import read_prompts
 from lmforge.errors import LMForgeError
+from lmforge.files import write_text_atomic
 from lmforge.loading import load_model_and_tokenizer
 from lmforge.losses import (
+    KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     cross_entropy,
@@ -101,6 +103,32 @@ class PPOOptions:
     ptx_coef: float = 0.0  # PPO-ptx gamma
     ptx_batch: int = 4
     ptx_block: int = 64
+
+
+# (option, lowest, highest, lowest allowed itself): every number must be finite and within its range
+_RANGES = (("rollout_batch", 1, None, True), ("minibatch", 1, None, True), ("epochs", 1, None, True),
+           ("max_new_tokens", 1, None, True), ("clip", 0, None, False), ("vf_clip", None, None, True),
+           ("vf_coef", 0, None, True), ("ent_coef", 0, None, True), ("gamma", 0, 1, True), ("lam", 0, 1, True),
+           ("kl_coef", 0, None, True), ("kl_target", 0, None, False), ("kl_horizon", 0, None, True),
+           ("early_stop_kl", 0, None, True), ("missing_eos_penalty", None, None, True), ("ptx_coef", 0, None, True),
+           ("ptx_batch", 1, None, True), ("ptx_block", 2, None, True))
+
+
+def check_options(opts: PPOOptions) -> None:
+    """Refuse, in one line naming it, a ``ppo.*`` value outside its range (a negative kl_coef made the KL penalty a
+    bonus for leaving the reference; a NaN kl_target a NaN beta; a negative clip an inverted clip range)."""
+    for name, low, high, closed in _RANGES:
+        v = getattr(opts, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise LMForgeError(f"ppo.{name} {v}: must be a finite number")
+        if (low is not None and (v < low or (v == low and not closed))) or (high is not None and v > high):
+            where = (f"in [{low}, {high}]" if high is not None else
+                     f"{'>=' if closed else '>'} {low}")
+            raise LMForgeError(f"ppo.{name} {v:g}: must be {where}")
+    if opts.kl_estimator not in KL_ESTIMATORS:
+        raise LMForgeError(f"ppo.kl_estimator {opts.kl_estimator!r}: allowed values are {list(KL_ESTIMATORS)}")
+    if opts.critic_init not in ("auto", "reward", "policy"):
+        raise LMForgeError(f"ppo.critic_init {opts.critic_init!r}: allowed values are ['auto', 'reward', 'policy']")
 
 
 def kl_horizon(opts: PPOOptions, steps: int) -> float:
@@ -475,6 +503,14 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
         raise LMForgeError("no prompts: pass --prompts FILE")
     if not 0 < o.temperature < math.inf:
         raise LMForgeError("ppo.temperature must be > 0 (PPO samples; its log-probs are those of the sampler)")
+    check_options(o)
+    if cfg.ptx_data and o.ptx_coef == 0:  # (PPO-ptx was off without a word)
+        raise LMForgeError("--ptx-data: PPO-ptx needs its weight too: set --ppo.ptx_coef (InstructGPT's gamma, "
+                           "e.g. 1.0)")
+    for flag, path in (("--prompts", cfg.prompts), ("--eval-prompts", cfg.eval_prompts),
+                       ("--ptx-data", cfg.ptx_data)):
+        if path and not Path(path).exists():  # (before the models load)
+            raise LMForgeError(f"{flag} {path}: no such file")
     if cfg.steps < 1:  # (it said "train.max_iters=-12", a value the user never gave)
         raise LMForgeError(f"--steps {cfg.steps}: must be >= 1")
     if o.adaptive_kl:
@@ -565,7 +601,7 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
 
     eval_set = None
     if cfg.eval_prompts:
-        e_ids, e_texts, _ = encode_all(read_prompts(cfg.eval_prompts))
+        e_ids, e_texts, _ = encode_all(read_prompts(cfg.eval_prompts, "--eval-prompts"))
         eval_set = (e_ids, e_texts)
 
     def held_out() -> float | None:
@@ -573,13 +609,18 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
             return None
         return evaluate_prompts(model.actor, eval_set[0], eval_set[1], scorer, tok.decode, list(stop_ids), o, pad)
 
-    before = held_out() if not resume else None
-    if before is not None:
+    summary_path = out / "ppo_summary.json"
+    previous = _read_summary(summary_path) if resume else {}
+    before = held_out() if not resume else previous.get("heldout_before")
+    if before is not None and not resume:
         log(f"held-out mean reward before: {before:.4f}")
+        out.mkdir(parents=True, exist_ok=True)  # kept for a resumed run: the model it started from is gone
+        write_text_atomic(summary_path, json.dumps({"heldout_before": before}, indent=2) + "\n")
     base_ref = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
     run_config = {**cfg.to_dict(), "resolved_peft": resolved_peft}
     trainer = Trainer(model, t, source, make_loss_fn(source, o), out, tokenizer=tok, run_config=run_config,
-                      device=device, log=log, units="rollouts")
+                      device=device, log=log, units="rollouts",
+                      same_on_resume=("model", "reward_model", "reward", "template", "ptx_data", "ppo", "peft"))
     result = trainer.fit(resume=resume)
     after = held_out()
     if after is not None:
@@ -587,9 +628,19 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
     _write_final(model, out, tok, method, resolved_peft, base_ref, template.source)
     plot_ppo(out / "metrics.jsonl", out / "ppo.png")
     summary = {"iterations": source.iteration, "early_stops": source.early_stops, "beta": source.kl.value,
-               "heldout_before": before, "heldout_after": after, "last": source.stats, "step": result.get("step")}
-    (out / "ppo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+               "heldout_before": before, "heldout_after": after, "last": source.stats or previous.get("last", {}),
+               "step": result.get("step")}  # (a resumed run that had nothing left to do keeps the last figures)
+    write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    """What a run's ppo_summary.json holds (empty when absent or unreadable)."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
 
 
 def _ptx_windows(path: str, tok, block: int, batch: int, seed: int) -> TokenWindows:

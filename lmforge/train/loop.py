@@ -156,16 +156,54 @@ def _cpu_name() -> str:
         return platform.processor()
 
 
+def _flat(d: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(d, dict):
+        return {k: v for key, sub in d.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
+    return {prefix: d}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal settings; paths that name the same existing file alike (a run resumed from another directory)."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and a and b and Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return False
+
+
+def run_differences(saved: dict[str, Any], mine: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """``key saved (this run: mine)`` for each setting of ``keys`` (sections compared key by key) that differs; keys
+    a checkpoint of an earlier lmforge did not record are not compared."""
+    out = []
+    for key in keys:
+        head, _, sub = key.partition(".")  # "data.template": one key of a section
+        if head not in saved or (sub and sub not in (saved[head] or {})):
+            continue
+        old = _flat(saved[head][sub] if sub else saved[head], key)
+        new = _flat((mine.get(head) or {}).get(sub) if sub else mine.get(head), key)
+        for k in sorted(set(old) | set(new)):
+            if not _same(old.get(k), new.get(k)):
+                out.append(f"{k} {_show(old.get(k))} (this run: {_show(new.get(k))})")
+    return out
+
+
+def _show(v: Any) -> str:
+    return "none" if v in (None, "", {}) else str(v)
+
+
 class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, train_data, loss_fn: LossFn, out_dir: str | Path,
                  val_data=None, tokenizer=None, run_config: dict[str, Any] | None = None,
                  sample_fn: Callable[[nn.Module], str] | None = None, device: torch.device | None = None,
                  dist: D.Dist | None = None, log=None, export_fn: ExportFn | None = None,
-                 units: str = "tokens", start_is_candidate: bool = False) -> None:
+                 units: str = "tokens", start_is_candidate: bool = False, same_on_resume: tuple[str, ...] = ()) -> None:
         """``start_is_candidate``: the starting weights can be the best (e.g. a reward head fitted before training):
         when the evaluation at step 0 is the best so far, they are checkpointed and marked best like any later step's
-        (otherwise only steps after 0 count)."""
+        (otherwise only steps after 0 count). ``same_on_resume``: keys of ``run_config`` (a section: all its keys)
+        that define the run: a checkpoint trained with other values is not resumed from (the objective, the model,
+        the adapters: a forgotten flag switched them mid-run without a word)."""
         self.cfg = cfg
+        self.same_on_resume = same_on_resume
         self.start_is_candidate = start_is_candidate
         self.device = device or torch.device("cpu")
         self.dist = dist or D.Dist()
@@ -258,6 +296,10 @@ class Trainer:
     def restore(self, ckpt: Path) -> None:
         s = load_training_checkpoint(ckpt)
         t = s["trainer"]
+        changed = run_differences(t.get("run_config") or {}, self.run_config, self.same_on_resume)
+        if changed:
+            raise StreamMismatch(f"it was trained with {'; '.join(changed)}: resume with the same settings, or pass "
+                                 "--overwrite to start again")
         self.train_data.load_state_dict(t["train_data"])  # first: a stream of another shape loads nothing else
         msd = s["train_model"] if s["train_model"] is not None else s["model"]
         if self.raw_model.cfg.tie_embeddings and "wte.weight" in msd:
