@@ -117,6 +117,10 @@ def test_dpo_command_raises_implicit_reward_accuracy_and_leaves_a_loadable_model
     assert r.returncode == 0 and "read from" not in r.stderr, r.stderr
     first = next(row for row in _rows(out) if "val_loss" in row)
     assert first["step"] == 0 and first["val_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    rows = _rows(out)  # the run started again: none of the old run's rows are left (its step 0 was)
+    assert [r["step"] for r in rows] == [0, 1], rows
+    r = run(*other, "--resume")  # nothing left to do: no row added (a final row was, at every such resume)
+    assert r.returncode == 0 and _rows(out) == rows, r.stderr
 
 
 def test_dpo_command_with_lora_uses_the_base_as_reference(tmp_path):

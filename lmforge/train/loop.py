@@ -529,13 +529,13 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed + self.dist.rank)
-        if resume:
-            self.resume()
+        resumed = self.resume() if resume else False
+        start = self.step
         if cfg.precision == "auto" and self.device.type == "cpu":
             self.log(f"train.precision auto: {PRECISION_NAMES[self.amp_dtype]}"
                      + (" (bf16 products measured faster for these layers on this machine)" if self.amp_dtype else ""))
         self.metrics = MetricsWriter(self.out, enabled=self.dist.main, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
-                                     run_config=self.run_config, truncate_after=self.step)
+                                     run_config=self.run_config, truncate_after=self.step if resumed else -1)
         flops_tok = model_flops_per_token(self.raw_model) if self.count_tokens else 0.0
         peak = _peak_flops(self.device, self.amp_dtype) * self.dist.world
         total = cfg.decay_iters or cfg.max_iters
@@ -611,7 +611,8 @@ class Trainer:
                     self.save()
                     save_due = False
                     t0 = time.perf_counter()  # and checkpoint writing
-            self._eval_and_log(last, final=True)
+            # (a resumed run that had nothing left to do: its last evaluation is in metrics.jsonl already)
+            self._eval_and_log(last, final=True, record=not (resumed and self.step == start))
             self.save()
         except KeyboardInterrupt:
             self.log(f"interrupted at step {self.step}: writing a final checkpoint")
@@ -653,7 +654,7 @@ class Trainer:
             out = obj[0]
         return out
 
-    def _eval_and_log(self, last: dict[str, Any], final: bool = False) -> None:
+    def _eval_and_log(self, last: dict[str, Any], final: bool = False, record: bool = True) -> None:
         ev = self.evaluate()
         tasks = self.run_eval_tasks()
         if tasks:
@@ -663,7 +664,8 @@ class Trainer:
             rec = {"step": self.step, **ev}
             if "train_loss" in last and last["step"] == self.step:
                 rec = {**last, **ev}
-            self.metrics.write(rec)
+            if record:
+                self.metrics.write(rec)
             shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in ev.items())
             self.log(f"step {self.step}: {shown}" + (f", train loss {last['train_loss']:.4f}"
                                                      if "train_loss" in rec else ""))

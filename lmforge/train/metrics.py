@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from lmforge.files import write_text_atomic
 from lmforge.quant.quantize import weight_count
 
 
@@ -31,8 +32,8 @@ class MetricsWriter:
             return
         if truncate_after is not None and self.path.exists():  # a resumed run rewrites what came after its step
             keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and
-                    json.loads(ln).get("step", 0) <= truncate_after]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+                    json.loads(ln).get("step", 0) <= truncate_after]  # (-1: a run started again keeps nothing)
+            write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
         self.f = open(self.path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
