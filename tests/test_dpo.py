@@ -195,3 +195,11 @@ def test_dpo_errors_are_one_line(tmp_path):
         r = run(cmd, "--data", str(pairs), *flags, "--out", str(tmp_path / "o"))  # (sft reads the chosen replies)
         assert r.returncode == 1 and r.stderr.startswith(f"lmforge {cmd}: error: {says}"), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+    # accepted and ignored: conservative DPO's smoothing with another loss; an untrained head saved as the model
+    for cmd, flags, says in (("dpo", ["--loss", "ipo", "--label-smoothing", "0.2"],
+                              "--label-smoothing 0.2: conservative DPO's smoothing is of the sigmoid loss"),
+                             ("reward", ["--max-iters", "0", "--train.batch_size", "4"],
+                              "--max-iters 0 fine-tunes nothing")):
+        r = run(cmd, "--data", str(pairs), *flags, "--out", str(tmp_path / "o2"))
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and last.startswith(f"lmforge {cmd}: error: {says}"), r.stderr

@@ -119,6 +119,10 @@ def test_eval_and_rejection_sample_flags_out_of_range_are_one_line_naming_the_fl
                        capture_output=True, timeout=300)  # (".: is a directory")
     assert r.returncode == 1 and "--template '': empty; give a built-in name" in r.stderr, r.stderr
     prompts.write_text("Once upon a time.\n")
+    r = run("rejection-sample", "--model", "", "--reward", str(rm_dir), "--prompts", str(prompts), "--out",
+            str(tmp_path / "o.jsonl"), "--temperature", "0", "--k", "4")  # (K identical greedy answers)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        "lmforge rejection-sample: error: --temperature 0 with --k 4: every sample would be the same"), r.stderr
     for flag, value, need in (("--max-new-tokens", "-3", ">= 1"), ("--temperature", "-1", ">= 0"),
                               ("--context", "0", ">= 2"), ("--samples", "0", ">= 1")):
         r = run("eval", "--task", "perplexity", "--data", str(prompts), flag, value)

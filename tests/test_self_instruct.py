@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.assets import STORIES260K, STORIES260K_TOKENIZER
 from lmforge.data.self_instruct import (
     CLASSIFY_HEADER,
     INSTANCE_FILTERS,
@@ -368,6 +369,18 @@ def test_command_on_stories260k_runs_resumes_and_refuses(tmp_path):
     rep2 = json.loads((out / "report.json").read_text())
     assert rep2["rounds"] == 2 and rep2["generated"] >= rep["generated"]
     assert (out / "machine_instructions.jsonl").read_text().startswith(kept)
+    # resumed with another model (a forgotten --model): refused (its data was mixed in, the report named it alone)
+    other = tmp_path / "other.bin"
+    other.write_bytes(STORIES260K.read_bytes())
+    r = run_cli("self-instruct", "--seeds", str(seeds), "--num", "9", "--out", "tmp", "--resume", "--model",
+                str(other), "--tokenizer", str(STORIES260K_TOKENIZER), *small, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"lmforge self-instruct: error: tmp: made with --model {STORIES260K} (this run: {other}); resume with the "
+        "same --model, or use another --out"), r.stderr
+    r = run_cli("self-instruct", "--seeds", str(seeds), "--num", "9", "--out", "tmp2", "--presence-penalty", "nan",
+                *small, cwd=tmp_path)  # (NaN logits: every sequence ran to its limit, nothing kept)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "lmforge self-instruct: error: --presence-penalty nan: must be a finite number"], r.stderr
 
 
 def test_model_backend_stops_truncates_and_fits_the_context(stories):

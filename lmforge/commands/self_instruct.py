@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import fields
 
+from lmforge.assets import default_model
 from lmforge.commands.args import seed_type
 from lmforge.commands.common import add_model_args
 from lmforge.errors import LMForgeError
@@ -75,7 +76,7 @@ def run(args) -> None:
     model.eval()
     backend = ModelBackend(model, tok, cfg.batch_size)
     rep = run_self_instruct(args.seeds, args.out, cfg, backend, resume=args.resume,
-                            settings={"model": args.model or "stories260K", "adapter": args.adapter},
+                            settings={"model": default_model(args.model), "adapter": args.adapter},
                             progress=not args.no_progress)
     for line in format_report(rep, cfg):
         print(line)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -37,8 +38,10 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
+from lmforge.assets import STORIES260K
 from lmforge.data.io import iter_records
 from lmforge.errors import LMForgeError
+from lmforge.files import write_text_atomic
 from lmforge.infer.generate import generate_batch
 from lmforge.infer.sampling import SamplingParams, cut_at_stop
 from lmforge.manifest import sha256_file
@@ -542,6 +545,9 @@ class SelfInstructConfig:
             raise LMForgeError("--temperature and --instance-temperature must be >= 0 and --top-p in (0, 1]")
         if self.max_rounds < 0 or self.patience < 0:
             raise LMForgeError("--max-rounds and --patience must be >= 0")
+        for name in ("temperature", "instance_temperature", "presence_penalty", "instance_presence_penalty"):
+            if not math.isfinite(getattr(self, name)):  # (NaN logits: every sequence ran to its limit)
+                raise LMForgeError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a finite number")
 
 
 FILES = ("machine_instructions.jsonl", "data.json", "report.json")
@@ -570,7 +576,15 @@ def check_out_dir(out: str | Path, resume: bool) -> None:
         raise LMForgeError(f"{out}: not empty; pass --resume to continue the run in it, or choose another --out")
 
 
-def open_run_dir(out: Path, resume: bool, seeds_sha: str, log: Callable[[str], None]) -> RunState:
+def _same_path(a: str | None, b: str | None) -> bool:
+    """The same setting: equal, or paths of the same existing file."""
+    if a == b or {a, b} <= {"stories260K", str(STORIES260K)}:  # (an earlier lmforge recorded the default so)
+        return True
+    return bool(a and b and Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def open_run_dir(out: Path, resume: bool, seeds_sha: str, log: Callable[[str], None],
+                 settings: dict[str, Any] | None = None) -> RunState:
     """A fresh state for an empty ``out``, or with ``resume`` the state it holds (lines of
     machine_instructions.jsonl beyond the count in report.json, left by an interrupted round, are dropped)."""
     check_out_dir(out, resume)
@@ -593,9 +607,14 @@ def open_run_dir(out: Path, resume: bool, seeds_sha: str, log: Callable[[str], N
     if rep.get("settings", {}).get("seeds_sha256") not in (None, seeds_sha):
         raise LMForgeError(f"{out}: made from other seed tasks than --seeds; resume with the same seeds or use "
                            "another --out")
+    for key in ("model", "adapter"):  # (another model's data was mixed in, and the report named it alone)
+        was, now = rep.get("settings", {}).get(key), (settings or {}).get(key)
+        if key in rep.get("settings", {}) and not _same_path(was, now):
+            raise LMForgeError(f"{out}: made with --{key} {was or 'none'} (this run: {now or 'none'}); resume with "
+                               f"the same --{key}, or use another --out")
     if len(lines) != len(records):
         log(f"self-instruct: dropped {len(lines) - len(records)} records of an interrupted round")
-        lines_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        write_text_atomic(lines_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     st = RunState(records=records, rounds=rep["rounds"], generated=rep["generated"],
                   instances_generated=rep["instances"]["generated"],
                   classification=dict(rep["classification"]))
@@ -661,7 +680,7 @@ def run_self_instruct(seeds_path: str | Path, out: str | Path, cfg: SelfInstruct
     seeds = load_seed_tasks(seeds_path)
     seeds_sha = sha256_file(seeds_path)
     settings = {**(settings or {}), "seeds": str(seeds_path), "seeds_sha256": seeds_sha}
-    st = open_run_dir(out, resume, seeds_sha, log)
+    st = open_run_dir(out, resume, seeds_sha, log, settings)
     seed_texts = [t.instruction for t in seeds]
     index = RougeIndex(seed_texts + [r["instruction"] for r in st.records])
     clf_demos = classify_demos(seeds, cfg.classify_shots, random.Random(f"clf:{cfg.seed}"))

@@ -37,8 +37,12 @@ def kv_cache_len(cfg: ModelConfig, n_seqs: int, max_len: int | None = None, dtyp
             raise LMForgeError(f"--max-len {max_len}: must be >= 1")
         n = max_len
         if n > fit:
-            raise LMForgeError(f"--max-len {max_len}: a key/value cache of {n:,} positions x {n_seqs} sequences needs "
-                               f"{n * per_pos / 2**30:.1f} GiB, more than {budget / 2**30:.1f} GiB; lower --max-len")
+            # (the command's levers: serve's --max-len and --max-batch, self-instruct's and rejection-sample's
+            # --batch-size and --max-new-tokens; it named --max-len to commands without one)
+            most = budget // (per_pos // n_seqs * n)
+            raise LMForgeError(f"a key/value cache of {n:,} positions x {n_seqs:,} sequences needs "
+                               f"{n * per_pos / 2**30:.1f} GiB, more than {budget / 2**30:.1f} GiB: at most {most:,} "
+                               f"such sequences fit at once, or {n_seqs:,} of at most {fit:,} positions each")
         return n
     if fit < 1:
         raise LMForgeError(f"a key/value cache for {n_seqs} sequences needs {per_pos / 2**30:.1f} GiB per position, "

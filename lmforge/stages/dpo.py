@@ -186,6 +186,9 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
         raise LMForgeError(f"--beta {cfg.beta}: must be a positive number")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise LMForgeError(f"--label-smoothing {cfg.label_smoothing}: must be in [0, 0.5)")
+    if cfg.label_smoothing and cfg.loss != "sigmoid":  # (accepted, and ignored)
+        raise LMForgeError(f"--label-smoothing {cfg.label_smoothing:g}: conservative DPO's smoothing is of the sigmoid "
+                           f"loss; --loss {cfg.loss} has none")
     explicit_train = explicit_train or set()
     check_epochs_max_len(cfg.epochs, cfg.data.max_len)
     out = Path(cfg.out)

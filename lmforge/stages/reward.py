@@ -415,6 +415,9 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
                               explicit=explicit_train),
               "best_metric": "val_accuracy", "best_mode": "max"}
     apply_defaults(t, chosen, explicit_train)
+    if t.max_iters == 0 and not probe_only:  # (it saved the untrained head as the reward model)
+        raise LMForgeError("--max-iters 0 fine-tunes nothing and would save an untrained head; for the head fitted "
+                           "to the frozen features alone, use --epochs 0 --head-init probe")
     if val is None:
         t.eval_iters = 0
         if "best_metric" not in explicit_train:
