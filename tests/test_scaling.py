@@ -254,3 +254,20 @@ def test_sweep_trains_a_stored_run_again_when_its_settings_changed(tmp_path, mon
     assert trained == [2] * 6
     S.sweep(S.SweepConfig(out=str(tmp_path), sizes=[(1, 8), (1, 16)], iters=[2, 3, 4], batch_size=1), quiet=True)
     assert trained == [2] * 6 + [1] * 6
+
+
+def test_fit_on_a_fine_tuning_run_says_what_it_reads(tmp_path):
+    """An SFT/DPO/reward run (its run config has no data.block_size) said "cannot read the trainer state:
+    'block_size'", which reads as a damaged checkpoint."""
+    from lmforge.config import ModelConfig
+    from lmforge.scaling.fit import read_run
+
+    run = tmp_path / "sft1"
+    (run / "ckpt-0000002").mkdir(parents=True)
+    ModelConfig(vocab_size=64, block_size=32, n_layer=1, n_embd=16, n_head=2).save(run / "ckpt-0000002" / "config.json")
+    (run / "ckpt-0000002" / "trainer_state.json").write_text(json.dumps(
+        {"run_config": {"train": {"batch_size": 4}, "data": {"path": "x.jsonl", "max_len": 0}}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 2, "val_loss": 1.0}) + "\n")
+    with pytest.raises(LMForgeError, match=r"sft1: a fine-tuning run \(sft, reward, dpo or ppo\); scaling fit reads "
+                                           r"pretraining runs"):
+        read_run(run)

@@ -101,6 +101,9 @@ def read_run(path: str | Path) -> Run:
     try:
         state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
         rc = state["run_config"]
+        if "block_size" not in (rc.get("data") or {}):  # (said "cannot read the trainer state: 'block_size'")
+            stage = "a fine-tuning run (sft, reward, dpo or ppo)"
+            raise LMForgeError(f"{path}: {stage}; scaling fit reads pretraining runs (lmforge pretrain, scaling sweep)")
         tokens_per_step = rc["train"]["batch_size"] * rc["train"].get("grad_accum", 1) * rc["data"]["block_size"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LMForgeError(f"{ckpts[-1]}: cannot read the trainer state: {e}") from None
