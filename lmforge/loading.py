@@ -3,6 +3,7 @@ a GGUF or llama2.c file), shared by the commands, the training stages, the pipel
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ def load_model_and_tokenizer(model: str | None, tokenizer: str | None, device: s
         m, tok = load_model_and_tokenizer(base, own_tok, device, adapter=str(path))
         read_template(path, tok)
         if adapter:  # an adapter on top of this one (a chain: DPO's adapter on the SFT adapter's model)
-            _add_adapter(m, tok, adapter)
+            _add_adapter(m, tok, adapter, path)
         return m, tok
     m = load_model(path)
     tok_path = Path(tokenizer) if tokenizer else find_tokenizer_path(path, m.cfg.vocab_size)
@@ -42,11 +43,14 @@ def load_model_and_tokenizer(model: str | None, tokenizer: str | None, device: s
     check_vocab(m.cfg, tok, str(path), str(tok_path))
     take_model_ends(m.cfg, tok)
     if adapter:
-        _add_adapter(m, tok, adapter)
+        _add_adapter(m, tok, adapter, path)
     return m.to(D.pick_device(device)), tok
 
 
-def _add_adapter(m, tok, adapter: str) -> None:
+def _add_adapter(m, tok, adapter: str, model_path: Path) -> None:
+    base = read_adapter_base(adapter)
+    if base and Path(base).exists() and Path(base).resolve() != model_path.resolve():  # (scored a model never made)
+        print(f"warning: {adapter} was trained on {base}; applying it to {model_path}", file=sys.stderr)
     load_adapter(m, adapter)  # LoRA already in the model is merged into its weights first
     read_template(Path(adapter), tok)
     m.requires_grad_(False)

@@ -158,3 +158,21 @@ def test_merge_and_hf_export_keep_the_adapters_chat_template(tmp_path):
     hf_tok = T.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == (
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_an_adapter_on_another_base_than_its_own_is_said(tmp_path):
+    """An adapter applied to a model other than the base it records was taken without a word (eval then scored a
+    model that never existed)."""
+    import shutil
+
+    make_adapter(tmp_path / "adapter", "lora", {"targets": "q,v"})
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(STORIES260K, other / "stories260K.bin")
+    shutil.copy(STORIES260K.parent / "tok512.bin", other / "tok512.bin")
+    common = ("generate", "--prompt", "Once", "--max-new-tokens", "2", "--adapter", str(tmp_path / "adapter"))
+    own = lmforge(*common, "--model", str(STORIES260K))
+    assert own.returncode == 0 and "warning" not in own.stderr, own.stderr
+    r = lmforge(*common, "--model", str(other / "stories260K.bin"))
+    assert r.returncode == 0 and (f"warning: {tmp_path / 'adapter'} was trained on {STORIES260K}; applying it to "
+                                  f"{other / 'stories260K.bin'}") in r.stderr, r.stderr
