@@ -71,9 +71,15 @@ class EvalResult:
         return " ".join([self.task] + [f"{k}={self.metrics[k]:.4f}" for k in keys] + [f"n={self.n}"])
 
     def to_json(self) -> dict:
-        return {"task": self.task, "metrics": self.metrics, "n": self.n, "seconds": self.seconds,
-                "tokens": self.tokens, "tokens_per_s": self.tokens_per_s, "subjects": self.subjects,
-                "config": self.config, "records": self.records}
+        """The results as JSON-safe values: a metric that is not finite (an overflowing perplexity, the stderr of one
+        example) becomes null, since ``json.dumps`` would write ``Infinity`` or ``NaN``, which are not JSON."""
+        return {"task": self.task, "metrics": {k: _finite_or_none(v) for k, v in self.metrics.items()}, "n": self.n,
+                "seconds": self.seconds, "tokens": self.tokens, "tokens_per_s": self.tokens_per_s,
+                "subjects": self.subjects, "config": self.config, "records": self.records}
+
+
+def _finite_or_none(v: object) -> object:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def mean_stderr(xs: list[float]) -> tuple[float, float]:

@@ -381,11 +381,20 @@ def rolling_windows(n: int, context: int, stride: int) -> list[tuple[int, int, i
     return wins
 
 
+def safe_exp(x: float) -> float:
+    """``math.exp`` that gives ``inf`` where the result overflows a float (exponents above ~709)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return float("inf")
+
+
 def perplexity_metrics(nll: float, tokens: int, n_bytes: int, n_words: int) -> dict[str, float]:
-    """Token perplexity (exp of mean NLL per token), nats/token, bits/byte and word perplexity."""
+    """Token perplexity (exp of mean NLL per token), nats/token, bits/byte and word perplexity; a perplexity too
+    large for a float (e.g. word perplexity of Chinese text, which has few whitespace words) is ``inf``."""
     return {
-        "ppl": math.exp(nll / tokens) if tokens else float("nan"),
+        "ppl": safe_exp(nll / tokens) if tokens else float("nan"),
         "nats_per_token": nll / tokens if tokens else float("nan"),
         "bits_per_byte": nll / (n_bytes * math.log(2)) if n_bytes else float("nan"),
-        "word_perplexity": math.exp(nll / n_words) if n_words else float("nan"),
+        "word_perplexity": safe_exp(nll / n_words) if n_words else float("nan"),
     }
