@@ -26,3 +26,18 @@ def test_perplexity_overflow_is_inf_and_json_null(tmp_path):
     assert any(line.split()[:2] == ["word_perplexity", "inf"] for line in r.stdout.splitlines()), r.stdout
     d = json.loads(out.read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # strict JSON
     assert d["metrics"]["word_perplexity"] is None and d["metrics"]["ppl"] > 1
+
+
+def test_mmlu_on_a_jsonl_file_says_it_is_not_an_mmlu_csv(tmp_path):
+    """An ARC JSONL line split at its commas has > 10 columns: IndexError naming no file, as --data and demos."""
+    js = tmp_path / "arc.jsonl"
+    js.write_text('{"id": "a", "question": {"stem": "x", "choices": [{"text": "a", "label": "A"}, {"text": "b", '
+                  '"label": "B"}, {"text": "c", "label": "C"}, {"text": "d", "label": "D"}]}, "answerKey": "A", '
+                  '"e": 1, "f": 2, "g": 3, "h": 4, "i": 5}\n')
+    csv = tmp_path / "anatomy_dev.csv"
+    csv.write_text("Q?,a,b,c,d,A\n")
+    for extra in ([], ["--fewshot-data", str(js), "--shots", "1"]):
+        r = lmforge("eval", "--task", "mmlu", "--data", str(csv if extra else js), *extra, check=False)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(err) == 1, r.stderr
+        assert f"{js}:1: not an MMLU CSV" in err[0] and "found 15 columns" in err[0], err

@@ -112,6 +112,9 @@ def read_choice_csv(path: Path) -> list[dict]:
         found = "header" if "question" in head and "answer" in head else "first row"
         raise LMForgeError(f"{path}:1: {len(ci)} choice column(s) in the {found}: expected question,A,B,C,D,answer "
                            "(no header), question,choice0,...,answer or question,A,B,...,answer")
+    if len(ci) > len(LETTERS):  # (a JSONL file split at its commas: "string index out of range" naming no file)
+        raise LMForgeError(f"{path}:1: not an MMLU CSV (question, choices..., answer letter): found "
+                           f"{len(rows[0])} columns, at most {len(LETTERS)} choices")
     subject = subject_of(path)
     for n, r in body:
         if not any(x.strip() for x in r):
