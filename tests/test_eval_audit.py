@@ -40,4 +40,4 @@ def test_mmlu_on_a_jsonl_file_says_it_is_not_an_mmlu_csv(tmp_path):
         r = lmforge("eval", "--task", "mmlu", "--data", str(csv if extra else js), *extra, check=False)
         err = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(err) == 1, r.stderr
-        assert f"{js}:1: not an MMLU CSV" in err[0] and "found 15 columns" in err[0], err
+        assert f"{js}:1: not an MMLU CSV" in err[0] and "found 16 columns" in err[0], err
