@@ -195,6 +195,20 @@ def test_dpo_errors_are_one_line(tmp_path):
         r = run(cmd, "--data", str(pairs), *flags, "--out", str(tmp_path / "o"))  # (sft reads the chosen replies)
         assert r.returncode == 1 and r.stderr.startswith(f"lmforge {cmd}: error: {says}"), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+    same = tmp_path / "same.jsonl"  # chosen == rejected: no preference to learn (the loss stayed ln 2, silently)
+    same.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "a" if i % 3 else "b"}) + "\n"
+                            for i in range(12)))
+    late = tmp_path / "late.jsonl"
+    late.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "once upon a time there was a dog " * 3 + "yes",
+                                        "rejected": "once upon a time there was a dog " * 3 + "no"}) + "\n"
+                            for i in range(12)))
+    for cmd, what in (("dpo", "pairs"), ("reward", "prompts")):
+        r = run(cmd, "--data", str(same), "--train.batch_size", "2", "--max-iters", "1", "--out", str(tmp_path / cmd),
+                "--data.val_fraction", "0.25")
+        assert r.returncode == 0 and f"training {what} have identical responses once encoded" in r.stderr, r.stderr
+        r = run(cmd, "--data", str(late), "--data.max_len", "12", "--train.batch_size", "2", "--out",
+                str(tmp_path / "o3"))  # (the answers differ past max_len)
+        assert r.returncode == 1 and "identical responses once encoded (max_len 12): nothing to learn" in r.stderr
     # accepted and ignored: conservative DPO's smoothing with another loss; an untrained head saved as the model
     for cmd, flags, says in (("dpo", ["--loss", "ipo", "--label-smoothing", "0.2"],
                               "--label-smoothing 0.2: conservative DPO's smoothing is of the sigmoid loss"),

@@ -34,6 +34,7 @@ from lmforge.stages.reward import (
     CHAT_TEMPLATE_FILE,
     GroupBatches,
     PrefData,
+    check_distinct,
     encode_group,
     longest_first,
     pad_id_of,
@@ -201,6 +202,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     if not train_g:
         raise LMForgeError(f"{cfg.data.path}: no training pairs")
     check_batch_fits(cfg.train.batch_size, D.launched_world(), len(train_g), "pairs")
+    check_distinct(train_g, max_len, "pairs", log)
     method = cfg.peft.get("method") if cfg.peft else None
     if method is None:
         check_full_finetune(model, cfg.model)

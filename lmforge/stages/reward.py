@@ -218,6 +218,18 @@ def encode_group(tok, rec: PreferenceRecord, template, max_len: int, order: Sequ
     return [encode_response(tok, rec, i, template, plain=template is None, max_len=max_len) for i in order]
 
 
+def check_distinct(groups: Sequence[Group], max_len: int, what: str, log) -> None:
+    """Say how many groups hold responses that are identical once encoded (the same answer twice, or answers that
+    differ only past ``max_len``): they carry no preference (their loss stays ln 2); refuse when every one does."""
+    same = sum(1 for g in groups if len({tuple(r["input_ids"]) for r in g}) < len(g))
+    if same and same == len(groups):
+        raise LMForgeError(f"every one of the {len(groups):,} training {what} has identical responses once encoded "
+                           f"(max_len {max_len}): nothing to learn; raise --data.max_len or check the data")
+    if same:
+        log(f"warning: {same:,} of {len(groups):,} training {what} have identical responses once encoded (max_len "
+            f"{max_len}): they carry no preference")
+
+
 def pad_id_of(tok) -> int:
     return tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
 
@@ -387,6 +399,7 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
     train_g = [encode_group(tok, r, template, max_len) for r in train_recs]
     val_g = [encode_group(tok, r, template, max_len) for r in val_recs]
     check_batch_fits(cfg.train.batch_size, D.launched_world(), len(train_g), "prompts")
+    check_distinct(train_g, max_len, "prompts", log)
 
     method = cfg.peft.get("method") if cfg.peft else None
     resolved: dict[str, Any] = {}
