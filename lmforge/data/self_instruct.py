@@ -45,7 +45,9 @@ from lmforge.files import write_text_atomic
 from lmforge.infer.generate import generate_batch
 from lmforge.infer.sampling import SamplingParams, cut_at_stop
 from lmforge.manifest import sha256_file
-from lmforge.train.loop import write_json
+from lmforge.train.loop import same_setting, write_json
+
+DEFAULT_NAMES = {"stories260K", str(STORIES260K)}  # the default model, as an earlier lmforge recorded it too
 
 # ---- ROUGE-L ------------------------------------------------------------------------------------------------
 
@@ -576,13 +578,6 @@ def check_out_dir(out: str | Path, resume: bool) -> None:
         raise LMForgeError(f"{out}: not empty; pass --resume to continue the run in it, or choose another --out")
 
 
-def _same_path(a: str | None, b: str | None) -> bool:
-    """The same setting: equal, or paths of the same existing file."""
-    if a == b or {a, b} <= {"stories260K", str(STORIES260K)}:  # (an earlier lmforge recorded the default so)
-        return True
-    return bool(a and b and Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
-
-
 def open_run_dir(out: Path, resume: bool, seeds_sha: str, log: Callable[[str], None],
                  settings: dict[str, Any] | None = None) -> RunState:
     """A fresh state for an empty ``out``, or with ``resume`` the state it holds (lines of
@@ -609,7 +604,7 @@ def open_run_dir(out: Path, resume: bool, seeds_sha: str, log: Callable[[str], N
                            "another --out")
     for key in ("model", "adapter"):  # (another model's data was mixed in, and the report named it alone)
         was, now = rep.get("settings", {}).get(key), (settings or {}).get(key)
-        if key in rep.get("settings", {}) and not _same_path(was, now):
+        if key in rep.get("settings", {}) and not (same_setting(was, now) or {was, now} <= DEFAULT_NAMES):
             raise LMForgeError(f"{out}: made with --{key} {was or 'none'} (this run: {now or 'none'}); resume with "
                                f"the same --{key}, or use another --out")
     if len(lines) != len(records):

@@ -162,7 +162,7 @@ def _flat(d: Any, prefix: str) -> dict[str, Any]:
     return {prefix: d}
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_setting(a: Any, b: Any) -> bool:
     """Equal settings; paths that name the same existing file alike (a run resumed from another directory)."""
     if a == b:
         return True
@@ -182,7 +182,7 @@ def run_differences(saved: dict[str, Any], mine: dict[str, Any], keys: tuple[str
         old = _flat(saved[head][sub] if sub else saved[head], key)
         new = _flat((mine.get(head) or {}).get(sub) if sub else mine.get(head), key)
         for k in sorted(set(old) | set(new)):
-            if not _same(old.get(k), new.get(k)):
+            if not same_setting(old.get(k), new.get(k)):
                 out.append(f"{k} {_show(old.get(k))} (this run: {_show(new.get(k))})")
     return out
 
