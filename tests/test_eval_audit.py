@@ -41,3 +41,17 @@ def test_mmlu_on_a_jsonl_file_says_it_is_not_an_mmlu_csv(tmp_path):
         err = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(err) == 1, r.stderr
         assert f"{js}:1: not an MMLU CSV" in err[0] and "found 16 columns" in err[0], err
+
+
+def test_perplexity_reads_a_json_array_of_texts(tmp_path):
+    """A .json array of {"text"} records was scored as its raw JSON source; now read like .jsonl."""
+    text = "Once upon a time, there was a little girl named Lily. She liked to play outside. " * 3
+    js, jl = tmp_path / "t.json", tmp_path / "t.jsonl"
+    js.write_text(json.dumps([{"text": text}, {"text": text}]))
+    jl.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": text}) + "\n")
+    a, b = (lmforge("eval", "--task", "perplexity", "--data", str(p)).stdout.strip().splitlines()[-1] for p in (js, jl))
+    assert a == b
+    js.write_text(json.dumps([{"text": text}, {"txt": text}]))
+    r = lmforge("eval", "--task", "perplexity", "--data", str(js), check=False)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        f"lmforge eval: error: {js}: record 2: expected a string field 'text'"], r.stderr

@@ -198,11 +198,35 @@ def load_gsm8k(path: Path) -> list[dict]:
     return docs
 
 
+def read_json_array(path: Path) -> list[dict]:
+    """A ``.json`` file holding an array of objects (as every other lmforge command reads .json); ``_line`` is the
+    1-based record number."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise LMForgeError(f"{path}: cannot read: {e}") from None
+    except ValueError as e:
+        raise LMForgeError(f"{path}: not JSON: {e}") from None
+    if not isinstance(data, list):
+        raise LMForgeError(f"{path}: expected a JSON array of objects (got {type(data).__name__})")
+    for i, d in enumerate(data, 1):
+        if not isinstance(d, dict):
+            raise LMForgeError(f"{path}: record {i}: expected a JSON object (got {type(d).__name__})")
+        d["_line"] = i
+    return data
+
+
 def load_text(path: Path) -> list[dict]:
-    """A text file is one document; a JSONL file holds one document per line in its ``text`` field."""
+    """A text file is one document; a JSONL file holds one document per line in its ``text`` field, a ``.json``
+    file an array of such records."""
     docs = []
     for f in _files(path, "*.txt"):
-        if f.suffix == ".jsonl":
+        if f.suffix == ".json":
+            for d in read_json_array(f):
+                if not isinstance(d.get("text"), str):
+                    raise LMForgeError(f"{f}: record {d['_line']}: expected a string field 'text'")
+                docs.append({"question": "", "text": d["text"], "id": f"{f.name}:{d['_line']}"})
+        elif f.suffix == ".jsonl":
             for d in read_jsonl(f):
                 if not isinstance(d.get("text"), str):
                     raise LMForgeError(f"{f}:{d['_line']}: expected a string field 'text'")
