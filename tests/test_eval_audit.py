@@ -55,3 +55,31 @@ def test_perplexity_reads_a_json_array_of_texts(tmp_path):
     r = lmforge("eval", "--task", "perplexity", "--data", str(js), check=False)
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
         f"lmforge eval: error: {js}: record 2: expected a string field 'text'"], r.stderr
+
+
+def _subjects(tmp_path):
+    d = tmp_path / "mmlu"
+    d.mkdir()
+    for s in ("anatomy", "virology"):
+        (d / f"{s}_test.csv").write_text("Q1?,a,b,c,d,A\nQ2?,a,b,c,d,B\nQ3?,a,b,c,d,C\n")
+        (d / f"{s}_dev.csv").write_text("D1?,a,b,c,d,A\nD2?,a,b,c,d,B\n")
+    return d
+
+
+def test_limit_is_per_subject_on_a_folder(tmp_path):
+    """--limit on an MMLU folder took the first N questions overall (one subject); the harness' is per subject."""
+    out = tmp_path / "r.json"
+    r = lmforge("eval", "--task", "mmlu", "--data", str(_subjects(tmp_path)), "--limit", "2", "--output", str(out))
+    assert r.stdout.strip().endswith("n=4")
+    assert {k: v["n"] for k, v in json.loads(out.read_text())["subjects"].items()} == {"anatomy": 2, "virology": 2}
+
+
+def test_fewer_demonstrations_than_shots_is_warned_once_per_subject(tmp_path):
+    """--shots 5 with 2 dev questions per subject silently gave 2."""
+    d = _subjects(tmp_path)
+    r = lmforge("eval", "--task", "mmlu", "--data", str(d), "--fewshot-data", str(d), "--shots", "5")
+    warn = [x for x in r.stderr.splitlines() if x.startswith("warning: --shots")]
+    assert warn == [f"warning: --shots 5 but only 2 demonstration(s) available for subject {s!r} (the question "
+                    "itself is never one)" for s in ("anatomy", "virology")], r.stderr
+    r = lmforge("eval", "--task", "mmlu", "--data", str(d), "--fewshot-data", str(d), "--shots", "2")
+    assert "warning: --shots" not in r.stderr

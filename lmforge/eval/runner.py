@@ -107,6 +107,7 @@ class _Demos:
     def __init__(self, task: Task, cfg: EvalConfig) -> None:
         self.task, self.cfg = task, cfg
         self.selectors: dict[str, Selector] = {}
+        self.warned: set[str] = set()
         self.root = Path(cfg.fewshot_data) if cfg.fewshot_data else None
         if cfg.shots > 0 and self.root is None and task.name != "gsm8k_cot":
             raise LMForgeError(f"--shots {cfg.shots} needs --fewshot-data (demonstrations)")
@@ -136,7 +137,14 @@ class _Demos:
         if sel is None:
             raise LMForgeError(f"{self.root}: no demonstrations for subject {doc.get('subject')!r} "
                                f"(expected {doc.get('subject')}_dev.csv)")
-        return sel.select(doc, self.cfg.shots, index)
+        demos = sel.select(doc, self.cfg.shots, index)
+        subject = doc.get("subject", "")
+        if len(demos) < self.cfg.shots and subject not in self.warned:  # once per subject
+            self.warned.add(subject)
+            about = f" for subject {subject!r}" if subject else ""
+            print(f"warning: --shots {self.cfg.shots} but only {len(demos)} demonstration(s) available{about} "
+                  "(the question itself is never one)", file=sys.stderr)
+        return demos
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig) -> EvalResult:
@@ -153,7 +161,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig) -> EvalResult:
                            "within the model's context")
     docs = task.load(Path(cfg.data))
     if cfg.limit is not None:
-        docs = docs[: cfg.limit]
+        docs = limit_docs(docs, cfg.limit, Path(cfg.data).is_dir())
     if not docs:
         raise LMForgeError(f"{cfg.data}: no documents")
     scorer = Scorer(model, tokenizer, cfg.batch_tokens, cfg.max_batch, add_bos=cfg.add_bos)
@@ -168,6 +176,20 @@ def evaluate(model, tokenizer, cfg: EvalConfig) -> EvalResult:
     res.tokens = scorer.tokens if task.kind != "generate" else res.tokens
     res.config = {**asdict(cfg), "kind": task.kind, "prompt_task": task.name}
     return res
+
+
+def limit_docs(docs: list[dict], limit: int, folder: bool) -> list[dict]:
+    """The first ``limit`` documents, or of a folder of subjects the first ``limit`` of each subject
+    (lm-evaluation-harness' --limit is per task, and each MMLU subject is a task)."""
+    if not folder or not any("subject" in d for d in docs):
+        return docs[:limit]
+    seen: Counter = Counter()
+    out = []
+    for d in docs:
+        seen[d.get("subject")] += 1
+        if seen[d.get("subject")] <= limit:
+            out.append(d)
+    return out
 
 
 def _choice(scorer: Scorer, task: Task, docs: list[dict], cfg: EvalConfig) -> EvalResult:
