@@ -388,3 +388,25 @@ def test_gradient_checkpointing_reaches_a_decoder_inside_a_wrapper(tmp_path):
                     gradient_checkpointing=True)
     Trainer(rm, t, ExampleBatches(examples(4), 2, 24), sft_loss, tmp_path / "r")
     assert rm.decoder.gradient_checkpointing  # a reward model's (or PPO's actor's and critic's) decoder
+
+
+def test_best_val_counts_the_start_only_when_it_can_be_the_result(tmp_path):
+    """The untrained start (step 0) scored best, so the run reported its value as best_val while the model it wrote
+    was a later step's (reward's done line named a random head's accuracy); with ``start_is_candidate`` it counts."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 40, (3000,))
+
+    class Scripted(Trainer):
+        scores = iter([0.9, 0.5, 0.6])
+
+        def evaluate(self):
+            return {"val_loss": 1.0, "val_accuracy": next(self.scores)}
+
+    for candidate, want, ckpt in ((False, 0.6, 4), (True, 0.9, 0)):
+        Scripted.scores = iter([0.9, 0.5, 0.6])
+        t = TrainConfig(max_iters=4, eval_interval=2, eval_iters=1, save_interval=2, lr=1e-3, warmup_iters=0,
+                        precision="fp32", device="cpu", best_metric="val_accuracy", best_mode="max")
+        out = Scripted(Decoder(CFG), t, TokenWindows(tokens, 16, 4, seed=1), accuracy_loss, tmp_path / str(candidate),
+                       val_data=TokenWindows(tokens, 16, 4, seed=2), start_is_candidate=candidate).fit()
+        assert out["best_val"] == want
+        assert (tmp_path / str(candidate) / "best").read_text().strip() == f"ckpt-{ckpt:07d}"

@@ -674,11 +674,12 @@ class Trainer:
                 raise LMForgeError(f"train.best_metric={key!r}: not among the evaluation metrics {sorted(ev)}")
             value = ev.get(key, math.nan)
             better = value < self.best_val if self.cfg.best_mode == "min" else value > self.best_val
-            if better and math.isfinite(value):
+            # (the starting weights count only when they can be the result: best_val named an untrained head's)
+            if better and math.isfinite(value) and (self.step > 0 or self.start_is_candidate):
                 self.best_val = value
-                if self.step == 0 and self.start_is_candidate:
+                if self.step == 0:
                     self.save()  # every rank takes part; the best file below points to it
-                if self.dist.main and (self.step > 0 or self.start_is_candidate):
+                if self.dist.main:
                     (self.out / "best").write_text(f"ckpt-{self.step:07d}\n")
         every = self.cfg.sample_every * self.cfg.eval_interval
         if self.sample_fn is not None and (final or self.step == 0 or (every and self.step % every == 0)):
