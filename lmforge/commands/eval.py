@@ -41,7 +41,7 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--samples", type=int, default=1, help="self-consistency: sample N answers, majority vote")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature with --samples > 1")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation limit (default 256)")
-    p.add_argument("--limit", type=int, help="only the first N documents")
+    p.add_argument("--limit", type=int, help="only the first N documents (of each subject for a folder of subjects)")
     p.add_argument("--context", type=int, help="perplexity window in tokens (default: the model's context)")
     p.add_argument("--stride", type=int, help="perplexity stride (default: the window, each token predicted once)")
     p.add_argument("--batch-tokens", type=int, default=None,
