@@ -187,6 +187,9 @@ def test_cli_chinchilla_kaplan_memory_json(tmp_path):
     assert bad.returncode == 1 and "give --compute" in bad.stderr and "Traceback" not in bad.stderr
     bad = lmforge("memory", "--model", "no-such-model", check=False)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    for law, flag, value in (("kaplan", "--tokens", "1e300"), ("chinchilla", "--params", "1e-300")):
+        bad = lmforge(law, flag, value, check=False)  # (OverflowError, ZeroDivisionError)
+        assert bad.returncode == 2 and f"{flag}: '{value}': out of range" in bad.stderr, bad.stderr
     hf = tmp_path / "hf"  # a Hugging Face checkpoint's config (it was refused as "unknown field(s)")
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({

@@ -26,9 +26,12 @@ def number(text: str) -> float:
         kind = "not a positive number" if text.strip().startswith("-") else "not a number"
         raise argparse.ArgumentTypeError(f"{kind}: {text!r} (e.g. 1e21, 70B, 1.4T)")
     try:
-        return float(m.group(1)) * _SUFFIX.get(m.group(2).upper(), 1.0)
+        value = float(m.group(1)) * _SUFFIX.get(m.group(2).upper(), 1.0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= 1e40:  # (1e300 tokens overflowed the laws, 1e-300 params divided by zero)
+        raise argparse.ArgumentTypeError(f"{text!r}: out of range (a count of FLOPs, parameters or tokens, 1 to 1e40)")
+    return value
 
 
 def add_parser(sub, name: str, help_: str) -> None:
@@ -99,7 +102,7 @@ def run_chinchilla(args) -> None:
     lines = [f"law: L(N, D) = {law['E']} + {law['A']}/N^{law['alpha']} + {law['B']}/D^{law['beta']}  "
              f"({law['source']}); N_opt ∝ C^{r['a']:.3f}, D_opt ∝ C^{r['b']:.3f}",
              f"compute {r['compute']:.3e} FLOPs: params {_h(r['params'])}, tokens {_h(r['tokens'])} "
-             f"({r['tokens_per_param']:.1f} tokens/param), loss {r['loss']:.4f}"]
+             f"({r['tokens_per_param']:.3g} tokens/param), loss {r['loss']:.4f}"]
     if "optimal" in r:
         o = r["optimal"]
         lines.append(f"compute-optimal at the same compute: params {_h(o['params'])}, tokens {_h(o['tokens'])}, "
