@@ -570,3 +570,15 @@ def test_smollm2_plain_prompts_get_no_bos(smollm2_path):
     req = parse_completion(b'{"prompt": "The capital of France is", "max_tokens": 1}', tok, Limits(8192, 8192),
                            ("m",), [])
     assert req.prompts == [want]
+
+
+def test_scaling_memory_reads_a_gguf(tmp_path):
+    """`scaling memory --model X.gguf` read the file as JSON ("'utf-8' codec can't decode byte"), while every other
+    command takes a GGUF as --model."""
+    from lmforge.commands.scaling import load_config
+    from lmforge.presets import count_params
+
+    path = tmp_path / "s.gguf"
+    _write_stories_gguf(path)
+    cfg = load_config(str(path))
+    assert count_params(cfg) == count_params(load_model(STORIES260K).cfg)

@@ -179,6 +179,12 @@ def load_config(spec: str):
     p = Path(spec)
     if p.is_dir():
         p = p / "config.json"
+    if p.is_file() and p.suffix == ".gguf":  # (it was read as JSON: "'utf-8' codec can't decode byte 0xc3")
+        from lmforge.interop.gguf import config_from_gguf
+        from lmforge.interop.gguf_file import read_tensors
+
+        meta, tensors = read_tensors(p)
+        return config_from_gguf(meta, {t.name for t in tensors}, str(p))
     if p.is_file():
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
