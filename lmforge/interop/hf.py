@@ -20,9 +20,6 @@ from lmforge.files import public_modes
 
 Tensor = torch.Tensor
 
-EOS_LIST = END_IDS  # cfg.extra key: a source's end ids when it had several
-
-
 # ---- tensor transforms ------------------------------------------------------------------------
 
 
@@ -151,7 +148,7 @@ def _tokens(d: dict[str, Any]) -> dict[str, Any]:
 def _tokens_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The special ids of a transformers config; EOS is a list where the source had several end ids (kept in
     ``cfg.extra["eos_token_ids"]``), the config's EOS first."""
-    ends = cfg.extra.get(EOS_LIST) or []
+    ends = cfg.extra.get(END_IDS) or []
     eos = [cfg.eos_id, *(e for e in ends if e != cfg.eos_id)] if cfg.eos_id in ends else cfg.eos_id
     return {"bos_token_id": cfg.bos_id, "eos_token_id": eos, "pad_token_id": cfg.pad_id}
 
@@ -642,7 +639,7 @@ def read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     if cfg.eos_id is None and ends:  # (some models name their end only in generation_config.json)
         cfg.eos_id = ends[0]
     if len(ends) > 1:  # several ends (Llama 3's, Qwen2.5's): generation stops at each; kept for the export
-        cfg.extra[EOS_LIST] = ends
+        cfg.extra[END_IDS] = ends
     hf_sd = read_weights(path)
     return cfg, state_dict_from_hf(hf_sd, cfg, arch, str(path))
 

@@ -82,7 +82,6 @@ class HFTokenizer(Tokenizer):
         return out
 
 
-
 def _unk_token(tok) -> str | None:
     """The text of the tokenizer model's unknown token (BPE, WordLevel, WordPiece name one), for transformers'
     ``unk_token``."""
