@@ -144,7 +144,7 @@ def check_replaceable(out: Path, flag: str = "--output") -> None:
 
 
 LOCK_FILE = ".lock"
-_held: dict[Path, list] = {}  # resolved directory -> [fd, count]
+_held: dict[Path, list] = {}  # resolved directory -> [fd, count, directories this lock made (outermost first)]
 
 
 class DirLock:
@@ -153,7 +153,9 @@ class DirLock:
     A second process writing into the same directory (a second ``--resume`` in the same ``--out``) would delete
     the first one's checkpoint being saved and interleave their files: it is refused with one line naming the
     process that holds the directory. ``flock`` is released by the kernel when the holder dies (even by kill -9),
-    so a stale ``.lock`` file never blocks a later run. Where ``fcntl`` does not exist (Windows) nothing is locked."""
+    so a stale ``.lock`` file never blocks a later run. Where ``fcntl`` does not exist (Windows) nothing is locked.
+    A directory the lock made is removed again when the run left nothing in it but the lock (a command refused
+    after taking it leaves no empty ``--out`` behind)."""
 
     def __init__(self, directory: str | Path, flag: str = "--out") -> None:
         self.dir, self.flag = Path(directory), flag
@@ -168,6 +170,7 @@ class DirLock:
                                "exist")
         if self.dir.exists() and not self.dir.is_dir():
             raise LMForgeError(f"{self.flag} {self.dir}: exists and is not a directory; {self.flag} names a directory")
+        made = [d for d in (self.dir, *self.dir.parents) if not d.exists() and not d.is_symlink()][::-1]
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
@@ -188,7 +191,7 @@ class DirLock:
                     raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        _held[key] = [fd, 1]
+        _held[key] = [fd, 1, made]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -199,7 +202,22 @@ class DirLock:
         held[1] -= 1
         if held[1] == 0:
             del _held[key]
-            os.close(held[0])  # releases the flock (the file stays: deleting it would race a process locking it)
+            made = held[2]
+            if made and _only_lock(self.dir):  # nothing was written: remove what the lock made (still holding it)
+                try:
+                    (self.dir / LOCK_FILE).unlink()
+                    for d in reversed(made):
+                        d.rmdir()
+                except OSError:
+                    pass
+            os.close(held[0])  # releases the flock (a kept file stays: deleting it would race a process locking it)
+
+
+def _only_lock(directory: Path) -> bool:
+    try:
+        return [e.name for e in os.scandir(directory)] == [LOCK_FILE]
+    except OSError:
+        return False
 
 
 def cache_path(name: str) -> Path:

@@ -22,6 +22,7 @@ from lmforge.assets import STORIES260K, STORIES260K_TOKENIZER, TINYSHAKESPEARE
 from lmforge.checkpoint import MANIFEST, load_checkpoint, load_model, save_checkpoint, write_manifest
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
+from lmforge.files import DirLock
 from lmforge.model import Decoder
 
 SMALL = ["--recipe", "baby-gpt-shakespeare", "--model.n_layer", "1", "--model.n_embd", "16", "--model.n_head", "2",
@@ -302,8 +303,6 @@ def test_a_second_run_in_the_same_out_is_refused_while_the_first_runs(tmp_path):
 
 
 def test_dir_lock_is_reentrant_within_a_process(tmp_path):
-    from lmforge.files import DirLock
-
     (tmp_path / "f").write_text("")
     with pytest.raises(LMForgeError, match=r"--out .*f: exists and is not a directory"), DirLock(tmp_path / "f"):
         pass
@@ -320,6 +319,22 @@ def test_dir_lock_is_reentrant_within_a_process(tmp_path):
         r = subprocess.run([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "r")], capture_output=True, text=True,
                            timeout=60)
     assert r.returncode != 0 and f"in use by process {os.getpid()}" in r.stderr
+
+
+def test_a_refused_command_leaves_no_empty_out_behind(tmp_path):
+    """A command refused after taking its --out's lock (a missing --model or --data) left a new directory holding only
+    ``.lock``; the directories the lock made are removed again, an existing --out is kept."""
+    for cmd in (["sft", "--model", str(tmp_path / "missing")], ["reward", "--data", str(tmp_path / "missing.json")]):
+        out = tmp_path / "new" / "run"
+        one_line(lmforge(*cmd, "--out", out), "missing")
+        assert not (tmp_path / "new").exists()
+    out = tmp_path / "kept"
+    out.mkdir()
+    one_line(lmforge("sft", "--model", str(tmp_path / "missing"), "--out", out), "missing")
+    assert out.is_dir()
+    with DirLock(tmp_path / "w"):  # a run that wrote something keeps its directory
+        (tmp_path / "w" / "x").write_text("")
+    assert (tmp_path / "w" / "x").exists()
 
 
 def test_resume_with_another_data_stream_is_refused_and_nothing_moved_aside(tmp_path):
