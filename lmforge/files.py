@@ -58,11 +58,14 @@ def check_output(out: Path, overwrite: bool, sources: list[Path], flag: str) -> 
     check_replaceable(out, flag)
 
 
-def check_output_file(out: Path, overwrite: bool, sources: list[Path | None] = (), flag: str = "--output") -> None:
-    """Before any work: refuse (one line) a file output that is a directory, one that would replace what is being
-    read (an input, or an existing file inside an input directory), and an existing file unless ``overwrite``."""
-    if out.is_dir():
+def check_output_file(out: str | Path, overwrite: bool, sources: list[Path | None] = (),
+                      flag: str = "--output") -> None:
+    """Before any work: refuse (one line) a file output that is a directory (or written as one, ``dir/``), one that
+    would replace what is being read (an input, or an existing file inside an input directory), and an existing
+    file unless ``overwrite``."""
+    if isinstance(out, str) and out.endswith(("/", os.sep)) or Path(out).is_dir():
         raise LMForgeError(f"{flag} {out}: is a directory; {flag} names a file")
+    out = Path(out)
     target = out.resolve()
     for src in sources:
         if src is not None and src.exists() and (target == src.resolve() or (

@@ -337,6 +337,14 @@ def test_a_refused_command_leaves_no_empty_out_behind(tmp_path):
     assert (tmp_path / "w" / "x").exists()
 
 
+def test_a_file_output_written_as_a_directory_is_refused(tmp_path):
+    """``--output res/`` (a directory that does not exist yet) wrote a file named ``res``; refused in one line."""
+    for cmd in (["eval", "--task", "perplexity", "--data", str(TINYSHAKESPEARE)],
+                ["data", "clean", str(TINYSHAKESPEARE), "--report", str(tmp_path / "report.json")]):
+        one_line(lmforge(*cmd, "--output", f"{tmp_path}/res/"), "res/: is a directory; --output names a file")
+        assert not (tmp_path / "res").exists()
+
+
 def test_resume_with_another_data_stream_is_refused_and_nothing_moved_aside(tmp_path):
     """A checkpoint whose data stream has another shape (here the batch size; the number of processes is tested
     under torchrun) cannot be resumed, but it is not damaged: one line, and no checkpoint moved aside (an older one

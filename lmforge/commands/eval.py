@@ -91,7 +91,7 @@ def run(args) -> None:
                      context=args.context, stride=args.stride, batch_tokens=args.batch_tokens, add_bos=args.bos)
     if args.output:  # before any work: never over what is read, nor over an existing file without --overwrite
         sources = [Path(p) for p in (args.data, args.fewshot_data, args.model, args.tokenizer, args.adapter) if p]
-        check_output_file(Path(args.output), args.overwrite, sources)
+        check_output_file(args.output, args.overwrite, sources)
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, adapter=args.adapter)
     model.requires_grad_(False)  # inference only (decoding then streams its weights fastest)
     res = evaluate(model, tok, cfg)

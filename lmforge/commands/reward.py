@@ -85,6 +85,6 @@ def run_score(args) -> None:
     if args.max_len < 0:
         raise LMForgeError(f"--max-len {args.max_len}: must be >= 0 (0: as in training)")
     if args.output:  # before any work: never over what is read, nor over an existing file without --overwrite
-        check_output_file(Path(args.output), args.overwrite, [Path(args.model), Path(args.data)])
+        check_output_file(args.output, args.overwrite, [Path(args.model), Path(args.data)])
     acc = score_file(args.model, args.data, args.output, args.max_len, args.batch_size)
     print(f"accuracy={acc:.3f}")

@@ -216,9 +216,9 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
     for p in inputs:
         if not Path(p).is_file():
             raise LMForgeError(f"{p}: no such input file")
-    check_output_file(out_path, overwrite)
+    check_output_file(str(output), overwrite)
     if report is not None:
-        check_output_file(Path(report), overwrite, flag="--report")
+        check_output_file(str(report), overwrite, flag="--report")
     stages = build_stages(cfg, src, **({"score": score} if score is not None else {}))
     total = input_bytes(inputs)
     if workers < 0:
