@@ -83,3 +83,24 @@ def test_fewer_demonstrations_than_shots_is_warned_once_per_subject(tmp_path):
                     "itself is never one)" for s in ("anatomy", "virology")], r.stderr
     r = lmforge("eval", "--task", "mmlu", "--data", str(d), "--fewshot-data", str(d), "--shots", "2")
     assert "warning: --shots" not in r.stderr
+
+
+def test_a_question_with_one_choice_and_a_temperature_without_samples_are_refused(tmp_path):
+    """A one-choice question was scored correct whatever the model said (audit C F19); --temperature without
+    --samples > 1 was accepted and did nothing, one answer being greedy (F18)."""
+    js = tmp_path / "c.jsonl"
+    js.write_text(json.dumps({"question": "Q?", "choices": ["a", "b"], "answer": 0}) + "\n"
+                  + json.dumps({"question": "Q?", "choices": ["a"], "answer": 0}) + "\n")
+    arc = tmp_path / "arc.jsonl"
+    arc.write_text(json.dumps({"question": {"stem": "Q?", "choices": [{"text": "a", "label": "A"}]},
+                               "answerKey": "A"}) + "\n")
+    for task, f, line in (("jsonl", js, 2), ("arc", arc, 1)):
+        r = lmforge("eval", "--task", task, "--data", str(f), check=False)
+        assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+            f"lmforge eval: error: {f}:{line}: 1 choice(s); a multiple-choice question needs at least 2"], r.stderr
+    gsm = tmp_path / "g.jsonl"
+    gsm.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    r = lmforge("eval", "--task", "gsm8k", "--data", str(gsm), "--temperature", "0.3", check=False)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        "lmforge eval: error: --temperature 0.3: applies with --samples > 1 (self-consistency); one answer is "
+        "decoded greedily"], r.stderr

@@ -39,7 +39,8 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--cot", action="store_true", help="chain of thought (gsm8k): with --shots K the 8 exemplars of "
                    "Wei et al. (or --fewshot-data rationales), without shots \"Let's think step by step.\"")
     p.add_argument("--samples", type=int, default=1, help="self-consistency: sample N answers, majority vote")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature with --samples > 1")
+    p.add_argument("--temperature", type=float, help="sampling temperature with --samples > 1 (default 0.7; one "
+                   "answer is greedy)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation limit (default 256)")
     p.add_argument("--limit", type=int, help="only the first N documents (of each subject for a folder of subjects)")
     p.add_argument("--context", type=int, help="perplexity window in tokens (default: the model's context)")
@@ -80,14 +81,19 @@ def run(args) -> None:
     for flag, value, ok, need in (
             ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1"),
             ("--samples", args.samples, args.samples >= 1, ">= 1"),
-            ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0, ">= 0"),
+            ("--temperature", args.temperature, args.temperature is None or (
+                math.isfinite(args.temperature) and args.temperature >= 0), ">= 0"),
             ("--context", args.context, args.context is None or args.context >= 2, ">= 2"),
             ("--stride", args.stride, args.stride is None or args.stride >= 1, ">= 1")):
         if not ok:
             raise LMForgeError(f"{flag} {value}: must be {need}")
+    if args.temperature is not None and args.samples == 1:
+        raise LMForgeError(f"--temperature {args.temperature}: applies with --samples > 1 (self-consistency); one "
+                           "answer is decoded greedily")
     cfg = EvalConfig(task=args.task, data=args.data, fewshot_data=args.fewshot_data, shots=args.shots,
                      select=args.select, order=args.order, seed=args.seed, cot=args.cot, samples=args.samples,
-                     temperature=args.temperature, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                     temperature=0.7 if args.temperature is None else args.temperature,
+                     max_new_tokens=args.max_new_tokens, limit=args.limit,
                      context=args.context, stride=args.stride, batch_tokens=args.batch_tokens, add_bos=args.bos)
     if args.output:  # before any work: never over what is read, nor over an existing file without --overwrite
         sources = [Path(p) for p in (args.data, args.fewshot_data, args.model, args.tokenizer, args.adapter) if p]

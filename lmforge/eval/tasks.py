@@ -159,8 +159,15 @@ def load_arc(path: Path) -> list[dict]:
             if len(texts) != len(labels) or not all(isinstance(t, str) for t in [stem, *texts]):
                 raise LMForgeError(f"{where}: not an ARC record ({len(texts)} choice texts for {len(labels)} "
                                    "labels, or a question or choice that is not text)")
+            _two_choices(texts, where)
             docs.append({"question": stem, "choices": texts, "gold": gold, "id": d.get("id", where)})
     return docs
+
+
+def _two_choices(choices: list, where: str) -> None:
+    """A question of one choice would be scored correct whatever the model does: refused, naming its line."""
+    if len(choices) < 2:
+        raise LMForgeError(f"{where}: {len(choices)} choice(s); a multiple-choice question needs at least 2")
 
 
 def load_choice_jsonl(path: Path) -> list[dict]:
@@ -181,6 +188,7 @@ def load_choice_jsonl(path: Path) -> list[dict]:
                 gold = _gold_index(ans, len(choices), where)
             else:
                 raise LMForgeError(f"{where}: answer {ans!r} is not a choice index, letter or text")
+            _two_choices(choices, where)
             docs.append({"question": d.get("question", ""), "query": d.get("query"), "choices": choices, "gold": gold,
                          "id": d.get("id", where)})
     return docs
