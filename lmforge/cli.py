@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import time
 import traceback
@@ -49,8 +50,16 @@ class FlagError(LMForgeError):
     """Flags argparse refused, raised instead of printing usage and exiting (``parse_command(strict=True)``)."""
 
 
+# a flag's value that is a negative number, as Python writes floats (argparse knows -1 and -.5, not -1e-3 or -inf)
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a usage error on one line, like every other failure (argparse prints the usage block)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -63,6 +72,7 @@ class _RaisingParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
     def error(self, message: str):  # type: ignore[override]
         raise FlagError(f"{self.prog}: {message}")

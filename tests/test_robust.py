@@ -345,6 +345,20 @@ def test_a_file_output_written_as_a_directory_is_refused(tmp_path):
         assert not (tmp_path / "res").exists()
 
 
+def test_negative_numbers_in_python_notation_are_flag_values():
+    """``--temperature -1e-3`` was "expected one argument" (argparse knows -1 and -.5 as numbers, not -1e-3 or
+    -inf): every form Python writes is a value now, and a flag's own range check answers it."""
+    from lmforge.cli import parse_command
+
+    for v in ("-1e-3", "-1E+2", "-2.", "-.5", "-3", "-inf", "-nan"):
+        args = parse_command(["reward", "--margin", v, "--data", "d.json", "--out", "o"], strict=True)
+        assert str(args.margin) == str(float(v)), v
+        assert parse_command(["pretrain", "--train.lr", v], strict=True).overrides == ["--train.lr", v]
+    one_line(lmforge("generate", "--temperature", "-1e-3"), "--temperature must be >= 0")
+    r = lmforge("generate", "--temperature", "-e")  # not a number: still a missing value
+    assert r.returncode == 2 and "--temperature: expected one argument" in r.stderr
+
+
 def test_resume_with_another_data_stream_is_refused_and_nothing_moved_aside(tmp_path):
     """A checkpoint whose data stream has another shape (here the batch size; the number of processes is tested
     under torchrun) cannot be resumed, but it is not damaged: one line, and no checkpoint moved aside (an older one
