@@ -183,6 +183,10 @@ def test_cli_chinchilla_kaplan_memory_json(tmp_path):
     assert r["memory"]["parallel"]["zero"] == 3
     text = lmforge("memory", "--model", "gpt2-small").stdout
     assert "parameters" in text and "GiB" in text
+    long = lmforge("memory", "--model", "gpt2-small", "--seq-len", "4096", "--json")  # past its 1,024 positions
+    assert json.loads(long.stdout)["note"] == long.stderr.strip()[len("note: "):], long.stderr
+    assert "beyond the model's context (1,024)" in long.stderr and "learned position table" in long.stderr
+    assert "note" not in json.loads(lmforge("memory", "--model", "gpt2-small", "--seq-len", "1024", "--json").stdout)
     bad = lmforge("chinchilla", check=False)
     assert bad.returncode == 1 and "give --compute" in bad.stderr and "Traceback" not in bad.stderr
     bad = lmforge("memory", "--model", "no-such-model", check=False)

@@ -224,4 +224,9 @@ def run_memory(args) -> None:
              f"batch {args.batch}, recompute {par.recompute}):",
              f"  weights {g['weights']:.2f} GiB, gradients {g['gradients']:.2f} GiB, optimizer {g['optimizer']:.2f} "
              f"GiB, activations {g['activations']:.2f} GiB, total {g['total']:.2f} GiB"]
+    if seq > cfg.block_size:  # (a length the model cannot run as it is: said beside the estimate)
+        learned = cfg.position == "learned" or cfg.position == "glm2d" and cfg.glm2d == "learned"
+        r["note"] = (f"--seq-len {seq:,} is beyond the model's context ({cfg.block_size:,}): the estimate is for the "
+                     "model trained at that length" + (" (its learned position table would grow)" if learned else ""))
+        print(f"note: {r['note']}", file=sys.stderr)
     _print(r, args.json, lines)
