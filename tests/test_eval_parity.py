@@ -54,6 +54,15 @@ def hf_choices(hf, tok, records: list[dict], max_len: int) -> list[int]:
     return out
 
 
+def first_subjects(mmlu: Path, k: int, tmp_path: Path) -> Path:
+    """A folder of the first ``k`` subjects of ``mmlu`` (``--limit`` counts per subject, as the harness does)."""
+    d = tmp_path / "mmlu"
+    d.mkdir()
+    for f in sorted(mmlu.glob("*.csv"))[:k]:
+        (d / f.name).symlink_to(f)
+    return d
+
+
 def check_parity(model, tok, tmp_path: Path, configs: list[EvalConfig]) -> None:
     write_hf_dir(tmp_path / "hf", model.cfg, model_state_dict(model))
     hf = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
@@ -74,9 +83,9 @@ def test_tiny_random_llama_matches_transformers(stories, tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
-    mmlu, arc = shared("mmlu_dev"), shared("arc") / "arc_challenge_dev.jsonl"
+    mmlu, arc = first_subjects(shared("mmlu_dev"), 5, tmp_path), shared("arc") / "arc_challenge_dev.jsonl"
     check_parity(model, tok, tmp_path, [
-        EvalConfig("mmlu", str(mmlu), fewshot_data=str(mmlu), shots=2, limit=25),  # 5 subjects, some truncated
+        EvalConfig("mmlu", str(mmlu), fewshot_data=str(mmlu), shots=2, limit=5),  # 5 subjects, some truncated
         EvalConfig("arc", str(arc), limit=30),
     ])
 
@@ -96,8 +105,8 @@ def test_smollm2_matches_transformers(tmp_path):
     from lmforge.interop.gguf import load_gguf_model, load_gguf_tokenizer
 
     model, tok = load_gguf_model(path), load_gguf_tokenizer(path)
-    mmlu, arc = shared("mmlu_dev"), shared("arc") / "arc_easy_dev.jsonl"
+    mmlu, arc = first_subjects(shared("mmlu_dev"), 2, tmp_path), shared("arc") / "arc_easy_dev.jsonl"
     check_parity(model, tok, tmp_path, [
-        EvalConfig("mmlu", str(mmlu), fewshot_data=str(mmlu), shots=1, limit=5),
+        EvalConfig("mmlu", str(mmlu), fewshot_data=str(mmlu), shots=1, limit=3),
         EvalConfig("arc", str(arc), limit=5),
     ])
