@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_run import refused
 from test_reward_cli import word_pairs
 
 from lmforge.data.preference import PreferenceRecord
@@ -178,13 +179,13 @@ def test_sft_on_the_chosen_answers_then_dpo_from_it(tmp_path):
 
 
 def test_dpo_errors_are_one_line(tmp_path):
-    r = run("dpo", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"))
+    r = refused("dpo", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"))
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("lmforge dpo: error: ")
     assert "Traceback" not in r.stderr
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(6)))
     for cmd, what in (("dpo", "pairs"), ("reward", "prompts")):  # (5 of the 6 train: one is held out)
-        r = run(cmd, "--data", str(pairs), "--train.batch_size", "10000000", "--out", str(tmp_path / "o"))
+        r = refused(cmd, "--data", str(pairs), "--train.batch_size", "10000000", "--out", str(tmp_path / "o"))
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
             f"lmforge {cmd}: error: train.batch_size 10000000 is more than the "), r.stderr
         assert f"training {what}: every batch would repeat them" in r.stderr
@@ -192,7 +193,7 @@ def test_dpo_errors_are_one_line(tmp_path):
                              ("sft", ["--epochs", "nan"], "--epochs nan: must be a positive number"),  # ValueError
                              ("reward", ["--epochs", "inf"], "--epochs inf: must be >= 0"),
                              ("sft", ["--data.max_len", "-5"], "data.max_len -5: must be >= 0")):  # the context
-        r = run(cmd, "--data", str(pairs), *flags, "--out", str(tmp_path / "o"))  # (sft reads the chosen replies)
+        r = refused(cmd, "--data", str(pairs), *flags, "--out", str(tmp_path / "o"))  # (sft reads the chosen replies)
         assert r.returncode == 1 and r.stderr.startswith(f"lmforge {cmd}: error: {says}"), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     same = tmp_path / "same.jsonl"  # chosen == rejected: no preference to learn (the loss stayed ln 2, silently)
@@ -214,6 +215,6 @@ def test_dpo_errors_are_one_line(tmp_path):
                               "--label-smoothing 0.2: conservative DPO's smoothing is of the sigmoid loss"),
                              ("reward", ["--max-iters", "0", "--train.batch_size", "4"],
                               "--max-iters 0 fine-tunes nothing")):
-        r = run(cmd, "--data", str(pairs), *flags, "--out", str(tmp_path / "o2"))
+        r = refused(cmd, "--data", str(pairs), *flags, "--out", str(tmp_path / "o2"))
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 1 and last.startswith(f"lmforge {cmd}: error: {says}"), r.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_run import refused
 from safetensors.torch import load_file
 
 from lmforge.data.preference import Prompt, read_prompts
@@ -99,12 +100,12 @@ def test_ppo_command_runs_and_resumes_exactly(prompts, tmp_path):
 
 
 def test_ppo_command_errors(prompts, tmp_path):
-    r = _run("--prompts", str(prompts), "--out", str(tmp_path / "x"))
+    r = refused("ppo", "--prompts", str(prompts), "--out", str(tmp_path / "x"))
     assert r.returncode == 1 and "exactly one of --reward-model" in r.stderr and "Traceback" not in r.stderr
-    r = _run("--reward", "lmforge.data.stories:nope", "--prompts", str(prompts), "--out", str(tmp_path / "x"))
+    r = refused("ppo", "--reward", "lmforge.data.stories:nope", "--prompts", str(prompts), "--out", str(tmp_path / "x"))
     assert r.returncode == 1 and "has no function nope" in r.stderr
-    r = _run("--reward", "lmforge.data.stories:length", "--prompts", str(prompts), "--out", str(tmp_path / "x"),
-             "--steps", "-3")  # said "train.max_iters=-12: must be >= 0"
+    r = refused("ppo", "--reward", "lmforge.data.stories:length", "--prompts", str(prompts), "--out",
+                str(tmp_path / "x"), "--steps", "-3")  # said "train.max_iters=-12: must be >= 0"
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "lmforge ppo: error: --steps -3: must be >= 1"
     common = ["--reward", "lmforge.data.stories:length", "--prompts", str(prompts), "--out", str(tmp_path / "x")]
     for flags, says in ((["--ppo.kl_coef", "-1"], "ppo.kl_coef -1: must be >= 0"),  # (a KL bonus, exit 0)
@@ -116,7 +117,7 @@ def test_ppo_command_errors(prompts, tmp_path):
                         (["--ptx-data", str(prompts)], "--ptx-data: PPO-ptx needs its weight too"),  # (was ignored)
                         (["--eval-prompts", str(tmp_path / "none.txt")], "--eval-prompts"),  # (said --prompts)
                         ):
-        r = _run(*common, *flags)
+        r = refused("ppo", *common, *flags)
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 1 and last.startswith("lmforge ppo: error: ") and says in last, (flags, r.stderr)
         assert "\nppo: " not in "\n" + r.stderr  # refused before the models load (the "ppo: ..." line)

@@ -9,6 +9,7 @@ import sys
 import time
 
 import torch
+from cli_run import refused
 
 from lmforge.config import ModelConfig
 from lmforge.model import Decoder
@@ -110,7 +111,7 @@ def test_config_errors_are_one_line(tmp_path):
         (["--recipe", "baby-gpt-shakespeare", "--model.vocab_size", "10", "--out", str(tmp_path / "v")],
          "tokenizer has 65 tokens but model.vocab_size is 10"),
     ]:
-        r = lmforge("pretrain", *args)
+        r = refused("pretrain", *args)
         assert r.returncode == 1 and needle in r.stderr, (args, r.stderr[-800:])
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
 
@@ -161,7 +162,7 @@ def test_config_sections_and_values_of_the_wrong_shape_are_refused(tmp_path):
     ]
     for text, needle in cases:
         (tmp_path / "c.yaml").write_text(text)
-        r = lmforge("pretrain", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"))
+        r = refused("pretrain", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"))
         assert r.returncode == 1 and needle in r.stderr, (text[:80], r.stderr[-800:])
         assert len(r.stderr.strip().splitlines()) == 1
     for flags, needle in ((["--data.block_size", "-4"], "data.block_size=-4: must be >= 1"),
@@ -169,7 +170,7 @@ def test_config_sections_and_values_of_the_wrong_shape_are_refused(tmp_path):
                           (["--train.lr", "[a"], "--train.lr '[a': cannot read the value"),
                           (["--train", "5", "--train.lr", "1"], "--train was given a value, not settings"),
                           (["--data.path", "2024-01-01"], "data.path='2024-01-01': no such file")):
-        r = lmforge("pretrain", "--recipe", "baby-gpt-shakespeare", *flags, "--out", str(tmp_path / "o"))
+        r = refused("pretrain", "--recipe", "baby-gpt-shakespeare", *flags, "--out", str(tmp_path / "o"))
         assert r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 

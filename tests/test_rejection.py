@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from cli_run import refused
 
 from lmforge.data.preference import PreferenceRecord, collate_groups
 from lmforge.model.heads import ScalarHeadModel, save_scalar_model
@@ -108,24 +109,24 @@ def test_eval_and_rejection_sample_flags_out_of_range_are_one_line_naming_the_fl
     rm_dir = save_scalar_model(ScalarHeadModel(model), tmp_path / "rm", tok)
     prompts = tmp_path / "p.txt"
     prompts.write_bytes(b"caf\xe9\n")
-    r = run("rejection-sample", "--model", "", "--reward", str(rm_dir), "--prompts", str(prompts), "--out",
+    r = refused("rejection-sample", "--model", "", "--reward", str(rm_dir), "--prompts", str(prompts), "--out",
             str(tmp_path / "o.jsonl"))
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         f"lmforge rejection-sample: error: {prompts}:1: not UTF-8 text (byte 3); a prompts file is a text file")
-    r = run("rejection-sample", "--model", "", "--reward", str(rm_dir), "--prompts", str(tmp_path), "--out",
+    r = refused("rejection-sample", "--model", "", "--reward", str(rm_dir), "--prompts", str(tmp_path), "--out",
             str(tmp_path / "o.jsonl"))  # (a directory: "no such file")
     assert r.stderr.strip().splitlines()[-1].endswith(f"--prompts {tmp_path}: is a directory; give a file")
     r = subprocess.run([sys.executable, "-m", "lmforge", "chat", "--template", ""], input="hi\n", text=True,
                        capture_output=True, timeout=300)  # (".: is a directory")
     assert r.returncode == 1 and "--template '': empty; give a built-in name" in r.stderr, r.stderr
     prompts.write_text("Once upon a time.\n")
-    r = run("rejection-sample", "--model", "", "--reward", str(rm_dir), "--prompts", str(prompts), "--out",
+    r = refused("rejection-sample", "--model", "", "--reward", str(rm_dir), "--prompts", str(prompts), "--out",
             str(tmp_path / "o.jsonl"), "--temperature", "0", "--k", "4")  # (K identical greedy answers)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
         "lmforge rejection-sample: error: --temperature 0 with --k 4: every sample would be the same"), r.stderr
     for flag, value, need in (("--max-new-tokens", "-3", ">= 1"), ("--temperature", "-1", ">= 0"),
                               ("--context", "0", ">= 2"), ("--samples", "0", ">= 1")):
-        r = run("eval", "--task", "perplexity", "--data", str(prompts), flag, value)
+        r = refused("eval", "--task", "perplexity", "--data", str(prompts), flag, value)
         assert r.returncode == 1 and r.stderr.strip().splitlines() == [
             f"lmforge eval: error: {flag} {float(value) if flag == '--temperature' else value}: must be {need}"]
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_run import refused
 
 from lmforge.assets import STORIES260K
 from lmforge.checkpoint import load_model
@@ -223,30 +224,30 @@ def test_sft_command_trains_resumes_and_leaves_a_loadable_model(tmp_path):
 def test_sft_command_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"instruction": "x"}]')
-    r = run("sft", "--data", str(bad), "--out", str(tmp_path / "o"))
+    r = refused("sft", "--data", str(bad), "--out", str(tmp_path / "o"))
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("lmforge sft: error: ")
     assert "bad.json:1: field 'output' is missing" in r.stderr and "Traceback" not in r.stderr
-    r = run("sft", "--data", str(bad), "--peft.r", "4")
+    r = refused("sft", "--data", str(bad), "--peft.r", "4")
     assert r.returncode != 0 and "without a method" in r.stderr
     held = tmp_path / "q8"  # a quantized model's directory: its weights were replaced, quantization.json left
     held.mkdir()
     for n in ("config.json", "model.safetensors", "quantization.json"):
         (held / n).write_text("{}")
-    r = run("sft", "--data", str(bad), "--out", str(held))
+    r = refused("sft", "--data", str(bad), "--out", str(held))
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         f"lmforge sft: error: {held}: already holds a model (config.json, model.safetensors, quantization.json) and "
         "no checkpoint to resume from; pass --overwrite to replace it, or choose another --out")
-    r = run("sft", "--data", str(bad), "--out", str(held), "--resume-or-start")  # (it removed the model's files)
+    r = refused("sft", "--data", str(bad), "--out", str(held), "--resume-or-start")  # (it removed the model's files)
     assert r.returncode == 1 and "already holds a model" in r.stderr and (held / "quantization.json").is_file()
-    r = run("sft", "--model", str(held), "--data", str(bad), "--out", str(held), "--overwrite")
+    r = refused("sft", "--model", str(held), "--data", str(bad), "--out", str(held), "--overwrite")
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         f"lmforge sft: error: --out {held}: it would replace {held}, the model being trained from; write elsewhere")
-    r = run("sft", "--data", str(bad), "--out", str(held), "--overwrite")  # (then the data is refused)
+    r = refused("sft", "--data", str(bad), "--out", str(held), "--overwrite")  # (then the data is refused)
     assert r.returncode == 1 and "field 'output' is missing" in r.stderr
     assert not any((held / n).exists() for n in ("config.json", "model.safetensors", "quantization.json"))
     good = tmp_path / "good.jsonl"  # a batch of 10**9 rows wrapped round 5 examples until memory ran out
     good.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i}."}) + "\n" for i in range(5)))
-    r = run("sft", "--data", str(good), "--train.batch_size", "1000000000", "--out", str(tmp_path / "o"))
+    r = refused("sft", "--data", str(good), "--train.batch_size", "1000000000", "--out", str(tmp_path / "o"))
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         "lmforge sft: error: train.batch_size 1000000000 is more than the 4 training examples: every batch would "
         "repeat them; use at most 4")  # (one of the 5 is held out)
