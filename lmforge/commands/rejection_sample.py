@@ -47,6 +47,6 @@ def run(args) -> None:
         raise LMForgeError(f"--temperature 0 with --k {args.k}: every sample would be the same greedy answer; "
                            "sample (e.g. --temperature 1) or use --k 1")
     check_output_file(args.out, args.overwrite, [Path(args.model), Path(args.reward), Path(args.prompts),
-                                                        Path(args.tokenizer) if args.tokenizer else None], "--out")
+                                                  Path(args.tokenizer) if args.tokenizer else None], "--out")
     run_rejection(args.model, args.reward, args.prompts, args.out, args.k, args.temperature, args.top_p,
                   args.max_new_tokens, args.batch_size, args.seed, args.device, args.tokenizer)
