@@ -74,6 +74,9 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
     ``overwrite``) if given."""
     if kind not in KINDS:
         raise LMForgeError(f"--kind {kind!r}: allowed values are {list(KINDS)}")
+    if kind == "char" and special_tokens:
+        raise LMForgeError(f"--special-tokens {' '.join(special_tokens)}: a char tokenizer has no special tokens (one "
+                           "token per character of the text); use --kind bytelevel-bpe or llama-bpe for them")
     specials = SPECIALS.get(kind, []) + [s for s in (special_tokens or []) if s not in SPECIALS.get(kind, [])]
     least = 1 if kind == "char" else 256 + len(specials) + 1  # BPE: the 256 bytes, the specials, one merge
     if not isinstance(vocab_size, int) or not least <= vocab_size <= MAX_VOCAB:
@@ -95,13 +98,20 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
     if output:
         check_output_dir(output, overwrite)
     if kind == "char":
-        text = "".join(Path(f).read_text(encoding="utf-8") for f in files)
+        text = "".join(_read_exact(f) for f in files)
         tok = CharTokenizer.from_text(text)
     else:
         tok = _train_bpe(files, vocab_size, kind, special_tokens)
     if output:
         tok.save(output)
     return tok
+
+
+def _read_exact(path: str) -> str:
+    """The text of a file as stored: "\r\n" and a lone "\r" are kept (read_text turns them into "\n": a char
+    vocabulary trained on CRLF files had no "\r", and encoding those files failed)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
 
 
 def _train_bpe(files: list[str], vocab_size: int, kind: str, special_tokens: list[str] | None) -> Tokenizer:
