@@ -3,9 +3,13 @@ inputs inside outputs, settings that do nothing); each test fails without its fi
 
 from __future__ import annotations
 
+import json
+
+import pytest
 from cli_run import refused
 
 from lmforge.data.prepare import prepare
+from lmforge.errors import LMForgeError
 from lmforge.tokenizer import load_tokenizer
 from lmforge.tokenizer.train import train_tokenizer
 
@@ -31,3 +35,28 @@ def test_char_tokenizer_refuses_special_tokens(tmp_path):
                 "--special-tokens", "<|im_start|>")
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "--special-tokens" in r.stderr, r.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_prepare_refuses_an_output_holding_an_input(tmp_path):
+    """An input inside --output was deleted by --overwrite (the directory is replaced whole); a tokenizer there too.
+    The output's own tokenizer copy may be reused."""
+    tok = tmp_path / "tok"
+    src = tmp_path / "a.txt"
+    src.write_text("some text to train on\n" * 20)
+    train_tokenizer([str(src)], 300, "bytelevel-bpe", str(tok))
+    out = tmp_path / "data"
+    prepare([str(src)], str(tok), str(out), val_fraction=0, workers=1, progress=False)
+    (out / "more.txt").write_text("precious text\n")
+    with pytest.raises(LMForgeError, match="holds the input"):
+        prepare([str(out / "more.txt")], str(tok), str(out), val_fraction=0, workers=1, overwrite=True,
+                progress=False)
+    assert (out / "more.txt").read_text() == "precious text\n"
+    (out / "mytok").mkdir()
+    for p in tok.iterdir():
+        (out / "mytok" / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(LMForgeError, match="holds the tokenizer"):
+        prepare([str(src)], str(out / "mytok"), str(out), val_fraction=0, workers=1, overwrite=True, progress=False)
+    assert (out / "mytok" / "tokenizer.json").is_file()
+    idx = prepare([str(src)], str(out / "tokenizer"), str(out), val_fraction=0, workers=1, overwrite=True,
+                  progress=False)
+    assert json.loads((out / "index.json").read_text())["splits"] == idx["splits"]

@@ -145,6 +145,16 @@ def _settings(index: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_not_inside(out: Path, inputs: list[str], tokenizer: Path | None) -> None:
+    """The output directory is replaced whole: an input file or the tokenizer inside it would be deleted (with
+    --overwrite) or mistaken for data. Its own tokenizer copy (``out/tokenizer``, read before) may be reused."""
+    for p, what in [(Path(i), "input") for i in inputs] + [(tokenizer, "tokenizer")] * (tokenizer is not None):
+        r = p.resolve()
+        if r == out or out in r.parents and not (what == "tokenizer" and r == out / "tokenizer"):
+            raise LMForgeError(f"--output {out}: holds the {what} {p}, which replacing the output would delete; "
+                               "write elsewhere")
+
+
 class _Writer:
     """Appends one split's tokens to ``NAME.bin`` and its document starts to memory (8 bytes per document)."""
 
@@ -228,6 +238,7 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
     }
 
     out = Path(output).resolve()
+    _check_not_inside(out, inputs, None if tok_obj else Path(tokenizer))
     if is_prepared(out):
         old = json.loads((out / INDEX).read_text())
         if not overwrite:
