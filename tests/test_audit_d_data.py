@@ -60,3 +60,22 @@ def test_prepare_refuses_an_output_holding_an_input(tmp_path):
     idx = prepare([str(src)], str(out / "tokenizer"), str(out), val_fraction=0, workers=1, overwrite=True,
                   progress=False)
     assert json.loads((out / "index.json").read_text())["splits"] == idx["splits"]
+
+
+@pytest.mark.parametrize("name", ["docs.jsonl", "docs.json", "docs.jsonl.gz"])
+def test_tokenizer_trains_on_the_text_of_records(tmp_path, name):
+    """A .jsonl/.json corpus (as data prepare takes) was trained on as text: its keys, quotes and \\uXXXX escapes
+    (a JSONL file of Chinese written with ensure_ascii gave a vocabulary without one Chinese character)."""
+    import gzip
+
+    recs = [{"text": "你好世界，红楼梦", "id": i} for i in range(5)]
+    data = (json.dumps(recs) if name == "docs.json" else "".join(json.dumps(r) + "\n" for r in recs)).encode()
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    tok = train_tokenizer([str(tmp_path / name)], 10, "char", str(tmp_path / "t"))
+    assert sorted(tok.chars) == sorted(set("你好世界，红楼梦\n"))
+    bpe = train_tokenizer([str(tmp_path / name)], 300, "llama-bpe")
+    assert bpe.decode(bpe.encode("红楼梦")) == "红楼梦" and len(bpe.encode("红楼梦")) < 9  # merged, not 9 bytes
+    (tmp_path / "bad.jsonl").write_text('{"text": "a b"}\n{"txt": "c"}\n')
+    r = refused("tokenizer", "train", "--input", tmp_path / "bad.jsonl", "--vocab-size", 10, "--kind", "char",
+                "--output", tmp_path / "t2")
+    assert r.returncode != 0 and r.stderr.startswith("lmforge tokenizer: error: ") and "bad.jsonl:2" in r.stderr

@@ -19,7 +19,11 @@ def add_parser(sub, name: str, help_: str) -> None:
     p = sub.add_parser(name, help=help_, description=help_)
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="STEP", required=True)
     t = tsub.add_parser("train", help="train a tokenizer on text files")
-    t.add_argument("--input", nargs="+", required=True, help="UTF-8 text files")
+    t.add_argument("--input", nargs="+", required=True,
+                   help="UTF-8 text files, or .jsonl/.json/.parquet files of records (the text of their --field); "
+                   ".gz is decompressed")
+    t.add_argument("--field", default="text", help="JSON/parquet field holding the text (default: text)")
+    t.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--kind", choices=["bytelevel-bpe", "llama-bpe", "char"], required=True)
     t.add_argument("--output", required=True, type=_nonempty,
@@ -41,7 +45,8 @@ def run_train(args) -> None:
 
     if any(not t.strip() for t in args.special_tokens):
         raise LMForgeError("--special-tokens: an empty or blank token; give the tokens' text")
-    tok = train_tokenizer(args.input, args.vocab_size, args.kind, args.output, args.special_tokens, args.overwrite)
+    tok = train_tokenizer(args.input, args.vocab_size, args.kind, args.output, args.special_tokens, args.overwrite,
+                          field=args.field, skip_bad=args.skip_bad)
     short = ""
     if args.kind == "char" and tok.vocab_size != args.vocab_size:
         short = f" (--vocab-size {args.vocab_size:,} asked: a char tokenizer has a token per character of the text)"

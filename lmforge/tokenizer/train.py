@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -69,9 +70,11 @@ def check_output_dir(output: str, overwrite: bool = False) -> None:
 
 
 def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | None = None,
-                    special_tokens: list[str] | None = None, overwrite: bool = False) -> Tokenizer:
+                    special_tokens: list[str] | None = None, overwrite: bool = False, field: str = "text",
+                    skip_bad: bool = False) -> Tokenizer:
     """A tokenizer of ``kind`` trained on ``files``, saved to ``output`` (a new or empty directory, or any with
-    ``overwrite``) if given."""
+    ``overwrite``) if given. Text files are read as they are; .jsonl, .json and .parquet files (and any ``.gz``) by
+    the text of their records' ``field``, as ``data prepare`` reads them."""
     if kind not in KINDS:
         raise LMForgeError(f"--kind {kind!r}: allowed values are {list(KINDS)}")
     if kind == "char" and special_tokens:
@@ -83,7 +86,6 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
         raise LMForgeError(f"--vocab-size {vocab_size}: must be in [{least}, {MAX_VOCAB:,}] for {kind}")
     if not files:
         raise LMForgeError("no input files")
-    chars = 0
     for f in files:
         if Path(f).is_dir():
             raise LMForgeError(f"{f}: is a directory; --input takes text files")
@@ -92,19 +94,37 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
                                "training reads more than once: write a pipe's text to a file first")
         if not Path(f).is_file():
             raise LMForgeError(f"{f}: no such input file")
-        chars += check_text_file(Path(f))
-    if not chars:
-        raise LMForgeError(f"{files[0]}: no text to train on (the input is empty)")
-    if output:
-        check_output_dir(output, overwrite)
-    if kind == "char":
-        text = "".join(_read_exact(f) for f in files)
-        tok = CharTokenizer.from_text(text)
-    else:
-        tok = _train_bpe(files, vocab_size, kind, special_tokens)
+    with tempfile.TemporaryDirectory(prefix="lmforge-tokenizer-") as tmp:
+        texts = [_as_text(f, Path(tmp) / f"{i}.txt", field, skip_bad) for i, f in enumerate(files)]
+        chars = sum(check_text_file(Path(t)) for t in texts)
+        if not chars:
+            raise LMForgeError(f"{files[0]}: no text to train on (the input is empty)")
+        if output:
+            check_output_dir(output, overwrite)
+        if kind == "char":
+            tok = CharTokenizer.from_text("".join(_read_exact(t) for t in texts))
+        else:
+            tok = _train_bpe(texts, vocab_size, kind, special_tokens)
     if output:
         tok.save(output)
     return tok
+
+
+def _as_text(path: str, tmp: Path, field: str, skip_bad: bool) -> str:
+    """``path`` itself for a text file; for records (.jsonl, .json, .parquet) or a .gz file, ``tmp`` holding their
+    documents' text one after another (a JSONL file was trained on as text: its keys, quotes and \\uXXXX escapes)."""
+    from lmforge.data.io import BadRecords, file_kind, iter_documents
+
+    if file_kind(path) == "text" and not path.lower().endswith(".gz"):
+        return path
+    bad = BadRecords(skip_bad)
+    docs = iter_documents([path], field=field, txt_split="raw", drop_empty=True, meta=False, bad=bad)
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        for d in docs:
+            f.write(d.text if d.text.endswith("\n") else d.text + "\n")
+    if bad.count:
+        print(f"skipped {bad.count} bad record(s) of {path} (first: {bad.examples[0]})", file=sys.stderr)
+    return str(tmp)
 
 
 def _read_exact(path: str) -> str:
