@@ -79,3 +79,20 @@ def test_tokenizer_trains_on_the_text_of_records(tmp_path, name):
     r = refused("tokenizer", "train", "--input", tmp_path / "bad.jsonl", "--vocab-size", 10, "--kind", "char",
                 "--output", tmp_path / "t2")
     assert r.returncode != 0 and r.stderr.startswith("lmforge tokenizer: error: ") and "bad.jsonl:2" in r.stderr
+
+
+def test_doc_separator_takes_unicode_escapes(tmp_path):
+    """--doc-separator '\\u3002' was refused as 'bad escape sequence' (\\u escapes decoded to text that was then
+    taken for UTF-8 bytes); typed text, \\n and UTF-8 byte escapes read as before."""
+    f = tmp_path / "a.txt"
+    f.write_text("一。二。三")
+    train_tokenizer([str(f)], 10, "char", str(tmp_path / "t"))
+    r = refused("data", "prepare", f, "--tokenizer", tmp_path / "t", "--output", tmp_path / "d", "--val-fraction", 0,
+                "--workers", 1, "--doc-separator", r"\u3002")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "d" / "index.json").read_text())["splits"]["train"]["documents"] == 3
+
+    from lmforge.data.prepare_cli import decode_escapes
+
+    assert [decode_escapes(s) for s in (r"\u3002", "。", r"\xe3\x80\x82", r"\n\n", r"\U0001F600", "é")] == [
+        "。", "。", "。", "\n\n", "😀", "é"]

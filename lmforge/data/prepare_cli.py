@@ -38,6 +38,19 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.set_defaults(func=run)
 
 
+def decode_escapes(text: str) -> str:
+    """``text`` with its backslash escapes decoded as Python reads them ('\\n', '\\u3002', '\\U0001F600'); other
+    characters stay as typed (a '。' or 'é' was refused as a bad escape). Byte escapes of UTF-8 ('\\xe3\\x80\\x82')
+    are read as those bytes. UnicodeError for a bad escape."""
+    out = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    if "\\x" in text and max(map(ord, out), default=0) < 256:
+        try:
+            return out.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            pass
+    return out
+
+
 def run(args) -> None:
     from lmforge.data.prepare import prepare
     from lmforge.errors import LMForgeError
@@ -45,7 +58,7 @@ def run(args) -> None:
     sep = args.doc_separator
     if sep is not None:
         try:
-            sep = sep.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+            sep = decode_escapes(sep)
         except UnicodeError:
             raise LMForgeError(f"--doc-separator {args.doc_separator!r}: bad escape sequence") from None
     if args.workers < 0:
