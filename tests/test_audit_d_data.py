@@ -96,3 +96,16 @@ def test_doc_separator_takes_unicode_escapes(tmp_path):
 
     assert [decode_escapes(s) for s in (r"\u3002", "。", r"\xe3\x80\x82", r"\n\n", r"\U0001F600", "é")] == [
         "。", "。", "。", "\n\n", "😀", "é"]
+
+
+def test_a_directory_input_is_named_as_one(tmp_path):
+    """A directory given as INPUT was 'no such input file' (data clean and prepare); --workers -1 named no flag."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.jsonl").write_text('{"text": "x"}\n')
+    for args in (("data", "prepare", tmp_path / "docs", "--tokenizer", tmp_path / "none", "--output", tmp_path / "o"),
+                 ("data", "clean", tmp_path / "docs", "--output", tmp_path / "o.jsonl", "--report", tmp_path / "r")):
+        r = refused(*args)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "docs: is a directory" in r.stderr, r.stderr
+    r = refused("data", "clean", tmp_path / "docs" / "a.jsonl", "--output", tmp_path / "o.jsonl", "--report",
+                tmp_path / "r", "--workers", -1)
+    assert "error: --workers -1: must be >= 0" in r.stderr, r.stderr

@@ -70,6 +70,19 @@ class BadRecords:
         return {"skipped": self.count, "reasons": dict(self.reasons), "examples": list(self.examples)}
 
 
+def check_input_file(path: str | Path) -> None:
+    """One line for an input that is not a readable file: missing, a directory (its files must be named), or a
+    device/pipe."""
+    p = Path(path)
+    if p.is_file():
+        return
+    if p.is_dir():
+        raise LMForgeError(f"{p}: is a directory; give the files in it (e.g. {p / '*.jsonl'})")
+    if p.exists():
+        raise LMForgeError(f"{p}: not a regular file (a device or a pipe); write its text to a file first")
+    raise LMForgeError(f"{p}: no such input file")
+
+
 def file_kind(path: str | Path) -> str:
     """``jsonl``, ``json``, ``parquet`` or ``text`` from the suffix (a trailing ``.gz`` is ignored)."""
     suffixes = [s.lower() for s in Path(path).suffixes]
@@ -306,8 +319,7 @@ def iter_documents(paths: Iterable[str | Path], skip_bad: bool = False, *, field
         raise LMForgeError(f"separator {separator!r}: needs txt_split='raw' and must not be empty")
     bad = bad if bad is not None else BadRecords(skip_bad)
     for i, p in enumerate(map(Path, paths)):
-        if not p.is_file():
-            raise LMForgeError(f"{p}: no such input file")
+        check_input_file(p)
         kind = file_kind(p)
         if kind == "parquet":
             docs = _read_parquet(p, field, bad, drop_empty, meta)

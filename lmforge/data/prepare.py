@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.data.io import BadRecords, Document, file_kind, iter_documents
+from lmforge.data.io import BadRecords, Document, check_input_file, file_kind, iter_documents
 from lmforge.errors import LMForgeError
 from lmforge.files import check_replaceable, current_umask
 
@@ -214,9 +214,8 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
         raise LMForgeError(f"--split-mode {split_mode!r}: allowed values are {list(SPLIT_MODES)}")
     if separator == "":
         raise LMForgeError("--doc-separator: must not be empty")
-    for p in map(Path, inputs):
-        if not p.is_file():
-            raise LMForgeError(f"{p}: no such input file")
+    for p in inputs:
+        check_input_file(p)
     tok_obj = not isinstance(tokenizer, (str, os.PathLike))
     tok = tokenizer if tok_obj else load_tokenizer(str(tokenizer))
     bos = (tok.bos_id is not None) if bos is None else bos
