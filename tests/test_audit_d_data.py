@@ -109,3 +109,15 @@ def test_a_directory_input_is_named_as_one(tmp_path):
     r = refused("data", "clean", tmp_path / "docs" / "a.jsonl", "--output", tmp_path / "o.jsonl", "--report",
                 tmp_path / "r", "--workers", -1)
     assert "error: --workers -1: must be >= 0" in r.stderr, r.stderr
+
+
+def test_llama_bpe_keeps_to_the_vocab_size(tmp_path):
+    """A text of many distinct characters (Chinese) gave more tokens than --vocab-size without a word: the trainer
+    kept every character; the rare ones now go to byte fallback. A repeated --special-tokens entry is one token."""
+    f = tmp_path / "zh.txt"
+    text = "".join(chr(0x4E00 + (i * 7) % 400) for i in range(4000)) + "\n"
+    f.write_text(text)
+    tok = train_tokenizer([str(f)], 300, "llama-bpe", special_tokens=["<a>", "<a>"])
+    assert tok.vocab_size == 300
+    assert tok.decode(tok.encode(text)) == text
+    assert train_tokenizer([str(f)], 261, "llama-bpe", special_tokens=["<a>", "<a>"]).vocab_size == 261

@@ -80,7 +80,7 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
     if kind == "char" and special_tokens:
         raise LMForgeError(f"--special-tokens {' '.join(special_tokens)}: a char tokenizer has no special tokens (one "
                            "token per character of the text); use --kind bytelevel-bpe or llama-bpe for them")
-    specials = SPECIALS.get(kind, []) + [s for s in (special_tokens or []) if s not in SPECIALS.get(kind, [])]
+    specials = list(dict.fromkeys(SPECIALS.get(kind, []) + list(special_tokens or [])))  # (a repeat is one token)
     least = 1 if kind == "char" else 256 + len(specials) + 1  # BPE: the 256 bytes, the specials, one merge
     if not isinstance(vocab_size, int) or not least <= vocab_size <= MAX_VOCAB:
         raise LMForgeError(f"--vocab-size {vocab_size}: must be in [{least}, {MAX_VOCAB:,}] for {kind}")
@@ -138,7 +138,7 @@ def _train_bpe(files: list[str], vocab_size: int, kind: str, special_tokens: lis
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-    specials = SPECIALS[kind] + [s for s in (special_tokens or []) if s not in SPECIALS[kind]]
+    specials = list(dict.fromkeys(SPECIALS[kind] + list(special_tokens or [])))
     if kind == "bytelevel-bpe":
         tok = RawTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -155,6 +155,10 @@ def _train_bpe(files: list[str], vocab_size: int, kind: str, special_tokens: lis
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, show_progress=False)
+    # the characters of the text beyond what fits go to byte fallback (as sentencepiece's character_coverage): the
+    # trainer kept every character seen, so a Chinese or emoji-rich text gave more tokens than --vocab-size. "▁" is
+    # always kept: the decoder turns only a "▁" token into a space (a byte-fallback one would stay "▁")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, show_progress=False,
+                                  initial_alphabet=["▁"], limit_alphabet=vocab_size - len(specials) - len(byte_tokens))
     tok.train(files, trainer)
     return HFTokenizer(tok, kind, bos="<s>", eos="</s>")
