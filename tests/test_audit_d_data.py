@@ -121,3 +121,31 @@ def test_llama_bpe_keeps_to_the_vocab_size(tmp_path):
     assert tok.vocab_size == 300
     assert tok.decode(tok.encode(text)) == text
     assert train_tokenizer([str(f)], 261, "llama-bpe", special_tokens=["<a>", "<a>"]).vocab_size == 261
+
+
+def test_overwrite_keeps_the_old_tokenizer_until_the_new_one_is_written(tmp_path, monkeypatch):
+    """--overwrite removed the old tokenizer's files before training: a run that failed or was interrupted (^C) left
+    the directory empty. Now the files are replaced at the end, and a tokenizer of another kind leaves none of its
+    files behind; a directory made for a failed run is removed."""
+    import lmforge.tokenizer.train as train
+
+    f = tmp_path / "a.txt"
+    f.write_text("some text to train on\n" * 20)
+    out = tmp_path / "tok"
+    train_tokenizer([str(f)], 10, "char", str(out))
+    before = sorted(p.name for p in out.iterdir())
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_train_bpe", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer([str(f)], 300, "llama-bpe", str(out), overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer([str(f)], 300, "llama-bpe", str(tmp_path / "new" / "sub"))
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    train_tokenizer([str(f)], 300, "llama-bpe", str(out), overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert load_tokenizer(str(out)).kind == "llama-bpe"

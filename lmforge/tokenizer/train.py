@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -43,12 +44,13 @@ def check_text_file(path: Path) -> int:
     return chars
 
 
-WRITTEN = {*HFTokenizer.FILES, *CharTokenizer.FILES}  # what a trained tokenizer writes: --overwrite removes them
+WRITTEN = {*HFTokenizer.FILES, *CharTokenizer.FILES}  # what a trained tokenizer writes: --overwrite replaces them
 
 
-def check_output_dir(output: str, overwrite: bool = False) -> None:
-    """The output must be a directory we can write (created if missing) and, unless ``overwrite``, empty: checked
-    before training. With ``overwrite`` the tokenizer files a previous run wrote there are removed."""
+def check_output_dir(output: str, overwrite: bool = False) -> list[Path]:
+    """The output must be a directory we can write (created if missing: the directories made are returned, innermost
+    first) and, unless ``overwrite``, empty: checked before training. Nothing in it is removed here:
+    :func:`save_tokenizer` replaces the files at the end."""
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise LMForgeError(f"{out}: exists and is not a directory; --output names a directory for the tokenizer")
@@ -57,16 +59,34 @@ def check_output_dir(output: str, overwrite: bool = False) -> None:
         more = f" and {len(held) - 3} more" if len(held) > 3 else ""
         raise LMForgeError(f"{out}: not empty (holds {', '.join(held[:3])}{more}); give a new directory, or "
                            "--overwrite to replace the tokenizer in it")
+    made = [d for d in (out, *out.parents) if not d.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
         os.close(fd)
         os.unlink(probe)
-        if overwrite:
-            for name in WRITTEN:
-                (out / name).unlink(missing_ok=True)
     except OSError as e:
         raise LMForgeError(f"{out}: cannot write the tokenizer there: {e.strerror}") from None
+    return made
+
+
+def save_tokenizer(tok: Tokenizer, output: str) -> None:
+    """Write ``tok``'s files into a temporary directory inside ``output``, then rename each over the old one and
+    remove the files of a previous tokenizer of another kind: an interrupted or failed run leaves the old tokenizer
+    whole (--overwrite deleted it before training: ^C during training left an empty directory)."""
+    out = Path(output)
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out))
+    try:
+        tok.save(str(tmp))
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in names:
+            os.replace(tmp / name, out / name)
+        for name in WRITTEN - set(names):
+            (out / name).unlink(missing_ok=True)
+    except OSError as e:
+        raise LMForgeError(f"{out}: cannot write the tokenizer there: {e.strerror}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | None = None,
@@ -99,14 +119,20 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
         chars = sum(check_text_file(Path(t)) for t in texts)
         if not chars:
             raise LMForgeError(f"{files[0]}: no text to train on (the input is empty)")
-        if output:
-            check_output_dir(output, overwrite)
-        if kind == "char":
-            tok = CharTokenizer.from_text("".join(_read_exact(t) for t in texts))
-        else:
-            tok = _train_bpe(texts, vocab_size, kind, special_tokens)
+        made = check_output_dir(output, overwrite) if output else []
+        try:
+            if kind == "char":
+                tok = CharTokenizer.from_text("".join(_read_exact(t) for t in texts))
+            else:
+                tok = _train_bpe(texts, vocab_size, kind, special_tokens)
+        except BaseException:  # (^C too) directories made for the output are not left behind empty
+            for d in made:
+                if any(d.iterdir()):
+                    break
+                d.rmdir()
+            raise
     if output:
-        tok.save(output)
+        save_tokenizer(tok, output)
     return tok
 
 
