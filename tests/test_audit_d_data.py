@@ -149,3 +149,13 @@ def test_overwrite_keeps_the_old_tokenizer_until_the_new_one_is_written(tmp_path
     train_tokenizer([str(f)], 300, "llama-bpe", str(out), overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     assert load_tokenizer(str(out)).kind == "llama-bpe"
+
+
+def test_clean_refuses_stages_naming_none(tmp_path):
+    """--stages '' (or ',') ran no stage at all and reported success: refused."""
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    for stages in ("", ",", " , "):
+        r = refused("data", "clean", tmp_path / "a.jsonl", "--output", tmp_path / "o.jsonl", "--report",
+                    tmp_path / "r.json", "--stages", stages)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "names no stage" in r.stderr, r.stderr
+        assert not (tmp_path / "o.jsonl").exists()

@@ -59,6 +59,9 @@ def run(args) -> None:
         if "stages" in config:
             raise LMForgeError(f"--stages: {args.config} already lists stages; use one or the other")
         config["stages"] = [s.strip() for s in args.stages.split(",") if s.strip()]
+        if not config["stages"]:
+            raise LMForgeError(f"--stages {args.stages!r}: names no stage (a run without stages only copies the "
+                               "documents); give stage names, e.g. --stages exact_dedup,pii")
     rep = clean(args.inputs, args.output, args.report, config, skip_bad=args.skip_bad, field=args.field,
                 txt_split=args.txt_split, eval_files=args.eval, progress=not args.quiet,
                 workers=args.workers, overwrite=args.overwrite)
@@ -73,7 +76,7 @@ def run(args) -> None:
     for s in rep["stages"]:
         reasons = ", ".join(f"{k} {v['documents']}" for k, v in list(s["removed"].items())[:4])
         extra = ""
-        if "replacements" in s:
+        if any(s.get("replacements", {}).values()):
             extra = " replaced " + ", ".join(f"{k} {v}" for k, v in s["replacements"].items() if v)
         if s["documents_modified"]:
             extra += f" modified {s['documents_modified']}"
