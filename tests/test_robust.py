@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_run import refused
 
 from lmforge.assets import STORIES260K, STORIES260K_TOKENIZER, TINYSHAKESPEARE
 from lmforge.checkpoint import MANIFEST, load_checkpoint, load_model, save_checkpoint, write_manifest
@@ -112,14 +113,14 @@ def test_flipped_bytes_truncation_and_nan_weights_are_refused(stories_ckpt, tmp_
     shutil.copytree(stories_ckpt, flipped)
     w = flipped / "model.safetensors"
     flip(w, w.stat().st_size // 2, bytes(64))  # 64 zero bytes in the middle: still a valid file, wrong weights
-    one_line(lmforge("generate", "--model", flipped, "--max-new-tokens", "4"), str(flipped),
+    one_line(refused("generate", "--model", flipped, "--max-new-tokens", "4"), str(flipped),
              "model.safetensors fails its checksum")
 
     short = tmp_path / "short"
     shutil.copytree(stories_ckpt, short)
     with open(short / "model.safetensors", "r+b") as f:
         f.truncate(1000)
-    one_line(lmforge("generate", "--model", short, "--max-new-tokens", "4"), "model.safetensors has 1,000 bytes")
+    one_line(refused("generate", "--model", short, "--max-new-tokens", "4"), "model.safetensors has 1,000 bytes")
 
     # 4,096 bytes of 0xFF put NaN in a weight; the manifest is updated, so only the finiteness check can catch it
     nan = tmp_path / "nan"
@@ -127,14 +128,14 @@ def test_flipped_bytes_truncation_and_nan_weights_are_refused(stories_ckpt, tmp_
     w = nan / "model.safetensors"
     flip(w, w.stat().st_size // 2, b"\xff" * 4096)
     write_manifest(nan)
-    one_line(lmforge("generate", "--model", nan, "--max-new-tokens", "4"), str(w), "NaN or infinite")
+    one_line(refused("generate", "--model", nan, "--max-new-tokens", "4"), str(w), "NaN or infinite")
     (nan / MANIFEST).unlink()  # a checkpoint without a manifest is still checked for non-finite weights
-    one_line(lmforge("generate", "--model", nan, "--max-new-tokens", "4"), "NaN or infinite")
+    one_line(refused("generate", "--model", nan, "--max-new-tokens", "4"), "NaN or infinite")
 
     # a training checkpoint is always written with its manifest: removing it no longer skips the checksums
     (flipped / "trainer_state.json").write_text("{}")
     (flipped / MANIFEST).unlink()
-    one_line(lmforge("generate", "--model", flipped, "--max-new-tokens", "4"), str(flipped),
+    one_line(refused("generate", "--model", flipped, "--max-new-tokens", "4"), str(flipped),
              "damaged checkpoint: no MANIFEST.json (incomplete)")
 
 
@@ -155,7 +156,7 @@ def test_a_damaged_quantized_directory_is_refused(tmp_path, runtime):
     assert lmforge(*gen).returncode == 0
     w = q / "model.safetensors"
     flip(w, w.stat().st_size // 2, bytes(64))
-    one_line(lmforge(*gen), str(q), "damaged quantized directory", "model.safetensors fails its checksum")
+    one_line(refused(*gen), str(q), "damaged quantized directory", "model.safetensors fails its checksum")
 
 
 def test_verification_is_cached_by_size_mtime_inode_and_ctime(stories_ckpt, tmp_path, monkeypatch):
@@ -193,7 +194,7 @@ def test_a_malformed_manifest_entry_is_refused_in_one_line(stories_ckpt, tmp_pat
     manifest = json.loads((d / MANIFEST).read_text())
     manifest["model.safetensors"] = entry
     (d / MANIFEST).write_text(json.dumps(manifest))
-    one_line(lmforge("generate", "--model", d, "--max-new-tokens", "4"), str(d), "MANIFEST.json", says)
+    one_line(refused("generate", "--model", d, "--max-new-tokens", "4"), str(d), "MANIFEST.json", says)
 
 
 @pytest.mark.parametrize("name", ["/etc/hostname", "../c/config.json", "sub/x", ".", ""])
@@ -225,7 +226,7 @@ def test_resume_refuses_damaged_runs_falls_back_past_a_malicious_optimizer_and_c
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000002", "ckpt-0000004"]
 
     # a fresh run never overwrites an existing run's checkpoints
-    one_line(lmforge("pretrain", *SMALL, "--out", out, "--max-iters", "2"), str(out), "already holds checkpoints",
+    one_line(refused("pretrain", *SMALL, "--out", out, "--max-iters", "2"), str(out), "already holds checkpoints",
              "--overwrite")
 
     # a malicious optimizer.pt (its hash updated) is refused in one line and the previous checkpoint is used
@@ -252,7 +253,7 @@ def test_resume_refuses_damaged_runs_falls_back_past_a_malicious_optimizer_and_c
         w = c / "model.safetensors"
         flip(w, w.stat().st_size // 2, bytes(64))
     before = sorted(p.name for p in out.iterdir())
-    one_line(lmforge("pretrain", *SMALL, "--out", out, "--max-iters", "8", "--resume"), "no usable checkpoint",
+    one_line(refused("pretrain", *SMALL, "--out", out, "--max-iters", "8", "--resume"), "no usable checkpoint",
              "fails its checksum", "--resume-or-start")
     assert sorted(p.name for p in out.iterdir()) == before
 
@@ -289,10 +290,10 @@ def test_a_second_run_in_the_same_out_is_refused_while_the_first_runs(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         for flags in (["--resume"], ["--overwrite"], ["--resume-or-start"]):
-            one_line(lmforge("pretrain", *SMALL, "--out", out, "--max-iters", "2", *flags), f"--out {out}",
+            one_line(refused("pretrain", *SMALL, "--out", out, "--max-iters", "2", *flags), f"--out {out}",
                      f"in use by process {holder.pid}", "choose another --out")
-        one_line(lmforge("sft", "--out", out, "--train.max_iters", "1", "--resume"), f"in use by process {holder.pid}")
-        one_line(lmforge("pipeline", "--out", out), f"--out {out}", f"in use by process {holder.pid}")
+        one_line(refused("sft", "--out", out, "--train.max_iters", "1", "--resume"), f"in use by process {holder.pid}")
+        one_line(refused("pipeline", "--out", out), f"--out {out}", f"in use by process {holder.pid}")
         assert saving.is_dir() and sorted(p.name for p in out.iterdir()) == [".lock", ".tmp-ckpt-live"]
     finally:
         holder.kill()
@@ -326,11 +327,11 @@ def test_a_refused_command_leaves_no_empty_out_behind(tmp_path):
     ``.lock``; the directories the lock made are removed again, an existing --out is kept."""
     for cmd in (["sft", "--model", str(tmp_path / "missing")], ["reward", "--data", str(tmp_path / "missing.json")]):
         out = tmp_path / "new" / "run"
-        one_line(lmforge(*cmd, "--out", out), "missing")
+        one_line(refused(*cmd, "--out", out), "missing")
         assert not (tmp_path / "new").exists()
     out = tmp_path / "kept"
     out.mkdir()
-    one_line(lmforge("sft", "--model", str(tmp_path / "missing"), "--out", out), "missing")
+    one_line(refused("sft", "--model", str(tmp_path / "missing"), "--out", out), "missing")
     assert out.is_dir()
     with DirLock(tmp_path / "w"):  # a run that wrote something keeps its directory
         (tmp_path / "w" / "x").write_text("")
@@ -341,7 +342,7 @@ def test_a_file_output_written_as_a_directory_is_refused(tmp_path):
     """``--output res/`` (a directory that does not exist yet) wrote a file named ``res``; refused in one line."""
     for cmd in (["eval", "--task", "perplexity", "--data", str(TINYSHAKESPEARE)],
                 ["data", "clean", str(TINYSHAKESPEARE), "--report", str(tmp_path / "report.json")]):
-        one_line(lmforge(*cmd, "--output", f"{tmp_path}/res/"), "res/: is a directory; --output names a file")
+        one_line(refused(*cmd, "--output", f"{tmp_path}/res/"), "res/: is a directory; --output names a file")
         assert not (tmp_path / "res").exists()
 
 
@@ -354,7 +355,7 @@ def test_negative_numbers_in_python_notation_are_flag_values():
         args = parse_command(["reward", "--margin", v, "--data", "d.json", "--out", "o"], strict=True)
         assert str(args.margin) == str(float(v)), v
         assert parse_command(["pretrain", "--train.lr", v], strict=True).overrides == ["--train.lr", v]
-    one_line(lmforge("generate", "--temperature", "-1e-3"), "--temperature must be >= 0")
+    one_line(refused("generate", "--temperature", "-1e-3"), "--temperature must be >= 0")
     r = lmforge("generate", "--temperature", "-e")  # not a number: still a missing value
     assert r.returncode == 2 and "--temperature: expected one argument" in r.stderr
 
@@ -420,11 +421,11 @@ def test_generate_refuses_a_tokenizer_that_does_not_fit_the_model(tmp_path):
     from lmforge.tokenizer.train import train_tokenizer
 
     train_tokenizer([str(TINYSHAKESPEARE)], 65, "char", str(tmp_path / "chars"))
-    one_line(lmforge("generate", "--tokenizer", tmp_path / "chars", "--max-new-tokens", "50"), str(tmp_path / "chars"),
+    one_line(refused("generate", "--tokenizer", tmp_path / "chars", "--max-new-tokens", "50"), str(tmp_path / "chars"),
              "65 tokens", "512")
     llama = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizers" / "llama2" / "tokenizer.bin"
     if llama.is_file():
-        one_line(lmforge("generate", "--tokenizer", llama, "--max-new-tokens", "5"), "32,000 tokens")
+        one_line(refused("generate", "--tokenizer", llama, "--max-new-tokens", "5"), "32,000 tokens")
 
 
 # ---- absurd configs refused before allocation; tables and caches sized by the context used -------------------
@@ -460,7 +461,7 @@ def test_bad_config_in_a_checkpoint_is_one_line(stories_ckpt, tmp_path):
         (d / MANIFEST).unlink()
         with pytest.raises(LMForgeError, match=f"{d / 'config.json'}: config field {field}={value}"):
             load_model(d)
-    one_line(lmforge("generate", "--model", tmp_path / "norm_eps", "--max-new-tokens", "4"), "norm_eps=-1")
+    one_line(refused("generate", "--model", tmp_path / "norm_eps", "--max-new-tokens", "4"), "norm_eps=-1")
 
 
 def test_rotary_tables_grow_with_the_context_used():
@@ -532,7 +533,7 @@ def test_prepare_single_file_falls_back_to_tail_split_and_pretrain_refuses_an_em
     r = lmforge("data", "prepare", text, "--tokenizer", tmp_path / "tok", "--output", tmp_path / "noval",
                 "--val-fraction", "0")
     assert r.returncode == 0, r.stderr
-    one_line(lmforge("pretrain", *SMALL, "--data.path", tmp_path / "noval", "--out", tmp_path / "run2"),
+    one_line(refused("pretrain", *SMALL, "--data.path", tmp_path / "noval", "--out", tmp_path / "run2"),
              str(tmp_path / "noval" / "val.bin"), "0 tokens")
     empty = tmp_path / "empty.txt"  # one line, not a note about a split fallback before it
     empty.write_text("")
@@ -554,7 +555,7 @@ def test_convert_hf_weights_only(tmp_path):
     back = load_model(tmp_path / "out")
     ref = model.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in back.state_dict().items())
-    one_line(lmforge("convert", "--from", "hf", tmp_path / "hf", "--to", "lmforge", tmp_path / "o2", "--tokenizer",
+    one_line(refused("convert", "--from", "hf", tmp_path / "hf", "--to", "lmforge", tmp_path / "o2", "--tokenizer",
                      tmp_path / "hf"), "no tokenizer files found")
 
 
@@ -583,17 +584,17 @@ def test_quantize_and_convert_never_replace_their_source_nor_an_output_without_o
     r = lmforge("convert", "--from", "llama2c", STORIES260K, "--to", "lmforge", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     before = (tmp_path / "m" / "model.safetensors").read_bytes()
-    one_line(lmforge("quantize", "--model", tmp_path / "m", "--bits", "8", "--output", tmp_path / "m",
+    one_line(refused("quantize", "--model", tmp_path / "m", "--bits", "8", "--output", tmp_path / "m",
                      "--overwrite"), "which is being read")
-    one_line(lmforge("convert", "--from", "lmforge", tmp_path / "m", "--to", "hf", tmp_path), "which is being read")
+    one_line(refused("convert", "--from", "lmforge", tmp_path / "m", "--to", "hf", tmp_path), "which is being read")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     (tmp_path / "q").mkdir()  # an empty directory is fine (the pipeline makes its stage directories first)
     assert lmforge("quantize", "--model", tmp_path / "m", "--bits", "8", "--output", tmp_path / "q").returncode == 0
-    one_line(lmforge("quantize", "--model", tmp_path / "m", "--bits", "8", "--output", tmp_path / "q"),
+    one_line(refused("quantize", "--model", tmp_path / "m", "--bits", "8", "--output", tmp_path / "q"),
              "exists; pass --overwrite")
     assert lmforge("quantize", "--model", tmp_path / "m", "--bits", "8", "--output", tmp_path / "q",
                    "--overwrite").returncode == 0
-    one_line(lmforge("convert", "--from", "lmforge", tmp_path / "m", "--to", "hf", tmp_path / "q"),
+    one_line(refused("convert", "--from", "lmforge", tmp_path / "m", "--to", "hf", tmp_path / "q"),
              "exists; pass --overwrite")
 
 
@@ -606,7 +607,7 @@ def test_quantize_and_convert_never_replace_their_source_nor_an_output_without_o
     ("--train.beta2", "1", "train.beta2=1.0: must be in [0, 1)"),
 ])
 def test_train_settings_out_of_range_are_one_line_before_anything_loads(tmp_path, flag, value, says):
-    line = one_line(lmforge("pretrain", "--recipe", "baby-gpt-shakespeare", "--out", tmp_path / "r", flag, value),
+    line = one_line(refused("pretrain", "--recipe", "baby-gpt-shakespeare", "--out", tmp_path / "r", flag, value),
                     says, "(recipe baby-gpt-shakespeare)")
     assert not (tmp_path / "r").exists(), line
 
@@ -625,7 +626,7 @@ def test_truncated_gguf_is_one_line(tmp_path):
         t.write_bytes(data[:cut])
         with pytest.raises(LMForgeError, match=f"{t}: not a readable GGUF file"):
             load_model(t)
-    one_line(lmforge("generate", "--model", tmp_path / "t35.gguf", "--max-new-tokens", "2"), str(tmp_path / "t35.gguf"),
+    one_line(refused("generate", "--model", tmp_path / "t35.gguf", "--max-new-tokens", "2"), str(tmp_path / "t35.gguf"),
              "truncated or damaged")
 
 
@@ -737,7 +738,7 @@ def test_data_prepare_into_unwritable_or_missing_directories(tmp_path):
     text = tmp_path / "a.txt"
     text.write_text("Once upon a time there was a cat. " * 20)
     ro = unwritable_dir(tmp_path)
-    one_line(lmforge("data", "prepare", text, "--tokenizer", STORIES260K_TOKENIZER, "--output", ro / "data"),
+    one_line(refused("data", "prepare", text, "--tokenizer", STORIES260K_TOKENIZER, "--output", ro / "data"),
              str(ro / "data"), "cannot write")
     r = lmforge("data", "prepare", text, "--tokenizer", STORIES260K_TOKENIZER, "--output", tmp_path / "new" / "data")
     assert r.returncode == 0 and (tmp_path / "new" / "data" / "index.json").is_file(), r.stderr
@@ -746,7 +747,7 @@ def test_data_prepare_into_unwritable_or_missing_directories(tmp_path):
 def test_convert_to_llama2c_never_replaces_a_tokenizer_bin_beside_it(tmp_path):
     """llama2.c reads tokenizer.bin beside the model: an existing one was replaced without --overwrite."""
     (tmp_path / "tokenizer.bin").write_text("mine\n")
-    one_line(lmforge("convert", "--from", "llama2c", "--to", "llama2c", STORIES260K, tmp_path / "m.bin"),
+    one_line(refused("convert", "--from", "llama2c", "--to", "llama2c", STORIES260K, tmp_path / "m.bin"),
              f"{tmp_path / 'tokenizer.bin'}: exists; pass --overwrite")
     assert (tmp_path / "tokenizer.bin").read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == [
         "tokenizer.bin"]
@@ -765,9 +766,9 @@ def test_an_output_directory_that_cannot_be_replaced_is_refused_before_any_work(
     try:
         text = tmp_path / "a.txt"
         text.write_text("Once upon a time there was a cat. " * 20)
-        one_line(lmforge("data", "prepare", text, "--tokenizer", STORIES260K_TOKENIZER, "--output", out),
+        one_line(refused("data", "prepare", text, "--tokenizer", STORIES260K_TOKENIZER, "--output", out),
                  f"--output {out}: cannot be replaced")
-        one_line(lmforge("convert", "--from", "llama2c", STORIES260K, "--to", "lmforge", out),
+        one_line(refused("convert", "--from", "llama2c", STORIES260K, "--to", "lmforge", out),
                  f"destination {out}: cannot be replaced")
         assert not list(tmp_path.glob(".imm*"))
     finally:
@@ -803,14 +804,14 @@ def test_pretrain_on_a_text_file_that_cannot_train_names_it(tmp_path):
     short.write_text("hello world\n")
     for path, needles in [(blob, [f"{blob}:2: not UTF-8"]), (empty, [str(empty), "no text to train on"]),
                           (short, [str(short), "the train split has only", "need at least block_size+1"])]:
-        one_line(lmforge("pretrain", *SMALL, "--data.path", path, "--out", tmp_path / "run", "--max-iters", "1"),
+        one_line(refused("pretrain", *SMALL, "--data.path", path, "--out", tmp_path / "run", "--max-iters", "1"),
                  *needles)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA runs --device cuda")
 def test_device_cuda_without_cuda_is_one_line():
     """(was: AssertionError "Torch not compiled with CUDA enabled")"""
-    one_line(lmforge("generate", "--device", "cuda", "--max-new-tokens", "2"), "--device cuda: no CUDA device here")
+    one_line(refused("generate", "--device", "cuda", "--max-new-tokens", "2"), "--device cuda: no CUDA device here")
 
 
 def test_an_api_key_no_client_could_send_is_refused_at_start():
@@ -871,7 +872,7 @@ def test_quantize_and_convert_refuse_a_tokenizer_that_is_not_the_models(tmp_path
     train_tokenizer([str(TINYSHAKESPEARE)], 65, "char", str(tmp_path / "chars"))
     for cmd in (["quantize", "--model", STORIES260K, "--bits", "4", "--method", "rtn", "--output", tmp_path / "q"],
                 ["convert", "--from", "llama2c", "--to", "lmforge", STORIES260K, tmp_path / "q"]):
-        one_line(lmforge(*cmd, "--tokenizer", tmp_path / "chars"), str(tmp_path / "chars"), "65 tokens",
+        one_line(refused(*cmd, "--tokenizer", tmp_path / "chars"), str(tmp_path / "chars"), "65 tokens",
                  "not the model's tokenizer")
         assert not (tmp_path / "q").exists()
 
@@ -889,14 +890,14 @@ def test_prepared_data_with_ids_beyond_the_vocabulary_or_files_outside_it_is_ref
     bad = tmp_path / "bad"
     shutil.copytree(tmp_path / "d", bad)
     flip(bad / "train.bin", 2000, b"\xff\xff")
-    one_line(lmforge("pretrain", *SMALL, "--data.path", bad, "--out", tmp_path / "run", "--max-iters", "1"),
+    one_line(refused("pretrain", *SMALL, "--data.path", bad, "--out", tmp_path / "run", "--max-iters", "1"),
              str(bad / "train.bin"), "token id 65,535 (first bad one at token 1,000)", "damaged data")
     escape = tmp_path / "escape"
     shutil.copytree(tmp_path / "d", escape)
     index = json.loads((escape / "index.json").read_text())
     index["splits"]["train"]["file"] = "../d/train.bin"
     (escape / "index.json").write_text(json.dumps(index))
-    one_line(lmforge("pretrain", *SMALL, "--data.path", escape, "--out", tmp_path / "run2", "--max-iters", "1"),
+    one_line(refused("pretrain", *SMALL, "--data.path", escape, "--out", tmp_path / "run2", "--max-iters", "1"),
              "index.json", "'../d/train.bin' is not a file of the dataset")
 
 
@@ -925,4 +926,4 @@ def test_builtin_data_names_work_in_every_command(tmp_path):
     from lmforge.data.preference import read_prompts
 
     assert next(iter_records("builtin:stories_preferences"))[1] and read_prompts("builtin:stories_prompts")
-    one_line(lmforge("dpo", "--data", "builtin:nope", "--out", tmp_path / "d"), "no built-in file 'nope'")
+    one_line(refused("dpo", "--data", "builtin:nope", "--out", tmp_path / "d"), "no built-in file 'nope'")
