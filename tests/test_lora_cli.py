@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_run import refused
 
 from lmforge.assets import STORIES260K
 from lmforge.checkpoint import load_model
@@ -112,14 +113,14 @@ def test_peft_outputs_never_replace_inputs_or_existing_outputs(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("important")
     for cmd in (["merge"], ["export"], ["export", "--format", "hf"]):
-        r = lmforge("peft", *cmd, "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "mine"))
+        r = refused("peft", *cmd, "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "mine"))
         assert r.returncode == 1 and r.stderr.strip().splitlines() == [
             f"lmforge peft: error: --output {tmp_path / 'mine'}: exists; pass --overwrite to replace it"], r.stderr
-        r = lmforge("peft", *cmd, "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "ad"))
+        r = refused("peft", *cmd, "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "ad"))
         assert r.returncode == 1 and "which is being read" in r.stderr, r.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "important"
     assert (tmp_path / "ad" / "adapter_model.safetensors").exists()
-    r = lmforge("peft", "merge", "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "mine"), "--overwrite")
+    r = refused("peft", "merge", "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "mine"), "--overwrite")
     assert r.returncode == 1 and "holds no model" in r.stderr, r.stderr  # --overwrite deleted whatever it held
     assert (tmp_path / "mine" / "notes.txt").read_text() == "important"
     for _ in range(2):  # a model directory is replaced with --overwrite
