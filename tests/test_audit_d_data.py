@@ -159,3 +159,15 @@ def test_clean_refuses_stages_naming_none(tmp_path):
                     tmp_path / "r.json", "--stages", stages)
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and "names no stage" in r.stderr, r.stderr
         assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("cmd", ["prepare", "clean"])
+def test_a_bad_first_record_is_one_line(tmp_path, cmd):
+    """A run stopped by a bad record said it after a progress bar (two lines on stderr). prepare's bar starts after
+    the first batch, clean's after a second."""
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n{"txt": "y"}\n')
+    (tmp_path / "a.txt").write_text("x")
+    train_tokenizer([str(tmp_path / "a.txt")], 10, "char", str(tmp_path / "t"))
+    more = ("--tokenizer", tmp_path / "t", "--workers", 1) if cmd == "prepare" else ("--report", tmp_path / "r.json")
+    r = refused("data", cmd, tmp_path / "a.jsonl", "--output", tmp_path / "o", *more)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "a.jsonl:2: field 'text' missing" in r.stderr, r.stderr

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from array import array
 from collections.abc import Iterator
-from itertools import accumulate
+from itertools import accumulate, chain
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -280,6 +280,9 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
         else:
             _set_tokenizer(tok, cfg)
             encoded = map(_encode_batch, _batches(items))
+        # the bar starts once the first batch is tokenized: a bad record in it is said in one line, not after a bar
+        encoded = iter(encoded)
+        first = next(encoded, None)
         streams = ("train",) if split_mode == "tail" else SPLITS
         writers = {s: _Writer(tmp / f"{s}.bin") for s in streams}
         docs_per_source = [0] * len(inputs)
@@ -287,7 +290,7 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, disable=not progress,
                    mininterval=0.2 if sys.stderr.isatty() else 10.0)
         try:
-            for ids, lengths, coins, srcs, nbytes in encoded:
+            for ids, lengths, coins, srcs, nbytes in chain([first] if first is not None else [], encoded):
                 bar.update(nbytes)
                 for src in srcs.tolist():
                     docs_per_source[src] += 1

@@ -244,8 +244,8 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
     except BaseException:
         out.discard()
         raise
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="clean", file=sys.stderr,
-               disable=not progress, mininterval=0.2 if sys.stderr.isatty() else 10.0)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="clean", file=sys.stderr, disable=not progress,
+               mininterval=0.2 if sys.stderr.isatty() else 10.0, delay=1.0)  # (a bad first record: one line)
     try:
         write = out.f.write
         for d in run_stages_parallel(stages, specs, read(), batch_size, workers):
