@@ -171,3 +171,16 @@ def test_a_bad_first_record_is_one_line(tmp_path, cmd):
     more = ("--tokenizer", tmp_path / "t", "--workers", 1) if cmd == "prepare" else ("--report", tmp_path / "r.json")
     r = refused("data", cmd, tmp_path / "a.jsonl", "--output", tmp_path / "o", *more)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "a.jsonl:2: field 'text' missing" in r.stderr, r.stderr
+
+
+def test_a_character_outside_the_vocabulary_is_named_with_its_line(tmp_path):
+    """A text the char tokenizer cannot encode was named by file only ('docs.jsonl: character ...'): a million-line
+    corpus left the record to be found by hand. Now file:line (the record's line; in a text file the character's)."""
+    (tmp_path / "t.txt").write_text("abc\n")
+    train_tokenizer([str(tmp_path / "t.txt")], 10, "char", str(tmp_path / "tok"))
+    (tmp_path / "a.jsonl").write_text('{"text": "abc"}\n{"text": "ab"}\n{"text": "abQ"}\n')
+    (tmp_path / "b.txt").write_text("abc\ncab\n\nbbQ\n")
+    for name, where in (("a.jsonl", "a.jsonl:3: "), ("b.txt", "b.txt:4: ")):
+        r = refused("data", "prepare", tmp_path / name, "--tokenizer", tmp_path / "tok", "--output", tmp_path / "o",
+                    "--workers", 1)
+        assert r.returncode == 1 and where + "character 'Q'" in r.stderr, r.stderr

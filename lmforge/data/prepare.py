@@ -66,26 +66,30 @@ def split_hash(text: str, seed: int) -> float:
     return int.from_bytes(digest.digest()[:8], "big") / 2**64
 
 
-def _encode_one(text: str, src: int) -> np.ndarray:
+def _encode_one(text: str, src: int, line: int = 0) -> np.ndarray:
     c = _CFG
     try:
         ids = np.asarray(_TOK.encode(text, bos=c["bos"], eos=c["eos"]), dtype=np.int64)
-    except LMForgeError as e:  # e.g. a character outside a char-level vocabulary
-        raise LMForgeError(f"{c['paths'][src]}: {e}") from None
+    except LMForgeError as e:  # e.g. a character outside a char-level vocabulary: named with its line
+        stoi = getattr(_TOK, "stoi", None)
+        if line and stoi is not None and file_kind(c["paths"][src]) == "text":  # (a record's line is its start)
+            line += text.count("\n", 0, next((i for i, ch in enumerate(text) if ch not in stoi), 0))
+        raise LMForgeError(f"{c['paths'][src]}{f':{line}' if line else ''}: {e}") from None
     if ids.size and (ids.min() < 0 or ids.max() >= c["vocab_size"]):
         bad = int(ids.max() if ids.max() >= c["vocab_size"] else ids.min())
-        raise LMForgeError(f"{c['paths'][src]}: the tokenizer produced id {bad}, outside its vocabulary of "
-                           f"{c['vocab_size']}")
+        raise LMForgeError(f"{c['paths'][src]}{f':{line}' if line else ''}: the tokenizer produced id {bad}, outside "
+                           f"its vocabulary of {c['vocab_size']}")
     return ids.astype(c["dtype"])
 
 
-def _encode_batch(batch: list[tuple[str, int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+def _encode_batch(batch: list[tuple[str, int, int, int]]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Tokenize a batch of documents: (all ids concatenated, ids per document, split coin per document, source per
     document, bytes read). One result per batch keeps the inter-process traffic small."""
     parts, lengths, coins, srcs, nbytes = [], [], [], [], 0
-    for text, src, n in batch:
+    for text, src, n, line in batch:
         nbytes += n
-        ids = _encode_one(text, src)
+        ids = _encode_one(text, src, line)
         if not len(ids):
             continue
         parts.append(ids)
@@ -96,18 +100,18 @@ def _encode_batch(batch: list[tuple[str, int, int]]) -> tuple[np.ndarray, np.nda
     return ids, np.asarray(lengths, np.int64), np.asarray(coins, np.float64), np.asarray(srcs, np.int64), nbytes
 
 
-def _items(docs: Iterator[Document], sizes: list[int]) -> Iterator[tuple[str, int, int]]:
-    """``(text, source index, bytes read since the previous document)`` (bytes of the files as stored)."""
+def _items(docs: Iterator[Document], sizes: list[int]) -> Iterator[tuple[str, int, int, int]]:
+    """``(text, source index, bytes read since the previous document, line)`` (bytes of the files as stored)."""
     starts = [0, *accumulate(sizes)]
     done = 0
     for d in docs:
         pos = starts[d.source_index] + d.offset
-        yield d.text, d.source_index, max(0, pos - done)
+        yield d.text, d.source_index, max(0, pos - done), d.line
         done = max(done, pos)
 
 
-def _batches(items: Iterator[tuple[str, int, int]], max_chars: int = 1 << 20, max_docs: int = 4096
-             ) -> Iterator[list[tuple[str, int, int]]]:
+def _batches(items: Iterator[tuple[str, int, int, int]], max_chars: int = 1 << 20, max_docs: int = 4096
+             ) -> Iterator[list[tuple[str, int, int, int]]]:
     batch, chars = [], 0
     for item in items:
         batch.append(item)
