@@ -184,3 +184,26 @@ def test_a_character_outside_the_vocabulary_is_named_with_its_line(tmp_path):
         r = refused("data", "prepare", tmp_path / name, "--tokenizer", tmp_path / "tok", "--output", tmp_path / "o",
                     "--workers", 1)
         assert r.returncode == 1 and where + "character 'Q'" in r.stderr, r.stderr
+
+
+def test_a_rewritten_input_of_the_same_size_is_prepared_again(tmp_path):
+    """An input rewritten with the same size (shuffled lines, a fixed typo) was 'already prepared': the old tokens
+    were kept with exit 0. The modification time is compared too (an index without times is compared without)."""
+    f = tmp_path / "a.txt"
+    f.write_text("aaaa bbbb\n")
+    train_tokenizer([str(f)], 10, "char", str(tmp_path / "tok"))
+    out = tmp_path / "o"
+    prepare([str(f)], str(tmp_path / "tok"), str(out), val_fraction=0, workers=1, progress=False)
+    again = prepare([str(f)], str(tmp_path / "tok"), str(out), val_fraction=0, workers=1, progress=False)
+    assert again == json.loads((out / "index.json").read_text())  # the same file: reused
+    f.write_text("bbbb aaaa\n")
+    import os
+
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    with pytest.raises(LMForgeError, match="different sources"):
+        prepare([str(f)], str(tmp_path / "tok"), str(out), val_fraction=0, workers=1, progress=False)
+    idx = json.loads((out / "index.json").read_text())
+    for s in idx["sources"]:
+        del s["mtime_ns"]
+    (out / "index.json").write_text(json.dumps(idx))
+    prepare([str(f)], str(tmp_path / "tok"), str(out), val_fraction=0, workers=1, progress=False)  # older index

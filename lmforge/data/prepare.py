@@ -141,11 +141,13 @@ def is_prepared(path: str | Path) -> bool:
     return (Path(path) / INDEX).is_file()
 
 
-def _settings(index: dict[str, Any]) -> dict[str, Any]:
-    """What a rerun must match to reuse an existing output."""
+def _settings(index: dict[str, Any], mtimes: bool = True) -> dict[str, Any]:
+    """What a rerun must match to reuse an existing output: the settings, and each source's path, size and
+    modification time (a file rewritten with the same size, e.g. shuffled, was taken as prepared already)."""
     keys = ("tokenizer_source_sha256", "split_mode", "val_fraction", "seed", "bos", "eos", "field", "separator")
     out = {k: index.get(k) for k in keys}
-    out["sources"] = [(s["path"], s["bytes"]) for s in index.get("sources", []) if isinstance(s, dict)]
+    out["sources"] = [(s.get("path"), s.get("bytes"), s.get("mtime_ns") if mtimes else None)
+                      for s in index.get("sources", []) if isinstance(s, dict)]
     return out
 
 
@@ -229,7 +231,9 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
     if eos and tok.eos_id is None:
         raise LMForgeError("--eos: the tokenizer has no EOS token")
     dtype = np.dtype("<u2" if tok.vocab_size <= 1 << 16 else "<u4")  # little-endian on every machine
-    sources = [{"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size} for p in inputs]
+    stats = [Path(p).stat() for p in inputs]
+    sources = [{"path": str(Path(p).resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+               for p, st in zip(inputs, stats)]
     index: dict[str, Any] = {
         "format": FORMAT, "dtype": dtype.name, "vocab_size": int(tok.vocab_size),
         "bos": bos, "eos": eos, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
@@ -245,10 +249,12 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
     if is_prepared(out):
         old = json.loads((out / INDEX).read_text())
         if not overwrite:
-            if _settings(old) == _settings(index):
+            # (an output prepared before times were recorded is compared without them)
+            mt = all(isinstance(s, dict) and "mtime_ns" in s for s in old.get("sources", []))
+            if _settings(old, mt) == _settings(index, mt):
                 print(f"{out}: already prepared (use --overwrite to redo it)", file=sys.stderr)
                 return old
-            diff = [k for k, v in _settings(index).items() if _settings(old).get(k) != v]
+            diff = [k for k, v in _settings(index, mt).items() if _settings(old, mt).get(k) != v]
             raise LMForgeError(f"{out}: already prepared from different {', '.join(diff)} (use --overwrite to "
                                "replace it, or another --output)")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
