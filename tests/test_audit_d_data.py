@@ -207,3 +207,20 @@ def test_a_rewritten_input_of_the_same_size_is_prepared_again(tmp_path):
         del s["mtime_ns"]
     (out / "index.json").write_text(json.dumps(idx))
     prepare([str(f)], str(tmp_path / "tok"), str(out), val_fraction=0, workers=1, progress=False)  # older index
+
+
+@pytest.mark.parametrize("index", ["{bad", "[]", '{"sources": 5}'])
+def test_a_damaged_index_is_named(tmp_path, index):
+    """A damaged index.json in --output gave 'JSONDecodeError: ...' / 'AttributeError' naming no file, with or
+    without --overwrite (which could not replace the output)."""
+    f = tmp_path / "a.txt"
+    f.write_text("abc abc\n")
+    train_tokenizer([str(f)], 10, "char", str(tmp_path / "tok"))
+    out = tmp_path / "o"
+    prepare([str(f)], str(tmp_path / "tok"), str(out), val_fraction=0, workers=1, progress=False)
+    (out / "index.json").write_text(index)
+    r = refused("data", "prepare", f, "--tokenizer", tmp_path / "tok", "--output", out, "--val-fraction", 0)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Error" not in r.stderr, r.stderr
+    assert "index.json: not a prepared dataset's index" in r.stderr or "already prepared from different" in r.stderr
+    prepare([str(f)], str(tmp_path / "tok"), str(out), val_fraction=0, workers=1, progress=False, overwrite=True)
+    assert json.loads((out / "index.json").read_text())["splits"]["train"]["tokens"] == 8

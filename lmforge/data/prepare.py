@@ -147,7 +147,7 @@ def _settings(index: dict[str, Any], mtimes: bool = True) -> dict[str, Any]:
     keys = ("tokenizer_source_sha256", "split_mode", "val_fraction", "seed", "bos", "eos", "field", "separator")
     out = {k: index.get(k) for k in keys}
     out["sources"] = [(s.get("path"), s.get("bytes"), s.get("mtime_ns") if mtimes else None)
-                      for s in index.get("sources", []) if isinstance(s, dict)]
+                      for s in _sources(index) if isinstance(s, dict)]
     return out
 
 
@@ -159,6 +159,31 @@ def _check_not_inside(out: Path, inputs: list[str], tokenizer: Path | None) -> N
         if r == out or out in r.parents and not (what == "tokenizer" and r == out / "tokenizer"):
             raise LMForgeError(f"--output {out}: holds the {what} {p}, which replacing the output would delete; "
                                "write elsewhere")
+
+
+def _sources(index: dict[str, Any]) -> list:
+    s = index.get("sources")
+    return s if isinstance(s, list) else []
+
+
+def _reuse_or_refuse(out: Path, index: dict[str, Any]) -> None:
+    """Returns when the prepared ``out`` was made from the same sources and settings as ``index`` (said on stderr);
+    else one line saying what differs (an unreadable index.json too: it was a JSONDecodeError naming no file)."""
+    try:
+        old = json.loads((out / INDEX).read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        old = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if not isinstance(old, dict):
+        what = old if isinstance(old, str) else f"a JSON {type(old).__name__}"
+        raise LMForgeError(f"{out / INDEX}: not a prepared dataset's index ({what}); --overwrite replaces the output")
+    # (an output prepared before times were recorded is compared without them)
+    mt = all(isinstance(s, dict) and "mtime_ns" in s for s in _sources(old))
+    if _settings(old, mt) == _settings(index, mt):
+        print(f"{out}: already prepared (use --overwrite to redo it)", file=sys.stderr)
+        return
+    diff = [k for k, v in _settings(index, mt).items() if _settings(old, mt).get(k) != v]
+    raise LMForgeError(f"{out}: already prepared from different {', '.join(diff)} (use --overwrite to replace it, or "
+                       "another --output)")
 
 
 class _Writer:
@@ -247,16 +272,9 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
     out = Path(output).resolve()
     _check_not_inside(out, inputs, None if tok_obj else Path(tokenizer))
     if is_prepared(out):
-        old = json.loads((out / INDEX).read_text())
         if not overwrite:
-            # (an output prepared before times were recorded is compared without them)
-            mt = all(isinstance(s, dict) and "mtime_ns" in s for s in old.get("sources", []))
-            if _settings(old, mt) == _settings(index, mt):
-                print(f"{out}: already prepared (use --overwrite to redo it)", file=sys.stderr)
-                return old
-            diff = [k for k, v in _settings(index, mt).items() if _settings(old, mt).get(k) != v]
-            raise LMForgeError(f"{out}: already prepared from different {', '.join(diff)} (use --overwrite to "
-                               "replace it, or another --output)")
+            _reuse_or_refuse(out, index)
+            return json.loads((out / INDEX).read_text(encoding="utf-8"))
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LMForgeError(f"{out}: exists and is not a prepared dataset (no {INDEX}); refusing to replace it")
 
