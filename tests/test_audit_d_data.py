@@ -169,7 +169,8 @@ def test_a_bad_first_record_is_one_line(tmp_path, cmd):
     (tmp_path / "a.txt").write_text("x")
     train_tokenizer([str(tmp_path / "a.txt")], 10, "char", str(tmp_path / "t"))
     more = ("--tokenizer", tmp_path / "t", "--workers", 1) if cmd == "prepare" else ("--report", tmp_path / "r.json")
-    r = refused("data", cmd, tmp_path / "a.jsonl", "--output", tmp_path / "o", *more)
+    out = tmp_path / ("o" if cmd == "prepare" else "o.jsonl")
+    r = refused("data", cmd, tmp_path / "a.jsonl", "--output", out, *more)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "a.jsonl:2: field 'text' missing" in r.stderr, r.stderr
 
 
@@ -224,3 +225,14 @@ def test_a_damaged_index_is_named(tmp_path, index):
     assert "index.json: not a prepared dataset's index" in r.stderr or "already prepared from different" in r.stderr
     prepare([str(f)], str(tmp_path / "tok"), str(out), val_fraction=0, workers=1, progress=False, overwrite=True)
     assert json.loads((out / "index.json").read_text())["splits"]["train"]["tokens"] == 8
+
+
+@pytest.mark.parametrize("name", ["o.jsonl.gz", "o.txt", "o.parquet", "o"])
+def test_clean_output_named_as_another_format_is_refused(tmp_path, name):
+    """--output o.jsonl.gz wrote plain JSONL under a gzip name (data prepare then failed 'Not a gzipped file'), and
+    o.txt / o were read back as text documents of JSON lines: refused before any work."""
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    r = refused("data", "clean", tmp_path / "a.jsonl", "--output", tmp_path / name, "--report", tmp_path / "r.json",
+                "--stages", "exact_dedup")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "name it .jsonl" in r.stderr, r.stderr
+    assert not (tmp_path / name).exists() and not (tmp_path / "r.json").exists()

@@ -17,7 +17,7 @@ from lmforge.data.clean.markup import MarkupFilter
 from lmforge.data.clean.perplexity import PerplexityFilter
 from lmforge.data.clean.pii import PIIScrubber
 from lmforge.data.clean.quality import QualityFilter
-from lmforge.data.io import BadRecords, Document, check_input_file, input_bytes, iter_documents
+from lmforge.data.io import BadRecords, Document, check_input_file, file_kind, input_bytes, iter_documents
 from lmforge.errors import LMForgeError
 from lmforge.files import AtomicFile, check_output_file
 from lmforge.yamlfile import read_yaml_file
@@ -216,6 +216,10 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
     for p in inputs:
         check_input_file(p)
     check_output_file(str(output), overwrite)
+    if file_kind(out_path) != "jsonl" or out_path.suffix.lower() == ".gz":  # (files are read back by their names)
+        as_ = "gzip" if out_path.suffix.lower() == ".gz" else {"text": "plain text"}.get(k := file_kind(out_path), k)
+        raise LMForgeError(f"--output {out_path}: the cleaned documents are written as uncompressed JSONL, which "
+                           f"data prepare and clean would read back as {as_} by this name; name it .jsonl")
     if report is not None:
         check_output_file(str(report), overwrite, flag="--report")
     stages = build_stages(cfg, src, **({"score": score} if score is not None else {}))
