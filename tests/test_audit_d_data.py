@@ -236,3 +236,15 @@ def test_clean_output_named_as_another_format_is_refused(tmp_path, name):
                 "--stages", "exact_dedup")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "name it .jsonl" in r.stderr, r.stderr
     assert not (tmp_path / name).exists() and not (tmp_path / "r.json").exists()
+
+
+def test_encode_names_stdin_and_the_line_of_an_unknown_character(tmp_path, monkeypatch):
+    """tokenizer encode with a char vocabulary lacking a character said only "character 'Q' is not in ..."."""
+    import io
+    import sys
+
+    (tmp_path / "t.txt").write_text("abc\n")
+    train_tokenizer([str(tmp_path / "t.txt")], 10, "char", str(tmp_path / "tok"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"abc\ncabQ\n")))
+    r = refused("tokenizer", "encode", "--tokenizer", tmp_path / "tok")
+    assert r.returncode == 1 and r.stderr.startswith("lmforge tokenizer: error: stdin:2: character 'Q'"), r.stderr

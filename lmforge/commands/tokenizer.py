@@ -59,7 +59,14 @@ def run_encode(args) -> None:
     from lmforge.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)  # (a wrong path is said before stdin is read)
-    print(json.dumps(tok.encode(read_stdin())))
+    text = read_stdin()
+    try:
+        ids = tok.encode(text)
+    except LMForgeError as e:  # a character outside a char vocabulary: named with its line on stdin
+        stoi = getattr(tok, "stoi", None)
+        at = next((i for i, ch in enumerate(text) if ch not in stoi), None) if stoi is not None else None
+        raise LMForgeError(f"stdin{'' if at is None else f':{text.count(chr(10), 0, at) + 1}'}: {e}") from None
+    print(json.dumps(ids))
 
 
 def run_decode(args) -> None:
