@@ -108,7 +108,7 @@ def test_a_directory_input_is_named_as_one(tmp_path):
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and "docs: is a directory" in r.stderr, r.stderr
     r = refused("data", "clean", tmp_path / "docs" / "a.jsonl", "--output", tmp_path / "o.jsonl", "--report",
                 tmp_path / "r", "--workers", -1)
-    assert "error: --workers -1: must be >= 0" in r.stderr, r.stderr
+    assert "error: --workers -1: must be in [0, " in r.stderr, r.stderr
 
 
 def test_llama_bpe_keeps_to_the_vocab_size(tmp_path):
@@ -248,3 +248,15 @@ def test_encode_names_stdin_and_the_line_of_an_unknown_character(tmp_path, monke
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"abc\ncabQ\n")))
     r = refused("tokenizer", "encode", "--tokenizer", tmp_path / "tok")
     assert r.returncode == 1 and r.stderr.startswith("lmforge tokenizer: error: stdin:2: character 'Q'"), r.stderr
+
+
+def test_workers_beyond_the_machine_are_refused(tmp_path):
+    """--workers 1000 started a thousand interpreters (each loading the tokenizer or the stages): refused above 4
+    per CPU (at least 8), before any work."""
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    a = tmp_path / "a.jsonl"
+    for args in (("data", "prepare", a, "--tokenizer", tmp_path / "none", "--output", tmp_path / "o"),
+                 ("data", "clean", a, "--output", tmp_path / "o.jsonl", "--report", tmp_path / "r")):
+        r = refused(*args, "--workers", 1000)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--workers 1000: must be in [0, " in r.stderr, \
+            r.stderr

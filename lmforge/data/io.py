@@ -83,6 +83,18 @@ def check_input_file(path: str | Path) -> None:
     raise LMForgeError(f"{p}: no such input file")
 
 
+def check_workers(workers: int) -> None:
+    """``--workers`` of data clean/prepare: 0 (automatic) up to 4 per CPU this process may use (at least 8); more only
+    start more interpreters competing for them (--workers 1000 started a thousand, each loading the tokenizer or the
+    stages: the memory ran out)."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    most = max(8, 4 * cpus)
+    if not 0 <= workers <= most:
+        raise LMForgeError(f"--workers {workers}: must be in [0, {most}] (0: automatic; {cpus} CPUs here)")
+
+
 def file_kind(path: str | Path) -> str:
     """``jsonl``, ``json``, ``parquet`` or ``text`` from the suffix (a trailing ``.gz`` is ignored)."""
     suffixes = [s.lower() for s in Path(path).suffixes]

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.data.io import BadRecords, Document, check_input_file, file_kind, iter_documents
+from lmforge.data.io import BadRecords, Document, check_input_file, check_workers, file_kind, iter_documents
 from lmforge.errors import LMForgeError
 from lmforge.files import check_replaceable, current_umask
 
@@ -243,6 +243,7 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
         raise LMForgeError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if split_mode not in SPLIT_MODES:
         raise LMForgeError(f"--split-mode {split_mode!r}: allowed values are {list(SPLIT_MODES)}")
+    check_workers(workers)
     if separator == "":
         raise LMForgeError("--doc-separator: must not be empty")
     for p in inputs:

@@ -61,8 +61,6 @@ def run(args) -> None:
             sep = decode_escapes(sep)
         except UnicodeError:
             raise LMForgeError(f"--doc-separator {args.doc_separator!r}: bad escape sequence") from None
-    if args.workers < 0:
-        raise LMForgeError(f"--workers {args.workers}: must be >= 0")
     idx = prepare(args.inputs, args.tokenizer, args.output, val_fraction=args.val_fraction,
                   split_mode=args.split_mode, bos=args.bos, eos=args.eos, workers=args.workers, seed=args.seed,
                   overwrite=args.overwrite, skip_bad=args.skip_bad, field=args.field, separator=sep)

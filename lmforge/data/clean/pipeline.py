@@ -17,7 +17,15 @@ from lmforge.data.clean.markup import MarkupFilter
 from lmforge.data.clean.perplexity import PerplexityFilter
 from lmforge.data.clean.pii import PIIScrubber
 from lmforge.data.clean.quality import QualityFilter
-from lmforge.data.io import BadRecords, Document, check_input_file, file_kind, input_bytes, iter_documents
+from lmforge.data.io import (
+    BadRecords,
+    Document,
+    check_input_file,
+    check_workers,
+    file_kind,
+    input_bytes,
+    iter_documents,
+)
 from lmforge.errors import LMForgeError
 from lmforge.files import AtomicFile, check_output_file
 from lmforge.yamlfile import read_yaml_file
@@ -224,8 +232,7 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
         check_output_file(str(report), overwrite, flag="--report")
     stages = build_stages(cfg, src, **({"score": score} if score is not None else {}))
     total = input_bytes(inputs)
-    if workers < 0:
-        raise LMForgeError(f"--workers {workers}: must be >= 0")
+    check_workers(workers)
     if workers == 0:
         workers = min(2, os.cpu_count() or 1) if total >= AUTO_PARALLEL_BYTES else 1
     if score is not None:
