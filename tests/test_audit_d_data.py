@@ -260,3 +260,24 @@ def test_workers_beyond_the_machine_are_refused(tmp_path):
         r = refused(*args, "--workers", 1000)
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--workers 1000: must be in [0, " in r.stderr, \
             r.stderr
+
+
+def test_a_tiktoken_file_replaced_at_the_same_path_is_read_anew(tmp_path, monkeypatch):
+    """tiktoken caches the files it reads by their path's text (even local ones): a .tiktoken file replaced at the
+    same path (data prepare --overwrite with another tokenizer: its copy in OUT/tokenizer) was read as the old
+    ranks, and the data decoded to other text without a word."""
+    import base64
+
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "tok" / "tokenizer.tiktoken"
+    path.parent.mkdir()
+
+    def write(merges):
+        toks = [bytes([b]) for b in range(256)] + merges
+        path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(toks)))
+
+    write([])
+    assert load_tokenizer(str(path)).encode("ab") == [97, 98]
+    write([b"ab"])
+    assert load_tokenizer(str(path)).encode("ab") == [256]

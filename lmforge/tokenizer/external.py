@@ -8,7 +8,9 @@ from __future__ import annotations
 import base64
 import json
 import numbers
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
@@ -101,6 +103,22 @@ class SentencePieceTokenizer(Tokenizer):
         write_meta(d, self.kind, self)
 
 
+@contextmanager
+def _tiktoken_uncached():
+    """tiktoken's file readers cache by the path's text (in /tmp/data-gym-cache), local files too: a .tiktoken file
+    replaced at the same path (a prepared dataset's tokenizer copy, --overwrite) was read as the old ranks. Local
+    files are read directly while this holds (TIKTOKEN_CACHE_DIR="" turns the cache off)."""
+    old = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = old
+
+
 def _pattern(encoding: str) -> tuple[str, dict[str, int]]:
     """(split regex, special tokens) of a tiktoken encoding, without downloading its ranks."""
     try:
@@ -152,7 +170,8 @@ class TiktokenTokenizer(Tokenizer):
             raise LMForgeError("reading OpenAI BPE rank files needs `pip install tiktoken`") from None
         path = Path(path)
         try:
-            ranks = load_tiktoken_bpe(str(path))
+            with _tiktoken_uncached():
+                ranks = load_tiktoken_bpe(str(path))
         except Exception as e:  # noqa: BLE001 - a malformed line raises ValueError/binascii errors
             raise LMForgeError(f"{path}: not a .tiktoken rank file: {e}") from None
         if not ranks:
@@ -171,7 +190,8 @@ class TiktokenTokenizer(Tokenizer):
             raise LMForgeError("reading GPT-2 BPE files needs `pip install tiktoken`") from None
         d = Path(directory)
         try:
-            ranks = data_gym_to_mergeable_bpe_ranks(str(d / "vocab.bpe"), str(d / "encoder.json"))
+            with _tiktoken_uncached():
+                ranks = data_gym_to_mergeable_bpe_ranks(str(d / "vocab.bpe"), str(d / "encoder.json"))
         except Exception as e:  # noqa: BLE001
             raise LMForgeError(f"{d}: cannot read encoder.json + vocab.bpe: {e}") from None
         return cls(ranks, "gpt2", d)
