@@ -281,3 +281,17 @@ def test_a_tiktoken_file_replaced_at_the_same_path_is_read_anew(tmp_path, monkey
     assert load_tokenizer(str(path)).encode("ab") == [97, 98]
     write([b"ab"])
     assert load_tokenizer(str(path)).encode("ab") == [256]
+
+
+@pytest.mark.parametrize("held", ["config.json", "index.json"])
+def test_overwrite_refuses_a_model_or_prepared_directory(tmp_path, held):
+    """tokenizer train --overwrite into a model (or prepared data) directory replaced the tokenizer its weights (or
+    ids) were made with: refused, nothing written."""
+    (tmp_path / "a.txt").write_text("some text\n")
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / held).write_text("{}")
+    r = refused("tokenizer", "train", "--input", tmp_path / "a.txt", "--vocab-size", 300, "--kind", "bytelevel-bpe",
+                "--output", out, "--overwrite")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "holds " in r.stderr and held in r.stderr, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == [held]

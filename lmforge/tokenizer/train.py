@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
+from lmforge.files import MODEL_FILES
 from lmforge.tokenizer.base import Tokenizer
 from lmforge.tokenizer.char import CharTokenizer
 from lmforge.tokenizer.hf import HFTokenizer
@@ -59,6 +60,12 @@ def check_output_dir(output: str, overwrite: bool = False) -> list[Path]:
         more = f" and {len(held) - 3} more" if len(held) > 3 else ""
         raise LMForgeError(f"{out}: not empty (holds {', '.join(held[:3])}{more}); give a new directory, or "
                            "--overwrite to replace the tokenizer in it")
+    held_by = [n for n in (*MODEL_FILES, "index.json") if n in held]
+    if held_by:  # (--overwrite: a model's or a prepared dataset's tokenizer must stay the one of its weights or ids)
+        what = "prepared data" if held_by == ["index.json"] else "a model"
+        raise LMForgeError(f"{out}: holds {what} ({', '.join(held_by)}), whose tokenizer must stay the one its "
+                           f"{'token ids were' if what == 'prepared data' else 'weights were'} made with; give a new "
+                           "directory for the tokenizer")
     made = [d for d in (out, *out.parents) if not d.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
