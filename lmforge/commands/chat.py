@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator
 
 from lmforge.commands.args import (
     add_kv_cache_arg,
     add_model_args,
-    check_sampling_args,
     check_torch_kv_cache,
     lean_kv_dtype,
     seed_type,
     template_arg,
     utf8_text,
 )
-from lmforge.commands.generate import lean_files, lean_unsupported
+from lmforge.commands.generate import check_sampling, lean_files, lean_unsupported
 from lmforge.errors import LMForgeError
 
 HELP = ("commands: /reset clears the conversation, /exit (or /quit, /bye) quits, as does end of input; begin a message "
@@ -47,9 +47,9 @@ def add_parser(sub, name: str, help_: str) -> None:
 def _check(args) -> None:
     if args.max_new_tokens < 1:
         raise LMForgeError("--max-new-tokens must be >= 1")
-    check_sampling_args(args)
-    if not args.repetition_penalty > 0:
-        raise LMForgeError("--repetition-penalty must be > 0")
+    check_sampling(args)
+    if not 0 < args.repetition_penalty < math.inf:  # (inf: every token of the conversation's text banned or kept)
+        raise LMForgeError(f"--repetition-penalty {args.repetition_penalty}: must be a finite number > 0 (1 = off)")
 
 
 def run(args) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import time
@@ -56,7 +57,7 @@ def add_parser(sub, name: str, help_: str) -> None:
 def run(args) -> None:
     if args.max_new_tokens < 0:
         raise LMForgeError("--max-new-tokens must be >= 0")
-    check_sampling_args(args)
+    check_sampling(args)
     if args.runtime != "torch":
         why = lean_unsupported(args)
         if why is None:
@@ -67,6 +68,14 @@ def run(args) -> None:
         if args.runtime == "lean":
             raise LMForgeError(f"{args.model or 'the bundled stories260K'}: --runtime lean: {why}")
     _run_torch(args)
+
+
+def check_sampling(args) -> None:
+    """``check_sampling_args`` and a finite --temperature (inf sampled every token alike: random bytes with exit 0
+    on the lean runtime, a ValueError after the prompt was printed on PyTorch's)."""
+    check_sampling_args(args)
+    if not math.isfinite(args.temperature):
+        raise LMForgeError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
 
 
 def lean_unsupported(args) -> str | None:
