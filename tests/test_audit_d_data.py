@@ -295,3 +295,18 @@ def test_overwrite_refuses_a_model_or_prepared_directory(tmp_path, held):
                 "--output", out, "--overwrite")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "holds " in r.stderr and held in r.stderr, r.stderr
     assert sorted(p.name for p in out.iterdir()) == [held]
+
+
+@pytest.mark.parametrize("args", [
+    ("data", "prepare", "a.jsonl", "--tokenizer", "t", "--output", ""),
+    ("data", "prepare", "a.jsonl", "--tokenizer", " ", "--output", "o"),
+    ("data", "prepare", "", "--tokenizer", "t", "--output", "o"),
+    ("data", "clean", "a.jsonl", "--output", "o.jsonl", "--report", ""),
+    ("tokenizer", "train", "--input", "", "--vocab-size", "300", "--kind", "char", "--output", "t"),
+    ("tokenizer", "encode", "--tokenizer", ""),
+])
+def test_an_empty_path_is_refused(args):
+    """An empty path was the working directory: prepare --output '' said '--output /cwd: holds the input', an empty
+    --tokenizer '.: no tokenizer files found'."""
+    r = refused(*args)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "must name" in r.stderr, r.stderr

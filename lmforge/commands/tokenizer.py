@@ -16,10 +16,12 @@ def _nonempty(value: str) -> str:
 
 
 def add_parser(sub, name: str, help_: str) -> None:
+    from lmforge.data.io import path_arg
+
     p = sub.add_parser(name, help=help_, description=help_)
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="STEP", required=True)
     t = tsub.add_parser("train", help="train a tokenizer on text files")
-    t.add_argument("--input", nargs="+", required=True,
+    t.add_argument("--input", nargs="+", required=True, type=path_arg("a file"),
                    help="UTF-8 text files, or .jsonl/.json/.parquet files of records (the text of their --field); "
                    ".gz is decompressed")
     t.add_argument("--field", default="text", help="JSON/parquet field holding the text (default: text)")
@@ -36,7 +38,8 @@ def add_parser(sub, name: str, help_: str) -> None:
                         ("decode", run_decode, "read a JSON array of ids on stdin, print the text (and a newline on a "
                                             "terminal)")):
         e = tsub.add_parser(step, help=h, description=h)
-        e.add_argument("--tokenizer", required=True, help="lmforge tokenizer dir, or a llama2.c tokenizer.bin")
+        e.add_argument("--tokenizer", required=True, type=path_arg("a tokenizer file or directory"),
+                       help="lmforge tokenizer dir, or a llama2.c tokenizer.bin")
         e.set_defaults(func=fn)
 
 

@@ -24,11 +24,16 @@ def _stage_help() -> str:
 def add_parser(sub, name: str, help_: str) -> None:
     import argparse
 
+    from lmforge.data.io import path_arg
+
     p = sub.add_parser(name, help=help_, description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt, .jsonl, .json or .parquet files (optionally .gz)")
-    p.add_argument("--output", required=True, metavar="OUT.jsonl", help="cleaned documents (JSONL)")
-    p.add_argument("--report", required=True, metavar="REPORT.json", help="per-stage statistics (JSON)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", type=path_arg("a file"),
+                   help=".txt, .jsonl, .json or .parquet files (optionally .gz)")
+    p.add_argument("--output", required=True, metavar="OUT.jsonl", type=path_arg("a file"),
+                   help="cleaned documents (JSONL)")
+    p.add_argument("--report", required=True, metavar="REPORT.json", type=path_arg("a file"),
+                   help="per-stage statistics (JSON)")
     p.add_argument("--config", metavar="YAML", help="stages and their options (see above)")
     p.add_argument("--stages", metavar="A,B,...",
                    help="comma-separated stages with default options instead of a config's list; "

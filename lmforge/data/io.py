@@ -83,6 +83,19 @@ def check_input_file(path: str | Path) -> None:
     raise LMForgeError(f"{p}: no such input file")
 
 
+def path_arg(what: str) -> Callable[[str], str]:
+    """An argparse ``type`` refusing an empty or blank path ('' was read as the working directory: "--output /cwd:
+    holds the input", "--tokenizer .: no tokenizer files found")."""
+    import argparse
+
+    def check(value: str) -> str:
+        if not value.strip():
+            raise argparse.ArgumentTypeError(f"must name {what}, got {value!r}")
+        return value
+
+    return check
+
+
 def check_workers(workers: int) -> None:
     """``--workers`` of data clean/prepare: 0 (automatic) up to 4 per CPU this process may use (at least 8); more only
     start more interpreters competing for them (--workers 1000 started a thousand, each loading the tokenizer or the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lmforge.commands.args import seed_type
+from lmforge.data.io import path_arg
 
 DESCRIPTION = """Tokenize .txt/.jsonl/.json/.parquet files (optionally .gz) into train.bin/val.bin (raw uint16, or
 uint32 for vocabularies over 65,536, memory-mappable with numpy), per-document offsets, a copy of the tokenizer and
@@ -15,9 +16,11 @@ and renamed into place."""
 
 def add_parser(sub, name: str, help_: str) -> None:
     p = sub.add_parser(name, help=help_, description=DESCRIPTION)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt, .jsonl, .json or .parquet files")
-    p.add_argument("--tokenizer", required=True, help="any tokenizer path lmforge reads (file or directory)")
-    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", type=path_arg("a file"),
+                   help=".txt, .jsonl, .json or .parquet files")
+    p.add_argument("--tokenizer", required=True, type=path_arg("a tokenizer file or directory"),
+                   help="any tokenizer path lmforge reads (file or directory)")
+    p.add_argument("--output", required=True, metavar="DIR", type=path_arg("a directory"))
     p.add_argument("--val-fraction", type=float, default=0.001, metavar="F",
                    help="fraction held out for validation (default 0.001)")
     p.add_argument("--split-mode", choices=["doc", "tail"], default="doc",
