@@ -310,3 +310,21 @@ def test_an_empty_path_is_refused(args):
     --tokenizer '.: no tokenizer files found'."""
     r = refused(*args)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "must name" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("data", "prepare", "a.txt", "--tokenizer", "t", "--output", "o", "--field", "body"),
+    ("data", "prepare", "a.jsonl", "--tokenizer", "t", "--output", "o", "--doc-separator", "\\n\\n"),
+    ("data", "clean", "a.jsonl", "--output", "o.jsonl", "--report", "r.json", "--txt-split", "paragraph"),
+    ("data", "clean", "a.txt", "--output", "o.jsonl", "--report", "r.json", "--field", "body"),
+])
+def test_a_format_flag_no_input_is_read_with_is_refused(tmp_path, monkeypatch, args):
+    """--field with only text inputs, --doc-separator/--txt-split with only JSONL inputs did nothing (a whole .txt
+    stayed one document, the records kept their 'text'), with exit 0."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("x\n\ny\n")
+    (tmp_path / "a.jsonl").write_text('{"text": "x", "body": "y"}\n')
+    (tmp_path / "t.txt").write_text("xy\n")
+    train_tokenizer(["t.txt"], 10, "char", "t")
+    r = refused(*args)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "leave it out" in r.stderr, r.stderr

@@ -96,6 +96,19 @@ def path_arg(what: str) -> Callable[[str], str]:
     return check
 
 
+def check_format_flags(inputs: Iterable[str | Path], field: str = "text", **text_flags: Any) -> None:
+    """One line for a flag no input is read with: ``--field`` (other than "text") without a .jsonl/.json/.parquet
+    input, or a text-file flag (``text_flags``: name -> value, None/default left out) without a text input."""
+    kinds = {file_kind(p) for p in inputs}
+    if field != "text" and kinds <= {"text"}:
+        raise LMForgeError(f"--field {field}: no input is a .jsonl, .json or .parquet file (text files are read "
+                           "whole); leave it out")
+    for flag, value in text_flags.items():
+        if value is not None and "text" not in kinds:
+            raise LMForgeError(f"--{flag.replace('_', '-')} {value}: no input is a text file (it splits .txt "
+                               "files only); leave it out")
+
+
 def check_workers(workers: int) -> None:
     """``--workers`` of data clean/prepare: 0 (automatic) up to 4 per CPU this process may use (at least 8); more only
     start more interpreters competing for them (--workers 1000 started a thousand, each loading the tokenizer or the

@@ -32,7 +32,15 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.data.io import BadRecords, Document, check_input_file, check_workers, file_kind, iter_documents
+from lmforge.data.io import (
+    BadRecords,
+    Document,
+    check_format_flags,
+    check_input_file,
+    check_workers,
+    file_kind,
+    iter_documents,
+)
 from lmforge.errors import LMForgeError
 from lmforge.files import check_replaceable, current_umask
 
@@ -244,6 +252,7 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
     if split_mode not in SPLIT_MODES:
         raise LMForgeError(f"--split-mode {split_mode!r}: allowed values are {list(SPLIT_MODES)}")
     check_workers(workers)
+    check_format_flags(inputs, field, doc_separator=None if separator is None else repr(separator))
     if separator == "":
         raise LMForgeError("--doc-separator: must not be empty")
     for p in inputs:

@@ -20,6 +20,7 @@ from lmforge.data.clean.quality import QualityFilter
 from lmforge.data.io import (
     BadRecords,
     Document,
+    check_format_flags,
     check_input_file,
     check_workers,
     file_kind,
@@ -233,6 +234,7 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
     stages = build_stages(cfg, src, **({"score": score} if score is not None else {}))
     total = input_bytes(inputs)
     check_workers(workers)
+    check_format_flags(inputs, field, txt_split=None if txt_split == "file" else txt_split)
     if workers == 0:
         workers = min(2, os.cpu_count() or 1) if total >= AUTO_PARALLEL_BYTES else 1
     if score is not None:
