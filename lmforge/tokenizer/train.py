@@ -121,6 +121,9 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
                                "training reads more than once: write a pipe's text to a file first")
         if not Path(f).is_file():
             raise LMForgeError(f"{f}: no such input file")
+    from lmforge.data.io import check_format_flags
+
+    check_format_flags(files, field)
     with tempfile.TemporaryDirectory(prefix="lmforge-tokenizer-") as tmp:
         texts = [_as_text(f, Path(tmp) / f"{i}.txt", field, skip_bad) for i, f in enumerate(files)]
         chars = sum(check_text_file(Path(t)) for t in texts)
