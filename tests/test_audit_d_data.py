@@ -329,3 +329,22 @@ def test_a_format_flag_no_input_is_read_with_is_refused(tmp_path, monkeypatch, a
     train_tokenizer(["t.txt"], 10, "char", "t")
     r = refused(*args)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "leave it out" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("cmd", ["prepare", "clean", "train"])
+def test_every_record_skipped_is_said_as_such(tmp_path, monkeypatch, cmd):
+    """--skip-bad with a wrong --field skipped every record: prepare and tokenizer train said 'the input is empty',
+    clean wrote an empty output with exit 0. Now one line: all N records were skipped as bad (first: ...)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n{"text": "y"}\n')
+    (tmp_path / "t.txt").write_text("xy\n")
+    train_tokenizer(["t.txt"], 10, "char", "t")
+    args = {"prepare": ("data", "prepare", "a.jsonl", "--tokenizer", "t", "--output", "o", "--workers", 1),
+            "clean": ("data", "clean", "a.jsonl", "--output", "o.jsonl", "--report", "r.json"),
+            "train": ("tokenizer", "train", "--input", "a.jsonl", "--vocab-size", 10, "--kind", "char", "--output",
+                      "o")}[cmd]
+    r = refused(*args, "--field", "body", "--skip-bad")
+    assert r.returncode == 1 and "all 2 records were skipped as bad (first: a.jsonl:1: field 'body'" in r.stderr, \
+        r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.jsonl").exists()

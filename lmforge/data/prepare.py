@@ -325,8 +325,8 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
         writers = {s: _Writer(tmp / f"{s}.bin") for s in streams}
         docs_per_source = [0] * len(inputs)
         total = sum(s["bytes"] for s in sources)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, disable=not progress,
-                   mininterval=0.2 if sys.stderr.isatty() else 10.0)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr,
+                   disable=not progress or first is None, mininterval=0.2 if sys.stderr.isatty() else 10.0)
         try:
             for ids, lengths, coins, srcs, nbytes in chain([first] if first is not None else [], encoded):
                 bar.update(nbytes)
@@ -349,6 +349,9 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
             pool.join()
             pool = None
         if not (writers["train"].tokens or writers["val"].tokens):
+            if bad.count:  # (--skip-bad skipped every record: a wrong --field, not an empty input)
+                raise LMForgeError(f"{inputs[0]}: no document left: all {bad.count} records were skipped as bad "
+                                   f"(first: {bad.examples[0]})")
             what = "the inputs are" if len(inputs) > 1 else "the input is"
             raise LMForgeError(f"{inputs[0]}: no tokens for the train split ({what} empty)")
         fallback = cfg["hash"] and not (writers["train"].tokens and writers["val"].tokens)

@@ -155,9 +155,14 @@ def _as_text(path: str, tmp: Path, field: str, skip_bad: bool) -> str:
         return path
     bad = BadRecords(skip_bad)
     docs = iter_documents([path], field=field, txt_split="raw", drop_empty=True, meta=False, bad=bad)
+    n = 0
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         for d in docs:
             f.write(d.text if d.text.endswith("\n") else d.text + "\n")
+            n += 1
+    if bad.count and not n:  # (a wrong --field: not an empty input)
+        raise LMForgeError(f"{path}: no document left: all {bad.count} records were skipped as bad (first: "
+                           f"{bad.examples[0]})")
     if bad.count:
         print(f"skipped {bad.count} bad record(s) of {path} (first: {bad.examples[0]})", file=sys.stderr)
     return str(tmp)

@@ -269,6 +269,9 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
             counts["documents_out"] += 1
             counts["characters_out"] += len(d.text)
         bar.close()
+        if bad.count and not counts["documents_in"]:  # (a wrong --field: every record skipped, nothing to clean)
+            raise LMForgeError(f"{inputs[0]}: no document read: all {bad.count} records were skipped as bad (first: "
+                               f"{bad.examples[0]})")
         seconds = time.perf_counter() - t0
         rep = {
             "inputs": [str(p) for p in inputs], "output": str(out_path), "config": src,
