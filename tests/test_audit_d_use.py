@@ -42,3 +42,24 @@ def test_infinite_temperature_is_refused_naming_it(cmd):
 def test_chat_repetition_penalty_must_be_finite(value):
     """--repetition-penalty inf was taken (logits of every token seen divided by inf or made -inf)."""
     one_line(refused("chat", "--repetition-penalty", value), "chat", f"--repetition-penalty {value}")
+
+
+@pytest.mark.parametrize("flags", [["--bits", "8", "--calibration", "README.md"],
+                                   ["--bits", "4", "--method", "rtn", "--calibration", "README.md"],
+                                   ["--bits", "4", "--method", "rtn", "--calib-samples", "8"],
+                                   ["--bits", "8", "--seed", "3"],
+                                   ["--bits", "4", "--calibration", "README.md", "--seed", "3"]])
+def test_quantize_calibration_flags_that_do_nothing_are_refused(flags, tmp_path):
+    """Round to nearest read no --calibration text (the file was never opened, exit 0); --seed seeds only the text
+    the model samples itself."""
+    r = refused("quantize", *flags, "--output", tmp_path / "q")
+    one_line(r, "quantize", flags[-2])
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantize_calibration_of_a_q4_1_gguf_is_refused(tmp_path):
+    """A Q4_1 GGUF is kept exactly (round to nearest) unless --method gptq: its --calibration text was never read."""
+    if not SMOLLM2.is_file():
+        pytest.skip(f"{SMOLLM2} absent")
+    r = refused("quantize", "--model", SMOLLM2, "--bits", "4", "--calibration", "README.md", "--output", tmp_path / "q")
+    one_line(r, "quantize", "--calibration", "Q4_1", "--method gptq")

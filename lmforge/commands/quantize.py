@@ -34,11 +34,11 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--method", choices=("rtn", "gptq"), default=None,
                    help="rtn = round to nearest; gptq = error-compensating (int4 only; default for int4)")
     p.add_argument("--calibration", help="text file to calibrate GPTQ on (default: text sampled from the model)")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
-    p.add_argument("--calib-len", type=int, default=512,
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default 128)")
+    p.add_argument("--calib-len", type=int, default=None,
                    help="tokens per calibration sequence (default 512, at most the model's context): calibrate on "
                         "the positions the model is used at")
-    p.add_argument("--seed", type=seed_type, default=0, help="seed for self-generated calibration (default 0)")
+    p.add_argument("--seed", type=seed_type, default=None, help="seed for self-generated calibration (default 0)")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=run)
@@ -63,6 +63,28 @@ def _load_tokenizer(model_path: Path, tok_arg: str | None, vocab_size: int):
         print(f"lmforge quantize: warning: cannot load the tokenizer ({e}); copying {tok_path} instead",
               file=sys.stderr)
         return None, tok_path if tok_path.is_file() else None
+
+
+def _check_calibration_flags(args, method: str) -> None:
+    """Calibration flags only where GPTQ calibrates (round to nearest ignored them: --calibration was never read), and
+    --seed only where it samples (without --calibration); then their defaults."""
+    if method != "gptq":
+        flags = {"--calibration": args.calibration, "--seed": args.seed, "--calib-samples": args.calib_samples,
+                 "--calib-len": args.calib_len}
+        why = "--bits 8 rounds to nearest" if args.bits == 8 else "--method rtn rounds to nearest"
+        if args.method is None and args.bits == 4:  # a Q4_1 GGUF kept exactly (sizes passed to be sure: taken)
+            why = "a Q4_1 GGUF's weights are kept as they are (round to nearest)"
+            del flags["--calib-samples"], flags["--calib-len"]
+        given = [f for f, v in flags.items() if v is not None]
+        if given:
+            raise LMForgeError(f"{given[0]}: {why} and takes no calibration; GPTQ (--bits 4 --method gptq) "
+                               "calibrates")
+    elif args.calibration and args.seed is not None:
+        raise LMForgeError("--seed: seeds the calibration text the model samples itself; with --calibration "
+                           f"{args.calibration} nothing is sampled")
+    args.calib_samples = 128 if args.calib_samples is None else args.calib_samples
+    args.calib_len = 512 if args.calib_len is None else args.calib_len
+    args.seed = 0 if args.seed is None else args.seed
 
 
 def _calibration_ids(args, tok, model):
@@ -106,17 +128,21 @@ def run(args) -> None:
     if path.is_dir() and is_adapter_dir(path) and not (path / "config.json").is_file():  # ("not a checkpoint")
         raise LMForgeError(f"{path}: an adapter directory; merge it into its base first (lmforge peft merge "
                            f"--adapter {path} --output MERGED), then quantize MERGED")
+    kept = ""
     if args.bits == 4 and method is None and args.group_size == 32 and path.suffix == ".gguf" and path.is_file():
         from lmforge.interop.gguf import gguf_block_weight_types
 
         if gguf_block_weight_types(path) == {"Q4_1"}:  # already 4-bit: keep those weights exactly
             method, symmetric = "rtn", False
-            print(f"lmforge quantize: {path.name} holds its block weights as Q4_1 (asymmetric 4-bit, groups of 32): "
-                  f"storing them as int4-g32 asymmetric, round to nearest, which keeps them exactly (--method gptq "
-                  f"re-quantizes)", file=sys.stderr)
+            kept = (f"lmforge quantize: {path.name} holds its block weights as Q4_1 (asymmetric 4-bit, groups of 32): "
+                    f"storing them as int4-g32 asymmetric, round to nearest, which keeps them exactly (--method gptq "
+                    f"re-quantizes)")
+    method = method or ("gptq" if args.bits == 4 else "rtn")
+    _check_calibration_flags(args, method)
     check_output(Path(args.output), args.overwrite, [path, Path(args.tokenizer) if args.tokenizer else None],
                  "--output")
-    method = method or ("gptq" if args.bits == 4 else "rtn")
+    if kept:  # (after the checks: a refusal is its one line)
+        print(kept, file=sys.stderr)
     qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=symmetric,
                        lm_head=args.lm_head, embedding=not args.float_embedding, method=method)
     qcfg.validate()
