@@ -348,3 +348,21 @@ def test_every_record_skipped_is_said_as_such(tmp_path, monkeypatch, cmd):
         r.stderr
     assert r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("case", ["output-eval", "report-eval", "report-config", "report-config-eval"])
+def test_clean_never_replaces_its_eval_sets_or_config(tmp_path, monkeypatch, case):
+    """--output/--report naming an --eval file (or the --config, or an eval file the config names) replaced it with
+    --overwrite: the evaluation set was lost. Refused before any work."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_text('{"text": "some words here"}\n')
+    (tmp_path / "ev.jsonl").write_text('{"text": "held-out question"}\n')
+    (tmp_path / "c.yaml").write_text("stages: [decontaminate: {eval_files: [ev.jsonl]}]\n")
+    out, rep, more = {"output-eval": ("ev.jsonl", "r.json", ("--eval", "ev.jsonl")),
+                      "report-eval": ("o.jsonl", "ev.jsonl", ("--eval", "ev.jsonl")),
+                      "report-config": ("o.jsonl", "c.yaml", ("--config", "c.yaml")),
+                      "report-config-eval": ("o.jsonl", "ev.jsonl", ("--config", "c.yaml"))}[case]
+    r = refused("data", "clean", "a.jsonl", "--output", out, "--report", rep, *more, "--overwrite", "--quiet")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "which is being read" in r.stderr, r.stderr
+    assert (tmp_path / "ev.jsonl").read_text() == '{"text": "held-out question"}\n'
+    assert (tmp_path / "c.yaml").read_text().startswith("stages:")

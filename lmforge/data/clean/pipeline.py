@@ -222,6 +222,13 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
         raise LMForgeError(f"{out_path}: the output is also an input")
     if report is not None and (Path(report).resolve() in ins or Path(report).resolve() == out_path.resolve()):
         raise LMForgeError(f"{report}: the report must differ from the inputs and the output")
+    # the other files read: the config and the evaluation sets (--overwrite replaced them when named as an output)
+    read = ([Path(src)] if src else []) + [Path(f) for name, opts in specs if name == "decontaminate"
+                                           for f in opts.get("eval_files") or [] if isinstance(f, (str, Path))]
+    for flag, o in (("--output", out_path), ("--report", report)):
+        hit = next((f for f in read if o is not None and Path(o).resolve() == f.resolve()), None)
+        if hit is not None:
+            raise LMForgeError(f"{flag} {o}: it would replace {hit}, which is being read; write elsewhere")
     for p in inputs:
         check_input_file(p)
     check_output_file(str(output), overwrite)
