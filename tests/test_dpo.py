@@ -218,3 +218,38 @@ def test_dpo_errors_are_one_line(tmp_path):
         r = refused(cmd, "--data", str(pairs), *flags, "--out", str(tmp_path / "o2"))
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 1 and last.startswith(f"lmforge {cmd}: error: {says}"), r.stderr
+
+
+def test_full_dpo_scores_only_the_pairs_its_steps_use(tmp_path, stories):
+    """Full-model DPO computed the reference of every pair before step 1 (hh-rlhf's tens of thousands for a run of a
+    few steps): now those of its first max_iters steps and of its evaluations; a resumed longer run adds the pairs
+    it reaches, from the starting model, with the values a run that planned them at once computes; a pair met
+    unplanned (a loss spike's skip) is scored by a second copy of the starting model (audit C F34)."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in word_pairs(64)))
+    common = ["--data", str(data), "--train.batch_size", "4", "--train.eval_iters", "1", "--data.val_fraction", "0.25",
+              "--train.precision", "fp32"]
+    r = run("dpo", *common, "--max-iters", "2", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reference log-probs of 12 pairs computed (those this run uses, of 64)" in r.stderr, r.stderr
+    ref = load_file(str(tmp_path / "o" / "reference_logprobs.safetensors"))
+    assert [int((~ref[k][:, 0].isnan()).sum()) for k in ("train", "val")] == [8, 4]
+    step0 = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[0])
+    assert step0["step"] == 0 and step0["val_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference
+    r = run("dpo", *common, "--max-iters", "4", "--out", str(tmp_path / "o"), "--resume")
+    assert r.returncode == 0 and "reference log-probs of 8 pairs computed" in r.stderr, r.stderr[-3000:]
+    r = run("dpo", *common, "--max-iters", "4", "--out", str(tmp_path / "once"))
+    assert r.returncode == 0 and "reference log-probs of 20 pairs computed" in r.stderr, r.stderr[-3000:]
+    a, b = (load_file(str(tmp_path / d / "reference_logprobs.safetensors")) for d in ("o", "once"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, equal_nan=True)
+    model, tok = stories
+    _, batch = _batch(tok)
+    with torch.no_grad():
+        known = response_logprobs(model, batch)
+        planned = dpo_loss_fn("sigmoid", 0.1, 0.0, peft=False)(model, {**batch, "ref": known})[0]
+        late = dpo_loss_fn("sigmoid", 0.1, 0.0, peft=False, late=lambda b: known)(
+            model, {**batch, "ref": torch.full_like(known, math.nan)})[0]
+    assert torch.equal(planned, late) and torch.isfinite(late)

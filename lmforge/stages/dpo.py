@@ -4,9 +4,12 @@ Data: the reward model's formats (ranked lists become all their pairs) plus TRL'
 strings; a model without a chat template is trained on prompt + response joined as plain text. Every log-prob sum
 covers response tokens only (``encode_response`` masks the prompt).
 
-The reference: under full fine-tuning the reference log-probs of every pair are computed once, before training, and
-stored in ``<out>/reference_logprobs.safetensors`` (a resumed run reads them back: the model is no longer the
-reference then); under PEFT the reference is the same model with its adapters disabled, computed in each step.
+The reference: under full fine-tuning the reference log-probs of the pairs the run will use (its first ``max_iters``
+steps' training pairs, the held-out pairs its evaluations score) are computed once, before training, and stored in
+``<out>/reference_logprobs.safetensors`` (a resumed run reads them back, computing from the starting model only the
+pairs a longer run adds; a pair not planned for, such as those a loss spike's skip reaches, is scored by a second copy
+of the starting model loaded when first needed); under PEFT the reference is the same model with its adapters
+disabled, computed in each step.
 
 The run directory becomes the final model, as for SFT: a full checkpoint, or the adapter (with its base recorded).
 """
@@ -23,9 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from lmforge.errors import LMForgeError
-from lmforge.loading import start_fine_tuning
+from lmforge.loading import load_model_and_tokenizer, start_fine_tuning
 from lmforge.losses import DPO_LOSS_TYPES, dpo_loss, ranked_pairs, sequence_logprobs, token_logprobs
 from lmforge.model.decoder import supports_branches
 from lmforge.peft.base import disable_adapter
@@ -96,9 +100,10 @@ def response_logprobs(model, batch: dict[str, Any]) -> torch.Tensor:
     return torch.zeros(ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, at[0], lp)
 
 
-def dpo_loss_fn(loss_type: str, beta: float, label_smoothing: float, peft: bool):
+def dpo_loss_fn(loss_type: str, beta: float, label_smoothing: float, peft: bool, late=None):
     """loss_fn for the Trainer: rows 0, 2, ... chosen, 1, 3, ... rejected; the reference from ``batch["ref"]``
-    (stored) or, under PEFT, from the model with its adapters disabled. Count = pairs."""
+    (stored; NaN where not computed ahead: then ``late(batch)``) or, under PEFT, from the model with its adapters
+    disabled. Count = pairs."""
 
     def loss_fn(model, batch):
         lp = response_logprobs(model, batch)
@@ -107,6 +112,8 @@ def dpo_loss_fn(loss_type: str, beta: float, label_smoothing: float, peft: bool)
                 ref = response_logprobs(model, batch)
         else:
             ref = batch["ref"]
+            if late is not None and bool(torch.isnan(ref).any()):
+                ref = late(batch).to(ref)
         lengths = batch["loss_mask"][:, 1:].sum(-1)
         loss, metrics = dpo_loss(lp[0::2], lp[1::2], ref[0::2], ref[1::2], beta, loss_type, label_smoothing,
                                  lengths[0::2], lengths[1::2], reduction="sum")
@@ -131,6 +138,23 @@ def reference_logprobs(model, groups, pad_id: int, batch_size: int, amp: torch.d
     res = torch.empty(len(groups), 2)
     res[torch.tensor(order)] = torch.cat(out).float().cpu()
     return res
+
+
+class LateReference:
+    """The reference log-probs of a batch whose pairs were not computed before training (a loss spike's skip reaches
+    past the planned steps): a second copy of the starting model, loaded when first needed."""
+
+    def __init__(self, path: str, tokenizer: str, device: torch.device, log) -> None:
+        self.path, self.tokenizer, self.device, self.log = path, tokenizer, device, log
+        self.model = None
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self.model is None:
+            self.log(f"dpo: reference log-probs of pairs not computed ahead: from a second copy of {self.path}")
+            self.model = load_model_and_tokenizer(self.path, self.tokenizer or None, "cpu")[0]
+            self.model.requires_grad_(False).eval().to(self.device)
+        return response_logprobs(self.model, batch)
 
 
 def _attach(groups, ref: torch.Tensor) -> None:
@@ -174,10 +198,41 @@ def _stored_reference(path: Path, key: str, counts: tuple[int, int], resume: boo
     return None
 
 
+def _reference(model, out: Path, groups: dict[str, list], need: dict[str, set[int]], resume: bool,
+               device: torch.device, dist, log, precision, score) -> None:
+    """Attach the reference log-probs of every pair (NaN where not needed): read from the run's file, the needed ones
+    it lacks computed by ``score(groups, precision())`` with the starting model and the file written again."""
+    path = out / REFERENCE_FILE
+    out.mkdir(parents=True, exist_ok=True)
+    key = reference_key(model, [groups["train"], groups["val"]])
+    sd = _stored_reference(path, key, (len(groups["train"]), len(groups["val"])), resume)
+    if sd is None:
+        sd = {k: torch.full((len(g), 2), math.nan) for k, g in groups.items()}
+    absent = {k: torch.isnan(sd[k][:, 0]).tolist() for k in groups}
+    missing = {k: sorted(i for i in need[k] if absent[k][i]) for k in groups}
+    n = sum(map(len, missing.values()))
+    if n:
+        model.to(device)
+        amp = precision()  # (every process: under torchrun the first one's choice is shared)
+        for k, idx in missing.items():  # each process computes its share (torchrun), all get all
+            rows = D.map_shards(lambda part: list(score(part, amp)), [groups[k][i] for i in idx], dist)
+            if rows:
+                sd[k][torch.tensor(idx)] = torch.stack(rows).float()
+        model.to("cpu")
+        if dist.main:
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"key": key})
+            tmp.replace(path)  # whole or absent: a resumed run reads it back
+        total = sum(len(g) for g in groups.values())
+        log(f"reference log-probs of {n} pairs computed (those this run uses, of {total}) and stored in {path}")
+    else:
+        log(f"reference log-probs read from {path}")
+    _attach(groups["train"], sd["train"])
+    _attach(groups["val"], sd["val"])
+
+
 def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool = False) -> dict[str, Any]:
     """Train ``cfg.model`` with DPO on ``cfg.data``; the run directory becomes the model."""
-    from safetensors.torch import save_file
-
     from lmforge.peft import apply_peft, save_adapter
     from lmforge.stages.sft import POLICY_LR_SCALE, check_full_finetune, suggested_lr, write_final
 
@@ -210,32 +265,6 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     pad = pad_id_of(tok)
     share = cfg.data.share_prompt and supports_branches(model.cfg)
 
-    if method is None:  # the reference log-probs, once, stored with the run
-        out.mkdir(parents=True, exist_ok=True)
-        ref_path = out / REFERENCE_FILE
-        key = reference_key(model, [train_g, val_g])
-        sd = _stored_reference(ref_path, key, (len(train_g), len(val_g)), resume)
-        if sd is not None:
-            log(f"reference log-probs read from {ref_path}")
-        else:
-            model.to(device)
-            amp = train_precision(t, device, model, dist)
-
-            def ref_of(groups: list) -> torch.Tensor:  # each process computes its share (torchrun), all get all
-                rows = D.map_shards(lambda part: list(reference_logprobs(model, part, pad, t.batch_size, amp, share)),
-                                    groups, dist)
-                return torch.stack(rows) if rows else torch.zeros(0, 2)
-
-            sd = {"train": ref_of(train_g), "val": ref_of(val_g)}
-            model.to("cpu")
-            if dist.main:
-                tmp = ref_path.with_name(f".{ref_path.name}.tmp")
-                save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"key": key})
-                tmp.replace(ref_path)  # whole or absent: a resumed run reads it back
-            log(f"reference log-probs of {len(train_g) + len(val_g)} pairs stored in {ref_path}")
-        _attach(train_g, sd["train"])
-        _attach(val_g, sd["val"])
-
     resolved: dict[str, Any] = {}
     if method is not None:
         resolved = apply_peft(model, method, {k: v for k, v in cfg.peft.items() if k != "method"}, tok)
@@ -251,6 +280,12 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
                                     explicit=explicit_train), explicit_train)
     if val is None:
         t.eval_iters = 0
+    if method is None:  # the reference log-probs of the pairs the run will use, stored with the run
+        need = {"train": train.upcoming(t.max_iters * t.grad_accum),
+                "val": set(range(min(len(val_g), t.eval_iters * val.batch_size * val.world))) if val else set()}
+        _reference(model, out, {"train": train_g, "val": val_g}, need, resume, device, dist, log,
+                   lambda: train_precision(t, device, model, dist),
+                   lambda gs, amp: reference_logprobs(model, gs, pad, t.batch_size, amp, share))
     ref_note = (f"peft {method} {json.dumps(resolved)}, reference = adapters disabled" if method
                 else "full fine-tuning, stored reference")
     log(f"dpo: {len(train_g)} train / {len(val_g)} held-out pairs; loss {cfg.loss}, beta {cfg.beta:g}, label "
@@ -273,7 +308,8 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
             (d / CHAT_TEMPLATE_FILE).write_text(template.source)
 
     run_config = {**cfg.to_dict(), "resolved_peft": resolved, "train_pairs": len(train_g), "val_pairs": len(val_g)}
-    trainer = Trainer(model, t, train, dpo_loss_fn(cfg.loss, cfg.beta, cfg.label_smoothing, method is not None),
+    late = None if method else LateReference(cfg.model, cfg.tokenizer, device, log)
+    trainer = Trainer(model, t, train, dpo_loss_fn(cfg.loss, cfg.beta, cfg.label_smoothing, method is not None, late),
                       out, val_data=val, tokenizer=tok, run_config=run_config, device=device, dist=dist, log=log,
                       export_fn=export, units="pairs",
                       same_on_resume=("model", "peft", "loss", "beta", "label_smoothing", "data.template"))

@@ -135,6 +135,19 @@ class GroupBatches:
     def steps_per_epoch(self) -> int:
         return max(1, -(-len(self.groups) // (self.batch_size * self.world)))
 
+    def upcoming(self, batches: int) -> set[int]:
+        """The groups the next ``batches`` batches take (every rank's), the stream left where it is."""
+        epoch, cursor, order, seen = self.epoch, self.cursor, self._order, set()
+        for _ in range(batches * self.batch_size * self.world):
+            if len(seen) == len(self.groups):
+                break
+            if cursor >= len(order):
+                epoch, cursor = epoch + 1, 0
+                order = self._permutation(epoch)
+            seen.add(order[cursor])
+            cursor += 1
+        return seen
+
     def collate(self, idx: list[int]) -> dict[str, Any]:
         groups = [self.groups[i] for i in idx]
         batch = collate_groups(groups, self.pad_id, self.share_prefix)
