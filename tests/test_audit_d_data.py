@@ -366,3 +366,14 @@ def test_clean_never_replaces_its_eval_sets_or_config(tmp_path, monkeypatch, cas
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "which is being read" in r.stderr, r.stderr
     assert (tmp_path / "ev.jsonl").read_text() == '{"text": "held-out question"}\n'
     assert (tmp_path / "c.yaml").read_text().startswith("stages:")
+
+
+def test_records_text_is_written_beside_the_output_not_in_tmp(tmp_path, monkeypatch):
+    """The text of a JSONL corpus was written to the system's temporary directory for the trainer (a small or full
+    /tmp failed with an OSError); it goes beside --output, on the disk the user chose, and is removed."""
+    import tempfile
+
+    (tmp_path / "a.jsonl").write_text('{"text": "some words"}\n')
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmp"))
+    train_tokenizer([str(tmp_path / "a.jsonl")], 300, "llama-bpe", str(tmp_path / "out" / "tok"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out"]

@@ -124,8 +124,18 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
     from lmforge.data.io import check_format_flags
 
     check_format_flags(files, field)
-    with tempfile.TemporaryDirectory(prefix="lmforge-tokenizer-") as tmp:
-        texts = [_as_text(f, Path(tmp) / f"{i}.txt", field, skip_bad) for i, f in enumerate(files)]
+    # records' text is written out for the trainer beside --output, on the disk the user chose (a corpus of JSONL
+    # filled a small /tmp), not in the system's temporary directory
+    near = next((d for d in Path(output).resolve().parents if d.is_dir()), None) if output else None
+    try:
+        tmp_dir = tempfile.TemporaryDirectory(prefix=".lmforge-tokenizer-", dir=near)
+    except OSError as e:
+        raise LMForgeError(f"{near or tempfile.gettempdir()}: cannot write there: {e.strerror}") from None
+    with tmp_dir as tmp:
+        try:
+            texts = [_as_text(f, Path(tmp) / f"{i}.txt", field, skip_bad) for i, f in enumerate(files)]
+        except OSError as e:
+            raise LMForgeError(f"{tmp}: cannot write the records' text for training: {e.strerror}") from None
         chars = sum(check_text_file(Path(t)) for t in texts)
         if not chars:
             raise LMForgeError(f"{files[0]}: no text to train on (the input is empty)")
