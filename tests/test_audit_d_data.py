@@ -377,3 +377,13 @@ def test_records_text_is_written_beside_the_output_not_in_tmp(tmp_path, monkeypa
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmp"))
     train_tokenizer([str(tmp_path / "a.jsonl")], 300, "llama-bpe", str(tmp_path / "out" / "tok"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out"]
+
+
+def test_a_prepared_dataset_as_tokenizer_names_its_tokenizer(tmp_path):
+    """--tokenizer DATA (a prepared dataset) said only 'no tokenizer files found': it names DATA/tokenizer."""
+    (tmp_path / "a.txt").write_text("abc\n")
+    train_tokenizer([str(tmp_path / "a.txt")], 10, "char", str(tmp_path / "tok"))
+    prepare([str(tmp_path / "a.txt")], str(tmp_path / "tok"), str(tmp_path / "d"), val_fraction=0, workers=1,
+            progress=False)
+    r = refused("data", "prepare", tmp_path / "a.txt", "--tokenizer", tmp_path / "d", "--output", tmp_path / "d2")
+    assert r.returncode == 1 and f"its tokenizer is {tmp_path / 'd' / 'tokenizer'}" in r.stderr, r.stderr

@@ -61,7 +61,10 @@ def load_tokenizer(path: str) -> Tokenizer:
             from lmforge.tokenizer.llama2c import Llama2cTokenizer
 
             return Llama2cTokenizer.load(p / "tokenizer.bin")
-        raise NoTokenizerFiles(f"{p}: no tokenizer files found (tokenizer.json, tokenizer.bin, char_vocab.json)")
+        inner = p / "tokenizer"  # (a prepared dataset keeps its tokenizer there)
+        hint = f"; its tokenizer is {inner}" if inner.is_dir() and any(inner.iterdir()) else ""
+        raise NoTokenizerFiles(f"{p}: no tokenizer files found (tokenizer.json, tokenizer.bin, char_vocab.json)"
+                               f"{hint}")
     if p.suffix == ".bin":
         from lmforge.tokenizer.llama2c import Llama2cTokenizer
 
