@@ -387,3 +387,10 @@ def test_a_prepared_dataset_as_tokenizer_names_its_tokenizer(tmp_path):
             progress=False)
     r = refused("data", "prepare", tmp_path / "a.txt", "--tokenizer", tmp_path / "d", "--output", tmp_path / "d2")
     assert r.returncode == 1 and f"its tokenizer is {tmp_path / 'd' / 'tokenizer'}" in r.stderr, r.stderr
+
+
+def test_data_without_a_step_is_one_line():
+    """`lmforge data` alone printed the whole top-level help (every command) with exit 2; `lmforge tokenizer` alone
+    says in one line that a STEP is needed, and now data does too."""
+    r = refused("data")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "required: STEP" in r.stderr and not r.stdout, r

@@ -13,7 +13,7 @@ DATA_COMMANDS = [
 
 def add_parser(sub, name: str, help_: str) -> None:
     p = sub.add_parser(name, help=help_, description=help_)
-    dsub = p.add_subparsers(dest="data_command", metavar="STEP")
+    dsub = p.add_subparsers(dest="data_command", metavar="STEP", required=True)
     for cmd, module, h in DATA_COMMANDS:
         try:
             mod = importlib.import_module(module)
