@@ -394,3 +394,29 @@ def test_data_without_a_step_is_one_line():
     says in one line that a STEP is needed, and now data does too."""
     r = refused("data")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "required: STEP" in r.stderr and not r.stdout, r
+
+
+def test_prepare_adds_bos_only_where_the_tokenizer_starts_a_text_with_it(tmp_path):
+    """A tokenizer with a BOS it does not add (SmolLM2's GGUF: add_bos_token=false, BOS <|im_start|>) got it before
+    every document: the model was pretrained on an unclosed ChatML turn per document. transformers and llama.cpp
+    encode such text without it; --bos still adds it."""
+    import numpy as np
+
+    from lmforge.tokenizer import Tokenizer
+
+    class NoBos(Tokenizer):
+        vocab_size, bos_id, eos_id, add_bos = 30, 1, 2, False
+
+        def encode(self, text, bos=False, eos=False):
+            return self._add_special([3 + ord(c) - ord("a") for c in text], bos, eos)
+
+        def decode(self, ids):
+            return "".join(chr(i - 3 + ord("a")) for i in ids if i > 2)
+
+    (tmp_path / "a.jsonl").write_text('{"text": "ab"}\n{"text": "cd"}\n')
+    idx = prepare([str(tmp_path / "a.jsonl")], NoBos(), str(tmp_path / "o"), val_fraction=0, progress=False)
+    assert not idx["bos"] and idx["eos"]
+    assert np.fromfile(tmp_path / "o" / "train.bin", dtype="<u2").tolist() == [3, 4, 2, 5, 6, 2]
+    idx = prepare([str(tmp_path / "a.jsonl")], NoBos(), str(tmp_path / "o2"), val_fraction=0, bos=True,
+                  progress=False)
+    assert np.fromfile(tmp_path / "o2" / "train.bin", dtype="<u2").tolist() == [1, 3, 4, 2, 1, 5, 6, 2]

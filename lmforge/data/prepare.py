@@ -7,12 +7,12 @@ Output directory (written to a temporary sibling directory, then renamed into pl
     tokenizer/                         a copy of the tokenizer (its sha256 is checked when the data is opened)
     index.json                         dtype, token/document counts per split, sources, tokenizer hash and path
 
-Documents are packed back to back: ``[BOS] doc [EOS]`` (by default BOS/EOS when the tokenizer has them). The
-validation split is either whole documents chosen by a seeded hash of their text (``split_mode="doc"``: the same
-document always lands in the same split, whatever the order, worker count or duplicates), or the last fraction of
-the token stream (``split_mode="tail"``: nanoGPT's ``train = data[:int(n * 0.9)]``). When documents are too few
-for the split by document to fill both splits (one large text file), the tail split is used instead
-(``index.json``: ``"split_fallback": "tail"``).
+Documents are packed back to back: ``[BOS] doc [EOS]`` (by default BOS where the tokenizer starts a text with it,
+EOS when it has one). The validation split is either whole documents chosen by a seeded hash of their text
+(``split_mode="doc"``: the same document always lands in the same split, whatever the order, worker count or
+duplicates), or the last fraction of the token stream (``split_mode="tail"``: nanoGPT's
+``train = data[:int(n * 0.9)]``). When documents are too few for the split by document to fill both splits (one
+large text file), the tail split is used instead (``index.json``: ``"split_fallback": "tail"``).
 """
 
 from __future__ import annotations
@@ -238,7 +238,8 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
     """Tokenize ``inputs`` into ``output`` (see the module docstring) and return its index.
 
     ``tokenizer`` is a path ``load_tokenizer`` reads, or a Tokenizer object (then encoding runs in this process
-    unless the object can ``save()`` itself). ``bos``/``eos`` None: add them when the tokenizer has them.
+    unless the object can ``save()`` itself). ``bos``/``eos`` None: BOS when the tokenizer starts a text with it,
+    EOS when it has one.
     ``workers`` 0: min(2, CPUs). An existing complete output with the same sources and settings is returned as is
     (with a note on stderr); with different ones it is an error unless ``overwrite``."""
     from tqdm import tqdm
@@ -259,7 +260,9 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
         check_input_file(p)
     tok_obj = not isinstance(tokenizer, (str, os.PathLike))
     tok = tokenizer if tok_obj else load_tokenizer(str(tokenizer))
-    bos = (tok.bos_id is not None) if bos is None else bos
+    # BOS where the tokenizer starts a text with it (as transformers and llama.cpp encode): SmolLM2's says
+    # add_bos_token=false and its BOS is <|im_start|>, which began every document
+    bos = bool(tok.prompt_prefix()) if bos is None else bos
     eos = (tok.eos_id is not None) if eos is None else eos
     if bos and tok.bos_id is None:
         raise LMForgeError("--bos: the tokenizer has no BOS token")

@@ -10,8 +10,8 @@ from lmforge.data.io import path_arg
 DESCRIPTION = """Tokenize .txt/.jsonl/.json/.parquet files (optionally .gz) into train.bin/val.bin (raw uint16, or
 uint32 for vocabularies over 65,536, memory-mappable with numpy), per-document offsets, a copy of the tokenizer and
 index.json. A .txt file is one document unless --doc-separator is given. Documents are packed back to back with BOS
-before / EOS after each one (default: whichever the tokenizer has). The output is written to a temporary directory
-and renamed into place."""
+before / EOS after each one (default: BOS where the tokenizer starts a text with it, EOS where it has one). The
+output is written to a temporary directory and renamed into place."""
 
 
 def add_parser(sub, name: str, help_: str) -> None:
@@ -27,7 +27,8 @@ def add_parser(sub, name: str, help_: str) -> None:
                    help="doc: whole documents chosen by a seeded hash of their text; tail: the last F of the token "
                    "stream, as nanoGPT splits shakespeare_char (default doc)")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                   help="BOS before each document (default: when the tokenizer has one)")
+                   help="BOS before each document (default: when the tokenizer starts a text with it, as "
+                   "transformers encodes: not for one whose add_bos_token is false)")
     p.add_argument("--eos", action=argparse.BooleanOptionalAction, default=None,
                    help="EOS after each document (default: when the tokenizer has one)")
     p.add_argument("--field", default="text", help="JSON/parquet field holding the text (default: text)")
