@@ -63,3 +63,43 @@ def test_quantize_calibration_of_a_q4_1_gguf_is_refused(tmp_path):
         pytest.skip(f"{SMOLLM2} absent")
     r = refused("quantize", "--model", SMOLLM2, "--bits", "4", "--calibration", "README.md", "--output", tmp_path / "q")
     one_line(r, "quantize", "--calibration", "Q4_1", "--method gptq")
+
+
+def test_convert_overwrite_of_an_hf_directory_keeps_none_of_its_files(tmp_path):
+    """--to hf --overwrite wrote its files into the existing directory: the previous model's chat_template.jinja,
+    tokenizer.gguf and weight shards stayed, so stories260K chatted in SmolLM2's template (lmforge and transformers)."""
+    from lmforge.assets import STORIES260K
+
+    out = tmp_path / "hf"
+    assert refused("convert", "--from", "llama2c", STORIES260K, "--to", "hf", out).returncode == 0
+    stale = ["chat_template.jinja", "tokenizer.gguf", "model-00001-of-00002.safetensors"]
+    for name in stale:
+        (out / name).write_text("{{ messages }}")
+    r = refused("convert", "--from", "llama2c", STORIES260K, "--to", "hf", out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert not [n for n in stale if (out / n).exists()]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary directory left beside it
+
+
+@pytest.mark.parametrize("dst", ["newdir/", "existing"])
+def test_convert_to_llama2c_refuses_a_directory(dst, tmp_path):
+    """--to llama2c newdir/ wrote a file named newdir; an existing directory failed with 'DIR.tmp: Is a directory'
+    (or 'exists; pass --overwrite'), leaving DIR.tmp behind."""
+    from lmforge.assets import STORIES260K
+
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "config.json").write_text("{}")
+    r = refused("convert", "--from", "llama2c", STORIES260K, "--to", "llama2c", f"{tmp_path}/{dst}", "--overwrite")
+    one_line(r, "convert", "is a directory", "--to llama2c writes a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def test_convert_to_hf_refuses_a_file(tmp_path):
+    """An existing file as the destination of a directory format: 'afile: File exists' after the work."""
+    from lmforge.assets import STORIES260K
+
+    (tmp_path / "afile").write_text("x")
+    r = refused("convert", "--from", "llama2c", STORIES260K, "--to", "hf", tmp_path / "afile", "--overwrite")
+    one_line(r, "convert", "is a file", "--to hf writes a directory")
+    assert (tmp_path / "afile").read_text() == "x"

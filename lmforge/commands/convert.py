@@ -66,6 +66,11 @@ def run(args) -> None:
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():
         raise LMForgeError(f"{src}: no such file or directory")
+    if args.dst_format == "llama2c" and (args.dst.endswith(("/", os.sep)) or dst.is_dir()):  # (wrote a file 'x')
+        raise LMForgeError(f"destination {args.dst}: is a directory; --to llama2c writes a file (e.g. {dst}/model.bin, "
+                           "tokenizer.bin beside it)")
+    if args.dst_format != "llama2c" and dst.exists() and not dst.is_dir():
+        raise LMForgeError(f"destination {dst}: is a file; --to {args.dst_format} writes a directory")
     check_output(dst, args.overwrite, [src, Path(args.tokenizer) if args.tokenizer else None], "destination")
     model = _read(args.src_format, src)
     tok_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer_path(src, model.cfg.vocab_size)

@@ -7,6 +7,8 @@ the HF tensors it is made of, and how to join (import) and split (export) them, 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,7 +18,6 @@ import torch
 
 from lmforge.config import END_IDS, ModelConfig
 from lmforge.errors import LMForgeError
-from lmforge.files import public_modes
 
 Tensor = torch.Tensor
 
@@ -675,23 +676,28 @@ def write_hf_dir(path: Path, cfg: ModelConfig, sd: dict[str, Tensor], tok=None) 
     Returns a warning when transformers cannot read the tokenizer written (lmforge's own format only)."""
     from safetensors.torch import save_file
 
+    from lmforge.model.weights import replace_dir
+
     if tok is not None:
         cfg = replace(cfg, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     arch = guess_arch(cfg)
     check_exportable(cfg, arch)
-    path.mkdir(parents=True, exist_ok=True)
     hf_sd = state_dict_to_hf(sd, cfg, arch)
-    tmp = path / "model.safetensors.tmp"
-    save_file(hf_sd, str(tmp), metadata={"format": "pt"})
-    public_modes(tmp)  # (safetensors writes 0600: the user's umask instead, as for every other output)
-    tmp.replace(path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps(hf_config_dict(cfg, arch), indent=2) + "\n")
-    gen = {k: v for k, v in _tokens_hf(cfg).items() if v is not None}
-    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    if tok is None:
-        return None
-    tok.save(str(path))
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
+    # written whole in a directory beside ``path``, then renamed over it: an existing directory (--overwrite) is
+    # replaced, none of its files kept (another model's chat_template.jinja, tokenizer or weight shards were)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(hf_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, arch), indent=2) + "\n")
+        gen = {k: v for k, v in _tokens_hf(cfg).items() if v is not None}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tok is not None:
+            tok.save(str(tmp))
+        replace_dir(tmp, path)  # (public_modes: safetensors writes 0600, the user's umask instead)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if tok is None or (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
         return None
     kind = getattr(tok, "kind", "")
     return (f"{path}: the {kind} tokenizer is written in lmforge's format only: lmforge reads the directory, "

@@ -6,7 +6,9 @@ key rows are permuted on import and permuted back on export. Both directions are
 
 from __future__ import annotations
 
+import os
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
+from lmforge.files import public_modes
 
 MAGIC_V1 = 0x616B3432  # "ak42"
 HEADER = struct.Struct("7i")
@@ -177,9 +180,14 @@ def write_llama2c(path: str | Path, cfg: ModelConfig, sd: dict[str, torch.Tensor
     ]
     if not cfg.tie_embeddings:
         tensors.append(sd["lm_head.weight"])
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(HEADER.pack(dim, h, L, cfg.n_head, cfg.kv_heads, vocab, cfg.block_size))
-        for t in tensors:
-            f.write(t.detach().float().contiguous().numpy().astype("<f4").tobytes())
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:  # (a failure left PATH.tmp behind, and a directory PATH made it 'PATH.tmp: Is a directory')
+        with os.fdopen(fd, "wb") as f:
+            f.write(HEADER.pack(dim, h, L, cfg.n_head, cfg.kv_heads, vocab, cfg.block_size))
+            for t in tensors:
+                f.write(t.detach().float().contiguous().numpy().astype("<f4").tobytes())
+        public_modes(Path(tmp))  # (mkstemp makes it 0600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
