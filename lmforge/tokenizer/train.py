@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
@@ -128,9 +129,11 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
     # filled a small /tmp), not in the system's temporary directory
     near = next((d for d in Path(output).resolve().parents if d.is_dir()), None) if output else None
     try:
-        tmp_dir = tempfile.TemporaryDirectory(prefix=".lmforge-tokenizer-", dir=near)
+        tmp_dir = (tempfile.TemporaryDirectory(prefix=".lmforge-tokenizer-", dir=near)
+                   if any(_is_records(f) for f in files) else nullcontext(""))
     except OSError as e:
-        raise LMForgeError(f"{near or tempfile.gettempdir()}: cannot write there: {e.strerror}") from None
+        where = output or tempfile.gettempdir()
+        raise LMForgeError(f"{where}: cannot write the tokenizer there: {e.strerror}") from None
     with tmp_dir as tmp:
         try:
             texts = [_as_text(f, Path(tmp) / f"{i}.txt", field, skip_bad) for i, f in enumerate(files)]
@@ -156,12 +159,19 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
     return tok
 
 
+def _is_records(path: str) -> bool:
+    """Whether training reads ``path`` through data/io (records, or a .gz) rather than as the text file it is."""
+    from lmforge.data.io import file_kind
+
+    return file_kind(path) != "text" or path.lower().endswith(".gz")
+
+
 def _as_text(path: str, tmp: Path, field: str, skip_bad: bool) -> str:
     """``path`` itself for a text file; for records (.jsonl, .json, .parquet) or a .gz file, ``tmp`` holding their
     documents' text one after another (a JSONL file was trained on as text: its keys, quotes and \\uXXXX escapes)."""
-    from lmforge.data.io import BadRecords, file_kind, iter_documents
+    from lmforge.data.io import BadRecords, iter_documents
 
-    if file_kind(path) == "text" and not path.lower().endswith(".gz"):
+    if not _is_records(path):
         return path
     bad = BadRecords(skip_bad)
     docs = iter_documents([path], field=field, txt_split="raw", drop_empty=True, meta=False, bad=bad)
