@@ -420,3 +420,26 @@ def test_prepare_adds_bos_only_where_the_tokenizer_starts_a_text_with_it(tmp_pat
     idx = prepare([str(tmp_path / "a.jsonl")], NoBos(), str(tmp_path / "o2"), val_fraction=0, bos=True,
                   progress=False)
     assert np.fromfile(tmp_path / "o2" / "train.bin", dtype="<u2").tolist() == [1, 3, 4, 2, 1, 5, 6, 2]
+
+
+@pytest.mark.parametrize("files", [
+    {"char_vocab.json": "{bad", "tokenizer_config.json": '{"kind": "char"}'},
+    {"char_vocab.json": '["a", "a", "b"]', "tokenizer_config.json": '{"kind": "char"}'},
+    {"char_vocab.json": '["ab", "c"]', "tokenizer_config.json": '{"kind": "char"}'},
+    {"tokenizer.json": None, "tokenizer_config.json": "[1]"},
+    {"tokenizer.json": None, "tokenizer_config.json": '{"bos_token": 5}'},
+])
+def test_a_damaged_tokenizer_directory_is_one_line_naming_the_file(tmp_path, files):
+    """A damaged char_vocab.json was a JSONDecodeError naming no file (or taken: a repeated or multi-character entry
+    gave ids encode could not make), a tokenizer_config.json list or an int bos_token an AttributeError/TypeError."""
+    (tmp_path / "a.txt").write_text("abc\n")
+    good = train_tokenizer([str(tmp_path / "a.txt")], 300, "llama-bpe", str(tmp_path / "good"))
+    assert good.vocab_size
+    d = tmp_path / "tok"
+    d.mkdir()
+    for name, text in files.items():
+        (d / name).write_text((tmp_path / "good" / name).read_text() if text is None else text)
+    r = refused("data", "prepare", tmp_path / "a.txt", "--tokenizer", d, "--output", tmp_path / "o")
+    bad = "char_vocab.json" if "char_vocab.json" in files else "tokenizer_config.json"
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and f"{d / bad}: " in r.stderr, r.stderr
+    assert "Error" not in r.stderr, r.stderr

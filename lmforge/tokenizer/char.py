@@ -65,4 +65,19 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def load(cls, directory: str) -> CharTokenizer:
-        return cls(json.loads((Path(directory) / VOCAB_FILE).read_text(encoding="utf-8")))
+        """The vocabulary of ``directory/char_vocab.json``: a JSON list of distinct single characters (anything else
+        is one line naming the file: it was a JSONDecodeError, or a vocabulary whose ids encode could not give)."""
+        path = Path(directory) / VOCAB_FILE
+        try:
+            chars = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise LMForgeError(f"{path}: cannot read a char vocabulary: {str(e).splitlines()[0]}") from None
+        if not isinstance(chars, list) or not chars:
+            raise LMForgeError(f"{path}: expected a non-empty JSON list of characters")
+        bad = next((c for c in chars if not isinstance(c, str) or len(c) != 1), None)
+        if bad is not None:
+            raise LMForgeError(f"{path}: entry {json.dumps(bad, ensure_ascii=False)[:40]} is not one character")
+        if len(set(chars)) != len(chars):
+            dup = next(c for i, c in enumerate(chars) if c in chars[:i])
+            raise LMForgeError(f"{path}: character {dup!r} appears twice (each id is one character)")
+        return cls(chars)

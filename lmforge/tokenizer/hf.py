@@ -75,7 +75,16 @@ class HFTokenizer(Tokenizer):
             tok = RawTokenizer.from_file(str(d / "tokenizer.json"))
         except Exception as e:  # noqa: BLE001 - the library raises bare Exceptions for bad files
             raise LMForgeError(f"{d / 'tokenizer.json'}: cannot read: {e}") from None
-        meta = json.loads((d / META).read_text()) if (d / META).is_file() else {}
+        try:
+            meta = json.loads((d / META).read_text(encoding="utf-8")) if (d / META).is_file() else {}
+        except ValueError as e:
+            raise LMForgeError(f"{d / META}: not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise LMForgeError(f"{d / META}: expected a JSON object, got {type(meta).__name__}")
+        for key in ("bos_token", "eos_token", "pad_token"):  # a string, or transformers' AddedToken dict
+            v = meta.get(key)
+            if v is not None and not isinstance(_token_text(v), str):
+                raise LMForgeError(f"{d / META}: {key}: expected the token's text, got {json.dumps(v)[:40]}")
         out = cls(tok, meta.get("kind", "hf"), _token_text(meta.get("bos_token")), _token_text(meta.get("eos_token")),
                   _token_text(meta.get("pad_token")), meta.get("chat_template"))
         out.add_bos = _adds_bos(tok, out.bos_id, meta)

@@ -23,16 +23,21 @@ def load_tokenizer(path: str) -> Tokenizer:
         return load_gguf_tokenizer(p)
     if p.is_dir():
         kind = None
+        meta: dict = {}
         if (p / "tokenizer_config.json").is_file():
             try:
-                kind = json.loads((p / "tokenizer_config.json").read_text()).get("kind")
+                meta = json.loads((p / "tokenizer_config.json").read_text(encoding="utf-8"))
             except ValueError:
                 raise LMForgeError(f"{p / 'tokenizer_config.json'}: not valid JSON") from None
+            if not isinstance(meta, dict):
+                raise LMForgeError(f"{p / 'tokenizer_config.json'}: expected a JSON object, got "
+                                   f"{type(meta).__name__}")
+            kind = meta.get("kind")
         if (p / "tokenizer.tiktoken").is_file():
             from lmforge.tokenizer.external import TiktokenTokenizer
 
-            return TiktokenTokenizer.from_tiktoken_file(p / "tokenizer.tiktoken", json.loads(
-                (p / "tokenizer_config.json").read_text()).get("encoding") if kind else None)
+            return TiktokenTokenizer.from_tiktoken_file(p / "tokenizer.tiktoken",
+                                                        meta.get("encoding") if kind else None)
         if (p / "encoder.json").is_file() and (p / "vocab.bpe").is_file():
             from lmforge.tokenizer.external import TiktokenTokenizer
 
