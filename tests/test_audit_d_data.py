@@ -443,3 +443,24 @@ def test_a_damaged_tokenizer_directory_is_one_line_naming_the_file(tmp_path, fil
     bad = "char_vocab.json" if "char_vocab.json" in files else "tokenizer_config.json"
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and f"{d / bad}: " in r.stderr, r.stderr
     assert "Error" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("damage", ["no-splits", "splits-list", "tokens-text", "no-dtype", "no-vocab", "a-list"])
+def test_a_damaged_prepared_index_is_one_line(tmp_path, damage):
+    """Opening prepared data (pretrain --data.path) with a damaged index.json was a KeyError/AttributeError/
+    ValueError naming no file."""
+    from lmforge.data.dataset import load_prepared
+
+    (tmp_path / "a.txt").write_text("abc abc\n")
+    train_tokenizer([str(tmp_path / "a.txt")], 10, "char", str(tmp_path / "tok"))
+    d = tmp_path / "d"
+    idx = prepare([str(tmp_path / "a.txt")], str(tmp_path / "tok"), str(d), val_fraction=0, workers=1,
+                  progress=False)
+    train = {**idx["splits"]["train"], "tokens": "x"}
+    bad = {"no-splits": {k: v for k, v in idx.items() if k != "splits"}, "splits-list": {**idx, "splits": []},
+           "tokens-text": {**idx, "splits": {**idx["splits"], "train": train}},
+           "no-dtype": {k: v for k, v in idx.items() if k != "dtype"},
+           "no-vocab": {k: v for k, v in idx.items() if k != "vocab_size"}, "a-list": [1]}[damage]
+    (d / "index.json").write_text(json.dumps(bad))
+    with pytest.raises(LMForgeError, match=f"^{d / 'index.json'}: "):
+        load_prepared(d)

@@ -91,8 +91,11 @@ def open_prepared(path: str | Path, verify_tokenizer: bool = True) -> PreparedDa
         index = json.loads((path / INDEX).read_text())
     except ValueError as e:
         raise LMForgeError(f"{path / INDEX}: not valid JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise LMForgeError(f"{path / INDEX}: expected a JSON object, got {type(index).__name__}")
     if index.get("format") != FORMAT:
         raise LMForgeError(f"{path / INDEX}: format {index.get('format')!r}, expected {FORMAT!r}")
+    _check_index(path / INDEX, index)
     data = PreparedData(path, index)
     if verify_tokenizer and index.get("tokenizer"):
         tok_dir = path / index["tokenizer"]
@@ -109,6 +112,28 @@ def open_prepared(path: str | Path, verify_tokenizer: bool = True) -> PreparedDa
         if not o.is_file() or o.stat().st_size != 8 * int(s["documents"]):
             raise LMForgeError(f"{o}: size does not match {INDEX} ({s['documents']:,} documents)")
     return data
+
+
+def _check_index(where: Path, index: dict[str, Any]) -> None:
+    """The fields open_prepared and training read, with their types (a damaged index.json was a KeyError,
+    AttributeError or ValueError naming no file)."""
+    def bad(field: str, what: str) -> LMForgeError:
+        return LMForgeError(f"{where}: {field}: {what} (damaged; prepare the data again)")
+
+    if index.get("dtype") not in ("uint16", "uint32"):
+        raise bad("dtype", f"{index.get('dtype')!r}, expected 'uint16' or 'uint32'")
+    v = index.get("vocab_size")
+    if type(v) is not int or v < 1:
+        raise bad("vocab_size", f"{v!r}, expected a positive integer")
+    splits = index.get("splits")
+    if not isinstance(splits, dict) or "train" not in splits:
+        raise bad("splits", "expected an object with a 'train' split")
+    for name, s in splits.items():
+        if not isinstance(s, dict):
+            raise bad(f"splits.{name}", "expected an object")
+        for k in ("tokens", "documents"):
+            if type(s.get(k)) is not int or s[k] < 0:
+                raise bad(f"splits.{name}.{k}", f"{s.get(k)!r}, expected a count")
 
 
 def load_prepared(path: str | Path):
