@@ -103,3 +103,36 @@ def test_convert_to_hf_refuses_a_file(tmp_path):
     r = refused("convert", "--from", "llama2c", STORIES260K, "--to", "hf", tmp_path / "afile", "--overwrite")
     one_line(r, "convert", "is a file", "--to hf writes a directory")
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_hf_weights_are_the_files_transformers_loads(tmp_path):
+    """Every *.safetensors of a directory was read as the model's: Mistral's consolidated.safetensors (its own names
+    for the same weights) was refused as 'unexpected tensor', a stale shard's tensors mixed in; transformers reads
+    model.safetensors, else the shards its index names."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.assets import STORIES260K
+    from lmforge.interop.hf import read_hf_dir
+
+    d = tmp_path / "hf"
+    assert refused("convert", "--from", "llama2c", STORIES260K, "--to", "hf", d).returncode == 0
+    _, want = read_hf_dir(d)
+    save_file({"layers.0.attention.wq.weight": torch.zeros(2, 2)}, str(d / "consolidated.safetensors"))
+    save_file({"model.layers.99.mlp.up_proj.weight": torch.zeros(2, 2)}, str(d / "model-00002-of-00002.safetensors"))
+    cfg, sd = read_hf_dir(d)
+    assert sd.keys() == want.keys()
+    # sharded: the index's files only, and a shard it names that is absent is said
+    sd0 = load_file(str(d / "model.safetensors"))
+    keys = sorted(sd0)
+    save_file({k: sd0[k] for k in keys[:5]}, str(d / "model-00001-of-00002.safetensors"))
+    save_file({k: sd0[k] for k in keys[5:]}, str(d / "model-00002-of-00002.safetensors"))
+    (d / "model.safetensors").unlink()
+    names = {k: f"model-0000{1 + (i >= 5)}-of-00002.safetensors" for i, k in enumerate(keys)}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": names}))
+    assert read_hf_dir(d)[1].keys() == want.keys()
+    (d / "model-00002-of-00002.safetensors").unlink()
+    one_line(refused("generate", "--model", d), "generate", "model.safetensors.index.json",
+             "model-00002-of-00002.safetensors")

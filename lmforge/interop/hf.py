@@ -649,7 +649,7 @@ def read_weights(path: Path) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
+    files = _weight_files(path, "model.safetensors", "*.safetensors")
     if files:
         sd: dict[str, Tensor] = {}
         for f in files:
@@ -658,7 +658,7 @@ def read_weights(path: Path) -> dict[str, Tensor]:
             except (SafetensorError, OSError) as e:
                 raise LMForgeError(f"{f}: cannot read safetensors: {e}") from None
         return sd
-    bins = sorted(path.glob("pytorch_model*.bin"))
+    bins = _weight_files(path, "pytorch_model.bin", "pytorch_model*.bin")
     if bins:
         sd = {}
         for f in bins:
@@ -668,6 +668,28 @@ def read_weights(path: Path) -> dict[str, Tensor]:
                 raise LMForgeError(f"{f}: cannot read weights (weights_only): {e}") from None
         return sd
     raise LMForgeError(f"{path}: no *.safetensors or pytorch_model*.bin weights found")
+
+
+def _weight_files(path: Path, single: str, pattern: str) -> list[Path]:
+    """The weight files transformers loads from ``path``: ``single`` where it exists, else the shards its index
+    names, else (no index) every file matching ``pattern``. Other weight files beside them are not the model's:
+    Mistral's repositories also ship consolidated.safetensors (its own names for the same weights), a PEFT adapter
+    may sit beside its base (adapter_model.safetensors); they were read with the model's and refused as unexpected
+    tensors, or a stale shard's tensors mixed in."""
+    if (path / single).is_file():
+        return [path / single]
+    index = path / f"{single}.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LMForgeError(f"{index}: cannot read the weight map: {type(e).__name__}: {e}") from None
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise LMForgeError(f"{index}: names {missing[0]}, which is not in {path} ({len(missing)} missing)")
+        return [path / n for n in names]
+    skip = ("consolidated", "adapter_model")
+    return sorted(f for f in path.glob(pattern) if not f.name.startswith(skip))
 
 
 def write_hf_dir(path: Path, cfg: ModelConfig, sd: dict[str, Tensor], tok=None) -> str | None:
