@@ -464,3 +464,26 @@ def test_a_damaged_prepared_index_is_one_line(tmp_path, damage):
     (d / "index.json").write_text(json.dumps(bad))
     with pytest.raises(LMForgeError, match=f"^{d / 'index.json'}: "):
         load_prepared(d)
+
+
+@pytest.mark.parametrize("cmd", ["prepare", "clean", "train"])
+def test_a_lone_surrogate_is_a_bad_record(tmp_path, monkeypatch, cmd):
+    """A JSON record whose text holds a lone surrogate ("\\ud800": half an emoji, common in scraped data) crashed
+    prepare ('TypeError: TextEncodeInput must be ...', a pybind11 RuntimeError), clean and tokenizer train
+    (UnicodeEncodeError), naming no file. Now a bad record (file:line; --skip-bad skips it); clean keeps a surrogate
+    of another field as the escape it was read as."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_text('{"text": "ok doc", "m": "x\\udc00"}\n{"text": "bad \\ud800 here"}\n')
+    (tmp_path / "t.txt").write_text("ok dc\n")
+    train_tokenizer(["t.txt"], 300, "llama-bpe", "t")
+    args = {"prepare": ("data", "prepare", "a.jsonl", "--tokenizer", "t", "--output", "o", "--workers", 1),
+            "clean": ("data", "clean", "a.jsonl", "--output", "o.jsonl", "--report", "r.json", "--stages", "pii"),
+            "train": ("tokenizer", "train", "--input", "a.jsonl", "--vocab-size", 300, "--kind", "llama-bpe",
+                      "--output", "o")}[cmd]
+    r = refused(*args)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "a.jsonl:2: field 'text' holds a lone surrogate" \
+        in r.stderr, r.stderr
+    r = refused(*args, "--skip-bad")
+    assert r.returncode == 0, r.stderr
+    if cmd == "clean":
+        assert json.loads((tmp_path / "o.jsonl").read_text()) == {"text": "ok doc", "m": "x\udc00"}

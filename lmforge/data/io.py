@@ -174,6 +174,13 @@ def _record(rec: Any, path: Path, n: int, fieldname: str, bad: BadRecords, drop_
         bad(where, f"field {fieldname!r} is {'null' if text is None else type(text).__name__}, not a string",
             "not_string")
         return None
+    if not text.isascii():  # a JSON \ud800 escape gives a lone surrogate: no tokenizer or UTF-8 file takes it
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad(where, f"field {fieldname!r} holds a lone surrogate {text[e.start]!r} at character {e.start} (half "
+                "of a UTF-16 pair, not text)", "encoding")
+            return None
     if not text.strip():
         if not drop_empty:
             bad(where, f"field {fieldname!r}: empty document", "empty")

@@ -272,7 +272,11 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
             rec = {"text": d.text}
             if d.meta:
                 rec.update(d.meta)
-            write(json.dumps(rec, ensure_ascii=False) + "\n")
+            line = json.dumps(rec, ensure_ascii=False)
+            try:
+                write(line + "\n")
+            except UnicodeEncodeError:  # a lone surrogate in another field: kept as the \uXXXX escape it was read as
+                write(json.dumps(rec) + "\n")
             counts["documents_out"] += 1
             counts["characters_out"] += len(d.text)
         bar.close()
