@@ -136,3 +136,12 @@ def test_hf_weights_are_the_files_transformers_loads(tmp_path):
     (d / "model-00002-of-00002.safetensors").unlink()
     one_line(refused("generate", "--model", d), "generate", "model.safetensors.index.json",
              "model-00002-of-00002.safetensors")
+
+
+@pytest.mark.parametrize("cmd", ["generate", "chat"])
+def test_a_temperature_that_overflows_the_logits_is_refused(cmd):
+    """--temperature 1e-40 (or 5e-324) made the logits divided by it inf: NaN probabilities, '\ufffd' x N with exit
+    0 on PyTorch, an IndexError on the lean runtime."""
+    r = refused(cmd, "--temperature", "1e-40", "--max-new-tokens", "4")
+    one_line(r, cmd, "--temperature 1e-40", "give 0")
+    assert r.stdout == ""

@@ -70,12 +70,19 @@ def run(args) -> None:
     _run_torch(args)
 
 
+MIN_TEMPERATURE = 1e-20  # (float32 logits of up to 3e18 divided by it stay finite)
+
+
 def check_sampling(args) -> None:
     """``check_sampling_args`` and a finite --temperature (inf sampled every token alike: random bytes with exit 0
-    on the lean runtime, a ValueError after the prompt was printed on PyTorch's)."""
+    on the lean runtime, a ValueError after the prompt was printed on PyTorch's), not so small that the logits
+    divided by it overflow."""
     check_sampling_args(args)
     if not math.isfinite(args.temperature):
         raise LMForgeError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
+    if 0 < args.temperature < MIN_TEMPERATURE:  # the logits divided by it overflow: NaN text ('\ufffd' x N, exit 0)
+        raise LMForgeError(f"--temperature {args.temperature:g}: below {MIN_TEMPERATURE:g} the logits divided by it "
+                           "overflow; such a temperature samples as greedy does: give 0")
 
 
 def lean_unsupported(args) -> str | None:
