@@ -487,3 +487,15 @@ def test_a_lone_surrogate_is_a_bad_record(tmp_path, monkeypatch, cmd):
     assert r.returncode == 0, r.stderr
     if cmd == "clean":
         assert json.loads((tmp_path / "o.jsonl").read_text()) == {"text": "ok doc", "m": "x\udc00"}
+
+
+def test_a_bad_evaluation_record_gives_advice_that_applies(tmp_path, monkeypatch):
+    """A bad record of an --eval file advised '--skip-bad' (which does not apply to evaluation files: it still
+    failed) and '--field' (the stage's eval_field picks their field)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_text('{"text": "some words here"}\n')
+    (tmp_path / "ev.jsonl").write_text('{"question": "q"}\n')
+    r = refused("data", "clean", "a.jsonl", "--output", "o.jsonl", "--report", "r.json", "--eval", "ev.jsonl",
+                "--skip-bad")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "ev.jsonl:1: field 'text' missing" in r.stderr, r.stderr
+    assert "--skip-bad" not in r.stderr and "--field" not in r.stderr and "eval_field" in r.stderr, r.stderr

@@ -217,14 +217,20 @@ class Decontaminate(Stage):
         grams, self.eval_docs, self.eval_short = [], 0, 0
         for f in files:
             if not Path(f).is_file():
-                raise LMForgeError(f"stage decontaminate: eval_files: {f}: no such file")
-        for d in iter_documents(files, field=c["eval_field"], txt_split=c["eval_txt_split"]):
-            self.eval_docs += 1
-            h = self.hasher.hash_tokens(tokens(d.text))
-            if len(h) < c["ngram"]:
-                self.eval_short += 1
-                continue
-            grams.append(self.hasher.ngrams(h, c["ngram"]))
+                what = "is a directory; name its files" if Path(f).is_dir() else "no such file"
+                raise LMForgeError(f"stage decontaminate: eval_files: {f}: {what}")
+        try:
+            for d in iter_documents(files, field=c["eval_field"], txt_split=c["eval_txt_split"], drop_empty=True):
+                self.eval_docs += 1
+                h = self.hasher.hash_tokens(tokens(d.text))
+                if len(h) < c["ngram"]:
+                    self.eval_short += 1
+                    continue
+                grams.append(self.hasher.ngrams(h, c["ngram"]))
+        except LMForgeError as e:  # the corpus' advice (--skip-bad, --field) does not apply to evaluation files
+            msg = str(e).replace(" (use --skip-bad to skip such records)", "").replace(
+                "choose one with --field", "choose one with the stage's eval_field option")
+            raise LMForgeError(f"stage decontaminate: evaluation file {msg}") from None
         self.grams = np.unique(np.concatenate(grams)) if grams else np.zeros(0, dtype=np.uint64)
         self.hit_grams: set[int] = set()
 
