@@ -499,3 +499,13 @@ def test_a_bad_evaluation_record_gives_advice_that_applies(tmp_path, monkeypatch
                 "--skip-bad")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "ev.jsonl:1: field 'text' missing" in r.stderr, r.stderr
     assert "--skip-bad" not in r.stderr and "--field" not in r.stderr and "eval_field" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("more", [("--split-mode", "tail"), ("--val-fraction", "0")])
+def test_prepare_seed_that_does_nothing_is_refused(tmp_path, more):
+    """--seed seeds the split by document only: with --split-mode tail or --val-fraction 0 it did nothing."""
+    (tmp_path / "a.txt").write_text("abc\n")
+    r = refused("data", "prepare", tmp_path / "a.txt", "--tokenizer", tmp_path / "t", "--output", tmp_path / "o",
+                "--seed", 5, *more)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--seed 5: seeds the split by document only" in \
+        r.stderr, r.stderr

@@ -36,7 +36,7 @@ def add_parser(sub, name: str, help_: str) -> None:
                    help="split .txt files into documents on STR (escapes like \\n are decoded, e.g. '\\n\\n' or "
                    "'<|endoftext|>'); default: a whole file is one document")
     p.add_argument("--workers", type=int, default=0, metavar="N", help="tokenizer processes (default: min(2, CPUs))")
-    p.add_argument("--seed", type=seed_type, default=0, help="seed of the document split hash (default 0)")
+    p.add_argument("--seed", type=seed_type, default=None, help="seed of the document split hash (default 0)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared output")
     p.set_defaults(func=run)
@@ -65,8 +65,11 @@ def run(args) -> None:
             sep = decode_escapes(sep)
         except UnicodeError:
             raise LMForgeError(f"--doc-separator {args.doc_separator!r}: bad escape sequence") from None
+    if args.seed is not None and (args.split_mode == "tail" or args.val_fraction == 0):
+        why = "--split-mode tail" if args.split_mode == "tail" else "--val-fraction 0"
+        raise LMForgeError(f"--seed {args.seed}: seeds the split by document only; with {why} it does nothing")
     idx = prepare(args.inputs, args.tokenizer, args.output, val_fraction=args.val_fraction,
-                  split_mode=args.split_mode, bos=args.bos, eos=args.eos, workers=args.workers, seed=args.seed,
+                  split_mode=args.split_mode, bos=args.bos, eos=args.eos, workers=args.workers, seed=args.seed or 0,
                   overwrite=args.overwrite, skip_bad=args.skip_bad, field=args.field, separator=sep)
     s = idx["splits"]
     print(f"{args.output}: train {s['train']['tokens']:,} tokens ({s['train']['documents']:,} documents), "
