@@ -318,6 +318,7 @@ def test_an_empty_path_is_refused(args):
     ("data", "clean", "a.jsonl", "--output", "o.jsonl", "--report", "r.json", "--txt-split", "paragraph"),
     ("data", "clean", "a.txt", "--output", "o.jsonl", "--report", "r.json", "--field", "body"),
     ("tokenizer", "train", "--input", "a.txt", "--vocab-size", "10", "--kind", "char", "--output", "o", "--field", "b"),
+    ("tokenizer", "train", "--input", "a.txt", "--vocab-size", "10", "--kind", "char", "--output", "o", "--skip-bad"),
 ])
 def test_a_format_flag_no_input_is_read_with_is_refused(tmp_path, monkeypatch, args):
     """--field with only text inputs, --doc-separator/--txt-split with only JSONL inputs did nothing (a whole .txt

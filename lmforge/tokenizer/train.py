@@ -125,6 +125,9 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
     from lmforge.data.io import check_format_flags
 
     check_format_flags(files, field)
+    if skip_bad and not any(_is_records(f) for f in files):
+        raise LMForgeError("--skip-bad: no input is a file of records (.jsonl, .json, .parquet or .gz); a text file is "
+                           "read whole and must be UTF-8: leave it out")
     # records' text is written out for the trainer beside --output, on the disk the user chose (a corpus of JSONL
     # filled a small /tmp), not in the system's temporary directory
     near = next((d for d in Path(output).resolve().parents if d.is_dir()), None) if output else None
