@@ -145,3 +145,32 @@ def test_a_temperature_that_overflows_the_logits_is_refused(cmd):
     r = refused(cmd, "--temperature", "1e-40", "--max-new-tokens", "4")
     one_line(r, cmd, "--temperature 1e-40", "give 0")
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize("fmt", ["hf", "llama2c", "lmforge"])
+def test_convert_names_a_gguf_source_as_one(fmt, tmp_path):
+    """A .gguf as src was 'not an lmforge checkpoint directory', 'a Hugging Face checkpoint is a directory' or
+    'not a llama2.c model file (implausible header: dim=1179993927 ...)': now it says convert reads no GGUF and what
+    does."""
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(60))
+    r = refused("convert", "--from", fmt, tmp_path / "m.gguf", "--to", "hf", tmp_path / "out")
+    one_line(r, "convert", "a GGUF file", "lmforge quantize --model")
+
+
+def test_convert_of_a_quantized_model_refused_for_llama2c_in_one_line(tmp_path):
+    """The 'written dequantized' note came before the llama2.c refusal (two lines on stderr)."""
+    import torch
+
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.model import Decoder
+    from lmforge.presets import get_preset
+    from lmforge.tokenizer.char import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefgh \n")
+    torch.manual_seed(0)
+    cfg = get_preset("tiny-llama").replace(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_embd=32, n_head=2,
+                                           rope_theta=100000.0)
+    save_checkpoint(Decoder(cfg), tmp_path / "m", tok)
+    assert refused("quantize", "--model", tmp_path / "m", "--bits", "8", "--output", tmp_path / "q").returncode == 0
+    r = refused("convert", "--from", "lmforge", tmp_path / "q", "--to", "llama2c", tmp_path / "q.bin")
+    one_line(r, "convert", "rope_theta")

@@ -38,8 +38,8 @@ def _read(fmt: str, src: Path):
 
             model = load_quantized(src)
             dequantize_bases(model)
-            print(f"{src}: a quantized model: its weights are written dequantized (float32, as large as the float "
-                  "model)", file=sys.stderr)
+            model.dequantized_note = (f"{src}: a quantized model: its weights are written dequantized (float32, as "
+                                      "large as the float model)")
             return model
         if not is_lmforge_dir(src):
             raise LMForgeError(f"{src}: not an lmforge checkpoint directory (config.json with lmforge fields)")
@@ -66,6 +66,10 @@ def run(args) -> None:
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():
         raise LMForgeError(f"{src}: no such file or directory")
+    if src.is_file() and src.suffix == ".gguf":  # (it was 'not an lmforge checkpoint directory', 'implausible header')
+        raise LMForgeError(f"{src}: a GGUF file, which convert does not read (--from is hf, llama2c or lmforge); "
+                           f"lmforge quantize --model {src} --bits 4 --output DIR reads it, then convert --from "
+                           "lmforge DIR (other commands take the .gguf as --model)")
     if args.dst_format == "llama2c" and (args.dst.endswith(("/", os.sep)) or dst.is_dir()):  # (wrote a file 'x')
         raise LMForgeError(f"destination {args.dst}: is a directory; --to llama2c writes a file (e.g. {dst}/model.bin, "
                            "tokenizer.bin beside it)")
@@ -73,6 +77,12 @@ def run(args) -> None:
         raise LMForgeError(f"destination {dst}: is a file; --to {args.dst_format} writes a directory")
     check_output(dst, args.overwrite, [src, Path(args.tokenizer) if args.tokenizer else None], "destination")
     model = _read(args.src_format, src)
+    if args.dst_format == "llama2c":  # (refused before any note: one line)
+        from lmforge.interop.llama2c import check_llama2c_compatible
+
+        check_llama2c_compatible(model.cfg)
+    if getattr(model, "dequantized_note", None):
+        print(model.dequantized_note, file=sys.stderr)
     tok_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer_path(src, model.cfg.vocab_size)
     try:
         tok = load_tokenizer(str(tok_path)) if tok_path is not None else None
