@@ -147,6 +147,8 @@ def check_range(stage: str, key: str, v: Any, lo: float | None = None, hi: float
     if isinstance(v, bool) and kind is not bool or not isinstance(v, kind):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise LMForgeError(f"stage {stage}: {key}: expected {names}, got {v!r}")
+    if v != v:  # NaN: every comparison is false, so it passed the range and the stage then decided nothing
+        raise LMForgeError(f"stage {stage}: {key}: nan is not a number")
     if lo is not None and v < lo or hi is not None and v > hi:
         raise LMForgeError(f"stage {stage}: {key}: {v!r} out of range [{lo}, {hi}]")
 

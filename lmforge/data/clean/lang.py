@@ -133,6 +133,9 @@ class LanguageFilter(Stage):
         langs = self.cfg["languages"]
         if langs is not None and (not isinstance(langs, list) or not all(isinstance(x, str) for x in langs)):
             raise LMForgeError(f"stage lang: languages: expected a list of language codes, got {langs!r}")
+        if langs == []:
+            raise LMForgeError("stage lang: languages: an empty list keeps no document; name the languages to keep "
+                               "(or null for any)")
         check_range(self.name, "min_score", self.cfg["min_score"], 0, 1)
         check_range(self.name, "merge_varieties", self.cfg["merge_varieties"], kind=bool)
         if self.cfg["max_chars"] is not None:
