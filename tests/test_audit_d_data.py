@@ -513,7 +513,7 @@ def test_prepare_seed_that_does_nothing_is_refused(tmp_path, more):
 
 
 @pytest.mark.parametrize("yaml", ["stages: [near_dedup: {threshold: .nan}]", "stages: [lang: {min_score: .nan}]",
-                                  "stages: [lang: {languages: []}]"])
+                                  "stages: [lang: {languages: []}]", "stages: []"])
 def test_clean_stage_options_that_decide_nothing_are_refused(tmp_path, monkeypatch, yaml):
     """A NaN stage option passed the range check (every comparison with NaN is false) and the stage then kept or
     removed without deciding; lang with languages: [] removed every document. Refused naming the config."""
@@ -522,4 +522,4 @@ def test_clean_stage_options_that_decide_nothing_are_refused(tmp_path, monkeypat
     (tmp_path / "a.jsonl").write_text('{"text": "some words here"}\n')
     (tmp_path / "c.yaml").write_text(yaml + "\n")
     r = refused("data", "clean", "a.jsonl", "--output", "o.jsonl", "--report", "r.json", "--config", "c.yaml")
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "c.yaml: stage " in r.stderr, r.stderr
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "c.yaml: stage" in r.stderr, r.stderr

@@ -216,6 +216,9 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
         stages_cfg.insert(at, {"decontaminate": {"eval_files": list(eval_files)}})
         cfg["stages"] = stages_cfg
     specs, batch_size = parse_stage_specs(cfg, src)
+    if not specs:
+        raise LMForgeError(f"{_where(src)}stages: an empty list runs no stage (the documents would only be copied); "
+                           "name the stages")
     out_path = Path(output)
     ins = {Path(p).resolve() for p in inputs}
     if out_path.resolve() in ins:
