@@ -523,3 +523,12 @@ def test_clean_stage_options_that_decide_nothing_are_refused(tmp_path, monkeypat
     (tmp_path / "c.yaml").write_text(yaml + "\n")
     r = refused("data", "clean", "a.jsonl", "--output", "o.jsonl", "--report", "r.json", "--config", "c.yaml")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "c.yaml: stage" in r.stderr, r.stderr
+
+
+def test_tokenizer_output_a_dangling_link_says_so(tmp_path):
+    """--output naming a symbolic link to nothing said 'cannot write the tokenizer there: File exists'."""
+    (tmp_path / "a.txt").write_text("abc\n")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    r = refused("tokenizer", "train", "--input", tmp_path / "a.txt", "--vocab-size", 10, "--kind", "char",
+                "--output", tmp_path / "link")
+    assert r.returncode == 1 and "a symbolic link to" in r.stderr and "which does not exist" in r.stderr, r.stderr

@@ -54,6 +54,8 @@ def check_output_dir(output: str, overwrite: bool = False) -> list[Path]:
     first) and, unless ``overwrite``, empty: checked before training. Nothing in it is removed here:
     :func:`save_tokenizer` replaces the files at the end."""
     out = Path(output)
+    if out.is_symlink() and not out.exists():  # (mkdir said 'File exists')
+        raise LMForgeError(f"{out}: a symbolic link to {os.readlink(out)}, which does not exist")
     if out.exists() and not out.is_dir():
         raise LMForgeError(f"{out}: exists and is not a directory; --output names a directory for the tokenizer")
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
