@@ -174,3 +174,33 @@ def test_convert_of_a_quantized_model_refused_for_llama2c_in_one_line(tmp_path):
     assert refused("quantize", "--model", tmp_path / "m", "--bits", "8", "--output", tmp_path / "q").returncode == 0
     r = refused("convert", "--from", "lmforge", tmp_path / "q", "--to", "llama2c", tmp_path / "q.bin")
     one_line(r, "convert", "rope_theta")
+
+
+def test_chat_template_failures_are_said_at_start(tmp_path):
+    """A template that refuses a system message (Gemma's, Mistral's: raise_exception) gave 'error: ValueError: chat
+    template jinja: System role not supported' naming neither --system nor the file; one that cannot render failed
+    after the banner, at the first message ({{ 1 / 0 }}: 'ZeroDivisionError: division by zero')."""
+    t = tmp_path / "t.jinja"
+    t.write_text("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                 "supported') }}{% endif %}{{ m['content'] }}\n{% endfor %}")
+    one_line(refused("chat", "--template", t, "--system", "be nice"), "chat", "--system", str(t),
+             "System role not supported")
+    t.write_text("{% for m in messages %}{{ m['content'] }}{{ 1 / 0 }}{% endfor %}")
+    r = refused("chat", "--template", t)
+    one_line(r, "chat", f"--template {t}", "division by zero")
+    assert r.stdout == ""
+
+
+def test_chat_goes_on_after_a_message_its_template_refuses(tmp_path, monkeypatch):
+    """The template's raise_exception for one message ended the chat with a ValueError; now that message is not
+    sent, said in one line, and the next one is answered."""
+    import io
+
+    t = tmp_path / "t.jinja"
+    t.write_text("{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('no such words') }}"
+                 "{% endif %}{{ m['content'] }}\n{% endfor %}")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a forbidden word\nOnce upon a time\n"))
+    r = refused("chat", "--template", t, "--max-new-tokens", "4", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert "no such words; not sent" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stdout.splitlines()) == 1 and r.stdout.strip()  # one reply, to the second message

@@ -154,7 +154,20 @@ def _loop(args, session: _Torch | _Lean) -> None:
 
     tok, template, ctx = session.tok, session.template, session.ctx
     system = [{"role": "system", "content": utf8_text(args.system, "--system")}] if args.system else []
-    if system and len(encode_chat(tok, template, [*system, {"role": "user", "content": "hi"}])) >= ctx:
+    hi = [{"role": "user", "content": "hi"}]
+    try:  # rendered now: a template that fails (Gemma's and Mistral's refuse a system message) is said at start
+        first = encode_chat(tok, template, [*system, *hi])
+    except ValueError as e:
+        where = f"--template {args.template}" if args.template else f"{args.model or 'stories260K'}'s chat template"
+        if system:
+            try:
+                encode_chat(tok, template, hi)
+            except ValueError:
+                pass
+            else:
+                raise LMForgeError(f"--system: {where} refuses a system message ({e})") from None
+        raise LMForgeError(f"{where}: {e}") from None
+    if system and len(first) >= ctx:
         raise LMForgeError(f"--system: with a one-word message it fills the model's context of {ctx:,} tokens; "
                            "shorten it")
     history: list[dict[str, str]] = []
@@ -191,11 +204,16 @@ def _loop(args, session: _Torch | _Lean) -> None:
                 break
             continue
         history.append({"role": "user", "content": text})
-        while True:  # drop the oldest turns until the prompt leaves room for a reply
-            ids = encode_chat(tok, template, system + history)
-            if len(ids) + min(args.max_new_tokens, 16) <= ctx or len(history) <= 1:
-                break
-            del history[: 2 if len(history) > 2 else 1]
+        try:
+            while True:  # drop the oldest turns until the prompt leaves room for a reply
+                ids = encode_chat(tok, template, system + history)
+                if len(ids) + min(args.max_new_tokens, 16) <= ctx or len(history) <= 1:
+                    break
+                del history[: 2 if len(history) > 2 else 1]
+        except ValueError as e:  # the template refused this conversation (raise_exception): the chat goes on
+            print(f"{e}; not sent", file=sys.stderr)
+            history.pop()
+            continue
         if len(ids) >= ctx:
             print(f"message too long: {len(ids)} tokens for a context of {ctx}", file=sys.stderr)
             history.pop()

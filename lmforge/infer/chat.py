@@ -212,6 +212,8 @@ def apply_template(template: str | ChatTemplate | None, messages: list[dict], ad
                                          bos_token=bos_token, eos_token=eos_token, **extra)
     except TemplateError as e:
         raise ValueError(f"chat template {t.name}: {e}") from None
+    except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as e:  # ({{ 1 / 0 }}, {{ x + 1 }})
+        raise ValueError(f"chat template {t.name}: {type(e).__name__}: {e}") from None
 
 
 def end_of_turn(template: str | ChatTemplate | None, tokenizer=None) -> tuple[list[str], list[int]]:
