@@ -204,3 +204,11 @@ def test_chat_goes_on_after_a_message_its_template_refuses(tmp_path, monkeypatch
     assert r.returncode == 0, r.stderr
     assert "no such words; not sent" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stdout.splitlines()) == 1 and r.stdout.strip()  # one reply, to the second message
+
+
+def test_quantize_refuses_a_file_as_output(tmp_path):
+    """--output FILE --overwrite replaced the file with a directory and left .FILE.old-PID behind."""
+    (tmp_path / "f").write_text("x")
+    r = refused("quantize", "--bits", "8", "--output", tmp_path / "f", "--overwrite")
+    one_line(r, "quantize", "is a file", "writes a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"] and (tmp_path / "f").read_text() == "x"

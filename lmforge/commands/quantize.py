@@ -139,6 +139,8 @@ def run(args) -> None:
                     f"re-quantizes)")
     method = method or ("gptq" if args.bits == 4 else "rtn")
     _check_calibration_flags(args, method)
+    if Path(args.output).exists() and not Path(args.output).is_dir():  # (--overwrite left .NAME.old-PID behind)
+        raise LMForgeError(f"--output {args.output}: is a file; quantize writes a directory")
     check_output(Path(args.output), args.overwrite, [path, Path(args.tokenizer) if args.tokenizer else None],
                  "--output")
     if kept:  # (after the checks: a refusal is its one line)
