@@ -532,3 +532,17 @@ def test_tokenizer_output_a_dangling_link_says_so(tmp_path):
     r = refused("tokenizer", "train", "--input", tmp_path / "a.txt", "--vocab-size", 10, "--kind", "char",
                 "--output", tmp_path / "link")
     assert r.returncode == 1 and "a symbolic link to" in r.stderr and "which does not exist" in r.stderr, r.stderr
+
+
+def test_clean_reads_a_file_whose_name_is_not_utf8(tmp_path):
+    """An input named in GBK (bytes that are not UTF-8: Python holds them as surrogates) made data clean fail after
+    the work with 'UnicodeEncodeError: ... surrogates not allowed' writing the report; it is written with escapes."""
+    import os
+
+    name = os.fsdecode(os.fsencode(tmp_path) + b"/\xc4\xe3\xba\xc3.jsonl")
+    with open(os.fsencode(name), "w") as f:
+        f.write('{"text": "some words here"}\n')
+    r = refused("data", "clean", name, "--output", tmp_path / "o.jsonl", "--report", tmp_path / "r.json",
+                "--stages", "pii", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["inputs"] == [name]

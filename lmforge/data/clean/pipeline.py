@@ -296,8 +296,12 @@ def clean(inputs: list[str], output: str | Path, report: str | Path | None = Non
             "stages": [s.report() for s in stages],
         }
         if rep_file is not None:
-            json.dump(rep, rep_file.f, ensure_ascii=False, indent=2)
-            rep_file.f.write("\n")
+            text = json.dumps(rep, ensure_ascii=False, indent=2)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a file name that is not UTF-8 (GBK): written as \uXXXX escapes
+                text = json.dumps(rep, indent=2)
+            rep_file.f.write(text + "\n")
         out.commit()
         if rep_file is not None:
             rep_file.commit()
