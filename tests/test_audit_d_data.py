@@ -546,3 +546,21 @@ def test_clean_reads_a_file_whose_name_is_not_utf8(tmp_path):
                 "--stages", "pii", "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "r.json").read_text())["inputs"] == [name]
+
+
+def test_decode_writes_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """tokenizer decode wrote through the locale's encoding: with a latin-1 (or GBK) stdout '你好' or an emoji was
+    'UnicodeEncodeError'; encode reads stdin as UTF-8, so decode writes UTF-8."""
+    import argparse
+    import io
+    import sys
+
+    from lmforge.commands.tokenizer import run_decode
+
+    (tmp_path / "t.txt").write_text("你好 😀\n")
+    tok = train_tokenizer([str(tmp_path / "t.txt")], 10, "char", str(tmp_path / "tok"))
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(json.dumps(tok.encode("你好 😀")).encode())))
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="latin-1"))
+    run_decode(argparse.Namespace(tokenizer=str(tmp_path / "tok")))
+    assert raw.getvalue().decode("utf-8") == "你好 😀"

@@ -89,7 +89,14 @@ def run_decode(args) -> None:
     text = tok.decode(ids)
     # a terminal gets a newline after the text (the shell's prompt went on its last line); a pipe or a file gets
     # the text exactly, so that encode | decode gives the input back
-    sys.stdout.write(text + "\n" if sys.stdout.isatty() and not text.endswith("\n") else text)
+    out = text + "\n" if sys.stdout.isatty() and not text.endswith("\n") else text
+    buf = getattr(sys.stdout, "buffer", None)
+    if buf is None:
+        sys.stdout.write(out)
+    else:  # UTF-8 whatever the locale, as encode reads stdin (a latin-1 or GBK stdout failed on '你好' or an emoji)
+        sys.stdout.flush()
+        buf.write(out.encode("utf-8", "surrogateescape"))
+        buf.flush()
 
 
 def read_stdin() -> str:
