@@ -212,3 +212,18 @@ def test_quantize_refuses_a_file_as_output(tmp_path):
     r = refused("quantize", "--bits", "8", "--output", tmp_path / "f", "--overwrite")
     one_line(r, "quantize", "is a file", "writes a directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"] and (tmp_path / "f").read_text() == "x"
+
+
+@pytest.mark.parametrize("cmd", ["convert", "quantize"])
+def test_an_output_path_that_is_not_utf8_is_refused_before_the_work(cmd, tmp_path):
+    """A non-UTF-8 output path failed after the conversion with 'UnicodeEncodeError: ... surrogates not allowed'
+    (the tokenizer library's save)."""
+    import os
+
+    from lmforge.assets import STORIES260K
+
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/out\xff")
+    args = (["convert", "--from", "llama2c", STORIES260K, "--to", "hf", out] if cmd == "convert"
+            else ["quantize", "--bits", "8", "--output", out])
+    one_line(refused(*args), cmd, "not UTF-8", "\\xff")
+    assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lmforge.commands.args import check_vocab, find_tokenizer_path, read_template, write_template
+from lmforge.commands.args import check_vocab, find_tokenizer_path, read_template, utf8_text, write_template
 from lmforge.errors import LMForgeError
 from lmforge.files import check_output
 
@@ -25,6 +25,15 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--tokenizer", help="tokenizer to carry along (default: found with the source)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     p.set_defaults(func=run)
+
+
+def utf8_path(path: str, what: str) -> None:
+    """An output path that is not UTF-8 refused before any work (tokenizers' save failed with UnicodeEncodeError
+    once the model was converted)."""
+    try:
+        utf8_text(path, f"{what} {os.fsencode(path).decode('utf-8', 'backslashreplace')}")
+    except LMForgeError as e:
+        raise LMForgeError(f"{e}: the tokenizer library writes to UTF-8 paths only") from None
 
 
 def _read(fmt: str, src: Path):
@@ -64,6 +73,7 @@ def run(args) -> None:
     from lmforge.tokenizer.loader import NoTokenizerFiles
 
     src, dst = Path(args.src), Path(args.dst)
+    utf8_path(args.dst, "destination")
     if not src.exists():
         raise LMForgeError(f"{src}: no such file or directory")
     if src.is_file() and src.suffix == ".gguf":  # (it was 'not an lmforge checkpoint directory', 'implausible header')
