@@ -227,3 +227,11 @@ def test_an_output_path_that_is_not_utf8_is_refused_before_the_work(cmd, tmp_pat
             else ["quantize", "--bits", "8", "--output", out])
     one_line(refused(*args), cmd, "not UTF-8", "\\xff")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_lm_head_of_a_tied_model_is_refused(tmp_path):
+    """--lm-head on stories260K (tied head, int8 embedding table) did nothing: the head computes with the table's
+    int8 copy."""
+    r = refused("quantize", "--bits", "8", "--lm-head", "--output", tmp_path / "q")
+    one_line(r, "quantize", "--lm-head", "tied")
+    assert not (tmp_path / "q").exists()

@@ -155,6 +155,10 @@ def run(args) -> None:
     model = load_model(path)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise LMForgeError(f"{path}: the model is already quantized")
+    if args.lm_head and model.cfg.tie_embeddings and qcfg.embedding:  # (it was ignored: the table's int8 is used)
+        raise LMForgeError(f"--lm-head: {path}'s output projection is tied to the embedding table and computes with "
+                           "its int8 copy; --lm-head quantizes an untied one (with --float-embedding, the tied one "
+                           "apart from the float table)")
     before = weight_bytes(model)
     tok, raw_tok = _load_tokenizer(path, args.tokenizer, model.cfg.vocab_size)
     if tok is not None:  # refused here, as `generate` would refuse the output
