@@ -564,3 +564,18 @@ def test_decode_writes_utf8_whatever_the_locale(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="latin-1"))
     run_decode(argparse.Namespace(tokenizer=str(tmp_path / "tok")))
     assert raw.getvalue().decode("utf-8") == "你好 😀"
+
+
+def test_hf_tokenizer_in_a_directory_whose_name_is_not_utf8(tmp_path):
+    """A byte-level/llama-bpe tokenizer could not be saved or read under a GBK-named directory ('UnicodeEncodeError:
+    ... surrogates not allowed while processing path': the tokenizers library takes UTF-8 paths only), so data prepare
+    into such a --output failed; files are written and read by Python now."""
+    import os
+
+    (tmp_path / "a.txt").write_text("some text to train on\n" * 5)
+    tok = train_tokenizer([str(tmp_path / "a.txt")], 300, "llama-bpe")
+    d = os.fsdecode(os.fsencode(tmp_path) + b"/\xc4\xe3")
+    prepare([str(tmp_path / "a.txt")], tok, d, val_fraction=0, progress=False)
+    tok.save(d + "/tok")
+    assert load_tokenizer(d + "/tok").encode("some text") == tok.encode("some text")
+    assert load_tokenizer(d + "/tokenizer").encode("some text") == tok.encode("some text")

@@ -57,7 +57,8 @@ class HFTokenizer(Tokenizer):
             bos = (self.tok.id_to_token(self.bos_id), self.bos_id)
             write_tokenizer_json(RawTokenizer.from_str(self.tok.to_str()), d, bos)
         else:
-            self.tok.save(str(d / self.FILES[0]))
+            (d / self.FILES[0]).write_text(self.tok.to_str(pretty=True), encoding="utf-8")  # (as save(); a
+            # path that is not UTF-8, a GBK-named directory, is refused by the library's own file functions)
         inv = {i: self.tok.id_to_token(i) for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
         meta = {"kind": self.kind, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
                 "bos_token": inv.get(self.bos_id), "eos_token": inv.get(self.eos_id),
@@ -72,7 +73,7 @@ class HFTokenizer(Tokenizer):
 
         d = Path(directory)
         try:
-            tok = RawTokenizer.from_file(str(d / "tokenizer.json"))
+            tok = RawTokenizer.from_str((d / "tokenizer.json").read_text(encoding="utf-8"))
         except Exception as e:  # noqa: BLE001 - the library raises bare Exceptions for bad files
             raise LMForgeError(f"{d / 'tokenizer.json'}: cannot read: {e}") from None
         try:
@@ -125,7 +126,7 @@ def write_tokenizer_json(hf, directory: Path, bos: tuple[str, int] | None = None
         hf.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B",
                                                           special_tokens=[bos])
     tmp = directory / "tokenizer.json.tmp"
-    hf.save(str(tmp))
+    tmp.write_text(hf.to_str(pretty=True), encoding="utf-8")  # (hf.save: a path must be UTF-8)
     tmp.replace(directory / "tokenizer.json")
 
 
