@@ -235,3 +235,25 @@ def test_quantize_lm_head_of_a_tied_model_is_refused(tmp_path):
     r = refused("quantize", "--bits", "8", "--lm-head", "--output", tmp_path / "q")
     one_line(r, "quantize", "--lm-head", "tied")
     assert not (tmp_path / "q").exists()
+
+
+def test_convert_to_llama2c_never_replaces_the_sources_tokenizer_bin(tmp_path):
+    """--to llama2c SRC/m.bin --overwrite wrote its tokenizer.bin over the one inside the source directory (an
+    input); one with the same bytes is left as it is."""
+    import struct
+
+    from lmforge.assets import STORIES260K
+
+    src = tmp_path / "lm"
+    assert refused("convert", "--from", "llama2c", STORIES260K, "--to", "lmforge", src).returncode == 0
+    mine = (src / "tokenizer.bin").read_bytes()
+    other = tmp_path / "other" / "tokenizer.bin"  # the same pieces, another score for the first: other bytes
+    other.parent.mkdir()
+    other.write_bytes(mine[:4] + struct.pack("<f", -123.0) + mine[8:])
+    r = refused("convert", "--from", "lmforge", src, "--to", "llama2c", src / "m.bin", "--overwrite",
+                "--tokenizer", other)
+    one_line(r, "convert", str(src / "tokenizer.bin"), "being read")
+    assert (src / "tokenizer.bin").read_bytes() == mine and not (src / "m.bin").exists()
+    r = refused("convert", "--from", "lmforge", src, "--to", "llama2c", src / "m.bin")  # the same bytes
+    assert r.returncode == 0 and (src / "m.bin").is_file() and "warning" not in r.stderr, r.stderr
+    assert (src / "tokenizer.bin").read_bytes() == mine

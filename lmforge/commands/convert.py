@@ -36,6 +36,13 @@ def utf8_path(path: str, what: str) -> None:
         raise LMForgeError(f"{e}: the tokenizer library writes to UTF-8 paths only") from None
 
 
+def _read_from(path: Path, sources: list[Path | None]) -> bool:
+    """Whether ``path`` is one of ``sources`` or a file inside one of them."""
+    target = path.resolve()
+    return any(p is not None and p.exists() and (target == p.resolve() or p.resolve() in target.parents)
+               for p in sources)
+
+
 def _read(fmt: str, src: Path):
     from lmforge.checkpoint import build_model, is_lmforge_dir, load_checkpoint
 
@@ -126,18 +133,26 @@ def run(args) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         tok_dir = dst.parent / f".{dst.stem}.tok"
         beside = dst.parent / "tokenizer.bin"  # where llama2.c looks for it
+        written = False
         try:
             if tok is not None:  # written first: an existing tokenizer.bin is refused before the model is written
                 tok_dir.mkdir(exist_ok=True)
                 tok.save(str(tok_dir))
-                same = tok_path is not None and beside.exists() and beside.resolve() == tok_path.resolve()
-                if (tok_dir / "tokenizer.bin").exists() and beside.exists() and not args.overwrite and not same:
-                    raise LMForgeError(f"{beside}: exists; pass --overwrite to replace it (a llama2c model's "
-                                       "tokenizer is written beside it)")
+                new = tok_dir / "tokenizer.bin"
+                if new.exists() and beside.exists():
+                    if new.read_bytes() == beside.read_bytes():  # already there: nothing replaced
+                        new.unlink()
+                        written = True
+                    elif _read_from(beside, [src, tok_path]):  # (--overwrite replaced the input's own file)
+                        raise LMForgeError(f"{beside}: the tokenizer is written beside {dst}, and would replace "
+                                           "this file, which is being read; write elsewhere")
+                    elif not args.overwrite:
+                        raise LMForgeError(f"{beside}: exists; pass --overwrite to replace it (a llama2c model's "
+                                           "tokenizer is written beside it)")
             write_llama2c(dst, model.cfg, model_state_dict(model) | {"lm_head.weight": model.lm_head.weight})
             if (tok_dir / "tokenizer.bin").exists():
                 os.replace(tok_dir / "tokenizer.bin", beside)
-            elif tok is not None:
+            elif tok is not None and not written:
                 print(f"warning: the {getattr(tok, 'kind', '')} tokenizer has no llama2.c form (tokenizer.bin): "
                       f"{dst} is written without it", file=sys.stderr)
             if model.cfg.norm_eps != LLAMA2C_EPS:
