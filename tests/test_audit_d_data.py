@@ -579,3 +579,14 @@ def test_hf_tokenizer_in_a_directory_whose_name_is_not_utf8(tmp_path):
     tok.save(d + "/tok")
     assert load_tokenizer(d + "/tok").encode("some text") == tok.encode("some text")
     assert load_tokenizer(d + "/tokenizer").encode("some text") == tok.encode("some text")
+
+
+@pytest.mark.parametrize("kind", ["llama-bpe", "bytelevel-bpe"])
+def test_bpe_trains_on_a_file_whose_name_is_not_utf8(tmp_path, kind):
+    """A GBK-named --input failed BPE training ('surrogates not allowed': the trainer takes UTF-8 paths only)."""
+    import os
+
+    name = os.fsdecode(os.fsencode(tmp_path) + b"/\xc4\xe3.txt")
+    with open(os.fsencode(name), "w") as f:
+        f.write("some text to train on\n" * 5)
+    assert train_tokenizer([name], 300, kind).vocab_size > 256

@@ -200,6 +200,28 @@ def _read_exact(path: str) -> str:
         return f.read()
 
 
+def _train_files(tok, files: list[str], trainer) -> None:
+    """``tok.train(files)``; a path that is not UTF-8 (a GBK-named file: the library takes UTF-8 paths only, it
+    failed 'surrogates not allowed') is given as a symbolic link with a plain name."""
+    def utf8(f: str) -> bool:
+        try:
+            f.encode("utf-8")
+            return True
+        except UnicodeEncodeError:
+            return False
+
+    if all(map(utf8, files)):
+        tok.train(files, trainer)
+        return
+    with tempfile.TemporaryDirectory(prefix="lmforge-tokenizer-links-") as links:
+        paths = []
+        for i, f in enumerate(files):
+            paths.append(f if utf8(f) else os.path.join(links, f"{i}.txt"))
+            if paths[-1] != f:
+                os.symlink(os.path.abspath(f), paths[-1])
+        tok.train(paths, trainer)
+
+
 def _train_bpe(files: list[str], vocab_size: int, kind: str, special_tokens: list[str] | None) -> Tokenizer:
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
@@ -211,7 +233,7 @@ def _train_bpe(files: list[str], vocab_size: int, kind: str, special_tokens: lis
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        tok.train(files, trainer)
+        _train_files(tok, files, trainer)
         return HFTokenizer(tok, kind, eos="<|endoftext|>")
     # LLaMA: sentencepiece-style BPE on "▁"-joined words, single digits, unknown bytes as <0xXX> tokens
     tok = RawTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
@@ -226,5 +248,5 @@ def _train_bpe(files: list[str], vocab_size: int, kind: str, special_tokens: lis
     # always kept: the decoder turns only a "▁" token into a space (a byte-fallback one would stay "▁")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, show_progress=False,
                                   initial_alphabet=["▁"], limit_alphabet=vocab_size - len(specials) - len(byte_tokens))
-    tok.train(files, trainer)
+    _train_files(tok, files, trainer)
     return HFTokenizer(tok, kind, bos="<s>", eos="</s>")
