@@ -590,3 +590,15 @@ def test_bpe_trains_on_a_file_whose_name_is_not_utf8(tmp_path, kind):
     with open(os.fsencode(name), "w") as f:
         f.write("some text to train on\n" * 5)
     assert train_tokenizer([name], 300, kind).vocab_size > 256
+
+
+def test_documents_packed_with_nothing_between_them_are_said(tmp_path, monkeypatch):
+    """With a tokenizer without BOS and EOS (char), documents were glued end to start ('...end.Start') silently."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_text('{"text": "ab"}\n{"text": "ba"}\n')
+    (tmp_path / "t.txt").write_text("ab")
+    train_tokenizer(["t.txt"], 10, "char", "t")
+    r = refused("data", "prepare", "a.jsonl", "--tokenizer", "t", "--output", "o", "--workers", 1)
+    assert r.returncode == 0 and "packed with nothing between them" in r.stderr, r.stderr
+    r = refused("data", "prepare", "a.jsonl", "--tokenizer", "t", "--output", "o2", "--workers", 1, "--no-eos")
+    assert r.returncode == 0 and "nothing between" not in r.stderr, r.stderr  # asked for: not said

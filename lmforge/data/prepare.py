@@ -262,6 +262,7 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
     tok = tokenizer if tok_obj else load_tokenizer(str(tokenizer))
     # BOS where the tokenizer starts a text with it (as transformers and llama.cpp encode): SmolLM2's says
     # add_bos_token=false and its BOS is <|im_start|>, which began every document
+    asked = (bos, eos)
     bos = bool(tok.prompt_prefix()) if bos is None else bos
     eos = (tok.eos_id is not None) if eos is None else eos
     if bos and tok.bos_id is None:
@@ -379,6 +380,10 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
         for s, n in zip(sources, docs_per_source):
             s["documents"] = n
         index["skipped_bad_records"] = bad.count
+        if not (bos or eos) and sum(docs_per_source) > 1 and asked == (None, None):
+            print(f"note: the tokenizer has no BOS or EOS: the {sum(docs_per_source):,} documents are packed with "
+                  "nothing between them (offsets mark their starts; a char tokenizer has no special tokens)",
+                  file=sys.stderr)
         if bad.count:
             print(f"skipped {bad.count} bad record(s) (first: {bad.examples[0]})", file=sys.stderr)
         if not splits["train"][0]:
