@@ -257,3 +257,16 @@ def test_convert_to_llama2c_never_replaces_the_sources_tokenizer_bin(tmp_path):
     r = refused("convert", "--from", "lmforge", src, "--to", "llama2c", src / "m.bin")  # the same bytes
     assert r.returncode == 0 and (src / "m.bin").is_file() and "warning" not in r.stderr, r.stderr
     assert (src / "tokenizer.bin").read_bytes() == mine
+
+
+def test_convert_names_the_format_a_source_plainly_is(tmp_path):
+    """--from llama2c DIR said 'cannot read: [Errno 21] Is a directory', --from hf FILE.bin 'a Hugging Face checkpoint
+    is a directory', --from hf LMFORGE_DIR 'unknown architecture model_type=None': now the format it is."""
+    from lmforge.assets import STORIES260K
+
+    lm, hf = tmp_path / "lm", tmp_path / "hf"
+    for fmt, out in (("lmforge", lm), ("hf", hf)):
+        assert refused("convert", "--from", "llama2c", STORIES260K, "--to", fmt, out).returncode == 0
+    for src, wrong, right in ((lm, "llama2c", "lmforge"), (lm, "hf", "lmforge"), (hf, "llama2c", "hf"),
+                              (hf, "lmforge", "hf"), (STORIES260K, "hf", "llama2c")):
+        one_line(refused("convert", "--from", wrong, src, "--to", "hf", tmp_path / "x"), "convert", f"--from {right}")

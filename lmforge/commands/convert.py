@@ -36,6 +36,21 @@ def utf8_path(path: str, what: str) -> None:
         raise LMForgeError(f"{e}: the tokenizer library writes to UTF-8 paths only") from None
 
 
+_KINDS = {"hf": "a Hugging Face directory", "llama2c": "a llama2.c file", "lmforge": "an lmforge directory"}
+
+
+def _format_of(src: Path) -> str | None:
+    """The format ``src`` plainly is (None where unsure: its reader says what is wrong)."""
+    from lmforge.checkpoint import is_lmforge_dir
+    from lmforge.quant import QUANT_FILE
+
+    if src.is_dir():
+        if is_lmforge_dir(src) or (src / QUANT_FILE).is_file():
+            return "lmforge"
+        return "hf" if (src / "config.json").is_file() else None
+    return "llama2c" if src.is_file() and src.suffix == ".bin" and not src.name.startswith("pytorch_model") else None
+
+
 def _read_from(path: Path, sources: list[Path | None]) -> bool:
     """Whether ``path`` is one of ``sources`` or a file inside one of them."""
     target = path.resolve()
@@ -87,6 +102,9 @@ def run(args) -> None:
         raise LMForgeError(f"{src}: a GGUF file, which convert does not read (--from is hf, llama2c or lmforge); "
                            f"lmforge quantize --model {src} --bits 4 --output DIR reads it, then convert --from "
                            "lmforge DIR (other commands take the .gguf as --model)")
+    found = _format_of(src)
+    if found is not None and found != args.src_format:  # (each reader failed its own way: 'Is a directory', ...)
+        raise LMForgeError(f"{src}: {_KINDS[found]}, not {_KINDS[args.src_format]}: give --from {found}")
     if args.dst_format == "llama2c" and (args.dst.endswith(("/", os.sep)) or dst.is_dir()):  # (wrote a file 'x')
         raise LMForgeError(f"destination {args.dst}: is a directory; --to llama2c writes a file (e.g. {dst}/model.bin, "
                            "tokenizer.bin beside it)")
