@@ -602,3 +602,12 @@ def test_documents_packed_with_nothing_between_them_are_said(tmp_path, monkeypat
     assert r.returncode == 0 and "packed with nothing between them" in r.stderr, r.stderr
     r = refused("data", "prepare", "a.jsonl", "--tokenizer", "t", "--output", "o2", "--workers", 1, "--no-eos")
     assert r.returncode == 0 and "nothing between" not in r.stderr, r.stderr  # asked for: not said
+
+
+def test_a_tokenizer_file_of_a_directory_names_the_directory(tmp_path):
+    """--tokenizer tok/tokenizer.json said only 'unknown tokenizer format (expected a directory, ...)'."""
+    (tmp_path / "a.txt").write_text("abc\n")
+    train_tokenizer([str(tmp_path / "a.txt")], 300, "bytelevel-bpe", str(tmp_path / "tok"))
+    r = refused("data", "prepare", tmp_path / "a.txt", "--tokenizer", tmp_path / "tok" / "tokenizer.json", "--output",
+                tmp_path / "o")
+    assert r.returncode == 1 and f"give its directory {tmp_path / 'tok'}" in r.stderr, r.stderr

@@ -82,4 +82,7 @@ def load_tokenizer(path: str) -> Tokenizer:
         from lmforge.tokenizer.external import TiktokenTokenizer
 
         return TiktokenTokenizer.from_tiktoken_file(p)
-    raise LMForgeError(f"{p}: unknown tokenizer format (expected a directory, .bin, .model, .tiktoken or .gguf)")
+    hint = ""
+    if p.name in ("tokenizer.json", "tokenizer_config.json", "char_vocab.json", "encoder.json", "vocab.bpe"):
+        hint = f"; {p.name} is read with the files beside it: give its directory {p.parent}"
+    raise LMForgeError(f"{p}: unknown tokenizer format (expected a directory, .bin, .model, .tiktoken or .gguf){hint}")
