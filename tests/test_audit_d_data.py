@@ -611,3 +611,25 @@ def test_a_tokenizer_file_of_a_directory_names_the_directory(tmp_path):
     r = refused("data", "prepare", tmp_path / "a.txt", "--tokenizer", tmp_path / "tok" / "tokenizer.json", "--output",
                 tmp_path / "o")
     assert r.returncode == 1 and f"give its directory {tmp_path / 'tok'}" in r.stderr, r.stderr
+
+
+def test_tokenizer_hash_streams_the_files(tmp_path, monkeypatch):
+    """tokenizer_hash read every file whole (Path.read_bytes): a GGUF model given as --tokenizer, or a model
+    directory, was read into memory at once. Same digest, read in blocks."""
+    import hashlib
+    from pathlib import Path
+
+    from lmforge.data.prepare import tokenizer_hash
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.bin").write_bytes(b"x" * 100)
+    (tmp_path / "d" / "b.json").write_text("{}")
+    want_dir = hashlib.sha256(b"a.bin" + b"x" * 100 + b"b.json" + b"{}").hexdigest()
+    want_file = hashlib.sha256(b"x" * 100).hexdigest()
+
+    def whole(self):
+        raise AssertionError(f"{self} read whole")
+
+    monkeypatch.setattr(Path, "read_bytes", whole)
+    assert tokenizer_hash(tmp_path / "d") == want_dir
+    assert tokenizer_hash(tmp_path / "d" / "a.bin") == want_file

@@ -137,11 +137,18 @@ def tokenizer_hash(path: str | Path) -> str:
     """sha256 over a tokenizer directory's files (sorted name + bytes), or of a single tokenizer file."""
     path = Path(path)
     h = hashlib.sha256()
+
+    def update(f: Path) -> None:  # in blocks: a GGUF model as --tokenizer (or a model directory) is gigabytes
+        with open(f, "rb") as src:
+            for block in iter(lambda: src.read(1 << 24), b""):
+                h.update(block)
+
     if path.is_file():
-        h.update(path.read_bytes())
+        update(path)
         return h.hexdigest()
     for f in sorted(p for p in path.iterdir() if p.is_file()):
-        h.update(f.name.encode() + f.read_bytes())
+        h.update(f.name.encode())
+        update(f)
     return h.hexdigest()
 
 
