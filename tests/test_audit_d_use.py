@@ -270,3 +270,14 @@ def test_convert_names_the_format_a_source_plainly_is(tmp_path):
     for src, wrong, right in ((lm, "llama2c", "lmforge"), (lm, "hf", "lmforge"), (hf, "llama2c", "hf"),
                               (hf, "lmforge", "hf"), (STORIES260K, "hf", "llama2c")):
         one_line(refused("convert", "--from", wrong, src, "--to", "hf", tmp_path / "x"), "convert", f"--from {right}")
+
+
+@pytest.mark.parametrize("cmd", ["generate", "chat"])
+def test_kv_cache_dtype_says_why_the_lean_runtime_does_not_apply(cmd, tmp_path):
+    """On an int4 directory the lean runtime cannot run (a float embedding table), --kv-cache-dtype was refused as
+    'a choice of the lean runtime (an int4 directory on a CPU)': the directory is one."""
+    q = tmp_path / "q"
+    r = refused("quantize", "--bits", "4", "--method", "rtn", "--float-embedding", "--output", q)
+    assert r.returncode == 0, r.stderr
+    one_line(refused(cmd, "--model", q, "--kv-cache-dtype", "float32"), cmd, "--kv-cache-dtype float32",
+             "not int4 with an int8 embedding table")

@@ -15,7 +15,7 @@ from lmforge.commands.args import (
     template_arg,
     utf8_text,
 )
-from lmforge.commands.generate import check_sampling, lean_files, lean_unsupported
+from lmforge.commands.generate import check_sampling, kv_cache_not_lean, lean_files, lean_unsupported
 from lmforge.errors import LMForgeError
 
 HELP = ("commands: /reset clears the conversation, /exit (or /quit, /bye) quits, as does end of input; begin a message "
@@ -63,6 +63,8 @@ def run(args) -> None:
     elif args.runtime == "lean":
         raise LMForgeError(f"{args.model or 'the bundled stories260K'}: --runtime lean: {why}")
     else:
+        if args.runtime == "auto":
+            kv_cache_not_lean(args, why)
         check_torch_kv_cache(args)
         session = _Torch(args, template)
     _loop(args, session)

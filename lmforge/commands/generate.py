@@ -67,7 +67,17 @@ def run(args) -> None:
             return _run_lean(args)
         if args.runtime == "lean":
             raise LMForgeError(f"{args.model or 'the bundled stories260K'}: --runtime lean: {why}")
+        kv_cache_not_lean(args, why)
     _run_torch(args)
+
+
+def kv_cache_not_lean(args, why: str) -> None:
+    """--kv-cache-dtype where the lean runtime does not apply, refused saying why not (the PyTorch runtime's message
+    spoke of 'an int4 directory on a CPU' for an int4 directory the lean runtime cannot run)."""
+    if getattr(args, "kv_cache_dtype", "auto") != "auto":
+        where = f"which does not run {args.model}: " if args.model else "not for "
+        raise LMForgeError(f"--kv-cache-dtype {args.kv_cache_dtype}: a choice of the lean runtime, {where}{why}; "
+                           "PyTorch keeps the cache in the model's dtype")
 
 
 MIN_TEMPERATURE = 1e-20  # (float32 logits of up to 3e18 divided by it stay finite)
