@@ -633,3 +633,14 @@ def test_tokenizer_hash_streams_the_files(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_bytes", whole)
     assert tokenizer_hash(tmp_path / "d") == want_dir
     assert tokenizer_hash(tmp_path / "d" / "a.bin") == want_file
+
+
+@pytest.mark.parametrize("name", ["deep.json", "deep.jsonl"])
+def test_json_nested_too_deep_is_a_bad_record(tmp_path, name):
+    """Arrays nested 100,000 deep were 'RecursionError: maximum recursion depth exceeded ...' naming no file."""
+    (tmp_path / name).write_text(('{"text": ' if name.endswith("l") else "") + "[" * 100_000 + "\n")
+    (tmp_path / "a.txt").write_text("abc\n")
+    train_tokenizer([str(tmp_path / "a.txt")], 10, "char", str(tmp_path / "t"))
+    r = refused("data", "prepare", tmp_path / name, "--tokenizer", tmp_path / "t", "--output", tmp_path / "o")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and f"{name}" in r.stderr and "malformed JSON" in \
+        r.stderr, r.stderr

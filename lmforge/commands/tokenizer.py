@@ -78,7 +78,7 @@ def run_decode(args) -> None:
     tok = load_tokenizer(args.tokenizer)
     try:
         ids = json.loads(read_stdin())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # (RecursionError: arrays nested thousands deep)
         raise LMForgeError(f"stdin: not a JSON array of ids: {e}") from None
     ok = isinstance(ids, list) and all(type(i) is int and 0 <= i < tok.vocab_size for i in ids)  # (not true/false)
     if not ok:

@@ -202,6 +202,9 @@ def _read_jsonl(path: Path, fieldname: str, bad: BadRecords, drop_empty: bool, m
             except json.JSONDecodeError as e:
                 bad(where, f"malformed JSON ({e.msg} at column {e.colno})", "malformed_json")
                 continue
+            except RecursionError:  # arrays or objects nested thousands deep
+                bad(where, "malformed JSON (nested too deep)", "malformed_json")
+                continue
             doc = _record(rec, path, n, fieldname, bad, drop_empty, meta)
             if doc is not None:
                 doc.nbytes, doc.offset = len(raw), src.tell()
@@ -216,7 +219,7 @@ def _read_json(path: Path, fieldname: str, bad: BadRecords, drop_empty: bool, me
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise LMForgeError(f"{path}: not UTF-8 (byte {e.start})") from None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # (RecursionError: nested thousands deep)
         raise LMForgeError(f"{path}: malformed JSON ({e})") from None
     if not isinstance(data, list):
         raise LMForgeError(f"{path}: expected a JSON array of objects with a {fieldname!r} field")
