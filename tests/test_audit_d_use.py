@@ -281,3 +281,23 @@ def test_kv_cache_dtype_says_why_the_lean_runtime_does_not_apply(cmd, tmp_path):
     assert r.returncode == 0, r.stderr
     one_line(refused(cmd, "--model", q, "--kv-cache-dtype", "float32"), cmd, "--kv-cache-dtype float32",
              "not int4 with an int8 embedding table")
+
+
+def test_an_exported_directory_resaved_by_transformers_loads(tmp_path):
+    """transformers' save_pretrained of an exported GGUF-tokenizer directory keeps lmforge's "kind": "gguf" in
+    tokenizer_config.json but not tokenizer.gguf: generate and chat refused it ('tokenizer.gguf: no such file'); its
+    tokenizer.json is the same tokenizer."""
+    import json
+
+    from lmforge.assets import STORIES260K
+
+    d = tmp_path / "hf"
+    assert refused("convert", "--from", "llama2c", STORIES260K, "--to", "hf", d).returncode == 0
+    want = refused("generate", "--model", d, "--prompt", "Once upon", "--max-new-tokens", "12", "--temperature", "0")
+    assert want.returncode == 0 and want.stdout.startswith("Once upon "), want.stderr
+    meta = json.loads((d / "tokenizer_config.json").read_text())
+    meta.update(kind="gguf", file="tokenizer.gguf")  # as save_pretrained leaves a SmolLM2 export
+    (d / "tokenizer_config.json").write_text(json.dumps(meta))
+    (d / "tokenizer.bin").unlink()
+    r = refused("generate", "--model", d, "--prompt", "Once upon", "--max-new-tokens", "12", "--temperature", "0")
+    assert r.returncode == 0 and r.stdout == want.stdout, r.stderr
