@@ -301,3 +301,21 @@ def test_an_exported_directory_resaved_by_transformers_loads(tmp_path):
     (d / "tokenizer.bin").unlink()
     r = refused("generate", "--model", d, "--prompt", "Once upon", "--max-new-tokens", "12", "--temperature", "0")
     assert r.returncode == 0 and r.stdout == want.stdout, r.stderr
+
+
+@pytest.mark.parametrize("args", [["convert", "--from", "llama2c", "STORIES", "--to", "hf"],
+                                  ["convert", "--from", "llama2c", "STORIES", "--to", "lmforge"],
+                                  ["quantize", "--bits", "8", "--output"]])
+def test_the_current_directory_as_output_is_refused(args, tmp_path, monkeypatch):
+    """An output of '.' (a model directory, with --overwrite) failed with "ValueError: PosixPath('.') has an empty
+    name"; '../here' replaced the directory the shell stands in."""
+    from lmforge.assets import STORIES260K
+
+    d = tmp_path / "here"
+    assert refused("convert", "--from", "llama2c", STORIES260K, "--to", "hf", d).returncode == 0
+    before = sorted(p.name for p in d.iterdir())
+    monkeypatch.chdir(d)
+    for out in (".", "../here"):
+        r = refused(*[STORIES260K if a == "STORIES" else a for a in args], out, "--overwrite")
+        one_line(r, args[0], "the current directory")
+    assert sorted(p.name for p in d.iterdir()) == before

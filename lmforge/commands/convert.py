@@ -27,6 +27,15 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.set_defaults(func=run)
 
 
+def not_cwd(path: str, what: str) -> None:
+    """A directory output that is (or holds) the current directory refused: it is replaced whole, by a rename
+    ('ValueError: PosixPath('.') has an empty name')."""
+    target = Path(path).resolve()
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        raise LMForgeError(f"{what} {path}: the current directory (or one holding it); the output directory is "
+                           "replaced whole: name another one")
+
+
 def utf8_path(path: str, what: str) -> None:
     """An output path that is not UTF-8 refused before any work (tokenizers' save failed with UnicodeEncodeError
     once the model was converted)."""
@@ -96,6 +105,8 @@ def run(args) -> None:
 
     src, dst = Path(args.src), Path(args.dst)
     utf8_path(args.dst, "destination")
+    if args.dst_format != "llama2c":
+        not_cwd(args.dst, "destination")
     if not src.exists():
         raise LMForgeError(f"{src}: no such file or directory")
     if src.is_file() and src.suffix == ".gguf":  # (it was 'not an lmforge checkpoint directory', 'implausible header')

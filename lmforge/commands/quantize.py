@@ -109,7 +109,7 @@ def _calibration_ids(args, tok, model):
 def run(args) -> None:
     from lmforge.assets import STORIES260K
     from lmforge.checkpoint import load_model
-    from lmforge.commands.convert import utf8_path
+    from lmforge.commands.convert import not_cwd, utf8_path
     from lmforge.model.cache import kv_cache_len
     from lmforge.peft import is_adapter_dir
     from lmforge.quant import (
@@ -141,6 +141,7 @@ def run(args) -> None:
     method = method or ("gptq" if args.bits == 4 else "rtn")
     _check_calibration_flags(args, method)
     utf8_path(args.output, "--output")
+    not_cwd(args.output, "--output")
     if Path(args.output).exists() and not Path(args.output).is_dir():  # (--overwrite left .NAME.old-PID behind)
         raise LMForgeError(f"--output {args.output}: is a file; quantize writes a directory")
     check_output(Path(args.output), args.overwrite, [path, Path(args.tokenizer) if args.tokenizer else None],
