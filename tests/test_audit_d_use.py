@@ -319,3 +319,23 @@ def test_the_current_directory_as_output_is_refused(args, tmp_path, monkeypatch)
         r = refused(*[STORIES260K if a == "STORIES" else a for a in args], out, "--overwrite")
         one_line(r, args[0], "the current directory")
     assert sorted(p.name for p in d.iterdir()) == before
+
+
+def test_quantize_says_when_the_calibration_text_is_short(tmp_path, capsys):
+    """--calibration text holding fewer --calib-len sequences than --calib-samples calibrated on those without a
+    word."""
+    from types import SimpleNamespace
+
+    from lmforge.assets import STORIES260K
+    from lmforge.checkpoint import load_model
+    from lmforge.commands.quantize import _calibration_ids
+    from lmforge.tokenizer import load_tokenizer
+
+    model = load_model(STORIES260K)
+    tok = load_tokenizer(str(STORIES260K.parent / "tok512.bin"))
+    text = tmp_path / "c.txt"
+    text.write_text("Once upon a time there was a cat. " * 40)
+    args = SimpleNamespace(calibration=str(text), calib_len=64, calib_samples=128)
+    ids = _calibration_ids(args, tok, model)
+    assert 0 < ids.shape[0] < 128
+    assert f"{ids.shape[0]} sequences of 64 of the 128 asked" in capsys.readouterr().err

@@ -103,6 +103,9 @@ def _calibration_ids(args, tok, model):
     chunks = [ids[i : i + n] for i in range(0, len(ids) - n + 1, n)][: args.calib_samples]
     if not chunks:
         raise LMForgeError(f"--calibration {args.calibration}: {len(ids)} tokens, fewer than --calib-len {n}")
+    if len(chunks) < args.calib_samples:  # (said: GPTQ calibrated on fewer sequences than asked without a word)
+        print(f"lmforge quantize: --calibration {args.calibration} holds {len(ids):,} tokens: {len(chunks)} "
+              f"sequences of {n} of the {args.calib_samples} asked (--calib-samples)", file=sys.stderr)
     return torch.tensor(chunks)
 
 
