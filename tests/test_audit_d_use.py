@@ -339,3 +339,15 @@ def test_quantize_says_when_the_calibration_text_is_short(tmp_path, capsys):
     ids = _calibration_ids(args, tok, model)
     assert 0 < ids.shape[0] < 128
     assert f"{ids.shape[0]} sequences of 64 of the 128 asked" in capsys.readouterr().err
+
+
+def test_quantize_reads_the_calibration_file_before_the_model(tmp_path, monkeypatch):
+    """A missing --calibration file was said only after the model was loaded (seconds for a GGUF)."""
+    import lmforge.checkpoint
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded first")
+
+    monkeypatch.setattr(lmforge.checkpoint, "load_model", no_load)
+    r = refused("quantize", "--bits", "4", "--calibration", tmp_path / "none.txt", "--output", tmp_path / "q")
+    one_line(r, "quantize", "--calibration", "none.txt")

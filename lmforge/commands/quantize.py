@@ -87,6 +87,16 @@ def _check_calibration_flags(args, method: str) -> None:
     args.seed = 0 if args.seed is None else args.seed
 
 
+def _calibration_text(args) -> str:
+    """The --calibration file's text (read once), or one line naming it."""
+    if getattr(args, "calibration_text", None) is None:
+        try:
+            args.calibration_text = Path(args.calibration).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LMForgeError(f"--calibration {args.calibration}: cannot read: {e}") from None
+    return args.calibration_text
+
+
 def _calibration_ids(args, tok, model):
     import torch
 
@@ -94,10 +104,7 @@ def _calibration_ids(args, tok, model):
         return None
     if tok is None:
         raise LMForgeError(f"--calibration {args.calibration}: needs a tokenizer (pass --tokenizer)")
-    try:
-        text = Path(args.calibration).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LMForgeError(f"--calibration {args.calibration}: cannot read: {e}") from None
+    text = _calibration_text(args)
     ids = tok.encode(text, bos=True)
     n = min(args.calib_len, model.cfg.block_size)
     chunks = [ids[i : i + n] for i in range(0, len(ids) - n + 1, n)][: args.calib_samples]
@@ -156,6 +163,8 @@ def run(args) -> None:
     qcfg.validate()
     if args.calib_samples <= 0 or args.calib_len < 2:
         raise LMForgeError("--calib-samples must be > 0 and --calib-len >= 2")
+    if method == "gptq" and args.calibration:
+        _calibration_text(args)  # (a missing or unreadable file was said only once the model was loaded)
     model = load_model(path)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise LMForgeError(f"{path}: the model is already quantized")
