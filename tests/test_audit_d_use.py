@@ -351,3 +351,15 @@ def test_quantize_reads_the_calibration_file_before_the_model(tmp_path, monkeypa
     monkeypatch.setattr(lmforge.checkpoint, "load_model", no_load)
     r = refused("quantize", "--bits", "4", "--calibration", tmp_path / "none.txt", "--output", tmp_path / "q")
     one_line(r, "quantize", "--calibration", "none.txt")
+
+
+def test_chat_says_when_a_reply_is_cut_by_the_context(monkeypatch):
+    """A reply cut short because the conversation filled the context ended without a word (generate says it)."""
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(" ".join(["the dog ran"] * 90) + "\n"))
+    r = refused("chat", "--max-new-tokens", "256", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert "note: the reply stopped after" in r.stderr and "context of 512 is full" in r.stderr
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Once upon a time\n"))
+    assert "note:" not in refused("chat", "--max-new-tokens", "8", "--temperature", "0").stderr

@@ -91,6 +91,11 @@ class _Torch:
         """The last reply's text so far."""
         return self.seq.output_text if self.seq is not None else ""
 
+    @property
+    def n(self) -> int:
+        """The last reply's tokens."""
+        return len(self.seq.out_ids) if self.seq is not None else 0
+
     def reply(self, ids: list[int], max_new: int) -> Iterator[str]:
         from lmforge.infer.generate import Sequence, stream_steps
         from lmforge.infer.sampling import SamplingParams, TokenSampler
@@ -120,6 +125,7 @@ class _Lean:
         self.model = lean.LeanModel(path, max_len=cfg.block_size, kv_dtype=lean_kv_dtype(args))
         self.cached: list[int] = []  # the tokens whose positions the cache holds
         self.stream = None
+        self.n = 0  # the last reply's tokens
 
     @property
     def text(self) -> str:
@@ -149,6 +155,7 @@ class _Lean:
             yield stream.flush()
         finally:
             self.cached = (ids + out)[: model.length]
+            self.n = len(out)
 
 
 def _loop(args, session: _Torch | _Lean) -> None:
@@ -220,9 +227,9 @@ def _loop(args, session: _Torch | _Lean) -> None:
             print(f"message too long: {len(ids)} tokens for a context of {ctx}", file=sys.stderr)
             history.pop()
             continue
-        started = False
+        started, room = False, min(args.max_new_tokens, ctx - len(ids))
         try:
-            for piece in session.reply(ids, min(args.max_new_tokens, ctx - len(ids))):
+            for piece in session.reply(ids, room):
                 if not started:
                     piece = piece.lstrip()
                     started = bool(piece)
@@ -233,4 +240,7 @@ def _loop(args, session: _Torch | _Lean) -> None:
             print("\n(interrupted)", file=sys.stderr)
         out.write("\n")
         out.flush()
+        if room < args.max_new_tokens and session.n >= room:  # (said, as generate says it)
+            print(f"note: the reply stopped after {session.n:,} tokens: the model's context of {ctx:,} is full (the "
+                  "next message drops the oldest turns)", file=sys.stderr)
         history.append({"role": "assistant", "content": session.text.strip()})
