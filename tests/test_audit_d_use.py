@@ -363,3 +363,10 @@ def test_chat_says_when_a_reply_is_cut_by_the_context(monkeypatch):
     assert "note: the reply stopped after" in r.stderr and "context of 512 is full" in r.stderr
     monkeypatch.setattr(sys, "stdin", io.StringIO("Once upon a time\n"))
     assert "note:" not in refused("chat", "--max-new-tokens", "8", "--temperature", "0").stderr
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_chat_empty_system_is_refused(value):
+    """--system '' was dropped without a word: SmolLM2's template then put in its own default system message, where
+    transformers renders the empty one the user gave."""
+    one_line(refused("chat", "--system", value), "chat", "--system", "empty")

@@ -48,6 +48,9 @@ def _check(args) -> None:
     if args.max_new_tokens < 1:
         raise LMForgeError("--max-new-tokens must be >= 1")
     check_sampling(args)
+    if args.system is not None and not args.system.strip():  # (it was dropped: the template's default was used)
+        raise LMForgeError(f"--system {args.system!r}: empty; give a system message, or leave --system out for the "
+                           "template's own default")
     if not 0 < args.repetition_penalty < math.inf:  # (inf: every token of the conversation's text banned or kept)
         raise LMForgeError(f"--repetition-penalty {args.repetition_penalty}: must be a finite number > 0 (1 = off)")
 
