@@ -370,3 +370,13 @@ def test_chat_empty_system_is_refused(value):
     """--system '' was dropped without a word: SmolLM2's template then put in its own default system message, where
     transformers renders the empty one the user gave."""
     one_line(refused("chat", "--system", value), "chat", "--system", "empty")
+
+
+def test_sampling_params_refuse_a_temperature_that_overflows():
+    """SamplingParams.check (the engine's, so serve answers 400) took temperature=1e-40: the logits divided by it
+    overflowed to NaN probabilities."""
+    from lmforge.infer.params import SamplingParams
+
+    with pytest.raises(ValueError, match="temperature=1e-40: below 1e-20"):
+        SamplingParams(temperature=1e-40).check()
+    SamplingParams(temperature=1e-20).check()

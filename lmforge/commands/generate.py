@@ -25,6 +25,7 @@ from lmforge.commands.args import (
     utf8_text,
 )
 from lmforge.errors import LMForgeError
+from lmforge.infer.params import MIN_TEMPERATURE
 
 
 def add_parser(sub, name: str, help_: str) -> None:
@@ -78,9 +79,6 @@ def kv_cache_not_lean(args, why: str) -> None:
         where = f"which does not run {args.model}: " if args.model else "not for "
         raise LMForgeError(f"--kv-cache-dtype {args.kv_cache_dtype}: a choice of the lean runtime, {where}{why}; "
                            "PyTorch keeps the cache in the model's dtype")
-
-
-MIN_TEMPERATURE = 1e-20  # (float32 logits of up to 3e18 divided by it stay finite)
 
 
 def check_sampling(args) -> None:

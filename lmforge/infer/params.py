@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+MIN_TEMPERATURE = 1e-20  # the least temperature above 0 (float32 logits of up to 3e18 divided by it stay finite)
+
 
 @dataclass
 class SamplingParams:
@@ -37,6 +39,9 @@ class SamplingParams:
         """Raise ValueError naming the first field out of range."""
         if not 0 <= self.temperature < math.inf:  # (inf sampled uniformly: random bytes with exit 0)
             raise ValueError(f"temperature={self.temperature}: must be a finite number >= 0")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # (the logits divided by it overflow: NaN probabilities)
+            raise ValueError(f"temperature={self.temperature:g}: below {MIN_TEMPERATURE:g} the logits divided by it "
+                             "overflow; such a temperature samples as greedy does: give 0")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k}: must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -67,4 +72,4 @@ class Choice:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
-__all__ = ["Choice", "SamplingParams", "cut_at_stop"]
+__all__ = ["MIN_TEMPERATURE", "Choice", "SamplingParams", "cut_at_stop"]
