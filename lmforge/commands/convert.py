@@ -37,12 +37,13 @@ def not_cwd(path: str, what: str) -> None:
 
 
 def utf8_path(path: str, what: str) -> None:
-    """An output path that is not UTF-8 refused before any work (tokenizers' save failed with UnicodeEncodeError
-    once the model was converted)."""
+    """An output path that is not UTF-8 refused before any work: safetensors reads UTF-8 paths only, so no command
+    could load the model from there (and tokenizers' save failed with UnicodeEncodeError once it was converted)."""
     try:
         utf8_text(path, f"{what} {os.fsencode(path).decode('utf-8', 'backslashreplace')}")
     except LMForgeError as e:
-        raise LMForgeError(f"{e}: the tokenizer library writes to UTF-8 paths only") from None
+        raise LMForgeError(f"{e}: safetensors reads models from UTF-8 paths only (none could load it from there)") \
+            from None
 
 
 _KINDS = {"hf": "a Hugging Face directory", "llama2c": "a llama2.c file", "lmforge": "an lmforge directory"}
