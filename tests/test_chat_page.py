@@ -5,6 +5,7 @@ model; the reply's speed counted from its first token."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from browser import launch, sync_api
@@ -47,7 +48,14 @@ def keyed(stories):
     srv.close()
 
 
-def test_a_reset_while_streaming_keeps_nothing_of_the_old_conversation(browser, keyed):
+def test_a_reset_while_streaming_keeps_nothing_of_the_old_conversation(browser, keyed, monkeypatch):
+    step = keyed.engine._decode_step
+
+    def slow_step() -> None:  # a reply of stories260K streams whole in a few ms: one could end between two polls
+        time.sleep(0.002)
+        step()
+
+    monkeypatch.setattr(keyed.engine, "_decode_step", slow_step)
     page = open_page(browser, keyed)
     page.fill("#apikey", KEY)
     page.dispatch_event("#apikey", "change")
