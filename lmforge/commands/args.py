@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
@@ -61,6 +62,25 @@ def utf8_text(text: str, what: str) -> str:
         byte = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"character U+{ch:04X}"
         raise LMForgeError(f"{what}: not UTF-8 text ({byte} at character {e.start})") from None
     return text
+
+
+def not_cwd(path: str, what: str) -> None:
+    """A directory output that is (or holds) the current directory refused: it is replaced whole, by a rename
+    ('ValueError: PosixPath('.') has an empty name')."""
+    target = Path(path).resolve()
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        raise LMForgeError(f"{what} {path}: the current directory (or one holding it); the output directory is "
+                           "replaced whole: name another one")
+
+
+def utf8_path(path: str, what: str) -> None:
+    """An output path that is not UTF-8 refused before any work: safetensors reads UTF-8 paths only, so no command
+    could load the model from there (and tokenizers' save failed with UnicodeEncodeError once it was converted)."""
+    try:
+        utf8_text(path, f"{what} {os.fsencode(path).decode('utf-8', 'backslashreplace')}")
+    except LMForgeError as e:
+        raise LMForgeError(f"{e}: safetensors reads models from UTF-8 paths only (none could load it from there)") \
+            from None
 
 
 def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:

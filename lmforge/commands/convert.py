@@ -7,7 +7,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from lmforge.commands.args import check_vocab, find_tokenizer_path, read_template, utf8_text, write_template
+from lmforge.commands.args import (
+    check_vocab,
+    find_tokenizer_path,
+    not_cwd,
+    read_template,
+    utf8_path,
+    write_template,
+)
 from lmforge.errors import LMForgeError
 from lmforge.files import check_output
 
@@ -25,25 +32,6 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--tokenizer", help="tokenizer to carry along (default: found with the source)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     p.set_defaults(func=run)
-
-
-def not_cwd(path: str, what: str) -> None:
-    """A directory output that is (or holds) the current directory refused: it is replaced whole, by a rename
-    ('ValueError: PosixPath('.') has an empty name')."""
-    target = Path(path).resolve()
-    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
-        raise LMForgeError(f"{what} {path}: the current directory (or one holding it); the output directory is "
-                           "replaced whole: name another one")
-
-
-def utf8_path(path: str, what: str) -> None:
-    """An output path that is not UTF-8 refused before any work: safetensors reads UTF-8 paths only, so no command
-    could load the model from there (and tokenizers' save failed with UnicodeEncodeError once it was converted)."""
-    try:
-        utf8_text(path, f"{what} {os.fsencode(path).decode('utf-8', 'backslashreplace')}")
-    except LMForgeError as e:
-        raise LMForgeError(f"{e}: safetensors reads models from UTF-8 paths only (none could load it from there)") \
-            from None
 
 
 _KINDS = {"hf": "a Hugging Face directory", "llama2c": "a llama2.c file", "lmforge": "an lmforge directory"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lmforge.commands.args import check_vocab, seed_type
+from lmforge.commands.args import check_vocab, not_cwd, seed_type, utf8_path
 from lmforge.errors import LMForgeError
 from lmforge.files import check_output
 
@@ -119,7 +119,6 @@ def _calibration_ids(args, tok, model):
 def run(args) -> None:
     from lmforge.assets import STORIES260K
     from lmforge.checkpoint import load_model
-    from lmforge.commands.convert import not_cwd, utf8_path
     from lmforge.model.cache import kv_cache_len
     from lmforge.peft import is_adapter_dir
     from lmforge.quant import (

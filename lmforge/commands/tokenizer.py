@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from lmforge.data.io import path_arg
 from lmforge.errors import LMForgeError
 
 
@@ -16,8 +17,6 @@ def _nonempty(value: str) -> str:
 
 
 def add_parser(sub, name: str, help_: str) -> None:
-    from lmforge.data.io import path_arg
-
     p = sub.add_parser(name, help=help_, description=help_)
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="STEP", required=True)
     t = tsub.add_parser("train", help="train a tokenizer on text files")

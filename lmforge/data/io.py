@@ -14,9 +14,11 @@ byte-order mark is dropped (of .jsonl files too).
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import gzip
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +88,6 @@ def check_input_file(path: str | Path) -> None:
 def path_arg(what: str) -> Callable[[str], str]:
     """An argparse ``type`` refusing an empty or blank path ('' was read as the working directory: "--output /cwd:
     holds the input", "--tokenizer .: no tokenizer files found")."""
-    import argparse
-
     def check(value: str) -> str:
         if not value.strip():
             raise argparse.ArgumentTypeError(f"must name {what}, got {value!r}")
@@ -113,8 +113,6 @@ def check_workers(workers: int) -> None:
     """``--workers`` of data clean/prepare: 0 (automatic) up to 4 per CPU this process may use (at least 8); more only
     start more interpreters competing for them (--workers 1000 started a thousand, each loading the tokenizer or the
     stages: the memory ran out)."""
-    import os
-
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     most = max(8, 4 * cpus)
     if not 0 <= workers <= most:

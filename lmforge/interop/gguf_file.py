@@ -623,13 +623,6 @@ def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer embedded in a .gguf file (or a directory holding ``tokenizer.gguf``)."""
     path = Path(path)
     if path.is_dir():
-        if not (path / TOKENIZER_FILE).is_file() and (path / "tokenizer.json").is_file():
-            # transformers' save_pretrained of an exported directory keeps lmforge's "kind": "gguf" in
-            # tokenizer_config.json but not tokenizer.gguf; its tokenizer.json is the same tokenizer (the directory
-            # was refused: 'tokenizer.gguf: no such file')
-            from lmforge.tokenizer.hf import HFTokenizer
-
-            return HFTokenizer.load(path)
         path = path / TOKENIZER_FILE
     if not path.is_file():
         raise LMForgeError(f"{path}: no such file")

@@ -50,7 +50,9 @@ def load_tokenizer(path: str) -> Tokenizer:
             from lmforge.tokenizer.llama2c import Llama2cTokenizer
 
             return Llama2cTokenizer.load(p / "tokenizer.bin")
-        if kind == "gguf" or (p / "tokenizer.gguf").is_file():
+        # (kind gguf without tokenizer.gguf: transformers' save_pretrained of an exported directory keeps the kind,
+        # drops the file, and writes tokenizer.json, the same tokenizer)
+        if (p / "tokenizer.gguf").is_file() or kind == "gguf" and not (p / "tokenizer.json").is_file():
             from lmforge.interop.gguf_file import load_gguf_tokenizer
 
             return load_gguf_tokenizer(p)

@@ -10,6 +10,7 @@ import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
+from lmforge.data.io import BadRecords, check_format_flags, file_kind, iter_documents
 from lmforge.errors import LMForgeError
 from lmforge.files import MODEL_FILES
 from lmforge.tokenizer.base import Tokenizer
@@ -124,8 +125,6 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
                                "training reads more than once: write a pipe's text to a file first")
         if not Path(f).is_file():
             raise LMForgeError(f"{f}: no such input file")
-    from lmforge.data.io import check_format_flags
-
     check_format_flags(files, field)
     if skip_bad and not any(_is_records(f) for f in files):
         raise LMForgeError("--skip-bad: no input is a file of records (.jsonl, .json, .parquet or .gz); a text file is "
@@ -166,16 +165,12 @@ def train_tokenizer(files: list[str], vocab_size: int, kind: str, output: str | 
 
 def _is_records(path: str) -> bool:
     """Whether training reads ``path`` through data/io (records, or a .gz) rather than as the text file it is."""
-    from lmforge.data.io import file_kind
-
     return file_kind(path) != "text" or path.lower().endswith(".gz")
 
 
 def _as_text(path: str, tmp: Path, field: str, skip_bad: bool) -> str:
     """``path`` itself for a text file; for records (.jsonl, .json, .parquet) or a .gz file, ``tmp`` holding their
     documents' text one after another (a JSONL file was trained on as text: its keys, quotes and \\uXXXX escapes)."""
-    from lmforge.data.io import BadRecords, iter_documents
-
     if not _is_records(path):
         return path
     bad = BadRecords(skip_bad)
