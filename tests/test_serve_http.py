@@ -22,6 +22,7 @@ from pacing import paced  # noqa: E402
 
 from lmforge.infer.engine import MIN_CACHE_LEN, Engine, Request, SlotRunner  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
+from lmforge.serve import server as S  # noqa: E402
 from lmforge.serve.server import ModelServer, _Sink  # noqa: E402
 
 MODEL = "stories260K.bin"
@@ -297,8 +298,8 @@ def test_the_engine_wakes_the_loop_only_for_a_waiting_reader():
     async def main() -> None:
         sink = _Sink()
         wakes: list = []
-        wake = sink.loop.call_soon_threadsafe
-        sink.loop.call_soon_threadsafe = lambda *a: wakes.append(a) or wake(*a)
+        wake = sink._waker.wake
+        sink._waker.wake = lambda fut: wakes.append(fut) or wake(fut)
         engine = threading.Thread(target=lambda: [sink.put((0, i)) for i in range(100)])
         engine.start()
         engine.join()
@@ -316,6 +317,49 @@ def test_the_engine_wakes_the_loop_only_for_a_waiting_reader():
         await asyncio.sleep(0)
         sink.put((0, "d"))
         assert len(wakes) == 1 and await sink.get() == [(0, "d")]
+
+    asyncio.run(main())
+
+
+def test_wakes_from_the_engine_before_the_loop_reads_share_one_byte(monkeypatch):
+    """The engine's thread wakes waiting coroutines through a pipe of the loop's waker: every future put before the
+    loop reads the pipe is woken by one byte, written with the interpreter lock held (call_soon_threadsafe wrote
+    one per wake with it released, and the loop's thread, woken by that write, took the lock from the engine)."""
+    writes: list = []
+    write = S._write_holding_gil
+    monkeypatch.setattr(S, "_write_holding_gil", lambda fd, data, n: writes.append(fd) or write(fd, data, n))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        waker = S._Waker.of(loop)
+        assert S._Waker.of(loop) is waker  # one per loop
+        futs = [loop.create_future() for _ in range(5)]
+        t = threading.Thread(target=lambda: [waker.wake(f) for f in futs])
+        t.start()
+        t.join()
+        await asyncio.wait_for(asyncio.gather(*futs), 10)
+        assert len(writes) == 1
+        fut = loop.create_future()  # after the loop read the byte, the next wake writes again
+        threading.Thread(target=waker.wake, args=(fut,)).start()
+        await asyncio.wait_for(fut, 10)
+        assert len(writes) == 2
+
+    asyncio.run(main())
+
+
+def test_a_sink_notes_ends_where_they_are_put():
+    """An end (a request's DONE, the client's GONE) is the last item of a put: the sink notes it there, and the
+    reader asks ``ended`` / ``gone`` instead of looking through every token for it."""
+
+    async def main() -> None:
+        sink = _Sink()
+        sink.put_many([(0, "a"), (0, "b")])
+        assert [i for _, i in sink.take()] == ["a", "b"] and not sink.ended and not sink.gone
+        sink.put_many([(0, "c"), (0, Request.DONE)])
+        assert [i for _, i in sink.take()] == ["c", Request.DONE] and sink.ended and not sink.gone
+        assert sink.take() == [] and not sink.ended
+        sink.put((None, _Sink.GONE))
+        assert sink.take() == [(None, _Sink.GONE)] and sink.ended and sink.gone
 
     asyncio.run(main())
 

@@ -9,8 +9,8 @@ no lone surrogates, no NaN/Infinity), so every malformed body is a 400, naming t
 from __future__ import annotations
 
 import json
+import random
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -296,8 +296,11 @@ def parse_chat(raw: bytes, tokenizer, limits: Limits, model_ids: Sequence[str], 
 # ---- responses ------------------------------------------------------------------------------------
 
 
+_IDS = random.Random()  # seeded from the OS; ids need to be distinct, not secret (uuid4 read os.urandom per request)
+
+
 def new_id(kind: str) -> str:
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + f"{_IDS.getrandbits(96):024x}"
 
 
 def now() -> int:

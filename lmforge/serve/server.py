@@ -16,6 +16,8 @@ are given. Every error is an OpenAI-style JSON body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import hmac
 import ipaddress
 import json
@@ -25,6 +27,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,7 @@ from lmforge.infer.batching import BatchEngine
 from lmforge.infer.batching import Request as EngineRequest
 from lmforge.infer.chat import end_of_turn, get_template
 from lmforge.infer.params import SamplingParams
-from lmforge.infer.sequence import PromptScores
+from lmforge.infer.sequence import PromptScores, Step
 from lmforge.serve import protocol as P
 from lmforge.serve.protocol import APIError, GenRequest, Limits
 
@@ -466,16 +469,21 @@ class _Sink:
 
     The engine wakes the event loop only when the coroutine is waiting for events: events that come while it writes
     or paces its stream are only appended (one wake-up of the loop per token of every stream cost the engine its
-    interpreter lock that often)."""
+    interpreter lock that often). An end (``Request.DONE``, ``GONE``) is always the last item of a put: the sink
+    notes it there, so nobody looks through the tokens for it."""
 
     GONE = object()  # the client went away
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self._waker = _Waker.of(self.loop)
         self._lock = threading.Lock()
         self._items: list = []  # put, not yet taken
         self._waiter: asyncio.Future | None = None  # set while the coroutine waits in get()
         self._pacer: asyncio.Future | None = None  # set while it paces its stream in pause()
+        self._end = False  # an end is among the items not yet taken
+        self.ended = False  # the items the last take returned hold an end
+        self.gone = False  # the client went away
 
     def put(self, item) -> None:
         self.put_many([item])
@@ -483,21 +491,23 @@ class _Sink:
     def put_many(self, items: list) -> None:
         """From the engine thread (or the loop): append, and wake the reader if it waits."""
         last = items[-1][1] if items else None
+        end = last is EngineRequest.DONE or last is self.GONE
         with self._lock:
             self._items.extend(items)
+            if end:
+                self._end = True
+                self.gone = self.gone or last is self.GONE
             waiter, self._waiter = self._waiter, None
-            if waiter is None and (last is EngineRequest.DONE or last is self.GONE):
+            if waiter is None and end:
                 waiter, self._pacer = self._pacer, None  # a pacing reader answers an end at once
         if waiter is not None:
-            try:
-                self.loop.call_soon_threadsafe(_wake, waiter)
-            except RuntimeError:  # the loop is closed: nobody is listening
-                pass
+            self._waker.wake(waiter)
 
     def take(self) -> list:
-        """Every event put since the last take (perhaps none)."""
+        """Every event put since the last take (perhaps none); ``ended`` tells whether they hold an end."""
         with self._lock:
             items, self._items = self._items, []
+            self.ended, self._end = self._end, False
         return items
 
     async def get(self) -> list:
@@ -517,7 +527,7 @@ class _Sink:
     async def pause(self, seconds: float) -> None:
         """Wait ``seconds`` for more events to gather, or less: until a request's end (or the client's) is put."""
         with self._lock:
-            if any(item is EngineRequest.DONE or item is self.GONE for _, item in self._items):
+            if self._end:
                 return
             fut = self._pacer = self.loop.create_future()
         timer = self.loop.call_later(seconds, _wake, fut)
@@ -534,6 +544,84 @@ class _Sink:
         while (await receive())["type"] != "http.disconnect":
             pass
         self.put((None, self.GONE))
+
+
+class _Waker:
+    """Wakes futures of one event loop from other threads: one byte down a pipe of its own for all the futures
+    put before the loop reads it. The byte is written by libc's ``write`` called with the interpreter lock held:
+    ``call_soon_threadsafe`` writes with the lock released, and the loop's thread, woken by that very write, takes
+    the lock first, so the engine's thread waited for it (up to the switch interval) after every wake."""
+
+    _of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._lock = threading.Lock()
+        self._futs: list[asyncio.Future] = []
+        self._armed = False  # a byte is on its way: later wakes only add their future
+        self._call = None  # a loop without add_reader (Windows' proactor): its call_soon_threadsafe, weakly
+        self._r, self._w = os.pipe()
+        try:
+            os.set_blocking(self._r, False)
+            os.set_blocking(self._w, False)
+            loop.add_reader(self._r, self._drain)
+        except (NotImplementedError, OSError):
+            _close_fds(self._r, self._w)
+            self._call = weakref.WeakMethod(loop.call_soon_threadsafe)
+            return
+        weakref.finalize(loop, _close_fds, self._r, self._w)  # (every sink holds the loop: none writes after)
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Waker:
+        """The loop's waker (made at first use; called on the loop)."""
+        w = cls._of.get(loop)
+        if w is None:
+            w = cls._of[loop] = cls(loop)
+        return w
+
+    def wake(self, fut: asyncio.Future) -> None:
+        if self._call is not None:
+            call = self._call()
+            if call is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+                    call(_wake, fut)
+            return
+        with self._lock:
+            self._futs.append(fut)
+            if self._armed:
+                return
+            self._armed = True
+        _write_holding_gil(self._w, b"\0", 1)  # (a full pipe, EAGAIN: the loop has bytes to read already)
+
+    def _drain(self) -> None:
+        try:
+            os.read(self._r, 4096)
+        except (BlockingIOError, InterruptedError):
+            pass
+        with self._lock:
+            futs, self._futs, self._armed = self._futs, [], False
+        for fut in futs:
+            _wake(fut)
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _libc_write():
+    """libc's ``write(fd, buf, n)`` called without releasing the interpreter lock (os.write releases it)."""
+    try:
+        f = ctypes.PyDLL(None).write
+    except (OSError, AttributeError):  # no libc symbols (Windows): os.write
+        return lambda fd, data, n: os.write(fd, data[:n])
+    f.argtypes, f.restype = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t), ctypes.c_ssize_t
+    return f
+
+
+_write_holding_gil = _libc_write()
 
 
 def _wake(fut: asyncio.Future) -> None:
@@ -729,6 +817,11 @@ class _EventStream(Response):
             return {"id": cid, "object": obj, "created": created, "model": g.model, "system_fingerprint": None,
                     "choices": choices, **extra}
 
+        head = P.sse(chunk([])).removesuffix(b"]}\n\n")  # each event as sse(chunk([choice])), its head made once
+
+        def event(choice: dict) -> bytes:
+            return head + json.dumps(choice, ensure_ascii=False).encode("utf-8") + b"]}\n\n"
+
         if g.kind == "chat":
             yield b"".join(P.sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}])) for i in range(len(reqs))), False
@@ -740,19 +833,19 @@ class _EventStream(Response):
         offsets = {i: len(g.echo[i // g.n]) if g.echo else 0 for i in range(len(reqs))}
         while left:
             items = await sink.get()
-            if not any(item is EngineRequest.DONE or item is _Sink.GONE for _, item in items):
+            if not sink.ended:
                 # let tokens gather for a moment, longer the more requests run: fewer, larger events under load
                 # (a finished request is answered at once: its client's next request waits for the end)
                 await sink.pause(min(STREAM_PACE * max(self.server.engine.active, 1), 0.02))
                 items += sink.take()
-            if any(item is _Sink.GONE for _, item in items):
+            if sink.gone:
                 return
             pending: dict[int, list] = {}  # tag -> steps not yet sent, in order
             out: list[bytes] = []
 
             def flush(tag: int, pending=pending, out=out) -> None:
                 steps = pending.pop(tag, [])
-                text = "".join(st.text for st in steps)
+                text = "".join([st.text for st in steps])
                 if not text and (g.logprobs is None or not any(st.token >= 0 for st in steps)):
                     return
                 c: dict[str, Any] = {"index": tag, "logprobs": None, "finish_reason": None}
@@ -766,16 +859,20 @@ class _EventStream(Response):
                         lp = c["logprobs"] = P.completion_logprobs(tok, steps, offsets[tag])
                         if lp["tokens"]:
                             offsets[tag] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-                out.append(P.sse(chunk([c])))
+                out.append(event(c))
 
             for tag, item in items:
+                if type(item) is Step:
+                    steps = pending.get(tag)
+                    if steps is None:
+                        pending[tag] = [item]
+                    else:
+                        steps.append(item)
+                    continue
                 if isinstance(item, PromptScores):  # a choice's first event: its echoed prompt, scored
                     echo = g.echo[tag // g.n]
-                    out.append(P.sse(chunk([{"index": tag, "text": echo, "finish_reason": None,
-                                             "logprobs": P.echo_logprobs(tok, item, echo)}])))
-                    continue
-                if item is not EngineRequest.DONE:
-                    pending.setdefault(tag, []).append(item)
+                    out.append(event({"index": tag, "text": echo, "finish_reason": None,
+                                      "logprobs": P.echo_logprobs(tok, item, echo)}))
                     continue
                 left -= 1
                 flush(tag)
@@ -785,7 +882,7 @@ class _EventStream(Response):
                     continue
                 done = {"index": tag, "finish_reason": r.finish_reason, "logprobs": None}
                 done.update({"delta": {}} if g.kind == "chat" else {"text": ""})
-                out.append(P.sse(chunk([done])))
+                out.append(event(done))
             for tag in list(pending):
                 flush(tag)
             if not left:  # the last events, the usage and [DONE] in one write
