@@ -9,8 +9,10 @@ handlers wait on its events without blocking the event loop and cancel their req
 
 In front of the routes (``_Guard``): the ``Host`` header must name this server (DNS rebinding), the API key is checked
 for ``/v1/*``, bodies are read up to ``max_body`` bytes and no further (413), generation requests must be JSON (415),
-and at most ``max_queue`` generation requests wait for a slot (429 with ``Retry-After``). CORS is off unless origins
-are given. Every error is an OpenAI-style JSON body.
+and at most ``max_queue`` generation requests wait for a slot (429 with ``Retry-After``). The guard answers the two
+generation routes itself, with the handler of the app's documented routes (FastAPI's middleware, router and request
+objects took about a sixth of the loop's time per request). CORS is off unless origins are given. Every error is an
+OpenAI-style JSON body.
 """
 
 from __future__ import annotations
@@ -574,8 +576,8 @@ class _Sink:
 class _Waker:
     """Wakes futures of one event loop from other threads: one byte down a pipe of its own for all the futures
     put before the loop reads it. The byte is written by libc's ``write`` called with the interpreter lock held:
-    ``call_soon_threadsafe`` writes with the lock released, and the loop's thread, woken by that very write, takes
-    the lock first, so the engine's thread waited for it (up to the switch interval) after every wake."""
+    ``call_soon_threadsafe`` writes with the lock released, and the loop's thread, woken by that very write, took
+    the lock first: the engine's thread waited for it after every wake (11 % of its samples under 16 clients)."""
 
     _of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -640,7 +642,7 @@ def _libc_write():
     """libc's ``write(fd, buf, n)`` called without releasing the interpreter lock (os.write releases it)."""
     try:
         f = ctypes.PyDLL(None).write
-    except (OSError, AttributeError):  # no libc symbols (Windows): os.write
+    except (OSError, AttributeError, TypeError):  # no libc symbols (Windows): os.write
         return lambda fd, data, n: os.write(fd, data[:n])
     f.argtypes, f.restype = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t), ctypes.c_ssize_t
     return f
