@@ -239,6 +239,12 @@ def _json_bytes(status: int, body: dict, headers: dict[str, str] | None = None) 
     return {"type": "http.response.start", "status": status, "headers": hdrs}, data
 
 
+def _internal_error(e: Exception) -> APIError:
+    """The 500 answering an unexpected exception (its traceback goes to stderr)."""
+    traceback.print_exception(e, file=sys.stderr)
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error")
+
+
 async def _send_error(send, e: APIError, close: bool = False) -> None:
     headers = dict(e.headers)
     if e.status == 401:
@@ -351,9 +357,8 @@ class _Guard:
         except APIError as e:
             await _send_error(send, e)
             return
-        except Exception as e:  # noqa: BLE001 - as the app's handler of any other exception: one line, a 500
-            traceback.print_exception(e, file=sys.stderr)
-            await _send_error(send, APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error"))
+        except Exception as e:  # noqa: BLE001 - as the app's handler of any other exception: a 500
+            await _send_error(send, _internal_error(e))
             return
         await response(scope, receive, send)
 
@@ -523,7 +528,8 @@ class _Sink:
             self._items.extend(items)
             if end:
                 self._end = True
-                self.gone = self.gone or last is self.GONE
+                if last is self.GONE:
+                    self.gone = True
             waiter, self._waiter = self._waiter, None
             if waiter is None and end:
                 waiter, self._pacer = self._pacer, None  # a pacing reader answers an end at once
@@ -685,9 +691,7 @@ def build_app(server: ModelServer) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:  # one failing request never stops serving
-        traceback.print_exception(e, file=sys.stderr)
-        body = APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").body()
-        return JSONResponse(body, status_code=500)
+        return JSONResponse(_internal_error(e).body(), status_code=500)
 
     @app.get("/", include_in_schema=False)
     async def page() -> Response:
