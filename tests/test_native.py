@@ -472,3 +472,52 @@ def test_int8_output_projection_of_several_rows_on_int8_activations(rows, forced
         want = model(torch.tensor([[1, 2, 3]]))[0, -1]
     assert got.argmax() == want.argmax() and ((got - want).abs() <= 2e-5)[want.topk(3).indices].all()
 
+
+
+def test_short_calls_keep_the_interpreter_lock_and_argmax_matches_torch():
+    """The argmax of a few rows and the step's gather of embedding rows are C calls made holding the interpreter lock
+    (ctypes.PyDLL): NumPy's and PyTorch's calls let it go, and a decoding thread then waited for it while the HTTP
+    thread ran. The argmax is torch's: the first of equal maxima, the first NaN as the largest."""
+    from lmforge.infer import sampling
+
+    lib = native.library()
+    for name in ("lmf_argmax_rows", "lmf_gather_rows"):
+        assert getattr(lib.held, name)._flags_ & clib.ctypes._FUNCFLAG_PYTHONAPI
+    assert not lib.lmf_step._flags_ & clib.ctypes._FUNCFLAG_PYTHONAPI  # the step itself lets other threads run
+    torch.manual_seed(0)
+    x = torch.randn(9, 517)  # not a multiple of 16
+    x[1, [7, 300]] = 9.0  # a tie
+    x[2, 11], x[2, 400], x[2, 40] = float("nan"), float("nan"), 1e9  # NaN wins, the first of them
+    x[3, :] = float("-inf")
+    x[4, :] = 0.0
+    x[5, 516] = float("inf")
+    x[6, 0] = float("nan")
+    x[7, 515], x[7, 516] = 1e9, float("nan")  # a NaN in the last block
+    called = []
+    real = lib.held.lmf_argmax_rows
+    try:
+        lib.held.lmf_argmax_rows = lambda *a: (called.append(a[1:3]), real(*a))[1]
+        assert sampling._argmax(x) == x.argmax(dim=-1).tolist()
+        wide = torch.randn(4, 600)
+        assert sampling._argmax(wide[:, :517]) == wide[:, :517].argmax(dim=-1).tolist()  # rows 600 apart
+        assert sampling._argmax(wide[:, ::2]) == wide[:, ::2].argmax(dim=-1).tolist()  # not unit-strided: NumPy
+        big = torch.randn(2, sampling.HELD_ARGMAX)  # more than a short call's worth: NumPy
+        assert sampling._argmax(big) == big.argmax(dim=-1).tolist()
+    finally:
+        lib.held.lmf_argmax_rows = real
+    assert called == [(9, 517), (4, 517)]
+
+
+def test_a_token_outside_the_embedding_table_is_refused_by_the_step(forced):
+    model = _model("llama")
+    runner = SlotRunner(model, 2, 48)
+    runner.prefill(0, [1, 2])
+    step = runner._native_step(1)
+    x0 = runner._step_input([5], [2])
+    if not isinstance(x0, tuple):
+        pytest.skip("this model's step input is not a gather from its table")
+    V = model.wte.weight.shape[0]
+    with pytest.raises(IndexError, match=f"token id {V} is outside the embedding table of {V} rows"):
+        step.run((x0[0], [V]), [2])
+    logits = step.run(x0, [2])  # (the same step goes on)
+    assert logits.shape[0] == 1 and torch.isfinite(logits).all()

@@ -113,6 +113,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmf_flash.argtypes, lib.lmf_flash.restype = [ctypes.c_void_p], ctypes.c_int
     lib.lmf_flash_ok.argtypes, lib.lmf_flash_ok.restype = [ctypes.c_int], ctypes.c_int
     lib.lmf_amx_init.argtypes, lib.lmf_amx_init.restype = [], ctypes.c_int
+    held = lib.held = ctypes.PyDLL(str(path), handle=lib._handle)  # short calls that keep the interpreter lock
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    held.lmf_gather_rows.argtypes, held.lmf_gather_rows.restype = [ptr, i64, i64, ptr, i64, ptr], i64
+    held.lmf_argmax_rows.argtypes, held.lmf_argmax_rows.restype = [ptr, i64, i64, i64, ptr], None
     if os.environ.get("LMFORGE_AMX", "1") != "0":
         lib.lmf_amx_init()  # int4 products of several rows on AMX tiles where the CPU and the OS allow them
     set_parallel(lib)
@@ -146,6 +150,11 @@ def shares_torch_openmp(lib: ctypes.CDLL) -> bool:
                 return False
             return theirs == ours
     return False
+
+
+def loaded() -> ctypes.CDLL | None:
+    """The library if this process has loaded it already (``library`` would build it first where it is not built)."""
+    return _LIB or None
 
 
 def library() -> ctypes.CDLL | None:

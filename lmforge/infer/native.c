@@ -1860,3 +1860,52 @@ int lmf_flash(const flash_args *a) {  /* 1 when done; 0 without the kernel or th
     return 0;
 #endif
 }
+
+/* ---- short calls made with the interpreter lock held ---------------------------------------------------------------
+   A call that releases the lock (ctypes.CDLL, NumPy's gathers and reductions above a few hundred elements, any
+   PyTorch operation) hands it to a thread waiting for it, and the caller then waits until that thread lets go: under
+   16 streams the HTTP thread held it for tens of microseconds each time. These take microseconds: the caller keeps
+   the lock (ctypes.PyDLL). */
+
+int64_t lmf_gather_rows(const float *table, int64_t rows, int64_t d, const int64_t *ids, int64_t n, float *out) {
+    /* out[r] = table[ids[r]]; an id outside the table: returns r + 1 (the rows before it copied), else 0 */
+    for (int64_t r = 0; r < n; r++) {
+        if (ids[r] < 0 || ids[r] >= rows) return r + 1;
+        memcpy(out + r * d, table + ids[r] * d, (size_t)d * sizeof(float));
+    }
+    return 0;
+}
+
+static int64_t first_equal(const float *row, int64_t v, float m) {  /* m NaN: the first NaN */
+    for (int64_t j0 = 0; j0 < v; j0 += 16) {  /* the first block holding it, then its place in the block */
+        const int64_t j1 = j0 + 16 < v ? j0 + 16 : v;
+        int hit = 0;
+        if (m == m) {
+#pragma omp simd reduction(| : hit)
+            for (int64_t j = j0; j < j1; j++) hit |= row[j] == m;
+        } else {
+#pragma omp simd reduction(| : hit)
+            for (int64_t j = j0; j < j1; j++) hit |= row[j] != row[j];
+        }
+        if (hit)
+            for (int64_t j = j0; j < j1; j++)
+                if (m == m ? row[j] == m : row[j] != row[j]) return j;
+    }
+    return 0;
+}
+
+void lmf_argmax_rows(const float *x, int64_t n, int64_t v, int64_t stride, int64_t *out) {
+    /* the first largest of each row; a NaN counts as largest (as in torch and NumPy): the row's first NaN */
+    for (int64_t r = 0; r < n; r++) {
+        const float *row = x + r * stride;
+        float m = -INFINITY;
+        int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+        for (int64_t j = 0; j < v; j++) {
+            const float y = row[j];
+            m = y > m ? y : m;
+            nan |= y != y;
+        }
+        out[r] = first_equal(row, v, nan ? NAN : m);
+    }
+}

@@ -367,7 +367,9 @@ class NativeStep:
         self.slot = torch.arange(n, dtype=torch.int32)  # row r -> its cache slot (r, unless run is given slots)
         self._slot_np, self._identity = self.slot.numpy(), True
         self.x = torch.zeros(n, D)
-        self._x_np = self.x.numpy()
+        self._ids = (ctypes.c_int64 * n)()  # the rows' token ids, for a gather from a float32 table (run)
+        self._table: np.ndarray | None = None
+        self._table_at = 0
         self.final = torch.zeros(n, D)
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._keep: list = []  # argument blocks and tensors the C side points into
@@ -642,8 +644,15 @@ class NativeStep:
         self._pos_np[:] = lens
         if isinstance(x0, torch.Tensor):
             self.x.copy_(x0)
-        else:
-            self._x_np[:] = x0[0][x0[1]]
+        else:  # (in C with the interpreter lock kept: NumPy's gather let it go, and waited for it back)
+            table, ids = x0
+            if table is not self._table:
+                self._table, self._table_at = table, table.ctypes.data
+            self._ids[: len(ids)] = ids
+            bad = lib.held.lmf_gather_rows(self._table_at, table.shape[0], table.shape[1], self._ids, len(ids),
+                                           self.x.data_ptr())
+            if bad:
+                raise IndexError(f"token id {ids[bad - 1]} is outside the embedding table of {table.shape[0]} rows")
         if self._step is not None:
             for params, name, t, version, ptr in self._weights:  # as _unchanged, inlined: a loop per step
                 if params[name] is not t or t._version != version or t.data_ptr() != ptr:
