@@ -256,19 +256,26 @@ def test_non_streaming_request_is_cancelled_when_the_client_goes_away(server):
 
 def chunks(s: socket.socket) -> list[bytes]:
     """Read a chunked response to its end: the body as the chunks the server wrote."""
+
+    def more() -> bytes:
+        b = s.recv(65536)
+        if not b:
+            raise AssertionError("the connection closed before the body's end")
+        return b
+
     data = b""
     while b"\r\n\r\n" not in data:
-        data += s.recv(65536)
+        data += more()
     head, _, rest = data.partition(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in head.lower(), head
     out: list[bytes] = []
     while True:
         while b"\r\n" not in rest:
-            rest += s.recv(65536)
+            rest += more()
         size, _, rest = rest.partition(b"\r\n")
         n = int(size, 16)
         while len(rest) < n + 2:
-            rest += s.recv(65536)
+            rest += more()
         out.append(rest[:n])
         rest = rest[n + 2:]
         if n == 0:
@@ -577,3 +584,29 @@ def test_requests_are_admitted_while_the_cache_stays_within_the_budget(stories):
         assert (eng.runner.slots, eng.runner.cap) == (4, 256)  # the long requests' cache was given back
     finally:
         eng.close()
+
+
+def test_an_exception_inside_a_stream_ends_it_with_an_error_event(server, monkeypatch):
+    """A bug after the head was sent cannot change the status: the client gets an error event and [DONE] in a body
+    that ends properly (it used to be cut off mid-chunk, curl exit 18), and the server goes on serving."""
+    real = S._EventStream._events
+
+    async def failing(self):
+        async for data, _last in real(self):
+            yield data, False  # the first events go out, then the bug
+            raise RuntimeError("a bug in the stream")
+
+    monkeypatch.setattr(S._EventStream, "_events", failing)
+    s = open_generation(server, {"model": MODEL, "prompt": "Once", "max_tokens": 20, "stream": True,
+                                 "ignore_eos": True})
+    try:
+        body = chunks(s)
+    finally:
+        s.close()
+    assert body[-1] == b"" and body[-2].endswith(b"data: [DONE]\n\n")  # a whole chunked body
+    events = [json.loads(e[6:]) for c in body for e in c.split(b"\n\n") if e.startswith(b"data: {")]
+    assert events[0]["choices"] and events[-1]["error"]["code"] == "internal_error"
+    assert "RuntimeError: a bug in the stream" in events[-1]["error"]["message"]
+    monkeypatch.undo()
+    status, _, answer = http(server, request("POST", "/v1/completions", completion(), JSON))
+    assert status == 200 and json.loads(answer)["usage"]["completion_tokens"] == 2

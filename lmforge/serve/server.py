@@ -827,7 +827,7 @@ class _EventStream(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             last = False
-            async for data, last in self._events():  # the last event ends the body in the same write
+            async for data, last in self._events_or_error():  # the last event ends the body in the same write
                 await send({"type": "http.response.body", "body": data, "more_body": not last})
             if not last:  # the client went away
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -836,6 +836,15 @@ class _EventStream(Response):
             for r in self.reqs:
                 if r.finish_reason is None:
                     r.cancel()
+
+    async def _events_or_error(self):
+        """``_events``; an unexpected exception in them (a bug: the head is sent, a status can no longer say it) ends
+        the stream with an error event and [DONE], as an engine's failure does, instead of a cut-off body."""
+        try:
+            async for item in self._events():
+                yield item
+        except Exception as e:  # noqa: BLE001 - the client is told, the server goes on
+            yield P.sse(_internal_error(e).body()) + b"data: [DONE]\n\n", True
 
     async def _events(self):
         """(bytes, last) to send: the events of the tokens that came, gathered; the last holds [DONE]."""
