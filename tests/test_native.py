@@ -508,7 +508,7 @@ def test_short_calls_keep_the_interpreter_lock_and_argmax_matches_torch():
     assert called == [(9, 517), (4, 517)]
 
 
-def test_a_token_outside_the_embedding_table_is_refused_by_the_step(forced):
+def test_the_steps_gather_refuses_an_id_outside_the_table_and_reads_any_layout(forced):
     model = _model("llama")
     runner = SlotRunner(model, 2, 48)
     runner.prefill(0, [1, 2])
@@ -521,3 +521,7 @@ def test_a_token_outside_the_embedding_table_is_refused_by_the_step(forced):
         step.run((x0[0], [V]), [2])
     logits = step.run(x0, [2])  # (the same step goes on)
     assert logits.shape[0] == 1 and torch.isfinite(logits).all()
+    # a table laid out column-major (a tied output projection's layout for PyTorch's product): the same rows
+    column_major = x0[0].T.copy().T
+    assert not column_major.flags.c_contiguous
+    assert torch.equal(step.run((column_major, [5]), [2]), step.run(x0, [2]))

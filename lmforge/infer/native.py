@@ -644,6 +644,8 @@ class NativeStep:
         self._pos_np[:] = lens
         if isinstance(x0, torch.Tensor):
             self.x.copy_(x0)
+        elif not x0[0].flags.c_contiguous:  # (a tied table laid out column-major for the output projection's sake)
+            self.x.numpy()[:] = x0[0][x0[1]]
         else:  # (in C with the interpreter lock kept: NumPy's gather let it go, and waited for it back)
             table, ids = x0
             if table is not self._table:
