@@ -644,17 +644,19 @@ class NativeStep:
         self._pos_np[:] = lens
         if isinstance(x0, torch.Tensor):
             self.x.copy_(x0)
-        elif not x0[0].flags.c_contiguous:  # (a tied table laid out column-major for the output projection's sake)
-            self.x.numpy()[:] = x0[0][x0[1]]
-        else:  # (in C with the interpreter lock kept: NumPy's gather let it go, and waited for it back)
+        else:  # in C with the interpreter lock kept (NumPy's gather let it go, and waited for it back)
             table, ids = x0
-            if table is not self._table:
-                self._table, self._table_at = table, table.ctypes.data
-            self._ids[: len(ids)] = ids
-            bad = lib.held.lmf_gather_rows(self._table_at, table.shape[0], table.shape[1], self._ids, len(ids),
-                                           self.x.data_ptr())
-            if bad:
-                raise IndexError(f"token id {ids[bad - 1]} is outside the embedding table of {table.shape[0]} rows")
+            if table is not self._table:  # (0: a tied table laid out column-major for the output projection's sake)
+                self._table, self._table_at = table, table.ctypes.data if table.flags.c_contiguous else 0
+            if not self._table_at:
+                self.x.numpy()[:] = table[ids]
+            else:
+                self._ids[: len(ids)] = ids
+                bad = lib.held.lmf_gather_rows(self._table_at, table.shape[0], table.shape[1], self._ids, len(ids),
+                                               self.x.data_ptr())
+                if bad:
+                    raise IndexError(f"token id {ids[bad - 1]} is outside the embedding table of {table.shape[0]} "
+                                     "rows")
         if self._step is not None:
             for params, name, t, version, ptr in self._weights:  # as _unchanged, inlined: a loop per step
                 if params[name] is not t or t._version != version or t.data_ptr() != ptr:
