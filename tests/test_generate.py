@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import pytest
 import torch
@@ -516,3 +517,88 @@ def test_an_infinite_temperature_is_refused():
         with pytest.raises(ValueError, match="must be a finite number >= 0"):
             SamplingParams(temperature=t).check()
     SamplingParams(temperature=0.0).check()
+
+
+# ---- the next step begun in the background while a lone request's tokens are reported --------------------------
+
+
+def test_runner_start_finish_gives_decodes_logits_and_guards_the_cache(stories, prompts):
+    """``SlotRunner.start``/``finish``: the same logits and cache as ``decode`` (a row in a slot other than 0, idle
+    rows before it); while a step is under way nothing else may use the runner."""
+    model, _ = stories
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a, b = SlotRunner(model, 4), SlotRunner(model, 4)
+        for r in (a, b):
+            r.prefill(2, prompts[0])
+        toks = [None, None, 7]
+        for _ in range(2):  # a step of three rows is planned and has run once: start applies from then on
+            a.decode(toks)
+            b.decode(toks)
+        for tok in (7, 300, 9):
+            want = a.decode([None, None, tok])
+            assert b.start([None, None, tok])
+            with pytest.raises(RuntimeError, match="under way"):
+                b.decode([None, None, tok])
+            with pytest.raises(RuntimeError, match="under way"):
+                b.prefill(0, prompts[1])
+            got = b.finish()
+            assert torch.equal(got, want)
+            assert a.lens == b.lens
+        with pytest.raises(RuntimeError, match="no decoding step"):
+            b.finish()
+        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_engine_begins_a_lone_requests_next_step_with_the_same_results(stories, prompts):
+    """Once one request runs alone (here in slot 2, the others done), its next step is begun before its token is
+    reported: greedy and seeded sampling give what single-sequence generation gives; a stop string found after the
+    next step began drops that step; a request arriving meanwhile waits for it and decodes alike."""
+    model, tok = stories
+    full = tok.decode(prompts[2] + generate(model, prompts[2], GREEDY))[len(tok.decode(prompts[2])):]
+    cases = [(prompts[0], SamplingParams(temperature=0, max_new_tokens=3)),
+             (prompts[1], SamplingParams(temperature=0.9, top_p=0.9, max_new_tokens=6, seed=3)),
+             (prompts[3], SamplingParams(temperature=0.8, max_new_tokens=60, seed=5)),
+             (prompts[2], SamplingParams(temperature=0, max_new_tokens=40, stop=[full[25:29]]))]
+    late = (prompts[4], SamplingParams(temperature=0, max_new_tokens=30))
+    want = [complete(model, tok, p, sp) for p, sp in [*cases, late]]
+    eng = Engine(model, tok, max_batch=4, threads=2)
+    try:
+        reqs = eng.submit_group([(p, sp, i) for i, (p, sp) in enumerate(cases[:3])])
+        alone = iter(reqs[2])
+        for _ in range(20):  # the two short ones end, the third runs alone in slot 2
+            next(alone)
+        started = eng.started_steps
+        reqs.append(eng.submit(*cases[3]))  # arrives while a step is under way
+        reqs.append(eng.submit(*late))
+        for r in reqs:
+            r.result()
+    finally:
+        eng.close()
+    assert started > 0 and eng.started_steps > started
+    for r, w in zip(reqs, want):
+        assert r.token_ids == w.token_ids and r.finish_reason == w.finish_reason
+    assert reqs[3].text == want[3].text == full.split(full[25:29])[0]
+
+
+def test_engine_cancels_and_closes_with_a_step_under_way(stories, prompts, singles):
+    model, tok = stories
+    eng = Engine(model, tok, max_batch=2, threads=2)
+    try:
+        long = eng.submit(prompts[0], SamplingParams(temperature=0, max_new_tokens=400))
+        steps = iter(long)
+        for _ in range(30):
+            next(steps)
+        long.cancel()
+        rest = list(steps)
+        assert long.finish_reason == "cancelled" and len(rest) < 370
+        assert eng.started_steps > 0
+        assert [s.token for s in eng.submit(prompts[2], GREEDY) if s.token >= 0] == singles[2]
+        eng.submit(prompts[1], SamplingParams(temperature=0, max_new_tokens=400))
+        time.sleep(0.05)
+    finally:
+        eng.close()  # (a step may be under way: it is waited for)
+    assert not eng._thread.is_alive()

@@ -525,3 +525,55 @@ def test_the_steps_gather_refuses_an_id_outside_the_table_and_reads_any_layout(f
     column_major = x0[0].T.copy().T
     assert not column_major.flags.c_contiguous
     assert torch.equal(step.run((column_major, [5]), [2]), step.run(x0, [2]))
+
+
+def test_a_step_begun_in_the_background_refuses_stale_weights_and_works_after_a_fork(forced):
+    """``lmf_step_start`` (called keeping the interpreter lock: it only hands the step over) runs the whole step on a
+    thread of the library's own, ``lmf_step_join`` waits for it letting the lock go. A weight changed since the step
+    was planned is not begun (``decode`` plans again); a forked child gets a thread of its own (the parent's stayed
+    behind) and the same logits."""
+    import os
+    import time
+
+    lib = native.library()
+    if not lib.lmf_linear_fast():
+        pytest.skip("no one-call step on this CPU")
+    assert lib.held.lmf_step_start._flags_ & clib.ctypes._FUNCFLAG_PYTHONAPI
+    assert not lib.lmf_step_join._flags_ & clib.ctypes._FUNCFLAG_PYTHONAPI
+    model = _model("llama")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        r = SlotRunner(model, 2, 64)
+        r.prefill(1, [5, 6, 7])
+        for _ in range(2):
+            r.decode([None, 8])
+        assert r.start([None, 9])
+        r.finish()
+        with torch.no_grad():
+            model.blocks[0].mlp.fc1.weight.mul_(1.5)
+        assert not r.start([None, 10]) and r.lens[1] == 6  # stale: nothing begun, nothing written
+        r.decode([None, 10])  # planned again
+        assert r.start([None, 11])
+        r.finish()
+        step, table = r._native[2], r._table_np()
+        lens = [0, r.lens[1]]
+        pid = os.fork()
+        if pid == 0:  # the child: the library's thread is the parent's, not here
+            code = 1
+            try:
+                torch.set_num_threads(1)  # (no OpenMP team in a forked child)
+                want = step.run((table, [0, 12]), lens).clone()
+                code = 0 if step.start((table, [0, 12]), lens, 1) and torch.equal(step.finish(), want) else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's step never ended")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        torch.set_num_threads(before)

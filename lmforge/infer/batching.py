@@ -20,6 +20,13 @@ from collections.abc import Iterator
 from lmforge.infer.params import SamplingParams
 from lmforge.infer.sequence import Sequence, Step, prompt_scores
 
+# Running requests up to which the next step is begun in the background while a step's tokens are reported
+# (BatchEngine._start_next). stories260K under lmforge serve, 2 cores, two servers in turn (medians of 6 rounds):
+# one client 10.2k -> 15.7k tokens/s; begun for up to two, two clients lost (16.7k -> 15.0k), and four and sixteen
+# had lost more (29k -> 22k, 47k -> 31k): the step of many rows is faster on every core than on all but one, and
+# with more clients the HTTP thread needs the interpreter while the engine reports.
+STARTED_ROWS = 1
+
 
 class EngineError(RuntimeError):
     """A request failed inside the engine (the engine itself keeps running)."""
@@ -127,6 +134,11 @@ class BatchEngine:
         self.prefill_batches = 0  # prefills of several prompts in one forward
         self.max_active = 0
         self.cancelled = 0  # requests stopped by cancel() before they finished
+        # the step begun in the background (runner.start) while the step before it is reported: its rows' (slot,
+        # request); None when no step is under way
+        self._started: list[tuple[int, Request]] | None = None
+        self.started_steps = 0  # steps begun in the background (for tests and statistics)
+        self._can_start = callable(getattr(runner, "start", None))
         self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
         self._thread.start()
 
@@ -229,20 +241,27 @@ class BatchEngine:
                         self._fail(req, f"{type(e).__name__}: {e}")
                     self._waiting.clear()
             try:
+                if admitted and self._started is not None:  # a prefill waits for the step under way
+                    self._decode_step(start_next=False)
                 self._admit_many(admitted)
                 self.max_active = max(self.max_active, self.active)
                 self._drop_cancelled()
-                if any(t is not None for t in self._last):
+                self._settle()
+                if self._started is not None:
+                    self._decode_step()
+                elif any(t is not None for t in self._last):
                     if self.speculator is not None and self.active == 1 and not self._waiting:
                         self._speculate()  # one request alone: several tokens a pass over the weights
                     else:
                         self._decode_step()
             except Exception as e:  # noqa: BLE001 - a bug must not leave requests waiting forever
                 traceback.print_exc(file=sys.stderr)
+                self._settle(always=True)
                 for i, req in enumerate(self._slots):
                     if req is not None:
                         self._free(i)
                         self._fail(req, f"{type(e).__name__}: {e}")
+        self._settle(always=True)
         for req in [*(r for g in self._waiting.values() for r in g), *(r for r in self._slots if r is not None)]:
             self._fail(req, "the engine was closed")
 
@@ -318,29 +337,73 @@ class BatchEngine:
             self._free(slot)
             self._fail(req, f"{type(e).__name__}: {e}")
 
-    def _decode_step(self) -> None:
-        n = max(i for i, t in enumerate(self._last) if t is not None) + 1
-        tokens = self._last[:n]
+    def _decode_step(self, start_next: bool = True) -> None:
+        """One token for every running request: the step begun in the background if there is one, else a step now.
+        With ``start_next``, the next step is begun (``runner.start``) before this one's tokens are reported, so the
+        per-token work (detokenizing, stop strings, the requests' queues) runs while it computes."""
+        started, self._started = self._started, None
         t0 = time.perf_counter()
         try:
-            logits = self.runner.decode(tokens)
-            rows = [i for i, t in enumerate(tokens) if t is not None]
-            if logits.shape[0] != len(rows):  # a row per slot up to n: the given ones
-                logits = logits[rows]
-            choices = self._select(logits, [self._slots[i].seq.sampler for i in rows])
+            if started is not None:
+                logits = self.runner.finish()  # a row per slot up to the last started one
+                rows = [i for i, r in started if self._slots[i] is r]  # not finished or cancelled since
+                if logits.shape[0] != len(rows):
+                    logits = logits[rows]
+            else:
+                n = max(i for i, t in enumerate(self._last) if t is not None) + 1
+                tokens = self._last[:n]
+                logits = self.runner.decode(tokens)
+                rows = [i for i, t in enumerate(tokens) if t is not None]
+                if logits.shape[0] != len(rows):  # a row per slot up to n: the given ones
+                    logits = logits[rows]
+            choices = self._select(logits, [self._slots[i].seq.sampler for i in rows]) if rows else []
         except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
             traceback.print_exc(file=sys.stderr)
-            for i, t in enumerate(tokens):
-                if t is not None:
-                    req = self._slots[i]
+            for i, req in enumerate(self._slots):
+                if req is not None and self._last[i] is not None:
                     self._free(i)
                     self._fail(req, f"{type(e).__name__}: {e}")
             return
         self.steps += 1
         self.tokens += len(rows)
         self.busy += time.perf_counter() - t0
+        if start_next and self._can_start and rows:
+            self._start_next(rows, choices)
         for i, c in zip(rows, choices):
             self._emit(i, self._slots[i], c)
+        self._settle()
+
+    def _start_next(self, rows: list[int], choices: list) -> None:
+        """Begin the step after this one, whose tokens are ``choices`` (of slots ``rows``), in the background: every
+        row goes on unless its token certainly ends it (a stop token, its last token); a stop string found when the
+        token is reported ends it too, and its row of the begun step is dropped. Not when a request waits for a free
+        slot (its prefill would wait for the step), another slot has a token to decode, or a lone request decodes
+        speculatively."""
+        if (self._waiting and None in self._slots) or self.speculator is not None:
+            return
+        nxt: list[int | None] = [None] * len(self._last)
+        go = []
+        for i, c in zip(rows, choices):
+            seq = self._slots[i].seq
+            if c.token not in seq.stop_ids and len(seq.out_ids) + 1 < seq.limit:
+                nxt[i] = c.token
+                go.append((i, self._slots[i]))
+        if not go or len(go) > STARTED_ROWS:
+            return
+        done = set(rows)
+        if any(t is not None and i not in done for i, t in enumerate(self._last)):
+            return
+        if self.runner.start(nxt[: go[-1][0] + 1]):
+            self._started = go
+            self.started_steps += 1
+
+    def _settle(self, always: bool = False) -> None:
+        """Wait for the step begun in the background and drop it when none of its rows still runs (or ``always``):
+        nothing may be left under way when the engine waits for requests, or stops."""
+        started = self._started
+        if started is not None and (always or not any(self._slots[i] is r for i, r in started)):
+            self._started = None
+            self.runner.finish()
 
     def _speculate(self) -> None:
         """A round of speculative decoding for the one running request."""

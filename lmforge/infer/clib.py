@@ -113,10 +113,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmf_flash.argtypes, lib.lmf_flash.restype = [ctypes.c_void_p], ctypes.c_int
     lib.lmf_flash_ok.argtypes, lib.lmf_flash_ok.restype = [ctypes.c_int], ctypes.c_int
     lib.lmf_amx_init.argtypes, lib.lmf_amx_init.restype = [], ctypes.c_int
+    lib.lmf_step_join.argtypes, lib.lmf_step_join.restype = [], None  # (waits: lets the interpreter lock go)
     held = lib.held = ctypes.PyDLL(str(path), handle=lib._handle)  # short calls that keep the interpreter lock
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     held.lmf_gather_rows.argtypes, held.lmf_gather_rows.restype = [ptr, i64, i64, ptr, i64, ptr], i64
     held.lmf_argmax_rows.argtypes, held.lmf_argmax_rows.restype = [ptr, i64, i64, i64, ptr], None
+    held.lmf_step_start.argtypes, held.lmf_step_start.restype = [ptr, ctypes.c_int], ctypes.c_int
     if os.environ.get("LMFORGE_AMX", "1") != "0":
         lib.lmf_amx_init()  # int4 products of several rows on AMX tiles where the CPU and the OS allow them
     set_parallel(lib)

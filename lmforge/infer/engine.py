@@ -202,6 +202,7 @@ class SlotRunner:
         self._quantized = any(isinstance(m, QuantLinear) and not int4_ok(m) for m in model.blocks.modules())
         self._native_ok: bool | None = None  # NativeStep.supported, asked at the first decode step
         self._native: dict[int, NativeStep] = {}  # rows -> the step planned for them
+        self._started: NativeStep | None = None  # a step begun by start, until finish
         self.transposed: dict = {}  # id(linear) -> (signature, weight transposed, bias): shared by the C steps
         self._path = decode_plans(model)  # (rows, threads) -> the plan kept, or the trials' times
         self._warm: set[int] = set()
@@ -225,6 +226,7 @@ class SlotRunner:
     def reserve(self, slots: int, length: int) -> None:
         """Make the cache hold slots ``0..slots-1`` with ``length`` positions each (slots grow to powers of two,
         positions by doubling; what is written is kept). A step planned on the old cache is planned again."""
+        self._not_started()
         if slots <= self.slots and length <= self.cap:
             return
         if slots > self.n_slots or length > self.max_len:
@@ -244,6 +246,7 @@ class SlotRunner:
 
     def release(self) -> None:
         """Give the cache back (nothing is running): the next prefill allocates what it needs."""
+        self._not_started()
         if self.slots or self.cap:
             empty = self._cache(0, 0)
             self._set_cache(empty, empty)
@@ -268,6 +271,7 @@ class SlotRunner:
     def prefill(self, slot: int, ids: list[int], every: bool = False) -> torch.Tensor:
         """Write ``ids`` into ``slot`` from position 0; return the logits (V,) after the last one (``every``:
         (len(ids), V) after each)."""
+        self._not_started()
         if not ids:
             raise ValueError("the prompt must hold at least one token (e.g. BOS)")
         if len(ids) + self.nv > self.max_len:
@@ -287,6 +291,7 @@ class SlotRunner:
     def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Prefill several prompts in one forward, right-padded (causal attention never looks at the padding
         after a prompt); logits (len(prompts), V) after each prompt's last token."""
+        self._not_started()
         if any(not p for p in prompts) or max(len(p) for p in prompts) + self.nv > self.max_len:
             raise ValueError("every prompt must hold between 1 and max_len tokens")
         for s in slots:
@@ -309,6 +314,7 @@ class SlotRunner:
         """Write ``ids`` into ``slot`` at its next positions in one forward; the logits (len(ids), V) after each of them
         (``every=False``: (1, V) after the last). Speculative decoding checks drafted tokens so; setting
         ``lens[slot]`` back takes positions back."""
+        self._not_started()
         start = self.lens[slot]
         if not ids or start + len(ids) > self.max_len:
             raise ValueError(f"KV cache full: {start + len(ids)} positions > max_len {self.max_len}")
@@ -354,9 +360,40 @@ class SlotRunner:
         return logits
 
     # ---- decode -----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def decode(self, tokens: list[int | None]) -> torch.Tensor:
         """Append ``tokens[i]`` to slot i for every i with a token (None = idle slot); logits (len(tokens), V)."""
+        self._not_started()
+        ready = self._whole(tokens)
+        if ready is not None:  # the common step of a small float32 model: one C call, nothing to plan
+            step, lens, ids, table = ready
+            try:
+                logits = step.run((table, ids), lens)
+            except Stale:  # (raised before the step wrote anything) planned again below
+                return self._decode(tokens)
+            for i, t in enumerate(tokens):
+                if t is not None:
+                    self.lens[i] += 1
+            return logits
+        return self._decode(tokens)
+
+    def _whole(self, tokens: list[int | None]) -> tuple[NativeStep, list[int], list[int], np.ndarray] | None:
+        """For a step of ``tokens`` whose whole C step (``NativeStep.whole``) is planned and has run, whose rows fit the
+        cache as it is and whose embedding rows the step gathers from the table itself: (the step, the rows'
+        positions, their ids, the table). None otherwise: ``_decode`` (which also plans, grows the cache and times
+        plans; under ``torch.inference_mode``, whose entry and exit alone took about a tenth of a 16-row step of
+        stories260K in the engine's thread)."""
+        n = len(tokens)
+        step = self._native.get(n)
+        if step is None or not step.whole or n not in self._warm or not step.current():
+            return None
+        table = self._table_np()
+        lens = [self.lens[i] if t is not None else 0 for i, t in enumerate(tokens)]
+        if table is None or n > self.slots or max(lens) >= self.cap:
+            return None
+        return step, lens, [t if t is not None else 0 for t in tokens], table
+
+    @torch.inference_mode()
+    def _decode(self, tokens: list[int | None]) -> torch.Tensor:
         n = len(tokens)
         lens = [self.lens[i] if t is not None else 0 for i, t in enumerate(tokens)]
         S = max(lens) + 1
@@ -401,6 +438,38 @@ class SlotRunner:
             self._warm.add(n)
             release_free_memory()
         return logits
+
+    def _not_started(self) -> None:
+        if self._started is not None:
+            raise RuntimeError("a decoding step is under way: finish() it first")
+
+    def start(self, tokens: list[int | None]) -> bool:
+        """``decode(tokens)`` begun in the background where its step is one C call (a small float32 model: see
+        ``NativeStep.start``) and the runner has two threads or more: the step runs on all but one of them, and the
+        caller goes on (with the cache and planned step as they are) while it runs; ``finish`` gives the logits. Only
+        ``finish`` may be called meanwhile. False: nothing begun (call ``decode``)."""
+        self._not_started()
+        ready = self._whole(tokens) if torch.get_num_threads() > 1 else None
+        if ready is None:
+            return False
+        step, lens, ids, table = ready
+        try:
+            if not step.start((table, ids), lens, torch.get_num_threads() - 1):
+                return False
+        except Stale:  # a layer's weight changed: decode plans the step again
+            return False
+        self._started = step
+        for i, t in enumerate(tokens):
+            if t is not None:
+                self.lens[i] += 1
+        return True
+
+    def finish(self) -> torch.Tensor:
+        """The logits (len(tokens), V) of the step ``start`` began, once it has ended."""
+        step, self._started = self._started, None
+        if step is None:
+            raise RuntimeError("no decoding step was started")
+        return step.finish()
 
     def _native_step(self, n: int) -> NativeStep | None:
         """The C-assisted step for ``n`` rows (``lmforge.infer.native``), planned at first use; None where it does
@@ -462,14 +531,21 @@ class SlotRunner:
         """The C step's input for tokens ``ids`` at positions ``pos`` (see ``NativeStep.run``): a plain float32
         embedding table as numpy with the ids, whose rows the step gathers itself (three tensor operations fewer:
         a small model's step is ~20 us in C, stories260K served one stream 27 % faster), or else the embedded rows."""
+        table = self._table_np()
+        if table is None:
+            return self._embed(torch.tensor(ids), torch.tensor(pos) if self.cfg.position == "learned" else None)
+        return table, ids
+
+    def _table_np(self) -> np.ndarray | None:
+        """The embedding table as numpy where the step's input is just its rows (a plain float32 table), else None."""
         m, cfg = self.model, self.cfg
         w = m.wte.weight if type(m.wte) is nn.Embedding else None
         if (w is None or w.dtype != torch.float32 or cfg.embedding_scale != 1.0 or cfg.embedding_grad_shrink != 1.0
                 or cfg.position == "learned" or cfg.embedding_norm):
-            return self._embed(torch.tensor(ids), torch.tensor(pos) if cfg.position == "learned" else None)
+            return None
         if self._table is None or self._table[0] is not w:  # (a view: the table's own memory)
             self._table = (w, w.detach().numpy())
-        return self._table[1], ids
+        return self._table[1]
 
     def _embed(self, tok: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         """The decode step's input (n, D): token embeddings (scaled), learned positions (``pos``: needed only for

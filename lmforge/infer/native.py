@@ -428,6 +428,7 @@ class NativeStep:
         # rows does not use it: its last rows go through the model's own layer)
         self.head_in_c = self._refined_head_applies()
         self._step: _StepArgs | None = None
+        self._started: torch.Tensor | None = None  # the logits of a step begun by start
         self.whole = False  # the whole step is one C call (lmf_step)
         # every product a C kernel, no PyTorch product between the C calls: the PyTorch step, which pays per layer
         # what the C calls save, is no rival
@@ -628,44 +629,74 @@ class NativeStep:
         """Whether the tensors this step points into are still the model's (rotary tables grow lazily)."""
         return self.rotary is None or (self.model.rotary.cos is self.rotary[0])
 
-    def run(self, x0: torch.Tensor | tuple[np.ndarray, list[int]], lens: list[int], slots: list[int] | None = None,
-            last: list[int] | None = None) -> torch.Tensor:
-        """x0 (n, D): the embedded tokens, or (a float32 embedding table as numpy, the n token ids) whose rows are
-        gathered here; lens: each row's position (< 0: a padding row, left out). Logits (n, V); with ``slots`` (each
-        row's cache slot; default row r is slot r) and ``last`` (the rows wanted), the logits of the ``last`` rows
-        only, by the model's output layer (a prefill: the rows of a prompt in order)."""
+    def _inputs(self, x0: torch.Tensor | tuple[np.ndarray, list[int]], lens: list[int],
+                slots: list[int] | None) -> None:
+        """The step's inputs in place: positions, slots, the embedded rows (see ``run``)."""
         if slots is not None:
             self._slot_np[:] = slots
             self._identity = False
         elif not self._identity:
             self._slot_np[:] = range(self.n)
             self._identity = True
-        lib = self.lib
         self._pos_np[:] = lens
         if isinstance(x0, torch.Tensor):
             self.x.copy_(x0)
-        else:  # in C with the interpreter lock kept (NumPy's gather let it go, and waited for it back)
-            table, ids = x0
-            if table is not self._table:  # (0: a tied table laid out column-major for the output projection's sake)
-                self._table, self._table_at = table, table.ctypes.data if table.flags.c_contiguous else 0
-            if not self._table_at:
-                self.x.numpy()[:] = table[ids]
-            else:
-                self._ids[: len(ids)] = ids
-                bad = lib.held.lmf_gather_rows(self._table_at, table.shape[0], table.shape[1], self._ids, len(ids),
-                                               self.x.data_ptr())
-                if bad:
-                    raise IndexError(f"token id {ids[bad - 1]} is outside the embedding table of {table.shape[0]} "
-                                     "rows")
+            return
+        table, ids = x0  # gathered in C with the interpreter lock kept (NumPy's gather let it go, and waited for it)
+        if table is not self._table:  # (0: a tied table laid out column-major for the output projection's sake)
+            self._table, self._table_at = table, table.ctypes.data if table.flags.c_contiguous else 0
+        if not self._table_at:
+            self.x.numpy()[:] = table[ids]
+        else:
+            self._ids[: len(ids)] = ids
+            bad = self.lib.held.lmf_gather_rows(self._table_at, table.shape[0], table.shape[1], self._ids, len(ids),
+                                                self.x.data_ptr())
+            if bad:
+                raise IndexError(f"token id {ids[bad - 1]} is outside the embedding table of {table.shape[0]} rows")
+
+    def _logits_out(self) -> torch.Tensor:
+        """A whole step's logits buffer, after checking its weights are the ones it copied (Stale otherwise)."""
+        for params, name, t, version, ptr in self._weights:  # as _unchanged, inlined: a loop per step
+            if params[name] is not t or t._version != version or t.data_ptr() != ptr:
+                raise Stale
+        logits = torch.empty(self._head_shape)  # a new tensor per step: callers may keep the logits
+        self._head_args.out, self._logits = logits.data_ptr(), logits  # (never a freed address in the args)
+        return logits
+
+    def _trimmed(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, : self._vocab].contiguous() if self._vocab != logits.shape[1] else logits
+
+    def start(self, x0: torch.Tensor | tuple[np.ndarray, list[int]], lens: list[int], threads: int) -> bool:
+        """``run(x0, lens)`` of a whole step (``whole``), begun on the library's background thread with ``threads``
+        threads (``lmf_step_start``); ``finish`` waits for it and gives its logits. Until then nothing may touch this
+        step's buffers or the runner's cache. False: nothing begun (not a whole step, or no background thread)."""
+        if self._step is None:
+            return False
+        self._inputs(x0, lens, None)
+        logits = self._logits_out()
+        if self.lib.held.lmf_step_start(self._step_at, threads):
+            return False
+        self._started = logits
+        return True
+
+    def finish(self) -> torch.Tensor:
+        """The logits (n, V) of the step ``start`` began, once it has ended."""
+        self.lib.lmf_step_join()
+        logits, self._started = self._started, None
+        return self._trimmed(logits)
+
+    def run(self, x0: torch.Tensor | tuple[np.ndarray, list[int]], lens: list[int], slots: list[int] | None = None,
+            last: list[int] | None = None) -> torch.Tensor:
+        """x0 (n, D): the embedded tokens, or (a float32 embedding table as numpy, the n token ids) whose rows are
+        gathered here; lens: each row's position (< 0: a padding row, left out). Logits (n, V); with ``slots`` (each
+        row's cache slot; default row r is slot r) and ``last`` (the rows wanted), the logits of the ``last`` rows
+        only, by the model's output layer (a prefill: the rows of a prompt in order)."""
+        self._inputs(x0, lens, slots)
+        lib = self.lib
         if self._step is not None:
-            for params, name, t, version, ptr in self._weights:  # as _unchanged, inlined: a loop per step
-                if params[name] is not t or t._version != version or t.data_ptr() != ptr:
-                    raise Stale
-            logits = torch.empty(self._head_shape)  # a new tensor per step: callers may keep the logits
-            self._head_args.out, self._logits = logits.data_ptr(), logits  # (never a freed address in the args)
+            logits = self._logits_out()
             lib.lmf_step(self._step_at)
-            if self._vocab != logits.shape[1]:
-                logits = logits[:, : self._vocab].contiguous()
+            logits = self._trimmed(logits)
             return logits if last is None else logits[last]
         norm, attention, activation = lib.lmf_add_norm, lib.lmf_attention, lib.lmf_activation
         norm(ctypes.addressof(self.first), None)
