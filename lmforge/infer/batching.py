@@ -130,7 +130,7 @@ class BatchEngine:
         self._closed = False
         self.steps = 0  # batched decode steps run (for tests and statistics)
         self.tokens = 0  # tokens generated
-        self.busy = 0.0  # seconds spent in decode steps
+        self.busy = 0.0  # seconds spent in decode steps (a step begun in the background: from the wait for it on)
         self.prefill_batches = 0  # prefills of several prompts in one forward
         self.max_active = 0
         self.cancelled = 0  # requests stopped by cancel() before they finished

@@ -8,6 +8,7 @@ source, the compiler and the CPU), once per machine; where there is no compiler,
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
@@ -114,6 +115,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmf_flash_ok.argtypes, lib.lmf_flash_ok.restype = [ctypes.c_int], ctypes.c_int
     lib.lmf_amx_init.argtypes, lib.lmf_amx_init.restype = [], ctypes.c_int
     lib.lmf_step_join.argtypes, lib.lmf_step_join.restype = [], None  # (waits: lets the interpreter lock go)
+    atexit.register(lib.lmf_step_join)  # a step begun in the background ends before the interpreter frees its tensors
     held = lib.held = ctypes.PyDLL(str(path), handle=lib._handle)  # short calls that keep the interpreter lock
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     held.lmf_gather_rows.argtypes, held.lmf_gather_rows.restype = [ptr, i64, i64, ptr, i64, ptr], i64
