@@ -241,10 +241,11 @@ class BatchEngine:
                         self._fail(req, f"{type(e).__name__}: {e}")
                     self._waiting.clear()
             try:
-                if admitted and self._started is not None:  # a prefill waits for the step under way
-                    self._decode_step(start_next=False)
-                self._admit_many(admitted)
-                self.max_active = max(self.max_active, self.active)
+                if admitted:
+                    if self._started is not None:  # a prefill waits for the step under way
+                        self._decode_step(start_next=False)
+                    self._admit_many(admitted)
+                    self.max_active = max(self.max_active, self.active)
                 self._drop_cancelled()
                 self._settle()
                 if self._started is not None:
