@@ -444,16 +444,17 @@ class SlotRunner:
 
     def start(self, tokens: list[int | None]) -> bool:
         """``decode(tokens)`` begun in the background where its step is one C call (a small float32 model: see
-        ``NativeStep.start``) and the runner has two threads or more: the step runs on all but one of them, and the
-        caller goes on (with the cache and planned step as they are) while it runs; ``finish`` gives the logits. Only
-        ``finish`` may be called meanwhile. False: nothing begun (call ``decode``)."""
+        ``NativeStep.start``) and the runner has two threads or more: the step runs on one of them (a step of many rows
+        is faster on all of them: the engine begins only one request's steps so), and the caller goes on (with the
+        cache and planned step as they are) while it runs; ``finish`` gives the logits. Only ``finish`` may be called
+        meanwhile. False: nothing begun (call ``decode``)."""
         self._not_started()
         ready = self._whole(tokens) if torch.get_num_threads() > 1 else None
         if ready is None:
             return False
         step, lens, ids, table = ready
         try:
-            if not step.start((table, ids), lens, torch.get_num_threads() - 1):
+            if not step.start((table, ids), lens, 1):
                 return False
         except Stale:  # a layer's weight changed: decode plans the step again
             return False

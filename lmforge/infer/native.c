@@ -11,8 +11,9 @@
 
    Activations move between the products as float32 or bfloat16 rows (``*_bf`` flags), padded to a row stride;
    bfloat16 is rounded to nearest even like PyTorch. Arithmetic is float32 throughout.
-   No threads of its own: a small model's step of several rows, attention of many rows and the large products share
-   their work among the calling thread's OpenMP team (PyTorch's pool; see lmf_step, lmf_attention and for_tiles).
+   A small model's step of several rows, attention of many rows and the large products share their work among the
+   calling thread's OpenMP team (PyTorch's pool; see lmf_step, lmf_attention and for_tiles); one thread of the
+   library's own runs a whole step begun by lmf_step_start while its caller goes on.
    Nothing is allocated but a scratch buffer per worker thread (thread_scratch). */
 
 #include <math.h>
