@@ -564,7 +564,7 @@ def test_a_step_begun_in_the_background_refuses_stale_weights_and_works_after_a_
             try:
                 torch.set_num_threads(1)  # (no OpenMP team in a forked child)
                 want = step.run((table, [0, 12]), lens).clone()
-                code = 0 if step.start((table, [0, 12]), lens, 1) and torch.equal(step.finish(), want) else 2
+                code = 0 if step.start((table, [0, 12]), lens) and torch.equal(step.finish(), want) else 2
             finally:
                 os._exit(code)
         deadline = time.monotonic() + 60

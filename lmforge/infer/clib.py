@@ -120,7 +120,7 @@ def _load(path: Path) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     held.lmf_gather_rows.argtypes, held.lmf_gather_rows.restype = [ptr, i64, i64, ptr, i64, ptr], i64
     held.lmf_argmax_rows.argtypes, held.lmf_argmax_rows.restype = [ptr, i64, i64, i64, ptr], None
-    held.lmf_step_start.argtypes, held.lmf_step_start.restype = [ptr, ctypes.c_int], ctypes.c_int
+    held.lmf_step_start.argtypes, held.lmf_step_start.restype = [ptr], ctypes.c_int
     if os.environ.get("LMFORGE_AMX", "1") != "0":
         lib.lmf_amx_init()  # int4 products of several rows on AMX tiles where the CPU and the OS allow them
     set_parallel(lib)

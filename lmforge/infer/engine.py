@@ -454,7 +454,7 @@ class SlotRunner:
             return False
         step, lens, ids, table = ready
         try:
-            if not step.start((table, ids), lens, 1):
+            if not step.start((table, ids), lens):
                 return False
         except Stale:  # a layer's weight changed: decode plans the step again
             return False

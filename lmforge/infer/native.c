@@ -1121,7 +1121,7 @@ void lmf_step(const step_args *s) {
    lmf_step_start hands a whole step (lmf_step) to a background thread and returns at once; lmf_step_join waits for
    its end. Meanwhile the caller (the serving engine's loop) reports the tokens of the step before, which the step
    does not need: with one request, the step on one core and the interpreter on the other. The thread runs the step
-   on `nt` threads (its own OpenMP team for nt > 1). Both sides wait by yielding the core (others may take it) for up
+   alone (no OpenMP team: one request's rows, the others idle padding). Both sides wait by yielding the core (others may take it) for up
    to BG_SPIN_NS, then asleep: on this 2-core virtual machine a sleeping thread took 250-400 us to wake, longer than
    a step of stories260K. One step at a time per process: a start while one runs is refused; a join returns once no
    started step is running. A forked child starts a thread of its own. */
@@ -1136,12 +1136,11 @@ static struct {
     pthread_mutex_t mu;
     pthread_cond_t go, done;
     const step_args *s;
-    int nt;
     int state;     /* 0: idle, 1: a step to run or running, 2: its step ended */
     int sleeping;  /* the thread waits on `go` */
     int joining;   /* callers wait on `done` */
     pid_t pid;     /* the process whose thread it is (0: none yet) */
-} bg = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 1, 0, 0, 0, 0};
+} bg = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, 0};
 
 static pthread_once_t bg_once = PTHREAD_ONCE_INIT;
 
@@ -1177,7 +1176,7 @@ static void *bg_main(void *unused) {
             sched_yield();
         }
 #if defined(_OPENMP)
-        omp_set_num_threads(bg.nt);
+        omp_set_num_threads(1);
 #endif
         lmf_step(bg.s);
         pthread_mutex_lock(&bg.mu);
@@ -1188,9 +1187,9 @@ static void *bg_main(void *unused) {
     return NULL;
 }
 
-/* Starts step s on the background thread (made at first use) with nt threads. 0, or -1: a step is running (or no
-   thread could be made); nothing started. */
-int lmf_step_start(const step_args *s, int nt) {
+/* Starts step s on the background thread (made at first use). 0, or -1: a step is running (or no thread could be
+   made); nothing started. */
+int lmf_step_start(const step_args *s) {
     pthread_once(&bg_once, bg_at_fork);
     pthread_mutex_lock(&bg.mu);
     if (bg.pid != getpid()) {
@@ -1211,7 +1210,6 @@ int lmf_step_start(const step_args *s, int nt) {
         return -1;
     }
     bg.s = s;
-    bg.nt = nt > 0 ? nt : 1;
     __atomic_store_n(&bg.state, 1, __ATOMIC_RELEASE);
     if (bg.sleeping) pthread_cond_signal(&bg.go);
     pthread_mutex_unlock(&bg.mu);
@@ -1231,9 +1229,8 @@ void lmf_step_join(void) {
     pthread_mutex_unlock(&bg.mu);
 }
 #else
-int lmf_step_start(const step_args *s, int nt) {  /* no background thread here: the caller runs lmf_step itself */
+int lmf_step_start(const step_args *s) {  /* no background thread here: the caller runs lmf_step itself */
     (void)s;
-    (void)nt;
     return -1;
 }
 void lmf_step_join(void) {}

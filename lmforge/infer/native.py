@@ -666,15 +666,15 @@ class NativeStep:
     def _trimmed(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[:, : self._vocab].contiguous() if self._vocab != logits.shape[1] else logits
 
-    def start(self, x0: torch.Tensor | tuple[np.ndarray, list[int]], lens: list[int], threads: int) -> bool:
-        """``run(x0, lens)`` of a whole step (``whole``), begun on the library's background thread with ``threads``
-        threads (``lmf_step_start``); ``finish`` waits for it and gives its logits. Until then nothing may touch this
-        step's buffers or the runner's cache. False: nothing begun (not a whole step, or no background thread)."""
+    def start(self, x0: torch.Tensor | tuple[np.ndarray, list[int]], lens: list[int]) -> bool:
+        """``run(x0, lens)`` of a whole step (``whole``), begun on the library's background thread (``lmf_step_start``,
+        one thread); ``finish`` waits for it and gives its logits. Until then nothing may touch this step's buffers or
+        the runner's cache. False: nothing begun (not a whole step, or no background thread)."""
         if self._step is None:
             return False
         self._inputs(x0, lens, None)
         logits = self._logits_out()
-        if self.lib.held.lmf_step_start(self._step_at, threads):
+        if self.lib.held.lmf_step_start(self._step_at):
             return False
         self._started = logits
         return True
