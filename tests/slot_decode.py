@@ -17,9 +17,10 @@ def decode_against_full_forward(runner, model, seqs: dict[int, list[int]], steps
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         new = {s: int(torch.randint(0, vocab, (1,), generator=g)) for s in seqs}
-        logits = runner.decode([new.get(i) for i in range(runner.n_slots)])
+        logits = runner.decode([new.get(i) for i in range(runner.n_slots)])  # a row per given slot, in slot order
+        row = {s: k for k, s in enumerate(sorted(new))}
         for s, t in new.items():
             seqs[s].append(t)
             with torch.no_grad():
                 ref = model(torch.tensor([seqs[s]]))[0, -1]
-            yield s, logits[s], ref
+            yield s, logits[row[s]], ref

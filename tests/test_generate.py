@@ -101,6 +101,8 @@ def test_greedy_choice_is_torch_argmax_with_ties_nan_and_strided_rows():
     out = select(logits, [greedy[0], lp, pen, greedy[3], greedy[4]])
     assert out[1].token == 7 and out[1].logprob == pytest.approx(torch.log_softmax(logits[1], -1)[7].item())
     assert out[2].token == 11 and pen.counts[11] == 1  # NaN still wins; the penalty's counts are kept
+    some = select(logits, [greedy[0], lp], [2, 1])  # rows 2 and 1 alone (NumPy's indexing: the lock is kept)
+    assert [c.token for c in some] == [11, 7] and some[1].logprob == pytest.approx(out[1].logprob)
 
 
 def test_draws_follow_the_distribution_and_seeds_reproduce():
@@ -544,7 +546,7 @@ def test_runner_start_finish_gives_decodes_logits_and_guards_the_cache(stories, 
             with pytest.raises(RuntimeError, match="under way"):
                 b.prefill(0, prompts[1])
             got = b.finish()
-            assert torch.equal(got, want)
+            assert torch.equal(got, want) and got.shape[0] == 1  # slot 2's row alone
             assert a.lens == b.lens
         with pytest.raises(RuntimeError, match="no decoding step"):
             b.finish()

@@ -27,6 +27,11 @@ def test_greedy_takes_the_first_of_equal_largest_logits():
     want = ts.select(torch.from_numpy(x.copy()), [ts.TokenSampler(SamplingParams(temperature=0), [], 1000)
                                                   for _ in range(4)])
     assert [c.token for c in got] == [c.token for c in want] and got[1].token == 7
+    rows = [3, 1]  # (the rows of the requests still running, of a step that computed more)
+    got = ls.select(x, [ls.LeanSampler(SamplingParams(temperature=0), [], 1000) for _ in rows], rows)
+    want = ts.select(torch.from_numpy(x.copy()), [ts.TokenSampler(SamplingParams(temperature=0), [], 1000)
+                                                  for _ in rows], rows)
+    assert [c.token for c in got] == [c.token for c in want] == [int(x[3].argmax()), 7]
 
 
 @pytest.mark.parametrize("V", [1000, 49152])

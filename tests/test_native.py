@@ -64,9 +64,12 @@ def test_native_step_equals_full_forward(shape, whole, forced, monkeypatch):
         monkeypatch.setattr(native, "SMALL_PRODUCTS", 0)
     model = _model(shape)
     runner = _check_decode(model, atol=2e-5)
-    plans = runner._path[4, torch.get_num_threads()]  # kept, or still in trials: the C step at each thread count
-    assert 4 in runner._native and all(native for native, _ in (plans if isinstance(plans, dict) else [plans]))
-    assert (runner._native[4]._step is not None) == (whole and bool(native.library().lmf_linear_fast()))
+    one_call = whole and bool(native.library().lmf_linear_fast())
+    n = 3 if one_call else 4  # a one-call step maps rows to slots: the 3 given rows alone (slot 2 is idle)
+    plans = runner._path[n, torch.get_num_threads()]  # kept, or still in trials: the C step at each thread count
+    assert n in runner._native and all(native for native, _ in (plans if isinstance(plans, dict) else [plans]))
+    assert (3 in runner._native) == one_call  # (no 3-row step planned in vain)
+    assert (runner._native[n]._step is not None) == one_call
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -106,7 +109,7 @@ def test_one_call_step_follows_changed_weights(monkeypatch):
         runners[flag] = SlotRunner(model, 2, 64)
         runners[flag].prefill(0, [5, 6, 7])
         runners[flag].decode([8, None])
-    first = runners["1"]._native[2]
+    first = runners["1"]._native[1]  # (the given row alone: slot 1 is idle)
     assert first._step is not None or not native.library().lmf_linear_fast()
     with torch.no_grad():
         model.blocks[1].mlp.fc1.weight.mul_(1.5)
@@ -115,13 +118,13 @@ def test_one_call_step_follows_changed_weights(monkeypatch):
     for flag in ("1", "0"):
         monkeypatch.setenv("LMFORGE_NATIVE", flag)
         got[flag] = runners[flag].decode([9, None])[0]
-    assert runners["1"]._native[2] is not first and not runners["0"]._native
+    assert runners["1"]._native[1] is not first and not runners["0"]._native
     assert torch.allclose(got["1"], got["0"], atol=2e-5), (got["1"] - got["0"]).abs().max()
-    second = runners["1"]._native[2]
+    second = runners["1"]._native[1]
     model.blocks[0].attn.proj.weight = torch.nn.Parameter(model.blocks[0].attn.proj.weight * 2, requires_grad=False)
     monkeypatch.setenv("LMFORGE_NATIVE", "1")
     runners["1"].decode([10, None])
-    assert runners["1"]._native[2] is not second
+    assert runners["1"]._native[1] is not second
 
 
 def test_one_call_step_follows_a_changed_bias(monkeypatch):
@@ -188,7 +191,7 @@ def test_the_cache_grows_while_decoding(step, monkeypatch):
         runner, model, seqs, steps=8))
     assert worst <= 2e-5, worst
     assert (runner.slots, runner.cap) == (4, 2 * m) and runner.k.shape[1::2] == (4, 2 * m)
-    assert (4 in runner._native) == (step == "1")
+    assert bool(runner._native) == (step == "1")
     runner.release()
     assert (runner.slots, runner.cap) == (0, 0) and runner.k.numel() == 0
 
@@ -367,9 +370,9 @@ def test_a_one_call_step_is_kept_without_trials(monkeypatch):
         pytest.skip("no vectorized C products here")
     calls = []
     monkeypatch.setattr(runner, "_fast", lambda *a: calls.append(a))
-    for t in range(3):
-        runner.decode([3 + t, None])
-    assert runner._path[2, torch.get_num_threads()] == (True, torch.get_num_threads()) and calls == []
+    outs = [runner.decode([3 + t, None]) for t in range(3)]  # (slot 0's row alone: a step of one row)
+    assert runner._path[1, torch.get_num_threads()] == (True, torch.get_num_threads()) and calls == []
+    assert len({o.data_ptr() for o in outs}) == 3 and all(o.shape[0] == 1 for o in outs)  # callers may keep them
 
 
 def test_off_switch_and_a_missing_compiler(monkeypatch, tmp_path):
@@ -556,15 +559,15 @@ def test_a_step_begun_in_the_background_refuses_stale_weights_and_works_after_a_
         r.decode([None, 10])  # planned again
         assert r.start([None, 11])
         r.finish()
-        step, table = r._native[2], r._table_np()
-        lens = [0, r.lens[1]]
+        step, table = r._native[1], r._table_np()  # (slot 1's row alone: a step of one row at slot 1)
+        lens = [r.lens[1]]
         pid = os.fork()
         if pid == 0:  # the child: the library's thread is the parent's, not here
             code = 1
             try:
                 torch.set_num_threads(1)  # (no OpenMP team in a forked child)
-                want = step.run((table, [0, 12]), lens).clone()
-                code = 0 if step.start((table, [0, 12]), lens) and torch.equal(step.finish(), want) else 2
+                want = step.run((table, [12]), lens, [1]).clone()
+                code = 0 if step.start((table, [12]), lens, [1]) and torch.equal(step.finish(), want) else 2
             finally:
                 os._exit(code)
         deadline = time.monotonic() + 60

@@ -101,11 +101,12 @@ class BatchEngine:
     The engine schedules; a runner decodes. ``runner`` has ``max_len`` and ``nv`` (positions each slot may hold, and
     how many of them virtual tokens take), ``prefill(slot, ids, every=False)`` (the logits (V,) after a prompt;
     ``every``: (len(ids), V) after each of its tokens),
-    ``prefill_many(slots, prompts)`` (B, V), ``decode(tokens)`` (a token or None per slot: the logits of the slots
-    given a token, (n, V) over the first n slots or one row per given token), ``cache_bytes(slots, length)`` and
-    ``idle(positions)`` (nothing runs; the next request needs that many positions). ``select(logits, samplers)``
-    picks tokens with samplers of type ``sampler_type``: ``lmforge.infer.engine.Engine`` decodes a PyTorch model,
-    ``lmforge.infer.lean.LeanEngine`` an int4 directory without PyTorch.
+    ``prefill_many(slots, prompts)`` (B, V), ``decode(tokens)`` (a token or None per slot: the logits (k, V) of the
+    k slots given a token, in slot order), ``cache_bytes(slots, length)`` and ``idle(positions)`` (nothing runs; the
+    next request needs that many positions); optionally ``start(tokens)`` (a ``decode`` begun in the background: True
+    if it was) and ``finish()`` (its logits). ``select(logits, samplers, rows=None)`` picks tokens from ``rows`` of
+    ``logits`` (default all) with samplers of type ``sampler_type``: ``lmforge.infer.engine.Engine`` decodes a
+    PyTorch model, ``lmforge.infer.lean.LeanEngine`` an int4 directory without PyTorch.
 
     ``kv_budget``: bytes the key/value cache may grow to. A waiting request is admitted only while the cache, with
     every running request at its prompt plus its limit, stays within it (a request alone always is); the others
@@ -346,18 +347,15 @@ class BatchEngine:
         t0 = time.perf_counter()
         try:
             if started is not None:
-                logits = self.runner.finish()  # a row per slot up to the last started one
-                rows = [i for i, r in started if self._slots[i] is r]  # not finished or cancelled since
-                if logits.shape[0] != len(rows):
-                    logits = logits[rows]
+                logits = self.runner.finish()  # a row per started slot
+                at = [k for k, (i, r) in enumerate(started) if self._slots[i] is r]  # not finished or cancelled since
+                rows = [started[k][0] for k in at]
             else:
                 n = max(i for i, t in enumerate(self._last) if t is not None) + 1
                 tokens = self._last[:n]
-                logits = self.runner.decode(tokens)
-                rows = [i for i, t in enumerate(tokens) if t is not None]
-                if logits.shape[0] != len(rows):  # a row per slot up to n: the given ones
-                    logits = logits[rows]
-            choices = self._select(logits, [self._slots[i].seq.sampler for i in rows]) if rows else []
+                logits = self.runner.decode(tokens)  # a row per slot given a token
+                rows, at = [i for i, t in enumerate(tokens) if t is not None], None
+            choices = self._select(logits, [self._slots[i].seq.sampler for i in rows], at) if rows else []
         except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
             traceback.print_exc(file=sys.stderr)
             for i, req in enumerate(self._slots):
@@ -387,9 +385,11 @@ class BatchEngine:
         for i, c in zip(rows, choices):
             seq = self._slots[i].seq
             if c.token not in seq.stop_ids and len(seq.out_ids) + 1 < seq.limit:
+                if len(go) == STARTED_ROWS:  # (before, every row of a 16-row step was looked at: 14 % of it)
+                    return
                 nxt[i] = c.token
                 go.append((i, self._slots[i]))
-        if not go or len(go) > STARTED_ROWS:
+        if not go:
             return
         done = set(rows)
         if any(t is not None and i not in done for i, t in enumerate(self._last)):

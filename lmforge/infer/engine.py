@@ -31,7 +31,7 @@ from torch import nn
 
 from lmforge.infer.batching import BatchEngine, EngineError, Request
 from lmforge.infer.native import FLASH_MIN_ROWS, NativeStep, Stale, flash_attention_in, int4_ok, library
-from lmforge.infer.sampling import TokenSampler, select
+from lmforge.infer.sampling import TokenSampler, select, take_rows
 from lmforge.matmul import linear
 from lmforge.memory import drop_file_pages, file_mappings, release_free_memory
 from lmforge.model import Decoder
@@ -202,6 +202,7 @@ class SlotRunner:
         self._quantized = any(isinstance(m, QuantLinear) and not int4_ok(m) for m in model.blocks.modules())
         self._native_ok: bool | None = None  # NativeStep.supported, asked at the first decode step
         self._native: dict[int, NativeStep] = {}  # rows -> the step planned for them
+        self._c_products: bool | None = None  # the last step planned was all C products (NativeStep.c_products)
         self._started: NativeStep | None = None  # a step begun by start, until finish
         self.transposed: dict = {}  # id(linear) -> (signature, weight transposed, bias): shared by the C steps
         self._path = decode_plans(model)  # (rows, threads) -> the plan kept, or the trials' times
@@ -361,38 +362,79 @@ class SlotRunner:
 
     # ---- decode -----------------------------------------------------------------------------------
     def decode(self, tokens: list[int | None]) -> torch.Tensor:
-        """Append ``tokens[i]`` to slot i for every i with a token (None = idle slot); logits (len(tokens), V)."""
+        """Append ``tokens[i]`` to slot i for every i with a token (None = idle slot); the logits (k, V) of those k
+        slots, in slot order. Where the step is all C products (a small float32 model, int4) it computes only those
+        rows, each at its slot: a request left alone in slot 5 decodes one row, not six."""
         self._not_started()
         ready = self._whole(tokens)
         if ready is not None:  # the common step of a small float32 model: one C call, nothing to plan
-            step, lens, ids, table = ready
+            step, lens, ids, table, live = ready
             try:
-                logits = step.run((table, ids), lens)
+                logits = step.run((table, ids), lens, None if len(live) == len(tokens) else live)
             except Stale:  # (raised before the cache was written) planned again there
                 return self._decode(tokens)
-            for i, t in enumerate(tokens):
-                if t is not None:
-                    self.lens[i] += 1
+            for i in live:
+                self.lens[i] += 1
             return logits
         return self._decode(tokens)
 
-    def _whole(self, tokens: list[int | None]) -> tuple[NativeStep, list[int], list[int], np.ndarray] | None:
-        """For a step of ``tokens`` whose whole C step (``NativeStep.whole``) is planned and has run, whose rows fit the
-        cache as it is and whose embedding rows the step gathers from the table itself: (the step, the rows'
-        positions, their ids, the table). None otherwise: ``_decode``, which also plans, grows the cache and times
-        plans, under ``torch.inference_mode`` (stories260K, one row: 40 us a decode that way, 33 this way)."""
-        n = len(tokens)
+    def _whole(self, tokens: list[int | None]
+               ) -> tuple[NativeStep, list[int], list[int], np.ndarray, list[int]] | None:
+        """For a step of the given ``tokens`` (a row each, at its slot) whose whole C step (``NativeStep.whole``) is
+        planned and has run, whose rows fit the cache as it is and whose embedding rows the step gathers from the
+        table itself: (the step, the rows' positions, their ids, the table, their slots). None otherwise:
+        ``_decode``, which also plans, grows the cache and times plans, under ``torch.inference_mode`` (stories260K,
+        one row: 40 us a decode that way, 33 this way)."""
+        live = [i for i, t in enumerate(tokens) if t is not None]
+        n = len(live)
         step = self._native.get(n)
         if step is None or not step.whole or n not in self._warm or not step.current():
             return None
         table = self._table_np()
-        lens = [self.lens[i] if t is not None else 0 for i, t in enumerate(tokens)]
-        if table is None or n > self.slots or max(lens) >= self.cap:
+        lens = [self.lens[i] for i in live]
+        if table is None or live[-1] >= self.slots or max(lens) >= self.cap:
             return None
-        return step, lens, [t if t is not None else 0 for t in tokens], table
+        return step, lens, [tokens[i] for i in live], table, live
 
     @torch.inference_mode()
     def _decode(self, tokens: list[int | None]) -> torch.Tensor:
+        live = [i for i, t in enumerate(tokens) if t is not None]
+        if len(live) < len(tokens):  # idle slots among them: the given rows alone where the step maps rows to slots
+            logits = self._decode_live(tokens, live)
+            if logits is not None:
+                return logits
+        logits = self._decode_all(tokens)
+        return logits if len(live) == len(tokens) else take_rows(logits, live)
+
+    def _decode_live(self, tokens: list[int | None], live: list[int]) -> torch.Tensor | None:
+        """``decode`` of the rows of the ``live`` slots alone, each at its slot, where their step is all C products
+        (planned without trials, at the caller's threads); None where it is not (nothing written): ``_decode_all``."""
+        lens = [self.lens[i] for i in live]
+        if not self.fast or not self._c_products or max(lens) + 1 > self.max_len:  # (known once a step was planned)
+            return None
+        self.reserve(live[-1] + 1, max(lens) + 1)  # (before the step: a grown cache plans steps again)
+        x = self._step_input([tokens[i] for i in live], lens)
+        for _ in range(2):  # a stale step (a weight changed: raised before the cache is written) planned again once
+            step = self._native_step(len(live))
+            if step is None or not step.c_products:
+                return None
+            self._plan_for(len(live), True, whole=True)  # (kept as _decode_all keeps such a step: no trials)
+            try:
+                logits = step.run(x, lens, live)
+                break
+            except Stale:
+                self._native.clear()
+        else:
+            return None
+        for i in live:
+            self.lens[i] += 1
+        if len(live) not in self._warm:  # (see _decode_all)
+            self._warm.add(len(live))
+            release_free_memory()
+        return logits
+
+    def _decode_all(self, tokens: list[int | None]) -> torch.Tensor:
+        """A step of a row per slot up to ``len(tokens)``, the idle ones as padding: logits (len(tokens), V)."""
         n = len(tokens)
         lens = [self.lens[i] if t is not None else 0 for i, t in enumerate(tokens)]
         S = max(lens) + 1
@@ -452,20 +494,19 @@ class SlotRunner:
         ready = self._whole(tokens) if torch.get_num_threads() > 1 else None
         if ready is None:
             return False
-        step, lens, ids, table = ready
+        step, lens, ids, table, live = ready
         try:
-            if not step.start((table, ids), lens):
+            if not step.start((table, ids), lens, None if len(live) == len(tokens) else live):
                 return False
         except Stale:  # a layer's weight changed: decode plans the step again
             return False
         self._started = step
-        for i, t in enumerate(tokens):
-            if t is not None:
-                self.lens[i] += 1
+        for i in live:
+            self.lens[i] += 1
         return True
 
     def finish(self) -> torch.Tensor:
-        """The logits (len(tokens), V) of the step ``start`` began, once it has ended."""
+        """The logits (k, V) of the step ``start`` began (as ``decode``'s), once it has ended."""
         step, self._started = self._started, None
         if step is None:
             raise RuntimeError("no decoding step was started")
@@ -482,6 +523,7 @@ class SlotRunner:
         if step is None or not step.current():
             try:
                 step = self._native[n] = NativeStep(self, n)
+                self._c_products = step.c_products
             except (ValueError, Stale):
                 self._native_ok = False
                 return None

@@ -105,9 +105,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return (z - np.log(np.exp(z).sum())).astype(np.float32)
 
 
-def select(logits: np.ndarray, samplers: list[LeanSampler]) -> list[Choice]:
+def select(logits: np.ndarray, samplers: list[LeanSampler], rows: list[int] | None = None) -> list[Choice]:
     """Pick the next token of each row of ``logits`` (B, V) float32 with that row's sampler (``sampling.select``);
-    updates their counts."""
+    updates their counts. ``rows``: the rows of ``logits`` to pick from (one per sampler; default all)."""
+    if rows is not None and len(rows) != logits.shape[0]:
+        logits = logits[rows]
     if all(s.plain for s in samplers):  # the common serving case
         return [Choice(t) for t in logits.argmax(axis=-1).tolist()]
     out = []

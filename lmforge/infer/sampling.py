@@ -78,12 +78,15 @@ class TokenSampler:
         return logits
 
 
-def select(logits: torch.Tensor, samplers: list[TokenSampler]) -> list[Choice]:
-    """Pick the next token of each row of ``logits`` (B, V) with that row's sampler; updates their counts."""
+def select(logits: torch.Tensor, samplers: list[TokenSampler], rows: list[int] | None = None) -> list[Choice]:
+    """Pick the next token of each row of ``logits`` (B, V) with that row's sampler; updates their counts. ``rows``:
+    the rows of ``logits`` to pick from (one per sampler; default all)."""
+    if rows is not None and len(rows) != logits.shape[0]:
+        logits = take_rows(logits, rows)
     if logits.dtype != torch.float32:  # (.float() of float32 logits is no work, but lets the interpreter lock go)
         logits = logits.float()
     if all(s.plain for s in samplers):  # the common serving case, per row a few Python operations less
-        return [Choice(t) for t in _argmax(logits)]
+        return list(map(Choice, _argmax(logits)))
     B = logits.shape[0]
     want_lp = [s.params.logprobs or s.params.top_logprobs > 0 for s in samplers]
     logp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
@@ -121,6 +124,14 @@ def select(logits: torch.Tensor, samplers: list[TokenSampler]) -> list[Choice]:
                 c.top_logprobs = list(zip(ix.tolist(), v.tolist()))
         out.append(c)
     return out
+
+
+def take_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``logits[rows]``; a CPU float32 tensor's through NumPy, keeping the interpreter lock: torch's indexing lets it
+    go, and a decoding thread then waited for the HTTP thread to give it back."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return torch.from_numpy(logits.numpy()[rows])
+    return logits[rows]
 
 
 def _argmax(logits: torch.Tensor) -> list[int]:

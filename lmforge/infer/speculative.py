@@ -135,7 +135,7 @@ class Speculator:
         worth = self.drafted < CHECK_AFTER or self.kept >= MIN_KEPT * self.drafted
         n = min(self.k, room) if worth else 0
         if n <= 0:
-            yield select(target.decode([None] * slot + [tok])[slot : slot + 1], [sampler])[0]
+            yield select(target.decode([None] * slot + [tok]), [sampler])[0]
             return
 
         def propose(logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
