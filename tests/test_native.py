@@ -9,6 +9,8 @@ from slot_decode import decode_against_full_forward
 
 from lmforge.infer import clib, engine, native
 from lmforge.infer.engine import MIN_CACHE_LEN, NATIVE_TRIALS, SlotRunner
+from lmforge.infer.params import SamplingParams
+from lmforge.infer.sampling import TokenSampler, noted_argmax, select
 from lmforge.model import Decoder
 from lmforge.presets import get_preset
 from lmforge.quant import QuantConfig, quantize_model, set_compute
@@ -373,6 +375,36 @@ def test_a_one_call_step_is_kept_without_trials(monkeypatch):
     outs = [runner.decode([3 + t, None]) for t in range(3)]  # (slot 0's row alone: a step of one row)
     assert runner._path[1, torch.get_num_threads()] == (True, torch.get_num_threads()) and calls == []
     assert len({o.data_ptr() for o in outs}) == 3 and all(o.shape[0] == 1 for o in outs)  # callers may keep them
+
+
+def test_the_one_call_step_notes_each_rows_argmax(monkeypatch):
+    """The one-call step finds each row's argmax where it wrote the logits (over the vocabulary, not its padding to
+    16): greedy selection takes it, of the rows asked for, while the logits are unchanged; changed in place, they
+    are looked at again."""
+    monkeypatch.delenv("LMFORGE_NATIVE", raising=False)
+    model = _model("llama")  # 97 logits a row, padded to 112 in the step
+    runner = SlotRunner(model, 4, 64)
+    if not runner._native_step(1).whole:
+        pytest.skip("no vectorized C products here")
+    for slot in (0, 2):
+        runner.prefill(slot, [5, 6, 7])
+    greedy = [TokenSampler(SamplingParams(temperature=0), [], 97) for _ in range(2)]
+    for t in range(3):  # (the first step plans it under inference mode: nothing noted on an inference tensor)
+        logits = runner.decode([8 + t, None, 9 + t])
+    top = noted_argmax(logits)
+    assert logits.shape == (2, 97) and top == logits.argmax(dim=-1).tolist()
+    assert [c.token for c in select(logits, greedy[:1], [1])] == top[1:]
+    with torch.no_grad():
+        logits[1, 3] = 1e9  # changed in place: the note no longer holds
+    assert noted_argmax(logits) is None and [c.token for c in select(logits, greedy)] == [top[0], 3]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert runner.start([11, None, 12])
+        got = runner.finish()
+        assert noted_argmax(got) == got.argmax(dim=-1).tolist()
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_off_switch_and_a_missing_compiler(monkeypatch, tmp_path):

@@ -236,4 +236,4 @@ class _FlashArgs(ctypes.Structure):
 
 class _StepArgs(ctypes.Structure):
     _fields_ = [("n_layer", _i32), ("first", _ptr), ("lin", _ptr), ("attn", _ptr), ("norm2", _ptr), ("act", _ptr),
-                ("after", _ptr), ("head", _ptr)]
+                ("after", _ptr), ("head", _ptr), ("top", _ptr)]

@@ -1046,7 +1046,12 @@ typedef struct {
     const act_args *const *act;    /* per layer */
     const norm_args *const *after; /* per layer: + fc2, then the next layer's norm (or the final one) */
     const lin_args *head;          /* the output projection */
+    int64_t *top;                  /* NULL, or (n): each row's argmax of its logits (as lmf_argmax_rows), found by
+                                      the thread that wrote them: read later from another core's cache, 16 rows of
+                                      stories260K took 12 us instead of 2 */
 } step_args;
+
+void lmf_argmax_rows(const float *x, int64_t n, int64_t v, int64_t stride, int64_t *out);
 
 /* Rows r0 .. r1 - 1 of a whole step (rows are independent but for the rows of one slot, kept together and in
    order); norm, act and attn: scratch of d, 2 f and attn->tmp's floats, or NULL: the args' own. */
@@ -1064,6 +1069,8 @@ static void step_rows(const step_args *s, int r0, int r1, float *norm, float *ac
         add_norm_rows(s->after[i], l[3]->out, r0, r1, norm ? norm : s->after[i]->tmp);
     }
     linear_rows(s->head, r0, r1);
+    if (s->top)
+        lmf_argmax_rows(s->head->out + (size_t)r0 * s->head->Np, r1 - r0, s->head->N, s->head->Np, s->top + r0);
 }
 
 #if defined(_OPENMP)

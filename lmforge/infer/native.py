@@ -47,6 +47,7 @@ from lmforge.infer.clib import (
     library,
     set_parallel,
 )
+from lmforge.infer.sampling import with_argmax
 from lmforge.matmul import linear
 from lmforge.memory import drop_file_pages, file_mappings, release_free_memory
 from lmforge.model.attention import Attention
@@ -440,10 +441,12 @@ class NativeStep:
             self._head_shape = (n, self._head_args.Np)
             arrays = [(ctypes.c_void_p * len(a))(*(ctypes.addressof(x) for x in a)) for a in (
                 [p[0].args for layer in prods for p in layer], *zip(*args))]
+            self._top = (ctypes.c_int64 * n)()  # each row's argmax, found by the step (its logits hot)
             self._step = _StepArgs(n_layer=len(m.blocks), first=ctypes.addressof(self.first),
                                    lin=ctypes.addressof(arrays[0]), attn=ctypes.addressof(arrays[1]),
                                    norm2=ctypes.addressof(arrays[2]), act=ctypes.addressof(arrays[3]),
-                                   after=ctypes.addressof(arrays[4]), head=ctypes.addressof(self._head_args))
+                                   after=ctypes.addressof(arrays[4]), head=ctypes.addressof(self._head_args),
+                                   top=ctypes.addressof(self._top))
             self._keep += [arrays, self._step]
             self._step_at, self._vocab, self.whole = ctypes.addressof(self._step), V, True
 
@@ -686,7 +689,7 @@ class NativeStep:
         """The logits (n, V) of the step ``start`` began, once it has ended."""
         self.lib.lmf_step_join()
         logits, self._started = self._started, None
-        return self._trimmed(logits)
+        return with_argmax(self._trimmed(logits), self._top[:])
 
     def run(self, x0: torch.Tensor | tuple[np.ndarray, list[int]], lens: list[int], slots: list[int] | None = None,
             last: list[int] | None = None) -> torch.Tensor:
@@ -700,7 +703,7 @@ class NativeStep:
             logits = self._logits_out()
             lib.lmf_step(self._step_at)
             logits = self._trimmed(logits)
-            return logits if last is None else logits[last]
+            return with_argmax(logits, self._top[:]) if last is None else logits[last]
         norm, attention, activation = lib.lmf_add_norm, lib.lmf_attention, lib.lmf_activation
         norm(ctypes.addressof(self.first), None)
         for qkv, attn, h, proj, norm2, a, fc1, act, h2, fc2, after, f in self.layers:

@@ -81,11 +81,14 @@ class TokenSampler:
 def select(logits: torch.Tensor, samplers: list[TokenSampler], rows: list[int] | None = None) -> list[Choice]:
     """Pick the next token of each row of ``logits`` (B, V) with that row's sampler; updates their counts. ``rows``:
     the rows of ``logits`` to pick from (one per sampler; default all)."""
+    plain = all(s.plain for s in samplers)  # the common serving case, per row a few Python operations less
+    if plain and (top := noted_argmax(logits)) is not None:
+        return list(map(Choice, top if rows is None else [top[i] for i in rows]))
     if rows is not None and len(rows) != logits.shape[0]:
         logits = take_rows(logits, rows)
     if logits.dtype != torch.float32:  # (.float() of float32 logits is no work, but lets the interpreter lock go)
         logits = logits.float()
-    if all(s.plain for s in samplers):  # the common serving case, per row a few Python operations less
+    if plain:
         return list(map(Choice, _argmax(logits)))
     B = logits.shape[0]
     want_lp = [s.params.logprobs or s.params.top_logprobs > 0 for s in samplers]
@@ -124,6 +127,21 @@ def select(logits: torch.Tensor, samplers: list[TokenSampler], rows: list[int] |
                 c.top_logprobs = list(zip(ix.tolist(), v.tolist()))
         out.append(c)
     return out
+
+
+def with_argmax(logits: torch.Tensor, top: list[int]) -> torch.Tensor:
+    """``logits`` noted with each row's argmax ``top`` (as ``_argmax`` finds it), found where they were computed (the
+    C step): greedy rows take it (``select``) while the tensor is unchanged since (its version; an inference tensor
+    has none, and is not noted)."""
+    if not logits.is_inference():
+        logits.lmf_argmax = (logits._version, top)
+    return logits
+
+
+def noted_argmax(logits: torch.Tensor) -> list[int] | None:
+    """The argmax of each row noted by ``with_argmax``, if the tensor has not changed since; else None."""
+    noted = getattr(logits, "lmf_argmax", None)
+    return noted[1] if noted is not None and noted[0] == logits._version else None
 
 
 def take_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
