@@ -21,7 +21,7 @@ from transformers.generation.logits_process import (
 
 from lmforge.infer.engine import Engine, EngineError, Request, SlotRunner
 from lmforge.infer.generate import TextStream, complete, generate, generate_batch, stream_steps
-from lmforge.infer.sampling import SamplingParams, TokenSampler, distribution, select
+from lmforge.infer.sampling import SamplingParams, TokenSampler, distribution, noted_argmax, select
 from lmforge.loading import load_model_and_tokenizer
 from lmforge.model import Decoder
 from lmforge.presets import get_preset
@@ -584,6 +584,66 @@ def test_engine_begins_a_lone_requests_next_step_with_the_same_results(stories, 
     for r, w in zip(reqs, want):
         assert r.token_ids == w.token_ids and r.finish_reason == w.finish_reason
     assert reqs[3].text == want[3].text == full.split(full[25:29])[0]
+
+
+def test_a_pair_of_threads_shares_a_begun_steps_rows(stories, prompts):
+    """Decoding on a pair of threads (``SlotRunner.pair``): a step of six rows begun in the background and joined
+    (two chunks, one perhaps computed by the joining thread) gives a synchronous step's logits, argmax and cache."""
+    model, _ = stories
+    a, b = SlotRunner(model, 8), SlotRunner(model, 8)
+    if not b.pair_threads():
+        pytest.skip("no one-call step or background thread here")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # (as Engine keeps it: the library's thread is the second)
+    try:
+        for r in (a, b):
+            for s in range(6):
+                r.prefill(s, prompts[s])
+            r.decode([6 + s for s in range(6)])  # (the first step of a row count is planned: begun from then on)
+            r.decode([None, 4, None, 5])
+        for t in range(3):
+            toks = [7 + t + s for s in range(6)]
+            want = a.decode(toks)
+            assert b.start(toks)
+            got = b.finish()
+            assert torch.equal(got, want) and noted_argmax(got) == want.argmax(dim=-1).tolist()
+            assert torch.equal(b.decode([None, 5, None, 6]), a.decode([None, 5, None, 6]))  # (begun and joined)
+    finally:
+        torch.set_num_threads(before)
+    assert a.lens == b.lens and torch.equal(a.k[:, :6, :, :20], b.k[:, :6, :, :20])
+
+
+def test_engine_on_a_pair_of_threads_begins_steps_of_many_requests(stories, prompts):
+    """With two threads and a one-call step, the engine begins the next step of every running request before it
+    reports their tokens: greedy and seeded sampling, a stop string (its row dropped from the begun step), a
+    cancelled request and one arriving mid-step all give what they give alone."""
+    model, tok = stories
+    full = tok.decode(prompts[2] + generate(model, prompts[2], GREEDY))[len(tok.decode(prompts[2])):]
+    cases = [(prompts[0], SamplingParams(temperature=0, max_new_tokens=30)),
+             (prompts[1], SamplingParams(temperature=0.9, top_p=0.9, max_new_tokens=40, seed=3)),
+             (prompts[2], SamplingParams(temperature=0, max_new_tokens=40, stop=[full[25:29]])),
+             (prompts[3], SamplingParams(temperature=0.8, max_new_tokens=60, seed=5))]
+    late = (prompts[4], SamplingParams(temperature=0, max_new_tokens=30))
+    want = [complete(model, tok, p, sp) for p, sp in [*cases, late]]
+    eng = Engine(model, tok, max_batch=6, threads=2)
+    try:
+        reqs = eng.submit_group([(p, sp, i) for i, (p, sp) in enumerate(cases)])
+        doomed = eng.submit(prompts[5], SamplingParams(temperature=0, max_new_tokens=200))
+        steps = iter(reqs[3])
+        for _ in range(10):
+            next(steps)
+        doomed.cancel()
+        reqs.append(eng.submit(*late))  # arrives while a step is under way
+        for r in reqs:
+            r.result()
+    finally:
+        eng.close()
+    if not eng.runner.pair:
+        pytest.skip("no one-call step or background thread here")
+    assert eng.started_rows > eng.started_steps > 0  # steps of several rows begun
+    for r, w in zip(reqs, want):
+        assert r.token_ids == w.token_ids and r.finish_reason == w.finish_reason
+    assert reqs[2].text == want[2].text == full.split(full[25:29])[0] and doomed.finish_reason == "cancelled"
 
 
 def test_engine_cancels_and_closes_with_a_step_under_way(stories, prompts, singles):

@@ -20,13 +20,6 @@ from collections.abc import Iterator
 from lmforge.infer.params import SamplingParams
 from lmforge.infer.sequence import Sequence, Step, prompt_scores
 
-# Running requests up to which the next step is begun in the background while a step's tokens are reported
-# (BatchEngine._start_next). stories260K under lmforge serve, 2 cores, two servers in turn (medians of 6 rounds):
-# one client 10.2k -> 15.7k tokens/s; begun for up to two, two clients lost (16.7k -> 15.0k), and four and sixteen
-# had lost more (29k -> 22k, 47k -> 31k): the step of many rows is faster on every core than on all but one, and
-# with more clients the HTTP thread needs the interpreter while the engine reports.
-STARTED_ROWS = 1
-
 
 class EngineError(RuntimeError):
     """A request failed inside the engine (the engine itself keeps running)."""
@@ -138,7 +131,7 @@ class BatchEngine:
         # the step begun in the background (runner.start) while the step before it is reported: its rows' (slot,
         # request); None when no step is under way
         self._started: list[tuple[int, Request]] | None = None
-        self.started_steps = 0  # steps begun in the background (for tests and statistics)
+        self.started_steps = self.started_rows = 0  # steps begun in the background, their rows (for tests, statistics)
         self._can_start = callable(getattr(runner, "start", None))
         self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
         self._thread.start()
@@ -377,15 +370,19 @@ class BatchEngine:
         row goes on unless its token certainly ends it (a stop token, its last token); a stop string found when the
         token is reported ends it too, and its row of the begun step is dropped. Not when a request waits for a free
         slot (its prefill would wait for the step), another slot has a token to decode, or a lone request decodes
-        speculatively."""
+        speculatively; for one request only unless the runner decodes on a pair of threads (``SlotRunner.pair``: the
+        begun step's rows are shared by the library's thread and this one, which joins it once it has reported).
+        Begun for up to two requests on OpenMP's threads, two clients of stories260K had lost (16.7k -> 15.0k tokens/s)
+        and sixteen more (47k -> 31k): libgomp's worker, spinning between parallel regions, took a core from it."""
         if (self._waiting and None in self._slots) or self.speculator is not None:
             return
+        most = len(rows) if getattr(self.runner, "pair", False) else 1
         nxt: list[int | None] = [None] * len(self._last)
         go = []
         for i, c in zip(rows, choices):
             seq = self._slots[i].seq
             if c.token not in seq.stop_ids and len(seq.out_ids) + 1 < seq.limit:
-                if len(go) == STARTED_ROWS:  # (before, every row of a 16-row step was looked at: 14 % of it)
+                if len(go) == most:
                     return
                 nxt[i] = c.token
                 go.append((i, self._slots[i]))
@@ -397,6 +394,7 @@ class BatchEngine:
         if self.runner.start(nxt[: go[-1][0] + 1]):
             self._started = go
             self.started_steps += 1
+            self.started_rows += len(go)
 
     def _settle(self, always: bool = False) -> None:
         """Wait for the step begun in the background and drop it when none of its rows still runs (or ``always``):

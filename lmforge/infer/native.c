@@ -1125,13 +1125,17 @@ void lmf_step(const step_args *s) {
 }
 
 /* ---- a step on a thread of its own -----------------------------------------------------------------
-   lmf_step_start hands a whole step (lmf_step) to a background thread and returns at once; lmf_step_join waits for
-   its end. Meanwhile the caller (the serving engine's loop) reports the tokens of the step before, which the step
-   does not need: with one request, the step on one core and the interpreter on the other. The thread runs the step
-   alone (no OpenMP team: one request's rows, the others idle padding). Both sides wait by yielding the core (others may take it) for up
+   lmf_step_start hands a whole step (lmf_step's rows) to a background thread and returns at once; lmf_step_join
+   waits for its end. Meanwhile the caller (the serving engine's loop) reports the tokens of the step before, which
+   the step does not need: the step on one core and the interpreter on the other. The rows are taken BG_CHUNK_ROWS at
+   a time (rows are independent in a decoding step: one per slot), by the thread and then by the caller in
+   lmf_step_join, which computes the rows not yet taken instead of waiting: a step begun as the caller goes on runs
+   on both cores once the caller joins, with no OpenMP team (libgomp's worker spins between parallel regions, and on
+   two cores took one from the background thread). Both sides wait by yielding the core (others may take it) for up
    to BG_SPIN_NS, then asleep: on this 2-core virtual machine a sleeping thread took 250-400 us to wake, longer than
    a step of stories260K. One step at a time per process: a start while one runs is refused; a join returns once no
-   started step is running. A forked child starts a thread of its own. */
+   started step is running. A forked child starts a thread of its own. Not for prefill steps (a prompt's rows
+   attend to each other's keys, in order). */
 #if defined(__linux__)
 #include <pthread.h>
 #include <sched.h>
@@ -1143,11 +1147,17 @@ static struct {
     pthread_mutex_t mu;
     pthread_cond_t go, done;
     const step_args *s;
-    int state;     /* 0: idle, 1: a step to run or running, 2: its step ended */
-    int sleeping;  /* the thread waits on `go` */
-    int joining;   /* callers wait on `done` */
-    pid_t pid;     /* the process whose thread it is (0: none yet) */
-} bg = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, 0};
+    int state;      /* 0: idle, 1: a step to run or running, 2: its step ended */
+    int sleeping;   /* the thread waits on `go` */
+    int joining;    /* callers wait on `done` */
+    pid_t pid;      /* the process whose thread it is (0: none yet) */
+    int chunks;     /* the step's rows in chunks of BG_CHUNK_ROWS */
+    int finished;   /* chunks computed */
+    uint32_t gen;   /* steps started so far */
+    uint64_t claim; /* gen << 32 | the next chunk to take (by the thread, or by a joining caller) */
+} bg = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, 0, 0, 0, 0, 0};
+
+#define BG_CHUNK_ROWS 4  /* rows a taker computes at a time (lmf_linear's blocks of 4 rows) */
 
 static pthread_once_t bg_once = PTHREAD_ONCE_INIT;
 
@@ -1155,7 +1165,9 @@ static void bg_forked(void) {  /* in a forked child: no thread yet, the lock and
     pthread_mutex_init(&bg.mu, NULL);
     pthread_cond_init(&bg.go, NULL);
     pthread_cond_init(&bg.done, NULL);
-    bg.state = bg.sleeping = bg.joining = 0;
+    bg.state = bg.sleeping = bg.joining = bg.chunks = bg.finished = 0;
+    bg.gen = 0;
+    bg.claim = 0;
     bg.pid = 0;
 }
 
@@ -1167,32 +1179,60 @@ static long bg_now_ns(void) {
     return t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
+/* Takes chunks of the step under way and computes them until none is left (scratch: NULL, the args' own, for the
+   background thread; a joining caller's thread_scratch); whoever computes the last chunk ends the step. A chunk is
+   taken only of the step whose args were read (its generation in the claim). Returns that generation. */
+static uint32_t bg_take(float *norm, float *act, float *attn) {
+    pthread_mutex_lock(&bg.mu);
+    const step_args *s = bg.s;
+    const uint32_t gen = bg.gen;
+    const int chunks = bg.chunks, live = bg.state == 1;
+    pthread_mutex_unlock(&bg.mu);
+    if (!live) return gen;
+    const int n = s->first->n;
+    uint64_t claim = __atomic_load_n(&bg.claim, __ATOMIC_ACQUIRE);
+    while ((uint32_t)(claim >> 32) == gen && (int)(uint32_t)claim < chunks) {
+        if (!__atomic_compare_exchange_n(&bg.claim, &claim, claim + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            continue;  /* (claim reloaded) */
+        const int r0 = (int)(uint32_t)claim * BG_CHUNK_ROWS, r1 = r0 + BG_CHUNK_ROWS < n ? r0 + BG_CHUNK_ROWS : n;
+        step_rows(s, r0, r1, norm, act, attn);
+        if (__atomic_add_fetch(&bg.finished, 1, __ATOMIC_ACQ_REL) == chunks) {
+            pthread_mutex_lock(&bg.mu);
+            __atomic_store_n(&bg.state, 2, __ATOMIC_RELEASE);
+            if (bg.joining) pthread_cond_broadcast(&bg.done);
+            pthread_mutex_unlock(&bg.mu);
+        }
+        claim = __atomic_load_n(&bg.claim, __ATOMIC_ACQUIRE);
+    }
+    return gen;
+}
+
+static int bg_new(uint32_t seen) {  /* a step not yet taken by the thread is under way */
+    return __atomic_load_n(&bg.state, __ATOMIC_ACQUIRE) == 1 && __atomic_load_n(&bg.gen, __ATOMIC_ACQUIRE) != seen;
+}
+
 static void *bg_main(void *unused) {
     (void)unused;
+    uint32_t seen = 0;
     for (;;) {
         const long until = bg_now_ns() + BG_SPIN_NS;
-        for (int i = 1; __atomic_load_n(&bg.state, __ATOMIC_ACQUIRE) != 1; i++) {
+        for (int i = 1; !bg_new(seen); i++) {
             if ((i & 7) == 0 && bg_now_ns() > until) {
                 pthread_mutex_lock(&bg.mu);
                 bg.sleeping = 1;
-                while (bg.state != 1) pthread_cond_wait(&bg.go, &bg.mu);
+                while (!(bg.state == 1 && bg.gen != seen)) pthread_cond_wait(&bg.go, &bg.mu);
                 bg.sleeping = 0;
                 pthread_mutex_unlock(&bg.mu);
                 break;
             }
             sched_yield();
         }
-#if defined(_OPENMP)
-        omp_set_num_threads(1);
-#endif
-        lmf_step(bg.s);
-        pthread_mutex_lock(&bg.mu);
-        __atomic_store_n(&bg.state, 2, __ATOMIC_RELEASE);
-        if (bg.joining) pthread_cond_broadcast(&bg.done);
-        pthread_mutex_unlock(&bg.mu);
+        seen = bg_take(NULL, NULL, NULL);
     }
     return NULL;
 }
+
+int lmf_step_thread_ok(void) { return 1; }  /* whether lmf_step_start has a background thread here */
 
 /* Starts step s on the background thread (made at first use). 0, or -1: a step is running (or no thread could be
    made); nothing started. */
@@ -1217,14 +1257,28 @@ int lmf_step_start(const step_args *s) {
         return -1;
     }
     bg.s = s;
+    bg.chunks = (s->first->n + BG_CHUNK_ROWS - 1) / BG_CHUNK_ROWS;
+    bg.finished = 0;
+    const uint32_t gen = bg.gen + 1;
+    __atomic_store_n(&bg.claim, (uint64_t)gen << 32, __ATOMIC_RELEASE);
+    __atomic_store_n(&bg.gen, gen, __ATOMIC_RELEASE);
     __atomic_store_n(&bg.state, 1, __ATOMIC_RELEASE);
     if (bg.sleeping) pthread_cond_signal(&bg.go);
     pthread_mutex_unlock(&bg.mu);
     return 0;
 }
 
-/* Returns once no started step is running (at once when none is). */
+/* Returns once no started step is running (at once when none is); meanwhile computes the chunks the thread has not
+   taken (with scratch of its own). */
 void lmf_step_join(void) {
+    if (__atomic_load_n(&bg.state, __ATOMIC_ACQUIRE) == 1) {
+        pthread_mutex_lock(&bg.mu);
+        const step_args *s = bg.s;
+        pthread_mutex_unlock(&bg.mu);
+        const size_t d = (size_t)s->first->d, f2 = 2 * (size_t)s->act[0]->f;
+        float *tmp = thread_scratch(d + f2 + attn_floats(s->attn[0]));
+        if (tmp) bg_take(tmp, tmp + d, tmp + d + f2);
+    }
     const long until = bg_now_ns() + BG_SPIN_NS;
     for (int i = 1; __atomic_load_n(&bg.state, __ATOMIC_ACQUIRE) == 1 && ((i & 7) || bg_now_ns() < until); i++)
         sched_yield();
@@ -1236,6 +1290,7 @@ void lmf_step_join(void) {
     pthread_mutex_unlock(&bg.mu);
 }
 #else
+int lmf_step_thread_ok(void) { return 0; }
 int lmf_step_start(const step_args *s) {  /* no background thread here: the caller runs lmf_step itself */
     (void)s;
     return -1;

@@ -673,9 +673,10 @@ class NativeStep:
 
     def start(self, x0: torch.Tensor | tuple[np.ndarray, list[int]], lens: list[int],
               slots: list[int] | None = None) -> bool:
-        """``run(x0, lens, slots)`` of a whole step (``whole``), begun on the library's background thread
-        (``lmf_step_start``, one thread); ``finish`` waits for it and gives its logits. Until then nothing may touch
-        this step's buffers or the runner's cache. False: nothing begun (not a whole step, or no background thread)."""
+        """``run(x0, lens, slots)`` of a whole decoding step (``whole``; its rows in distinct slots), begun on the
+        library's background thread (``lmf_step_start``), which takes its rows four at a time; ``finish`` computes
+        the rows not yet taken, waits for the others and gives the logits. Until then nothing may touch this step's
+        buffers or the runner's cache. False: nothing begun (not a whole step, or no background thread)."""
         if self._step is None:
             return False
         self._inputs(x0, lens, slots)
@@ -686,7 +687,7 @@ class NativeStep:
         return True
 
     def finish(self) -> torch.Tensor:
-        """The logits (n, V) of the step ``start`` began, once it has ended."""
+        """The logits (n, V) of the step ``start`` began, once it has ended (its rows not yet taken computed here)."""
         self.lib.lmf_step_join()
         logits, self._started = self._started, None
         return with_argmax(self._trimmed(logits), self._top[:])
