@@ -369,7 +369,8 @@ class SlotRunner:
     def decode(self, tokens: list[int | None]) -> torch.Tensor:
         """Append ``tokens[i]`` to slot i for every i with a token (None = idle slot); the logits (k, V) of those k
         slots, in slot order. Where the step is all C products (a small float32 model, int4) it computes only those
-        rows, each at its slot: a request left alone in slot 5 decodes one row, not six."""
+        rows, each at its slot: a request left alone in slot 5 decodes one row, not six. A one-call step on a pair of
+        threads (``pair``) is begun and joined (``start``, ``finish``)."""
         self._not_started()
         ready = self._whole(tokens)
         if ready is not None:  # the common step of a small float32 model: one C call, nothing to plan
