@@ -168,6 +168,17 @@ def test_cli_chat_history_reset_and_exit():
     assert "cleared" in r.stderr
 
 
+def test_cli_chat_seed_is_the_sessions():
+    """``--seed`` seeds the session, not each turn: the same message after /reset gets a reply of its own (each turn
+    had restarted the generator, so it got the same one), and the same session repeats itself."""
+    args = ("--temperature", "1", "--max-new-tokens", "20", "--template", "plain", "--seed", "3")
+    stdin = "Tell me about a dog.\n/reset\nTell me about a dog.\n/exit\n"
+    runs = [run_chat(*args, stdin=stdin) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    first, second = runs[0].stdout.splitlines()[:2]
+    assert first != second and runs[0].stdout == runs[1].stdout
+
+
 def test_cli_chat_commands_with_arguments_are_never_sent_as_messages():
     """"/reset extra" and "/exit now" went to the model as user turns ("/quit now" was an unknown command); "//" sends
     a message that starts with a slash."""

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 
 from lmforge.commands.args import (
+    MAX_SEED,
     add_kv_cache_arg,
     add_model_args,
     check_torch_kv_cache,
@@ -35,7 +36,8 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * max prob (0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL repetition penalty (1 = off)")
-    p.add_argument("--seed", type=seed_type, default=None, help="random seed (default: random)")
+    p.add_argument("--seed", type=seed_type, default=None, help="random seed of the session: each turn draws its "
+                   "own numbers from it, and the same session repeats itself (default: random)")
     p.add_argument("--runtime", choices=("auto", "lean", "torch"), default="auto",
                    help="as lmforge generate --runtime: an int4 directory chats without PyTorch (lean; ~220 MB "
                         "resident for SmolLM2-135M instead of ~480; the conversation's cached positions are kept "
@@ -73,6 +75,13 @@ def run(args) -> None:
     _loop(args, session)
 
 
+def turn_seed(seed: int | None, turn: int) -> int | None:
+    """The seed of a session's turn (0, 1, ...): ``seed`` itself first, then the next ones (wrapping within
+    ``--seed``'s range). Each turn had restarted the generator with ``seed``: the same message, after ``/reset``,
+    got the same reply (llama.cpp's session goes on drawing from one generator)."""
+    return None if seed is None else (seed + turn) % (MAX_SEED + 1)
+
+
 class _Torch:
     """Replies through PyTorch (``lmforge.infer.generate.stream_steps``; a float32 model may decode speculatively)."""
 
@@ -88,6 +97,7 @@ class _Torch:
         self.stops, self.stop_ids = end_of_turn(self.template, tok)
         self.ctx = model.cfg.block_size - model.num_virtual_tokens  # prefix/prompt tuning take the first positions
         self.seq = None
+        self.turns = 0  # replies so far (the seed of each: turn_seed)
 
     @property
     def text(self) -> str:
@@ -105,8 +115,10 @@ class _Torch:
 
         a = self.args
         p = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                           max_new_tokens=max_new, seed=a.seed, stop_ids=self.stop_ids, stop=self.stops,
+                           max_new_tokens=max_new, seed=turn_seed(a.seed, self.turns), stop_ids=self.stop_ids,
+                           stop=self.stops,
                            repetition_penalty=a.repetition_penalty)
+        self.turns += 1
         self.seq = seq = Sequence(ids, p, self.tok, self.ctx, self.model.cfg.vocab_size, TokenSampler)
         for step in stream_steps(self.model, ids, p, self.tok, seq=seq):
             yield step.text
@@ -129,6 +141,7 @@ class _Lean:
         self.cached: list[int] = []  # the tokens whose positions the cache holds
         self.stream = None
         self.n = 0  # the last reply's tokens
+        self.turns = 0  # replies so far (the seed of each: turn_seed)
 
     @property
     def text(self) -> str:
@@ -149,7 +162,8 @@ class _Lean:
         out: list[int] = []
         self.stream = stream = TextStream(self.tok, ids, self.stops)
         try:
-            for t in lean.generate(model, ids[keep:], max_new, a.temperature, a.top_k, a.top_p, a.min_p, a.seed,
+            seed, self.turns = turn_seed(a.seed, self.turns), self.turns + 1
+            for t in lean.generate(model, ids[keep:], max_new, a.temperature, a.top_k, a.top_p, a.min_p, seed,
                                    self.stop_ids):
                 out.append(t)
                 yield stream.push(t)

@@ -23,8 +23,17 @@ class TextStream:
         self.prefix, self.read = 0, len(self.ids)
         self.stop = [s for s in (stop or []) if s]
         self.pending = ""  # decoded text not yet shown (might begin a stop string)
-        self.text = ""  # all text shown
+        # the pieces of the text shown, joined by ``text`` (a string appended to per token was copied whole each
+        # time: quadratic in the length)
+        self._shown: list[str] = []
         self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """All text shown."""
+        if len(self._shown) > 1:
+            self._shown = ["".join(self._shown)]
+        return self._shown[0] if self._shown else ""
 
     def push(self, token: int) -> str:
         """Add a token; return the newly shown text. Sets ``stopped`` when a stop string appears."""
@@ -40,7 +49,7 @@ class TextStream:
         out = self._show(new) if new else ""
         if not self.stopped:
             out += self.pending
-            self.text += self.pending
+            self._shown.append(self.pending)
             self.pending = ""
         return out
 
@@ -98,7 +107,7 @@ class TextStream:
             if hits:
                 cut = min(h for h, _ in hits)
                 out = buf[:cut]
-                self.text += out
+                self._shown.append(out)
                 self.pending = ""
                 self.stopped = True
                 return out
@@ -111,5 +120,5 @@ class TextStream:
             out, self.pending = (buf[:-keep], buf[-keep:]) if keep else (buf, "")
         else:
             out, self.pending = buf, ""
-        self.text += out
+        self._shown.append(out)
         return out
