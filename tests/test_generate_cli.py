@@ -67,3 +67,17 @@ def test_a_stop_at_the_end_of_the_context_is_said(char_ckpt):
                      "(6 of them the prompt's)"], r.stderr
     r = lmforge("generate", "--model", char_ckpt, "--prompt", "First ", "--max-new-tokens", "58", "--seed", "1")
     assert r.returncode == 0 and len(r.stdout) == 65 and "note:" not in r.stderr, r.stderr
+
+
+def test_a_prompt_of_dash_is_read_from_stdin():
+    """``--prompt -`` reads the prompt from standard input (echo's newline dropped), as `--prompt TEXT` gives it; it
+    was the text "-"."""
+    args = ("generate", "--temperature", "0", "--max-new-tokens", "12")
+    piped = subprocess.run([sys.executable, "-m", "lmforge", *args, "--prompt", "-"], input="Once upon a time\n",
+                           capture_output=True, text=True, timeout=300)
+    given = lmforge(*args, "--prompt", "Once upon a time")
+    assert piped.returncode == given.returncode == 0, piped.stderr
+    assert piped.stdout == given.stdout and piped.stdout.startswith("Once upon a time")
+    bad = subprocess.run([sys.executable, "-m", "lmforge", *args, "--prompt", "-"], input=b"Once \xff\n",
+                         capture_output=True, timeout=300)
+    assert bad.returncode != 0 and b"--prompt: not UTF-8 text (byte 0xff" in bad.stderr

@@ -32,8 +32,9 @@ def add_parser(sub, name: str, help_: str) -> None:
     p = sub.add_parser(name, help=help_, description="Generate text. With no --model, the bundled stories260K "
                        "(a 260K-parameter LLaMA trained on TinyStories) tells a story.")
     add_model_args(p)
-    p.add_argument("--prompt", default="", help="text to continue (default: start from BOS; without one, from a "
-                   "newline as nanoGPT's sample.py, else from EOS)")
+    p.add_argument("--prompt", default="", help="text to continue; - reads it from standard input (its trailing "
+                   "newlines dropped) (default: start from BOS; without one, from a newline as nanoGPT's sample.py, "
+                   "else from EOS)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (default 256)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
@@ -111,6 +112,8 @@ def lean_unsupported(args) -> str | None:
 def _prompt(tok, text: str, context: int, max_new_tokens: int) -> tuple[list[int], list[int]]:
     """The prompt's ids (BOS first where the tokenizer has one and adds it) and the stop ids; refused in one line
     naming --prompt when it is not UTF-8 or leaves no room in the ``context`` for a token."""
+    if text == "-":  # (as a shell's $(...) takes a command's output: echo's newline is not part of the prompt)
+        text = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape").rstrip("\r\n")
     prompt = tok.prompt_prefix() + tok.encode(utf8_text(text, "--prompt"))
     if not prompt:
         prompt = _start(tok)
