@@ -372,15 +372,13 @@ class SlotRunner:
         rows, each at its slot: a request left alone in slot 5 decodes one row, not six. A one-call step on a pair of
         threads (``pair``) is begun and joined (``start``, ``finish``)."""
         self._not_started()
+        if self.pair and self.start(tokens):  # the library's thread and this one
+            return self.finish()
         ready = self._whole(tokens)
         if ready is not None:  # the common step of a small float32 model: one C call, nothing to plan
             step, lens, ids, table, live = ready
-            slots = None if len(live) == len(tokens) else live
             try:
-                if self.pair and step.start((table, ids), lens, slots):  # the library's thread and this one
-                    logits = step.finish()
-                else:
-                    logits = step.run((table, ids), lens, slots)
+                logits = step.run((table, ids), lens, None if len(live) == len(tokens) else live)
             except Stale:  # (raised before the cache was written) planned again there
                 return self._decode(tokens)
             for i in live:
@@ -438,9 +436,7 @@ class SlotRunner:
             return None
         for i in live:
             self.lens[i] += 1
-        if len(live) not in self._warm:  # (see _decode_all)
-            self._warm.add(len(live))
-            release_free_memory()
+        self._warmed(len(live))
         return logits
 
     def _decode_all(self, tokens: list[int | None]) -> torch.Tensor:
@@ -485,10 +481,14 @@ class SlotRunner:
         for i, t in enumerate(tokens):
             if t is not None:
                 self.lens[i] += 1
-        if n not in self._warm:  # the first step of a batch size builds (and times) kernel layouts
+        self._warmed(n)
+        return logits
+
+    def _warmed(self, n: int) -> None:
+        """A step of ``n`` rows has run: after the first (it builds and times kernel layouts), memory given back."""
+        if n not in self._warm:
             self._warm.add(n)
             release_free_memory()
-        return logits
 
     def pair_threads(self) -> bool:
         """Decode with two threads where the step is one C call (a small float32 model, ``NativeStep.whole``): the
