@@ -176,6 +176,55 @@ def test_native_step_over_longer_contexts(shape, forced):
     _check_decode(_model(shape), atol=2e-5, steps=18, long=True)
 
 
+@pytest.mark.parametrize("heads", [(8, 4), (3, 1), (4, 4)], ids=["pairs", "pair-and-one", "one-each"])
+def test_heads_of_8_decode_over_a_copy_in_blocks_made_again_where_the_cache_is_rewritten(heads, forced, monkeypatch):
+    """Heads of 8 channels decode over the runner's copy of the cache transposed in blocks of 16 positions
+    (kv_blocks), kept by the C step as it reads (kv_blocks_len: positions copied). Rows of 1-3 heads per key head, at
+    lengths crossing blocks, equal full forwards; so do they after the copied positions are written again: a new
+    prompt in a slot (through the C step and through the decoder), a speculative check taken back (``extend``, then
+    ``lens`` set back), a step of the PyTorch decoder."""
+    if not native.library().lmf_kv_blocks_ok():
+        pytest.skip("no AVX512 here: heads of 8 channels read the cache itself")
+    torch.manual_seed(0)
+    nh, nkv = heads
+    model = Decoder(get_preset("tiny-llama", block_size=96, vocab_size=97, n_embd=8 * nh, n_head=nh, n_kv_head=nkv,
+                               intermediate_size=48)).eval().requires_grad_(False)
+    for p in model.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    runner = SlotRunner(model, 4, 96)
+    seqs = {0: [(7 * i) % 97 for i in range(30)], 1: [3], 3: [(5 * i) % 97 for i in range(14)]}
+
+    def check(seqs: dict[int, list[int]], steps: int) -> None:
+        worst = max((got - want).abs().max().item() for _, got, want in decode_against_full_forward(
+            runner, model, seqs, steps))
+        assert worst <= 2e-5, worst
+        assert all(runner.kv_blocks_len[:, s].tolist() == [runner.lens[s]] * model.cfg.n_layer for s in seqs)
+
+    check(seqs, 20)  # slot 0 from 30 to 50 positions, slot 1 from 1 to 21, slot 3 across 16 and 32
+    assert runner.kv_blocks is not None and runner.kv_blocks_len.shape == (model.cfg.n_layer, 4)
+    check({0: [11, 12, 13]}, 4)  # a new prompt through the C step: its 3 rows write positions 0-2 again
+    monkeypatch.setattr(engine, "NATIVE_PREFILL_ROWS", 0)
+    check({3: [9, 8, 7, 6, 5]}, 3)  # through the decoder
+    ids = [1, 2, 3, 4]
+    runner.prefill(1, ids)
+    runner.decode([None, 20])
+    runner.extend(1, [21, 22, 23])  # a speculative check of three tokens; the last two taken back
+    runner.lens[1] -= 2
+    seq = ids + [20, 21]
+    for tok in (30, 31, 32):
+        seq.append(tok)
+        got = runner.decode([None, tok])[0]
+        assert torch.allclose(got, model(torch.tensor([seq]))[0, -1], atol=2e-5)
+    runner.lens[1] -= 2  # the last two taken back, and the first of them written again by the PyTorch decoder
+    seq[-2:] = [33]
+    with monkeypatch.context() as m:
+        m.setattr(runner, "_native_step", lambda n: None)
+        runner._native.clear()
+        runner.decode([None, 33])
+    seq.append(34)
+    assert torch.allclose(runner.decode([None, 34])[0], model(torch.tensor([seq]))[0, -1], atol=2e-5)
+
+
 @pytest.mark.parametrize("step", ["1", "0"])
 def test_the_cache_grows_while_decoding(step, monkeypatch):
     """The cache is allocated as slots and positions are used: slots 0, 1 and 3 prefilled one after another grow it

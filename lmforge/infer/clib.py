@@ -109,6 +109,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmf_head_vnni.argtypes, lib.lmf_head_vnni.restype = [ctypes.c_void_p], None
     lib.lmf_vnni_ok.argtypes, lib.lmf_vnni_ok.restype = [], ctypes.c_int
     lib.lmf_kv_half_ok.argtypes, lib.lmf_kv_half_ok.restype = [], ctypes.c_int
+    lib.lmf_kv_blocks_ok.argtypes, lib.lmf_kv_blocks_ok.restype = [], ctypes.c_int
     lib.lmf_openmp.argtypes, lib.lmf_openmp.restype = [], ctypes.c_void_p
     lib.lmf_int4.argtypes, lib.lmf_int4.restype = [ctypes.c_void_p], None
     lib.lmf_flash.argtypes, lib.lmf_flash.restype = [ctypes.c_void_p], ctypes.c_int
@@ -194,7 +195,8 @@ class _AttnArgs(ctypes.Structure):
     _fields_ = [("n", _i32), ("nh", _i32), ("nkv", _i32), ("hd", _i32), ("rd", _i32), ("interleaved", _i32),
                 ("max_len", _i32), ("y_bf", _i32), ("out_bf", _i32), ("y_stride", _i64), ("out_stride", _i64),
                 ("scale", _f32), ("pos", _ptr), ("slot", _ptr), ("cos", _ptr), ("sin", _ptr), ("bias", _ptr),
-                ("k", _ptr), ("v", _ptr), ("out", _ptr), ("tmp", _ptr), ("kv_half", _i32)]
+                ("k", _ptr), ("v", _ptr), ("out", _ptr), ("tmp", _ptr), ("kv_half", _i32),
+                ("kvb", _ptr), ("kvb_len", _ptr), ("kvb_slots", _i32)]
 
 
 class _ActArgs(ctypes.Structure):

@@ -59,6 +59,7 @@ class _SlotView:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.r.max_len}")
         s = self.slot
         self.r.reserve(s + 1, end)
+        self.r.rewritten([s], self.pos)
         self.r.k[layer, s : s + 1, :, self.pos : end] = k
         self.r.v[layer, s : s + 1, :, self.pos : end] = v
         return self.r.k[layer, s : s + 1, :, :end], self.r.v[layer, s : s + 1, :, :end]
@@ -74,6 +75,7 @@ class _SlotsView:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k.shape[2]
         self.r.reserve(self.top, end)
+        self.r.rewritten(self.slots, self.pos)
         self.r.k[layer][self.slots, :, self.pos : end] = k
         self.r.v[layer][self.slots, :, self.pos : end] = v
         return self.r.k[layer][self.slots, :, :end], self.r.v[layer][self.slots, :, :end]
@@ -95,6 +97,7 @@ class _RowsView:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.rows.numel()
+        self.r.rewritten(self.rows, self.p)
         self.r.k[layer][self.rows, :, self.p] = k[:, :, 0]
         self.r.v[layer][self.rows, :, self.p] = v[:, :, 0]
         return self.r.k[layer, :n, :, : self.S], self.r.v[layer, :n, :, : self.S]
@@ -190,6 +193,13 @@ class SlotRunner:
         self.per_pos = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_size * p.element_size()
         self.slots = self.cap = 0  # allocated so far (reserve grows them)
         self.k = self.v = self._cache(0, 0)
+        # heads of 8 channels (stories260K) decode over a copy of the cache transposed in blocks of 16 positions
+        # (attn_args.kvb in native.c), made by the C step as it reads: kv_blocks (layers, blocks, slots, kv heads,
+        # keys/values, 8, 16); kv_blocks_len (layers, slots): positions copied so far (lowered where the cache is
+        # written otherwise: rewritten)
+        self._kv_blocks_ok = cfg.head_size == 8 and self.dtype == torch.float32 and self.device.type == "cpu"
+        self.kv_blocks = self.kv_blocks_len = None
+        self._kv_len_np: np.ndarray | None = None
         self.k_flat: list[torch.Tensor] = []  # per layer (slots * kv_heads * cap, head_dim) views
         self.v_flat: list[torch.Tensor] = []
         self._heads = torch.arange(cfg.kv_heads, device=self.device)[None]
@@ -267,10 +277,23 @@ class SlotRunner:
     def _set_cache(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k, v
         self.slots, self.cap = k.shape[1], k.shape[3]
+        self.kv_blocks = self.kv_blocks_len = self._kv_len_np = None
+        if self._kv_blocks_ok and self.slots and self.cap and library() is not None and library().lmf_kv_blocks_ok():
+            self.kv_blocks = torch.zeros(self.cfg.n_layer, -(-self.cap // 16), self.slots, self.cfg.kv_heads, 2, 8, 16)
+            self.kv_blocks_len = torch.zeros(self.cfg.n_layer, self.slots, dtype=torch.int32)
+            self._kv_len_np = self.kv_blocks_len.numpy()
         self.k_flat = [t.view(-1, self.cfg.head_size) for t in k.unbind(0)]
         self.v_flat = [t.view(-1, self.cfg.head_size) for t in v.unbind(0)]
         self._views.clear()
         self._native.clear()
+
+    def rewritten(self, slots: list[int] | torch.Tensor, pos: int | torch.Tensor) -> None:
+        """The cache of ``slots`` is written from ``pos`` on (each slot's own where ``pos`` is a tensor) other than by
+        the C step (which keeps the transposed copy itself): the copy of those positions is made again when read."""
+        if self._kv_len_np is not None:
+            s = slots.cpu().numpy() if isinstance(slots, torch.Tensor) else np.asarray(slots)
+            p = pos.cpu().numpy() if isinstance(pos, torch.Tensor) else pos
+            self._kv_len_np[:, s] = np.minimum(self._kv_len_np[:, s], p)
 
     # ---- prefill ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -693,6 +716,7 @@ class SlotRunner:
             zero = torch.zeros(n * nkv, rep, S, device=self.device, dtype=self.dtype)
             masks = {False: zero, True: zero}
         # where each row's new key/value goes in the flattened (slots * kv_heads * cap, head_dim) cache
+        self.rewritten(self.rows[:n], pos)
         widx = ((self.rows[:n, None] * nkv + self._heads) * M + pos[:, None]).view(-1)
         if n not in self._views:
             self._views[n] = (self.k[:, :n].flatten(1, 2), self.v[:, :n].flatten(1, 2))

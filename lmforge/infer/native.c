@@ -250,7 +250,34 @@ typedef struct {
     void *out;                     /* (n, out_stride): the heads' outputs, nh * hd per row */
     float *tmp;                    /* attn_floats(a) floats */
     int32_t kv_half;               /* k and v hold IEEE float16 (lmf_kv_half_ok), not float32 */
+    /* NULL, or (heads of 8 channels, float32 cache, lmf_kv_blocks_ok) the cache's keys and values again, transposed in
+       blocks of 16 positions, read by rows alone in their slot (decoding): (ceil(max_len / 16), kvb_slots, nkv, 2, 8,
+       16), block b of slot s and head g at ((b kvb_slots + s) nkv + g) 256, its keys' channel d at + 16 d, its
+       values' at + 128 + 16 d (a slot's blocks spread over the whole copy: planes of max_len positions per slot had
+       used a third of the L2 cache's sets); kvb_len (kvb_slots): positions of each slot copied so far (blocks_lower) */
+    float *kvb;
+    int32_t *kvb_len;
+    int32_t kvb_slots;
 } attn_args;
+
+int lmf_kv_blocks_ok(void) {  /* whether lmf_attention reads attn_args.kvb here */
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Before a call writes its rows' keys and values: a slot's copied positions from a row's position on are written
+   again (a new prompt in the slot, a speculative step taken back), so they are copied again when next read. Run by
+   the calling thread before any row (rows of one slot may be shared among threads). */
+static void blocks_lower(const attn_args *a) {
+    if (!a->kvb_len) return;
+    for (int r = 0; r < a->n; r++) {
+        const int t = a->pos[r], sl = a->slot ? a->slot[r] : r;
+        if (t >= 0 && a->kvb_len[sl] > t) a->kvb_len[sl] = t;
+    }
+}
 
 int lmf_kv_half_ok(void) {  /* whether lmf_attention keeps a float16 cache here (attn_args.kv_half) */
 #if defined(__AVX512F__) && defined(__F16C__)
@@ -466,6 +493,81 @@ static void attend8(const float *restrict q, const float *restrict K, const floa
         _mm256_storeu_ps(o + (size_t)h * 8, _mm256_add_ps(out, odd));
     }
 }
+
+/* Heads of 8 channels over the copy of the cache in blocks (attn_args.kvb: the keys of block b, channel d, positions
+   16 b .. 16 b + 15 at kb + b bs + 16 d, the values' at + 128): a block's 16 scores are 8 multiply-adds of whole registers for each head, its values' part 8 more,
+   the 16 sums of a pair of heads (8 channels each) one transposing tree at the end; no shuffle per key (attend8's
+   trees and permutations took 45 % of a 16-row step of stories260K at 70 keys). Lanes past t in the last block are
+   masked (never read from p, zero from the values). */
+static void attend8_blocks(const float *restrict q, const float *restrict Kt, size_t bs, int t, int rep, float scale,
+                     size_t M, float *restrict p, float *restrict o) {
+    const int n = t + 1, nb = (n + 15) / 16;
+    const __mmask16 last = (__mmask16)(0xFFFFu >> (16 * nb - n));
+    const __m512 sc = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
+    for (int h = 0; h < rep; h += 2) {
+        const int two = h + 1 < rep;
+        float *pa = p + (size_t)h * M, *pb = pa + M;  /* (pb not read or written for a last head alone) */
+        __m512 qa[8], qb[8], ma = _mm512_set1_ps(-INFINITY), mb = ma;
+        for (int d = 0; d < 8; d++) {
+            qa[d] = _mm512_set1_ps(q[h * 8 + d]);
+            qb[d] = two ? _mm512_set1_ps(q[h * 8 + 8 + d]) : zero;
+        }
+        for (int b = 0; b < nb; b++) {  /* the scores, and their largest */
+            const float *kb = Kt + b * bs;
+            __m512 a0 = _mm512_mul_ps(qa[0], _mm512_loadu_ps(kb)), b0 = _mm512_mul_ps(qb[0], _mm512_loadu_ps(kb));
+            __m512 a1 = _mm512_mul_ps(qa[1], _mm512_loadu_ps(kb + 16)), b1 = _mm512_mul_ps(qb[1], _mm512_loadu_ps(kb + 16));
+            for (int d = 2; d < 8; d += 2) {
+                const __m512 k0 = _mm512_loadu_ps(kb + 16 * d), k1 = _mm512_loadu_ps(kb + 16 * d + 16);
+                a0 = _mm512_fmadd_ps(qa[d], k0, a0);
+                b0 = _mm512_fmadd_ps(qb[d], k0, b0);
+                a1 = _mm512_fmadd_ps(qa[d + 1], k1, a1);
+                b1 = _mm512_fmadd_ps(qb[d + 1], k1, b1);
+            }
+            const __mmask16 m = b + 1 < nb ? (__mmask16)0xFFFF : last;
+            const __m512 sa = _mm512_mul_ps(_mm512_add_ps(a0, a1), sc), sb = _mm512_mul_ps(_mm512_add_ps(b0, b1), sc);
+            _mm512_mask_storeu_ps(pa + 16 * b, m, sa);
+            if (two) _mm512_mask_storeu_ps(pb + 16 * b, m, sb);
+            ma = _mm512_mask_max_ps(ma, m, ma, sa);
+            mb = _mm512_mask_max_ps(mb, m, mb, sb);
+        }
+        /* the values weighed by exp(score - largest), the weights summed alongside; divided by the sums at the end */
+        const __m512 xa = _mm512_set1_ps(_mm512_reduce_max_ps(ma)), xb = _mm512_set1_ps(_mm512_reduce_max_ps(mb));
+        __m512 acc[16], za = zero, zb = zero;
+        for (int i = 0; i < 16; i++) acc[i] = zero;
+        for (int b = 0; b < nb; b++) {
+            const __mmask16 m = b + 1 < nb ? (__mmask16)0xFFFF : last;
+            const __m512 wa = _mm512_maskz_mov_ps(m, fast_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, pa + 16 * b), xa)));
+            const __m512 wb = two ? _mm512_maskz_mov_ps(m, fast_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, pb + 16 * b),
+                                                                                  xb)))
+                                  : zero;
+            za = _mm512_add_ps(za, wa);
+            zb = _mm512_add_ps(zb, wb);
+            const float *vb = Kt + b * bs + 128;
+            for (int d = 0; d < 8; d++) {
+                const __m512 v = _mm512_maskz_loadu_ps(m, vb + 16 * d);
+                acc[d] = _mm512_fmadd_ps(wa, v, acc[d]);
+                acc[8 + d] = _mm512_fmadd_ps(wb, v, acc[8 + d]);
+            }
+        }
+        const __m512 inv = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(za)),
+                                                _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(zb)));
+        _mm512_mask_storeu_ps(o + (size_t)h * 8, two ? (__mmask16)0xFFFF : (__mmask16)0xFF,
+                              _mm512_mul_ps(sum16(acc), inv));
+    }
+}
+
+/* Positions from .. to of one slot and head's keys and values K, V (positions of 8 floats) into its blocks from Kt
+   (attend8_blocks; bs: floats from a block to the next). */
+static void blocks_fill(float *restrict Kt, size_t bs, const float *restrict K, const float *restrict V, int from,
+                        int to) {
+    for (int j = from; j <= to; j++) {
+        float *kb = Kt + (j >> 4) * bs + (j & 15);
+        for (int d = 0; d < 8; d++) {
+            kb[16 * d] = K[(size_t)j * 8 + d];
+            kb[128 + 16 * d] = V[(size_t)j * 8 + d];
+        }
+    }
+}
 #endif
 
 #if defined(__AVX512F__)
@@ -631,6 +733,12 @@ static void attention_row(const attn_args *a, const void *y, int r, float *tmp, 
         for (int h = h0; h < h1; h++) rotate(row + (size_t)h * hd, c, s, a->rd, a->interleaved);
     }
     char *out = row_at(a->out, a->out_bf, a->out_stride, r);
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+    /* the cache in blocks: for a row alone in its slot (its positions copied up to its own, then read) */
+    const int blocked = a->kvb && hd == 8 && !a->kv_half && !copy && (what & ROW_ATTEND) &&
+                       (!a->slot || ((r == 0 || a->slot[r - 1] != sl) && (r + 1 == a->n || a->slot[r + 1] != sl)));
+    const size_t bs = (size_t)a->kvb_slots * nkv * 256;
+#endif
     for (int g = 0; g < nkv; g++) {  /* the rep query heads of kv head g (heads g rep .. g rep + rep - 1) */
         const size_t at = ((size_t)sl * nkv + g) * M * hd;  /* this slot and head's keys in the cache */
         const float *q = row + (size_t)g * rep * hd;
@@ -643,7 +751,14 @@ static void attention_row(const attn_args *a, const void *y, int r, float *tmp, 
                 memcpy(a->v + at + (size_t)t * hd, row + (size_t)(nh + nkv + g) * hd, (size_t)hd * sizeof(float));
             }
             if (!(what & ROW_ATTEND)) continue;
-            attend_any(q, a->k + at, a->v + at, t, rep, a->scale, M, p, o, hd);
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+            if (blocked) {
+                float *kb = a->kvb + ((size_t)sl * nkv + g) * 256;
+                blocks_fill(kb, bs, a->k + at, a->v + at, a->kvb_len[sl], t);
+                attend8_blocks(q, kb, bs, t, rep, a->scale, M, p, o);
+            } else
+#endif
+                attend_any(q, a->k + at, a->v + at, t, rep, a->scale, M, p, o, hd);
         } else {
 #if defined(__AVX512F__) && defined(__F16C__)
             uint16_t *Kh = (uint16_t *)a->k + at, *Vh = (uint16_t *)a->v + at;
@@ -666,6 +781,9 @@ static void attention_row(const attn_args *a, const void *y, int r, float *tmp, 
         }
         store_row(out + (size_t)g * rep * hd * (a->out_bf ? 2 : 4), a->out_bf, o, rep * hd);
     }
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+    if (blocked) a->kvb_len[sl] = t + 1;
+#endif
 }
 
 /* Rows r0 .. r1 - 1 in order, each writing its key and value before it attends. */
@@ -748,6 +866,7 @@ static double row_cuts(const attn_args *a, int n, int nt, double fixed, double p
    first (rows shared alike), then the rows attend in parts cut anywhere (a prompt's rows had all run on one thread:
    a 1,024-token SmolLM2 int4 prefill 1,010 -> 1,490 tokens/s). */
 void lmf_attention(const attn_args *a, const void *y) {
+    blocks_lower(a);
     float *copy = prompt_copy(a);
 #if defined(_OPENMP)
     int nt = omp_get_max_threads();
@@ -1083,8 +1202,13 @@ static void step_rows(const step_args *s, int r0, int r1, float *norm, float *ac
    shared among the calling thread's OpenMP team (each thread takes its rows through every layer, no waiting between
    them) when there is enough work; the rows of one slot (a prompt's tokens) stay together, in order. The arithmetic
    per row is the same on any number of threads: the logits and cache do not depend on it. */
+static void step_lower(const step_args *s) {  /* blocks_lower of every layer */
+    for (int i = 0; i < s->n_layer; i++) blocks_lower(s->attn[i]);
+}
+
 void lmf_step(const step_args *s) {
     const int n = s->first->n;
+    step_lower(s);
 #if defined(_OPENMP)
     int nt = omp_get_max_threads();
     nt = nt < ATTN_MAX_THREADS ? nt : ATTN_MAX_THREADS;
@@ -1256,6 +1380,7 @@ int lmf_step_start(const step_args *s) {
         pthread_mutex_unlock(&bg.mu);
         return -1;
     }
+    step_lower(s);
     bg.s = s;
     bg.chunks = (s->first->n + BG_CHUNK_ROWS - 1) / BG_CHUNK_ROWS;
     bg.finished = 0;

@@ -406,6 +406,9 @@ class NativeStep:
                 scale=a.scale if a.scale is not None else a.hd ** -0.5, pos=_addr(self.pos), slot=_addr(self.slot),
                 cos=_addr(self.rotary[0]) if self.rotary else None, sin=_addr(self.rotary[1]) if self.rotary else None,
                 bias=_addr(self._keep_t(qkv[3])), k=_addr(runner.k[i]), v=_addr(runner.v[i]), out=_addr(ha),
+                kvb=_addr(runner.kv_blocks[i]) if runner.kv_blocks is not None else None,
+                kvb_len=_addr(runner.kv_blocks_len[i]) if runner.kv_blocks is not None else None,
+                kvb_slots=runner.slots,
                 tmp=_addr(self._keep_t(torch.zeros((a.n_head + 2 * a.n_kv) * a.hd
                                                     + a.n_head // a.n_kv * (runner.cap + a.hd)))))
             y_proj = self._probe(proj, ha)
