@@ -1278,7 +1278,8 @@ static struct {
     int chunks;     /* the step's rows in chunks of BG_CHUNK_ROWS */
     int finished;   /* chunks computed */
     uint32_t gen;   /* steps started so far */
-    uint64_t claim; /* gen << 32 | the next chunk to take (by the thread, or by a joining caller) */
+    uint64_t claim; /* gen << 32 | lo << 16 | hi: chunks lo .. hi - 1 not taken yet (the thread takes lo, a joining
+                       caller hi - 1: each row mostly on one core from step to step, its keys and values in its cache) */
 } bg = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, 0, 0, 0, 0, 0};
 
 #define BG_CHUNK_ROWS 4  /* rows a taker computes at a time (lmf_linear's blocks of 4 rows) */
@@ -1305,8 +1306,10 @@ static long bg_now_ns(void) {
 
 /* Takes chunks of the step under way and computes them until none is left (scratch: NULL, the args' own, for the
    background thread; a joining caller's thread_scratch); whoever computes the last chunk ends the step. A chunk is
-   taken only of the step whose args were read (its generation in the claim). Returns that generation. */
+   taken only of the step whose args were read (its generation in the claim); the thread's from the first rows on, a
+   caller's (scratch given) from the last. Returns that generation. */
 static uint32_t bg_take(float *norm, float *act, float *attn) {
+    const int back = norm != NULL;
     pthread_mutex_lock(&bg.mu);
     const step_args *s = bg.s;
     const uint32_t gen = bg.gen;
@@ -1315,10 +1318,12 @@ static uint32_t bg_take(float *norm, float *act, float *attn) {
     if (!live) return gen;
     const int n = s->first->n;
     uint64_t claim = __atomic_load_n(&bg.claim, __ATOMIC_ACQUIRE);
-    while ((uint32_t)(claim >> 32) == gen && (int)(uint32_t)claim < chunks) {
-        if (!__atomic_compare_exchange_n(&bg.claim, &claim, claim + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    while ((uint32_t)(claim >> 32) == gen && ((claim >> 16) & 0xFFFF) < (claim & 0xFFFF)) {
+        const uint64_t next = back ? claim - 1 : claim + (1u << 16);
+        if (!__atomic_compare_exchange_n(&bg.claim, &claim, next, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
             continue;  /* (claim reloaded) */
-        const int r0 = (int)(uint32_t)claim * BG_CHUNK_ROWS, r1 = r0 + BG_CHUNK_ROWS < n ? r0 + BG_CHUNK_ROWS : n;
+        const int c = back ? (int)(claim & 0xFFFF) - 1 : (int)((claim >> 16) & 0xFFFF);
+        const int r0 = c * BG_CHUNK_ROWS, r1 = r0 + BG_CHUNK_ROWS < n ? r0 + BG_CHUNK_ROWS : n;
         step_rows(s, r0, r1, norm, act, attn);
         if (__atomic_add_fetch(&bg.finished, 1, __ATOMIC_ACQ_REL) == chunks) {
             pthread_mutex_lock(&bg.mu);
@@ -1385,7 +1390,7 @@ int lmf_step_start(const step_args *s) {
     bg.chunks = (s->first->n + BG_CHUNK_ROWS - 1) / BG_CHUNK_ROWS;
     bg.finished = 0;
     const uint32_t gen = bg.gen + 1;
-    __atomic_store_n(&bg.claim, (uint64_t)gen << 32, __ATOMIC_RELEASE);
+    __atomic_store_n(&bg.claim, (uint64_t)gen << 32 | (uint64_t)bg.chunks, __ATOMIC_RELEASE);
     __atomic_store_n(&bg.gen, gen, __ATOMIC_RELEASE);
     __atomic_store_n(&bg.state, 1, __ATOMIC_RELEASE);
     if (bg.sleeping) pthread_cond_signal(&bg.go);
