@@ -129,8 +129,9 @@ class BatchEngine:
         self.max_active = 0
         self.cancelled = 0  # requests stopped by cancel() before they finished
         # the step begun in the background (runner.start) while the step before it is reported: its rows' (slot,
-        # request); None when no step is under way
-        self._started: list[tuple[int, Request]] | None = None
+        # request), their slots and samplers, and _frees then; None when no step is under way
+        self._started: tuple[list[tuple[int, Request]], list[int], list, int] | None = None
+        self._frees = 0  # slots freed so far (a begun step's rows all still run if none was freed since)
         self.started_steps = self.started_rows = 0  # steps begun in the background, their rows (for tests, statistics)
         self._can_start = callable(getattr(runner, "start", None))
         self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
@@ -341,14 +342,18 @@ class BatchEngine:
         try:
             if started is not None:
                 logits = self.runner.finish()  # a row per started slot
-                at = [k for k, (i, r) in enumerate(started) if self._slots[i] is r]  # not finished or cancelled since
-                rows = [started[k][0] for k in at]
+                go, rows, samplers, frees = started
+                at = None
+                if frees != self._frees:  # the rows not finished or cancelled since
+                    at = [k for k, (i, r) in enumerate(go) if self._slots[i] is r]
+                    rows, samplers = [rows[k] for k in at], [samplers[k] for k in at]
             else:
                 n = max(i for i, t in enumerate(self._last) if t is not None) + 1
                 tokens = self._last[:n]
                 logits = self.runner.decode(tokens)  # a row per slot given a token
                 rows, at = [i for i, t in enumerate(tokens) if t is not None], None
-            choices = self._select(logits, [self._slots[i].seq.sampler for i in rows], at) if rows else []
+                samplers = [self._slots[i].seq.sampler for i in rows]
+            choices = self._select(logits, samplers, at) if rows else []
         except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
             traceback.print_exc(file=sys.stderr)
             for i, req in enumerate(self._slots):
@@ -376,23 +381,24 @@ class BatchEngine:
         and sixteen more (47k -> 31k): libgomp's worker, spinning between parallel regions, took a core from it."""
         if (self._waiting and None in self._slots) or self.speculator is not None:
             return
+        last = self._last
+        if len(last) - last.count(None) != len(rows):  # another slot has a token to decode (rows' are not None)
+            return
         most = len(rows) if getattr(self.runner, "pair", False) else 1
-        nxt: list[int | None] = [None] * len(self._last)
-        go = []
+        nxt: list[int | None] = [None] * len(last)
+        go, slots = [], self._slots
         for i, c in zip(rows, choices):
-            seq = self._slots[i].seq
+            req = slots[i]
+            seq = req.seq
             if c.token not in seq.stop_ids and len(seq.out_ids) + 1 < seq.limit:
                 if len(go) == most:
                     return
                 nxt[i] = c.token
-                go.append((i, self._slots[i]))
+                go.append((i, req))
         if not go:
             return
-        done = set(rows)
-        if any(t is not None and i not in done for i, t in enumerate(self._last)):
-            return
         if self.runner.start(nxt[: go[-1][0] + 1]):
-            self._started = go
+            self._started = (go, [i for i, _ in go], [r.seq.sampler for _, r in go], self._frees)
             self.started_steps += 1
             self.started_rows += len(go)
 
@@ -400,7 +406,8 @@ class BatchEngine:
         """Wait for the step begun in the background and drop it when none of its rows still runs (or ``always``):
         nothing may be left under way when the engine waits for requests, or stops."""
         started = self._started
-        if started is not None and (always or not any(self._slots[i] is r for i, r in started)):
+        if started is not None and (always or (started[3] != self._frees
+                                               and not any(self._slots[i] is r for i, r in started[0]))):
             self._started = None
             self.runner.finish()
 
@@ -456,6 +463,7 @@ class BatchEngine:
         with self._cv:
             self._slots[slot] = None
             self._last[slot] = None
+            self._frees += 1
 
     @staticmethod
     def _fail(req: Request, message: str) -> None:

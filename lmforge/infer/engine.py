@@ -222,7 +222,7 @@ class SlotRunner:
         self.transposed: dict = {}  # id(linear) -> (signature, weight transposed, bias): shared by the C steps
         self._path = decode_plans(model)  # (rows, threads) -> the plan kept, or the trials' times
         self._warm: set[int] = set()
-        self._table: tuple[torch.Tensor, np.ndarray] | None = None  # the embedding table and its numpy view
+        self._table: tuple | None = None  # the embedding table, its numpy view and its module
         self.local = [cfg.layer_is_local(i) for i in range(cfg.n_layer)]
         if cfg.position == "rope":
             self._rope_matrix_parts()
@@ -416,16 +416,17 @@ class SlotRunner:
         table itself: (the step, the rows' positions, their ids, the table, their slots). None otherwise:
         ``_decode``, which also plans, grows the cache and times plans, under ``torch.inference_mode`` (stories260K,
         one row: 40 us a decode that way, 33 this way)."""
-        live = [i for i, t in enumerate(tokens) if t is not None]
+        dense = None not in tokens  # (slots 0 .. n - 1 all given a token: the lists as they are)
+        live = list(range(len(tokens))) if dense else [i for i, t in enumerate(tokens) if t is not None]
         n = len(live)
         step = self._native.get(n)
         if step is None or not step.whole or n not in self._warm or not step.current():
             return None
         table = self._table_np()
-        lens = [self.lens[i] for i in live]
+        lens = self.lens[:n] if dense else [self.lens[i] for i in live]
         if table is None or live[-1] >= self.slots or max(lens) >= self.cap:
             return None
-        return step, lens, [tokens[i] for i in live], table, live
+        return step, lens, tokens if dense else [tokens[i] for i in live], table, live
 
     @torch.inference_mode()
     def _decode(self, tokens: list[int | None]) -> torch.Tensor:
@@ -625,13 +626,15 @@ class SlotRunner:
 
     def _table_np(self) -> np.ndarray | None:
         """The embedding table as numpy where the step's input is just its rows (a plain float32 table), else None."""
+        wte = self.model._modules["wte"]  # (nn.Module's attribute lookup is Python code: 1 us a step)
+        if self._table is not None and wte._parameters.get("weight") is self._table[0] and wte is self._table[2]:
+            return self._table[1]
         m, cfg = self.model, self.cfg
         w = m.wte.weight if type(m.wte) is nn.Embedding else None
         if (w is None or w.dtype != torch.float32 or cfg.embedding_scale != 1.0 or cfg.embedding_grad_shrink != 1.0
                 or cfg.position == "learned" or cfg.embedding_norm):
             return None
-        if self._table is None or self._table[0] is not w:  # (a view: the table's own memory)
-            self._table = (w, w.detach().numpy())
+        self._table = (w, w.detach().numpy(), wte)  # (a view: the table's own memory)
         return self._table[1]
 
     def _embed(self, tok: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:

@@ -660,11 +660,17 @@ class NativeStep:
             if bad:
                 raise IndexError(f"token id {ids[bad - 1]} is outside the embedding table of {table.shape[0]} rows")
 
-    def _logits_out(self) -> torch.Tensor:
-        """A whole step's logits buffer, after checking its weights are the ones it copied (Stale otherwise)."""
+    def _check_weights(self) -> None:
+        """Stale unless the weights are the ones the C products copied."""
         for params, name, t, version, ptr in self._weights:  # as _unchanged, inlined: a loop per step
             if params[name] is not t or t._version != version or t.data_ptr() != ptr:
                 raise Stale
+
+    def _logits_out(self, checked: bool = True) -> torch.Tensor:
+        """A whole step's logits buffer, after checking its weights are the ones it copied (Stale otherwise; not
+        ``checked``: the caller checks)."""
+        if checked:
+            self._check_weights()
         # a new tensor per step (callers may keep the logits), allocated by NumPy: torch.empty lets the interpreter
         # lock go, and under 16 streams the engine's thread then waited for the HTTP thread (12 % of its time)
         logits = torch.from_numpy(np.empty(self._head_shape, np.float32))
@@ -683,9 +689,14 @@ class NativeStep:
         if self._step is None:
             return False
         self._inputs(x0, lens, slots)
-        logits = self._logits_out()
+        logits = self._logits_out(checked=False)
         if self.lib.held.lmf_step_start(self._step_at):
             return False
+        try:  # the weights checked while the step runs (Stale: it ends first; it wrote only positions a redone step
+            self._check_weights()  # writes again)
+        except Stale:
+            self.lib.lmf_step_join()
+            raise
         self._started = logits
         return True
 
