@@ -184,6 +184,19 @@ def test_chat_takes_it_by_default_without_torch_and_replies_what_pytorch_replies
     assert r.returncode == 1 and "Traceback" not in r.stderr and "repetition-penalty" in r.stderr
 
 
+def test_chat_seed_is_the_sessions_without_torch(tmp_path):
+    """`lmforge chat --seed` on the lean runtime seeds the session as on PyTorch's: the same message after /reset
+    gets a reply of its own, and the same session repeats itself."""
+    out = _stories_int4(tmp_path)
+    args = ["--model", str(out), "--temperature", "1", "--max-new-tokens", "20", "--template", "plain", "--seed", "3"]
+    stdin = "Tell me about a dog.\n/reset\nTell me about a dog.\n/exit\n"
+    runs = [_generate(args, command="chat", stdin=stdin) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    assert "TORCH False" in runs[0].stderr
+    first, second = runs[0].stdout.splitlines()[:2]
+    assert first != second and runs[0].stdout == runs[1].stdout
+
+
 def test_chat_keeps_the_conversation_in_the_cache(tmp_path):
     """A second turn runs only the positions after the prefix it shares with the cached conversation."""
     import argparse

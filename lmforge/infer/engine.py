@@ -278,7 +278,8 @@ class SlotRunner:
         self.k, self.v = k, v
         self.slots, self.cap = k.shape[1], k.shape[3]
         self.kv_blocks = self.kv_blocks_len = self._kv_len_np = None
-        if self._kv_blocks_ok and self.slots and self.cap and library() is not None and library().lmf_kv_blocks_ok():
+        if (self._kv_blocks_ok and self.slots and self.cap and self.fast and NativeStep.supported(self.model, self)
+                and library().lmf_kv_blocks_ok()):  # (supported: the library is there)
             self.kv_blocks = torch.zeros(self.cfg.n_layer, -(-self.cap // 16), self.slots, self.cfg.kv_heads, 2, 8, 16)
             self.kv_blocks_len = torch.zeros(self.cfg.n_layer, self.slots, dtype=torch.int32)
             self._kv_len_np = self.kv_blocks_len.numpy()
