@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("native.c")
@@ -122,6 +123,7 @@ def _load(path: Path) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     held.lmf_gather_rows.argtypes, held.lmf_gather_rows.restype = [ptr, i64, i64, ptr, i64, ptr], i64
     held.lmf_argmax_rows.argtypes, held.lmf_argmax_rows.restype = [ptr, i64, i64, i64, ptr], None
+    held.lmf_sample_rows.argtypes, held.lmf_sample_rows.restype = [ptr], None
     held.lmf_step_start.argtypes, held.lmf_step_start.restype = [ptr], ctypes.c_int
     if os.environ.get("LMFORGE_AMX", "1") != "0":
         lib.lmf_amx_init()  # int4 products of several rows on AMX tiles where the CPU and the OS allow them
@@ -240,3 +242,35 @@ class _FlashArgs(ctypes.Structure):
 class _StepArgs(ctypes.Structure):
     _fields_ = [("n_layer", _i32), ("first", _ptr), ("lin", _ptr), ("attn", _ptr), ("norm2", _ptr), ("act", _ptr),
                 ("after", _ptr), ("head", _ptr), ("top", _ptr)]
+
+
+class _SampleArgs(ctypes.Structure):
+    _fields_ = [("n", _i32), ("V", _i32), ("stride", _i64)] + [(n, _ptr) for n in (
+        "logits", "temperature", "top_k", "top_p", "min_p", "u", "out", "e", "idx", "bsum")]
+
+
+SAMPLE_BLOCK = 64  # native.c's: weights summed a block at a time
+_scratch = threading.local()  # each thread's scratch of lmf_sample_rows: (V it holds, weights, ids, block sums)
+
+
+def draw_rows(lib: ctypes.CDLL, logits: int, n: int, V: int, stride: int, params: list, us: list[float]) -> list[int]:
+    """The token of each of ``n`` rows of float32 logits at address ``logits`` (``stride`` floats apart), drawn by
+    ``lmf_sample_rows`` with that row's ``SamplingParams`` (temperature, top-k, top-p, min-p; temperature 0: the
+    argmax) and its uniform draw in [0, 1) from ``us``. The interpreter lock is kept (a few microseconds a row)."""
+    sc = getattr(_scratch, "buf", None)
+    if sc is None or sc[0] < V:
+        sc = _scratch.buf = (V, (ctypes.c_float * V)(), (ctypes.c_int32 * V)(),
+                             (ctypes.c_double * (V // SAMPLE_BLOCK + 1))())
+    temp = (ctypes.c_float * n)(*[p.temperature for p in params])
+    top_k = (ctypes.c_int32 * n)(*[p.top_k for p in params])
+    top_p = (ctypes.c_float * n)(*[p.top_p for p in params])
+    min_p = (ctypes.c_float * n)(*[p.min_p for p in params])
+    u = (ctypes.c_double * n)(*us)
+    out = (ctypes.c_int64 * n)()
+    args = _SampleArgs(n=n, V=V, stride=stride, logits=logits, temperature=ctypes.addressof(temp),
+                       top_k=ctypes.addressof(top_k), top_p=ctypes.addressof(top_p), min_p=ctypes.addressof(min_p),
+                       u=ctypes.addressof(u), out=ctypes.addressof(out), e=ctypes.addressof(sc[1]),
+                       idx=ctypes.addressof(sc[2]), bsum=ctypes.addressof(sc[3]))
+    lib.held.lmf_sample_rows(ctypes.byref(args))
+    return out[:]
+
