@@ -5,12 +5,13 @@ against `lmforge generate` on the same model.
                                      [--clients 1 4 16] [--rounds 3]
                                      [--threads N] [--max-batch N] [--no-generate] [--connections new|keep|both]
                                      [--runtime auto|lean|torch] [--kv-cache-dtype auto|float16|float32]
-                                     [--stream | --no-stream]
+                                     [--stream | --no-stream] [--temperature 0] [--top-p 1]
 
 The server (`lmforge serve`, with its default --threads and --max-batch unless given) runs in a child process on a
-free 127.0.0.1 port; each client thread sends ``--requests`` streaming completions one after another (greedy,
-``ignore_eos`` so every request yields ``--tokens`` tokens) and reads the server-sent events to the end (with
-``--no-stream``: the whole answer in one JSON body, as OpenAI's client asks unless told to stream), and goes on
+free 127.0.0.1 port; each client thread sends ``--requests`` streaming completions one after another (greedy
+unless ``--temperature``/``--top-p`` say otherwise, ``ignore_eos`` so every request yields ``--tokens`` tokens) and
+reads the server-sent events to the end (with ``--no-stream``: the whole answer in one JSON body, as OpenAI's client
+asks unless told to stream), and goes on
 sending until ``--min-seconds`` have passed since the clients started (a load test's fixed duration: one start and
 one tail a measurement; one client's 3 requests alone took 0.04 s, and a 16-client run of 3 requests each spent a
 sixth of its time in its start and tail, where fewer than 16 requests ran). Two figures, best of ``--rounds`` rounds
@@ -55,6 +56,7 @@ def free_port() -> int:
 
 
 MODEL_ID = "stories260K.bin"
+SAMPLING = {"temperature": 0.0, "top_p": 1.0}  # every request's (--temperature, --top-p; greedy by default)
 CONN = {False: "new connection per request", True: "kept-alive connections"}
 
 
@@ -65,7 +67,7 @@ def stream_completion(port: int, prompt: str, tokens: int, conn: http.client.HTT
     own = conn is None
     if conn is None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    req = {"model": MODEL_ID, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    req = {"model": MODEL_ID, "prompt": prompt, "max_tokens": tokens, **SAMPLING, "ignore_eos": True}
     if stream:
         req.update(stream=True, stream_options={"include_usage": True})
     conn.request("POST", "/v1/completions", body=json.dumps(req), headers={"Content-Type": "application/json"})
@@ -150,9 +152,11 @@ def run_clients(port: int, clients: int, requests: int, tokens: int, keep: bool 
 
 
 def generate_rate(model: list[str], tokens: int, env: dict) -> tuple[float, float]:
-    """Tokens/s `lmforge generate` reports for one greedy sequence: overall, and after the first token (a served
-    model has built its kernel layouts before the first request; generate builds them for its first token)."""
-    r = subprocess.run([sys.executable, "-m", "lmforge", "generate", *model, "--temperature", "0",
+    """Tokens/s `lmforge generate` reports for one sequence (sampled as the requests are): overall, and after the
+    first token (a served model has built its kernel layouts before the first request; generate builds them for its
+    first token)."""
+    r = subprocess.run([sys.executable, "-m", "lmforge", "generate", *model,
+                        "--temperature", str(SAMPLING["temperature"]), "--top-p", str(SAMPLING["top_p"]),
                         "--max-new-tokens", str(tokens), "--prompt", PROMPTS[0]], env=env, capture_output=True,
                        text=True)
     line = [ln for ln in r.stderr.splitlines() if ln.startswith("achieved tok/s:")]
@@ -204,7 +208,11 @@ def main() -> None:
                     "keeps them), or both in each round (default)")
     ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                     help="streamed completions (server-sent events, the default) or whole JSON answers (--no-stream)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="every request's temperature (default 0: greedy; OpenAI's clients send 1 unless told)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="every request's top_p (default 1: off)")
     args = ap.parse_args()
+    SAMPLING.update(temperature=args.temperature, top_p=args.top_p)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     model = ["--model", args.model] if args.model else []
