@@ -64,14 +64,28 @@ def test_penalties_are_pytorchs_over_steps():
 @pytest.mark.parametrize("kw", [dict(temperature=0.8), dict(temperature=1.2, top_k=5),
                                 dict(temperature=1.0, top_p=0.7), dict(temperature=0.9, min_p=0.1, top_p=0.95),
                                 dict(temperature=1.0, top_k=8, top_p=0.8, min_p=0.05)])
-def test_sampled_rows_follow_pytorchs_distribution(kw):
+@pytest.mark.parametrize("where", ["c", "numpy"])
+def test_sampled_rows_follow_pytorchs_distribution(kw, where, monkeypatch):
+    """``select`` and ``sample`` draw from PyTorch's distribution: in C where the library is loaded (the lean
+    runtime's decoding loads it), in NumPy where it is not."""
+    from lmforge.infer import clib
+
+    if where == "numpy":
+        monkeypatch.setattr(ls, "loaded", lambda: None)
+    elif clib.library() is None:
+        pytest.skip("no C compiler here: the draws are NumPy's")
+    calls = []
+    monkeypatch.setattr(ls, "draw_rows", lambda *a: calls.append(1) or clib.draw_rows(*a))
     x = _logits(1, 40, 4)
     p = SamplingParams(seed=5, **kw)
     want = ts.distribution(torch.from_numpy(x.copy()), p)[0].double().numpy()
     s = ls.LeanSampler(p, [], 40)
-    draws = np.bincount([ls.select(x, [s])[0].token for _ in range(20000)], minlength=40) / 20000
-    assert (draws[want == 0] == 0).all()
-    assert 0.5 * np.abs(draws - want).sum() < 0.03
+    for draw in (lambda: ls.select(x, [s])[0].token, lambda: ls.sample(x[0], p.temperature, p.top_k, p.top_p,
+                                                                        p.min_p, s.rng)):
+        draws = np.bincount([draw() for _ in range(20000)], minlength=40) / 20000
+        assert (draws[want == 0] == 0).all()
+        assert 0.5 * np.abs(draws - want).sum() < 0.03
+    assert bool(calls) == (where == "c")
 
 
 def test_a_seed_repeats_itself():
