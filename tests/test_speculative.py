@@ -15,7 +15,7 @@ import torch
 
 from lmforge.infer.engine import SlotRunner
 from lmforge.infer.generate import Sequence, stream_steps
-from lmforge.infer.sampling import SamplingParams, TokenSampler, distribution
+from lmforge.infer.sampling import SamplingParams, TokenSampler, distribution, draw
 from lmforge.infer.speculative import accept, draft_unsupported, make_draft, speculative_steps
 from lmforge.model import Decoder
 from lmforge.presets import get_preset
@@ -122,6 +122,20 @@ def test_speculative_sampling_step_draws_from_the_models_distribution():
         counts[accept(p, q, d, gen)[1]] += 1
     freq = counts / n
     assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9).all(), freq
+
+
+def test_draw_follows_the_distribution_and_never_draws_a_zero():
+    """``draw`` (speculative sampling's draws; torch.multinomial took 0.92 ms a draw over SmolLM2's vocabulary):
+    30,000 draws from an unnormalised distribution with zeros at both ends and inside, within 5 standard errors per
+    token; the same generator state draws the same tokens."""
+    p = torch.tensor([0.0, 1.0, 0.0, 0.4, 0.6, 0.0])
+    gen = torch.Generator().manual_seed(1)
+    n = 30000
+    freq = torch.bincount(torch.tensor([draw(p, gen) for _ in range(n)]), minlength=6) / n
+    want = p / p.sum()
+    assert freq[want == 0].sum() == 0 and ((freq - want).abs() <= 5 * (want * (1 - want) / n).sqrt()).all(), freq
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert [draw(p, a) for _ in range(20)] == [draw(p, b) for _ in range(20)]
 
 
 def test_sampled_sequences_follow_the_model():

@@ -245,6 +245,16 @@ def sparse_distribution(logits: torch.Tensor, p: SamplingParams, candidates: int
     return out
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """A token drawn from ``probs`` (V,), non-negative and not all zero (unnormalised): the first whose running sum
+    (float64) passes a uniform number times the total; a token of probability 0 is never drawn. What
+    ``torch.multinomial(probs, 1)`` draws, without its cost on a large vocabulary (SmolLM2's 49,152: 0.92 ms a draw
+    with a generator, 0.05 ms this way)."""
+    c = probs.cumsum(0, dtype=torch.float64)
+    u = torch.rand((), generator=generator, dtype=torch.float64) * c[-1]
+    return min(int(torch.searchsorted(c, u, right=True)), probs.numel() - 1)
+
+
 def chosen(logits: torch.Tensor, sampler: TokenSampler, token: int) -> Choice:
     """The ``Choice`` of ``token`` picked from ``logits`` (V,) by other means (speculative sampling): counted by the
     sampler, with its log-probabilities where asked."""
@@ -260,5 +270,5 @@ def chosen(logits: torch.Tensor, sampler: TokenSampler, token: int) -> Choice:
     return c
 
 
-__all__ = ["Choice", "SamplingParams", "TokenSampler", "chosen", "cut_at_stop", "distribution", "sample", "select",
-           "sparse_distribution"]
+__all__ = ["Choice", "SamplingParams", "TokenSampler", "chosen", "cut_at_stop", "distribution", "draw", "sample",
+           "select", "sparse_distribution"]

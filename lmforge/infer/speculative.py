@@ -34,7 +34,7 @@ from torch import nn
 
 from lmforge.infer.engine import SlotRunner
 from lmforge.infer.native import library
-from lmforge.infer.sampling import chosen, select, sparse_distribution
+from lmforge.infer.sampling import chosen, draw, select, sparse_distribution
 from lmforge.memory import release_free_memory
 from lmforge.model import Decoder
 from lmforge.quant import QuantConfig, QuantEmbedding, QuantLinear, quantize_model
@@ -101,7 +101,7 @@ def accept(p: torch.Tensor, q: torch.Tensor, d: int, gen: torch.Generator) -> tu
     if torch.rand(1, generator=gen).item() * float(q[d]) < float(p[d]):
         return True, d
     rest = (p - q).clamp_(min=0)
-    return False, int(torch.multinomial(rest if float(rest.sum()) > 0 else p, 1, generator=gen))
+    return False, draw(rest if float(rest.sum()) > 0 else p, gen)
 
 
 class Speculator:
@@ -142,7 +142,7 @@ class Speculator:
             if not sampling:
                 return int(logits.argmax()), None
             q = sparse_distribution(logits, params)
-            return int(torch.multinomial(q, 1, generator=gen)), q
+            return draw(q, gen), q
 
         ids = seq.prompt_ids + seq.out_ids  # ends with tok
         x, q = propose(small.extend(0, ids[small.lens[0] :], every=False)[-1])  # what the draft has not seen yet
