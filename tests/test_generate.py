@@ -21,7 +21,14 @@ from transformers.generation.logits_process import (
 
 from lmforge.infer.engine import Engine, EngineError, Request, SlotRunner
 from lmforge.infer.generate import TextStream, complete, generate, generate_batch, stream_steps
-from lmforge.infer.sampling import SamplingParams, TokenSampler, distribution, noted_argmax, select
+from lmforge.infer.sampling import (
+    SamplingParams,
+    TokenSampler,
+    distribution,
+    noted_argmax,
+    select,
+    sparse_distribution,
+)
 from lmforge.loading import load_model_and_tokenizer
 from lmforge.model import Decoder
 from lmforge.presets import get_preset
@@ -158,6 +165,17 @@ def test_each_rows_draws_follow_its_distribution_in_c_and_in_torch(where, monkey
         assert ((f - w).abs() <= 5 * (w * (1 - w) / n).sqrt() + 1e-9).all(), (p, (f - w).abs().max())
     assert (counts[-2] > 0).sum() == 5 and (counts[-2][torch.arange(V) % 7 != 0] == 0).all()  # exactly k, the ties
     assert counts[-1, int(logits[-1].argmax())] == n
+
+
+@pytest.mark.parametrize("p", CASES + [SamplingParams(temperature=1.0, top_k=5)])
+def test_one_rows_sparse_distribution_is_the_distribution(p):
+    """``sparse_distribution`` (speculative sampling's p and q; in C where the library is built, the weights the draws
+    of ``select`` use) equals ``distribution`` (checked against transformers' warpers) over 50 and 49,152 tokens."""
+    torch.manual_seed(6)
+    for V in (50, 49152):
+        logits = torch.randn(V) * 3
+        got, want = sparse_distribution(logits, p), distribution(logits[None], p)[0]
+        assert torch.allclose(got, want, atol=1e-6) and torch.equal(got > 0, want > 0), (V, (got - want).abs().max())
 
 
 def test_c_draws_of_rows_with_nan_or_infinite_logits_and_seeds(monkeypatch):

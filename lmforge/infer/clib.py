@@ -124,6 +124,7 @@ def _load(path: Path) -> ctypes.CDLL:
     held.lmf_gather_rows.argtypes, held.lmf_gather_rows.restype = [ptr, i64, i64, ptr, i64, ptr], i64
     held.lmf_argmax_rows.argtypes, held.lmf_argmax_rows.restype = [ptr, i64, i64, i64, ptr], None
     held.lmf_sample_rows.argtypes, held.lmf_sample_rows.restype = [ptr], None
+    held.lmf_distribution_rows.argtypes, held.lmf_distribution_rows.restype = [ptr, ptr], None
     held.lmf_step_start.argtypes, held.lmf_step_start.restype = [ptr], ctypes.c_int
     if os.environ.get("LMFORGE_AMX", "1") != "0":
         lib.lmf_amx_init()  # int4 products of several rows on AMX tiles where the CPU and the OS allow them
@@ -253,10 +254,13 @@ SAMPLE_BLOCK = 64  # native.c's: weights summed a block at a time
 _scratch = threading.local()  # each thread's scratch of lmf_sample_rows: (V it holds, weights, ids, block sums)
 
 
-def draw_rows(lib: ctypes.CDLL, logits: int, n: int, V: int, stride: int, params: list, us: list[float]) -> list[int]:
+def draw_rows(lib: ctypes.CDLL, logits: int, n: int, V: int, stride: int, params: list, us: list[float],
+              dist: int | None = None) -> list[int]:
     """The token of each of ``n`` rows of float32 logits at address ``logits`` (``stride`` floats apart), drawn by
     ``lmf_sample_rows`` with that row's ``SamplingParams`` (temperature, top-k, top-p, min-p; temperature 0: the
-    argmax) and its uniform draw in [0, 1) from ``us``. The interpreter lock is kept (a few microseconds a row)."""
+    argmax) and its uniform draw in [0, 1) from ``us``. With ``dist`` (the address of n x V floats), the rows'
+    distributions are written there instead (``lmf_distribution_rows``; the tokens returned are then meaningless).
+    The interpreter lock is kept (a few microseconds a row)."""
     sc = getattr(_scratch, "buf", None)
     if sc is None or sc[0] < V:
         sc = _scratch.buf = (V, (ctypes.c_float * V)(), (ctypes.c_int32 * V)(),
@@ -271,6 +275,9 @@ def draw_rows(lib: ctypes.CDLL, logits: int, n: int, V: int, stride: int, params
                        top_k=ctypes.addressof(top_k), top_p=ctypes.addressof(top_p), min_p=ctypes.addressof(min_p),
                        u=ctypes.addressof(u), out=ctypes.addressof(out), e=ctypes.addressof(sc[1]),
                        idx=ctypes.addressof(sc[2]), bsum=ctypes.addressof(sc[3]))
-    lib.held.lmf_sample_rows(ctypes.byref(args))
+    if dist is None:
+        lib.held.lmf_sample_rows(ctypes.byref(args))
+    else:
+        lib.held.lmf_distribution_rows(ctypes.byref(args), dist)
     return out[:]
 

@@ -2266,7 +2266,14 @@ static float kth_largest(const float *x, int V, int k, float *h) {
     return h[0];
 }
 
-static int64_t sample_row(const sample_args *a, int r) {
+static int64_t one_hot(float *dist, int V, int64_t t) {  /* dist: 1 at t, 0 elsewhere; returns t */
+    memset(dist, 0, (size_t)V * sizeof(float));
+    dist[t] = 1.0f;
+    return t;
+}
+
+/* Row r's token (dist NULL), or its distribution into dist (V floats; returns -1, or the token a greedy row takes). */
+static int64_t sample_row(const sample_args *a, int r, float *dist) {
     const int V = a->V;
     const float *x = a->logits + (size_t)r * a->stride;
     float *e = a->e;
@@ -2279,7 +2286,7 @@ static int64_t sample_row(const sample_args *a, int r) {
         nan |= x[j] != x[j];
     }
     if (!(T > 0) || nan || m == INFINITY || m == -INFINITY)  /* greedy; a NaN or infinite logit: the argmax's token */
-        return first_equal(x, V, nan ? NAN : m);
+        return dist ? one_hot(dist, V, first_equal(x, V, nan ? NAN : m)) : first_equal(x, V, nan ? NAN : m);
     const float inv = 1.0f / T;
     /* the weights exp((x - m) / T) of the tokens top-k and min-p keep (min-p: weight >= min_p, the largest being 1) */
     float lo = -INFINITY;  /* logits below it are dropped */
@@ -2361,6 +2368,11 @@ static int64_t sample_row(const sample_args *a, int r) {
             else if (!(e[i] > w)) e[i] = 0.0f;  /* dropped */
             mass += e[i];
         }
+        if (dist) {
+            memset(dist, 0, (size_t)V * sizeof(float));
+            for (int i = 0; i < c; i++) dist[idx[i]] = (float)(e[i] / mass);
+            return -1;
+        }
         const double target = a->u[r] * mass;
         double acc = 0;
         int last = 0;
@@ -2371,6 +2383,10 @@ static int64_t sample_row(const sample_args *a, int r) {
             if (acc > target) return idx[i];
         }
         return idx[last];
+    }
+    if (dist) {
+        for (int j = 0; j < V; j++) dist[j] = (float)(e[j] / total);
+        return -1;
     }
     double acc = 0;  /* the first token whose running sum passes u times the total */
     int last = -1;
@@ -2397,5 +2413,11 @@ static int64_t sample_row(const sample_args *a, int r) {
    passes u times their total. A row with a NaN or infinite logit, or of temperature
    0, takes its argmax. SmolLM2's 49,152 logits: ~30 us a row where PyTorch's sort took 2.8 ms. */
 void lmf_sample_rows(const sample_args *a) {
-    for (int r = 0; r < a->n; r++) a->out[r] = sample_row(a, r);
+    for (int r = 0; r < a->n; r++) a->out[r] = sample_row(a, r, NULL);
+}
+
+/* The distribution each row's token is drawn from by lmf_sample_rows (out: n rows of V floats, summing to 1; a greedy
+   row's or one with a NaN or infinite logit: 1 at its argmax). */
+void lmf_distribution_rows(const sample_args *a, float *out) {
+    for (int r = 0; r < a->n; r++) sample_row(a, r, out + (size_t)r * a->V);
 }

@@ -220,6 +220,12 @@ def sparse_distribution(logits: torch.Tensor, p: SamplingParams, candidates: int
     sort."""
     V = logits.shape[-1]
     logits = logits.float()
+    truncated = 0 < p.top_k < V or p.top_p < 1.0 or p.min_p > 0  # (else a softmax, as fast in PyTorch)
+    lib = library() if logits.device.type == "cpu" and logits.dim() == 1 and p.temperature > 0 and truncated else None
+    if lib is not None:  # the distribution lmf_sample_rows draws from (SmolLM2 with top-p 0.9: 0.30 -> 0.10 ms)
+        x, out = logits.contiguous(), torch.empty(V)
+        draw_rows(lib, x.data_ptr(), 1, V, V, [p], [0.0], out.data_ptr())
+        return out
     topk = 0 < p.top_k < V
     C = p.top_k if topk else min(V, candidates)
     if p.temperature > 0 and not topk and p.top_p >= 1.0 and p.min_p <= 0:  # no truncation
