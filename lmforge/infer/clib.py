@@ -254,30 +254,34 @@ SAMPLE_BLOCK = 64  # native.c's: weights summed a block at a time
 _scratch = threading.local()  # each thread's scratch of lmf_sample_rows: (V it holds, weights, ids, block sums)
 
 
-def draw_rows(lib: ctypes.CDLL, logits: int, n: int, V: int, stride: int, params: list, us: list[float],
-              dist: int | None = None) -> list[int]:
-    """The token of each of ``n`` rows of float32 logits at address ``logits`` (``stride`` floats apart), drawn by
-    ``lmf_sample_rows`` with that row's ``SamplingParams`` (temperature, top-k, top-p, min-p; temperature 0: the
-    argmax) and its uniform draw in [0, 1) from ``us``. With ``dist`` (the address of n x V floats), the rows'
-    distributions are written there instead (``lmf_distribution_rows``; the tokens returned are then meaningless).
-    The interpreter lock is kept (a few microseconds a row)."""
+def _sample_args(logits: int, n: int, V: int, stride: int, params: list, us: list[float]) -> tuple:
+    """The argument block of ``lmf_sample_rows``/``lmf_distribution_rows`` and the arrays it points into (kept alive
+    by the caller), on this thread's scratch."""
     sc = getattr(_scratch, "buf", None)
     if sc is None or sc[0] < V:
         sc = _scratch.buf = (V, (ctypes.c_float * V)(), (ctypes.c_int32 * V)(),
                              (ctypes.c_double * (V // SAMPLE_BLOCK + 1))())
-    temp = (ctypes.c_float * n)(*[p.temperature for p in params])
-    top_k = (ctypes.c_int32 * n)(*[p.top_k for p in params])
-    top_p = (ctypes.c_float * n)(*[p.top_p for p in params])
-    min_p = (ctypes.c_float * n)(*[p.min_p for p in params])
-    u = (ctypes.c_double * n)(*us)
-    out = (ctypes.c_int64 * n)()
-    args = _SampleArgs(n=n, V=V, stride=stride, logits=logits, temperature=ctypes.addressof(temp),
-                       top_k=ctypes.addressof(top_k), top_p=ctypes.addressof(top_p), min_p=ctypes.addressof(min_p),
-                       u=ctypes.addressof(u), out=ctypes.addressof(out), e=ctypes.addressof(sc[1]),
-                       idx=ctypes.addressof(sc[2]), bsum=ctypes.addressof(sc[3]))
-    if dist is None:
-        lib.held.lmf_sample_rows(ctypes.byref(args))
-    else:
-        lib.held.lmf_distribution_rows(ctypes.byref(args), dist)
-    return out[:]
+    arrays = ((ctypes.c_float * n)(*[p.temperature for p in params]), (ctypes.c_int32 * n)(*[p.top_k for p in params]),
+              (ctypes.c_float * n)(*[p.top_p for p in params]), (ctypes.c_float * n)(*[p.min_p for p in params]),
+              (ctypes.c_double * n)(*us), (ctypes.c_int64 * n)())
+    a = ctypes.addressof
+    args = _SampleArgs(n=n, V=V, stride=stride, logits=logits, temperature=a(arrays[0]), top_k=a(arrays[1]),
+                       top_p=a(arrays[2]), min_p=a(arrays[3]), u=a(arrays[4]), out=a(arrays[5]), e=a(sc[1]),
+                       idx=a(sc[2]), bsum=a(sc[3]))
+    return args, arrays
 
+
+def draw_rows(lib: ctypes.CDLL, logits: int, n: int, V: int, stride: int, params: list, us: list[float]) -> list[int]:
+    """The token of each of ``n`` rows of float32 logits at address ``logits`` (``stride`` floats apart), drawn by
+    ``lmf_sample_rows`` with that row's ``SamplingParams`` (temperature, top-k, top-p, min-p; temperature 0: the
+    argmax) and its uniform draw in [0, 1) from ``us``. The interpreter lock is kept (a few microseconds a row)."""
+    args, arrays = _sample_args(logits, n, V, stride, params, us)
+    lib.held.lmf_sample_rows(ctypes.byref(args))
+    return arrays[5][:]
+
+
+def distribution_rows(lib: ctypes.CDLL, logits: int, n: int, V: int, stride: int, params: list, out: int) -> None:
+    """The distributions ``draw_rows`` draws those rows' tokens from, written to ``out`` (the address of n x V
+    floats; a greedy row's: 1 at its argmax) by ``lmf_distribution_rows``."""
+    args, _arrays = _sample_args(logits, n, V, stride, params, [0.0] * n)
+    lib.held.lmf_distribution_rows(ctypes.byref(args), out)

@@ -119,15 +119,17 @@ def select(logits: np.ndarray, samplers: list[LeanSampler], rows: list[int] | No
         logits = logits[rows]
     if all(s.plain for s in samplers):  # the common serving case
         return [Choice(t) for t in logits.argmax(axis=-1).tolist()]
-    zs = [s.penalize(row) if s.counts is not None else row for row, s in zip(logits, samplers)]
+    z = logits
+    if any(s.counts is not None for s in samplers):
+        z = np.stack([s.penalize(row) if s.counts is not None else row for row, s in zip(logits, samplers)])
     lib = loaded()  # (the lean runtime's decoding loaded it)
     if lib is not None:  # every row in C (lmforge.infer.sampling's draw): no sort of the vocabulary
-        z = np.ascontiguousarray(np.stack(zs) if any(s.counts is not None for s in samplers) else logits, np.float32)
+        z = np.ascontiguousarray(z, np.float32)
         tokens = draw_rows(lib, z.ctypes.data, z.shape[0], z.shape[1], z.strides[0] // 4, [s.params for s in samplers],
                            [0.0 if s.params.greedy else s.rng.random() for s in samplers])
     else:
-        tokens = [sample(z, s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p, s.rng)
-                  for z, s in zip(zs, samplers)]
+        tokens = [sample(row, s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p, s.rng)
+                  for row, s in zip(z, samplers)]
     out = []
     for row, s, t in zip(logits, samplers, tokens):
         p = s.params

@@ -15,7 +15,7 @@ import random
 
 import torch
 
-from lmforge.infer.clib import draw_rows, library, loaded
+from lmforge.infer.clib import distribution_rows, draw_rows, library, loaded
 from lmforge.infer.params import Choice, SamplingParams, cut_at_stop
 
 HELD_ARGMAX = 1 << 13  # logits (rows x vocabulary) an argmax in C takes with the interpreter lock kept (a few us;
@@ -224,7 +224,7 @@ def sparse_distribution(logits: torch.Tensor, p: SamplingParams, candidates: int
     lib = library() if logits.device.type == "cpu" and logits.dim() == 1 and p.temperature > 0 and truncated else None
     if lib is not None:  # the distribution lmf_sample_rows draws from (SmolLM2 with top-p 0.9: 0.30 -> 0.10 ms)
         x, out = logits.contiguous(), torch.empty(V)
-        draw_rows(lib, x.data_ptr(), 1, V, V, [p], [0.0], out.data_ptr())
+        distribution_rows(lib, x.data_ptr(), 1, V, V, [p], out.data_ptr())
         return out
     topk = 0 < p.top_k < V
     C = p.top_k if topk else min(V, candidates)
