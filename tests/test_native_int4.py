@@ -275,16 +275,45 @@ def test_attention_shared_among_threads_computes_what_one_thread_does(two_thread
 
 
 @vnni
-def test_int4_products_shared_among_threads_compute_what_one_thread_does(two_threads):
+@pytest.mark.parametrize("rows", [1, 3, 13, 16])
+def test_int4_products_shared_among_threads_compute_what_one_thread_does(two_threads, rows):
+    """Outputs and the rows' quantized activations (each thread quantizes a part of the rows, before any output is
+    computed) shared among the threads: the same products bit for bit as one thread."""
     torch.manual_seed(0)
     mod = QuantLinear.from_linear(torch.nn.Linear(256, 512), 4, 32)
-    x = torch.randn(16, 256)
+    x = torch.randn(rows, 256) * torch.rand(rows, 1) * 3
     got = {}
     for on in (False, True):
         _parallel(on)
         before = _runs()
-        got[on] = native.int4(mod, 16)(x).clone()
+        got[on] = native.int4(mod, rows)(x).clone()
         assert _runs() - before == on
+    assert torch.equal(got[False], got[True])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 13])
+def test_int8_head_shared_among_threads_computes_what_one_thread_does(two_threads, rows):
+    """lmf_head_vnni of several rows on two threads (each quantizing a part of the rows first): the same approximate
+    logits bit for bit as one thread."""
+    torch.manual_seed(0)
+    N, K = 6000, 64
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    scales, bias = torch.rand(N) / 50, torch.randn(N)
+    qi = q.view(N // 16, 16, K // 4, 4).permute(0, 2, 1, 3).contiguous()
+    qsum = (q.view(N // 16, 16, K // 32, 32).sum(-1, dtype=torch.int32) * 128).permute(0, 2, 1).contiguous()
+    x = torch.randn(rows, K) * torch.rand(rows, 1) * 3
+    xq, xs = torch.zeros(rows * K, dtype=torch.uint8), torch.zeros(rows * K // 32)
+    got = {}
+    for on in (False, True):
+        _parallel(on)
+        out = torch.zeros(rows, N)
+        args = clib._VnniArgs(n=rows, N=N, K=K, qi=qi.data_ptr(), qsum=qsum.data_ptr(), scales=scales.data_ptr(),
+                              bias=bias.data_ptr(), x=x.data_ptr(), out=out.data_ptr(), xq=xq.data_ptr(),
+                              xs=xs.data_ptr())
+        before = _runs()
+        LIB.lmf_head_vnni(ctypes.byref(args))
+        assert _runs() - before == on
+        got[on] = out
     assert torch.equal(got[False], got[True])
 
 

@@ -103,21 +103,41 @@ int lmf_parallel_ok = 0;  /* set by the loader when this library's OpenMP runtim
 long lmf_parallel_runs = 0;  /* calls that shared their work among threads (for tests) */
 
 /* tile(args, t) for t = 0 .. tiles - 1 (each tile independent): shared among the calling thread's OpenMP team when
-   the product's work (rows x outputs x inputs) is large enough; then done() (if given) on each thread of the team. */
-static __attribute__((unused)) void for_tiles(int tiles, double work, void (*tile)(const void *, int),
-                                              const void *args, void (*done)(void)) {
+   the product's work (rows x outputs x inputs) is large enough; then done() (if given) on each thread of the team.
+   prep (if given) first: prep(args, r0, r1) for rows 0 .. n - 1 in parts, a part per thread of the team, all ended
+   before any tile begins (a product's activations quantized: on one thread, 16 SmolLM2 rows' took ~1.4 ms a step
+   while the other thread waited). */
+static __attribute__((unused)) void for_tiles_prep(int tiles, double work, void (*prep)(const void *, int, int), int n,
+                                                   void (*tile)(const void *, int), const void *args,
+                                                   void (*done)(void)) {
 #if defined(_OPENMP)
     const int par = lmf_parallel_ok && !omp_in_parallel() && work >= INT4_PARALLEL_WORK;
     lmf_parallel_runs += par && omp_get_max_threads() > 1;
 #pragma omp parallel if (par)
 #endif
     {
+        if (prep) {
+#if defined(_OPENMP)
+            const int me = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+            const int me = 0, nt = 1;
+#endif
+            prep(args, (int)((long)n * me / nt), (int)((long)n * (me + 1) / nt));
+#if defined(_OPENMP)
+#pragma omp barrier
+#endif
+        }
 #if defined(_OPENMP)
 #pragma omp for schedule(static)
 #endif
         for (int t = 0; t < tiles; t++) tile(args, t);
         if (done) done();
     }
+}
+
+static __attribute__((unused)) void for_tiles(int tiles, double work, void (*tile)(const void *, int),
+                                              const void *args, void (*done)(void)) {
+    for_tiles_prep(tiles, work, NULL, 0, tile, args, done);
 }
 
 static __attribute__((unused)) float *thread_scratch(size_t floats) {  /* a 64-byte aligned buffer per thread, grown as needed, never freed */
@@ -1722,10 +1742,11 @@ static void head_amx_tile(const void *args, int jb) {  /* every row of outputs j
    Q8 blocks) and int32 dot products: several rows of the int8 output projection, where PyTorch's int8 kernel with
    bfloat16 activations reached 126 GFLOP/s (SmolLM2, 16 rows). Approximate like that kernel: lmf_head_refine (y
    NULL) then recomputes each row's top candidates exactly. */
-void lmf_head_vnni(const vnni_args *a) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
+static void vnni_quantize(const void *args, int r0, int r1) {  /* rows r0 .. r1 - 1 of lmf_head_vnni's activations */
+    const vnni_args *a = args;
     const int K = a->K, G = K / 32;
-    for (int r = 0; r < a->n; r++) {
+    for (int r = r0; r < r1; r++) {
         for (int g = 0; g < G; g++) {
             const float *x = a->x + (size_t)r * K + 32 * g;
             float m = 0.f;
@@ -1737,13 +1758,19 @@ void lmf_head_vnni(const vnni_args *a) {
             for (int i = 0; i < 32; i++) q[i] = (uint8_t)((int)__builtin_rintf(x[i] * inv) + 128);
         }
     }
+}
+#endif
+
+void lmf_head_vnni(const vnni_args *a) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+    const double work = (double)a->n * a->N * a->K;
 #if defined(LMF_AMX)
     if (lmf_amx && a->n >= AMX_MIN_ROWS) {
-        for_tiles(a->N / 16, (double)a->n * a->N * K, head_amx_tile, a, amx_done);
+        for_tiles_prep(a->N / 16, work, vnni_quantize, a->n, head_amx_tile, a, amx_done);
         return;
     }
 #endif
-    for_tiles(a->N / 16, (double)a->n * a->N * K, vnni_tile, a, NULL);
+    for_tiles_prep(a->N / 16, work, vnni_quantize, a->n, vnni_tile, a, NULL);
 #else
     (void)a;
 #endif
@@ -1944,18 +1971,11 @@ static void amx_tile(const void *args, int jb) {  /* every row of outputs jb * 1
 }
 #endif
 
-/* out = x W^T for an int4 weight W[n, k] = (q - 8) s + z (groups of G inputs; lmforge's format, llama.cpp's Q4_0 and
-   Q4_1) with integer dot products (AVX512-VNNI): each block of 32 inputs is two int8 parts, x ~ d (c + f / 254) with
-   d = max|x| / 127, c = round(x / d) and f = round((x - d c) 254 / d) (a relative error of about 2e-5 against
-   bfloat16's 3e-3; one part, llama.cpp's Q8 blocks, is 1.35x faster at 16 rows and moves SmolLM2's logits 1.7x
-   farther from float32 than bfloat16 does). Per block, the dot products of the levels (0..15, unsigned) with both
-   parts by vpdpbusd, then s (d' dot - 8 d' sum) + z sum(x), d' = d / 254. PyTorch's int4 kernel dequantizes each
-   weight to float per use; here 32 inputs x 16 outputs are 16 instructions a row. Output columns are shared among
-   the OpenMP team (for_tiles). */
-void lmf_int4(const i4_args *a) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    const int K = a->K, nb = K / 32;
-    for (int r = 0; r < a->n; r++) {
+static void i4_quantize(const void *args, int r0, int r1) {  /* rows r0 .. r1 - 1 of lmf_int4's activations */
+    const i4_args *a = args;
+    const int nb = a->K / 32;
+    for (int r = r0; r < r1; r++) {
         for (int b = 0; b < nb; b++) {
             const float *x = a->x + (size_t)r * a->x_stride + 32 * b;
             const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
@@ -1978,13 +1998,27 @@ void lmf_int4(const i4_args *a) {
             p[2] = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
         }
     }
+}
+#endif
+
+/* out = x W^T for an int4 weight W[n, k] = (q - 8) s + z (groups of G inputs; lmforge's format, llama.cpp's Q4_0 and
+   Q4_1) with integer dot products (AVX512-VNNI): each block of 32 inputs is two int8 parts, x ~ d (c + f / 254) with
+   d = max|x| / 127, c = round(x / d) and f = round((x - d c) 254 / d) (a relative error of about 2e-5 against
+   bfloat16's 3e-3; one part, llama.cpp's Q8 blocks, is 1.35x faster at 16 rows and moves SmolLM2's logits 1.7x
+   farther from float32 than bfloat16 does). Per block, the dot products of the levels (0..15, unsigned) with both
+   parts by vpdpbusd, then s (d' dot - 8 d' sum) + z sum(x), d' = d / 254. PyTorch's int4 kernel dequantizes each
+   weight to float per use; here 32 inputs x 16 outputs are 16 instructions a row. Output columns are shared among
+   the OpenMP team (for_tiles). */
+void lmf_int4(const i4_args *a) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    const double work = (double)a->n * a->N * a->K;
 #if defined(LMF_AMX)
     if (lmf_amx && a->n >= AMX_MIN_ROWS) {
-        for_tiles(a->N / 16, (double)a->n * a->N * K, amx_tile, a, amx_done);
+        for_tiles_prep(a->N / 16, work, i4_quantize, a->n, amx_tile, a, amx_done);
         return;
     }
 #endif
-    for_tiles(a->N / 16, (double)a->n * a->N * K, i4_tile, a, NULL);
+    for_tiles_prep(a->N / 16, work, i4_quantize, a->n, i4_tile, a, NULL);
 #else
     (void)a;
 #endif
