@@ -406,6 +406,39 @@ def test_a_float16_cache_keeps_rounded_keys_and_attends_as_float32_over_them(two
     assert k16[0, 0, 3, 1] == 65504 and k16[0, 0, 4, 1] == -65504 and results[True, True][0].isfinite().all()
 
 
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("nh,nkv,hd", [(9, 3, 64), (4, 2, 32), (8, 4, 8)])
+def test_a_lone_row_over_a_long_context_shares_its_heads_among_threads(two_threads, half, nh, nkv, hd):
+    """A lone decoding row (fewer rows than threads) over a long context shares its kv heads among the threads
+    (heads_shared), each head whole on one thread: the same output and cache bit for bit as one thread, equal to
+    softmax attention in float64; a short context stays on the calling thread."""
+    if half and not LIB.lmf_kv_half_ok():
+        pytest.skip("no float16 cache here (AVX512F and F16C)")
+    torch.manual_seed(0)
+    M, width = 1024, (nh + 2 * nkv) * hd
+    dtype = torch.float16 if half else torch.float32
+    cache = torch.randn(2, 2, nkv, M, hd).to(dtype)  # keys and values of 2 slots
+    results = {}
+    for on in (False, True):
+        _parallel(on)
+        k, v = cache[0].clone(), cache[1].clone()
+        outs = []
+        for t, slot, shared in ((900, 1, True), (5, 0, False)):
+            y = torch.randn(1, width, generator=torch.Generator().manual_seed(t))
+            before = _runs()
+            outs.append(_attention(y, [t], [slot], nh, nkv, hd, M, k, v, half))
+            assert _runs() - before == (on and shared), t
+        results[on] = (*outs, k, v, y)
+    assert all(torch.equal(a, b) for a, b in zip(results[False][:4], results[True][:4]))
+    out, k, v = results[True][0], results[True][2].double(), results[True][3].double()
+    y = torch.randn(1, width, generator=torch.Generator().manual_seed(900)).double()
+    q = y[0, : nh * hd].view(nkv, nh // nkv, hd)
+    assert torch.equal(k[1, :, 900], y[0, nh * hd:(nh + nkv) * hd].to(dtype).double().view(nkv, hd))
+    w = torch.softmax(torch.einsum("grd,gtd->grt", q, k[1, :, :901]) * hd ** -0.5, -1)
+    want = torch.einsum("grt,gtd->grd", w, v[1, :, :901]).reshape(-1)
+    assert torch.allclose(out[0].double(), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("hd", [8, 64])
 def test_attention_weights_below_e_to_the_minus_64_of_the_top_are_zero(hd):
     """Softmax weights of keys scoring more than 64 below the top key are exactly 0 (EXP_FLOOR): next to the top's

@@ -734,9 +734,11 @@ static void attend_half(const float *q, const uint16_t *Kh, const uint16_t *Vh, 
 #define ROW_KV 1      /* attention_row: write the row's key and value into the cache */
 #define ROW_ATTEND 2  /* and/or attend over the cache (its keys up to its own position written) */
 
-/* Row r's part of attention (what: ROW_KV, ROW_ATTEND or both); tmp: the scratch of one thread. copy: NULL, or a
-   float32 copy of a float16 cache's keys and values of row r's slot (prompt_copy) to attend over. */
-static void attention_row(const attn_args *a, const void *y, int r, float *tmp, int what, const float *copy) {
+/* Row r's part of attention (what: ROW_KV, ROW_ATTEND or both) for its kv heads g0 .. g1 - 1 (and their query heads);
+   tmp: the scratch of one thread. copy: NULL, or a float32 copy of a float16 cache's keys and values of row r's slot
+   (prompt_copy) to attend over. */
+static void attention_heads(const attn_args *a, const void *y, int r, float *tmp, int what, const float *copy, int g0,
+                            int g1) {
     const int nh = a->nh, nkv = a->nkv, hd = a->hd, rep = nh / nkv, width = (nh + 2 * nkv) * hd;
     const size_t M = (size_t)a->max_len;
     const int t = a->pos[r], sl = a->slot ? a->slot[r] : r;
@@ -759,7 +761,7 @@ static void attention_row(const attn_args *a, const void *y, int r, float *tmp, 
                        (!a->slot || ((r == 0 || a->slot[r - 1] != sl) && (r + 1 == a->n || a->slot[r + 1] != sl)));
     const size_t bs = (size_t)a->kvb_slots * nkv * 256;
 #endif
-    for (int g = 0; g < nkv; g++) {  /* the rep query heads of kv head g (heads g rep .. g rep + rep - 1) */
+    for (int g = g0; g < g1; g++) {  /* the rep query heads of kv head g (heads g rep .. g rep + rep - 1) */
         const size_t at = ((size_t)sl * nkv + g) * M * hd;  /* this slot and head's keys in the cache */
         const float *q = row + (size_t)g * rep * hd;
         if (copy) {  /* (its keys and values written before the copy was made) */
@@ -802,8 +804,12 @@ static void attention_row(const attn_args *a, const void *y, int r, float *tmp, 
         store_row(out + (size_t)g * rep * hd * (a->out_bf ? 2 : 4), a->out_bf, o, rep * hd);
     }
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
-    if (blocked) a->kvb_len[sl] = t + 1;
+    if (blocked) a->kvb_len[sl] = t + 1;  /* (heads of 8 channels: every head, see heads_shared) */
 #endif
+}
+
+static void attention_row(const attn_args *a, const void *y, int r, float *tmp, int what, const float *copy) {
+    attention_heads(a, y, r, tmp, what, copy, 0, a->nkv);
 }
 
 /* Rows r0 .. r1 - 1 in order, each writing its key and value before it attends. */
@@ -853,6 +859,9 @@ void *lmf_openmp(void) {  /* the OpenMP runtime's omp_get_max_threads as this li
    work (keys x query channels summed over the rows); see lmf_attention for the rows of one slot (a prompt). */
 #define ATTN_PARALLEL_WORK 200000
 #define ATTN_MAX_THREADS 64
+#ifndef ATTN_HEADS_WORK
+#define ATTN_HEADS_WORK 50000  /* the same for a lone row's heads (heads_shared) */
+#endif
 
 #endif
 
@@ -885,12 +894,55 @@ static double row_cuts(const attn_args *a, int n, int nt, double fixed, double p
    decoding) in parts of whole rows; where a slot has several rows (a prefill), every row's key and value is written
    first (rows shared alike), then the rows attend in parts cut anywhere (a prompt's rows had all run on one thread:
    a 1,024-token SmolLM2 int4 prefill 1,010 -> 1,490 tokens/s). */
+#if defined(_OPENMP)
+/* Fewer rows than threads, each of its own slot, over long contexts (a lone decoding stream): their (row, kv head)
+   pairs shared among up to nt threads, each pair whole on one thread (the same arithmetic as on one: every head is
+   computed alone), instead of every row on the calling thread with the other cores idle. Not for heads of 8 channels
+   over the blocked copy (its length is kept per row, after all of its heads). 1 when done. */
+static int heads_shared(const attn_args *a, const void *y, int nt) {
+    if (a->n >= nt || a->nkv < 2 || (a->kvb && a->hd == 8)) return 0;
+    double work = 0;
+    for (int r = 0; r < a->n; r++) {
+        if (r && a->slot && a->slot[r] == a->slot[r - 1]) return 0;  /* a prompt's rows: in order, on one thread */
+        work += a->pos[r] >= 0 ? a->pos[r] + 1.0 : 0.0;
+    }
+    if (work * a->nh * a->hd < ATTN_HEADS_WORK) return 0;
+    const int units = a->n * a->nkv;
+    nt = nt < units ? nt : units;
+    const size_t floats = attn_floats(a);
+    char failed[ATTN_MAX_THREADS] = {0};
+    lmf_parallel_runs++;
+#pragma omp parallel num_threads(nt)
+    {
+        const int me = omp_get_thread_num(), team = omp_get_num_threads();
+        float *tmp = me == 0 ? a->tmp : thread_scratch(floats);
+        for (int i = me; i < nt; i += team) {  /* the team may be smaller than asked: its threads take the parts */
+            if (!tmp) {
+                failed[i] = 1;
+                continue;
+            }
+            for (int u = units * i / nt, end = units * (i + 1) / nt; u < end;) {  /* a row's run of heads per call */
+                const int r = u / a->nkv, g0 = u % a->nkv, g1 = end - r * a->nkv < a->nkv ? end - r * a->nkv : a->nkv;
+                attention_heads(a, y, r, tmp, ROW_KV | ROW_ATTEND, NULL, g0, g1);
+                u = r * a->nkv + g1;
+            }
+        }
+    }
+    for (int i = 1; i < nt; i++)  /* no memory for a worker's scratch: its pairs here */
+        if (failed[i])
+            for (int u = a->n * a->nkv * i / nt; u < a->n * a->nkv * (i + 1) / nt; u++)
+                attention_heads(a, y, u / a->nkv, a->tmp, ROW_KV | ROW_ATTEND, NULL, u % a->nkv, u % a->nkv + 1);
+    return 1;
+}
+#endif
+
 void lmf_attention(const attn_args *a, const void *y) {
     blocks_lower(a);
     float *copy = prompt_copy(a);
 #if defined(_OPENMP)
     int nt = omp_get_max_threads();
     nt = nt < ATTN_MAX_THREADS ? nt : ATTN_MAX_THREADS;
+    if (lmf_parallel_ok && nt > 1 && !copy && !omp_in_parallel() && heads_shared(a, y, nt)) return;
     if (lmf_parallel_ok && nt > 1 && a->n > 1 && !omp_in_parallel()) {
         int shared = 0;  /* a slot with several rows */
         for (int r = 1; r < a->n && !shared; r++) shared = a->slot && a->slot[r] == a->slot[r - 1];
