@@ -105,7 +105,7 @@ long lmf_parallel_runs = 0;  /* calls that shared their work among threads (for 
 /* tile(args, t) for t = 0 .. tiles - 1 (each tile independent): shared among the calling thread's OpenMP team when
    the product's work (rows x outputs x inputs) is large enough; then done() (if given) on each thread of the team.
    prep (if given) first: prep(args, r0, r1) for rows 0 .. n - 1 in parts, a part per thread of the team, all ended
-   before any tile begins (a product's activations quantized: on one thread, 16 SmolLM2 rows' took ~1.4 ms a step
+   before any tile begins (a product's activations quantized: on one thread, 16 SmolLM2 rows' took ~1.2 ms a step
    while the other thread waited). */
 static __attribute__((unused)) void for_tiles_prep(int tiles, double work, void (*prep)(const void *, int, int), int n,
                                                    void (*tile)(const void *, int), const void *args,
@@ -859,9 +859,7 @@ void *lmf_openmp(void) {  /* the OpenMP runtime's omp_get_max_threads as this li
    work (keys x query channels summed over the rows); see lmf_attention for the rows of one slot (a prompt). */
 #define ATTN_PARALLEL_WORK 200000
 #define ATTN_MAX_THREADS 64
-#ifndef ATTN_HEADS_WORK
-#define ATTN_HEADS_WORK 50000  /* the same for a lone row's heads (heads_shared) */
-#endif
+#define ATTN_HEADS_WORK 50000  /* the same for a lone row's heads (heads_shared; from ~90 SmolLM2 keys) */
 
 #endif
 
@@ -889,11 +887,6 @@ static double row_cuts(const attn_args *a, int n, int nt, double fixed, double p
     return work;
 }
 
-/* Rows in order, each writing its key and value before it attends: the tokens of one prompt as rows of one slot at
-   consecutive positions are a causal prefill in one call. Shared among the threads: rows each of its own slot (batched
-   decoding) in parts of whole rows; where a slot has several rows (a prefill), every row's key and value is written
-   first (rows shared alike), then the rows attend in parts cut anywhere (a prompt's rows had all run on one thread:
-   a 1,024-token SmolLM2 int4 prefill 1,010 -> 1,490 tokens/s). */
 #if defined(_OPENMP)
 /* Fewer rows than threads, each of its own slot, over long contexts (a lone decoding stream): their (row, kv head)
    pairs shared among up to nt threads, each pair whole on one thread (the same arithmetic as on one: every head is
@@ -936,6 +929,12 @@ static int heads_shared(const attn_args *a, const void *y, int nt) {
 }
 #endif
 
+/* Rows in order, each writing its key and value before it attends: the tokens of one prompt as rows of one slot at
+   consecutive positions are a causal prefill in one call. Shared among the threads: rows each of its own slot (batched
+   decoding) in parts of whole rows; where a slot has several rows (a prefill), every row's key and value is written
+   first (rows shared alike), then the rows attend in parts cut anywhere (a prompt's rows had all run on one thread:
+   a 1,024-token SmolLM2 int4 prefill 1,010 -> 1,490 tokens/s); fewer rows than threads share their heads
+   (heads_shared). */
 void lmf_attention(const attn_args *a, const void *y) {
     blocks_lower(a);
     float *copy = prompt_copy(a);
@@ -2059,8 +2058,8 @@ static void i4_quantize(const void *args, int r0, int r1) {  /* rows r0 .. r1 - 
    bfloat16's 3e-3; one part, llama.cpp's Q8 blocks, is 1.35x faster at 16 rows and moves SmolLM2's logits 1.7x
    farther from float32 than bfloat16 does). Per block, the dot products of the levels (0..15, unsigned) with both
    parts by vpdpbusd, then s (d' dot - 8 d' sum) + z sum(x), d' = d / 254. PyTorch's int4 kernel dequantizes each
-   weight to float per use; here 32 inputs x 16 outputs are 16 instructions a row. Output columns are shared among
-   the OpenMP team (for_tiles). */
+   weight to float per use; here 32 inputs x 16 outputs are 16 instructions a row. The rows' activations are quantized
+   in parts and the output columns shared among the OpenMP team (for_tiles_prep). */
 void lmf_int4(const i4_args *a) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
     const double work = (double)a->n * a->N * a->K;
