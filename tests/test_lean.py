@@ -254,6 +254,7 @@ def test_lean_runtime_refuses_what_it_cannot_run_and_damaged_files(tmp_path):
 
     r = _generate(["--model", str(STORIES260K), "--runtime", "lean", "--max-new-tokens", "4"])
     assert r.returncode == 1 and "Traceback" not in r.stderr and "--runtime lean" in r.stderr
+    assert "lmforge quantize --model MODEL --bits 4" in r.stderr  # (how to make one)
     untied = _int4_dir(tmp_path / "untied", "tiny-llama", 32, False, tied=False)
     assert lean.unsupported(untied) == "an untied output projection"
     tok = load_tokenizer(str(STORIES260K.parent / "tok512.bin"))
