@@ -43,7 +43,7 @@ def test_int4_products_on_tiles_equal_the_vnni_kernel_bit_for_bit(n_out, k, grou
     x[5, : min(k, 64)] = 0  # blocks of zeros: scale 0
     xp = F.pad(x, (0, kp - k)).contiguous()
     want = _reference(mod, xp)
-    for rows in (8, 9, 16, 17, 40, 64):
+    for rows in (5, 7, 8, 9, 16, 17, 21, 40, 64):
         tiles, vnni = _both(lambda rows=rows: native.int4(mod, rows)(xp[:rows].contiguous())[:, :n_out])
         assert torch.equal(tiles, vnni), rows
         assert torch.allclose(tiles.double(), want[:rows], rtol=1e-5, atol=1e-5 * want.abs().max().item())
@@ -51,7 +51,7 @@ def test_int4_products_on_tiles_equal_the_vnni_kernel_bit_for_bit(n_out, k, grou
     assert torch.equal(one, tiles[:1])
 
 
-@pytest.mark.parametrize("rows,K", [(8, 576), (16, 576), (19, 320), (64, 96)])
+@pytest.mark.parametrize("rows,K", [(5, 576), (8, 576), (16, 576), (19, 320), (64, 96)])
 def test_int8_head_on_tiles_equals_the_vnni_kernel_bit_for_bit(rows, K):
     """lmf_head_vnni's approximate logits (int8 weight, activations int8 per group of 32 shifted to unsigned) through
     the tiles and through VNNI; both against the formula in float64."""
