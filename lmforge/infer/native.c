@@ -1718,6 +1718,10 @@ static void vnni_tile(const void *args, int jb) {  /* every row of outputs jb * 
     int r = 0;
     for (; r + 8 <= a->n; r += 8) vnni_rows(a, jb, r, 8);
     if (r + 4 <= a->n) { vnni_rows(a, jb, r, 4); r += 4; }
+    if (r + 3 == a->n) {  /* three rows in one pass over the weight (2 + 1: two) */
+        vnni_rows(a, jb, r, 3);
+        return;
+    }
     if (r + 2 <= a->n) { vnni_rows(a, jb, r, 2); r += 2; }
     if (r < a->n) vnni_rows(a, jb, r, 1);
 }
@@ -1903,6 +1907,10 @@ static void i4_tile(const void *args, int jb) {  /* every row of outputs jb * 16
     const i4_args *a = args;
     int r = 0;
     for (; r + 4 <= a->n; r += 4) i4_rows(a, jb, r, 4);
+    if (r + 3 == a->n) {  /* three rows in one pass over the levels (2 + 1: two) */
+        i4_rows(a, jb, r, 3);
+        return;
+    }
     if (r + 2 <= a->n) { i4_rows(a, jb, r, 2); r += 2; }
     if (r < a->n) i4_rows(a, jb, r, 1);
 }
