@@ -76,6 +76,58 @@ def test_int4_products_equal_the_formula(n_out, k, group, symmetric):
 
 
 @vnni
+def _quantized_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """lmf_int4's quantized activations of x (rows, K) float32 as the formula gives them, in float32 arithmetic: per
+    block of 32 inputs, m = max|x|, d = m / 127, c = rint(x 127 / m), f = rint(fl(x - d c) 32258 / m) (x - d c one
+    fused multiply-add: exact in float64, then rounded once); the bytes c[0:32], f[0:32]; the floats d / 254,
+    8 (d / 254) (254 sum c + sum f) and sum x (pairs x_i + x_{16+i}, then halves of 8, 4, 2 and 1 lanes added)."""
+    f32 = np.float32
+    rows, K = x.shape
+    xq = np.zeros((rows, K // 32, 64), np.int8)
+    xs = np.zeros((rows, K // 32, 3), f32)
+    for r in range(rows):
+        for b in range(K // 32):
+            v = x[r, 32 * b:32 * b + 32].astype(f32)
+            m = f32(np.abs(v).max())
+            d = f32(m / f32(127))
+            inv, inv2 = (f32(f32(127) / m), f32(f32(32258) / m)) if m > 0 else (f32(0), f32(0))
+            c = np.clip(np.rint(v * inv), -128, 127).astype(np.int32)
+            rest = (v.astype(np.float64) - np.float64(d) * c).astype(f32)
+            fine = np.clip(np.rint(rest * inv2), -128, 127).astype(np.int32)
+            xq[r, b] = np.concatenate([c, fine]).astype(np.int8)
+            p0 = f32(d / f32(254))
+            t = v[:16] + v[16:]
+            for w in (8, 4, 2, 1):
+                t = t[:w] + t[w:2 * w]
+            xs[r, b] = [p0, f32(f32(8) * p0) * f32(254 * int(c.sum()) + int(fine.sum())), t[0]]
+    return xq, xs
+
+
+@vnni
+@pytest.mark.parametrize("k", [32, 160, 512, 576, 1056, 1536])
+def test_int4_activations_are_quantized_as_the_formula_says_bit_for_bit(two_threads, k):
+    """The int8 parts and scales lmf_int4 leaves in its scratch, for 1, 3 and 16 rows (on one thread and shared among
+    two), equal the formula's in float32 bit for bit: blocks of zeros, tiny and huge values, a block whose largest value
+    is negative, block counts from 1 to 48 (not multiples of 16)."""
+    torch.manual_seed(0)
+    mod = QuantLinear.from_linear(torch.nn.Linear(k, 64, bias=False), 4, 32)
+    x = torch.randn(16, k) * torch.rand(16, 1) * 3
+    x[1, :32] = 0
+    x[2, :64] *= 1e-30
+    x[3, 32:64] *= 1e20
+    x[4, :32] = -x[4, :32].abs()
+    want = _quantized_activations(x.numpy())
+    for on in (False, True):
+        _parallel(on)
+        for rows in (1, 3, 16):
+            buffers = native.int4_buffers(rows, 64, k)
+            native.int4(mod, rows, buffers)(x[:rows].contiguous())
+            xq = buffers[1][: 2 * rows * k].view(rows, k // 32, 64).numpy()
+            xs = buffers[2][: rows * k // 32 * 3].view(rows, k // 32, 3).numpy()
+            assert np.array_equal(xq, want[0][:rows]), (on, rows)
+            assert np.array_equal(xs.view(np.int32), want[1][:rows].view(np.int32)), (on, rows)
+
+
 def test_int4_layout_is_built_once_and_follows_a_new_weight():
     torch.manual_seed(0)
     mod = QuantLinear.from_linear(torch.nn.Linear(64, 32), 4, 32)
