@@ -690,6 +690,30 @@ def test_a_pair_of_threads_shares_a_begun_steps_rows(stories, prompts):
     assert a.lens == b.lens and torch.equal(a.k[:, :6, :, :20], b.k[:, :6, :, :20])
 
 
+def test_a_begun_step_is_timed_from_its_start_to_the_end_of_its_computation(stories, prompts):
+    """``begun_seconds`` (the engine's decode_seconds for a begun step): the step's time under way as the library
+    measured it, from its start to the end of its last rows, not the caller's wait for it (none here: it joins 50 ms
+    later) nor the time before the join."""
+    model, _ = stories
+    r = SlotRunner(model, 4)
+    if not r.pair_threads():
+        pytest.skip("no one-call step or background thread here")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for s in range(4):
+            r.prefill(s, prompts[s])
+        r.decode([5, 6, 7, 8])  # (planned: begun from then on)
+        for _ in range(3):
+            assert r.start([9, 10, 11, 12])
+            t = time.perf_counter()
+            time.sleep(0.05)
+            r.finish()
+            assert 0 < r.begun_seconds < min(0.02, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_engine_on_a_pair_of_threads_begins_steps_of_many_requests(stories, prompts):
     """With two threads and a one-call step, the engine begins the next step of every running request before it
     reports their tokens: greedy and seeded sampling, a stop string (its row dropped from the begun step), a

@@ -124,7 +124,8 @@ class BatchEngine:
         self._closed = False
         self.steps = 0  # batched decode steps run (for tests and statistics)
         self.tokens = 0  # tokens generated
-        self.busy = 0.0  # seconds spent in decode steps (a step begun in the background: from the wait for it on)
+        self.busy = 0.0  # seconds spent in decode steps (a step begun in the background: from its start to the end of
+        # its computation, as the runner measured it, then its tokens' selection)
         self.prefill_batches = 0  # prefills of several prompts in one forward
         self.max_active = 0
         self.cancelled = 0  # requests stopped by cancel() before they finished
@@ -342,6 +343,7 @@ class BatchEngine:
         try:
             if started is not None:
                 logits = self.runner.finish()  # a row per started slot
+                t0 = time.perf_counter() - self.runner.begun_seconds  # (its time under way, not the wait for it)
                 go, rows, samplers, frees = started
                 at = None
                 if frees != self._frees:  # the rows not finished or cancelled since

@@ -118,6 +118,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmf_amx_init.argtypes, lib.lmf_amx_init.restype = [], ctypes.c_int
     lib.lmf_step_join.argtypes, lib.lmf_step_join.restype = [], None  # (waits: lets the interpreter lock go)
     lib.lmf_step_thread_ok.argtypes, lib.lmf_step_thread_ok.restype = [], ctypes.c_int
+    lib.lmf_step_seconds.argtypes, lib.lmf_step_seconds.restype = [], ctypes.c_double
     atexit.register(lib.lmf_step_join)  # a step begun in the background ends before the interpreter frees its tensors
     held = lib.held = ctypes.PyDLL(str(path), handle=lib._handle)  # short calls that keep the interpreter lock
     i64, ptr = ctypes.c_int64, ctypes.c_void_p

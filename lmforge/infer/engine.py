@@ -217,6 +217,7 @@ class SlotRunner:
         self._native: dict[int, NativeStep] = {}  # rows -> the step planned for them
         self._c_products: bool | None = None  # the last step planned was all C products (NativeStep.c_products)
         self._started: NativeStep | None = None  # a step begun by start, until finish
+        self.begun_seconds = 0.0  # the last begun step's time under way (finish)
         # one-call steps decode on the library's thread and the caller's (see pair_threads): no OpenMP team
         self.pair = False
         self.transposed: dict = {}  # id(linear) -> (signature, weight transposed, bias): shared by the C steps
@@ -553,11 +554,14 @@ class SlotRunner:
         return True
 
     def finish(self) -> torch.Tensor:
-        """The logits (k, V) of the step ``start`` began (as ``decode``'s), once it has ended."""
+        """The logits (k, V) of the step ``start`` began (as ``decode``'s), once it has ended; ``begun_seconds``: from
+        its start to the end of its computation (whenever it was joined)."""
         step, self._started = self._started, None
         if step is None:
             raise RuntimeError("no decoding step was started")
-        return step.finish()
+        logits = step.finish()
+        self.begun_seconds = step.seconds
+        return logits
 
     def _native_step(self, n: int) -> NativeStep | None:
         """The C-assisted step for ``n`` rows (``lmforge.infer.native``), planned at first use; None where it does

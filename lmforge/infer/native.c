@@ -1351,7 +1351,9 @@ static struct {
     uint32_t gen;   /* steps started so far */
     uint64_t claim; /* gen << 32 | lo << 16 | hi: chunks lo .. hi - 1 not taken yet (the thread takes lo, a joining
                        caller hi - 1: each row mostly on one core from step to step, its keys and values in its cache) */
-} bg = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, 0, 0, 0, 0, 0};
+    long began, ended; /* CLOCK_MONOTONIC ns: the last step's start and the end of its last chunk */
+} bg = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0};
 
 #define BG_CHUNK_ROWS 4  /* rows a taker computes at a time (lmf_linear's blocks of 4 rows) */
 
@@ -1364,6 +1366,7 @@ static void bg_forked(void) {  /* in a forked child: no thread yet, the lock and
     bg.state = bg.sleeping = bg.joining = bg.chunks = bg.finished = 0;
     bg.gen = 0;
     bg.claim = 0;
+    bg.began = bg.ended = 0;
     bg.pid = 0;
 }
 
@@ -1397,7 +1400,9 @@ static uint32_t bg_take(float *norm, float *act, float *attn) {
         const int r0 = c * BG_CHUNK_ROWS, r1 = r0 + BG_CHUNK_ROWS < n ? r0 + BG_CHUNK_ROWS : n;
         step_rows(s, r0, r1, norm, act, attn);
         if (__atomic_add_fetch(&bg.finished, 1, __ATOMIC_ACQ_REL) == chunks) {
+            const long now = bg_now_ns();
             pthread_mutex_lock(&bg.mu);
+            bg.ended = now;
             __atomic_store_n(&bg.state, 2, __ATOMIC_RELEASE);
             if (bg.joining) pthread_cond_broadcast(&bg.done);
             pthread_mutex_unlock(&bg.mu);
@@ -1457,6 +1462,7 @@ int lmf_step_start(const step_args *s) {
         return -1;
     }
     step_lower(s);
+    bg.began = bg_now_ns();
     bg.s = s;
     bg.chunks = (s->first->n + BG_CHUNK_ROWS - 1) / BG_CHUNK_ROWS;
     bg.finished = 0;
@@ -1490,7 +1496,17 @@ void lmf_step_join(void) {
     bg.state = 0;
     pthread_mutex_unlock(&bg.mu);
 }
+
+/* Seconds from the start of the last step begun to the end of its computation (call after lmf_step_join): the time
+   it was under way, whenever the caller joined it. */
+double lmf_step_seconds(void) {
+    pthread_mutex_lock(&bg.mu);
+    const long d = bg.ended - bg.began;
+    pthread_mutex_unlock(&bg.mu);
+    return d > 0 ? d * 1e-9 : 0.0;
+}
 #else
+double lmf_step_seconds(void) { return 0.0; }
 int lmf_step_thread_ok(void) { return 0; }
 int lmf_step_start(const step_args *s) {  /* no background thread here: the caller runs lmf_step itself */
     (void)s;

@@ -433,6 +433,7 @@ class NativeStep:
         self.head_in_c = self._refined_head_applies()
         self._step: _StepArgs | None = None
         self._started: torch.Tensor | None = None  # the logits of a step begun by start
+        self.seconds = 0.0  # the last begun step's time under way (finish)
         self.whole = False  # the whole step is one C call (lmf_step)
         # every product a C kernel, no PyTorch product between the C calls: the PyTorch step, which pays per layer
         # what the C calls save, is no rival
@@ -701,8 +702,10 @@ class NativeStep:
         return True
 
     def finish(self) -> torch.Tensor:
-        """The logits (n, V) of the step ``start`` began, once it has ended (its rows not yet taken computed here)."""
+        """The logits (n, V) of the step ``start`` began, once it has ended (its rows not yet taken computed here);
+        ``seconds``: from its start to the end of its computation."""
         self.lib.lmf_step_join()
+        self.seconds = self.lib.lmf_step_seconds()
         logits, self._started = self._started, None
         return with_argmax(self._trimmed(logits), self._top[:])
 
