@@ -118,7 +118,6 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmf_amx_init.argtypes, lib.lmf_amx_init.restype = [], ctypes.c_int
     lib.lmf_step_join.argtypes, lib.lmf_step_join.restype = [], None  # (waits: lets the interpreter lock go)
     lib.lmf_step_thread_ok.argtypes, lib.lmf_step_thread_ok.restype = [], ctypes.c_int
-    lib.lmf_step_seconds.argtypes, lib.lmf_step_seconds.restype = [], ctypes.c_double
     atexit.register(lib.lmf_step_join)  # a step begun in the background ends before the interpreter frees its tensors
     held = lib.held = ctypes.PyDLL(str(path), handle=lib._handle)  # short calls that keep the interpreter lock
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -127,6 +126,7 @@ def _load(path: Path) -> ctypes.CDLL:
     held.lmf_sample_rows.argtypes, held.lmf_sample_rows.restype = [ptr], None
     held.lmf_distribution_rows.argtypes, held.lmf_distribution_rows.restype = [ptr, ptr], None
     held.lmf_step_start.argtypes, held.lmf_step_start.restype = [ptr], ctypes.c_int
+    held.lmf_step_seconds.argtypes, held.lmf_step_seconds.restype = [], ctypes.c_double
     if os.environ.get("LMFORGE_AMX", "1") != "0":
         lib.lmf_amx_init()  # int4 products of several rows on AMX tiles where the CPU and the OS allow them
     set_parallel(lib)

@@ -705,7 +705,7 @@ class NativeStep:
         """The logits (n, V) of the step ``start`` began, once it has ended (its rows not yet taken computed here);
         ``seconds``: from its start to the end of its computation."""
         self.lib.lmf_step_join()
-        self.seconds = self.lib.lmf_step_seconds()
+        self.seconds = self.lib.held.lmf_step_seconds()  # (holding the interpreter lock: no wait to take it back)
         logits, self._started = self._started, None
         return with_argmax(self._trimmed(logits), self._top[:])
 
