@@ -97,6 +97,8 @@ static inline void *row_at(void *base, int bf, int64_t stride, int r) {
     return (char *)base + (size_t)r * (size_t)stride * (bf ? 2 : 4);
 }
 
+#define PREP_SHARED_ROWS 4  /* rows from which for_tiles_prep's threads share the prep (below, the team's barrier
+                               cost more than it saved: one SmolLM2 row 4 % slower a step) */
 #define INT4_PARALLEL_WORK 65536.0  /* rows x outputs x inputs from which lmf_int4 and lmf_head_vnni share
                                        their outputs among the threads */
 int lmf_parallel_ok = 0;  /* set by the loader when this library's OpenMP runtime is PyTorch's */
@@ -113,6 +115,10 @@ static __attribute__((unused)) void for_tiles_prep(int tiles, double work, void 
 #if defined(_OPENMP)
     const int par = lmf_parallel_ok && !omp_in_parallel() && work >= INT4_PARALLEL_WORK;
     lmf_parallel_runs += par && omp_get_max_threads() > 1;
+    if (prep && (!par || n < PREP_SHARED_ROWS)) {  /* a row or two: here, no barrier in the team */
+        prep(args, 0, n);
+        prep = NULL;
+    }
 #pragma omp parallel if (par)
 #endif
     {
