@@ -106,16 +106,16 @@ long lmf_parallel_runs = 0;  /* calls that shared their work among threads (for 
 
 /* tile(args, t) for t = 0 .. tiles - 1 (each tile independent): shared among the calling thread's OpenMP team when
    the product's work (rows x outputs x inputs) is large enough; then done() (if given) on each thread of the team.
-   prep (if given) first: prep(args, r0, r1) for rows 0 .. n - 1 in parts, a part per thread of the team, all ended
-   before any tile begins (a product's activations quantized: on one thread, 16 SmolLM2 rows' took ~1.2 ms a step
-   while the other thread waited). */
+   prep (if given) first: prep(args, r0, r1) for rows 0 .. n - 1, from PREP_SHARED_ROWS rows in parts, a part per
+   thread of the team, all ended before any tile begins (a product's activations quantized: on one thread, 16 SmolLM2
+   rows' took ~1.1 ms a step while the other thread waited). */
 static __attribute__((unused)) void for_tiles_prep(int tiles, double work, void (*prep)(const void *, int, int), int n,
                                                    void (*tile)(const void *, int), const void *args,
                                                    void (*done)(void)) {
 #if defined(_OPENMP)
     const int par = lmf_parallel_ok && !omp_in_parallel() && work >= INT4_PARALLEL_WORK;
     lmf_parallel_runs += par && omp_get_max_threads() > 1;
-    if (prep && (!par || n < PREP_SHARED_ROWS)) {  /* a row or two: here, no barrier in the team */
+    if (prep && (!par || n < PREP_SHARED_ROWS)) {  /* a few rows: here, with no barrier in the team */
         prep(args, 0, n);
         prep = NULL;
     }
