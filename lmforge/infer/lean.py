@@ -75,7 +75,7 @@ def _ptr(a: np.ndarray | None) -> int | None:
 def _inspect(path: Path) -> tuple[str | None, ModelConfig | None, QuantConfig | None]:
     """(why the directory cannot decode here without PyTorch or None, its model config, its quantization config)."""
     if not (path / QUANT_FILE).is_file():
-        return ("not an lmforge quantize directory (make one: lmforge quantize --model MODEL --bits 4 --out DIR; a "
+        return ("not an lmforge quantize directory (make one: lmforge quantize --model MODEL --bits 4 --output DIR; a "
                 "GGUF's Q4_1 weights are kept exactly)"), None, None
     try:
         q, layers = read_quant_config(path)
