@@ -137,6 +137,8 @@ def test_json_error_bodies_for_every_status(server, monkeypatch):
     assert st == 404 and error(st, out)["code"] == "not_found"
     st, headers, out = http(server, request("GET", "/v1/completions"))
     assert st == 405 and error(st, out)["code"] == "method_not_allowed" and headers["allow"] == "POST"
+    st, headers, out = http(server, request("POST", "/v1/models"))  # no body: the method is wrong, not the length
+    assert st == 405 and error(st, out)["code"] == "method_not_allowed" and "GET" in headers["allow"]
     st, _, out = http(server, request("POST", "/v1/completions", b"[" * 60000, JSON))
     assert st == 400 and error(st, out)["code"] == "invalid_json"
     for field, value, param in [("prompt", '"\\ud800"', None), ("seed", str(2**80), "seed"),
@@ -184,7 +186,29 @@ def test_cross_site_requests_are_refused(server):
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}))
     assert st == 204 and headers["allow"] == "OPTIONS, POST" and "access-control-allow-origin" not in headers
     st, headers, _ = http(server, request("OPTIONS", "/v1/models"))
-    assert st == 204 and "GET" in headers["allow"]
+    assert st == 204 and "GET" in headers["allow"] and "HEAD" in headers["allow"]
+
+
+def test_head_answers_as_get_without_a_body(server):
+    """HEAD works wherever GET does (a load balancer's health check): GET's status and headers, no body; the key
+    is still needed under /v1/."""
+    for path in ("/health", "/", "/v1/models", "/docs"):
+        _, get_headers, get_body = http(server, request("GET", path))
+        s = socket.create_connection(server.address, timeout=30)
+        s.sendall(request("HEAD", path))
+        out = b""
+        while b := s.recv(65536):  # the server closes (Connection: close): all it sent, body or not
+            out += b
+        s.close()
+        head, _, body = out.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        assert lines[0].split()[1] == "200" and body == b"", (path, out[:200])
+        assert headers["content-type"] == get_headers["content-type"], path
+        if path != "/health":  # (its counters may move between the two requests)
+            assert int(headers["content-length"]) == len(get_body), path
+    st, _, out = http(server, request("HEAD", "/v1/models", headers={"Authorization": "Bearer wrong"}))
+    assert st == 401
 
 
 def test_cors_only_for_the_given_origin(stories):

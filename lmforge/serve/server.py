@@ -312,8 +312,17 @@ class _HostGuard:
         await self.app(scope, receive, send)
 
 
+def _without_body(send):
+    """``send`` for a HEAD request answered as GET: the response's start as it is, its body left out."""
+    async def head_send(message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+    return head_send
+
+
 class _Guard:
-    """ASGI, in front of the routes: OPTIONS, the API key, the body limit and the JSON content type."""
+    """ASGI, in front of the routes: OPTIONS, HEAD, the API key, the body limit and the JSON content type."""
 
     def __init__(self, server: ModelServer, app: FastAPI) -> None:
         self.server, self.app = server, app
@@ -327,6 +336,8 @@ class _Guard:
             if method == "OPTIONS":
                 await self._options(path, send)
                 return
+            if method == "HEAD":  # wherever GET works (HTTP): GET's status and headers, no body
+                scope, send = {**scope, "method": "GET"}, _without_body(send)
             if path.startswith("/v1/"):
                 self._auth(scope)
             if method in ("POST", "PUT", "PATCH"):
@@ -371,6 +382,8 @@ class _Guard:
         if not methods:
             await _send_error(send, APIError(404, f"no route for OPTIONS {path}", code="not_found"))
             return
+        if "GET" in methods:
+            methods.add("HEAD")
         allow = ", ".join(sorted(methods | {"OPTIONS"}))
         await send({"type": "http.response.start", "status": 204,
                     "headers": [(b"allow", allow.encode()), (b"content-length", b"0")]})
@@ -393,6 +406,8 @@ class _Guard:
         length = _header(scope, b"content-length")  # h11 has checked it: digits only, one value
         chunked = _header(scope, b"transfer-encoding") is not None
         if length is None and not chunked:
+            if not generate:  # no body: the route answers (405 where it takes no POST)
+                return b""
             raise APIError(411, "Content-Length required", code="length_required")
         if length is not None and chunked:  # which one frames the body? (request smuggling): refuse
             raise APIError(400, "both Content-Length and Transfer-Encoding given", code="bad_request")
