@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,29 @@ GLM2D_KINDS = ("learned", "rotary")
 ATTN_PATTERNS = ("dense", "alternating")
 # Upper limits far above every published model (PaLM-540B: 118 layers, d 18,432; 10M-token contexts): beyond
 # them a config is a typo, refused before anything is allocated.
+class ConfigFieldError(LMForgeError):
+    """A config field out of its range: ``field`` (lmforge's name), ``value`` and what it must be (``rule``)."""
+
+    def __init__(self, field: str, value: Any, rule: str) -> None:
+        super().__init__(f"config field {field}={value!r}: {rule}")
+        self.field, self.value, self.rule = field, value, rule
+
+
+def named_as_in_file(e: ConfigFieldError, fields: dict[str, Any], source: str) -> LMForgeError:
+    """``e`` as the file ``source`` says it: naming the file's own field(s) that hold the value (a transformers
+    config's num_hidden_layers, not lmforge's n_layer), else lmforge's field as derived from the file."""
+    def holds(v: Any) -> bool:  # (a GGUF's integers may be NumPy's)
+        if isinstance(v, bool) or isinstance(e.value, bool):
+            return v is e.value
+        if isinstance(v, numbers.Number) and isinstance(e.value, numbers.Number):
+            return v == e.value
+        return type(v) is type(e.value) and v == e.value
+
+    same = [k for k, v in fields.items() if holds(v)]
+    what = f"field {' or '.join(same)}={e.value!r}" if same else f"a field gives {e.field}={e.value!r}"
+    return LMForgeError(f"{source}: {what}: {e.rule}")
+
+
 LIMITS = {"vocab_size": 1 << 24, "block_size": 1 << 24, "n_layer": 1024, "n_embd": 1 << 17, "n_head": 1 << 12,
           "n_kv_head": 1 << 12, "head_dim": 1 << 12, "intermediate_size": 1 << 20, "multiple_of": 1 << 16,
           "local_window": 1 << 24}
@@ -162,24 +186,24 @@ class ModelConfig:
         for f in fields(self):  # (annotations are strings here: from __future__ import annotations)
             v = getattr(self, f.name)
             if f.type == "bool" and not isinstance(v, bool):
-                raise LMForgeError(f"config field {f.name}={v!r}: must be true or false")
+                raise ConfigFieldError(f.name, v, "must be true or false")
             if f.type == "str" and not isinstance(v, str):
-                raise LMForgeError(f"config field {f.name}={v!r}: must be a string")
+                raise ConfigFieldError(f.name, v, "must be a string")
         if not isinstance(self.extra, dict):
-            raise LMForgeError(f"config field extra={self.extra!r}: must be a mapping")
+            raise ConfigFieldError("extra", self.extra, "must be a mapping")
         for key in ("bos_id", "eos_id", "pad_id"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-                raise LMForgeError(f"config field {key}={v!r}: must be a token id (an integer >= 0) or null")
+                raise ConfigFieldError(key, v, "must be a token id (an integer >= 0) or null")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise LMForgeError(f"config field {key}={getattr(self, key)!r}: allowed values are {list(allowed)}")
+                raise ConfigFieldError(key, getattr(self, key), f"allowed values are {list(allowed)}")
         for key, limit in LIMITS.items():
             v = getattr(self, key)
             if v is None and key in ("n_kv_head", "head_dim", "intermediate_size"):
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= limit:
-                raise LMForgeError(f"config field {key}={v!r}: must be an integer in [1, {limit:,}]")
+                raise ConfigFieldError(key, v, f"must be an integer in [1, {limit:,}]")
         for key, lo, hi, closed in (("norm_eps", 0.0, 1.0, False), ("dropout", 0.0, 1.0, True),
                                     ("rotary_fraction", 0.0, 1.0, False), ("init_std", 0.0, math.inf, True),
                                     ("rope_theta", 0.0, math.inf, False), ("embedding_grad_shrink", 0.0, 1.0, True),
@@ -194,7 +218,7 @@ class ModelConfig:
                 v >= lo if closed else v > lo)
             if not ok or (key == "rotary_fraction" and v > 1.0):
                 bound = f"[{lo:g}, {hi:g}]" if closed else f"({lo:g}, {hi:g}]"
-                raise LMForgeError(f"config field {key}={v!r}: must be a finite number in {bound}")
+                raise ConfigFieldError(key, v, f"must be a finite number in {bound}")
         if self.head_dim is None and self.n_embd % self.n_head:
             raise LMForgeError(f"config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_head % self.kv_heads:
@@ -203,8 +227,8 @@ class ModelConfig:
             raise LMForgeError("config: rotary_fraction leaves no dimension to rotate")
         learned = self.position == "learned" or self.position == "glm2d" and self.glm2d == "learned"
         if learned and self.block_size > MAX_LEARNED_POSITIONS:
-            raise LMForgeError(f"config field block_size={self.block_size}: a learned position table holds at most "
-                               f"{MAX_LEARNED_POSITIONS:,} positions")
+            raise ConfigFieldError("block_size", self.block_size, f"a learned position table holds at most "
+                                   f"{MAX_LEARNED_POSITIONS:,} positions")
         params = self.approx_params()
         if params > MAX_PARAMS:
             raise LMForgeError(f"config: about {params:.3g} parameters (n_layer={self.n_layer}, n_embd={self.n_embd}, "

@@ -464,6 +464,32 @@ def test_bad_config_in_a_checkpoint_is_one_line(stories_ckpt, tmp_path):
     one_line(refused("generate", "--model", tmp_path / "norm_eps", "--max-new-tokens", "4"), "norm_eps=-1")
 
 
+@pytest.mark.parametrize("field,value,says", [
+    ("num_hidden_layers", 100_000, "field num_hidden_layers=100000: must be an integer in [1, 1,024]"),
+    ("max_position_embeddings", 50_000_000, "field max_position_embeddings=50000000: must be an integer"),
+    ("rms_norm_eps", -1.0, "field rms_norm_eps=-1.0: must be a finite number in (0, 1]"),
+])
+def test_bad_config_in_a_hugging_face_directory_is_named_as_its_file_names_it(tmp_path, field, value, says):
+    """A transformers config.json out of range: the line names the file and its own field (num_hidden_layers), not
+    lmforge's name for it (n_layer), and nothing past config.json is read."""
+    hf = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 172,
+          "num_hidden_layers": 5, "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 512,
+          "rms_norm_eps": 1e-5, "tie_word_embeddings": True, field: value}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    err = one_line(refused("generate", "--model", tmp_path, "--max-new-tokens", "4"))
+    assert f"{tmp_path / 'config.json'}: {says}" in err, err
+
+
+def test_bad_config_in_a_gguf_is_named_as_its_metadata_names_it():
+    from lmforge.interop.gguf import config_from_gguf
+
+    meta = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.attention.head_count": 8,
+            "llama.block_count": np.uint32(100_000), "llama.context_length": 512, "llama.feed_forward_length": 172,
+            "llama.vocab_size": 512}
+    with pytest.raises(LMForgeError, match=r"^m\.gguf: field llama\.block_count=100000: must be an integer in"):
+        config_from_gguf(meta, {"token_embd.weight"}, "m.gguf")
+
+
 def test_rotary_tables_grow_with_the_context_used():
     from lmforge.model.positions import EAGER_POSITIONS, Rotary
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.config import ConfigFieldError, ModelConfig, named_as_in_file
 from lmforge.errors import LMForgeError
 from lmforge.interop.gguf_file import (
     BF16,
@@ -103,19 +103,23 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str) 
     if vocab <= 0:
         raise LMForgeError(f"{source}: no vocabulary size (llama.vocab_size or tokenizer.ggml.tokens)")
     tok = "tokenizer.ggml."
-    return ModelConfig(
-        name=str(meta.get("general.name", Path(source).stem)), family="llama", vocab_size=vocab,
-        block_size=int(_get(meta, a + "context_length", source)), n_layer=int(_get(meta, a + "block_count", source)),
-        n_embd=n_embd, n_head=n_head, n_kv_head=n_kv,
-        head_dim=None if head_dim * n_head == n_embd else head_dim, mlp="swiglu",
-        intermediate_size=int(_get(meta, a + "feed_forward_length", source)), norm="rmsnorm",
-        norm_eps=float(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5)), position="rope",
-        rope_theta=float(meta.get(a + "rope.freq_base", 10000.0)), rotary_fraction=rot / head_dim,
-        tie_embeddings="output.weight" not in tensor_names,
-        bos_id=_opt_int(meta.get(tok + "bos_token_id")), eos_id=_opt_int(meta.get(tok + "eos_token_id")),
-        pad_id=_opt_int(meta.get(tok + "padding_token_id")),
-        extra={"hf_model_type": "llama", "source_format": "gguf", "gguf_file_type": meta.get("general.file_type")},
-    )
+    try:
+        return ModelConfig(
+            name=str(meta.get("general.name", Path(source).stem)), family="llama", vocab_size=vocab,
+            block_size=int(_get(meta, a + "context_length", source)),
+            n_layer=int(_get(meta, a + "block_count", source)),
+            n_embd=n_embd, n_head=n_head, n_kv_head=n_kv,
+            head_dim=None if head_dim * n_head == n_embd else head_dim, mlp="swiglu",
+            intermediate_size=int(_get(meta, a + "feed_forward_length", source)), norm="rmsnorm",
+            norm_eps=float(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5)), position="rope",
+            rope_theta=float(meta.get(a + "rope.freq_base", 10000.0)), rotary_fraction=rot / head_dim,
+            tie_embeddings="output.weight" not in tensor_names,
+            bos_id=_opt_int(meta.get(tok + "bos_token_id")), eos_id=_opt_int(meta.get(tok + "eos_token_id")),
+            pad_id=_opt_int(meta.get(tok + "padding_token_id")),
+            extra={"hf_model_type": "llama", "source_format": "gguf", "gguf_file_type": meta.get("general.file_type")},
+        )
+    except ConfigFieldError as e:  # named as the file names it (llama.block_count, not n_layer)
+        raise named_as_in_file(e, meta, source) from None
 
 
 def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lmforge.config import END_IDS, ModelConfig
+from lmforge.config import END_IDS, ConfigFieldError, ModelConfig, named_as_in_file
 from lmforge.errors import LMForgeError
 
 Tensor = torch.Tensor
@@ -584,6 +584,8 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> tuple[Mode
         cfg = ARCHS[mt].to_lm(d)
     except KeyError as e:
         raise LMForgeError(f"{source}: missing field {e.args[0]!r} for model_type={mt!r}") from None
+    except ConfigFieldError as e:
+        raise named_as_in_file(e, d, source) from None
     cfg.name = d.get("_name_or_path") or mt
     cfg.extra["hf_model_type"] = mt
     return cfg, ARCHS[mt]
