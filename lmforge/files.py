@@ -76,6 +76,17 @@ def check_output_file(out: str | Path, overwrite: bool, sources: list[Path | Non
         raise LMForgeError(f"{flag} {out}: exists; pass --overwrite to replace it")
 
 
+def cannot_write_in(path: Path, parent: Path, e: OSError) -> LMForgeError:
+    """The one-line error for ``path`` when its directory ``parent`` cannot be made or written in: naming the file
+    that stands where a directory should be, if one does (mkdir says only "File exists")."""
+    for p in (parent, *parent.parents):
+        if p.exists():
+            if not p.is_dir():
+                return LMForgeError(f"{path}: cannot write in {parent}: {p} is a file, not a directory")
+            break
+    return LMForgeError(f"{path}: cannot write in {parent}: {e.strerror}")
+
+
 class AtomicFile:
     """A temporary file beside ``path``, renamed over it by ``commit()``; removed if never committed. The file gets
     the permissions of a file the user creates (0666 minus the umask), not ``mkstemp``'s 0600."""
@@ -87,7 +98,7 @@ class AtomicFile:
             parent.mkdir(parents=True, exist_ok=True)  # (as data prepare and tokenizer train make their outputs)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
         except OSError as e:
-            raise LMForgeError(f"{self.path}: cannot write in {parent}: {e.strerror}") from None
+            raise cannot_write_in(self.path, parent, e) from None
         self.tmp = Path(tmp)
         self.f = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
 

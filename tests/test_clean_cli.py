@@ -181,3 +181,19 @@ def test_clean_cli_interrupted_run_leaves_no_output(tmp_path):
     assert proc.returncode == 130, err
     assert not out.exists() and not rep.exists()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_whole_book_dropped_as_one_document_says_so_and_how_to_split_it(tmp_path):
+    """tinyshakespeare.txt is one document (the whole file) and fails the quality filter's word cap: the command
+    said nothing of it under --quiet and wrote an empty output; now one warning names the stage and --txt-split."""
+    from lmforge.assets import TINYSHAKESPEARE
+
+    out = tmp_path / "c.jsonl"
+    r = clean(TINYSHAKESPEARE, "--output", out, "--report", tmp_path / "r.json", "--quiet", "--stages", "quality")
+    assert r.returncode == 0 and out.read_text() == "", r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {out}: no document kept of 1"), r.stderr
+    assert "quality: too_many_words 1" in lines[0] and "--txt-split paragraph" in lines[0], lines[0]
+    r = clean(TINYSHAKESPEARE, "--output", tmp_path / "p.jsonl", "--report", tmp_path / "p.json", "--quiet",
+              "--stages", "quality", "--txt-split", "paragraph")
+    assert r.returncode == 0 and r.stderr == "" and (tmp_path / "p.jsonl").read_text(), r.stderr

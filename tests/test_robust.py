@@ -735,7 +735,9 @@ def test_data_clean_outputs(tmp_path):
     assert not (tmp_path / "r.json").exists()
     r = clean("--output", tmp_path / "new" / "o.jsonl", "--report", tmp_path / "new2" / "r.json")
     assert r.returncode == 0 and (tmp_path / "new" / "o.jsonl").is_file() and (tmp_path / "new2" / "r.json").is_file()
-    one_line(clean("--output", src / "o.jsonl", "--report", tmp_path / "r.json"), f"{src / 'o.jsonl'}: cannot write")
+    one_line(clean("--output", src / "o.jsonl", "--report", tmp_path / "r.json"), f"{src / 'o.jsonl'}: cannot write",
+             f"{src} is a file, not a directory")  # (mkdir says only "File exists")
+    one_line(clean("--output", src / "a" / "o.jsonl", "--report", tmp_path / "r.json"), f"{src} is a file, not a")
     ro = unwritable_dir(tmp_path)
     one_line(clean("--output", ro / "o.jsonl", "--report", tmp_path / "r.json"), str(ro / "o.jsonl"), "cannot write")
     one_line(clean("--output", tmp_path / "o.jsonl", "--report", ro / "r.json"), str(ro / "r.json"), "cannot write")

@@ -70,6 +70,8 @@ def run(args) -> None:
     rep = clean(args.inputs, args.output, args.report, config, skip_bad=args.skip_bad, field=args.field,
                 txt_split=args.txt_split, eval_files=args.eval, progress=not args.quiet,
                 workers=args.workers, overwrite=args.overwrite)
+    if rep["documents_in"] and not rep["documents_out"]:
+        _warn_nothing_kept(rep, args)
     if args.quiet:
         return
     mb = rep["bytes_in"] / 1e6
@@ -88,3 +90,19 @@ def run(args) -> None:
         print(f"  {s['stage']:<15} {s['documents_in']:>8,} -> {s['documents_out']:>8,}"
               + (f"  ({reasons})" if reasons else "") + extra)
     print(f"report: {args.report}")
+
+
+def _warn_nothing_kept(rep: dict, args) -> None:
+    """One line on stderr (also with --quiet) when every document was dropped: by which stage, and for a whole .txt
+    file taken as one document, how to split it."""
+    import sys
+
+    why = "; ".join(f"{s['stage']}: " + ", ".join(f"{k} {v['documents']:,}" for k, v in s["removed"].items())
+                    for s in rep["stages"] if s["removed"])
+    hint = ""
+    txt = [str(p) for p in args.inputs if str(p).endswith((".txt", ".txt.gz"))]
+    if txt and args.txt_split == "file":
+        hint = (f"; a .txt file is one document ({txt[0]}: the whole file), so a whole book fails the per-document "
+                "filters: give --txt-split paragraph or line")
+    print(f"warning: {args.output}: no document kept of {rep['documents_in']:,} ({why or 'none removed'}){hint}",
+          file=sys.stderr)

@@ -42,7 +42,7 @@ from lmforge.data.io import (
     iter_documents,
 )
 from lmforge.errors import LMForgeError
-from lmforge.files import check_replaceable, current_umask
+from lmforge.files import cannot_write_in, check_replaceable, current_umask
 
 INDEX = "index.json"
 FORMAT = "lmforge-tokens-v1"
@@ -304,7 +304,7 @@ def prepare(inputs: list[str], tokenizer: Any, output: str, val_fraction: float 
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
-        raise LMForgeError(f"{out}: cannot write in {out.parent}: {e.strerror}") from None
+        raise cannot_write_in(out, out.parent, e) from None
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the output gets ordinary permissions
     pool = None
     try:
