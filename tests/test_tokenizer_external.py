@@ -40,6 +40,18 @@ def test_cl100k_published_ids_and_roundtrip():
     assert len(tok.encode("1234567890")) == 4  # cl100k splits digits in groups of up to 3
 
 
+def test_a_directory_of_tiktokens_own_rank_file_is_a_tokenizer(tmp_path):
+    """``--tokenizer cl100k/`` (the directory of tiktoken's cl100k_base.tiktoken) said "no tokenizer files found";
+    another rank file in a directory (a model's own, with special tokens of its own) is named in the error instead."""
+    from lmforge.tokenizer.loader import NoTokenizerFiles
+
+    tok = load_tokenizer(str(TOK / "cl100k"))
+    assert tok.encode("hello world") == [15339, 1917] and tok.vocab_size == 100277 and tok.eos_id == 100257
+    (tmp_path / "qwen.tiktoken").write_bytes((TOK / "cl100k" / "cl100k_base.tiktoken").read_bytes())
+    with pytest.raises(NoTokenizerFiles, match=r"give a \.tiktoken file itself \(.*qwen\.tiktoken\)"):
+        load_tokenizer(str(tmp_path))
+
+
 def test_llama2_sentencepiece_matches_reference(tmp_path):
     spm = pytest.importorskip("sentencepiece")
     sp = spm.SentencePieceProcessor(model_file=str(TOK / "llama2" / "tokenizer.model"))

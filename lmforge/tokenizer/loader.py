@@ -8,6 +8,8 @@ from pathlib import Path
 from lmforge.errors import LMForgeError
 from lmforge.tokenizer.base import Tokenizer
 
+TIKTOKEN_ENCODINGS = ("cl100k_base", "o200k_base", "p50k_base", "r50k_base")  # names of tiktoken's rank files
+
 
 class NoTokenizerFiles(LMForgeError):
     """A directory without any tokenizer file lmforge reads."""
@@ -68,8 +70,15 @@ def load_tokenizer(path: str) -> Tokenizer:
             from lmforge.tokenizer.llama2c import Llama2cTokenizer
 
             return Llama2cTokenizer.load(p / "tokenizer.bin")
+        ranks = sorted(p.glob("*.tiktoken"))
+        if len(ranks) == 1 and ranks[0].stem in TIKTOKEN_ENCODINGS:  # tiktoken's own file of an encoding
+            from lmforge.tokenizer.external import TiktokenTokenizer
+
+            return TiktokenTokenizer.from_tiktoken_file(ranks[0])
         inner = p / "tokenizer"  # (a prepared dataset keeps its tokenizer there)
         hint = f"; its tokenizer is {inner}" if inner.is_dir() and any(inner.iterdir()) else ""
+        if ranks:  # (a model's own rank file, e.g. Qwen's, comes with special tokens lmforge does not know)
+            hint = f"; give a .tiktoken file itself ({ranks[0]}), or rename it tokenizer.tiktoken"
         raise NoTokenizerFiles(f"{p}: no tokenizer files found (tokenizer.json, tokenizer.bin, char_vocab.json)"
                                f"{hint}")
     if p.suffix == ".bin":
