@@ -178,9 +178,13 @@ def test_cross_site_requests_are_refused(server):
     st, _, out = http(server, request("POST", "/v1/completions", body, {**JSON, "Host": "evil.example:8000"}))
     assert st == 400 and error(st, out)["code"] == "host_not_allowed"
     assert server.engine.tokens == tokens
-    for host in ("localhost:8000", "127.0.0.1", "[::1]:80", "myhost.example", "MyHost.example:1"):
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:80", "[::1]", "myhost.example", "MyHost.example:1"):
         st, _, _ = http(server, request("GET", "/v1/models", headers={"Host": host}))
         assert st == 200, host
+    for host in ("localhost:8000@evil.example", "[::1]evil", "localhost:", "localhost:80x", "[::1", "[]:80",
+                 "localhost:1234567"):  # a Host no browser sends, read loosely as a local name before
+        st, _, out = http(server, request("GET", "/v1/models", headers={"Host": host}))
+        assert st == 400 and error(st, out)["code"] == "host_not_allowed", host
     # no CORS: a preflight gets the allowed methods but no Access-Control-Allow-Origin
     st, headers, _ = http(server, request("OPTIONS", "/v1/chat/completions", headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}))

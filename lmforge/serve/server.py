@@ -283,7 +283,15 @@ class HostCheck:
         if self.any or value is None:  # no Host (HTTP/1.0): not a browser, which always sends one
             return True
         v = value.strip().lower()
-        name = v[1 : v.find("]")] if v.startswith("[") else v.rsplit(":", 1)[0] if v.count(":") == 1 else v
+        if v.startswith("["):  # [IPv6]:port
+            end = v.find("]")
+            name, port = (v[1:end], v[end + 1:]) if end > 0 else ("", "")
+        elif v.count(":") == 1:
+            name, port = v[:v.index(":")], v[v.index(":"):]
+        else:
+            name, port = v, ""
+        if port and not (port[0] == ":" and 1 < len(port) <= 6 and port[1:].isdigit() and port[1:].isascii()):
+            return False  # (host:port@other, [::1]junk: no browser sends such a Host)
         if name in self.names or name.endswith(".localhost"):
             return True
         if self.any_ip:
