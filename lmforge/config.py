@@ -20,8 +20,8 @@ MLPS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh", "r
 POSITIONS = ("learned", "rope", "alibi", "glm2d", "none")
 GLM2D_KINDS = ("learned", "rotary")
 ATTN_PATTERNS = ("dense", "alternating")
-# Upper limits far above every published model (PaLM-540B: 118 layers, d 18,432; 10M-token contexts): beyond
-# them a config is a typo, refused before anything is allocated.
+
+
 class ConfigFieldError(LMForgeError):
     """A config field out of its range: ``field`` (lmforge's name), ``value`` and what it must be (``rule``)."""
 
@@ -41,10 +41,12 @@ def named_as_in_file(e: ConfigFieldError, fields: dict[str, Any], source: str) -
         return type(v) is type(e.value) and v == e.value
 
     same = [k for k, v in fields.items() if holds(v)]
-    what = f"field {' or '.join(same)}={e.value!r}" if same else f"a field gives {e.field}={e.value!r}"
+    what = f"field {' or '.join(same)}={e.value!r}" if same else f"its fields give {e.field}={e.value!r}"
     return LMForgeError(f"{source}: {what}: {e.rule}")
 
 
+# Upper limits far above every published model (PaLM-540B: 118 layers, d 18,432; 10M-token contexts): beyond
+# them a config is a typo, refused before anything is allocated.
 LIMITS = {"vocab_size": 1 << 24, "block_size": 1 << 24, "n_layer": 1024, "n_embd": 1 << 17, "n_head": 1 << 12,
           "n_kv_head": 1 << 12, "head_dim": 1 << 12, "intermediate_size": 1 << 20, "multiple_of": 1 << 16,
           "local_window": 1 << 24}
