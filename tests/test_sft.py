@@ -363,3 +363,33 @@ def test_a_quantized_base_counts_as_the_weights_it_stands_for():
     # the trainer's FLOPs per token (MFU) of such a model read wte.weight, which a quantized table has not: sft --peft
     # lora on a `lmforge quantize` directory crashed with AttributeError before its first step
     assert model_flops_per_token(q8) == model_flops_per_token(load_model(STORIES260K))
+
+
+def test_resume_refuses_another_stages_run_and_accepts_the_same_adapters_spelt_out(tmp_path):
+    """`lmforge sft --resume` into a DPO run resumed from DPO's checkpoint, appended to its metrics and kept DPO's
+    best model (its loss is another objective's): refused now, in one line. `--peft.r 8` (LoRA's default) on a
+    run trained without it was refused as "peft.r none (this run: 8)": the adapters are compared as resolved."""
+    from lmforge.assets import ASSETS
+
+    prefs = ASSETS / "instruct" / "stories_preferences.jsonl"
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Name {i}", "output": f"Tom{i} the cat."}) + "\n"
+                            for i in range(24)))
+    small = ["--train.batch_size", "4", "--train.save_interval", "2", "--train.eval_interval", "2"]
+    dpo = tmp_path / "dpo"
+    r = run("dpo", "--data", str(prefs), "--out", str(dpo), "--max-iters", "2", *small)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("sft", "--data", str(data), "--out", str(dpo), "--max-iters", "4", "--resume", *small)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines[-1].startswith(f"lmforge sft: error: {dpo / 'ckpt-0000002'}: cannot resume from it: it is a "
+                                "checkpoint of lmforge dpo, this is lmforge sft"), lines[-1]
+    lora = tmp_path / "lora"
+    r = run("sft", "--data", str(data), "--out", str(lora), "--max-iters", "2", "--peft", "lora", *small)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("sft", "--data", str(data), "--out", str(lora), "--max-iters", "4", "--peft", "lora", "--peft.r", "8",
+            "--resume", *small)
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
+    r = run("sft", "--data", str(data), "--out", str(lora), "--max-iters", "6", "--peft", "lora", "--peft.r", "4",
+            "--resume", *small)
+    assert r.returncode == 1 and "peft.r 8 (this run: 4)" in r.stderr, r.stderr[-2000:]

@@ -312,7 +312,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
     trainer = Trainer(model, t, train, dpo_loss_fn(cfg.loss, cfg.beta, cfg.label_smoothing, method is not None, late),
                       out, val_data=val, tokenizer=tok, run_config=run_config, device=device, dist=dist, log=log,
                       export_fn=export, units="pairs",
-                      same_on_resume=("model", "peft", "loss", "beta", "label_smoothing", "data.template"))
+                      stage="dpo", same_on_resume=("model", "loss", "beta", "label_smoothing", "data.template"))
     try:
         result = trainer.fit(resume=resume)
         if dist.main:

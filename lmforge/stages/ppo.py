@@ -619,8 +619,8 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
     base_ref = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
     run_config = {**cfg.to_dict(), "resolved_peft": resolved_peft}
     trainer = Trainer(model, t, source, make_loss_fn(source, o), out, tokenizer=tok, run_config=run_config,
-                      device=device, log=log, units="rollouts",
-                      same_on_resume=("model", "reward_model", "reward", "template", "ptx_data", "ppo", "peft"))
+                      device=device, log=log, units="rollouts", stage="ppo",
+                      same_on_resume=("model", "reward_model", "reward", "template", "ptx_data", "ppo"))
     result = trainer.fit(resume=resume)
     after = held_out()
     if after is not None:

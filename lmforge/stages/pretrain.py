@@ -192,7 +192,7 @@ def run_pretrain(run: RunConfig, resume: bool = False) -> dict[str, Any]:
             return base_loss(model, {**batch, "model_kwargs": kwargs})
 
     trainer = Trainer(model, t, train, loss_fn, out, val_data=val, tokenizer=tok, run_config=run.to_dict(),
-                      sample_fn=lambda m: sample_text(m, tok), device=device, dist=dist)
+                      sample_fn=lambda m: sample_text(m, tok), device=device, dist=dist, stage="pretrain")
     try:
         return trainer.fit(resume=resume)
     finally:

@@ -471,7 +471,7 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
     trainer = None if probe_only else Trainer(
         model, t, train, reward_loss_fn(cfg.margin), out, val_data=val, tokenizer=tok, run_config=run_config,
         device=device, dist=dist, log=log, units="prompts",
-        same_on_resume=("model", "peft", "margin", "head_init", "data.template"),
+        stage="reward", same_on_resume=("model", "margin", "head_init", "data.template"),
         start_is_candidate=cfg.head_init == "probe")  # the fitted head alone may be the best
     try:
         if trainer is None:

@@ -218,7 +218,7 @@ def run_sft(cfg: SFTConfig, explicit_train: set[str] | None = None, resume: bool
     run_config = {**cfg.to_dict(), "resolved_peft": resolved_peft, "data_report": report}
     trainer = Trainer(model, t, train, sft_loss, out, val_data=val, tokenizer=tok, run_config=run_config,
                       device=device, dist=dist, log=log, export_fn=export,
-                      same_on_resume=("model", "peft", "data.template"))
+                      stage="sft", same_on_resume=("model", "data.template"))
     try:
         result = trainer.fit(resume=resume)
         if dist.main:  # the run directory itself becomes the final model

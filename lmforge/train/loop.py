@@ -182,8 +182,9 @@ def run_differences(saved: dict[str, Any], mine: dict[str, Any], keys: tuple[str
         old = _flat(saved[head][sub] if sub else saved[head], key)
         new = _flat((mine.get(head) or {}).get(sub) if sub else mine.get(head), key)
         for k in sorted(set(old) | set(new)):
-            if not same_setting(old.get(k), new.get(k)):
-                out.append(f"{k} {_show(old.get(k))} (this run: {_show(new.get(k))})")
+            if not same_setting(old.get(k), new.get(k)):  # (the adapters' settings as resolved, named as given)
+                name = "peft." + k.removeprefix("resolved_peft.") if k.startswith("resolved_peft.") else k
+                out.append(f"{name} {_show(old.get(k))} (this run: {_show(new.get(k))})")
     return out
 
 
@@ -196,14 +197,17 @@ class Trainer:
                  val_data=None, tokenizer=None, run_config: dict[str, Any] | None = None,
                  sample_fn: Callable[[nn.Module], str] | None = None, device: torch.device | None = None,
                  dist: D.Dist | None = None, log=None, export_fn: ExportFn | None = None,
-                 units: str = "tokens", start_is_candidate: bool = False, same_on_resume: tuple[str, ...] = ()) -> None:
+                 units: str = "tokens", start_is_candidate: bool = False, same_on_resume: tuple[str, ...] = (),
+                 stage: str | None = None) -> None:
         """``start_is_candidate``: the starting weights can be the best (e.g. a reward head fitted before training):
         when the evaluation at step 0 is the best so far, they are checkpointed and marked best like any later step's
         (otherwise only steps after 0 count). ``same_on_resume``: keys of ``run_config`` (a section: all its keys)
-        that define the run: a checkpoint trained with other values is not resumed from (the objective, the model,
-        the adapters: a forgotten flag switched them mid-run without a word)."""
+        that define the run: a checkpoint trained with other values is not resumed from (the objective, the model;
+        the adapters, always compared as resolved: a forgotten flag switched them mid-run without a word).
+        ``stage``: what trains (sft, dpo, ...), kept in ``run_config``: a run of another stage in the same directory
+        is not resumed from."""
         self.cfg = cfg
-        self.same_on_resume = same_on_resume
+        self.same_on_resume = (*same_on_resume, "peft.method", "resolved_peft")  # (a stage's adapters as resolved)
         self.start_is_candidate = start_is_candidate
         self.device = device or torch.device("cpu")
         self.dist = dist or D.Dist()
@@ -214,7 +218,7 @@ class Trainer:
         self.units = units
         self.last_eval: dict[str, float] = {}
         self.tokenizer = tokenizer
-        self.run_config = run_config or {}
+        self.run_config = {**(run_config or {}), **({"stage": stage} if stage else {})}
         self.log = log or (lambda msg: print(msg, file=sys.stderr) if self.dist.main else None)
         self.raw_model = model.to(self.device)
         if cfg.gradient_checkpointing:  # every decoder inside (a reward model's, PPO's actor and critic too)
@@ -296,6 +300,10 @@ class Trainer:
     def restore(self, ckpt: Path) -> None:
         s = load_training_checkpoint(ckpt)
         t = s["trainer"]
+        theirs, mine = (t.get("run_config") or {}).get("stage"), self.run_config.get("stage")
+        if theirs and mine and theirs != mine:  # (its optimizer, data stream and best score are another objective's)
+            raise StreamMismatch(f"it is a checkpoint of lmforge {theirs}, this is lmforge {mine}: give another --out, "
+                                 "or --overwrite to start again")
         changed = run_differences(t.get("run_config") or {}, self.run_config, self.same_on_resume)
         if changed:
             raise StreamMismatch(f"it was trained with {'; '.join(changed)}: resume with the same settings, or pass "
@@ -311,12 +319,12 @@ class Trainer:
                 if self.raw_model.cfg.tie_embeddings and "wte.weight" in s["model"]:  # one tensor, two names
                     avg["lm_head.weight"] = avg["wte.weight"]
             # load the average through the model (so it is sharded like the parameters), keep it, then the raw ones
-            D.load_full_state(self.model, self.optimizer, avg, s["optimizer"], self.dist)
+            self._load_state(avg, s["optimizer"])
             params = dict(self.raw_model.named_parameters())
             with torch.no_grad():
                 for k, e in self.ema.items():
                     e.copy_(params[k].detach())
-        D.load_full_state(self.model, self.optimizer, msd, s["optimizer"], self.dist)
+        self._load_state(msd, s["optimizer"])
         rng, ranks = s["rng"], s["rng"].get("ranks") or []
         # each rank's own generators (a checkpoint written before they were kept gives every rank rank 0's)
         set_rng_state(ranks[self.dist.rank - 1] if 0 < self.dist.rank <= len(ranks) else rng)
@@ -327,6 +335,13 @@ class Trainer:
         if self.cfg.precision == "auto" and saved != self.amp_dtype:  # the run goes on as it began (exact resume)
             self.log(f"{ckpt.name} was trained in {PRECISION_NAMES[saved]}: continuing in it (train.precision auto)")
             self.set_precision(saved)
+
+    def _load_state(self, msd: dict[str, torch.Tensor], osd: dict[str, Any]) -> None:
+        try:
+            D.load_full_state(self.model, self.optimizer, msd, osd, self.dist)
+        except ValueError as e:  # (torch: "loaded state dict contains a parameter group that doesn't match ...")
+            raise StreamMismatch(f"its optimizer state holds other parameters than this run trains (another stage's, "
+                                 f"model's or adapter's run?): {e}") from None
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint that verifies and loads; damaged newer ones are moved aside (never
