@@ -181,6 +181,22 @@ def test_bad_adapters_give_one_line_errors(tmp_path):
     (d / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(LMForgeError, match="peft_type='IA3'"):
         load_adapter(load_model(hf_dir), d)
+    # values PEFT would refuse or that break the weights (a NaN alpha merged into NaN weights with exit 0), named
+    # with the adapter's own path
+    for change, says in [({"lora_alpha": float("nan")}, "lora_alpha=nan: must be a finite number"),
+                         ({"r": 0}, "r=0: must be an integer >= 1"), ({"r": 2.5}, "r=2.5: must be an integer"),
+                         ({"lora_dropout": 1.0}, "lora_dropout=1.0: must be in [0, 1)"),
+                         ({"alpha_pattern": {"q_proj": float("inf")}}, "alpha_pattern['q_proj']=inf"),
+                         ({"target_modules": ["nonexistent_proj"]}, "target_modules=['nonexistent_proj'] does not "
+                          "name model.layers.0.self_attn.q_proj"),
+                         ({"target_modules": "q_proj"}, "target_modules='q_proj' does not name"),
+                         ({"r": 4}, "q_proj's lora_A has rank 8; adapter_config.json says r=4")]:
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(LMForgeError) as e:
+            load_adapter(load_model(hf_dir), d)
+        assert str(e.value).startswith(str(d) + "/adapter_") and says in str(e.value), (change, str(e.value))
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": r".*\.q_proj"}))  # a regex
+    load_adapter(load_model(hf_dir), d)
 
 
 def test_lmforge_layout_for_bases_without_a_transformers_equivalent(tmp_path):

@@ -196,6 +196,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
             base = config.get("base_model_name_or_path")
             made = f" (it was made for {base})" if base else ""
             raise LMForgeError(f"{adapter_dir}: not an adapter for this base model{made}: {e}") from None
+        except LMForgeError as e:  # the methods name their files alone: name them in the directory given
+            msg = str(e)
+            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                if msg.startswith(name + ":"):
+                    raise LMForgeError(f"{Path(adapter_dir) / name}{msg[len(name):]}") from None
+            raise
     else:
         raise LMForgeError(f"{adapter_dir}: {method} adapters load from lmforge's layout only")
     set_trainable_params(model)

@@ -473,6 +473,42 @@ def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
+def _check_peft_numbers(c: dict[str, Any]) -> None:
+    """A PEFT LoRA config's ranks, alphas and dropout: in range (a NaN alpha merged into NaN weights, exit 0)."""
+    def number(key: str, v: Any, integer: bool = False) -> float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if integer and not (ok and v == int(v) and v >= 1):
+            raise LMForgeError(f"adapter_config.json: {key}={v!r}: must be an integer >= 1")
+        if not ok:
+            raise LMForgeError(f"adapter_config.json: {key}={v!r}: must be a finite number")
+        return float(v)
+
+    number("r", c.get("r", 8), integer=True)
+    number("lora_alpha", c.get("lora_alpha", 8))
+    if not 0 <= number("lora_dropout", c.get("lora_dropout", 0.0)) < 1:
+        raise LMForgeError(f"adapter_config.json: lora_dropout={c.get('lora_dropout')!r}: must be in [0, 1)")
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pats = c.get(key) or {}
+        if not isinstance(pats, dict):
+            raise LMForgeError(f"adapter_config.json: {key}={pats!r}: must be a mapping of module patterns")
+        for k, v in pats.items():
+            number(f"{key}[{k!r}]", v, integer)
+    tm = c.get("target_modules")
+    if tm is not None and not isinstance(tm, str) and not (
+            isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
+        raise LMForgeError(f"adapter_config.json: target_modules={tm!r}: must be a list of module names or a regex")
+
+
+def _targeted(module: str, targets: str | list[str] | None) -> bool:
+    """PEFT's matching of ``target_modules``: a string is a regular expression of the whole name, a list names
+    modules by their full name or its last parts; none (an older config): every module is."""
+    if targets is None:
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
 class NoHFLayout(LMForgeError):
     """A PEFT-format adapter met a base model that has no transformers layout (its module names do not apply)."""
 
@@ -486,6 +522,7 @@ def from_peft(model: nn.Module, adapter_config: dict[str, Any], tensors: dict[st
                     ("lora_bias", (False, None))):
         if c.get(key) not in ok:
             raise LMForgeError(f"adapter_config.json: {key}={c.get(key)!r} is not supported by lmforge's LoRA")
+    _check_peft_numbers(c)
     rs, r0, a0 = bool(c.get("use_rslora", False)), int(c.get("r", 8)), float(c.get("lora_alpha", 8))
     try:
         maps, _ = _row_maps(model.cfg)
@@ -515,9 +552,15 @@ def from_peft(model: nn.Module, adapter_config: dict[str, Any], tensors: dict[st
             raise LMForgeError(f"adapter_model.safetensors: module {hf_mod!r} is not a linear layer of this base")
         if set(ab) != {"lora_A", "lora_B"}:
             raise LMForgeError(f"adapter_model.safetensors: module {hf_mod!r} lacks lora_A or lora_B")
+        if not _targeted(hf_mod, c.get("target_modules")):
+            raise LMForgeError(f"adapter_config.json: target_modules={c.get('target_modules')!r} does not name "
+                               f"{hf_mod}, which holds LoRA weights (PEFT would leave them out)")
         layer, idx = where[hf_mod]
         a, b = ab["lora_A"].float(), ab["lora_B"].float()
         r = a.shape[0]
+        if r != int(_pattern(c.get("rank_pattern"), hf_mod, r0)):
+            raise LMForgeError(f"adapter_model.safetensors: {hf_mod}'s lora_A has rank {r}; adapter_config.json "
+                               f"says r={_pattern(c.get('rank_pattern'), hf_mod, r0)} (PEFT would not load it)")
         if b.shape != (len(idx), r) or a.shape[1] != get_module(model, layer).in_features:
             raise LMForgeError(f"adapter_model.safetensors: {hf_mod} has lora_A {tuple(a.shape)}, lora_B "
                                f"{tuple(b.shape)}; the base needs ({r}, {get_module(model, layer).in_features}) "
