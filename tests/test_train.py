@@ -244,3 +244,26 @@ def test_a_stream_of_another_shape_is_refused_on_load():
     assert b.next_batch()["input_ids"].tolist() == a.next_batch()["input_ids"].tolist()
     with pytest.raises(StreamMismatch, match="tokens=1000, this run's has 999"):
         TokenWindows(np.arange(999), 8, 2).load_state_dict(state)
+
+
+def test_a_fused_optimizer_step_marks_the_weights_changed():
+    """PyTorch's fused AdamW writes the parameters without bumping their version counters, so what was cached by
+    version stayed as before the step: the RMSNorm's decoding weight (a PPO rollout after a step sampled from the
+    old norm: a resumed run, with a fresh cache, took other samples and ended elsewhere) and the C step's plan."""
+    import torch.nn.functional as F
+
+    from lmforge.model.norms import RMSNorm
+    from lmforge.train.optim import make_optimizer
+
+    norm = RMSNorm(16, eps=1e-5)
+    x = torch.randn(3, 1, 16)  # one new position per sequence: the decoding path, whose weight is cached
+    opt = make_optimizer(norm, lr=0.5, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8)
+    assert opt.defaults["fused"]
+    for _ in range(2):
+        with torch.no_grad():
+            y = norm(x)
+        assert torch.allclose(y, F.rms_norm(x, (16,), norm.weight.detach(), 1e-5), atol=1e-6)
+        v = norm.weight._version
+        norm.weight.grad = torch.randn(16)
+        opt.step()
+        assert norm.weight._version > v

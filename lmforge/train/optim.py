@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
 from lmforge.errors import LMForgeError
 from lmforge.train.config import CHOICES
@@ -33,7 +34,17 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tupl
     groups = [g for g in param_groups(model, weight_decay, decay_embeddings) if g["params"]]
     params = [p for g in groups for p in g["params"]]
     fused = device_type in ("cpu", "cuda") and all(p.is_floating_point() and not _is_dtensor(p) for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True)
+    if fused:
+        opt.register_step_post_hook(_updated)
+    return opt
+
+
+def _updated(opt: torch.optim.Optimizer, args, kwargs) -> None:
+    """Mark every parameter as changed in place: the fused kernel writes them without the version counter an
+    in-place operation bumps, and what is cached by it went stale unnoticed (the RMSNorm's decoding weight: a PPO
+    rollout after a fused step sampled from the weights before it, so a resumed run took other samples)."""
+    increment_version([p for g in opt.param_groups for p in g["params"]])
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
