@@ -158,6 +158,27 @@ def test_mixing_caps_and_weights_and_heldout_split():
             mix([a, b], weights=[1.0, w])
     with pytest.raises(LMForgeError, match=r"data\.cap: -5: must be >= 0"):
         mix([a], cap=-5)
+    with pytest.raises(LMForgeError, match=r"data\.weights \[0, 0\]: they keep no example of the 110 given"):
+        mix([a, b], weights=[0, 0])
+
+
+def test_the_readmes_data_weights_flag(tmp_path):
+    """`--data.weights 1,2`, as the README writes it, was refused ("expected a list, got '1,2'") before sft's own
+    reading of it; one number is a list of one, and a word is named."""
+    from lmforge.train.config import coerce
+
+    assert coerce("1,2", list[float] | None, "data.weights") == [1.0, 2.0]
+    assert coerce("0.5", list[float] | None, "data.weights") == [0.5] and coerce(2, list[float], "w") == [2.0]
+    assert coerce([1, 2], list[float], "w") == [1.0, 2.0]
+    with pytest.raises(LMForgeError, match=r"data\.weights\[1\]: expected float, got 'x'"):
+        coerce("1,x", list[float], "data.weights")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for f, w in ((a, "cat"), (b, "dog")):
+        f.write_text("".join(json.dumps({"instruction": f"Name a {w} {i}.", "output": f"Tom{i}."}) + "\n"
+                             for i in range(12)))
+    r = run("sft", "--data", f"{a},{b}", "--data.weights", "1,2", "--out", str(tmp_path / "o"), "--max-iters", "1",
+            "--train.batch_size", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_only_assistant_turns_are_scored_with_their_end_of_turn(stories):

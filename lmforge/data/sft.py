@@ -247,6 +247,9 @@ def mix(datasets: list[list[Conversation]], weights: list[float] | None = None, 
             pool = rng.sample(pool, cap)
         whole, frac = int(w), w - int(w)
         out += pool * whole + rng.sample(pool, round(frac * len(pool)))
+    if not out and any(datasets):  # (it went on to "batch_size 8 is more than the 0 training examples")
+        raise LMForgeError(f"data.weights {list(weights)}: they keep no example of the "
+                           f"{sum(map(len, datasets)):,} given (a weight of 0 drops its dataset)")
     return out
 
 

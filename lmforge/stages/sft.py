@@ -103,13 +103,7 @@ def build_examples(cfg: SFTConfig, tok, template, log) -> tuple[list[dict], list
         raise LMForgeError("no training data: pass --data FILE[,FILE...]")
     bad = BadCounts()
     sets = [read_conversations(p, cfg.data.format, cfg.data.skip_bad, bad, cfg.data.vars) for p in paths]
-    weights = cfg.data.weights
-    if isinstance(weights, (str, int, float)):  # --data.weights 1,2 arrives as text (or one number)
-        try:
-            weights = [float(w) for w in str(weights).split(",")]
-        except ValueError:
-            raise LMForgeError(f"data.weights={cfg.data.weights!r}: expected numbers, e.g. 1,2") from None
-    convs = mix(sets, weights, cfg.data.cap, cfg.train.seed)
+    convs = mix(sets, cfg.data.weights, cfg.data.cap, cfg.train.seed)
     if cfg.data.val_path:
         val = read_conversations(cfg.data.val_path, cfg.data.format, cfg.data.skip_bad, bad, cfg.data.vars)
         train = convs

@@ -168,6 +168,14 @@ def apply_defaults(t: TrainConfig, chosen: dict[str, Any], explicit: set[str]) -
             setattr(t, k, v)
 
 
+def _number(text: str, typ: type) -> Any:
+    """``text`` as an int or float where it reads as one, else as it is (then refused naming it)."""
+    try:
+        return typ(text)
+    except ValueError:
+        return text
+
+
 def coerce(value: Any, typ: Any, where: str) -> Any:
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
@@ -181,6 +189,11 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
             raise LMForgeError(f"{where}: expected a mapping, got {value!r}")
         return value
     if origin is list or typ is list:
+        numbers = bool(args) and args[0] in (int, float)
+        if numbers and isinstance(value, str):  # a flag's text: --data.weights 1,2
+            value = [_number(v.strip(), args[0]) for v in value.split(",")]
+        elif numbers and isinstance(value, (int, float)) and not isinstance(value, bool):  # one number: --x.y 2
+            value = [value]
         if not isinstance(value, list):
             hint = f" (a list is written [{value}])" if isinstance(value, str) and "," in value else ""
             raise LMForgeError(f"{where}: expected a list, got {value!r}{hint}")
