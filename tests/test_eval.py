@@ -507,6 +507,43 @@ def test_malformed_arc_and_gsm8k_records_are_refused_naming_their_line(tmp_path)
             load_gsm8k(gsm)
     gsm.write_text(json.dumps({"question": "x", "answer": 2}) + "\n")
     assert load_gsm8k(gsm)[0]["answer"] == "2"
+    # without its final '#### N' the whole rationale was the gold answer (nothing could match it); '#### ten' too
+    for answer in ("She has 3 + 4 = <<3+4=7>>7 apples.", "So #### ten"):
+        gsm.write_text(json.dumps({"question": "x", "answer": answer}) + "\n")
+        with pytest.raises(LMForgeError, match=r"gsm\.jsonl:1: answer has no final '#### N'"):
+            load_gsm8k(gsm)
+    for answer in ("3 + 4 = 7\n#### 7", "#### 1,234.5", "-3", "$12"):
+        gsm.write_text(json.dumps({"question": "x", "answer": answer}) + "\n")
+        assert load_gsm8k(gsm)[0]["answer"] == answer
+
+
+def test_eval_files_with_a_byte_order_mark_bools_and_empty_demonstrations(tmp_path, stories):
+    """A UTF-8 byte-order mark was scored as text (perplexity) or read into the CSV header ("answer 'answer' is
+    neither a letter"); `"answer": true` was choice 1; an empty --fewshot-data file ran zero-shot with exit 0."""
+    from lmforge.eval.tasks import load_choice_jsonl, load_mmlu, load_text
+
+    bom = b"\xef\xbb\xbf"
+    txt = tmp_path / "b.txt"
+    txt.write_bytes(bom + b"Once upon a time.\n")
+    assert load_text(txt)[0]["text"] == "Once upon a time.\n"
+    csv = tmp_path / "x_test.csv"
+    csv.write_bytes(bom + b"question,choice0,choice1,answer\nWhat?,yes,no,1\n")
+    assert load_mmlu(csv)[0]["gold"] == 1
+    bad = tmp_path / "bad_test.csv"
+    bad.write_bytes(b"question,A,B,answer\nWhat?,yes,n\xff,B\n")
+    with pytest.raises(LMForgeError, match=r"bad_test\.csv:2: not UTF-8"):
+        load_mmlu(bad)
+    mc = tmp_path / "mc.jsonl"
+    mc.write_bytes(bom + json.dumps({"question": "q", "choices": ["a", "b"], "answer": True}).encode() + b"\n")
+    with pytest.raises(LMForgeError, match=r"mc\.jsonl:1: answer True is not a choice index"):
+        load_choice_jsonl(mc)
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    mc.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1}) + "\n")
+    r = lmforge("eval", "--task", "jsonl", "--data", str(mc), "--fewshot-data", str(empty), "--shots", "2",
+                check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].endswith(
+        f"{empty}: no demonstrations in it (--fewshot-data, --shots 2)"), r.stderr[-2000:]
 
 
 def test_run_task_library_function(stories, tmp_path):

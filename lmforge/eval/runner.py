@@ -126,8 +126,11 @@ class _Demos:
         else:
             loader = lambda: self.task.load(self.root)  # noqa: E731
         if key not in self.selectors:
-            self.selectors[key] = Selector(loader(), self.task.doc_to_text, self.cfg.select, self.cfg.order,
-                                           self.cfg.seed)
+            pool = loader()
+            if not pool and self.root is not None:  # (an empty file ran zero-shot after a warning, exit 0)
+                raise LMForgeError(f"{key or self.root}: no demonstrations in it (--fewshot-data, --shots "
+                                   f"{self.cfg.shots})")
+            self.selectors[key] = Selector(pool, self.task.doc_to_text, self.cfg.select, self.cfg.order, self.cfg.seed)
         return self.selectors[key]
 
     def for_doc(self, doc: dict, index: int) -> list[dict]:

@@ -8,6 +8,7 @@ Every loader returns documents as dicts with ``question`` and, by kind: ``choice
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
+from lmforge.files import read_utf8
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -41,10 +43,7 @@ class Task:
 # ---- file readers ------------------------------------------------------------------------------------------------
 def read_jsonl(path: Path) -> list[dict]:
     docs = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LMForgeError(f"{path}: cannot read: {e}") from None
+    lines = read_utf8(path).splitlines()
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -90,9 +89,10 @@ def _gold_index(value: str, n: int, where: str) -> int:
 def read_choice_csv(path: Path) -> list[dict]:
     """MMLU/CMMLU CSV rows: headerless ``question,A,B,C,D,letter``, a header ``question,choice0..3,answer``
     (answer an index or a letter) or CMMLU's ``,Question,A,B,C,D,Answer``."""
+    text = read_utf8(path, "CSV file")  # (a byte-order mark was read into the first header)
     try:
-        rows = list(csv.reader(path.open(encoding="utf-8", newline="")))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as e:
         raise LMForgeError(f"{path}: cannot read CSV: {e}") from None
     if not rows:
         return []
@@ -180,7 +180,7 @@ def load_choice_jsonl(path: Path) -> list[dict]:
             if not isinstance(d.get("choices"), list) or "answer" not in d or not ("question" in d or "query" in d):
                 raise LMForgeError(f"{where}: expected fields question (or query), choices (a list) and answer")
             ans, choices = d["answer"], [str(c) for c in d["choices"]]
-            if isinstance(ans, int) and 0 <= ans < len(choices):
+            if isinstance(ans, int) and not isinstance(ans, bool) and 0 <= ans < len(choices):  # (true was index 1)
                 gold = ans
             elif isinstance(ans, str) and ans in choices:
                 gold = choices.index(ans)
@@ -194,6 +194,10 @@ def load_choice_jsonl(path: Path) -> list[dict]:
     return docs
 
 
+_GSM_NUMBER = re.compile(r"[-+]?\$?[0-9][0-9,]*(\.[0-9]+)?\.?")
+_GSM_FINAL = re.compile(r"####\s*[-+]?\$?[0-9][0-9,]*(\.[0-9]+)?\.?\s*$")
+
+
 def load_gsm8k(path: Path) -> list[dict]:
     docs = []
     for f in _files(path, "*.jsonl"):
@@ -201,7 +205,12 @@ def load_gsm8k(path: Path) -> list[dict]:
             if not isinstance(d.get("question"), str) or not isinstance(d.get("answer"), (str, int, float)) or \
                     isinstance(d.get("answer"), bool):  # (a null answer became the gold answer "None")
                 raise LMForgeError(f"{f}:{d['_line']}: expected fields question (text) and answer (text or a number)")
-            docs.append({"question": d["question"], "answer": str(d["answer"]),
+            a = d["answer"]
+            if isinstance(a, str) and not (_GSM_FINAL.search(a) or _GSM_NUMBER.fullmatch(a.strip())):
+                # (the gold was the whole rationale, lower-cased: no model's answer could match it)
+                raise LMForgeError(f"{f}:{d['_line']}: answer has no final '#### N' (GSM8K's form: the solution, then "
+                                   f"'#### 42'; or the number alone): ends {a.strip()[-40:]!r}")
+            docs.append({"question": d["question"], "answer": str(a),
                          "id": d.get("id", f"{f.name}:{d['_line']}")})
     return docs
 
@@ -210,9 +219,7 @@ def read_json_array(path: Path) -> list[dict]:
     """A ``.json`` file holding an array of objects (as every other lmforge command reads .json); ``_line`` is the
     1-based record number."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise LMForgeError(f"{path}: cannot read: {e}") from None
+        data = json.loads(read_utf8(path))
     except ValueError as e:
         raise LMForgeError(f"{path}: not JSON: {e}") from None
     if not isinstance(data, list):
@@ -240,10 +247,8 @@ def load_text(path: Path) -> list[dict]:
                     raise LMForgeError(f"{f}:{d['_line']}: expected a string field 'text'")
                 docs.append({"question": "", "text": d["text"], "id": f"{f.name}:{d['_line']}"})
         else:
-            try:
-                docs.append({"question": "", "text": f.read_text(encoding="utf-8"), "id": f.name})
-            except (OSError, UnicodeDecodeError) as e:
-                raise LMForgeError(f"{f}: cannot read: {e}") from None
+            # (a byte-order mark was scored as text: SmolLM2's perplexity of one sentence 23 -> 46,561)
+            docs.append({"question": "", "text": read_utf8(f), "id": f.name})
     return docs
 
 
