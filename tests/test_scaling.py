@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -278,3 +279,34 @@ def test_fit_on_a_fine_tuning_run_says_what_it_reads(tmp_path):
     with pytest.raises(LMForgeError, match=r"sft1: a fine-tuning run \(sft, reward, dpo or ppo\); scaling fit reads "
                                            r"pretraining runs"):
         read_run(run)
+
+
+def test_a_damaged_metrics_file_is_named_by_line_and_a_fit_off_its_range_warns(tmp_path, capsys):
+    """A metrics.jsonl with a broken line, a row that is not an object, a val_loss without its step or a NaN one gave
+    bare JSONDecodeError/AttributeError/KeyError/TypeError; runs that do not pin the law down drove it to B = 5e172,
+    then an OverflowError."""
+    from lmforge.config import ModelConfig
+    from lmforge.scaling.fit import read_run
+
+    run = tmp_path / "r1"
+    (run / "ckpt-0000004").mkdir(parents=True)
+    ModelConfig(vocab_size=64, block_size=32, n_layer=1, n_embd=16, n_head=2).save(run / "ckpt-0000004" / "config.json")
+    (run / "ckpt-0000004" / "trainer_state.json").write_text(json.dumps(
+        {"run_config": {"train": {"batch_size": 4}, "data": {"block_size": 32}}}))
+    good = json.dumps({"step": 2, "train_loss": 3.0}) + "\n" + json.dumps({"step": 4, "val_loss": 2.5}) + "\n"
+    (run / "metrics.jsonl").write_text(good)
+    assert read_run(run).loss == 2.5 and read_run(run).tokens == 4 * 4 * 32
+    for line, says in [('{"step": 2, "train_loss": brok', "metrics.jsonl:3: not JSON"),
+                       ("[1, 2]", "metrics.jsonl:3: expected a JSON object"),
+                       ('{"val_loss": 3.0}', "metrics.jsonl:3: step None: expected the step"),
+                       ('{"step": 9, "val_loss": "NaN"}', "metrics.jsonl:3: val_loss 'NaN': expected a positive"),
+                       ('{"step": 9, "val_loss": NaN}', "metrics.jsonl:3: val_loss nan")]:
+        (run / "metrics.jsonl").write_text(good + line + "\n")
+        with pytest.raises(LMForgeError, match=re.escape(says)):
+            read_run(run)
+    # losses that barely move with the tokens: the fit runs to the edge of its range and says so, without overflow
+    runs = [Run(n, d, loss) for n, d, loss in [(3168, 2560, 4.0752), (3168, 5120, 3.9834), (7056, 2560, 4.0792),
+                                               (7056, 5120, 3.9601), (14064, 2560, 3.9996), (14064, 5120, 3.8972)]]
+    law, _ = fit_law(runs)
+    assert "the fit ran to the edge of its range" in capsys.readouterr().err
+    assert all(math.isfinite(law.loss(r.params, r.tokens)) for r in runs)

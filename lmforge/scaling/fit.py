@@ -7,17 +7,23 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lmforge.errors import LMForgeError
+from lmforge.files import read_utf8
 from lmforge.scaling.laws import ChinchillaLaw
 
 # Hoffmann et al. 2022, appendix D.2: the initialisation grid
 GRID = {"alpha": [0.0, 0.5, 1.0, 1.5, 2.0], "beta": [0.0, 0.5, 1.0, 1.5, 2.0], "e": [-1.0, -0.5, 0.0, 0.5, 1.0],
         "a": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0], "b": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0]}
+
+
+# (log A, log B, E's log, alpha, beta) within these: published fits have A, B of 10^2-10^4 and exponents of 0.05-1
+BOUNDS = [(-30.0, 60.0), (-30.0, 60.0), (-10.0, 10.0), (0.0, 4.0), (0.0, 4.0)]
 
 
 @dataclass
@@ -67,10 +73,15 @@ def fit_law(runs: list[Run], delta: float = 1e-3, top: int = 32,
     best, best_val = None, math.inf
     for i in np.argsort(values)[:top]:
         res = minimize(_objective, starts[i], args=(logn, logd, logl, delta), jac=True, method="L-BFGS-B",
-                       options={"maxiter": 2000, "gtol": 1e-12, "ftol": 1e-15})
+                       bounds=BOUNDS, options={"maxiter": 2000, "gtol": 1e-12, "ftol": 1e-15})
         if res.fun < best_val:
             best, best_val = res.x, float(res.fun)
     a, b, e, alpha, beta = best
+    edge = [name for name, v, (lo, hi) in zip(("a", "b", "e", "alpha", "beta"), best, BOUNDS)
+            if min(v - lo, hi - v) < 1e-6 * (hi - lo)]
+    if edge:  # (unbounded, such runs gave B = 5e172, beta = 56, then an overflow)
+        print(f"warning: the fit ran to the edge of its range ({', '.join(edge)}): these runs do not pin the law "
+              "down (train more sizes and token counts, over a wider range)", file=sys.stderr)
     return ChinchillaLaw(float(np.exp(e)), float(np.exp(a)), float(np.exp(b)), float(alpha), float(beta),
                          f"fit to {len(runs)} runs (Huber delta {delta})"), best_val
 
@@ -107,10 +118,27 @@ def read_run(path: str | Path) -> Run:
         tokens_per_step = rc["train"]["batch_size"] * rc["train"].get("grad_accum", 1) * rc["data"]["block_size"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LMForgeError(f"{ckpts[-1]}: cannot read the trainer state: {e}") from None
-    vals = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
-    vals = [r for r in vals if r.get("val_loss") is not None]
-    if not vals:
+    last = None
+    for n, ln in enumerate(read_utf8(metrics).splitlines(), 1):  # the last row with a validation loss
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except ValueError as e:
+            raise LMForgeError(f"{metrics}:{n}: not JSON: {e}") from None
+        if not isinstance(row, dict):
+            raise LMForgeError(f"{metrics}:{n}: expected a JSON object (a row of metrics)")
+        if row.get("val_loss") is None:
+            continue
+        step, loss = row.get("step"), row["val_loss"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise LMForgeError(f"{metrics}:{n}: step {step!r}: expected the step (an integer >= 0)")
+        if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss) or loss <= 0:
+            raise LMForgeError(f"{metrics}:{n}: val_loss {loss!r}: expected a positive finite number (a diverged "
+                               "run cannot be fitted: leave it out)")
+        last = (n, step, float(loss))
+    if last is None:
         raise LMForgeError(f"{metrics}: no val_loss recorded")
-    last = vals[-1]
-    return Run(float(non_embedding_params(cfg)), float(last["step"] * tokens_per_step), float(last["val_loss"]),
-               path.name)
+    if last[1] == 0:
+        raise LMForgeError(f"{metrics}:{last[0]}: its last val_loss is at step 0 (nothing trained yet)")
+    return Run(float(non_embedding_params(cfg)), float(last[1] * tokens_per_step), last[2], path.name)
