@@ -260,8 +260,18 @@ def test_sweep_trains_a_stored_run_again_when_its_settings_changed(tmp_path, mon
     S.sweep(cfg, quiet=True)
     S.sweep(cfg, quiet=True)  # the same settings: every run reused
     assert trained == [2] * 6
-    S.sweep(S.SweepConfig(out=str(tmp_path), sizes=[(1, 8), (1, 16)], iters=[2, 3, 4], batch_size=1), quiet=True)
+    other = S.SweepConfig(out=str(tmp_path), sizes=[(1, 8), (1, 16)], iters=[2, 3, 4], batch_size=1)
+    # other settings replaced the stored runs with a note and exit 0: now that takes --overwrite
+    with pytest.raises(LMForgeError, match=r"L1-d8-i2 \(and 5 more\) was trained with other settings .* "
+                                           r"pass --overwrite"):
+        S.sweep(other, quiet=True)
+    assert trained == [2] * 6
+    other.overwrite = True
+    S.sweep(other, quiet=True)
     assert trained == [2] * 6 + [1] * 6
+    (tmp_path / "notes.txt").write_text("mine")  # a directory holding what a sweep does not write
+    with pytest.raises(LMForgeError, match=r"holds files a sweep does not write \(notes\.txt\)"):
+        S.sweep(S.SweepConfig(out=str(tmp_path), sizes=[(1, 8), (1, 16)], iters=[2, 3, 4], batch_size=1), quiet=True)
 
 
 def test_fit_on_a_fine_tuning_run_says_what_it_reads(tmp_path):

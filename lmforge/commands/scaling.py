@@ -61,6 +61,9 @@ def add_parser(sub, name: str, help_: str) -> None:
     q.add_argument("--block-size", type=int, default=64)
     q.add_argument("--eval-iters", type=int, default=20)
     q.add_argument("--device", default="auto")
+    q.add_argument("--overwrite", action="store_true",
+                   help="train again the runs of --out trained with other settings (finished runs with the same "
+                   "settings are reused either way), and write into an --out holding other files")
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=run_sweep)
     q = s.add_parser("memory", help="parameters, FLOPs/token and memory per device of a config")
@@ -159,7 +162,8 @@ def run_sweep(args) -> None:
     except ValueError:
         raise LMForgeError(f"--iters {args.iters!r}: expected a comma-separated list of integers") from None
     cfg = SweepConfig(out=args.out, sizes=_pairs(args.sizes), iters=iters, batch_size=args.batch_size,
-                      block_size=args.block_size, eval_iters=args.eval_iters, device=args.device)
+                      block_size=args.block_size, eval_iters=args.eval_iters, device=args.device,
+                      overwrite=args.overwrite)
     r = sweep(cfg)
     h, law = r["held_out"], r["law"]
     lines = [f"{x['name']}: N={x['params']:,.0f} D={x['tokens']:,.0f} C={x['compute']:.3e} loss {x['loss']:.4f}"

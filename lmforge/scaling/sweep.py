@@ -28,6 +28,7 @@ class SweepConfig:
     data: str = "builtin:tinyshakespeare"
     seed: int = 1337
     device: str = "auto"
+    overwrite: bool = False  # train again runs of other settings; write into an --out holding other files
 
 
 def run_config(cfg: SweepConfig, layers: int, width: int, iters: int):
@@ -64,21 +65,23 @@ def sweep(cfg: SweepConfig, quiet: bool = False) -> dict:
             raise LMForgeError(f"{flag} {bad[0]}: must be >= 1")
     if len(cfg.sizes) * len(cfg.iters) < 6:
         raise LMForgeError("a sweep needs at least 6 runs (5 to fit the 5 parameters, 1 to predict)")
+    grid = [run_config(cfg, layers, width, iters) for layers, width in cfg.sizes for iters in cfg.iters]
+    if not cfg.overwrite:
+        _check_out(Path(cfg.out), grid)
     runs: list[Run] = []
-    for layers, width in cfg.sizes:
-        for iters in cfg.iters:
-            rc = run_config(cfg, layers, width, iters)
-            out = Path(rc.out)
-            done = out / "sweep_done"
-            settings = json.dumps(dataclasses.asdict(rc), sort_keys=True, default=str)
-            if done.exists() and done.read_text().strip() != settings:  # batch, block, data, ... changed
-                if not quiet:
-                    print(f"{out.name}: trained with other settings: training it again", file=sys.stderr)
-                shutil.rmtree(out)
-            if not done.exists():
-                run_pretrain(rc)
-                done.write_text(settings + "\n")
-            runs.append(read_run(out))
+    for rc in grid:
+        out = Path(rc.out)
+        done = out / "sweep_done"
+        settings = _settings(rc)
+        if done.exists() and done.read_text().strip() != settings:  # batch, block, data, ... changed
+            if not quiet:
+                print(f"{out.name}: trained with other settings: training it again (--overwrite)",
+                      file=sys.stderr)
+            shutil.rmtree(out)
+        if not done.exists():
+            run_pretrain(rc)
+            done.write_text(settings + "\n")
+        runs.append(read_run(out))
     runs.sort(key=lambda r: r.params * r.tokens)
     held, fit_runs = runs[-1], runs[:-1]
     law, obj = fit_law(fit_runs)
@@ -96,6 +99,31 @@ def sweep(cfg: SweepConfig, quiet: bool = False) -> dict:
     (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     result["plot"] = str(plot(result, law, out / "scaling.png"))
     return result
+
+
+def _settings(rc) -> str:
+    return json.dumps(dataclasses.asdict(rc), sort_keys=True, default=str)
+
+
+def _check_out(out: Path, grid: list) -> None:
+    """Refuse (before any training) an --out whose finished runs were trained with other settings, or that holds
+    files a sweep does not write: replacing them takes --overwrite (it used to, with a note)."""
+    if not out.is_dir():
+        return
+    names = {Path(rc.out).name for rc in grid}
+    other = [rc for rc in grid if (Path(rc.out) / "sweep_done").is_file()
+             and (Path(rc.out) / "sweep_done").read_text().strip() != _settings(rc)]
+    if other:
+        raise LMForgeError(f"--out {out}: {Path(other[0].out).name} (and {len(other) - 1} more) was trained with other "
+                           "settings (batch size, block size, ...): pass --overwrite to train them again, or choose "
+                           "another --out")
+    ours = names | {"sweep.json", "scaling.png"}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours  # (another grid's finished runs: kept)
+                     and not (p.is_dir() and (p / "sweep_done").is_file()))
+    if foreign:
+        raise LMForgeError(f"--out {out}: holds files a sweep does not write ({', '.join(foreign[:3])}"
+                           f"{', ...' if len(foreign) > 3 else ''}): pass --overwrite to write into it anyway, or "
+                           "choose another --out")
 
 
 def _decades(cs: list[float]) -> float:
