@@ -123,13 +123,30 @@ def test_ppo_command_errors(prompts, tmp_path):
         assert "\nppo: " not in "\n" + r.stderr  # refused before the models load (the "ppo: ..." line)
     f = tmp_path / "rw.py"
     f.write_text("def nan(prompts, responses):\n    return [float('nan')] * len(responses)\n"
-                 "def none(prompts, responses):\n    return [None] * len(responses)\n")
+                 "def none(prompts, responses):\n    return [None] * len(responses)\n"
+                 "def boom(prompts, responses):\n    raise ValueError('boom')\n"
+                 "def one(responses):\n    return [1.0] * len(responses)\n")
+    # a function that raised, or took one argument, said "ValueError: boom" / "TypeError: ..." naming no flag
+    r = refused("ppo", "--reward", f"{f}:one", "--prompts", str(prompts), "--out", str(tmp_path / "x"))
+    assert r.returncode == 1 and "one must take (prompts, responses)" in r.stderr.strip().splitlines()[-1], r.stderr
     for fn, says in [("nan", "the reward function gave nan for response 0"),
-                     ("none", "must return a list of numbers")]:
+                     ("none", f"--reward {f}:none: must return a list of numbers"),
+                     ("boom", f"--reward {f}:boom: it raised ValueError: boom")]:
         out = tmp_path / fn  # a NaN score made a NaN loss: the run wrote NaN weights and exited 0
         r = _run("--reward", f"{f}:{fn}", "--prompts", str(prompts), "--out", str(out), "--steps", "1", *TINY)
         assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert not (out / "model.safetensors").exists()
+    binary, empty = tmp_path / "bin.txt", tmp_path / "empty.txt"
+    binary.write_bytes(b"ab\xb1\xff\n")
+    empty.write_text("")
+    for flags, says in [(["--ppo.max_new_tokens", "100000"], "ppo.max_new_tokens 100,000: leaves no room for a "
+                         "prompt in the model's context of 512"),  # (prompts "longer than -99488 tokens")
+                        (["--ptx-data", str(binary), "--ppo.ptx_coef", "1"], f"{binary}:1: not UTF-8 text"),
+                        (["--ptx-data", str(empty), "--ppo.ptx_coef", "1"], f"--ptx-data {empty}: 0 tokens, too few")]:
+        r = _run("--reward", "lmforge.data.stories:story_reward", "--prompts", str(prompts),
+                 "--out", str(tmp_path / "y"), "--steps", "1", *TINY, *flags)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and says in last and "Traceback" not in r.stderr, (flags, r.stderr[-2000:])
 
 
 def test_reward_function_from_file_and_prompts(tmp_path):

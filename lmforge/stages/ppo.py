@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import shutil
@@ -39,7 +40,7 @@ from lmforge.assets import default_model
 from lmforge.checkpoint import save_checkpoint
 from lmforge.data.preference import read_prompts
 from lmforge.errors import LMForgeError
-from lmforge.files import write_text_atomic
+from lmforge.files import read_utf8, write_text_atomic
 from lmforge.loading import load_model_and_tokenizer
 from lmforge.losses import (
     KL_ESTIMATORS,
@@ -192,6 +193,12 @@ def load_reward_fn(spec: str) -> RewardFn:
     fn = getattr(mod, name, None)
     if not callable(fn):
         raise LMForgeError(f"--reward {spec!r}: {where} has no function {name}")
+    try:  # (a function of one argument failed only after the first rollout)
+        inspect.signature(fn).bind([], [])
+    except TypeError as e:
+        raise LMForgeError(f"--reward {spec!r}: {name} must take (prompts, responses): {e}") from None
+    except ValueError:  # no signature to read (a builtin): called as it is
+        pass
     return fn
 
 
@@ -430,17 +437,20 @@ def _model_scorer(reward_model: ScalarHeadModel):
     return score
 
 
-def _fn_scorer(fn: RewardFn):
+def _fn_scorer(fn: RewardFn, spec: str = "the reward function"):
     def score(r: Rollout, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        out = fn(prompts, responses)
+        try:
+            out = fn(prompts, responses)
+        except Exception as e:  # noqa: BLE001 - the user's code: named as the flag that gave it ("ValueError: boom")
+            raise LMForgeError(f"--reward {spec}: it raised {type(e).__name__}: {e}") from None
         try:
             n = len(out)
             values = [float(x) for x in out]
         except (TypeError, ValueError) as e:
-            raise LMForgeError(f"the reward function must return a list of numbers, one per response; it returned "
+            raise LMForgeError(f"--reward {spec}: must return a list of numbers, one per response; it returned "
                                f"{type(out).__name__} ({e})") from None
         if n != len(responses):
-            raise LMForgeError(f"the reward function returned {n} scores for {len(responses)} responses")
+            raise LMForgeError(f"--reward {spec}: returned {n} scores for {len(responses)} responses")
         return _finite(torch.tensor(values), "the reward function", responses)
 
     return score
@@ -526,6 +536,9 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
 
     raw = read_prompts(cfg.prompts)
     room = actor.cfg.block_size - o.max_new_tokens
+    if room < 1:  # (every prompt was "longer than -99488 tokens", then "no usable prompts")
+        raise LMForgeError(f"ppo.max_new_tokens {o.max_new_tokens:,}: leaves no room for a prompt in the model's "
+                           f"context of {actor.cfg.block_size:,} (at most {actor.cfg.block_size - 1:,})")
 
     def encode_all(items):
         ids, texts, dropped = [], [], 0
@@ -554,7 +567,7 @@ def run_ppo(cfg: PPOConfig, explicit_train: set[str] | None = None, resume: bool
                                f"differs from the policy's ({actor.cfg.vocab_size}); it must use the same tokenizer")
         scorer = _model_scorer(reward_model)
     else:
-        scorer = _fn_scorer(load_reward_fn(cfg.reward))
+        scorer = _fn_scorer(load_reward_fn(cfg.reward), cfg.reward)
 
     disable_dropout(actor)
     torch.manual_seed(t.seed)  # fresh heads and adapters: the same run from the same seed
@@ -653,9 +666,12 @@ def _ptx_windows(path: str, tok, block: int, batch: int, seed: int) -> TokenWind
 
         _, tokens, _ = load_prepared(p)
     elif p.is_file():
-        tokens = np.asarray(tok.encode(p.read_text(encoding="utf-8")), dtype=np.int64)
+        tokens = np.asarray(tok.encode(read_utf8(p, "--ptx-data file")), dtype=np.int64)
     else:
         raise LMForgeError(f"--ptx-data {path}: no such file or directory")
+    if len(tokens) <= block:  # (it said "only 0 tokens: need at least block_size+1", naming no file)
+        raise LMForgeError(f"--ptx-data {path}: {len(tokens):,} tokens, too few for one window of the context "
+                           f"({block + 1:,} needed)")
     return TokenWindows(np.asarray(tokens), block, batch, "random", seed + 17)
 
 
