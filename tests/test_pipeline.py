@@ -96,6 +96,25 @@ def test_second_run_reuses_and_changed_flag_reruns_downstream(run):
     assert "1 run and 7 reused" in last_line(r) and "] quantize         done" in r.stdout
 
 
+def test_measure_settings_are_checked_first_and_a_change_measures_again(run):
+    """`--measure.prompts builtin:nosuch` (or a follow function that does not exist) ran with exit 0 when every stage
+    was cached, and a valid change kept the cached stages' old measurements in the report."""
+    out, _ = run
+    for flag, value, says in [("--measure.prompts", "builtin:nosuch", "builtin:nosuch"),
+                              ("--measure.follow", "nosuchmod:fn", "measure.follow: 'nosuchmod:fn': cannot import")]:
+        r = subprocess.run([sys.executable, "-m", "lmforge", "pipeline", str(SMALL), "--out", str(out), flag, value],
+                           capture_output=True, text=True, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and says in lines[0], r.stdout[-2000:] + r.stderr[-2000:]
+    r = lmforge("pipeline", str(SMALL), "--out", str(out), "--measure.samples", "1")
+    assert "0 run and 8 reused" in last_line(r), r.stdout[-2000:]
+    sft = next(s for s in json.loads((out / "report.json").read_text())["stages"] if s["name"] == "sft")
+    assert len(sft["after"]["samples"]) == 1 and sft["after"]["follow_rate"] is not None
+    r = lmforge("pipeline", str(SMALL), "--out", str(out))  # back to the spec's 2 samples: measured again
+    sft = next(s for s in json.loads((out / "report.json").read_text())["stages"] if s["name"] == "sft")
+    assert "0 run and 8 reused" in last_line(r) and len(sft["after"]["samples"]) == 2
+
+
 def test_a_copied_run_directory_uses_its_own_outputs(run, tmp_path):
     out, _ = run
     moved = tmp_path / "copy"

@@ -24,6 +24,29 @@ from lmforge.stages.ppo import load_reward_fn
 from lmforge.stages.reward import encode_group, load_reward_model, pad_id_of, score_groups, scoring_len
 
 
+def check_measure(cfg: MeasureConfig) -> None:
+    """Refuse unusable ``measure`` settings before any stage runs (they were used only after the first stage that
+    made a policy, or never, when every stage was cached)."""
+    for key in ("prompts", "text"):
+        v = getattr(cfg, key)
+        if v:
+            path = Path(str(resolve_value(v, {}, None)))  # (an unknown builtin: one line naming it)
+            if not path.exists():
+                raise LMForgeError(f"measure.{key} {v}: no such file or directory")
+    if cfg.prompts and not held_out_prompts(cfg):
+        raise LMForgeError(f"measure.prompts {cfg.prompts}: no prompts in it")
+    for key in ("follow", "preference"):
+        v = getattr(cfg, key)
+        if v:
+            try:
+                load_reward_fn(v)
+            except LMForgeError as e:
+                raise LMForgeError(f"measure.{key}: {str(e).removeprefix('--reward ')}") from None
+    for name, v in (("samples", cfg.samples), ("max_new_tokens", cfg.max_new_tokens)):
+        if not isinstance(v, int) or v < (0 if name == "samples" else 1):
+            raise LMForgeError(f"measure.{name} {v!r}: must be an integer >= {0 if name == 'samples' else 1}")
+
+
 def held_out_prompts(cfg: MeasureConfig) -> list[str]:
     if not cfg.prompts:
         return []

@@ -28,9 +28,17 @@ from lmforge.errors import LMForgeError
 from lmforge.files import DirLock
 from lmforge.manifest import verify_manifest
 from lmforge.model.weights import replace_dir
-from lmforge.pipeline.measure import kl_from, measure_policy
+from lmforge.pipeline.measure import check_measure, kl_from, measure_policy
 from lmforge.pipeline.report import write_report
-from lmforge.pipeline.spec import Pipeline, Stage, check_flags, resolve_value, stage_argv, stage_hash
+from lmforge.pipeline.spec import (
+    Pipeline,
+    Stage,
+    check_flags,
+    measure_hash,
+    resolve_value,
+    stage_argv,
+    stage_hash,
+)
 from lmforge.train.distributed import KEEP_GROUP
 from lmforge.train.loop import write_json
 
@@ -269,6 +277,9 @@ def run_pipeline(p: Pipeline, out: Path, from_stage: str | None = None, only: st
 
 def _run(p: Pipeline, out: Path, from_stage: str | None, only: str | None, dry_run: bool,
          echo: Callable[[str], None], device: str, main: bool) -> list[StageResult]:
+    if any(st.spec.policy and st.measure for st in p.stages):
+        check_measure(p.measure)  # (bad values passed with every stage cached, or failed after a stage trained)
+    mh = measure_hash(p.measure)
     out.mkdir(parents=True, exist_ok=True)
     products: dict[str, Path] = {}
     hashes: dict[str, str] = {}
@@ -298,6 +309,12 @@ def _run(p: Pipeline, out: Path, from_stage: str | None, only: str | None, dry_r
             products[st.name] = done
             reward = products[st.name] if st.kind == "reward" else reward
             res = StageResult(**{**marker["result"], "status": "cached", "product": str(done)})
+            if main and not dry_run and st.spec.policy and st.measure and marker.get("measure") != mh:
+                # measured with other settings (the report kept the old figures): measured again, not retrained
+                t1 = time.perf_counter()
+                _measure(st, res, done, products, measured, reward, p, device)
+                res.measure_s = time.perf_counter() - t1
+                write_json(marker_path(out, st.name), {**marker, "measure": mh, "result": res.to_dict()})
             results.append(res)
             measured[str(products[st.name])] = res.after
             if main:
@@ -350,24 +367,14 @@ def _run(p: Pipeline, out: Path, from_stage: str | None, only: str | None, dry_r
             if main:
                 res.metrics = stage_metrics(st, sdir)
                 res.plots = [str(x) for x in sorted(sdir.glob("*.png"))]
-                start = st.args.get(("model",))
-                start_path = str(resolve_value(start, products, p.base)) if start is not None else None
                 if st.spec.policy and st.measure:
-                    rm = str(reward) if reward and st.kind in ("dpo", "ppo") else None
-                    if start_path and st.kind != "pretrain" and (
-                            start_path not in measured or (rm and "rm_score" not in measured[start_path])):
-                        measured[start_path] = measure_policy(start_path, p.measure, device, rm)
-                    res.before = measured.get(start_path, {}) if start_path else {}
-                    res.after = measure_policy(product, p.measure, device, rm)
-                    if st.kind in ("dpo", "ppo") and start_path:
-                        res.after["kl"] = kl_from(product, start_path, p.measure, device)
-                    measured[str(product)] = res.after
+                    _measure(st, res, product, products, measured, reward, p, device)
                 res.checks = stage_checks(st, res, p)
                 res.measure_s = time.perf_counter() - t1
                 res.status = "done"
                 write_json(marker_path(out, st.name), {"hash": h, "status": "complete",
                                                        "product": product.relative_to(out).as_posix(),
-                                                       "result": res.to_dict()})
+                                                       "measure": mh, "result": res.to_dict()})
             else:
                 res = StageResult(**{**read_marker(out, st.name)["result"], "status": "done"})
         except BaseException as e:
@@ -389,6 +396,24 @@ def _run(p: Pipeline, out: Path, from_stage: str | None, only: str | None, dry_r
             copy_model(Path(policies[-1].product), final)
         write_report(p, out, results, final if final.is_dir() else None)
     return results
+
+
+def _measure(st: Stage, res: StageResult, product: Path, products: dict[str, Path], measured: dict[str, dict],
+             reward: Path | None, p: Pipeline, device: str) -> None:
+    """The policy ``product`` measured after stage ``st`` (``res.after``), and its start before it (``res.before``,
+    measured once per model; with the newest reward model's score for DPO and PPO)."""
+    start = st.args.get(("model",))
+    start_path = str(resolve_value(start, products, p.base)) if start is not None else None
+    rm = str(reward) if reward and st.kind in ("dpo", "ppo") else None
+    if start_path and st.kind != "pretrain" and (
+            start_path not in measured or (rm and "rm_score" not in measured[start_path])):
+        measured[start_path] = measure_policy(start_path, p.measure, device, rm)
+    res.before = measured.get(start_path, {}) if start_path else {}
+    res.after = measure_policy(product, p.measure, device, rm)
+    if st.kind in ("dpo", "ppo") and start_path:
+        res.after["kl"] = kl_from(product, start_path, p.measure, device)
+    measured[str(product)] = res.after
+    res.checks = stage_checks(st, res, p)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ giving it is refused). Every stage's flags are parsed by its command, and its co
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -341,6 +342,20 @@ def _fingerprint(path: Path) -> Any:
         files = sorted(p for p in path.rglob("*") if p.is_file())[:2000]
         return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     return None
+
+
+def measure_hash(m: MeasureConfig) -> str:
+    """Hash of the measurement settings, files by their content: measurements taken otherwise are taken again."""
+    def ident(v: Any) -> Any:
+        if isinstance(v, str) and (v.startswith("builtin:") or Path(v).is_file()):
+            try:
+                return {"path": v, "fp": _fingerprint(builtin_path(v) if v.startswith("builtin:") else Path(v))}
+            except LMForgeError:
+                return v
+        return v
+
+    blob = json.dumps({k: ident(v) for k, v in dataclasses.asdict(m).items()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def stage_hash(stage: Stage, upstream: dict[str, str], base: str | None) -> str:
