@@ -7,6 +7,7 @@ Each command module defines ``add_parser(subparsers)`` which registers its parse
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import re
@@ -100,6 +101,27 @@ def build_parser(only: str | None = None, parser_class: type = _Parser) -> argpa
     return parser
 
 
+def _refuse_unknown_flag(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """An unknown ``--flag`` refused by name before argparse's check of required flags, which otherwise came first:
+    a misspelt required flag said "the following arguments are required: --vocab-size", never the typo."""
+    p = parser
+    for tok in argv:  # the (sub)command's own parser
+        sub = next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if tok.startswith("-") or sub is None or tok not in sub.choices:
+            break
+        p = sub.choices[tok]
+    known = set(p._option_string_actions)
+    overrides = bool(p._defaults.get("accepts_overrides"))  # (other flags are settings, checked by name later)
+    for tok in argv:
+        name = tok.split("=", 1)[0]
+        abbreviates = p.allow_abbrev and any(k.startswith(name) for k in known)  # (argparse takes those as given)
+        if tok.startswith("--") and len(tok) > 2 and name not in known and not abbreviates:
+            close = difflib.get_close_matches(name, sorted(k for k in known if k.startswith("--")), n=1,
+                                              cutoff=0.8 if overrides else 0.6)
+            if close or not overrides:
+                p.error(f"unrecognized arguments: {name}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
 def parse_command(argv: list[str], strict: bool = False) -> argparse.Namespace:
     """The parsed arguments of ``lmforge ARGV`` (``--section.key value`` overrides in ``args.overrides``); exits
     with a usage message on bad arguments, as argparse does, or with ``strict`` raises ``FlagError``."""
@@ -107,6 +129,7 @@ def parse_command(argv: list[str], strict: bool = False) -> argparse.Namespace:
     known = {c[0] for c in COMMANDS}
     parser = build_parser(first if first in known else None, _RaisingParser if strict else _Parser)
     argv, dotted = _split_dotted(argv)
+    _refuse_unknown_flag(parser, argv)
     args, extra = parser.parse_known_args(argv)
     extra = extra + dotted
     if extra:

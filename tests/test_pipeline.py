@@ -207,8 +207,11 @@ def test_stage_flags_are_checked_before_anything_runs(tmp_path):
             check_flags(p)
 
     tok = "stages:\n  - tokenizer: {input: builtin:stories_corpus, kind: char, %s}\n"
-    refused(tok % "vocab-size: 64, nosuch: 1", r"p\.yaml:2: tokenizer: .*unrecognized arguments: --nosuch 1 "
+    refused(tok % "vocab-size: 64, nosuch: 1", r"p\.yaml:2: tokenizer: .*unrecognized arguments: --nosuch "
                                  r"\(see lmforge tokenizer train --help\)")
+    # a misspelt required flag said "the following arguments are required: --vocab-size", never naming the typo
+    refused(tok % "vocab-sise: 64", r"p\.yaml:2: tokenizer: .*unrecognized arguments: --vocab-sise \(did you mean "
+                                    r"--vocab-size\?\)")
     refused(tok % "vocab-size: abc", r"p\.yaml:2: tokenizer: .*--vocab-size: invalid int value: 'abc'")
     refused(tok % "output: mine, vocab-size: 64", r"p\.yaml:2: tokenizer: output: set by the pipeline")
     sft = tok % "vocab-size: 64" + "  - sft: {model: {from: tokenizer}, data: x.json%s}\n"
@@ -216,7 +219,8 @@ def test_stage_flags_are_checked_before_anything_runs(tmp_path):
     refused(sft % ", nosuch: {a: 1}", r"p\.yaml:3: sft: --nosuch\.a: unknown section 'nosuch'")
     refused(sft % "", r"--sft\.out: sft: out: set by the pipeline", {"sft": {"out": "elsewhere"}})
     refused(sft % "", r"p\.yaml:3: sft: --colour: unknown flag", {"sft": {"colour": "red"}})
-    refused(sft % ", max_iter: 3", r"p\.yaml:3: sft: --max-iter: unknown flag")  # (argparse took it as --max-iters)
+    refused(sft % ", max_iter: 3",  # (argparse took it as --max-iters)
+            r"p\.yaml:3: sft: .*unrecognized arguments: --max-iter \(did you mean --max-iters\?\)")
     refused(sft % "", r"--measure\.kl_max: expected float, got 'abc'", {"measure": {"kl_max": "abc"}})
     p = _parse(sft % ", train: {lr: 1e-4}", tmp_path)
     check_flags(p)  # a valid pipeline passes, its `from:` inputs not made yet

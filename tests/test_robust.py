@@ -955,3 +955,14 @@ def test_builtin_data_names_work_in_every_command(tmp_path):
 
     assert next(iter_records("builtin:stories_preferences"))[1] and read_prompts("builtin:stories_prompts")
     one_line(refused("dpo", "--data", "builtin:nope", "--out", tmp_path / "d"), "no built-in file 'nope'")
+
+
+def test_a_misspelt_flag_is_named_before_the_required_ones():
+    """`--vocab-sise 300` said "the following arguments are required: --vocab-size" (argparse checks those first),
+    never naming the typo; abbreviations argparse accepts stay accepted."""
+    r = refused("tokenizer", "train", "--input", "x.txt", "--vocab-sise", "300", "--output", "o")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and lines[-1] == ("lmforge tokenizer train: error: unrecognized arguments: --vocab-sise "
+                                               "(did you mean --vocab-size?) (see lmforge tokenizer train --help)")
+    r = refused("generate", "--max-new-token", "-3")  # an abbreviation: refused for its value, not its name
+    assert r.returncode != 0 and "max-new-tokens" in r.stderr and "unrecognized" not in r.stderr, r.stderr
