@@ -529,6 +529,10 @@ def test_eval_files_with_a_byte_order_mark_bools_and_empty_demonstrations(tmp_pa
     csv = tmp_path / "x_test.csv"
     csv.write_bytes(bom + b"question,choice0,choice1,answer\nWhat?,yes,no,1\n")
     assert load_mmlu(csv)[0]["gold"] == 1
+    nohead = tmp_path / "n_test.csv"
+    nohead.write_text("question,choice0,choice1\nWhat?,yes,no\n")
+    with pytest.raises(LMForgeError, match=r"n_test\.csv:1: its header has no 'answer' column"):
+        load_mmlu(nohead)
     bad = tmp_path / "bad_test.csv"
     bad.write_bytes(b"question,A,B,answer\nWhat?,yes,n\xff,B\n")
     with pytest.raises(LMForgeError, match=r"bad_test\.csv:2: not UTF-8"):

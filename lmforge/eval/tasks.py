@@ -98,6 +98,9 @@ def read_choice_csv(path: Path) -> list[dict]:
         return []
     head = [h.strip().lower() for h in rows[0]]
     docs = []
+    if "question" in head and "answer" not in head:  # (read as a headerless row: "answer 'choice3' is neither ...")
+        raise LMForgeError(f"{path}:1: its header has no 'answer' column (question,choice0,...,answer or "
+                           "question,A,B,...,answer)")
     if "answer" in head and "question" in head:
         qi, ai = head.index("question"), head.index("answer")
         if "choice0" in head:
