@@ -126,6 +126,23 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def read_json_lines(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL file; a line that is not a JSON object: one line
+    naming the file and line."""
+    out = []
+    for n, line in enumerate(read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except ValueError as e:
+            raise LMForgeError(f"{path}:{n}: not JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise LMForgeError(f"{path}:{n}: expected a JSON object")
+        out.append((n, d))
+    return out
+
+
 def read_utf8(path: Path, what: str = "") -> str:
     """The text of ``path`` (UTF-8, a leading byte-order mark dropped); cannot read it or not UTF-8: one line naming
     the file (and the line of the first bad byte). ``what``: the kind of file, said in the errors."""

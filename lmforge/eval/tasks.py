@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
-from lmforge.files import read_utf8
+from lmforge.files import read_json_lines, read_utf8
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -42,20 +42,8 @@ class Task:
 
 # ---- file readers ------------------------------------------------------------------------------------------------
 def read_jsonl(path: Path) -> list[dict]:
-    docs = []
-    lines = read_utf8(path).splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except ValueError as e:
-            raise LMForgeError(f"{path}:{i}: not JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise LMForgeError(f"{path}:{i}: expected a JSON object")
-        d["_line"] = i
-        docs.append(d)
-    return docs
+    """The records of a JSONL file, each with its line number as ``_line``."""
+    return [{**d, "_line": n} for n, d in read_json_lines(path)]
 
 
 def _files(path: Path, pattern: str) -> list[Path]:

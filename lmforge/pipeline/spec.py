@@ -344,17 +344,19 @@ def _fingerprint(path: Path) -> Any:
     return None
 
 
+def _file_ident(v: Any) -> Any:
+    """A value naming a file (``builtin:NAME`` or an existing path) as the file's path and content fingerprint."""
+    if isinstance(v, str) and (v.startswith("builtin:") or Path(v).exists()):
+        try:
+            return {"path": v, "fp": _fingerprint(builtin_path(v) if v.startswith("builtin:") else Path(v))}
+        except LMForgeError:
+            return v
+    return v
+
+
 def measure_hash(m: MeasureConfig) -> str:
     """Hash of the measurement settings, files by their content: measurements taken otherwise are taken again."""
-    def ident(v: Any) -> Any:
-        if isinstance(v, str) and (v.startswith("builtin:") or Path(v).is_file()):
-            try:
-                return {"path": v, "fp": _fingerprint(builtin_path(v) if v.startswith("builtin:") else Path(v))}
-            except LMForgeError:
-                return v
-        return v
-
-    blob = json.dumps({k: ident(v) for k, v in dataclasses.asdict(m).items()}, sort_keys=True, default=str)
+    blob = json.dumps({k: _file_ident(v) for k, v in dataclasses.asdict(m).items()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -369,12 +371,7 @@ def stage_hash(stage: Stage, upstream: dict[str, str], base: str | None) -> str:
             return {"from": v.stage, "hash": upstream.get(v.stage) or _base_id(base)}
         if isinstance(v, str) and "," in v and "builtin:" in v:  # a comma list of files
             return [ident(x) for x in v.split(",")]
-        if isinstance(v, str) and (v.startswith("builtin:") or Path(v).exists()):
-            try:
-                return {"path": v, "fp": _fingerprint(builtin_path(v) if v.startswith("builtin:") else Path(v))}
-            except LMForgeError:
-                return v
-        return v
+        return _file_ident(v)
 
     items = [[list(path), ident(v)] for path, v in sorted(stage.args.items(), key=lambda kv: kv[0])]
     blob = json.dumps({"kind": stage.kind, "args": items}, sort_keys=True, default=str)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import LMForgeError
-from lmforge.files import read_utf8
+from lmforge.files import read_json_lines
 from lmforge.scaling.laws import ChinchillaLaw
 
 # Hoffmann et al. 2022, appendix D.2: the initialisation grid
@@ -119,15 +119,7 @@ def read_run(path: str | Path) -> Run:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LMForgeError(f"{ckpts[-1]}: cannot read the trainer state: {e}") from None
     last = None
-    for n, ln in enumerate(read_utf8(metrics).splitlines(), 1):  # the last row with a validation loss
-        if not ln.strip():
-            continue
-        try:
-            row = json.loads(ln)
-        except ValueError as e:
-            raise LMForgeError(f"{metrics}:{n}: not JSON: {e}") from None
-        if not isinstance(row, dict):
-            raise LMForgeError(f"{metrics}:{n}: expected a JSON object (a row of metrics)")
+    for n, row in read_json_lines(metrics):  # the last row with a validation loss
         if row.get("val_loss") is None:
             continue
         step, loss = row.get("step"), row["val_loss"]
