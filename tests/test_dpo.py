@@ -207,6 +207,7 @@ def test_dpo_errors_are_one_line(tmp_path):
         r = run(cmd, "--data", str(same), "--train.batch_size", "2", "--max-iters", "1", "--out", str(tmp_path / cmd),
                 "--data.val_fraction", "0.25")
         assert r.returncode == 0 and f"training {what} have identical responses once encoded" in r.stderr, r.stderr
+        assert f"held-out {what} have identical responses once encoded (max_len" in r.stderr  # (val accuracy 0, unsaid)
         r = run(cmd, "--data", str(late), "--data.max_len", "12", "--train.batch_size", "2", "--out",
                 str(tmp_path / "o3"))  # (the answers differ past max_len)
         assert r.returncode == 1 and "identical responses once encoded (max_len 12): nothing to learn" in r.stderr

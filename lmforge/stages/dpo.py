@@ -258,6 +258,7 @@ def run_dpo(cfg: DPOConfig, explicit_train: set[str] | None = None, resume: bool
         raise LMForgeError(f"{cfg.data.path}: no training pairs")
     check_batch_fits(cfg.train.batch_size, D.launched_world(), len(train_g), "pairs")
     check_distinct(train_g, max_len, "pairs", log)
+    check_distinct(val_g, max_len, "pairs", log, held_out=True)
     method = cfg.peft.get("method") if cfg.peft else None
     if method is None:
         check_full_finetune(model, cfg.model)

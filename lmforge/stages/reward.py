@@ -231,10 +231,15 @@ def encode_group(tok, rec: PreferenceRecord, template, max_len: int, order: Sequ
     return [encode_response(tok, rec, i, template, plain=template is None, max_len=max_len) for i in order]
 
 
-def check_distinct(groups: Sequence[Group], max_len: int, what: str, log) -> None:
+def check_distinct(groups: Sequence[Group], max_len: int, what: str, log, held_out: bool = False) -> None:
     """Say how many groups hold responses that are identical once encoded (the same answer twice, or answers that
-    differ only past ``max_len``): they carry no preference (their loss stays ln 2); refuse when every one does."""
+    differ only past ``max_len``): they carry no preference (their loss stays ln 2); refuse when every training one
+    does. ``held_out``: the validation groups, whose ties count as wrong in the accuracy (only said)."""
     same = sum(1 for g in groups if len({tuple(r["input_ids"]) for r in g}) < len(g))
+    if same and held_out:
+        log(f"warning: {same:,} of {len(groups):,} held-out {what} have identical responses once encoded (max_len "
+            f"{max_len}): a tie counts as wrong in the validation accuracy")
+        return
     if same and same == len(groups):
         raise LMForgeError(f"every one of the {len(groups):,} training {what} has identical responses once encoded "
                            f"(max_len {max_len}): nothing to learn; raise --data.max_len or check the data")
@@ -413,6 +418,7 @@ def run_reward(cfg: RewardConfig, explicit_train: set[str] | None = None, resume
     val_g = [encode_group(tok, r, template, max_len) for r in val_recs]
     check_batch_fits(cfg.train.batch_size, D.launched_world(), len(train_g), "prompts")
     check_distinct(train_g, max_len, "prompts", log)
+    check_distinct(val_g, max_len, "prompts", log, held_out=True)
 
     method = cfg.peft.get("method") if cfg.peft else None
     resolved: dict[str, Any] = {}
