@@ -74,8 +74,10 @@ def test_overrides_and_config_errors():
         load_run_config({"train": {"lrr": 1}})
     with pytest.raises(LMForgeError, match="train.max_iters: expected int"):
         load_run_config({"train": {"max_iters": "many"}})
-    with pytest.raises(LMForgeError, match=r"^data.weights: expected a list, got '1,2' \(a list is written \[1,2\]\)$"):
-        coerce(parse_overrides(["--data.weights", "1,2"])["data"]["weights"], list[float], "data.weights")
+    # a list of numbers may be written as the README writes --data.weights: 1,2; other lists keep their brackets
+    assert coerce(parse_overrides(["--data.weights", "1,2"])["data"]["weights"], list[float], "data.weights") == [1, 2]
+    with pytest.raises(LMForgeError, match=r"^x: expected a list, got 'a,b' \(a list is written \[a,b\]\)$"):
+        coerce("a,b", list[str], "x")
 
 
 @pytest.mark.parametrize("ema", [[], ["--ema", "0.9"]], ids=["plain", "ema"])
