@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 DESCRIPTION = """Clean a pretraining corpus: language identification, markup/boilerplate and Gopher-style quality
 filters (CJK-aware), optional perplexity filter, de-duplication (repeated sentences in a document, exact and MinHash
 near-duplicate documents, n-gram overlap with evaluation sets) and PII scrubbing (<EMAIL>, <PHONE>, <ID_CARD>, <IP>,
@@ -95,8 +97,6 @@ def run(args) -> None:
 def _warn_nothing_kept(rep: dict, args) -> None:
     """One line on stderr (also with --quiet) when every document was dropped: by which stage, and for a whole .txt
     file taken as one document, how to split it."""
-    import sys
-
     why = "; ".join(f"{s['stage']}: " + ", ".join(f"{k} {v['documents']:,}" for k, v in s["removed"].items())
                     for s in rep["stages"] if s["removed"])
     hint = ""

@@ -437,7 +437,7 @@ def _model_scorer(reward_model: ScalarHeadModel):
     return score
 
 
-def _fn_scorer(fn: RewardFn, spec: str = "the reward function"):
+def _fn_scorer(fn: RewardFn, spec: str):
     def score(r: Rollout, prompts: list[str], responses: list[str]) -> torch.Tensor:
         try:
             out = fn(prompts, responses)

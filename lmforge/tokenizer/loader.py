@@ -7,8 +7,7 @@ from pathlib import Path
 
 from lmforge.errors import LMForgeError
 from lmforge.tokenizer.base import Tokenizer
-
-TIKTOKEN_ENCODINGS = ("cl100k_base", "o200k_base", "p50k_base", "r50k_base")  # names of tiktoken's rank files
+from lmforge.tokenizer.external import ENCODINGS
 
 
 class NoTokenizerFiles(LMForgeError):
@@ -71,7 +70,7 @@ def load_tokenizer(path: str) -> Tokenizer:
 
             return Llama2cTokenizer.load(p / "tokenizer.bin")
         ranks = sorted(p.glob("*.tiktoken"))
-        if len(ranks) == 1 and ranks[0].stem in TIKTOKEN_ENCODINGS:  # tiktoken's own file of an encoding
+        if len(ranks) == 1 and ranks[0].stem in ENCODINGS:  # tiktoken's own file of an encoding
             from lmforge.tokenizer.external import TiktokenTokenizer
 
             return TiktokenTokenizer.from_tiktoken_file(ranks[0])
